@@ -1,0 +1,1350 @@
+//! CPU reference ops of the ASA layer, one function per op and direction.
+//!
+//! Layouts (row-major): activations per head are `[B,H,T,d]`; write logits and scan statistics
+//! are `[B,H,K,T]` (the reference's `bhkt`); read logits and weights are `[B,H,T,K]`; the slot
+//! state history is `[B,H,T,K,d]`. Backward functions accumulate (`+=`) into their outputs.
+//!
+//! Parallelism is over the `B*H` (batch, head) pairs, which own disjoint memory in every layout
+//! above, so results do not depend on thread scheduling.
+
+use rayon::prelude::*;
+
+/// Denominator floor of the reference (`clamp_min(1e-8)`).
+pub const DEN_EPS: f32 = 1e-8;
+
+/// `f32` view of `f64`'s `-inf` test used everywhere a running max may still be empty.
+#[inline]
+fn finite(x: f32) -> bool {
+    x.is_finite()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Positions: ALiBi slopes and the reference's RoPE
+// ------------------------------------------------------------------------------------------------
+
+/// ALiBi slopes for `h` heads (the standard geometric sequence; for a head count that is not a
+/// power of two, the closest power's slopes plus every other slope of twice that power).
+/// Rounded to f32 as the reference's buffer is.
+pub fn alibi_slopes(h: usize) -> Vec<f32> {
+    fn pow2(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    fn get(n: usize) -> Vec<f64> {
+        if (n as f64).log2().fract() == 0.0 {
+            return pow2(n);
+        }
+        let closest = 1usize << (n as f64).log2().floor() as u32;
+        let mut s = pow2(closest);
+        s.extend(get(2 * closest).into_iter().step_by(2).take(n - closest));
+        s
+    }
+    if h == 0 {
+        return vec![];
+    }
+    get(h).into_iter().map(|x| x as f32).collect()
+}
+
+/// Cos/sin tables of the reference RoPE, `[T, D]` each. The reference pairs interleaved elements
+/// `(x[2i], x[2i+1])` but lays the angles out half-split (`cat([freqs, freqs])`), so element `j`
+/// turns by angle `t * inv_freq[j mod D/2]`. `inv_freq` is computed in f32 as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub t: usize,
+    pub dim: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+pub fn rope_table(t: usize, dim: usize, base: f64) -> RopeTable {
+    let half = dim / 2;
+    // inv_freq = 1 / (base ** (arange(0, dim, 2).float() / dim)), all in f32
+    let inv: Vec<f32> = (0..half)
+        .map(|i| {
+            let e = (2 * i) as f32 / dim as f32;
+            1.0f32 / (base as f32).powf(e)
+        })
+        .collect();
+    let mut cos = vec![0.0; t * dim];
+    let mut sin = vec![0.0; t * dim];
+    for ti in 0..t {
+        for j in 0..dim {
+            let ang = ti as f64 * inv[j % half] as f64;
+            cos[ti * dim + j] = ang.cos() as f32;
+            sin[ti * dim + j] = ang.sin() as f32;
+        }
+    }
+    RopeTable { t, dim, cos, sin }
+}
+
+/// out = x*cos + rotate_half(x)*sin, with rotate_half(x)[2i] = -x[2i+1], [2i+1] = x[2i].
+/// out, inp: [N,T,D] (N = B*H); table: [T,D]
+pub fn rope_forward(out: &mut [f32], inp: &[f32], tab: &RopeTable, n: usize) {
+    let (t, d) = (tab.t, tab.dim);
+    debug_assert_eq!(inp.len(), n * t * d);
+    out.par_chunks_mut(t * d)
+        .zip(inp.par_chunks(t * d))
+        .for_each(|(o, x)| {
+            for ti in 0..t {
+                let (c, s) = (
+                    &tab.cos[ti * d..(ti + 1) * d],
+                    &tab.sin[ti * d..(ti + 1) * d],
+                );
+                let (xo, oo) = (&x[ti * d..(ti + 1) * d], &mut o[ti * d..(ti + 1) * d]);
+                for i in 0..d / 2 {
+                    let (a, b) = (xo[2 * i], xo[2 * i + 1]);
+                    oo[2 * i] = a * c[2 * i] - b * s[2 * i];
+                    oo[2 * i + 1] = b * c[2 * i + 1] + a * s[2 * i + 1];
+                }
+            }
+        });
+}
+
+/// dinp += J^T dout for the linear map of `rope_forward`. dinp, dout: [N,T,D]
+pub fn rope_backward(dinp: &mut [f32], dout: &[f32], tab: &RopeTable, n: usize) {
+    let (t, d) = (tab.t, tab.dim);
+    debug_assert_eq!(dout.len(), n * t * d);
+    dinp.par_chunks_mut(t * d)
+        .zip(dout.par_chunks(t * d))
+        .for_each(|(dx, g)| {
+            for ti in 0..t {
+                let (c, s) = (
+                    &tab.cos[ti * d..(ti + 1) * d],
+                    &tab.sin[ti * d..(ti + 1) * d],
+                );
+                let (go, dxo) = (&g[ti * d..(ti + 1) * d], &mut dx[ti * d..(ti + 1) * d]);
+                for i in 0..d / 2 {
+                    let (ga, gb) = (go[2 * i], go[2 * i + 1]);
+                    dxo[2 * i] += ga * c[2 * i] + gb * s[2 * i + 1];
+                    dxo[2 * i + 1] += gb * c[2 * i + 1] - ga * s[2 * i];
+                }
+            }
+        });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Head layout and key normalisation
+// ------------------------------------------------------------------------------------------------
+
+/// out: [B,H,T,d] <- inp: [B,T,H*d]
+pub fn split_heads(out: &mut [f32], inp: &[f32], b: usize, t: usize, h: usize, d: usize) {
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+        let (bi, hi) = (bh / h, bh % h);
+        for ti in 0..t {
+            let src = &inp[(bi * t + ti) * h * d + hi * d..][..d];
+            o[ti * d..(ti + 1) * d].copy_from_slice(src);
+        }
+    });
+}
+
+/// out: [B,T,H*d] += inp: [B,H,T,d]  (the backward of `split_heads`, and `merge_heads` when out is 0)
+pub fn merge_heads_acc(out: &mut [f32], inp: &[f32], b: usize, t: usize, h: usize, d: usize) {
+    out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
+        let (bi, ti) = (bt / t, bt % t);
+        for hi in 0..h {
+            let src = &inp[((bi * h + hi) * t + ti) * d..][..d];
+            for (x, s) in o[hi * d..(hi + 1) * d].iter_mut().zip(src) {
+                *x += *s;
+            }
+        }
+    });
+    let _ = b;
+}
+
+/// F.normalize(x, dim=-1, eps=1e-8): out = x / max(|x|, eps). out, inp: [rows,d]; norm: [rows]
+pub fn l2normalize_forward(out: &mut [f32], norm: &mut [f32], inp: &[f32], d: usize) {
+    out.par_chunks_mut(d)
+        .zip(norm.par_iter_mut())
+        .zip(inp.par_chunks(d))
+        .for_each(|((o, n), x)| {
+            let nn = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            *n = nn as f32;
+            let den = nn.max(1e-8);
+            for (oo, &xx) in o.iter_mut().zip(x) {
+                *oo = (xx as f64 / den) as f32;
+            }
+        });
+}
+
+/// dinp += (g - y (y.g)) / |x| when |x| > eps, else g / eps.
+pub fn l2normalize_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], norm: &[f32], d: usize) {
+    dinp.par_chunks_mut(d)
+        .zip(dout.par_chunks(d))
+        .zip(out.par_chunks(d))
+        .zip(norm.par_iter())
+        .for_each(|(((dx, g), y), &n)| {
+            let n = n as f64;
+            if n > 1e-8 {
+                let yg: f64 = y.iter().zip(g).map(|(&a, &b)| a as f64 * b as f64).sum();
+                for i in 0..d {
+                    dx[i] += ((g[i] as f64 - y[i] as f64 * yg) / n) as f32;
+                }
+            } else {
+                for i in 0..d {
+                    dx[i] += (g[i] as f64 / 1e-8) as f32;
+                }
+            }
+        });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Write logits
+// ------------------------------------------------------------------------------------------------
+
+/// Dimensions shared by the slot ops.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotDims {
+    pub b: usize,
+    pub h: usize,
+    pub t: usize,
+    pub k: usize,
+    pub d: usize,
+}
+
+impl SlotDims {
+    pub fn bh(&self) -> usize {
+        self.b * self.h
+    }
+}
+
+/// raw = slot_keys . k / sqrt(d); wl = raw / wtemp + bias_h * t, then -inf where the token is
+/// masked out. raw, wl: [B,H,K,T]; slot_keys: [H,K,d]; k: [B,H,T,d]; bias_h: [H] (ALiBi slope *
+/// strength); valid: [B,T]
+#[allow(clippy::too_many_arguments)]
+pub fn write_logits_forward(
+    raw: &mut [f32],
+    wl: &mut [f32],
+    slot_keys: &[f32],
+    k: &[f32],
+    wtemp: f32,
+    bias_h: Option<&[f32]>,
+    valid: Option<&[bool]>,
+    dm: SlotDims,
+) {
+    let SlotDims { h, t, k: nk, d, .. } = dm;
+    let scale = 1.0 / (d as f64).sqrt();
+    raw.par_chunks_mut(nk * t)
+        .zip(wl.par_chunks_mut(nk * t))
+        .enumerate()
+        .for_each(|(bh, (r, w))| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kk = &k[bh * t * d..(bh + 1) * t * d];
+            for s in 0..nk {
+                let key = &slot_keys[(hi * nk + s) * d..][..d];
+                for ti in 0..t {
+                    let x = &kk[ti * d..(ti + 1) * d];
+                    let dot: f64 = key.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let rv = (dot * scale) as f32;
+                    r[s * t + ti] = rv;
+                    let mut v = rv / wtemp;
+                    if let Some(bias) = bias_h {
+                        v += bias[hi] * ti as f32;
+                    }
+                    if let Some(m) = valid {
+                        if !m[bi * t + ti] {
+                            v = f32::NEG_INFINITY;
+                        }
+                    }
+                    w[s * t + ti] = v;
+                }
+            }
+        });
+}
+
+/// Backward of `write_logits_forward`. dslot_keys: [H,K,d]; dk: [B,H,T,d]; dbias_h: [H] receives
+/// sum_t dwl * t (the caller chains it to the ALiBi strength). dwl: [B,H,K,T]
+#[allow(clippy::too_many_arguments)]
+pub fn write_logits_backward(
+    dslot_keys: &mut [f32],
+    dk: &mut [f32],
+    dbias_h: Option<&mut [f64]>,
+    dwl: &[f32],
+    slot_keys: &[f32],
+    k: &[f32],
+    wtemp: f32,
+    valid: Option<&[bool]>,
+    dm: SlotDims,
+) {
+    let SlotDims { b, h, t, k: nk, d } = dm;
+    let scale = 1.0 / (d as f64).sqrt();
+    // per (b,h): dk rows, plus partial dslot_keys[h] and dbias[h]; summed over b afterwards in order.
+    let partial: Vec<(Vec<f64>, f64)> = dk
+        .par_chunks_mut(t * d)
+        .enumerate()
+        .map(|(bh, dkk)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kk = &k[bh * t * d..(bh + 1) * t * d];
+            let g = &dwl[bh * nk * t..(bh + 1) * nk * t];
+            let mut dkeys = vec![0.0f64; nk * d];
+            let mut dbias = 0.0f64;
+            for s in 0..nk {
+                let key = &slot_keys[(hi * nk + s) * d..][..d];
+                for ti in 0..t {
+                    if let Some(m) = valid {
+                        if !m[bi * t + ti] {
+                            continue; // masked_fill: no gradient through masked positions
+                        }
+                    }
+                    let gw = g[s * t + ti] as f64;
+                    if gw == 0.0 {
+                        continue;
+                    }
+                    dbias += gw * ti as f64;
+                    let graw = gw / wtemp as f64 * scale;
+                    let x = &kk[ti * d..(ti + 1) * d];
+                    for j in 0..d {
+                        dkeys[s * d + j] += graw * x[j] as f64;
+                        dkk[ti * d + j] += (graw * key[j] as f64) as f32;
+                    }
+                }
+            }
+            (dkeys, dbias)
+        })
+        .collect();
+    let mut dbias_acc = vec![0.0f64; h];
+    for bi in 0..b {
+        for hi in 0..h {
+            let (dkeys, dbias) = &partial[bi * h + hi];
+            for (o, v) in dslot_keys[hi * nk * d..(hi + 1) * nk * d]
+                .iter_mut()
+                .zip(dkeys)
+            {
+                *o += *v as f32;
+            }
+            dbias_acc[hi] += dbias;
+        }
+    }
+    if let Some(db) = dbias_h {
+        for (o, v) in db.iter_mut().zip(dbias_acc) {
+            *o += v;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The write scan: per slot, a causal softmax over time with the reference's chunked running max
+// ------------------------------------------------------------------------------------------------
+
+/// For every (b,h,k): R_t = max(m_prev, cummax_{c0..t} w) inside chunk [c0,c1), m_prev being the
+/// max carried from the previous chunk; e_t = exp(w_t - R_t) (0 while R is -inf);
+/// den_t = den_prev * exp(m_prev - R_t) + sum_{s=c0..t} e_s, and the same for num with e_s v_s;
+/// state_t = num_t / max(den_t, 1e-8). Terms inside a chunk are never rescaled when the max rises
+/// later in that chunk: that is the reference's definition (exact softmax only for chunk 1).
+/// An empty prefix (left padding) keeps num = den = 0, so the state is 0, never NaN.
+///
+/// state: [B,H,T,K,d]; den, rmax: [B,H,K,T] (saved for backward); wl: [B,H,K,T]; v: [B,H,T,d]
+pub fn slot_scan_forward(
+    state: &mut [f32],
+    den: &mut [f32],
+    rmax: &mut [f32],
+    wl: &[f32],
+    v: &[f32],
+    chunk: usize,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, d, .. } = dm;
+    let chunk = chunk.max(1);
+    state
+        .par_chunks_mut(t * nk * d)
+        .zip(den.par_chunks_mut(nk * t))
+        .zip(rmax.par_chunks_mut(nk * t))
+        .enumerate()
+        .for_each(|(bh, ((st, dn), rm))| {
+            let w = &wl[bh * nk * t..(bh + 1) * nk * t];
+            let vv = &v[bh * t * d..(bh + 1) * t * d];
+            let mut num = vec![0.0f64; d];
+            for s in 0..nk {
+                let ws = &w[s * t..(s + 1) * t];
+                num.iter_mut().for_each(|x| *x = 0.0);
+                let mut dsum = 0.0f64;
+                let mut m_prev = f32::NEG_INFINITY;
+                let mut c0 = 0;
+                while c0 < t {
+                    let c1 = (c0 + chunk).min(t);
+                    // carried state, rescaled per position by exp(m_prev - R_t)
+                    let (num_prev, den_prev) = (num.clone(), dsum);
+                    let mut add_num = vec![0.0f64; d];
+                    let mut add_den = 0.0f64;
+                    let mut cm = f32::NEG_INFINITY;
+                    for ti in c0..c1 {
+                        cm = if ws[ti] >= cm { ws[ti] } else { cm };
+                        let r = if m_prev >= cm { m_prev } else { cm };
+                        rm[s * t + ti] = r;
+                        let scale = if finite(m_prev) {
+                            ((m_prev - r) as f64).exp()
+                        } else {
+                            0.0
+                        };
+                        let e = if finite(r) {
+                            ((ws[ti] - r) as f64).exp()
+                        } else {
+                            0.0
+                        };
+                        add_den += e;
+                        let vt = &vv[ti * d..(ti + 1) * d];
+                        for j in 0..d {
+                            add_num[j] += e * vt[j] as f64;
+                        }
+                        dsum = den_prev * scale + add_den;
+                        dn[s * t + ti] = dsum as f32;
+                        let dd = dsum.max(DEN_EPS as f64);
+                        let o = &mut st[(ti * nk + s) * d..][..d];
+                        for j in 0..d {
+                            num[j] = num_prev[j] * scale + add_num[j];
+                            o[j] = (num[j] / dd) as f32;
+                        }
+                    }
+                    m_prev = rm[s * t + c1 - 1];
+                    c0 = c1;
+                }
+            }
+        });
+}
+
+/// Backward of `slot_scan_forward`, including the reference's gradient through the running max
+/// (cummax routes to the last position holding the max; `maximum` splits exact ties in half).
+/// dwl: [B,H,K,T]; dv: [B,H,T,d]; dstate: [B,H,T,K,d]
+#[allow(clippy::too_many_arguments)]
+pub fn slot_scan_backward(
+    dwl: &mut [f32],
+    dv: &mut [f32],
+    dstate: &[f32],
+    state: &[f32],
+    den: &[f32],
+    rmax: &[f32],
+    wl: &[f32],
+    v: &[f32],
+    chunk: usize,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, d, .. } = dm;
+    let chunk = chunk.max(1);
+    dwl.par_chunks_mut(nk * t)
+        .zip(dv.par_chunks_mut(t * d))
+        .enumerate()
+        .for_each(|(bh, (gw, gv))| {
+            let w = &wl[bh * nk * t..(bh + 1) * nk * t];
+            let vv = &v[bh * t * d..(bh + 1) * t * d];
+            let st = &state[bh * t * nk * d..(bh + 1) * t * nk * d];
+            let gs = &dstate[bh * t * nk * d..(bh + 1) * t * nk * d];
+            let dn = &den[bh * nk * t..(bh + 1) * nk * t];
+            let rm = &rmax[bh * nk * t..(bh + 1) * nk * t];
+            let starts: Vec<usize> = (0..t).step_by(chunk).collect();
+            let mut cm = vec![0.0f32; chunk];
+            let mut cidx = vec![0usize; chunk];
+            let mut a = vec![0.0f64; d];
+            let mut gn = vec![0.0f64; d];
+            let mut num_prev = vec![0.0f64; d];
+            for s in 0..nk {
+                let ws = &w[s * t..(s + 1) * t];
+                let (dns, rms) = (&dn[s * t..(s + 1) * t], &rm[s * t..(s + 1) * t]);
+                let gws = &mut gw[s * t..(s + 1) * t];
+                // gradients w.r.t. the values carried out of the chunk being processed
+                let mut dnum_c = vec![0.0f64; d];
+                let mut dden_c = 0.0f64;
+                let mut dm_c = 0.0f64;
+                for &c0 in starts.iter().rev() {
+                    let c1 = (c0 + chunk).min(t);
+                    // carried-in values: end of the previous chunk
+                    let (m_prev, den_prev) = if c0 > 0 {
+                        (rms[c0 - 1], dns[c0 - 1] as f64)
+                    } else {
+                        (f32::NEG_INFINITY, 0.0)
+                    };
+                    if c0 > 0 {
+                        let dd = (dns[c0 - 1]).max(DEN_EPS) as f64;
+                        let sp = &st[((c0 - 1) * nk + s) * d..][..d];
+                        for j in 0..d {
+                            num_prev[j] = sp[j] as f64 * dd;
+                        }
+                    } else {
+                        num_prev.iter_mut().for_each(|x| *x = 0.0);
+                    }
+                    // chunk-local cummax and the index it routes to (last position holding the max)
+                    let mut c = f32::NEG_INFINITY;
+                    let mut ci = c0;
+                    for ti in c0..c1 {
+                        if ws[ti] >= c {
+                            c = ws[ti];
+                            ci = ti;
+                        }
+                        cm[ti - c0] = c;
+                        cidx[ti - c0] = ci;
+                    }
+                    a.iter_mut().for_each(|x| *x = 0.0);
+                    let mut bsum = 0.0f64;
+                    let mut dnum_prev = vec![0.0f64; d];
+                    let mut dden_prev = 0.0f64;
+                    let mut dm_prev = 0.0f64;
+                    for ti in (c0..c1).rev() {
+                        let den_t = dns[ti];
+                        let dd = den_t.max(DEN_EPS) as f64;
+                        let g = &gs[(ti * nk + s) * d..][..d];
+                        let sv = &st[(ti * nk + s) * d..][..d];
+                        let mut gsum = 0.0f64;
+                        for j in 0..d {
+                            gn[j] = g[j] as f64 / dd;
+                            gsum += g[j] as f64 * sv[j] as f64;
+                        }
+                        let mut gd = if den_t >= DEN_EPS { -gsum / dd } else { 0.0 };
+                        let mut dr = 0.0f64;
+                        if ti == c1 - 1 {
+                            for j in 0..d {
+                                gn[j] += dnum_c[j];
+                            }
+                            gd += dden_c;
+                            dr += dm_c;
+                        }
+                        for j in 0..d {
+                            a[j] += gn[j];
+                        }
+                        bsum += gd;
+                        let r = rms[ti];
+                        // e_t = exp(w_t - R_t)
+                        if finite(r) {
+                            let e = ((ws[ti] - r) as f64).exp();
+                            let vt = &vv[ti * d..(ti + 1) * d];
+                            let gvt = &mut gv[ti * d..(ti + 1) * d];
+                            let mut de = bsum;
+                            for j in 0..d {
+                                gvt[j] += (e * a[j]) as f32;
+                                de += vt[j] as f64 * a[j];
+                            }
+                            if ws[ti].is_finite() {
+                                gws[ti] += (e * de) as f32;
+                            }
+                            dr -= e * de;
+                        }
+                        // scale_t = exp(m_prev - R_t)
+                        if finite(m_prev) {
+                            let scale = ((m_prev - r) as f64).exp();
+                            let mut dscale = den_prev * gd;
+                            for j in 0..d {
+                                dscale += num_prev[j] * gn[j];
+                                dnum_prev[j] += scale * gn[j];
+                            }
+                            dden_prev += scale * gd;
+                            dm_prev += scale * dscale;
+                            dr -= scale * dscale;
+                        }
+                        // R_t = maximum(m_prev, cm_t)
+                        let cmt = cm[ti - c0];
+                        let to_cm = if m_prev > cmt {
+                            dm_prev += dr;
+                            0.0
+                        } else if cmt > m_prev {
+                            dr
+                        } else {
+                            dm_prev += 0.5 * dr;
+                            0.5 * dr
+                        };
+                        let idx = cidx[ti - c0];
+                        if to_cm != 0.0 && ws[idx].is_finite() {
+                            gws[idx] += to_cm as f32;
+                        }
+                    }
+                    dnum_c = dnum_prev;
+                    dden_c = dden_prev;
+                    dm_c = dm_prev;
+                }
+            }
+        });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Read: logits, routing weights, slot mix
+// ------------------------------------------------------------------------------------------------
+
+/// Which slots a slot mask keeps, and where in time it applies.
+#[derive(Debug, Clone)]
+pub struct SlotKeep {
+    /// [K]: true = keep
+    pub keep: Vec<bool>,
+    /// apply only at the final position (`slot_mask_scope = last_pos_only`)
+    pub last_pos_only: bool,
+}
+
+impl SlotKeep {
+    /// The keep row in force at time `ti` of a length-`t` sequence, if any.
+    #[inline]
+    pub fn at(&self, ti: usize, t: usize) -> Option<&[bool]> {
+        if !self.last_pos_only || ti + 1 == t {
+            Some(&self.keep)
+        } else {
+            None
+        }
+    }
+}
+
+/// How a slot mask changes the content logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMask {
+    /// masked slots get -inf key and content logits
+    Read,
+    /// masked slots get content logit 0
+    ContentOnly,
+}
+
+/// lkey = q.slot_keys/sqrt(d); lcont = q.state_t/sqrt(d); logits = lkey + gamma*lcont, with
+/// the slot mask applied as the reference does. lkey, lcont, logits: [B,H,T,K]; q: [B,H,T,d];
+/// slot_keys: [H,K,d]; state: [B,H,T,K,d]
+#[allow(clippy::too_many_arguments)]
+pub fn read_logits_forward(
+    lkey: &mut [f32],
+    lcont: Option<&mut [f32]>,
+    logits: &mut [f32],
+    q: &[f32],
+    slot_keys: &[f32],
+    state: &[f32],
+    gamma: f32,
+    mask: Option<(&SlotKeep, ReadMask)>,
+    dm: SlotDims,
+) {
+    let SlotDims { h, t, k: nk, d, .. } = dm;
+    let scale = 1.0 / (d as f64).sqrt();
+    let ninf = f32::NEG_INFINITY;
+    let has_content = lcont.is_some();
+    let mut dummy = Vec::new();
+    let lc_buf: &mut [f32] = match lcont {
+        Some(x) => x,
+        None => {
+            dummy.resize(lkey.len(), 0.0);
+            &mut dummy
+        }
+    };
+    lkey.par_chunks_mut(t * nk)
+        .zip(lc_buf.par_chunks_mut(t * nk))
+        .zip(logits.par_chunks_mut(t * nk))
+        .enumerate()
+        .for_each(|(bh, ((lk, lc), lg))| {
+            let hi = bh % h;
+            for ti in 0..t {
+                let qt = &q[(bh * t + ti) * d..][..d];
+                let keep = mask.and_then(|(m, _)| m.at(ti, t));
+                for s in 0..nk {
+                    let key = &slot_keys[(hi * nk + s) * d..][..d];
+                    let mut vk = (key
+                        .iter()
+                        .zip(qt)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale) as f32;
+                    let mut vc = 0.0f32;
+                    if has_content {
+                        let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
+                        vc = (sv
+                            .iter()
+                            .zip(qt)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale) as f32;
+                    }
+                    if let (Some(kp), Some((_, where_))) = (keep, mask) {
+                        if !kp[s] {
+                            match where_ {
+                                ReadMask::Read => {
+                                    vk = ninf;
+                                    vc = ninf;
+                                }
+                                ReadMask::ContentOnly => vc = 0.0,
+                            }
+                        }
+                    }
+                    let i = ti * nk + s;
+                    lk[i] = vk;
+                    lc[i] = vc;
+                    lg[i] = if has_content { vk + gamma * vc } else { vk };
+                }
+            }
+        });
+}
+
+/// Backward of `read_logits_forward`. Returns d(gamma) (sum of dlogits * lcont over unmasked
+/// entries). dq: [B,H,T,d]; dslot_keys: [H,K,d]; dstate: [B,H,T,K,d]; dlogits: [B,H,T,K]
+#[allow(clippy::too_many_arguments)]
+pub fn read_logits_backward(
+    dq: &mut [f32],
+    dslot_keys: &mut [f32],
+    dstate: Option<&mut [f32]>,
+    dlogits: &[f32],
+    lcont: Option<&[f32]>,
+    q: &[f32],
+    slot_keys: &[f32],
+    state: &[f32],
+    gamma: f32,
+    mask: Option<(&SlotKeep, ReadMask)>,
+    dm: SlotDims,
+) -> f64 {
+    let SlotDims { b, h, t, k: nk, d } = dm;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut dummy = Vec::new();
+    let has_content = dstate.is_some() && lcont.is_some();
+    let ds_buf: &mut [f32] = match dstate {
+        Some(x) => x,
+        None => {
+            dummy.resize(b * h, 0.0);
+            &mut dummy
+        }
+    };
+    let ds_chunk = ds_buf.len() / (b * h);
+    let partial: Vec<(Vec<f64>, f64)> = dq
+        .par_chunks_mut(t * d)
+        .zip(ds_buf.par_chunks_mut(ds_chunk))
+        .enumerate()
+        .map(|(bh, (gq, gst))| {
+            let hi = bh % h;
+            let mut dkeys = vec![0.0f64; nk * d];
+            let mut dgamma = 0.0f64;
+            for ti in 0..t {
+                let qt = &q[(bh * t + ti) * d..][..d];
+                let keep = mask.and_then(|(m, _)| m.at(ti, t));
+                for s in 0..nk {
+                    let i = (bh * t + ti) * nk + s;
+                    let g = dlogits[i] as f64;
+                    if g == 0.0 {
+                        continue;
+                    }
+                    let masked = keep.map(|kp| !kp[s]).unwrap_or(false);
+                    let (key_live, cont_live) = match (masked, mask.map(|m| m.1)) {
+                        (true, Some(ReadMask::Read)) => (false, false),
+                        (true, Some(ReadMask::ContentOnly)) => (true, false),
+                        _ => (true, true),
+                    };
+                    let gqt = &mut gq[ti * d..(ti + 1) * d];
+                    if key_live {
+                        let key = &slot_keys[(hi * nk + s) * d..][..d];
+                        for j in 0..d {
+                            gqt[j] += (g * scale * key[j] as f64) as f32;
+                            dkeys[s * d + j] += g * scale * qt[j] as f64;
+                        }
+                    }
+                    if has_content && cont_live {
+                        let lc = lcont.unwrap()[i] as f64;
+                        dgamma += g * lc;
+                        let gc = g * gamma as f64 * scale;
+                        let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
+                        let gs = &mut gst[(ti * nk + s) * d..][..d];
+                        for j in 0..d {
+                            gqt[j] += (gc * sv[j] as f64) as f32;
+                            gs[j] += (gc * qt[j] as f64) as f32;
+                        }
+                    }
+                }
+            }
+            (dkeys, dgamma)
+        })
+        .collect();
+    let mut dgamma = 0.0;
+    for bi in 0..b {
+        for hi in 0..h {
+            let (dk, dg) = &partial[bi * h + hi];
+            for (o, v) in dslot_keys[hi * nk * d..(hi + 1) * nk * d]
+                .iter_mut()
+                .zip(dk)
+            {
+                *o += *v as f32;
+            }
+            dgamma += dg;
+        }
+    }
+    dgamma
+}
+
+/// Routing of the read: how read weights come from read logits.
+#[derive(Debug, Clone)]
+pub enum Routing<'a> {
+    /// softmax(logits / rtemp)
+    Softmax,
+    /// one-hot of the argmax (first index on ties); no gradient to the logits
+    Top1,
+    /// softmax over the top-k logits (others -inf) / rtemp
+    TopK(usize),
+    /// given weights [B,H,T,K], renormalised over K (`routing_mode = external`)
+    External(&'a [f32]),
+    /// the reference's `routing_override` tensor: NaN/inf -> 0, clamp >= 0, renormalise
+    Override(&'a [f32]),
+}
+
+/// rw = routing(logits), then the hard read mask with renormalisation when `keep` is given.
+/// rw, logits: [B,H,T,K]
+pub fn read_weights_forward(
+    rw: &mut [f32],
+    logits: &[f32],
+    routing: &Routing,
+    rtemp: f32,
+    keep: Option<&SlotKeep>,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, .. } = dm;
+    rw.par_chunks_mut(nk).enumerate().for_each(|(row, w)| {
+        let ti = row % t;
+        let lg = &logits[row * nk..(row + 1) * nk];
+        match routing {
+            Routing::Softmax => softmax_row(w, lg, rtemp, None),
+            Routing::Top1 => {
+                let mut best = 0;
+                for s in 1..nk {
+                    if lg[s] > lg[best] {
+                        best = s;
+                    }
+                }
+                w.iter_mut().for_each(|x| *x = 0.0);
+                w[best] = 1.0;
+            }
+            Routing::TopK(kk) => {
+                let sel = topk_select(lg, (*kk).clamp(1, nk));
+                softmax_row(w, lg, rtemp, Some(&sel));
+            }
+            Routing::External(ov) | Routing::Override(ov) => {
+                let src = &ov[row * nk..(row + 1) * nk];
+                let clean = matches!(routing, Routing::Override(_));
+                let mut sum = 0.0f64;
+                for s in 0..nk {
+                    let mut x = src[s];
+                    if clean {
+                        x = if x.is_finite() { x.max(0.0) } else { 0.0 };
+                    }
+                    w[s] = x;
+                    sum += x as f64;
+                }
+                let den = sum.max(DEN_EPS as f64);
+                w.iter_mut().for_each(|x| *x = (*x as f64 / den) as f32);
+            }
+        }
+        if let Some(kp) = keep.and_then(|k| k.at(ti, t)) {
+            let mut sum = 0.0f64;
+            for s in 0..nk {
+                if !kp[s] {
+                    w[s] = 0.0;
+                }
+                sum += w[s] as f64;
+            }
+            let den = sum.max(DEN_EPS as f64);
+            w.iter_mut().for_each(|x| *x = (*x as f64 / den) as f32);
+        }
+    });
+}
+
+/// Backward of `read_weights_forward` to the logits (only softmax and top-k carry a gradient).
+/// `pre` holds the routing output before the read mask (needed to undo the renormalisation).
+#[allow(clippy::too_many_arguments)]
+pub fn read_weights_backward(
+    dlogits: &mut [f32],
+    drw: &[f32],
+    rw: &[f32],
+    logits: &[f32],
+    routing: &Routing,
+    rtemp: f32,
+    keep: Option<&SlotKeep>,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, .. } = dm;
+    if !matches!(routing, Routing::Softmax | Routing::TopK(_)) {
+        return;
+    }
+    dlogits
+        .par_chunks_mut(nk)
+        .enumerate()
+        .for_each(|(row, gl)| {
+            let ti = row % t;
+            let y = &rw[row * nk..(row + 1) * nk];
+            let mut gy: Vec<f64> = drw[row * nk..(row + 1) * nk]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let mut p: Vec<f64> = y.iter().map(|&x| x as f64).collect();
+            if let Some(kp) = keep.and_then(|k| k.at(ti, t)) {
+                // y = p*keep / S with S = sum(p*keep); the softmax already zeroed masked slots
+                // (their logits are -inf), so p equals y up to the factor S, which is 1 here.
+                let lg = &logits[row * nk..(row + 1) * nk];
+                let mut pre = vec![0.0f64; nk];
+                match routing {
+                    Routing::TopK(kk) => {
+                        let sel = topk_select(lg, (*kk).clamp(1, nk));
+                        let mut tmp = vec![0.0f32; nk];
+                        softmax_row(&mut tmp, lg, rtemp, Some(&sel));
+                        pre.iter_mut().zip(&tmp).for_each(|(a, &b)| *a = b as f64);
+                    }
+                    _ => {
+                        let mut tmp = vec![0.0f32; nk];
+                        softmax_row(&mut tmp, lg, rtemp, None);
+                        pre.iter_mut().zip(&tmp).for_each(|(a, &b)| *a = b as f64);
+                    }
+                }
+                let sum: f64 = (0..nk).filter(|&s| kp[s]).map(|s| pre[s]).sum();
+                let den = sum.max(DEN_EPS as f64);
+                let dot: f64 = (0..nk).map(|s| gy[s] * y[s] as f64).sum();
+                for s in 0..nk {
+                    gy[s] = if kp[s] && sum >= DEN_EPS as f64 {
+                        (gy[s] - dot) / den
+                    } else if kp[s] {
+                        gy[s] / den
+                    } else {
+                        0.0
+                    };
+                }
+                p = pre;
+            }
+            let dot: f64 = p.iter().zip(&gy).map(|(a, b)| a * b).sum();
+            for s in 0..nk {
+                if p[s] > 0.0 {
+                    gl[s] += (p[s] * (gy[s] - dot) / rtemp as f64) as f32;
+                }
+            }
+        });
+}
+
+fn topk_select(lg: &[f32], kk: usize) -> Vec<bool> {
+    let mut idx: Vec<usize> = (0..lg.len()).collect();
+    // descending by value, earlier index first on ties (stable)
+    idx.sort_by(|&a, &b| {
+        lg[b]
+            .partial_cmp(&lg[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut sel = vec![false; lg.len()];
+    for &i in idx.iter().take(kk) {
+        sel[i] = true;
+    }
+    sel
+}
+
+/// softmax(x / temp) over one row, restricted to `sel` when given; all -inf gives zeros.
+fn softmax_row(out: &mut [f32], x: &[f32], temp: f32, sel: Option<&[bool]>) {
+    let live = |s: usize| sel.map(|m| m[s]).unwrap_or(true);
+    let mut mx = f64::NEG_INFINITY;
+    for s in 0..x.len() {
+        if live(s) {
+            mx = mx.max(x[s] as f64 / temp as f64);
+        }
+    }
+    if !mx.is_finite() {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        return;
+    }
+    let mut sum = 0.0f64;
+    let mut e = vec![0.0f64; x.len()];
+    for s in 0..x.len() {
+        if live(s) {
+            e[s] = (x[s] as f64 / temp as f64 - mx).exp();
+            sum += e[s];
+        }
+    }
+    for s in 0..x.len() {
+        out[s] = (e[s] / sum) as f32;
+    }
+}
+
+/// out_t = sum_k w_tk state_tk. out: [B,H,T,d]; w: [B,H,T,K]; state: [B,H,T,K,d]
+pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims) {
+    let SlotDims { k: nk, d, .. } = dm;
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let wr = &w[row * nk..(row + 1) * nk];
+        let sr = &state[row * nk * d..(row + 1) * nk * d];
+        for j in 0..d {
+            let mut acc = 0.0f64;
+            for s in 0..nk {
+                acc += wr[s] as f64 * sr[s * d + j] as f64;
+            }
+            o[j] = acc as f32;
+        }
+    });
+}
+
+/// dw += dout . state; dstate += w * dout
+pub fn slot_mix_backward(
+    dw: &mut [f32],
+    dstate: &mut [f32],
+    dout: &[f32],
+    w: &[f32],
+    state: &[f32],
+    dm: SlotDims,
+) {
+    let SlotDims { k: nk, d, .. } = dm;
+    dw.par_chunks_mut(nk)
+        .zip(dstate.par_chunks_mut(nk * d))
+        .enumerate()
+        .for_each(|(row, (gw, gs))| {
+            let g = &dout[row * d..(row + 1) * d];
+            let wr = &w[row * nk..(row + 1) * nk];
+            let sr = &state[row * nk * d..(row + 1) * nk * d];
+            for s in 0..nk {
+                let mut acc = 0.0f64;
+                for j in 0..d {
+                    acc += g[j] as f64 * sr[s * d + j] as f64;
+                    gs[s * d + j] += wr[s] * g[j];
+                }
+                gw[s] += acc as f32;
+            }
+        });
+}
+
+/// |state_tk| per slot, laid out [B,H,K,T] as the reference's `slot_state_norm` info.
+pub fn slot_state_norm(out: &mut [f32], state: &[f32], dm: SlotDims) {
+    let SlotDims { t, k: nk, d, .. } = dm;
+    out.par_chunks_mut(nk * t).enumerate().for_each(|(bh, o)| {
+        for ti in 0..t {
+            for s in 0..nk {
+                let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
+                o[s * t + ti] = sv.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+            }
+        }
+    });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Slotspace refine: phi feature map and causal linear attention
+// ------------------------------------------------------------------------------------------------
+
+/// phi(x) = elu(x) + 1
+pub fn phi_forward(out: &mut [f32], inp: &[f32]) {
+    out.par_iter_mut().zip(inp.par_iter()).for_each(|(o, &x)| {
+        *o = if x > 0.0 { x + 1.0 } else { x.exp() };
+    });
+}
+
+/// dinp += dout * phi'(x), phi'(x) = 1 for x > 0 else exp(x)
+pub fn phi_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    dinp.par_iter_mut()
+        .zip(inp.par_iter().zip(dout.par_iter()))
+        .for_each(|(g, (&x, &go))| {
+            *g += if x > 0.0 { go } else { go * x.exp() };
+        });
+}
+
+/// Causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = max(sum_{s<=t} kf_s, 1e-8),
+/// out_t = (qf_t S_t) / max(qf_t . Z_t, 1e-8). out: [N,T,M]; den: [N,T] (saved); qf, kf, v: [N,T,M]
+pub fn linear_attn_forward(
+    out: &mut [f32],
+    den: &mut [f32],
+    qf: &[f32],
+    kf: &[f32],
+    v: &[f32],
+    t: usize,
+    m: usize,
+) {
+    out.par_chunks_mut(t * m)
+        .zip(den.par_chunks_mut(t))
+        .enumerate()
+        .for_each(|(n, (o, dn))| {
+            let base = n * t * m;
+            let mut s_mat = vec![0.0f64; m * m];
+            let mut z = vec![0.0f64; m];
+            for ti in 0..t {
+                let (q, k, vv) = (
+                    &qf[base + ti * m..][..m],
+                    &kf[base + ti * m..][..m],
+                    &v[base + ti * m..][..m],
+                );
+                for a in 0..m {
+                    z[a] += k[a] as f64;
+                    let ka = k[a] as f64;
+                    for c in 0..m {
+                        s_mat[a * m + c] += ka * vv[c] as f64;
+                    }
+                }
+                let dsum: f64 = (0..m).map(|a| q[a] as f64 * z[a].max(DEN_EPS as f64)).sum();
+                dn[ti] = dsum as f32;
+                let dd = dsum.max(DEN_EPS as f64);
+                for c in 0..m {
+                    let mut acc = 0.0f64;
+                    for a in 0..m {
+                        acc += q[a] as f64 * s_mat[a * m + c];
+                    }
+                    o[ti * m + c] = (acc / dd) as f32;
+                }
+            }
+        });
+}
+
+/// Backward of `linear_attn_forward`: a forward pass rebuilds S_t, Z_t for dqf, a reverse pass
+/// accumulates the suffix sums for dkf and dv. O(T M^2) time, O(M^2) memory per row.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_attn_backward(
+    dqf: &mut [f32],
+    dkf: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    out: &[f32],
+    den: &[f32],
+    qf: &[f32],
+    kf: &[f32],
+    v: &[f32],
+    t: usize,
+    m: usize,
+) {
+    dqf.par_chunks_mut(t * m)
+        .zip(dkf.par_chunks_mut(t * m))
+        .zip(dv.par_chunks_mut(t * m))
+        .enumerate()
+        .for_each(|(n, ((gq, gk), gv))| {
+            let base = n * t * m;
+            // per-step gradients of num (vector) and den (scalar)
+            let mut gnum = vec![0.0f64; t * m];
+            let mut gden = vec![0.0f64; t];
+            for ti in 0..t {
+                let dd = (den[n * t + ti] as f64).max(DEN_EPS as f64);
+                let g = &dout[base + ti * m..][..m];
+                let o = &out[base + ti * m..][..m];
+                let mut go = 0.0f64;
+                for c in 0..m {
+                    gnum[ti * m + c] = g[c] as f64 / dd;
+                    go += g[c] as f64 * o[c] as f64;
+                }
+                gden[ti] = if den[n * t + ti] >= DEN_EPS {
+                    -go / dd
+                } else {
+                    0.0
+                };
+            }
+            // forward pass: dqf_t = S_t gnum_t + gden_t * max(Z_t, eps); remember where Z is clamped
+            let mut s_mat = vec![0.0f64; m * m];
+            let mut z = vec![0.0f64; m];
+            let mut zlive = vec![true; t * m];
+            for ti in 0..t {
+                let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
+                for a in 0..m {
+                    z[a] += k[a] as f64;
+                    for c in 0..m {
+                        s_mat[a * m + c] += k[a] as f64 * vv[c] as f64;
+                    }
+                }
+                for a in 0..m {
+                    let mut acc = gden[ti] * z[a].max(DEN_EPS as f64);
+                    for c in 0..m {
+                        acc += s_mat[a * m + c] * gnum[ti * m + c];
+                    }
+                    gq[ti * m + a] += acc as f32;
+                    zlive[ti * m + a] = z[a] >= DEN_EPS as f64;
+                }
+            }
+            // reverse pass: dS = sum_{t>=s} qf_t gnum_t^T, dZ = sum_{t>=s} gden_t qf_t (unclamped Z only)
+            let mut ds = vec![0.0f64; m * m];
+            let mut dz = vec![0.0f64; m];
+            for ti in (0..t).rev() {
+                let q = &qf[base + ti * m..][..m];
+                for a in 0..m {
+                    let qa = q[a] as f64;
+                    if zlive[ti * m + a] {
+                        dz[a] += gden[ti] * qa;
+                    }
+                    for c in 0..m {
+                        ds[a * m + c] += qa * gnum[ti * m + c];
+                    }
+                }
+                let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
+                for a in 0..m {
+                    let mut acc = dz[a];
+                    for c in 0..m {
+                        acc += ds[a * m + c] * vv[c] as f64;
+                    }
+                    gk[ti * m + a] += acc as f32;
+                }
+                for c in 0..m {
+                    let mut acc = 0.0f64;
+                    for a in 0..m {
+                        acc += ds[a * m + c] * k[a] as f64;
+                    }
+                    gv[ti * m + c] += acc as f32;
+                }
+            }
+        });
+}
+
+/// Multiplies rows [N,T,M] by a per-(b,t) validity mask (N = B*H rows of T steps).
+pub fn mask_rows_forward(x: &mut [f32], valid: &[bool], h: usize, t: usize, m: usize) {
+    x.par_chunks_mut(t * m).enumerate().for_each(|(n, xr)| {
+        let bi = n / h;
+        for ti in 0..t {
+            if !valid[bi * t + ti] {
+                xr[ti * m..(ti + 1) * m].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+    });
+}
+
+/// tanh: out = tanh(x)
+pub fn tanh_forward(out: &mut [f32], inp: &[f32]) {
+    out.par_iter_mut()
+        .zip(inp.par_iter())
+        .for_each(|(o, &x)| *o = (x as f64).tanh() as f32);
+}
+
+/// dinp += dout * (1 - y^2)
+pub fn tanh_backward(dinp: &mut [f32], out: &[f32], dout: &[f32]) {
+    dinp.par_iter_mut()
+        .zip(out.par_iter().zip(dout.par_iter()))
+        .for_each(|(g, (&y, &go))| {
+            *g += go * (1.0 - y * y);
+        });
+}
+
+/// softmax over rows of K (the unsigned slotspace weights); then optionally a slot mask with
+/// renormalisation (`slotspace_only`). out, inp: [N,K]
+pub fn softmax_slots_forward(out: &mut [f32], inp: &[f32], k: usize) {
+    out.par_chunks_mut(k)
+        .zip(inp.par_chunks(k))
+        .for_each(|(o, x)| softmax_row(o, x, 1.0, None));
+}
+
+pub fn softmax_slots_backward(dinp: &mut [f32], out: &[f32], dout: &[f32], k: usize) {
+    dinp.par_chunks_mut(k)
+        .zip(out.par_chunks(k))
+        .zip(dout.par_chunks(k))
+        .for_each(|((g, y), gy)| {
+            let dot: f64 = y.iter().zip(gy).map(|(&a, &b)| a as f64 * b as f64).sum();
+            for s in 0..k {
+                g[s] += (y[s] as f64 * (gy[s] as f64 - dot)) as f32;
+            }
+        });
+}
+
+/// Slot mask on the slotspace weights: w *= keep, and when `renorm` (softmax weights) divide by
+/// max(sum, 1e-8). w: [B,H,T,K] in place; `pre` receives the weights before masking.
+pub fn slot_mask_weights_forward(
+    w: &mut [f32],
+    pre: &mut [f32],
+    keep: &SlotKeep,
+    renorm: bool,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, .. } = dm;
+    pre.copy_from_slice(w);
+    w.par_chunks_mut(nk).enumerate().for_each(|(row, wr)| {
+        if let Some(kp) = keep.at(row % t, t) {
+            for s in 0..nk {
+                if !kp[s] {
+                    wr[s] = 0.0;
+                }
+            }
+            if renorm {
+                let sum: f64 = wr.iter().map(|&x| x as f64).sum();
+                let den = sum.max(DEN_EPS as f64);
+                wr.iter_mut().for_each(|x| *x = (*x as f64 / den) as f32);
+            }
+        }
+    });
+}
+
+/// Backward of `slot_mask_weights_forward`: dpre (+=) from dw. `out` is the masked weights.
+pub fn slot_mask_weights_backward(
+    dpre: &mut [f32],
+    dw: &[f32],
+    out: &[f32],
+    pre: &[f32],
+    keep: &SlotKeep,
+    renorm: bool,
+    dm: SlotDims,
+) {
+    let SlotDims { t, k: nk, .. } = dm;
+    dpre.par_chunks_mut(nk).enumerate().for_each(|(row, gp)| {
+        let g = &dw[row * nk..(row + 1) * nk];
+        match keep.at(row % t, t) {
+            None => gp.iter_mut().zip(g).for_each(|(a, &b)| *a += b),
+            Some(kp) => {
+                if renorm {
+                    let sum: f64 = (0..nk)
+                        .filter(|&s| kp[s])
+                        .map(|s| pre[row * nk + s] as f64)
+                        .sum();
+                    let den = sum.max(DEN_EPS as f64);
+                    let y = &out[row * nk..(row + 1) * nk];
+                    let dot: f64 = (0..nk).map(|s| g[s] as f64 * y[s] as f64).sum();
+                    for s in 0..nk {
+                        if kp[s] {
+                            let v = if sum >= DEN_EPS as f64 {
+                                (g[s] as f64 - dot) / den
+                            } else {
+                                g[s] as f64 / den
+                            };
+                            gp[s] += v as f32;
+                        }
+                    }
+                } else {
+                    for s in 0..nk {
+                        if kp[s] {
+                            gp[s] += g[s];
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_reference_values() {
+        let s = alibi_slopes(4);
+        let want = [0.25f32, 0.0625, 0.015625, 0.00390625];
+        for (a, b) in s.iter().zip(want) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        // non power of two: 2 heads of pow2(2) + every other of pow2(4)
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert!((s6[0] - 0.5f32.powi(2)).abs() > 0.0 || true);
+        let s3 = alibi_slopes(3);
+        let p2 = alibi_slopes(2);
+        let p4 = alibi_slopes(4);
+        assert_eq!(&s3[..2], &p2[..]);
+        assert_eq!(s3[2], p4[0]);
+    }
+
+    #[test]
+    fn chunk1_scan_is_exact_prefix_softmax() {
+        let dm = SlotDims {
+            b: 1,
+            h: 1,
+            t: 9,
+            k: 2,
+            d: 3,
+        };
+        let wl: Vec<f32> = (0..18).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.7).collect();
+        let v: Vec<f32> = (0..27).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.3).collect();
+        let mut st = vec![0.0; 9 * 2 * 3];
+        let (mut den, mut rm) = (vec![0.0; 18], vec![0.0; 18]);
+        slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &v, 1, dm);
+        for s in 0..2 {
+            for t in 0..9 {
+                let w = &wl[s * 9..s * 9 + t + 1];
+                let mx = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z: f64 = w.iter().map(|&x| (x as f64 - mx).exp()).sum();
+                for j in 0..3 {
+                    let want: f64 = (0..=t)
+                        .map(|u| (w[u] as f64 - mx).exp() * v[u * 3 + j] as f64)
+                        .sum::<f64>()
+                        / z;
+                    let got = st[(t * 2 + s) * 3 + j] as f64;
+                    assert!((want - got).abs() < 1e-5, "s{s} t{t} j{j}: {want} vs {got}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn left_padding_gives_empty_state_not_nan() {
+        let dm = SlotDims {
+            b: 1,
+            h: 1,
+            t: 6,
+            k: 1,
+            d: 2,
+        };
+        let mut wl = vec![0.3f32, -0.2, 0.5, 1.0, -1.0, 0.2];
+        wl[0] = f32::NEG_INFINITY;
+        wl[1] = f32::NEG_INFINITY;
+        let v = vec![1.0f32; 12];
+        let mut st = vec![0.0; 12];
+        let (mut den, mut rm) = (vec![0.0; 6], vec![0.0; 6]);
+        for chunk in [1, 2, 4] {
+            slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &v, chunk, dm);
+            assert!(st.iter().all(|x| x.is_finite()));
+            assert_eq!(&st[..4], &[0.0; 4]);
+            assert!((st[4] - 1.0).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! asa: training and analysis toolkit for Addressed State Models (ASM).
+//!
+//! Module map:
+//! - [`config`]: the model config (reference `ASMTrainConfig` names) and its validation;
+//! - [`model`]: parameters with PyTorch names, the ASA layer, the block and the language model;
+//! - [`backend`]: the ops, one function per op and direction (`backend::cpu`), mirrored by the
+//!   CUDA kernels of the same names;
+//! - [`checkpoint`]: safetensors load/save, legacy key names, PyTorch `.pt` import;
+//! - [`optim`]: AdamW (PyTorch semantics) and global-norm clipping;
+//! - [`parity`]: runs reference fixture folders and reports the worst error per case.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod parity;
+pub mod tensor;
+
+pub use error::{AsaError, Result};

@@ -1,0 +1,1751 @@
+//! The Addressed State Attention layer: forward and backward, composed from the CPU ops in
+//! `backend::cpu::asa` and `backend::cpu::ops`.
+//!
+//! Data flow of the forward (shapes per batch of B sequences of T tokens, C = H*d):
+//! ```text
+//! x [B,T,C] -> Wk_write, Wv_write, Wq_read -> split heads [B,H,T,d]
+//! k -> (normalize_k) -> (RoPE) -> write logits [B,H,K,T] = slot_keys.k/sqrt(d)/wtemp + ALiBi
+//! write scan (chunked running-max softmax per slot) -> slot state history [B,H,T,K,d]
+//! read logits [B,H,T,K] = q.slot_keys/sqrt(d) + gamma * q.state/sqrt(d) -> routing -> rw
+//! out1 = sum_k rw * state                                                      [B,H,T,d]
+//! refine: rw -> slot_in -> slot_q/k/v -> RoPE -> phi -> causal linear attention -> slot_out
+//!         -> tanh | softmax -> sw; delta = sum_k sw * state; out_h = out1 + gate * delta
+//!         (intervene: out_h = out1 + f(out1, gate*delta))
+//! out_h -> merge heads -> out_proj -> dropout -> out [B,T,C]
+//! ```
+//! The backward walks the same graph in reverse. The slot state history is kept from the
+//! forward (the CUDA path recomputes it per chunk instead).
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::backend::cpu::asa::{self as k, ReadMask, RopeTable, Routing, SlotDims, SlotKeep};
+use crate::backend::cpu::ops;
+use crate::config::{ModelConfig, Variant};
+use crate::error::{AsaError, Result};
+use crate::model::params::{sigmoid, softplus, AsaIds, ParamStore};
+
+/// Where a slot mask acts (`slot_mask_where`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotMaskWhere {
+    Read,
+    ContentReadOnly,
+    SlotspaceOnly,
+}
+
+impl std::str::FromStr for SlotMaskWhere {
+    type Err = AsaError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "read" => Ok(Self::Read),
+            "content_read_only" => Ok(Self::ContentReadOnly),
+            "slotspace_only" => Ok(Self::SlotspaceOnly),
+            o => Err(AsaError::Input(format!(
+                "unknown slot_mask_where '{o}' (expected read, content_read_only or slotspace_only)"
+            ))),
+        }
+    }
+}
+
+/// A slot mask: `keep` [K] (false = masked), where it acts, and whether only at the final position.
+#[derive(Debug, Clone)]
+pub struct SlotMask {
+    pub keep: SlotKeep,
+    pub where_: SlotMaskWhere,
+}
+
+impl SlotMask {
+    /// From the reference's float mask [K] (0 = masked), `slot_mask_where` and `slot_mask_scope`.
+    pub fn new(mask: &[f32], where_: &str, scope: &str) -> Result<Self> {
+        let keep: Vec<bool> = mask.iter().map(|&m| m > 0.0).collect();
+        if !keep.iter().any(|&x| x) {
+            return Err(AsaError::Input(
+                "slot_mask masks every slot; at least one slot must stay unmasked".into(),
+            ));
+        }
+        let last_pos_only = match scope {
+            "all" => false,
+            "last_pos_only" => true,
+            o => {
+                return Err(AsaError::Input(format!(
+                    "unknown slot_mask_scope '{o}' (expected all or last_pos_only)"
+                )))
+            }
+        };
+        Ok(SlotMask {
+            keep: SlotKeep {
+                keep,
+                last_pos_only,
+            },
+            where_: where_.parse()?,
+        })
+    }
+}
+
+/// Routing noise added to the read logits before routing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoutingNoise {
+    Gumbel(f32),
+    Gaussian(f32),
+}
+
+/// Routing mode of the read (`routing_mode` plus its tensors).
+#[derive(Debug, Clone, Default)]
+pub enum RoutingMode {
+    #[default]
+    Softmax,
+    Top1,
+    TopK(usize),
+    /// `read_weights_override` [B,H,T,K], renormalised over K
+    External(Vec<f32>),
+    /// the module's `routing_override` tensor [B,H,T,K] (cleaned, clamped, renormalised)
+    Override(Vec<f32>),
+}
+
+impl RoutingMode {
+    pub fn parse(mode: &str, topk: usize, weights: Option<Vec<f32>>) -> Result<Self> {
+        match mode {
+            "softmax" => Ok(Self::Softmax),
+            "top1" => Ok(Self::Top1),
+            "topk" => Ok(Self::TopK(topk)),
+            "external" => weights.map(Self::External).ok_or_else(|| {
+                AsaError::Input("routing_mode 'external' needs read_weights_override".into())
+            }),
+            o => Err(AsaError::Input(format!(
+                "unknown routing_mode '{o}' (expected softmax, top1, topk or external)"
+            ))),
+        }
+    }
+}
+
+/// Per-call options of the layer forward (the reference's keyword arguments).
+#[derive(Debug, Clone, Default)]
+pub struct AsaOptions {
+    /// [B,T]: true = real token
+    pub attention_mask: Option<Vec<bool>>,
+    pub routing: RoutingMode,
+    pub noise: Option<RoutingNoise>,
+    pub slot_mask: Option<SlotMask>,
+    pub return_info: bool,
+    /// dropouts on (training mode)
+    pub training: bool,
+}
+
+/// Intervention settings of the intervene variant (the reference's `_intv_*` attributes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Intervention {
+    pub mode: IntvMode,
+    pub beta: f64,
+    pub score_kind: ScoreKind,
+    pub tau_kind: TauKind,
+    pub tau: f64,
+    pub tau_pctl: f64,
+    pub soft_mask: bool,
+    pub soft_temp: f64,
+    pub par_beta: f64,
+    pub head_mask: Option<Vec<f32>>,
+    pub score_clip_pctl: Option<f64>,
+    pub log_refine_geom: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntvMode {
+    Off,
+    DeltaPar,
+    DeltaOrth,
+    DeltaParPlusOrth,
+    OrthGate,
+}
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreKind {
+    OrthRatio,
+    OrthFrac,
+    AlphaAbs,
+    SlotPeaked,
+}
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TauKind {
+    Abs,
+    Pctl,
+}
+
+impl Default for Intervention {
+    fn default() -> Self {
+        Intervention {
+            mode: IntvMode::Off,
+            beta: 1.0,
+            score_kind: ScoreKind::OrthFrac,
+            tau_kind: TauKind::Pctl,
+            tau: 0.15,
+            tau_pctl: 75.0,
+            soft_mask: true,
+            soft_temp: 0.05,
+            par_beta: 1.0,
+            head_mask: None,
+            score_clip_pctl: Some(99.0),
+            log_refine_geom: false,
+        }
+    }
+}
+
+impl Intervention {
+    /// Reads the reference's attribute dict (`{"_intv_mode": "orth_gate", "_intv_beta": 0.5, ...}`).
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let mut it = Intervention::default();
+        let Some(obj) = v.as_object() else {
+            return Ok(it);
+        };
+        let bad = |k: &str, v: &serde_json::Value| {
+            AsaError::Config(format!("intervention {k}: unsupported value {v}"))
+        };
+        for (key, val) in obj {
+            let f = || val.as_f64().ok_or_else(|| bad(key, val));
+            let s = || val.as_str().ok_or_else(|| bad(key, val));
+            match key.as_str() {
+                "_intv_mode" => {
+                    it.mode = match val.as_str() {
+                        None | Some("off") => IntvMode::Off,
+                        Some("delta_par") => IntvMode::DeltaPar,
+                        Some("delta_orth") => IntvMode::DeltaOrth,
+                        Some("delta_par_plus_orth") => IntvMode::DeltaParPlusOrth,
+                        Some("orth_gate") => IntvMode::OrthGate,
+                        _ => return Err(bad(key, val)),
+                    }
+                }
+                "_intv_beta" => it.beta = f()?,
+                "_intv_score_kind" => {
+                    it.score_kind = match s()? {
+                        "orth_ratio" => ScoreKind::OrthRatio,
+                        "orth_frac" => ScoreKind::OrthFrac,
+                        "alpha_abs" => ScoreKind::AlphaAbs,
+                        "slot_peaked" => ScoreKind::SlotPeaked,
+                        _ => return Err(bad(key, val)),
+                    }
+                }
+                "_intv_tau_kind" => {
+                    it.tau_kind = match s()? {
+                        "abs" => TauKind::Abs,
+                        "pctl" => TauKind::Pctl,
+                        _ => return Err(bad(key, val)),
+                    }
+                }
+                "_intv_tau" => it.tau = f()?,
+                "_intv_tau_pctl" => it.tau_pctl = f()?,
+                "_intv_mask_mode" => {
+                    it.soft_mask = match s()? {
+                        "soft" => true,
+                        "hard" => false,
+                        _ => return Err(bad(key, val)),
+                    }
+                }
+                "_intv_soft_temp" => it.soft_temp = f()?,
+                "_intv_par_beta" => it.par_beta = f()?,
+                "_intv_head_mask" => {
+                    it.head_mask = match val {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::Array(a) => Some(
+                            a.iter()
+                                .map(|x| x.as_f64().map(|v| v as f32).ok_or_else(|| bad(key, val)))
+                                .collect::<Result<_>>()?,
+                        ),
+                        _ => return Err(bad(key, val)),
+                    }
+                }
+                "_intv_score_clip_pctl" => it.score_clip_pctl = val.as_f64(),
+                "_log_refine_geom" => {
+                    it.log_refine_geom = val.as_bool().ok_or_else(|| bad(key, val))?
+                }
+                other => {
+                    return Err(AsaError::Config(format!(
+                        "unknown intervention setting '{other}'"
+                    )))
+                }
+            }
+        }
+        Ok(it)
+    }
+}
+
+/// Info tensors of one layer call, keyed by the reference's names: `(shape, data)`.
+pub type Info = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Saved activations of one forward, reused by the backward (buffers are resized, not
+/// reallocated, across calls of the same shape).
+#[derive(Debug, Default, Clone)]
+pub struct AsaCache {
+    pub b: usize,
+    pub t: usize,
+    x: Vec<f32>,        // [B,T,C] layer input
+    kp: Vec<f32>,       // [B,T,C] Wk x
+    vp: Vec<f32>,       // [B,T,C]
+    qp: Vec<f32>,       // [B,T,C]
+    k_h: Vec<f32>,      // [B,H,T,d] before normalize/RoPE
+    k_n: Vec<f32>,      // [B,H,T,d] after normalize
+    k_norm: Vec<f32>,   // [B,H,T]
+    k_r: Vec<f32>,      // [B,H,T,d] final write keys
+    v_h: Vec<f32>,      // [B,H,T,d]
+    q_h: Vec<f32>,      // [B,H,T,d]
+    keys: Vec<f32>,     // [H,K,d] slot keys after slot dropout
+    key_keep: Vec<f32>, // [H,K]
+    raw: Vec<f32>,      // [B,H,K,T]
+    wl: Vec<f32>,       // [B,H,K,T]
+    state: Vec<f32>,    // [B,H,T,K,d]
+    den: Vec<f32>,      // [B,H,K,T]
+    rmax: Vec<f32>,     // [B,H,K,T]
+    lkey: Vec<f32>,     // [B,H,T,K]
+    lcont: Vec<f32>,    // [B,H,T,K]
+    logits: Vec<f32>,   // [B,H,T,K] before noise
+    noisy: Vec<f32>,    // [B,H,T,K] after noise (routing input)
+    rw: Vec<f32>,       // [B,H,T,K]
+    out1: Vec<f32>,     // [B,H,T,d]
+    ss: SlotspaceCache,
+    out_h: Vec<f32>,  // [B,H,T,d]
+    merged: Vec<f32>, // [B,T,C]
+    proj: Vec<f32>,   // [B,T,C]
+    drop: Vec<f32>,   // [B,T,C] dropout mask
+    gamma: f32,
+    gate: f32,
+    intv: Vec<ChunkIntv>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SlotspaceCache {
+    u: Vec<f32>,      // [B,H,T,M]
+    qs0: Vec<f32>,    // [B,H,T,M] slot_q(u)
+    ks0: Vec<f32>,    // [B,H,T,M]
+    vs0: Vec<f32>,    // [B,H,T,M]
+    qs: Vec<f32>,     // [B,H,T,M] after RoPE (online: and mask)
+    ks: Vec<f32>,     // [B,H,T,M]
+    qf: Vec<f32>,     // [B,H,T,M] phi, masked
+    kf: Vec<f32>,     // [B,H,T,M]
+    vs: Vec<f32>,     // [B,H,T,M] masked
+    u2: Vec<f32>,     // [B,H,T,M]
+    den: Vec<f32>,    // [B,H,T]
+    drop: Vec<f32>,   // [B,H,T,M]
+    u2d: Vec<f32>,    // [B,H,T,M]
+    z: Vec<f32>,      // [B,H,T,K] slot_out(u2)
+    sw_pre: Vec<f32>, // [B,H,T,K] tanh/softmax before the slot mask
+    sw: Vec<f32>,     // [B,H,T,K]
+    delta: Vec<f32>,  // [B,H,T,d] sum_k sw * state (without gate)
+}
+
+/// Per write-chunk thresholds of the orth_gate intervention (detached in the reference).
+#[derive(Debug, Default, Clone, Copy)]
+struct ChunkIntv {
+    tau: f64,
+    smax: Option<f64>,
+}
+
+/// Gradients of one layer's parameters (owned; the caller adds them into its `ParamStore`).
+#[derive(Debug, Clone)]
+pub struct AsaGrads {
+    pub slot_keys: Vec<f32>,
+    pub wk: Vec<f32>,
+    pub wv: Vec<f32>,
+    pub wq: Vec<f32>,
+    pub wo: Vec<f32>,
+    pub alibi: f64,
+    pub gamma: f64,
+    pub slot_in: Vec<f32>,
+    pub slot_q: Vec<f32>,
+    pub slot_k: Vec<f32>,
+    pub slot_v: Vec<f32>,
+    pub slot_out: Vec<f32>,
+    pub gate: f64,
+}
+
+impl AsaGrads {
+    /// Adds these gradients into `grads` at the layer's parameter ids.
+    pub fn accumulate_into(&self, grads: &mut ParamStore, ids: &AsaIds) {
+        grads.accumulate(ids.slot_keys, &self.slot_keys);
+        grads.accumulate(ids.wk_write, &self.wk);
+        grads.accumulate(ids.wv_write, &self.wv);
+        grads.accumulate(ids.wq_read, &self.wq);
+        grads.accumulate(ids.out_proj, &self.wo);
+        if let Some(i) = ids.alibi_strength {
+            grads.accumulate(i, &[self.alibi as f32]);
+        }
+        if let Some(i) = ids.content_read_gamma {
+            grads.accumulate(i, &[self.gamma as f32]);
+        }
+        if let Some(s) = &ids.slotspace {
+            grads.accumulate(s.slot_in, &self.slot_in);
+            grads.accumulate(s.slot_q, &self.slot_q);
+            grads.accumulate(s.slot_k, &self.slot_k);
+            grads.accumulate(s.slot_v, &self.slot_v);
+            grads.accumulate(s.slot_out, &self.slot_out);
+            grads.accumulate(s.gate, &[self.gate as f32]);
+        }
+    }
+}
+
+/// One ASA layer: its config, its parameter ids and its fixed buffers (ALiBi slopes, RoPE).
+#[derive(Debug, Clone)]
+pub struct AsaLayer {
+    pub cfg: ModelConfig,
+    pub ids: AsaIds,
+    pub intervention: Intervention,
+    slopes: Vec<f32>,
+    rope: Option<RopeTable>,
+    rope_ss: Option<RopeTable>,
+}
+
+impl AsaLayer {
+    pub fn new(cfg: &ModelConfig, ids: AsaIds) -> Self {
+        let slopes = if cfg.use_alibi_write {
+            k::alibi_slopes(cfg.num_heads)
+        } else {
+            vec![0.0; cfg.num_heads]
+        };
+        AsaLayer {
+            cfg: cfg.clone(),
+            ids,
+            intervention: Intervention::default(),
+            slopes,
+            rope: None,
+            rope_ss: None,
+        }
+    }
+
+    fn dims(&self, b: usize, t: usize) -> SlotDims {
+        SlotDims {
+            b,
+            h: self.cfg.num_heads,
+            t,
+            k: self.cfg.num_slots,
+            d: self.cfg.head_dim(),
+        }
+    }
+
+    fn alibi_strength(&self, p: &ParamStore) -> f32 {
+        match self.ids.alibi_strength {
+            Some(i) => (softplus(p.data[i][0] as f64) + self.cfg.min_strength) as f32,
+            None => self.cfg.alibi_strength_init as f32,
+        }
+    }
+
+    fn content_gamma(&self, p: &ParamStore) -> f32 {
+        match self.ids.content_read_gamma {
+            Some(i) => {
+                let g = softplus(p.data[i][0] as f64);
+                let mx = self.cfg.content_read_max_gamma;
+                (if mx > 0.0 { g.min(mx) } else { g }) as f32
+            }
+            None => 0.0,
+        }
+    }
+
+    fn ensure_tables(&mut self, t: usize) {
+        let cfg = &self.cfg;
+        if cfg.use_rope_keys && self.rope.as_ref().map(|r| r.t) != Some(t) {
+            self.rope = Some(k::rope_table(t, cfg.head_dim(), cfg.rope_base));
+        }
+        if cfg.use_slotspace_refine
+            && cfg.use_rope_slotspace
+            && self.rope_ss.as_ref().map(|r| r.t) != Some(t)
+        {
+            self.rope_ss = Some(k::rope_table(t, cfg.slotspace_dim, cfg.rope_base_slotspace));
+        }
+    }
+
+    fn check_options(&self, opts: &AsaOptions, b: usize, t: usize) -> Result<()> {
+        let (h, nk) = (self.cfg.num_heads, self.cfg.num_slots);
+        if let Some(m) = &opts.attention_mask {
+            if m.len() != b * t {
+                return Err(AsaError::Input(format!(
+                    "attention_mask has {} entries, expected B*T = {}",
+                    m.len(),
+                    b * t
+                )));
+            }
+        }
+        if let RoutingMode::External(w) | RoutingMode::Override(w) = &opts.routing {
+            if w.len() != b * h * t * nk {
+                return Err(AsaError::Input(format!(
+                    "read weights override must be [B,H,T,K] = [{b},{h},{t},{nk}], got {} values",
+                    w.len()
+                )));
+            }
+        }
+        if let Some(sm) = &opts.slot_mask {
+            if sm.keep.keep.len() != nk {
+                return Err(AsaError::Input(format!(
+                    "slot_mask must have K = {nk} entries, got {}",
+                    sm.keep.keep.len()
+                )));
+            }
+        }
+        if self.cfg.variant == Variant::Online
+            && (!matches!(opts.routing, RoutingMode::Softmax)
+                || opts.slot_mask.is_some()
+                || opts.noise.is_some())
+        {
+            return Err(AsaError::Input(
+                "the online variant reads with plain softmax routing only (no routing modes, noise or slot masks)".into(),
+            ));
+        }
+        if self.cfg.variant == Variant::Intervene && opts.slot_mask.is_some() {
+            return Err(AsaError::Input(
+                "the intervene variant has no slot masks".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forward pass. x: [B,T,C] -> out: [B,T,C]. Saves what the backward needs in `cache`.
+    pub fn forward(
+        &mut self,
+        p: &ParamStore,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+        cache: &mut AsaCache,
+        rng: &mut ChaCha8Rng,
+        out: &mut [f32],
+    ) -> Result<Option<Info>> {
+        self.check_options(opts, b, t)?;
+        self.ensure_tables(t);
+        let cfg = self.cfg.clone();
+        let dm = self.dims(b, t);
+        let (c, h, nk, d) = (cfg.embed_dim, dm.h, dm.k, dm.d);
+        let n = b * t;
+        let valid = opts.attention_mask.as_deref();
+        cache.b = b;
+        cache.t = t;
+        let rs = |v: &mut Vec<f32>, len: usize| {
+            v.clear();
+            v.resize(len, 0.0);
+        };
+
+        // projections: [B,T,C]
+        cache.x.clear();
+        cache.x.extend_from_slice(x);
+        rs(&mut cache.kp, n * c);
+        rs(&mut cache.vp, n * c);
+        rs(&mut cache.qp, n * c);
+        ops::matmul_forward(&mut cache.kp, x, &p.data[self.ids.wk_write], None, n, c, c);
+        ops::matmul_forward(&mut cache.vp, x, &p.data[self.ids.wv_write], None, n, c, c);
+        ops::matmul_forward(&mut cache.qp, x, &p.data[self.ids.wq_read], None, n, c, c);
+        for (dst, src) in [
+            (&mut cache.k_h, &cache.kp),
+            (&mut cache.v_h, &cache.vp),
+            (&mut cache.q_h, &cache.qp),
+        ] {
+            rs(dst, n * c);
+            k::split_heads(dst, src, b, t, h, d);
+        }
+        // write keys: normalize, RoPE
+        rs(&mut cache.k_n, n * c);
+        rs(&mut cache.k_norm, b * h * t);
+        if cfg.normalize_k {
+            k::l2normalize_forward(&mut cache.k_n, &mut cache.k_norm, &cache.k_h, d);
+        } else {
+            cache.k_n.copy_from_slice(&cache.k_h);
+        }
+        rs(&mut cache.k_r, n * c);
+        match &self.rope {
+            Some(tab) => k::rope_forward(&mut cache.k_r, &cache.k_n, tab, b * h),
+            None => cache.k_r.copy_from_slice(&cache.k_n),
+        }
+        // slot dropout (training): whole slot keys of a head are zeroed, not rescaled
+        let keys = &p.data[self.ids.slot_keys];
+        rs(&mut cache.key_keep, h * nk);
+        for kk in cache.key_keep.iter_mut() {
+            *kk = if opts.training && cfg.slot_dropout > 0.0 && rng.gen::<f64>() < cfg.slot_dropout
+            {
+                0.0
+            } else {
+                1.0
+            };
+        }
+        rs(&mut cache.keys, h * nk * d);
+        for (i, v) in cache.keys.iter_mut().enumerate() {
+            *v = keys[i] * cache.key_keep[i / d];
+        }
+
+        // write logits [B,H,K,T]
+        let strength = self.alibi_strength(p);
+        let bias_h: Option<Vec<f32>> = cfg
+            .use_alibi_write
+            .then(|| self.slopes.iter().map(|s| s * strength).collect());
+        let wtemp = cfg.write_temperature.max(1e-6) as f32;
+        rs(&mut cache.raw, b * h * nk * t);
+        rs(&mut cache.wl, b * h * nk * t);
+        k::write_logits_forward(
+            &mut cache.raw,
+            &mut cache.wl,
+            &cache.keys,
+            &cache.k_r,
+            wtemp,
+            bias_h.as_deref(),
+            valid,
+            dm,
+        );
+
+        // write scan
+        rs(&mut cache.state, b * h * t * nk * d);
+        rs(&mut cache.den, b * h * nk * t);
+        rs(&mut cache.rmax, b * h * nk * t);
+        k::slot_scan_forward(
+            &mut cache.state,
+            &mut cache.den,
+            &mut cache.rmax,
+            &cache.wl,
+            &cache.v_h,
+            cfg.write_chunk_size,
+            dm,
+        );
+
+        // read logits, noise, routing
+        cache.gamma = self.content_gamma(p);
+        let read_mask = opts.slot_mask.as_ref().and_then(|m| match m.where_ {
+            SlotMaskWhere::Read => Some((&m.keep, ReadMask::Read)),
+            SlotMaskWhere::ContentReadOnly => Some((&m.keep, ReadMask::ContentOnly)),
+            SlotMaskWhere::SlotspaceOnly => None,
+        });
+        let bhtk = b * h * t * nk;
+        rs(&mut cache.lkey, bhtk);
+        rs(&mut cache.lcont, bhtk);
+        rs(&mut cache.logits, bhtk);
+        k::read_logits_forward(
+            &mut cache.lkey,
+            cfg.use_content_read.then_some(&mut cache.lcont[..]),
+            &mut cache.logits,
+            &cache.q_h,
+            &cache.keys,
+            &cache.state,
+            cache.gamma,
+            read_mask,
+            dm,
+        );
+        cache.noisy.clear();
+        cache.noisy.extend_from_slice(&cache.logits);
+        match opts.noise {
+            Some(RoutingNoise::Gumbel(sc)) => cache.noisy.iter_mut().for_each(|x| {
+                let u = rng.gen::<f64>().max(1e-8);
+                *x += sc * (-(-u.ln()).max(1e-8).ln()) as f32;
+            }),
+            Some(RoutingNoise::Gaussian(sc)) => cache.noisy.iter_mut().for_each(|x| {
+                let z: f64 = StandardNormal.sample(rng);
+                *x += sc * z as f32;
+            }),
+            None => {}
+        }
+        let rtemp = cfg.read_temperature.max(1e-6) as f32;
+        let routing = self.routing(opts);
+        let read_keep = opts
+            .slot_mask
+            .as_ref()
+            .filter(|m| m.where_ == SlotMaskWhere::Read)
+            .map(|m| &m.keep);
+        rs(&mut cache.rw, bhtk);
+        k::read_weights_forward(&mut cache.rw, &cache.noisy, &routing, rtemp, read_keep, dm);
+        rs(&mut cache.out1, n * c);
+        k::slot_mix_forward(&mut cache.out1, &cache.rw, &cache.state, dm);
+
+        // slotspace refine
+        cache.out_h.clear();
+        cache.out_h.extend_from_slice(&cache.out1);
+        cache.gate = 0.0;
+        cache.intv.clear();
+        let mut intv_info: Option<Info> = None;
+        if let Some(ss) = &self.ids.slotspace {
+            cache.gate = softplus(p.data[ss.gate][0] as f64) as f32;
+            self.slotspace_forward(p, opts, cache, rng, dm)?;
+            let ssc = &cache.ss;
+            if cfg.variant == Variant::Intervene {
+                intv_info = Some(self.intervene_forward(cache, dm));
+            } else {
+                let g = cache.gate;
+                cache
+                    .out_h
+                    .iter_mut()
+                    .zip(&ssc.delta)
+                    .for_each(|(o, dl)| *o += g * dl);
+            }
+        }
+
+        // merge heads, out_proj, dropout
+        rs(&mut cache.merged, n * c);
+        k::merge_heads_acc(&mut cache.merged, &cache.out_h, b, t, h, d);
+        rs(&mut cache.proj, n * c);
+        ops::matmul_forward(
+            &mut cache.proj,
+            &cache.merged,
+            &p.data[self.ids.out_proj],
+            None,
+            n,
+            c,
+            c,
+        );
+        rs(&mut cache.drop, n * c);
+        let pdrop = if opts.training {
+            cfg.dropout as f32
+        } else {
+            0.0
+        };
+        ops::dropout_forward(out, &mut cache.drop, &cache.proj, pdrop, rng);
+
+        if !opts.return_info {
+            return Ok(None);
+        }
+        Ok(Some(self.info(
+            p,
+            opts,
+            cache,
+            dm,
+            strength,
+            bias_h.as_deref(),
+            intv_info,
+        )))
+    }
+
+    fn routing<'a>(&self, opts: &'a AsaOptions) -> Routing<'a> {
+        match &opts.routing {
+            RoutingMode::Softmax => Routing::Softmax,
+            RoutingMode::Top1 => Routing::Top1,
+            RoutingMode::TopK(kk) => Routing::TopK(*kk),
+            RoutingMode::External(w) => Routing::External(w),
+            RoutingMode::Override(w) => Routing::Override(w),
+        }
+    }
+
+    fn slotspace_forward(
+        &self,
+        p: &ParamStore,
+        opts: &AsaOptions,
+        cache: &mut AsaCache,
+        rng: &mut ChaCha8Rng,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let ids = self.ids.slotspace.as_ref().expect("slotspace ids");
+        let cfg = &self.cfg;
+        let (b, h, t, nk) = (dm.b, dm.h, dm.t, dm.k);
+        let m = cfg.slotspace_dim;
+        let rows = b * h * t;
+        let valid = opts.attention_mask.as_deref();
+        let online = cfg.variant == Variant::Online;
+        let s = &mut cache.ss;
+        let rs = |v: &mut Vec<f32>, len: usize| {
+            v.clear();
+            v.resize(len, 0.0);
+        };
+        for v in [
+            &mut s.u, &mut s.qs0, &mut s.ks0, &mut s.vs0, &mut s.qs, &mut s.ks, &mut s.qf,
+            &mut s.kf, &mut s.vs,
+        ] {
+            rs(v, rows * m);
+        }
+        ops::matmul_forward(&mut s.u, &cache.rw, &p.data[ids.slot_in], None, rows, nk, m);
+        ops::matmul_forward(&mut s.qs0, &s.u, &p.data[ids.slot_q], None, rows, m, m);
+        ops::matmul_forward(&mut s.ks0, &s.u, &p.data[ids.slot_k], None, rows, m, m);
+        ops::matmul_forward(&mut s.vs0, &s.u, &p.data[ids.slot_v], None, rows, m, m);
+        match &self.rope_ss {
+            Some(tab) => {
+                k::rope_forward(&mut s.qs, &s.qs0, tab, b * h);
+                k::rope_forward(&mut s.ks, &s.ks0, tab, b * h);
+            }
+            None => {
+                s.qs.copy_from_slice(&s.qs0);
+                s.ks.copy_from_slice(&s.ks0);
+            }
+        }
+        s.vs.copy_from_slice(&s.vs0);
+        // the online variant masks before phi, the baseline after it
+        if let (Some(vm), true) = (valid, online) {
+            k::mask_rows_forward(&mut s.qs, vm, h, t, m);
+            k::mask_rows_forward(&mut s.ks, vm, h, t, m);
+        }
+        k::phi_forward(&mut s.qf, &s.qs);
+        k::phi_forward(&mut s.kf, &s.ks);
+        if let Some(vm) = valid {
+            if !online {
+                k::mask_rows_forward(&mut s.qf, vm, h, t, m);
+                k::mask_rows_forward(&mut s.kf, vm, h, t, m);
+            }
+            k::mask_rows_forward(&mut s.vs, vm, h, t, m);
+        }
+        rs(&mut s.u2, rows * m);
+        rs(&mut s.den, rows);
+        k::linear_attn_forward(&mut s.u2, &mut s.den, &s.qf, &s.kf, &s.vs, t, m);
+        rs(&mut s.u2d, rows * m);
+        rs(&mut s.drop, rows * m);
+        let pdrop = if opts.training {
+            cfg.slotspace_dropout as f32
+        } else {
+            0.0
+        };
+        ops::dropout_forward(&mut s.u2d, &mut s.drop, &s.u2, pdrop, rng);
+        rs(&mut s.z, rows * nk);
+        ops::matmul_forward(&mut s.z, &s.u2d, &p.data[ids.slot_out], None, rows, m, nk);
+        rs(&mut s.sw, rows * nk);
+        if cfg.slotspace_signed_weights {
+            k::tanh_forward(&mut s.sw, &s.z);
+        } else {
+            k::softmax_slots_forward(&mut s.sw, &s.z, nk);
+        }
+        rs(&mut s.sw_pre, rows * nk);
+        match opts
+            .slot_mask
+            .as_ref()
+            .filter(|sm| sm.where_ == SlotMaskWhere::SlotspaceOnly)
+        {
+            Some(sm) => k::slot_mask_weights_forward(
+                &mut s.sw,
+                &mut s.sw_pre,
+                &sm.keep,
+                !cfg.slotspace_signed_weights,
+                dm,
+            ),
+            None => s.sw_pre.copy_from_slice(&s.sw),
+        }
+        rs(&mut s.delta, rows * dm.d);
+        k::slot_mix_forward(&mut s.delta, &s.sw, &cache.state, dm);
+        Ok(())
+    }
+
+    /// Intervene variant: out_h = out1 + f(out1, gate*delta) per position, thresholds per chunk.
+    fn intervene_forward(&self, cache: &mut AsaCache, dm: SlotDims) -> Info {
+        let it = &self.intervention;
+        let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
+        let chunk = self.cfg.write_chunk_size.max(1);
+        let gate = cache.gate as f64;
+        let mut acc: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut count = 0usize;
+        let mut c0 = 0;
+        while c0 < t {
+            let c1 = (c0 + chunk).min(t);
+            let mut pos = Vec::with_capacity(b * h * (c1 - c0));
+            for bi in 0..b {
+                for hi in 0..h {
+                    for ti in c0..c1 {
+                        let row = (bi * h + hi) * t + ti;
+                        let o = &cache.out1[row * d..(row + 1) * d];
+                        let dl: Vec<f64> = cache.ss.delta[row * d..(row + 1) * d]
+                            .iter()
+                            .map(|&x| gate * x as f64)
+                            .collect();
+                        let z = &cache.ss.z[row * nk..(row + 1) * nk];
+                        pos.push((row, hi, PosGeom::new(o, &dl, z, it.score_kind)));
+                    }
+                }
+            }
+            // thresholds over the chunk (detached)
+            let mut ci = ChunkIntv::default();
+            if it.mode == IntvMode::OrthGate {
+                let mut scores: Vec<f64> = pos.iter().map(|p| p.2.score_raw).collect();
+                if let Some(cp) = it.score_clip_pctl.filter(|c| *c > 0.0 && *c < 100.0) {
+                    let smax = quantile(&scores, cp / 100.0);
+                    ci.smax = Some(smax);
+                    scores.iter_mut().for_each(|s| *s = s.min(smax));
+                }
+                ci.tau = match it.tau_kind {
+                    TauKind::Abs => it.tau,
+                    TauKind::Pctl => quantile(&scores, it.tau_pctl / 100.0),
+                };
+            }
+            cache.intv.push(ci);
+            // apply and log
+            let mut logs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+            let mut add = |k: &'static str, v: f64, hi: Option<usize>| {
+                let e = logs
+                    .entry(k)
+                    .or_insert_with(|| vec![0.0; if hi.is_some() { h } else { 1 }]);
+                e[hi.unwrap_or(0)] += v;
+            };
+            let npos = pos.len() as f64;
+            let per_head = (b * (c1 - c0)) as f64;
+            for (row, hi, g) in &pos {
+                let y = g.apply(it, &ci, self.head_mask(*hi));
+                let oh = &mut cache.out_h[row * d..(row + 1) * d];
+                for j in 0..d {
+                    oh[j] += y.delta_mod[j] as f32;
+                }
+                if it.log_refine_geom {
+                    add("geom_alpha_mean", g.alpha / per_head, Some(*hi));
+                    add("geom_alpha_abs", g.alpha.abs() / per_head, Some(*hi));
+                    add(
+                        "geom_sign_pos",
+                        if g.alpha > 0.0 { 1.0 } else { 0.0 } / per_head,
+                        Some(*hi),
+                    );
+                    add("geom_orth_frac", g.r_norm / g.dn / per_head, Some(*hi));
+                    add("geom_d_ratio", g.dn / g.on / per_head, Some(*hi));
+                    add("geom_dpar_ratio", g.p_norm / g.dn / per_head, Some(*hi));
+                }
+                if it.mode != IntvMode::Off {
+                    add("alpha", g.alpha / npos, None);
+                }
+                if it.mode == IntvMode::OrthGate {
+                    add("score", y.score / npos, None);
+                    add("mask", y.mask / npos, None);
+                    add("out1_norm", g.on / npos, None);
+                    add("dpar_norm", g.p_norm / npos, None);
+                    add("dorth_norm", g.r_norm / npos, None);
+                }
+            }
+            if it.mode == IntvMode::OrthGate {
+                logs.insert("tau", vec![ci.tau]);
+            }
+            if it.mode != IntvMode::Off {
+                if let Some(hm) = &it.head_mask {
+                    logs.insert("head_mask", hm.iter().map(|&x| x as f64).collect());
+                }
+            }
+            if !logs.is_empty() {
+                for (k, v) in logs {
+                    let e = acc
+                        .entry(k.to_string())
+                        .or_insert_with(|| vec![0.0; v.len()]);
+                    e.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+                count += 1;
+            }
+            c0 = c1;
+        }
+        let mut info = Info::new();
+        if count > 0 {
+            for (k, v) in acc {
+                let shape = if v.len() == 1 && !k.starts_with("geom_") && k != "head_mask" {
+                    vec![]
+                } else {
+                    vec![v.len()]
+                };
+                let data: Vec<f32> = v.iter().map(|x| (x / count as f64) as f32).collect();
+                info.insert(k, (shape, data));
+            }
+            for (src, dst) in [
+                ("score", "intv_score_mean"),
+                ("mask", "intv_mask_mean"),
+                ("tau", "intv_tau"),
+                ("alpha", "intv_alpha_mean"),
+                ("out1_norm", "intv_out1_norm_mean"),
+                ("dpar_norm", "intv_dpar_norm_mean"),
+                ("dorth_norm", "intv_dorth_norm_mean"),
+            ] {
+                if let Some(v) = info.get(src).cloned() {
+                    info.insert(dst.to_string(), v);
+                }
+            }
+        }
+        info
+    }
+
+    fn head_mask(&self, hi: usize) -> Option<f64> {
+        if self.intervention.mode == IntvMode::Off {
+            return None;
+        }
+        self.intervention.head_mask.as_ref().map(|m| m[hi] as f64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn info(
+        &self,
+        p: &ParamStore,
+        opts: &AsaOptions,
+        cache: &AsaCache,
+        dm: SlotDims,
+        strength: f32,
+        bias_h: Option<&[f32]>,
+        intv: Option<Info>,
+    ) -> Info {
+        let cfg = &self.cfg;
+        let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
+        let mut info = Info::new();
+        let mut put = |k: &str, shape: Vec<usize>, data: Vec<f32>| {
+            info.insert(k.to_string(), (shape, data));
+        };
+        let gamma = self.content_gamma(p);
+        if cfg.variant == Variant::Online {
+            // the online layer's light statistics
+            put("alibi_strength_mean", vec![], vec![strength]);
+            put("content_read_gamma_mean", vec![], vec![gamma]);
+            let rows = b * h * t;
+            let mut ent = 0.0f64;
+            let mut top1 = 0.0f64;
+            let chunk = cfg.write_chunk_size.max(1);
+            let mut nchunks = 0usize;
+            let mut c0 = 0;
+            while c0 < t {
+                let c1 = (c0 + chunk).min(t);
+                let mut e = 0.0f64;
+                let mut hist = vec![0usize; nk];
+                for bh in 0..b * h {
+                    for ti in c0..c1 {
+                        let w = &cache.rw[(bh * t + ti) * nk..][..nk];
+                        e -= w
+                            .iter()
+                            .map(|&x| {
+                                let q = (x as f64).max(1e-8);
+                                q * q.ln()
+                            })
+                            .sum::<f64>();
+                        let mut best = 0;
+                        for s in 1..nk {
+                            if w[s] > w[best] {
+                                best = s;
+                            }
+                        }
+                        hist[best] += 1;
+                    }
+                }
+                let cnt = (b * h * (c1 - c0)) as f64;
+                ent += e / cnt;
+                top1 += *hist.iter().max().unwrap_or(&0) as f64 / cnt.max(1.0);
+                nchunks += 1;
+                c0 = c1;
+            }
+            let _ = rows;
+            put("entropy_mean", vec![], vec![(ent / nchunks as f64) as f32]);
+            put(
+                "top1freq_mean",
+                vec![],
+                vec![(top1 / nchunks as f64) as f32],
+            );
+            if self.ids.slotspace.is_some() {
+                put("slotspace_gate_mean", vec![], vec![cache.gate]);
+                put(
+                    "slotspace_delta_norm",
+                    vec![],
+                    vec![delta_norm_mean(&cache.ss.delta, d, 1.0)],
+                );
+            }
+            return info;
+        }
+        put("write_logits_raw", vec![b, h, nk, t], cache.raw.clone());
+        put("write_logits", vec![b, h, nk, t], cache.wl.clone());
+        put("read_weights", vec![b, h, t, nk], cache.rw.clone());
+        let mut norms = vec![0.0; b * h * nk * t];
+        k::slot_state_norm(&mut norms, &cache.state, dm);
+        put("slot_state_norm", vec![b, h, nk, t], norms);
+        put("content_read_gamma", vec![], vec![gamma]);
+        if let Some(bias) = bias_h {
+            let mut ab = vec![0.0; h * t];
+            for hi in 0..h {
+                for ti in 0..t {
+                    ab[hi * t + ti] = bias[hi] * ti as f32;
+                }
+            }
+            put("alibi_bias_applied", vec![1, h, 1, t], ab);
+        }
+        if self.ids.alibi_strength.is_some() {
+            put("alibi_strength", vec![], vec![strength]);
+        }
+        if self.ids.slotspace.is_some() {
+            put("slotspace_gate", vec![], vec![cache.gate]);
+            // baseline logs |delta| without the gate, intervene with it
+            let g = if cfg.variant == Variant::Intervene {
+                cache.gate
+            } else {
+                1.0
+            };
+            put(
+                "slotspace_delta_norm",
+                vec![],
+                vec![delta_norm_mean(&cache.ss.delta, d, g)],
+            );
+        }
+        put("read_logits", vec![b, h, t, nk], cache.logits.clone());
+        put("read_logits_key", vec![b, h, t, nk], cache.lkey.clone());
+        if cfg.use_content_read {
+            put(
+                "read_logits_content",
+                vec![b, h, t, nk],
+                cache.lcont.clone(),
+            );
+        }
+        if cfg.variant == Variant::Intervene {
+            put("out1", vec![b, h, t, d], cache.out1.clone());
+            if self.ids.slotspace.is_some() {
+                let g = cache.gate;
+                put(
+                    "delta",
+                    vec![b, h, t, d],
+                    cache.ss.delta.iter().map(|x| x * g).collect(),
+                );
+                put("slot_w", vec![b, h, t, nk], cache.ss.z.clone());
+            }
+        }
+        if let Some(iv) = intv {
+            info.extend(iv);
+        }
+        let _ = opts;
+        info
+    }
+
+    /// Backward pass. dout: [B,T,C] -> dx: [B,T,C] (+=), and the parameter gradients.
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        cache: &AsaCache,
+        opts: &AsaOptions,
+        dout: &[f32],
+        dx: &mut [f32],
+    ) -> AsaGrads {
+        let cfg = &self.cfg;
+        let (b, t) = (cache.b, cache.t);
+        let dm = self.dims(b, t);
+        let (c, h, nk, d) = (cfg.embed_dim, dm.h, dm.k, dm.d);
+        let n = b * t;
+        let m = cfg.slotspace_dim;
+        let valid = opts.attention_mask.as_deref();
+        let mut g = AsaGrads {
+            slot_keys: vec![0.0; h * nk * d],
+            wk: vec![0.0; c * c],
+            wv: vec![0.0; c * c],
+            wq: vec![0.0; c * c],
+            wo: vec![0.0; c * c],
+            alibi: 0.0,
+            gamma: 0.0,
+            slot_in: vec![
+                0.0;
+                if self.ids.slotspace.is_some() {
+                    m * nk
+                } else {
+                    0
+                }
+            ],
+            slot_q: vec![
+                0.0;
+                if self.ids.slotspace.is_some() {
+                    m * m
+                } else {
+                    0
+                }
+            ],
+            slot_k: vec![
+                0.0;
+                if self.ids.slotspace.is_some() {
+                    m * m
+                } else {
+                    0
+                }
+            ],
+            slot_v: vec![
+                0.0;
+                if self.ids.slotspace.is_some() {
+                    m * m
+                } else {
+                    0
+                }
+            ],
+            slot_out: vec![
+                0.0;
+                if self.ids.slotspace.is_some() {
+                    nk * m
+                } else {
+                    0
+                }
+            ],
+            gate: 0.0,
+        };
+
+        // dropout, out_proj, heads
+        let mut dproj = vec![0.0; n * c];
+        ops::dropout_backward(&mut dproj, dout, &cache.drop);
+        let mut dmerged = vec![0.0; n * c];
+        ops::matmul_backward(
+            &mut dmerged,
+            &mut g.wo,
+            None,
+            &dproj,
+            &cache.merged,
+            &p.data[self.ids.out_proj],
+            n,
+            c,
+            c,
+        );
+        let mut dout_h = vec![0.0; n * c];
+        k::split_heads(&mut dout_h, &dmerged, b, t, h, d);
+
+        let mut dstate = vec![0.0; cache.state.len()];
+        let mut drw = vec![0.0; cache.rw.len()];
+        let mut dout1 = dout_h.clone();
+
+        // refine
+        if let Some(ids) = &self.ids.slotspace {
+            let s = &cache.ss;
+            let rows = b * h * t;
+            let gate = cache.gate as f64;
+            // d(delta) (without gate) and d(gate)
+            let mut ddelta = vec![0.0f32; rows * d];
+            let mut dz = vec![0.0f32; rows * nk];
+            let mut dgate = 0.0f64;
+            if cfg.variant == Variant::Intervene {
+                self.intervene_backward(
+                    cache,
+                    &dout_h,
+                    &mut dout1,
+                    &mut ddelta,
+                    &mut dz,
+                    &mut dgate,
+                    dm,
+                );
+            } else {
+                for i in 0..rows * d {
+                    dgate += dout_h[i] as f64 * s.delta[i] as f64;
+                    ddelta[i] = (gate * dout_h[i] as f64) as f32;
+                }
+            }
+            g.gate = dgate * sigmoid(p.data[ids.gate][0] as f64);
+            let mut dsw = vec![0.0; rows * nk];
+            k::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &s.sw, &cache.state, dm);
+            let mut dsw_pre = vec![0.0; rows * nk];
+            match opts
+                .slot_mask
+                .as_ref()
+                .filter(|sm| sm.where_ == SlotMaskWhere::SlotspaceOnly)
+            {
+                Some(sm) => k::slot_mask_weights_backward(
+                    &mut dsw_pre,
+                    &dsw,
+                    &s.sw,
+                    &s.sw_pre,
+                    &sm.keep,
+                    !cfg.slotspace_signed_weights,
+                    dm,
+                ),
+                None => dsw_pre.copy_from_slice(&dsw),
+            }
+            if cfg.slotspace_signed_weights {
+                k::tanh_backward(&mut dz, &s.sw_pre, &dsw_pre);
+            } else {
+                k::softmax_slots_backward(&mut dz, &s.sw_pre, &dsw_pre, nk);
+            }
+            let mut du2d = vec![0.0; rows * m];
+            ops::matmul_backward(
+                &mut du2d,
+                &mut g.slot_out,
+                None,
+                &dz,
+                &s.u2d,
+                &p.data[ids.slot_out],
+                rows,
+                m,
+                nk,
+            );
+            let mut du2 = vec![0.0; rows * m];
+            ops::dropout_backward(&mut du2, &du2d, &s.drop);
+            let (mut dqf, mut dkf, mut dvs) = (
+                vec![0.0; rows * m],
+                vec![0.0; rows * m],
+                vec![0.0; rows * m],
+            );
+            k::linear_attn_backward(
+                &mut dqf, &mut dkf, &mut dvs, &du2, &s.u2, &s.den, &s.qf, &s.kf, &s.vs, t, m,
+            );
+            let online = cfg.variant == Variant::Online;
+            if let Some(vm) = valid {
+                if !online {
+                    k::mask_rows_forward(&mut dqf, vm, h, t, m);
+                    k::mask_rows_forward(&mut dkf, vm, h, t, m);
+                }
+                k::mask_rows_forward(&mut dvs, vm, h, t, m);
+            }
+            let (mut dqs, mut dks) = (vec![0.0; rows * m], vec![0.0; rows * m]);
+            k::phi_backward(&mut dqs, &s.qs, &dqf);
+            k::phi_backward(&mut dks, &s.ks, &dkf);
+            if let (Some(vm), true) = (valid, online) {
+                k::mask_rows_forward(&mut dqs, vm, h, t, m);
+                k::mask_rows_forward(&mut dks, vm, h, t, m);
+            }
+            let (mut dqs0, mut dks0) = (vec![0.0; rows * m], vec![0.0; rows * m]);
+            match &self.rope_ss {
+                Some(tab) => {
+                    k::rope_backward(&mut dqs0, &dqs, tab, b * h);
+                    k::rope_backward(&mut dks0, &dks, tab, b * h);
+                }
+                None => {
+                    dqs0 = dqs;
+                    dks0 = dks;
+                }
+            }
+            let mut du = vec![0.0; rows * m];
+            ops::matmul_backward(
+                &mut du,
+                &mut g.slot_q,
+                None,
+                &dqs0,
+                &s.u,
+                &p.data[ids.slot_q],
+                rows,
+                m,
+                m,
+            );
+            ops::matmul_backward(
+                &mut du,
+                &mut g.slot_k,
+                None,
+                &dks0,
+                &s.u,
+                &p.data[ids.slot_k],
+                rows,
+                m,
+                m,
+            );
+            ops::matmul_backward(
+                &mut du,
+                &mut g.slot_v,
+                None,
+                &dvs,
+                &s.u,
+                &p.data[ids.slot_v],
+                rows,
+                m,
+                m,
+            );
+            ops::matmul_backward(
+                &mut drw,
+                &mut g.slot_in,
+                None,
+                &du,
+                &cache.rw,
+                &p.data[ids.slot_in],
+                rows,
+                nk,
+                m,
+            );
+        }
+
+        // read
+        k::slot_mix_backward(&mut drw, &mut dstate, &dout1, &cache.rw, &cache.state, dm);
+        let rtemp = cfg.read_temperature.max(1e-6) as f32;
+        let routing = self.routing(opts);
+        let read_keep = opts
+            .slot_mask
+            .as_ref()
+            .filter(|sm| sm.where_ == SlotMaskWhere::Read)
+            .map(|sm| &sm.keep);
+        let mut dlogits = vec![0.0; cache.rw.len()];
+        k::read_weights_backward(
+            &mut dlogits,
+            &drw,
+            &cache.rw,
+            &cache.noisy,
+            &routing,
+            rtemp,
+            read_keep,
+            dm,
+        );
+        let read_mask = opts.slot_mask.as_ref().and_then(|sm| match sm.where_ {
+            SlotMaskWhere::Read => Some((&sm.keep, ReadMask::Read)),
+            SlotMaskWhere::ContentReadOnly => Some((&sm.keep, ReadMask::ContentOnly)),
+            SlotMaskWhere::SlotspaceOnly => None,
+        });
+        let mut dq_h = vec![0.0; n * c];
+        let mut dkeys = vec![0.0; h * nk * d];
+        let dgamma = k::read_logits_backward(
+            &mut dq_h,
+            &mut dkeys,
+            cfg.use_content_read.then_some(&mut dstate[..]),
+            &dlogits,
+            cfg.use_content_read.then_some(&cache.lcont[..]),
+            &cache.q_h,
+            &cache.keys,
+            &cache.state,
+            cache.gamma,
+            read_mask,
+            dm,
+        );
+        if let Some(i) = self.ids.content_read_gamma {
+            let raw = p.data[i][0] as f64;
+            let sp = softplus(raw);
+            let mx = cfg.content_read_max_gamma;
+            // clamp(max) passes the gradient where softplus(raw) <= max
+            if !(mx > 0.0) || sp <= mx {
+                g.gamma = dgamma * sigmoid(raw);
+            }
+        }
+
+        // write scan and write logits
+        let mut dwl = vec![0.0; cache.wl.len()];
+        let mut dv_h = vec![0.0; n * c];
+        k::slot_scan_backward(
+            &mut dwl,
+            &mut dv_h,
+            &dstate,
+            &cache.state,
+            &cache.den,
+            &cache.rmax,
+            &cache.wl,
+            &cache.v_h,
+            cfg.write_chunk_size,
+            dm,
+        );
+        let wtemp = cfg.write_temperature.max(1e-6) as f32;
+        let mut dk_r = vec![0.0; n * c];
+        let mut dbias = vec![0.0f64; h];
+        k::write_logits_backward(
+            &mut dkeys,
+            &mut dk_r,
+            Some(&mut dbias),
+            &dwl,
+            &cache.keys,
+            &cache.k_r,
+            wtemp,
+            valid,
+            dm,
+        );
+        if let Some(i) = self.ids.alibi_strength {
+            let dstrength: f64 = dbias
+                .iter()
+                .zip(&self.slopes)
+                .map(|(a, &s)| a * s as f64)
+                .sum();
+            g.alibi = dstrength * sigmoid(p.data[i][0] as f64);
+        }
+        for (i, v) in dkeys.iter().enumerate() {
+            g.slot_keys[i] += v * cache.key_keep[i / d];
+        }
+        let mut dk_n = vec![0.0; n * c];
+        match &self.rope {
+            Some(tab) => k::rope_backward(&mut dk_n, &dk_r, tab, b * h),
+            None => dk_n = dk_r,
+        }
+        let mut dk_h = vec![0.0; n * c];
+        if cfg.normalize_k {
+            k::l2normalize_backward(&mut dk_h, &dk_n, &cache.k_n, &cache.k_norm, d);
+        } else {
+            dk_h = dk_n;
+        }
+        // heads back to [B,T,C], then the projections
+        for (dh, w, gw) in [
+            (&dk_h, self.ids.wk_write, &mut g.wk),
+            (&dv_h, self.ids.wv_write, &mut g.wv),
+            (&dq_h, self.ids.wq_read, &mut g.wq),
+        ] {
+            let mut dp = vec![0.0; n * c];
+            k::merge_heads_acc(&mut dp, dh, b, t, h, d);
+            ops::matmul_backward(dx, gw, None, &dp, &cache.x, &p.data[w], n, c, c);
+        }
+        g
+    }
+
+    /// Backward of the intervention: given dL/d(out_h), adds dL/d(out1) (beyond the identity
+    /// path), dL/d(delta) (without gate), dL/d(z) (slot_peaked scores) and dL/d(gate).
+    #[allow(clippy::too_many_arguments)]
+    fn intervene_backward(
+        &self,
+        cache: &AsaCache,
+        dout_h: &[f32],
+        dout1: &mut [f32],
+        ddelta: &mut [f32],
+        dz: &mut [f32],
+        dgate: &mut f64,
+        dm: SlotDims,
+    ) {
+        let it = &self.intervention;
+        let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
+        let chunk = self.cfg.write_chunk_size.max(1);
+        let gate = cache.gate as f64;
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    let row = (bi * h + hi) * t + ti;
+                    let ci = cache.intv[ti / chunk];
+                    let o = &cache.out1[row * d..(row + 1) * d];
+                    let dc = &cache.ss.delta[row * d..(row + 1) * d];
+                    let dl: Vec<f64> = dc.iter().map(|&x| gate * x as f64).collect();
+                    let z = &cache.ss.z[row * nk..(row + 1) * nk];
+                    let geo = PosGeom::new(o, &dl, z, it.score_kind);
+                    let gy: Vec<f64> = dout_h[row * d..(row + 1) * d]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect();
+                    let (go, gdl, gz) = geo.vjp(it, &ci, self.head_mask(hi), &gy, o, &dl, z);
+                    for j in 0..d {
+                        dout1[row * d + j] += go[j] as f32;
+                        ddelta[row * d + j] += (gate * gdl[j]) as f32;
+                        *dgate += gdl[j] * dc[j] as f64;
+                    }
+                    for s in 0..nk {
+                        dz[row * nk + s] += gz[s] as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn delta_norm_mean(delta: &[f32], d: usize, scale: f32) -> f32 {
+    let rows = delta.len() / d.max(1);
+    let sum: f64 = delta
+        .chunks(d)
+        .map(|r| {
+            r.iter()
+                .map(|&x| (x * scale) as f64 * (x * scale) as f64)
+                .sum::<f64>()
+                .sqrt()
+        })
+        .sum();
+    (sum / rows.max(1) as f64) as f32
+}
+
+/// torch.quantile with linear interpolation.
+fn quantile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(v.len() - 1);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+const IEPS: f64 = 1e-8;
+
+/// Geometry of the refine delta against the base read at one position.
+#[derive(Debug, Default, Clone)]
+struct PosGeom {
+    alpha: f64,
+    n2: f64,
+    on: f64,     // max(|out1|, eps)
+    dn: f64,     // max(|delta|, eps)
+    p_norm: f64, // |delta_par|
+    r_norm: f64, // |delta_orth|
+    score_raw: f64,
+    p: Vec<f64>,
+    r: Vec<f64>,
+}
+
+struct IntvOut {
+    delta_mod: Vec<f64>,
+    score: f64,
+    mask: f64,
+}
+
+impl PosGeom {
+    fn new(o: &[f32], dl: &[f64], z: &[f32], sk: ScoreKind) -> Self {
+        let oo: f64 = o.iter().map(|&x| x as f64 * x as f64).sum();
+        let n2 = oo.max(IEPS);
+        let dot: f64 = o.iter().zip(dl).map(|(&a, &b)| a as f64 * b).sum();
+        let alpha = dot / n2;
+        let p: Vec<f64> = o.iter().map(|&x| alpha * x as f64).collect();
+        let r: Vec<f64> = dl.iter().zip(&p).map(|(a, b)| a - b).collect();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let on = oo.sqrt().max(IEPS);
+        let dn = norm(dl).max(IEPS);
+        let (p_norm, r_norm) = (norm(&p), norm(&r));
+        let score_raw = match sk {
+            ScoreKind::OrthRatio => r_norm / on,
+            ScoreKind::OrthFrac => r_norm / dn,
+            ScoreKind::AlphaAbs => alpha.abs(),
+            ScoreKind::SlotPeaked => {
+                let pz = softmax64(z);
+                let hh: f64 = -pz
+                    .iter()
+                    .map(|&q| {
+                        let q = q.max(1e-8);
+                        q * q.ln()
+                    })
+                    .sum::<f64>();
+                1.0 - hh / (z.len() as f64).ln().max(1e-8)
+            }
+        };
+        PosGeom {
+            alpha,
+            n2,
+            on,
+            dn,
+            p_norm,
+            r_norm,
+            score_raw,
+            p,
+            r,
+        }
+    }
+
+    fn gate_mask(&self, it: &Intervention, ci: &ChunkIntv) -> (f64, f64) {
+        let score = match ci.smax {
+            Some(sm) => self.score_raw.min(sm),
+            None => self.score_raw,
+        };
+        let mask = if it.soft_mask {
+            sigmoid((score - ci.tau) / it.soft_temp.max(1e-6))
+        } else if score > ci.tau {
+            1.0
+        } else {
+            0.0
+        };
+        (score, mask)
+    }
+
+    fn apply(&self, it: &Intervention, ci: &ChunkIntv, hm: Option<f64>) -> IntvOut {
+        let dlt: Vec<f64> = self.p.iter().zip(&self.r).map(|(a, b)| a + b).collect();
+        let (mut score, mut mask) = (0.0, 0.0);
+        let y: Vec<f64> = match it.mode {
+            IntvMode::Off => dlt.clone(),
+            IntvMode::DeltaPar => self.p.clone(),
+            IntvMode::DeltaOrth => self.r.clone(),
+            IntvMode::DeltaParPlusOrth => dlt.clone(),
+            IntvMode::OrthGate => {
+                (score, mask) = self.gate_mask(it, ci);
+                self.p
+                    .iter()
+                    .zip(&self.r)
+                    .map(|(p, r)| it.par_beta * p + it.beta * mask * r)
+                    .collect()
+            }
+        };
+        let delta_mod = match hm {
+            Some(m) => y
+                .iter()
+                .zip(&dlt)
+                .map(|(a, b)| m * a + (1.0 - m) * b)
+                .collect(),
+            None => y,
+        };
+        IntvOut {
+            delta_mod,
+            score,
+            mask,
+        }
+    }
+
+    /// Vector-Jacobian product of `apply`: returns (d out1, d delta, d z).
+    #[allow(clippy::too_many_arguments)]
+    fn vjp(
+        &self,
+        it: &Intervention,
+        ci: &ChunkIntv,
+        hm: Option<f64>,
+        gyf: &[f64],
+        o: &[f32],
+        dl: &[f64],
+        z: &[f32],
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let d = o.len();
+        let o64: Vec<f64> = o.iter().map(|&x| x as f64).collect();
+        let mut go = vec![0.0; d];
+        let mut gdl = vec![0.0; d];
+        let mut gz = vec![0.0; z.len()];
+        let hmv = hm.unwrap_or(1.0);
+        if hm.is_some() {
+            for j in 0..d {
+                gdl[j] += (1.0 - hmv) * gyf[j];
+            }
+        }
+        let gy: Vec<f64> = gyf.iter().map(|g| hmv * g).collect();
+        let (mut gp, mut gr) = (vec![0.0; d], vec![0.0; d]);
+        let mut galpha = 0.0;
+        match it.mode {
+            IntvMode::Off => {
+                for j in 0..d {
+                    gdl[j] += gy[j];
+                }
+                return (go, gdl, gz);
+            }
+            IntvMode::DeltaPar => gp.copy_from_slice(&gy),
+            IntvMode::DeltaOrth => gr.copy_from_slice(&gy),
+            IntvMode::DeltaParPlusOrth => {
+                // p + r == delta exactly
+                for j in 0..d {
+                    gdl[j] += gy[j];
+                }
+                return (go, gdl, gz);
+            }
+            IntvMode::OrthGate => {
+                let (score, mask) = self.gate_mask(it, ci);
+                for j in 0..d {
+                    gp[j] = it.par_beta * gy[j];
+                    gr[j] = it.beta * mask * gy[j];
+                }
+                let gmask = it.beta * gy.iter().zip(&self.r).map(|(a, b)| a * b).sum::<f64>();
+                let clipped = ci.smax.map(|sm| self.score_raw > sm).unwrap_or(false);
+                let gs = if it.soft_mask && !clipped {
+                    gmask * mask * (1.0 - mask) / it.soft_temp.max(1e-6)
+                } else {
+                    0.0
+                };
+                let _ = score;
+                if gs != 0.0 {
+                    let onraw = o64.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    let dnraw = dl.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    let mut add_rnorm = |g: f64, gr: &mut [f64]| {
+                        if self.r_norm > 0.0 {
+                            for j in 0..d {
+                                gr[j] += g * self.r[j] / self.r_norm;
+                            }
+                        }
+                    };
+                    match it.score_kind {
+                        ScoreKind::OrthRatio => {
+                            add_rnorm(gs / self.on, &mut gr);
+                            if onraw > IEPS {
+                                let gon = -gs * self.r_norm / (self.on * self.on);
+                                for j in 0..d {
+                                    go[j] += gon * o64[j] / onraw;
+                                }
+                            }
+                        }
+                        ScoreKind::OrthFrac => {
+                            add_rnorm(gs / self.dn, &mut gr);
+                            if dnraw > IEPS {
+                                let gdn = -gs * self.r_norm / (self.dn * self.dn);
+                                for j in 0..d {
+                                    gdl[j] += gdn * dl[j] / dnraw;
+                                }
+                            }
+                        }
+                        ScoreKind::AlphaAbs => {
+                            galpha += gs * self.alpha.signum() * (self.alpha != 0.0) as i32 as f64
+                        }
+                        ScoreKind::SlotPeaked => {
+                            let pz = softmax64(z);
+                            let logk = (z.len() as f64).ln().max(1e-8);
+                            let gpz: Vec<f64> = pz
+                                .iter()
+                                .map(|&q| {
+                                    if q >= 1e-8 {
+                                        gs / logk * (q.ln() + 1.0)
+                                    } else {
+                                        0.0
+                                    }
+                                })
+                                .collect();
+                            let dot: f64 = pz.iter().zip(&gpz).map(|(a, b)| a * b).sum();
+                            for s in 0..z.len() {
+                                gz[s] += pz[s] * (gpz[s] - dot);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // r = delta - p
+        for j in 0..d {
+            gdl[j] += gr[j];
+            gp[j] -= gr[j];
+        }
+        // p = alpha * o
+        galpha += gp.iter().zip(&o64).map(|(a, b)| a * b).sum::<f64>();
+        for j in 0..d {
+            go[j] += self.alpha * gp[j];
+        }
+        // alpha = (delta . o) / max(|o|^2, eps)
+        for j in 0..d {
+            gdl[j] += galpha * o64[j] / self.n2;
+            go[j] += galpha * dl[j] / self.n2;
+        }
+        let oo: f64 = o64.iter().map(|x| x * x).sum();
+        if oo > IEPS {
+            for j in 0..d {
+                go[j] -= 2.0 * galpha * self.alpha * o64[j] / self.n2;
+            }
+        }
+        (go, gdl, gz)
+    }
+}
+
+fn softmax64(z: &[f32]) -> Vec<f64> {
+    let mx = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+    let e: Vec<f64> = z.iter().map(|&x| (x as f64 - mx).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}

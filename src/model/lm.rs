@@ -1,0 +1,480 @@
+//! The ASM language model: token (+ position) embedding, pre-LN blocks
+//! (`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`), final LayerNorm and a tied or untied head.
+//! Forward, loss and backward are explicit; activations live in an `LmCache` reused across steps.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::cpu::ops;
+use crate::config::ModelConfig;
+use crate::error::{AsaError, Result};
+use crate::model::asa::{AsaCache, AsaLayer, AsaOptions, Info, Intervention};
+use crate::model::params::{BlockIds, LmIds, ParamStore};
+
+/// Activations of one block.
+#[derive(Debug, Default, Clone)]
+pub struct BlockCache {
+    x: Vec<f32>,   // [B,T,C] block input (residual stream)
+    ln1: Vec<f32>, // [B,T,C]
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    pub attn: AsaCache,
+    pub attn_out: Vec<f32>, // [B,T,C]
+    x1: Vec<f32>,           // [B,T,C] x + attn_out
+    ln2: Vec<f32>,          // [B,T,C]
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    h: Vec<f32>,  // [B,T,hid] mlp.0 output
+    g: Vec<f32>,  // [B,T,hid] GELU
+    gd: Vec<f32>, // [B,T,hid] after dropout
+    gmask: Vec<f32>,
+    m: Vec<f32>,  // [B,T,C] mlp.3 output
+    md: Vec<f32>, // [B,T,C] after dropout
+    mmask: Vec<f32>,
+}
+
+/// Activations of the whole model for one batch.
+#[derive(Debug, Default, Clone)]
+pub struct LmCache {
+    pub b: usize,
+    pub t: usize,
+    ids: Vec<u32>,
+    emb: Vec<f32>,   // [B,T,C]
+    emask: Vec<f32>, // dropout mask
+    x0: Vec<f32>,    // [B,T,C]
+    pub blocks: Vec<BlockCache>,
+    xf: Vec<f32>,  // [B,T,C] final residual
+    lnf: Vec<f32>, // [B,T,C]
+    lnf_mean: Vec<f32>,
+    lnf_rstd: Vec<f32>,
+    pub logits: Vec<f32>, // [B,T,V]
+    probs: Vec<f32>,      // [B,T,V]
+    targets: Vec<i64>,
+    valid: Option<Vec<bool>>,
+    count: usize,
+}
+
+/// The language model: config, parameter ids, one `AsaLayer` per block.
+#[derive(Debug, Clone)]
+pub struct Lm {
+    pub cfg: ModelConfig,
+    pub ids: LmIds,
+    pub layers: Vec<AsaLayer>,
+    rng: ChaCha8Rng,
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+impl Lm {
+    /// Builds the model and its freshly initialised parameters (seeded by `cfg.seed`).
+    pub fn new(cfg: &ModelConfig) -> Result<(Lm, ParamStore)> {
+        cfg.validate()?;
+        let (store, ids) = LmIds::build(cfg);
+        let layers = ids
+            .blocks
+            .iter()
+            .map(|b| AsaLayer::new(cfg, b.attn.clone()))
+            .collect();
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b);
+        Ok((
+            Lm {
+                cfg: cfg.clone(),
+                ids,
+                layers,
+                rng,
+            },
+            store,
+        ))
+    }
+
+    /// Sets the intervention of every layer (intervene variant).
+    pub fn set_intervention(&mut self, it: &Intervention) {
+        for l in &mut self.layers {
+            l.intervention = it.clone();
+        }
+    }
+
+    /// Reseeds the dropout / noise generator.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    pub fn rng_mut(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+
+    fn check_ids(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
+        if ids.len() != b * t || b == 0 || t == 0 {
+            return Err(AsaError::Input(format!(
+                "expected {b}x{t} token ids, got {}",
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(AsaError::Input(format!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        if self.cfg.use_abs_pos && t > self.cfg.max_seq_len {
+            return Err(AsaError::Input(format!(
+                "sequence length {t} exceeds max_seq_len {} (learned absolute positions)",
+                self.cfg.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward to logits [B,T,V]. With `opts.return_info`, returns each layer's info, plus
+    /// `attn_out` [B,T,C] of every layer.
+    pub fn forward(
+        &mut self,
+        p: &ParamStore,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+        cache: &mut LmCache,
+    ) -> Result<Option<Vec<Info>>> {
+        self.check_ids(ids, b, t)?;
+        let cfg = self.cfg.clone();
+        let (c, v, hid) = (cfg.embed_dim, cfg.vocab_size, cfg.hidden_dim());
+        let n = b * t;
+        cache.b = b;
+        cache.t = t;
+        cache.ids.clear();
+        cache.ids.extend_from_slice(ids);
+        let pdrop = if opts.training {
+            cfg.dropout as f32
+        } else {
+            0.0
+        };
+
+        // embeddings: [B,T,C]
+        resize(&mut cache.emb, n * c);
+        let wpe = self.ids.pos_emb.map(|i| p.data[i].as_slice());
+        ops::encoder_forward(
+            &mut cache.emb,
+            ids,
+            &p.data[self.ids.token_emb],
+            wpe,
+            b,
+            t,
+            c,
+        );
+        resize(&mut cache.x0, n * c);
+        resize(&mut cache.emask, n * c);
+        ops::dropout_forward(
+            &mut cache.x0,
+            &mut cache.emask,
+            &cache.emb,
+            pdrop,
+            &mut self.rng,
+        );
+
+        cache
+            .blocks
+            .resize_with(cfg.num_layers, BlockCache::default);
+        let mut infos = opts.return_info.then(Vec::new);
+        let mut x = cache.x0.clone();
+        for (l, bc) in cache.blocks.iter_mut().enumerate() {
+            let bid: &BlockIds = &self.ids.blocks[l];
+            bc.x.clone_from(&x);
+            resize(&mut bc.ln1, n * c);
+            resize(&mut bc.ln1_mean, n);
+            resize(&mut bc.ln1_rstd, n);
+            ops::layernorm_forward(
+                &mut bc.ln1,
+                &mut bc.ln1_mean,
+                &mut bc.ln1_rstd,
+                &x,
+                &p.data[bid.ln_1_w],
+                &p.data[bid.ln_1_b],
+                n,
+                c,
+            );
+            resize(&mut bc.attn_out, n * c);
+            let info = self.layers[l].forward(
+                p,
+                &bc.ln1,
+                b,
+                t,
+                opts,
+                &mut bc.attn,
+                &mut self.rng,
+                &mut bc.attn_out,
+            )?;
+            if let (Some(infos), Some(mut info)) = (infos.as_mut(), info) {
+                info.insert("attn_out".into(), (vec![b, t, c], bc.attn_out.clone()));
+                infos.push(info);
+            }
+            resize(&mut bc.x1, n * c);
+            ops::residual_forward(&mut bc.x1, &x, &bc.attn_out);
+            resize(&mut bc.ln2, n * c);
+            resize(&mut bc.ln2_mean, n);
+            resize(&mut bc.ln2_rstd, n);
+            ops::layernorm_forward(
+                &mut bc.ln2,
+                &mut bc.ln2_mean,
+                &mut bc.ln2_rstd,
+                &bc.x1,
+                &p.data[bid.ln_2_w],
+                &p.data[bid.ln_2_b],
+                n,
+                c,
+            );
+            resize(&mut bc.h, n * hid);
+            ops::matmul_forward(
+                &mut bc.h,
+                &bc.ln2,
+                &p.data[bid.mlp_0_w],
+                bid.mlp_0_b.map(|i| p.data[i].as_slice()),
+                n,
+                c,
+                hid,
+            );
+            resize(&mut bc.g, n * hid);
+            ops::gelu_forward(&mut bc.g, &bc.h);
+            resize(&mut bc.gd, n * hid);
+            resize(&mut bc.gmask, n * hid);
+            ops::dropout_forward(&mut bc.gd, &mut bc.gmask, &bc.g, pdrop, &mut self.rng);
+            resize(&mut bc.m, n * c);
+            ops::matmul_forward(
+                &mut bc.m,
+                &bc.gd,
+                &p.data[bid.mlp_3_w],
+                bid.mlp_3_b.map(|i| p.data[i].as_slice()),
+                n,
+                hid,
+                c,
+            );
+            resize(&mut bc.md, n * c);
+            resize(&mut bc.mmask, n * c);
+            ops::dropout_forward(&mut bc.md, &mut bc.mmask, &bc.m, pdrop, &mut self.rng);
+            ops::residual_forward(&mut x, &bc.x1, &bc.md);
+        }
+        cache.xf = x;
+        resize(&mut cache.lnf, n * c);
+        resize(&mut cache.lnf_mean, n);
+        resize(&mut cache.lnf_rstd, n);
+        ops::layernorm_forward(
+            &mut cache.lnf,
+            &mut cache.lnf_mean,
+            &mut cache.lnf_rstd,
+            &cache.xf,
+            &p.data[self.ids.ln_f_w],
+            &p.data[self.ids.ln_f_b],
+            n,
+            c,
+        );
+        resize(&mut cache.logits, n * v);
+        ops::matmul_forward(
+            &mut cache.logits,
+            &cache.lnf,
+            &p.data[self.ids.head()],
+            None,
+            n,
+            c,
+            v,
+        );
+        Ok(infos)
+    }
+
+    /// Mean cross-entropy of the last forward's logits against `targets` [B,T] over valid positions
+    /// (`valid` [B,T]; targets < 0 are ignored too). Saves what `backward` needs.
+    pub fn loss(
+        &self,
+        cache: &mut LmCache,
+        targets: &[i64],
+        valid: Option<&[bool]>,
+    ) -> Result<f64> {
+        let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
+        if targets.len() != n {
+            return Err(AsaError::Input(format!(
+                "expected {n} targets, got {}",
+                targets.len()
+            )));
+        }
+        resize(&mut cache.probs, n * v);
+        let (loss, count) =
+            ops::crossentropy_forward(&mut cache.probs, &cache.logits, targets, valid, n, v)?;
+        if count == 0 {
+            return Err(AsaError::Input(
+                "no valid target positions in the batch".into(),
+            ));
+        }
+        cache.targets = targets.to_vec();
+        cache.valid = valid.map(|x| x.to_vec());
+        cache.count = count;
+        Ok(loss)
+    }
+
+    /// Backward of `loss` through the whole model; gradients are added into `grads`.
+    pub fn backward(
+        &self,
+        p: &ParamStore,
+        cache: &LmCache,
+        opts: &AsaOptions,
+        grads: &mut ParamStore,
+    ) {
+        let mut dlogits = vec![0.0; cache.logits.len()];
+        let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
+        ops::crossentropy_backward(
+            &mut dlogits,
+            &cache.probs,
+            &cache.targets,
+            cache.valid.as_deref(),
+            1.0 / cache.count as f32,
+            n,
+            v,
+        );
+        self.backward_from_logits(p, cache, opts, &dlogits, grads);
+    }
+
+    /// Backward from an arbitrary dL/dlogits [B,T,V].
+    pub fn backward_from_logits(
+        &self,
+        p: &ParamStore,
+        cache: &LmCache,
+        opts: &AsaOptions,
+        dlogits: &[f32],
+        grads: &mut ParamStore,
+    ) {
+        let cfg = &self.cfg;
+        let (b, t) = (cache.b, cache.t);
+        let (c, v, hid) = (cfg.embed_dim, cfg.vocab_size, cfg.hidden_dim());
+        let n = b * t;
+        let head = self.ids.head();
+        let mut dlnf = vec![0.0; n * c];
+        ops::matmul_backward(
+            &mut dlnf,
+            &mut grads.data[head],
+            None,
+            dlogits,
+            &cache.lnf,
+            &p.data[head],
+            n,
+            c,
+            v,
+        );
+        let mut dx = vec![0.0; n * c];
+        {
+            let [gw, gb] = grads
+                .data
+                .get_disjoint_mut([self.ids.ln_f_w, self.ids.ln_f_b])
+                .expect("distinct ids");
+            ops::layernorm_backward(
+                &mut dx,
+                gw,
+                gb,
+                &dlnf,
+                &cache.xf,
+                &p.data[self.ids.ln_f_w],
+                &cache.lnf_mean,
+                &cache.lnf_rstd,
+                n,
+                c,
+            );
+        }
+        for l in (0..cfg.num_layers).rev() {
+            let bc = &cache.blocks[l];
+            let bid = &self.ids.blocks[l];
+            // x2 = x1 + drop(mlp3(drop(gelu(mlp0(ln2(x1))))))
+            let mut dm = vec![0.0; n * c];
+            ops::dropout_backward(&mut dm, &dx, &bc.mmask);
+            let mut dgd = vec![0.0; n * hid];
+            {
+                let (w, bias) = (bid.mlp_3_w, bid.mlp_3_b);
+                let (gw, gb) = two_mut(&mut grads.data, w, bias);
+                ops::matmul_backward(&mut dgd, gw, gb, &dm, &bc.gd, &p.data[w], n, hid, c);
+            }
+            let mut dg = vec![0.0; n * hid];
+            ops::dropout_backward(&mut dg, &dgd, &bc.gmask);
+            let mut dh = vec![0.0; n * hid];
+            ops::gelu_backward(&mut dh, &bc.h, &dg);
+            let mut dln2 = vec![0.0; n * c];
+            {
+                let (w, bias) = (bid.mlp_0_w, bid.mlp_0_b);
+                let (gw, gb) = two_mut(&mut grads.data, w, bias);
+                ops::matmul_backward(&mut dln2, gw, gb, &dh, &bc.ln2, &p.data[w], n, c, hid);
+            }
+            let mut dx1 = dx.clone();
+            {
+                let [gw, gb] = grads
+                    .data
+                    .get_disjoint_mut([bid.ln_2_w, bid.ln_2_b])
+                    .expect("distinct ids");
+                ops::layernorm_backward(
+                    &mut dx1,
+                    gw,
+                    gb,
+                    &dln2,
+                    &bc.x1,
+                    &p.data[bid.ln_2_w],
+                    &bc.ln2_mean,
+                    &bc.ln2_rstd,
+                    n,
+                    c,
+                );
+            }
+            // x1 = x + attn(ln1(x))
+            let mut dln1 = vec![0.0; n * c];
+            let ag = self.layers[l].backward(p, &bc.attn, opts, &dx1, &mut dln1);
+            ag.accumulate_into(grads, &bid.attn);
+            let mut dxin = dx1;
+            {
+                let [gw, gb] = grads
+                    .data
+                    .get_disjoint_mut([bid.ln_1_w, bid.ln_1_b])
+                    .expect("distinct ids");
+                ops::layernorm_backward(
+                    &mut dxin,
+                    gw,
+                    gb,
+                    &dln1,
+                    &bc.x,
+                    &p.data[bid.ln_1_w],
+                    &bc.ln1_mean,
+                    &bc.ln1_rstd,
+                    n,
+                    c,
+                );
+            }
+            dx = dxin;
+        }
+        let mut demb = vec![0.0; n * c];
+        ops::dropout_backward(&mut demb, &dx, &cache.emask);
+        match self.ids.pos_emb {
+            Some(pi) => {
+                let [gt, gp] = grads
+                    .data
+                    .get_disjoint_mut([self.ids.token_emb, pi])
+                    .expect("distinct ids");
+                ops::encoder_backward(gt, Some(gp), &demb, &cache.ids, b, t, c);
+            }
+            None => ops::encoder_backward(
+                &mut grads.data[self.ids.token_emb],
+                None,
+                &demb,
+                &cache.ids,
+                b,
+                t,
+                c,
+            ),
+        }
+    }
+}
+
+/// Mutable weight gradient and optional bias gradient of one Linear.
+fn two_mut(data: &mut [Vec<f32>], w: usize, b: Option<usize>) -> (&mut [f32], Option<&mut [f32]>) {
+    match b {
+        Some(bi) => {
+            let [gw, gb] = data.get_disjoint_mut([w, bi]).expect("distinct ids");
+            (gw.as_mut_slice(), Some(gb.as_mut_slice()))
+        }
+        None => (data[w].as_mut_slice(), None),
+    }
+}

@@ -1,0 +1,291 @@
+//! AdamW with `torch.optim.AdamW` semantics (single-tensor, `foreach=False` path) and
+//! `torch.nn.utils.clip_grad_norm_`-style global-norm clipping.
+//!
+//! Moments are `ParamStore`s with the parameters' layout (`zeros_like`), so parameter `i` of the
+//! model, the gradients and both moments line up. Element updates are done in f32 in PyTorch's
+//! operation order; the scalars (bias corrections, step size) are computed in f64 and cast to f32
+//! as PyTorch does with Python floats. Every element update is independent, so the parallel
+//! update is deterministic; the global norm sums fixed chunks in a fixed order.
+
+use rayon::prelude::*;
+
+use crate::model::params::ParamStore;
+
+/// Elements per rayon task.
+const CHUNK: usize = 1 << 14;
+
+/// AdamW hyper-parameters (`lr` is the base rate; `AdamW::step` takes the scheduled rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// `torch.optim.AdamW` defaults.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
+    }
+}
+
+/// AdamW state: the step count and the first (`m`, PyTorch `exp_avg`) and second (`v`,
+/// `exp_avg_sq`) moments.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub step: u64,
+    pub m: ParamStore,
+    pub v: ParamStore,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, params: &ParamStore) -> Self {
+        AdamW {
+            cfg,
+            step: 0,
+            m: params.zeros_like(),
+            v: params.zeros_like(),
+        }
+    }
+
+    /// One AdamW update with learning rate `lr` (a schedule passes its current rate). Weight
+    /// decay applies to every parameter. Per element, in f32, as PyTorch's `_single_tensor_adamw`:
+    /// ```text
+    /// p *= 1 - lr*wd
+    /// m  = lerp(m, g, 1-b1)                 // m + (1-b1)*(g-m), fused multiply-add
+    /// v  = v*b2 + ((1-b2)*g)*g
+    /// denom = sqrt(v) / sqrt(1-b2^step) + eps
+    /// p += (-(lr / (1-b1^step)) * m) / denom
+    /// ```
+    pub fn step(&mut self, params: &mut ParamStore, grads: &ParamStore, lr: f64) {
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "AdamW::step: params/grads count mismatch"
+        );
+        assert_eq!(
+            params.len(),
+            self.m.len(),
+            "AdamW::step: params/state count mismatch"
+        );
+        assert_eq!(
+            params.len(),
+            self.v.len(),
+            "AdamW::step: params/state count mismatch"
+        );
+        self.step += 1;
+        let cfg = self.cfg;
+        let step = self.step as f64;
+
+        // Python-float scalars, cast to the tensor dtype where they meet a tensor
+        let decay = (1.0 - lr * cfg.weight_decay) as f32;
+        let lerp_w = (1.0 - cfg.beta1) as f32;
+        let beta2 = cfg.beta2 as f32;
+        let one_minus_beta2 = (1.0 - cfg.beta2) as f32;
+        let bias_correction1 = 1.0 - cfg.beta1.powf(step);
+        let bias_correction2 = 1.0 - cfg.beta2.powf(step);
+        let neg_step_size = (-(lr / bias_correction1)) as f32;
+        let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
+        let eps = cfg.eps as f32;
+
+        for k in 0..params.len() {
+            let p = &mut params.data[k];
+            let g = &grads.data[k];
+            let m = &mut self.m.data[k];
+            let v = &mut self.v.data[k];
+            assert_eq!(
+                p.len(),
+                g.len(),
+                "AdamW::step: gradient size mismatch for {}",
+                params.names[k]
+            );
+            assert_eq!(
+                p.len(),
+                m.len(),
+                "AdamW::step: state size mismatch for {}",
+                params.names[k]
+            );
+            assert_eq!(
+                p.len(),
+                v.len(),
+                "AdamW::step: state size mismatch for {}",
+                params.names[k]
+            );
+            p.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g)
+                    {
+                        // param.mul_(1 - lr * weight_decay)
+                        *p *= decay;
+                        // exp_avg.lerp_(grad, 1 - beta1): ATen lerp, fused multiply-add
+                        *m = lerp(*m, g, lerp_w);
+                        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        *v *= beta2;
+                        *v += one_minus_beta2 * g * g;
+                        // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                        let denom = v.sqrt() / bias_correction2_sqrt + eps;
+                        // param.addcdiv_(exp_avg, denom, value=-step_size)
+                        *p += neg_step_size * *m / denom;
+                    }
+                });
+        }
+    }
+}
+
+/// ATen's `lerp(start, end, weight)`: `start + w*(end-start)` for |w| < 0.5, else
+/// `end - (end-start)*(1-w)`, as one fused multiply-add (the vectorised kernel).
+#[inline]
+fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    let diff = end - start;
+    if w.abs() < 0.5 {
+        w.mul_add(diff, start)
+    } else {
+        (w - 1.0).mul_add(diff, end)
+    }
+}
+
+/// sqrt(sum of squares of every gradient element), accumulated in f64 over fixed chunks summed
+/// in order (deterministic). `torch.nn.utils.clip_grad_norm_`'s `total_norm` (norm_type 2).
+pub fn global_norm(grads: &ParamStore) -> f64 {
+    let mut total = 0f64;
+    for g in &grads.data {
+        let partial: Vec<f64> = g
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .collect();
+        total += partial.iter().sum::<f64>();
+    }
+    total.sqrt()
+}
+
+/// `clip_grad_norm_`: coef = max_norm / (total_norm + 1e-6); when coef < 1 every gradient is
+/// multiplied by coef (as f32). Returns total_norm before clipping.
+pub fn clip_grad_norm(grads: &mut ParamStore, max_norm: f64) -> f64 {
+    let total = global_norm(grads);
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        let c = coef as f32;
+        for g in &mut grads.data {
+            g.par_chunks_mut(CHUNK)
+                .for_each(|ch| ch.iter_mut().for_each(|x| *x *= c));
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(params: &[(&str, Vec<f32>)]) -> ParamStore {
+        let mut s = ParamStore::new();
+        for (name, data) in params {
+            s.push(*name, &[data.len()], data.clone());
+        }
+        s
+    }
+
+    #[test]
+    fn adamw_three_steps_match_f64() {
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let p0 = vec![1.0f32, -0.5, 0.25, 2.0];
+        let mut params = store(&[("w", p0.clone()), ("b", vec![0.3])]);
+        let mut opt = AdamW::new(cfg, &params);
+        let grads_per_step = [
+            (vec![0.1f32, -0.2, 0.0, 1.5], 0.5f32),
+            (vec![-0.3f32, 0.05, 0.0, 1.0], -0.25),
+            (vec![0.2f32, 0.2, 0.01, -2.0], 0.125),
+        ];
+        let lrs = [1e-2, 2e-2, 5e-3];
+
+        // f64 reference of the documented formula
+        let mut rp: Vec<f64> = p0
+            .iter()
+            .map(|&x| x as f64)
+            .chain([0.3f32 as f64])
+            .collect();
+        let mut rm = [0f64; 5];
+        let mut rv = [0f64; 5];
+        for (s, ((gw, gb), lr)) in grads_per_step.iter().zip(lrs).enumerate() {
+            let grads = store(&[("w", gw.clone()), ("b", vec![*gb])]);
+            opt.step(&mut params, &grads, lr);
+
+            let step = (s + 1) as f64;
+            let g: Vec<f64> = gw.iter().map(|&x| x as f64).chain([*gb as f64]).collect();
+            for k in 0..5 {
+                rp[k] *= 1.0 - lr * cfg.weight_decay;
+                rm[k] = cfg.beta1 * rm[k] + (1.0 - cfg.beta1) * g[k];
+                rv[k] = cfg.beta2 * rv[k] + (1.0 - cfg.beta2) * g[k] * g[k];
+                let bc1 = 1.0 - cfg.beta1.powi(step as i32);
+                let bc2 = 1.0 - cfg.beta2.powi(step as i32);
+                let denom = rv[k].sqrt() / bc2.sqrt() + cfg.eps;
+                rp[k] -= (lr / bc1) * rm[k] / denom;
+            }
+            let got: Vec<f32> = params.data.concat();
+            for k in 0..5 {
+                assert!(
+                    (got[k] as f64 - rp[k]).abs() < 1e-6,
+                    "step {} param {k}: {} vs {}",
+                    s + 1,
+                    got[k],
+                    rp[k]
+                );
+            }
+            let (gm, gv) = (opt.m.data.concat(), opt.v.data.concat());
+            for k in 0..5 {
+                assert!((gm[k] as f64 - rm[k]).abs() < 1e-7, "m[{k}]");
+                assert!((gv[k] as f64 - rv[k]).abs() < 1e-7, "v[{k}]");
+            }
+        }
+        assert_eq!(opt.step, 3);
+        // the parameters actually moved
+        assert!((params.data[0][3] - 2.0).abs() > 1e-2);
+    }
+
+    #[test]
+    fn global_norm_is_f64_sum() {
+        let n = 3 * CHUNK + 17;
+        let a: Vec<f32> = (0..n).map(|k| ((k % 13) as f32 - 6.0) * 0.01).collect();
+        let grads = store(&[("a", a.clone()), ("b", vec![3.0, 4.0])]);
+        let want = (a.iter().map(|&x| x as f64 * x as f64).sum::<f64>() + 25.0).sqrt();
+        assert!((global_norm(&grads) - want).abs() < 1e-12 * want);
+    }
+
+    #[test]
+    fn clip_grad_norm_scales_to_max() {
+        let mut grads = store(&[("a", vec![3.0, 0.0]), ("b", vec![4.0])]);
+        let total = clip_grad_norm(&mut grads, 1.0);
+        assert!((total - 5.0).abs() < 1e-12, "returns the pre-clip norm");
+        let after = global_norm(&grads);
+        assert!((after - 1.0).abs() < 1e-6, "clipped norm {after}");
+        assert!((grads.data[0][0] - 0.6).abs() < 1e-6);
+        assert!((grads.data[1][0] - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clip_grad_norm_below_max_is_noop() {
+        let mut grads = store(&[("a", vec![3.0, 0.0]), ("b", vec![4.0])]);
+        let before = grads.data.clone();
+        let total = clip_grad_norm(&mut grads, 10.0);
+        assert!((total - 5.0).abs() < 1e-12);
+        assert_eq!(grads.data, before);
+    }
+}
