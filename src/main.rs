@@ -137,6 +137,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // a bug must still end as one line, not a backtrace
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (please report): {info}");
+    }));
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -1667,7 +1667,7 @@ impl PosGeom {
                 if gs != 0.0 {
                     let onraw = o64.iter().map(|x| x * x).sum::<f64>().sqrt();
                     let dnraw = dl.iter().map(|x| x * x).sum::<f64>().sqrt();
-                    let mut add_rnorm = |g: f64, gr: &mut [f64]| {
+                    let add_rnorm = |g: f64, gr: &mut [f64]| {
                         if self.r_norm > 0.0 {
                             for j in 0..d {
                                 gr[j] += g * self.r[j] / self.r_norm;
