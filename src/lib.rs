@@ -19,10 +19,14 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod optim;
 pub mod parity;
+pub mod probe;
+pub mod smoke;
 pub mod tensor;
+pub mod train;
 
 pub use error::{AsaError, Result};

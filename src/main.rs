@@ -27,8 +27,95 @@ enum Device {
     Cuda,
 }
 
+/// Options every run command takes.
+#[derive(clap::Args, Clone, Debug)]
+struct Common {
+    /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Seed of initialisation, data sampling and dropout.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Tiny model, one forward and one optimizer step across the feature toggles; checks shapes
+    /// and finiteness and writes smoke.json.
+    Smoke {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "runs/smoke")]
+        outdir: PathBuf,
+    },
+    /// Train a small ASM on the embedded default data (or --data files); saves runs/<name>/.
+    TrainMini {
+        #[command(flatten)]
+        common: Common,
+        /// Parent folder of the run directory.
+        #[arg(long, default_value = "runs")]
+        outdir: PathBuf,
+        /// Run name: the run is saved under OUTDIR/NAME.
+        #[arg(long, default_value = "mini")]
+        name: String,
+        /// Total optimizer steps (default 300; with --resume, the run's own unless given).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Stop after this step, saving a checkpoint (continue later with --resume).
+        #[arg(long)]
+        stop_at: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 50)]
+        eval_interval: usize,
+        /// Train on these UTF-8 text files instead of the embedded corpus.
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// gpt2 (embedded GPT-2 BPE), byte (256 byte ids, no files) or a tokenizer.json path.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Continue the run in OUTDIR/NAME from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = 128)]
+        embed_dim: usize,
+        #[arg(long, default_value_t = 4)]
+        num_layers: usize,
+        #[arg(long, default_value_t = 4)]
+        num_heads: usize,
+        #[arg(long, default_value_t = 16)]
+        num_slots: usize,
+        /// Share of generated fact sentences in the embedded default text.
+        #[arg(long, default_value_t = 0.5)]
+        fact_frac: f64,
+    },
+    /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
+    Probe {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "runs/probes")]
+        outdir: PathBuf,
+        /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
+        /// reference .pt checkpoint. Default: the latest run under runs/.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// Tokenizer (gpt2, or a tokenizer.json path); default: the run's own, else gpt2.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// Layers to sweep, e.g. 0,3 (default: all).
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// Late-window length (positions per prompt whose routing is perturbed).
+        #[arg(long, default_value_t = 5)]
+        window: usize,
+        /// Principal components swept per layer and space.
+        #[arg(long, default_value_t = 3)]
+        num_pcs: usize,
+    },
     /// Run reference fixture folders and report the worst error of each case against its tolerance.
     Parity {
         /// Case folders, or folders holding case folders (e.g. tests/fixtures).
@@ -55,21 +142,127 @@ enum Cmd {
     },
 }
 
-fn resolve_device(d: Device) -> Result<()> {
+/// Resolves `--device` for a command that runs on the CPU only so far; says which it picked.
+fn resolve_device(d: Device) -> Result<&'static str> {
     match d {
-        Device::Cpu => Ok(()),
+        Device::Cpu => Ok("cpu"),
         Device::Auto => {
-            eprintln!("device: cpu (the CUDA backend is not part of this build yet)");
-            Ok(())
+            eprintln!("device: cpu (this command has no CUDA path yet)");
+            Ok("cpu")
         }
         Device::Cuda => Err(AsaError::Device(
-            "--device cuda is not available: the CUDA backend is not part of this build yet; use --device cpu".into(),
+            "--device cuda is not available for this command yet; use --device cpu".into(),
         )),
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Smoke { common, outdir } => {
+            let dev = resolve_device(common.device)?;
+            let s = asa::smoke::run_smoke(common.seed, &outdir, dev)?;
+            for c in &s.cases {
+                let status = if c.ok { "ok  " } else { "FAIL" };
+                println!(
+                    "{status} {:<44} loss {:.4}  grad norm {:.3e}  {}",
+                    c.name,
+                    c.loss,
+                    c.grad_norm,
+                    c.problems.join("; ")
+                );
+            }
+            println!("wrote {}", outdir.join("smoke.json").display());
+            Ok(if s.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::TrainMini {
+            common,
+            outdir,
+            name,
+            steps,
+            batch_size,
+            seq_len,
+            lr,
+            eval_interval,
+            data,
+            tokenizer,
+            resume,
+            embed_dim,
+            num_layers,
+            num_heads,
+            num_slots,
+            fact_frac,
+            stop_at,
+        } => {
+            resolve_device(common.device)?;
+            let args = asa::train::TrainMiniArgs {
+                outdir,
+                name,
+                seed: common.seed,
+                steps: steps.unwrap_or(300),
+                resume_steps: steps,
+                stop_at,
+                batch_size,
+                seq_len,
+                lr,
+                eval_interval,
+                data,
+                tokenizer,
+                resume,
+                embed_dim,
+                num_layers,
+                num_heads,
+                num_slots,
+                fact_frac,
+                quiet: false,
+            };
+            let r = asa::train::train_mini(&args)?;
+            println!(
+                "trained {} steps in {:.1}s ({:.0} tok/s): train loss {:.4}, val loss {:.4}{}",
+                r.steps,
+                r.seconds,
+                r.tokens_per_sec,
+                r.final_train_loss,
+                r.final_val_loss,
+                r.first_val_loss
+                    .map(|v| format!(" (from {v:.4})"))
+                    .unwrap_or_default()
+            );
+            println!("saved {}", r.run_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Probe {
+            common,
+            outdir,
+            ckpt,
+            tokenizer,
+            layers,
+            window,
+            num_pcs,
+        } => {
+            resolve_device(common.device)?;
+            let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let cfg = asa::probe::ProbeConfig {
+                seed: common.seed,
+                window,
+                num_pcs,
+                layers,
+                ..Default::default()
+            };
+            let (mut lm, params, tok, name) = loaded;
+            let mut summary = asa::probe::run_probe(&mut lm, &params, &tok, &cfg)?;
+            summary.model_name = name;
+            asa::probe::write_outputs(&summary, &outdir)?;
+            println!(
+                "Paris margin: research set (vs \" the\") {:+.3}, canonical set (vs \" London\") {:+.3}",
+                summary.paris_margin_research_mean, summary.paris_margin_canonical_mean
+            );
+            println!("wrote {}", outdir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Parity {
             dirs,
             device,

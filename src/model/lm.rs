@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::cpu::ops;
 use crate::config::ModelConfig;
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaCache, AsaLayer, AsaOptions, Info, Intervention};
+use crate::model::asa::{AsaCache, AsaLayer, AsaOptions, Info, Intervention, RoutingMode};
 use crate::model::params::{BlockIds, LmIds, ParamStore};
 
 /// Activations of one block.
@@ -52,6 +52,53 @@ pub struct LmCache {
     targets: Vec<i64>,
     valid: Option<Vec<bool>>,
     count: usize,
+}
+
+/// Analysis interventions of one forward: per-layer routing (e.g. read weights forced through
+/// `RoutingMode::Override`) and additions to the residual stream at a block's input.
+#[derive(Debug, Clone, Default)]
+pub struct LmHooks {
+    /// `layer_routing[l]`: routing used by layer `l` instead of the call's routing
+    pub layer_routing: Vec<Option<RoutingMode>>,
+    /// `residual_add[l]`: [B,T,C] added to the residual stream entering block `l`
+    pub residual_add: Vec<Option<Vec<f32>>>,
+}
+
+impl LmHooks {
+    pub fn new(num_layers: usize) -> Self {
+        LmHooks {
+            layer_routing: vec![None; num_layers],
+            residual_add: vec![None; num_layers],
+        }
+    }
+
+    fn check(&self, layers: usize, btc: usize) -> Result<()> {
+        if self.layer_routing.len() > layers || self.residual_add.len() > layers {
+            return Err(AsaError::Input(format!(
+                "hooks name more than the model's {layers} layers"
+            )));
+        }
+        for d in self.residual_add.iter().flatten() {
+            if d.len() != btc {
+                return Err(AsaError::Input(format!(
+                    "residual hook has {} values, expected B*T*C = {btc}",
+                    d.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LmCache {
+    /// The residual stream entering block `l` (after any `residual_add` hook): [B,T,C]
+    pub fn block_input(&self, l: usize) -> &[f32] {
+        &self.blocks[l].x
+    }
+    /// The final residual stream before `ln_f`: [B,T,C]
+    pub fn final_residual(&self) -> &[f32] {
+        &self.xf
+    }
 }
 
 /// The language model: config, parameter ids, one `AsaLayer` per block.
@@ -139,7 +186,22 @@ impl Lm {
         opts: &AsaOptions,
         cache: &mut LmCache,
     ) -> Result<Option<Vec<Info>>> {
+        self.forward_hooked(p, ids, b, t, opts, &LmHooks::default(), cache)
+    }
+
+    /// `forward` with interventions for analysis (see `LmHooks`).
+    pub fn forward_hooked(
+        &mut self,
+        p: &ParamStore,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+        hooks: &LmHooks,
+        cache: &mut LmCache,
+    ) -> Result<Option<Vec<Info>>> {
         self.check_ids(ids, b, t)?;
+        hooks.check(self.cfg.num_layers, b * t * self.cfg.embed_dim)?;
         let cfg = self.cfg.clone();
         let (c, v, hid) = (cfg.embed_dim, cfg.vocab_size, cfg.hidden_dim());
         let n = b * t;
@@ -182,6 +244,9 @@ impl Lm {
         let mut x = cache.x0.clone();
         for (l, bc) in cache.blocks.iter_mut().enumerate() {
             let bid: &BlockIds = &self.ids.blocks[l];
+            if let Some(Some(delta)) = hooks.residual_add.get(l) {
+                x.iter_mut().zip(delta).for_each(|(a, d)| *a += d);
+            }
             bc.x.clone_from(&x);
             resize(&mut bc.ln1, n * c);
             resize(&mut bc.ln1_mean, n);
@@ -197,12 +262,23 @@ impl Lm {
                 c,
             );
             resize(&mut bc.attn_out, n * c);
+            let layer_opts;
+            let lo = match hooks.layer_routing.get(l) {
+                Some(Some(r)) => {
+                    layer_opts = AsaOptions {
+                        routing: r.clone(),
+                        ..opts.clone()
+                    };
+                    &layer_opts
+                }
+                _ => opts,
+            };
             let info = self.layers[l].forward(
                 p,
                 &bc.ln1,
                 b,
                 t,
-                opts,
+                lo,
                 &mut bc.attn,
                 &mut self.rng,
                 &mut bc.attn_out,

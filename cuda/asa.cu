@@ -1,0 +1,962 @@
+// ASA ops, one kernel per op and direction, each the twin of the function of the same name in
+// `src/backend/cpu/asa.rs` (a few ops have a second-phase kernel, `<op>_<part>`, where a
+// deterministic reduction needs one).
+//
+// Layouts (row-major): per-head activations [B,H,T,d]; write logits and scan statistics
+// [B,H,K,T]; read logits and weights [B,H,T,K]; slot state history [B,H,T,K,d].
+// Where the CPU twin accumulates in f64 these kernels do too (dot products, the write scan and
+// its backward, softmaxes, linear attention), so results agree with it to f32 rounding.
+#include "common.cuh"
+
+// ------------------------------------------------------------------------------------------------
+// RoPE (the reference's layout: interleaved pairs, half-split angles). cos, sin: [T,D].
+
+// out, inp: [N,T,D]. One thread per pair.
+extern "C" __global__ void rope_forward(float* out, const float* inp, const float* cos_t,
+                                        const float* sin_t, int n, int t, int d) {
+    int half = d / 2;
+    ASA_GRID_LOOP(i, (i64)n * t * half) {
+        int p = (int)(i % half);
+        i64 row = i / half;  // n*t + ti
+        int ti = (int)(row % t);
+        i64 o = row * d + 2 * p;
+        const float* c = cos_t + (i64)ti * d;
+        const float* s = sin_t + (i64)ti * d;
+        float a = inp[o], b = inp[o + 1];
+        out[o] = a * c[2 * p] - b * s[2 * p];
+        out[o + 1] = b * c[2 * p + 1] + a * s[2 * p + 1];
+    }
+}
+
+// dinp += J^T dout. dinp, dout: [N,T,D].
+extern "C" __global__ void rope_backward(float* dinp, const float* dout, const float* cos_t,
+                                         const float* sin_t, int n, int t, int d) {
+    int half = d / 2;
+    ASA_GRID_LOOP(i, (i64)n * t * half) {
+        int p = (int)(i % half);
+        i64 row = i / half;
+        int ti = (int)(row % t);
+        i64 o = row * d + 2 * p;
+        const float* c = cos_t + (i64)ti * d;
+        const float* s = sin_t + (i64)ti * d;
+        float ga = dout[o], gb = dout[o + 1];
+        dinp[o] = dinp[o] + (ga * c[2 * p] + gb * s[2 * p + 1]);
+        dinp[o + 1] = dinp[o + 1] + (gb * c[2 * p + 1] - ga * s[2 * p]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// head layout
+
+// out: [B,H,T,d] <- inp: [B,T,H*d]
+extern "C" __global__ void split_heads(float* out, const float* inp, int b, int t, int h, int d) {
+    ASA_GRID_LOOP(i, (i64)b * h * t * d) {
+        int j = (int)(i % d);
+        i64 r = i / d;
+        int ti = (int)(r % t);
+        i64 bh = r / t;
+        int hi = (int)(bh % h);
+        i64 bi = bh / h;
+        out[i] = inp[(bi * t + ti) * h * d + (i64)hi * d + j];
+    }
+}
+
+// out: [B,T,H*d] += inp: [B,H,T,d] (merge_heads_acc of the CPU; merge when out is 0)
+extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d) {
+    ASA_GRID_LOOP(i, (i64)b * t * h * d) {
+        int j = (int)(i % (h * d));
+        i64 bt = i / (h * d);
+        int hi = j / d, jj = j % d;
+        i64 bi = bt / t;
+        int ti = (int)(bt % t);
+        out[i] = out[i] + inp[((bi * h + hi) * t + ti) * d + jj];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows]. One warp per row.
+
+extern "C" __global__ void l2normalize_forward(float* out, float* norm, const float* inp, int rows, int d) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* x = inp + (i64)row * d;
+    double s = 0.0;
+    for (int j = lane; j < d; j += 32) s += (double)x[j] * (double)x[j];
+    double nn = sqrt(warp_sum_d(s));
+    double den = fmax(nn, 1e-8);
+    for (int j = lane; j < d; j += 32) out[(i64)row * d + j] = (float)((double)x[j] / den);
+    if (lane == 0) norm[row] = (float)nn;
+}
+
+// dinp += (g - y (y.g)) / |x| when |x| > 1e-8, else g / 1e-8.
+extern "C" __global__ void l2normalize_backward(float* dinp, const float* dout, const float* out,
+                                                const float* norm, int rows, int d) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* g = dout + (i64)row * d;
+    const float* y = out + (i64)row * d;
+    float* dx = dinp + (i64)row * d;
+    double n = (double)norm[row];
+    if (n > 1e-8) {
+        double yg = 0.0;
+        for (int j = lane; j < d; j += 32) yg += (double)y[j] * (double)g[j];
+        yg = warp_sum_d(yg);
+        for (int j = lane; j < d; j += 32) dx[j] = dx[j] + (float)(((double)g[j] - (double)y[j] * yg) / n);
+    } else {
+        for (int j = lane; j < d; j += 32) dx[j] = dx[j] + (float)((double)g[j] / 1e-8);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// write logits
+
+// raw = slot_keys . k / sqrt(d) (f64 dot); wl = raw / wtemp + bias_h[h] * t, -inf where the
+// token is masked. raw, wl: [B,H,K,T]; keys: [H,K,d]; k: [B,H,T,d]; bias_h: nullable [H];
+// valid: nullable [B,T] u8. One thread per (b,h,s,t).
+extern "C" __global__ void write_logits_forward(float* raw, float* wl, const float* keys, const float* k,
+                                                float wtemp, const float* bias_h, const unsigned char* valid,
+                                                int b, int h, int t, int nk, int d) {
+    double scale = 1.0 / sqrt((double)d);
+    ASA_GRID_LOOP(i, (i64)b * h * nk * t) {
+        int ti = (int)(i % t);
+        i64 r = i / t;
+        int s = (int)(r % nk);
+        i64 bh = r / nk;
+        int hi = (int)(bh % h);
+        i64 bi = bh / h;
+        const float* key = keys + ((i64)hi * nk + s) * d;
+        const float* x = k + (bh * t + ti) * d;
+        double dot = 0.0;
+        for (int j = 0; j < d; ++j) dot += (double)key[j] * (double)x[j];
+        float rv = (float)(dot * scale);
+        raw[i] = rv;
+        float v = rv / wtemp;
+        if (bias_h) v = v + bias_h[hi] * (float)ti;
+        if (valid && !valid[bi * t + ti]) v = ASA_NEG_INF;
+        wl[i] = v;
+    }
+}
+
+// dk [B,H,T,d] += sum_s dwl/wtemp/sqrt(d) * key[s,:] over unmasked positions (terms added in f32
+// in slot order, as the CPU twin). One thread per (b,h,t,j).
+extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, const float* keys,
+                                                 float wtemp, const unsigned char* valid,
+                                                 int b, int h, int t, int nk, int d) {
+    double scale = 1.0 / sqrt((double)d);
+    ASA_GRID_LOOP(i, (i64)b * h * t * d) {
+        int j = (int)(i % d);
+        i64 r = i / d;
+        int ti = (int)(r % t);
+        i64 bh = r / t;
+        int hi = (int)(bh % h);
+        i64 bi = bh / h;
+        if (valid && !valid[bi * t + ti]) continue;
+        float acc = dk[i];
+        for (int s = 0; s < nk; ++s) {
+            double gw = (double)dwl[(bh * nk + s) * t + ti];
+            if (gw == 0.0) continue;
+            double graw = gw / (double)wtemp * scale;
+            acc = acc + (float)(graw * (double)keys[((i64)hi * nk + s) * d + j]);
+        }
+        dk[i] = acc;
+    }
+}
+
+// Per-(b,h) partial gradients of the slot keys and of the ALiBi bias:
+// pkeys[b,h,s,j] = sum_t dwl/wtemp/sqrt(d) * k[t,j]; pbias[b,h,s] = sum_t dwl * t (both f64,
+// unmasked positions, time order). One thread per (b,h,s,j); pbias nullable.
+// Finished by `sum_batch_add` (keys) and `alibi_grad` (bias).
+extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbias, const float* dwl,
+                                                      const float* k, float wtemp, const unsigned char* valid,
+                                                      int b, int h, int t, int nk, int d) {
+    double scale = 1.0 / sqrt((double)d);
+    ASA_GRID_LOOP(i, (i64)b * h * nk * d) {
+        int j = (int)(i % d);
+        i64 r = i / d;  // bh*nk + s
+        i64 bh = r / nk;
+        i64 bi = bh / h;
+        const float* g = dwl + r * t;
+        double acc = 0.0, accb = 0.0;
+        for (int ti = 0; ti < t; ++ti) {
+            if (valid && !valid[bi * t + ti]) continue;
+            double gw = (double)g[ti];
+            if (gw == 0.0) continue;
+            accb += gw * (double)ti;
+            acc += gw / (double)wtemp * scale * (double)k[(bh * t + ti) * d + j];
+        }
+        pkeys[i] = acc;
+        if (pbias && j == 0) pbias[r] = accb;
+    }
+}
+
+// dst [H*X] += sum over b of (f32) part[b, H*X], b in order (the CPU's per-(b,h) partials).
+extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, i64 hx) {
+    ASA_GRID_LOOP(i, hx) {
+        float acc = dst[i];
+        for (int bb = 0; bb < b; ++bb) acc = acc + (float)part[(i64)bb * hx + i];
+        dst[i] = acc;
+    }
+}
+
+// d(alibi strength param) += (f32)(factor * sum_h slope[h] * sum_{b,s} pbias[b,h,s]);
+// factor = sigmoid(raw) (the softplus chain). pbias: [B,H,K]. One thread.
+extern "C" __global__ void alibi_grad(float* dst, const double* pbias, const float* slopes, double factor,
+                                      int b, int h, int nk) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double ds = 0.0;
+    for (int hi = 0; hi < h; ++hi) {
+        double acc = 0.0;
+        for (int bi = 0; bi < b; ++bi)
+            for (int s = 0; s < nk; ++s) acc += pbias[((i64)bi * h + hi) * nk + s];
+        ds += acc * (double)slopes[hi];
+    }
+    dst[0] = dst[0] + (float)(ds * factor);
+}
+
+// ------------------------------------------------------------------------------------------------
+// the write scan (the reference's chunked running-max softmax; see slot_scan_forward in
+// src/backend/cpu/asa.rs for the math). One warp per (b,h,s), lanes over d, f64 accumulators.
+
+// state: [B,H,T,K,d]; den, rmax: [B,H,K,T]; wl: [B,H,K,T]; v: [B,H,T,d].
+extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rmax, const float* wl,
+                                             const float* v, int chunk, int nbh, int t, int nk, int d) {
+    int warp = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (warp >= nbh * nk) return;
+    int bh = warp / nk, s = warp % nk;
+    const float* ws = wl + ((i64)bh * nk + s) * t;
+    const float* vv = v + (i64)bh * t * d;
+    float* st = state + (i64)bh * t * nk * d;
+    float* dn = den + ((i64)bh * nk + s) * t;
+    float* rm = rmax + ((i64)bh * nk + s) * t;
+    double num[ASA_MAXJ], num_prev[ASA_MAXJ], add_num[ASA_MAXJ];
+#pragma unroll
+    for (int q = 0; q < ASA_MAXJ; ++q) num[q] = 0.0;
+    double dsum = 0.0;
+    float m_prev = ASA_NEG_INF;
+    for (int c0 = 0; c0 < t; c0 += chunk) {
+        int c1 = min(c0 + chunk, t);
+        double den_prev = dsum;
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) {
+            num_prev[q] = num[q];
+            add_num[q] = 0.0;
+        }
+        double add_den = 0.0;
+        float cm = ASA_NEG_INF, r = ASA_NEG_INF;
+        for (int ti = c0; ti < c1; ++ti) {
+            float w = ws[ti];
+            cm = (w >= cm) ? w : cm;
+            r = (m_prev >= cm) ? m_prev : cm;
+            double scale = asa_finite(m_prev) ? exp((double)(m_prev - r)) : 0.0;
+            double e = asa_finite(r) ? exp((double)(w - r)) : 0.0;
+            add_den += e;
+            dsum = den_prev * scale + add_den;
+            double dd = fmax(dsum, (double)ASA_DEN_EPS);
+            float* o = st + ((i64)ti * nk + s) * d;
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) {
+                int j = lane + 32 * q;
+                if (j < d) {
+                    add_num[q] += e * (double)vv[(i64)ti * d + j];
+                    num[q] = num_prev[q] * scale + add_num[q];
+                    o[j] = (float)(num[q] / dd);
+                }
+            }
+            if (lane == 0) {
+                rm[ti] = r;
+                dn[ti] = (float)dsum;
+            }
+        }
+        m_prev = r;  // rmax at the chunk's last position
+    }
+}
+
+// Backward of the write scan, first phase: dwl [B,H,K,T] += ..., including the gradient
+// through the running max (cummax routes to the last position holding the max; `maximum`
+// splits exact ties in half). dstate [B,H,T,K,d] is CONSUMED: on return it holds, per (t,s),
+// the gradient with respect to the scan's numerator at t (a_t of the CPU twin), which
+// `slot_scan_backward_dv` turns into dv. cm, cidx: scratch [B,H,K,T]. One warp per (b,h,s).
+extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* cm_buf, int* cidx_buf,
+                                              const float* state, const float* den, const float* rmax,
+                                              const float* wl, const float* v, int chunk, int nbh, int t,
+                                              int nk, int d) {
+    int warp = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (warp >= nbh * nk) return;
+    int bh = warp / nk, s = warp % nk;
+    i64 row = (i64)bh * nk + s;
+    const float* ws = wl + row * t;
+    const float* dns = den + row * t;
+    const float* rms = rmax + row * t;
+    float* gws = dwl + row * t;
+    float* cmr = cm_buf + row * t;
+    int* cir = cidx_buf + row * t;
+    const float* vv = v + (i64)bh * t * d;
+    const float* st = state + (i64)bh * t * nk * d;
+    float* gs = dstate + (i64)bh * t * nk * d;
+
+    double dnum_c[ASA_MAXJ], num_prev[ASA_MAXJ], a[ASA_MAXJ], gn[ASA_MAXJ], dnum_prev[ASA_MAXJ];
+#pragma unroll
+    for (int q = 0; q < ASA_MAXJ; ++q) dnum_c[q] = 0.0;
+    double dden_c = 0.0, dm_c = 0.0;
+    int nchunks = (t + chunk - 1) / chunk;
+    for (int ci = nchunks - 1; ci >= 0; --ci) {
+        int c0 = ci * chunk;
+        int c1 = min(c0 + chunk, t);
+        float m_prev = ASA_NEG_INF;
+        double den_prev = 0.0;
+        if (c0 > 0) {
+            m_prev = rms[c0 - 1];
+            den_prev = (double)dns[c0 - 1];
+            double dd = (double)fmaxf(dns[c0 - 1], ASA_DEN_EPS);
+            const float* sp = st + ((i64)(c0 - 1) * nk + s) * d;
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) {
+                int j = lane + 32 * q;
+                num_prev[q] = j < d ? (double)sp[j] * dd : 0.0;
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) num_prev[q] = 0.0;
+        }
+        // chunk-local cummax and the index it routes to
+        if (lane == 0) {
+            float c = ASA_NEG_INF;
+            int cidx = c0;
+            for (int ti = c0; ti < c1; ++ti) {
+                if (ws[ti] >= c) {
+                    c = ws[ti];
+                    cidx = ti;
+                }
+                cmr[ti] = c;
+                cir[ti] = cidx;
+            }
+        }
+        __syncwarp();
+        double bsum = 0.0, dden_prev = 0.0, dm_prev = 0.0;
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) {
+            a[q] = 0.0;
+            dnum_prev[q] = 0.0;
+        }
+        for (int ti = c1 - 1; ti >= c0; --ti) {
+            float den_t = dns[ti];
+            double dd = (double)fmaxf(den_t, ASA_DEN_EPS);
+            float* g = gs + ((i64)ti * nk + s) * d;
+            const float* sv = st + ((i64)ti * nk + s) * d;
+            double gsum = 0.0;
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) {
+                int j = lane + 32 * q;
+                if (j < d) {
+                    gn[q] = (double)g[j] / dd;
+                    gsum += (double)g[j] * (double)sv[j];
+                } else {
+                    gn[q] = 0.0;
+                }
+            }
+            gsum = warp_sum_d(gsum);
+            double gd = den_t >= ASA_DEN_EPS ? -gsum / dd : 0.0;
+            double dr = 0.0;
+            if (ti == c1 - 1) {
+#pragma unroll
+                for (int q = 0; q < ASA_MAXJ; ++q) gn[q] += dnum_c[q];
+                gd += dden_c;
+                dr += dm_c;
+            }
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) a[q] += gn[q];
+            bsum += gd;
+            // a_t replaces dL/dstate_t (phase 2 forms dv from it)
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) {
+                int j = lane + 32 * q;
+                if (j < d) g[j] = (float)a[q];
+            }
+            float r = rms[ti];
+            if (asa_finite(r)) {
+                double e = exp((double)(ws[ti] - r));
+                double dv = 0.0;
+#pragma unroll
+                for (int q = 0; q < ASA_MAXJ; ++q) {
+                    int j = lane + 32 * q;
+                    if (j < d) dv += (double)vv[(i64)ti * d + j] * a[q];
+                }
+                double de = bsum + warp_sum_d(dv);
+                if (lane == 0 && asa_finite(ws[ti])) gws[ti] = gws[ti] + (float)(e * de);
+                dr -= e * de;
+            }
+            if (asa_finite(m_prev)) {
+                double scale = exp((double)(m_prev - r));
+                double ds = 0.0;
+#pragma unroll
+                for (int q = 0; q < ASA_MAXJ; ++q) {
+                    ds += num_prev[q] * gn[q];  // zero beyond d
+                    dnum_prev[q] += scale * gn[q];
+                }
+                double dscale = den_prev * gd + warp_sum_d(ds);
+                dden_prev += scale * gd;
+                dm_prev += scale * dscale;
+                dr -= scale * dscale;
+            }
+            float cmt = cmr[ti];
+            double to_cm;
+            if (m_prev > cmt) {
+                dm_prev += dr;
+                to_cm = 0.0;
+            } else if (cmt > m_prev) {
+                to_cm = dr;
+            } else {
+                dm_prev += 0.5 * dr;
+                to_cm = 0.5 * dr;
+            }
+            int idx = cir[ti];
+            if (lane == 0 && to_cm != 0.0 && asa_finite(ws[idx])) gws[idx] = gws[idx] + (float)to_cm;
+            __syncwarp();
+        }
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) dnum_c[q] = dnum_prev[q];
+        dden_c = dden_prev;
+        dm_c = dm_prev;
+    }
+}
+
+// Backward of the write scan, second phase: dv [B,H,T,d] += sum_s e(s,t) * a(s,t) in slot order,
+// e = exp(wl - rmax) (0 where rmax is -inf); a from `slot_scan_backward`. One thread per (b,h,t,j).
+extern "C" __global__ void slot_scan_backward_dv(float* dv, const float* a, const float* wl,
+                                                 const float* rmax, int nbh, int t, int nk, int d) {
+    ASA_GRID_LOOP(i, (i64)nbh * t * d) {
+        int j = (int)(i % d);
+        i64 r = i / d;
+        int ti = (int)(r % t);
+        i64 bh = r / t;
+        float acc = dv[i];
+        for (int s = 0; s < nk; ++s) {
+            i64 si = (bh * nk + s) * t + ti;
+            float rm = rmax[si];
+            if (!asa_finite(rm)) continue;
+            double e = exp((double)(wl[si] - rm));
+            acc = acc + (float)(e * (double)a[((bh * t + ti) * nk + s) * d + j]);
+        }
+        dv[i] = acc;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// read logits
+
+// Is slot s masked at time ti? keep: nullable [K] (0 = masked).
+__device__ __forceinline__ bool asa_masked(const int* keep, int last_pos_only, int ti, int t, int s) {
+    if (!keep) return false;
+    if (last_pos_only && ti + 1 != t) return false;
+    return keep[s] == 0;
+}
+
+// lkey = q.keys/sqrt(d); lcont = q.state/sqrt(d) (when lcont is non-null); logits = lkey +
+// gamma*lcont (lkey alone without content), with the slot mask: mask_mode 0 (read) -> both
+// -inf, 1 (content only) -> lcont 0. lkey, lcont, logits: [B,H,T,K]; q: [B,H,T,d];
+// keys: [H,K,d]; state: [B,H,T,K,d]. One warp per (b,h,t,s).
+extern "C" __global__ void read_logits_forward(float* lkey, float* lcont, float* logits, const float* q,
+                                               const float* keys, const float* state, float gamma,
+                                               const int* keep, int last_pos_only, int mask_mode,
+                                               int nbh, int h, int t, int nk, int d) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)nbh * t * nk) return;
+    int s = (int)(warp % nk);
+    i64 row = warp / nk;  // bh*t + ti
+    int ti = (int)(row % t);
+    i64 bh = row / t;
+    int hi = (int)(bh % h);
+    double scale = 1.0 / sqrt((double)d);
+    const float* qt = q + row * d;
+    const float* key = keys + ((i64)hi * nk + s) * d;
+    const float* sv = state + (row * nk + s) * d;
+    double ak = 0.0, ac = 0.0;
+    for (int j = lane; j < d; j += 32) {
+        double qj = (double)qt[j];
+        ak += (double)key[j] * qj;
+        if (lcont) ac += (double)sv[j] * qj;
+    }
+    ak = warp_sum_d(ak);
+    ac = warp_sum_d(ac);
+    if (lane != 0) return;
+    float vk = (float)(ak * scale);
+    float vc = lcont ? (float)(ac * scale) : 0.0f;
+    if (asa_masked(keep, last_pos_only, ti, t, s)) {
+        if (mask_mode == 0) {
+            vk = ASA_NEG_INF;
+            vc = ASA_NEG_INF;
+        } else {
+            vc = 0.0f;
+        }
+    }
+    lkey[warp] = vk;
+    if (lcont) lcont[warp] = vc;
+    logits[warp] = lcont ? vk + gamma * vc : vk;
+}
+
+// Backward of read_logits_forward to q and the state, plus the per-(b,h,t) partial of
+// d(gamma) = sum dlogits * lcont. dq: [B,H,T,d]; dstate: nullable [B,H,T,K,d] (content read);
+// pgamma: nullable [B*H*T] f64. One warp per (b,h,t), lanes over d; terms added in f32 in slot
+// order as the CPU twin. The slot-key gradient is `read_logits_backward_keys`.
+extern "C" __global__ void read_logits_backward(float* dq, float* dstate, double* pgamma, const float* dlogits,
+                                                const float* lcont, const float* q, const float* keys,
+                                                const float* state, float gamma, const int* keep,
+                                                int last_pos_only, int mask_mode, int nbh, int h, int t,
+                                                int nk, int d) {
+    i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // bh*t + ti
+    int lane = threadIdx.x & 31;
+    if (row >= (i64)nbh * t) return;
+    int ti = (int)(row % t);
+    i64 bh = row / t;
+    int hi = (int)(bh % h);
+    double scale = 1.0 / sqrt((double)d);
+    bool has_content = dstate != 0 && lcont != 0;
+    const float* qt = q + row * d;
+    float gq[ASA_MAXJ];
+#pragma unroll
+    for (int qq = 0; qq < ASA_MAXJ; ++qq) {
+        int j = lane + 32 * qq;
+        gq[qq] = j < d ? dq[row * d + j] : 0.0f;
+    }
+    double dgamma = 0.0;
+    for (int s = 0; s < nk; ++s) {
+        i64 i = row * nk + s;
+        double g = (double)dlogits[i];
+        if (g == 0.0) continue;
+        bool masked = asa_masked(keep, last_pos_only, ti, t, s);
+        bool key_live = !(masked && mask_mode == 0);
+        bool cont_live = !masked;
+        if (key_live) {
+            const float* key = keys + ((i64)hi * nk + s) * d;
+#pragma unroll
+            for (int qq = 0; qq < ASA_MAXJ; ++qq) {
+                int j = lane + 32 * qq;
+                if (j < d) gq[qq] = gq[qq] + (float)(g * scale * (double)key[j]);
+            }
+        }
+        if (has_content && cont_live) {
+            double lc = (double)lcont[i];
+            dgamma += g * lc;
+            double gc = g * (double)gamma * scale;
+            const float* sv = state + i * d;
+            float* gst = dstate + i * d;
+#pragma unroll
+            for (int qq = 0; qq < ASA_MAXJ; ++qq) {
+                int j = lane + 32 * qq;
+                if (j < d) {
+                    gq[qq] = gq[qq] + (float)(gc * (double)sv[j]);
+                    gst[j] = gst[j] + (float)(gc * (double)qt[j]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int qq = 0; qq < ASA_MAXJ; ++qq) {
+        int j = lane + 32 * qq;
+        if (j < d) dq[row * d + j] = gq[qq];
+    }
+    if (pgamma && lane == 0) pgamma[row] = dgamma;
+}
+
+// Per-(b,h) partial slot-key gradient of the read logits: pkeys[b,h,s,j] = sum_t dlogits *
+// q[t,j] / sqrt(d) where the key logit is live (f64, time order). One thread per (b,h,s,j).
+// Finished by `sum_batch_add`.
+extern "C" __global__ void read_logits_backward_keys(double* pkeys, const float* dlogits, const float* q,
+                                                     const int* keep, int last_pos_only, int mask_mode,
+                                                     int nbh, int t, int nk, int d) {
+    double scale = 1.0 / sqrt((double)d);
+    ASA_GRID_LOOP(i, (i64)nbh * nk * d) {
+        int j = (int)(i % d);
+        i64 r = i / d;
+        int s = (int)(r % nk);
+        i64 bh = r / nk;
+        double acc = 0.0;
+        for (int ti = 0; ti < t; ++ti) {
+            double g = (double)dlogits[(bh * t + ti) * nk + s];
+            if (g == 0.0) continue;
+            if (mask_mode == 0 && asa_masked(keep, last_pos_only, ti, t, s)) continue;
+            acc += g * scale * (double)q[(bh * t + ti) * d + j];
+        }
+        pkeys[i] = acc;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// read weights (routing). One thread per row (b,h,t) of K.
+
+// Rank rule of topk: slot s is selected iff fewer than kk slots come before it in a stable
+// descending sort (larger value, or equal value and lower index).
+__device__ __forceinline__ bool asa_topk_sel(const float* lg, int nk, int kk, int s) {
+    int before = 0;
+    for (int u = 0; u < nk; ++u)
+        if (lg[u] > lg[s] || (lg[u] == lg[s] && u < s)) ++before;
+    return before < kk;
+}
+
+// softmax(x / temp) over one row (restricted to the topk selection when kk > 0), f64; an
+// all -inf row gives zeros.
+__device__ void asa_softmax_row(float* out, const float* x, float temp, int nk, int kk) {
+    double mx = (double)ASA_NEG_INF;
+    for (int s = 0; s < nk; ++s)
+        if (kk <= 0 || asa_topk_sel(x, nk, kk, s)) mx = fmax(mx, (double)x[s] / (double)temp);
+    if (!isfinite(mx)) {
+        for (int s = 0; s < nk; ++s) out[s] = 0.0f;
+        return;
+    }
+    double sum = 0.0;
+    for (int s = 0; s < nk; ++s)
+        if (kk <= 0 || asa_topk_sel(x, nk, kk, s)) sum += exp((double)x[s] / (double)temp - mx);
+    for (int s = 0; s < nk; ++s) {
+        double e = (kk <= 0 || asa_topk_sel(x, nk, kk, s)) ? exp((double)x[s] / (double)temp - mx) : 0.0;
+        out[s] = (float)(e / sum);
+    }
+}
+
+// rw = routing(logits), then the hard read mask with renormalisation. rw, logits: [B,H,T,K].
+// routing: 0 softmax, 1 top1, 2 topk (topk = k), 3 external, 4 override (ext: [B,H,T,K]).
+extern "C" __global__ void read_weights_forward(float* rw, const float* logits, const float* ext, int routing,
+                                                int topk, float rtemp, const int* keep, int last_pos_only,
+                                                int rows, int t, int nk) {
+    ASA_GRID_LOOP(row, rows) {
+        int ti = (int)(row % t);
+        const float* lg = logits + row * nk;
+        float* w = rw + row * nk;
+        if (routing == 0) {
+            asa_softmax_row(w, lg, rtemp, nk, 0);
+        } else if (routing == 1) {
+            int best = 0;
+            for (int s = 1; s < nk; ++s)
+                if (lg[s] > lg[best]) best = s;
+            for (int s = 0; s < nk; ++s) w[s] = s == best ? 1.0f : 0.0f;
+        } else if (routing == 2) {
+            asa_softmax_row(w, lg, rtemp, nk, max(1, min(topk, nk)));
+        } else {
+            const float* src = ext + row * nk;
+            double sum = 0.0;
+            for (int s = 0; s < nk; ++s) {
+                float x = src[s];
+                if (routing == 4) x = isfinite(x) ? fmaxf(x, 0.0f) : 0.0f;
+                w[s] = x;
+                sum += (double)x;
+            }
+            double den = fmax(sum, (double)ASA_DEN_EPS);
+            for (int s = 0; s < nk; ++s) w[s] = (float)((double)w[s] / den);
+        }
+        if (keep && (!last_pos_only || ti + 1 == t)) {
+            double sum = 0.0;
+            for (int s = 0; s < nk; ++s) {
+                if (!keep[s]) w[s] = 0.0f;
+                sum += (double)w[s];
+            }
+            double den = fmax(sum, (double)ASA_DEN_EPS);
+            for (int s = 0; s < nk; ++s) w[s] = (float)((double)w[s] / den);
+        }
+    }
+}
+
+// Backward of read_weights_forward to the logits (softmax and topk only; the caller skips the
+// other routings). dlogits, drw, rw, logits: [B,H,T,K]. Needs K <= ASA_MAXK.
+extern "C" __global__ void read_weights_backward(float* dlogits, const float* drw, const float* rw,
+                                                 const float* logits, int routing, int topk, float rtemp,
+                                                 const int* keep, int last_pos_only, int rows, int t, int nk) {
+    ASA_GRID_LOOP(row, rows) {
+        int ti = (int)(row % t);
+        const float* y = rw + row * nk;
+        const float* lg = logits + row * nk;
+        double gy[ASA_MAXK], p[ASA_MAXK];
+        for (int s = 0; s < nk; ++s) {
+            gy[s] = (double)drw[row * nk + s];
+            p[s] = (double)y[s];
+        }
+        if (keep && (!last_pos_only || ti + 1 == t)) {
+            float pre[ASA_MAXK];
+            asa_softmax_row(pre, lg, rtemp, nk, routing == 2 ? max(1, min(topk, nk)) : 0);
+            double sum = 0.0, dot = 0.0;
+            for (int s = 0; s < nk; ++s) {
+                if (keep[s]) sum += (double)pre[s];
+                dot += gy[s] * (double)y[s];
+            }
+            double den = fmax(sum, (double)ASA_DEN_EPS);
+            for (int s = 0; s < nk; ++s) {
+                if (keep[s] && sum >= (double)ASA_DEN_EPS) gy[s] = (gy[s] - dot) / den;
+                else if (keep[s]) gy[s] = gy[s] / den;
+                else gy[s] = 0.0;
+                p[s] = (double)pre[s];
+            }
+        }
+        double dot = 0.0;
+        for (int s = 0; s < nk; ++s) dot += p[s] * gy[s];
+        float* gl = dlogits + row * nk;
+        for (int s = 0; s < nk; ++s)
+            if (p[s] > 0.0) gl[s] = gl[s] + (float)(p[s] * (gy[s] - dot) / (double)rtemp);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// slot mix: out_t = sum_k w_tk state_tk
+
+// out: [R,d]; w: [R,K]; state: [R,K,d] (R = B*H*T). One thread per (row, j), f64 sum.
+extern "C" __global__ void slot_mix_forward(float* out, const float* w, const float* state, i64 rows,
+                                            int nk, int d) {
+    ASA_GRID_LOOP(i, rows * d) {
+        int j = (int)(i % d);
+        i64 row = i / d;
+        double acc = 0.0;
+        for (int s = 0; s < nk; ++s)
+            acc += (double)w[row * nk + s] * (double)state[(row * nk + s) * d + j];
+        out[i] = (float)acc;
+    }
+}
+
+// dw [R,K] += dout . state (f64 warp sum); dstate [R,K,d] += w * dout (f32). One warp per (row, s).
+extern "C" __global__ void slot_mix_backward(float* dw, float* dstate, const float* dout, const float* w,
+                                             const float* state, i64 rows, int nk, int d) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows * nk) return;
+    i64 row = warp / nk;
+    const float* g = dout + row * d;
+    const float* sv = state + warp * d;
+    float* gs = dstate + warp * d;
+    float ws = w[warp];
+    double acc = 0.0;
+    for (int j = lane; j < d; j += 32) {
+        acc += (double)g[j] * (double)sv[j];
+        gs[j] = gs[j] + ws * g[j];
+    }
+    acc = warp_sum_d(acc);
+    if (lane == 0) dw[warp] = dw[warp] + (float)acc;
+}
+
+// ------------------------------------------------------------------------------------------------
+// slotspace refine: elementwise maps
+
+// phi(x) = elu(x) + 1
+extern "C" __global__ void phi_forward(float* out, const float* inp, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float x = inp[i];
+        out[i] = x > 0.0f ? x + 1.0f : expf(x);
+    }
+}
+
+// dinp += dout * phi'(x)
+extern "C" __global__ void phi_backward(float* dinp, const float* inp, const float* dout, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float x = inp[i];
+        dinp[i] = dinp[i] + (x > 0.0f ? dout[i] : dout[i] * expf(x));
+    }
+}
+
+// out = tanh(x) (f64)
+extern "C" __global__ void tanh_forward(float* out, const float* inp, i64 n) {
+    ASA_GRID_LOOP(i, n) { out[i] = (float)tanh((double)inp[i]); }
+}
+
+// dinp += dout * (1 - y^2)
+extern "C" __global__ void tanh_backward(float* dinp, const float* out, const float* dout, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float y = out[i];
+        dinp[i] = dinp[i] + dout[i] * (1.0f - y * y);
+    }
+}
+
+// x [N,T,M] *= valid[b,t] (N = B*H rows of T steps); valid: [B,T] u8.
+extern "C" __global__ void mask_rows(float* x, const unsigned char* valid, int h, int t, int m, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        i64 r = i / m;  // n*t + ti
+        int ti = (int)(r % t);
+        i64 bi = (r / t) / h;
+        if (!valid[bi * t + ti]) x[i] = 0.0f;
+    }
+}
+
+// softmax over rows of K (f64). out, inp: [R,K]. One thread per row.
+extern "C" __global__ void softmax_slots_forward(float* out, const float* inp, i64 rows, int nk) {
+    ASA_GRID_LOOP(row, rows) { asa_softmax_row(out + row * nk, inp + row * nk, 1.0f, nk, 0); }
+}
+
+// dinp += y * (dy - sum(dy*y)) per row (f64 dot).
+extern "C" __global__ void softmax_slots_backward(float* dinp, const float* out, const float* dout, i64 rows,
+                                                  int nk) {
+    ASA_GRID_LOOP(row, rows) {
+        const float* y = out + row * nk;
+        const float* gy = dout + row * nk;
+        double dot = 0.0;
+        for (int s = 0; s < nk; ++s) dot += (double)y[s] * (double)gy[s];
+        for (int s = 0; s < nk; ++s)
+            dinp[row * nk + s] = dinp[row * nk + s] + (float)((double)y[s] * ((double)gy[s] - dot));
+    }
+}
+
+// Slot mask on the slotspace weights, in place: w *= keep (renormalised by max(sum, 1e-8)
+// when `renorm`); pre receives the weights before masking. w, pre: [R,K]; keep: [K].
+extern "C" __global__ void slot_mask_weights_forward(float* w, float* pre, const int* keep, int last_pos_only,
+                                                     int renorm, i64 rows, int t, int nk) {
+    ASA_GRID_LOOP(row, rows) {
+        int ti = (int)(row % t);
+        float* wr = w + row * nk;
+        for (int s = 0; s < nk; ++s) pre[row * nk + s] = wr[s];
+        if (last_pos_only && ti + 1 != t) continue;
+        for (int s = 0; s < nk; ++s)
+            if (!keep[s]) wr[s] = 0.0f;
+        if (renorm) {
+            double sum = 0.0;
+            for (int s = 0; s < nk; ++s) sum += (double)wr[s];
+            double den = fmax(sum, (double)ASA_DEN_EPS);
+            for (int s = 0; s < nk; ++s) wr[s] = (float)((double)wr[s] / den);
+        }
+    }
+}
+
+// dpre [R,K] += backward of slot_mask_weights_forward; out: the masked weights.
+extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* dw, const float* out,
+                                                      const float* pre, const int* keep, int last_pos_only,
+                                                      int renorm, i64 rows, int t, int nk) {
+    ASA_GRID_LOOP(row, rows) {
+        int ti = (int)(row % t);
+        const float* g = dw + row * nk;
+        float* gp = dpre + row * nk;
+        if (last_pos_only && ti + 1 != t) {
+            for (int s = 0; s < nk; ++s) gp[s] = gp[s] + g[s];
+            continue;
+        }
+        if (renorm) {
+            double sum = 0.0, dot = 0.0;
+            for (int s = 0; s < nk; ++s) {
+                if (keep[s]) sum += (double)pre[row * nk + s];
+                dot += (double)g[s] * (double)out[row * nk + s];
+            }
+            double den = fmax(sum, (double)ASA_DEN_EPS);
+            for (int s = 0; s < nk; ++s) {
+                if (!keep[s]) continue;
+                double v = sum >= (double)ASA_DEN_EPS ? ((double)g[s] - dot) / den : (double)g[s] / den;
+                gp[s] = gp[s] + (float)v;
+            }
+        } else {
+            for (int s = 0; s < nk; ++s)
+                if (keep[s]) gp[s] = gp[s] + g[s];
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// causal linear attention. One block of M threads per row n (N = B*H); S [M,M] and Z [M] in
+// f64 shared memory (dynamic: (M*M + 3*M) doubles + 3*M floats).
+
+// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. Thread c owns column c of S.
+extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* qf, const float* kf,
+                                               const float* v, int n, int t, int m) {
+    extern __shared__ double sh_la[];
+    int nn = blockIdx.x, c = threadIdx.x;
+    if (nn >= n) return;
+    double* S = sh_la;            // [M,M]
+    double* z = S + m * m;        // [M]
+    float* qs = (float*)(z + m);  // [M]
+    float* ks = qs + m;
+    float* vs = ks + m;
+    for (int a = 0; a < m; ++a) S[a * m + c] = 0.0;
+    z[c] = 0.0;
+    i64 base = (i64)nn * t * m;
+    __syncthreads();
+    for (int ti = 0; ti < t; ++ti) {
+        qs[c] = qf[base + (i64)ti * m + c];
+        ks[c] = kf[base + (i64)ti * m + c];
+        vs[c] = v[base + (i64)ti * m + c];
+        z[c] += (double)ks[c];
+        __syncthreads();
+        double dsum = 0.0;
+        for (int a = 0; a < m; ++a) dsum += (double)qs[a] * fmax(z[a], (double)ASA_DEN_EPS);
+        double dd = fmax(dsum, (double)ASA_DEN_EPS);
+        double acc = 0.0;
+        for (int a = 0; a < m; ++a) {
+            double sa = S[a * m + c] + (double)ks[a] * (double)vs[c];
+            S[a * m + c] = sa;
+            acc += (double)qs[a] * sa;
+        }
+        out[base + (i64)ti * m + c] = (float)(acc / dd);
+        if (c == 0) den[(i64)nn * t + ti] = (float)dsum;
+        __syncthreads();
+    }
+}
+
+// Backward of linear_attn_forward: a forward sweep rebuilds S_t, Z_t for dqf (thread a owns row
+// a of S), a reverse sweep accumulates dS, dZ for dkf and dv. zlive: scratch [N,T,M] u8 (where
+// Z is unclamped). dout, out: [N,T,M]; den: [N,T]. Shared: (M*M + 3*M) doubles + 3*M floats.
+extern "C" __global__ void linear_attn_backward(float* dqf, float* dkf, float* dv, unsigned char* zlive,
+                                                const float* dout, const float* out, const float* den,
+                                                const float* qf, const float* kf, const float* v,
+                                                int n, int t, int m) {
+    extern __shared__ double sh_la[];
+    int nn = blockIdx.x, a = threadIdx.x;
+    if (nn >= n) return;
+    double* S = sh_la;             // [M,M]: S, then dS
+    double* gnum = S + m * m;      // [M]
+    double* gop = gnum + m;        // [M] g*o terms
+    double* misc = gop + m;        // [M] (misc[0] = gden)
+    float* qs = (float*)(misc + m);
+    float* ks = qs + m;
+    float* vs = ks + m;
+    i64 base = (i64)nn * t * m;
+    for (int c = 0; c < m; ++c) S[a * m + c] = 0.0;
+    double za = 0.0;
+    __syncthreads();
+    // forward sweep
+    for (int ti = 0; ti < t; ++ti) {
+        i64 o = base + (i64)ti * m + a;
+        double dt = (double)den[(i64)nn * t + ti];
+        double dd = fmax(dt, (double)ASA_DEN_EPS);
+        gnum[a] = (double)dout[o] / dd;
+        gop[a] = (double)dout[o] * (double)out[o];
+        ks[a] = kf[o];
+        vs[a] = v[o];
+        __syncthreads();
+        double go = 0.0;
+        for (int c = 0; c < m; ++c) go += gop[c];
+        double gden = den[(i64)nn * t + ti] >= ASA_DEN_EPS ? -go / dd : 0.0;
+        za += (double)ks[a];
+        double acc = gden * fmax(za, (double)ASA_DEN_EPS);
+        for (int c = 0; c < m; ++c) {
+            double sac = S[a * m + c] + (double)ks[a] * (double)vs[c];
+            S[a * m + c] = sac;
+            acc += sac * gnum[c];
+        }
+        dqf[o] = dqf[o] + (float)acc;
+        zlive[o] = za >= (double)ASA_DEN_EPS ? 1 : 0;
+        __syncthreads();
+    }
+    // reverse sweep: S becomes dS
+    for (int c = 0; c < m; ++c) S[a * m + c] = 0.0;
+    double dza = 0.0;
+    __syncthreads();
+    for (int ti = t - 1; ti >= 0; --ti) {
+        i64 o = base + (i64)ti * m + a;
+        double dt = (double)den[(i64)nn * t + ti];
+        double dd = fmax(dt, (double)ASA_DEN_EPS);
+        gnum[a] = (double)dout[o] / dd;
+        gop[a] = (double)dout[o] * (double)out[o];
+        qs[a] = qf[o];
+        ks[a] = kf[o];
+        vs[a] = v[o];
+        __syncthreads();
+        double go = 0.0;
+        for (int c = 0; c < m; ++c) go += gop[c];
+        double gden = den[(i64)nn * t + ti] >= ASA_DEN_EPS ? -go / dd : 0.0;
+        double qa = (double)qs[a];
+        if (zlive[o]) dza += gden * qa;
+        for (int c = 0; c < m; ++c) S[a * m + c] += qa * gnum[c];
+        double acc = dza;
+        for (int c = 0; c < m; ++c) acc += S[a * m + c] * (double)vs[c];
+        dkf[o] = dkf[o] + (float)acc;
+        __syncthreads();
+        // column a of dS against k: thread a acts as column index c = a
+        double accv = 0.0;
+        for (int r = 0; r < m; ++r) accv += S[r * m + a] * (double)ks[r];
+        dv[o] = dv[o] + (float)accv;
+        __syncthreads();
+    }
+}

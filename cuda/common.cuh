@@ -1,0 +1,99 @@
+// Shared helpers of the asa kernels. Textually included (by the Rust loader) into every
+// `cuda/*.cu` that says `#include "common.cuh"`, so the kernels need no CUDA headers at all.
+//
+// Conventions of every kernel:
+// - row-major f32 tensors, shapes in the comments (`[B,H,T,d]`), sizes passed as `int`
+//   (the host checks that every size and element count fits), element offsets in `long long`;
+// - nullable inputs are plain pointers that may be 0 (the host passes a null device pointer);
+// - backward kernels ACCUMULATE (`+=`) like their CPU twins unless documented otherwise;
+// - no float atomics anywhere: every reduction runs in a fixed order, so results are bitwise
+//   reproducible run to run;
+// - warp reductions broadcast lane 0's result, so every lane of a warp sees the same bits.
+
+#define ASA_FULL_MASK 0xffffffffu
+#define ASA_DEN_EPS 1e-8f           /* DEN_EPS of the CPU twin (f32 1e-8) */
+#define ASA_NEG_INF (__int_as_float(0xff800000))
+#define ASA_MAXJ 8                  /* head_dim <= 32 * ASA_MAXJ = 256 for per-lane vectors */
+#define ASA_MAXK 128                /* num_slots <= 128 for per-thread slot rows */
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ bool asa_finite(float x) { return isfinite(x); }
+
+// Sum over the 32 lanes of a warp; every lane gets lane 0's result (bitwise identical).
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(ASA_FULL_MASK, v, o);
+    return __shfl_sync(ASA_FULL_MASK, v, 0);
+}
+
+__device__ __forceinline__ float warp_max_f(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(ASA_FULL_MASK, v, o));
+    return __shfl_sync(ASA_FULL_MASK, v, 0);
+}
+
+// Block-wide sum in a fixed tree order (deterministic). `sh` holds blockDim.x/32 doubles.
+// Every thread of the block must call it; every thread gets the total.
+__device__ __forceinline__ double block_sum_d(double v, double* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    double t = 0.0;
+    if (w == 0) {
+        t = lane < nw ? sh[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    t = sh[0];
+    __syncthreads();
+    return t;
+}
+
+__device__ __forceinline__ float block_max_f(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max_f(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = ASA_NEG_INF;
+    if (w == 0) {
+        t = lane < nw ? sh[lane] : ASA_NEG_INF;
+        t = warp_max_f(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    t = sh[0];
+    __syncthreads();
+    return t;
+}
+
+// Grid-stride loop over [0, n).
+#define ASA_GRID_LOOP(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
+
+// Counter-based RNG for dropout: a SplitMix64 finaliser of (seed, index). Each element's draw
+// depends only on the call's seed and the element's index, never on the launch shape.
+__device__ __forceinline__ u64 asa_mix64(u64 z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+// Uniform in [0, 1) with 24 random bits.
+__device__ __forceinline__ float asa_uniform(u64 seed, u64 idx) {
+    u64 h = asa_mix64(seed ^ asa_mix64(idx));
+    return (float)(unsigned int)(h >> 40) * (1.0f / 16777216.0f);
+}
+
+// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN).
+__device__ __forceinline__ unsigned short asa_f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}

@@ -1,0 +1,361 @@
+// Generic ops, one kernel per op and direction, each the twin of the function of the same name
+// in `src/backend/cpu/ops.rs` (matmul is cuBLAS; only its bias parts are kernels here).
+#include "common.cuh"
+
+// ------------------------------------------------------------------------------------------------
+// encoder
+
+// out: [N,C] (N = B*T); ids: [N]; wte: [V,C]; wpe: nullable [maxT,C].
+// out[bt,:] = wte[ids[bt],:] (+ wpe[bt % T,:]). Ids are validated on the host; an id >= V
+// writes zeros instead of reading out of bounds.
+extern "C" __global__ void encoder_forward(float* out, const unsigned int* ids, const float* wte,
+                                           const float* wpe, int n, int t, int c, int v) {
+    ASA_GRID_LOOP(i, (i64)n * c) {
+        int bt = (int)(i / c), j = (int)(i % c);
+        unsigned int id = ids[bt];
+        float x = 0.0f;
+        if (id < (unsigned int)v) {
+            x = wte[(i64)id * c + j];
+            if (wpe) x = x + wpe[(i64)(bt % t) * c + j];
+        }
+        out[i] = x;
+    }
+}
+
+// dwte: [V,C] += scatter of dout [N,C]. The host sorts the positions by token id (counting
+// sort): uniq[u] is the u-th distinct id, its positions are order[start[u]..start[u+1]),
+// ascending. Grid: x = distinct ids, y = column tiles. Sums in f64 in position order.
+extern "C" __global__ void encoder_backward(float* dwte, const float* dout, const int* uniq,
+                                            const int* start, const int* order, int nuniq, int c) {
+    int u = blockIdx.x;
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (u >= nuniq || j >= c) return;
+    double acc = 0.0;
+    for (int p = start[u]; p < start[u + 1]; ++p) acc += (double)dout[(i64)order[p] * c + j];
+    i64 o = (i64)uniq[u] * c + j;
+    dwte[o] = dwte[o] + (float)acc;
+}
+
+// dwpe: rows 0..T of [maxT,C] += sum over B of dout [B,T,C] (f64, batch order).
+extern "C" __global__ void encoder_backward_wpe(float* dwpe, const float* dout, int b, int t, int c) {
+    ASA_GRID_LOOP(i, (i64)t * c) {
+        int tt = (int)(i / c), j = (int)(i % c);
+        double acc = 0.0;
+        for (int bb = 0; bb < b; ++bb) acc += (double)dout[((i64)bb * t + tt) * c + j];
+        dwpe[i] = dwpe[i] + (float)acc;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// layernorm (eps 1e-5, biased variance, statistics in f64). One warp per row.
+
+// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N].
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                             const float* weight, const float* bias, int n, int c) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;  // whole warps leave together
+    const float* x = inp + (i64)row * c;
+    double s = 0.0;
+    for (int j = lane; j < c; j += 32) s += (double)x[j];
+    double mu = warp_sum_d(s) / c;
+    double v = 0.0;
+    for (int j = lane; j < c; j += 32) {
+        double d = (double)x[j] - mu;
+        v += d * d;
+    }
+    double var = warp_sum_d(v) / c;
+    double rs = 1.0 / sqrt(var + 1e-5);
+    float* o = out + (i64)row * c;
+    for (int j = lane; j < c; j += 32)
+        o[j] = (float)(((double)x[j] - mu) * rs * (double)weight[j] + (double)bias[j]);
+    if (lane == 0) {
+        mean[row] = (float)mu;
+        rstd[row] = (float)rs;
+    }
+}
+
+// dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
+// One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize`.
+extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, const float* inp,
+                                              const float* weight, const float* mean, const float* rstd,
+                                              int n, int c) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const float* x = inp + (i64)row * c;
+    const float* dy = dout + (i64)row * c;
+    double m = (double)mean[row], r = (double)rstd[row];
+    double a = 0.0, b = 0.0;
+    for (int j = lane; j < c; j += 32) {
+        double norm = ((double)x[j] - m) * r;
+        double dn = (double)weight[j] * (double)dy[j];
+        a += dn;
+        b += dn * norm;
+    }
+    a = warp_sum_d(a) / c;
+    b = warp_sum_d(b) / c;
+    float* dx = dinp + (i64)row * c;
+    for (int j = lane; j < c; j += 32) {
+        double norm = ((double)x[j] - m) * r;
+        double dn = (double)weight[j] * (double)dy[j];
+        dx[j] = dx[j] + (float)(r * (dn - a - norm * b));
+    }
+}
+
+// Partial sums of the LayerNorm parameter gradients over a chunk of rows:
+// pw[k,j] = sum_{rows of chunk k} norm*dout, pb[k,j] = sum dout (f64, row order).
+// pw, pb: [nchunks,C]; grid: x = column tiles, y = row chunks of `rows_per_chunk`.
+extern "C" __global__ void layernorm_backward_params(double* pw, double* pb, const float* dout,
+                                                     const float* inp, const float* mean,
+                                                     const float* rstd, int n, int c, int rows_per_chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    int k = blockIdx.y;
+    if (j >= c) return;
+    int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+    double aw = 0.0, ab = 0.0;
+    for (int row = r0; row < r1; ++row) {
+        double d = (double)dout[(i64)row * c + j];
+        aw += ((double)inp[(i64)row * c + j] - (double)mean[row]) * (double)rstd[row] * d;
+        ab += d;
+    }
+    pw[(i64)k * c + j] = aw;
+    pb[(i64)k * c + j] = ab;
+}
+
+// Partial column sums: part[k,j] = sum_{rows of chunk k} x[row,j] (f64). part: [nchunks,C].
+// Used for the bias gradient of matmul_backward. Grid as `layernorm_backward_params`.
+extern "C" __global__ void colsum_partial(double* part, const float* x, int n, int c, int rows_per_chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    int k = blockIdx.y;
+    if (j >= c) return;
+    int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+    double a = 0.0;
+    for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
+    part[(i64)k * c + j] = a;
+}
+
+// dst[j] += (f32) sum_k part[k,j], chunks in order. dst: [C]; part: [nchunks,C].
+extern "C" __global__ void colsum_finalize(float* dst, const double* part, int nchunks, int c) {
+    ASA_GRID_LOOP(j, c) {
+        double a = 0.0;
+        for (int k = 0; k < nchunks; ++k) a += part[(i64)k * c + j];
+        dst[j] = dst[j] + (float)a;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// matmul: the GEMMs are cuBLAS; the forward bias is written first and the GEMM adds onto it
+// (addmm order, as the CPU twin). out: [N,O]; bias: [O].
+extern "C" __global__ void matmul_forward_bias(float* out, const float* bias, int n, int o) {
+    ASA_GRID_LOOP(i, (i64)n * o) { out[i] = bias[i % o]; }
+}
+
+// f32 -> bf16 (round to nearest even) for the bf16 GEMM path. dst: [n] u16; src: [n].
+extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* src, i64 n) {
+    ASA_GRID_LOOP(i, n) { dst[i] = asa_f32_to_bf16(src[i]); }
+}
+
+// ------------------------------------------------------------------------------------------------
+// GELU (exact, erf form), elementwise in f32 (the CPU twin uses f64; erff is within 2 ulp).
+
+extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    }
+}
+
+// dinp += dout * (Phi(x) + x*phi(x)).
+extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float x = inp[i];
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+        dinp[i] = dinp[i] + dout[i] * (cdf + x * pdf);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dropout: mask[i] = 0 with probability p, else scale = 1/(1-p); out = inp * mask.
+// The draw of element i is asa_uniform(seed, i) (counter-based, see common.cuh): reproducible
+// for a seed, independent of the launch shape; not the CPU twin's ChaCha8 stream.
+// p <= 0: copy and mask 1; p >= 1: all dropped.
+extern "C" __global__ void dropout_forward(float* out, float* mask, const float* inp, float p,
+                                           float scale, u64 seed, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float m;
+        if (p <= 0.0f) m = 1.0f;
+        else if (p >= 1.0f) m = 0.0f;
+        else m = asa_uniform(seed, (u64)i) < p ? 0.0f : scale;
+        mask[i] = m;
+        out[i] = p <= 0.0f ? inp[i] : inp[i] * m;
+    }
+}
+
+// dinp += dout * mask.
+extern "C" __global__ void dropout_backward(float* dinp, const float* dout, const float* mask, i64 n) {
+    ASA_GRID_LOOP(i, n) { dinp[i] = dinp[i] + dout[i] * mask[i]; }
+}
+
+// ------------------------------------------------------------------------------------------------
+// residual / small elementwise helpers
+
+// out = a + b.
+extern "C" __global__ void residual_forward(float* out, const float* a, const float* b, i64 n) {
+    ASA_GRID_LOOP(i, n) { out[i] = a[i] + b[i]; }
+}
+
+// y += alpha * x (f32, as the CPU's `*o += g * dl`).
+extern "C" __global__ void axpy(float* y, const float* x, float alpha, i64 n) {
+    ASA_GRID_LOOP(i, n) { y[i] = y[i] + alpha * x[i]; }
+}
+
+// y = (f32)(alpha * x) computed in f64 (the CPU's `(gate * dout_h[i] as f64) as f32`).
+extern "C" __global__ void scale_f64(float* y, const float* x, double alpha, i64 n) {
+    ASA_GRID_LOOP(i, n) { y[i] = (float)(alpha * (double)x[i]); }
+}
+
+// x = value.
+extern "C" __global__ void fill(float* x, float value, i64 n) {
+    ASA_GRID_LOOP(i, n) { x[i] = value; }
+}
+
+// Row scaling by a per-row factor: out[i] (+)= inp[i] * f[i / d]. (slot dropout of the keys and
+// its backward: keys = slot_keys * keep, dslot_keys += dkeys * keep.)
+extern "C" __global__ void scale_rows(float* out, const float* inp, const float* f, int d, int accumulate, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float v = inp[i] * f[i / d];
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// deterministic reductions
+
+// part[block] = sum over this block's grid-stride elements of x*y (y = x when y is null), f64.
+// Launch with a fixed grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
+extern "C" __global__ void dot_partial(double* part, const float* x, const float* y, i64 n) {
+    __shared__ double sh[32];
+    double a = 0.0;
+    ASA_GRID_LOOP(i, n) {
+        double xv = (double)x[i];
+        a += xv * (y ? (double)y[i] : xv);
+    }
+    a = block_sum_d(a, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+// global_norm, first stage: part[block] = sum of x^2 over the block's grid-stride elements
+// (f64); `sum_f64` with sqrt_result = 1 finishes it. Same fixed grid rule as `dot_partial`.
+extern "C" __global__ void global_norm(double* part, const float* x, i64 n) {
+    __shared__ double sh[32];
+    double a = 0.0;
+    ASA_GRID_LOOP(i, n) {
+        double xv = (double)x[i];
+        a += xv * xv;
+    }
+    a = block_sum_d(a, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+// out[0] = sum of part[0..n) in a fixed order (one block; strided per thread, then a tree).
+// With `sqrt_result` the square root is stored (global norm).
+extern "C" __global__ void sum_f64(double* out, const double* part, i64 n, int sqrt_result) {
+    __shared__ double sh[32];
+    double a = 0.0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) a += part[i];
+    a = block_sum_d(a, sh);
+    if (threadIdx.x == 0) out[0] = sqrt_result ? sqrt(a) : a;
+}
+
+// dst[0] += (f32)(src[0] * factor): a scalar parameter's gradient from its f64 sum.
+extern "C" __global__ void scalar_grad_add(float* dst, const double* src, double factor) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) dst[0] = dst[0] + (float)(src[0] * factor);
+}
+
+// ------------------------------------------------------------------------------------------------
+// cross-entropy (the classifier GEMM runs before, in row blocks; see `CudaBackend::lm_head_loss`)
+
+// One block per row r of logits [N,V]: probs[r,:] = softmax (written in place when probs ==
+// logits); row_loss[r] = logsumexp - logits[r,target] on counted rows (valid[r] != 0 and
+// 0 <= target < V), else 0. Max in f32, sums in f64, exp in f32. targets: [N] i64; valid: nullable [N] u8.
+extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, const float* logits,
+                                                const i64* targets, const unsigned char* valid, int n, int v) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    int r = blockIdx.x;
+    if (r >= n) return;
+    const float* x = logits + (i64)r * v;
+    float* p = probs + (i64)r * v;
+    float mx = ASA_NEG_INF;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, x[j]);
+    mx = block_max_f(mx, shf);
+    i64 tgt = targets[r];
+    bool counted = (valid == 0 || valid[r] != 0) && tgt >= 0 && tgt < (i64)v;
+    if (!asa_finite(mx) && mx < 0.0f) {
+        // all -inf: no probability mass anywhere (avoid NaN)
+        for (int j = threadIdx.x; j < v; j += blockDim.x) p[j] = 0.0f;
+        if (threadIdx.x == 0) row_loss[r] = counted ? (double)__int_as_float(0x7f800000) : 0.0;
+        return;
+    }
+    double s = 0.0;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(x[j] - mx);
+    s = block_sum_d(s, shd);
+    double lse = (double)mx + log(s);
+    float xt = counted ? x[tgt] : 0.0f;  // read before the in-place writes below
+    __syncthreads();
+    for (int j = threadIdx.x; j < v; j += blockDim.x) p[j] = expf((float)((double)x[j] - lse));
+    if (threadIdx.x == 0) row_loss[r] = counted ? lse - (double)xt : 0.0;
+}
+
+// dlogits [N,V] (+)= scale * (probs - onehot(target)) on counted rows. `inplace` != 0: dlogits
+// may alias probs and is overwritten (uncounted rows become 0); else it accumulates.
+extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs, const i64* targets,
+                                                 const unsigned char* valid, float scale, int n, int v,
+                                                 int inplace) {
+    ASA_GRID_LOOP(i, (i64)n * v) {
+        int r = (int)(i / v), j = (int)(i % v);
+        i64 tgt = targets[r];
+        bool counted = (valid == 0 || valid[r] != 0) && tgt >= 0 && tgt < (i64)v;
+        float d = 0.0f;
+        if (counted) d = scale * (probs[i] - (j == (int)tgt ? 1.0f : 0.0f));
+        dlogits[i] = inplace ? d : dlogits[i] + d;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// optimizer
+
+// ATen lerp: start + w*(end-start) for |w| < 0.5, else end - (end-start)*(1-w), one FMA.
+__device__ __forceinline__ float asa_lerp(float start, float end, float w) {
+    float diff = end - start;
+    return fabsf(w) < 0.5f ? __fmaf_rn(w, diff, start) : __fmaf_rn(w - 1.0f, diff, end);
+}
+
+// AdamW, torch `_single_tensor_adamw` order in f32 (see src/optim.rs); the scalars are computed
+// on the host in f64 and cast as PyTorch does. p, m, v, g: [n] (the flat parameter buffer).
+extern "C" __global__ void adamw_update(float* p, float* m, float* v, const float* g, float decay,
+                                        float lerp_w, float beta2, float one_minus_beta2,
+                                        float neg_step_size, float bias_correction2_sqrt, float eps, i64 n) {
+    ASA_GRID_LOOP(i, n) {
+        float gi = g[i];
+        float pi = __fmul_rn(p[i], decay);
+        float mi = asa_lerp(m[i], gi, lerp_w);
+        float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+        float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bias_correction2_sqrt), eps);
+        pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step_size, mi), denom));
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// clip_grad_norm: coef = max_norm / (norm[0] + 1e-6); when coef < 1, x *= (f32)coef.
+// The norm is read on the device (no host round trip).
+extern "C" __global__ void clip_scale(float* x, const double* norm, double max_norm, i64 n) {
+    double coef = max_norm / (norm[0] + 1e-6);
+    if (!(coef < 1.0)) return;
+    float c = (float)coef;
+    ASA_GRID_LOOP(i, n) { x[i] = x[i] * c; }
+}

@@ -1,0 +1,257 @@
+//! `asa doctor`: what the CUDA backend finds on this machine. Reports the build, the driver and
+//! GPUs, the NVRTC and cuBLAS libraries and their versions, compiles every kernel with NVRTC
+//! (one line per kernel) and, given `ptxas`, assembles each kernel file for sm_80, sm_90 and
+//! sm_90a. On a GPU machine it also opens the device, loads every module and runs one kernel.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::{kernel_names, KERNELS};
+
+/// The report: one line per finding; `ok` when every attempted check passed and a GPU is usable;
+/// `compile_ok` when every kernel compiled (and assembled, with ptxas).
+#[derive(Debug, Clone, Default)]
+pub struct DoctorReport {
+    pub lines: Vec<String>,
+    pub ok: bool,
+    pub compile_ok: bool,
+    pub gpu: bool,
+}
+
+impl std::fmt::Display for DoctorReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for l in &self.lines {
+            writeln!(f, "{l}")?;
+        }
+        write!(
+            f,
+            "doctor: {}",
+            if self.ok {
+                "OK"
+            } else if self.compile_ok {
+                "kernels compile, but no usable GPU"
+            } else {
+                "FAILED"
+            }
+        )
+    }
+}
+
+/// Assembles `ptx` with `ptxas -arch=<sm>`; Err(message) on failure.
+pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("asa-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
+    let src = dir.join(format!("{tag}.ptx"));
+    let out = dir.join(format!("{tag}.{sm}.cubin"));
+    std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
+    let res = Command::new(ptxas)
+        .arg(format!("-arch={sm}"))
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&out);
+    if res.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&res.stderr)
+            .lines()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | "))
+    }
+}
+
+/// Runs every check; never panics.
+pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
+    let mut r = DoctorReport::default();
+    let mut l = |s: String| r.lines.push(s);
+    l(format!(
+        "build: asa {} (git {}), {} {}",
+        super::BUILD_VERSION,
+        super::BUILD_GIT,
+        super::BUILD_TARGET,
+        super::BUILD_PROFILE
+    ));
+    if let Some(root) = super::pypi_cuda_root() {
+        l(format!("{}: {}", super::PYPI_DIR_ENV, root.display()));
+    }
+
+    // driver and devices
+    let driver = super::driver_present();
+    let mut device_arch: Option<&'static str> = None;
+    if driver {
+        let v = super::driver_version().unwrap_or(0);
+        l(format!(
+            "driver: libcuda loaded, CUDA {}.{}",
+            v / 1000,
+            (v % 1000) / 10
+        ));
+        let info = std::panic::catch_unwind(|| -> Result<Vec<String>, String> {
+            let n = cudarc::driver::CudaContext::device_count().map_err(|e| format!("{e}"))?;
+            let mut out = vec![format!("devices: {n}")];
+            for i in 0..n.max(0) as usize {
+                let ctx =
+                    cudarc::driver::CudaContext::new(i).map_err(|e| format!("device {i}: {e}"))?;
+                let (a, b) = ctx.compute_capability().map_err(|e| format!("{e}"))?;
+                let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+                out.push(format!(
+                    "gpu {i}: {} (sm_{a}{b}, {:.1} GiB) -> NVRTC arch {}",
+                    ctx.name().unwrap_or_default(),
+                    mem,
+                    super::arch_for(a, b)
+                ));
+            }
+            Ok(out)
+        });
+        match info {
+            Ok(Ok(lines)) => {
+                for s in lines {
+                    l(s);
+                }
+            }
+            Ok(Err(e)) => l(format!("devices: error: {e}")),
+            Err(_) => l("devices: querying the driver panicked".into()),
+        }
+    } else {
+        l("driver: no CUDA driver found (libcuda.so not loadable)".into());
+    }
+
+    // libraries
+    match super::nvrtc_version() {
+        Some((a, b)) => l(format!("nvrtc: {a}.{b}")),
+        None => l(
+            "nvrtc: NOT FOUND (libnvrtc.so.13; set LD_LIBRARY_PATH or ASA_CUDA_PYPI_DIR)".into(),
+        ),
+    }
+    if super::cublas_present() {
+        let mut v = [0i32; 3];
+        let props = [
+            cudarc::cublas::sys::libraryPropertyType::MAJOR_VERSION,
+            cudarc::cublas::sys::libraryPropertyType::MINOR_VERSION,
+            cudarc::cublas::sys::libraryPropertyType::PATCH_LEVEL,
+        ];
+        for (slot, p) in v.iter_mut().zip(props) {
+            // SAFETY: the library is present; one out-pointer to a local.
+            unsafe {
+                cudarc::cublas::sys::cublasGetProperty(p, slot);
+            }
+        }
+        l(format!("cublas: {}.{}.{}", v[0], v[1], v[2]));
+    } else {
+        l("cublas: NOT FOUND (libcublas.so.13)".into());
+    }
+
+    // kernels: NVRTC for compute_80 and compute_90 (and the device's arch), ptxas per file
+    let mut archs: Vec<&'static str> = vec!["compute_80", "compute_90"];
+    if driver {
+        if let Ok(Ok((a, b))) = std::panic::catch_unwind(|| {
+            cudarc::driver::CudaContext::new(0).and_then(|c| c.compute_capability())
+        }) {
+            let arch = super::arch_for(a, b);
+            device_arch = Some(arch);
+            if !archs.contains(&arch) {
+                archs.push(arch);
+            }
+        }
+    }
+    let mut compile_ok = super::nvrtc_present();
+    let mut nkernels = 0;
+    for (stem, src) in KERNELS {
+        let mut status: Vec<String> = Vec::new();
+        let mut file_ok = true;
+        for arch in &archs {
+            match super::compile_ptx(stem, arch) {
+                Ok(ptx) => {
+                    status.push(format!("nvrtc {arch} ok"));
+                    if let Some(px) = ptxas {
+                        let sms: &[&str] = match *arch {
+                            "compute_80" => &["sm_80"],
+                            "compute_90" => &["sm_90", "sm_90a"],
+                            _ => &[],
+                        };
+                        for sm in sms {
+                            match ptxas_assemble(px, &ptx, sm, stem) {
+                                Ok(()) => status.push(format!("ptxas {sm} ok")),
+                                Err(e) => {
+                                    file_ok = false;
+                                    status.push(format!("ptxas {sm} FAILED: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    file_ok = false;
+                    status.push(format!(
+                        "nvrtc {arch} FAILED: {}",
+                        e.to_string()
+                            .lines()
+                            .take(8)
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ));
+                }
+            }
+        }
+        compile_ok &= file_ok;
+        for name in kernel_names(src) {
+            nkernels += 1;
+            r.lines.push(format!(
+                "  {} {stem}.cu:{name}",
+                if file_ok { "ok  " } else { "FAIL" }
+            ));
+        }
+        r.lines.push(format!("  {stem}.cu: {}", status.join(", ")));
+    }
+    r.lines.push(format!(
+        "kernels: {nkernels} in {} files, {}",
+        KERNELS.len(),
+        if compile_ok {
+            "all compile"
+        } else {
+            "COMPILE ERRORS"
+        }
+    ));
+    r.compile_ok = compile_ok;
+
+    // the device: load every module, run one kernel
+    if driver && device_arch.is_some() && compile_ok {
+        let res = std::panic::catch_unwind(|| -> crate::error::Result<String> {
+            let be = super::CudaBackend::new(0)?;
+            let x = be.upload(&[1.0f32, -0.5, 0.0, 2.0])?;
+            let y = be.zeros::<f32>(4)?;
+            use super::AsDv;
+            be.gelu_forward(y.dv(), x.dv())?;
+            let got = be.download(y.dv())?;
+            let want = [0.841_344_75f32, -0.154_268_77, 0.0, 1.954_5];
+            let err = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            if err > 1e-4 {
+                return Err(crate::error::AsaError::Device(format!(
+                    "gelu smoke test off by {err}"
+                )));
+            }
+            Ok(format!(
+                "device: {} modules loaded, smoke kernel ok ({})",
+                KERNELS.len(),
+                be.device_name
+            ))
+        });
+        match res {
+            Ok(Ok(s)) => {
+                r.lines.push(s);
+                r.gpu = true;
+            }
+            Ok(Err(e)) => r.lines.push(format!("device: FAILED: {e}")),
+            Err(_) => r.lines.push("device: FAILED: panicked".into()),
+        }
+    }
+    r.ok = r.compile_ok && r.gpu;
+    r
+}

@@ -1,0 +1,690 @@
+//! CUDA backend: the kernels of `cuda/*.cu` (embedded at build time, compiled at run time with
+//! NVRTC), cuBLAS for the GEMMs, and a GPU ASA layer / language-model training step that mirror
+//! the CPU reference op by op (`backend::cpu`).
+//!
+//! Everything here loads the CUDA libraries dynamically: the crate builds and its tests pass on a
+//! machine without CUDA. `cuda_available()` says whether a driver and a device can be used;
+//! `CudaBackend::new` returns `AsaError::Device` (never panics) when they cannot.
+//!
+//! Module map:
+//! - this file: kernel sources, NVRTC compilation (cached per process), `CudaBackend` (context,
+//!   stream, cuBLAS handle, loaded modules), the `Dv` device-range handle and the launch helper;
+//! - [`ops`]: one launcher per kernel, named after its CPU twin, with the CPU twin's arguments as
+//!   device ranges;
+//! - [`model`]: `GpuLm` (forward, fused classifier + cross-entropy, backward, AdamW, clipping) and
+//!   the GPU ASA layer;
+//! - [`doctor`]: the `asa doctor` report;
+//! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceSlice,
+};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::error::{AsaError, Result};
+
+pub mod doctor;
+pub mod model;
+pub mod ops;
+pub mod parity;
+
+pub use doctor::{doctor, DoctorReport};
+pub use model::{GpuLm, Precision};
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// Crate version of this build.
+pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Short git commit of this build ("unknown" when git was not available).
+pub const BUILD_GIT: &str = env!("ASA_BUILD_GIT");
+/// Target triple of this build.
+pub const BUILD_TARGET: &str = env!("ASA_BUILD_TARGET");
+/// Cargo profile of this build.
+pub const BUILD_PROFILE: &str = env!("ASA_BUILD_PROFILE");
+
+/// Env var naming a `pip install --target` folder holding the CUDA 13 wheels
+/// (`nvidia-cuda-nvrtc`, ...): libraries in `DIR/nvidia/cu13/lib`, `ptxas` in `DIR/nvidia/cu13/bin`.
+pub const PYPI_DIR_ENV: &str = "ASA_CUDA_PYPI_DIR";
+
+fn dev_err(ctx: &str, e: impl std::fmt::Display) -> AsaError {
+    AsaError::Device(format!("{ctx}: {e}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// kernel sources
+
+/// The full source of `cuda/<stem>.cu` with its `#include "x.cuh"` lines replaced by the
+/// embedded headers (so NVRTC needs no include path).
+pub fn kernel_source(stem: &str) -> Option<String> {
+    let src = KERNELS.iter().find(|(s, _)| *s == stem)?.1;
+    let mut out = String::with_capacity(src.len() + 4096);
+    for line in src.lines() {
+        let t = line.trim();
+        let inc = t
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'))
+            .and_then(|name| HEADERS.iter().find(|(h, _)| *h == name));
+        match inc {
+            Some((_, text)) => out.push_str(text),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
+/// Names of the `extern "C" __global__` kernels of a source, in order of appearance.
+pub fn kernel_names(src: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let key = "__global__ void ";
+    let mut rest = src;
+    while let Some(pos) = rest.find(key) {
+        let after = &rest[pos + key.len()..];
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && rest[..pos].trim_end().ends_with("extern \"C\"") {
+            names.push(name);
+        }
+        rest = after;
+    }
+    names
+}
+
+// ------------------------------------------------------------------------------------------------
+// libraries
+
+extern "C" {
+    fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
+}
+
+/// The pip folder's `nvidia/cu13` directory, when `ASA_CUDA_PYPI_DIR` names one.
+pub fn pypi_cuda_root() -> Option<PathBuf> {
+    let dir = std::env::var_os(PYPI_DIR_ENV)?;
+    let root = Path::new(&dir).join("nvidia").join("cu13");
+    root.is_dir().then_some(root)
+}
+
+/// Loads the NVRTC libraries of `ASA_CUDA_PYPI_DIR` by absolute path (once per process), so
+/// that the later loads by name (cudarc's, and NVRTC's own load of its builtins library) find
+/// them even when LD_LIBRARY_PATH does not name that folder.
+pub fn preload_pypi_libs() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let Some(root) = pypi_cuda_root() else { return };
+        let lib = root.join("lib");
+        for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"] {
+            let p = lib.join(name);
+            if !p.is_file() {
+                continue;
+            }
+            if let Ok(c) = std::ffi::CString::new(p.to_string_lossy().as_bytes()) {
+                // RTLD_NOW | RTLD_GLOBAL; the handle is kept for the process' lifetime.
+                // SAFETY: a plain dlopen of a library path; no symbol is called here.
+                unsafe {
+                    dlopen(c.as_ptr(), 0x2 | 0x100);
+                }
+            }
+        }
+    });
+}
+
+/// Whether the CUDA driver library (libcuda) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded.
+pub fn nvrtc_present() -> bool {
+    preload_pypi_libs();
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS can be loaded.
+pub fn cublas_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// NVRTC's version (major, minor), if it can be loaded.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_present() {
+        return None;
+    }
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: the library is present; two out-pointers to locals.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((a, b))
+}
+
+/// The driver's CUDA version as an integer (13000 = 13.0), if the driver loads.
+pub fn driver_version() -> Option<i32> {
+    if !driver_present() {
+        return None;
+    }
+    let mut v = 0;
+    // SAFETY: the library is present; one out-pointer to a local.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+/// True when a CUDA driver is present, a device can be opened and NVRTC and cuBLAS load.
+/// Never panics.
+pub fn cuda_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if !driver_present() || !nvrtc_present() || !cublas_present() {
+            return false;
+        }
+        std::panic::catch_unwind(|| {
+            matches!(CudaContext::device_count(), Ok(n) if n > 0) && CudaContext::new(0).is_ok()
+        })
+        .unwrap_or(false)
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// NVRTC
+
+/// Compiles one kernel file (`stem` of `cuda/<stem>.cu`) to PTX for a virtual architecture
+/// (`compute_80`, `compute_90`, ...). PTX is cached per process and architecture.
+pub fn compile_ptx(stem: &str, arch: &'static str) -> Result<String> {
+    static CACHE: OnceLock<Mutex<HashMap<(String, &'static str), String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(p) = cache
+        .lock()
+        .map_err(|_| dev_err("ptx cache", "poisoned"))?
+        .get(&(stem.to_string(), arch))
+    {
+        return Ok(p.clone());
+    }
+    if !nvrtc_present() {
+        return Err(AsaError::Device(
+            "NVRTC not found (libnvrtc.so.13; set LD_LIBRARY_PATH or ASA_CUDA_PYPI_DIR)".into(),
+        ));
+    }
+    let src = kernel_source(stem)
+        .ok_or_else(|| dev_err("kernel source", format!("no cuda/{stem}.cu")))?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        name: Some(format!("{stem}.cu")),
+        ..Default::default()
+    };
+    let ptx = std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(&src, opts))
+        .map_err(|_| dev_err(&format!("NVRTC compiling {stem}.cu for {arch}"), "panicked"))?
+        .map_err(|e| match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => dev_err(
+                &format!("NVRTC compiling {stem}.cu for {arch}"),
+                log.to_string_lossy(),
+            ),
+            e => dev_err(&format!("NVRTC compiling {stem}.cu for {arch}"), e),
+        })?;
+    let text = ptx.to_src();
+    cache
+        .lock()
+        .map_err(|_| dev_err("ptx cache", "poisoned"))?
+        .insert((stem.to_string(), arch), text.clone());
+    Ok(text)
+}
+
+/// The NVRTC virtual architecture for a compute capability (`compute_90` for 9.0).
+pub fn arch_for(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, _) => "compute_90",
+        (10, 0) => "compute_100",
+        (10, _) => "compute_100",
+        (12, _) => "compute_120",
+        (8, _) => "compute_80",
+        _ => "compute_80",
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// device ranges
+
+/// A device range: a raw device pointer and an element count. Obtained from a `CudaSlice` or a
+/// view with `.dv()`; a null range (pointer 0) stands for an absent optional tensor.
+///
+/// The backend runs on one stream with cudarc's event tracking off, so a range stays valid while
+/// its owner is alive; frees are stream-ordered.
+#[derive(Debug)]
+pub struct Dv<T> {
+    pub ptr: u64,
+    pub len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> Clone for Dv<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Dv<T> {}
+
+impl<T> Dv<T> {
+    /// # Safety
+    /// `ptr` must address `len` elements of `T` in device memory of the backend's context.
+    pub unsafe fn from_raw(ptr: u64, len: usize) -> Self {
+        Dv {
+            ptr,
+            len,
+            _t: PhantomData,
+        }
+    }
+    pub fn null() -> Self {
+        Dv {
+            ptr: 0,
+            len: 0,
+            _t: PhantomData,
+        }
+    }
+    pub fn is_null(&self) -> bool {
+        self.ptr == 0
+    }
+    /// Sub-range [start, start+len).
+    pub fn sub(&self, start: usize, len: usize) -> Self {
+        assert!(
+            start + len <= self.len,
+            "Dv::sub out of range: {start}+{len} > {}",
+            self.len
+        );
+        Dv {
+            ptr: self.ptr + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        }
+    }
+}
+
+/// `.dv()`: the device range of a cudarc slice or view.
+pub trait AsDv<T> {
+    fn dv(&self) -> Dv<T>;
+}
+
+impl<T> AsDv<T> for CudaSlice<T> {
+    fn dv(&self) -> Dv<T> {
+        let (p, _sync) = self.device_ptr(self.stream());
+        Dv {
+            ptr: p,
+            len: self.len(),
+            _t: PhantomData,
+        }
+    }
+}
+impl<T> AsDv<T> for CudaView<'_, T> {
+    fn dv(&self) -> Dv<T> {
+        let (p, _sync) = self.device_ptr(self.stream());
+        Dv {
+            ptr: p,
+            len: self.len(),
+            _t: PhantomData,
+        }
+    }
+}
+impl<T> AsDv<T> for CudaViewMut<'_, T> {
+    fn dv(&self) -> Dv<T> {
+        let (p, _sync) = self.device_ptr(self.stream());
+        Dv {
+            ptr: p,
+            len: self.len(),
+            _t: PhantomData,
+        }
+    }
+}
+impl<T> AsDv<T> for Dv<T> {
+    fn dv(&self) -> Dv<T> {
+        *self
+    }
+}
+impl<T, A: AsDv<T>> AsDv<T> for Option<A> {
+    fn dv(&self) -> Dv<T> {
+        self.as_ref().map(|a| a.dv()).unwrap_or_else(Dv::null)
+    }
+}
+
+/// One kernel argument (the C types of the kernels: pointers, int, long long, float, double).
+#[derive(Debug, Clone, Copy)]
+pub enum KArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+    F64(f64),
+}
+
+impl<T> From<Dv<T>> for KArg {
+    fn from(d: Dv<T>) -> Self {
+        KArg::Ptr(d.ptr)
+    }
+}
+impl From<i32> for KArg {
+    fn from(x: i32) -> Self {
+        KArg::I32(x)
+    }
+}
+impl From<i64> for KArg {
+    fn from(x: i64) -> Self {
+        KArg::I64(x)
+    }
+}
+impl From<u64> for KArg {
+    fn from(x: u64) -> Self {
+        KArg::U64(x)
+    }
+}
+impl From<f32> for KArg {
+    fn from(x: f32) -> Self {
+        KArg::F32(x)
+    }
+}
+impl From<f64> for KArg {
+    fn from(x: f64) -> Self {
+        KArg::F64(x)
+    }
+}
+
+/// A size as a kernel `int`, or a clear error when it does not fit.
+pub fn i32_of(name: &str, x: usize) -> Result<i32> {
+    i32::try_from(x)
+        .map_err(|_| AsaError::Device(format!("{name} = {x} exceeds the kernels' 32-bit sizes")))
+}
+
+// ------------------------------------------------------------------------------------------------
+// the backend
+
+/// Context, stream, cuBLAS handle and the loaded kernel modules of one device.
+pub struct CudaBackend {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    pub arch: &'static str,
+    pub device_name: String,
+    pub sm_count: i32,
+    /// GEMM input precision (see `Precision`); everything else is f32.
+    pub precision: std::cell::Cell<Precision>,
+    modules: HashMap<String, Arc<CudaModule>>,
+    /// kernel name -> file stem
+    index: HashMap<String, String>,
+    funcs: RefCell<HashMap<String, CudaFunction>>,
+    /// scratch for reductions (f64) and bf16 GEMM inputs, grown on demand (stream-ordered reuse)
+    pub(crate) scratch_f64: RefCell<Option<CudaSlice<f64>>>,
+    pub(crate) scratch_f64b: RefCell<Option<CudaSlice<f64>>>,
+    pub(crate) scratch_bf16_a: RefCell<Option<CudaSlice<u16>>>,
+    pub(crate) scratch_bf16_b: RefCell<Option<CudaSlice<u16>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({}, {})", self.device_name, self.arch)
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or takes from the process cache) every kernel file for
+    /// its architecture and loads them. `AsaError::Device` when no driver/device/library is found.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(AsaError::Device(
+                "no CUDA driver found: libcuda.so could not be loaded (is an NVIDIA driver installed?)".into(),
+            ));
+        }
+        if !nvrtc_present() {
+            return Err(AsaError::Device(
+                "NVRTC not found: libnvrtc.so.13 could not be loaded (add the CUDA lib folder to LD_LIBRARY_PATH or set ASA_CUDA_PYPI_DIR)".into(),
+            ));
+        }
+        if !cublas_present() {
+            return Err(AsaError::Device(
+                "cuBLAS not found: libcublas.so.13 could not be loaded (add the CUDA lib folder to LD_LIBRARY_PATH)".into(),
+            ));
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| AsaError::Device("opening the CUDA context panicked".into()))?
+            .map_err(|e| dev_err(&format!("opening CUDA device {ordinal}"), e))?;
+        // One stream only: no per-slice events (see `Dv`).
+        // SAFETY: every buffer of this backend lives on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (maj, min) = ctx
+            .compute_capability()
+            .map_err(|e| dev_err("compute capability", e))?;
+        let arch = arch_for(maj, min);
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(108);
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating the cuBLAS handle", e))?;
+        let mut modules = HashMap::new();
+        let mut index = HashMap::new();
+        for (stem, src) in KERNELS {
+            let ptx = compile_ptx(stem, arch)?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| dev_err(&format!("loading the {stem} kernels for {arch}"), e))?;
+            for name in kernel_names(src) {
+                index.insert(name, stem.to_string());
+            }
+            modules.insert(stem.to_string(), m);
+        }
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            arch,
+            device_name,
+            sm_count,
+            precision: std::cell::Cell::new(Precision::F32),
+            modules,
+            index,
+            funcs: RefCell::new(HashMap::new()),
+            scratch_f64: RefCell::new(None),
+            scratch_f64b: RefCell::new(None),
+            scratch_bf16_a: RefCell::new(None),
+            scratch_bf16_b: RefCell::new(None),
+        })
+    }
+
+    /// The loaded kernel `name`.
+    pub fn func(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.funcs.borrow().get(name) {
+            return Ok(f.clone());
+        }
+        let stem = self
+            .index
+            .get(name)
+            .ok_or_else(|| AsaError::Device(format!("no kernel named {name} in cuda/*.cu")))?;
+        let f = self.modules[stem]
+            .load_function(name)
+            .map_err(|e| dev_err(&format!("loading kernel {name}"), e))?;
+        self.funcs.borrow_mut().insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches kernel `name` on the backend's stream.
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
+            return Ok(()); // nothing to do
+        }
+        let f = self.func(name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                KArg::Ptr(x) | KArg::U64(x) => b.arg(x),
+                KArg::I32(x) => b.arg(x),
+                KArg::I64(x) => b.arg(x),
+                KArg::F32(x) => b.arg(x),
+                KArg::F64(x) => b.arg(x),
+            };
+        }
+        // SAFETY: the argument lists of ops.rs match the kernels' C signatures (checked by the
+        // CUDA tests); device ranges are live (see `Dv`).
+        unsafe { b.launch(cfg) }.map_err(|e| dev_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    /// Grid-stride launch shape for `n` elements (256 threads per block).
+    pub fn cfg_elems(&self, n: usize) -> LaunchConfig {
+        let blocks = n
+            .div_ceil(256)
+            .clamp(1, (self.sm_count.max(1) as usize) * 32);
+        LaunchConfig {
+            grid_dim: (if n == 0 { 0 } else { blocks as u32 }, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One warp per item (`n` items), 8 warps per block.
+    pub fn cfg_warps(&self, n: usize) -> Result<LaunchConfig> {
+        let blocks = n.div_ceil(8);
+        let blocks = u32::try_from(blocks)
+            .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
+        Ok(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// Zero-filled device buffer.
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| dev_err(&format!("allocating {n} elements"), e))
+    }
+
+    /// Host -> new device buffer (an empty slice gives a 1-element zero buffer).
+    pub fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        x: &[T],
+    ) -> Result<CudaSlice<T>> {
+        if x.is_empty() {
+            return self.zeros::<T>(1);
+        }
+        self.stream
+            .clone_htod(x)
+            .map_err(|e| dev_err(&format!("uploading {} elements", x.len()), e))
+    }
+
+    /// Device range -> host vector (synchronises the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, x: Dv<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); x.len];
+        if x.len == 0 {
+            return Ok(out);
+        }
+        // SAFETY: `x` is a live device range of `x.len` elements (see `Dv`); the copy is
+        // synchronous with respect to the host (the stream is synchronised before returning).
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut out[..], x.ptr, self.stream.cu_stream())
+                .map_err(|e| dev_err("downloading", e))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Host -> existing device range (`x.len() <= dst.len`).
+    pub fn upload_into<T: DeviceRepr>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        assert!(x.len() <= dst.len, "upload_into: {} > {}", x.len(), dst.len);
+        if x.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` is a live device range with room for `x`; the host slice outlives the
+        // copy because the stream is synchronised before returning.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.ptr, x, self.stream.cu_stream())
+                .map_err(|e| dev_err("uploading", e))?;
+        }
+        self.sync()
+    }
+
+    /// Device -> device copy of `src` into `dst` (`src.len <= dst.len`).
+    pub fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
+        assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
+        if src.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges are live device memory of this context (see `Dv`).
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.ptr,
+                src.ptr,
+                src.len * 4,
+                self.stream.cu_stream(),
+            )
+            .map_err(|e| dev_err("device copy", e))
+        }
+    }
+
+    /// Zeroes a device range.
+    pub fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
+        if x.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `x` is a live device range (see `Dv`).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                x.ptr,
+                0,
+                x.len * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+            .map_err(|e| dev_err("memset", e))
+        }
+    }
+
+    /// Waits for the stream; surfaces asynchronous kernel errors.
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("CUDA stream", e))
+    }
+
+    /// An f64 scratch range of at least `n` elements (one of two independent scratch buffers).
+    pub(crate) fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>> {
+        let cell = if second {
+            &self.scratch_f64b
+        } else {
+            &self.scratch_f64
+        };
+        let mut s = cell.borrow_mut();
+        if s.as_ref().map(|b| b.len() < n).unwrap_or(true) {
+            *s = Some(self.zeros::<f64>(n.max(1024))?);
+        }
+        Ok(s.as_ref().unwrap().dv().sub(0, n))
+    }
+
+    pub(crate) fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>> {
+        let cell = if second {
+            &self.scratch_bf16_b
+        } else {
+            &self.scratch_bf16_a
+        };
+        let mut s = cell.borrow_mut();
+        if s.as_ref().map(|b| b.len() < n).unwrap_or(true) {
+            *s = Some(self.zeros::<u16>(n.max(1024))?);
+        }
+        Ok(s.as_ref().unwrap().dv().sub(0, n))
+    }
+}

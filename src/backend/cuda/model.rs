@@ -1,0 +1,1748 @@
+//! The GPU ASA layer and language model: `AsaLayer::forward/backward` and
+//! `Lm::forward/loss/backward` + `AdamW::step` + `clip_grad_norm`, composed from the CUDA
+//! launchers in the same order as the CPU reference composes its ops (see `model::asa` and
+//! `model::lm`; the comments name the CPU steps).
+//!
+//! Parameters, gradients and the AdamW moments are flat f32 device buffers with one range per
+//! parameter (the `ParamStore` order). Scalar parameters (ALiBi strength, content gamma, refine
+//! gate) are also mirrored on the host after each update, so the kernels get them by value.
+//!
+//! Precision: `F32` runs everything in f32 (f64 where the CPU twin accumulates in f64);
+//! `Bf16` rounds the GEMM inputs to bf16 (f32 accumulation and outputs); every other op, the
+//! slot state, the master weights and the optimizer state stay f32.
+//!
+//! Supported on the GPU: the baseline and online variants, every routing mode except routing
+//! noise, slot masks, attention masks, dropout / slot dropout / slotspace dropout (counter-based
+//! RNG: reproducible per seed, not the CPU's stream). Not supported (a clear `AsaError`): the
+//! intervene variant, routing noise, info tensors.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use cudarc::driver::CudaSlice;
+
+use super::ops::{DevRouting, DevSlotMask};
+use super::{AsDv, CudaBackend, Dv};
+use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
+use crate::config::{ModelConfig, Variant};
+use crate::error::{AsaError, Result};
+use crate::model::asa::{AsaOptions, RoutingMode, SlotMaskWhere};
+use crate::model::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
+use crate::optim::AdamWConfig;
+
+/// GEMM input precision of the GPU path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere (f64 accumulation where the CPU twin uses it)
+    #[default]
+    F32,
+    /// GEMM inputs rounded to bf16, f32 accumulation; everything else f32
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = AsaError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            o => Err(AsaError::Input(format!(
+                "unknown precision '{o}' (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// buffers
+
+/// A device buffer (re)allocated on demand to a length.
+#[derive(Default)]
+struct DBuf {
+    s: Option<CudaSlice<f32>>,
+    n: usize,
+}
+
+impl DBuf {
+    /// The buffer with `n` elements (contents unspecified when it already had that length).
+    fn ensure(&mut self, be: &CudaBackend, n: usize) -> Result<Dv<f32>> {
+        if self.s.is_none() || self.n != n {
+            self.s = Some(be.zeros::<f32>(n)?);
+            self.n = n;
+        }
+        Ok(self.dv())
+    }
+    /// The buffer with `n` elements, zeroed.
+    fn zeroed(&mut self, be: &CudaBackend, n: usize) -> Result<Dv<f32>> {
+        let d = self.ensure(be, n)?;
+        be.memset_zero(d)?;
+        Ok(d)
+    }
+    fn dv(&self) -> Dv<f32> {
+        match &self.s {
+            Some(s) => s.dv().sub(0, self.n),
+            None => Dv::null(),
+        }
+    }
+}
+
+/// A temporary zeroed buffer (freed, stream-ordered, when dropped).
+fn tmp(be: &CudaBackend, n: usize) -> Result<(CudaSlice<f32>, Dv<f32>)> {
+    let s = be.zeros::<f32>(n)?;
+    let d = s.dv().sub(0, n);
+    Ok((s, d))
+}
+
+/// Flat layout of a `ParamStore`: one range per parameter.
+#[derive(Debug, Clone)]
+struct Layout {
+    offs: Vec<usize>,
+    lens: Vec<usize>,
+    total: usize,
+}
+
+impl Layout {
+    fn of(p: &ParamStore) -> Self {
+        let mut offs = Vec::with_capacity(p.len());
+        let mut lens = Vec::with_capacity(p.len());
+        let mut total = 0;
+        for d in &p.data {
+            offs.push(total);
+            lens.push(d.len());
+            total += d.len();
+        }
+        Layout { offs, lens, total }
+    }
+    fn range(&self, base: Dv<f32>, id: ParamId) -> Dv<f32> {
+        base.sub(self.offs[id], self.lens[id])
+    }
+}
+
+/// Parameters on the device: the flat buffer, its layout and host copies of the scalar params.
+struct GpuParams {
+    data: CudaSlice<f32>,
+    layout: Layout,
+    /// host values of the 1-element parameters (others: NaN), refreshed after updates
+    scalars: Vec<f32>,
+}
+
+impl GpuParams {
+    fn upload(be: &CudaBackend, p: &ParamStore) -> Result<Self> {
+        let layout = Layout::of(p);
+        let flat: Vec<f32> = p.data.concat();
+        let data = be.zeros::<f32>(layout.total)?;
+        be.upload_into(data.dv(), &flat)?;
+        let scalars = p
+            .data
+            .iter()
+            .map(|d| if d.len() == 1 { d[0] } else { f32::NAN })
+            .collect();
+        Ok(GpuParams {
+            data,
+            layout,
+            scalars,
+        })
+    }
+    fn p(&self, id: ParamId) -> Dv<f32> {
+        self.layout
+            .range(self.data.dv().sub(0, self.layout.total), id)
+    }
+    fn scalar(&self, id: ParamId) -> f32 {
+        self.scalars[id]
+    }
+    fn refresh_scalars(&mut self, be: &CudaBackend) -> Result<()> {
+        for id in 0..self.layout.lens.len() {
+            if self.layout.lens[id] == 1 {
+                self.scalars[id] = be.download(self.p(id))?[0];
+            }
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// per-call options on the device
+
+/// The forward options of one call, on the device.
+struct DevOpts {
+    valid: Option<CudaSlice<u8>>,
+    routing: RoutingMode,
+    ext: Option<CudaSlice<f32>>,
+    slot_mask: Option<(CudaSlice<i32>, bool, SlotMaskWhere)>,
+    training: bool,
+}
+
+impl DevOpts {
+    fn new(
+        be: &CudaBackend,
+        cfg: &ModelConfig,
+        opts: &AsaOptions,
+        b: usize,
+        t: usize,
+    ) -> Result<Self> {
+        let (h, nk) = (cfg.num_heads, cfg.num_slots);
+        if cfg.variant == Variant::Intervene {
+            return Err(AsaError::Input(
+                "the intervene variant is not supported on the CUDA backend (use the CPU)".into(),
+            ));
+        }
+        if opts.noise.is_some() {
+            return Err(AsaError::Input(
+                "routing noise is not supported on the CUDA backend (use the CPU)".into(),
+            ));
+        }
+        if let Some(m) = &opts.attention_mask {
+            if m.len() != b * t {
+                return Err(AsaError::Input(format!(
+                    "attention_mask has {} entries, expected B*T = {}",
+                    m.len(),
+                    b * t
+                )));
+            }
+        }
+        if let RoutingMode::External(w) | RoutingMode::Override(w) = &opts.routing {
+            if w.len() != b * h * t * nk {
+                return Err(AsaError::Input(format!(
+                    "read weights override must be [B,H,T,K] = [{b},{h},{t},{nk}], got {} values",
+                    w.len()
+                )));
+            }
+        }
+        if let Some(sm) = &opts.slot_mask {
+            if sm.keep.keep.len() != nk {
+                return Err(AsaError::Input(format!(
+                    "slot_mask must have K = {nk} entries, got {}",
+                    sm.keep.keep.len()
+                )));
+            }
+        }
+        if cfg.variant == Variant::Online
+            && (!matches!(opts.routing, RoutingMode::Softmax)
+                || opts.slot_mask.is_some()
+                || opts.noise.is_some())
+        {
+            return Err(AsaError::Input(
+                "the online variant reads with plain softmax routing only (no routing modes, noise or slot masks)".into(),
+            ));
+        }
+        let valid = match &opts.attention_mask {
+            Some(m) => Some(be.upload(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>())?),
+            None => None,
+        };
+        let ext = match &opts.routing {
+            RoutingMode::External(w) | RoutingMode::Override(w) => Some(be.upload(w)?),
+            _ => None,
+        };
+        let slot_mask = match &opts.slot_mask {
+            Some(sm) => {
+                let keep: Vec<i32> = sm.keep.keep.iter().map(|&k| k as i32).collect();
+                Some((be.upload(&keep)?, sm.keep.last_pos_only, sm.where_))
+            }
+            None => None,
+        };
+        Ok(DevOpts {
+            valid,
+            routing: opts.routing.clone(),
+            ext,
+            slot_mask,
+            training: opts.training,
+        })
+    }
+
+    fn valid(&self) -> Dv<u8> {
+        self.valid.dv()
+    }
+
+    fn routing(&self) -> DevRouting {
+        match &self.routing {
+            RoutingMode::Softmax => DevRouting::Softmax,
+            RoutingMode::Top1 => DevRouting::Top1,
+            RoutingMode::TopK(k) => DevRouting::TopK(*k),
+            RoutingMode::External(_) => DevRouting::External(self.ext.dv()),
+            RoutingMode::Override(_) => DevRouting::Override(self.ext.dv()),
+        }
+    }
+
+    /// The slot mask of the read logits (`read` and `content_read_only`).
+    fn read_mask(&self) -> Option<DevSlotMask> {
+        self.slot_mask.as_ref().and_then(|(keep, lpo, w)| match w {
+            SlotMaskWhere::Read => Some(DevSlotMask {
+                keep: keep.dv(),
+                last_pos_only: *lpo,
+                mode: ReadMask::Read,
+            }),
+            SlotMaskWhere::ContentReadOnly => Some(DevSlotMask {
+                keep: keep.dv(),
+                last_pos_only: *lpo,
+                mode: ReadMask::ContentOnly,
+            }),
+            SlotMaskWhere::SlotspaceOnly => None,
+        })
+    }
+
+    fn keep_where(&self, want: SlotMaskWhere) -> Option<(Dv<i32>, bool)> {
+        self.slot_mask
+            .as_ref()
+            .filter(|(_, _, w)| *w == want)
+            .map(|(k, l, _)| (k.dv(), *l))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// the ASA layer
+
+/// RoPE tables on the device for one sequence length.
+struct DevRope {
+    t: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+impl DevRope {
+    fn ensure(
+        slot: &mut Option<DevRope>,
+        be: &CudaBackend,
+        t: usize,
+        dim: usize,
+        base: f64,
+    ) -> Result<()> {
+        if slot.as_ref().map(|r| r.t) != Some(t) {
+            let tab = cpu_asa::rope_table(t, dim, base);
+            *slot = Some(DevRope {
+                t,
+                cos: be.upload(&tab.cos)?,
+                sin: be.upload(&tab.sin)?,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Saved activations of one GPU layer forward (buffers kept across calls of the same shape).
+#[derive(Default)]
+pub struct GpuAsaCache {
+    b: usize,
+    t: usize,
+    x: Option<Dv<f32>>, // [B,T,C] layer input (owned by the caller)
+    kp: DBuf,
+    vp: DBuf,
+    qp: DBuf,
+    k_h: DBuf,    // [B,H,T,d]
+    k_n: DBuf,    // [B,H,T,d] (normalize_k)
+    k_norm: DBuf, // [B,H,T]
+    k_r: DBuf,    // [B,H,T,d] (RoPE)
+    v_h: DBuf,
+    q_h: DBuf,
+    keys: DBuf,     // [H,K,d]
+    key_keep: DBuf, // [H,K]
+    raw: DBuf,      // [B,H,K,T]
+    wl: DBuf,
+    state: DBuf, // [B,H,T,K,d]
+    den: DBuf,   // [B,H,K,T]
+    rmax: DBuf,
+    lkey: DBuf, // [B,H,T,K]
+    lcont: DBuf,
+    logits: DBuf,
+    rw: DBuf,
+    out_h: DBuf, // [B,H,T,d]
+    merged: DBuf,
+    proj: DBuf,
+    drop: DBuf,
+    has_drop: bool,
+    bias_h: DBuf,
+    // slotspace
+    u: DBuf,
+    qs0: DBuf,
+    ks0: DBuf,
+    vs: DBuf,
+    qs: DBuf,
+    ks: DBuf,
+    qf: DBuf,
+    kf: DBuf,
+    u2: DBuf,
+    ss_den: DBuf,
+    ss_drop: DBuf,
+    u2d: DBuf,
+    has_ss_drop: bool,
+    z: DBuf,
+    sw_pre: DBuf,
+    sw: DBuf,
+    delta: DBuf,
+    gamma: f32,
+    gate: f32,
+}
+
+/// One ASA layer on the GPU: config, parameter ids, ALiBi slopes, RoPE tables.
+pub struct GpuAsaLayer {
+    pub cfg: ModelConfig,
+    pub ids: AsaIds,
+    slopes: Vec<f32>,
+    slopes_d: CudaSlice<f32>,
+    rope: Option<DevRope>,
+    rope_ss: Option<DevRope>,
+}
+
+impl GpuAsaLayer {
+    fn new(be: &CudaBackend, cfg: &ModelConfig, ids: AsaIds) -> Result<Self> {
+        let slopes = if cfg.use_alibi_write {
+            cpu_asa::alibi_slopes(cfg.num_heads)
+        } else {
+            vec![0.0; cfg.num_heads]
+        };
+        let slopes_d = be.upload(&slopes)?;
+        Ok(GpuAsaLayer {
+            cfg: cfg.clone(),
+            ids,
+            slopes,
+            slopes_d,
+            rope: None,
+            rope_ss: None,
+        })
+    }
+
+    fn dims(&self, b: usize, t: usize) -> SlotDims {
+        SlotDims {
+            b,
+            h: self.cfg.num_heads,
+            t,
+            k: self.cfg.num_slots,
+            d: self.cfg.head_dim(),
+        }
+    }
+
+    fn alibi_strength(&self, p: &GpuParams) -> f32 {
+        match self.ids.alibi_strength {
+            Some(i) => (softplus(p.scalar(i) as f64) + self.cfg.min_strength) as f32,
+            None => self.cfg.alibi_strength_init as f32,
+        }
+    }
+
+    fn content_gamma(&self, p: &GpuParams) -> f32 {
+        match self.ids.content_read_gamma {
+            Some(i) => {
+                let g = softplus(p.scalar(i) as f64);
+                let mx = self.cfg.content_read_max_gamma;
+                (if mx > 0.0 { g.min(mx) } else { g }) as f32
+            }
+            None => 0.0,
+        }
+    }
+
+    /// Forward: x [B,T,C] -> out [B,T,C] (`AsaLayer::forward`).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        be: &CudaBackend,
+        p: &GpuParams,
+        x: Dv<f32>,
+        b: usize,
+        t: usize,
+        o: &DevOpts,
+        c_: &mut GpuAsaCache,
+        rng: &mut ChaCha8Rng,
+        out: Dv<f32>,
+    ) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let dm = self.dims(b, t);
+        let (c, h, nk, d) = (cfg.embed_dim, dm.h, dm.k, dm.d);
+        let n = b * t;
+        let valid = o.valid();
+        c_.b = b;
+        c_.t = t;
+        c_.x = Some(x);
+        if cfg.use_rope_keys {
+            DevRope::ensure(&mut self.rope, be, t, d, cfg.rope_base)?;
+        }
+        if cfg.use_slotspace_refine && cfg.use_rope_slotspace {
+            DevRope::ensure(
+                &mut self.rope_ss,
+                be,
+                t,
+                cfg.slotspace_dim,
+                cfg.rope_base_slotspace,
+            )?;
+        }
+
+        // projections [B,T,C] and heads [B,H,T,d]
+        let kp = c_.kp.ensure(be, n * c)?;
+        let vp = c_.vp.ensure(be, n * c)?;
+        let qp = c_.qp.ensure(be, n * c)?;
+        be.matmul_forward(kp, x, p.p(self.ids.wk_write), Dv::null(), n, c, c)?;
+        be.matmul_forward(vp, x, p.p(self.ids.wv_write), Dv::null(), n, c, c)?;
+        be.matmul_forward(qp, x, p.p(self.ids.wq_read), Dv::null(), n, c, c)?;
+        let k_h = c_.k_h.ensure(be, n * c)?;
+        let v_h = c_.v_h.ensure(be, n * c)?;
+        let q_h = c_.q_h.ensure(be, n * c)?;
+        be.split_heads(k_h, kp, b, t, h, d)?;
+        be.split_heads(v_h, vp, b, t, h, d)?;
+        be.split_heads(q_h, qp, b, t, h, d)?;
+        // write keys: normalize, RoPE
+        let k_n = if cfg.normalize_k {
+            let k_n = c_.k_n.ensure(be, n * c)?;
+            let k_norm = c_.k_norm.ensure(be, b * h * t)?;
+            be.l2normalize_forward(k_n, k_norm, k_h, d)?;
+            k_n
+        } else {
+            k_h
+        };
+        let k_r = match &self.rope {
+            Some(r) if cfg.use_rope_keys => {
+                let k_r = c_.k_r.ensure(be, n * c)?;
+                be.rope_forward(k_r, k_n, r.cos.dv(), r.sin.dv(), b * h, t, d)?;
+                k_r
+            }
+            _ => k_n,
+        };
+        // slot dropout (training): whole slot keys of a head are zeroed, not rescaled
+        let keep: Vec<f32> = (0..h * nk)
+            .map(|_| {
+                if o.training && cfg.slot_dropout > 0.0 && rng.gen::<f64>() < cfg.slot_dropout {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let key_keep = c_.key_keep.ensure(be, h * nk)?;
+        be.upload_into(key_keep, &keep)?;
+        let keys = c_.keys.ensure(be, h * nk * d)?;
+        be.scale_rows(keys, p.p(self.ids.slot_keys), key_keep, d, false)?;
+
+        // write logits [B,H,K,T]
+        let strength = self.alibi_strength(p);
+        let bias_h = if cfg.use_alibi_write {
+            let bh: Vec<f32> = self.slopes.iter().map(|s| s * strength).collect();
+            let dvb = c_.bias_h.ensure(be, h)?;
+            be.upload_into(dvb, &bh)?;
+            dvb
+        } else {
+            Dv::null()
+        };
+        let wtemp = cfg.write_temperature.max(1e-6) as f32;
+        let raw = c_.raw.ensure(be, b * h * nk * t)?;
+        let wl = c_.wl.ensure(be, b * h * nk * t)?;
+        be.write_logits_forward(raw, wl, keys, k_r, wtemp, bias_h, valid, dm)?;
+
+        // write scan
+        let state = c_.state.ensure(be, b * h * t * nk * d)?;
+        let den = c_.den.ensure(be, b * h * nk * t)?;
+        let rmax = c_.rmax.ensure(be, b * h * nk * t)?;
+        be.slot_scan_forward(state, den, rmax, wl, v_h, cfg.write_chunk_size, dm)?;
+
+        // read logits, routing
+        c_.gamma = self.content_gamma(p);
+        let bhtk = b * h * t * nk;
+        let lkey = c_.lkey.ensure(be, bhtk)?;
+        let lcont = if cfg.use_content_read {
+            c_.lcont.ensure(be, bhtk)?
+        } else {
+            Dv::null()
+        };
+        let logits = c_.logits.ensure(be, bhtk)?;
+        be.read_logits_forward(
+            lkey,
+            lcont,
+            logits,
+            q_h,
+            keys,
+            state,
+            c_.gamma,
+            o.read_mask(),
+            dm,
+        )?;
+        let rtemp = cfg.read_temperature.max(1e-6) as f32;
+        let rw = c_.rw.ensure(be, bhtk)?;
+        be.read_weights_forward(
+            rw,
+            logits,
+            o.routing(),
+            rtemp,
+            o.keep_where(SlotMaskWhere::Read),
+            dm,
+        )?;
+        let out_h = c_.out_h.ensure(be, n * c)?;
+        be.slot_mix_forward(out_h, rw, state, dm)?; // out1
+
+        // slotspace refine: out_h = out1 + gate * delta
+        c_.gate = 0.0;
+        if let Some(ss) = &self.ids.slotspace {
+            c_.gate = softplus(p.scalar(ss.gate) as f64) as f32;
+            self.slotspace_forward(be, p, o, c_, rng, dm)?;
+            be.axpy(out_h, c_.delta.dv(), c_.gate)?;
+        }
+
+        // merge heads, out_proj, dropout
+        let merged = c_.merged.zeroed(be, n * c)?;
+        be.merge_heads(merged, out_h, b, t, h, d)?;
+        let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
+        c_.has_drop = pdrop > 0.0;
+        if c_.has_drop {
+            let proj = c_.proj.ensure(be, n * c)?;
+            be.matmul_forward(proj, merged, p.p(self.ids.out_proj), Dv::null(), n, c, c)?;
+            let drop = c_.drop.ensure(be, n * c)?;
+            be.dropout_forward(out, drop, proj, pdrop, rng.gen())?;
+        } else {
+            be.matmul_forward(out, merged, p.p(self.ids.out_proj), Dv::null(), n, c, c)?;
+        }
+        Ok(())
+    }
+
+    fn slotspace_forward(
+        &self,
+        be: &CudaBackend,
+        p: &GpuParams,
+        o: &DevOpts,
+        c_: &mut GpuAsaCache,
+        rng: &mut ChaCha8Rng,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let ids = self.ids.slotspace.as_ref().expect("slotspace ids");
+        let cfg = &self.cfg;
+        let (b, h, t, nk) = (dm.b, dm.h, dm.t, dm.k);
+        let m = cfg.slotspace_dim;
+        let rows = b * h * t;
+        let valid = o.valid();
+        let online = cfg.variant == Variant::Online;
+        let u = c_.u.ensure(be, rows * m)?;
+        be.matmul_forward(u, c_.rw.dv(), p.p(ids.slot_in), Dv::null(), rows, nk, m)?;
+        let qs0 = c_.qs0.ensure(be, rows * m)?;
+        let ks0 = c_.ks0.ensure(be, rows * m)?;
+        let vs = c_.vs.ensure(be, rows * m)?;
+        be.matmul_forward(qs0, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
+        be.matmul_forward(ks0, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
+        be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
+        let (qs, ks) = match &self.rope_ss {
+            Some(r) if cfg.use_rope_slotspace => {
+                let qs = c_.qs.ensure(be, rows * m)?;
+                let ks = c_.ks.ensure(be, rows * m)?;
+                be.rope_forward(qs, qs0, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
+                be.rope_forward(ks, ks0, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
+                (qs, ks)
+            }
+            _ => (qs0, ks0),
+        };
+        // the online variant masks before phi, the baseline after it
+        if !valid.is_null() && online {
+            be.mask_rows(qs, valid, h, t, m)?;
+            be.mask_rows(ks, valid, h, t, m)?;
+        }
+        let qf = c_.qf.ensure(be, rows * m)?;
+        let kf = c_.kf.ensure(be, rows * m)?;
+        be.phi_forward(qf, qs)?;
+        be.phi_forward(kf, ks)?;
+        if !valid.is_null() {
+            if !online {
+                be.mask_rows(qf, valid, h, t, m)?;
+                be.mask_rows(kf, valid, h, t, m)?;
+            }
+            be.mask_rows(vs, valid, h, t, m)?;
+        }
+        let u2 = c_.u2.ensure(be, rows * m)?;
+        let ss_den = c_.ss_den.ensure(be, rows)?;
+        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m)?;
+        let pdrop = if o.training {
+            cfg.slotspace_dropout as f32
+        } else {
+            0.0
+        };
+        c_.has_ss_drop = pdrop > 0.0;
+        let u2d = if c_.has_ss_drop {
+            let u2d = c_.u2d.ensure(be, rows * m)?;
+            let mask = c_.ss_drop.ensure(be, rows * m)?;
+            be.dropout_forward(u2d, mask, u2, pdrop, rng.gen())?;
+            u2d
+        } else {
+            u2
+        };
+        let z = c_.z.ensure(be, rows * nk)?;
+        be.matmul_forward(z, u2d, p.p(ids.slot_out), Dv::null(), rows, m, nk)?;
+        let sw = c_.sw.ensure(be, rows * nk)?;
+        if cfg.slotspace_signed_weights {
+            be.tanh_forward(sw, z)?;
+        } else {
+            be.softmax_slots_forward(sw, z, nk)?;
+        }
+        if let Some((keep, lpo)) = o.keep_where(SlotMaskWhere::SlotspaceOnly) {
+            let pre = c_.sw_pre.ensure(be, rows * nk)?;
+            be.slot_mask_weights_forward(sw, pre, keep, lpo, !cfg.slotspace_signed_weights, dm)?;
+        }
+        let delta = c_.delta.ensure(be, rows * dm.d)?;
+        be.slot_mix_forward(delta, sw, c_.state.dv(), dm)?;
+        Ok(())
+    }
+
+    /// Backward: dout [B,T,C] -> dx [B,T,C] (+=); parameter gradients are added into `g`
+    /// (the flat gradient buffer, `layout` ranges). `AsaLayer::backward`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        be: &CudaBackend,
+        p: &GpuParams,
+        g: Dv<f32>,
+        c_: &mut GpuAsaCache,
+        o: &DevOpts,
+        dout: Dv<f32>,
+        dx: Dv<f32>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (b, t) = (c_.b, c_.t);
+        let dm = self.dims(b, t);
+        let (c, h, nk, d) = (cfg.embed_dim, dm.h, dm.k, dm.d);
+        let n = b * t;
+        let m = cfg.slotspace_dim;
+        let valid = o.valid();
+        let gr = |id: ParamId| p.layout.range(g, id);
+        let x = c_.x.expect("forward before backward");
+
+        // dropout, out_proj, heads
+        let (_dp_own, dproj) = if c_.has_drop {
+            let (s, dp) = tmp(be, n * c)?;
+            be.dropout_backward(dp, dout, c_.drop.dv())?;
+            (Some(s), dp)
+        } else {
+            (None, dout)
+        };
+        let (_s1, dmerged) = tmp(be, n * c)?;
+        be.matmul_backward(
+            dmerged,
+            gr(self.ids.out_proj),
+            Dv::null(),
+            dproj,
+            c_.merged.dv(),
+            p.p(self.ids.out_proj),
+            n,
+            c,
+            c,
+        )?;
+        let (_s2, dout_h) = tmp(be, n * c)?;
+        be.split_heads(dout_h, dmerged, b, t, h, d)?;
+
+        let (_s3, dstate) = tmp(be, c_.state.n)?;
+        let (_s4, drw) = tmp(be, c_.rw.n)?;
+        let dout1 = dout_h; // no intervention: d(out1) is d(out_h)
+
+        // refine
+        if let Some(ids) = &self.ids.slotspace {
+            let rows = b * h * t;
+            let gate = c_.gate as f64;
+            let dgate = be.zeros::<f64>(1)?;
+            be.dot_f64(dgate.dv(), dout_h, c_.delta.dv())?;
+            be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
+            let (_s5, ddelta) = tmp(be, rows * d)?;
+            be.scale_f64(ddelta, dout_h, gate)?;
+            let (_s6, dsw) = tmp(be, rows * nk)?;
+            be.slot_mix_backward(dsw, dstate, ddelta, c_.sw.dv(), c_.state.dv(), dm)?;
+            let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
+            let (_s7, dsw_pre, sw_pre) = match ss_mask {
+                Some((keep, lpo)) => {
+                    let (s, dpre) = tmp(be, rows * nk)?;
+                    be.slot_mask_weights_backward(
+                        dpre,
+                        dsw,
+                        c_.sw.dv(),
+                        c_.sw_pre.dv(),
+                        keep,
+                        lpo,
+                        !cfg.slotspace_signed_weights,
+                        dm,
+                    )?;
+                    (Some(s), dpre, c_.sw_pre.dv())
+                }
+                None => (None, dsw, c_.sw.dv()),
+            };
+            let (_s8, dz) = tmp(be, rows * nk)?;
+            if cfg.slotspace_signed_weights {
+                be.tanh_backward(dz, sw_pre, dsw_pre)?;
+            } else {
+                be.softmax_slots_backward(dz, sw_pre, dsw_pre, nk)?;
+            }
+            let u2d = if c_.has_ss_drop {
+                c_.u2d.dv()
+            } else {
+                c_.u2.dv()
+            };
+            let (_s9, du2d) = tmp(be, rows * m)?;
+            be.matmul_backward(
+                du2d,
+                gr(ids.slot_out),
+                Dv::null(),
+                dz,
+                u2d,
+                p.p(ids.slot_out),
+                rows,
+                m,
+                nk,
+            )?;
+            let (_s10, du2) = if c_.has_ss_drop {
+                let (s, du2) = tmp(be, rows * m)?;
+                be.dropout_backward(du2, du2d, c_.ss_drop.dv())?;
+                (Some(s), du2)
+            } else {
+                (None, du2d)
+            };
+            let (_a, dqf) = tmp(be, rows * m)?;
+            let (_b, dkf) = tmp(be, rows * m)?;
+            let (_c, dvs) = tmp(be, rows * m)?;
+            be.linear_attn_backward(
+                dqf,
+                dkf,
+                dvs,
+                du2,
+                c_.u2.dv(),
+                c_.ss_den.dv(),
+                c_.qf.dv(),
+                c_.kf.dv(),
+                c_.vs.dv(),
+                t,
+                m,
+            )?;
+            let online = cfg.variant == Variant::Online;
+            if !valid.is_null() {
+                if !online {
+                    be.mask_rows(dqf, valid, h, t, m)?;
+                    be.mask_rows(dkf, valid, h, t, m)?;
+                }
+                be.mask_rows(dvs, valid, h, t, m)?;
+            }
+            let rope_ss = self.rope_ss.as_ref().filter(|_| cfg.use_rope_slotspace);
+            let (qs, ks) = if rope_ss.is_some() {
+                (c_.qs.dv(), c_.ks.dv())
+            } else {
+                (c_.qs0.dv(), c_.ks0.dv())
+            };
+            let (_d, dqs) = tmp(be, rows * m)?;
+            let (_e, dks) = tmp(be, rows * m)?;
+            be.phi_backward(dqs, qs, dqf)?;
+            be.phi_backward(dks, ks, dkf)?;
+            if !valid.is_null() && online {
+                be.mask_rows(dqs, valid, h, t, m)?;
+                be.mask_rows(dks, valid, h, t, m)?;
+            }
+            let (_f, dqs0, _g, dks0) = match rope_ss {
+                Some(r) => {
+                    let (f, dqs0) = tmp(be, rows * m)?;
+                    let (g2, dks0) = tmp(be, rows * m)?;
+                    be.rope_backward(dqs0, dqs, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
+                    be.rope_backward(dks0, dks, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
+                    (Some(f), dqs0, Some(g2), dks0)
+                }
+                None => (None, dqs, None, dks),
+            };
+            let (_h, du) = tmp(be, rows * m)?;
+            let u = c_.u.dv();
+            be.matmul_backward(
+                du,
+                gr(ids.slot_q),
+                Dv::null(),
+                dqs0,
+                u,
+                p.p(ids.slot_q),
+                rows,
+                m,
+                m,
+            )?;
+            be.matmul_backward(
+                du,
+                gr(ids.slot_k),
+                Dv::null(),
+                dks0,
+                u,
+                p.p(ids.slot_k),
+                rows,
+                m,
+                m,
+            )?;
+            be.matmul_backward(
+                du,
+                gr(ids.slot_v),
+                Dv::null(),
+                dvs,
+                u,
+                p.p(ids.slot_v),
+                rows,
+                m,
+                m,
+            )?;
+            be.matmul_backward(
+                drw,
+                gr(ids.slot_in),
+                Dv::null(),
+                du,
+                c_.rw.dv(),
+                p.p(ids.slot_in),
+                rows,
+                nk,
+                m,
+            )?;
+        }
+
+        // read
+        be.slot_mix_backward(drw, dstate, dout1, c_.rw.dv(), c_.state.dv(), dm)?;
+        let rtemp = cfg.read_temperature.max(1e-6) as f32;
+        let (_s11, dlogits) = tmp(be, c_.rw.n)?;
+        be.read_weights_backward(
+            dlogits,
+            drw,
+            c_.rw.dv(),
+            c_.logits.dv(),
+            o.routing(),
+            rtemp,
+            o.keep_where(SlotMaskWhere::Read),
+            dm,
+        )?;
+        let (_s12, dq_h) = tmp(be, n * c)?;
+        let (_s13, dkeys) = tmp(be, h * nk * d)?;
+        let dgamma = be.zeros::<f64>(1)?;
+        let content = cfg.use_content_read;
+        be.read_logits_backward(
+            dq_h,
+            dkeys,
+            if content { dstate } else { Dv::null() },
+            dgamma.dv(),
+            dlogits,
+            if content { c_.lcont.dv() } else { Dv::null() },
+            c_.q_h.dv(),
+            c_.keys.dv(),
+            c_.state.dv(),
+            c_.gamma,
+            o.read_mask(),
+            dm,
+        )?;
+        if let Some(i) = self.ids.content_read_gamma {
+            let raw = p.scalar(i) as f64;
+            let sp = softplus(raw);
+            let mx = cfg.content_read_max_gamma;
+            // clamp(max) passes the gradient where softplus(raw) <= max
+            if !(mx > 0.0) || sp <= mx {
+                be.scalar_grad_add(gr(i), dgamma.dv(), sigmoid(raw))?;
+            }
+        }
+
+        // write scan and write logits
+        let (_s14, dwl) = tmp(be, c_.wl.n)?;
+        let (_s15, dv_h) = tmp(be, n * c)?;
+        be.slot_scan_backward(
+            dwl,
+            dv_h,
+            dstate,
+            c_.state.dv(),
+            c_.den.dv(),
+            c_.rmax.dv(),
+            c_.wl.dv(),
+            c_.v_h.dv(),
+            cfg.write_chunk_size,
+            dm,
+        )?;
+        let wtemp = cfg.write_temperature.max(1e-6) as f32;
+        let (_s16, dk_r) = tmp(be, n * c)?;
+        let pbias = if self.ids.alibi_strength.is_some() {
+            Some(be.zeros::<f64>(b * h * nk)?)
+        } else {
+            None
+        };
+        let k_n = if cfg.normalize_k {
+            c_.k_n.dv()
+        } else {
+            c_.k_h.dv()
+        };
+        let rope = self.rope.as_ref().filter(|_| cfg.use_rope_keys);
+        let k_r = if rope.is_some() { c_.k_r.dv() } else { k_n };
+        be.write_logits_backward(
+            dkeys,
+            dk_r,
+            pbias
+                .dv()
+                .sub(0, if pbias.is_some() { b * h * nk } else { 0 }),
+            dwl,
+            c_.keys.dv(),
+            k_r,
+            wtemp,
+            valid,
+            dm,
+        )?;
+        if let (Some(i), Some(pb)) = (self.ids.alibi_strength, &pbias) {
+            be.alibi_grad(
+                gr(i),
+                pb.dv(),
+                self.slopes_d.dv(),
+                sigmoid(p.scalar(i) as f64),
+                b,
+                h,
+                nk,
+            )?;
+        }
+        be.scale_rows(gr(self.ids.slot_keys), dkeys, c_.key_keep.dv(), d, true)?;
+        let (_s17, dk_n) = match rope {
+            Some(r) => {
+                let (s, dk_n) = tmp(be, n * c)?;
+                be.rope_backward(dk_n, dk_r, r.cos.dv(), r.sin.dv(), b * h, t, d)?;
+                (Some(s), dk_n)
+            }
+            None => (None, dk_r),
+        };
+        let (_s18, dk_h) = if cfg.normalize_k {
+            let (s, dk_h) = tmp(be, n * c)?;
+            be.l2normalize_backward(dk_h, dk_n, c_.k_n.dv(), c_.k_norm.dv(), d)?;
+            (Some(s), dk_h)
+        } else {
+            (None, dk_n)
+        };
+        // heads back to [B,T,C], then the projections
+        let (_s19, dp) = tmp(be, n * c)?;
+        for (dh, w) in [
+            (dk_h, self.ids.wk_write),
+            (dv_h, self.ids.wv_write),
+            (dq_h, self.ids.wq_read),
+        ] {
+            be.memset_zero(dp)?;
+            be.merge_heads(dp, dh, b, t, h, d)?;
+            be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)?;
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// the language model
+
+#[derive(Default)]
+struct GpuBlockCache {
+    ln1: DBuf,
+    ln1_mean: DBuf,
+    ln1_rstd: DBuf,
+    attn: GpuAsaCache,
+    attn_out: DBuf,
+    x1: DBuf,
+    ln2: DBuf,
+    ln2_mean: DBuf,
+    ln2_rstd: DBuf,
+    h: DBuf,
+    g: DBuf,
+    gd: DBuf,
+    gmask: DBuf,
+    m: DBuf,
+    md: DBuf,
+    mmask: DBuf,
+    dropped: bool,
+}
+
+#[derive(Default)]
+struct GpuLmCache {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    ids_d: Option<CudaSlice<u32>>,
+    emb: DBuf,
+    emask: DBuf,
+    emb_dropped: bool,
+    /// residual stream entering block l (xs[L] = final residual)
+    xs: Vec<DBuf>,
+    blocks: Vec<GpuBlockCache>,
+    lnf: DBuf,
+    lnf_mean: DBuf,
+    lnf_rstd: DBuf,
+}
+
+/// The ASM language model on one CUDA device: f32 master weights, gradients and AdamW state on
+/// the device; forward, fused classifier + cross-entropy, backward, clipping and AdamW on the GPU.
+pub struct GpuLm {
+    be: CudaBackend,
+    pub cfg: ModelConfig,
+    ids: LmIds,
+    template: ParamStore,
+    params: GpuParams,
+    grads: CudaSlice<f32>,
+    adam: Option<(CudaSlice<f32>, CudaSlice<f32>, u64)>,
+    layers: Vec<GpuAsaLayer>,
+    cache: GpuLmCache,
+    rng: ChaCha8Rng,
+    pub precision: Precision,
+    /// rows of logits materialised at once by the fused classifier are capped so that a block
+    /// holds at most this many floats
+    pub logits_budget: usize,
+}
+
+impl GpuLm {
+    /// Uploads `params` (laid out as `LmIds::build(cfg)` lays them out) to device 0.
+    pub fn new(cfg: &ModelConfig, params: &ParamStore, precision: Precision) -> Result<Self> {
+        cfg.validate()?;
+        let be = CudaBackend::new(0)?;
+        be.precision.set(precision);
+        let (template, ids) = LmIds::build(cfg);
+        if template.names != params.names || template.shapes != params.shapes {
+            return Err(AsaError::Input(
+                "GpuLm::new: the parameters do not match the model config (names or shapes differ)"
+                    .into(),
+            ));
+        }
+        let gp = GpuParams::upload(&be, params)?;
+        let grads = be.zeros::<f32>(gp.layout.total)?;
+        let layers = ids
+            .blocks
+            .iter()
+            .map(|bl| GpuAsaLayer::new(&be, cfg, bl.attn.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuLm {
+            be,
+            cfg: cfg.clone(),
+            ids,
+            template: params.clone(),
+            params: gp,
+            grads,
+            adam: None,
+            layers,
+            cache: GpuLmCache::default(),
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b),
+            precision,
+            logits_budget: 1 << 25,
+        })
+    }
+
+    /// The backend (device name, stream).
+    pub fn backend(&self) -> &CudaBackend {
+        &self.be
+    }
+
+    /// Reseeds the dropout / slot-dropout generator.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    fn check_ids(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
+        if ids.len() != b * t || b == 0 || t == 0 {
+            return Err(AsaError::Input(format!(
+                "expected {b}x{t} token ids, got {}",
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(AsaError::Input(format!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        if self.cfg.use_abs_pos && t > self.cfg.max_seq_len {
+            return Err(AsaError::Input(format!(
+                "sequence length {t} exceeds max_seq_len {} (learned absolute positions)",
+                self.cfg.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward to the final LayerNorm output (`Lm::forward` up to `ln_f`).
+    fn forward_body(&mut self, ids: &[u32], b: usize, t: usize, o: &DevOpts) -> Result<()> {
+        self.check_ids(ids, b, t)?;
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let (c, hid) = (cfg.embed_dim, cfg.hidden_dim());
+        let n = b * t;
+        let p = &self.params;
+        let cache = &mut self.cache;
+        cache.b = b;
+        cache.t = t;
+        cache.ids = ids.to_vec();
+        cache.ids_d = Some(be.upload(ids)?);
+        let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
+        let nl = cfg.num_layers;
+        cache.xs.resize_with(nl + 1, DBuf::default);
+        cache.blocks.resize_with(nl, GpuBlockCache::default);
+
+        // embeddings [B,T,C]
+        let wpe = self.ids.pos_emb.map(|i| p.p(i)).unwrap_or_else(Dv::null);
+        let x0 = cache.xs[0].ensure(be, n * c)?;
+        cache.emb_dropped = pdrop > 0.0;
+        if cache.emb_dropped {
+            let emb = cache.emb.ensure(be, n * c)?;
+            be.encoder_forward(
+                emb,
+                cache.ids_d.dv().sub(0, n),
+                p.p(self.ids.token_emb),
+                wpe,
+                b,
+                t,
+                c,
+            )?;
+            let em = cache.emask.ensure(be, n * c)?;
+            be.dropout_forward(x0, em, emb, pdrop, self.rng.gen())?;
+        } else {
+            be.encoder_forward(
+                x0,
+                cache.ids_d.dv().sub(0, n),
+                p.p(self.ids.token_emb),
+                wpe,
+                b,
+                t,
+                c,
+            )?;
+        }
+
+        for l in 0..nl {
+            let bid = &self.ids.blocks[l];
+            let x = cache.xs[l].dv();
+            let xn = cache.xs[l + 1].ensure(be, n * c)?;
+            let bc = &mut cache.blocks[l];
+            let ln1 = bc.ln1.ensure(be, n * c)?;
+            let (m1, r1) = (bc.ln1_mean.ensure(be, n)?, bc.ln1_rstd.ensure(be, n)?);
+            be.layernorm_forward(ln1, m1, r1, x, p.p(bid.ln_1_w), p.p(bid.ln_1_b), n, c)?;
+            let attn_out = bc.attn_out.ensure(be, n * c)?;
+            self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
+            let x1 = bc.x1.ensure(be, n * c)?;
+            be.residual_forward(x1, x, attn_out)?;
+            let ln2 = bc.ln2.ensure(be, n * c)?;
+            let (m2, r2) = (bc.ln2_mean.ensure(be, n)?, bc.ln2_rstd.ensure(be, n)?);
+            be.layernorm_forward(ln2, m2, r2, x1, p.p(bid.ln_2_w), p.p(bid.ln_2_b), n, c)?;
+            let hh = bc.h.ensure(be, n * hid)?;
+            be.matmul_forward(
+                hh,
+                ln2,
+                p.p(bid.mlp_0_w),
+                bid.mlp_0_b.map(|i| p.p(i)).unwrap_or_else(Dv::null),
+                n,
+                c,
+                hid,
+            )?;
+            let g = bc.g.ensure(be, n * hid)?;
+            be.gelu_forward(g, hh)?;
+            bc.dropped = pdrop > 0.0;
+            let gd = if bc.dropped {
+                let gd = bc.gd.ensure(be, n * hid)?;
+                let gm = bc.gmask.ensure(be, n * hid)?;
+                be.dropout_forward(gd, gm, g, pdrop, self.rng.gen())?;
+                gd
+            } else {
+                g
+            };
+            let mm = bc.m.ensure(be, n * c)?;
+            be.matmul_forward(
+                mm,
+                gd,
+                p.p(bid.mlp_3_w),
+                bid.mlp_3_b.map(|i| p.p(i)).unwrap_or_else(Dv::null),
+                n,
+                hid,
+                c,
+            )?;
+            let md = if bc.dropped {
+                let md = bc.md.ensure(be, n * c)?;
+                let mk = bc.mmask.ensure(be, n * c)?;
+                be.dropout_forward(md, mk, mm, pdrop, self.rng.gen())?;
+                md
+            } else {
+                mm
+            };
+            be.residual_forward(xn, x1, md)?;
+        }
+        let xf = cache.xs[nl].dv();
+        let lnf = cache.lnf.ensure(be, n * c)?;
+        let (mf, rf) = (cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?);
+        be.layernorm_forward(
+            lnf,
+            mf,
+            rf,
+            xf,
+            p.p(self.ids.ln_f_w),
+            p.p(self.ids.ln_f_b),
+            n,
+            c,
+        )?;
+        Ok(())
+    }
+
+    /// Logits [B,T,V] of an eval-mode forward (`Lm::forward` with default options and an
+    /// optional attention mask [B,T]).
+    pub fn forward_logits(
+        &mut self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        mask: Option<&[bool]>,
+    ) -> Result<Vec<f32>> {
+        let opts = AsaOptions {
+            attention_mask: mask.map(|m| m.to_vec()),
+            ..Default::default()
+        };
+        self.forward_logits_opts(ids, b, t, &opts)
+    }
+
+    /// Logits [B,T,V] with explicit forward options (routing modes, slot masks, ...).
+    pub fn forward_logits_opts(
+        &mut self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<Vec<f32>> {
+        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
+        self.forward_body(ids, b, t, &o)?;
+        let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
+        let (_s, logits) = tmp(&self.be, n * v)?;
+        self.be.matmul_forward(
+            logits,
+            self.cache.lnf.dv(),
+            self.params.p(self.ids.head()),
+            Dv::null(),
+            n,
+            c,
+            v,
+        )?;
+        self.be.download(logits)
+    }
+
+    /// Counted rows (valid and target >= 0); a counted target >= V is an input error.
+    fn count_targets(&self, targets: &[i64], valid: Option<&[bool]>, n: usize) -> Result<usize> {
+        let v = self.cfg.vocab_size;
+        if targets.len() != n {
+            return Err(AsaError::Input(format!(
+                "expected {n} targets, got {}",
+                targets.len()
+            )));
+        }
+        if let Some(m) = valid {
+            if m.len() != n {
+                return Err(AsaError::Input(format!(
+                    "attention_mask has {} entries, expected B*T = {n}",
+                    m.len()
+                )));
+            }
+        }
+        let mut count = 0;
+        for (r, &tg) in targets.iter().enumerate() {
+            if valid.is_none_or(|m| m[r]) && tg >= 0 {
+                if tg as u64 >= v as u64 {
+                    return Err(AsaError::Input(format!(
+                        "target id {tg} out of range for vocab {v}"
+                    )));
+                }
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return Err(AsaError::Input(
+                "no valid target positions in the batch".into(),
+            ));
+        }
+        Ok(count)
+    }
+
+    /// Fused classifier + cross-entropy forward and backward, in row blocks: per block the
+    /// logits [R,V] are formed (cuBLAS), turned into probabilities and row losses, then in place
+    /// into dlogits, which flow to d(lnf) and d(head weight) right away. At most
+    /// `logits_budget` floats of logits exist at once. Returns the summed loss on the device.
+    fn head_loss_backward(
+        &self,
+        targets_d: Dv<i64>,
+        valid: Dv<u8>,
+        count: usize,
+        dlnf: Dv<f32>,
+    ) -> Result<CudaSlice<f64>> {
+        let be = &self.be;
+        let (b, t) = (self.cache.b, self.cache.t);
+        let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
+        let rows = (self.logits_budget / v.max(1)).clamp(1, n);
+        let (_s, blk) = tmp(be, rows * v)?;
+        let row_loss = be.zeros::<f64>(n)?;
+        let lnf = self.cache.lnf.dv();
+        let head = self.ids.head();
+        let w = self.params.p(head);
+        let gw = self
+            .params
+            .layout
+            .range(self.grads.dv().sub(0, self.params.layout.total), head);
+        let scale = 1.0 / count as f32;
+        let mut r0 = 0;
+        while r0 < n {
+            let r = rows.min(n - r0);
+            let lg = blk.sub(0, r * v);
+            let x = lnf.sub(r0 * c, r * c);
+            let tg = targets_d.sub(r0, r);
+            let vl = if valid.is_null() {
+                valid
+            } else {
+                valid.sub(r0, r)
+            };
+            be.matmul_forward(lg, x, w, Dv::null(), r, c, v)?;
+            be.crossentropy_forward(lg, row_loss.dv().sub(r0, r), lg, tg, vl, r, v)?;
+            be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true)?;
+            be.matmul_backward(dlnf.sub(r0 * c, r * c), gw, Dv::null(), lg, x, w, r, c, v)?;
+            r0 += r;
+        }
+        let sum = be.zeros::<f64>(1)?;
+        be.sum_f64(sum.dv(), row_loss.dv(), false)?;
+        Ok(sum)
+    }
+
+    /// Backward from d(lnf) through the blocks to the embeddings (`Lm::backward_from_logits`
+    /// after the head). Gradients are added into the flat gradient buffer.
+    fn backward_body(&mut self, dlnf: Dv<f32>, o: &DevOpts) -> Result<()> {
+        let be = &self.be;
+        let cfg = &self.cfg;
+        let (b, t) = (self.cache.b, self.cache.t);
+        let (c, hid) = (cfg.embed_dim, cfg.hidden_dim());
+        let n = b * t;
+        let p = &self.params;
+        let g = self.grads.dv().sub(0, p.layout.total);
+        let gr = |id: ParamId| p.layout.range(g, id);
+        let nl = cfg.num_layers;
+        let (_sx, dx) = tmp(be, n * c)?;
+        be.layernorm_backward(
+            dx,
+            gr(self.ids.ln_f_w),
+            gr(self.ids.ln_f_b),
+            dlnf,
+            self.cache.xs[nl].dv(),
+            p.p(self.ids.ln_f_w),
+            self.cache.lnf_mean.dv(),
+            self.cache.lnf_rstd.dv(),
+            n,
+            c,
+        )?;
+        let (_s1, dm_buf) = tmp(be, n * c)?;
+        let (_s2, dgd) = tmp(be, n * hid)?;
+        let (_s3, dg_buf) = tmp(be, n * hid)?;
+        let (_s4, dh) = tmp(be, n * hid)?;
+        let (_s5, dln2) = tmp(be, n * c)?;
+        let (_s6, dln1) = tmp(be, n * c)?;
+        for l in (0..nl).rev() {
+            let bid = &self.ids.blocks[l];
+            let bc = &mut self.cache.blocks[l];
+            // x2 = x1 + drop(mlp3(drop(gelu(mlp0(ln2(x1))))))
+            let dm = if bc.dropped {
+                be.memset_zero(dm_buf)?;
+                be.dropout_backward(dm_buf, dx, bc.mmask.dv())?;
+                dm_buf
+            } else {
+                dx
+            };
+            let gd = if bc.dropped { bc.gd.dv() } else { bc.g.dv() };
+            be.memset_zero(dgd)?;
+            be.matmul_backward(
+                dgd,
+                gr(bid.mlp_3_w),
+                bid.mlp_3_b.map(gr).unwrap_or_else(Dv::null),
+                dm,
+                gd,
+                p.p(bid.mlp_3_w),
+                n,
+                hid,
+                c,
+            )?;
+            let dg = if bc.dropped {
+                be.memset_zero(dg_buf)?;
+                be.dropout_backward(dg_buf, dgd, bc.gmask.dv())?;
+                dg_buf
+            } else {
+                dgd
+            };
+            be.memset_zero(dh)?;
+            be.gelu_backward(dh, bc.h.dv(), dg)?;
+            be.memset_zero(dln2)?;
+            be.matmul_backward(
+                dln2,
+                gr(bid.mlp_0_w),
+                bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null),
+                dh,
+                bc.ln2.dv(),
+                p.p(bid.mlp_0_w),
+                n,
+                c,
+                hid,
+            )?;
+            // dx1 = dx + LN2 backward (in place on dx)
+            be.layernorm_backward(
+                dx,
+                gr(bid.ln_2_w),
+                gr(bid.ln_2_b),
+                dln2,
+                bc.x1.dv(),
+                p.p(bid.ln_2_w),
+                bc.ln2_mean.dv(),
+                bc.ln2_rstd.dv(),
+                n,
+                c,
+            )?;
+            // x1 = x + attn(ln1(x))
+            be.memset_zero(dln1)?;
+            self.layers[l].backward(be, p, g, &mut bc.attn, o, dx, dln1)?;
+            be.layernorm_backward(
+                dx,
+                gr(bid.ln_1_w),
+                gr(bid.ln_1_b),
+                dln1,
+                self.cache.xs[l].dv(),
+                p.p(bid.ln_1_w),
+                bc.ln1_mean.dv(),
+                bc.ln1_rstd.dv(),
+                n,
+                c,
+            )?;
+        }
+        let demb = if self.cache.emb_dropped {
+            be.memset_zero(dm_buf)?;
+            be.dropout_backward(dm_buf, dx, self.cache.emask.dv())?;
+            dm_buf
+        } else {
+            dx
+        };
+        let gwpe = self.ids.pos_emb.map(gr).unwrap_or_else(Dv::null);
+        be.encoder_backward(gr(self.ids.token_emb), gwpe, demb, &self.cache.ids, b, t, c)?;
+        Ok(())
+    }
+
+    /// Forward, loss and backward into the (zeroed) gradient buffer; returns the mean loss
+    /// still on the device (sum) and the count.
+    fn loss_backward(
+        &mut self,
+        ids: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<(CudaSlice<f64>, usize)> {
+        let n = b * t;
+        let count = self.count_targets(targets, opts.attention_mask.as_deref(), n)?;
+        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
+        self.forward_body(ids, b, t, &o)?;
+        self.be.memset_zero(self.grads.dv())?;
+        let targets_d = self.be.upload(targets)?;
+        let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
+        let sum = self.head_loss_backward(targets_d.dv().sub(0, n), o.valid(), count, dlnf)?;
+        self.backward_body(dlnf, &o)?;
+        Ok((sum, count))
+    }
+
+    /// Mean loss and the gradients of every parameter (eval mode: no dropout), for parity tests.
+    pub fn loss_and_grads(
+        &mut self,
+        ids: &[u32],
+        targets: &[i64],
+        mask: Option<&[bool]>,
+        b: usize,
+        t: usize,
+    ) -> Result<(f64, ParamStore)> {
+        let opts = AsaOptions {
+            attention_mask: mask.map(|m| m.to_vec()),
+            ..Default::default()
+        };
+        self.loss_and_grads_opts(ids, targets, b, t, &opts)
+    }
+
+    /// `loss_and_grads` with explicit forward options.
+    pub fn loss_and_grads_opts(
+        &mut self,
+        ids: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<(f64, ParamStore)> {
+        let (sum, count) = self.loss_backward(ids, targets, b, t, opts)?;
+        let loss = self.be.download(sum.dv())?[0] / count as f64;
+        let flat = self
+            .be
+            .download(self.grads.dv().sub(0, self.params.layout.total))?;
+        Ok((loss, self.unflatten(&flat)))
+    }
+
+    /// One training step: forward (dropouts on), loss, backward, global norm (and clipping to
+    /// `clip`), AdamW with learning rate `lr`. Returns (loss, gradient norm before clipping).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        lr: f64,
+        adam: &AdamWConfig,
+        clip: Option<f64>,
+    ) -> Result<(f64, f64)> {
+        self.train_step_mode(inputs, targets, b, t, lr, adam, clip, true)
+    }
+
+    /// `train_step` with the dropouts on (`training`) or off (eval-mode forward, as the CPU
+    /// fixture runner trains).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step_mode(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        lr: f64,
+        adam: &AdamWConfig,
+        clip: Option<f64>,
+        training: bool,
+    ) -> Result<(f64, f64)> {
+        let opts = AsaOptions {
+            training,
+            ..Default::default()
+        };
+        let (sum, count) = self.loss_backward(inputs, targets, b, t, &opts)?;
+        let be = &self.be;
+        let total = self.params.layout.total;
+        let g = self.grads.dv().sub(0, total);
+        let norm = be.zeros::<f64>(1)?;
+        be.global_norm(norm.dv(), g)?;
+        if let Some(cn) = clip {
+            be.clip_scale(g, norm.dv(), cn)?;
+        }
+        if self.adam.is_none() {
+            self.adam = Some((be.zeros::<f32>(total)?, be.zeros::<f32>(total)?, 0));
+        }
+        let (m, v, step) = self.adam.as_mut().unwrap();
+        *step += 1;
+        be.adamw_update(
+            self.params.data.dv().sub(0, total),
+            m.dv().sub(0, total),
+            v.dv().sub(0, total),
+            g,
+            adam,
+            lr,
+            *step,
+        )?;
+        let loss = be.download(sum.dv())?[0] / count as f64;
+        let gn = be.download(norm.dv())?[0];
+        self.params.refresh_scalars(&self.be)?;
+        Ok((loss, gn))
+    }
+
+    /// The optimizer's step count.
+    pub fn step(&self) -> u64 {
+        self.adam.as_ref().map(|a| a.2).unwrap_or(0)
+    }
+
+    fn unflatten(&self, flat: &[f32]) -> ParamStore {
+        let mut out = self.template.clone();
+        for (i, d) in out.data.iter_mut().enumerate() {
+            let (o, l) = (self.params.layout.offs[i], self.params.layout.lens[i]);
+            d.copy_from_slice(&flat[o..o + l]);
+        }
+        out
+    }
+
+    /// The current parameters (f32 master weights).
+    pub fn download_params(&self) -> Result<ParamStore> {
+        let flat = self
+            .be
+            .download(self.params.data.dv().sub(0, self.params.layout.total))?;
+        Ok(self.unflatten(&flat))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// one layer alone (layer fixtures, op tests, benches)
+
+/// One ASA layer with its own parameters on the device (the layer fixtures' setting: keys
+/// without a prefix). `forward` then `backward` mirror `AsaLayer::forward/backward`.
+pub struct GpuLayerRunner {
+    be: CudaBackend,
+    layer: GpuAsaLayer,
+    template: ParamStore,
+    params: GpuParams,
+    grads: CudaSlice<f32>,
+    cache: GpuAsaCache,
+    opts: Option<DevOpts>,
+    x: Option<CudaSlice<f32>>,
+    rng: ChaCha8Rng,
+}
+
+impl GpuLayerRunner {
+    pub fn new(
+        cfg: &ModelConfig,
+        ids: AsaIds,
+        params: &ParamStore,
+        precision: Precision,
+    ) -> Result<Self> {
+        let be = CudaBackend::new(0)?;
+        be.precision.set(precision);
+        let gp = GpuParams::upload(&be, params)?;
+        let grads = be.zeros::<f32>(gp.layout.total)?;
+        let layer = GpuAsaLayer::new(&be, cfg, ids)?;
+        Ok(GpuLayerRunner {
+            be,
+            layer,
+            template: params.clone(),
+            params: gp,
+            grads,
+            cache: GpuAsaCache::default(),
+            opts: None,
+            x: None,
+            rng: ChaCha8Rng::seed_from_u64(0),
+        })
+    }
+
+    /// x: [B,T,C] -> out [B,T,C].
+    pub fn forward(
+        &mut self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<Vec<f32>> {
+        let c = self.layer.cfg.embed_dim;
+        if x.len() != b * t * c {
+            return Err(AsaError::Input(format!(
+                "x must be [B,T,C] = [{b},{t},{c}], got {} values",
+                x.len()
+            )));
+        }
+        let o = DevOpts::new(&self.be, &self.layer.cfg, opts, b, t)?;
+        let xd = self.be.upload(x)?;
+        let (_s, out) = tmp(&self.be, b * t * c)?;
+        self.layer.forward(
+            &self.be,
+            &self.params,
+            xd.dv(),
+            b,
+            t,
+            &o,
+            &mut self.cache,
+            &mut self.rng,
+            out,
+        )?;
+        self.x = Some(xd);
+        self.opts = Some(o);
+        self.be.download(out)
+    }
+
+    /// Backward of the last forward for dout [B,T,C]: (dx, parameter gradients).
+    pub fn backward(&mut self, dout: &[f32]) -> Result<(Vec<f32>, ParamStore)> {
+        let o = self
+            .opts
+            .as_ref()
+            .ok_or_else(|| AsaError::Other("backward before forward".into()))?;
+        let n = self.cache.b * self.cache.t * self.layer.cfg.embed_dim;
+        if dout.len() != n {
+            return Err(AsaError::Input(format!(
+                "dout has {} values, expected {n}",
+                dout.len()
+            )));
+        }
+        let dd = self.be.upload(dout)?;
+        let (_s, dx) = tmp(&self.be, n)?;
+        let g = self.grads.dv().sub(0, self.params.layout.total);
+        self.be.memset_zero(g)?;
+        self.layer.backward(
+            &self.be,
+            &self.params,
+            g,
+            &mut self.cache,
+            o,
+            dd.dv().sub(0, n),
+            dx,
+        )?;
+        let dxh = self.be.download(dx)?;
+        let flat = self.be.download(g)?;
+        let mut out = self.template.clone();
+        for (i, d) in out.data.iter_mut().enumerate() {
+            let (o, l) = (self.params.layout.offs[i], self.params.layout.lens[i]);
+            d.copy_from_slice(&flat[o..o + l]);
+        }
+        Ok((dxh, out))
+    }
+
+    pub fn backend(&self) -> &CudaBackend {
+        &self.be
+    }
+}

@@ -1,0 +1,1825 @@
+//! Launchers: one method of `CudaBackend` per kernel, named after (and taking the arguments of)
+//! the CPU twin in `backend::cpu::ops` / `backend::cpu::asa`, with device ranges (`Dv`) in place
+//! of slices. Shapes are checked like the CPU twins check them (`assert!`: a mismatch is a
+//! programming error); kernel failures are `AsaError::Device`.
+//!
+//! Differences from the CPU signatures, all documented at the launcher:
+//! - randomness: `dropout_forward` takes a seed (counter-based hash RNG) instead of an `Rng`;
+//! - optional tensors are null ranges (`Dv::null()`), boolean masks are `u8` ranges;
+//! - reductions to one parameter (ALiBi strength, content gamma, refine gate) leave an f64 sum on
+//!   the device, finished by `scalar_grad_add` / `alibi_grad`;
+//! - `slot_scan_backward` consumes its `dstate` input (overwritten with scratch values);
+//! - `crossentropy_forward` leaves per-row losses on the device; `crossentropy_sum` finishes.
+
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
+use cudarc::driver::LaunchConfig;
+
+use super::{i32_of, CudaBackend, Dv, KArg, Precision};
+use crate::backend::cpu::asa::{ReadMask, SlotDims};
+use crate::error::{AsaError, Result};
+
+/// Rows per chunk of the deterministic two-stage column sums.
+const COLSUM_ROWS: usize = 256;
+
+/// How a GEMM operand is stored.
+#[derive(Clone, Copy)]
+enum Op {
+    N,
+    T,
+}
+
+fn k<T: Into<KArg>>(x: T) -> KArg {
+    x.into()
+}
+
+/// Slot-mask arguments of the read kernels: (keep [K] i32 or null, last_pos_only, mask_mode).
+#[derive(Debug, Clone, Copy)]
+pub struct DevSlotMask {
+    pub keep: Dv<i32>,
+    pub last_pos_only: bool,
+    pub mode: ReadMask,
+}
+
+impl DevSlotMask {
+    fn args(m: Option<DevSlotMask>) -> [KArg; 3] {
+        match m {
+            Some(m) => [
+                k(m.keep),
+                k(m.last_pos_only as i32),
+                k(match m.mode {
+                    ReadMask::Read => 0i32,
+                    ReadMask::ContentOnly => 1,
+                }),
+            ],
+            None => [k(Dv::<i32>::null()), k(0i32), k(0i32)],
+        }
+    }
+}
+
+/// Routing of `read_weights_forward` on the device (`Routing` of the CPU twin).
+#[derive(Debug, Clone, Copy)]
+pub enum DevRouting {
+    Softmax,
+    Top1,
+    TopK(usize),
+    External(Dv<f32>),
+    Override(Dv<f32>),
+}
+
+impl DevRouting {
+    fn code(&self) -> (i32, i32, Dv<f32>) {
+        match *self {
+            DevRouting::Softmax => (0, 0, Dv::null()),
+            DevRouting::Top1 => (1, 0, Dv::null()),
+            DevRouting::TopK(kk) => (2, kk.min(i32::MAX as usize) as i32, Dv::null()),
+            DevRouting::External(w) => (3, 0, w),
+            DevRouting::Override(w) => (4, 0, w),
+        }
+    }
+}
+
+impl CudaBackend {
+    // --------------------------------------------------------------------------------------------
+    // encoder
+
+    /// out: [B,T,C]; ids: [B,T] (validated on the host); wte: [V,C]; wpe: null or [maxT,C].
+    pub fn encoder_forward(
+        &self,
+        out: Dv<f32>,
+        ids: Dv<u32>,
+        wte: Dv<f32>,
+        wpe: Dv<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        assert_eq!(out.len, b * t * c, "encoder_forward: out shape");
+        assert_eq!(ids.len, b * t, "encoder_forward: ids shape");
+        if c == 0 || b * t == 0 {
+            return Ok(());
+        }
+        assert_eq!(wte.len % c, 0, "encoder_forward: wte shape");
+        if !wpe.is_null() {
+            assert!(
+                wpe.len >= t * c,
+                "encoder_forward: T={t} exceeds the position table"
+            );
+        }
+        let v = wte.len / c;
+        self.launch(
+            "encoder_forward",
+            self.cfg_elems(b * t * c),
+            &[
+                k(out),
+                k(ids),
+                k(wte),
+                k(wpe),
+                k(i32_of("B*T", b * t)?),
+                k(i32_of("T", t)?),
+                k(i32_of("C", c)?),
+                k(i32_of("V", v)?),
+            ],
+        )
+    }
+
+    /// dwte [V,C] += scatter of dout [B,T,C] by `ids` (host copy); dwpe: null or [maxT,C].
+    /// Deterministic: the host sorts positions by id and each (id, column) sums in position order.
+    pub fn encoder_backward(
+        &self,
+        dwte: Dv<f32>,
+        dwpe: Dv<f32>,
+        dout: Dv<f32>,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        assert_eq!(dout.len, b * t * c, "encoder_backward: dout shape");
+        assert_eq!(ids.len(), b * t, "encoder_backward: ids shape");
+        if c == 0 || b * t == 0 {
+            return Ok(());
+        }
+        let v = dwte.len / c;
+        let (uniq, start, order) = sort_positions_by_id(ids, v)?;
+        let uniq_d = self.upload(&uniq)?;
+        let start_d = self.upload(&start)?;
+        let order_d = self.upload(&order)?;
+        let cfg = LaunchConfig {
+            grid_dim: (uniq.len() as u32, c.div_ceil(128) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        use super::AsDv;
+        self.launch(
+            "encoder_backward",
+            cfg,
+            &[
+                k(dwte),
+                k(dout),
+                k(uniq_d.dv()),
+                k(start_d.dv()),
+                k(order_d.dv()),
+                k(i32_of("ids", uniq.len())?),
+                k(i32_of("C", c)?),
+            ],
+        )?;
+        if !dwpe.is_null() {
+            assert!(
+                dwpe.len >= t * c,
+                "encoder_backward: T={t} exceeds the position table"
+            );
+            self.launch(
+                "encoder_backward_wpe",
+                self.cfg_elems(t * c),
+                &[k(dwpe), k(dout), k(b as i32), k(t as i32), k(c as i32)],
+            )?;
+        }
+        Ok(())
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // layernorm
+
+    /// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N].
+    pub fn layernorm_forward(
+        &self,
+        out: Dv<f32>,
+        mean: Dv<f32>,
+        rstd: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        bias: Dv<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        assert_eq!(out.len, n * c, "layernorm_forward: out shape");
+        assert_eq!(inp.len, n * c, "layernorm_forward: inp shape");
+        assert_eq!(mean.len, n, "layernorm_forward: mean shape");
+        assert_eq!(rstd.len, n, "layernorm_forward: rstd shape");
+        assert_eq!(weight.len, c, "layernorm_forward: weight shape");
+        assert_eq!(bias.len, c, "layernorm_forward: bias shape");
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "layernorm_forward",
+            self.cfg_warps(n)?,
+            &[
+                k(out),
+                k(mean),
+                k(rstd),
+                k(inp),
+                k(weight),
+                k(bias),
+                k(i32_of("N", n)?),
+                k(i32_of("C", c)?),
+            ],
+        )
+    }
+
+    /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums).
+    pub fn layernorm_backward(
+        &self,
+        dinp: Dv<f32>,
+        dweight: Dv<f32>,
+        dbias: Dv<f32>,
+        dout: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        mean: Dv<f32>,
+        rstd: Dv<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        assert_eq!(dinp.len, n * c, "layernorm_backward: dinp shape");
+        assert_eq!(dout.len, n * c, "layernorm_backward: dout shape");
+        assert_eq!(inp.len, n * c, "layernorm_backward: inp shape");
+        assert_eq!(mean.len, n, "layernorm_backward: mean shape");
+        assert_eq!(rstd.len, n, "layernorm_backward: rstd shape");
+        assert_eq!(weight.len, c, "layernorm_backward: weight shape");
+        assert_eq!(dweight.len, c, "layernorm_backward: dweight shape");
+        assert_eq!(dbias.len, c, "layernorm_backward: dbias shape");
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        let (ni, ci) = (i32_of("N", n)?, i32_of("C", c)?);
+        self.launch(
+            "layernorm_backward",
+            self.cfg_warps(n)?,
+            &[
+                k(dinp),
+                k(dout),
+                k(inp),
+                k(weight),
+                k(mean),
+                k(rstd),
+                k(ni),
+                k(ci),
+            ],
+        )?;
+        let chunks = n.div_ceil(COLSUM_ROWS);
+        let pw = self.scratch64(chunks * c, false)?;
+        let pb = self.scratch64(chunks * c, true)?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "layernorm_backward_params",
+            cfg,
+            &[
+                k(pw),
+                k(pb),
+                k(dout),
+                k(inp),
+                k(mean),
+                k(rstd),
+                k(ni),
+                k(ci),
+                k(COLSUM_ROWS as i32),
+            ],
+        )?;
+        self.launch(
+            "colsum_finalize",
+            self.cfg_elems(c),
+            &[k(dweight), k(pw), k(chunks as i32), k(ci)],
+        )?;
+        self.launch(
+            "colsum_finalize",
+            self.cfg_elems(c),
+            &[k(dbias), k(pb), k(chunks as i32), k(ci)],
+        )
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // matmul (cuBLAS)
+
+    /// Row-major GEMM through cuBLAS' column-major interface:
+    /// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
+    /// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: Op,
+        tb: Op,
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: Dv<f32>,
+        lda: usize,
+        b: Dv<f32>,
+        ldb: usize,
+        c: Dv<f32>,
+        ldc: usize,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if kk == 0 {
+            if beta == 0.0 {
+                self.memset_zero(c)?;
+            }
+            return Ok(());
+        }
+        let op = |o: Op| match o {
+            Op::N => cublasOperation_t::CUBLAS_OP_N,
+            Op::T => cublasOperation_t::CUBLAS_OP_T,
+        };
+        let alpha = 1.0f32;
+        let (mi, ni, ki) = (
+            i32_of("GEMM m", m)?,
+            i32_of("GEMM n", n)?,
+            i32_of("GEMM k", kk)?,
+        );
+        let (ldai, ldbi, ldci) = (
+            i32_of("lda", lda)?,
+            i32_of("ldb", ldb)?,
+            i32_of("ldc", ldc)?,
+        );
+        let (aptr, bptr, dtype) = match self.precision.get() {
+            Precision::F32 => (a.ptr, b.ptr, cudaDataType_t::CUDA_R_32F),
+            Precision::Bf16 => {
+                let ab = self.scratch_bf16(a.len, false)?;
+                let bb = self.scratch_bf16(b.len, true)?;
+                self.launch(
+                    "convert_f32_bf16",
+                    self.cfg_elems(a.len),
+                    &[k(ab), k(a), k(a.len as i64)],
+                )?;
+                self.launch(
+                    "convert_f32_bf16",
+                    self.cfg_elems(b.len),
+                    &[k(bb), k(b), k(b.len as i64)],
+                )?;
+                (ab.ptr, bb.ptr, cudaDataType_t::CUDA_R_16BF)
+            }
+        };
+        // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
+        // alpha/beta are host scalars (cuBLAS' default pointer mode).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(ta),
+                op(tb),
+                mi,
+                ni,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                aptr as *const _,
+                dtype,
+                ldai,
+                bptr as *const _,
+                dtype,
+                ldbi,
+                (&beta) as *const f32 as *const _,
+                c.ptr as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                ldci,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")))
+    }
+
+    /// nn.Linear: out[N,O] = inp[N,I] @ weight[O,I]^T (+ bias[O]; bias null = none).
+    pub fn matmul_forward(
+        &self,
+        out: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        bias: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        assert_eq!(out.len, n * o, "matmul_forward: out shape");
+        assert_eq!(inp.len, n * i, "matmul_forward: inp shape");
+        assert_eq!(weight.len, o * i, "matmul_forward: weight shape");
+        if n == 0 || o == 0 {
+            return Ok(());
+        }
+        let beta = if bias.is_null() {
+            0.0
+        } else {
+            assert_eq!(bias.len, o, "matmul_forward: bias shape");
+            self.launch(
+                "matmul_forward_bias",
+                self.cfg_elems(n * o),
+                &[k(out), k(bias), k(i32_of("N", n)?), k(i32_of("O", o)?)],
+            )?;
+            1.0
+        };
+        // out^T [O,N] = W [O,I] (col-major view of W^T, transposed) x inp^T [I,N]
+        self.gemm(Op::T, Op::N, o, n, i, weight, i, inp, i, out, o, beta)
+    }
+
+    /// dinp[N,I] += dout[N,O] @ weight[O,I]; dweight[O,I] += dout^T @ inp; dbias[O] += column
+    /// sums of dout (f64, deterministic; null = none). dinp may be null (not needed).
+    pub fn matmul_backward(
+        &self,
+        dinp: Dv<f32>,
+        dweight: Dv<f32>,
+        dbias: Dv<f32>,
+        dout: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        assert!(
+            dinp.is_null() || dinp.len == n * i,
+            "matmul_backward: dinp shape"
+        );
+        assert_eq!(dweight.len, o * i, "matmul_backward: dweight shape");
+        assert_eq!(dout.len, n * o, "matmul_backward: dout shape");
+        assert_eq!(inp.len, n * i, "matmul_backward: inp shape");
+        assert_eq!(weight.len, o * i, "matmul_backward: weight shape");
+        if !dinp.is_null() {
+            // dinp^T [I,N] += W^T [I,O] x dout^T [O,N]
+            self.gemm(Op::N, Op::N, i, n, o, weight, i, dout, o, dinp, i, 1.0)?;
+        }
+        // dW^T [I,O] += inp^T [I,N] x dout [N,O]
+        self.gemm(Op::N, Op::T, i, o, n, inp, i, dout, o, dweight, i, 1.0)?;
+        if !dbias.is_null() {
+            assert_eq!(dbias.len, o, "matmul_backward: dbias shape");
+            self.colsum_add(dbias, dout, n, o)?;
+        }
+        Ok(())
+    }
+
+    /// dst[C] += column sums of x [N,C] (f64, fixed order).
+    pub fn colsum_add(&self, dst: Dv<f32>, x: Dv<f32>, n: usize, c: usize) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        let chunks = n.div_ceil(COLSUM_ROWS);
+        let part = self.scratch64(chunks * c, false)?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ni, ci) = (i32_of("N", n)?, i32_of("C", c)?);
+        self.launch(
+            "colsum_partial",
+            cfg,
+            &[k(part), k(x), k(ni), k(ci), k(COLSUM_ROWS as i32)],
+        )?;
+        self.launch(
+            "colsum_finalize",
+            self.cfg_elems(c),
+            &[k(dst), k(part), k(chunks as i32), k(ci)],
+        )
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // elementwise
+
+    /// Exact GELU. out, inp: [N].
+    pub fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+        assert_eq!(out.len, inp.len, "gelu_forward: shape");
+        self.launch(
+            "gelu_forward",
+            self.cfg_elems(inp.len),
+            &[k(out), k(inp), k(inp.len as i64)],
+        )
+    }
+
+    /// dinp += dout * gelu'(inp).
+    pub fn gelu_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+        assert_eq!(dinp.len, inp.len, "gelu_backward: shape");
+        assert_eq!(dout.len, inp.len, "gelu_backward: shape");
+        self.launch(
+            "gelu_backward",
+            self.cfg_elems(inp.len),
+            &[k(dinp), k(inp), k(dout), k(inp.len as i64)],
+        )
+    }
+
+    /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
+    /// of (seed, i) (see `cuda/common.cuh`): reproducible per seed, not the CPU's ChaCha8 stream.
+    pub fn dropout_forward(
+        &self,
+        out: Dv<f32>,
+        mask: Dv<f32>,
+        inp: Dv<f32>,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        assert_eq!(out.len, inp.len, "dropout_forward: out shape");
+        assert_eq!(mask.len, inp.len, "dropout_forward: mask shape");
+        let scale = if p > 0.0 && p < 1.0 {
+            (1.0 / (1.0 - p as f64)) as f32
+        } else {
+            1.0
+        };
+        self.launch(
+            "dropout_forward",
+            self.cfg_elems(inp.len),
+            &[
+                k(out),
+                k(mask),
+                k(inp),
+                k(p),
+                k(scale),
+                k(seed),
+                k(inp.len as i64),
+            ],
+        )
+    }
+
+    /// dinp += dout * mask.
+    pub fn dropout_backward(&self, dinp: Dv<f32>, dout: Dv<f32>, mask: Dv<f32>) -> Result<()> {
+        assert_eq!(dinp.len, dout.len, "dropout_backward: shape");
+        assert_eq!(mask.len, dout.len, "dropout_backward: shape");
+        self.launch(
+            "dropout_backward",
+            self.cfg_elems(dout.len),
+            &[k(dinp), k(dout), k(mask), k(dout.len as i64)],
+        )
+    }
+
+    /// out = a + b.
+    pub fn residual_forward(&self, out: Dv<f32>, a: Dv<f32>, b: Dv<f32>) -> Result<()> {
+        assert_eq!(out.len, a.len, "residual_forward: shape");
+        assert_eq!(out.len, b.len, "residual_forward: shape");
+        self.launch(
+            "residual_forward",
+            self.cfg_elems(out.len),
+            &[k(out), k(a), k(b), k(out.len as i64)],
+        )
+    }
+
+    /// y += alpha * x.
+    pub fn axpy(&self, y: Dv<f32>, x: Dv<f32>, alpha: f32) -> Result<()> {
+        assert_eq!(y.len, x.len, "axpy: shape");
+        self.launch(
+            "axpy",
+            self.cfg_elems(x.len),
+            &[k(y), k(x), k(alpha), k(x.len as i64)],
+        )
+    }
+
+    /// y = (f32)(alpha * x) in f64.
+    pub fn scale_f64(&self, y: Dv<f32>, x: Dv<f32>, alpha: f64) -> Result<()> {
+        assert_eq!(y.len, x.len, "scale_f64: shape");
+        self.launch(
+            "scale_f64",
+            self.cfg_elems(x.len),
+            &[k(y), k(x), k(alpha), k(x.len as i64)],
+        )
+    }
+
+    /// x = value.
+    pub fn fill(&self, x: Dv<f32>, value: f32) -> Result<()> {
+        self.launch(
+            "fill",
+            self.cfg_elems(x.len),
+            &[k(x), k(value), k(x.len as i64)],
+        )
+    }
+
+    /// out (+)= inp * f[i / d] (per-row factors).
+    pub fn scale_rows(
+        &self,
+        out: Dv<f32>,
+        inp: Dv<f32>,
+        f: Dv<f32>,
+        d: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        assert_eq!(out.len, inp.len, "scale_rows: shape");
+        assert_eq!(f.len * d, inp.len, "scale_rows: factor shape");
+        self.launch(
+            "scale_rows",
+            self.cfg_elems(inp.len),
+            &[
+                k(out),
+                k(inp),
+                k(f),
+                k(i32_of("d", d)?),
+                k(accumulate as i32),
+                k(inp.len as i64),
+            ],
+        )
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // deterministic reductions
+
+    fn partial_blocks(n: usize) -> usize {
+        n.div_ceil(256).clamp(1, 1024)
+    }
+
+    /// out[0] (device f64) = sum of x*y (y null: x*x) in a fixed order.
+    pub fn dot_f64(&self, out: Dv<f64>, x: Dv<f32>, y: Dv<f32>) -> Result<()> {
+        if !y.is_null() {
+            assert_eq!(x.len, y.len, "dot: shape");
+        }
+        let nb = Self::partial_blocks(x.len);
+        let part = self.scratch64(nb, true)?;
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("dot_partial", cfg, &[k(part), k(x), k(y), k(x.len as i64)])?;
+        self.sum_f64(out, part, false)
+    }
+
+    /// out[0] = sum of part (fixed order), or its square root.
+    pub fn sum_f64(&self, out: Dv<f64>, part: Dv<f64>, sqrt: bool) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "sum_f64",
+            cfg,
+            &[k(out), k(part), k(part.len as i64), k(sqrt as i32)],
+        )
+    }
+
+    /// dst[0] += (f32)(src[0] * factor).
+    pub fn scalar_grad_add(&self, dst: Dv<f32>, src: Dv<f64>, factor: f64) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("scalar_grad_add", cfg, &[k(dst), k(src), k(factor)])
+    }
+
+    /// out[0] = sqrt(sum of x^2) (f64, fixed order): `optim::global_norm` over a flat buffer.
+    pub fn global_norm(&self, out: Dv<f64>, x: Dv<f32>) -> Result<()> {
+        let nb = Self::partial_blocks(x.len);
+        let part = self.scratch64(nb, true)?;
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("global_norm", cfg, &[k(part), k(x), k(x.len as i64)])?;
+        self.sum_f64(out, part, true)
+    }
+
+    /// `clip_grad_norm` with the norm already on the device: x *= max_norm/(norm+1e-6) if < 1.
+    pub fn clip_scale(&self, x: Dv<f32>, norm: Dv<f64>, max_norm: f64) -> Result<()> {
+        self.launch(
+            "clip_scale",
+            self.cfg_elems(x.len),
+            &[k(x), k(norm), k(max_norm), k(x.len as i64)],
+        )
+    }
+
+    /// AdamW over flat buffers (see `optim::AdamW::step`); `step` is the step count after
+    /// incrementing. Scalars are computed here exactly as the CPU computes them.
+    pub fn adamw_update(
+        &self,
+        p: Dv<f32>,
+        m: Dv<f32>,
+        v: Dv<f32>,
+        g: Dv<f32>,
+        cfg: &crate::optim::AdamWConfig,
+        lr: f64,
+        step: u64,
+    ) -> Result<()> {
+        assert!(
+            p.len == m.len && p.len == v.len && p.len == g.len,
+            "adamw_update: shapes"
+        );
+        let step = step as f64;
+        let decay = (1.0 - lr * cfg.weight_decay) as f32;
+        let lerp_w = (1.0 - cfg.beta1) as f32;
+        let beta2 = cfg.beta2 as f32;
+        let one_minus_beta2 = (1.0 - cfg.beta2) as f32;
+        let bc1 = 1.0 - cfg.beta1.powf(step);
+        let bc2 = 1.0 - cfg.beta2.powf(step);
+        let neg_step_size = (-(lr / bc1)) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = cfg.eps as f32;
+        self.launch(
+            "adamw_update",
+            self.cfg_elems(p.len),
+            &[
+                k(p),
+                k(m),
+                k(v),
+                k(g),
+                k(decay),
+                k(lerp_w),
+                k(beta2),
+                k(one_minus_beta2),
+                k(neg_step_size),
+                k(bc2_sqrt),
+                k(eps),
+                k(p.len as i64),
+            ],
+        )
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // cross-entropy
+
+    /// probs [N,V] = softmax(logits) (probs may be the logits range: in place); row_loss [N]
+    /// (f64, device) = logsumexp - logit[target] on counted rows (valid != 0, 0 <= target < V),
+    /// else 0. The host validates targets and counts rows (see `count_targets`).
+    pub fn crossentropy_forward(
+        &self,
+        probs: Dv<f32>,
+        row_loss: Dv<f64>,
+        logits: Dv<f32>,
+        targets: Dv<i64>,
+        valid: Dv<u8>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        assert_eq!(probs.len, n * v, "crossentropy_forward: probs shape");
+        assert_eq!(logits.len, n * v, "crossentropy_forward: logits shape");
+        assert_eq!(targets.len, n, "crossentropy_forward: targets shape");
+        assert!(row_loss.len >= n, "crossentropy_forward: row_loss shape");
+        if n == 0 || v == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("rows", n)? as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "crossentropy_forward",
+            cfg,
+            &[
+                k(probs),
+                k(row_loss),
+                k(logits),
+                k(targets),
+                k(valid),
+                k(n as i32),
+                k(i32_of("V", v)?),
+            ],
+        )
+    }
+
+    /// dlogits [N,V] (+)= scale * (probs - onehot) on counted rows; `inplace`: dlogits may be the
+    /// probs range and is overwritten (0 on uncounted rows).
+    pub fn crossentropy_backward(
+        &self,
+        dlogits: Dv<f32>,
+        probs: Dv<f32>,
+        targets: Dv<i64>,
+        valid: Dv<u8>,
+        scale: f32,
+        n: usize,
+        v: usize,
+        inplace: bool,
+    ) -> Result<()> {
+        assert_eq!(dlogits.len, n * v, "crossentropy_backward: dlogits shape");
+        assert_eq!(probs.len, n * v, "crossentropy_backward: probs shape");
+        assert_eq!(targets.len, n, "crossentropy_backward: targets shape");
+        self.launch(
+            "crossentropy_backward",
+            self.cfg_elems(n * v),
+            &[
+                k(dlogits),
+                k(probs),
+                k(targets),
+                k(valid),
+                k(scale),
+                k(i32_of("N", n)?),
+                k(i32_of("V", v)?),
+                k(inplace as i32),
+            ],
+        )
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // ASA ops
+
+    /// out = x*cos + rotate_half(x)*sin. out, inp: [N,T,D]; cos, sin: [T,D].
+    pub fn rope_forward(
+        &self,
+        out: Dv<f32>,
+        inp: Dv<f32>,
+        cos: Dv<f32>,
+        sin: Dv<f32>,
+        n: usize,
+        t: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert_eq!(inp.len, n * t * d, "rope_forward: shape");
+        assert_eq!(out.len, inp.len, "rope_forward: shape");
+        assert!(
+            cos.len >= t * d && sin.len >= t * d,
+            "rope_forward: table shape"
+        );
+        self.launch(
+            "rope_forward",
+            self.cfg_elems(n * t * d / 2),
+            &[
+                k(out),
+                k(inp),
+                k(cos),
+                k(sin),
+                k(i32_of("N", n)?),
+                k(i32_of("T", t)?),
+                k(i32_of("D", d)?),
+            ],
+        )
+    }
+
+    /// dinp += J^T dout. dinp, dout: [N,T,D].
+    pub fn rope_backward(
+        &self,
+        dinp: Dv<f32>,
+        dout: Dv<f32>,
+        cos: Dv<f32>,
+        sin: Dv<f32>,
+        n: usize,
+        t: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert_eq!(dout.len, n * t * d, "rope_backward: shape");
+        assert_eq!(dinp.len, dout.len, "rope_backward: shape");
+        assert!(
+            cos.len >= t * d && sin.len >= t * d,
+            "rope_backward: table shape"
+        );
+        self.launch(
+            "rope_backward",
+            self.cfg_elems(n * t * d / 2),
+            &[
+                k(dinp),
+                k(dout),
+                k(cos),
+                k(sin),
+                k(i32_of("N", n)?),
+                k(i32_of("T", t)?),
+                k(i32_of("D", d)?),
+            ],
+        )
+    }
+
+    /// out: [B,H,T,d] <- inp: [B,T,H*d]
+    pub fn split_heads(
+        &self,
+        out: Dv<f32>,
+        inp: Dv<f32>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert_eq!(out.len, b * t * h * d, "split_heads: shape");
+        assert_eq!(inp.len, out.len, "split_heads: shape");
+        self.launch(
+            "split_heads",
+            self.cfg_elems(out.len),
+            &[
+                k(out),
+                k(inp),
+                k(b as i32),
+                k(i32_of("T", t)?),
+                k(h as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// out: [B,T,H*d] += inp: [B,H,T,d] (`merge_heads_acc` of the CPU).
+    pub fn merge_heads(
+        &self,
+        out: Dv<f32>,
+        inp: Dv<f32>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+    ) -> Result<()> {
+        assert_eq!(out.len, b * t * h * d, "merge_heads: shape");
+        assert_eq!(inp.len, out.len, "merge_heads: shape");
+        self.launch(
+            "merge_heads",
+            self.cfg_elems(out.len),
+            &[
+                k(out),
+                k(inp),
+                k(b as i32),
+                k(i32_of("T", t)?),
+                k(h as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows].
+    pub fn l2normalize_forward(
+        &self,
+        out: Dv<f32>,
+        norm: Dv<f32>,
+        inp: Dv<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let rows = inp.len / d.max(1);
+        assert_eq!(out.len, inp.len, "l2normalize_forward: shape");
+        assert_eq!(norm.len, rows, "l2normalize_forward: norm shape");
+        self.launch(
+            "l2normalize_forward",
+            self.cfg_warps(rows)?,
+            &[
+                k(out),
+                k(norm),
+                k(inp),
+                k(i32_of("rows", rows)?),
+                k(d as i32),
+            ],
+        )
+    }
+
+    pub fn l2normalize_backward(
+        &self,
+        dinp: Dv<f32>,
+        dout: Dv<f32>,
+        out: Dv<f32>,
+        norm: Dv<f32>,
+        d: usize,
+    ) -> Result<()> {
+        let rows = dout.len / d.max(1);
+        assert_eq!(dinp.len, dout.len, "l2normalize_backward: shape");
+        assert_eq!(norm.len, rows, "l2normalize_backward: norm shape");
+        self.launch(
+            "l2normalize_backward",
+            self.cfg_warps(rows)?,
+            &[
+                k(dinp),
+                k(dout),
+                k(out),
+                k(norm),
+                k(i32_of("rows", rows)?),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// raw, wl: [B,H,K,T]; slot_keys: [H,K,d]; k: [B,H,T,d]; bias_h: null or [H]; valid: null or [B,T].
+    pub fn write_logits_forward(
+        &self,
+        raw: Dv<f32>,
+        wl: Dv<f32>,
+        slot_keys: Dv<f32>,
+        kk: Dv<f32>,
+        wtemp: f32,
+        bias_h: Dv<f32>,
+        valid: Dv<u8>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { b, h, t, k: nk, d } = dm;
+        assert_eq!(raw.len, b * h * nk * t, "write_logits_forward: raw shape");
+        assert_eq!(wl.len, raw.len, "write_logits_forward: wl shape");
+        assert_eq!(
+            slot_keys.len,
+            h * nk * d,
+            "write_logits_forward: keys shape"
+        );
+        assert_eq!(kk.len, b * h * t * d, "write_logits_forward: k shape");
+        self.launch(
+            "write_logits_forward",
+            self.cfg_elems(raw.len),
+            &[
+                k(raw),
+                k(wl),
+                k(slot_keys),
+                k(kk),
+                k(wtemp),
+                k(bias_h),
+                k(valid),
+                k(b as i32),
+                k(h as i32),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// Backward of `write_logits_forward`: dslot_keys [H,K,d] +=, dk [B,H,T,d] +=, and, when
+    /// `pbias` is non-null, the per-(b,h,s) sums `sum_t dwl * t` (f64 [B,H,K]) for `alibi_grad`.
+    pub fn write_logits_backward(
+        &self,
+        dslot_keys: Dv<f32>,
+        dk: Dv<f32>,
+        pbias: Dv<f64>,
+        dwl: Dv<f32>,
+        slot_keys: Dv<f32>,
+        kk: Dv<f32>,
+        wtemp: f32,
+        valid: Dv<u8>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { b, h, t, k: nk, d } = dm;
+        assert_eq!(dwl.len, b * h * nk * t, "write_logits_backward: dwl shape");
+        assert_eq!(dk.len, b * h * t * d, "write_logits_backward: dk shape");
+        assert_eq!(
+            dslot_keys.len,
+            h * nk * d,
+            "write_logits_backward: dkeys shape"
+        );
+        assert!(
+            pbias.is_null() || pbias.len == b * h * nk,
+            "write_logits_backward: pbias shape"
+        );
+        let dims = [
+            k(b as i32),
+            k(h as i32),
+            k(i32_of("T", t)?),
+            k(nk as i32),
+            k(d as i32),
+        ];
+        let mut a = vec![k(dk), k(dwl), k(slot_keys), k(wtemp), k(valid)];
+        a.extend_from_slice(&dims);
+        self.launch("write_logits_backward", self.cfg_elems(dk.len), &a)?;
+        let pkeys = self.scratch64(b * h * nk * d, false)?;
+        let mut a = vec![k(pkeys), k(pbias), k(dwl), k(kk), k(wtemp), k(valid)];
+        a.extend_from_slice(&dims);
+        self.launch("write_logits_backward_keys", self.cfg_elems(pkeys.len), &a)?;
+        self.launch(
+            "sum_batch_add",
+            self.cfg_elems(h * nk * d),
+            &[k(dslot_keys), k(pkeys), k(b as i32), k((h * nk * d) as i64)],
+        )
+    }
+
+    /// d(alibi strength param) += factor * sum_h slope[h] * sum pbias[:,h,:]; pbias from
+    /// `write_logits_backward`, slopes: [H], factor = sigmoid(raw).
+    pub fn alibi_grad(
+        &self,
+        dst: Dv<f32>,
+        pbias: Dv<f64>,
+        slopes: Dv<f32>,
+        factor: f64,
+        b: usize,
+        h: usize,
+        nk: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "alibi_grad",
+            cfg,
+            &[
+                k(dst),
+                k(pbias),
+                k(slopes),
+                k(factor),
+                k(b as i32),
+                k(h as i32),
+                k(nk as i32),
+            ],
+        )
+    }
+
+    /// The write scan. state: [B,H,T,K,d]; den, rmax: [B,H,K,T]; wl: [B,H,K,T]; v: [B,H,T,d].
+    pub fn slot_scan_forward(
+        &self,
+        state: Dv<f32>,
+        den: Dv<f32>,
+        rmax: Dv<f32>,
+        wl: Dv<f32>,
+        v: Dv<f32>,
+        chunk: usize,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { t, k: nk, d, .. } = dm;
+        let nbh = dm.bh();
+        check_head_dim(d)?;
+        assert_eq!(
+            state.len,
+            nbh * t * nk * d,
+            "slot_scan_forward: state shape"
+        );
+        assert_eq!(den.len, nbh * nk * t, "slot_scan_forward: den shape");
+        assert_eq!(rmax.len, den.len, "slot_scan_forward: rmax shape");
+        assert_eq!(wl.len, den.len, "slot_scan_forward: wl shape");
+        assert_eq!(v.len, nbh * t * d, "slot_scan_forward: v shape");
+        let chunk = chunk.max(1).min(t.max(1));
+        self.launch(
+            "slot_scan_forward",
+            self.cfg_warps_small(nbh * nk)?,
+            &[
+                k(state),
+                k(den),
+                k(rmax),
+                k(wl),
+                k(v),
+                k(i32_of("chunk", chunk)?),
+                k(i32_of("B*H", nbh)?),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// Backward of the write scan: dwl [B,H,K,T] +=, dv [B,H,T,d] +=. `dstate` [B,H,T,K,d] is
+    /// consumed (overwritten with the numerator gradients).
+    pub fn slot_scan_backward(
+        &self,
+        dwl: Dv<f32>,
+        dv: Dv<f32>,
+        dstate: Dv<f32>,
+        state: Dv<f32>,
+        den: Dv<f32>,
+        rmax: Dv<f32>,
+        wl: Dv<f32>,
+        v: Dv<f32>,
+        chunk: usize,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { t, k: nk, d, .. } = dm;
+        let nbh = dm.bh();
+        check_head_dim(d)?;
+        assert_eq!(
+            dstate.len,
+            nbh * t * nk * d,
+            "slot_scan_backward: dstate shape"
+        );
+        assert_eq!(state.len, dstate.len, "slot_scan_backward: state shape");
+        assert_eq!(dwl.len, nbh * nk * t, "slot_scan_backward: dwl shape");
+        assert_eq!(dv.len, nbh * t * d, "slot_scan_backward: dv shape");
+        let chunk = chunk.max(1).min(t.max(1));
+        let cm = self.zeros::<f32>(nbh * nk * t)?;
+        let cidx = self.zeros::<i32>(nbh * nk * t)?;
+        use super::AsDv;
+        let dims = [
+            k(i32_of("chunk", chunk)?),
+            k(i32_of("B*H", nbh)?),
+            k(i32_of("T", t)?),
+            k(nk as i32),
+            k(d as i32),
+        ];
+        let mut a = vec![
+            k(dwl),
+            k(dstate),
+            k(cm.dv()),
+            k(cidx.dv()),
+            k(state),
+            k(den),
+            k(rmax),
+            k(wl),
+            k(v),
+        ];
+        a.extend_from_slice(&dims);
+        self.launch("slot_scan_backward", self.cfg_warps_small(nbh * nk)?, &a)?;
+        self.launch(
+            "slot_scan_backward_dv",
+            self.cfg_elems(dv.len),
+            &[
+                k(dv),
+                k(dstate),
+                k(wl),
+                k(rmax),
+                k(nbh as i32),
+                k(t as i32),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// Warps per item with 4 warps per block (long sequential per-warp work: spread over SMs).
+    fn cfg_warps_small(&self, n: usize) -> Result<LaunchConfig> {
+        let blocks = u32::try_from(n.div_ceil(4))
+            .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
+        Ok(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// lkey, lcont (null: no content read), logits: [B,H,T,K]; q: [B,H,T,d]; slot_keys: [H,K,d];
+    /// state: [B,H,T,K,d].
+    pub fn read_logits_forward(
+        &self,
+        lkey: Dv<f32>,
+        lcont: Dv<f32>,
+        logits: Dv<f32>,
+        q: Dv<f32>,
+        slot_keys: Dv<f32>,
+        state: Dv<f32>,
+        gamma: f32,
+        mask: Option<DevSlotMask>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { h, t, k: nk, d, .. } = dm;
+        let nbh = dm.bh();
+        assert_eq!(lkey.len, nbh * t * nk, "read_logits_forward: lkey shape");
+        assert_eq!(logits.len, lkey.len, "read_logits_forward: logits shape");
+        assert!(
+            lcont.is_null() || lcont.len == lkey.len,
+            "read_logits_forward: lcont shape"
+        );
+        assert_eq!(q.len, nbh * t * d, "read_logits_forward: q shape");
+        assert_eq!(
+            state.len,
+            nbh * t * nk * d,
+            "read_logits_forward: state shape"
+        );
+        let [m0, m1, m2] = DevSlotMask::args(mask);
+        self.launch(
+            "read_logits_forward",
+            self.cfg_warps(nbh * t * nk)?,
+            &[
+                k(lkey),
+                k(lcont),
+                k(logits),
+                k(q),
+                k(slot_keys),
+                k(state),
+                k(gamma),
+                m0,
+                m1,
+                m2,
+                k(i32_of("B*H", nbh)?),
+                k(h as i32),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// Backward of `read_logits_forward`: dq [B,H,T,d] +=, dslot_keys [H,K,d] +=, dstate (null
+    /// without content read) +=; d(gamma) = sum dlogits*lcont is left in `dgamma[0]` (device f64).
+    pub fn read_logits_backward(
+        &self,
+        dq: Dv<f32>,
+        dslot_keys: Dv<f32>,
+        dstate: Dv<f32>,
+        dgamma: Dv<f64>,
+        dlogits: Dv<f32>,
+        lcont: Dv<f32>,
+        q: Dv<f32>,
+        slot_keys: Dv<f32>,
+        state: Dv<f32>,
+        gamma: f32,
+        mask: Option<DevSlotMask>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { b, h, t, k: nk, d } = dm;
+        let nbh = dm.bh();
+        check_head_dim(d)?;
+        assert_eq!(
+            dlogits.len,
+            nbh * t * nk,
+            "read_logits_backward: dlogits shape"
+        );
+        assert_eq!(dq.len, nbh * t * d, "read_logits_backward: dq shape");
+        assert_eq!(
+            dslot_keys.len,
+            h * nk * d,
+            "read_logits_backward: dkeys shape"
+        );
+        let content = !dstate.is_null() && !lcont.is_null();
+        let pg = if content && !dgamma.is_null() {
+            self.zeros::<f64>(nbh * t)?
+        } else {
+            self.zeros::<f64>(1)?
+        };
+        use super::AsDv;
+        let pgd = if content && !dgamma.is_null() {
+            pg.dv()
+        } else {
+            Dv::null()
+        };
+        let [m0, m1, m2] = DevSlotMask::args(mask);
+        self.launch(
+            "read_logits_backward",
+            self.cfg_warps(nbh * t)?,
+            &[
+                k(dq),
+                k(if content { dstate } else { Dv::null() }),
+                k(pgd),
+                k(dlogits),
+                k(lcont),
+                k(q),
+                k(slot_keys),
+                k(state),
+                k(gamma),
+                m0,
+                m1,
+                m2,
+                k(i32_of("B*H", nbh)?),
+                k(h as i32),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )?;
+        if !pgd.is_null() {
+            self.sum_f64(dgamma, pgd, false)?;
+        } else if !dgamma.is_null() {
+            self.memset_zero(dgamma.sub(0, 1))?;
+        }
+        let pkeys = self.scratch64(nbh * nk * d, false)?;
+        self.launch(
+            "read_logits_backward_keys",
+            self.cfg_elems(pkeys.len),
+            &[
+                k(pkeys),
+                k(dlogits),
+                k(q),
+                m0,
+                m1,
+                m2,
+                k(nbh as i32),
+                k(t as i32),
+                k(nk as i32),
+                k(d as i32),
+            ],
+        )?;
+        self.launch(
+            "sum_batch_add",
+            self.cfg_elems(h * nk * d),
+            &[k(dslot_keys), k(pkeys), k(b as i32), k((h * nk * d) as i64)],
+        )
+    }
+
+    /// rw = routing(logits), then the hard read mask (keep: null or [K] i32) with renormalisation.
+    pub fn read_weights_forward(
+        &self,
+        rw: Dv<f32>,
+        logits: Dv<f32>,
+        routing: DevRouting,
+        rtemp: f32,
+        keep: Option<(Dv<i32>, bool)>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { t, k: nk, .. } = dm;
+        let rows = dm.bh() * t;
+        assert_eq!(rw.len, rows * nk, "read_weights_forward: rw shape");
+        assert_eq!(logits.len, rw.len, "read_weights_forward: logits shape");
+        let (code, kk, ext) = routing.code();
+        if code >= 3 {
+            assert_eq!(ext.len, rw.len, "read_weights_forward: override shape");
+        }
+        let (kp, lpo) = keep
+            .map(|(kp, l)| (kp, l as i32))
+            .unwrap_or((Dv::null(), 0));
+        self.launch(
+            "read_weights_forward",
+            self.cfg_elems(rows),
+            &[
+                k(rw),
+                k(logits),
+                k(ext),
+                k(code),
+                k(kk),
+                k(rtemp),
+                k(kp),
+                k(lpo),
+                k(i32_of("rows", rows)?),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+            ],
+        )
+    }
+
+    /// Backward of `read_weights_forward` to the logits (softmax and topk; other routings carry
+    /// no gradient and launch nothing).
+    pub fn read_weights_backward(
+        &self,
+        dlogits: Dv<f32>,
+        drw: Dv<f32>,
+        rw: Dv<f32>,
+        logits: Dv<f32>,
+        routing: DevRouting,
+        rtemp: f32,
+        keep: Option<(Dv<i32>, bool)>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let SlotDims { t, k: nk, .. } = dm;
+        let rows = dm.bh() * t;
+        let (code, kk, _) = routing.code();
+        if code != 0 && code != 2 {
+            return Ok(());
+        }
+        check_slots(nk)?;
+        assert_eq!(dlogits.len, rows * nk, "read_weights_backward: shape");
+        assert_eq!(drw.len, dlogits.len, "read_weights_backward: shape");
+        let (kp, lpo) = keep
+            .map(|(kp, l)| (kp, l as i32))
+            .unwrap_or((Dv::null(), 0));
+        self.launch(
+            "read_weights_backward",
+            self.cfg_elems(rows),
+            &[
+                k(dlogits),
+                k(drw),
+                k(rw),
+                k(logits),
+                k(code),
+                k(kk),
+                k(rtemp),
+                k(kp),
+                k(lpo),
+                k(i32_of("rows", rows)?),
+                k(i32_of("T", t)?),
+                k(nk as i32),
+            ],
+        )
+    }
+
+    /// out [R,d] = sum_k w [R,K] * state [R,K,d].
+    pub fn slot_mix_forward(
+        &self,
+        out: Dv<f32>,
+        w: Dv<f32>,
+        state: Dv<f32>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let rows = dm.bh() * dm.t;
+        assert_eq!(out.len, rows * dm.d, "slot_mix_forward: out shape");
+        assert_eq!(w.len, rows * dm.k, "slot_mix_forward: w shape");
+        assert_eq!(
+            state.len,
+            rows * dm.k * dm.d,
+            "slot_mix_forward: state shape"
+        );
+        self.launch(
+            "slot_mix_forward",
+            self.cfg_elems(out.len),
+            &[
+                k(out),
+                k(w),
+                k(state),
+                k(rows as i64),
+                k(dm.k as i32),
+                k(dm.d as i32),
+            ],
+        )
+    }
+
+    /// dw += dout . state; dstate += w * dout.
+    pub fn slot_mix_backward(
+        &self,
+        dw: Dv<f32>,
+        dstate: Dv<f32>,
+        dout: Dv<f32>,
+        w: Dv<f32>,
+        state: Dv<f32>,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let rows = dm.bh() * dm.t;
+        assert_eq!(dw.len, rows * dm.k, "slot_mix_backward: dw shape");
+        assert_eq!(
+            dstate.len,
+            rows * dm.k * dm.d,
+            "slot_mix_backward: dstate shape"
+        );
+        assert_eq!(dout.len, rows * dm.d, "slot_mix_backward: dout shape");
+        self.launch(
+            "slot_mix_backward",
+            self.cfg_warps(rows * dm.k)?,
+            &[
+                k(dw),
+                k(dstate),
+                k(dout),
+                k(w),
+                k(state),
+                k(rows as i64),
+                k(dm.k as i32),
+                k(dm.d as i32),
+            ],
+        )
+    }
+
+    /// phi(x) = elu(x) + 1.
+    pub fn phi_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+        assert_eq!(out.len, inp.len, "phi_forward: shape");
+        self.launch(
+            "phi_forward",
+            self.cfg_elems(inp.len),
+            &[k(out), k(inp), k(inp.len as i64)],
+        )
+    }
+
+    pub fn phi_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+        assert_eq!(dinp.len, inp.len, "phi_backward: shape");
+        assert_eq!(dout.len, inp.len, "phi_backward: shape");
+        self.launch(
+            "phi_backward",
+            self.cfg_elems(inp.len),
+            &[k(dinp), k(inp), k(dout), k(inp.len as i64)],
+        )
+    }
+
+    /// Causal linear attention. out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M].
+    pub fn linear_attn_forward(
+        &self,
+        out: Dv<f32>,
+        den: Dv<f32>,
+        qf: Dv<f32>,
+        kf: Dv<f32>,
+        v: Dv<f32>,
+        t: usize,
+        m: usize,
+    ) -> Result<()> {
+        let n = out.len / (t * m).max(1);
+        assert_eq!(out.len, n * t * m, "linear_attn_forward: shape");
+        assert_eq!(den.len, n * t, "linear_attn_forward: den shape");
+        assert!(
+            qf.len == out.len && kf.len == out.len && v.len == out.len,
+            "linear_attn_forward: shapes"
+        );
+        let cfg = self.cfg_linear_attn("linear_attn_forward", n, m)?;
+        self.launch(
+            "linear_attn_forward",
+            cfg,
+            &[
+                k(out),
+                k(den),
+                k(qf),
+                k(kf),
+                k(v),
+                k(i32_of("N", n)?),
+                k(i32_of("T", t)?),
+                k(m as i32),
+            ],
+        )
+    }
+
+    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=).
+    pub fn linear_attn_backward(
+        &self,
+        dqf: Dv<f32>,
+        dkf: Dv<f32>,
+        dv: Dv<f32>,
+        dout: Dv<f32>,
+        out: Dv<f32>,
+        den: Dv<f32>,
+        qf: Dv<f32>,
+        kf: Dv<f32>,
+        v: Dv<f32>,
+        t: usize,
+        m: usize,
+    ) -> Result<()> {
+        let n = out.len / (t * m).max(1);
+        assert_eq!(out.len, n * t * m, "linear_attn_backward: shape");
+        assert!(
+            dqf.len == out.len && dkf.len == out.len && dv.len == out.len && dout.len == out.len,
+            "linear_attn_backward: shapes"
+        );
+        assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
+        let zlive = self.zeros::<u8>(n * t * m)?;
+        let cfg = self.cfg_linear_attn("linear_attn_backward", n, m)?;
+        use super::AsDv;
+        self.launch(
+            "linear_attn_backward",
+            cfg,
+            &[
+                k(dqf),
+                k(dkf),
+                k(dv),
+                k(zlive.dv()),
+                k(dout),
+                k(out),
+                k(den),
+                k(qf),
+                k(kf),
+                k(v),
+                k(i32_of("N", n)?),
+                k(i32_of("T", t)?),
+                k(m as i32),
+            ],
+        )
+    }
+
+    /// One block of M threads per row; (M*M + 3M) f64 + 3M f32 of dynamic shared memory (the
+    /// kernel's opt-in limit is raised above 48 KiB when needed).
+    fn cfg_linear_attn(&self, name: &str, n: usize, m: usize) -> Result<LaunchConfig> {
+        if m == 0 || m > 1024 {
+            return Err(AsaError::Device(format!(
+                "slotspace_dim {m} is not supported by the CUDA linear attention (1..=1024)"
+            )));
+        }
+        let bytes = (m * m + 3 * m) * 8 + 3 * m * 4;
+        if bytes > 200 * 1024 {
+            return Err(AsaError::Device(format!("slotspace_dim {m} needs {bytes} bytes of shared memory (the CUDA kernels support up to 160)")));
+        }
+        if bytes > 48 * 1024 {
+            let f = self.func(name)?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| AsaError::Device(format!("raising the shared memory of {name} to {bytes} bytes: {e}")))?;
+        }
+        Ok(LaunchConfig {
+            grid_dim: (
+                u32::try_from(n).map_err(|_| AsaError::Device("too many rows".into()))?,
+                1,
+                1,
+            ),
+            block_dim: (m as u32, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        })
+    }
+
+    /// x [N,T,M] *= valid[b,t] (N = B*H).
+    pub fn mask_rows(&self, x: Dv<f32>, valid: Dv<u8>, h: usize, t: usize, m: usize) -> Result<()> {
+        assert_eq!(x.len % (t * m).max(1), 0, "mask_rows: shape");
+        self.launch(
+            "mask_rows",
+            self.cfg_elems(x.len),
+            &[
+                k(x),
+                k(valid),
+                k(h as i32),
+                k(i32_of("T", t)?),
+                k(m as i32),
+                k(x.len as i64),
+            ],
+        )
+    }
+
+    pub fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+        assert_eq!(out.len, inp.len, "tanh_forward: shape");
+        self.launch(
+            "tanh_forward",
+            self.cfg_elems(inp.len),
+            &[k(out), k(inp), k(inp.len as i64)],
+        )
+    }
+
+    pub fn tanh_backward(&self, dinp: Dv<f32>, out: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+        assert_eq!(dinp.len, out.len, "tanh_backward: shape");
+        self.launch(
+            "tanh_backward",
+            self.cfg_elems(out.len),
+            &[k(dinp), k(out), k(dout), k(out.len as i64)],
+        )
+    }
+
+    /// softmax over rows of k. out, inp: [R,k].
+    pub fn softmax_slots_forward(&self, out: Dv<f32>, inp: Dv<f32>, nk: usize) -> Result<()> {
+        assert_eq!(out.len, inp.len, "softmax_slots_forward: shape");
+        let rows = inp.len / nk.max(1);
+        self.launch(
+            "softmax_slots_forward",
+            self.cfg_elems(rows),
+            &[k(out), k(inp), k(rows as i64), k(nk as i32)],
+        )
+    }
+
+    pub fn softmax_slots_backward(
+        &self,
+        dinp: Dv<f32>,
+        out: Dv<f32>,
+        dout: Dv<f32>,
+        nk: usize,
+    ) -> Result<()> {
+        assert_eq!(dinp.len, out.len, "softmax_slots_backward: shape");
+        let rows = out.len / nk.max(1);
+        self.launch(
+            "softmax_slots_backward",
+            self.cfg_elems(rows),
+            &[k(dinp), k(out), k(dout), k(rows as i64), k(nk as i32)],
+        )
+    }
+
+    /// Slot mask on the slotspace weights (in place); pre receives the weights before masking.
+    pub fn slot_mask_weights_forward(
+        &self,
+        w: Dv<f32>,
+        pre: Dv<f32>,
+        keep: Dv<i32>,
+        last_pos_only: bool,
+        renorm: bool,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let rows = dm.bh() * dm.t;
+        assert_eq!(w.len, rows * dm.k, "slot_mask_weights_forward: shape");
+        assert_eq!(pre.len, w.len, "slot_mask_weights_forward: shape");
+        self.launch(
+            "slot_mask_weights_forward",
+            self.cfg_elems(rows),
+            &[
+                k(w),
+                k(pre),
+                k(keep),
+                k(last_pos_only as i32),
+                k(renorm as i32),
+                k(rows as i64),
+                k(i32_of("T", dm.t)?),
+                k(dm.k as i32),
+            ],
+        )
+    }
+
+    pub fn slot_mask_weights_backward(
+        &self,
+        dpre: Dv<f32>,
+        dw: Dv<f32>,
+        out: Dv<f32>,
+        pre: Dv<f32>,
+        keep: Dv<i32>,
+        last_pos_only: bool,
+        renorm: bool,
+        dm: SlotDims,
+    ) -> Result<()> {
+        let rows = dm.bh() * dm.t;
+        assert_eq!(dpre.len, rows * dm.k, "slot_mask_weights_backward: shape");
+        self.launch(
+            "slot_mask_weights_backward",
+            self.cfg_elems(rows),
+            &[
+                k(dpre),
+                k(dw),
+                k(out),
+                k(pre),
+                k(keep),
+                k(last_pos_only as i32),
+                k(renorm as i32),
+                k(rows as i64),
+                k(i32_of("T", dm.t)?),
+                k(dm.k as i32),
+            ],
+        )
+    }
+}
+
+fn check_head_dim(d: usize) -> Result<()> {
+    if d == 0 || d > 256 {
+        return Err(AsaError::Device(format!(
+            "head_dim {d} is not supported by the CUDA scan kernels (1..=256)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_slots(nk: usize) -> Result<()> {
+    if nk == 0 || nk > 128 {
+        return Err(AsaError::Device(format!(
+            "num_slots {nk} is not supported by the CUDA routing kernels (1..=128)"
+        )));
+    }
+    Ok(())
+}
+
+/// Counting sort of token positions by id: (distinct ids ascending, start offsets [n+1],
+/// positions grouped by id, ascending within each id).
+pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+    let mut count = vec![0usize; v];
+    for &id in ids {
+        let id = id as usize;
+        if id >= v {
+            return Err(AsaError::Input(format!(
+                "token id {id} out of range for vocab {v}"
+            )));
+        }
+        count[id] += 1;
+    }
+    let mut uniq = Vec::new();
+    let mut start = vec![0i32];
+    let mut slot = vec![usize::MAX; v];
+    for (id, &c) in count.iter().enumerate() {
+        if c > 0 {
+            slot[id] = uniq.len();
+            uniq.push(id as i32);
+            start.push(start.last().unwrap() + c as i32);
+        }
+    }
+    let mut fill: Vec<i32> = start[..uniq.len()].to_vec();
+    let mut order = vec![0i32; ids.len()];
+    for (pos, &id) in ids.iter().enumerate() {
+        let u = slot[id as usize];
+        order[fill[u] as usize] = pos as i32;
+        fill[u] += 1;
+    }
+    Ok((uniq, start, order))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_sorted_by_id() {
+        let (u, s, o) = sort_positions_by_id(&[3, 1, 3, 0, 1], 5).unwrap();
+        assert_eq!(u, vec![0, 1, 3]);
+        assert_eq!(s, vec![0, 1, 3, 5]);
+        assert_eq!(o, vec![3, 1, 4, 0, 2]);
+        assert!(sort_positions_by_id(&[5], 5).is_err());
+    }
+}

@@ -1,0 +1,649 @@
+//! Training: the learning-rate schedule, run directories (weights, optimizer state, metrics,
+//! exact-resume state) and `train-mini`, the small end-to-end run on the embedded default data.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, AnyTensor};
+use crate::config::ModelConfig;
+use crate::data::batch::TokenData;
+use crate::data::corpus;
+use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::error::{AsaError, Result};
+use crate::model::asa::AsaOptions;
+use crate::model::lm::{Lm, LmCache};
+use crate::model::params::ParamStore;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+/// Linear warmup to `lr`, then cosine decay to `min_lr` at `total` steps (`step` counts from 0).
+pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+    min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Settings of one training run (saved as `train.json` in the run directory).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainSettings {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub eval_interval: usize,
+    pub eval_windows: usize,
+    pub val_frac: f64,
+    pub seed: u64,
+    pub tokenizer: String,
+    pub data: Vec<PathBuf>,
+    /// share of generated fact sentences in the embedded default text (ignored with `data`)
+    #[serde(default = "default_fact_frac")]
+    pub fact_frac: f64,
+}
+
+fn default_fact_frac() -> f64 {
+    0.5
+}
+
+/// Where a run stands: enough to resume it exactly (the generators' stream positions included).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub step: usize,
+    /// ChaCha8 word position of the data sampler, as a decimal string (u128)
+    pub data_rng_pos: String,
+    /// ChaCha8 word position of the model's dropout / noise generator
+    pub model_rng_pos: String,
+    pub best_val: Option<f64>,
+    pub tokens_seen: u64,
+}
+
+/// Files of a run directory `runs/<name>/`.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn optimizer(&self) -> PathBuf {
+        self.dir.join("optimizer.safetensors")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("train_state.json")
+    }
+    pub fn settings(&self) -> PathBuf {
+        self.dir.join("train.json")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+}
+
+fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| AsaError::Other(format!("cannot serialise {}: {e}", path.display())))?;
+    checkpoint::write_bytes_atomic(path, text.as_bytes())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| AsaError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        AsaError::Checkpoint(format!("{} is not a valid run file: {e}", path.display()))
+    })
+}
+
+/// Saves model, optimizer moments, config, settings and state. Each file is written atomically,
+/// and the state file last, so an interrupted save leaves the previous state pointing at files
+/// that are complete.
+pub fn save_run(
+    run: &RunDir,
+    cfg: &ModelConfig,
+    settings: &TrainSettings,
+    params: &ParamStore,
+    adam: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
+    std::fs::create_dir_all(&run.dir).map_err(|e| AsaError::io(&run.dir, e))?;
+    checkpoint::save_params(&run.model(), params, cfg.tie_weights, Some(cfg))?;
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for (i, name) in adam.m.names.iter().enumerate() {
+        tensors.push((
+            format!("exp_avg.{name}"),
+            adam.m.shapes[i].clone(),
+            &adam.m.data[i],
+        ));
+        tensors.push((
+            format!("exp_avg_sq.{name}"),
+            adam.v.shapes[i].clone(),
+            &adam.v.data[i],
+        ));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("step".to_string(), adam.step.to_string());
+    checkpoint::write_safetensors(&run.optimizer(), &tensors, Some(meta))?;
+    write_json_atomic(&run.config(), cfg)?;
+    write_json_atomic(&run.settings(), settings)?;
+    write_json_atomic(&run.state(), state)
+}
+
+/// Loads a run written by `save_run`: config, parameters, optimizer, settings and state.
+pub fn load_run(
+    run: &RunDir,
+) -> Result<(ModelConfig, ParamStore, AdamW, TrainSettings, TrainState)> {
+    if !run.state().is_file() {
+        return Err(AsaError::Checkpoint(format!(
+            "{} holds no run to resume (no train_state.json)",
+            run.dir.display()
+        )));
+    }
+    let cfg = ModelConfig::from_json_file(&run.config())?;
+    let settings: TrainSettings = read_json(&run.settings())?;
+    let state: TrainState = read_json(&run.state())?;
+    let (_, mut params) = Lm::new(&cfg)?;
+    let loaded = checkpoint::read_checkpoint(&run.model())?;
+    checkpoint::load_into(
+        &mut params,
+        &loaded.tensors,
+        &run.model().display().to_string(),
+    )?;
+    let (opt, meta) = checkpoint::read_safetensors_with_metadata(&run.optimizer())?;
+    let mut adam = AdamW::new(adam_config(&settings), &params);
+    adam.step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            AsaError::Checkpoint(format!(
+                "{}: missing optimizer step",
+                run.optimizer().display()
+            ))
+        })?;
+    for (i, name) in params.names.iter().enumerate() {
+        for (prefix, dst) in [
+            ("exp_avg.", &mut adam.m.data[i]),
+            ("exp_avg_sq.", &mut adam.v.data[i]),
+        ] {
+            let key = format!("{prefix}{name}");
+            let t: &AnyTensor = opt.get(&key).ok_or_else(|| {
+                AsaError::Checkpoint(format!("{}: missing '{key}'", run.optimizer().display()))
+            })?;
+            let v = t.to_f32().filter(|v| v.len() == dst.len()).ok_or_else(|| {
+                AsaError::Checkpoint(format!(
+                    "{}: '{key}' has the wrong size or dtype",
+                    run.optimizer().display()
+                ))
+            })?;
+            *dst = v;
+        }
+    }
+    Ok((cfg, params, adam, settings, state))
+}
+
+pub fn adam_config(s: &TrainSettings) -> AdamWConfig {
+    AdamWConfig {
+        lr: s.lr,
+        beta1: s.beta1,
+        beta2: s.beta2,
+        eps: 1e-8,
+        weight_decay: s.weight_decay,
+    }
+}
+
+/// Options of `asa train-mini`.
+#[derive(Debug, Clone)]
+pub struct TrainMiniArgs {
+    pub outdir: PathBuf,
+    pub name: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub eval_interval: usize,
+    pub data: Vec<PathBuf>,
+    pub tokenizer: String,
+    pub resume: bool,
+    pub embed_dim: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_slots: usize,
+    pub fact_frac: f64,
+    /// stop after this step (saving a checkpoint), as an interrupted run would; `--resume` goes on
+    pub stop_at: Option<usize>,
+    /// on `--resume`, a new total step count (the schedule follows it); `None` keeps the run's
+    pub resume_steps: Option<usize>,
+    pub quiet: bool,
+}
+
+impl Default for TrainMiniArgs {
+    fn default() -> Self {
+        TrainMiniArgs {
+            outdir: PathBuf::from("runs"),
+            name: "mini".into(),
+            seed: 1337,
+            steps: 300,
+            batch_size: 8,
+            seq_len: 64,
+            lr: 3e-3,
+            eval_interval: 50,
+            data: vec![],
+            tokenizer: "gpt2".into(),
+            resume: false,
+            embed_dim: 128,
+            num_layers: 4,
+            num_heads: 4,
+            num_slots: 16,
+            fact_frac: default_fact_frac(),
+            stop_at: None,
+            resume_steps: None,
+            quiet: false,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub final_train_loss: f64,
+    pub final_val_loss: f64,
+    pub first_val_loss: Option<f64>,
+    pub tokens_per_sec: f64,
+    pub seconds: f64,
+}
+
+/// The train-mini model: small enough for a few minutes on two CPU cores.
+pub fn mini_config(a: &TrainMiniArgs, vocab: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        max_seq_len: a.seq_len,
+        embed_dim: a.embed_dim,
+        num_layers: a.num_layers,
+        num_heads: a.num_heads,
+        num_slots: a.num_slots,
+        mlp_ratio: 4.0,
+        dropout: 0.0,
+        slot_dropout: 0.0,
+        slotspace_dropout: 0.0,
+        slotspace_dim: 16,
+        write_chunk_size: a.seq_len,
+        slotspace_chunk_size: a.seq_len,
+        seed: a.seed,
+        mlp_bias: Some(true),
+        ..Default::default()
+    }
+}
+
+/// Loads the tokenizer named by a run ("gpt2", "byte" or "file:<path>" / a path).
+pub fn tokenizer_by_name(name: &str) -> Result<Tokenizer> {
+    if let Some(p) = name.strip_prefix("file:") {
+        return Tokenizer::from_file(Path::new(p));
+    }
+    match name.parse::<TokenizerKind>() {
+        Ok(k) => Tokenizer::from_kind(k),
+        Err(_) if Path::new(name).is_file() => Tokenizer::from_file(Path::new(name)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Mean validation loss over fixed windows.
+pub fn evaluate(
+    lm: &mut Lm,
+    params: &ParamStore,
+    data: &TokenData,
+    s: &TrainSettings,
+) -> Result<f64> {
+    let opts = AsaOptions::default();
+    let mut cache = LmCache::default();
+    let (mut sum, mut rows) = (0.0f64, 0usize);
+    for (inp, tgt, r) in data.val_batches(
+        s.batch_size,
+        s.seq_len,
+        (s.seq_len / 2).max(1),
+        s.eval_windows,
+    ) {
+        lm.forward(params, &inp, r, s.seq_len, &opts, &mut cache)?;
+        sum += lm.loss(&mut cache, &tgt, None)? * r as f64;
+        rows += r;
+    }
+    if rows == 0 {
+        return Err(AsaError::Input("no validation windows".into()));
+    }
+    Ok(sum / rows as f64)
+}
+
+/// `asa train-mini`: trains a small ASM on the embedded default data (or `--data` files).
+pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
+    let run = RunDir {
+        dir: a.outdir.join(&a.name),
+    };
+    let resume = a.resume && run.state().is_file();
+    if a.resume && !resume {
+        return Err(AsaError::Checkpoint(format!(
+            "--resume: {} holds no run to resume",
+            run.dir.display()
+        )));
+    }
+    let (cfg, mut params, mut adam, settings, mut state) = if resume {
+        let (cfg, params, adam, mut settings, state) = load_run(&run)?;
+        if let Some(s) = a.resume_steps {
+            settings.steps = s.max(state.step);
+        }
+        (cfg, params, adam, settings, state)
+    } else {
+        let tok = tokenizer_by_name(&a.tokenizer)?;
+        let cfg = mini_config(a, tok.vocab_size());
+        let (_, params) = Lm::new(&cfg)?;
+        let settings = TrainSettings {
+            steps: a.steps,
+            batch_size: a.batch_size,
+            seq_len: a.seq_len,
+            lr: a.lr,
+            min_lr: a.lr * 0.1,
+            warmup_steps: (a.steps / 10).clamp(1, 100),
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            eval_interval: a.eval_interval.max(1),
+            eval_windows: 32,
+            val_frac: 0.05,
+            seed: a.seed,
+            tokenizer: tok.name().to_string(),
+            data: a.data.clone(),
+            fact_frac: a.fact_frac,
+        };
+        let adam = AdamW::new(adam_config(&settings), &params);
+        let state = TrainState {
+            step: 0,
+            data_rng_pos: "0".into(),
+            model_rng_pos: "0".into(),
+            best_val: None,
+            tokens_seen: 0,
+        };
+        (cfg, params, adam, settings, state)
+    };
+    let tok = tokenizer_by_name(&settings.tokenizer)?;
+    if tok.vocab_size() != cfg.vocab_size {
+        return Err(AsaError::Config(format!(
+            "tokenizer '{}' has {} tokens but the model's vocab_size is {}",
+            tok.name(),
+            tok.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    let text = if settings.data.is_empty() {
+        corpus::default_training_text(settings.seed, settings.fact_frac)
+    } else {
+        crate::data::read_text_files(&settings.data)?
+    };
+    let data = TokenData::new(tok.encode(&text)?, settings.val_frac, settings.seq_len)?;
+    let (mut lm, _) = Lm::new(&cfg)?;
+    lm.reseed(settings.seed ^ 0xd0_0d);
+    let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
+    lm.rng_mut().set_word_pos(parse_pos(&state.model_rng_pos)?);
+
+    std::fs::create_dir_all(&run.dir).map_err(|e| AsaError::io(&run.dir, e))?;
+    if resume {
+        truncate_metrics(&run.metrics(), state.step)?;
+    } else if run.metrics().exists() {
+        std::fs::remove_file(run.metrics()).map_err(|e| AsaError::io(run.metrics(), e))?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.metrics())
+        .map_err(|e| AsaError::io(run.metrics(), e))?;
+    let say = |bar: &ProgressBar, msg: String| {
+        if a.quiet {
+        } else if bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            bar.println(msg);
+        }
+    };
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(settings.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.step as u64);
+    say(
+        &bar,
+        format!(
+            "train-mini: {} params, {} train / {} val tokens ({}), T={} B={}, device cpu",
+            params.num_elements(),
+            data.train.len(),
+            data.val.len(),
+            tok.name(),
+            settings.seq_len,
+            settings.batch_size
+        ),
+    );
+
+    let opts = AsaOptions {
+        training: true,
+        ..Default::default()
+    };
+    let mut cache = LmCache::default();
+    let mut grads = params.zeros_like();
+    let started = Instant::now();
+    let (mut last_loss, mut first_val, mut last_val) = (f64::NAN, None, f64::NAN);
+    let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
+    let start_step = state.step;
+    let end = a.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
+    while state.step < end {
+        let step = state.step;
+        let lr = lr_at(
+            step,
+            settings.lr,
+            settings.min_lr,
+            settings.warmup_steps,
+            settings.steps,
+        );
+        let (inp, tgt) = data.sample_train(&mut data_rng, settings.batch_size, settings.seq_len);
+        lm.forward(
+            &params,
+            &inp,
+            settings.batch_size,
+            settings.seq_len,
+            &opts,
+            &mut cache,
+        )?;
+        let loss = lm.loss(&mut cache, &tgt, None)?;
+        grads.zero();
+        lm.backward(&params, &cache, &opts, &mut grads);
+        let norm = clip_grad_norm(&mut grads, settings.grad_clip);
+        if !loss.is_finite() || !norm.is_finite() {
+            return Err(AsaError::Other(format!(
+                "step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the last saved checkpoint is intact"
+            )));
+        }
+        adam.step(&mut params, &grads, lr);
+        state.step += 1;
+        state.tokens_seen += tokens_per_step;
+        last_loss = loss;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let tps = ((state.step - start_step) as u64 * tokens_per_step) as f64 / secs;
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
+        let mut rec = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tps});
+        if state.step % settings.eval_interval == 0 || state.step == settings.steps || step == 0 {
+            let val = evaluate(&mut lm, &params, &data, &settings)?;
+            first_val.get_or_insert(val);
+            last_val = val;
+            state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
+            rec["val_loss"] = serde_json::json!(val);
+            say(
+                &bar,
+                format!(
+                    "step {:>5}  train {loss:.4}  val {val:.4}  ({tps:.0} tok/s)",
+                    state.step
+                ),
+            );
+        }
+        writeln!(metrics, "{rec}").map_err(|e| AsaError::io(run.metrics(), e))?;
+        if state.step % settings.eval_interval == 0
+            || state.step == settings.steps
+            || state.step == end
+        {
+            state.data_rng_pos = data_rng.get_word_pos().to_string();
+            state.model_rng_pos = lm.rng_mut().get_word_pos().to_string();
+            save_run(&run, &cfg, &settings, &params, &adam, &state)?;
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if last_val.is_nan() {
+        last_val = evaluate(&mut lm, &params, &data, &settings)?;
+    }
+    let report = TrainReport {
+        run_dir: run.dir.clone(),
+        steps: state.step,
+        final_train_loss: last_loss,
+        final_val_loss: last_val,
+        first_val_loss: first_val,
+        tokens_per_sec: ((state.step - start_step) as u64 * tokens_per_step) as f64
+            / seconds.max(1e-9),
+        seconds,
+    };
+    write_json_atomic(&run.dir.join("report.json"), &report)?;
+    Ok(report)
+}
+
+/// Keeps the metric records of steps up to `step` (those after the last save are redone).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_bytes_atomic(path, kept.as_bytes())
+}
+
+fn parse_pos(s: &str) -> Result<u128> {
+    s.parse().map_err(|_| {
+        AsaError::Checkpoint(format!(
+            "invalid generator position '{s}' in train_state.json"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        assert!((lr_at(0, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(10, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
+        let mid = lr_at(55, 1.0, 0.1, 10, 100);
+        assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+    }
+}
+
+/// The most recently updated run directory (one holding `train_state.json`) under `runs_dir`.
+pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
+    let entries = std::fs::read_dir(runs_dir).map_err(|e| {
+        AsaError::Checkpoint(format!(
+            "no --ckpt given and no runs found in {} ({e}); run `asa train-mini` first",
+            runs_dir.display()
+        ))
+    })?;
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in entries.flatten() {
+        let state = e.path().join("train_state.json");
+        if let Ok(t) = state.metadata().and_then(|m| m.modified()) {
+            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                best = Some((t, e.path()));
+            }
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| {
+        AsaError::Checkpoint(format!(
+            "no --ckpt given and no run in {}; run `asa train-mini` first",
+            runs_dir.display()
+        ))
+    })
+}
+
+/// Loads a model for analysis from a run directory, a `.safetensors` file or a reference `.pt`
+/// file (default: the latest run under `runs/`), with its tokenizer (the run's own, else the
+/// one named, else GPT-2). Returns the model, its parameters, the tokenizer and a display name.
+pub fn load_for_analysis(
+    ckpt: Option<&Path>,
+    tokenizer: Option<&str>,
+) -> Result<(Lm, ParamStore, Tokenizer, String)> {
+    let path = match ckpt {
+        Some(p) => p.to_path_buf(),
+        None => latest_run(Path::new("runs"))?,
+    };
+    let (file, run_tok) = if path.is_dir() {
+        let run = RunDir { dir: path.clone() };
+        let tok = read_json::<TrainSettings>(&run.settings())
+            .ok()
+            .map(|s| s.tokenizer);
+        (run.model(), tok)
+    } else {
+        (path.clone(), None)
+    };
+    let loaded = checkpoint::read_checkpoint(&file)?;
+    let cfg = loaded.config.ok_or_else(|| {
+        AsaError::Checkpoint(format!(
+            "{}: no model config found (looked in the file and for config.json beside it)",
+            file.display()
+        ))
+    })?;
+    cfg.validate()?;
+    let (mut lm, mut params) = Lm::new(&cfg)?;
+    checkpoint::load_into(&mut params, &loaded.tensors, &file.display().to_string())?;
+    lm.reseed(cfg.seed);
+    let tok_name = tokenizer
+        .map(str::to_string)
+        .or(run_tok)
+        .unwrap_or_else(|| "gpt2".into());
+    let tok = tokenizer_by_name(&tok_name)?;
+    if tok.vocab_size() != cfg.vocab_size {
+        return Err(AsaError::Config(format!(
+            "tokenizer '{}' has {} tokens but the checkpoint's vocab_size is {}",
+            tok.name(),
+            tok.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    Ok((lm, params, tok, path.display().to_string()))
+}

@@ -1,0 +1,145 @@
+//! Contracts of the model surface: checkpoint key stability against
+//! tests/golden_state_dict_keys.txt, shapes across the feature toggles, and the no-NaN smoke run.
+
+use std::path::Path;
+
+use asa::config::{ModelConfig, Variant};
+use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
+use asa::model::lm::{Lm, LmCache};
+use asa::model::params::{AsaIds, Init, ParamStore};
+
+/// The config of the reference's own key test (vocab 32, embed 32, 1 layer, 4 heads, 8 slots).
+fn golden_config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 32,
+        embed_dim: 32,
+        num_layers: 1,
+        num_heads: 4,
+        num_slots: 8,
+        max_seq_len: 8,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn checkpoint_keys_match_golden() {
+    let golden_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_state_dict_keys.txt");
+    let golden: Vec<String> = std::fs::read_to_string(&golden_path)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let (_, store) = Lm::new(&golden_config()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.safetensors");
+    asa::checkpoint::save_params(&path, &store, true, None).unwrap();
+    let saved: Vec<String> = asa::checkpoint::read_safetensors(&path)
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let mut sorted = saved.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, golden,
+        "saved checkpoint keys changed: update only with a deliberate, documented format change"
+    );
+}
+
+fn layer_out(cfg: &ModelConfig, b: usize, t: usize) -> (Vec<f32>, asa::model::asa::Info) {
+    let mut store = ParamStore::new();
+    let ids = AsaIds::register(&mut store, "", cfg, &mut Init::new(1));
+    let mut layer = AsaLayer::new(cfg, ids);
+    let x: Vec<f32> = (0..b * t * cfg.embed_dim)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut out = vec![0.0; x.len()];
+    let mut cache = AsaCache::default();
+    let opts = AsaOptions {
+        return_info: true,
+        ..Default::default()
+    };
+    let mut rng = rand::SeedableRng::seed_from_u64(0);
+    let info = layer
+        .forward(&store, &x, b, t, &opts, &mut cache, &mut rng, &mut out)
+        .unwrap()
+        .unwrap();
+    (out, info)
+}
+
+#[test]
+fn shapes_are_invariant_across_toggles() {
+    let (b, t) = (2, 5);
+    for content in [true, false] {
+        for refine in [true, false] {
+            for variant in [Variant::Baseline, Variant::Intervene] {
+                let cfg = ModelConfig {
+                    embed_dim: 32,
+                    num_heads: 4,
+                    num_slots: 8,
+                    slotspace_dim: 8,
+                    use_content_read: content,
+                    use_slotspace_refine: refine,
+                    variant,
+                    ..Default::default()
+                };
+                let (out, info) = layer_out(&cfg, b, t);
+                assert_eq!(out.len(), b * t * 32);
+                assert_eq!(info["read_weights"].0, vec![b, 4, t, 8]);
+                assert_eq!(info["write_logits"].0, vec![b, 4, 8, t]);
+                assert_eq!(info["slot_state_norm"].0, vec![b, 4, 8, t]);
+                assert_eq!(info.contains_key("read_logits_content"), content);
+                assert_eq!(info.contains_key("slotspace_gate"), refine);
+                assert!(out.iter().all(|x| x.is_finite()));
+            }
+        }
+    }
+    // the LM: logits [B,T,V] whatever the toggles
+    for (content, refine) in [(true, true), (false, false)] {
+        let cfg = ModelConfig {
+            use_content_read: content,
+            use_slotspace_refine: refine,
+            ..golden_config()
+        };
+        let (mut lm, store) = Lm::new(&cfg).unwrap();
+        let mut cache = LmCache::default();
+        lm.forward(
+            &store,
+            &[1, 2, 3, 4, 5, 6],
+            1,
+            6,
+            &AsaOptions::default(),
+            &mut cache,
+        )
+        .unwrap();
+        assert_eq!(cache.logits.len(), 6 * 32);
+    }
+}
+
+#[test]
+fn smoke_run_is_finite_and_writes_its_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = asa::smoke::run_smoke(7, tmp.path(), "cpu").unwrap();
+    assert!(
+        s.ok,
+        "{:#?}",
+        s.cases.iter().filter(|c| !c.ok).collect::<Vec<_>>()
+    );
+    assert!(s.cases.len() >= 4);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("smoke.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["ok"], serde_json::Value::Bool(true));
+}
+
+#[test]
+fn token_ids_out_of_range_are_an_error() {
+    let (mut lm, store) = Lm::new(&golden_config()).unwrap();
+    let mut cache = LmCache::default();
+    let e = lm
+        .forward(&store, &[1, 99], 1, 2, &AsaOptions::default(), &mut cache)
+        .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+}
