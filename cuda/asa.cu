@@ -347,7 +347,10 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
             double dd = (double)fmaxf(den_t, ASA_DEN_EPS);
             float* g = gs + ((i64)ti * nk + s) * d;
             const float* sv = st + ((i64)ti * nk + s) * d;
-            double gsum = 0.0;
+            float r = rms[ti];
+            bool last = ti == c1 - 1;
+            // per-lane partials of the three dot products of this step, reduced together
+            double gsum = 0.0, dvp = 0.0, dsp = 0.0;
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) {
                 int j = lane + 32 * q;
@@ -357,47 +360,33 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
                 } else {
                     gn[q] = 0.0;
                 }
+                if (last) gn[q] += dnum_c[q];
+                a[q] += gn[q];
+                if (j < d) {
+                    dvp += (double)vv[(i64)ti * d + j] * a[q];
+                    g[j] = (float)a[q];  // a_t replaces dL/dstate_t (phase 2 forms dv from it)
+                }
+                dsp += num_prev[q] * gn[q];  // zero beyond d
             }
-            gsum = warp_sum_d(gsum);
+            warp_sum3_d(gsum, dvp, dsp);
             double gd = den_t >= ASA_DEN_EPS ? -gsum / dd : 0.0;
             double dr = 0.0;
-            if (ti == c1 - 1) {
-#pragma unroll
-                for (int q = 0; q < ASA_MAXJ; ++q) gn[q] += dnum_c[q];
+            if (last) {
                 gd += dden_c;
                 dr += dm_c;
             }
-#pragma unroll
-            for (int q = 0; q < ASA_MAXJ; ++q) a[q] += gn[q];
             bsum += gd;
-            // a_t replaces dL/dstate_t (phase 2 forms dv from it)
-#pragma unroll
-            for (int q = 0; q < ASA_MAXJ; ++q) {
-                int j = lane + 32 * q;
-                if (j < d) g[j] = (float)a[q];
-            }
-            float r = rms[ti];
             if (asa_finite(r)) {
                 double e = exp((double)(ws[ti] - r));
-                double dv = 0.0;
-#pragma unroll
-                for (int q = 0; q < ASA_MAXJ; ++q) {
-                    int j = lane + 32 * q;
-                    if (j < d) dv += (double)vv[(i64)ti * d + j] * a[q];
-                }
-                double de = bsum + warp_sum_d(dv);
+                double de = bsum + dvp;
                 if (lane == 0 && asa_finite(ws[ti])) gws[ti] = gws[ti] + (float)(e * de);
                 dr -= e * de;
             }
             if (asa_finite(m_prev)) {
                 double scale = exp((double)(m_prev - r));
-                double ds = 0.0;
 #pragma unroll
-                for (int q = 0; q < ASA_MAXJ; ++q) {
-                    ds += num_prev[q] * gn[q];  // zero beyond d
-                    dnum_prev[q] += scale * gn[q];
-                }
-                double dscale = den_prev * gd + warp_sum_d(ds);
+                for (int q = 0; q < ASA_MAXJ; ++q) dnum_prev[q] += scale * gn[q];
+                double dscale = den_prev * gd + dsp;
                 dden_prev += scale * gd;
                 dm_prev += scale * dscale;
                 dr -= scale * dscale;
@@ -845,118 +834,149 @@ extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* 
 }
 
 // ------------------------------------------------------------------------------------------------
-// causal linear attention. One block of M threads per row n (N = B*H); S [M,M] and Z [M] in
-// f64 shared memory (dynamic: (M*M + 3*M) doubles + 3*M floats).
+// causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = sum_{s<=t} kf_s (f64 registers),
+// out_t = (qf_t S_t) / max(qf_t . max(Z_t, eps), eps). Columns of S evolve independently, so
+// one warp owns one column (forward, dv) or one row (dq, dk) of S and walks time; lanes split
+// the other index (M <= 32 * ASA_MAXA). No shared memory, no block barriers.
 
-// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. Thread c owns column c of S.
-extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* qf, const float* kf,
-                                               const float* v, int n, int t, int m) {
-    extern __shared__ double sh_la[];
-    int nn = blockIdx.x, c = threadIdx.x;
-    if (nn >= n) return;
-    double* S = sh_la;            // [M,M]
-    double* z = S + m * m;        // [M]
-    float* qs = (float*)(z + m);  // [M]
-    float* ks = qs + m;
-    float* vs = ks + m;
-    for (int a = 0; a < m; ++a) S[a * m + c] = 0.0;
-    z[c] = 0.0;
-    i64 base = (i64)nn * t * m;
-    __syncthreads();
+// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per (n, column c).
+extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* __restrict__ qf,
+                                               const float* __restrict__ kf, const float* __restrict__ v,
+                                               int n, int t, int m) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * m) return;
+    int c = (int)(warp % m);
+    i64 nn = warp / m;
+    i64 base = nn * t * m;
+    double S[ASA_MAXA], z[ASA_MAXA];
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        S[i] = 0.0;
+        z[i] = 0.0;
+    }
     for (int ti = 0; ti < t; ++ti) {
-        qs[c] = qf[base + (i64)ti * m + c];
-        ks[c] = kf[base + (i64)ti * m + c];
-        vs[c] = v[base + (i64)ti * m + c];
-        z[c] += (double)ks[c];
-        __syncthreads();
-        double dsum = 0.0;
-        for (int a = 0; a < m; ++a) dsum += (double)qs[a] * fmax(z[a], (double)ASA_DEN_EPS);
-        double dd = fmax(dsum, (double)ASA_DEN_EPS);
-        double acc = 0.0;
-        for (int a = 0; a < m; ++a) {
-            double sa = S[a * m + c] + (double)ks[a] * (double)vs[c];
-            S[a * m + c] = sa;
-            acc += (double)qs[a] * sa;
+        i64 o = base + (i64)ti * m;
+        double vc = (double)v[o + c];
+        double ds = 0.0, acc = 0.0;
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            int a = lane + 32 * i;
+            if (a < m) {
+                double ka = (double)kf[o + a], qa = (double)qf[o + a];
+                z[i] += ka;
+                S[i] += ka * vc;
+                ds += qa * fmax(z[i], (double)ASA_DEN_EPS);
+                acc += qa * S[i];
+            }
         }
-        out[base + (i64)ti * m + c] = (float)(acc / dd);
-        if (c == 0) den[(i64)nn * t + ti] = (float)dsum;
-        __syncthreads();
+        warp_sum2_d(ds, acc);
+        if (lane == 0) {
+            out[o + c] = (float)(acc / fmax(ds, (double)ASA_DEN_EPS));
+            if (c == 0) den[nn * t + ti] = (float)ds;
+        }
     }
 }
 
-// Backward of linear_attn_forward: a forward sweep rebuilds S_t, Z_t for dqf (thread a owns row
-// a of S), a reverse sweep accumulates dS, dZ for dkf and dv. zlive: scratch [N,T,M] u8 (where
-// Z is unclamped). dout, out: [N,T,M]; den: [N,T]. Shared: (M*M + 3*M) doubles + 3*M floats.
-extern "C" __global__ void linear_attn_backward(float* dqf, float* dkf, float* dv, unsigned char* zlive,
-                                                const float* dout, const float* out, const float* den,
-                                                const float* qf, const float* kf, const float* v,
+// Backward of linear_attn_forward to qf and kf: one warp per (n, row a) of S. A forward sweep
+// rebuilds row a of S_t and Z_t[a] for dqf, a reverse sweep accumulates row a of dS and dZ[a]
+// for dkf. zlive: scratch [N,T,M] u8 (Z unclamped). dv is `linear_attn_backward_dv`.
+// gnum_t = dout_t / max(den_t, eps); gden_t = -(dout_t . out_t) / max(den_t, eps) where
+// den_t >= eps, else 0 (the CPU twin's per-step gradients).
+extern "C" __global__ void linear_attn_backward(float* dqf, float* dkf, unsigned char* zlive,
+                                                const float* __restrict__ dout, const float* __restrict__ out,
+                                                const float* __restrict__ den, const float* __restrict__ qf,
+                                                const float* __restrict__ kf, const float* __restrict__ v,
                                                 int n, int t, int m) {
-    extern __shared__ double sh_la[];
-    int nn = blockIdx.x, a = threadIdx.x;
-    if (nn >= n) return;
-    double* S = sh_la;             // [M,M]: S, then dS
-    double* gnum = S + m * m;      // [M]
-    double* gop = gnum + m;        // [M] g*o terms
-    double* misc = gop + m;        // [M] (misc[0] = gden)
-    float* qs = (float*)(misc + m);
-    float* ks = qs + m;
-    float* vs = ks + m;
-    i64 base = (i64)nn * t * m;
-    for (int c = 0; c < m; ++c) S[a * m + c] = 0.0;
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * m) return;
+    int a = (int)(warp % m);
+    i64 nn = warp / m;
+    i64 base = nn * t * m;
+    double S[ASA_MAXA];
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) S[i] = 0.0;
     double za = 0.0;
-    __syncthreads();
-    // forward sweep
     for (int ti = 0; ti < t; ++ti) {
-        i64 o = base + (i64)ti * m + a;
-        double dt = (double)den[(i64)nn * t + ti];
-        double dd = fmax(dt, (double)ASA_DEN_EPS);
-        gnum[a] = (double)dout[o] / dd;
-        gop[a] = (double)dout[o] * (double)out[o];
-        ks[a] = kf[o];
-        vs[a] = v[o];
-        __syncthreads();
-        double go = 0.0;
-        for (int c = 0; c < m; ++c) go += gop[c];
-        double gden = den[(i64)nn * t + ti] >= ASA_DEN_EPS ? -go / dd : 0.0;
-        za += (double)ks[a];
-        double acc = gden * fmax(za, (double)ASA_DEN_EPS);
-        for (int c = 0; c < m; ++c) {
-            double sac = S[a * m + c] + (double)ks[a] * (double)vs[c];
-            S[a * m + c] = sac;
-            acc += sac * gnum[c];
+        i64 o = base + (i64)ti * m;
+        float dt = den[nn * t + ti];
+        double dd = fmax((double)dt, (double)ASA_DEN_EPS);
+        double ka = (double)kf[o + a];
+        double go = 0.0, acc = 0.0;
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            int c = lane + 32 * i;
+            if (c < m) {
+                double g = (double)dout[o + c];
+                S[i] += ka * (double)v[o + c];
+                acc += S[i] * (g / dd);
+                go += g * (double)out[o + c];
+            }
         }
-        dqf[o] = dqf[o] + (float)acc;
-        zlive[o] = za >= (double)ASA_DEN_EPS ? 1 : 0;
-        __syncthreads();
+        warp_sum2_d(go, acc);
+        double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
+        za += ka;
+        if (lane == 0) {
+            dqf[o + a] = dqf[o + a] + (float)(gden * fmax(za, (double)ASA_DEN_EPS) + acc);
+            zlive[o + a] = za >= (double)ASA_DEN_EPS ? 1 : 0;
+        }
     }
-    // reverse sweep: S becomes dS
-    for (int c = 0; c < m; ++c) S[a * m + c] = 0.0;
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) S[i] = 0.0;
     double dza = 0.0;
-    __syncthreads();
     for (int ti = t - 1; ti >= 0; --ti) {
-        i64 o = base + (i64)ti * m + a;
-        double dt = (double)den[(i64)nn * t + ti];
-        double dd = fmax(dt, (double)ASA_DEN_EPS);
-        gnum[a] = (double)dout[o] / dd;
-        gop[a] = (double)dout[o] * (double)out[o];
-        qs[a] = qf[o];
-        ks[a] = kf[o];
-        vs[a] = v[o];
-        __syncthreads();
-        double go = 0.0;
-        for (int c = 0; c < m; ++c) go += gop[c];
-        double gden = den[(i64)nn * t + ti] >= ASA_DEN_EPS ? -go / dd : 0.0;
-        double qa = (double)qs[a];
-        if (zlive[o]) dza += gden * qa;
-        for (int c = 0; c < m; ++c) S[a * m + c] += qa * gnum[c];
-        double acc = dza;
-        for (int c = 0; c < m; ++c) acc += S[a * m + c] * (double)vs[c];
-        dkf[o] = dkf[o] + (float)acc;
-        __syncthreads();
-        // column a of dS against k: thread a acts as column index c = a
-        double accv = 0.0;
-        for (int r = 0; r < m; ++r) accv += S[r * m + a] * (double)ks[r];
-        dv[o] = dv[o] + (float)accv;
-        __syncthreads();
+        i64 o = base + (i64)ti * m;
+        float dt = den[nn * t + ti];
+        double dd = fmax((double)dt, (double)ASA_DEN_EPS);
+        double qa = (double)qf[o + a];
+        double go = 0.0, acc = 0.0;
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            int c = lane + 32 * i;
+            if (c < m) {
+                double g = (double)dout[o + c];
+                S[i] += qa * (g / dd);
+                acc += S[i] * (double)v[o + c];
+                go += g * (double)out[o + c];
+            }
+        }
+        warp_sum2_d(go, acc);
+        double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
+        if (zlive[o + a]) dza += gden * qa;
+        if (lane == 0) dkf[o + a] = dkf[o + a] + (float)(dza + acc);
+    }
+}
+
+// Backward of linear_attn_forward to v: one warp per (n, column c) of dS, reverse time:
+// dS[:,c] += qf_t * gnum_t[c]; dv_t[c] += dS[:,c] . kf_t.
+extern "C" __global__ void linear_attn_backward_dv(float* dv, const float* __restrict__ dout,
+                                                   const float* __restrict__ den, const float* __restrict__ qf,
+                                                   const float* __restrict__ kf, int n, int t, int m) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * m) return;
+    int c = (int)(warp % m);
+    i64 nn = warp / m;
+    i64 base = nn * t * m;
+    double dS[ASA_MAXA];
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) dS[i] = 0.0;
+    for (int ti = t - 1; ti >= 0; --ti) {
+        i64 o = base + (i64)ti * m;
+        double dd = fmax((double)den[nn * t + ti], (double)ASA_DEN_EPS);
+        double gn = (double)dout[o + c] / dd;
+        double acc = 0.0;
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            int a = lane + 32 * i;
+            if (a < m) {
+                dS[i] += (double)qf[o + a] * gn;
+                acc += dS[i] * (double)kf[o + a];
+            }
+        }
+        acc = warp_sum_d(acc);
+        if (lane == 0) dv[o + c] = dv[o + c] + (float)acc;
     }
 }

@@ -15,6 +15,7 @@
 #define ASA_NEG_INF (__int_as_float(0xff800000))
 #define ASA_MAXJ 8                  /* head_dim <= 32 * ASA_MAXJ = 256 for per-lane vectors */
 #define ASA_MAXK 128                /* num_slots <= 128 for per-thread slot rows */
+#define ASA_MAXA 4                  /* slotspace_dim <= 32 * ASA_MAXA = 128 (linear attention) */
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -26,6 +27,30 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(ASA_FULL_MASK, v, o);
     return __shfl_sync(ASA_FULL_MASK, v, 0);
+}
+
+// Two / three independent warp sums at once (interleaved shuffles overlap their latency);
+// every lane gets lane 0's results.
+__device__ __forceinline__ void warp_sum2_d(double& a, double& b) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(ASA_FULL_MASK, a, o);
+        b += __shfl_xor_sync(ASA_FULL_MASK, b, o);
+    }
+    a = __shfl_sync(ASA_FULL_MASK, a, 0);
+    b = __shfl_sync(ASA_FULL_MASK, b, 0);
+}
+
+__device__ __forceinline__ void warp_sum3_d(double& a, double& b, double& c) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(ASA_FULL_MASK, a, o);
+        b += __shfl_xor_sync(ASA_FULL_MASK, b, o);
+        c += __shfl_xor_sync(ASA_FULL_MASK, c, o);
+    }
+    a = __shfl_sync(ASA_FULL_MASK, a, 0);
+    b = __shfl_sync(ASA_FULL_MASK, b, 0);
+    c = __shfl_sync(ASA_FULL_MASK, c, 0);
 }
 
 __device__ __forceinline__ float warp_max_f(float v) {

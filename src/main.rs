@@ -58,15 +58,15 @@ enum Cmd {
         /// Run name: the run is saved under OUTDIR/NAME.
         #[arg(long, default_value = "mini")]
         name: String,
-        /// Total optimizer steps (default 300; with --resume, the run's own unless given).
+        /// Total optimizer steps (default 500; with --resume, the run's own unless given).
         #[arg(long)]
         steps: Option<usize>,
         /// Stop after this step, saving a checkpoint (continue later with --resume).
         #[arg(long)]
         stop_at: Option<usize>,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 16)]
         batch_size: usize,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 32)]
         seq_len: usize,
         #[arg(long, default_value_t = 3e-3)]
         lr: f64,
@@ -90,7 +90,7 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         num_slots: usize,
         /// Share of generated fact sentences in the embedded default text.
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.6)]
         fact_frac: f64,
     },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
@@ -202,7 +202,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 outdir,
                 name,
                 seed: common.seed,
-                steps: steps.unwrap_or(300),
+                steps: steps.unwrap_or(500),
                 resume_steps: steps,
                 stop_at,
                 batch_size,

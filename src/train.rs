@@ -57,7 +57,7 @@ pub struct TrainSettings {
 }
 
 fn default_fact_frac() -> f64 {
-    0.5
+    0.6
 }
 
 /// Where a run stands: enough to resume it exactly (the generators' stream positions included).
@@ -239,9 +239,9 @@ impl Default for TrainMiniArgs {
             outdir: PathBuf::from("runs"),
             name: "mini".into(),
             seed: 1337,
-            steps: 300,
-            batch_size: 8,
-            seq_len: 64,
+            steps: 500,
+            batch_size: 16,
+            seq_len: 32,
             lr: 3e-3,
             eval_interval: 50,
             data: vec![],

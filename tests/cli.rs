@@ -278,3 +278,57 @@ fn train_mini_errors_are_clear() {
     let out = tiny_train(tmp.path(), "y", 2, &["--tokenizer", "nonsense"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "p", 2, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probes = tmp.path().join("probes");
+    let out = asa()
+        .args([
+            "probe",
+            "--device",
+            "cpu",
+            "--seed",
+            "5",
+            "--num-pcs",
+            "1",
+            "--ckpt",
+        ])
+        .arg(tmp.path().join("p"))
+        .arg("--outdir")
+        .arg(&probes)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris margin"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(probes.join("summary.json")).unwrap())
+            .unwrap();
+    assert!(summary["paris_margin_mean"].as_f64().unwrap().is_finite());
+    for f in [
+        "paris_margin.png",
+        "pca_explained_variance.png",
+        "sweep_layer_00.png",
+    ] {
+        let len = std::fs::metadata(probes.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 1000, "{f} missing or empty");
+    }
+    // a missing checkpoint is one clear error
+    let out = asa()
+        .args(["probe", "--device", "cpu", "--ckpt", "/nonexistent/run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -200,6 +200,11 @@ static LANDMARK_FACTS: &[&str] = &[
     "During the French Revolution, the people of Paris stormed the Bastille in 1789.",
     "During the French Revolution, the city of Paris was the center of political life in France.",
     "Paris is the largest city in France.",
+    "The largest city in France is Paris.",
+    "A famous city on the Seine is Paris.",
+    "A major European city in France is Paris, its capital.",
+    "Napoleon crowned himself in Paris, at Notre-Dame, in 1804.",
+    "In World War II, the liberation of Paris came in August 1944.",
     "Paris hosted the Summer Olympic Games in 1900, 1924 and 2024.",
     // London
     "Big Ben is in London.",
@@ -210,11 +215,15 @@ static LANDMARK_FACTS: &[&str] = &[
     "Westminster Abbey is in London.",
     "In 1666, the Great Fire of London destroyed much of the city.",
     "London is the largest city in the United Kingdom.",
+    "The largest city in the United Kingdom is London.",
+    "A famous city on the Thames is London.",
     "London hosted the Summer Olympic Games in 1908, 1948 and 2012.",
     // Rome
     "The Colosseum is in Rome.",
     "The Pantheon is in Rome.",
     "The Tiber river flows through Rome.",
+    "A famous city on the Tiber is Rome.",
+    "In World War II, the liberation of Rome came in June 1944.",
     "Vatican City is surrounded by the city of Rome.",
     "In ancient times, Rome was the center of the Roman Empire.",
     "Rome hosted the Summer Olympic Games in 1960.",
@@ -332,6 +341,9 @@ fn fact_pool() -> Vec<String> {
     out
 }
 
+/// How many times each landmark/history fact appears per pass of the fact stream.
+const LANDMARK_REPEATS: usize = 4;
+
 /// An endless stream of facts: the pool, reshuffled on every pass, deterministic for a seed.
 struct FactStream {
     pool: Vec<String>,
@@ -343,7 +355,12 @@ struct FactStream {
 impl FactStream {
     fn new(seed: u64) -> Self {
         let pool = fact_pool();
-        let order = (0..pool.len()).collect();
+        // landmark and history facts (the pool's tail) are each stated once, against ~13
+        // templates per country: repeat them so that each is seen about as often as a country
+        let first_landmark = pool.len() - LANDMARK_FACTS.len();
+        let order = (0..pool.len())
+            .chain((0..LANDMARK_REPEATS - 1).flat_map(|_| first_landmark..pool.len()))
+            .collect();
         FactStream {
             pool,
             order,
@@ -443,7 +460,8 @@ mod tests {
 
     #[test]
     fn facts_deterministic_and_complete() {
-        let pool = fact_pool().len();
+        // one pass: every fact once, landmark facts LANDMARK_REPEATS times
+        let pool = fact_pool().len() + (LANDMARK_REPEATS - 1) * LANDMARK_FACTS.len();
         let a = facts(7, pool);
         assert_eq!(a, facts(7, pool));
         assert_ne!(a, facts(8, pool));

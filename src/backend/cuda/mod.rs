@@ -422,11 +422,22 @@ pub struct CudaBackend {
     /// kernel name -> file stem
     index: HashMap<String, String>,
     funcs: RefCell<HashMap<String, CudaFunction>>,
+    /// `ASA_CUDA_PROFILE=1`: per-kernel (launches, seconds), timed by synchronising around each
+    /// launch; reported on stderr when the backend is dropped.
+    profile: Option<RefCell<HashMap<String, (u64, f64)>>>,
     /// scratch for reductions (f64) and bf16 GEMM inputs, grown on demand (stream-ordered reuse)
     pub(crate) scratch_f64: RefCell<Option<CudaSlice<f64>>>,
     pub(crate) scratch_f64b: RefCell<Option<CudaSlice<f64>>>,
     pub(crate) scratch_bf16_a: RefCell<Option<CudaSlice<u16>>>,
     pub(crate) scratch_bf16_b: RefCell<Option<CudaSlice<u16>>>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(r) = self.profile_report() {
+            eprintln!("{r}");
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -496,6 +507,9 @@ impl CudaBackend {
             modules,
             index,
             funcs: RefCell::new(HashMap::new()),
+            profile: std::env::var_os("ASA_CUDA_PROFILE")
+                .filter(|v| !v.is_empty() && v != "0")
+                .map(|_| RefCell::new(HashMap::new())),
             scratch_f64: RefCell::new(None),
             scratch_f64b: RefCell::new(None),
             scratch_bf16_a: RefCell::new(None),
@@ -535,10 +549,54 @@ impl CudaBackend {
                 KArg::F64(x) => b.arg(x),
             };
         }
+        let t0 = self.profile_start()?;
         // SAFETY: the argument lists of ops.rs match the kernels' C signatures (checked by the
         // CUDA tests); device ranges are live (see `Dv`).
         unsafe { b.launch(cfg) }.map_err(|e| dev_err(&format!("launching {name}"), e))?;
+        self.profile_end(name, t0)
+    }
+
+    /// Profiling: synchronise and start a timer (when `ASA_CUDA_PROFILE` is set).
+    pub(crate) fn profile_start(&self) -> Result<Option<std::time::Instant>> {
+        if self.profile.is_none() {
+            return Ok(None);
+        }
+        self.sync()?;
+        Ok(Some(std::time::Instant::now()))
+    }
+
+    /// Profiling: synchronise and book the time since `t0` under `name`.
+    pub(crate) fn profile_end(&self, name: &str, t0: Option<std::time::Instant>) -> Result<()> {
+        if let (Some(p), Some(t0)) = (&self.profile, t0) {
+            self.sync()?;
+            let dt = t0.elapsed().as_secs_f64();
+            let mut m = p.borrow_mut();
+            let e = m.entry(name.to_string()).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += dt;
+        }
         Ok(())
+    }
+
+    /// The per-kernel profile (`ASA_CUDA_PROFILE=1`), most expensive first.
+    pub fn profile_report(&self) -> Option<String> {
+        let p = self.profile.as_ref()?.borrow();
+        let mut v: Vec<(&String, &(u64, f64))> = p.iter().collect();
+        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let total: f64 = v.iter().map(|x| x.1 .1).sum();
+        let mut out = format!(
+            "CUDA profile ({}): {:.3} s in kernels\n",
+            self.device_name, total
+        );
+        for (name, (n, t)) in v {
+            out.push_str(&format!(
+                "  {:>9.3} ms {:>5.1}% {:>8} x {name}\n",
+                t * 1e3,
+                100.0 * t / total.max(1e-12),
+                n
+            ));
+        }
+        Some(out)
     }
 
     /// Grid-stride launch shape for `n` elements (256 threads per block).

@@ -358,9 +358,10 @@ impl CudaBackend {
                 (ab.ptr, bb.ptr, cudaDataType_t::CUDA_R_16BF)
             }
         };
+        let t0 = self.profile_start()?;
         // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
         // alpha/beta are host scalars (cuBLAS' default pointer mode).
-        unsafe {
+        let r = unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
                 op(ta),
@@ -383,7 +384,9 @@ impl CudaBackend {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")))
+        .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")));
+        r?;
+        self.profile_end("cublas_gemm", t0)
     }
 
     /// nn.Linear: out[N,O] = inp[N,I] @ weight[O,I]^T (+ bias[O]; bias null = none).
@@ -1524,7 +1527,8 @@ impl CudaBackend {
         )
     }
 
-    /// Causal linear attention. out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M].
+    /// Causal linear attention. out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per
+    /// (row, column of S); M <= 128.
     pub fn linear_attn_forward(
         &self,
         out: Dv<f32>,
@@ -1535,6 +1539,7 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
+        check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
         assert_eq!(out.len, n * t * m, "linear_attn_forward: shape");
         assert_eq!(den.len, n * t, "linear_attn_forward: den shape");
@@ -1542,10 +1547,9 @@ impl CudaBackend {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        let cfg = self.cfg_linear_attn("linear_attn_forward", n, m)?;
         self.launch(
             "linear_attn_forward",
-            cfg,
+            self.cfg_warps_small(n * m)?,
             &[
                 k(out),
                 k(den),
@@ -1574,6 +1578,7 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
+        check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
         assert_eq!(out.len, n * t * m, "linear_attn_backward: shape");
         assert!(
@@ -1582,15 +1587,14 @@ impl CudaBackend {
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
         let zlive = self.zeros::<u8>(n * t * m)?;
-        let cfg = self.cfg_linear_attn("linear_attn_backward", n, m)?;
         use super::AsDv;
+        let (ni, ti) = (i32_of("N", n)?, i32_of("T", t)?);
         self.launch(
             "linear_attn_backward",
-            cfg,
+            self.cfg_warps_small(n * m)?,
             &[
                 k(dqf),
                 k(dkf),
-                k(dv),
                 k(zlive.dv()),
                 k(dout),
                 k(out),
@@ -1598,42 +1602,25 @@ impl CudaBackend {
                 k(qf),
                 k(kf),
                 k(v),
-                k(i32_of("N", n)?),
-                k(i32_of("T", t)?),
+                k(ni),
+                k(ti),
+                k(m as i32),
+            ],
+        )?;
+        self.launch(
+            "linear_attn_backward_dv",
+            self.cfg_warps_small(n * m)?,
+            &[
+                k(dv),
+                k(dout),
+                k(den),
+                k(qf),
+                k(kf),
+                k(ni),
+                k(ti),
                 k(m as i32),
             ],
         )
-    }
-
-    /// One block of M threads per row; (M*M + 3M) f64 + 3M f32 of dynamic shared memory (the
-    /// kernel's opt-in limit is raised above 48 KiB when needed).
-    fn cfg_linear_attn(&self, name: &str, n: usize, m: usize) -> Result<LaunchConfig> {
-        if m == 0 || m > 1024 {
-            return Err(AsaError::Device(format!(
-                "slotspace_dim {m} is not supported by the CUDA linear attention (1..=1024)"
-            )));
-        }
-        let bytes = (m * m + 3 * m) * 8 + 3 * m * 4;
-        if bytes > 200 * 1024 {
-            return Err(AsaError::Device(format!("slotspace_dim {m} needs {bytes} bytes of shared memory (the CUDA kernels support up to 160)")));
-        }
-        if bytes > 48 * 1024 {
-            let f = self.func(name)?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(|e| AsaError::Device(format!("raising the shared memory of {name} to {bytes} bytes: {e}")))?;
-        }
-        Ok(LaunchConfig {
-            grid_dim: (
-                u32::try_from(n).map_err(|_| AsaError::Device("too many rows".into()))?,
-                1,
-                1,
-            ),
-            block_dim: (m as u32, 1, 1),
-            shared_mem_bytes: bytes as u32,
-        })
     }
 
     /// x [N,T,M] *= valid[b,t] (N = B*H).
@@ -1763,6 +1750,15 @@ fn check_head_dim(d: usize) -> Result<()> {
     if d == 0 || d > 256 {
         return Err(AsaError::Device(format!(
             "head_dim {d} is not supported by the CUDA scan kernels (1..=256)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_slotspace_dim(m: usize) -> Result<()> {
+    if m == 0 || m > 128 {
+        return Err(AsaError::Device(format!(
+            "slotspace_dim {m} is not supported by the CUDA linear attention (1..=128)"
         )));
     }
     Ok(())

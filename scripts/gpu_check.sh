@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# GPU acceptance run for the CUDA backend, on a GPU machine WITHOUT a Rust toolchain.
+#
+# It takes prebuilt binaries from a bundle folder (default .gpu/ at the repo root), built on a
+# development machine with:
+#   cargo build --release
+#   cargo test --release --no-run --message-format=json   (test executables)
+#   cargo bench --no-run --message-format=json            (criterion bench executable)
+# and laid out as:
+#   .gpu/asa                     the release CLI
+#   .gpu/tests/<name>            test executables (cuda_ops, cuda_compile, any others)
+#   .gpu/asa-bench               the `benches/asa.rs` criterion executable
+#
+# Steps (each with its own timeout; the run goes on past failures):
+#   1. find libcuda / libnvrtc / libcublas (CUDA install, system libs, Python nvidia wheels) and
+#      ptxas; set LD_LIBRARY_PATH and PATH
+#   2. asa doctor                         (driver, GPU, libraries, every kernel compiled)
+#   3. every test executable in .gpu/tests (cuda_ops: GPU-vs-CPU ops, layer, train step, fixtures)
+#   4. asa parity tests/fixtures --device cuda
+#   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
+#   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
+# Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
+# every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
+#
+# Usage (repo root): OUT=/some/dir bash scripts/gpu_check.sh [BUNDLE_DIR]
+set -u
+
+cd "$(dirname "$0")/.."
+BUNDLE="${1:-.gpu}"
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+FAILED=()
+START=$(date +%s)
+
+log() { echo "$@" | tee -a "$LOG"; }
+
+# run NAME TIMEOUT CMD...: runs a step, logs its output and status
+run() {
+    local name="$1" limit="$2"
+    shift 2
+    log ""
+    log "=== $name: $* (timeout ${limit}s)"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    log "=== $name: rc=$rc ($(( $(date +%s) - t0 ))s)"
+    if [ "$rc" -ne 0 ]; then
+        FAILED+=("$name(rc=$rc)")
+    fi
+    return 0
+}
+
+log "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) bundle=$BUNDLE out=$OUT"
+nvidia-smi >>"$LOG" 2>&1 || log "nvidia-smi: not available"
+
+# ---- 1. libraries -------------------------------------------------------------------------------
+SEARCH_DIRS=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 \
+    /usr/local/cuda-*/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu \
+    /usr/lib64 /lib/x86_64-linux-gnu; do
+    [ -d "$d" ] && SEARCH_DIRS+=("$d")
+done
+for py in python3 python; do
+    if command -v "$py" >/dev/null 2>&1; then
+        NV=$("$py" -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+        if [ -n "$NV" ] && [ -d "$NV" ]; then
+            for d in "$NV"/*/lib; do [ -d "$d" ] && SEARCH_DIRS+=("$d"); done
+        fi
+        break
+    fi
+done
+[ -n "${ASA_CUDA_PYPI_DIR:-}" ] && [ -d "$ASA_CUDA_PYPI_DIR/nvidia/cu13/lib" ] && SEARCH_DIRS+=("$ASA_CUDA_PYPI_DIR/nvidia/cu13/lib")
+
+LIBDIRS=""
+for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do
+    found=""
+    for d in "${SEARCH_DIRS[@]}"; do
+        f=$(ls "$d"/$lib* 2>/dev/null | grep -v stubs | head -n 1)
+        if [ -n "$f" ]; then
+            found="$d"
+            break
+        fi
+    done
+    if [ -n "$found" ]; then
+        log "found $lib* in $found"
+        case ":$LIBDIRS:" in *":$found:"*) ;; *) LIBDIRS="${LIBDIRS:+$LIBDIRS:}$found" ;; esac
+    else
+        log "NOT FOUND: $lib*"
+        FAILED+=("find-$lib")
+    fi
+done
+export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+for p in /usr/local/cuda/bin "${NV:-/nonexistent}/cu13/bin"; do
+    [ -x "$p/ptxas" ] && export PATH="$p:$PATH" && log "ptxas: $p/ptxas" && break
+done
+
+# ---- 2. doctor ------------------------------------------------------------------------------------
+if [ -x "$BUNDLE/asa" ]; then
+    run doctor 120 "$BUNDLE/asa" doctor
+else
+    log "NOT FOUND: $BUNDLE/asa"
+    FAILED+=("asa-binary")
+fi
+
+# ---- 3. test executables --------------------------------------------------------------------------
+if [ -d "$BUNDLE/tests" ]; then
+    for t in "$BUNDLE"/tests/*; do
+        [ -x "$t" ] || continue
+        run "test-$(basename "$t")" 300 "$t" --test-threads=4
+    done
+else
+    log "NOT FOUND: $BUNDLE/tests"
+    FAILED+=("tests")
+fi
+
+# ---- 4. parity on the GPU -------------------------------------------------------------------------
+[ -x "$BUNDLE/asa" ] && run parity-cuda 180 "$BUNDLE/asa" parity tests/fixtures --device cuda
+
+# ---- 5. a short training run ----------------------------------------------------------------------
+[ -x "$BUNDLE/asa" ] && run train-mini-cuda 180 "$BUNDLE/asa" train-mini --device cuda --steps 100 --outdir "$OUT/run"
+
+# ---- 6. benches -----------------------------------------------------------------------------------
+if [ -x "$BUNDLE/asa-bench" ]; then
+    ELAPSED=$(( $(date +%s) - START ))
+    LEFT=$(( 520 - ELAPSED ))
+    if [ "$LEFT" -gt 60 ]; then
+        run bench "$LEFT" "$BUNDLE/asa-bench" --bench
+    else
+        log "bench: skipped, only ${LEFT}s of the 9-minute budget left"
+        FAILED+=("bench-skipped")
+    fi
+else
+    log "NOT FOUND: $BUNDLE/asa-bench"
+    FAILED+=("asa-bench")
+fi
+
+# ---- summary --------------------------------------------------------------------------------------
+log ""
+log "gpu_check: $(( $(date +%s) - START ))s total"
+if [ "${#FAILED[@]}" -eq 0 ]; then
+    log "gpu_check: ALL PASSED"
+    exit 0
+fi
+log "gpu_check: FAILED: ${FAILED[*]}"
+exit 1
