@@ -246,8 +246,27 @@ extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rm
         }
         double add_den = 0.0;
         float cm = ASA_NEG_INF, r = ASA_NEG_INF;
+        // loads of step ti+1 are issued while step ti computes
+        float w_next = ws[c0];
+        float v_next[ASA_MAXJ];
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) {
+            int j = lane + 32 * q;
+            v_next[q] = j < d ? vv[(i64)c0 * d + j] : 0.0f;
+        }
         for (int ti = c0; ti < c1; ++ti) {
-            float w = ws[ti];
+            float w = w_next;
+            float vt[ASA_MAXJ];
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) vt[q] = v_next[q];
+            if (ti + 1 < c1) {
+                w_next = ws[ti + 1];
+#pragma unroll
+                for (int q = 0; q < ASA_MAXJ; ++q) {
+                    int j = lane + 32 * q;
+                    if (j < d) v_next[q] = vv[(i64)(ti + 1) * d + j];
+                }
+            }
             cm = (w >= cm) ? w : cm;
             r = (m_prev >= cm) ? m_prev : cm;
             double scale = asa_finite(m_prev) ? exp((double)(m_prev - r)) : 0.0;
@@ -260,7 +279,7 @@ extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rm
             for (int q = 0; q < ASA_MAXJ; ++q) {
                 int j = lane + 32 * q;
                 if (j < d) {
-                    add_num[q] += e * (double)vv[(i64)ti * d + j];
+                    add_num[q] += e * (double)vt[q];
                     num[q] = num_prev[q] * scale + add_num[q];
                     o[j] = (float)(num[q] / dd);
                 }
@@ -322,18 +341,34 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) num_prev[q] = 0.0;
         }
-        // chunk-local cummax and the index it routes to
-        if (lane == 0) {
-            float c = ASA_NEG_INF;
-            int cidx = c0;
-            for (int ti = c0; ti < c1; ++ti) {
-                if (ws[ti] >= c) {
-                    c = ws[ti];
-                    cidx = ti;
+        // chunk-local cummax and the index it routes to (the last position holding the max):
+        // a warp scan over tiles of 32 positions, "later wins on >=" (the CPU's `w >= c` rule)
+        float carry_v = ASA_NEG_INF;
+        int carry_i = c0;
+        for (int t0 = c0; t0 < c1; t0 += 32) {
+            int ti = t0 + lane;
+            float val = ti < c1 ? ws[ti] : ASA_NEG_INF;
+            int idx = ti;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                float ov = __shfl_up_sync(ASA_FULL_MASK, val, o);
+                int oi = __shfl_up_sync(ASA_FULL_MASK, idx, o);
+                if (lane >= o && !(val >= ov)) {
+                    val = ov;
+                    idx = oi;
                 }
-                cmr[ti] = c;
-                cir[ti] = cidx;
             }
+            if (!(val >= carry_v)) {
+                val = carry_v;
+                idx = carry_i;
+            }
+            if (ti < c1) {
+                cmr[ti] = val;
+                cir[ti] = idx;
+            }
+            int last = min(31, c1 - 1 - t0);
+            carry_v = __shfl_sync(ASA_FULL_MASK, val, last);
+            carry_i = __shfl_sync(ASA_FULL_MASK, idx, last);
         }
         __syncwarp();
         double bsum = 0.0, dden_prev = 0.0, dm_prev = 0.0;
@@ -342,31 +377,66 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
             a[q] = 0.0;
             dnum_prev[q] = 0.0;
         }
+        // the running-max gradient routed to position pend_pos (<= ti), added when the reverse
+        // walk reaches it (the CPU adds each term to dwl[idx] at once; same sum)
+        double pend = 0.0;
+        int pend_pos = -1;
+        // loads of step ti-1 are issued while step ti computes
+        float n_den = dns[c1 - 1], n_r = rms[c1 - 1], n_w = ws[c1 - 1], n_cm = cmr[c1 - 1];
+        int n_ci = cir[c1 - 1];
+        float n_gw = gws[c1 - 1];
+        float n_g[ASA_MAXJ], n_sv[ASA_MAXJ], n_v[ASA_MAXJ];
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) {
+            int j = lane + 32 * q;
+            bool in = j < d;
+            n_g[q] = in ? gs[((i64)(c1 - 1) * nk + s) * d + j] : 0.0f;
+            n_sv[q] = in ? st[((i64)(c1 - 1) * nk + s) * d + j] : 0.0f;
+            n_v[q] = in ? vv[(i64)(c1 - 1) * d + j] : 0.0f;
+        }
         for (int ti = c1 - 1; ti >= c0; --ti) {
-            float den_t = dns[ti];
+            float den_t = n_den, r = n_r, wt = n_w, cmt = n_cm, gw = n_gw;
+            int idx = n_ci;
+            float cg[ASA_MAXJ], csv[ASA_MAXJ], cv[ASA_MAXJ];
+#pragma unroll
+            for (int q = 0; q < ASA_MAXJ; ++q) {
+                cg[q] = n_g[q];
+                csv[q] = n_sv[q];
+                cv[q] = n_v[q];
+            }
+            if (ti - 1 >= c0) {
+                int tn = ti - 1;
+                n_den = dns[tn];
+                n_r = rms[tn];
+                n_w = ws[tn];
+                n_cm = cmr[tn];
+                n_ci = cir[tn];
+                n_gw = gws[tn];
+#pragma unroll
+                for (int q = 0; q < ASA_MAXJ; ++q) {
+                    int j = lane + 32 * q;
+                    if (j < d) {
+                        n_g[q] = gs[((i64)tn * nk + s) * d + j];
+                        n_sv[q] = st[((i64)tn * nk + s) * d + j];
+                        n_v[q] = vv[(i64)tn * d + j];
+                    }
+                }
+            }
             double dd = (double)fmaxf(den_t, ASA_DEN_EPS);
             float* g = gs + ((i64)ti * nk + s) * d;
-            const float* sv = st + ((i64)ti * nk + s) * d;
-            float r = rms[ti];
             bool last = ti == c1 - 1;
             // per-lane partials of the three dot products of this step, reduced together
             double gsum = 0.0, dvp = 0.0, dsp = 0.0;
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) {
                 int j = lane + 32 * q;
-                if (j < d) {
-                    gn[q] = (double)g[j] / dd;
-                    gsum += (double)g[j] * (double)sv[j];
-                } else {
-                    gn[q] = 0.0;
-                }
+                gn[q] = j < d ? (double)cg[q] / dd : 0.0;
+                gsum += (double)cg[q] * (double)csv[q];  // zero beyond d
                 if (last) gn[q] += dnum_c[q];
                 a[q] += gn[q];
-                if (j < d) {
-                    dvp += (double)vv[(i64)ti * d + j] * a[q];
-                    g[j] = (float)a[q];  // a_t replaces dL/dstate_t (phase 2 forms dv from it)
-                }
-                dsp += num_prev[q] * gn[q];  // zero beyond d
+                dvp += (double)cv[q] * a[q];
+                if (j < d) g[j] = (float)a[q];  // a_t replaces dL/dstate_t (phase 2 forms dv)
+                dsp += num_prev[q] * gn[q];     // zero beyond d
             }
             warp_sum3_d(gsum, dvp, dsp);
             double gd = den_t >= ASA_DEN_EPS ? -gsum / dd : 0.0;
@@ -377,9 +447,9 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
             }
             bsum += gd;
             if (asa_finite(r)) {
-                double e = exp((double)(ws[ti] - r));
+                double e = exp((double)(wt - r));
                 double de = bsum + dvp;
-                if (lane == 0 && asa_finite(ws[ti])) gws[ti] = gws[ti] + (float)(e * de);
+                if (asa_finite(wt)) gw = gw + (float)(e * de);
                 dr -= e * de;
             }
             if (asa_finite(m_prev)) {
@@ -391,7 +461,6 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
                 dm_prev += scale * dscale;
                 dr -= scale * dscale;
             }
-            float cmt = cmr[ti];
             double to_cm;
             if (m_prev > cmt) {
                 dm_prev += dr;
@@ -402,9 +471,17 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
                 dm_prev += 0.5 * dr;
                 to_cm = 0.5 * dr;
             }
-            int idx = cir[ti];
-            if (lane == 0 && to_cm != 0.0 && asa_finite(ws[idx])) gws[idx] = gws[idx] + (float)to_cm;
-            __syncwarp();
+            // ws[idx] == cmt (idx holds the chunk's running max)
+            if (idx != pend_pos) {
+                pend_pos = idx;
+                pend = 0.0;
+            }
+            if (to_cm != 0.0 && asa_finite(cmt)) pend += to_cm;
+            if (ti == pend_pos) {
+                gw = gw + (float)pend;
+                pend = 0.0;
+            }
+            if (lane == 0) gws[ti] = gw;
         }
 #pragma unroll
         for (int q = 0; q < ASA_MAXJ; ++q) dnum_c[q] = dnum_prev[q];
@@ -839,7 +916,8 @@ extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* 
 // one warp owns one column (forward, dv) or one row (dq, dk) of S and walks time; lanes split
 // the other index (M <= 32 * ASA_MAXA). No shared memory, no block barriers.
 
-// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per (n, column c).
+// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per (n, column c). The loads of step
+// t+1 are issued while step t computes.
 extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* __restrict__ qf,
                                                const float* __restrict__ kf, const float* __restrict__ v,
                                                int n, int t, int m) {
@@ -850,20 +928,43 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
     i64 nn = warp / m;
     i64 base = nn * t * m;
     double S[ASA_MAXA], z[ASA_MAXA];
+    float nq[ASA_MAXA], nk_[ASA_MAXA];
 #pragma unroll
     for (int i = 0; i < ASA_MAXA; ++i) {
         S[i] = 0.0;
         z[i] = 0.0;
+        int a = lane + 32 * i;
+        nq[i] = a < m ? qf[base + a] : 0.0f;
+        nk_[i] = a < m ? kf[base + a] : 0.0f;
     }
+    float nv = v[base + c];
     for (int ti = 0; ti < t; ++ti) {
         i64 o = base + (i64)ti * m;
-        double vc = (double)v[o + c];
+        double vc = (double)nv;
+        float cq[ASA_MAXA], ck[ASA_MAXA];
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            cq[i] = nq[i];
+            ck[i] = nk_[i];
+        }
+        if (ti + 1 < t) {
+            i64 on = o + m;
+            nv = v[on + c];
+#pragma unroll
+            for (int i = 0; i < ASA_MAXA; ++i) {
+                int a = lane + 32 * i;
+                if (a < m) {
+                    nq[i] = qf[on + a];
+                    nk_[i] = kf[on + a];
+                }
+            }
+        }
         double ds = 0.0, acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             int a = lane + 32 * i;
             if (a < m) {
-                double ka = (double)kf[o + a], qa = (double)qf[o + a];
+                double ka = (double)ck[i], qa = (double)cq[i];
                 z[i] += ka;
                 S[i] += ka * vc;
                 ds += qa * fmax(z[i], (double)ASA_DEN_EPS);
@@ -882,8 +983,9 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
 // rebuilds row a of S_t and Z_t[a] for dqf, a reverse sweep accumulates row a of dS and dZ[a]
 // for dkf. zlive: scratch [N,T,M] u8 (Z unclamped). dv is `linear_attn_backward_dv`.
 // gnum_t = dout_t / max(den_t, eps); gden_t = -(dout_t . out_t) / max(den_t, eps) where
-// den_t >= eps, else 0 (the CPU twin's per-step gradients).
-extern "C" __global__ void linear_attn_backward(float* dqf, float* dkf, unsigned char* zlive,
+// den_t >= eps, else 0 (the CPU twin's per-step gradients). Loads run one step ahead.
+extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, float* __restrict__ dkf,
+                                                unsigned char* __restrict__ zlive,
                                                 const float* __restrict__ dout, const float* __restrict__ out,
                                                 const float* __restrict__ den, const float* __restrict__ qf,
                                                 const float* __restrict__ kf, const float* __restrict__ v,
@@ -895,63 +997,111 @@ extern "C" __global__ void linear_attn_backward(float* dqf, float* dkf, unsigned
     i64 nn = warp / m;
     i64 base = nn * t * m;
     double S[ASA_MAXA];
+    float ng[ASA_MAXA], nv[ASA_MAXA], no[ASA_MAXA];
+    float nden, nx, nacc;
+#define ASA_LA_LOAD(tt)                                                  \
+    {                                                                     \
+        i64 o_ = base + (i64)(tt) * m;                                    \
+        nden = den[nn * t + (tt)];                                        \
+        _Pragma("unroll") for (int i = 0; i < ASA_MAXA; ++i) {            \
+            int c = lane + 32 * i;                                        \
+            if (c < m) {                                                  \
+                ng[i] = dout[o_ + c];                                     \
+                nv[i] = v[o_ + c];                                        \
+                no[i] = out[o_ + c];                                      \
+            }                                                             \
+        }                                                                 \
+    }
 #pragma unroll
-    for (int i = 0; i < ASA_MAXA; ++i) S[i] = 0.0;
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        S[i] = 0.0;
+        ng[i] = nv[i] = no[i] = 0.0f;
+    }
+    // forward sweep: nx = kf[t,a], nacc = dqf[t,a]
+    ASA_LA_LOAD(0);
+    nx = kf[base + a];
+    nacc = dqf[base + a];
     double za = 0.0;
     for (int ti = 0; ti < t; ++ti) {
         i64 o = base + (i64)ti * m;
-        float dt = den[nn * t + ti];
+        float dt = nden, kx = nx, qacc = nacc;
+        float cg[ASA_MAXA], cv[ASA_MAXA], co[ASA_MAXA];
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            cg[i] = ng[i];
+            cv[i] = nv[i];
+            co[i] = no[i];
+        }
+        if (ti + 1 < t) {
+            ASA_LA_LOAD(ti + 1);
+            nx = kf[o + m + a];
+            nacc = dqf[o + m + a];
+        }
         double dd = fmax((double)dt, (double)ASA_DEN_EPS);
-        double ka = (double)kf[o + a];
+        double ka = (double)kx;
         double go = 0.0, acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
-            int c = lane + 32 * i;
-            if (c < m) {
-                double g = (double)dout[o + c];
-                S[i] += ka * (double)v[o + c];
-                acc += S[i] * (g / dd);
-                go += g * (double)out[o + c];
-            }
+            double g = (double)cg[i];  // zero beyond m
+            S[i] += ka * (double)cv[i];
+            acc += S[i] * (g / dd);
+            go += g * (double)co[i];
         }
         warp_sum2_d(go, acc);
         double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
         za += ka;
         if (lane == 0) {
-            dqf[o + a] = dqf[o + a] + (float)(gden * fmax(za, (double)ASA_DEN_EPS) + acc);
+            dqf[o + a] = qacc + (float)(gden * fmax(za, (double)ASA_DEN_EPS) + acc);
             zlive[o + a] = za >= (double)ASA_DEN_EPS ? 1 : 0;
         }
     }
     __syncwarp();
+    // reverse sweep: S becomes row a of dS; nx = qf[t,a], nacc = dkf[t,a]
 #pragma unroll
     for (int i = 0; i < ASA_MAXA; ++i) S[i] = 0.0;
+    ASA_LA_LOAD(t - 1);
+    nx = qf[base + (i64)(t - 1) * m + a];
+    nacc = dkf[base + (i64)(t - 1) * m + a];
+    unsigned char nz = zlive[base + (i64)(t - 1) * m + a];
     double dza = 0.0;
     for (int ti = t - 1; ti >= 0; --ti) {
         i64 o = base + (i64)ti * m;
-        float dt = den[nn * t + ti];
+        float dt = nden, qx = nx, kacc = nacc;
+        unsigned char live = nz;
+        float cg[ASA_MAXA], cv[ASA_MAXA], co[ASA_MAXA];
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            cg[i] = ng[i];
+            cv[i] = nv[i];
+            co[i] = no[i];
+        }
+        if (ti - 1 >= 0) {
+            ASA_LA_LOAD(ti - 1);
+            nx = qf[o - m + a];
+            nacc = dkf[o - m + a];
+            nz = zlive[o - m + a];
+        }
         double dd = fmax((double)dt, (double)ASA_DEN_EPS);
-        double qa = (double)qf[o + a];
+        double qa = (double)qx;
         double go = 0.0, acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
-            int c = lane + 32 * i;
-            if (c < m) {
-                double g = (double)dout[o + c];
-                S[i] += qa * (g / dd);
-                acc += S[i] * (double)v[o + c];
-                go += g * (double)out[o + c];
-            }
+            double g = (double)cg[i];
+            S[i] += qa * (g / dd);
+            acc += S[i] * (double)cv[i];
+            go += g * (double)co[i];
         }
         warp_sum2_d(go, acc);
         double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
-        if (zlive[o + a]) dza += gden * qa;
-        if (lane == 0) dkf[o + a] = dkf[o + a] + (float)(dza + acc);
+        if (live) dza += gden * qa;
+        if (lane == 0) dkf[o + a] = kacc + (float)(dza + acc);
     }
+#undef ASA_LA_LOAD
 }
 
 // Backward of linear_attn_forward to v: one warp per (n, column c) of dS, reverse time:
-// dS[:,c] += qf_t * gnum_t[c]; dv_t[c] += dS[:,c] . kf_t.
-extern "C" __global__ void linear_attn_backward_dv(float* dv, const float* __restrict__ dout,
+// dS[:,c] += qf_t * gnum_t[c]; dv_t[c] += dS[:,c] . kf_t. Loads run one step ahead.
+extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const float* __restrict__ dout,
                                                    const float* __restrict__ den, const float* __restrict__ qf,
                                                    const float* __restrict__ kf, int n, int t, int m) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -961,22 +1111,47 @@ extern "C" __global__ void linear_attn_backward_dv(float* dv, const float* __res
     i64 nn = warp / m;
     i64 base = nn * t * m;
     double dS[ASA_MAXA];
+    float nq[ASA_MAXA], nkk[ASA_MAXA];
+    i64 ol = base + (i64)(t - 1) * m;
 #pragma unroll
-    for (int i = 0; i < ASA_MAXA; ++i) dS[i] = 0.0;
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        dS[i] = 0.0;
+        int a = lane + 32 * i;
+        nq[i] = a < m ? qf[ol + a] : 0.0f;
+        nkk[i] = a < m ? kf[ol + a] : 0.0f;
+    }
+    float nden = den[nn * t + t - 1], ng = dout[ol + c], nacc = dv[ol + c];
     for (int ti = t - 1; ti >= 0; --ti) {
         i64 o = base + (i64)ti * m;
-        double dd = fmax((double)den[nn * t + ti], (double)ASA_DEN_EPS);
-        double gn = (double)dout[o + c] / dd;
+        float dt = nden, gc = ng, vacc = nacc;
+        float cq[ASA_MAXA], ck[ASA_MAXA];
+#pragma unroll
+        for (int i = 0; i < ASA_MAXA; ++i) {
+            cq[i] = nq[i];
+            ck[i] = nkk[i];
+        }
+        if (ti - 1 >= 0) {
+            i64 on = o - m;
+            nden = den[nn * t + ti - 1];
+            ng = dout[on + c];
+            nacc = dv[on + c];
+#pragma unroll
+            for (int i = 0; i < ASA_MAXA; ++i) {
+                int a = lane + 32 * i;
+                if (a < m) {
+                    nq[i] = qf[on + a];
+                    nkk[i] = kf[on + a];
+                }
+            }
+        }
+        double gn = (double)gc / fmax((double)dt, (double)ASA_DEN_EPS);
         double acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
-            int a = lane + 32 * i;
-            if (a < m) {
-                dS[i] += (double)qf[o + a] * gn;
-                acc += dS[i] * (double)kf[o + a];
-            }
+            dS[i] += (double)cq[i] * gn;  // zero beyond m
+            acc += dS[i] * (double)ck[i];
         }
         acc = warp_sum_d(acc);
-        if (lane == 0) dv[o + c] = dv[o + c] + (float)acc;
+        if (lane == 0) dv[o + c] = vacc + (float)acc;
     }
 }
