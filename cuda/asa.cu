@@ -145,6 +145,7 @@ extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, co
                                                  float wtemp, const unsigned char* valid,
                                                  int b, int h, int t, int nk, int d) {
     double scale = 1.0 / sqrt((double)d);
+    double gscale = scale / (double)wtemp;  // d(raw) = d(wl) / wtemp / sqrt(d)
     ASA_GRID_LOOP(i, (i64)b * h * t * d) {
         int j = (int)(i % d);
         i64 r = i / d;
@@ -157,7 +158,7 @@ extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, co
         for (int s = 0; s < nk; ++s) {
             double gw = (double)dwl[(bh * nk + s) * t + ti];
             if (gw == 0.0) continue;
-            double graw = gw / (double)wtemp * scale;
+            double graw = gw * gscale;
             acc = acc + (float)(graw * (double)keys[((i64)hi * nk + s) * d + j]);
         }
         dk[i] = acc;
@@ -172,6 +173,7 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
                                                       const float* k, float wtemp, const unsigned char* valid,
                                                       int b, int h, int t, int nk, int d) {
     double scale = 1.0 / sqrt((double)d);
+    double gscale = scale / (double)wtemp;
     ASA_GRID_LOOP(i, (i64)b * h * nk * d) {
         int j = (int)(i % d);
         i64 r = i / d;  // bh*nk + s
@@ -184,7 +186,7 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
             double gw = (double)g[ti];
             if (gw == 0.0) continue;
             accb += gw * (double)ti;
-            acc += gw / (double)wtemp * scale * (double)k[(bh * t + ti) * d + j];
+            acc += gw * gscale * (double)k[(bh * t + ti) * d + j];
         }
         pkeys[i] = acc;
         if (pbias && j == 0) pbias[r] = accb;
@@ -273,7 +275,7 @@ extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rm
             double e = asa_finite(r) ? exp((double)(w - r)) : 0.0;
             add_den += e;
             dsum = den_prev * scale + add_den;
-            double dd = fmax(dsum, (double)ASA_DEN_EPS);
+            double inv = 1.0 / fmax(dsum, (double)ASA_DEN_EPS);
             float* o = st + ((i64)ti * nk + s) * d;
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) {
@@ -281,7 +283,7 @@ extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rm
                 if (j < d) {
                     add_num[q] += e * (double)vt[q];
                     num[q] = num_prev[q] * scale + add_num[q];
-                    o[j] = (float)(num[q] / dd);
+                    o[j] = (float)(num[q] * inv);
                 }
             }
             if (lane == 0) {
@@ -423,6 +425,7 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
                 }
             }
             double dd = (double)fmaxf(den_t, ASA_DEN_EPS);
+            double inv = 1.0 / dd;  // g / dd as a product (one division per step)
             float* g = gs + ((i64)ti * nk + s) * d;
             bool last = ti == c1 - 1;
             // per-lane partials of the three dot products of this step, reduced together
@@ -430,7 +433,7 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) {
                 int j = lane + 32 * q;
-                gn[q] = j < d ? (double)cg[q] / dd : 0.0;
+                gn[q] = j < d ? (double)cg[q] * inv : 0.0;
                 gsum += (double)cg[q] * (double)csv[q];  // zero beyond d
                 if (last) gn[q] += dnum_c[q];
                 a[q] += gn[q];
@@ -1038,13 +1041,14 @@ extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, float* 
             nacc = dqf[o + m + a];
         }
         double dd = fmax((double)dt, (double)ASA_DEN_EPS);
+        double inv = 1.0 / dd;  // gnum = dout / dd as a product (one division per step)
         double ka = (double)kx;
         double go = 0.0, acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             double g = (double)cg[i];  // zero beyond m
             S[i] += ka * (double)cv[i];
-            acc += S[i] * (g / dd);
+            acc += S[i] * (g * inv);
             go += g * (double)co[i];
         }
         warp_sum2_d(go, acc);
@@ -1082,12 +1086,13 @@ extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, float* 
             nz = zlive[o - m + a];
         }
         double dd = fmax((double)dt, (double)ASA_DEN_EPS);
+        double inv = 1.0 / dd;
         double qa = (double)qx;
         double go = 0.0, acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             double g = (double)cg[i];
-            S[i] += qa * (g / dd);
+            S[i] += qa * (g * inv);
             acc += S[i] * (double)cv[i];
             go += g * (double)co[i];
         }

@@ -2,11 +2,8 @@
 # GPU acceptance run for the CUDA backend, on a GPU machine WITHOUT a Rust toolchain.
 #
 # It takes prebuilt binaries from a bundle folder (default .gpu/ at the repo root), built on a
-# development machine with:
-#   cargo build --release
-#   cargo test --release --no-run --message-format=json   (test executables)
-#   cargo bench --no-run --message-format=json            (criterion bench executable)
-# and laid out as:
+# development machine by `bash scripts/gpu_check.sh --bundle` (cargo build --release, the
+# cuda_ops/cuda_compile test executables, the criterion bench executable), laid out as:
 #   .gpu/asa                     the release CLI
 #   .gpu/tests/<name>            test executables (cuda_ops, cuda_compile, any others)
 #   .gpu/asa-bench               the `benches/asa.rs` criterion executable
@@ -23,9 +20,48 @@
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
 #
 # Usage (repo root): OUT=/some/dir bash scripts/gpu_check.sh [BUNDLE_DIR]
+#   GPU_CHECK_BUDGET_S (default 520): seconds after which the bench step is skipped/cut.
+# Build the bundle on the development machine: bash scripts/gpu_check.sh --bundle
 set -u
 
 cd "$(dirname "$0")/.."
+
+# ---- bundle mode (on the development machine, with cargo): build .gpu/ -----------------------
+if [ "${1:-}" = "--bundle" ]; then
+    set -e
+    # executable of a cargo target (kind test|bench, name) from cargo's JSON messages
+    exe_of() {
+        python3 -c '
+import json, sys
+kind, name = sys.argv[1], sys.argv[2]
+out = ""
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target") or {}
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("name") == name and kind in t.get("kind", []):
+        out = m["executable"]
+print(out)' "$1" "$2"
+    }
+    rm -rf .gpu
+    mkdir -p .gpu/tests
+    cargo build --release
+    cp "${CARGO_TARGET_DIR:-target}/release/asa" .gpu/asa
+    for t in cuda_ops cuda_compile; do
+        exe=$(cargo test --release --no-run --test "$t" --message-format=json | exe_of test "$t")
+        [ -n "$exe" ] || { echo "no executable for test $t" >&2; exit 1; }
+        cp "$exe" ".gpu/tests/$t"
+    done
+    exe=$(cargo bench --no-run --bench asa --message-format=json | exe_of bench asa)
+    [ -n "$exe" ] || { echo "no executable for bench asa" >&2; exit 1; }
+    cp "$exe" .gpu/asa-bench
+    du -sh .gpu
+    ls -la .gpu .gpu/tests
+    exit 0
+fi
+
 BUNDLE="${1:-.gpu}"
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
@@ -43,8 +79,9 @@ run() {
     log ""
     log "=== $name: $* (timeout ${limit}s)"
     local t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/step-$name.log" 2>&1
     local rc=$?
+    cat "$OUT/step-$name.log" >>"$LOG"
     log "=== $name: rc=$rc ($(( $(date +%s) - t0 ))s)"
     if [ "$rc" -ne 0 ]; then
         FAILED+=("$name(rc=$rc)")
@@ -109,7 +146,12 @@ fi
 if [ -d "$BUNDLE/tests" ]; then
     for t in "$BUNDLE"/tests/*; do
         [ -x "$t" ] || continue
-        run "test-$(basename "$t")" 300 "$t" --test-threads=4
+        run "test-$(basename "$t")" 300 "$t" --test-threads=4 --nocapture
+        # on the GPU machine the CUDA tests must really run, not skip
+        if grep -q "^SKIPPED .*no CUDA device" "$OUT/step-test-$(basename "$t").log" 2>/dev/null; then
+            log "=== test-$(basename "$t"): tests SKIPPED for lack of a CUDA device"
+            FAILED+=("test-$(basename "$t")-skipped")
+        fi
     done
 else
     log "NOT FOUND: $BUNDLE/tests"
@@ -125,7 +167,7 @@ fi
 # ---- 6. benches -----------------------------------------------------------------------------------
 if [ -x "$BUNDLE/asa-bench" ]; then
     ELAPSED=$(( $(date +%s) - START ))
-    LEFT=$(( 520 - ELAPSED ))
+    LEFT=$(( ${GPU_CHECK_BUDGET_S:-520} - ELAPSED ))
     if [ "$LEFT" -gt 60 ]; then
         run bench "$LEFT" "$BUNDLE/asa-bench" --bench
     else

@@ -92,6 +92,9 @@ enum Cmd {
         /// Share of generated fact sentences in the embedded default text.
         #[arg(long, default_value_t = 0.6)]
         fact_frac: f64,
+        /// GEMM precision on the GPU: bf16 (bf16 inputs, f32 accumulation) or f32.
+        #[arg(long, default_value = "bf16")]
+        precision: asa::backend::cuda::Precision,
     },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
@@ -123,9 +126,18 @@ enum Cmd {
         dirs: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// GEMM precision on the GPU (the fixture tolerances are float32 ones).
+        #[arg(long, default_value = "f32")]
+        precision: asa::backend::cuda::Precision,
         /// Also print every compared tensor.
         #[arg(long)]
         verbose: bool,
+    },
+    /// Report the CUDA set-up (driver, GPU, NVRTC, cuBLAS) and compile every kernel.
+    Doctor {
+        /// Also assemble each kernel with this ptxas for sm_80, sm_90 and sm_90a.
+        #[arg(long)]
+        ptxas: Option<PathBuf>,
     },
     /// Convert a PyTorch checkpoint (torch.save .pt) into safetensors with the reference's key names.
     Convert {
@@ -142,25 +154,47 @@ enum Cmd {
     },
 }
 
-/// Resolves `--device` for a command that runs on the CPU only so far; says which it picked.
-fn resolve_device(d: Device) -> Result<&'static str> {
+/// Where a command runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    Cpu,
+    Cuda,
+}
+
+/// Resolves `--device`: `auto` takes CUDA when a driver and a device are there, else the CPU,
+/// and says which; `cuda` without a usable GPU is an error. `cuda_capable` is false for commands
+/// that only have a CPU path (they say so and run on the CPU under `auto`).
+fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
+    let gpu = asa::backend::cuda::cuda_available();
     match d {
-        Device::Cpu => Ok("cpu"),
-        Device::Auto => {
-            eprintln!("device: cpu (this command has no CUDA path yet)");
-            Ok("cpu")
-        }
-        Device::Cuda => Err(AsaError::Device(
-            "--device cuda is not available for this command yet; use --device cpu".into(),
+        Device::Cpu => Ok(Place::Cpu),
+        Device::Cuda if !gpu => Err(AsaError::Device(
+            "--device cuda: no usable CUDA device (driver, NVRTC and cuBLAS are needed; `asa doctor` shows what is missing)".into(),
         )),
+        Device::Cuda if !cuda_capable => Err(AsaError::Device(
+            "--device cuda: this command runs on the CPU only; use --device cpu".into(),
+        )),
+        Device::Cuda => Ok(Place::Cuda),
+        Device::Auto if gpu && cuda_capable => {
+            eprintln!("device: cuda");
+            Ok(Place::Cuda)
+        }
+        Device::Auto if gpu => {
+            eprintln!("device: cpu (this command runs on the CPU only)");
+            Ok(Place::Cpu)
+        }
+        Device::Auto => {
+            eprintln!("device: cpu (no usable CUDA device found)");
+            Ok(Place::Cpu)
+        }
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Smoke { common, outdir } => {
-            let dev = resolve_device(common.device)?;
-            let s = asa::smoke::run_smoke(common.seed, &outdir, dev)?;
+            resolve_device(common.device, false)?;
+            let s = asa::smoke::run_smoke(common.seed, &outdir, "cpu")?;
             for c in &s.cases {
                 let status = if c.ok { "ok  " } else { "FAIL" };
                 println!(
@@ -196,8 +230,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             num_slots,
             fact_frac,
             stop_at,
+            precision,
         } => {
-            resolve_device(common.device)?;
+            let place = resolve_device(common.device, true)?;
             let args = asa::train::TrainMiniArgs {
                 outdir,
                 name,
@@ -217,6 +252,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 num_heads,
                 num_slots,
                 fact_frac,
+                cuda: place == Place::Cuda,
+                precision,
                 quiet: false,
             };
             let r = asa::train::train_mini(&args)?;
@@ -243,7 +280,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             window,
             num_pcs,
         } => {
-            resolve_device(common.device)?;
+            resolve_device(common.device, false)?;
             let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
             let cfg = asa::probe::ProbeConfig {
                 seed: common.seed,
@@ -263,16 +300,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("wrote {}", outdir.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Doctor { ptxas } => {
+            let rep = asa::backend::cuda::doctor(ptxas.as_deref());
+            println!("{rep}");
+            // on a machine without a CUDA driver the doctor passes when every kernel compiles;
+            // with a driver, the GPU must also be usable
+            let ok = rep.ok || (rep.compile_ok && !asa::backend::cuda::driver_present());
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Parity {
             dirs,
             device,
+            precision,
             verbose,
         } => {
-            resolve_device(device)?;
+            let place = resolve_device(device, true)?;
             let cases = parity::find_cases(&dirs)?;
             let mut failed = 0;
             for dir in &cases {
-                let rep = parity::run_case(dir);
+                let rep = match place {
+                    Place::Cpu => parity::run_case(dir),
+                    Place::Cuda => asa::backend::cuda::parity::run_case_cuda(dir, precision),
+                };
                 println!("{}", rep.line());
                 if verbose {
                     for c in &rep.checks {

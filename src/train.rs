@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cuda::{GpuLm, Precision};
 use crate::checkpoint::{self, AnyTensor};
 use crate::config::ModelConfig;
 use crate::data::batch::TokenData;
@@ -230,6 +231,10 @@ pub struct TrainMiniArgs {
     pub stop_at: Option<usize>,
     /// on `--resume`, a new total step count (the schedule follows it); `None` keeps the run's
     pub resume_steps: Option<usize>,
+    /// train on the GPU (`--device cuda`)
+    pub cuda: bool,
+    /// GEMM precision of the GPU path
+    pub precision: Precision,
     pub quiet: bool,
 }
 
@@ -254,6 +259,8 @@ impl Default for TrainMiniArgs {
             fact_frac: default_fact_frac(),
             stop_at: None,
             resume_steps: None,
+            cuda: false,
+            precision: Precision::Bf16,
             quiet: false,
         }
     }
@@ -397,11 +404,10 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         crate::data::read_text_files(&settings.data)?
     };
     let data = TokenData::new(tok.encode(&text)?, settings.val_frac, settings.seq_len)?;
-    let (mut lm, _) = Lm::new(&cfg)?;
-    lm.reseed(settings.seed ^ 0xd0_0d);
+    let mut engine = Engine::new(&cfg, &params, &adam, a.cuda, a.precision)?;
+    engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
     let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
     data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
-    lm.rng_mut().set_word_pos(parse_pos(&state.model_rng_pos)?);
 
     std::fs::create_dir_all(&run.dir).map_err(|e| AsaError::io(&run.dir, e))?;
     if resume {
@@ -435,22 +441,17 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     say(
         &bar,
         format!(
-            "train-mini: {} params, {} train / {} val tokens ({}), T={} B={}, device cpu",
+            "train-mini: {} params, {} train / {} val tokens ({}), T={} B={}, device {}",
             params.num_elements(),
             data.train.len(),
             data.val.len(),
             tok.name(),
             settings.seq_len,
-            settings.batch_size
+            settings.batch_size,
+            engine.name()
         ),
     );
 
-    let opts = AsaOptions {
-        training: true,
-        ..Default::default()
-    };
-    let mut cache = LmCache::default();
-    let mut grads = params.zeros_like();
     let started = Instant::now();
     let (mut last_loss, mut first_val, mut last_val) = (f64::NAN, None, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
@@ -466,24 +467,12 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             settings.steps,
         );
         let (inp, tgt) = data.sample_train(&mut data_rng, settings.batch_size, settings.seq_len);
-        lm.forward(
-            &params,
-            &inp,
-            settings.batch_size,
-            settings.seq_len,
-            &opts,
-            &mut cache,
-        )?;
-        let loss = lm.loss(&mut cache, &tgt, None)?;
-        grads.zero();
-        lm.backward(&params, &cache, &opts, &mut grads);
-        let norm = clip_grad_norm(&mut grads, settings.grad_clip);
+        let (loss, norm) = engine.step(&mut params, &mut adam, &inp, &tgt, &settings, lr)?;
         if !loss.is_finite() || !norm.is_finite() {
             return Err(AsaError::Other(format!(
                 "step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the last saved checkpoint is intact"
             )));
         }
-        adam.step(&mut params, &grads, lr);
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         last_loss = loss;
@@ -493,7 +482,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         bar.set_message(format!("loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
         let mut rec = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tps});
         if state.step % settings.eval_interval == 0 || state.step == settings.steps || step == 0 {
-            let val = evaluate(&mut lm, &params, &data, &settings)?;
+            let val = engine.evaluate(&params, &data, &settings)?;
             first_val.get_or_insert(val);
             last_val = val;
             state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
@@ -512,14 +501,15 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             || state.step == end
         {
             state.data_rng_pos = data_rng.get_word_pos().to_string();
-            state.model_rng_pos = lm.rng_mut().get_word_pos().to_string();
+            state.model_rng_pos = engine.model_rng_pos().to_string();
+            engine.sync_to_host(&mut params, &mut adam)?;
             save_run(&run, &cfg, &settings, &params, &adam, &state)?;
         }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if last_val.is_nan() {
-        last_val = evaluate(&mut lm, &params, &data, &settings)?;
+        last_val = engine.evaluate(&params, &data, &settings)?;
     }
     let report = TrainReport {
         run_dir: run.dir.clone(),
@@ -551,6 +541,141 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     checkpoint::write_bytes_atomic(path, kept.as_bytes())
+}
+
+/// Where the training step runs: the CPU reference path, or the CUDA backend (weights and
+/// optimizer state live on the device and are copied back to the host for each checkpoint).
+enum Engine {
+    Cpu {
+        lm: Box<Lm>,
+        cache: Box<LmCache>,
+        grads: ParamStore,
+    },
+    Cuda(Box<GpuLm>),
+}
+
+impl Engine {
+    fn new(
+        cfg: &ModelConfig,
+        params: &ParamStore,
+        adam: &AdamW,
+        cuda: bool,
+        precision: Precision,
+    ) -> Result<Self> {
+        if cuda {
+            let mut gpu = GpuLm::new(cfg, params, precision)?;
+            if adam.step > 0 {
+                gpu.set_adam_state(&adam.m, &adam.v, adam.step)?;
+            }
+            Ok(Engine::Cuda(Box::new(gpu)))
+        } else {
+            let (lm, _) = Lm::new(cfg)?;
+            Ok(Engine::Cpu {
+                lm: Box::new(lm),
+                cache: Box::default(),
+                grads: params.zeros_like(),
+            })
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Engine::Cpu { .. } => "cpu".into(),
+            Engine::Cuda(g) => format!("cuda ({:?} GEMMs)", g.precision).to_lowercase(),
+        }
+    }
+
+    /// Seeds the dropout generator and moves it to a saved stream position.
+    fn set_model_rng(&mut self, seed: u64, pos: u128) {
+        match self {
+            Engine::Cpu { lm, .. } => {
+                lm.reseed(seed);
+                lm.rng_mut().set_word_pos(pos);
+            }
+            Engine::Cuda(g) => {
+                g.reseed(seed);
+                g.rng_mut().set_word_pos(pos);
+            }
+        }
+    }
+
+    fn model_rng_pos(&mut self) -> u128 {
+        match self {
+            Engine::Cpu { lm, .. } => lm.rng_mut().get_word_pos(),
+            Engine::Cuda(g) => g.rng_mut().get_word_pos(),
+        }
+    }
+
+    /// One optimizer step (dropouts on); returns (loss, gradient norm before clipping).
+    fn step(
+        &mut self,
+        params: &mut ParamStore,
+        adam: &mut AdamW,
+        inp: &[u32],
+        tgt: &[i64],
+        s: &TrainSettings,
+        lr: f64,
+    ) -> Result<(f64, f64)> {
+        let (b, t) = (s.batch_size, s.seq_len);
+        match self {
+            Engine::Cpu { lm, cache, grads } => {
+                let opts = AsaOptions {
+                    training: true,
+                    ..Default::default()
+                };
+                lm.forward(params, inp, b, t, &opts, cache)?;
+                let loss = lm.loss(cache, tgt, None)?;
+                grads.zero();
+                lm.backward(params, cache, &opts, grads);
+                let norm = clip_grad_norm(grads, s.grad_clip);
+                if loss.is_finite() && norm.is_finite() {
+                    adam.step(params, grads, lr);
+                }
+                Ok((loss, norm))
+            }
+            Engine::Cuda(g) => g.train_step(inp, tgt, b, t, lr, &adam_config(s), Some(s.grad_clip)),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        params: &ParamStore,
+        data: &TokenData,
+        s: &TrainSettings,
+    ) -> Result<f64> {
+        match self {
+            Engine::Cpu { lm, .. } => evaluate(lm, params, data, s),
+            Engine::Cuda(g) => {
+                let (mut sum, mut rows) = (0.0f64, 0usize);
+                for (inp, tgt, r) in data.val_batches(
+                    s.batch_size,
+                    s.seq_len,
+                    (s.seq_len / 2).max(1),
+                    s.eval_windows,
+                ) {
+                    sum += g.eval_loss(&inp, &tgt, r, s.seq_len)? * r as f64;
+                    rows += r;
+                }
+                if rows == 0 {
+                    return Err(AsaError::Input("no validation windows".into()));
+                }
+                Ok(sum / rows as f64)
+            }
+        }
+    }
+
+    /// Copies device weights and optimizer state to the host (before a checkpoint).
+    fn sync_to_host(&mut self, params: &mut ParamStore, adam: &mut AdamW) -> Result<()> {
+        if let Engine::Cuda(g) = self {
+            *params = g.download_params()?;
+            if let Some((m, v, step)) = g.adam_state()? {
+                adam.m = m;
+                adam.v = v;
+                adam.step = step;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn parse_pos(s: &str) -> Result<u128> {

@@ -8,6 +8,8 @@
 //! losses, gradients and updated weights after a step (bf16 keeps 8 mantissa bits: relative
 //! rounding 2^-9 per input, accumulated over the GEMM's inner dimension and the layers).
 
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -1107,4 +1109,50 @@ fn cuda_doctor_reports_ok() {
     let rep = cuda::doctor(None);
     println!("{rep}");
     assert!(rep.ok, "doctor:\n{rep}");
+}
+
+#[test]
+fn cuda_resume_and_eval_match() {
+    let Some(_be) = backend("cuda_resume_and_eval_match") else {
+        return;
+    };
+    let cfg = small_cfg(Variant::Baseline);
+    let (_lm, store) = Lm::new(&cfg).unwrap();
+    let (b, t) = (2, 12);
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 5) % cfg.vocab_size) as u32)
+        .collect();
+    let targets: Vec<i64> = inputs
+        .iter()
+        .map(|&x| ((x as usize + 3) % cfg.vocab_size) as i64)
+        .collect();
+    let acfg = AdamWConfig {
+        lr: 2e-3,
+        ..Default::default()
+    };
+    let mut a = GpuLm::new(&cfg, &store, Precision::F32).unwrap();
+    assert!(a.adam_state().unwrap().is_none());
+    let (l0, _) = a.loss_and_grads(&inputs, &targets, None, b, t).unwrap();
+    let e0 = a.eval_loss(&inputs, &targets, b, t).unwrap();
+    assert!((l0 - e0).abs() < 1e-6, "eval_loss {e0} vs {l0}");
+    for _ in 0..2 {
+        a.train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+            .unwrap();
+    }
+    let (m, v, step) = a.adam_state().unwrap().unwrap();
+    assert_eq!(step, 2);
+    let mut r = GpuLm::new(&cfg, &a.download_params().unwrap(), Precision::F32).unwrap();
+    r.set_adam_state(&m, &v, step).unwrap();
+    let la = a
+        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .unwrap();
+    let lr_ = r
+        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .unwrap();
+    assert_eq!(la, lr_, "resumed step differs");
+    assert_eq!(
+        a.download_params().unwrap().data,
+        r.download_params().unwrap().data
+    );
+    let _ = r.rng_mut();
 }

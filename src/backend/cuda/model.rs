@@ -1325,16 +1325,17 @@ impl GpuLm {
         Ok(count)
     }
 
-    /// Fused classifier + cross-entropy forward and backward, in row blocks: per block the
-    /// logits [R,V] are formed (cuBLAS), turned into probabilities and row losses, then in place
-    /// into dlogits, which flow to d(lnf) and d(head weight) right away. At most
-    /// `logits_budget` floats of logits exist at once. Returns the summed loss on the device.
-    fn head_loss_backward(
+    /// Fused classifier + cross-entropy forward (and, given `dlnf`, backward), in row blocks:
+    /// per block the logits [R,V] are formed (cuBLAS), turned into probabilities and row
+    /// losses, then in place into dlogits, which flow to d(lnf) and d(head weight) right away.
+    /// At most `logits_budget` floats of logits exist at once. Returns the summed loss on the
+    /// device.
+    fn head_loss(
         &self,
         targets_d: Dv<i64>,
         valid: Dv<u8>,
         count: usize,
-        dlnf: Dv<f32>,
+        dlnf: Option<Dv<f32>>,
     ) -> Result<CudaSlice<f64>> {
         let be = &self.be;
         let (b, t) = (self.cache.b, self.cache.t);
@@ -1363,8 +1364,10 @@ impl GpuLm {
             };
             be.matmul_forward(lg, x, w, Dv::null(), r, c, v)?;
             be.crossentropy_forward(lg, row_loss.dv().sub(r0, r), lg, tg, vl, r, v)?;
-            be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true)?;
-            be.matmul_backward(dlnf.sub(r0 * c, r * c), gw, Dv::null(), lg, x, w, r, c, v)?;
+            if let Some(dlnf) = dlnf {
+                be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true)?;
+                be.matmul_backward(dlnf.sub(r0 * c, r * c), gw, Dv::null(), lg, x, w, r, c, v)?;
+            }
             r0 += r;
         }
         let sum = be.zeros::<f64>(1)?;
@@ -1506,7 +1509,7 @@ impl GpuLm {
         self.be.memset_zero(self.grads.dv())?;
         let targets_d = self.be.upload(targets)?;
         let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
-        let sum = self.head_loss_backward(targets_d.dv().sub(0, n), o.valid(), count, dlnf)?;
+        let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, Some(dlnf))?;
         self.backward_body(dlnf, &o)?;
         Ok((sum, count))
     }
@@ -1584,6 +1587,12 @@ impl GpuLm {
         let g = self.grads.dv().sub(0, total);
         let norm = be.zeros::<f64>(1)?;
         be.global_norm(norm.dv(), g)?;
+        let loss = be.download(sum.dv())?[0] / count as f64;
+        let gn = be.download(norm.dv())?[0];
+        // as the CPU trainer: a non-finite loss or gradient norm skips the update
+        if !(loss.is_finite() && gn.is_finite()) {
+            return Ok((loss, gn));
+        }
         if let Some(cn) = clip {
             be.clip_scale(g, norm.dv(), cn)?;
         }
@@ -1601,10 +1610,62 @@ impl GpuLm {
             lr,
             *step,
         )?;
-        let loss = be.download(sum.dv())?[0] / count as f64;
-        let gn = be.download(norm.dv())?[0];
         self.params.refresh_scalars(&self.be)?;
         Ok((loss, gn))
+    }
+
+    /// Mean loss of an eval-mode forward (no dropout, no backward): validation.
+    pub fn eval_loss(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+    ) -> Result<f64> {
+        let n = b * t;
+        let count = self.count_targets(targets, None, n)?;
+        let o = DevOpts::new(&self.be, &self.cfg, &AsaOptions::default(), b, t)?;
+        self.forward_body(inputs, b, t, &o)?;
+        let targets_d = self.be.upload(targets)?;
+        let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, None)?;
+        Ok(self.be.download(sum.dv())?[0] / count as f64)
+    }
+
+    /// Restores the AdamW moments and step count (resuming a run); `m`, `v` have the
+    /// parameters' layout.
+    pub fn set_adam_state(&mut self, m: &ParamStore, v: &ParamStore, step: u64) -> Result<()> {
+        for st in [m, v] {
+            if st.names != self.template.names || st.shapes != self.template.shapes {
+                return Err(AsaError::Input(
+                    "optimizer state does not match the model's parameters".into(),
+                ));
+            }
+        }
+        let total = self.params.layout.total;
+        let md = self.be.zeros::<f32>(total)?;
+        let vd = self.be.zeros::<f32>(total)?;
+        self.be
+            .upload_into(md.dv().sub(0, total), &m.data.concat())?;
+        self.be
+            .upload_into(vd.dv().sub(0, total), &v.data.concat())?;
+        self.adam = Some((md, vd, step));
+        Ok(())
+    }
+
+    /// The AdamW moments and step count (None before the first step).
+    pub fn adam_state(&self) -> Result<Option<(ParamStore, ParamStore, u64)>> {
+        let Some((m, v, step)) = &self.adam else {
+            return Ok(None);
+        };
+        let total = self.params.layout.total;
+        let mh = self.be.download(m.dv().sub(0, total))?;
+        let vh = self.be.download(v.dv().sub(0, total))?;
+        Ok(Some((self.unflatten(&mh), self.unflatten(&vh), *step)))
+    }
+
+    /// The dropout / slot-dropout generator (its stream position is saved with checkpoints).
+    pub fn rng_mut(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
     }
 
     /// The optimizer's step count.

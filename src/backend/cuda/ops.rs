@@ -9,7 +9,7 @@
 //! - reductions to one parameter (ALiBi strength, content gamma, refine gate) leave an f64 sum on
 //!   the device, finished by `scalar_grad_add` / `alibi_grad`;
 //! - `slot_scan_backward` consumes its `dstate` input (overwritten with scratch values);
-//! - `crossentropy_forward` leaves per-row losses on the device; `crossentropy_sum` finishes.
+//! - `crossentropy_forward` leaves per-row losses on the device (`sum_f64` adds them up).
 
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
