@@ -49,7 +49,7 @@ print(out)' "$1" "$2"
     mkdir -p .gpu/tests
     cargo build --release
     cp "${CARGO_TARGET_DIR:-target}/release/asa" .gpu/asa
-    for t in cuda_ops cuda_compile; do
+    for t in cuda_ops cuda_compile cuda_train; do
         exe=$(cargo test --release --no-run --test "$t" --message-format=json | exe_of test "$t")
         [ -n "$exe" ] || { echo "no executable for test $t" >&2; exit 1; }
         cp "$exe" ".gpu/tests/$t"
