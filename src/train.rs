@@ -85,8 +85,9 @@ impl RunDir {
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")
     }
-    pub fn optimizer(&self) -> PathBuf {
-        self.dir.join("optimizer.safetensors")
+    /// everything needed to resume, in one atomically written file
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
     }
     pub fn state(&self) -> PathBuf {
         self.dir.join("train_state.json")
@@ -112,9 +113,12 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
-/// Saves model, optimizer moments, config, settings and state. Each file is written atomically,
-/// and the state file last, so an interrupted save leaves the previous state pointing at files
-/// that are complete.
+/// Saves a run. The source of truth for resuming is `checkpoint.safetensors`: parameters,
+/// AdamW moments (`exp_avg.<name>`, `exp_avg_sq.<name>`) and, in its metadata, the config, the
+/// settings and the state, written as one file atomically (temp file + rename). A kill at any
+/// moment therefore leaves either the previous or the new checkpoint, never a mix. The files
+/// for people and other tools (`model.safetensors` with the reference names, `config.json`,
+/// `train.json`, `train_state.json`) are written after it, each atomically too.
 pub fn save_run(
     run: &RunDir,
     cfg: &ModelConfig,
@@ -124,75 +128,66 @@ pub fn save_run(
     state: &TrainState,
 ) -> Result<()> {
     std::fs::create_dir_all(&run.dir).map_err(|e| AsaError::io(&run.dir, e))?;
-    checkpoint::save_params(&run.model(), params, cfg.tie_weights, Some(cfg))?;
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (i, name) in adam.m.names.iter().enumerate() {
-        tensors.push((
-            format!("exp_avg.{name}"),
-            adam.m.shapes[i].clone(),
-            &adam.m.data[i],
-        ));
-        tensors.push((
-            format!("exp_avg_sq.{name}"),
-            adam.v.shapes[i].clone(),
-            &adam.v.data[i],
-        ));
+    for (i, name) in params.names.iter().enumerate() {
+        tensors.push((name.clone(), params.shapes[i].clone(), &params.data[i]));
+        tensors.push((format!("exp_avg.{name}"), adam.m.shapes[i].clone(), &adam.m.data[i]));
+        tensors.push((format!("exp_avg_sq.{name}"), adam.v.shapes[i].clone(), &adam.v.data[i]));
     }
+    let json = |v: &dyn erased::Json| v.to_json();
     let mut meta = HashMap::new();
-    meta.insert("step".to_string(), adam.step.to_string());
-    checkpoint::write_safetensors(&run.optimizer(), &tensors, Some(meta))?;
+    meta.insert("format".to_string(), "asa-train-checkpoint-1".to_string());
+    meta.insert("config".to_string(), json(cfg)?);
+    meta.insert("settings".to_string(), json(settings)?);
+    meta.insert("state".to_string(), json(state)?);
+    meta.insert("adam_step".to_string(), adam.step.to_string());
+    checkpoint::write_safetensors(&run.checkpoint(), &tensors, Some(meta))?;
+    checkpoint::save_params(&run.model(), params, cfg.tie_weights, Some(cfg))?;
     write_json_atomic(&run.config(), cfg)?;
     write_json_atomic(&run.settings(), settings)?;
     write_json_atomic(&run.state(), state)
 }
 
-/// Loads a run written by `save_run`: config, parameters, optimizer, settings and state.
-pub fn load_run(
-    run: &RunDir,
-) -> Result<(ModelConfig, ParamStore, AdamW, TrainSettings, TrainState)> {
-    if !run.state().is_file() {
+mod erased {
+    use crate::error::{AsaError, Result};
+    /// Serialises any of the run structs to a JSON string.
+    pub trait Json {
+        fn to_json(&self) -> Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<String> {
+            serde_json::to_string(self).map_err(|e| AsaError::Other(format!("cannot serialise run state: {e}")))
+        }
+    }
+}
+
+/// Loads a run from its `checkpoint.safetensors`: config, parameters, optimizer, settings, state.
+pub fn load_run(run: &RunDir) -> Result<(ModelConfig, ParamStore, AdamW, TrainSettings, TrainState)> {
+    let path = run.checkpoint();
+    if !path.is_file() {
         return Err(AsaError::Checkpoint(format!(
-            "{} holds no run to resume (no train_state.json)",
+            "{} holds no run to resume (no checkpoint.safetensors)",
             run.dir.display()
         )));
     }
-    let cfg = ModelConfig::from_json_file(&run.config())?;
-    let settings: TrainSettings = read_json(&run.settings())?;
-    let state: TrainState = read_json(&run.state())?;
+    let (tensors, meta) = checkpoint::read_safetensors_with_metadata(&path)?;
+    let bad = |what: &str| AsaError::Checkpoint(format!("{}: missing or invalid {what}", path.display()));
+    let field = |k: &str| meta.get(k).ok_or_else(|| bad(k));
+    let cfg: ModelConfig = serde_json::from_str(field("config")?).map_err(|_| bad("config"))?;
+    cfg.validate()?;
+    let settings: TrainSettings = serde_json::from_str(field("settings")?).map_err(|_| bad("settings"))?;
+    let state: TrainState = serde_json::from_str(field("state")?).map_err(|_| bad("state"))?;
     let (_, mut params) = Lm::new(&cfg)?;
-    let loaded = checkpoint::read_checkpoint(&run.model())?;
-    checkpoint::load_into(
-        &mut params,
-        &loaded.tensors,
-        &run.model().display().to_string(),
-    )?;
-    let (opt, meta) = checkpoint::read_safetensors_with_metadata(&run.optimizer())?;
     let mut adam = AdamW::new(adam_config(&settings), &params);
-    adam.step = meta
-        .get("step")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            AsaError::Checkpoint(format!(
-                "{}: missing optimizer step",
-                run.optimizer().display()
-            ))
-        })?;
-    for (i, name) in params.names.iter().enumerate() {
-        for (prefix, dst) in [
-            ("exp_avg.", &mut adam.m.data[i]),
-            ("exp_avg_sq.", &mut adam.v.data[i]),
+    adam.step = field("adam_step")?.parse().map_err(|_| bad("adam_step"))?;
+    for (i, name) in params.names.clone().iter().enumerate() {
+        for (key, dst) in [
+            (name.clone(), &mut params.data[i]),
+            (format!("exp_avg.{name}"), &mut adam.m.data[i]),
+            (format!("exp_avg_sq.{name}"), &mut adam.v.data[i]),
         ] {
-            let key = format!("{prefix}{name}");
-            let t: &AnyTensor = opt.get(&key).ok_or_else(|| {
-                AsaError::Checkpoint(format!("{}: missing '{key}'", run.optimizer().display()))
-            })?;
-            let v = t.to_f32().filter(|v| v.len() == dst.len()).ok_or_else(|| {
-                AsaError::Checkpoint(format!(
-                    "{}: '{key}' has the wrong size or dtype",
-                    run.optimizer().display()
-                ))
-            })?;
-            *dst = v;
+            let t: &AnyTensor = tensors.get(&key).ok_or_else(|| bad(&format!("tensor '{key}'")))?;
+            *dst = t.to_f32().filter(|v| v.len() == dst.len()).ok_or_else(|| bad(&format!("tensor '{key}'")))?;
         }
     }
     Ok((cfg, params, adam, settings, state))
@@ -343,7 +338,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     let run = RunDir {
         dir: a.outdir.join(&a.name),
     };
-    let resume = a.resume && run.state().is_file();
+    let resume = a.resume && run.checkpoint().is_file();
     if a.resume && !resume {
         return Err(AsaError::Checkpoint(format!(
             "--resume: {} holds no run to resume",
@@ -701,7 +696,7 @@ mod tests {
     }
 }
 
-/// The most recently updated run directory (one holding `train_state.json`) under `runs_dir`.
+/// The most recently updated run directory (one holding `checkpoint.safetensors`) under `runs_dir`.
 pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
     let entries = std::fs::read_dir(runs_dir).map_err(|e| {
         AsaError::Checkpoint(format!(
@@ -711,7 +706,7 @@ pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
     })?;
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in entries.flatten() {
-        let state = e.path().join("train_state.json");
+        let state = e.path().join("checkpoint.safetensors");
         if let Ok(t) = state.metadata().and_then(|m| m.modified()) {
             if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
                 best = Some((t, e.path()));

@@ -229,7 +229,7 @@ fn train_mini_writes_a_complete_run_and_resumes_exactly() {
         "config.json",
         "train.json",
         "train_state.json",
-        "optimizer.safetensors",
+        "checkpoint.safetensors",
         "metrics.jsonl",
         "report.json",
     ] {
