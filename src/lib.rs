@@ -17,6 +17,7 @@
 )]
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -28,5 +29,6 @@ pub mod probe;
 pub mod smoke;
 pub mod tensor;
 pub mod train;
+pub mod trainer;
 
 pub use error::{AsaError, Result};

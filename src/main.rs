@@ -96,6 +96,44 @@ enum Cmd {
         #[arg(long, default_value = "bf16")]
         precision: asa::backend::cuda::Precision,
     },
+    /// Tokenize text files into binary token shards (+ a validation shard) for `asa train`.
+    Prepare {
+        /// UTF-8 text files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder (train_NNN.bin, val.bin, meta.json).
+        #[arg(long)]
+        outdir: PathBuf,
+        /// gpt2 (embedded GPT-2 BPE), byte, or a tokenizer.json path.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Share of the text held out for validation.
+        #[arg(long, default_value_t = 0.005)]
+        val_frac: f64,
+        /// Maximum tokens per training shard.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+        /// Replace existing shards in OUTDIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Train on prepared shards with a run config (TOML, or the reference's config as JSON).
+    Train {
+        /// Run config: reference ASMTrainConfig field names plus `data` (the prepared folder).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// Overrides the config's seed (new runs only).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Continue the run from its last checkpoint, exactly.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this step, saving a checkpoint.
+        #[arg(long)]
+        stop_at: Option<usize>,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         #[command(flatten)]
@@ -298,6 +336,67 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 summary.paris_margin_research_mean, summary.paris_margin_canonical_mean
             );
             println!("wrote {}", outdir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prepare {
+            inputs,
+            outdir,
+            tokenizer,
+            val_frac,
+            shard_tokens,
+            force,
+        } => {
+            let tok = asa::train::tokenizer_by_name(&tokenizer)?;
+            let r = asa::data::shards::prepare(&asa::data::shards::PrepareOptions {
+                inputs,
+                outdir: outdir.clone(),
+                tokenizer: tok,
+                val_frac,
+                shard_tokens,
+                force,
+                progress: true,
+            })?;
+            println!(
+                "wrote {} train shard(s) ({} tokens) and val.bin ({} tokens) to {} ({}, vocab {})",
+                r.train_shards.len(),
+                r.train_tokens,
+                r.val_tokens,
+                outdir.display(),
+                r.dtype,
+                r.vocab_size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Train {
+            config,
+            device,
+            seed,
+            resume,
+            stop_at,
+        } => {
+            let place = resolve_device(device, true)?;
+            let r = asa::trainer::train(&asa::trainer::TrainArgs {
+                config,
+                seed,
+                resume,
+                cuda: place == Place::Cuda,
+                stop_at,
+                quiet: false,
+            })?;
+            println!(
+                "trained to step {} in {:.1}s ({:.0} tok/s): train loss {:.4}, val loss {:.4} (ppl {:.2})",
+                r.steps,
+                r.seconds,
+                r.tokens_per_sec,
+                r.final_train_loss,
+                r.final_val_loss,
+                r.final_val_loss.exp()
+            );
+            println!(
+                "saved {} (best in {}/best)",
+                r.run_dir.display(),
+                r.run_dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor { ptxas } => {

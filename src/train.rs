@@ -55,6 +55,34 @@ pub struct TrainSettings {
     /// share of generated fact sentences in the embedded default text (ignored with `data`)
     #[serde(default = "default_fact_frac")]
     pub fact_frac: f64,
+    /// rows per forward/backward pass (0: the whole batch); `batch_size` must be a multiple
+    #[serde(default)]
+    pub micro_batch_size: usize,
+    /// validation windows start every `val_stride` tokens (0: T/2)
+    #[serde(default)]
+    pub val_stride: usize,
+    /// skip (and count) a step whose loss or gradient is not finite instead of stopping
+    #[serde(default)]
+    pub skip_nonfinite: bool,
+}
+
+impl TrainSettings {
+    /// (micro-batch rows, micro-batches per optimizer step)
+    pub fn micro(&self) -> (usize, usize) {
+        let m = if self.micro_batch_size == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch_size
+        };
+        (m, self.batch_size / m.max(1))
+    }
+    fn stride(&self) -> usize {
+        if self.val_stride == 0 {
+            (self.seq_len / 2).max(1)
+        } else {
+            self.val_stride
+        }
+    }
 }
 
 fn default_fact_frac() -> f64 {
@@ -71,6 +99,9 @@ pub struct TrainState {
     pub model_rng_pos: String,
     pub best_val: Option<f64>,
     pub tokens_seen: u64,
+    /// steps skipped for a non-finite loss or gradient (`skip_nonfinite`)
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 /// Files of a run directory `runs/<name>/`.
@@ -131,8 +162,16 @@ pub fn save_run(
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for (i, name) in params.names.iter().enumerate() {
         tensors.push((name.clone(), params.shapes[i].clone(), &params.data[i]));
-        tensors.push((format!("exp_avg.{name}"), adam.m.shapes[i].clone(), &adam.m.data[i]));
-        tensors.push((format!("exp_avg_sq.{name}"), adam.v.shapes[i].clone(), &adam.v.data[i]));
+        tensors.push((
+            format!("exp_avg.{name}"),
+            adam.m.shapes[i].clone(),
+            &adam.m.data[i],
+        ));
+        tensors.push((
+            format!("exp_avg_sq.{name}"),
+            adam.v.shapes[i].clone(),
+            &adam.v.data[i],
+        ));
     }
     let json = |v: &dyn erased::Json| v.to_json();
     let mut meta = HashMap::new();
@@ -156,13 +195,16 @@ mod erased {
     }
     impl<T: serde::Serialize> Json for T {
         fn to_json(&self) -> Result<String> {
-            serde_json::to_string(self).map_err(|e| AsaError::Other(format!("cannot serialise run state: {e}")))
+            serde_json::to_string(self)
+                .map_err(|e| AsaError::Other(format!("cannot serialise run state: {e}")))
         }
     }
 }
 
 /// Loads a run from its `checkpoint.safetensors`: config, parameters, optimizer, settings, state.
-pub fn load_run(run: &RunDir) -> Result<(ModelConfig, ParamStore, AdamW, TrainSettings, TrainState)> {
+pub fn load_run(
+    run: &RunDir,
+) -> Result<(ModelConfig, ParamStore, AdamW, TrainSettings, TrainState)> {
     let path = run.checkpoint();
     if !path.is_file() {
         return Err(AsaError::Checkpoint(format!(
@@ -171,11 +213,13 @@ pub fn load_run(run: &RunDir) -> Result<(ModelConfig, ParamStore, AdamW, TrainSe
         )));
     }
     let (tensors, meta) = checkpoint::read_safetensors_with_metadata(&path)?;
-    let bad = |what: &str| AsaError::Checkpoint(format!("{}: missing or invalid {what}", path.display()));
+    let bad =
+        |what: &str| AsaError::Checkpoint(format!("{}: missing or invalid {what}", path.display()));
     let field = |k: &str| meta.get(k).ok_or_else(|| bad(k));
     let cfg: ModelConfig = serde_json::from_str(field("config")?).map_err(|_| bad("config"))?;
     cfg.validate()?;
-    let settings: TrainSettings = serde_json::from_str(field("settings")?).map_err(|_| bad("settings"))?;
+    let settings: TrainSettings =
+        serde_json::from_str(field("settings")?).map_err(|_| bad("settings"))?;
     let state: TrainState = serde_json::from_str(field("state")?).map_err(|_| bad("state"))?;
     let (_, mut params) = Lm::new(&cfg)?;
     let mut adam = AdamW::new(adam_config(&settings), &params);
@@ -186,8 +230,13 @@ pub fn load_run(run: &RunDir) -> Result<(ModelConfig, ParamStore, AdamW, TrainSe
             (format!("exp_avg.{name}"), &mut adam.m.data[i]),
             (format!("exp_avg_sq.{name}"), &mut adam.v.data[i]),
         ] {
-            let t: &AnyTensor = tensors.get(&key).ok_or_else(|| bad(&format!("tensor '{key}'")))?;
-            *dst = t.to_f32().filter(|v| v.len() == dst.len()).ok_or_else(|| bad(&format!("tensor '{key}'")))?;
+            let t: &AnyTensor = tensors
+                .get(&key)
+                .ok_or_else(|| bad(&format!("tensor '{key}'")))?;
+            *dst = t
+                .to_f32()
+                .filter(|v| v.len() == dst.len())
+                .ok_or_else(|| bad(&format!("tensor '{key}'")))?;
         }
     }
     Ok((cfg, params, adam, settings, state))
@@ -307,22 +356,51 @@ pub fn tokenizer_by_name(name: &str) -> Result<Tokenizer> {
     }
 }
 
+/// A source of training windows and fixed validation windows.
+pub trait Batches {
+    /// `b` random windows: inputs [B,T] and next-token targets [B,T]
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>);
+    /// fixed validation windows at `stride`, at most `max` of them, in batches of up to `b` rows
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)>;
+    /// (train tokens, validation tokens)
+    fn sizes(&self) -> (usize, usize);
+}
+
+impl Batches for TokenData {
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
+        TokenData::sample_train(self, rng, b, t)
+    }
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)> {
+        TokenData::val_batches(self, b, t, stride, max)
+    }
+    fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+}
+
 /// Mean validation loss over fixed windows.
 pub fn evaluate(
     lm: &mut Lm,
     params: &ParamStore,
-    data: &TokenData,
+    data: &dyn Batches,
     s: &TrainSettings,
 ) -> Result<f64> {
     let opts = AsaOptions::default();
     let mut cache = LmCache::default();
     let (mut sum, mut rows) = (0.0f64, 0usize);
-    for (inp, tgt, r) in data.val_batches(
-        s.batch_size,
-        s.seq_len,
-        (s.seq_len / 2).max(1),
-        s.eval_windows,
-    ) {
+    for (inp, tgt, r) in data.val_batches(s.micro().0, s.seq_len, s.stride(), s.eval_windows) {
         lm.forward(params, &inp, r, s.seq_len, &opts, &mut cache)?;
         sum += lm.loss(&mut cache, &tgt, None)? * r as f64;
         rows += r;
@@ -345,7 +423,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             run.dir.display()
         )));
     }
-    let (cfg, mut params, mut adam, settings, mut state) = if resume {
+    let (cfg, params, adam, settings, state) = if resume {
         let (cfg, params, adam, mut settings, state) = load_run(&run)?;
         if let Some(s) = a.resume_steps {
             settings.steps = s.max(state.step);
@@ -373,6 +451,9 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             tokenizer: tok.name().to_string(),
             data: a.data.clone(),
             fact_frac: a.fact_frac,
+            micro_batch_size: 0,
+            val_stride: 0,
+            skip_nonfinite: false,
         };
         let adam = AdamW::new(adam_config(&settings), &params);
         let state = TrainState {
@@ -381,6 +462,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             model_rng_pos: "0".into(),
             best_val: None,
             tokens_seen: 0,
+            skipped_steps: 0,
         };
         (cfg, params, adam, settings, state)
     };
@@ -399,7 +481,117 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         crate::data::read_text_files(&settings.data)?
     };
     let data = TokenData::new(tok.encode(&text)?, settings.val_frac, settings.seq_len)?;
-    let mut engine = Engine::new(&cfg, &params, &adam, a.cuda, a.precision)?;
+    run_loop(LoopArgs {
+        label: "train-mini",
+        run,
+        cfg,
+        params,
+        adam,
+        settings,
+        state,
+        resume,
+        data: &data,
+        cuda: a.cuda,
+        precision: a.precision,
+        stop_at: a.stop_at,
+        quiet: a.quiet,
+        keep_best: false,
+        data_name: tok.name().to_string(),
+    })
+}
+
+/// Keeps the metric records of steps up to `step` (those after the last save are redone).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_bytes_atomic(path, kept.as_bytes())
+}
+
+/// Everything a training loop needs; `run_loop` drives train-mini and train alike.
+pub struct LoopArgs<'a> {
+    pub label: &'static str,
+    pub run: RunDir,
+    pub cfg: ModelConfig,
+    pub params: ParamStore,
+    pub adam: AdamW,
+    pub settings: TrainSettings,
+    pub state: TrainState,
+    pub resume: bool,
+    pub data: &'a dyn Batches,
+    pub cuda: bool,
+    pub precision: Precision,
+    pub stop_at: Option<usize>,
+    pub quiet: bool,
+    /// also keep the checkpoint of the best validation loss in `<run>/best`
+    pub keep_best: bool,
+    /// what the data is, for the first log line
+    pub data_name: String,
+}
+
+/// The parameters as they are now (downloaded from the GPU when training there).
+fn params_view(engine: &mut Engine, host: &ParamStore) -> Result<ParamStore> {
+    match engine {
+        Engine::Cpu { .. } => Ok(host.clone()),
+        Engine::Cuda(g) => g.download_params(),
+    }
+}
+
+/// The reference's gate summaries: mean over layers of the ALiBi strength, the content-read
+/// gamma and the slotspace gate, as the layers compute them.
+pub fn gate_summaries(p: &ParamStore, cfg: &ModelConfig) -> Vec<(&'static str, f64)> {
+    use crate::model::params::softplus;
+    let mean = |suffix: &str, f: &dyn Fn(f64) -> f64| {
+        let v: Vec<f64> = (0..cfg.num_layers)
+            .filter_map(|l| {
+                p.get(&format!("blocks.{l}.attn.{suffix}"))
+                    .map(|x| f(x[0] as f64))
+            })
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut out = Vec::new();
+    if let Some(v) = mean("_alibi_strength_param", &|r| softplus(r) + cfg.min_strength) {
+        out.push(("alibi_strength_mean", v));
+    }
+    let mx = cfg.content_read_max_gamma;
+    if let Some(v) = mean("_content_read_gamma_raw", &|r| {
+        if mx > 0.0 {
+            softplus(r).min(mx)
+        } else {
+            softplus(r)
+        }
+    }) {
+        out.push(("content_read_gamma_mean", v));
+    }
+    if let Some(v) = mean("_slotspace_gate_raw", &softplus) {
+        out.push(("slotspace_gate_mean", v));
+    }
+    out
+}
+
+pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
+    let label = lp.label;
+    let quiet = lp.quiet;
+    let run = lp.run;
+    let cfg = lp.cfg;
+    let mut params = lp.params;
+    let mut adam = lp.adam;
+    let settings = lp.settings;
+    let mut state = lp.state;
+    let resume = lp.resume;
+    let data = lp.data;
+    let mut engine = Engine::new(&cfg, &params, &adam, lp.cuda, lp.precision)?;
     engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
     let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
     data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
@@ -416,14 +608,14 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         .open(run.metrics())
         .map_err(|e| AsaError::io(run.metrics(), e))?;
     let say = |bar: &ProgressBar, msg: String| {
-        if a.quiet {
+        if quiet {
         } else if bar.is_hidden() {
             eprintln!("{msg}");
         } else {
             bar.println(msg);
         }
     };
-    let bar = if a.quiet {
+    let bar = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(settings.steps as u64)
@@ -436,11 +628,11 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     say(
         &bar,
         format!(
-            "train-mini: {} params, {} train / {} val tokens ({}), T={} B={}, device {}",
+            "{label}: {} params, {} train / {} val tokens ({}), T={} B={}, device {}",
             params.num_elements(),
-            data.train.len(),
-            data.val.len(),
-            tok.name(),
+            data.sizes().0,
+            data.sizes().1,
+            lp.data_name,
             settings.seq_len,
             settings.batch_size,
             engine.name()
@@ -451,7 +643,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     let (mut last_loss, mut first_val, mut last_val) = (f64::NAN, None, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
     let start_step = state.step;
-    let end = a.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
+    let end = lp.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
     while state.step < end {
         let step = state.step;
         let lr = lr_at(
@@ -464,9 +656,21 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         let (inp, tgt) = data.sample_train(&mut data_rng, settings.batch_size, settings.seq_len);
         let (loss, norm) = engine.step(&mut params, &mut adam, &inp, &tgt, &settings, lr)?;
         if !loss.is_finite() || !norm.is_finite() {
-            return Err(AsaError::Other(format!(
-                "step {step}: non-finite loss ({loss}) or gradient norm ({norm}); the last saved checkpoint is intact"
-            )));
+            if !settings.skip_nonfinite {
+                return Err(AsaError::Other(format!(
+                    "step {}: non-finite loss ({loss}) or gradient norm ({norm}); stopped without applying it, the last saved checkpoint is intact (set skip_nonfinite to skip such steps)",
+                    step + 1
+                )));
+            }
+            state.skipped_steps += 1;
+            say(
+                &bar,
+                format!(
+                    "step {}: non-finite loss or gradient, step skipped ({} so far)",
+                    step + 1,
+                    state.skipped_steps
+                ),
+            );
         }
         state.step += 1;
         state.tokens_seen += tokens_per_step;
@@ -477,11 +681,23 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         bar.set_message(format!("loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
         let mut rec = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tps});
         if state.step % settings.eval_interval == 0 || state.step == settings.steps || step == 0 {
-            let val = engine.evaluate(&params, &data, &settings)?;
+            let val = engine.evaluate(&params, data, &settings)?;
             first_val.get_or_insert(val);
             last_val = val;
+            let improved = state.best_val.is_none_or(|b| val < b);
             state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
             rec["val_loss"] = serde_json::json!(val);
+            rec["val_ppl"] = serde_json::json!(val.exp());
+            for (k, v) in gate_summaries(&params_view(&mut engine, &params)?, &cfg) {
+                rec[k] = serde_json::json!(v);
+            }
+            if improved && lp.keep_best {
+                let best = RunDir {
+                    dir: run.dir.join("best"),
+                };
+                engine.sync_to_host(&mut params, &mut adam)?;
+                save_run(&best, &cfg, &settings, &params, &adam, &state)?;
+            }
             say(
                 &bar,
                 format!(
@@ -504,7 +720,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if last_val.is_nan() {
-        last_val = engine.evaluate(&params, &data, &settings)?;
+        last_val = engine.evaluate(&params, data, &settings)?;
     }
     let report = TrainReport {
         run_dir: run.dir.clone(),
@@ -518,24 +734,6 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     };
     write_json_atomic(&run.dir.join("report.json"), &report)?;
     Ok(report)
-}
-
-/// Keeps the metric records of steps up to `step` (those after the last save are redone).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    checkpoint::write_bytes_atomic(path, kept.as_bytes())
 }
 
 /// Where the training step runs: the CPU reference path, or the CUDA backend (weights and
@@ -612,22 +810,36 @@ impl Engine {
         lr: f64,
     ) -> Result<(f64, f64)> {
         let (b, t) = (s.batch_size, s.seq_len);
+        let (mb, accum) = s.micro();
         match self {
             Engine::Cpu { lm, cache, grads } => {
                 let opts = AsaOptions {
                     training: true,
                     ..Default::default()
                 };
-                lm.forward(params, inp, b, t, &opts, cache)?;
-                let loss = lm.loss(cache, tgt, None)?;
                 grads.zero();
-                lm.backward(params, cache, &opts, grads);
+                let mut loss = 0.0;
+                // gradient accumulation: each micro-batch's mean loss weighs 1/accum
+                for k in 0..accum {
+                    let rows = k * mb * t..(k + 1) * mb * t;
+                    lm.forward(params, &inp[rows.clone()], mb, t, &opts, cache)?;
+                    loss += lm.loss(cache, &tgt[rows], None)? / accum as f64;
+                    lm.backward(params, cache, &opts, grads);
+                }
+                if accum > 1 {
+                    let scale = 1.0 / accum as f32;
+                    grads.data.iter_mut().flatten().for_each(|g| *g *= scale);
+                }
                 let norm = clip_grad_norm(grads, s.grad_clip);
                 if loss.is_finite() && norm.is_finite() {
                     adam.step(params, grads, lr);
                 }
                 Ok((loss, norm))
             }
+            Engine::Cuda(_) if accum > 1 => Err(AsaError::Config(
+                "gradient accumulation (micro_batch_size < batch_size) runs on the CPU only so far"
+                    .into(),
+            )),
             Engine::Cuda(g) => g.train_step(inp, tgt, b, t, lr, &adam_config(s), Some(s.grad_clip)),
         }
     }
@@ -635,19 +847,16 @@ impl Engine {
     fn evaluate(
         &mut self,
         params: &ParamStore,
-        data: &TokenData,
+        data: &dyn Batches,
         s: &TrainSettings,
     ) -> Result<f64> {
         match self {
             Engine::Cpu { lm, .. } => evaluate(lm, params, data, s),
             Engine::Cuda(g) => {
                 let (mut sum, mut rows) = (0.0f64, 0usize);
-                for (inp, tgt, r) in data.val_batches(
-                    s.batch_size,
-                    s.seq_len,
-                    (s.seq_len / 2).max(1),
-                    s.eval_windows,
-                ) {
+                for (inp, tgt, r) in
+                    data.val_batches(s.micro().0, s.seq_len, s.stride(), s.eval_windows)
+                {
                     sum += g.eval_loss(&inp, &tgt, r, s.seq_len)? * r as f64;
                     rows += r;
                 }

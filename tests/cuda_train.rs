@@ -38,7 +38,9 @@ fn batches(n: usize, b: usize, t: usize, v: usize) -> Vec<(Vec<u32>, Vec<i64>)> 
             let mut tgt = Vec::with_capacity(b * t);
             for _ in 0..b {
                 let start = rng.gen_range(0..v as u32);
-                let row: Vec<u32> = (0..=t as u32).map(|i| (start + 7 * i + if rng.gen_bool(0.1) { 3 } else { 0 }) % v as u32).collect();
+                let row: Vec<u32> = (0..=t as u32)
+                    .map(|i| (start + 7 * i + if rng.gen_bool(0.1) { 3 } else { 0 }) % v as u32)
+                    .collect();
                 inp.extend_from_slice(&row[..t]);
                 tgt.extend(row[1..].iter().map(|&x| x as i64));
             }
@@ -55,13 +57,22 @@ fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
     let c = cfg();
     let (b, t) = (4, 32);
     let data = batches(50, b, t, c.vocab_size);
-    let adam_cfg = AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01 };
+    let adam_cfg = AdamWConfig {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
     // CPU
     let (mut lm, mut params) = Lm::new(&c).unwrap();
     let mut gpu = GpuLm::new(&c, &params, precision).unwrap();
     let mut adam = AdamW::new(adam_cfg, &params);
     let mut cache = LmCache::default();
-    let opts = AsaOptions { training: true, ..Default::default() };
+    let opts = AsaOptions {
+        training: true,
+        ..Default::default()
+    };
     let mut cpu_losses = Vec::new();
     let mut gpu_losses = Vec::new();
     for (inp, tgt) in &data {
@@ -71,18 +82,34 @@ fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
         lm.backward(&params, &cache, &opts, &mut grads);
         clip_grad_norm(&mut grads, 1.0);
         adam.step(&mut params, &grads, adam_cfg.lr);
-        let (l, _) = gpu.train_step(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0)).unwrap();
+        let (l, _) = gpu
+            .train_step(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0))
+            .unwrap();
         gpu_losses.push(l);
     }
     Some((cpu_losses, gpu_losses))
 }
 
 fn check(precision: Precision, tol: f64) {
-    let Some((cpu, gpu)) = curves(precision) else { return };
-    let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs() / a.abs().max(1.0)).fold(0.0, f64::max);
+    let Some((cpu, gpu)) = curves(precision) else {
+        return;
+    };
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+        .fold(0.0, f64::max);
     println!("loss curve {precision:?}: cpu {:.4} -> {:.4}, gpu {:.4} -> {:.4}, worst rel diff {worst:.2e}", cpu[0], cpu[49], gpu[0], gpu[49]);
-    assert!(cpu[49] < cpu[0] - 0.5, "the toy run must learn: {} -> {}", cpu[0], cpu[49]);
-    assert!(worst < tol, "GPU loss curve leaves the CPU one: worst relative difference {worst}");
+    assert!(
+        cpu[49] < cpu[0] - 0.5,
+        "the toy run must learn: {} -> {}",
+        cpu[0],
+        cpu[49]
+    );
+    assert!(
+        worst < tol,
+        "GPU loss curve leaves the CPU one: worst relative difference {worst}"
+    );
 }
 
 #[test]

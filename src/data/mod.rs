@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod corpus;
+pub mod shards;
 pub mod tokenizer;
 
 pub use batch::{read_text_files, TokenData};

@@ -13,6 +13,7 @@
 //!   device ranges;
 //! - [`model`]: `GpuLm` (forward, fused classifier + cross-entropy, backward, AdamW, clipping) and
 //!   the GPU ASA layer;
+//! - [`intervene`]: the intervene variant's intervention (forward, thresholds, logs, backward);
 //! - [`doctor`]: the `asa doctor` report;
 //! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
 
@@ -31,6 +32,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernel
 use crate::error::{AsaError, Result};
 
 pub mod doctor;
+pub mod intervene;
 pub mod model;
 pub mod ops;
 pub mod parity;

@@ -26,7 +26,7 @@ use super::{AsDv, CudaBackend, Dv};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaOptions, RoutingMode, SlotMaskWhere};
+use crate::model::asa::{AsaOptions, Info, Intervention, RoutingMode, SlotMaskWhere};
 use crate::model::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
 use crate::optim::AdamWConfig;
 
@@ -181,9 +181,9 @@ impl DevOpts {
         t: usize,
     ) -> Result<Self> {
         let (h, nk) = (cfg.num_heads, cfg.num_slots);
-        if cfg.variant == Variant::Intervene {
+        if cfg.variant == Variant::Intervene && opts.slot_mask.is_some() {
             return Err(AsaError::Input(
-                "the intervene variant is not supported on the CUDA backend (use the CPU)".into(),
+                "the intervene variant has no slot masks".into(),
             ));
         }
         if opts.noise.is_some() {
@@ -370,12 +370,16 @@ pub struct GpuAsaCache {
     delta: DBuf,
     gamma: f32,
     gate: f32,
+    /// intervene variant: out1, thresholds, logs (`super::intervene`)
+    intv: super::intervene::GpuIntvCache,
 }
 
 /// One ASA layer on the GPU: config, parameter ids, ALiBi slopes, RoPE tables.
 pub struct GpuAsaLayer {
     pub cfg: ModelConfig,
     pub ids: AsaIds,
+    /// intervene variant: the intervention settings (`AsaLayer::intervention`)
+    pub intervention: Intervention,
     slopes: Vec<f32>,
     slopes_d: CudaSlice<f32>,
     rope: Option<DevRope>,
@@ -393,6 +397,7 @@ impl GpuAsaLayer {
         Ok(GpuAsaLayer {
             cfg: cfg.clone(),
             ids,
+            intervention: Intervention::default(),
             slopes,
             slopes_d,
             rope: None,
@@ -568,7 +573,15 @@ impl GpuAsaLayer {
         if let Some(ss) = &self.ids.slotspace {
             c_.gate = softplus(p.scalar(ss.gate) as f64) as f32;
             self.slotspace_forward(be, p, o, c_, rng, dm)?;
-            be.axpy(out_h, c_.delta.dv(), c_.gate)?;
+            if cfg.variant == Variant::Intervene {
+                // out_h = out1 + f(out1, gate * delta) per position (`intervene_forward`)
+                let (delta, z) = (c_.delta.dv(), c_.z.dv());
+                let wc = cfg.write_chunk_size;
+                c_.intv
+                    .forward(be, &self.intervention, out_h, delta, z, c_.gate, wc, dm)?;
+            } else {
+                be.axpy(out_h, c_.delta.dv(), c_.gate)?;
+            }
         }
 
         // merge heads, out_proj, dropout
@@ -719,17 +732,26 @@ impl GpuAsaLayer {
 
         let (_s3, dstate) = tmp(be, c_.state.n)?;
         let (_s4, drw) = tmp(be, c_.rw.n)?;
-        let dout1 = dout_h; // no intervention: d(out1) is d(out_h)
+        // d(out1) is d(out_h) (the intervene backward adds its share in place)
+        let dout1 = dout_h;
 
         // refine
         if let Some(ids) = &self.ids.slotspace {
             let rows = b * h * t;
             let gate = c_.gate as f64;
             let dgate = be.zeros::<f64>(1)?;
-            be.dot_f64(dgate.dv(), dout_h, c_.delta.dv())?;
-            be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
             let (_s5, ddelta) = tmp(be, rows * d)?;
-            be.scale_f64(ddelta, dout_h, gate)?;
+            let (_s8, dz) = tmp(be, rows * nk)?;
+            if cfg.variant == Variant::Intervene {
+                // `intervene_backward`: d out1 (in place), d delta, d z, d gate
+                let (delta, z) = (c_.delta.dv(), c_.z.dv());
+                c_.intv
+                    .backward(be, dout_h, dout1, ddelta, dz, dgate.dv(), delta, z)?;
+            } else {
+                be.dot_f64(dgate.dv(), dout_h, c_.delta.dv())?;
+                be.scale_f64(ddelta, dout_h, gate)?;
+            }
+            be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
             let (_s6, dsw) = tmp(be, rows * nk)?;
             be.slot_mix_backward(dsw, dstate, ddelta, c_.sw.dv(), c_.state.dv(), dm)?;
             let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
@@ -750,7 +772,6 @@ impl GpuAsaLayer {
                 }
                 None => (None, dsw, c_.sw.dv()),
             };
-            let (_s8, dz) = tmp(be, rows * nk)?;
             if cfg.slotspace_signed_weights {
                 be.tanh_backward(dz, sw_pre, dsw_pre)?;
             } else {
@@ -1101,6 +1122,13 @@ impl GpuLm {
     /// The backend (device name, stream).
     pub fn backend(&self) -> &CudaBackend {
         &self.be
+    }
+
+    /// Sets the intervention of every layer (intervene variant; `Lm::set_intervention`).
+    pub fn set_intervention(&mut self, it: &Intervention) {
+        for l in &mut self.layers {
+            l.intervention = it.clone();
+        }
     }
 
     /// Reseeds the dropout / slot-dropout generator.
@@ -1805,5 +1833,16 @@ impl GpuLayerRunner {
 
     pub fn backend(&self) -> &CudaBackend {
         &self.be
+    }
+
+    /// Sets the intervention settings (intervene variant; `AsaLayer::intervention`).
+    pub fn set_intervention(&mut self, it: &Intervention) {
+        self.layer.intervention = it.clone();
+    }
+
+    /// The intervene variant's info tensors of the last forward (see
+    /// `intervene::GpuIntvCache::info`); empty for the other variants.
+    pub fn intervention_info(&self) -> Result<Info> {
+        self.cache.intv.info(&self.be)
     }
 }

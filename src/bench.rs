@@ -1,0 +1,691 @@
+//! `asa bench`: throughput of one training step, ours and (optionally) the PyTorch reference's,
+//! measured in the same run on the same config, batch, sequence length, device and thread count.
+//!
+//! The step timed on both sides is a full optimizer step on one fixed batch of uniform random
+//! token ids (targets = the ids shifted by one): forward in training mode, mean cross-entropy,
+//! backward, global-norm clipping to 1.0 and AdamW (PyTorch semantics; lr 3e-4, betas
+//! (0.9, 0.95), weight decay 0.01). All dropouts (`dropout`, `slot_dropout`,
+//! `slotspace_dropout`) are set to 0 on both sides, whatever the config says, so that both
+//! implementations do the same work and draw no random masks. Ours runs on the CPU path
+//! (`Lm` + `AdamW`, as `train-mini` does) or on the GPU through `GpuLm::train_step`, whose
+//! download of the loss synchronises the device, so wall clock per step is exact.
+//!
+//! Each side runs `warmup` untimed steps, then `iters` timed ones; tokens/s is
+//! `batch * seq_len / median(step seconds)`, and the ratio is ours over the reference's.
+//!
+//! The reference side is `scripts/reference_bench.py`, embedded in this binary and fed to
+//! `python -` on stdin (so a prebuilt binary needs no checkout of this repository). It imports the
+//! reference from `--reference PATH` (a checkout of github.com/digitaldaimyo/ASA), builds the
+//! `baseline` variant with the same config and runs the same step with PyTorch (CUDA + bf16:
+//! under `torch.autocast`). Threads: ours runs in a local rayon pool of `threads` workers (all
+//! of the global pool when not given), and the reference gets `torch.set_num_threads` with that
+//! same number (and `OMP_NUM_THREADS` / `MKL_NUM_THREADS`).
+//!
+//! Speed is never asserted in tests; only parsing and presets are.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::cuda::{GpuLm, Precision};
+use crate::config::ModelConfig;
+use crate::error::{AsaError, Result};
+use crate::model::asa::AsaOptions;
+use crate::model::lm::{Lm, LmCache};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+/// The reference-side script (also usable by hand: `python3 scripts/reference_bench.py --help`).
+pub const REFERENCE_SCRIPT: &str = include_str!("../scripts/reference_bench.py");
+
+/// Optimizer of the timed step on both sides (the reference's training settings).
+pub const BENCH_ADAM: AdamWConfig = AdamWConfig {
+    lr: 3e-4,
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 0.01,
+};
+/// Global gradient-norm clip of the timed step.
+pub const BENCH_CLIP: f64 = 1.0;
+
+/// The standard benchmark configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchPreset {
+    /// vocab 50257, embed 256, 4 layers, 4 heads, 16 slots, slotspace 32, T 256, batch 4,
+    /// write/slotspace chunks 128, f32.
+    CpuSmall,
+    /// The reference's practice run: vocab 50257, embed 768, 27 layers, 8 heads, 16 slots,
+    /// slotspace 64, T 1024, batch 8, chunks 512, bf16 GEMMs on the GPU.
+    PracticeRun,
+}
+
+impl BenchPreset {
+    pub const ALL: [BenchPreset; 2] = [BenchPreset::CpuSmall, BenchPreset::PracticeRun];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            BenchPreset::CpuSmall => "cpu-small",
+            BenchPreset::PracticeRun => "practice-run",
+        }
+    }
+
+    /// (model config with dropouts 0, batch, seq_len).
+    pub fn config(&self) -> (ModelConfig, usize, usize) {
+        let (embed, layers, heads, slots, ss, t, b, chunk) = match self {
+            BenchPreset::CpuSmall => (256, 4, 4, 16, 32, 256, 4, 128),
+            BenchPreset::PracticeRun => (768, 27, 8, 16, 64, 1024, 8, 512),
+        };
+        let cfg = ModelConfig {
+            vocab_size: 50257,
+            max_seq_len: t,
+            embed_dim: embed,
+            num_layers: layers,
+            num_heads: heads,
+            num_slots: slots,
+            slotspace_dim: ss,
+            write_chunk_size: chunk,
+            slotspace_chunk_size: chunk,
+            dropout: 0.0,
+            slot_dropout: 0.0,
+            slotspace_dropout: 0.0,
+            mlp_bias: Some(true),
+            ..Default::default()
+        };
+        (cfg, b, t)
+    }
+
+    /// GEMM precision on the GPU (the practice run trained in bf16).
+    pub fn precision(&self) -> Precision {
+        match self {
+            BenchPreset::CpuSmall => Precision::F32,
+            BenchPreset::PracticeRun => Precision::Bf16,
+        }
+    }
+}
+
+impl std::fmt::Display for BenchPreset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BenchPreset {
+    type Err = AsaError;
+    fn from_str(s: &str) -> Result<Self> {
+        let key = s.trim().to_ascii_lowercase().replace('_', "-");
+        BenchPreset::ALL
+            .into_iter()
+            .find(|p| p.name() == key)
+            .ok_or_else(|| {
+                AsaError::Input(format!(
+                    "unknown bench config '{s}' (expected cpu-small or practice-run)"
+                ))
+            })
+    }
+}
+
+/// What to benchmark and how.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// shown in the report (a preset's name, or e.g. a config file's)
+    pub config_name: String,
+    pub model: ModelConfig,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// ours on the GPU (`GpuLm`), the reference with `--device cuda`
+    pub cuda: bool,
+    /// GEMM precision of ours on the GPU; `Bf16` runs the reference under bf16 autocast
+    pub precision: Precision,
+    pub warmup: usize,
+    pub iters: usize,
+    /// a checkout of github.com/digitaldaimyo/ASA: also time the reference
+    pub reference: Option<PathBuf>,
+    /// Python with PyTorch (default `python3`)
+    pub python: String,
+    /// worker threads on both sides (default: all of rayon's global pool)
+    pub threads: Option<usize>,
+}
+
+impl BenchOptions {
+    /// The options of a preset: its config, batch, length and precision; 2 warmup and 5 timed
+    /// steps, on the CPU, no reference.
+    pub fn from_preset(p: BenchPreset) -> Self {
+        let (model, batch, seq_len) = p.config();
+        BenchOptions {
+            config_name: p.name().into(),
+            model,
+            batch,
+            seq_len,
+            cuda: false,
+            precision: p.precision(),
+            warmup: 2,
+            iters: 5,
+            reference: None,
+            python: "python3".into(),
+            threads: None,
+        }
+    }
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions::from_preset(BenchPreset::CpuSmall)
+    }
+}
+
+/// The reference's measurement (the script's JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefResult {
+    pub tokens_per_sec: f64,
+    pub step_seconds: Vec<f64>,
+    pub torch_version: String,
+    pub device: String,
+}
+
+/// One benchmark run. `ratio` = ours / reference tokens per second.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub config_name: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// worker threads of ours (and of the reference)
+    pub threads: usize,
+    pub precision: String,
+    pub tokens_per_step: usize,
+    pub step_seconds: Vec<f64>,
+    /// `tokens_per_step / median(step_seconds)`
+    pub tokens_per_sec: f64,
+    /// model FLOPs per token of one training step (`train_flops_per_token`)
+    pub flops_per_token: f64,
+    /// GPU only, known devices only: achieved model FLOP/s over the device's dense bf16 peak
+    pub mfu: Option<f64>,
+    pub reference: Option<RefResult>,
+    pub ratio: Option<f64>,
+}
+
+/// Median of a non-empty list (mean of the two middle values for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Model FLOPs per token of one training step (forward + backward = 3 x forward; a
+/// multiply-add counts 2), an estimate that counts the matrix products only:
+/// ```text
+/// per layer:  8 C^2                      Wk_write, Wv_write, Wq_read, out_proj
+///           + 4 C hid                    MLP
+///           + 10 K C                     write logits, write scan, read logits, content read,
+///                                        slot mix (2 K d each, per head)
+///           + H (4 K M + 10 M^2) + 2 K C slotspace refine (slot_in, slot_out, q/k/v, linear
+///                                        attention state and read, second slot mix)
+/// head:       2 C V
+/// ```
+/// Embedding lookups, norms, softmaxes and other elementwise work are not counted.
+pub fn train_flops_per_token(cfg: &ModelConfig) -> f64 {
+    let c = cfg.embed_dim as f64;
+    let hid = cfg.hidden_dim() as f64;
+    let k = cfg.num_slots as f64;
+    let h = cfg.num_heads as f64;
+    let m = cfg.slotspace_dim as f64;
+    let mut layer = 8.0 * c * c + 4.0 * c * hid + 10.0 * k * c;
+    if cfg.use_slotspace_refine {
+        layer += h * (4.0 * k * m + 10.0 * m * m) + 2.0 * k * c;
+    }
+    let fwd = cfg.num_layers as f64 * layer + 2.0 * c * cfg.vocab_size as f64;
+    3.0 * fwd
+}
+
+/// Dense bf16 tensor-core peak (FLOP/s, no sparsity) of a GPU known by name.
+pub fn peak_bf16_flops(device_name: &str) -> Option<f64> {
+    let n = device_name.to_ascii_uppercase();
+    if n.contains("H200") || n.contains("GH200") {
+        Some(989e12)
+    } else if n.contains("H100") {
+        // the PCIe card runs at a lower clock with fewer SMs
+        Some(if n.contains("PCIE") { 756e12 } else { 989e12 })
+    } else if n.contains("A100") {
+        Some(312e12)
+    } else {
+        None
+    }
+}
+
+/// Runs the benchmark (ours, then the reference when `o.reference` is set). Prints nothing.
+pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
+    if o.batch == 0 || o.seq_len == 0 || o.iters == 0 {
+        return Err(AsaError::Input(
+            "bench: batch, seq_len and iters must be positive".into(),
+        ));
+    }
+    if o.threads == Some(0) {
+        return Err(AsaError::Input("bench: --threads must be positive".into()));
+    }
+    if let Some(r) = &o.reference {
+        check_reference_dir(r)?;
+    }
+    let mut cfg = o.model.clone();
+    cfg.dropout = 0.0;
+    cfg.slot_dropout = 0.0;
+    cfg.slotspace_dropout = 0.0;
+    // the reference library's MLP always has biases
+    cfg.mlp_bias = Some(true);
+    cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
+    cfg.validate()?;
+
+    let (inp, tgt) = random_batch(cfg.vocab_size, o.batch, o.seq_len, cfg.seed);
+    let pool = match o.threads {
+        Some(n) => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| AsaError::Other(format!("bench: cannot start {n} threads: {e}")))?,
+        ),
+        None => None,
+    };
+    let threads = pool
+        .as_ref()
+        .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+    let run = || -> Result<(String, Vec<f64>)> {
+        if o.cuda {
+            bench_gpu(&cfg, o, &inp, &tgt)
+        } else {
+            bench_cpu(&cfg, o, &inp, &tgt).map(|s| (format!("cpu ({threads} threads)"), s))
+        }
+    };
+    let (device, step_seconds) = match &pool {
+        Some(p) => p.install(run)?,
+        None => run()?,
+    };
+    drop(pool);
+
+    let tokens_per_step = o.batch * o.seq_len;
+    let tokens_per_sec = tokens_per_step as f64 / median(&step_seconds);
+    let flops_per_token = train_flops_per_token(&cfg);
+    let mfu = if o.cuda {
+        peak_bf16_flops(&device).map(|p| tokens_per_sec * flops_per_token / p)
+    } else {
+        None
+    };
+    let reference = match &o.reference {
+        Some(r) => Some(run_reference(r, &cfg, o, threads)?),
+        None => None,
+    };
+    let ratio = reference
+        .as_ref()
+        .map(|r| tokens_per_sec / r.tokens_per_sec);
+    Ok(BenchReport {
+        device,
+        config_name: o.config_name.clone(),
+        batch: o.batch,
+        seq_len: o.seq_len,
+        threads,
+        precision: if o.cuda {
+            format!("{:?}", o.precision).to_lowercase()
+        } else {
+            "f32".into()
+        },
+        tokens_per_step,
+        step_seconds,
+        tokens_per_sec,
+        flops_per_token,
+        mfu,
+        reference,
+        ratio,
+    })
+}
+
+/// One fixed batch: `b` rows of `t + 1` uniform ids; inputs are the first `t`, targets the last `t`.
+fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbe_4c);
+    let (mut inp, mut tgt) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for _ in 0..b {
+        let row: Vec<u32> = (0..=t).map(|_| rng.gen_range(0..vocab as u32)).collect();
+        inp.extend_from_slice(&row[..t]);
+        tgt.extend(row[1..].iter().map(|&x| x as i64));
+    }
+    (inp, tgt)
+}
+
+fn check_step(loss: f64, norm: f64) -> Result<()> {
+    if loss.is_finite() && norm.is_finite() {
+        Ok(())
+    } else {
+        Err(AsaError::Other(format!(
+            "bench: non-finite loss ({loss}) or gradient norm ({norm})"
+        )))
+    }
+}
+
+/// Our CPU step, as `train-mini` runs it; returns the timed steps' seconds.
+fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> Result<Vec<f64>> {
+    let (mut lm, mut params) = Lm::new(cfg)?;
+    let mut adam = AdamW::new(BENCH_ADAM, &params);
+    let mut grads = params.zeros_like();
+    let mut cache = LmCache::default();
+    let opts = AsaOptions {
+        training: true,
+        ..Default::default()
+    };
+    let (b, t) = (o.batch, o.seq_len);
+    let mut secs = Vec::with_capacity(o.iters);
+    for i in 0..o.warmup + o.iters {
+        let t0 = Instant::now();
+        lm.forward(&params, inp, b, t, &opts, &mut cache)?;
+        let loss = lm.loss(&mut cache, tgt, None)?;
+        grads.zero();
+        lm.backward(&params, &cache, &opts, &mut grads);
+        let norm = clip_grad_norm(&mut grads, BENCH_CLIP);
+        check_step(loss, norm)?;
+        adam.step(&mut params, &grads, BENCH_ADAM.lr);
+        if i >= o.warmup {
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(secs)
+}
+
+/// Our GPU step (`GpuLm::train_step`, synchronised by its download of the loss).
+fn bench_gpu(
+    cfg: &ModelConfig,
+    o: &BenchOptions,
+    inp: &[u32],
+    tgt: &[i64],
+) -> Result<(String, Vec<f64>)> {
+    let (_, params) = Lm::new(cfg)?;
+    let mut gpu = GpuLm::new(cfg, &params, o.precision)?;
+    drop(params);
+    let device = gpu.backend().device_name.clone();
+    let (b, t) = (o.batch, o.seq_len);
+    let mut secs = Vec::with_capacity(o.iters);
+    for i in 0..o.warmup + o.iters {
+        let t0 = Instant::now();
+        let (loss, norm) =
+            gpu.train_step(inp, tgt, b, t, BENCH_ADAM.lr, &BENCH_ADAM, Some(BENCH_CLIP))?;
+        let dt = t0.elapsed().as_secs_f64();
+        check_step(loss, norm)?;
+        if i >= o.warmup {
+            secs.push(dt);
+        }
+    }
+    Ok((device, secs))
+}
+
+/// Checks that `dir` looks like a checkout of the reference (its package under `src/asa`).
+pub fn check_reference_dir(dir: &Path) -> Result<()> {
+    let pkg = dir.join("src").join("asa");
+    for f in ["config.py", "asm_lm.py", "asa.py", "asm_block.py"] {
+        if !pkg.join(f).is_file() {
+            return Err(AsaError::Input(format!(
+                "--reference {}: not a checkout of github.com/digitaldaimyo/ASA (no src/asa/{f})",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The arguments passed to the reference script (after `python -`).
+pub fn reference_args(
+    reference: &Path,
+    cfg: &ModelConfig,
+    o: &BenchOptions,
+    threads: usize,
+) -> Result<Vec<String>> {
+    let cfg_json = serde_json::to_string(cfg)
+        .map_err(|e| AsaError::Other(format!("bench: cannot serialise the config: {e}")))?;
+    let dtype = if o.cuda && o.precision == Precision::Bf16 {
+        "bf16"
+    } else {
+        "f32"
+    };
+    let variant = format!("{:?}", cfg.variant).to_lowercase();
+    Ok(vec![
+        "--ref".into(),
+        reference.display().to_string(),
+        "--config-json".into(),
+        cfg_json,
+        "--variant".into(),
+        variant,
+        "--batch".into(),
+        o.batch.to_string(),
+        "--seq-len".into(),
+        o.seq_len.to_string(),
+        "--device".into(),
+        if o.cuda { "cuda" } else { "cpu" }.into(),
+        "--dtype".into(),
+        dtype.into(),
+        "--warmup".into(),
+        o.warmup.to_string(),
+        "--iters".into(),
+        o.iters.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--seed".into(),
+        cfg.seed.to_string(),
+    ])
+}
+
+/// Runs the embedded reference script with `o.python` and parses its JSON line.
+fn run_reference(
+    reference: &Path,
+    cfg: &ModelConfig,
+    o: &BenchOptions,
+    threads: usize,
+) -> Result<RefResult> {
+    let args = reference_args(reference, cfg, o, threads)?;
+    let mut child = Command::new(&o.python)
+        .arg("-")
+        .args(&args)
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            AsaError::Other(format!(
+                "bench: cannot run '{}' for the reference ({e}); pass --python PATH to a Python with PyTorch",
+                o.python
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // a failed write shows up as the script's own failure below
+        let _ = stdin.write_all(REFERENCE_SCRIPT.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| AsaError::Other(format!("bench: waiting for the reference run: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let why = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message")
+            .trim()
+            .trim_start_matches("reference_bench: ");
+        return Err(AsaError::Other(format!(
+            "bench: the reference run failed ({}, {}): {why}",
+            o.python, out.status
+        )));
+    }
+    parse_reference_output(&stdout)
+}
+
+/// Parses the reference script's output: its last line that is a JSON object.
+pub fn parse_reference_output(stdout: &str) -> Result<RefResult> {
+    let line = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| {
+            AsaError::Other("bench: the reference run printed no JSON result line".into())
+        })?;
+    let r: RefResult = serde_json::from_str(line).map_err(|e| {
+        AsaError::Other(format!(
+            "bench: cannot parse the reference result ({e}): {line}"
+        ))
+    })?;
+    if !(r.tokens_per_sec.is_finite() && r.tokens_per_sec > 0.0) || r.step_seconds.is_empty() {
+        return Err(AsaError::Other(format!(
+            "bench: the reference result holds no valid timing: {line}"
+        )));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_validate() {
+        for p in BenchPreset::ALL {
+            assert_eq!(p.name().parse::<BenchPreset>().unwrap(), p);
+            let (cfg, b, t) = p.config();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.max_seq_len, t);
+            assert!(b > 0);
+            assert_eq!(cfg.dropout, 0.0);
+        }
+        assert_eq!(
+            "Practice_Run".parse::<BenchPreset>().unwrap(),
+            BenchPreset::PracticeRun
+        );
+        let e = "gpu-big".parse::<BenchPreset>().unwrap_err().to_string();
+        assert!(e.contains("cpu-small"), "{e}");
+
+        let (c, b, t) = BenchPreset::CpuSmall.config();
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.embed_dim,
+                c.num_layers,
+                c.num_heads,
+                c.num_slots
+            ),
+            (50257, 256, 4, 4, 16)
+        );
+        assert_eq!(
+            (c.slotspace_dim, c.write_chunk_size, c.slotspace_chunk_size),
+            (32, 128, 128)
+        );
+        assert_eq!((b, t), (4, 256));
+        let (c, b, t) = BenchPreset::PracticeRun.config();
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.embed_dim,
+                c.num_layers,
+                c.num_heads,
+                c.num_slots
+            ),
+            (50257, 768, 27, 8, 16)
+        );
+        assert_eq!(
+            (c.slotspace_dim, c.write_chunk_size, c.slotspace_chunk_size),
+            (64, 512, 512)
+        );
+        assert_eq!((b, t), (8, 1024));
+        assert_eq!(BenchPreset::PracticeRun.precision(), Precision::Bf16);
+    }
+
+    #[test]
+    fn parses_reference_line() {
+        let out = "some warning\n{\"tokens_per_sec\": 1234.5, \"step_seconds\": [0.8, 0.83], \
+                   \"torch_version\": \"2.5.1\", \"device\": \"cpu (2 threads)\", \"dtype\": \"f32\"}\n";
+        let r = parse_reference_output(out).unwrap();
+        assert_eq!(r.tokens_per_sec, 1234.5);
+        assert_eq!(r.step_seconds, vec![0.8, 0.83]);
+        assert_eq!(r.torch_version, "2.5.1");
+        assert!(parse_reference_output("nothing\n").is_err());
+        assert!(parse_reference_output("{\"tokens_per_sec\": 1}").is_err());
+        assert!(parse_reference_output(
+            "{\"tokens_per_sec\": 0, \"step_seconds\": [], \"torch_version\": \"x\", \"device\": \"cpu\"}"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn reference_args_carry_the_run() {
+        let mut o = BenchOptions::from_preset(BenchPreset::PracticeRun);
+        o.cuda = true;
+        let (cfg, _, _) = BenchPreset::PracticeRun.config();
+        let a = reference_args(Path::new(".ref"), &cfg, &o, 16).unwrap();
+        let val = |k: &str| a[a.iter().position(|x| x == k).unwrap() + 1].clone();
+        assert_eq!(val("--ref"), ".ref");
+        assert_eq!(val("--device"), "cuda");
+        assert_eq!(val("--dtype"), "bf16");
+        assert_eq!(val("--seq-len"), "1024");
+        assert_eq!(val("--batch"), "8");
+        assert_eq!(val("--threads"), "16");
+        assert_eq!(val("--variant"), "baseline");
+        let back: ModelConfig = serde_json::from_str(&val("--config-json")).unwrap();
+        assert_eq!(back, cfg);
+        o.cuda = false;
+        let a = reference_args(Path::new(".ref"), &cfg, &o, 2).unwrap();
+        assert!(a.windows(2).any(|w| w[0] == "--dtype" && w[1] == "f32"));
+    }
+
+    #[test]
+    fn median_and_flops() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let (c, _, _) = BenchPreset::CpuSmall.config();
+        // head: 3 * 2 * 256 * 50257; layers add about a fifth of that
+        let f = train_flops_per_token(&c);
+        let head = 6.0 * 256.0 * 50257.0;
+        assert!(f > head && f < 1.5 * head, "{f}");
+        assert_eq!(peak_bf16_flops("NVIDIA H100 80GB HBM3"), Some(989e12));
+        assert_eq!(peak_bf16_flops("NVIDIA H200"), Some(989e12));
+        assert_eq!(peak_bf16_flops("NVIDIA H100 PCIe"), Some(756e12));
+        assert_eq!(peak_bf16_flops("cpu"), None);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let o = BenchOptions {
+            iters: 0,
+            ..Default::default()
+        };
+        assert!(run_bench(&o).is_err());
+        let o = BenchOptions {
+            reference: Some(PathBuf::from("/nonexistent/asa-ref")),
+            ..Default::default()
+        };
+        let e = run_bench(&o).unwrap_err().to_string();
+        assert!(e.contains("not a checkout"), "{e}");
+    }
+
+    #[test]
+    fn random_batch_is_shifted() {
+        let (inp, tgt) = random_batch(100, 2, 5, 7);
+        assert_eq!(inp.len(), 10);
+        assert_eq!(tgt.len(), 10);
+        for r in 0..2 {
+            for j in 0..4 {
+                assert_eq!(inp[r * 5 + j + 1] as i64, tgt[r * 5 + j]);
+            }
+        }
+        assert!(inp.iter().all(|&x| x < 100));
+    }
+}

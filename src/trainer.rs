@@ -1,0 +1,340 @@
+//! `asa train --config run.toml`: the reference notebooks' training recipe on prepared token
+//! shards (`asa prepare`), with exact resume, `best` and `last` checkpoints and JSON-lines
+//! metrics. The loop itself is the one `train-mini` uses (`train::run_loop`).
+//!
+//! The config is one flat TOML table with the reference `ASMTrainConfig` field names (model and
+//! training fields side by side, as the reference's config is), plus our own keys: `data` (the
+//! prepared folder), `outdir`, `name` (default: `tag`), `min_lr`, `val_windows`,
+//! `skip_nonfinite`, `precision`. Every key is optional except `data`.
+
+use std::path::{Path, PathBuf};
+
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+
+use crate::backend::cuda::Precision;
+use crate::config::ModelConfig;
+use crate::data::shards::{open_prepared, ShardSet};
+use crate::error::{AsaError, Result};
+use crate::model::lm::Lm;
+use crate::optim::AdamW;
+use crate::train::{
+    adam_config, load_run, Batches, RunDir, TrainReport, TrainSettings, TrainState,
+};
+
+fn d_name() -> String {
+    "asa_run".into()
+}
+fn d_outdir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    3e-4
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_warmup() -> usize {
+    1000
+}
+fn d_total() -> usize {
+    75_000
+}
+fn d_eval() -> usize {
+    1000
+}
+fn d_stride() -> f64 {
+    0.5
+}
+fn d_val_windows() -> usize {
+    256
+}
+fn d_precision() -> String {
+    "bf16".into()
+}
+
+/// The training half of a run config (reference names where the reference has the field).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunConfig {
+    /// folder written by `asa prepare`
+    pub data: PathBuf,
+    #[serde(default = "d_outdir")]
+    pub outdir: PathBuf,
+    /// run name (default: the reference's `tag`)
+    pub name: Option<String>,
+    #[serde(default = "d_name")]
+    pub tag: String,
+    /// rows per optimizer step when `micro_batch_size` is 0 (the reference's meaning)
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// rows per forward/backward pass; 0 means `batch_size`
+    #[serde(default)]
+    pub micro_batch_size: usize,
+    #[serde(default = "d_one")]
+    pub grad_accum_steps: usize,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// end of the cosine decay (the reference decays to 0)
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: usize,
+    #[serde(default = "d_total")]
+    pub total_steps: usize,
+    #[serde(default = "d_eval")]
+    pub eval_interval: usize,
+    /// validation windows start every `stride_frac_val * T` tokens
+    #[serde(default = "d_stride")]
+    pub stride_frac_val: f64,
+    /// at most this many validation windows per evaluation
+    #[serde(default = "d_val_windows")]
+    pub val_windows: usize,
+    #[serde(default)]
+    pub skip_nonfinite: bool,
+    #[serde(default = "d_precision")]
+    pub precision: String,
+}
+
+/// Reads a run config: TOML (`.toml`) or JSON (any other extension, e.g. a reference config
+/// dumped with `json.dump(asdict(cfg))`). Returns the model config and the run config.
+pub fn read_run_config(path: &Path) -> Result<(ModelConfig, RunConfig)> {
+    let text = std::fs::read_to_string(path).map_err(|e| AsaError::io(path, e))?;
+    let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+        let t: toml::Value = toml::from_str(&text)
+            .map_err(|e| AsaError::Config(format!("{}: invalid TOML: {e}", path.display())))?;
+        serde_json::to_value(t).map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?
+    } else {
+        serde_json::from_str(&text)
+            .map_err(|e| AsaError::Config(format!("{}: invalid JSON: {e}", path.display())))?
+    };
+    let model = ModelConfig::from_json_value(&value)?;
+    model.validate()?;
+    let run: RunConfig = serde_json::from_value(value)
+        .map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?;
+    if run.grad_accum_steps == 0
+        || run.batch_size == 0
+        || run.total_steps == 0
+        || run.eval_interval == 0
+    {
+        return Err(AsaError::Config(
+            "batch_size, grad_accum_steps, total_steps and eval_interval must be positive".into(),
+        ));
+    }
+    if !(run.stride_frac_val > 0.0 && run.stride_frac_val <= 1.0) {
+        return Err(AsaError::Config(format!(
+            "stride_frac_val must be in (0, 1], got {}",
+            run.stride_frac_val
+        )));
+    }
+    Ok((model, run))
+}
+
+/// Prepared shards as training windows: a random shard (weighted by its length), a random
+/// offset; validation windows at a fixed stride over the validation shard.
+pub struct ShardBatches {
+    set: ShardSet,
+    /// cumulative window counts of the train shards
+    cum: Vec<u64>,
+    t: usize,
+}
+
+impl ShardBatches {
+    pub fn new(set: ShardSet, t: usize) -> Result<Self> {
+        let mut cum = Vec::new();
+        let mut acc = 0u64;
+        for s in &set.train {
+            acc += s.tokens.len().saturating_sub(t) as u64;
+            cum.push(acc);
+        }
+        if acc == 0 {
+            return Err(AsaError::Input(format!(
+                "the training shards hold no window of {} tokens (max_seq_len + 1)",
+                t + 1
+            )));
+        }
+        if set.val.tokens.len() <= t {
+            return Err(AsaError::Input(format!(
+                "the validation shard ({} tokens) is shorter than one window of {} tokens",
+                set.val.tokens.len(),
+                t + 1
+            )));
+        }
+        Ok(ShardBatches { set, cum, t })
+    }
+}
+
+impl Batches for ShardBatches {
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
+        use rand::Rng;
+        debug_assert_eq!(t, self.t);
+        let total = *self.cum.last().expect("at least one shard");
+        let (mut inp, mut tgt) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for _ in 0..b {
+            let w = rng.gen_range(0..total);
+            let si = self.cum.partition_point(|&c| c <= w);
+            let start = (w - if si == 0 { 0 } else { self.cum[si - 1] }) as usize;
+            let toks = &self.set.train[si].tokens[start..start + t + 1];
+            inp.extend_from_slice(&toks[..t]);
+            tgt.extend(toks[1..].iter().map(|&x| x as i64));
+        }
+        (inp, tgt)
+    }
+
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)> {
+        let v = &self.set.val.tokens;
+        let starts: Vec<usize> = (0..v.len().saturating_sub(t))
+            .step_by(stride.max(1))
+            .take(max)
+            .collect();
+        starts
+            .chunks(b.max(1))
+            .map(|ch| {
+                let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+                for &s in ch {
+                    inp.extend_from_slice(&v[s..s + t]);
+                    tgt.extend(v[s + 1..s + t + 1].iter().map(|&x| x as i64));
+                }
+                (inp, tgt, ch.len())
+            })
+            .collect()
+    }
+
+    fn sizes(&self) -> (usize, usize) {
+        (
+            self.set.train.iter().map(|s| s.tokens.len()).sum(),
+            self.set.val.tokens.len(),
+        )
+    }
+}
+
+/// Options of `asa train` beside the config file.
+#[derive(Debug, Clone, Default)]
+pub struct TrainArgs {
+    pub config: PathBuf,
+    pub seed: Option<u64>,
+    pub resume: bool,
+    pub cuda: bool,
+    pub stop_at: Option<usize>,
+    pub quiet: bool,
+}
+
+/// `asa train`: trains on prepared shards; `--resume` continues `<outdir>/<name>` exactly.
+pub fn train(a: &TrainArgs) -> Result<TrainReport> {
+    let (mut model, rc) = read_run_config(&a.config)?;
+    if let Some(s) = a.seed {
+        model.seed = s;
+    }
+    let name = rc.name.clone().unwrap_or_else(|| rc.tag.clone());
+    let run = RunDir {
+        dir: rc.outdir.join(&name),
+    };
+    let precision: Precision = rc.precision.parse()?;
+    let resume = a.resume && run.checkpoint().is_file();
+    if a.resume && !resume {
+        return Err(AsaError::Checkpoint(format!(
+            "--resume: {} holds no run to resume",
+            run.dir.display()
+        )));
+    }
+    let (cfg, params, adam, settings, state) = if resume {
+        load_run(&run)?
+    } else {
+        if model.mlp_bias.is_none() {
+            model.mlp_bias = Some(true);
+        }
+        let (_, params) = Lm::new(&model)?;
+        let micro = if rc.micro_batch_size == 0 {
+            rc.batch_size
+        } else {
+            rc.micro_batch_size
+        };
+        let t = model.max_seq_len;
+        let settings = TrainSettings {
+            steps: rc.total_steps,
+            batch_size: micro * rc.grad_accum_steps,
+            seq_len: t,
+            lr: rc.learning_rate,
+            min_lr: rc.min_lr,
+            warmup_steps: rc.warmup_steps,
+            weight_decay: rc.weight_decay,
+            beta1: rc.betas[0],
+            beta2: rc.betas[1],
+            grad_clip: rc.grad_clip,
+            eval_interval: rc.eval_interval,
+            eval_windows: rc.val_windows,
+            val_frac: 0.0,
+            seed: model.seed,
+            tokenizer: String::new(),
+            data: vec![rc.data.clone()],
+            fact_frac: 0.0,
+            micro_batch_size: micro,
+            val_stride: ((rc.stride_frac_val * t as f64).round() as usize).max(1),
+            skip_nonfinite: rc.skip_nonfinite,
+        };
+        let adam = AdamW::new(adam_config(&settings), &params);
+        let state = TrainState {
+            step: 0,
+            data_rng_pos: "0".into(),
+            model_rng_pos: "0".into(),
+            best_val: None,
+            tokens_seen: 0,
+            skipped_steps: 0,
+        };
+        (model, params, adam, settings, state)
+    };
+    // the data is checked before anything trains: shards, headers, vocabulary
+    let data_dir = settings
+        .data
+        .first()
+        .cloned()
+        .unwrap_or_else(|| rc.data.clone());
+    let set = open_prepared(&data_dir, cfg.vocab_size)?;
+    let tokenizer = set
+        .meta
+        .get("tokenizer")
+        .and_then(|v| v.as_str())
+        .unwrap_or("?")
+        .to_string();
+    let data = ShardBatches::new(set, settings.seq_len)?;
+    crate::train::run_loop(crate::train::LoopArgs {
+        label: "train",
+        run,
+        cfg,
+        params,
+        adam,
+        settings,
+        state,
+        resume,
+        data: &data,
+        cuda: a.cuda,
+        precision,
+        stop_at: a.stop_at,
+        quiet: a.quiet,
+        keep_best: true,
+        data_name: format!("{} shards, {tokenizer}", data_dir.display()),
+    })
+}
