@@ -134,6 +134,33 @@ enum Cmd {
         #[arg(long)]
         stop_at: Option<usize>,
     },
+    /// Tokens/s of one training step for a config, optionally against the reference (PyTorch).
+    Bench {
+        /// A preset (cpu-small, practice-run) or a run config file (.toml / .json).
+        #[arg(long, default_value = "cpu-small")]
+        config: String,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// GEMM precision on the GPU (default: the preset's; bf16 for practice-run).
+        #[arg(long)]
+        precision: Option<asa::backend::cuda::Precision>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// A checkout of the reference (github digitaldaimyo/ASA): also time it, same config and device.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Python with PyTorch, for --reference.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// Threads on both sides (CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         #[command(flatten)]
@@ -397,6 +424,76 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 r.run_dir.display(),
                 r.run_dir.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            config,
+            device,
+            precision,
+            warmup,
+            iters,
+            reference,
+            python,
+            threads,
+            json,
+        } => {
+            let place = resolve_device(device, true)?;
+            let mut o = match config.parse::<asa::bench::BenchPreset>() {
+                Ok(p) => asa::bench::BenchOptions::from_preset(p),
+                Err(_) => {
+                    let (model, rc) = asa::trainer::read_run_config(std::path::Path::new(&config))?;
+                    let micro = if rc.micro_batch_size == 0 {
+                        rc.batch_size
+                    } else {
+                        rc.micro_batch_size
+                    };
+                    asa::bench::BenchOptions {
+                        config_name: config.clone(),
+                        batch: micro,
+                        seq_len: model.max_seq_len,
+                        precision: rc.precision.parse()?,
+                        model,
+                        ..Default::default()
+                    }
+                }
+            };
+            o.cuda = place == Place::Cuda;
+            if let Some(p) = precision {
+                o.precision = p;
+            }
+            o.warmup = warmup;
+            o.iters = iters.max(1);
+            o.reference = reference;
+            o.python = python;
+            o.threads = threads;
+            let r = asa::bench::run_bench(&o)?;
+            println!(
+                "{} on {}: B={} T={} ({} tokens/step), ours {:.0} tokens/s (median step {:.3}s){}",
+                r.config_name,
+                r.device,
+                r.batch,
+                r.seq_len,
+                r.tokens_per_step,
+                r.tokens_per_sec,
+                asa::bench::median(&r.step_seconds),
+                r.mfu
+                    .map(|m| format!(", MFU {:.1}%", 100.0 * m))
+                    .unwrap_or_default()
+            );
+            if let (Some(rf), Some(ratio)) = (&r.reference, r.ratio) {
+                println!(
+                    "reference (torch {} on {}): {:.0} tokens/s (median step {:.3}s); ours / reference = {ratio:.2}x",
+                    rf.torch_version,
+                    rf.device,
+                    rf.tokens_per_sec,
+                    asa::bench::median(&rf.step_seconds)
+                );
+            }
+            if let Some(path) = json {
+                let text =
+                    serde_json::to_string_pretty(&r).map_err(|e| AsaError::Other(e.to_string()))?;
+                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor { ptxas } => {

@@ -639,6 +639,8 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         ),
     );
 
+    let peak = engine.peak_flops();
+    let flops_per_token = crate::bench::train_flops_per_token(&cfg);
     let started = Instant::now();
     let (mut last_loss, mut first_val, mut last_val) = (f64::NAN, None, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
@@ -678,8 +680,17 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let tps = ((state.step - start_step) as u64 * tokens_per_step) as f64 / secs;
         bar.set_position(state.step as u64);
-        bar.set_message(format!("loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
+        let mfu = peak.map(|p| tps * flops_per_token / p);
+        let mfu_text = mfu
+            .map(|m| format!(" MFU {:.1}%", 100.0 * m))
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s{mfu_text}"
+        ));
         let mut rec = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tps});
+        if let Some(m) = mfu {
+            rec["mfu"] = serde_json::json!(m);
+        }
         if state.step % settings.eval_interval == 0 || state.step == settings.steps || step == 0 {
             let val = engine.evaluate(&params, data, &settings)?;
             first_val.get_or_insert(val);
@@ -768,6 +779,14 @@ impl Engine {
                 cache: Box::default(),
                 grads: params.zeros_like(),
             })
+        }
+    }
+
+    /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).
+    fn peak_flops(&self) -> Option<f64> {
+        match self {
+            Engine::Cpu { .. } => None,
+            Engine::Cuda(g) => crate::bench::peak_bf16_flops(&g.backend().device_name),
         }
     }
 

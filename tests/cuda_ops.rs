@@ -1156,3 +1156,240 @@ fn cuda_resume_and_eval_match() {
     );
     let _ = r.rng_mut();
 }
+
+// ------------------------------------------------------------------------------------------------
+// intervene variant
+
+/// The intervention settings the intervene tests sweep: every mode, every score kind, tau abs
+/// and percentile, soft and hard masks, with and without score clipping, head masks, geometry
+/// logs.
+fn intervention_sweep(h: usize) -> Vec<asa::model::asa::Intervention> {
+    use asa::model::asa::{Intervention, IntvMode, ScoreKind, TauKind};
+    let hm: Vec<f32> = (0..h).map(|i| [1.0, 0.0, 0.5, 1.0][i % 4]).collect();
+    let mut v = Vec::new();
+    for mode in [
+        IntvMode::Off,
+        IntvMode::DeltaPar,
+        IntvMode::DeltaOrth,
+        IntvMode::DeltaParPlusOrth,
+    ] {
+        v.push(Intervention {
+            mode,
+            log_refine_geom: true,
+            ..Default::default()
+        });
+        v.push(Intervention {
+            mode,
+            head_mask: Some(hm.clone()),
+            ..Default::default()
+        });
+    }
+    for sk in [
+        ScoreKind::OrthRatio,
+        ScoreKind::OrthFrac,
+        ScoreKind::AlphaAbs,
+        ScoreKind::SlotPeaked,
+    ] {
+        for (tk, tau) in [(TauKind::Pctl, 0.15), (TauKind::Abs, 0.3)] {
+            for soft in [true, false] {
+                v.push(Intervention {
+                    mode: IntvMode::OrthGate,
+                    beta: 0.5,
+                    par_beta: 0.8,
+                    score_kind: sk,
+                    tau_kind: tk,
+                    tau,
+                    tau_pctl: 60.0,
+                    soft_mask: soft,
+                    soft_temp: 0.2,
+                    score_clip_pctl: if soft { Some(90.0) } else { None },
+                    log_refine_geom: sk == ScoreKind::OrthFrac,
+                    ..Default::default()
+                });
+            }
+        }
+        v.push(Intervention {
+            mode: IntvMode::OrthGate,
+            score_kind: sk,
+            head_mask: Some(hm.clone()),
+            ..Default::default()
+        });
+    }
+    v
+}
+
+#[test]
+fn cuda_intervene_layer_matches_cpu() {
+    let Some(_be) = backend("cuda_intervene_layer_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(21);
+    let (b, t) = (2, 23); // write chunks of 5: four full chunks and one of 3
+    let mut cfg = small_cfg(Variant::Intervene);
+    cfg.slotspace_gate_init = 1.0; // a refine delta comparable to the base read
+    let mut store = ParamStore::new();
+    let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(11));
+    let c = cfg.embed_dim;
+    let x = rv(&mut r, b * t * c, 1.0);
+    let dout = rv(&mut r, b * t * c, 1.0);
+    let mask: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 3)).collect();
+    for (ii, it) in intervention_sweep(cfg.num_heads).into_iter().enumerate() {
+        for masked in [false, true] {
+            if masked && ii % 3 != 0 {
+                continue;
+            }
+            let opts = AsaOptions {
+                attention_mask: masked.then(|| mask.clone()),
+                return_info: true,
+                ..Default::default()
+            };
+            let tag = format!("intervention {ii} {it:?} masked {masked}");
+            let mut layer = AsaLayer::new(&cfg, ids.clone());
+            layer.intervention = it.clone();
+            let mut cache = AsaCache::default();
+            let mut out = vec![0.0; b * t * c];
+            let info = layer
+                .forward(&store, &x, b, t, &opts, &mut cache, &mut rng(0), &mut out)
+                .unwrap()
+                .unwrap();
+            let mut dx = vec![0.0; b * t * c];
+            let gcpu = layer.backward(&store, &cache, &opts, &dout, &mut dx);
+            let mut grads = store.zeros_like();
+            gcpu.accumulate_into(&mut grads, &ids);
+
+            let mut run =
+                cuda::model::GpuLayerRunner::new(&cfg, ids.clone(), &store, Precision::F32)
+                    .unwrap();
+            run.set_intervention(&it);
+            let gout = run.forward(&x, b, t, &opts).unwrap();
+            close(&format!("out {tag}"), &gout, &out, TOL);
+            let ginfo = run.intervention_info().unwrap();
+            // every intervention key the CPU logs is produced, and every produced key matches
+            for key in info.keys() {
+                let intv_key = key.starts_with("geom_")
+                    || key.starts_with("intv_")
+                    || [
+                        "alpha",
+                        "score",
+                        "mask",
+                        "tau",
+                        "out1_norm",
+                        "dpar_norm",
+                        "dorth_norm",
+                        "head_mask",
+                    ]
+                    .contains(&key.as_str());
+                if intv_key {
+                    assert!(ginfo.contains_key(key), "GPU info lacks {key} ({tag})");
+                }
+            }
+            assert!(ginfo.contains_key("alpha") == (it.mode != asa::model::asa::IntvMode::Off));
+            for (key, (shape, data)) in &ginfo {
+                let (cshape, cdata) = info
+                    .get(key)
+                    .unwrap_or_else(|| panic!("GPU info {key} not in the CPU info ({tag})"));
+                assert_eq!(shape, cshape, "info {key} shape ({tag})");
+                close(&format!("info {key} {tag}"), data, cdata, TOL);
+            }
+            let (gdx, ggrads) = run.backward(&dout).unwrap();
+            close(&format!("dx {tag}"), &gdx, &dx, TOL);
+            for (i, name) in grads.names.iter().enumerate() {
+                close(
+                    &format!("grad {name} {tag}"),
+                    &ggrads.data[i],
+                    &grads.data[i],
+                    TOL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_intervene_lm_matches_cpu() {
+    let Some(_be) = backend("cuda_intervene_lm_matches_cpu") else {
+        return;
+    };
+    use asa::model::asa::{Intervention, IntvMode, ScoreKind};
+    let mut r = rng(22);
+    let (b, t) = (2, 17);
+    let cfg = small_cfg(Variant::Intervene);
+    let (_lm, store) = Lm::new(&cfg).unwrap();
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
+        .collect();
+    let targets: Vec<i64> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as i64))
+        .collect();
+    for it in [
+        Intervention::default(),
+        Intervention {
+            mode: IntvMode::OrthGate,
+            score_kind: ScoreKind::SlotPeaked,
+            soft_temp: 0.2,
+            ..Default::default()
+        },
+        Intervention {
+            mode: IntvMode::DeltaOrth,
+            head_mask: Some(vec![1.0, 0.0, 1.0, 0.5]),
+            ..Default::default()
+        },
+    ] {
+        let (mut lm, _) = Lm::new(&cfg).unwrap();
+        lm.set_intervention(&it);
+        let mut cache = LmCache::default();
+        let opts = AsaOptions::default();
+        lm.forward(&store, &inputs, b, t, &opts, &mut cache)
+            .unwrap();
+        let loss = lm.loss(&mut cache, &targets, None).unwrap();
+        let mut grads = store.zeros_like();
+        lm.backward(&store, &cache, &opts, &mut grads);
+
+        let mut gl = GpuLm::new(&cfg, &store, Precision::F32).unwrap();
+        gl.set_intervention(&it);
+        let glog = gl.forward_logits(&inputs, b, t, None).unwrap();
+        close(&format!("lm logits {it:?}"), &glog, &cache.logits, TOL);
+        let (gloss, ggrads) = gl.loss_and_grads(&inputs, &targets, None, b, t).unwrap();
+        assert!(
+            (gloss - loss).abs() < 1e-5,
+            "loss {gloss} vs {loss} ({it:?})"
+        );
+        for (i, name) in grads.names.iter().enumerate() {
+            close(
+                &format!("lm grad {name} {it:?}"),
+                &ggrads.data[i],
+                &grads.data[i],
+                TOL,
+            );
+        }
+        // training runs and stays finite
+        let acfg = AdamWConfig::default();
+        for _ in 0..2 {
+            let (l, n) = gl
+                .train_step(&inputs, &targets, b, t, 1e-3, &acfg, Some(1.0))
+                .unwrap();
+            assert!(
+                l.is_finite() && n.is_finite(),
+                "train step {l} {n} ({it:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_intervene_rejects_slot_masks() {
+    let Some(_be) = backend("cuda_intervene_rejects_slot_masks") else {
+        return;
+    };
+    let cfg = small_cfg(Variant::Intervene);
+    let mut store = ParamStore::new();
+    let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(3));
+    let mut run = cuda::model::GpuLayerRunner::new(&cfg, ids, &store, Precision::F32).unwrap();
+    let opts = AsaOptions {
+        slot_mask: Some(SlotMask::new(&[1.0, 0.0, 1.0, 1.0, 1.0, 1.0], "read", "all").unwrap()),
+        ..Default::default()
+    };
+    let x = vec![0.1; 2 * 4 * cfg.embed_dim];
+    let err = run.forward(&x, 2, 4, &opts).unwrap_err();
+    assert!(err.to_string().contains("no slot masks"), "{err}");
+}

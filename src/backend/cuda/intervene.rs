@@ -321,105 +321,119 @@ impl GpuIntvCache {
     /// `slotspace_delta_norm` (with the gate, as the intervene variant logs it) and `out1`.
     /// Empty before a forward. Downloads (synchronises).
     pub fn info(&self, be: &CudaBackend) -> Result<Info> {
-        let mut info = Info::new();
         let Some((it, dm, chunk, gate)) = &self.last else {
-            return Ok(info);
+            return Ok(Info::new());
         };
-        let (b, h, t, d) = (dm.b, dm.h, dm.t, dm.d);
-        let chunk = *chunk;
-        let nchunks = t.div_ceil(chunk);
         let logs = be.download(self.logs.dv())?;
         let thr = be.download(self.thr.dv())?;
-        let at = |c: usize, y: usize, q: usize| logs[(c * (h + 1) + y) * NLOG + q];
-        let mut acc: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-        let mut count = 0usize;
-        let mut dnorm = 0.0f64;
-        for c in 0..nchunks {
-            let c0 = c * chunk;
-            let c1 = (c0 + chunk).min(t);
-            let npos = (b * h * (c1 - c0)) as f64;
-            let per_head = (b * (c1 - c0)) as f64;
-            dnorm += at(c, 0, 6);
-            let mut logs_c: Vec<(&str, Vec<f64>)> = Vec::new();
-            if it.log_refine_geom {
-                for (q, name) in [
-                    "geom_alpha_mean",
-                    "geom_alpha_abs",
-                    "geom_sign_pos",
-                    "geom_orth_frac",
-                    "geom_d_ratio",
-                    "geom_dpar_ratio",
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    logs_c.push((name, (0..h).map(|hi| at(c, hi + 1, q) / per_head).collect()));
-                }
-            }
-            if it.mode != IntvMode::Off {
-                logs_c.push(("alpha", vec![at(c, 0, 0) / npos]));
-            }
-            if it.mode == IntvMode::OrthGate {
-                for (q, name) in [
-                    (1, "score"),
-                    (2, "mask"),
-                    (3, "out1_norm"),
-                    (4, "dpar_norm"),
-                    (5, "dorth_norm"),
-                ] {
-                    logs_c.push((name, vec![at(c, 0, q) / npos]));
-                }
-                logs_c.push(("tau", vec![thr[c * 3]]));
-            }
-            if it.mode != IntvMode::Off {
-                if let Some(hm) = &it.head_mask {
-                    logs_c.push(("head_mask", hm.iter().map(|&x| x as f64).collect()));
-                }
-            }
-            if !logs_c.is_empty() {
-                for (name, v) in logs_c {
-                    let e = acc
-                        .entry(name.to_string())
-                        .or_insert_with(|| vec![0.0; v.len()]);
-                    e.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-                }
-                count += 1;
-            }
-        }
-        if count > 0 {
-            for (name, v) in acc {
-                let shape = if v.len() == 1 && !name.starts_with("geom_") && name != "head_mask" {
-                    vec![]
-                } else {
-                    vec![v.len()]
-                };
-                let data: Vec<f32> = v.iter().map(|x| (x / count as f64) as f32).collect();
-                info.insert(name, (shape, data));
-            }
-            for (src, dst) in [
-                ("score", "intv_score_mean"),
-                ("mask", "intv_mask_mean"),
-                ("tau", "intv_tau"),
-                ("alpha", "intv_alpha_mean"),
-                ("out1_norm", "intv_out1_norm_mean"),
-                ("dpar_norm", "intv_dpar_norm_mean"),
-                ("dorth_norm", "intv_dorth_norm_mean"),
-            ] {
-                if let Some(v) = info.get(src).cloned() {
-                    info.insert(dst.to_string(), v);
-                }
-            }
-        }
-        let rows = (b * h * t).max(1);
-        info.insert("slotspace_gate".into(), (vec![], vec![*gate]));
-        info.insert(
-            "slotspace_delta_norm".into(),
-            (vec![], vec![(dnorm / rows as f64) as f32]),
-        );
+        let mut info = build_info(it, *dm, *chunk, *gate, &logs, &thr);
         info.insert(
             "out1".into(),
-            (vec![b, h, t, d], be.download(self.out1.dv())?),
+            (vec![dm.b, dm.h, dm.t, dm.d], be.download(self.out1.dv())?),
         );
         Ok(info)
     }
+}
+
+/// The info tensors from the log sums `logs` [nchunks,H+1,NLOG] and thresholds `thr`
+/// [nchunks,3] of one forward, as `AsaLayer::intervene_forward` and `AsaLayer::info` build
+/// them: per chunk means, averaged over the chunks.
+fn build_info(
+    it: &Intervention,
+    dm: SlotDims,
+    chunk: usize,
+    gate: f32,
+    logs: &[f64],
+    thr: &[f64],
+) -> Info {
+    let mut info = Info::new();
+    let (b, h, t) = (dm.b, dm.h, dm.t);
+    let nchunks = t.div_ceil(chunk.max(1));
+    let at = |c: usize, y: usize, q: usize| logs[(c * (h + 1) + y) * NLOG + q];
+    let mut acc: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut count = 0usize;
+    let mut dnorm = 0.0f64;
+    for c in 0..nchunks {
+        let c0 = c * chunk;
+        let c1 = (c0 + chunk).min(t);
+        let npos = (b * h * (c1 - c0)) as f64;
+        let per_head = (b * (c1 - c0)) as f64;
+        dnorm += at(c, 0, 6);
+        let mut logs_c: Vec<(&str, Vec<f64>)> = Vec::new();
+        if it.log_refine_geom {
+            for (q, name) in [
+                "geom_alpha_mean",
+                "geom_alpha_abs",
+                "geom_sign_pos",
+                "geom_orth_frac",
+                "geom_d_ratio",
+                "geom_dpar_ratio",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                logs_c.push((name, (0..h).map(|hi| at(c, hi + 1, q) / per_head).collect()));
+            }
+        }
+        if it.mode != IntvMode::Off {
+            logs_c.push(("alpha", vec![at(c, 0, 0) / npos]));
+        }
+        if it.mode == IntvMode::OrthGate {
+            for (q, name) in [
+                (1, "score"),
+                (2, "mask"),
+                (3, "out1_norm"),
+                (4, "dpar_norm"),
+                (5, "dorth_norm"),
+            ] {
+                logs_c.push((name, vec![at(c, 0, q) / npos]));
+            }
+            logs_c.push(("tau", vec![thr[c * 3]]));
+        }
+        if it.mode != IntvMode::Off {
+            if let Some(hm) = &it.head_mask {
+                logs_c.push(("head_mask", hm.iter().map(|&x| x as f64).collect()));
+            }
+        }
+        if !logs_c.is_empty() {
+            for (name, v) in logs_c {
+                let e = acc
+                    .entry(name.to_string())
+                    .or_insert_with(|| vec![0.0; v.len()]);
+                e.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+            }
+            count += 1;
+        }
+    }
+    if count > 0 {
+        for (name, v) in acc {
+            let shape = if v.len() == 1 && !name.starts_with("geom_") && name != "head_mask" {
+                vec![]
+            } else {
+                vec![v.len()]
+            };
+            let data: Vec<f32> = v.iter().map(|x| (x / count as f64) as f32).collect();
+            info.insert(name, (shape, data));
+        }
+        for (src, dst) in [
+            ("score", "intv_score_mean"),
+            ("mask", "intv_mask_mean"),
+            ("tau", "intv_tau"),
+            ("alpha", "intv_alpha_mean"),
+            ("out1_norm", "intv_out1_norm_mean"),
+            ("dpar_norm", "intv_dpar_norm_mean"),
+            ("dorth_norm", "intv_dorth_norm_mean"),
+        ] {
+            if let Some(v) = info.get(src).cloned() {
+                info.insert(dst.to_string(), v);
+            }
+        }
+    }
+    let rows = (b * h * t).max(1);
+    info.insert("slotspace_gate".into(), (vec![], vec![gate]));
+    info.insert(
+        "slotspace_delta_norm".into(),
+        (vec![], vec![(dnorm / rows as f64) as f32]),
+    );
+    info
 }

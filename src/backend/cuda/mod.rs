@@ -14,6 +14,7 @@
 //! - [`model`]: `GpuLm` (forward, fused classifier + cross-entropy, backward, AdamW, clipping) and
 //!   the GPU ASA layer;
 //! - [`intervene`]: the intervene variant's intervention (forward, thresholds, logs, backward);
+//! - [`fused`]: the fused slot write scan + read, forward and backward (no state history);
 //! - [`doctor`]: the `asa doctor` report;
 //! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
 
@@ -32,6 +33,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernel
 use crate::error::{AsaError, Result};
 
 pub mod doctor;
+pub mod fused;
 pub mod intervene;
 pub mod model;
 pub mod ops;

@@ -13,8 +13,9 @@
 //!
 //! Supported on the GPU: the baseline and online variants, every routing mode except routing
 //! noise, slot masks, attention masks, dropout / slot dropout / slotspace dropout (counter-based
-//! RNG: reproducible per seed, not the CPU's stream). Not supported (a clear `AsaError`): the
-//! intervene variant, routing noise, info tensors.
+//! RNG: reproducible per seed, not the CPU's stream), the intervene variant (`super::intervene`).
+//! Not supported (a clear `AsaError`): routing noise, info tensors (beyond the intervene
+//! variant's, `GpuLayerRunner::intervention_info`).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -2,9 +2,10 @@
 //! `run_case_cuda` mirrors `parity::run_case` with the GPU layer / model and the same
 //! tolerance table. Compared on the GPU: layer `out` and `grad.*`; LM `logits` (and named
 //! `logits.<run>` routing runs), `loss`, `grad.*`, and the `lm_train3` losses, gradient norms
-//! and final weights. Info tensors (`info.*`, `layerN.*`) are not produced by the GPU path and
-//! are not compared (the CPU run covers them). Cases the GPU path does not support (the
-//! intervene variant, routing noise) report that as their error.
+//! and final weights. Of the info tensors, layer cases compare those the GPU path produces (the
+//! intervene variant's: the intervention logs, `slotspace_gate`, `slotspace_delta_norm`,
+//! `out1`); the others (`info.*` of the read/write path, `layerN.*`) are left to the CPU run.
+//! Cases the GPU path does not support (routing noise) report that as their error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use super::model::{GpuLayerRunner, GpuLm, Precision};
 use crate::checkpoint::{self, AnyTensor};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaOptions, RoutingMode, RoutingNoise, SlotMask};
+use crate::model::asa::{AsaOptions, Intervention, RoutingMode, RoutingNoise, SlotMask};
 use crate::model::params::{AsaIds, Init, ParamStore};
 use crate::optim::AdamWConfig;
 use crate::parity::{tensor_error, CaseReport, Check, Tol, TOL_FINAL, TOL_GRAD, TOL_LOSS, TOL_OUT};
@@ -254,9 +255,18 @@ fn run_layer(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<
     let mut opts = forward_options(conf.get("forward"), io)?;
     opts.attention_mask = io.mask("attention_mask")?;
     let mut run = GpuLayerRunner::new(&cfg, ids, &store, precision)?;
+    if let Some(iv) = conf.get("intervention") {
+        run.set_intervention(&Intervention::from_json(iv)?);
+    }
     let out = run.forward(&x, b, t, &opts)?;
     let mut checks = Vec::new();
     check(&mut checks, "out", &out, &io.f64("out")?, TOL_OUT);
+    let info = run.intervention_info()?;
+    for key in io.keys_with_prefix("info.") {
+        if let Some(got) = info.get(&key["info.".len()..]) {
+            check(&mut checks, key, &got.1, &io.f64(key)?, TOL_OUT);
+        }
+    }
     if io.keys_with_prefix("grad.").next().is_some() {
         let r = io.f32("r")?;
         let (dx, grads) = run.backward(&r)?;
@@ -275,21 +285,20 @@ fn run_layer(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<
     Ok(checks)
 }
 
-fn load_lm(dir: &Path, conf: &Value) -> Result<(ModelConfig, ParamStore)> {
+fn load_lm(dir: &Path, conf: &Value) -> Result<(ModelConfig, ParamStore, Option<Intervention>)> {
     let mut cfg = ModelConfig::from_json_value(conf)?;
     let weights = case_weights(dir)?;
     let (weights, _legacy) = checkpoint::normalize_keys(weights);
     if cfg.mlp_bias.is_none() {
         cfg.mlp_bias = Some(weights.keys().any(|k| k.ends_with("mlp.0.bias")));
     }
-    if conf.get("intervention").is_some() && cfg.variant == Variant::Intervene {
-        return Err(AsaError::Input(
-            "the intervene variant is not supported on the CUDA backend".into(),
-        ));
-    }
     let (_lm, mut store) = crate::model::lm::Lm::new(&cfg)?;
     checkpoint::load_into(&mut store, &weights, &dir.display().to_string())?;
-    Ok((cfg, store))
+    let it = match conf.get("intervention") {
+        Some(iv) => Some(Intervention::from_json(iv)?),
+        None => None,
+    };
+    Ok((cfg, store, it))
 }
 
 fn grad_of<'a>(cfg: &ModelConfig, grads: &'a ParamStore, k: &str) -> Result<&'a [f32]> {
@@ -305,8 +314,11 @@ fn grad_of<'a>(cfg: &ModelConfig, grads: &'a ParamStore, k: &str) -> Result<&'a 
 }
 
 fn run_lm(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<Vec<Check>> {
-    let (cfg, store) = load_lm(dir, conf)?;
+    let (cfg, store, it) = load_lm(dir, conf)?;
     let mut lm = GpuLm::new(&cfg, &store, precision)?;
+    if let Some(it) = &it {
+        lm.set_intervention(it);
+    }
     if io.t.contains_key("tokens") && io.t.contains_key("losses") {
         return run_train(conf, io, &cfg, &mut lm);
     }
