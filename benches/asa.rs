@@ -2,6 +2,16 @@
 //! vs CUDA, throughput in tokens (B*T per iteration). CPU at T = 256, 1024; CUDA at T = 256,
 //! 1024, 4096 (the CUDA groups are skipped, with a note, when no GPU is usable).
 //!
+//! CUDA ids: `cuda` runs the fused write scan + read (`backend::cuda::fused`, the default),
+//! `cuda_unfused` the op-by-op chain (`set_fused(false)`, as `ASA_CUDA_FUSED=0`), `cuda_bf16`
+//! the fused path with bf16 GEMM inputs. `fused_scan_forward` times the scan + read kernels
+//! alone (no layer around them) and prints a memory-bandwidth roofline next to the measured
+//! time: the bytes the fused forward must move (read wl, v, q, slot keys; write out1, rw and
+//! the small statistics) over the HBM bandwidth (H100 SXM HBM3 3.35e12 B/s; H200 4.8e12 B/s).
+//!
+//! Criterion settings are short (10 samples, 0.5 s warm-up, 2 s measurement) so that the
+//! whole run fits the GPU check's budget.
+//!
 //! `cargo bench --bench asa` runs everything; on a GPU machine without Rust the prebuilt bench
 //! binary runs the same way (`scripts/gpu_check.sh`: `asa-bench --bench cuda`). The CUDA layer
 //! numbers include uploading x/dout and downloading out/dx/grads each iteration (a few MB).
@@ -11,7 +21,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use asa::backend::cuda::{self, model::GpuLayerRunner, GpuLm, Precision};
+use asa::backend::cpu::asa::{ReadMask, SlotDims};
+use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
+use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
+use asa::backend::cuda::{self, model::GpuLayerRunner, AsDv, CudaBackend, Dv, GpuLm, Precision};
 use asa::config::ModelConfig;
 use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
 use asa::model::lm::{Lm, LmCache};
@@ -57,6 +70,8 @@ fn bench_layer(cr: &mut Criterion) {
     let b = 1;
     let mut g = cr.benchmark_group("asa_layer_fwd_bwd");
     g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.warm_up_time(std::time::Duration::from_millis(500));
     for t in [256usize, 1024] {
         let x = data(b * t * c.embed_dim, 2.0, 1);
         let dout = data(b * t * c.embed_dim, 1.0, 2);
@@ -77,19 +92,22 @@ fn bench_layer(cr: &mut Criterion) {
         });
     }
     if cuda::cuda_available() {
-        let mut run =
-            GpuLayerRunner::new(&c, ids.clone(), &store, Precision::F32).expect("GPU layer");
-        for t in [256usize, 1024, 4096] {
-            let x = data(b * t * c.embed_dim, 2.0, 1);
-            let dout = data(b * t * c.embed_dim, 1.0, 2);
-            let opts = AsaOptions::default();
-            g.throughput(Throughput::Elements((b * t) as u64));
-            g.bench_with_input(BenchmarkId::new("cuda", t), &t, |bn, &t| {
-                bn.iter(|| {
-                    run.forward(&x, b, t, &opts).unwrap();
-                    run.backward(&dout).unwrap()
-                })
-            });
+        for (name, fused_on) in [("cuda", true), ("cuda_unfused", false)] {
+            let mut run =
+                GpuLayerRunner::new(&c, ids.clone(), &store, Precision::F32).expect("GPU layer");
+            run.set_fused(fused_on);
+            for t in [256usize, 1024, 4096] {
+                let x = data(b * t * c.embed_dim, 2.0, 1);
+                let dout = data(b * t * c.embed_dim, 1.0, 2);
+                let opts = AsaOptions::default();
+                g.throughput(Throughput::Elements((b * t) as u64));
+                g.bench_with_input(BenchmarkId::new(name, t), &t, |bn, &t| {
+                    bn.iter(|| {
+                        run.forward(&x, b, t, &opts).unwrap();
+                        run.backward(&dout).unwrap()
+                    })
+                });
+            }
         }
     } else {
         println!("asa_layer_fwd_bwd/cuda: skipped (no CUDA device)");
@@ -116,6 +134,8 @@ fn bench_train_step(cr: &mut Criterion) {
     let b = 1;
     let mut g = cr.benchmark_group("train_step");
     g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.warm_up_time(std::time::Duration::from_millis(500));
     for t in [256usize, 1024] {
         let (ids, tg) = tokens(b * t, c.vocab_size);
         let (mut lm, _) = Lm::new(&c).unwrap();
@@ -140,8 +160,13 @@ fn bench_train_step(cr: &mut Criterion) {
         });
     }
     if cuda::cuda_available() {
-        for (prec, name) in [(Precision::F32, "cuda"), (Precision::Bf16, "cuda_bf16")] {
+        for (prec, name, fused_on) in [
+            (Precision::F32, "cuda", true),
+            (Precision::F32, "cuda_unfused", false),
+            (Precision::Bf16, "cuda_bf16", true),
+        ] {
             let mut gl = GpuLm::new(&c, &store0, prec).expect("GPU model");
+            gl.set_fused(fused_on);
             for t in [256usize, 1024, 4096] {
                 let (ids, tg) = tokens(b * t, c.vocab_size);
                 g.throughput(Throughput::Elements((b * t) as u64));
@@ -159,11 +184,155 @@ fn bench_train_step(cr: &mut Criterion) {
     g.finish();
 }
 
+/// H100 SXM HBM3 and H200 HBM3e bandwidths (bytes/s) for the roofline estimate.
+const HBM_H100: f64 = 3.35e12;
+const HBM_H200: f64 = 4.8e12;
+
+/// The write scan + read alone on the GPU (the bench model's layer shape: B 1, H 4, K 32, d 64,
+/// write chunk 128, softmax routing, content read): `cuda` = the fused kernels, `cuda_unfused` =
+/// slot_scan_forward + read_logits_forward + read_weights_forward + slot_mix_forward. Prints
+/// the roofline lower bound of the fused forward next to its measured time.
+fn bench_scan_forward(cr: &mut Criterion) {
+    let mut g = cr.benchmark_group("fused_scan_forward");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    if !cuda::cuda_available() {
+        println!("fused_scan_forward/cuda: skipped (no CUDA device)");
+        g.finish();
+        return;
+    }
+    let be = CudaBackend::new(0).expect("CUDA backend");
+    let c = cfg();
+    let (b, h, nk, d, chunk) = (
+        1usize,
+        c.num_heads,
+        c.num_slots,
+        c.head_dim(),
+        c.write_chunk_size,
+    );
+    for t in [256usize, 1024, 4096] {
+        let dm = SlotDims { b, h, t, k: nk, d };
+        let nbh = b * h;
+        let up = |x: &[f32]| be.upload(x).expect("upload");
+        let wl = up(&data(nbh * nk * t, 4.0, 3));
+        let v = up(&data(nbh * t * d, 2.0, 4));
+        let q = up(&data(nbh * t * d, 2.0, 5));
+        let keys = up(&data(h * nk * d, 1.0, 6));
+        let out1 = be.zeros::<f32>(nbh * t * d).unwrap();
+        let rw = be.zeros::<f32>(nbh * t * nk).unwrap();
+        let keep = be.upload(&vec![1i32; nk]).unwrap();
+        let mask = Some(DevSlotMask {
+            keep: keep.dv(),
+            last_pos_only: false,
+            mode: ReadMask::Read,
+        });
+        let plan = FusedPlan::new(
+            dm,
+            chunk,
+            FusedPlan::auto_tile(nbh, t, be.sm_count.max(1) as usize),
+        )
+        .expect("fused plan");
+        let (n64, n32) = plan.ws_len();
+        let b64 = be.zeros::<f64>(n64).unwrap();
+        let b32 = be.zeros::<f32>(n32).unwrap();
+        let ws = FusedWs::carve(&plan, b64.dv(), b32.dv());
+        let io = FwdIo {
+            out1: out1.dv(),
+            rw: rw.dv(),
+            lkey: Dv::null(),
+            lcont: Dv::null(),
+            logits: Dv::null(),
+            wl: wl.dv(),
+            v: v.dv(),
+            q: q.dv(),
+            keys: keys.dv(),
+            gamma: 0.5,
+            rtemp: 1.0,
+            mask,
+            content: true,
+        };
+        // roofline: measured time per call next to the bandwidth lower bound
+        let run = || fused::forward(&be, &plan, &ws, &io).unwrap();
+        run();
+        be.sync().unwrap();
+        let reps = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        be.sync().unwrap();
+        let measured = t0.elapsed().as_secs_f64() / reps as f64;
+        let bytes = plan.forward_min_bytes() as f64;
+        println!(
+            "fused_scan_forward roofline T={t} (B{b} H{h} K{nk} d{d} chunk {chunk}, tile {} x {} tiles): \
+             {:.2} MB must move -> >= {:.1} us on H100 ({:.2e} B/s), >= {:.1} us on H200 ({:.1e} B/s); \
+             measured {:.1} us on {} ({:.0}% of the H100 bound)",
+            plan.tile,
+            plan.ntiles,
+            bytes / 1e6,
+            bytes / HBM_H100 * 1e6,
+            HBM_H100,
+            bytes / HBM_H200 * 1e6,
+            HBM_H200,
+            measured * 1e6,
+            be.device_name,
+            100.0 * (bytes / HBM_H100) / measured
+        );
+        g.throughput(Throughput::Elements((b * t) as u64));
+        g.bench_with_input(BenchmarkId::new("cuda", t), &t, |bn, _| {
+            bn.iter(|| {
+                run();
+                be.sync().unwrap()
+            })
+        });
+        // the op-by-op chain (state history [B,H,T,K,d] in global memory)
+        let state = be.zeros::<f32>(nbh * t * nk * d).unwrap();
+        let den = be.zeros::<f32>(nbh * nk * t).unwrap();
+        let rmax = be.zeros::<f32>(nbh * nk * t).unwrap();
+        let lkey = be.zeros::<f32>(nbh * t * nk).unwrap();
+        let lcont = be.zeros::<f32>(nbh * t * nk).unwrap();
+        let logits = be.zeros::<f32>(nbh * t * nk).unwrap();
+        g.bench_with_input(BenchmarkId::new("cuda_unfused", t), &t, |bn, _| {
+            bn.iter(|| {
+                be.slot_scan_forward(state.dv(), den.dv(), rmax.dv(), wl.dv(), v.dv(), chunk, dm)
+                    .unwrap();
+                be.read_logits_forward(
+                    lkey.dv(),
+                    lcont.dv(),
+                    logits.dv(),
+                    q.dv(),
+                    keys.dv(),
+                    state.dv(),
+                    0.5,
+                    mask,
+                    dm,
+                )
+                .unwrap();
+                be.read_weights_forward(
+                    rw.dv(),
+                    logits.dv(),
+                    DevRouting::Softmax,
+                    1.0,
+                    Some((keep.dv(), false)),
+                    dm,
+                )
+                .unwrap();
+                be.slot_mix_forward(out1.dv(), rw.dv(), state.dv(), dm)
+                    .unwrap();
+                be.sync().unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
+        .sample_size(10)
         .warm_up_time(std::time::Duration::from_millis(500))
-        .measurement_time(std::time::Duration::from_secs(3));
-    targets = bench_layer, bench_train_step
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = bench_layer, bench_train_step, bench_scan_forward
 }
 criterion_main!(benches);

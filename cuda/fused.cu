@@ -194,13 +194,13 @@ __device__ __forceinline__ void fu_walk_step(FuWalk& W, int t, int t0, int c, fl
     double sc = fu_scale(W.mp, m);
     W.pd += e;
     W.den = fma(W.cd, sc, W.pd);
-    double dd = fmax(W.den, (double)ASA_DEN_EPS);
+    double inv = 1.0 / fmax(W.den, (double)ASA_DEN_EPS);  // one division per step
 #pragma unroll
     for (int q = 0; q < FU_E; ++q) {
         int j = x.jl + x.G * q;
         if (x.sv && j < d) {
             W.p[q] = fma(e, (double)vt[j], W.p[q]);
-            W.st[q] = (float)(fma(W.cn[q], sc, W.p[q]) / dd);
+            W.st[q] = (float)(fma(W.cn[q], sc, W.p[q]) * inv);
         }
     }
     W.sc = sc;
@@ -331,27 +331,39 @@ extern "C" __global__ void slot_scan_read_forward_carry(double* cn, double* cd, 
 #pragma unroll
     for (int q = 0; q < ASA_MAXJ; ++q) Cn[q] = P[q] = 0.0;
     double Cd = 0.0, Pd = 0.0;
+    // the tile sums are loaded one tile ahead
+    double nsn[ASA_MAXJ], nsd, npr;
+#define FU_F2_LOAD(ii)                                                          \
+    {                                                                           \
+        i64 r_ = ((i64)bh * ntiles + (ii)) * nk + s;                            \
+        _Pragma("unroll") for (int q = 0; q < ASA_MAXJ; ++q) {                  \
+            int j = lane + 32 * q;                                              \
+            nsn[q] = j < d ? sum_n[r_ * d + j] : 0.0;                           \
+        }                                                                       \
+        nsd = sum_d[r_];                                                        \
+        npr = nsub == 0 ? prod[r_] : 1.0;                                       \
+    }
+    FU_F2_LOAD(0);
     for (int i = 0; i < ntiles; ++i) {
         i64 row = ((i64)bh * ntiles + i) * nk + s;
         double sn[ASA_MAXJ];
+#pragma unroll
+        for (int q = 0; q < ASA_MAXJ; ++q) sn[q] = nsn[q];
+        double sd = nsd, pr = npr;
+        if (i + 1 < ntiles) FU_F2_LOAD(i + 1);
 #pragma unroll
         for (int q = 0; q < ASA_MAXJ; ++q) {
             int j = lane + 32 * q;
             if (j < d) {
                 cn[row * d + j] = Cn[q];
                 cp[row * d + j] = P[q];
-                sn[q] = sum_n[row * d + j];
-            } else {
-                sn[q] = 0.0;
             }
         }
         if (lane == 0) {
             cd[row] = Cd;
             cpd[row] = Pd;
         }
-        double sd = sum_d[row];
         if (nsub == 0) {
-            double pr = prod[row];
 #pragma unroll
             for (int q = 0; q < ASA_MAXJ; ++q) Cn[q] = fma(Cn[q], pr, sn[q]);
             Cd = fma(Cd, pr, sd);
@@ -375,6 +387,7 @@ extern "C" __global__ void slot_scan_read_forward_carry(double* cn, double* cd, 
             }
         }
     }
+#undef FU_F2_LOAD
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -831,13 +844,14 @@ __device__ __forceinline__ void fu_gn(double* gn, double& gd, double rwv, double
                                       float den_t, const float* gt, const float* dt, const float* qt, int d,
                                       const FuCtx& x) {
     double dd = (double)fmaxf(den_t, ASA_DEN_EPS);
+    double inv = 1.0 / dd;  // one division per step
 #pragma unroll
     for (int qq = 0; qq < FU_E; ++qq) {
         int j = x.jl + x.G * qq;
         if (x.sv && j < d) {
             double g = rwv * (double)gt[j] + gcv * (double)qt[j];
             if (dt) g += swv * (double)dt[j];
-            gn[qq] = g / dd;
+            gn[qq] = g * inv;
         } else {
             gn[qq] = 0.0;
         }
@@ -944,16 +958,31 @@ extern "C" __global__ void slot_scan_read_backward_carry(double* bc_n, double* b
 #pragma unroll
     for (int qq = 0; qq < ASA_MAXJ; ++qq) G[qq] = A[qq] = Ga[qq] = 0.0;
     double Gd = 0.0, Ad = 0.0, Gad = 0.0;
+    // the tile sums are loaded one tile ahead (in reverse)
+    double nb1[ASA_MAXJ], nb2[ASA_MAXJ], nb1d, nb2d, npr;
+#define FU_B4_LOAD(ii)                                                                \
+    {                                                                                 \
+        i64 r_ = ((i64)bh * ntiles + (ii)) * nk + s;                                  \
+        _Pragma("unroll") for (int qq = 0; qq < ASA_MAXJ; ++qq) {                     \
+            int j = lane + 32 * qq;                                                   \
+            nb1[qq] = j < d ? bs_n[r_ * d + j] : 0.0;                                 \
+            nb2[qq] = (j < d && nsub != 0) ? bs2_n[r_ * d + j] : 0.0;                 \
+        }                                                                             \
+        nb1d = bs_d[r_];                                                              \
+        nb2d = nsub != 0 ? bs2_d[r_] : 0.0;                                           \
+        npr = nsub == 0 ? bs_prod[r_] : 1.0;                                          \
+    }
+    FU_B4_LOAD(ntiles - 1);
     for (int i = ntiles - 1; i >= 0; --i) {
         i64 row = ((i64)bh * ntiles + i) * nk + s;
         double b1[ASA_MAXJ], b2[ASA_MAXJ];
 #pragma unroll
         for (int qq = 0; qq < ASA_MAXJ; ++qq) {
-            int j = lane + 32 * qq;
-            b1[qq] = j < d ? bs_n[row * d + j] : 0.0;
-            b2[qq] = (j < d && nsub != 0) ? bs2_n[row * d + j] : 0.0;
+            b1[qq] = nb1[qq];
+            b2[qq] = nb2[qq];
         }
-        double b1d = bs_d[row], b2d = nsub != 0 ? bs2_d[row] : 0.0;
+        double b1d = nb1d, b2d = nb2d, pr = npr;
+        if (i > 0) FU_B4_LOAD(i - 1);
         if (nsub == 0) {
 #pragma unroll
             for (int qq = 0; qq < ASA_MAXJ; ++qq) {
@@ -961,7 +990,6 @@ extern "C" __global__ void slot_scan_read_backward_carry(double* bc_n, double* b
                 if (j < d) bc_n[row * d + j] = G[qq];
             }
             if (lane == 0) bc_d[row] = Gd;
-            double pr = bs_prod[row];
 #pragma unroll
             for (int qq = 0; qq < ASA_MAXJ; ++qq) G[qq] = fma(pr, G[qq], b1[qq]);
             Gd = fma(pr, Gd, b1d);
@@ -1009,6 +1037,7 @@ extern "C" __global__ void slot_scan_read_backward_carry(double* bc_n, double* b
             }
         }
     }
+#undef FU_B4_LOAD
 }
 
 // backward, level 3 (reverse walk of a tile): the CPU twin's per-position scan backward.

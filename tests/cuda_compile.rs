@@ -123,6 +123,20 @@ fn kernels_have_cpu_twins() {
         ("clip_scale", "clip_grad_norm"),
         ("merge_heads", "merge_heads_acc"),
         ("mask_rows", "mask_rows_forward"),
+        // the fused write scan + read (cuda/fused.cu): parts of the CPU chains they replace
+        ("slot_scan_read_forward", "slot_scan_forward"),
+        ("slot_scan_read_forward_rmax", "slot_scan_forward"),
+        ("slot_scan_read_forward_sums", "slot_scan_forward"),
+        ("slot_scan_read_forward_carry", "slot_scan_forward"),
+        ("slot_scan_read_mix", "slot_mix_forward"),
+        ("slot_scan_read_dot", "slot_mix_backward"),
+        ("slot_scan_read_backward", "slot_scan_backward"),
+        ("slot_scan_read_backward_read", "read_logits_backward"),
+        ("slot_scan_read_backward_sums", "slot_scan_backward"),
+        ("slot_scan_read_backward_carry", "slot_scan_backward"),
+        ("slot_scan_read_backward_route", "slot_scan_backward"),
+        ("slot_scan_read_backward_keys", "read_logits_backward"),
+        ("slot_scan_read_backward_gamma", "read_logits_backward"),
     ];
     let mut missing = Vec::new();
     for (_, src) in KERNELS {
@@ -195,6 +209,14 @@ fn kernels_have_cpu_twins() {
     ] {
         assert!(all.iter().any(|k| k == want), "no kernel {want}");
     }
+    // the fused kernels are found by their names (`__launch_bounds__` before the name)
+    for want in ["slot_scan_read_forward", "slot_scan_read_backward"] {
+        assert!(all.iter().any(|k| k == want), "no kernel {want}");
+    }
+    assert!(
+        all.iter().all(|k| !k.starts_with("__")),
+        "kernel names misparsed: {all:?}"
+    );
 }
 
 #[test]

@@ -59,8 +59,9 @@ pub const MIN_TILE: usize = 16;
 const FU_E: usize = 8;
 /// Warps per block (`FU_MAXNW`).
 const FU_MAXNW: usize = 16;
-/// Dynamic shared memory limit without opt-in.
-const SMEM_LIMIT: usize = 48 * 1024;
+/// Dynamic shared memory limit: 48 KiB (the most without opt-in) less room for the kernels'
+/// static shared arrays (128 bytes).
+const SMEM_LIMIT: usize = 48 * 1024 - 256;
 
 /// Kernel launches of the fused path: a CUDA backend, or an emulator in tests.
 pub trait FusedLaunch {
@@ -245,16 +246,14 @@ impl FusedPlan {
         ]
     }
 
-    /// Bytes that the fused scan forward must move at least (read wl, v, q, slot keys; write
-    /// out1, rw and the small statistics: den, rmax, tile carries, chunk carries): the numerator
-    /// of the memory-bandwidth roofline.
+    /// Bytes that the scan + read forward must move at least: read wl, v, q and the slot keys,
+    /// write out1, rw and the per-token statistics den, rmax (f32). The numerator of the
+    /// memory-bandwidth roofline; the fused path's own carries are not counted.
     pub fn forward_min_bytes(&self) -> usize {
         let (nbh, t, k, d) = (self.nbh(), self.t, self.k, self.d);
-        let f = 4;
         let reads = nbh * k * t + 2 * nbh * t * d + self.h * k * d;
         let writes = nbh * t * d + nbh * t * k + 2 * nbh * k * t;
-        let carries = 8 * (2 * nbh * self.ntiles * k * (d + 1)) + f * nbh * self.nchunks * k * d;
-        f * (reads + writes) + carries
+        4 * (reads + writes)
     }
 }
 
@@ -657,7 +656,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
     assert_eq!(io.rw.len, nbh * t * nk, "fused backward: rw shape");
     let refine = !io.sw.is_null();
     assert!(
-        refine == !io.ddelta.is_null() && refine == !io.dsw.is_null(),
+        io.ddelta.is_null() != refine && io.dsw.is_null() != refine,
         "fused backward: sw, ddelta and dsw go together"
     );
     nullable_len(io.sw, nbh * t * nk, "sw");
@@ -956,15 +955,16 @@ mod tests {
 
     /// Tile bounds as the kernels compute them (`fu_tile`).
     fn tile_bounds(p: &FusedPlan, i: usize) -> (usize, usize) {
-        if p.nsub == 0 {
-            let t0 = i * p.tile;
-            (t0, (t0 + p.tile).min(p.t))
-        } else {
-            let ci = i / p.nsub;
-            let kk = i % p.nsub;
-            let cs = ci * p.chunk;
-            let t0 = cs + kk * p.tile;
-            (t0, (t0 + p.tile).min(cs + p.chunk).min(p.t))
+        match (i.checked_div(p.nsub), i.checked_rem(p.nsub)) {
+            (Some(ci), Some(kk)) => {
+                let cs = ci * p.chunk;
+                let t0 = cs + kk * p.tile;
+                (t0, (t0 + p.tile).min(cs + p.chunk).min(p.t))
+            }
+            _ => {
+                let t0 = i * p.tile;
+                (t0, (t0 + p.tile).min(p.t))
+            }
         }
     }
 

@@ -84,14 +84,19 @@ pub fn kernel_source(stem: &str) -> Option<String> {
     Some(out)
 }
 
-/// Names of the `extern "C" __global__` kernels of a source, in order of appearance.
+/// Names of the `extern "C" __global__` kernels of a source, in order of appearance (an
+/// optional `__launch_bounds__(...)` before the name is skipped).
 pub fn kernel_names(src: &str) -> Vec<String> {
     let mut names = Vec::new();
     let key = "__global__ void ";
     let mut rest = src;
     while let Some(pos) = rest.find(key) {
         let after = &rest[pos + key.len()..];
-        let name: String = after
+        let named = match after.trim_start().strip_prefix("__launch_bounds__(") {
+            Some(r) => r.split_once(')').map(|(_, x)| x.trim_start()).unwrap_or(r),
+            None => after,
+        };
+        let name: String = named
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();

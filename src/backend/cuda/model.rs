@@ -373,6 +373,8 @@ pub struct GpuAsaCache {
     gate: f32,
     /// intervene variant: out1, thresholds, logs (`super::intervene`)
     intv: super::intervene::GpuIntvCache,
+    /// the fused write scan + read (`super::fused`): plan, carries, workspace
+    fused: super::fused::FusedState,
 }
 
 /// One ASA layer on the GPU: config, parameter ids, ALiBi slopes, RoPE tables.
@@ -381,6 +383,9 @@ pub struct GpuAsaLayer {
     pub ids: AsaIds,
     /// intervene variant: the intervention settings (`AsaLayer::intervention`)
     pub intervention: Intervention,
+    /// use the fused write scan + read where supported (`super::fused`; default: on unless
+    /// `ASA_CUDA_FUSED=0`)
+    pub fused: bool,
     slopes: Vec<f32>,
     slopes_d: CudaSlice<f32>,
     rope: Option<DevRope>,
@@ -399,6 +404,7 @@ impl GpuAsaLayer {
             cfg: cfg.clone(),
             ids,
             intervention: Intervention::default(),
+            fused: super::fused::fused_default(),
             slopes,
             slopes_d,
             rope: None,
@@ -529,45 +535,74 @@ impl GpuAsaLayer {
         let wl = c_.wl.ensure(be, b * h * nk * t)?;
         be.write_logits_forward(raw, wl, keys, k_r, wtemp, bias_h, valid, dm)?;
 
-        // write scan
-        let state = c_.state.ensure(be, b * h * t * nk * d)?;
-        let den = c_.den.ensure(be, b * h * nk * t)?;
-        let rmax = c_.rmax.ensure(be, b * h * nk * t)?;
-        be.slot_scan_forward(state, den, rmax, wl, v_h, cfg.write_chunk_size, dm)?;
-
-        // read logits, routing
-        c_.gamma = self.content_gamma(p);
-        let bhtk = b * h * t * nk;
-        let lkey = c_.lkey.ensure(be, bhtk)?;
-        let lcont = if cfg.use_content_read {
-            c_.lcont.ensure(be, bhtk)?
+        // write scan + read: fused (no [B,H,T,K,d] state history) where supported
+        let fplan = if self.fused {
+            let softmax = matches!(o.routing, RoutingMode::Softmax);
+            super::fused::layer_plan(be.sm_count.max(1) as usize, &cfg, softmax, dm)
         } else {
-            Dv::null()
+            None
         };
-        let logits = c_.logits.ensure(be, bhtk)?;
-        be.read_logits_forward(
-            lkey,
-            lcont,
-            logits,
-            q_h,
-            keys,
-            state,
-            c_.gamma,
-            o.read_mask(),
-            dm,
-        )?;
-        let rtemp = cfg.read_temperature.max(1e-6) as f32;
-        let rw = c_.rw.ensure(be, bhtk)?;
-        be.read_weights_forward(
-            rw,
-            logits,
-            o.routing(),
-            rtemp,
-            o.keep_where(SlotMaskWhere::Read),
-            dm,
-        )?;
-        let out_h = c_.out_h.ensure(be, n * c)?;
-        be.slot_mix_forward(out_h, rw, state, dm)?; // out1
+        c_.fused.deactivate();
+        if let Some(plan) = fplan {
+            c_.gamma = self.content_gamma(p);
+            let io = super::fused::FwdIo {
+                out1: c_.out_h.ensure(be, n * c)?,
+                rw: c_.rw.ensure(be, b * h * t * nk)?,
+                lkey: Dv::null(),
+                lcont: Dv::null(),
+                logits: Dv::null(),
+                wl,
+                v: v_h,
+                q: q_h,
+                keys,
+                gamma: c_.gamma,
+                rtemp: cfg.read_temperature.max(1e-6) as f32,
+                mask: o.read_mask(),
+                content: cfg.use_content_read,
+            };
+            c_.fused.forward(be, plan, &io)?;
+        } else {
+            // write scan
+            let state = c_.state.ensure(be, b * h * t * nk * d)?;
+            let den = c_.den.ensure(be, b * h * nk * t)?;
+            let rmax = c_.rmax.ensure(be, b * h * nk * t)?;
+            be.slot_scan_forward(state, den, rmax, wl, v_h, cfg.write_chunk_size, dm)?;
+
+            // read logits, routing
+            c_.gamma = self.content_gamma(p);
+            let bhtk = b * h * t * nk;
+            let lkey = c_.lkey.ensure(be, bhtk)?;
+            let lcont = if cfg.use_content_read {
+                c_.lcont.ensure(be, bhtk)?
+            } else {
+                Dv::null()
+            };
+            let logits = c_.logits.ensure(be, bhtk)?;
+            be.read_logits_forward(
+                lkey,
+                lcont,
+                logits,
+                q_h,
+                keys,
+                state,
+                c_.gamma,
+                o.read_mask(),
+                dm,
+            )?;
+            let rtemp = cfg.read_temperature.max(1e-6) as f32;
+            let rw = c_.rw.ensure(be, bhtk)?;
+            be.read_weights_forward(
+                rw,
+                logits,
+                o.routing(),
+                rtemp,
+                o.keep_where(SlotMaskWhere::Read),
+                dm,
+            )?;
+            let out_h = c_.out_h.ensure(be, n * c)?;
+            be.slot_mix_forward(out_h, rw, state, dm)?; // out1
+        }
+        let out_h = c_.out_h.dv();
 
         // slotspace refine: out_h = out1 + gate * delta
         c_.gate = 0.0;
@@ -681,7 +716,11 @@ impl GpuAsaLayer {
             be.slot_mask_weights_forward(sw, pre, keep, lpo, !cfg.slotspace_signed_weights, dm)?;
         }
         let delta = c_.delta.ensure(be, rows * dm.d)?;
-        be.slot_mix_forward(delta, sw, c_.state.dv(), dm)?;
+        if c_.fused.active() {
+            c_.fused.mix(be, delta, sw, c_.wl.dv(), c_.v_h.dv())?;
+        } else {
+            be.slot_mix_forward(delta, sw, c_.state.dv(), dm)?;
+        }
         Ok(())
     }
 
@@ -731,7 +770,9 @@ impl GpuAsaLayer {
         let (_s2, dout_h) = tmp(be, n * c)?;
         be.split_heads(dout_h, dmerged, b, t, h, d)?;
 
-        let (_s3, dstate) = tmp(be, c_.state.n)?;
+        // the fused path never forms the state history nor its gradient
+        let fused = c_.fused.active();
+        let (_s3, dstate) = tmp(be, if fused { 0 } else { c_.state.n })?;
         let (_s4, drw) = tmp(be, c_.rw.n)?;
         // d(out1) is d(out_h) (the intervene backward adds its share in place)
         let dout1 = dout_h;
@@ -754,7 +795,13 @@ impl GpuAsaLayer {
             }
             be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
             let (_s6, dsw) = tmp(be, rows * nk)?;
-            be.slot_mix_backward(dsw, dstate, ddelta, c_.sw.dv(), c_.state.dv(), dm)?;
+            if fused {
+                // dsw = ddelta . state; sw * ddelta joins the state gradient in the fused backward
+                c_.fused
+                    .refine_backward(be, dsw, ddelta, c_.wl.dv(), c_.v_h.dv())?;
+            } else {
+                be.slot_mix_backward(dsw, dstate, ddelta, c_.sw.dv(), c_.state.dv(), dm)?;
+            }
             let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
             let (_s7, dsw_pre, sw_pre) = match ss_mask {
                 Some((keep, lpo)) => {
@@ -899,37 +946,66 @@ impl GpuAsaLayer {
         }
 
         // read
-        be.slot_mix_backward(drw, dstate, dout1, c_.rw.dv(), c_.state.dv(), dm)?;
         let rtemp = cfg.read_temperature.max(1e-6) as f32;
-        let (_s11, dlogits) = tmp(be, c_.rw.n)?;
-        be.read_weights_backward(
-            dlogits,
-            drw,
-            c_.rw.dv(),
-            c_.logits.dv(),
-            o.routing(),
-            rtemp,
-            o.keep_where(SlotMaskWhere::Read),
-            dm,
-        )?;
         let (_s12, dq_h) = tmp(be, n * c)?;
         let (_s13, dkeys) = tmp(be, h * nk * d)?;
         let dgamma = be.zeros::<f64>(1)?;
         let content = cfg.use_content_read;
-        be.read_logits_backward(
-            dq_h,
-            dkeys,
-            if content { dstate } else { Dv::null() },
-            dgamma.dv(),
-            dlogits,
-            if content { c_.lcont.dv() } else { Dv::null() },
-            c_.q_h.dv(),
-            c_.keys.dv(),
-            c_.state.dv(),
-            c_.gamma,
-            o.read_mask(),
-            dm,
-        )?;
+        let (_s14, dwl) = tmp(be, c_.wl.n)?;
+        let (_s15, dv_h) = tmp(be, n * c)?;
+        if fused {
+            // read + write-scan backward from the forward's carries
+            let refine = self.ids.slotspace.is_some();
+            let io = super::fused::BwdIo {
+                dwl,
+                dv: dv_h,
+                dq: dq_h,
+                dkeys,
+                dgamma: dgamma.dv(),
+                dout1,
+                drw,
+                rw: c_.rw.dv(),
+                sw: if refine { c_.sw.dv() } else { Dv::null() },
+                ddelta: Dv::null(),
+                dsw: Dv::null(),
+                q: c_.q_h.dv(),
+                keys: c_.keys.dv(),
+                v: c_.v_h.dv(),
+                wl: c_.wl.dv(),
+                gamma: c_.gamma,
+                rtemp,
+                mask: o.read_mask(),
+                content,
+            };
+            c_.fused.backward(be, &io)?;
+        } else {
+            be.slot_mix_backward(drw, dstate, dout1, c_.rw.dv(), c_.state.dv(), dm)?;
+            let (_s11, dlogits) = tmp(be, c_.rw.n)?;
+            be.read_weights_backward(
+                dlogits,
+                drw,
+                c_.rw.dv(),
+                c_.logits.dv(),
+                o.routing(),
+                rtemp,
+                o.keep_where(SlotMaskWhere::Read),
+                dm,
+            )?;
+            be.read_logits_backward(
+                dq_h,
+                dkeys,
+                if content { dstate } else { Dv::null() },
+                dgamma.dv(),
+                dlogits,
+                if content { c_.lcont.dv() } else { Dv::null() },
+                c_.q_h.dv(),
+                c_.keys.dv(),
+                c_.state.dv(),
+                c_.gamma,
+                o.read_mask(),
+                dm,
+            )?;
+        }
         if let Some(i) = self.ids.content_read_gamma {
             let raw = p.scalar(i) as f64;
             let sp = softplus(raw);
@@ -940,21 +1016,21 @@ impl GpuAsaLayer {
             }
         }
 
-        // write scan and write logits
-        let (_s14, dwl) = tmp(be, c_.wl.n)?;
-        let (_s15, dv_h) = tmp(be, n * c)?;
-        be.slot_scan_backward(
-            dwl,
-            dv_h,
-            dstate,
-            c_.state.dv(),
-            c_.den.dv(),
-            c_.rmax.dv(),
-            c_.wl.dv(),
-            c_.v_h.dv(),
-            cfg.write_chunk_size,
-            dm,
-        )?;
+        // write scan (op by op; the fused backward did it above) and write logits
+        if !fused {
+            be.slot_scan_backward(
+                dwl,
+                dv_h,
+                dstate,
+                c_.state.dv(),
+                c_.den.dv(),
+                c_.rmax.dv(),
+                c_.wl.dv(),
+                c_.v_h.dv(),
+                cfg.write_chunk_size,
+                dm,
+            )?;
+        }
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
         let (_s16, dk_r) = tmp(be, n * c)?;
         let pbias = if self.ids.alibi_strength.is_some() {
@@ -1129,6 +1205,13 @@ impl GpuLm {
     pub fn set_intervention(&mut self, it: &Intervention) {
         for l in &mut self.layers {
             l.intervention = it.clone();
+        }
+    }
+
+    /// Fused write scan + read on (the default, unless `ASA_CUDA_FUSED=0`) or off (op by op).
+    pub fn set_fused(&mut self, on: bool) {
+        for l in &mut self.layers {
+            l.fused = on;
         }
     }
 
@@ -1839,6 +1922,16 @@ impl GpuLayerRunner {
     /// Sets the intervention settings (intervene variant; `AsaLayer::intervention`).
     pub fn set_intervention(&mut self, it: &Intervention) {
         self.layer.intervention = it.clone();
+    }
+
+    /// Fused write scan + read on (the default, unless `ASA_CUDA_FUSED=0`) or off (op by op).
+    pub fn set_fused(&mut self, on: bool) {
+        self.layer.fused = on;
+    }
+
+    /// Whether the last forward ran the fused write scan + read.
+    pub fn fused_active(&self) -> bool {
+        self.cache.fused.active()
     }
 
     /// The intervene variant's info tensors of the last forward (see
