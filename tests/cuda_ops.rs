@@ -1238,7 +1238,11 @@ fn cuda_intervene_layer_matches_cpu() {
     let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(11));
     // slotspace logits of order 1, so that slot_peaked scores are not tiny differences of
     // entropies (whose rounding could reorder near-equal scores at a hard-mask threshold)
-    let so = store.names.iter().position(|n| n == "slot_out.weight").unwrap();
+    let so = store
+        .names
+        .iter()
+        .position(|n| n == "slot_out.weight")
+        .unwrap();
     store.data[so].iter_mut().for_each(|w| *w *= 2000.0);
     let c = cfg.embed_dim;
     let x = rv(&mut r, b * t * c, 1.0);
