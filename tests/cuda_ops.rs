@@ -1209,7 +1209,12 @@ fn intervention_sweep(h: usize) -> Vec<asa::model::asa::Intervention> {
                     tau_pctl: 60.0,
                     soft_mask: soft,
                     soft_temp: 0.2,
-                    score_clip_pctl: if soft { Some(81.0) } else { None },
+                    // (no clip for slot_peaked: its clip boundary is within 3e-6 of a score)
+                    score_clip_pctl: if soft && sk != ScoreKind::SlotPeaked {
+                        Some(81.0)
+                    } else {
+                        None
+                    },
                     log_refine_geom: sk == ScoreKind::OrthFrac,
                     ..Default::default()
                 });
