@@ -152,7 +152,7 @@ fn bench_train_step(cr: &mut Criterion) {
                 lm.forward(&store, &ids, b, t, &opts, &mut cache).unwrap();
                 let loss = lm.loss(&mut cache, &tg, None).unwrap();
                 let mut grads = store.zeros_like();
-                lm.backward(&store, &cache, &opts, &mut grads);
+                lm.backward(&store, &mut cache, &opts, &mut grads);
                 clip_grad_norm(&mut grads, 1.0);
                 adam.step(&mut store, &grads, acfg.lr);
                 loss

@@ -388,7 +388,7 @@ fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> R
         lm.forward(&params, inp, b, t, &opts, &mut cache)?;
         let loss = lm.loss(&mut cache, tgt, None)?;
         grads.zero();
-        lm.backward(&params, &cache, &opts, &mut grads);
+        lm.backward(&params, &mut cache, &opts, &mut grads);
         let norm = clip_grad_norm(&mut grads, BENCH_CLIP);
         check_step(loss, norm)?;
         adam.step(&mut params, &grads, BENCH_ADAM.lr);

@@ -583,6 +583,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error (please report): {info}");
     }));
+    asa::backend::cpu::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

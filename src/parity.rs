@@ -536,7 +536,7 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
         }
         if io.keys_with_prefix("grad.").next().is_some() {
             let mut grads = store.zeros_like();
-            lm.backward(&store, &cache, &opts, &mut grads);
+            lm.backward(&store, &mut cache, &opts, &mut grads);
             for key in io.keys_with_prefix("grad.") {
                 let k = &key["grad.".len()..];
                 let got = grad_of(&lm, &grads, k)?;
@@ -607,7 +607,7 @@ fn run_train_case(
         lm.forward(store, &inputs, b, t, &opts, &mut cache)?;
         losses.push(lm.loss(&mut cache, &targets, None)? as f32);
         let mut grads = store.zeros_like();
-        lm.backward(store, &cache, &opts, &mut grads);
+        lm.backward(store, &mut cache, &opts, &mut grads);
         let norm = match clip {
             Some(c) => clip_grad_norm(&mut grads, c),
             None => crate::optim::global_norm(&grads),

@@ -78,7 +78,7 @@ fn run_case(name: &str, cfg: &ModelConfig, seed: u64) -> Result<SmokeCase> {
     lm.forward(&params, &ids, b, t, &opts, &mut cache)?;
     let loss = lm.loss(&mut cache, &targets, None)?;
     let mut grads = params.zeros_like();
-    lm.backward(&params, &cache, &opts, &mut grads);
+    lm.backward(&params, &mut cache, &opts, &mut grads);
     let grad_norm = clip_grad_norm(&mut grads, 1.0);
     let before = params.data.clone();
     let mut adam = AdamW::new(

@@ -898,7 +898,7 @@ fn cpu_train(
         lm.forward(store, inputs, b, t, &opts, &mut cache).unwrap();
         losses.push(lm.loss(&mut cache, targets, None).unwrap());
         let mut grads = store.zeros_like();
-        lm.backward(store, &cache, &opts, &mut grads);
+        lm.backward(store, &mut cache, &opts, &mut grads);
         norms.push(clip_grad_norm(&mut grads, 0.5));
         adam.step(store, &grads, acfg.lr);
     }
@@ -953,7 +953,7 @@ fn cuda_lm_train_step_matches_cpu() {
         close(&format!("lm logits {variant:?}"), &glog, &cache.logits, TOL);
         let loss = lm.loss(&mut cache, &targets, Some(&mask)).unwrap();
         let mut grads = store0.zeros_like();
-        lm.backward(&store0, &cache, &opts, &mut grads);
+        lm.backward(&store0, &mut cache, &opts, &mut grads);
         let (gloss, ggrads) = gl
             .loss_and_grads(&inputs, &targets, Some(&mask), b, t)
             .unwrap();
@@ -1368,7 +1368,7 @@ fn cuda_intervene_lm_matches_cpu() {
             .unwrap();
         let loss = lm.loss(&mut cache, &targets, None).unwrap();
         let mut grads = store.zeros_like();
-        lm.backward(&store, &cache, &opts, &mut grads);
+        lm.backward(&store, &mut cache, &opts, &mut grads);
 
         let mut gl = GpuLm::new(&cfg, &store, Precision::F32).unwrap();
         gl.set_intervention(&it);
@@ -1911,7 +1911,7 @@ fn cuda_fused_lm_matches_unfused_and_cpu() {
             .unwrap();
         let loss = lm.loss(&mut cache, &targets, Some(&mask)).unwrap();
         let mut grads = store.zeros_like();
-        lm.backward(&store, &cache, &opts, &mut grads);
+        lm.backward(&store, &mut cache, &opts, &mut grads);
         let mut res = vec![];
         for fused in [true, false] {
             let mut gl = GpuLm::new(&cfg, &store, Precision::F32).unwrap();

@@ -79,7 +79,7 @@ fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
         lm.forward(&params, inp, b, t, &opts, &mut cache).unwrap();
         cpu_losses.push(lm.loss(&mut cache, tgt, None).unwrap());
         let mut grads = params.zeros_like();
-        lm.backward(&params, &cache, &opts, &mut grads);
+        lm.backward(&params, &mut cache, &opts, &mut grads);
         clip_grad_norm(&mut grads, 1.0);
         adam.step(&mut params, &grads, adam_cfg.lr);
         let (l, _) = gpu

@@ -351,7 +351,7 @@ fn lm_gradients_match_finite_differences() {
     lm.forward(&store, &ids, b, t, &opts, &mut cache).unwrap();
     lm.loss(&mut cache, &targets, None).unwrap();
     let mut grads = store.zeros_like();
-    lm.backward(&store, &cache, &opts, &mut grads);
+    lm.backward(&store, &mut cache, &opts, &mut grads);
     let mut fd = FdStats::default();
     for pi in 0..store.len() {
         let n = store.data[pi].len();

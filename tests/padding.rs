@@ -100,7 +100,7 @@ fn left_padding_backward_is_finite() {
     let loss = lm.loss(&mut cache, &targets, Some(&mask)).unwrap();
     assert!(loss.is_finite());
     let mut grads = store.zeros_like();
-    lm.backward(&store, &cache, &opts, &mut grads);
+    lm.backward(&store, &mut cache, &opts, &mut grads);
     for (name, g) in grads.names.iter().zip(&grads.data) {
         assert!(
             g.iter().all(|x| x.is_finite()),

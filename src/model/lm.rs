@@ -49,6 +49,7 @@ pub struct LmCache {
     lnf_rstd: Vec<f32>,
     pub logits: Vec<f32>, // [B,T,V]
     probs: Vec<f32>,      // [B,T,V]
+    dlogits: Vec<f32>,    // [B,T,V], reused across steps (no per-step allocation)
     targets: Vec<i64>,
     valid: Option<Vec<bool>>,
     count: usize,
@@ -392,11 +393,12 @@ impl Lm {
     pub fn backward(
         &self,
         p: &ParamStore,
-        cache: &LmCache,
+        cache: &mut LmCache,
         opts: &AsaOptions,
         grads: &mut ParamStore,
     ) {
-        let mut dlogits = vec![0.0; cache.logits.len()];
+        let mut dlogits = std::mem::take(&mut cache.dlogits);
+        resize(&mut dlogits, cache.logits.len());
         let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
         ops::crossentropy_backward(
             &mut dlogits,
@@ -408,6 +410,7 @@ impl Lm {
             v,
         );
         self.backward_from_logits(p, cache, opts, &dlogits, grads);
+        cache.dlogits = dlogits;
     }
 
     /// Backward from an arbitrary dL/dlogits [B,T,V].

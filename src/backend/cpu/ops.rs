@@ -15,6 +15,7 @@
 use rand::Rng;
 use rayon::prelude::*;
 
+use super::simd;
 use crate::error::{AsaError, Result};
 
 /// Elements per rayon task for elementwise ops.
@@ -611,23 +612,18 @@ pub fn crossentropy_forward(
         .zip(row_loss.par_iter_mut())
         .enumerate()
         .for_each(|(r, ((p, x), l))| {
-            let mx = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let mxf = simd::row_max(x);
+            let mx = mxf as f64;
             if mx == f64::NEG_INFINITY {
                 // all -inf: no probability mass anywhere; avoid NaN
                 p.fill(0.0);
                 *l = f64::INFINITY;
             } else {
                 // one f32 exp per element (the row max keeps it in range), summed in f64
-                let mxf = mx as f32;
-                let mut s = 0f64;
-                for (p, &z) in p.iter_mut().zip(x) {
-                    let e = (z - mxf).exp();
-                    *p = e;
-                    s += e as f64;
-                }
+                let s = simd::exp_sub_sum(p, x, mxf);
                 let lse = mx + s.ln();
                 let inv = (1.0 / s) as f32;
-                p.iter_mut().for_each(|q| *q *= inv);
+                simd::scale_in_place(p, inv);
                 if ce_counted(r, targets, valid) {
                     *l = lse - x[targets[r] as usize] as f64;
                 }
