@@ -855,11 +855,17 @@ impl Engine {
                 }
                 Ok((loss, norm))
             }
-            Engine::Cuda(_) if accum > 1 => Err(AsaError::Config(
-                "gradient accumulation (micro_batch_size < batch_size) runs on the CPU only so far"
-                    .into(),
-            )),
-            Engine::Cuda(g) => g.train_step(inp, tgt, b, t, lr, &adam_config(s), Some(s.grad_clip)),
+            Engine::Cuda(g) => g.train_step_accum(
+                inp,
+                tgt,
+                b,
+                t,
+                mb,
+                lr,
+                &adam_config(s),
+                Some(s.grad_clip),
+                true,
+            ),
         }
     }
 
@@ -907,21 +913,6 @@ fn parse_pos(s: &str) -> Result<u128> {
             "invalid generator position '{s}' in train_state.json"
         ))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_warms_up_then_decays() {
-        assert!((lr_at(0, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
-        assert!((lr_at(9, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((lr_at(10, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
-        let mid = lr_at(55, 1.0, 0.1, 10, 100);
-        assert!((mid - 0.55).abs() < 1e-9, "{mid}");
-    }
 }
 
 /// The most recently updated run directory (one holding `checkpoint.safetensors`) under `runs_dir`.
@@ -994,4 +985,19 @@ pub fn load_for_analysis(
         )));
     }
     Ok((lm, params, tok, path.display().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        assert!((lr_at(0, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(10, 1.0, 0.1, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
+        let mid = lr_at(55, 1.0, 0.1, 10, 100);
+        assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+    }
 }

@@ -121,3 +121,99 @@ fn loss_curve_f32_tracks_cpu() {
 fn loss_curve_bf16_tracks_cpu() {
     check(Precision::Bf16, 3e-2);
 }
+
+/// Gradient accumulation on the GPU: a batch of 4 rows run as 2 micro-batches of 2 takes the
+/// same optimizer steps as the batch run whole (equal target counts, no dropout), and as the
+/// CPU trainer's accumulation.
+#[test]
+fn accumulation_matches_whole_batch_and_cpu() {
+    if !cuda_available() {
+        println!("SKIPPED accumulation_matches_whole_batch_and_cpu: no CUDA device");
+        return;
+    }
+    let c = cfg();
+    let (b, t, micro) = (4, 32, 2);
+    let data = batches(5, b, t, c.vocab_size);
+    let adam_cfg = AdamWConfig {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let (mut lm, params0) = Lm::new(&c).unwrap();
+    let mut whole = GpuLm::new(&c, &params0, Precision::F32).unwrap();
+    let mut accum = GpuLm::new(&c, &params0, Precision::F32).unwrap();
+    // CPU accumulation, as the trainer runs it
+    let mut params = params0.clone();
+    let mut adam = AdamW::new(adam_cfg, &params);
+    let mut cache = LmCache::default();
+    let opts = AsaOptions::default();
+    for (inp, tgt) in &data {
+        let mut grads = params.zeros_like();
+        let mut cpu_loss = 0.0;
+        for k in 0..b / micro {
+            let rows = k * micro * t..(k + 1) * micro * t;
+            lm.forward(&params, &inp[rows.clone()], micro, t, &opts, &mut cache)
+                .unwrap();
+            cpu_loss += lm.loss(&mut cache, &tgt[rows], None).unwrap() / (b / micro) as f64;
+            lm.backward(&params, &mut cache, &opts, &mut grads);
+        }
+        let inv = 1.0 / (b / micro) as f32;
+        grads.data.iter_mut().flatten().for_each(|g| *g *= inv);
+        clip_grad_norm(&mut grads, 1.0);
+        adam.step(&mut params, &grads, adam_cfg.lr);
+
+        let (lw, nw) = whole
+            .train_step_mode(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0), false)
+            .unwrap();
+        let (la, na) = accum
+            .train_step_accum(
+                inp,
+                tgt,
+                b,
+                t,
+                micro,
+                adam_cfg.lr,
+                &adam_cfg,
+                Some(1.0),
+                false,
+            )
+            .unwrap();
+        assert!(
+            (lw - la).abs() < 1e-5 * lw.abs(),
+            "loss whole {lw} vs accumulated {la}"
+        );
+        assert!(
+            (nw - na).abs() < 1e-4 * nw.abs(),
+            "norm whole {nw} vs accumulated {na}"
+        );
+        assert!(
+            (cpu_loss - la).abs() < 1e-5 * la.abs(),
+            "loss cpu {cpu_loss} vs gpu {la}"
+        );
+    }
+    let (pw, pa) = (
+        whole.download_params().unwrap(),
+        accum.download_params().unwrap(),
+    );
+    let worst = |x: &asa::model::params::ParamStore, y: &asa::model::params::ParamStore| {
+        x.data
+            .iter()
+            .flatten()
+            .zip(y.data.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let (d_whole, d_cpu) = (worst(&pw, &pa), worst(&params, &pa));
+    println!("accumulation: max |whole - accumulated| {d_whole:.2e}, max |cpu - gpu| {d_cpu:.2e}");
+    assert!(
+        d_whole < 1e-4,
+        "accumulated weights leave the whole-batch ones: {d_whole}"
+    );
+    assert!(d_cpu < 1e-4, "GPU accumulation leaves the CPU's: {d_cpu}");
+    // a batch that does not split is an error, not a panic
+    assert!(accum
+        .train_step_accum(&data[0].0, &data[0].1, b, t, 3, 1e-3, &adam_cfg, None, false)
+        .is_err());
+}

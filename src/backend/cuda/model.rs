@@ -1150,6 +1150,8 @@ pub struct GpuLm {
     template: ParamStore,
     params: GpuParams,
     grads: CudaSlice<f32>,
+    /// sum of the micro-batch gradients under gradient accumulation (allocated on first use)
+    grad_acc: Option<CudaSlice<f32>>,
     adam: Option<(CudaSlice<f32>, CudaSlice<f32>, u64)>,
     layers: Vec<GpuAsaLayer>,
     cache: GpuLmCache,
@@ -1187,6 +1189,7 @@ impl GpuLm {
             template: params.clone(),
             params: gp,
             grads,
+            grad_acc: None,
             adam: None,
             layers,
             cache: GpuLmCache::default(),
@@ -1694,14 +1697,94 @@ impl GpuLm {
             ..Default::default()
         };
         let (sum, count) = self.loss_backward(inputs, targets, b, t, &opts)?;
+        let loss = self.be.download(sum.dv())?[0] / count as f64;
+        self.apply_update(loss, lr, adam, clip)
+    }
+
+    /// One training step over `b` rows run as `b / micro` micro-batches of `micro` rows
+    /// (gradient accumulation, as the CPU trainer): each micro-batch's mean loss weighs
+    /// `micro / b`; the micro-batch gradients are summed in order on the device, scaled by
+    /// `micro / b`, then clipped and applied once. `micro == b` is `train_step_mode`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step_accum(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        micro: usize,
+        lr: f64,
+        adam: &AdamWConfig,
+        clip: Option<f64>,
+        training: bool,
+    ) -> Result<(f64, f64)> {
+        if micro == 0 || b % micro != 0 {
+            return Err(AsaError::Config(format!(
+                "batch of {b} rows does not split into micro-batches of {micro}"
+            )));
+        }
+        if inputs.len() != b * t || targets.len() != b * t {
+            return Err(AsaError::Input(format!(
+                "expected {b}x{t} inputs and targets, got {} and {}",
+                inputs.len(),
+                targets.len()
+            )));
+        }
+        let accum = b / micro;
+        if accum == 1 {
+            return self.train_step_mode(inputs, targets, b, t, lr, adam, clip, training);
+        }
+        let opts = AsaOptions {
+            training,
+            ..Default::default()
+        };
+        let total = self.params.layout.total;
+        if self.grad_acc.is_none() {
+            self.grad_acc = Some(self.be.zeros::<f32>(total)?);
+        }
+        let acc = self
+            .grad_acc
+            .as_ref()
+            .expect("allocated above")
+            .dv()
+            .sub(0, total);
+        self.be.memset_zero(acc)?;
+        // the per-micro-batch loss sums stay on the device until the end (no sync per micro-batch)
+        let mut sums = Vec::with_capacity(accum);
+        for k in 0..accum {
+            let rows = k * micro * t..(k + 1) * micro * t;
+            let (sum, count) =
+                self.loss_backward(&inputs[rows.clone()], &targets[rows], micro, t, &opts)?;
+            self.be.axpy(acc, self.grads.dv().sub(0, total), 1.0)?;
+            sums.push((sum, count));
+        }
+        // grads = acc * (1/accum), the f32 product the CPU trainer forms
+        let inv = 1.0 / accum as f32;
+        self.be
+            .scale_f64(self.grads.dv().sub(0, total), acc, inv as f64)?;
+        let mut loss = 0.0;
+        for (sum, count) in &sums {
+            loss += self.be.download(sum.dv())?[0] / *count as f64 / accum as f64;
+        }
+        self.apply_update(loss, lr, adam, clip)
+    }
+
+    /// Global gradient norm, clipping and AdamW on the gradient buffer, given the step's loss.
+    /// A non-finite loss or gradient norm skips the update (as the CPU trainer). Returns (loss,
+    /// gradient norm before clipping).
+    fn apply_update(
+        &mut self,
+        loss: f64,
+        lr: f64,
+        adam: &AdamWConfig,
+        clip: Option<f64>,
+    ) -> Result<(f64, f64)> {
         let be = &self.be;
         let total = self.params.layout.total;
         let g = self.grads.dv().sub(0, total);
         let norm = be.zeros::<f64>(1)?;
         be.global_norm(norm.dv(), g)?;
-        let loss = be.download(sum.dv())?[0] / count as f64;
         let gn = be.download(norm.dv())?[0];
-        // as the CPU trainer: a non-finite loss or gradient norm skips the update
         if !(loss.is_finite() && gn.is_finite()) {
             return Ok((loss, gn));
         }
