@@ -157,12 +157,12 @@ extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* sr
 }
 
 // ------------------------------------------------------------------------------------------------
-// GELU (exact, erf form), elementwise in f32 (the CPU twin uses f64; erff is within 2 ulp).
+// GELU (exact, erf form), elementwise in f32 as the CPU twin (1 + erf(z) taken as erfc(-z)).
 
 extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+        out[i] = 0.5f * x * erfcf(-x * 0.70710678118654752f);  // 1 + erf(z) = erfc(-z): no cancellation for x << 0
     }
 }
 
@@ -170,7 +170,7 @@ extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n) {
 extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
-        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
         float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
         dinp[i] = dinp[i] + dout[i] * (cdf + x * pdf);
     }

@@ -48,8 +48,10 @@ pub struct LmCache {
     lnf_mean: Vec<f32>,
     lnf_rstd: Vec<f32>,
     pub logits: Vec<f32>, // [B,T,V]
-    probs: Vec<f32>,      // [B,T,V]
-    dlogits: Vec<f32>,    // [B,T,V], reused across steps (no per-step allocation)
+    /// [B,T,V] softmax of the logits after `loss`; `backward` turns it into dlogits in place
+    /// (`probs_valid` false afterwards, and a second `backward` recomputes it)
+    probs: Vec<f32>,
+    probs_valid: bool,
     targets: Vec<i64>,
     valid: Option<Vec<bool>>,
     count: usize,
@@ -386,6 +388,7 @@ impl Lm {
         cache.targets = targets.to_vec();
         cache.valid = valid.map(|x| x.to_vec());
         cache.count = count;
+        cache.probs_valid = true;
         Ok(loss)
     }
 
@@ -397,12 +400,24 @@ impl Lm {
         opts: &AsaOptions,
         grads: &mut ParamStore,
     ) {
-        let mut dlogits = std::mem::take(&mut cache.dlogits);
-        resize(&mut dlogits, cache.logits.len());
         let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
-        ops::crossentropy_backward(
+        if !cache.probs_valid {
+            // consumed by an earlier backward of this forward: recompute (rare)
+            ops::crossentropy_forward(
+                &mut cache.probs,
+                &cache.logits,
+                &cache.targets,
+                cache.valid.as_deref(),
+                n,
+                v,
+            )
+            .expect("targets were checked by loss()");
+        }
+        // dlogits in place of the probabilities: no [B,T,V] buffer to allocate or clear
+        let mut dlogits = std::mem::take(&mut cache.probs);
+        cache.probs_valid = false;
+        ops::crossentropy_backward_inplace(
             &mut dlogits,
-            &cache.probs,
             &cache.targets,
             cache.valid.as_deref(),
             1.0 / cache.count as f32,
@@ -410,7 +425,7 @@ impl Lm {
             v,
         );
         self.backward_from_logits(p, cache, opts, &dlogits, grads);
-        cache.dlogits = dlogits;
+        cache.probs = dlogits;
     }
 
     /// Backward from an arbitrary dL/dlogits [B,T,V].

@@ -481,38 +481,23 @@ pub fn matmul_backward(
 // ------------------------------------------------------------------------------------------------
 // GELU
 
-const INV_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
-/// 1/sqrt(2*pi)
-const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-
-/// Exact GELU: out = 0.5*x*(1+erf(x/sqrt(2))) (PyTorch nn.GELU default), computed in f64.
+/// Exact GELU: out = 0.5*x*(1+erf(x/sqrt(2))) (PyTorch nn.GELU default), in f32 with an erf
+/// good to about 1 ulp (the CUDA kernel's formula; vectorised, see `simd`).
 /// out, inp: [N] (any shape, elementwise).
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len(), "gelu_forward: shape");
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(inp.par_chunks(ELEM_CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                let x = x as f64;
-                *o = (0.5 * x * (1.0 + libm::erf(x * INV_SQRT_2))) as f32;
-            }
-        });
+        .for_each(|(o, x)| simd::gelu_forward_chunk(o, x));
 }
 
-/// dinp += dout * gelu'(inp), gelu'(x) = Phi(x) + x*phi(x). dinp, inp, dout: [N].
+/// dinp += dout * gelu'(inp), gelu'(x) = Phi(x) + x*phi(x), in f32. dinp, inp, dout: [N].
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     assert_eq!(dinp.len(), inp.len(), "gelu_backward: shape");
     assert_eq!(dout.len(), inp.len(), "gelu_backward: shape");
     dinp.par_chunks_mut(ELEM_CHUNK)
         .zip(inp.par_chunks(ELEM_CHUNK).zip(dout.par_chunks(ELEM_CHUNK)))
-        .for_each(|(dx, (x, dy))| {
-            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                let x = x as f64;
-                let cdf = 0.5 * (1.0 + libm::erf(x * INV_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
-                *dx += (dy as f64 * (cdf + x * pdf)) as f32;
-            }
-        });
+        .for_each(|(dx, (x, dy))| simd::gelu_backward_chunk(dx, x, dy));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -639,6 +624,48 @@ pub fn crossentropy_forward(
         }
     }
     Ok((sum / count as f64, count))
+}
+
+/// In place: probs[N,V] becomes dlogits = scale * (probs - onehot(target)) on counted rows and 0
+/// on the others (the `inplace` mode of the CUDA kernel). Saves a [N,V] buffer and a pass over it
+/// when the probabilities are not needed afterwards. Rows whose target is >= V are zeroed.
+pub fn crossentropy_backward_inplace(
+    probs: &mut [f32],
+    targets: &[i64],
+    valid: Option<&[bool]>,
+    scale: f32,
+    n: usize,
+    v: usize,
+) {
+    assert_eq!(
+        probs.len(),
+        n * v,
+        "crossentropy_backward_inplace: probs shape"
+    );
+    assert_eq!(
+        targets.len(),
+        n,
+        "crossentropy_backward_inplace: targets shape"
+    );
+    if let Some(m) = valid {
+        assert_eq!(m.len(), n, "crossentropy_backward_inplace: valid shape");
+    }
+    if v == 0 {
+        return;
+    }
+    probs.par_chunks_mut(v).enumerate().for_each(|(r, p)| {
+        let tgt = targets[r];
+        if !ce_counted(r, targets, valid) || tgt as u64 >= v as u64 {
+            p.fill(0.0);
+            return;
+        }
+        let tgt = tgt as usize;
+        for (j, q) in p.iter_mut().enumerate() {
+            let ind = if j == tgt { 1.0f32 } else { 0.0 };
+            // the value `0.0 + scale * (p - ind)` of the accumulating form
+            *q = scale * (*q - ind);
+        }
+    });
 }
 
 /// dlogits[N,V] += scale * (probs - onehot(target)) on counted rows (scale = dloss / count).
@@ -1137,6 +1164,12 @@ mod tests {
         crossentropy_backward(&mut dl, &probs, &targets, Some(&valid), 1.0, 4, 3);
         assert!(dl[3..9].iter().all(|&d| d == 0.0));
         assert!(dl[0..3].iter().any(|&d| d != 0.0) && dl[9..].iter().any(|&d| d != 0.0));
+        // the in-place form gives the same values (uncounted rows zeroed)
+        let mut inplace = probs;
+        crossentropy_backward_inplace(&mut inplace, &targets, Some(&valid), 0.5, 4, 3);
+        let mut dl_half = [0f32; 12];
+        crossentropy_backward(&mut dl_half, &probs, &targets, Some(&valid), 0.5, 4, 3);
+        assert_eq!(inplace, dl_half);
         // nothing counted
         let (loss, count) =
             crossentropy_forward(&mut probs, &logits, &[-1, -1, -1, -1], None, 4, 3).unwrap();
