@@ -207,6 +207,7 @@ impl SlotDims {
     }
 }
 
+simd_kernel! {
 /// raw = slot_keys . k / sqrt(d); wl = raw / wtemp + bias_h * t, then -inf where the token is
 /// masked out. raw, wl: [B,H,K,T]; slot_keys: [H,K,d]; k: [B,H,T,d]; bias_h: [H] (ALiBi slope *
 /// strength); valid: [B,T]
@@ -250,7 +251,9 @@ pub fn write_logits_forward(
             }
         });
 }
+}
 
+simd_kernel! {
 /// Backward of `write_logits_forward`. dslot_keys: [H,K,d]; dk: [B,H,T,d]; dbias_h: [H] receives
 /// sum_t dwl * t (the caller chains it to the ALiBi strength). dwl: [B,H,K,T]
 #[allow(clippy::too_many_arguments)]
@@ -320,11 +323,13 @@ pub fn write_logits_backward(
         }
     }
 }
+}
 
 // ------------------------------------------------------------------------------------------------
 // The write scan: per slot, a causal softmax over time with the reference's chunked running max
 // ------------------------------------------------------------------------------------------------
 
+simd_kernel! {
 /// For every (b,h,k): R_t = max(m_prev, cummax_{c0..t} w) inside chunk [c0,c1), m_prev being the
 /// max carried from the previous chunk; e_t = exp(w_t - R_t) (0 while R is -inf);
 /// den_t = den_prev * exp(m_prev - R_t) + sum_{s=c0..t} e_s, and the same for num with e_s v_s;
@@ -400,7 +405,9 @@ pub fn slot_scan_forward(
             }
         });
 }
+}
 
+simd_kernel! {
 /// Backward of `slot_scan_forward`, including the reference's gradient through the running max
 /// (cummax routes to the last position holding the max; `maximum` splits exact ties in half).
 /// dwl: [B,H,K,T]; dv: [B,H,T,d]; dstate: [B,H,T,K,d]
@@ -550,6 +557,7 @@ pub fn slot_scan_backward(
             }
         });
 }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Read: logits, routing weights, slot mix
@@ -585,6 +593,7 @@ pub enum ReadMask {
     ContentOnly,
 }
 
+simd_kernel! {
 /// lkey = q.slot_keys/sqrt(d); lcont = q.state_t/sqrt(d); logits = lkey + gamma*lcont, with
 /// the slot mask applied as the reference does. lkey, lcont, logits: [B,H,T,K]; q: [B,H,T,d];
 /// slot_keys: [H,K,d]; state: [B,H,T,K,d]
@@ -658,7 +667,9 @@ pub fn read_logits_forward(
             }
         });
 }
+}
 
+simd_kernel! {
 /// Backward of `read_logits_forward`. Returns d(gamma) (sum of dlogits * lcont over unmasked
 /// entries). dq: [B,H,T,d]; dslot_keys: [H,K,d]; dstate: [B,H,T,K,d]; dlogits: [B,H,T,K]
 #[allow(clippy::too_many_arguments)]
@@ -748,6 +759,7 @@ pub fn read_logits_backward(
         }
     }
     dgamma
+}
 }
 
 /// Routing of the read: how read weights come from read logits.
@@ -935,6 +947,7 @@ fn softmax_row(out: &mut [f32], x: &[f32], temp: f32, sel: Option<&[bool]>) {
     }
 }
 
+simd_kernel! {
 /// out_t = sum_k w_tk state_tk. out: [B,H,T,d]; w: [B,H,T,K]; state: [B,H,T,K,d]
 pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims) {
     let SlotDims { k: nk, d, .. } = dm;
@@ -950,7 +963,9 @@ pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims)
         }
     });
 }
+}
 
+simd_kernel! {
 /// dw += dout . state; dstate += w * dout
 pub fn slot_mix_backward(
     dw: &mut [f32],
@@ -977,6 +992,7 @@ pub fn slot_mix_backward(
                 gw[s] += acc as f32;
             }
         });
+}
 }
 
 /// |state_tk| per slot, laid out [B,H,K,T] as the reference's `slot_state_norm` info.
@@ -1012,6 +1028,7 @@ pub fn phi_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         });
 }
 
+simd_kernel! {
 /// Causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = max(sum_{s<=t} kf_s, 1e-8),
 /// out_t = (qf_t S_t) / max(qf_t . Z_t, 1e-8). out: [N,T,M]; den: [N,T] (saved); qf, kf, v: [N,T,M]
 pub fn linear_attn_forward(
@@ -1030,6 +1047,7 @@ pub fn linear_attn_forward(
             let base = n * t * m;
             let mut s_mat = vec![0.0f64; m * m];
             let mut z = vec![0.0f64; m];
+            let mut acc = vec![0.0f64; m];
             for ti in 0..t {
                 let (q, k, vv) = (
                     &qf[base + ti * m..][..m],
@@ -1046,17 +1064,24 @@ pub fn linear_attn_forward(
                 let dsum: f64 = (0..m).map(|a| q[a] as f64 * z[a].max(DEN_EPS as f64)).sum();
                 dn[ti] = dsum as f32;
                 let dd = dsum.max(DEN_EPS as f64);
-                for c in 0..m {
-                    let mut acc = 0.0f64;
-                    for a in 0..m {
-                        acc += q[a] as f64 * s_mat[a * m + c];
+                // acc[c] = sum over a (in order) of q[a] S[a][c]; the a-outer loop vectorises over c
+                acc.iter_mut().for_each(|x| *x = 0.0);
+                for a in 0..m {
+                    let qa = q[a] as f64;
+                    let row = &s_mat[a * m..(a + 1) * m];
+                    for c in 0..m {
+                        acc[c] += qa * row[c];
                     }
-                    o[ti * m + c] = (acc / dd) as f32;
+                }
+                for c in 0..m {
+                    o[ti * m + c] = (acc[c] / dd) as f32;
                 }
             }
         });
 }
+}
 
+simd_kernel! {
 /// Backward of `linear_attn_forward`: a forward pass rebuilds S_t, Z_t for dqf, a reverse pass
 /// accumulates the suffix sums for dkf and dv. O(T M^2) time, O(M^2) memory per row.
 #[allow(clippy::too_many_arguments)]
@@ -1098,57 +1123,93 @@ pub fn linear_attn_backward(
                 };
             }
             // forward pass: dqf_t = S_t gnum_t + gden_t * max(Z_t, eps); remember where Z is clamped
-            let mut s_mat = vec![0.0f64; m * m];
+            // S kept transposed, st[c][a] = S[a][c], so that the per-a sums below run in the
+            // same order (c ascending) as a vector over a
+            let mut st = vec![0.0f64; m * m];
             let mut z = vec![0.0f64; m];
             let mut zlive = vec![true; t * m];
+            let mut acc = vec![0.0f64; m];
             for ti in 0..t {
                 let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
                 for a in 0..m {
                     z[a] += k[a] as f64;
-                    for c in 0..m {
-                        s_mat[a * m + c] += k[a] as f64 * vv[c] as f64;
+                }
+                for c in 0..m {
+                    let vc = vv[c] as f64;
+                    let row = &mut st[c * m..(c + 1) * m];
+                    for a in 0..m {
+                        row[a] += k[a] as f64 * vc;
+                    }
+                }
+                let gd = gden[ti];
+                for a in 0..m {
+                    acc[a] = gd * z[a].max(DEN_EPS as f64);
+                }
+                for c in 0..m {
+                    let gc = gnum[ti * m + c];
+                    let row = &st[c * m..(c + 1) * m];
+                    for a in 0..m {
+                        acc[a] += row[a] * gc;
                     }
                 }
                 for a in 0..m {
-                    let mut acc = gden[ti] * z[a].max(DEN_EPS as f64);
-                    for c in 0..m {
-                        acc += s_mat[a * m + c] * gnum[ti * m + c];
-                    }
-                    gq[ti * m + a] += acc as f32;
+                    gq[ti * m + a] += acc[a] as f32;
                     zlive[ti * m + a] = z[a] >= DEN_EPS as f64;
                 }
             }
             // reverse pass: dS = sum_{t>=s} qf_t gnum_t^T, dZ = sum_{t>=s} gden_t qf_t (unclamped Z only)
+            // dS in both layouts (ds[a][c] and dst[c][a]) so that both sums below vectorise
+            // while keeping their order (c ascending for dkf, a ascending for dv)
             let mut ds = vec![0.0f64; m * m];
+            let mut dst = vec![0.0f64; m * m];
             let mut dz = vec![0.0f64; m];
+            let mut acc2 = vec![0.0f64; m];
             for ti in (0..t).rev() {
                 let q = &qf[base + ti * m..][..m];
+                let gn = &gnum[ti * m..(ti + 1) * m];
                 for a in 0..m {
                     let qa = q[a] as f64;
                     if zlive[ti * m + a] {
                         dz[a] += gden[ti] * qa;
                     }
+                    let row = &mut ds[a * m..(a + 1) * m];
                     for c in 0..m {
-                        ds[a * m + c] += qa * gnum[ti * m + c];
+                        row[c] += qa * gn[c];
+                    }
+                }
+                for c in 0..m {
+                    let gc = gn[c];
+                    let row = &mut dst[c * m..(c + 1) * m];
+                    for a in 0..m {
+                        row[a] += q[a] as f64 * gc;
                     }
                 }
                 let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
-                for a in 0..m {
-                    let mut acc = dz[a];
-                    for c in 0..m {
-                        acc += ds[a * m + c] * vv[c] as f64;
+                acc.copy_from_slice(&dz);
+                for c in 0..m {
+                    let vc = vv[c] as f64;
+                    let row = &dst[c * m..(c + 1) * m];
+                    for a in 0..m {
+                        acc[a] += row[a] * vc;
                     }
-                    gk[ti * m + a] += acc as f32;
+                }
+                for a in 0..m {
+                    gk[ti * m + a] += acc[a] as f32;
+                }
+                acc2.iter_mut().for_each(|x| *x = 0.0);
+                for a in 0..m {
+                    let ka = k[a] as f64;
+                    let row = &ds[a * m..(a + 1) * m];
+                    for c in 0..m {
+                        acc2[c] += row[c] * ka;
+                    }
                 }
                 for c in 0..m {
-                    let mut acc = 0.0f64;
-                    for a in 0..m {
-                        acc += ds[a * m + c] * k[a] as f64;
-                    }
-                    gv[ti * m + c] += acc as f32;
+                    gv[ti * m + c] += acc2[c] as f32;
                 }
             }
         });
+}
 }
 
 /// Multiplies rows [N,T,M] by a per-(b,t) validity mask (N = B*H rows of T steps).

@@ -1,6 +1,32 @@
 //! CPU reference ops. Each op has a `_forward` and a `_backward`; backward functions accumulate
 //! (`+=`) into their gradient outputs so that a tensor used twice gets both contributions.
 
+/// Defines `pub fn $name` whose body runs compiled for AVX2 + FMA when the CPU has them (checked
+/// at run time, cached by std), else as the portable build. Closures in the body (rayon tasks)
+/// inherit the features. Only IEEE arithmetic is involved and Rust never contracts `a*b + c`
+/// into an FMA by itself, so both builds give the same bits; only vector width changes.
+macro_rules! simd_kernel {
+    ($(#[$attr:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 pub mod asa;
 pub mod ops;
 pub mod simd;

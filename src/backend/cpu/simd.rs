@@ -37,30 +37,6 @@ pub fn exp_f32(x: f32) -> f32 {
     y * scale
 }
 
-/// Defines `pub fn $name` whose body runs compiled for AVX2 + FMA when the CPU has them (checked
-/// at run time, cached by std), else as the portable build.
-macro_rules! simd_kernel {
-    ($(#[$attr:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$attr])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `fast` is compiled for.
-                    return unsafe { fast($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
-
 simd_kernel! {
     /// Largest element of `x` (NaN elements are skipped, as `f32::max` does); -inf when empty.
     pub fn row_max(x: &[f32]) -> f32 {
