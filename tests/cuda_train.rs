@@ -29,6 +29,17 @@ fn cfg() -> ModelConfig {
     }
 }
 
+/// The optimizer of both runs.
+fn adam_cfg() -> AdamWConfig {
+    AdamWConfig {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
+
 /// Batches of a learnable toy stream (a repeating pattern with noise), shared by both runs.
 fn batches(n: usize, b: usize, t: usize, v: usize) -> Vec<(Vec<u32>, Vec<i64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
@@ -57,13 +68,7 @@ fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
     let c = cfg();
     let (b, t) = (4, 32);
     let data = batches(50, b, t, c.vocab_size);
-    let adam_cfg = AdamWConfig {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let adam_cfg = adam_cfg();
     // CPU
     let (mut lm, mut params) = Lm::new(&c).unwrap();
     let mut gpu = GpuLm::new(&c, &params, precision).unwrap();
@@ -134,13 +139,7 @@ fn accumulation_matches_whole_batch_and_cpu() {
     let c = cfg();
     let (b, t, micro) = (4, 32, 2);
     let data = batches(5, b, t, c.vocab_size);
-    let adam_cfg = AdamWConfig {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let adam_cfg = adam_cfg();
     let (mut lm, params0) = Lm::new(&c).unwrap();
     let mut whole = GpuLm::new(&c, &params0, Precision::F32).unwrap();
     let mut accum = GpuLm::new(&c, &params0, Precision::F32).unwrap();
