@@ -15,6 +15,7 @@
 #   3. every test executable in .gpu/tests (cuda_ops: GPU-vs-CPU ops, layer, train step, fixtures)
 #   4. asa parity tests/fixtures --device cuda
 #   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
+#   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT)
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
 # Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
@@ -163,6 +164,11 @@ fi
 
 # ---- 5. a short training run ----------------------------------------------------------------------
 [ -x "$BUNDLE/asa" ] && run train-mini-cuda 180 "$BUNDLE/asa" train-mini --device cuda --steps 100 --outdir "$OUT/run"
+
+# ---- 5b. the practice-run step (issue #5's GPU figure: tokens/s and MFU, ours only; the
+# reference needs PyTorch with CUDA on the device: `asa bench --reference` by hand) ------------
+[ -x "$BUNDLE/asa" ] && run bench-practice-run 150 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run.json"
 
 # ---- 6. benches -----------------------------------------------------------------------------------
 if [ -x "$BUNDLE/asa-bench" ]; then
