@@ -240,13 +240,13 @@ impl ModelConfig {
                 return err(format!("{name} must be positive"));
             }
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return err(format!(
                 "embed_dim ({}) must be divisible by num_heads ({})",
                 self.embed_dim, self.num_heads
             ));
         }
-        if self.use_rope_keys && self.head_dim() % 2 != 0 {
+        if self.use_rope_keys && !self.head_dim().is_multiple_of(2) {
             return err(format!(
                 "use_rope_keys needs an even head_dim, got {} (embed_dim / num_heads)",
                 self.head_dim()
@@ -258,7 +258,7 @@ impl ModelConfig {
                     "slotspace_dim must be positive when use_slotspace_refine is on".into(),
                 );
             }
-            if self.use_rope_slotspace && self.slotspace_dim % 2 != 0 {
+            if self.use_rope_slotspace && !self.slotspace_dim.is_multiple_of(2) {
                 return err(format!(
                     "use_rope_slotspace needs an even slotspace_dim, got {}",
                     self.slotspace_dim

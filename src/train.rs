@@ -691,7 +691,10 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         if let Some(m) = mfu {
             rec["mfu"] = serde_json::json!(m);
         }
-        if state.step % settings.eval_interval == 0 || state.step == settings.steps || step == 0 {
+        if state.step.is_multiple_of(settings.eval_interval)
+            || state.step == settings.steps
+            || step == 0
+        {
             let val = engine.evaluate(&params, data, &settings)?;
             first_val.get_or_insert(val);
             last_val = val;
@@ -718,7 +721,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             );
         }
         writeln!(metrics, "{rec}").map_err(|e| AsaError::io(run.metrics(), e))?;
-        if state.step % settings.eval_interval == 0
+        if state.step.is_multiple_of(settings.eval_interval)
             || state.step == settings.steps
             || state.step == end
         {

@@ -477,7 +477,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, at: usize, target: &V, items: Vec<V>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(perr(at, "SETITEMS with an odd number of items"));
         }
         let idx = match target {

@@ -393,6 +393,53 @@ pub struct AsaLayer {
     rope_ss: Option<RopeTable>,
 }
 
+/// Checks a forward's options against the config and the batch shape (the CPU layer and the CUDA
+/// backend share it): mask and routing-override sizes, slot-mask length, what the online and
+/// intervene variants allow.
+pub fn check_options(cfg: &ModelConfig, opts: &AsaOptions, b: usize, t: usize) -> Result<()> {
+    let (h, nk) = (cfg.num_heads, cfg.num_slots);
+    if let Some(m) = &opts.attention_mask {
+        if m.len() != b * t {
+            return Err(AsaError::Input(format!(
+                "attention_mask has {} entries, expected B*T = {}",
+                m.len(),
+                b * t
+            )));
+        }
+    }
+    if let RoutingMode::External(w) | RoutingMode::Override(w) = &opts.routing {
+        if w.len() != b * h * t * nk {
+            return Err(AsaError::Input(format!(
+                "read weights override must be [B,H,T,K] = [{b},{h},{t},{nk}], got {} values",
+                w.len()
+            )));
+        }
+    }
+    if let Some(sm) = &opts.slot_mask {
+        if sm.keep.keep.len() != nk {
+            return Err(AsaError::Input(format!(
+                "slot_mask must have K = {nk} entries, got {}",
+                sm.keep.keep.len()
+            )));
+        }
+    }
+    if cfg.variant == Variant::Online
+        && (!matches!(opts.routing, RoutingMode::Softmax)
+            || opts.slot_mask.is_some()
+            || opts.noise.is_some())
+    {
+        return Err(AsaError::Input(
+            "the online variant reads with plain softmax routing only (no routing modes, noise or slot masks)".into(),
+        ));
+    }
+    if cfg.variant == Variant::Intervene && opts.slot_mask.is_some() {
+        return Err(AsaError::Input(
+            "the intervene variant has no slot masks".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl AsaLayer {
     pub fn new(cfg: &ModelConfig, ids: AsaIds) -> Self {
         let slopes = if cfg.use_alibi_write {
@@ -452,47 +499,7 @@ impl AsaLayer {
     }
 
     fn check_options(&self, opts: &AsaOptions, b: usize, t: usize) -> Result<()> {
-        let (h, nk) = (self.cfg.num_heads, self.cfg.num_slots);
-        if let Some(m) = &opts.attention_mask {
-            if m.len() != b * t {
-                return Err(AsaError::Input(format!(
-                    "attention_mask has {} entries, expected B*T = {}",
-                    m.len(),
-                    b * t
-                )));
-            }
-        }
-        if let RoutingMode::External(w) | RoutingMode::Override(w) = &opts.routing {
-            if w.len() != b * h * t * nk {
-                return Err(AsaError::Input(format!(
-                    "read weights override must be [B,H,T,K] = [{b},{h},{t},{nk}], got {} values",
-                    w.len()
-                )));
-            }
-        }
-        if let Some(sm) = &opts.slot_mask {
-            if sm.keep.keep.len() != nk {
-                return Err(AsaError::Input(format!(
-                    "slot_mask must have K = {nk} entries, got {}",
-                    sm.keep.keep.len()
-                )));
-            }
-        }
-        if self.cfg.variant == Variant::Online
-            && (!matches!(opts.routing, RoutingMode::Softmax)
-                || opts.slot_mask.is_some()
-                || opts.noise.is_some())
-        {
-            return Err(AsaError::Input(
-                "the online variant reads with plain softmax routing only (no routing modes, noise or slot masks)".into(),
-            ));
-        }
-        if self.cfg.variant == Variant::Intervene && opts.slot_mask.is_some() {
-            return Err(AsaError::Input(
-                "the intervene variant has no slot masks".into(),
-            ));
-        }
-        Ok(())
+        check_options(&self.cfg, opts, b, t)
     }
 
     /// Forward pass. x: [B,T,C] -> out: [B,T,C]. Saves what the backward needs in `cache`.

@@ -181,51 +181,12 @@ impl DevOpts {
         b: usize,
         t: usize,
     ) -> Result<Self> {
-        let (h, nk) = (cfg.num_heads, cfg.num_slots);
-        if cfg.variant == Variant::Intervene && opts.slot_mask.is_some() {
-            return Err(AsaError::Input(
-                "the intervene variant has no slot masks".into(),
-            ));
-        }
         if opts.noise.is_some() {
             return Err(AsaError::Input(
                 "routing noise is not supported on the CUDA backend (use the CPU)".into(),
             ));
         }
-        if let Some(m) = &opts.attention_mask {
-            if m.len() != b * t {
-                return Err(AsaError::Input(format!(
-                    "attention_mask has {} entries, expected B*T = {}",
-                    m.len(),
-                    b * t
-                )));
-            }
-        }
-        if let RoutingMode::External(w) | RoutingMode::Override(w) = &opts.routing {
-            if w.len() != b * h * t * nk {
-                return Err(AsaError::Input(format!(
-                    "read weights override must be [B,H,T,K] = [{b},{h},{t},{nk}], got {} values",
-                    w.len()
-                )));
-            }
-        }
-        if let Some(sm) = &opts.slot_mask {
-            if sm.keep.keep.len() != nk {
-                return Err(AsaError::Input(format!(
-                    "slot_mask must have K = {nk} entries, got {}",
-                    sm.keep.keep.len()
-                )));
-            }
-        }
-        if cfg.variant == Variant::Online
-            && (!matches!(opts.routing, RoutingMode::Softmax)
-                || opts.slot_mask.is_some()
-                || opts.noise.is_some())
-        {
-            return Err(AsaError::Input(
-                "the online variant reads with plain softmax routing only (no routing modes, noise or slot masks)".into(),
-            ));
-        }
+        crate::model::asa::check_options(cfg, opts, b, t)?;
         let valid = match &opts.attention_mask {
             Some(m) => Some(be.upload(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>())?),
             None => None,
@@ -1718,7 +1679,7 @@ impl GpuLm {
         clip: Option<f64>,
         training: bool,
     ) -> Result<(f64, f64)> {
-        if micro == 0 || b % micro != 0 {
+        if micro == 0 || !b.is_multiple_of(micro) {
             return Err(AsaError::Config(format!(
                 "batch of {b} rows does not split into micro-batches of {micro}"
             )));
