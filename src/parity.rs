@@ -170,11 +170,16 @@ pub fn find_cases(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// Runs one case folder; every failure becomes the report's error.
 pub fn run_case(dir: &Path) -> CaseReport {
+    case_report(dir, run_case_inner(dir))
+}
+
+/// The report of a case folder from its checks or its error (shared with the CUDA runner).
+pub(crate) fn case_report(dir: &Path, result: Result<Vec<Check>>) -> CaseReport {
     let name = dir
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| dir.display().to_string());
-    match run_case_inner(dir) {
+    match result {
         Ok(checks) => CaseReport {
             name,
             checks,
@@ -188,18 +193,35 @@ pub fn run_case(dir: &Path) -> CaseReport {
     }
 }
 
-struct Io {
+/// A case's `config.json` and its `io.safetensors` tensors.
+pub(crate) fn open_case(dir: &Path) -> Result<(Value, Io)> {
+    let conf = read_json(&dir.join("config.json"))?;
+    let io_path = dir.join("io.safetensors");
+    let io = Io {
+        t: checkpoint::read_safetensors(&io_path)?,
+        path: io_path,
+    };
+    Ok((conf, io))
+}
+
+/// The tensors of a case's `io.safetensors`, read by name.
+pub(crate) struct Io {
     t: BTreeMap<String, AnyTensor>,
     path: PathBuf,
 }
 
 impl Io {
-    fn get(&self, k: &str) -> Result<&AnyTensor> {
+    /// Whether the case holds tensor `k`.
+    pub(crate) fn has(&self, k: &str) -> bool {
+        self.t.contains_key(k)
+    }
+
+    pub(crate) fn get(&self, k: &str) -> Result<&AnyTensor> {
         self.t.get(k).ok_or_else(|| {
             AsaError::Input(format!("{}: missing tensor '{k}'", self.path.display()))
         })
     }
-    fn f32(&self, k: &str) -> Result<Vec<f32>> {
+    pub(crate) fn f32(&self, k: &str) -> Result<Vec<f32>> {
         self.get(k)?.to_f32().ok_or_else(|| {
             AsaError::Input(format!(
                 "{}: '{k}' is not a float tensor",
@@ -207,7 +229,7 @@ impl Io {
             ))
         })
     }
-    fn f64(&self, k: &str) -> Result<Vec<f64>> {
+    pub(crate) fn f64(&self, k: &str) -> Result<Vec<f64>> {
         self.get(k)?.to_f64().ok_or_else(|| {
             AsaError::Input(format!(
                 "{}: '{k}' is not a float tensor",
@@ -215,7 +237,7 @@ impl Io {
             ))
         })
     }
-    fn ids(&self, k: &str) -> Result<(Vec<u32>, usize, usize)> {
+    pub(crate) fn ids(&self, k: &str) -> Result<(Vec<u32>, usize, usize)> {
         let t = self.get(k)?;
         if t.shape.len() != 2 {
             return Err(AsaError::Input(format!(
@@ -235,7 +257,7 @@ impl Io {
             .collect::<Result<Vec<u32>>>()?;
         Ok((ids, t.shape[0], t.shape[1]))
     }
-    fn mask(&self, k: &str) -> Result<Option<Vec<bool>>> {
+    pub(crate) fn mask(&self, k: &str) -> Result<Option<Vec<bool>>> {
         match self.t.get(k) {
             None => Ok(None),
             Some(t) => {
@@ -248,7 +270,10 @@ impl Io {
             }
         }
     }
-    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    pub(crate) fn keys_with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a String> + 'a {
         self.t.keys().filter(move |k| k.starts_with(prefix))
     }
 }
@@ -259,7 +284,7 @@ fn read_json(path: &Path) -> Result<Value> {
         .map_err(|e| AsaError::Input(format!("{} is not valid JSON: {e}", path.display())))
 }
 
-fn check(checks: &mut Vec<Check>, name: &str, x: &[f32], r: &[f64], tol: Tol) {
+pub(crate) fn check(checks: &mut Vec<Check>, name: &str, x: &[f32], r: &[f64], tol: Tol) {
     checks.push(Check {
         name: name.to_string(),
         err: tensor_error(x, r, tol),
@@ -268,12 +293,7 @@ fn check(checks: &mut Vec<Check>, name: &str, x: &[f32], r: &[f64], tol: Tol) {
 }
 
 fn run_case_inner(dir: &Path) -> Result<Vec<Check>> {
-    let conf = read_json(&dir.join("config.json"))?;
-    let io_path = dir.join("io.safetensors");
-    let io = Io {
-        t: checkpoint::read_safetensors(&io_path)?,
-        path: io_path,
-    };
+    let (conf, io) = open_case(dir)?;
     if conf.get("layer").is_some() {
         run_layer_case(dir, &conf, &io)
     } else if conf.get("model").is_some() {
@@ -287,7 +307,7 @@ fn run_case_inner(dir: &Path) -> Result<Vec<Check>> {
 }
 
 /// The weights of a case: `model.safetensors`, else the first `*.pt` file.
-fn case_weights(dir: &Path) -> Result<BTreeMap<String, AnyTensor>> {
+pub(crate) fn case_weights(dir: &Path) -> Result<BTreeMap<String, AnyTensor>> {
     let st = dir.join("model.safetensors");
     if st.is_file() {
         return checkpoint::read_safetensors(&st);
@@ -312,7 +332,7 @@ fn case_weights(dir: &Path) -> Result<BTreeMap<String, AnyTensor>> {
 }
 
 /// A layer's constructor kwargs -> ModelConfig, with the attention class's own defaults.
-fn layer_config(conf: &Value) -> Result<ModelConfig> {
+pub(crate) fn layer_config(conf: &Value) -> Result<ModelConfig> {
     let mut obj = serde_json::json!({
         "num_heads": 8, "num_slots": 8, "dropout": 0.1, "slot_dropout": 0.0, "slotspace_dim": 32,
         "slotspace_dropout": 0.05, "write_chunk_size": 128, "slotspace_chunk_size": 128,
@@ -342,7 +362,7 @@ fn layer_config(conf: &Value) -> Result<ModelConfig> {
 }
 
 /// Forward options from a `forward` (or run) object; tensors are named `"<tensor NAME>"`.
-fn forward_options(obj: Option<&Value>, io: &Io) -> Result<AsaOptions> {
+pub(crate) fn forward_options(obj: Option<&Value>, io: &Io) -> Result<AsaOptions> {
     let mut o = AsaOptions::default();
     let Some(obj) = obj.and_then(|v| v.as_object()) else {
         return Ok(o);
@@ -472,7 +492,7 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
     let (mut lm, mut store) = load_lm(dir, conf)?;
     let mut checks = Vec::new();
     let mut cache = LmCache::default();
-    if io.t.contains_key("tokens") && io.t.contains_key("losses") {
+    if io.has("tokens") && io.has("losses") {
         return run_train_case(conf, io, &mut lm, &mut store);
     }
     let (ids, b, t) = io.ids("input_ids")?;
@@ -488,7 +508,7 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
             let key = format!("logits.{run}");
             check(&mut checks, &key, &cache.logits, &io.f64(&key)?, TOL_OUT);
         }
-        if !io.t.contains_key("logits") {
+        if !io.has("logits") {
             return Ok(checks);
         }
     }
@@ -519,13 +539,13 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
             check(&mut checks, key, &got.1, &io.f64(key)?, TOL_OUT);
         }
     }
-    if io.t.contains_key("targets") {
+    if io.has("targets") {
         let targets = io
             .get("targets")?
             .to_i64()
             .ok_or_else(|| AsaError::Input("targets must be integers".into()))?;
         let loss = lm.loss(&mut cache, &targets, mask.as_deref())?;
-        if io.t.contains_key("loss") {
+        if io.has("loss") {
             check(
                 &mut checks,
                 "loss",
@@ -558,13 +578,19 @@ fn grad_of<'a>(lm: &Lm, grads: &'a ParamStore, k: &str) -> Result<&'a [f32]> {
     Err(AsaError::Other(format!("no parameter '{k}' to compare")))
 }
 
-/// `lm_train3`-style cases: AdamW steps on tokens[:, :-1] -> tokens[:, 1:].
-fn run_train_case(
-    conf: &Value,
-    io: &Io,
-    lm: &mut Lm,
-    store: &mut ParamStore,
-) -> Result<Vec<Check>> {
+/// What a `lm_train3`-style case asks for: AdamW steps on tokens[:, :-1] -> tokens[:, 1:].
+pub(crate) struct TrainCase {
+    pub acfg: AdamWConfig,
+    pub clip: Option<f64>,
+    pub steps: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<i64>,
+    pub b: usize,
+    pub t: usize,
+}
+
+/// Reads a train case's optimizer, step count and shifted tokens.
+pub(crate) fn train_case(conf: &Value, io: &Io) -> Result<TrainCase> {
     let opt = conf.get("optimizer").cloned().unwrap_or(Value::Null);
     let getf = |k: &str, d: f64| opt.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let betas = opt
@@ -580,12 +606,10 @@ fn run_train_case(
         weight_decay: getf("weight_decay", 0.01),
     };
     let clip = opt.get("grad_clip_global_norm").and_then(|v| v.as_f64());
-    let losses_ref = io.f64("losses")?;
-    let steps = opt
-        .get("steps")
-        .and_then(|v| v.as_u64())
-        .map(|s| s as usize)
-        .unwrap_or(losses_ref.len());
+    let steps = match opt.get("steps").and_then(|v| v.as_u64()) {
+        Some(s) => s as usize,
+        None => io.f64("losses")?.len(),
+    };
     let (tok, b, tp1) = io.ids("tokens")?;
     if tp1 < 2 {
         return Err(AsaError::Input(
@@ -599,30 +623,33 @@ fn run_train_case(
         inputs.extend_from_slice(&tok[bi * tp1..bi * tp1 + t]);
         targets.extend(tok[bi * tp1 + 1..(bi + 1) * tp1].iter().map(|&x| x as i64));
     }
-    let opts = AsaOptions::default();
-    let mut adam = AdamW::new(acfg, store);
-    let mut cache = LmCache::default();
-    let (mut losses, mut norms) = (Vec::new(), Vec::new());
-    for _ in 0..steps {
-        lm.forward(store, &inputs, b, t, &opts, &mut cache)?;
-        losses.push(lm.loss(&mut cache, &targets, None)? as f32);
-        let mut grads = store.zeros_like();
-        lm.backward(store, &mut cache, &opts, &mut grads);
-        let norm = match clip {
-            Some(c) => clip_grad_norm(&mut grads, c),
-            None => crate::optim::global_norm(&grads),
-        };
-        norms.push(norm as f32);
-        let lr = adam.cfg.lr;
-        adam.step(store, &grads, lr);
-    }
+    Ok(TrainCase {
+        acfg,
+        clip,
+        steps,
+        inputs,
+        targets,
+        b,
+        t,
+    })
+}
+
+/// The checks of a train case: per-step losses and gradient norms, and the final weights
+/// (`lm_head.weight` of a tied model is `token_emb.weight`).
+pub(crate) fn train_checks(
+    io: &Io,
+    losses: &[f32],
+    norms: &[f32],
+    store: &ParamStore,
+    tied: bool,
+) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    check(&mut checks, "losses", &losses, &losses_ref, TOL_LOSS);
-    if io.t.contains_key("grad_norms_before_clip") {
+    check(&mut checks, "losses", losses, &io.f64("losses")?, TOL_LOSS);
+    if io.has("grad_norms_before_clip") {
         check(
             &mut checks,
             "grad_norms_before_clip",
-            &norms,
+            norms,
             &io.f64("grad_norms_before_clip")?,
             TOL_GRAD,
         );
@@ -631,10 +658,41 @@ fn run_train_case(
         let k = &key["final.".len()..];
         let got = match store.get(k) {
             Some(g) => g,
-            None if k == "lm_head.weight" && lm.cfg.tie_weights => &store.data[lm.ids.token_emb],
+            None if k == "lm_head.weight" && tied => store
+                .get("token_emb.weight")
+                .ok_or_else(|| AsaError::Other("no token_emb.weight".into()))?,
             None => return Err(AsaError::Other(format!("no parameter '{k}' to compare"))),
         };
         check(&mut checks, key, got, &io.f64(key)?, TOL_FINAL);
     }
     Ok(checks)
+}
+
+/// `lm_train3`-style cases on the CPU (eval-mode forward, as the reference's fixture run).
+fn run_train_case(
+    conf: &Value,
+    io: &Io,
+    lm: &mut Lm,
+    store: &mut ParamStore,
+) -> Result<Vec<Check>> {
+    let tc = train_case(conf, io)?;
+    let (b, t) = (tc.b, tc.t);
+    let opts = AsaOptions::default();
+    let mut adam = AdamW::new(tc.acfg, store);
+    let mut cache = LmCache::default();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    for _ in 0..tc.steps {
+        lm.forward(store, &tc.inputs, b, t, &opts, &mut cache)?;
+        losses.push(lm.loss(&mut cache, &tc.targets, None)? as f32);
+        let mut grads = store.zeros_like();
+        lm.backward(store, &mut cache, &opts, &mut grads);
+        let norm = match tc.clip {
+            Some(c) => clip_grad_norm(&mut grads, c),
+            None => crate::optim::global_norm(&grads),
+        };
+        norms.push(norm as f32);
+        let lr = adam.cfg.lr;
+        adam.step(store, &grads, lr);
+    }
+    train_checks(io, &losses, &norms, store, lm.cfg.tie_weights)
 }
