@@ -191,7 +191,7 @@ impl Batches for ShardBatches {
             let w = rng.gen_range(0..total);
             let si = self.cum.partition_point(|&c| c <= w);
             let start = (w - if si == 0 { 0 } else { self.cum[si - 1] }) as usize;
-            let toks = &self.set.train[si].tokens[start..start + t + 1];
+            let toks = self.set.train[si].tokens.window(start, t + 1);
             inp.extend_from_slice(&toks[..t]);
             tgt.extend(toks[1..].iter().map(|&x| x as i64));
         }
@@ -215,8 +215,9 @@ impl Batches for ShardBatches {
             .map(|ch| {
                 let (mut inp, mut tgt) = (Vec::new(), Vec::new());
                 for &s in ch {
-                    inp.extend_from_slice(&v[s..s + t]);
-                    tgt.extend(v[s + 1..s + t + 1].iter().map(|&x| x as i64));
+                    let w = v.window(s, t + 1);
+                    inp.extend_from_slice(&w[..t]);
+                    tgt.extend(w[1..].iter().map(|&x| x as i64));
                 }
                 (inp, tgt, ch.len())
             })

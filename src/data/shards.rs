@@ -729,60 +729,198 @@ fn write_prepared(
 // Reading
 // ---------------------------------------------------------------------------------------------
 
-/// One token shard, read fully and checked.
+/// One token shard: its header checked, its tokens memory-mapped and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shard {
     pub path: PathBuf,
     pub vocab_size: u32,
-    pub tokens: Vec<u32>,
+    pub tokens: Tokens,
+}
+
+/// The token ids of a shard, read on demand from the memory-mapped file (little-endian u16 or
+/// u32 after the header). Nothing is copied at open: the page cache holds a corpus once, however
+/// large, and training reads only the windows it samples. The file must not be rewritten while
+/// a run has it open (`asa prepare` refuses to overwrite without `--force`).
+#[derive(Clone)]
+pub struct Tokens {
+    map: std::sync::Arc<memmap2::Mmap>,
+    /// bytes per id: 2 or 4
+    width: usize,
+    len: usize,
+}
+
+impl Tokens {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.map[SHARD_HEADER_BYTES..SHARD_HEADER_BYTES + self.len * self.width]
+    }
+
+    /// Token `i` (panics when out of range, as slice indexing).
+    pub fn get(&self, i: usize) -> u32 {
+        assert!(
+            i < self.len,
+            "token {i} out of range for a shard of {}",
+            self.len
+        );
+        let at = SHARD_HEADER_BYTES + i * self.width;
+        let b = &self.map[at..at + self.width];
+        if self.width == 2 {
+            u16::from_le_bytes([b[0], b[1]]) as u32
+        } else {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+    }
+
+    /// Appends tokens `start..start + n` to `out` (panics when out of range).
+    pub fn extend_window(&self, out: &mut Vec<u32>, start: usize, n: usize) {
+        assert!(
+            start + n <= self.len,
+            "window {start}..{} out of range for a shard of {}",
+            start + n,
+            self.len
+        );
+        let bytes = &self.body()[start * self.width..(start + n) * self.width];
+        if self.width == 2 {
+            out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32),
+            );
+        } else {
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+    }
+
+    /// Tokens `start..start + n` as a vector.
+    pub fn window(&self, start: usize, n: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n);
+        self.extend_window(&mut out, start, n);
+        out
+    }
+
+    /// All tokens as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        self.window(0, self.len)
+    }
+
+    /// The first token id >= `vocab` and its index, scanning in parallel blocks.
+    fn first_out_of_vocab(&self, vocab: u32) -> Option<(usize, u32)> {
+        const BLOCK: usize = 1 << 20;
+        let nblocks = self.len.div_ceil(BLOCK);
+        (0..nblocks).into_par_iter().find_map_first(|blk| {
+            let start = blk * BLOCK;
+            let ids = self.window(start, BLOCK.min(self.len - start));
+            ids.iter()
+                .position(|&id| id >= vocab)
+                .map(|i| (start + i, ids[i]))
+        })
+    }
+}
+
+impl PartialEq for Tokens {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && (0..self.len).all(|i| self.get(i) == other.get(i))
+    }
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} x u{})", self.len, self.width * 8)
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Reads a shard and checks everything: header size, magic, version, dtype (and that it matches
+/// Opens a shard and checks everything: header size, magic, version, dtype (and that it matches
 /// the vocabulary), that `count` matches the file length, that it is not empty, the vocabulary
-/// against `expected_vocab`, and that every token id is inside the vocabulary. Every failure is
-/// an [`AsaError::Input`] naming the file.
+/// against `expected_vocab`, and that every token id is inside the vocabulary. The tokens stay
+/// in the memory-mapped file. Every failure is an [`AsaError::Input`] naming the file.
 pub fn read_shard(path: &Path, expected_vocab: Option<usize>) -> Result<Shard> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let file = std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             input_err(format!("token shard {} does not exist", path.display()))
         } else {
             AsaError::io(path, e)
         }
     })?;
-    parse_shard(&bytes, path, expected_vocab)
-}
-
-fn parse_shard(bytes: &[u8], path: &Path, expected_vocab: Option<usize>) -> Result<Shard> {
-    let name = path.display();
-    let bad = |what: String| input_err(format!("token shard {name}: {what}"));
-    if bytes.len() < SHARD_HEADER_BYTES {
-        return Err(bad(format!(
-            "{} bytes is shorter than the {SHARD_HEADER_BYTES}-byte header (truncated?)",
-            bytes.len()
+    let file_len = file.metadata().map_err(|e| AsaError::io(path, e))?.len();
+    let mut head = [0u8; SHARD_HEADER_BYTES];
+    let have = (file_len as usize).min(SHARD_HEADER_BYTES);
+    {
+        use std::io::Read;
+        (&file)
+            .read_exact(&mut head[..have])
+            .map_err(|e| AsaError::io(path, e))?;
+    }
+    let (dtype, count, vocab) = check_header(&head[..have], file_len, path, expected_vocab)?;
+    // SAFETY: the map is read-only; the file is not modified while mapped (documented on
+    // `Tokens`: prepared shards are written once).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| AsaError::io(path, e))?;
+    let tokens = Tokens {
+        map: std::sync::Arc::new(map),
+        width: dtype as usize,
+        len: count as usize,
+    };
+    if let Some((i, id)) = tokens.first_out_of_vocab(vocab) {
+        return Err(input_err(format!(
+            "token shard {}: token {i} has id {id}, outside the vocabulary (size {vocab})",
+            path.display()
         )));
     }
-    if bytes[0..8] != SHARD_MAGIC {
+    Ok(Shard {
+        path: path.to_path_buf(),
+        vocab_size: vocab,
+        tokens,
+    })
+}
+
+/// Checks a shard header (`head`: the file's first bytes, at most the header) against the file
+/// length and the expected vocabulary; returns (dtype bytes, count, vocab).
+fn check_header(
+    head: &[u8],
+    file_len: u64,
+    path: &Path,
+    expected_vocab: Option<usize>,
+) -> Result<(u32, u64, u32)> {
+    let name = path.display();
+    let bad = |what: String| input_err(format!("token shard {name}: {what}"));
+    if head.len() < SHARD_HEADER_BYTES {
+        return Err(bad(format!(
+            "{} bytes is shorter than the {SHARD_HEADER_BYTES}-byte header (truncated?)",
+            head.len()
+        )));
+    }
+    if head[0..8] != SHARD_MAGIC {
         return Err(bad("bad magic: not an asa token shard".into()));
     }
-    let version = u32_at(bytes, 8);
+    let version = u32_at(head, 8);
     if version != SHARD_VERSION {
         return Err(bad(format!(
             "unknown format version {version} (this asa reads version {SHARD_VERSION})"
         )));
     }
-    let dtype = u32_at(bytes, 12);
+    let dtype = u32_at(head, 12);
     if dtype != 2 && dtype != 4 {
         return Err(bad(format!(
             "unknown dtype {dtype} (expected 2 for u16 or 4 for u32)"
         )));
     }
-    let count = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-    let vocab = u32_at(bytes, 24);
-    let reserved = u32_at(bytes, 28);
+    let count = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+    let vocab = u32_at(head, 24);
+    let reserved = u32_at(head, 28);
     if reserved != 0 {
         return Err(bad(format!(
             "reserved header field is {reserved}, expected 0"
@@ -800,7 +938,7 @@ fn parse_shard(bytes: &[u8], path: &Path, expected_vocab: Option<usize>) -> Resu
     if count == 0 {
         return Err(bad("empty (0 tokens)".into()));
     }
-    let body = (bytes.len() - SHARD_HEADER_BYTES) as u64;
+    let body = file_len - SHARD_HEADER_BYTES as u64;
     let expected_body = count.checked_mul(dtype as u64);
     if expected_body != Some(body) {
         let have = body / dtype as u64;
@@ -813,6 +951,11 @@ fn parse_shard(bytes: &[u8], path: &Path, expected_vocab: Option<usize>) -> Resu
             )
         }));
     }
+    if usize::try_from(count).is_err() {
+        return Err(bad(format!(
+            "{count} tokens do not fit this machine's memory"
+        )));
+    }
     if let Some(ev) = expected_vocab {
         if vocab as usize != ev {
             return Err(bad(format!(
@@ -821,26 +964,7 @@ fn parse_shard(bytes: &[u8], path: &Path, expected_vocab: Option<usize>) -> Resu
             )));
         }
     }
-    let data = &bytes[SHARD_HEADER_BYTES..];
-    let tokens: Vec<u32> = if dtype == 2 {
-        data.chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-            .collect()
-    } else {
-        data.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    if let Some((i, &id)) = tokens.iter().enumerate().find(|(_, &id)| id >= vocab) {
-        return Err(bad(format!(
-            "token {i} has id {id}, outside the vocabulary (size {vocab})"
-        )));
-    }
-    Ok(Shard {
-        path: path.to_path_buf(),
-        vocab_size: vocab,
-        tokens,
-    })
+    Ok((dtype, count, vocab))
 }
 
 /// All shards of a prepared folder, checked against its meta.json and the model's vocabulary.
@@ -859,11 +983,11 @@ impl ShardSet {
         self.train.iter().map(|s| s.tokens.len() as u64).sum()
     }
 
-    /// The training shards as one token stream.
+    /// The training shards as one token stream (copied into memory).
     pub fn train_concat(&self) -> Vec<u32> {
         let mut out = Vec::with_capacity(self.train_tokens() as usize);
         for s in &self.train {
-            out.extend_from_slice(&s.tokens);
+            s.tokens.extend_window(&mut out, 0, s.tokens.len());
         }
         out
     }
@@ -1101,7 +1225,7 @@ mod tests {
             dst.extend(c.bytes().map(u32::from));
         }
         assert_eq!(set.train_concat(), tr);
-        assert_eq!(set.val.tokens, va);
+        assert_eq!(set.val.tokens.to_vec(), va);
     }
 
     #[test]
@@ -1154,7 +1278,7 @@ mod tests {
         }
         let p = write(td.path(), "u32.bin", &raw);
         let s = read_shard(&p, Some(70_000)).unwrap();
-        assert_eq!(s.tokens, ids);
+        assert_eq!(s.tokens.to_vec(), ids);
         assert_eq!(s.vocab_size, 70_000);
         // Writer path.
         let q = td.path().join("w.bin");
@@ -1183,7 +1307,7 @@ mod tests {
         assert_eq!(rep.dtype, "u32");
         assert_eq!((rep.train_tokens, rep.val_tokens), (180, 20));
         let set = open_prepared(&out, 70_001).unwrap();
-        assert_eq!(set.train[0].tokens[..2], [1, 70_000]);
+        assert_eq!(set.train[0].tokens.window(0, 2), [1, 70_000]);
         let raw = std::fs::read(&rep.val_shard).unwrap();
         assert_eq!(u32_at(&raw, 12), 4);
         assert_eq!(raw.len(), 32 + 4 * 20);
@@ -1234,7 +1358,7 @@ mod tests {
         assert_eq!((rep.train_tokens, rep.val_tokens), (90, 10));
         let set = open_prepared(&out, 256).unwrap();
         assert_eq!(
-            set.val.tokens,
+            set.val.tokens.to_vec(),
             "0123456789".bytes().map(u32::from).collect::<Vec<_>>()
         );
     }
@@ -1300,6 +1424,36 @@ mod tests {
     }
 
     #[test]
+    fn mapped_tokens_read_windows_and_check_every_block() {
+        let td = tempfile::tempdir().unwrap();
+        // u32 ids over more than one 1M-token check block
+        let n = (1 << 20) + 4321;
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 70_000).collect();
+        let mut raw = encode_header(4, n as u64, 70_000).to_vec();
+        ids.iter()
+            .for_each(|id| raw.extend_from_slice(&id.to_le_bytes()));
+        let p = write(td.path(), "big.bin", &raw);
+        let s = read_shard(&p, Some(70_000)).unwrap();
+        assert_eq!(s.tokens.len(), n);
+        assert_eq!(s.tokens.get(n - 1), ids[n - 1]);
+        assert_eq!(s.tokens.window(n - 10, 10), ids[n - 10..]);
+        let mut out = vec![7];
+        s.tokens.extend_window(&mut out, 1 << 20, 3);
+        assert_eq!(
+            out,
+            [7, ids[1 << 20], ids[(1 << 20) + 1], ids[(1 << 20) + 2]]
+        );
+        assert_eq!(s.tokens.to_vec(), ids);
+        // a bad id in the second block is found and named
+        let at = (1 << 20) + 17;
+        raw[SHARD_HEADER_BYTES + 4 * at..SHARD_HEADER_BYTES + 4 * at + 4]
+            .copy_from_slice(&70_000u32.to_le_bytes());
+        let p = write(td.path(), "bad.bin", &raw);
+        let e = input_msg(read_shard(&p, None).unwrap_err());
+        assert!(e.contains(&format!("token {at} has id 70000")), "{e}");
+    }
+
+    #[test]
     fn reader_errors_name_the_file() {
         let td = tempfile::tempdir().unwrap();
         let good = {
@@ -1310,7 +1464,10 @@ mod tests {
             raw
         };
         let ok = write(td.path(), "ok.bin", &good);
-        assert_eq!(read_shard(&ok, Some(256)).unwrap().tokens, [1, 2, 3, 255]);
+        assert_eq!(
+            read_shard(&ok, Some(256)).unwrap().tokens.to_vec(),
+            [1, 2, 3, 255]
+        );
         assert_eq!(read_shard(&ok, None).unwrap().vocab_size, 256);
 
         let patch = |f: &dyn Fn(&mut Vec<u8>)| {
@@ -1471,7 +1628,7 @@ mod tests {
         assert_eq!(rep.vocab_size, 50257);
         let set = open_prepared(&out, 50257).unwrap();
         let mut all = set.train_concat();
-        all.extend_from_slice(&set.val.tokens);
+        all.extend_from_slice(&set.val.tokens.to_vec());
         assert_eq!(all, enc_a);
         assert_eq!(set.meta["eot_token"], 50256);
 
@@ -1483,7 +1640,7 @@ mod tests {
         assert_eq!(rep.val_tokens, enc_b.len() as u64 + 1);
         let set = open_prepared(&out, 50257).unwrap();
         assert_eq!(set.train_concat(), enc_a);
-        assert_eq!(set.val.tokens[0], 50256);
-        assert_eq!(set.val.tokens[1..], enc_b[..]);
+        assert_eq!(set.val.tokens.get(0), 50256);
+        assert_eq!(set.val.tokens.to_vec()[1..], enc_b[..]);
     }
 }
