@@ -207,6 +207,9 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     pub reference: Option<RefResult>,
     pub ratio: Option<f64>,
+    /// ours / reference on each side's fastest step: the lower bound of the ratio when the
+    /// reference's steps vary a lot (Python, allocator, threads)
+    pub ratio_fastest: Option<f64>,
 }
 
 /// Median of a non-empty list (mean of the two middle values for an even count).
@@ -328,6 +331,10 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let ratio = reference
         .as_ref()
         .map(|r| tokens_per_sec / r.tokens_per_sec);
+    let fastest = |xs: &[f64]| xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let ratio_fastest = reference
+        .as_ref()
+        .map(|r| fastest(&r.step_seconds) / fastest(&step_seconds));
     Ok(BenchReport {
         device,
         config_name: o.config_name.clone(),
@@ -346,6 +353,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         mfu,
         reference,
         ratio,
+        ratio_fastest,
     })
 }
 

@@ -482,11 +482,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             if let (Some(rf), Some(ratio)) = (&r.reference, r.ratio) {
                 println!(
-                    "reference (torch {} on {}): {:.0} tokens/s (median step {:.3}s); ours / reference = {ratio:.2}x",
+                    "reference (torch {} on {}): {:.0} tokens/s (median step {:.3}s); ours / reference = {ratio:.2}x (fastest steps: {:.2}x)",
                     rf.torch_version,
                     rf.device,
                     rf.tokens_per_sec,
-                    asa::bench::median(&rf.step_seconds)
+                    asa::bench::median(&rf.step_seconds),
+                    r.ratio_fastest.unwrap_or(f64::NAN)
                 );
             }
             if let Some(path) = json {
