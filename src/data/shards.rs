@@ -1428,7 +1428,7 @@ mod tests {
         let td = tempfile::tempdir().unwrap();
         // u32 ids over more than one 1M-token check block
         let n = (1 << 20) + 4321;
-        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 70_000).collect();
+        let ids: Vec<u32> = (0..n as u64).map(|i| (i * 7919 % 70_000) as u32).collect();
         let mut raw = encode_header(4, n as u64, 70_000).to_vec();
         ids.iter()
             .for_each(|id| raw.extend_from_slice(&id.to_le_bytes()));
