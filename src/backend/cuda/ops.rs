@@ -484,25 +484,42 @@ impl CudaBackend {
     // --------------------------------------------------------------------------------------------
     // elementwise
 
-    /// Exact GELU. out, inp: [N].
-    pub fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        assert_eq!(out.len, inp.len, "gelu_forward: shape");
+    /// Launches an elementwise forward kernel `name(out, inp, n)`. out, inp: [N].
+    fn elementwise_forward(&self, name: &str, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+        assert_eq!(out.len, inp.len, "{name}: shape");
         self.launch(
-            "gelu_forward",
+            name,
             self.cfg_elems(inp.len),
             &[k(out), k(inp), k(inp.len as i64)],
         )
     }
 
+    /// Launches an elementwise backward kernel `name(dinp, saved, dout, n)`, `saved` being the
+    /// forward's input or output. All: [N].
+    fn elementwise_backward(
+        &self,
+        name: &str,
+        dinp: Dv<f32>,
+        saved: Dv<f32>,
+        dout: Dv<f32>,
+    ) -> Result<()> {
+        assert_eq!(dinp.len, saved.len, "{name}: shape");
+        assert_eq!(dout.len, saved.len, "{name}: shape");
+        self.launch(
+            name,
+            self.cfg_elems(saved.len),
+            &[k(dinp), k(saved), k(dout), k(saved.len as i64)],
+        )
+    }
+
+    /// Exact GELU. out, inp: [N].
+    pub fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+        self.elementwise_forward("gelu_forward", out, inp)
+    }
+
     /// dinp += dout * gelu'(inp).
     pub fn gelu_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        assert_eq!(dinp.len, inp.len, "gelu_backward: shape");
-        assert_eq!(dout.len, inp.len, "gelu_backward: shape");
-        self.launch(
-            "gelu_backward",
-            self.cfg_elems(inp.len),
-            &[k(dinp), k(inp), k(dout), k(inp.len as i64)],
-        )
+        self.elementwise_backward("gelu_backward", dinp, inp, dout)
     }
 
     /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
@@ -1509,22 +1526,11 @@ impl CudaBackend {
 
     /// phi(x) = elu(x) + 1.
     pub fn phi_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        assert_eq!(out.len, inp.len, "phi_forward: shape");
-        self.launch(
-            "phi_forward",
-            self.cfg_elems(inp.len),
-            &[k(out), k(inp), k(inp.len as i64)],
-        )
+        self.elementwise_forward("phi_forward", out, inp)
     }
 
     pub fn phi_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        assert_eq!(dinp.len, inp.len, "phi_backward: shape");
-        assert_eq!(dout.len, inp.len, "phi_backward: shape");
-        self.launch(
-            "phi_backward",
-            self.cfg_elems(inp.len),
-            &[k(dinp), k(inp), k(dout), k(inp.len as i64)],
-        )
+        self.elementwise_backward("phi_backward", dinp, inp, dout)
     }
 
     /// Causal linear attention. out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per
@@ -1641,21 +1647,11 @@ impl CudaBackend {
     }
 
     pub fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        assert_eq!(out.len, inp.len, "tanh_forward: shape");
-        self.launch(
-            "tanh_forward",
-            self.cfg_elems(inp.len),
-            &[k(out), k(inp), k(inp.len as i64)],
-        )
+        self.elementwise_forward("tanh_forward", out, inp)
     }
 
     pub fn tanh_backward(&self, dinp: Dv<f32>, out: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        assert_eq!(dinp.len, out.len, "tanh_backward: shape");
-        self.launch(
-            "tanh_backward",
-            self.cfg_elems(out.len),
-            &[k(dinp), k(out), k(dout), k(out.len as i64)],
-        )
+        self.elementwise_backward("tanh_backward", dinp, out, dout)
     }
 
     /// softmax over rows of k. out, inp: [R,k].
