@@ -1193,8 +1193,8 @@ impl AsaLayer {
                     dm,
                 );
             } else {
+                dgate = crate::backend::cpu::simd::dot(&dout_h[..rows * d], &s.delta[..rows * d]);
                 for i in 0..rows * d {
-                    dgate += dout_h[i] as f64 * s.delta[i] as f64;
                     ddelta[i] = (gate * dout_h[i] as f64) as f32;
                 }
             }

@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Denominator floor of the reference (`clamp_min(1e-8)`).
 pub const DEN_EPS: f32 = 1e-8;
 
@@ -234,8 +236,7 @@ pub fn write_logits_forward(
                 let key = &slot_keys[(hi * nk + s) * d..][..d];
                 for ti in 0..t {
                     let x = &kk[ti * d..(ti + 1) * d];
-                    let dot: f64 = key.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let rv = (dot * scale) as f32;
+                    let rv = (simd::dot(key, x) * scale) as f32;
                     r[s * t + ti] = rv;
                     let mut v = rv / wtemp;
                     if let Some(bias) = bias_h {
@@ -488,11 +489,10 @@ pub fn slot_scan_backward(
                         let dd = den_t.max(DEN_EPS) as f64;
                         let g = &gs[(ti * nk + s) * d..][..d];
                         let sv = &st[(ti * nk + s) * d..][..d];
-                        let mut gsum = 0.0f64;
                         for j in 0..d {
                             gn[j] = g[j] as f64 / dd;
-                            gsum += g[j] as f64 * sv[j] as f64;
                         }
+                        let gsum = simd::dot(g, sv);
                         let mut gd = if den_t >= DEN_EPS { -gsum / dd } else { 0.0 };
                         let mut dr = 0.0f64;
                         if ti == c1 - 1 {
@@ -512,11 +512,10 @@ pub fn slot_scan_backward(
                             let e = ((ws[ti] - r) as f64).exp();
                             let vt = &vv[ti * d..(ti + 1) * d];
                             let gvt = &mut gv[ti * d..(ti + 1) * d];
-                            let mut de = bsum;
                             for j in 0..d {
                                 gvt[j] += (e * a[j]) as f32;
-                                de += vt[j] as f64 * a[j];
                             }
+                            let de = bsum + simd::dot(vt, &a);
                             if ws[ti].is_finite() {
                                 gws[ti] += (e * de) as f32;
                             }
@@ -525,11 +524,10 @@ pub fn slot_scan_backward(
                         // scale_t = exp(m_prev - R_t)
                         if finite(m_prev) {
                             let scale = ((m_prev - r) as f64).exp();
-                            let mut dscale = den_prev * gd;
                             for j in 0..d {
-                                dscale += num_prev[j] * gn[j];
                                 dnum_prev[j] += scale * gn[j];
                             }
+                            let dscale = den_prev * gd + simd::dot(&num_prev, &gn);
                             dden_prev += scale * gd;
                             dm_prev += scale * dscale;
                             dr -= scale * dscale;
@@ -632,21 +630,11 @@ pub fn read_logits_forward(
                 let keep = mask.and_then(|(m, _)| m.at(ti, t));
                 for s in 0..nk {
                     let key = &slot_keys[(hi * nk + s) * d..][..d];
-                    let mut vk = (key
-                        .iter()
-                        .zip(qt)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        * scale) as f32;
+                    let mut vk = (simd::dot(key, qt) * scale) as f32;
                     let mut vc = 0.0f32;
                     if has_content {
                         let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
-                        vc = (sv
-                            .iter()
-                            .zip(qt)
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum::<f64>()
-                            * scale) as f32;
+                        vc = (simd::dot(sv, qt) * scale) as f32;
                     }
                     if let (Some(kp), Some((_, where_))) = (keep, mask) {
                         if !kp[s] {
@@ -951,17 +939,23 @@ simd_kernel! {
 /// out_t = sum_k w_tk state_tk. out: [B,H,T,d]; w: [B,H,T,K]; state: [B,H,T,K,d]
 pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims) {
     let SlotDims { k: nk, d, .. } = dm;
-    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+    out.par_chunks_mut(d)
+        .enumerate()
+        .for_each_init(|| vec![0.0f64; d], |acc, (row, o)| {
         let wr = &w[row * nk..(row + 1) * nk];
         let sr = &state[row * nk * d..(row + 1) * nk * d];
-        for j in 0..d {
-            let mut acc = 0.0f64;
-            for s in 0..nk {
-                acc += wr[s] as f64 * sr[s * d + j] as f64;
+        // per j the sum runs over s in order; the s-outer loop vectorises over j
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for s in 0..nk {
+            let ws = wr[s] as f64;
+            for (a, &x) in acc.iter_mut().zip(&sr[s * d..(s + 1) * d]) {
+                *a += ws * x as f64;
             }
-            o[j] = acc as f32;
         }
-    });
+        for (o, a) in o.iter_mut().zip(acc.iter()) {
+            *o = *a as f32;
+        }
+        });
 }
 }
 
@@ -984,12 +978,11 @@ pub fn slot_mix_backward(
             let wr = &w[row * nk..(row + 1) * nk];
             let sr = &state[row * nk * d..(row + 1) * nk * d];
             for s in 0..nk {
-                let mut acc = 0.0f64;
+                let ss = &sr[s * d..(s + 1) * d];
                 for j in 0..d {
-                    acc += g[j] as f64 * sr[s * d + j] as f64;
                     gs[s * d + j] += wr[s] * g[j];
                 }
-                gw[s] += acc as f32;
+                gw[s] += simd::dot(g, ss) as f32;
             }
         });
 }

@@ -92,6 +92,44 @@ pub fn one_plus_erf(a: f32) -> f32 {
     }
 }
 
+/// f32 or f64 elements widened to f64 (for [`dot`]).
+pub trait AsF64: Copy {
+    fn as_f64(self) -> f64;
+}
+impl AsF64 for f32 {
+    #[inline(always)]
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+}
+impl AsF64 for f64 {
+    #[inline(always)]
+    fn as_f64(self) -> f64 {
+        self
+    }
+}
+
+/// sum_j a[j] * b[j] in f64 over the shorter length, in 8 interleaved partial sums (element j
+/// to lane j % 8) added pairwise at the end. A fixed order, so deterministic, and one that
+/// vectorises: a plain running sum is a serial chain of dependent f64 adds.
+#[inline(always)]
+pub fn dot<A: AsF64, B: AsF64>(a: &[A], b: &[B]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l].as_f64() * y[l].as_f64();
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x.as_f64() * y.as_f64();
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
 const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/sqrt(2 pi)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -221,6 +259,23 @@ mod tests {
             let (eo, ed) = ((*o as f64 - gelu).abs(), (*d as f64 - dgelu).abs());
             assert!(eo <= 1e-4 * gelu.abs() + 1e-8, "gelu({x}) = {o} vs {gelu}");
             assert!(ed <= 1e-6, "gelu'({x}) = {d} vs {dgelu}");
+        }
+    }
+
+    #[test]
+    fn dot_matches_a_plain_sum() {
+        for n in [0usize, 1, 7, 8, 9, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.11).cos()).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y).sum();
+            assert!(
+                (dot(&a, &b) - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
+                "n={n}"
+            );
+            assert_eq!(dot(&a, &b[..n.saturating_sub(1)]).to_bits(), {
+                let m = n.saturating_sub(1);
+                dot(&a[..m], &b[..m]).to_bits()
+            });
         }
     }
 
