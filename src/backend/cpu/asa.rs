@@ -393,11 +393,12 @@ pub fn slot_scan_forward(
                         }
                         dsum = den_prev * scale + add_den;
                         dn[s * t + ti] = dsum as f32;
-                        let dd = dsum.max(DEN_EPS as f64);
+                        // one division per position, then products (within an f64 ulp of num/dd)
+                        let inv = 1.0 / dsum.max(DEN_EPS as f64);
                         let o = &mut st[(ti * nk + s) * d..][..d];
                         for j in 0..d {
                             num[j] = num_prev[j] * scale + add_num[j];
-                            o[j] = (num[j] / dd) as f32;
+                            o[j] = (num[j] * inv) as f32;
                         }
                     }
                     m_prev = rm[s * t + c1 - 1];
@@ -489,8 +490,9 @@ pub fn slot_scan_backward(
                         let dd = den_t.max(DEN_EPS) as f64;
                         let g = &gs[(ti * nk + s) * d..][..d];
                         let sv = &st[(ti * nk + s) * d..][..d];
+                        let inv = 1.0 / dd;
                         for j in 0..d {
-                            gn[j] = g[j] as f64 / dd;
+                            gn[j] = g[j] as f64 * inv;
                         }
                         let gsum = simd::dot(g, sv);
                         let mut gd = if den_t >= DEN_EPS { -gsum / dd } else { 0.0 };
@@ -1066,8 +1068,9 @@ pub fn linear_attn_forward(
                         acc[c] += qa * row[c];
                     }
                 }
+                let inv = 1.0 / dd;
                 for c in 0..m {
-                    o[ti * m + c] = (acc[c] / dd) as f32;
+                    o[ti * m + c] = (acc[c] * inv) as f32;
                 }
             }
         });
@@ -1104,11 +1107,11 @@ pub fn linear_attn_backward(
                 let dd = (den[n * t + ti] as f64).max(DEN_EPS as f64);
                 let g = &dout[base + ti * m..][..m];
                 let o = &out[base + ti * m..][..m];
-                let mut go = 0.0f64;
+                let inv = 1.0 / dd;
                 for c in 0..m {
-                    gnum[ti * m + c] = g[c] as f64 / dd;
-                    go += g[c] as f64 * o[c] as f64;
+                    gnum[ti * m + c] = g[c] as f64 * inv;
                 }
+                let go = simd::dot(g, o);
                 gden[ti] = if den[n * t + ti] >= DEN_EPS {
                     -go / dd
                 } else {
