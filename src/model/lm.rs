@@ -48,9 +48,11 @@ pub struct LmCache {
     lnf_mean: Vec<f32>,
     lnf_rstd: Vec<f32>,
     pub logits: Vec<f32>, // [B,T,V]
-    /// [B,T,V] softmax of the logits after `loss`; `backward` turns it into dlogits in place
-    /// (`probs_valid` false afterwards, and a second `backward` recomputes it)
+    /// [B,T,V] exp(logits - row max) after `loss`, the softmax being probs * row_inv [B*T];
+    /// `backward` turns it into dlogits in place (`probs_valid` false afterwards, and a second
+    /// `backward` recomputes it)
     probs: Vec<f32>,
+    row_inv: Vec<f32>,
     probs_valid: bool,
     targets: Vec<i64>,
     valid: Option<Vec<bool>>,
@@ -378,8 +380,16 @@ impl Lm {
             )));
         }
         resize(&mut cache.probs, n * v);
-        let (loss, count) =
-            ops::crossentropy_forward(&mut cache.probs, &cache.logits, targets, valid, n, v)?;
+        resize(&mut cache.row_inv, n);
+        let (loss, count) = ops::crossentropy_forward_rows(
+            &mut cache.probs,
+            &mut cache.row_inv,
+            &cache.logits,
+            targets,
+            valid,
+            n,
+            v,
+        )?;
         if count == 0 {
             return Err(AsaError::Input(
                 "no valid target positions in the batch".into(),
@@ -403,8 +413,9 @@ impl Lm {
         let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
         if !cache.probs_valid {
             // consumed by an earlier backward of this forward: recompute (rare)
-            ops::crossentropy_forward(
+            ops::crossentropy_forward_rows(
                 &mut cache.probs,
+                &mut cache.row_inv,
                 &cache.logits,
                 &cache.targets,
                 cache.valid.as_deref(),
@@ -418,6 +429,7 @@ impl Lm {
         cache.probs_valid = false;
         ops::crossentropy_backward_inplace(
             &mut dlogits,
+            Some(&cache.row_inv),
             &cache.targets,
             cache.valid.as_deref(),
             1.0 / cache.count as f32,

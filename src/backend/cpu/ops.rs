@@ -567,6 +567,35 @@ pub fn crossentropy_forward(
     n: usize,
     v: usize,
 ) -> Result<(f64, usize)> {
+    crossentropy_rows(probs, None, logits, targets, valid, n, v)
+}
+
+/// `crossentropy_forward` with the rows left unnormalised: exps[r,:] = exp(logits[r,:] - max_r),
+/// row_inv[r] = 1 / sum_r (0 for a row of -inf), so that probs = exps * row_inv (the same f32
+/// products `crossentropy_forward` forms). The normalisation then rides along with
+/// `crossentropy_backward_inplace(.., Some(row_inv), ..)`, a pass over [N,V] fewer.
+pub fn crossentropy_forward_rows(
+    exps: &mut [f32],
+    row_inv: &mut [f32],
+    logits: &[f32],
+    targets: &[i64],
+    valid: Option<&[bool]>,
+    n: usize,
+    v: usize,
+) -> Result<(f64, usize)> {
+    assert_eq!(row_inv.len(), n, "crossentropy_forward_rows: row_inv shape");
+    crossentropy_rows(exps, Some(row_inv), logits, targets, valid, n, v)
+}
+
+fn crossentropy_rows(
+    probs: &mut [f32],
+    row_inv: Option<&mut [f32]>,
+    logits: &[f32],
+    targets: &[i64],
+    valid: Option<&[bool]>,
+    n: usize,
+    v: usize,
+) -> Result<(f64, usize)> {
     assert_eq!(probs.len(), n * v, "crossentropy_forward: probs shape");
     assert_eq!(logits.len(), n * v, "crossentropy_forward: logits shape");
     assert_eq!(targets.len(), n, "crossentropy_forward: targets shape");
@@ -591,12 +620,14 @@ pub fn crossentropy_forward(
     }
     // row_loss[r] = logsumexp(logits[r,:]) - logits[r, target] on counted rows
     let mut row_loss = vec![0f64; n];
+    let mut inv_buf = vec![0f32; n];
+    let normalize = row_inv.is_none();
     probs
         .par_chunks_mut(v)
         .zip(logits.par_chunks(v))
-        .zip(row_loss.par_iter_mut())
+        .zip(row_loss.par_iter_mut().zip(inv_buf.par_iter_mut()))
         .enumerate()
-        .for_each(|(r, ((p, x), l))| {
+        .for_each(|(r, ((p, x), (l, ri)))| {
             let mxf = simd::row_max(x);
             let mx = mxf as f64;
             if mx == f64::NEG_INFINITY {
@@ -608,12 +639,18 @@ pub fn crossentropy_forward(
                 let s = simd::exp_sub_sum(p, x, mxf);
                 let lse = mx + s.ln();
                 let inv = (1.0 / s) as f32;
-                simd::scale_in_place(p, inv);
+                *ri = inv;
+                if normalize {
+                    simd::scale_in_place(p, inv);
+                }
                 if ce_counted(r, targets, valid) {
                     *l = lse - x[targets[r] as usize] as f64;
                 }
             }
         });
+    if let Some(ri) = row_inv {
+        ri.copy_from_slice(&inv_buf);
+    }
     if count == 0 {
         return Ok((0.0, 0));
     }
@@ -628,9 +665,12 @@ pub fn crossentropy_forward(
 
 /// In place: probs[N,V] becomes dlogits = scale * (probs - onehot(target)) on counted rows and 0
 /// on the others (the `inplace` mode of the CUDA kernel). Saves a [N,V] buffer and a pass over it
-/// when the probabilities are not needed afterwards. Rows whose target is >= V are zeroed.
+/// when the probabilities are not needed afterwards. With `row_inv` [N] the rows hold the
+/// unnormalised exps of `crossentropy_forward_rows` and probs = exps * row_inv. Rows whose target
+/// is >= V are zeroed.
 pub fn crossentropy_backward_inplace(
     probs: &mut [f32],
+    row_inv: Option<&[f32]>,
     targets: &[i64],
     valid: Option<&[bool]>,
     scale: f32,
@@ -660,10 +700,19 @@ pub fn crossentropy_backward_inplace(
             return;
         }
         let tgt = tgt as usize;
-        for (j, q) in p.iter_mut().enumerate() {
-            let ind = if j == tgt { 1.0f32 } else { 0.0 };
-            // the value `0.0 + scale * (p - ind)` of the accumulating form
-            *q = scale * (*q - ind);
+        // the values `0.0 + scale * (p - onehot)` of the accumulating form, p = exps * inv when
+        // the rows come unnormalised; the target entry is redone with its 1 subtracted
+        let et = p[tgt];
+        match row_inv {
+            Some(ri) => {
+                let inv = ri[r];
+                p.iter_mut().for_each(|q| *q = scale * (*q * inv));
+                p[tgt] = scale * (et * inv - 1.0);
+            }
+            None => {
+                p.iter_mut().for_each(|q| *q *= scale);
+                p[tgt] = scale * (et - 1.0);
+            }
         }
     });
 }
@@ -1166,10 +1215,18 @@ mod tests {
         assert!(dl[0..3].iter().any(|&d| d != 0.0) && dl[9..].iter().any(|&d| d != 0.0));
         // the in-place form gives the same values (uncounted rows zeroed)
         let mut inplace = probs;
-        crossentropy_backward_inplace(&mut inplace, &targets, Some(&valid), 0.5, 4, 3);
+        crossentropy_backward_inplace(&mut inplace, None, &targets, Some(&valid), 0.5, 4, 3);
         let mut dl_half = [0f32; 12];
         crossentropy_backward(&mut dl_half, &probs, &targets, Some(&valid), 0.5, 4, 3);
         assert_eq!(inplace, dl_half);
+        // unnormalised rows + row_inv: the same loss and the same dlogits, bit for bit
+        let (mut exps, mut inv) = ([0f32; 12], [0f32; 4]);
+        let (loss2, count2) =
+            crossentropy_forward_rows(&mut exps, &mut inv, &logits, &targets, Some(&valid), 4, 3)
+                .unwrap();
+        assert_eq!((loss2.to_bits(), count2), (loss.to_bits(), count));
+        crossentropy_backward_inplace(&mut exps, Some(&inv), &targets, Some(&valid), 0.5, 4, 3);
+        assert_eq!(exps, dl_half);
         // nothing counted
         let (loss, count) =
             crossentropy_forward(&mut probs, &logits, &[-1, -1, -1, -1], None, 4, 3).unwrap();
