@@ -115,6 +115,25 @@ pub struct Lm {
     rng: ChaCha8Rng,
 }
 
+impl LmCache {
+    /// The unnormalised softmax rows of the logits (`probs`, `row_inv`) against the saved targets
+    /// and mask; returns (mean loss, counted rows).
+    fn softmax_rows(&mut self, v: usize) -> Result<(f64, usize)> {
+        let n = self.b * self.t;
+        resize(&mut self.probs, n * v);
+        resize(&mut self.row_inv, n);
+        ops::crossentropy_forward_rows(
+            &mut self.probs,
+            &mut self.row_inv,
+            &self.logits,
+            &self.targets,
+            self.valid.as_deref(),
+            n,
+            v,
+        )
+    }
+}
+
 fn resize(v: &mut Vec<f32>, n: usize) {
     v.clear();
     v.resize(n, 0.0);
@@ -379,24 +398,15 @@ impl Lm {
                 targets.len()
             )));
         }
-        resize(&mut cache.probs, n * v);
-        resize(&mut cache.row_inv, n);
-        let (loss, count) = ops::crossentropy_forward_rows(
-            &mut cache.probs,
-            &mut cache.row_inv,
-            &cache.logits,
-            targets,
-            valid,
-            n,
-            v,
-        )?;
+        cache.targets = targets.to_vec();
+        cache.valid = valid.map(|x| x.to_vec());
+        cache.probs_valid = false;
+        let (loss, count) = cache.softmax_rows(v)?;
         if count == 0 {
             return Err(AsaError::Input(
                 "no valid target positions in the batch".into(),
             ));
         }
-        cache.targets = targets.to_vec();
-        cache.valid = valid.map(|x| x.to_vec());
         cache.count = count;
         cache.probs_valid = true;
         Ok(loss)
@@ -413,16 +423,9 @@ impl Lm {
         let (n, v) = (cache.b * cache.t, self.cfg.vocab_size);
         if !cache.probs_valid {
             // consumed by an earlier backward of this forward: recompute (rare)
-            ops::crossentropy_forward_rows(
-                &mut cache.probs,
-                &mut cache.row_inv,
-                &cache.logits,
-                &cache.targets,
-                cache.valid.as_deref(),
-                n,
-                v,
-            )
-            .expect("targets were checked by loss()");
+            cache
+                .softmax_rows(v)
+                .expect("targets were checked by loss()");
         }
         // dlogits in place of the probabilities: no [B,T,V] buffer to allocate or clear
         let mut dlogits = std::mem::take(&mut cache.probs);
