@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::backend::cpu::simd_kernel;
 use crate::model::params::ParamStore;
 
 /// Elements per rayon task.
@@ -149,29 +150,12 @@ struct AdamWScalars {
     eps: f32,
 }
 
-/// One chunk of the element update. On x86-64 with AVX2 + FMA the loop is compiled for those
-/// features (vectorised, hardware FMA); elsewhere the portable build runs. Both give the same
-/// bits: every operation is IEEE f32 and the FMA is a single rounding either way.
-fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamWScalars) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        unsafe { adamw_chunk_avx2(p, m, v, g, k) };
-        return;
+simd_kernel! {
+    /// One chunk of the element update (compiled for AVX2+FMA where the CPU has them: vectorised,
+    /// hardware FMA; the FMA is a single rounding either way, so the bits are the same).
+    fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamWScalars) {
+        adamw_chunk_generic(p, m, v, g, k)
     }
-    adamw_chunk_generic(p, m, v, g, k);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn adamw_chunk_avx2(
-    p: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[f32],
-    k: &AdamWScalars,
-) {
-    adamw_chunk_generic(p, m, v, g, k);
 }
 
 #[inline(always)]

@@ -1,14 +1,14 @@
 //! CPU reference ops. Each op has a `_forward` and a `_backward`; backward functions accumulate
 //! (`+=`) into their gradient outputs so that a tensor used twice gets both contributions.
 
-/// Defines `pub fn $name` whose body runs compiled for AVX2 + FMA when the CPU has them (checked
+/// Defines `fn $name` (any visibility) whose body runs compiled for AVX2 + FMA when the CPU has them (checked
 /// at run time, cached by std), else as the portable build. Closures in the body (rayon tasks)
 /// inherit the features. Only IEEE arithmetic is involved and Rust never contracts `a*b + c`
 /// into an FMA by itself, so both builds give the same bits; only vector width changes.
 macro_rules! simd_kernel {
-    ($(#[$attr:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -26,6 +26,8 @@ macro_rules! simd_kernel {
         }
     };
 }
+
+pub(crate) use simd_kernel;
 
 pub mod asa;
 pub mod ops;
