@@ -1,0 +1,191 @@
+// The fiber scheduler behind simt.hpp: one block at a time, one fiber per thread, barriers by
+// cooperative yielding. Exposes `simt_launch` (C ABI) to the Rust test harness
+// (tests/support/simt.rs). See simt.hpp for what is emulated.
+#include "simt.hpp"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace simt {
+
+struct Fiber {
+    simt_dim3 tid{0, 0, 0};
+    int warp = 0, lane = 0;
+    bool done = false;
+    ucontext_t ctx;
+};
+
+Fiber* cur = nullptr;
+simt_dim3 block_idx{0, 0, 0}, block_dim{1, 1, 1}, grid_dim{1, 1, 1};
+
+namespace {
+
+struct Barrier {
+    int count = 0;
+    uint64_t gen = 0;
+};
+
+constexpr size_t kStack = 256 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+
+ucontext_t sched;
+std::vector<Fiber> fibers;
+std::vector<char*> stacks;
+std::vector<unsigned char> smem;
+Barrier block_bar;
+int block_live = 0;
+std::vector<Barrier> warp_bar;
+std::vector<int> warp_live;
+std::vector<uint64_t> xch;  // [warps][32] published shuffle values
+uint64_t events = 0;        // arrivals, releases, exits: the block's progress
+Thunk kernel = nullptr;
+void** kargs = nullptr;
+
+std::map<std::string, Thunk>& registry() {
+    static std::map<std::string, Thunk> r;
+    return r;
+}
+
+void yield() { swapcontext(&cur->ctx, &sched); }
+
+void wait(Barrier& b, const int& live) {
+    uint64_t g = b.gen;
+    ++events;
+    if (++b.count >= live) {
+        b.count = 0;
+        ++b.gen;
+        return;
+    }
+    while (b.gen == g) yield();
+}
+
+// A thread left: a barrier that only waited for it completes.
+void release_if_complete(Barrier& b, int live) {
+    if (b.count > 0 && b.count >= live) {
+        b.count = 0;
+        ++b.gen;
+        ++events;
+    }
+}
+
+void entry(int idx) {
+    kernel(kargs);
+    Fiber& f = fibers[idx];
+    f.done = true;
+    ++events;
+    --block_live;
+    --warp_live[f.warp];
+    release_if_complete(block_bar, block_live);
+    release_if_complete(warp_bar[f.warp], warp_live[f.warp]);
+    // returning resumes uc_link, the scheduler
+}
+
+bool ensure_stacks(unsigned n) {
+    while (stacks.size() < n) {
+        void* p = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return false;
+        stacks.push_back(static_cast<char*>(p));
+    }
+    return true;
+}
+
+}  // namespace
+
+const simt_dim3& thread_idx() { return cur->tid; }
+void* dyn_smem() { return smem.data(); }
+int lane_id() { return cur->lane; }
+void syncthreads() { wait(block_bar, block_live); }
+void syncwarp() { wait(warp_bar[cur->warp], warp_live[cur->warp]); }
+
+uint64_t exchange(uint64_t v, int src) {
+    int w = cur->warp;
+    xch[w * 32 + cur->lane] = v;
+    wait(warp_bar[w], warp_live[w]);
+    uint64_t r = xch[w * 32 + (src & 31)];
+    wait(warp_bar[w], warp_live[w]);  // nobody publishes again before every lane has read
+    return r;
+}
+
+void register_kernel(const char* name, Thunk f) { registry()[name] = f; }
+
+}  // namespace simt
+
+using namespace simt;
+
+// Runs kernel `name` on grid (gx,gy,gz) x block (bx,by,bz) with `shmem` bytes of dynamic shared
+// memory; `args` as for cuLaunchKernel (pointers to the parameter values). Returns 0, or 1 for
+// an unknown kernel / bad launch, 2 for a deadlock (message in err).
+extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                           unsigned bz, size_t shmem, void** args, char* err, size_t errlen) {
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+        std::snprintf(err, errlen, "no kernel named '%s'", name);
+        return 1;
+    }
+    unsigned nt = bx * by * bz;
+    if (nt == 0 || nt > kMaxThreads || gx == 0 || gy == 0 || gz == 0) {
+        std::snprintf(err, errlen, "%s: bad launch shape (grid %u,%u,%u block %u,%u,%u)", name, gx, gy, gz, bx, by,
+                      bz);
+        return 1;
+    }
+    if (!ensure_stacks(nt)) {
+        std::snprintf(err, errlen, "%s: no memory for %u fiber stacks", name, nt);
+        return 1;
+    }
+    unsigned nwarps = (nt + 31) / 32;
+    fibers.assign(nt, Fiber{});
+    kernel = it->second;
+    kargs = args;
+    grid_dim = {gx, gy, gz};
+    block_dim = {bx, by, bz};
+    smem.assign(shmem > 0 ? shmem : 1, 0xff);
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                block_idx = {x, y, z};
+                std::fill(smem.begin(), smem.end(), 0xff);
+                block_bar = Barrier{};
+                block_live = (int)nt;
+                warp_bar.assign(nwarps, Barrier{});
+                warp_live.assign(nwarps, 0);
+                xch.assign(nwarps * 32, 0);
+                for (unsigned i = 0; i < nt; ++i) {
+                    Fiber& f = fibers[i];
+                    f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
+                    f.warp = (int)(i / 32);
+                    f.lane = (int)(i % 32);
+                    f.done = false;
+                    ++warp_live[f.warp];
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = stacks[i];
+                    f.ctx.uc_stack.ss_size = kStack;
+                    f.ctx.uc_link = &sched;
+                    makecontext(&f.ctx, reinterpret_cast<void (*)()>(entry), 1, (int)i);
+                }
+                unsigned remaining = nt;
+                while (remaining > 0) {
+                    uint64_t before = events;
+                    for (unsigned i = 0; i < nt; ++i) {
+                        if (fibers[i].done) continue;
+                        cur = &fibers[i];
+                        swapcontext(&sched, &fibers[i].ctx);
+                        if (fibers[i].done) --remaining;
+                    }
+                    if (remaining > 0 && events == before) {
+                        std::snprintf(err, errlen,
+                                      "%s: deadlock in block (%u,%u,%u): %u threads wait at a barrier that "
+                                      "cannot complete",
+                                      name, x, y, z, remaining);
+                        cur = nullptr;
+                        return 2;
+                    }
+                }
+            }
+    cur = nullptr;
+    return 0;
+}

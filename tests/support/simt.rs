@@ -1,0 +1,304 @@
+//! Runs the kernels of `cuda/*.cu` on the CPU through the SIMT emulator of `tests/simt/` (one
+//! fiber per GPU thread, barriers and warp shuffles emulated), so that kernels can be checked
+//! against their CPU twins on machines without a GPU.
+//!
+//! The emulator is built once per test binary with the system C++ compiler (`$CXX`, else `c++`,
+//! `g++`, `clang++`) into `CARGO_TARGET_TMPDIR`, keyed by a hash of the sources, and loaded with
+//! `dlopen`. Without a C++ compiler [`Simt::get`] returns `None` and the tests say SKIPPED.
+//! Launches are serialised (the emulator has global state).
+
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    usize,
+    *mut *mut c_void,
+    *mut c_char,
+    usize,
+) -> c_int;
+
+/// One kernel parameter, passed by value as cuLaunchKernel does.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(*mut c_void),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+}
+
+impl Arg {
+    /// A device pointer: here the host address of the slice's first element.
+    pub fn of<T>(x: &mut [T]) -> Arg {
+        Arg::Ptr(x.as_mut_ptr() as *mut c_void)
+    }
+    /// A read-only input (the kernel must not write it).
+    pub fn ro<T>(x: &[T]) -> Arg {
+        Arg::Ptr(x.as_ptr() as *mut c_void)
+    }
+    pub fn null() -> Arg {
+        Arg::Ptr(std::ptr::null_mut())
+    }
+}
+
+pub struct Simt {
+    launch: LaunchFn,
+    lock: Mutex<()>,
+}
+
+// SAFETY: the library handle is never closed and `launch` is only called under `lock`.
+unsafe impl Sync for Simt {}
+unsafe impl Send for Simt {}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The kernel names of one `.cu` source, in order (`extern "C" __global__ void [bounds] name(`).
+pub fn kernel_names(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let pat = "extern \"C\" __global__ void";
+    let mut rest = src;
+    while let Some(i) = rest.find(pat) {
+        let mut s = rest[i + pat.len()..].trim_start();
+        if let Some(b) = s.strip_prefix("__launch_bounds__(") {
+            let close = b.find(')').expect("__launch_bounds__ without ')'");
+            s = b[close + 1..].trim_start();
+        }
+        let name: String = s
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(!name.is_empty(), "kernel without a name");
+        out.push(name);
+        rest = &rest[i + pat.len()..];
+    }
+    out
+}
+
+fn compiler() -> Option<String> {
+    let mut cands: Vec<String> = Vec::new();
+    if let Ok(c) = std::env::var("CXX") {
+        cands.push(c);
+    }
+    cands.extend(["c++", "g++", "clang++"].map(String::from));
+    cands.into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
+/// The kernel files: every `cuda/*.cu`, and the emulator's own self-test kernels.
+fn sources() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("cuda"))
+        .expect("cuda/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    v.sort();
+    v.push(repo().join("tests/simt/selftest.cu"));
+    v
+}
+
+fn build(cxx: &str) -> Result<PathBuf, String> {
+    let simt_dir = repo().join("tests/simt");
+    let mut h = DefaultHasher::new();
+    let mut inputs = sources();
+    inputs.push(repo().join("cuda/common.cuh"));
+    inputs.push(simt_dir.join("simt.hpp"));
+    inputs.push(simt_dir.join("runtime.cpp"));
+    for p in &inputs {
+        std::fs::read(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .hash(&mut h);
+    }
+    cxx.hash(&mut h);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("simt-{:016x}", h.finish()));
+    let lib = dir.join("libasa_simt.so");
+    if lib.exists() {
+        return Ok(lib);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let flags = [
+        "-std=c++17",
+        "-O1",
+        "-g0",
+        "-fPIC",
+        "-ffp-contract=off",
+        "-fno-fast-math",
+        "-Wno-unknown-pragmas",
+    ];
+    // one translation unit per kernel file (their static helpers may share names)
+    let mut units = vec![simt_dir.join("runtime.cpp")];
+    for src in sources() {
+        let text = std::fs::read_to_string(&src).map_err(|e| e.to_string())?;
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        let mut gen = format!("#include \"{}\"\n", src.display());
+        for (i, k) in kernel_names(&text).iter().enumerate() {
+            gen += &format!(
+                "static simt::Reg simt_reg_{i}(\"{k}\", [](void** a) {{ simt::call(&{k}, a); }});\n"
+            );
+        }
+        let unit = dir.join(format!("{stem}.cpp"));
+        std::fs::write(&unit, gen).map_err(|e| e.to_string())?;
+        units.push(unit);
+    }
+    let children: Vec<_> = units
+        .iter()
+        .map(|u| {
+            let obj = dir.join(u.file_name().unwrap()).with_extension("o");
+            let child = Command::new(cxx)
+                .args(flags)
+                .arg("-I")
+                .arg(repo().join("cuda"))
+                .arg("-include")
+                .arg(simt_dir.join("simt.hpp"))
+                .arg("-c")
+                .arg(u)
+                .arg("-o")
+                .arg(&obj)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("{cxx}: {e}"));
+            (obj, child)
+        })
+        .collect();
+    let mut objs = Vec::new();
+    for (obj, child) in children {
+        let out = child?.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "compiling {} failed:\n{}",
+                obj.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        objs.push(obj);
+    }
+    let tmp = dir.join(format!("libasa_simt.so.{}", std::process::id()));
+    let out = Command::new(cxx)
+        .arg("-shared")
+        .args(&objs)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "linking the emulator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::rename(&tmp, &lib).map_err(|e| e.to_string())?;
+    Ok(lib)
+}
+
+impl Simt {
+    /// The emulator, built on first use; `None` (with the reason printed) without a C++
+    /// compiler. A compile error in the kernels or the emulator is a panic: it is a bug.
+    pub fn get() -> Option<&'static Simt> {
+        static CELL: OnceLock<Option<Simt>> = OnceLock::new();
+        CELL.get_or_init(|| {
+            let Some(cxx) = compiler() else {
+                println!("simt: no C++ compiler (set CXX): emulated kernel tests are skipped");
+                return None;
+            };
+            let lib = build(&cxx).unwrap_or_else(|e| panic!("simt emulator: {e}"));
+            let path = CString::new(lib.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: dlopen/dlsym with valid C strings; the handle is kept for the process.
+            unsafe {
+                let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+                assert!(
+                    !h.is_null(),
+                    "dlopen {}: {}",
+                    lib.display(),
+                    CStr::from_ptr(libc::dlerror()).to_string_lossy()
+                );
+                let sym = libc::dlsym(h, c"simt_launch".as_ptr());
+                assert!(!sym.is_null(), "simt_launch missing from {}", lib.display());
+                Some(Simt {
+                    launch: std::mem::transmute::<*mut c_void, LaunchFn>(sym),
+                    lock: Mutex::new(()),
+                })
+            }
+        })
+        .as_ref()
+    }
+
+    /// Runs kernel `name` on `grid` x `block` threads with `smem` bytes of dynamic shared memory.
+    ///
+    /// Every pointer argument must address host memory large enough for what the kernel
+    /// touches with these arguments (as device memory would have to be).
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: usize,
+        args: &[Arg],
+    ) -> Result<(), String> {
+        // values in stable storage, then the array of pointers to them
+        let mut vals: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut b = [0u8; 8];
+                match *a {
+                    Arg::Ptr(p) => b.copy_from_slice(&(p as usize as u64).to_ne_bytes()),
+                    Arg::I32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Arg::I64(x) => b.copy_from_slice(&x.to_ne_bytes()),
+                    Arg::F32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Arg::F64(x) => b.copy_from_slice(&x.to_ne_bytes()),
+                }
+                b
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        let cname = CString::new(name).unwrap();
+        let mut err = vec![0 as c_char; 512];
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the argument array matches what cuLaunchKernel would get; the caller
+        // guarantees the pointed-to buffers (see above).
+        let rc = unsafe {
+            (self.launch)(
+                cname.as_ptr(),
+                grid.0,
+                grid.1,
+                grid.2,
+                block.0,
+                block.1,
+                block.2,
+                smem,
+                ptrs.as_mut_ptr(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            // SAFETY: the emulator NUL-terminates its message within the buffer.
+            Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+                .to_string_lossy()
+                .into_owned())
+        }
+    }
+}
