@@ -914,34 +914,102 @@ extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* 
 }
 
 // ------------------------------------------------------------------------------------------------
-// causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = sum_{s<=t} kf_s (f64 registers),
+// causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = sum_{s<=t} kf_s (f64),
 // out_t = (qf_t S_t) / max(qf_t . max(Z_t, eps), eps). Columns of S evolve independently, so
 // one warp owns one column (forward, dv) or one row (dq, dk) of S and walks time; lanes split
 // the other index (M <= 32 * ASA_MAXA). No shared memory, no block barriers.
+//
+// Time is cut into chunks of `chunk` positions (the launcher picks it; chunk >= T is one chunk,
+// the plain serial walk) and every warp walks one chunk from the state at its start:
+// - forward (and the backward's dq sweep): S and Z before the chunk = the earlier chunks' sums,
+//   `linear_attn_forward_sums` then `linear_attn_forward_carry` (exclusive prefix over chunks);
+// - backward (dk, dv sweeps): dS_t = sum_{s>=t} qf_s gnum_s^T and dZ after the chunk = the later
+//   chunks' sums, `linear_attn_backward_sums` then `linear_attn_backward_carry` (exclusive
+//   suffix over chunks).
+// The sequential depth is one chunk (plus the chunk count in the carry pass) instead of T.
+// Sums associate per chunk rather than strictly in time order, so results agree with the serial
+// CPU twin to f64 rounding (f32 outputs within an ulp or so) and stay bitwise reproducible.
+// Carry layout: cs, ds [N, nch, M, M] (row a, column c), cz, dz [N, nch, M], f64; a null carry
+// means one chunk. gden [N,T] (f64) = -(dout_t . out_t) / max(den_t, eps) where den_t >= eps,
+// else 0 (`linear_attn_backward_gden`); gnum_t = dout_t / max(den_t, eps).
 
-// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per (n, column c). The loads of step
-// t+1 are issued while step t computes.
+__device__ __forceinline__ int la_nch(int t, int chunk) { return (t + chunk - 1) / chunk; }
+
+// cs[n,ch,a,c] = sum_{s in chunk ch} kf[s,a] v[s,c]; cz[n,ch,a] = sum kf[s,a]. One thread per
+// (n, ch, a, c), c fastest (coalesced v rows).
+extern "C" __global__ void linear_attn_forward_sums(double* cs, double* cz, const float* __restrict__ kf,
+                                                    const float* __restrict__ v, int n, int t, int m,
+                                                    int chunk) {
+    int nch = la_nch(t, chunk);
+    ASA_GRID_LOOP(i, (i64)n * nch * m * m) {
+        int c = (int)(i % m);
+        int a = (int)((i / m) % m);
+        i64 nc = i / ((i64)m * m);  // n * nch + ch
+        int ch = (int)(nc % nch);
+        i64 base = (nc / nch) * t * m;
+        int t0 = ch * chunk, t1 = min(t0 + chunk, t);
+        double s = 0.0, z = 0.0;
+        for (int ti = t0; ti < t1; ++ti) {
+            double ka = (double)kf[base + (i64)ti * m + a];
+            s += ka * (double)v[base + (i64)ti * m + c];
+            z += ka;
+        }
+        cs[i] = s;
+        if (c == 0) cz[nc * m + a] = z;
+    }
+}
+
+// x[n,ch,e] <- the sum of x[n,ch',e] over the chunks before ch (after ch when `reverse`), in
+// place, chunks in walk order; e < width. One thread per (n, e).
+__device__ __forceinline__ void la_carry(double* x, int n, int nch, int width, bool reverse) {
+    ASA_GRID_LOOP(i, (i64)n * width) {
+        i64 nn = i / width;
+        int e = (int)(i % width);
+        double run = 0.0;
+        for (int k = 0; k < nch; ++k) {
+            int ch = reverse ? nch - 1 - k : k;
+            double* p = x + (nn * nch + ch) * width + e;
+            double val = *p;
+            *p = run;
+            run += val;
+        }
+    }
+}
+
+// cs, cz: chunk sums -> the state before each chunk.
+extern "C" __global__ void linear_attn_forward_carry(double* cs, double* cz, int n, int nch, int m) {
+    la_carry(cs, n, nch, m * m, false);
+    la_carry(cz, n, nch, m, false);
+}
+
+// out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]; cs, cz: the carries (null: one chunk). One warp
+// per (n, chunk, column c). The loads of step t+1 are issued while step t computes.
 extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* __restrict__ qf,
                                                const float* __restrict__ kf, const float* __restrict__ v,
-                                               int n, int t, int m) {
+                                               const double* __restrict__ cs, const double* __restrict__ cz,
+                                               int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * m) return;
+    if (warp >= (i64)n * nch * m) return;
     int c = (int)(warp % m);
-    i64 nn = warp / m;
+    i64 nc = warp / m;
+    int ch = (int)(nc % nch);
+    i64 nn = nc / nch;
+    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
     i64 base = nn * t * m;
     double S[ASA_MAXA], z[ASA_MAXA];
     float nq[ASA_MAXA], nk_[ASA_MAXA];
 #pragma unroll
     for (int i = 0; i < ASA_MAXA; ++i) {
-        S[i] = 0.0;
-        z[i] = 0.0;
         int a = lane + 32 * i;
-        nq[i] = a < m ? qf[base + a] : 0.0f;
-        nk_[i] = a < m ? kf[base + a] : 0.0f;
+        S[i] = (cs && a < m) ? cs[(nc * m + a) * m + c] : 0.0;
+        z[i] = (cz && a < m) ? cz[nc * m + a] : 0.0;
+        nq[i] = a < m ? qf[base + (i64)t0 * m + a] : 0.0f;
+        nk_[i] = a < m ? kf[base + (i64)t0 * m + a] : 0.0f;
     }
-    float nv = v[base + c];
-    for (int ti = 0; ti < t; ++ti) {
+    float nv = v[base + (i64)t0 * m + c];
+    for (int ti = t0; ti < t1; ++ti) {
         i64 o = base + (i64)ti * m;
         double vc = (double)nv;
         float cq[ASA_MAXA], ck[ASA_MAXA];
@@ -950,7 +1018,7 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
             cq[i] = nq[i];
             ck[i] = nk_[i];
         }
-        if (ti + 1 < t) {
+        if (ti + 1 < t1) {
             i64 on = o + m;
             nv = v[on + c];
 #pragma unroll
@@ -982,151 +1050,240 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
     }
 }
 
-// Backward of linear_attn_forward to qf and kf: one warp per (n, row a) of S. A forward sweep
-// rebuilds row a of S_t and Z_t[a] for dqf, a reverse sweep accumulates row a of dS and dZ[a]
-// for dkf. zlive: scratch [N,T,M] u8 (Z unclamped). dv is `linear_attn_backward_dv`.
-// gnum_t = dout_t / max(den_t, eps); gden_t = -(dout_t . out_t) / max(den_t, eps) where
-// den_t >= eps, else 0 (the CPU twin's per-step gradients). Loads run one step ahead.
-extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, float* __restrict__ dkf,
-                                                unsigned char* __restrict__ zlive,
-                                                const float* __restrict__ dout, const float* __restrict__ out,
-                                                const float* __restrict__ den, const float* __restrict__ qf,
-                                                const float* __restrict__ kf, const float* __restrict__ v,
-                                                int n, int t, int m) {
+// gden: [N,T] (see above). One warp per (n, t).
+extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* __restrict__ dout,
+                                                     const float* __restrict__ out, const float* __restrict__ den,
+                                                     int n, int t, int m) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * m) return;
+    if (warp >= (i64)n * t) return;
+    i64 o = warp * m;
+    double go = 0.0;
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        int c = lane + 32 * i;
+        if (c < m) go += (double)dout[o + c] * (double)out[o + c];
+    }
+    go = warp_sum_d(go);
+    if (lane == 0) {
+        float dt = den[warp];
+        gden[warp] = dt >= ASA_DEN_EPS ? -go / fmax((double)dt, (double)ASA_DEN_EPS) : 0.0;
+    }
+}
+
+// Backward to qf: dqf_t[a] += gden_t * max(Z_t[a], eps) + sum_c S_t[a,c] gnum_t[c], rebuilding
+// row a of S_t and Z_t[a] from the forward carries; zlive[t,a] = (Z_t[a] >= eps) for the dk
+// sweep. zlive: [N,T,M] u8. One warp per (n, chunk, row a), lanes over c; loads run one step
+// ahead.
+extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, unsigned char* __restrict__ zlive,
+                                                const float* __restrict__ dout, const float* __restrict__ den,
+                                                const double* __restrict__ gden, const float* __restrict__ kf,
+                                                const float* __restrict__ v, const double* __restrict__ cs,
+                                                const double* __restrict__ cz, int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * nch * m) return;
     int a = (int)(warp % m);
-    i64 nn = warp / m;
+    i64 nc = warp / m;
+    int ch = (int)(nc % nch);
+    i64 nn = nc / nch;
+    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
     i64 base = nn * t * m;
     double S[ASA_MAXA];
-    float ng[ASA_MAXA], nv[ASA_MAXA], no[ASA_MAXA];
-    float nden, nx, nacc;
+    float ng[ASA_MAXA], nv[ASA_MAXA];
+#pragma unroll
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        int c = lane + 32 * i;
+        S[i] = (cs && c < m) ? cs[(nc * m + a) * m + c] : 0.0;
+        ng[i] = nv[i] = 0.0f;
+    }
+    double za = cz ? cz[nc * m + a] : 0.0;
 #define ASA_LA_LOAD(tt)                                                  \
     {                                                                     \
         i64 o_ = base + (i64)(tt) * m;                                    \
         nden = den[nn * t + (tt)];                                        \
+        ngd = gden[nn * t + (tt)];                                        \
+        nx = kf[o_ + a];                                                  \
+        nacc = dqf[o_ + a];                                               \
         _Pragma("unroll") for (int i = 0; i < ASA_MAXA; ++i) {            \
             int c = lane + 32 * i;                                        \
             if (c < m) {                                                  \
                 ng[i] = dout[o_ + c];                                     \
                 nv[i] = v[o_ + c];                                        \
-                no[i] = out[o_ + c];                                      \
             }                                                             \
         }                                                                 \
     }
-#pragma unroll
-    for (int i = 0; i < ASA_MAXA; ++i) {
-        S[i] = 0.0;
-        ng[i] = nv[i] = no[i] = 0.0f;
-    }
-    // forward sweep: nx = kf[t,a], nacc = dqf[t,a]
-    ASA_LA_LOAD(0);
-    nx = kf[base + a];
-    nacc = dqf[base + a];
-    double za = 0.0;
-    for (int ti = 0; ti < t; ++ti) {
+    float nden, nx, nacc;
+    double ngd;
+    ASA_LA_LOAD(t0);
+    for (int ti = t0; ti < t1; ++ti) {
         i64 o = base + (i64)ti * m;
         float dt = nden, kx = nx, qacc = nacc;
-        float cg[ASA_MAXA], cv[ASA_MAXA], co[ASA_MAXA];
+        double gd = ngd;
+        float cg[ASA_MAXA], cv[ASA_MAXA];
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             cg[i] = ng[i];
             cv[i] = nv[i];
-            co[i] = no[i];
         }
-        if (ti + 1 < t) {
-            ASA_LA_LOAD(ti + 1);
-            nx = kf[o + m + a];
-            nacc = dqf[o + m + a];
-        }
-        double dd = fmax((double)dt, (double)ASA_DEN_EPS);
-        double inv = 1.0 / dd;  // gnum = dout / dd as a product (one division per step)
+        if (ti + 1 < t1) ASA_LA_LOAD(ti + 1);
+        double inv = 1.0 / fmax((double)dt, (double)ASA_DEN_EPS);  // gnum = dout * inv
         double ka = (double)kx;
-        double go = 0.0, acc = 0.0;
+        double acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             double g = (double)cg[i];  // zero beyond m
             S[i] += ka * (double)cv[i];
             acc += S[i] * (g * inv);
-            go += g * (double)co[i];
         }
-        warp_sum2_d(go, acc);
-        double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
+        acc = warp_sum_d(acc);
         za += ka;
         if (lane == 0) {
-            dqf[o + a] = qacc + (float)(gden * fmax(za, (double)ASA_DEN_EPS) + acc);
+            dqf[o + a] = qacc + (float)(gd * fmax(za, (double)ASA_DEN_EPS) + acc);
             zlive[o + a] = za >= (double)ASA_DEN_EPS ? 1 : 0;
         }
     }
-    __syncwarp();
-    // reverse sweep: S becomes row a of dS; nx = qf[t,a], nacc = dkf[t,a]
+#undef ASA_LA_LOAD
+}
+
+// ds[n,ch,a,c] = sum_{s in chunk ch} qf[s,a] gnum_s[c]; dz[n,ch,a] = sum over the chunk's s with
+// zlive[s,a] of gden_s qf[s,a]. One thread per (n, ch, a, c), c fastest.
+extern "C" __global__ void linear_attn_backward_sums(double* ds, double* dz, const float* __restrict__ dout,
+                                                     const float* __restrict__ den, const double* __restrict__ gden,
+                                                     const unsigned char* __restrict__ zlive,
+                                                     const float* __restrict__ qf, int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
+    ASA_GRID_LOOP(i, (i64)n * nch * m * m) {
+        int c = (int)(i % m);
+        int a = (int)((i / m) % m);
+        i64 nc = i / ((i64)m * m);
+        int ch = (int)(nc % nch);
+        i64 nn = nc / nch;
+        i64 base = nn * t * m;
+        int t0 = ch * chunk, t1 = min(t0 + chunk, t);
+        double s = 0.0, z = 0.0;
+        for (int ti = t0; ti < t1; ++ti) {
+            i64 o = base + (i64)ti * m;
+            double inv = 1.0 / fmax((double)den[nn * t + ti], (double)ASA_DEN_EPS);
+            double qa = (double)qf[o + a];
+            s += qa * ((double)dout[o + c] * inv);
+            if (c == 0 && zlive[o + a]) z += gden[nn * t + ti] * qa;
+        }
+        ds[i] = s;
+        if (c == 0) dz[nc * m + a] = z;
+    }
+}
+
+// ds, dz: chunk sums -> the sums over every later chunk.
+extern "C" __global__ void linear_attn_backward_carry(double* ds, double* dz, int n, int nch, int m) {
+    la_carry(ds, n, nch, m * m, true);
+    la_carry(dz, n, nch, m, true);
+}
+
+// Backward to kf: dkf_t[a] += dZ_t[a] + sum_c dS_t[a,c] v_t[c], dS_t = sum_{s>=t} qf_s gnum_s^T,
+// dZ_t[a] = sum_{s>=t, zlive[s,a]} gden_s qf_s[a], from the backward carries. One warp per
+// (n, chunk, row a), lanes over c; reverse time, loads one step ahead.
+extern "C" __global__ void linear_attn_backward_dk(float* __restrict__ dkf, const unsigned char* __restrict__ zlive,
+                                                   const float* __restrict__ dout, const float* __restrict__ den,
+                                                   const double* __restrict__ gden, const float* __restrict__ qf,
+                                                   const float* __restrict__ v, const double* __restrict__ ds,
+                                                   const double* __restrict__ dz, int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * nch * m) return;
+    int a = (int)(warp % m);
+    i64 nc = warp / m;
+    int ch = (int)(nc % nch);
+    i64 nn = nc / nch;
+    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
+    i64 base = nn * t * m;
+    double S[ASA_MAXA];
+    float ng[ASA_MAXA], nv[ASA_MAXA];
 #pragma unroll
-    for (int i = 0; i < ASA_MAXA; ++i) S[i] = 0.0;
-    ASA_LA_LOAD(t - 1);
-    nx = qf[base + (i64)(t - 1) * m + a];
-    nacc = dkf[base + (i64)(t - 1) * m + a];
-    unsigned char nz = zlive[base + (i64)(t - 1) * m + a];
-    double dza = 0.0;
-    for (int ti = t - 1; ti >= 0; --ti) {
+    for (int i = 0; i < ASA_MAXA; ++i) {
+        int c = lane + 32 * i;
+        S[i] = (ds && c < m) ? ds[(nc * m + a) * m + c] : 0.0;
+        ng[i] = nv[i] = 0.0f;
+    }
+    double dza = dz ? dz[nc * m + a] : 0.0;
+#define ASA_LA_LOAD(tt)                                                  \
+    {                                                                     \
+        i64 o_ = base + (i64)(tt) * m;                                    \
+        nden = den[nn * t + (tt)];                                        \
+        ngd = gden[nn * t + (tt)];                                        \
+        nx = qf[o_ + a];                                                  \
+        nacc = dkf[o_ + a];                                               \
+        nz = zlive[o_ + a];                                               \
+        _Pragma("unroll") for (int i = 0; i < ASA_MAXA; ++i) {            \
+            int c = lane + 32 * i;                                        \
+            if (c < m) {                                                  \
+                ng[i] = dout[o_ + c];                                     \
+                nv[i] = v[o_ + c];                                        \
+            }                                                             \
+        }                                                                 \
+    }
+    float nden, nx, nacc;
+    double ngd;
+    unsigned char nz;
+    ASA_LA_LOAD(t1 - 1);
+    for (int ti = t1 - 1; ti >= t0; --ti) {
         i64 o = base + (i64)ti * m;
         float dt = nden, qx = nx, kacc = nacc;
+        double gd = ngd;
         unsigned char live = nz;
-        float cg[ASA_MAXA], cv[ASA_MAXA], co[ASA_MAXA];
+        float cg[ASA_MAXA], cv[ASA_MAXA];
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             cg[i] = ng[i];
             cv[i] = nv[i];
-            co[i] = no[i];
         }
-        if (ti - 1 >= 0) {
-            ASA_LA_LOAD(ti - 1);
-            nx = qf[o - m + a];
-            nacc = dkf[o - m + a];
-            nz = zlive[o - m + a];
-        }
-        double dd = fmax((double)dt, (double)ASA_DEN_EPS);
-        double inv = 1.0 / dd;
+        if (ti - 1 >= t0) ASA_LA_LOAD(ti - 1);
+        double inv = 1.0 / fmax((double)dt, (double)ASA_DEN_EPS);
         double qa = (double)qx;
-        double go = 0.0, acc = 0.0;
+        double acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {
             double g = (double)cg[i];
             S[i] += qa * (g * inv);
             acc += S[i] * (double)cv[i];
-            go += g * (double)co[i];
         }
-        warp_sum2_d(go, acc);
-        double gden = dt >= ASA_DEN_EPS ? -go / dd : 0.0;
-        if (live) dza += gden * qa;
+        acc = warp_sum_d(acc);
+        if (live) dza += gd * qa;
         if (lane == 0) dkf[o + a] = kacc + (float)(dza + acc);
     }
 #undef ASA_LA_LOAD
 }
 
-// Backward of linear_attn_forward to v: one warp per (n, column c) of dS, reverse time:
-// dS[:,c] += qf_t * gnum_t[c]; dv_t[c] += dS[:,c] . kf_t. Loads run one step ahead.
+// Backward to v: dv_t[c] += sum_a dS_t[a,c] kf_t[a], column c of dS from the backward carries.
+// One warp per (n, chunk, column c), lanes over a; reverse time, loads one step ahead.
 extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const float* __restrict__ dout,
                                                    const float* __restrict__ den, const float* __restrict__ qf,
-                                                   const float* __restrict__ kf, int n, int t, int m) {
+                                                   const float* __restrict__ kf, const double* __restrict__ ds,
+                                                   int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * m) return;
+    if (warp >= (i64)n * nch * m) return;
     int c = (int)(warp % m);
-    i64 nn = warp / m;
+    i64 nc = warp / m;
+    int ch = (int)(nc % nch);
+    i64 nn = nc / nch;
+    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
     i64 base = nn * t * m;
     double dS[ASA_MAXA];
     float nq[ASA_MAXA], nkk[ASA_MAXA];
-    i64 ol = base + (i64)(t - 1) * m;
+    i64 ol = base + (i64)(t1 - 1) * m;
 #pragma unroll
     for (int i = 0; i < ASA_MAXA; ++i) {
-        dS[i] = 0.0;
         int a = lane + 32 * i;
+        dS[i] = (ds && a < m) ? ds[(nc * m + a) * m + c] : 0.0;
         nq[i] = a < m ? qf[ol + a] : 0.0f;
         nkk[i] = a < m ? kf[ol + a] : 0.0f;
     }
-    float nden = den[nn * t + t - 1], ng = dout[ol + c], nacc = dv[ol + c];
-    for (int ti = t - 1; ti >= 0; --ti) {
+    float nden = den[nn * t + t1 - 1], ng = dout[ol + c], nacc = dv[ol + c];
+    for (int ti = t1 - 1; ti >= t0; --ti) {
         i64 o = base + (i64)ti * m;
         float dt = nden, gc = ng, vacc = nacc;
         float cq[ASA_MAXA], ck[ASA_MAXA];
@@ -1135,7 +1292,7 @@ extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const
             cq[i] = nq[i];
             ck[i] = nkk[i];
         }
-        if (ti - 1 >= 0) {
+        if (ti - 1 >= t0) {
             i64 on = o - m;
             nden = den[nn * t + ti - 1];
             ng = dout[on + c];
@@ -1149,7 +1306,7 @@ extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const
                 }
             }
         }
-        double gn = (double)gc / fmax((double)dt, (double)ASA_DEN_EPS);
+        double gn = (double)gc * (1.0 / fmax((double)dt, (double)ASA_DEN_EPS));
         double acc = 0.0;
 #pragma unroll
         for (int i = 0; i < ASA_MAXA; ++i) {

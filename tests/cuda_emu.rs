@@ -195,94 +195,235 @@ fn linear_inputs(n: usize, t: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>
     )
 }
 
+/// `cfg_elems` of the launchers, with at most 3 blocks so that the grid-stride loops turn.
+fn elems(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    ((n.div_ceil(256).clamp(1, 3) as u32, 1, 1), (256, 1, 1))
+}
+
+struct LinearGrads {
+    out: Vec<f32>,
+    den: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// The launch sequence of `CudaBackend::linear_attn_{forward,backward}_chunked`
+/// (src/backend/cuda/ops.rs): carries when there is more than one chunk, then the walks.
+fn emu_linear_attention(
+    e: &Simt,
+    qf: &[f32],
+    kf: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    grads0: &[f32],
+    (n, t, m, chunk): (usize, usize, usize, usize),
+) -> LinearGrads {
+    let nch = t.div_ceil(chunk);
+    let (ni, ti, mi, ci) = (
+        Arg::I32(n as i32),
+        Arg::I32(t as i32),
+        Arg::I32(m as i32),
+        Arg::I32(chunk as i32),
+    );
+    let nchi = Arg::I32(nch as i32);
+    let len = n * t * m;
+    let walk = warps_small(n * nch * m);
+    let carries = |e: &Simt, cs: &mut Vec<f64>, cz: &mut Vec<f64>| {
+        *cs = vec![f64::NAN; n * nch * m * m];
+        *cz = vec![f64::NAN; n * nch * m];
+        let (g, b) = elems(n * nch * m * m);
+        let args = [
+            Arg::of(cs),
+            Arg::of(cz),
+            Arg::ro(kf),
+            Arg::ro(v),
+            ni,
+            ti,
+            mi,
+            ci,
+        ];
+        e.launch("linear_attn_forward_sums", g, b, 0, &args)
+            .unwrap();
+        let (g, b) = elems(n * m * m);
+        let args = [Arg::of(cs), Arg::of(cz), ni, nchi, mi];
+        e.launch("linear_attn_forward_carry", g, b, 0, &args)
+            .unwrap();
+    };
+    let (mut cs, mut cz) = (Vec::new(), Vec::new());
+    let cptr = |x: &mut Vec<f64>| if nch > 1 { Arg::of(x) } else { Arg::null() };
+
+    let (mut out, mut den) = (vec![f32::NAN; len], vec![f32::NAN; n * t]);
+    if nch > 1 {
+        carries(e, &mut cs, &mut cz);
+    }
+    let args = [
+        Arg::of(&mut out),
+        Arg::of(&mut den),
+        Arg::ro(qf),
+        Arg::ro(kf),
+        Arg::ro(v),
+        cptr(&mut cs),
+        cptr(&mut cz),
+        ni,
+        ti,
+        mi,
+        ci,
+    ];
+    e.launch("linear_attn_forward", walk.0, walk.1, 0, &args)
+        .unwrap();
+
+    // backward, accumulating into grads0
+    let (mut dq, mut dk, mut dv) = (
+        grads0[..len].to_vec(),
+        grads0[len..2 * len].to_vec(),
+        grads0[2 * len..].to_vec(),
+    );
+    if nch > 1 {
+        carries(e, &mut cs, &mut cz);
+    }
+    let mut gden = vec![f64::NAN; n * t];
+    let (g, b) = warps_small(n * t);
+    let args = [
+        Arg::of(&mut gden),
+        Arg::ro(dout),
+        Arg::ro(&out),
+        Arg::ro(&den),
+        ni,
+        ti,
+        mi,
+    ];
+    e.launch("linear_attn_backward_gden", g, b, 0, &args)
+        .unwrap();
+    let mut zlive = vec![0u8; len];
+    let args = [
+        Arg::of(&mut dq),
+        Arg::of(&mut zlive),
+        Arg::ro(dout),
+        Arg::ro(&den),
+        Arg::ro(&gden),
+        Arg::ro(kf),
+        Arg::ro(v),
+        cptr(&mut cs),
+        cptr(&mut cz),
+        ni,
+        ti,
+        mi,
+        ci,
+    ];
+    e.launch("linear_attn_backward", walk.0, walk.1, 0, &args)
+        .unwrap();
+    let (mut ds, mut dz) = (Vec::new(), Vec::new());
+    if nch > 1 {
+        ds = vec![f64::NAN; n * nch * m * m];
+        dz = vec![f64::NAN; n * nch * m];
+        let (g, b) = elems(n * nch * m * m);
+        let args = [
+            Arg::of(&mut ds),
+            Arg::of(&mut dz),
+            Arg::ro(dout),
+            Arg::ro(&den),
+            Arg::ro(&gden),
+            Arg::ro(&zlive),
+            Arg::ro(qf),
+            ni,
+            ti,
+            mi,
+            ci,
+        ];
+        e.launch("linear_attn_backward_sums", g, b, 0, &args)
+            .unwrap();
+        let (g, b) = elems(n * m * m);
+        let args = [Arg::of(&mut ds), Arg::of(&mut dz), ni, nchi, mi];
+        e.launch("linear_attn_backward_carry", g, b, 0, &args)
+            .unwrap();
+    }
+    let args = [
+        Arg::of(&mut dk),
+        Arg::ro(&zlive),
+        Arg::ro(dout),
+        Arg::ro(&den),
+        Arg::ro(&gden),
+        Arg::ro(qf),
+        Arg::ro(v),
+        cptr(&mut ds),
+        cptr(&mut dz),
+        ni,
+        ti,
+        mi,
+        ci,
+    ];
+    e.launch("linear_attn_backward_dk", walk.0, walk.1, 0, &args)
+        .unwrap();
+    let args = [
+        Arg::of(&mut dv),
+        Arg::ro(dout),
+        Arg::ro(&den),
+        Arg::ro(qf),
+        Arg::ro(kf),
+        cptr(&mut ds),
+        ni,
+        ti,
+        mi,
+        ci,
+    ];
+    e.launch("linear_attn_backward_dv", walk.0, walk.1, 0, &args)
+        .unwrap();
+    LinearGrads {
+        out,
+        den,
+        dq,
+        dk,
+        dv,
+    }
+}
+
 #[test]
-fn emulated_linear_attention_matches_cpu() {
-    let Some(e) = emu("emulated_linear_attention_matches_cpu") else {
+fn emulated_chunked_linear_attention_matches_cpu() {
+    let Some(e) = emu("emulated_chunked_linear_attention_matches_cpu") else {
         return;
     };
-    let (n, t, m) = (2, 19, 40);
-    let (qf, kf, v) = linear_inputs(n, t, m, 4);
-    let mut out = vec![0f32; n * t * m];
-    let mut den = vec![0f32; n * t];
-    ca::linear_attn_forward(&mut out, &mut den, &qf, &kf, &v, t, m);
-    let (mut go, mut gd) = (vec![0f32; n * t * m], vec![0f32; n * t]);
-    let (grid, block) = warps_small(n * m);
-    e.launch(
-        "linear_attn_forward",
-        grid,
-        block,
-        0,
-        &[
-            Arg::of(&mut go),
-            Arg::of(&mut gd),
-            Arg::ro(&qf),
-            Arg::ro(&kf),
-            Arg::ro(&v),
-            Arg::I32(n as i32),
-            Arg::I32(t as i32),
-            Arg::I32(m as i32),
-        ],
-    )
-    .unwrap();
-    assert_close("linear attention out", &go, &out, TOL);
-    assert_close("linear attention den", &gd, &den, TOL);
-
-    // backward (accumulating into non-zero gradients)
-    let mut r = ChaCha8Rng::seed_from_u64(5);
-    let dout = rv(&mut r, n * t * m, -1.0, 1.0);
-    let init = rv(&mut r, 3 * n * t * m, -0.1, 0.1);
-    let (mut dq, mut dk, mut dv) = (
-        init[..n * t * m].to_vec(),
-        init[n * t * m..2 * n * t * m].to_vec(),
-        init[2 * n * t * m..].to_vec(),
-    );
-    let (mut gq, mut gk, mut gv) = (dq.clone(), dk.clone(), dv.clone());
-    ca::linear_attn_backward(
-        &mut dq, &mut dk, &mut dv, &dout, &out, &den, &qf, &kf, &v, t, m,
-    );
-    let mut zlive = vec![0u8; n * t * m];
-    let (ni, ti, mi) = (Arg::I32(n as i32), Arg::I32(t as i32), Arg::I32(m as i32));
-    e.launch(
-        "linear_attn_backward",
-        grid,
-        block,
-        0,
-        &[
-            Arg::of(&mut gq),
-            Arg::of(&mut gk),
-            Arg::of(&mut zlive),
-            Arg::ro(&dout),
-            Arg::ro(&out),
-            Arg::ro(&den),
-            Arg::ro(&qf),
-            Arg::ro(&kf),
-            Arg::ro(&v),
-            ni,
-            ti,
-            mi,
-        ],
-    )
-    .unwrap();
-    e.launch(
-        "linear_attn_backward_dv",
-        grid,
-        block,
-        0,
-        &[
-            Arg::of(&mut gv),
-            Arg::ro(&dout),
-            Arg::ro(&den),
-            Arg::ro(&qf),
-            Arg::ro(&kf),
-            ni,
-            ti,
-            mi,
-        ],
-    )
-    .unwrap();
-    assert_close("dqf", &gq, &dq, TOL);
-    assert_close("dkf", &gk, &dk, TOL);
-    assert_close("dv", &gv, &dv, TOL);
+    // M below, at and above one warp's lanes; chunks: the serial walk, uneven, single steps
+    for (n, t, m, chunks) in [
+        (2usize, 19usize, 8usize, &[19usize, 5, 2, 1][..]),
+        (2, 13, 40, &[13, 4, 1][..]),
+        (1, 9, 100, &[9, 4][..]),
+    ] {
+        let (mut qf, mut kf, v) = linear_inputs(n, t, m, 4 + m as u64);
+        // the last row starts with keys so small that Z stays below eps (clamped: no gradient
+        // to Z there, while S and the output are not zero) and, in its first position, a zero
+        // query too (a padded position)
+        let last = (n - 1) * t * m;
+        for i in 0..2 * m {
+            kf[last + i] = 1e-11;
+        }
+        for i in 0..m {
+            qf[last + i] = 0.0;
+        }
+        let mut r = ChaCha8Rng::seed_from_u64(5);
+        let len = n * t * m;
+        let dout = rv(&mut r, len, -1.0, 1.0);
+        let grads0 = rv(&mut r, 3 * len, -0.1, 0.1);
+        let (mut out, mut den) = (vec![0f32; len], vec![0f32; n * t]);
+        ca::linear_attn_forward(&mut out, &mut den, &qf, &kf, &v, t, m);
+        let (mut dq, mut dk, mut dv) = (
+            grads0[..len].to_vec(),
+            grads0[len..2 * len].to_vec(),
+            grads0[2 * len..].to_vec(),
+        );
+        ca::linear_attn_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &out, &den, &qf, &kf, &v, t, m,
+        );
+        for &chunk in chunks {
+            let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, chunk));
+            let tag = format!("m {m} chunk {chunk}");
+            assert_close(&format!("out, {tag}"), &g.out, &out, TOL);
+            assert_close(&format!("den, {tag}"), &g.den, &den, TOL);
+            assert_close(&format!("dqf, {tag}"), &g.dq, &dq, TOL);
+            assert_close(&format!("dkf, {tag}"), &g.dk, &dk, TOL);
+            assert_close(&format!("dv, {tag}"), &g.dv, &dv, TOL);
+        }
+    }
 }
 
 #[test]

@@ -442,48 +442,49 @@ fn cuda_asa_elementwise_ops_match_cpu() {
         let vv = rv(&mut r, len, 1.0);
         let (mut out, mut den) = (vec![0.0; len], vec![0.0; nrow * t]);
         ca::linear_attn_forward(&mut out, &mut den, &qf, &kf, &vv, t, m);
-        let (q_d, k_d, v_d, o_d, den_d) = (
-            g.up(&qf),
-            g.up(&kf),
-            g.up(&vv),
-            g.zeros(len),
-            g.zeros(nrow * t),
-        );
-        be.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m)
-            .unwrap();
-        close(
-            &format!("linear_attn_forward m{m}"),
-            &g.down(o_d),
-            &out,
-            TOL,
-        );
-        close(&format!("linear_attn den m{m}"), &g.down(den_d), &den, TOL);
         let go = rv(&mut r, len, 1.0);
         let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
         ca::linear_attn_backward(
             &mut dq, &mut dk, &mut dv, &go, &out, &den, &qf, &kf, &vv, t, m,
         );
-        let (dq_d, dk_d, dv_d, go_d) = (g.zeros(len), g.zeros(len), g.zeros(len), g.up(&go));
-        be.linear_attn_backward(dq_d, dk_d, dv_d, go_d, o_d, den_d, q_d, k_d, v_d, t, m)
+        let (q_d, k_d, v_d, go_d) = (g.up(&qf), g.up(&kf), g.up(&vv), g.up(&go));
+        // the serial walk (one chunk), uneven chunks, and single steps
+        for chunk in [t, 5, 2, 1] {
+            let (o_d, den_d) = (g.zeros(len), g.zeros(nrow * t));
+            be.linear_attn_forward_chunked(o_d, den_d, q_d, k_d, v_d, t, m, chunk)
+                .unwrap();
+            let tag = format!("m{m} chunk {chunk}");
+            close(
+                &format!("linear_attn_forward {tag}"),
+                &g.down(o_d),
+                &out,
+                TOL,
+            );
+            close(&format!("linear_attn den {tag}"), &g.down(den_d), &den, TOL);
+            let (dq_d, dk_d, dv_d) = (g.zeros(len), g.zeros(len), g.zeros(len));
+            be.linear_attn_backward_chunked(
+                dq_d, dk_d, dv_d, go_d, o_d, den_d, q_d, k_d, v_d, t, m, chunk,
+            )
             .unwrap();
-        close(
-            &format!("linear_attn_backward dq m{m}"),
-            &g.down(dq_d),
-            &dq,
-            TOL,
-        );
-        close(
-            &format!("linear_attn_backward dk m{m}"),
-            &g.down(dk_d),
-            &dk,
-            TOL,
-        );
-        close(
-            &format!("linear_attn_backward dv m{m}"),
-            &g.down(dv_d),
-            &dv,
-            TOL,
-        );
+            close(
+                &format!("linear_attn_backward dq {tag}"),
+                &g.down(dq_d),
+                &dq,
+                TOL,
+            );
+            close(
+                &format!("linear_attn_backward dk {tag}"),
+                &g.down(dk_d),
+                &dk,
+                TOL,
+            );
+            close(
+                &format!("linear_attn_backward dv {tag}"),
+                &g.down(dv_d),
+                &dv,
+                TOL,
+            );
+        }
     }
 }
 

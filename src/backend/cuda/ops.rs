@@ -1533,8 +1533,9 @@ impl CudaBackend {
         self.elementwise_backward("phi_backward", dinp, inp, dout)
     }
 
-    /// Causal linear attention. out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]. One warp per
-    /// (row, column of S); M <= 128.
+    /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
+    /// from qf, kf, v [N,T,M]. Time is walked in chunks of [`linear_attn_chunk`] positions
+    /// from per-chunk carries (see cuda/asa.cu).
     pub fn linear_attn_forward(
         &self,
         out: Dv<f32>,
@@ -1545,6 +1546,22 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
+        self.linear_attn_forward_chunked(out, den, qf, kf, v, t, m, linear_attn_chunk(t))
+    }
+
+    /// `linear_attn_forward` with an explicit chunk length (>= 1; >= T is the serial walk).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_attn_forward_chunked(
+        &self,
+        out: Dv<f32>,
+        den: Dv<f32>,
+        qf: Dv<f32>,
+        kf: Dv<f32>,
+        v: Dv<f32>,
+        t: usize,
+        m: usize,
+        chunk: usize,
+    ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
         assert_eq!(out.len, n * t * m, "linear_attn_forward: shape");
@@ -1553,19 +1570,68 @@ impl CudaBackend {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
+        if n == 0 || t == 0 {
+            return Ok(());
+        }
+        let chunk = chunk.clamp(1, t);
+        let nch = t.div_ceil(chunk);
+        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
+        let (cs, cz) = if nch > 1 {
+            let w = self.scratch64(n * nch * m * (m + 1), false)?;
+            let (cs, cz) = (
+                w.sub(0, n * nch * m * m),
+                w.sub(n * nch * m * m, n * nch * m),
+            );
+            self.linear_attn_carries("linear_attn_forward", cs, cz, kf, v, n, t, m, chunk)?;
+            (cs, cz)
+        } else {
+            (Dv::null(), Dv::null())
+        };
         self.launch(
             "linear_attn_forward",
-            self.cfg_warps_small(n * m)?,
+            self.cfg_warps_small(n * nch * m)?,
             &[
                 k(out),
                 k(den),
                 k(qf),
                 k(kf),
                 k(v),
-                k(i32_of("N", n)?),
-                k(i32_of("T", t)?),
-                k(m as i32),
+                k(cs),
+                k(cz),
+                k(ni),
+                k(ti),
+                k(mi),
+                k(ci),
             ],
+        )
+    }
+
+    /// The forward carries of the chunked linear attention: cs [N,nch,M,M], cz [N,nch,M] =
+    /// S and Z before each chunk (`<prefix>_sums`, then `<prefix>_carry`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_attn_carries(
+        &self,
+        prefix: &str,
+        cs: Dv<f64>,
+        cz: Dv<f64>,
+        a: Dv<f32>,
+        b: Dv<f32>,
+        n: usize,
+        t: usize,
+        m: usize,
+        chunk: usize,
+    ) -> Result<()> {
+        let nch = t.div_ceil(chunk);
+        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
+        self.launch(
+            &format!("{prefix}_sums"),
+            self.cfg_elems(n * nch * m * m),
+            &[k(cs), k(cz), k(a), k(b), k(ni), k(ti), k(mi), k(ci)],
+        )?;
+        self.launch(
+            &format!("{prefix}_carry"),
+            self.cfg_elems(n * m * m),
+            &[k(cs), k(cz), k(ni), k(nch as i32), k(mi)],
         )
     }
 
@@ -1584,6 +1650,27 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
+        let chunk = linear_attn_chunk(t);
+        self.linear_attn_backward_chunked(dqf, dkf, dv, dout, out, den, qf, kf, v, t, m, chunk)
+    }
+
+    /// `linear_attn_backward` with an explicit chunk length (>= 1; >= T is the serial walk).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_attn_backward_chunked(
+        &self,
+        dqf: Dv<f32>,
+        dkf: Dv<f32>,
+        dv: Dv<f32>,
+        dout: Dv<f32>,
+        out: Dv<f32>,
+        den: Dv<f32>,
+        qf: Dv<f32>,
+        kf: Dv<f32>,
+        v: Dv<f32>,
+        t: usize,
+        m: usize,
+        chunk: usize,
+    ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
         assert_eq!(out.len, n * t * m, "linear_attn_backward: shape");
@@ -1592,39 +1679,112 @@ impl CudaBackend {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        let zlive = self.zeros::<u8>(n * t * m)?;
+        if n == 0 || t == 0 {
+            return Ok(());
+        }
         use super::AsDv;
-        let (ni, ti) = (i32_of("N", n)?, i32_of("T", t)?);
+        let chunk = chunk.clamp(1, t);
+        let nch = t.div_ceil(chunk);
+        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
+        let carries = n * nch * m * (m + 1);
+        let wb = self.scratch64(n * t + if nch > 1 { carries } else { 0 }, true)?;
+        let gden = wb.sub(0, n * t);
+        let (cs, cz, ds, dz) = if nch > 1 {
+            let wf = self.scratch64(carries, false)?;
+            let (cs, cz) = (
+                wf.sub(0, n * nch * m * m),
+                wf.sub(n * nch * m * m, n * nch * m),
+            );
+            self.linear_attn_carries("linear_attn_forward", cs, cz, kf, v, n, t, m, chunk)?;
+            let ds = wb.sub(n * t, n * nch * m * m);
+            let dz = wb.sub(n * t + n * nch * m * m, n * nch * m);
+            (cs, cz, ds, dz)
+        } else {
+            (Dv::null(), Dv::null(), Dv::null(), Dv::null())
+        };
+        self.launch(
+            "linear_attn_backward_gden",
+            self.cfg_warps_small(n * t)?,
+            &[k(gden), k(dout), k(out), k(den), k(ni), k(ti), k(mi)],
+        )?;
+        let zlive = self.zeros::<u8>(n * t * m)?;
+        let walk = self.cfg_warps_small(n * nch * m)?;
         self.launch(
             "linear_attn_backward",
-            self.cfg_warps_small(n * m)?,
+            walk,
             &[
                 k(dqf),
+                k(zlive.dv()),
+                k(dout),
+                k(den),
+                k(gden),
+                k(kf),
+                k(v),
+                k(cs),
+                k(cz),
+                k(ni),
+                k(ti),
+                k(mi),
+                k(ci),
+            ],
+        )?;
+        if nch > 1 {
+            self.launch(
+                "linear_attn_backward_sums",
+                self.cfg_elems(n * nch * m * m),
+                &[
+                    k(ds),
+                    k(dz),
+                    k(dout),
+                    k(den),
+                    k(gden),
+                    k(zlive.dv()),
+                    k(qf),
+                    k(ni),
+                    k(ti),
+                    k(mi),
+                    k(ci),
+                ],
+            )?;
+            self.launch(
+                "linear_attn_backward_carry",
+                self.cfg_elems(n * m * m),
+                &[k(ds), k(dz), k(ni), k(nch as i32), k(mi)],
+            )?;
+        }
+        self.launch(
+            "linear_attn_backward_dk",
+            walk,
+            &[
                 k(dkf),
                 k(zlive.dv()),
                 k(dout),
-                k(out),
                 k(den),
+                k(gden),
                 k(qf),
-                k(kf),
                 k(v),
+                k(ds),
+                k(dz),
                 k(ni),
                 k(ti),
-                k(m as i32),
+                k(mi),
+                k(ci),
             ],
         )?;
         self.launch(
             "linear_attn_backward_dv",
-            self.cfg_warps_small(n * m)?,
+            walk,
             &[
                 k(dv),
                 k(dout),
                 k(den),
                 k(qf),
                 k(kf),
+                k(ds),
                 k(ni),
                 k(ti),
-                k(m as i32),
+                k(mi),
+                k(ci),
             ],
         )
     }
@@ -1749,6 +1909,21 @@ fn check_head_dim(d: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Environment override of the linear attention's chunk length (positions; for tuning).
+pub const LINEAR_CHUNK_ENV: &str = "ASA_CUDA_LINEAR_CHUNK";
+
+/// Chunk length of the linear attention's time walk for sequences of `t` positions: the serial
+/// walk (one chunk) up to 128 positions, else chunks of 64 (every warp walks 64 steps; the
+/// per-chunk sums cost O(T M^2) in parallel). `ASA_CUDA_LINEAR_CHUNK` overrides it.
+pub fn linear_attn_chunk(t: usize) -> usize {
+    let chunk = std::env::var(LINEAR_CHUNK_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(if t <= 128 { t } else { 64 });
+    chunk.clamp(1, t.max(1))
 }
 
 fn check_slotspace_dim(m: usize) -> Result<()> {
