@@ -8,6 +8,12 @@
 
 #![allow(clippy::too_many_arguments)]
 
+#[path = "support/check.rs"]
+mod check;
+#[path = "support/dev.rs"]
+mod dev;
+#[path = "support/fused_case.rs"]
+mod fused_case;
 #[path = "support/simt.rs"]
 mod simt;
 
@@ -16,7 +22,10 @@ use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa as ca;
 use asa::backend::cpu::ops as co;
-use simt::{Arg, Simt};
+use asa::backend::cuda::linear::{self, LinearPlan, LinearWs};
+use check::close;
+use dev::TestDev;
+use simt::{Arg, EmuDev, Simt};
 
 fn emu(name: &str) -> Option<&'static Simt> {
     let s = Simt::get();
@@ -28,25 +37,6 @@ fn emu(name: &str) -> Option<&'static Simt> {
 
 fn rv(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(lo..=hi)).collect()
-}
-
-/// max |a - b| / max(1, max |b|): the error relative to the reference's scale.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "length");
-    let scale = b.iter().fold(1.0f64, |m, &x| m.max((x as f64).abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    worst / scale
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
 /// `cfg_warps_small` of the launchers: one warp per item, four warps per block.
@@ -104,9 +94,9 @@ fn emulated_layernorm_matches_cpu() {
         ],
     )
     .unwrap();
-    assert_close("layernorm out", &go, &out, TOL);
-    assert_close("layernorm mean", &gm, &mean, TOL);
-    assert_close("layernorm rstd", &gr, &rstd, TOL);
+    close("layernorm out", &go, &out, TOL);
+    close("layernorm mean", &gm, &mean, TOL);
+    close("layernorm rstd", &gr, &rstd, TOL);
 }
 
 #[test]
@@ -142,7 +132,7 @@ fn emulated_crossentropy_matches_cpu() {
         ],
     )
     .unwrap();
-    assert_close("probs", &gp, &probs, TOL);
+    close("probs", &gp, &probs, TOL);
     assert_eq!(row_loss[3], 0.0, "an ignored target adds no loss");
     let mean = row_loss.iter().sum::<f64>() / count as f64;
     assert!(
@@ -195,11 +185,6 @@ fn linear_inputs(n: usize, t: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>
     )
 }
 
-/// `cfg_elems` of the launchers, with at most 3 blocks so that the grid-stride loops turn.
-fn elems(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
-    ((n.div_ceil(256).clamp(1, 3) as u32, 1, 1), (256, 1, 1))
-}
-
 struct LinearGrads {
     out: Vec<f32>,
     den: Vec<f32>,
@@ -208,10 +193,9 @@ struct LinearGrads {
     dv: Vec<f32>,
 }
 
-/// The launch sequence of `CudaBackend::linear_attn_{forward,backward}_chunked`
-/// (src/backend/cuda/ops.rs): carries when there is more than one chunk, then the walks.
+/// `backend::cuda::linear` forward then backward (accumulating into grads0) in the emulator.
 fn emu_linear_attention(
-    e: &Simt,
+    e: &'static Simt,
     qf: &[f32],
     kf: &[f32],
     v: &[f32],
@@ -219,162 +203,36 @@ fn emu_linear_attention(
     grads0: &[f32],
     (n, t, m, chunk): (usize, usize, usize, usize),
 ) -> LinearGrads {
-    let nch = t.div_ceil(chunk);
-    let (ni, ti, mi, ci) = (
-        Arg::I32(n as i32),
-        Arg::I32(t as i32),
-        Arg::I32(m as i32),
-        Arg::I32(chunk as i32),
-    );
-    let nchi = Arg::I32(nch as i32);
+    let mut dev = EmuDev::new(e);
+    let p = LinearPlan::new(n, t, m, chunk);
     let len = n * t * m;
-    let walk = warps_small(n * nch * m);
-    let carries = |e: &Simt, cs: &mut Vec<f64>, cz: &mut Vec<f64>| {
-        *cs = vec![f64::NAN; n * nch * m * m];
-        *cz = vec![f64::NAN; n * nch * m];
-        let (g, b) = elems(n * nch * m * m);
-        let args = [
-            Arg::of(cs),
-            Arg::of(cz),
-            Arg::ro(kf),
-            Arg::ro(v),
-            ni,
-            ti,
-            mi,
-            ci,
-        ];
-        e.launch("linear_attn_forward_sums", g, b, 0, &args)
-            .unwrap();
-        let (g, b) = elems(n * m * m);
-        let args = [Arg::of(cs), Arg::of(cz), ni, nchi, mi];
-        e.launch("linear_attn_forward_carry", g, b, 0, &args)
-            .unwrap();
-    };
-    let (mut cs, mut cz) = (Vec::new(), Vec::new());
-    let cptr = |x: &mut Vec<f64>| if nch > 1 { Arg::of(x) } else { Arg::null() };
-
-    let (mut out, mut den) = (vec![f32::NAN; len], vec![f32::NAN; n * t]);
-    if nch > 1 {
-        carries(e, &mut cs, &mut cz);
-    }
-    let args = [
-        Arg::of(&mut out),
-        Arg::of(&mut den),
-        Arg::ro(qf),
-        Arg::ro(kf),
-        Arg::ro(v),
-        cptr(&mut cs),
-        cptr(&mut cz),
-        ni,
-        ti,
-        mi,
-        ci,
-    ];
-    e.launch("linear_attn_forward", walk.0, walk.1, 0, &args)
-        .unwrap();
-
-    // backward, accumulating into grads0
-    let (mut dq, mut dk, mut dv) = (
-        grads0[..len].to_vec(),
-        grads0[len..2 * len].to_vec(),
-        grads0[2 * len..].to_vec(),
+    let (q_d, k_d, v_d, go_d) = (dev.put(qf), dev.put(kf), dev.put(v), dev.put(dout));
+    let (out_d, den_d) = (
+        dev.put(&vec![f32::NAN; len]),
+        dev.put(&vec![f32::NAN; n * t]),
     );
-    if nch > 1 {
-        carries(e, &mut cs, &mut cz);
-    }
-    let mut gden = vec![f64::NAN; n * t];
-    let (g, b) = warps_small(n * t);
-    let args = [
-        Arg::of(&mut gden),
-        Arg::ro(dout),
-        Arg::ro(&out),
-        Arg::ro(&den),
-        ni,
-        ti,
-        mi,
-    ];
-    e.launch("linear_attn_backward_gden", g, b, 0, &args)
-        .unwrap();
-    let mut zlive = vec![0u8; len];
-    let args = [
-        Arg::of(&mut dq),
-        Arg::of(&mut zlive),
-        Arg::ro(dout),
-        Arg::ro(&den),
-        Arg::ro(&gden),
-        Arg::ro(kf),
-        Arg::ro(v),
-        cptr(&mut cs),
-        cptr(&mut cz),
-        ni,
-        ti,
-        mi,
-        ci,
-    ];
-    e.launch("linear_attn_backward", walk.0, walk.1, 0, &args)
-        .unwrap();
-    let (mut ds, mut dz) = (Vec::new(), Vec::new());
-    if nch > 1 {
-        ds = vec![f64::NAN; n * nch * m * m];
-        dz = vec![f64::NAN; n * nch * m];
-        let (g, b) = elems(n * nch * m * m);
-        let args = [
-            Arg::of(&mut ds),
-            Arg::of(&mut dz),
-            Arg::ro(dout),
-            Arg::ro(&den),
-            Arg::ro(&gden),
-            Arg::ro(&zlive),
-            Arg::ro(qf),
-            ni,
-            ti,
-            mi,
-            ci,
-        ];
-        e.launch("linear_attn_backward_sums", g, b, 0, &args)
-            .unwrap();
-        let (g, b) = elems(n * m * m);
-        let args = [Arg::of(&mut ds), Arg::of(&mut dz), ni, nchi, mi];
-        e.launch("linear_attn_backward_carry", g, b, 0, &args)
-            .unwrap();
-    }
-    let args = [
-        Arg::of(&mut dk),
-        Arg::ro(&zlive),
-        Arg::ro(dout),
-        Arg::ro(&den),
-        Arg::ro(&gden),
-        Arg::ro(qf),
-        Arg::ro(v),
-        cptr(&mut ds),
-        cptr(&mut dz),
-        ni,
-        ti,
-        mi,
-        ci,
-    ];
-    e.launch("linear_attn_backward_dk", walk.0, walk.1, 0, &args)
-        .unwrap();
-    let args = [
-        Arg::of(&mut dv),
-        Arg::ro(dout),
-        Arg::ro(&den),
-        Arg::ro(qf),
-        Arg::ro(kf),
-        cptr(&mut ds),
-        ni,
-        ti,
-        mi,
-        ci,
-    ];
-    e.launch("linear_attn_backward_dv", walk.0, walk.1, 0, &args)
-        .unwrap();
+    // workspaces start as NaN: every range a kernel reads must have been written
+    let wf = dev.put(&vec![f64::NAN; p.ws_forward().max(1)]);
+    let ws = LinearWs::carve(&p, wf, asa::backend::cuda::Dv::null());
+    linear::forward(&dev, &p, &ws, out_d, den_d, q_d, k_d, v_d).unwrap();
+    let (dq_d, dk_d, dv_d) = (
+        dev.put(&grads0[..len]),
+        dev.put(&grads0[len..2 * len]),
+        dev.put(&grads0[2 * len..]),
+    );
+    let wb = dev.put(&vec![f64::NAN; p.ws_backward()]);
+    let zl = dev.zeroed::<u8>(len);
+    let ws = LinearWs::carve(&p, wb, zl);
+    linear::backward(
+        &dev, &p, &ws, dq_d, dk_d, dv_d, go_d, out_d, den_d, q_d, k_d, v_d,
+    )
+    .unwrap();
     LinearGrads {
-        out,
-        den,
-        dq,
-        dk,
-        dv,
+        out: dev.get(out_d),
+        den: dev.get(den_d),
+        dq: dev.get(dq_d),
+        dk: dev.get(dk_d),
+        dv: dev.get(dv_d),
     }
 }
 
@@ -417,11 +275,11 @@ fn emulated_chunked_linear_attention_matches_cpu() {
         for &chunk in chunks {
             let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, chunk));
             let tag = format!("m {m} chunk {chunk}");
-            assert_close(&format!("out, {tag}"), &g.out, &out, TOL);
-            assert_close(&format!("den, {tag}"), &g.den, &den, TOL);
-            assert_close(&format!("dqf, {tag}"), &g.dq, &dq, TOL);
-            assert_close(&format!("dkf, {tag}"), &g.dk, &dk, TOL);
-            assert_close(&format!("dv, {tag}"), &g.dv, &dv, TOL);
+            close(&format!("out, {tag}"), &g.out, &out, TOL);
+            close(&format!("den, {tag}"), &g.den, &den, TOL);
+            close(&format!("dqf, {tag}"), &g.dq, &dq, TOL);
+            close(&format!("dkf, {tag}"), &g.dk, &dk, TOL);
+            close(&format!("dv, {tag}"), &g.dv, &dv, TOL);
         }
     }
 }
@@ -497,4 +355,22 @@ fn emulator_reports_divergent_barriers_and_unknown_kernels() {
     )
     .unwrap();
     assert_eq!(out2[0], 31);
+}
+
+#[test]
+fn emulated_fused_scan_read_matches_cpu() {
+    let Some(e) = emu("emulated_fused_scan_read_matches_cpu") else {
+        return;
+    };
+    // the GPU test's cases (tests/support/fused_case.rs) small enough to emulate quickly: every
+    // chunk x tile combination, masks, refine, padding, ties and most layouts
+    let cases: Vec<_> = fused_case::fused_cases()
+        .into_iter()
+        .filter(|c| c.b * c.h * c.t * c.k * c.d <= 60_000)
+        .collect();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    for cs in &cases {
+        let mut dev = EmuDev::new(e);
+        fused_case::fused_case_matches_cpu(&mut dev, cs, 1e-5);
+    }
 }

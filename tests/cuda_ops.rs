@@ -16,12 +16,22 @@ use rand_chacha::ChaCha8Rng;
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
-use asa::backend::cuda::{self, AsDv, CudaBackend, Dv, GpuLm, Precision};
+use asa::backend::cuda::{self, AsDv, CudaBackend, Dv, GpuLm, GridLaunch, KArg, Precision};
 use asa::config::{ModelConfig, Variant};
 use asa::model::asa::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+
+#[path = "support/check.rs"]
+mod check;
+#[path = "support/dev.rs"]
+mod dev;
+#[path = "support/fused_case.rs"]
+mod fused_case;
+
+use check::close;
+use dev::{Elem, TestDev};
 
 const TOL: f64 = 1e-4;
 
@@ -44,6 +54,8 @@ fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
 struct G<'a> {
     be: &'a CudaBackend,
     keep: Vec<cudarc::driver::CudaSlice<f32>>,
+    /// buffers of other element types (`TestDev::put`)
+    any: Vec<Box<dyn std::any::Any>>,
 }
 
 impl<'a> G<'a> {
@@ -51,6 +63,7 @@ impl<'a> G<'a> {
         G {
             be,
             keep: Vec::new(),
+            any: Vec::new(),
         }
     }
     fn up(&mut self, x: &[f32]) -> Dv<f32> {
@@ -67,34 +80,32 @@ impl<'a> G<'a> {
     }
 }
 
-/// max |got - want| / max(1, max |want|); -inf/inf must match exactly, NaN fails.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length");
-    let mut md = 0.0f64;
-    let mut mr = 0.0f64;
-    for (&a, &b) in got.iter().zip(want) {
-        if a.is_nan() != b.is_nan() {
-            return f64::INFINITY;
-        }
-        if a.is_nan() {
-            continue;
-        }
-        if a.is_infinite() || b.is_infinite() {
-            if a != b {
-                return f64::INFINITY;
-            }
-            continue;
-        }
-        md = md.max((a as f64 - b as f64).abs());
-        mr = mr.max((b as f64).abs());
+impl GridLaunch for G<'_> {
+    fn grid_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> asa::error::Result<()> {
+        self.be.grid_launch(name, grid, block, smem, args)
     }
-    md / mr.max(1.0)
+    fn max_grid(&self) -> u32 {
+        self.be.max_grid()
+    }
 }
 
-#[track_caller]
-fn close(name: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e <= tol, "{name}: relative error {e:e} > {tol:e}");
+impl TestDev for G<'_> {
+    fn put<T: Elem>(&mut self, x: &[T]) -> Dv<T> {
+        let s = self.be.upload(x).unwrap();
+        let d = s.dv().sub(0, x.len());
+        self.any.push(Box::new(s));
+        d
+    }
+    fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T> {
+        self.be.download(x).unwrap()
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1423,351 +1434,14 @@ fn cuda_intervene_rejects_slot_masks() {
 // ------------------------------------------------------------------------------------------------
 // the fused write scan + read (`cuda/fused.cu`, `backend::cuda::fused`)
 
-/// One op-level case of the fused kernels.
-#[derive(Debug, Clone)]
-struct FusedCase {
-    b: usize,
-    h: usize,
-    t: usize,
-    k: usize,
-    d: usize,
-    chunk: usize,
-    tile: usize,
-    content: bool,
-    /// read slot mask: (last_pos_only, mode)
-    mask: Option<(bool, ReadMask)>,
-    refine: bool,
-    /// left padding (write logits -inf) of the last batch row
-    pad: usize,
-    /// write logits on a 0.5 grid (exact ties in the running max)
-    ties: bool,
-    /// a per-head ALiBi-like ramp of the write logits
-    ramp: f32,
-    seed: u64,
-}
-
-/// The fused forward, state mix, state dot and backward against the CPU twins' chain
-/// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
-/// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
-fn fused_case_matches_cpu(be: &CudaBackend, cs: &FusedCase, tol: f64) {
-    use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
-    let mut g = G::new(be);
-    let mut r = rng(cs.seed);
-    let dm = SlotDims {
-        b: cs.b,
-        h: cs.h,
-        t: cs.t,
-        k: cs.k,
-        d: cs.d,
-    };
-    let (b, h, t, nk, d) = (cs.b, cs.h, cs.t, cs.k, cs.d);
-    let nbh = b * h;
-    let (bhkt, bhtd, bhtk) = (nbh * nk * t, nbh * t * d, nbh * t * nk);
-    let mut wl = rv(&mut r, bhkt, 2.0);
-    for bh in 0..nbh {
-        for s in 0..nk {
-            for ti in 0..t {
-                let i = (bh * nk + s) * t + ti;
-                if cs.ties {
-                    wl[i] = (wl[i] * 2.0).round() / 2.0;
-                }
-                wl[i] += cs.ramp * ti as f32 * ((bh % 3) as f32 - 1.0);
-                if bh / h == b - 1 && ti < cs.pad {
-                    wl[i] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    let v = rv(&mut r, bhtd, 1.0);
-    let q = rv(&mut r, bhtd, 1.0);
-    let keys = rv(&mut r, h * nk * d, 0.7);
-    let sw = rv(&mut r, bhtk, 1.0);
-    let (gamma, rtemp) = (0.8f32, 1.3f32);
-    let keepv: Vec<bool> = (0..nk).map(|s| s % 3 != 1).collect();
-    let keep_i = be
-        .upload(&keepv.iter().map(|&x| x as i32).collect::<Vec<_>>())
-        .unwrap();
-    let sk = cs.mask.map(|(lpo, _)| SlotKeep {
-        keep: keepv.clone(),
-        last_pos_only: lpo,
-    });
-    let cmask = sk.as_ref().zip(cs.mask).map(|(s, (_, m))| (s, m));
-    let read_keep = sk
-        .as_ref()
-        .filter(|_| matches!(cs.mask, Some((_, ReadMask::Read))));
-    let tag = format!("{cs:?}");
-
-    // CPU forward
-    let mut st = vec![0.0f32; nbh * t * nk * d];
-    let (mut den, mut rm) = (vec![0.0f32; bhkt], vec![0.0f32; bhkt]);
-    ca::slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &v, cs.chunk, dm);
-    let (mut lk, mut lc, mut lg) = (vec![0.0; bhtk], vec![0.0; bhtk], vec![0.0; bhtk]);
-    ca::read_logits_forward(
-        &mut lk,
-        cs.content.then_some(&mut lc[..]),
-        &mut lg,
-        &q,
-        &keys,
-        &st,
-        gamma,
-        cmask,
-        dm,
-    );
-    let mut rw = vec![0.0f32; bhtk];
-    ca::read_weights_forward(&mut rw, &lg, &Routing::Softmax, rtemp, read_keep, dm);
-    let mut out1 = vec![0.0f32; bhtd];
-    ca::slot_mix_forward(&mut out1, &rw, &st, dm);
-    let mut delta = vec![0.0f32; bhtd];
-    ca::slot_mix_forward(&mut delta, &sw, &st, dm);
-
-    // GPU forward
-    let plan = FusedPlan::new(dm, cs.chunk, cs.tile).expect("fused plan");
-    let (n64, n32) = plan.ws_len();
-    let b64 = be.zeros::<f64>(n64).unwrap();
-    let b32 = be.zeros::<f32>(n32).unwrap();
-    let ws = FusedWs::carve(&plan, b64.dv(), b32.dv());
-    let (wl_d, v_d, q_d, keys_d, sw_d) = (g.up(&wl), g.up(&v), g.up(&q), g.up(&keys), g.up(&sw));
-    let (out1_d, rw_d) = (g.zeros(bhtd), g.zeros(bhtk));
-    let (lk_d, lc_d, lg_d) = (g.zeros(bhtk), g.zeros(bhtk), g.zeros(bhtk));
-    let dmask = cs.mask.map(|(lpo, m)| DevSlotMask {
-        keep: keep_i.dv(),
-        last_pos_only: lpo,
-        mode: m,
-    });
-    let io = FwdIo {
-        out1: out1_d,
-        rw: rw_d,
-        lkey: lk_d,
-        lcont: if cs.content { lc_d } else { Dv::null() },
-        logits: lg_d,
-        wl: wl_d,
-        v: v_d,
-        q: q_d,
-        keys: keys_d,
-        gamma,
-        rtemp,
-        mask: dmask,
-        content: cs.content,
-    };
-    fused::forward(be, &plan, &ws, &io).unwrap();
-    close(&format!("fused rmax {tag}"), &g.down(ws.rmax), &rm, tol);
-    close(&format!("fused den {tag}"), &g.down(ws.den), &den, tol);
-    close(&format!("fused lkey {tag}"), &g.down(lk_d), &lk, tol);
-    if cs.content {
-        close(&format!("fused lcont {tag}"), &g.down(lc_d), &lc, tol);
-    }
-    close(&format!("fused logits {tag}"), &g.down(lg_d), &lg, tol);
-    close(&format!("fused rw {tag}"), &g.down(rw_d), &rw, tol);
-    close(&format!("fused out1 {tag}"), &g.down(out1_d), &out1, tol);
-    if cs.refine {
-        let delta_d = g.zeros(bhtd);
-        fused::mix(be, &plan, &ws, delta_d, sw_d, wl_d, v_d).unwrap();
-        close(&format!("fused delta {tag}"), &g.down(delta_d), &delta, tol);
-    }
-
-    // backward
-    let dout1 = rv(&mut r, bhtd, 1.0);
-    let drw_ref = rv(&mut r, bhtk, 0.5);
-    let ddelta = rv(&mut r, bhtd, 1.0);
-    let mut dstate = vec![0.0f32; st.len()];
-    let mut dsw = vec![0.0f32; bhtk];
-    if cs.refine {
-        ca::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &sw, &st, dm);
-    }
-    let mut drw = if cs.refine {
-        drw_ref.clone()
-    } else {
-        vec![0.0; bhtk]
-    };
-    ca::slot_mix_backward(&mut drw, &mut dstate, &dout1, &rw, &st, dm);
-    let mut dlog = vec![0.0f32; bhtk];
-    ca::read_weights_backward(
-        &mut dlog,
-        &drw,
-        &rw,
-        &lg,
-        &Routing::Softmax,
-        rtemp,
-        read_keep,
-        dm,
-    );
-    let (mut dq, mut dkeys) = (vec![0.0f32; bhtd], vec![0.0f32; h * nk * d]);
-    let dgam = ca::read_logits_backward(
-        &mut dq,
-        &mut dkeys,
-        cs.content.then_some(&mut dstate[..]),
-        &dlog,
-        cs.content.then_some(&lc[..]),
-        &q,
-        &keys,
-        &st,
-        gamma,
-        cmask,
-        dm,
-    );
-    let (mut dwl, mut dv) = (vec![0.0f32; bhkt], vec![0.0f32; bhtd]);
-    ca::slot_scan_backward(
-        &mut dwl, &mut dv, &dstate, &st, &den, &rm, &wl, &v, cs.chunk, dm,
-    );
-    let (dout1_d, ddelta_d, drw_d, dsw_d) =
-        (g.up(&dout1), g.up(&ddelta), g.up(&drw_ref), g.zeros(bhtk));
-    if cs.refine {
-        fused::dot(be, &plan, &ws, dsw_d, ddelta_d, wl_d, v_d).unwrap();
-        close(&format!("fused dsw {tag}"), &g.down(dsw_d), &dsw, tol);
-    }
-    let (dwl_d, dv_d, dq_d, dk_d) = (
-        g.zeros(bhkt),
-        g.zeros(bhtd),
-        g.zeros(bhtd),
-        g.zeros(h * nk * d),
-    );
-    let dg = be.zeros::<f64>(1).unwrap();
-    let bio = BwdIo {
-        dwl: dwl_d,
-        dv: dv_d,
-        dq: dq_d,
-        dkeys: dk_d,
-        dgamma: dg.dv(),
-        dout1: dout1_d,
-        drw: if cs.refine { drw_d } else { Dv::null() },
-        rw: rw_d,
-        sw: if cs.refine { sw_d } else { Dv::null() },
-        ddelta: if cs.refine { ddelta_d } else { Dv::null() },
-        dsw: if cs.refine { dsw_d } else { Dv::null() },
-        q: q_d,
-        keys: keys_d,
-        v: v_d,
-        wl: wl_d,
-        gamma,
-        rtemp,
-        mask: dmask,
-        content: cs.content,
-    };
-    fused::backward(be, &plan, &ws, &bio).unwrap();
-    close(&format!("fused dq {tag}"), &g.down(dq_d), &dq, tol);
-    close(&format!("fused dkeys {tag}"), &g.down(dk_d), &dkeys, tol);
-    close(&format!("fused dv {tag}"), &g.down(dv_d), &dv, tol);
-    close(&format!("fused dwl {tag}"), &g.down(dwl_d), &dwl, tol);
-    if cs.content {
-        let gd = be.download(dg.dv()).unwrap()[0];
-        assert!(
-            (gd - dgam).abs() <= tol * dgam.abs().max(1.0),
-            "fused dgamma {gd} vs {dgam} {tag}"
-        );
-    }
-}
-
 #[test]
 fn cuda_fused_scan_read_matches_cpu() {
     let Some(be) = backend("cuda_fused_scan_read_matches_cpu") else {
         return;
     };
-    let base = FusedCase {
-        b: 2,
-        h: 2,
-        t: 23,
-        k: 5,
-        d: 12,
-        chunk: 5,
-        tile: 64,
-        content: true,
-        mask: None,
-        refine: true,
-        pad: 4,
-        ties: false,
-        ramp: 0.0,
-        seed: 0,
-    };
-    let mut cases = vec![];
-    let mut seed = 100;
-    // chunk sizes 1, 7, T (and others) x tiles: whole chunks per tile and sub-tiles of a chunk
-    for chunk in [1usize, 2, 5, 7, 16, 23] {
-        for tile in [1usize, 3, 4, 8, 64] {
-            seed += 1;
-            cases.push(FusedCase {
-                chunk,
-                tile,
-                seed,
-                ..base.clone()
-            });
-        }
-    }
-    for (content, mask, refine, pad, ties, ramp) in [
-        (false, None, false, 0, false, 0.0),
-        (true, Some((false, ReadMask::Read)), true, 3, false, 0.0),
-        (true, Some((true, ReadMask::Read)), false, 0, true, 0.0),
-        (
-            true,
-            Some((false, ReadMask::ContentOnly)),
-            true,
-            5,
-            true,
-            0.3,
-        ),
-        (
-            true,
-            Some((true, ReadMask::ContentOnly)),
-            true,
-            0,
-            false,
-            0.5,
-        ),
-        (false, Some((false, ReadMask::Read)), true, 2, true, 0.2),
-    ] {
-        for (chunk, tile) in [(1usize, 4usize), (4, 3), (7, 64), (23, 4), (6, 8)] {
-            seed += 1;
-            cases.push(FusedCase {
-                content,
-                mask,
-                refine,
-                pad,
-                ties,
-                ramp,
-                chunk,
-                tile,
-                seed,
-                ..base.clone()
-            });
-        }
-    }
-    // other layouts: lanes per slot 1..32, several warps, K up to 128, d up to 256, long T,
-    // a fully padded row, the bench shape
-    for (b, h, t, k, d, chunk, tile, pad) in [
-        (
-            1usize, 2usize, 70usize, 32usize, 64usize, 16usize, 16usize, 2usize,
-        ),
-        (1, 2, 40, 9, 33, 40, 8, 2),
-        (1, 2, 37, 40, 8, 3, 64, 2),
-        (1, 2, 5, 3, 3, 2, 2, 0),
-        (1, 1, 4, 1, 1, 1, 1, 0),
-        (2, 1, 23, 5, 12, 5, 4, 23),
-        (2, 1, 9, 128, 8, 4, 4, 2),
-        (2, 1, 7, 100, 30, 3, 64, 0),
-        (2, 1, 6, 3, 256, 4, 2, 1),
-        (2, 1, 300, 4, 16, 128, 16, 40),
-        (2, 1, 200, 4, 16, 1, 64, 7),
-        (1, 4, 1000, 32, 64, 128, 64, 0),
-        (1, 4, 1000, 32, 64, 1000, 16, 0),
-    ] {
-        seed += 1;
-        cases.push(FusedCase {
-            b,
-            h,
-            t,
-            k,
-            d,
-            chunk,
-            tile,
-            pad,
-            mask: Some((false, ReadMask::Read)),
-            ties: true,
-            ramp: 0.05,
-            seed,
-            ..base.clone()
-        });
-    }
-    for cs in &cases {
-        fused_case_matches_cpu(&be, cs, 1e-5);
+    let mut g = G::new(&be);
+    for cs in &fused_case::fused_cases() {
+        fused_case::fused_case_matches_cpu(&mut g, cs, 1e-5);
     }
 }
 

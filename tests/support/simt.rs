@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+use asa::backend::cuda::{Dv, GridLaunch, KArg};
+
+use crate::dev::{Elem, TestDev};
+
 type LaunchFn = unsafe extern "C" fn(
     *const c_char,
     u32,
@@ -300,5 +304,81 @@ impl Simt {
                 .to_string_lossy()
                 .into_owned())
         }
+    }
+}
+
+/// The emulator as a [`TestDev`]: buffers are host memory (8-byte aligned, kept until the
+/// device is dropped) addressed through [`Dv`]; launches go to [`Simt::launch`]. Grid-stride
+/// kernels get at most 3 blocks, so their loops turn.
+pub struct EmuDev {
+    simt: &'static Simt,
+    bufs: Vec<Box<[u64]>>,
+}
+
+impl EmuDev {
+    pub fn new(simt: &'static Simt) -> EmuDev {
+        EmuDev {
+            simt,
+            bufs: Vec::new(),
+        }
+    }
+}
+
+impl GridLaunch for EmuDev {
+    fn grid_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> asa::error::Result<()> {
+        if grid == 0 {
+            return Ok(()); // as the CUDA backend: an empty grid is no launch
+        }
+        let a: Vec<Arg> = args
+            .iter()
+            .map(|k| match *k {
+                KArg::Ptr(p) => Arg::Ptr(p as usize as *mut c_void),
+                KArg::I32(x) => Arg::I32(x),
+                KArg::I64(x) => Arg::I64(x),
+                KArg::U64(x) => Arg::I64(x as i64),
+                KArg::F32(x) => Arg::F32(x),
+                KArg::F64(x) => Arg::F64(x),
+            })
+            .collect();
+        self.simt
+            .launch(name, (grid, 1, 1), (block, 1, 1), smem as usize, &a)
+            .map_err(asa::error::AsaError::Device)
+    }
+
+    fn max_grid(&self) -> u32 {
+        3
+    }
+}
+
+impl TestDev for EmuDev {
+    fn put<T: Elem>(&mut self, x: &[T]) -> Dv<T> {
+        let bytes = std::mem::size_of_val(x);
+        let mut b = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        // SAFETY: b holds at least `bytes` bytes; T is plain data (DeviceRepr).
+        unsafe {
+            std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, b.as_mut_ptr() as *mut u8, bytes)
+        };
+        let ptr = b.as_mut_ptr() as u64;
+        self.bufs.push(b);
+        // SAFETY: the buffer lives as long as the device and holds x.len() elements.
+        unsafe { Dv::from_raw(ptr, x.len()) }
+    }
+
+    fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T> {
+        let mut out = vec![T::default(); x.len];
+        if x.len > 0 {
+            // SAFETY: x addresses x.len elements of one of this device's buffers.
+            unsafe {
+                std::ptr::copy_nonoverlapping(x.ptr as usize as *const T, out.as_mut_ptr(), x.len)
+            };
+        }
+        out
     }
 }

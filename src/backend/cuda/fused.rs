@@ -27,13 +27,13 @@
 //! [`FusedPlan::new`]. Other routing modes and the intervene variant use the op-by-op path
 //! (`layer_plan` returns `None`), as does everything when `ASA_CUDA_FUSED=0`.
 //!
-//! The launch sequence is written against [`FusedLaunch`] so that it can be driven by a kernel
+//! The launch sequence is written against [`GridLaunch`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::CudaSlice;
 
 use super::ops::DevSlotMask;
-use super::{i32_of, AsDv, CudaBackend, Dv, KArg};
+use super::{i32_of, AsDv, CudaBackend, Dv, GridLaunch, KArg};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -62,41 +62,6 @@ const FU_MAXNW: usize = 16;
 /// Dynamic shared memory limit: 48 KiB (the most without opt-in) less room for the kernels'
 /// static shared arrays (128 bytes).
 const SMEM_LIMIT: usize = 48 * 1024 - 256;
-
-/// Kernel launches of the fused path: a CUDA backend, or an emulator in tests.
-pub trait FusedLaunch {
-    /// Launches `name` on a 1-D grid of `grid` blocks of `block` threads with `smem` bytes of
-    /// dynamic shared memory.
-    fn fused_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> Result<()>;
-}
-
-impl FusedLaunch for CudaBackend {
-    fn fused_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> Result<()> {
-        self.launch(
-            name,
-            LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (block, 1, 1),
-                shared_mem_bytes: smem,
-            },
-            args,
-        )
-    }
-}
 
 // ------------------------------------------------------------------------------------------------
 // plan
@@ -457,7 +422,7 @@ pub struct FwdIo {
 
 /// The fused forward: `slot_scan_forward` + `read_logits_forward` + `read_weights_forward`
 /// (softmax) + `slot_mix_forward`. Leaves `rmax`, `den` ([B,H,K,T]) and the carries in `ws`.
-pub fn forward<L: FusedLaunch + ?Sized>(
+pub fn forward<L: GridLaunch + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -481,7 +446,7 @@ pub fn forward<L: FusedLaunch + ?Sized>(
         assert_eq!(m.keep.len, nk, "fused forward: slot mask shape");
     }
     let dims = p.dim_args();
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_forward_rmax",
         p.warps_grid(),
         128,
@@ -503,7 +468,7 @@ pub fn forward<L: FusedLaunch + ?Sized>(
         k(io.v),
     ];
     a.extend_from_slice(&dims);
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_forward_sums",
         p.tiles_grid(),
         p.block(),
@@ -521,7 +486,7 @@ pub fn forward<L: FusedLaunch + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.fused_launch("slot_scan_read_forward_carry", p.warps_grid(), 128, 0, &a)?;
+    dev.grid_launch("slot_scan_read_forward_carry", p.warps_grid(), 128, 0, &a)?;
     let [m0, m1, m2] = mask_args(io.mask);
     let mut a = vec![
         k(io.out1),
@@ -540,7 +505,7 @@ pub fn forward<L: FusedLaunch + ?Sized>(
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_forward",
         p.tiles_grid(),
         p.block(),
@@ -551,7 +516,7 @@ pub fn forward<L: FusedLaunch + ?Sized>(
 
 /// out [B,H,T,d] = sum_s w[b,h,t,s] * state (`slot_mix_forward` over the states of the last
 /// [`forward`], which must have run with the same `wl`, `v`).
-pub fn mix<L: FusedLaunch + ?Sized>(
+pub fn mix<L: GridLaunch + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -568,7 +533,7 @@ pub fn mix<L: FusedLaunch + ?Sized>(
     let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_mix",
         p.tiles_grid(),
         p.block(),
@@ -579,7 +544,7 @@ pub fn mix<L: FusedLaunch + ?Sized>(
 
 /// out [B,H,T,K] += x . state (the weight gradient of `slot_mix_backward` over the states of
 /// the last [`forward`]).
-pub fn dot<L: FusedLaunch + ?Sized>(
+pub fn dot<L: GridLaunch + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -596,7 +561,7 @@ pub fn dot<L: FusedLaunch + ?Sized>(
     let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
-    dev.fused_launch("slot_scan_read_dot", p.tiles_grid(), p.block(), 0, &a)
+    dev.grid_launch("slot_scan_read_dot", p.tiles_grid(), p.block(), 0, &a)
 }
 
 /// Inputs and outputs of [`backward`]. Gradient outputs accumulate (`+=`) except `dgamma`.
@@ -636,7 +601,7 @@ pub struct BwdIo {
 /// The fused backward of [`forward`] (plus the refine's state path): `slot_mix_backward` (out1
 /// and delta), `read_weights_backward` (softmax), `read_logits_backward`, `slot_scan_backward`.
 /// Needs the workspace of the forward untouched.
-pub fn backward<L: FusedLaunch + ?Sized>(
+pub fn backward<L: GridLaunch + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -693,7 +658,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_backward_read",
         tg,
         blk,
@@ -701,7 +666,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
         &a,
     )?;
     let hkd = p.h * nk * d;
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_backward_keys",
         hkd.div_ceil(256).clamp(1, 65535) as u32,
         256,
@@ -717,7 +682,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
         ],
     )?;
     if !io.dgamma.is_null() {
-        dev.fused_launch(
+        dev.grid_launch(
             "slot_scan_read_backward_gamma",
             1,
             32,
@@ -747,7 +712,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.fused_launch("slot_scan_read_backward_sums", tg, blk, 0, &a)?;
+    dev.grid_launch("slot_scan_read_backward_sums", tg, blk, 0, &a)?;
     // level 2: carries at tile ends
     let mut a = vec![
         k(ws.bc_n),
@@ -760,7 +725,7 @@ pub fn backward<L: FusedLaunch + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.fused_launch("slot_scan_read_backward_carry", p.warps_grid(), 128, 0, &a)?;
+    dev.grid_launch("slot_scan_read_backward_carry", p.warps_grid(), 128, 0, &a)?;
     // level 3: reverse walk -> dv, xo, yo
     let mut a = vec![
         k(io.dv),
@@ -782,9 +747,9 @@ pub fn backward<L: FusedLaunch + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.fused_launch("slot_scan_read_backward", tg, blk, p.smem_mix() as u32, &a)?;
+    dev.grid_launch("slot_scan_read_backward", tg, blk, p.smem_mix() as u32, &a)?;
     // running max
-    dev.fused_launch(
+    dev.grid_launch(
         "slot_scan_read_backward_route",
         p.warps_grid(),
         128,

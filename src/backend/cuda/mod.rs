@@ -15,6 +15,7 @@
 //!   the GPU ASA layer;
 //! - [`intervene`]: the intervene variant's intervention (forward, thresholds, logs, backward);
 //! - [`fused`]: the fused slot write scan + read, forward and backward (no state history);
+//! - [`linear`]: the slotspace refine's causal linear attention, walked in chunks;
 //! - [`doctor`]: the `asa doctor` report;
 //! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
 
@@ -35,6 +36,7 @@ use crate::error::{AsaError, Result};
 pub mod doctor;
 pub mod fused;
 pub mod intervene;
+pub mod linear;
 pub mod model;
 pub mod ops;
 pub mod parity;
@@ -363,6 +365,49 @@ impl<T> AsDv<T> for Dv<T> {
 impl<T, A: AsDv<T>> AsDv<T> for Option<A> {
     fn dv(&self) -> Dv<T> {
         self.as_ref().map(|a| a.dv()).unwrap_or_else(Dv::null)
+    }
+}
+
+/// Kernel launches on a 1-D grid: the CUDA backend, or the SIMT emulator of the tests
+/// (tests/support/simt.rs), which runs the same launch sequences on host memory. The launch
+/// sequences of [`fused`] and [`linear`] are written against this trait.
+pub trait GridLaunch {
+    /// Launches `name` on `grid` blocks of `block` threads with `smem` bytes of dynamic shared
+    /// memory.
+    fn grid_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> Result<()>;
+    /// The most blocks worth giving a grid-stride kernel.
+    fn max_grid(&self) -> u32;
+}
+
+impl GridLaunch for CudaBackend {
+    fn grid_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> Result<()> {
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: smem,
+            },
+            args,
+        )
+    }
+
+    fn max_grid(&self) -> u32 {
+        (self.sm_count.max(1) as u32) * 32
     }
 }
 

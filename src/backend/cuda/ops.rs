@@ -16,6 +16,7 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::LaunchConfig;
 
+use super::linear::{default_chunk, LinearPlan};
 use super::{i32_of, CudaBackend, Dv, KArg, Precision};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::error::{AsaError, Result};
@@ -1534,8 +1535,8 @@ impl CudaBackend {
     }
 
     /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
-    /// from qf, kf, v [N,T,M]. Time is walked in chunks of [`linear_attn_chunk`] positions
-    /// from per-chunk carries (see cuda/asa.cu).
+    /// from qf, kf, v [N,T,M], time walked in chunks of [`default_chunk`] positions (see
+    /// [`super::linear`]).
     pub fn linear_attn_forward(
         &self,
         out: Dv<f32>,
@@ -1546,7 +1547,7 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
-        self.linear_attn_forward_chunked(out, den, qf, kf, v, t, m, linear_attn_chunk(t))
+        self.linear_attn_forward_chunked(out, den, qf, kf, v, t, m, default_chunk(t))
     }
 
     /// `linear_attn_forward` with an explicit chunk length (>= 1; >= T is the serial walk).
@@ -1570,69 +1571,8 @@ impl CudaBackend {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        if n == 0 || t == 0 {
-            return Ok(());
-        }
-        let chunk = chunk.clamp(1, t);
-        let nch = t.div_ceil(chunk);
-        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
-        let (cs, cz) = if nch > 1 {
-            let w = self.scratch64(n * nch * m * (m + 1), false)?;
-            let (cs, cz) = (
-                w.sub(0, n * nch * m * m),
-                w.sub(n * nch * m * m, n * nch * m),
-            );
-            self.linear_attn_carries("linear_attn_forward", cs, cz, kf, v, n, t, m, chunk)?;
-            (cs, cz)
-        } else {
-            (Dv::null(), Dv::null())
-        };
-        self.launch(
-            "linear_attn_forward",
-            self.cfg_warps_small(n * nch * m)?,
-            &[
-                k(out),
-                k(den),
-                k(qf),
-                k(kf),
-                k(v),
-                k(cs),
-                k(cz),
-                k(ni),
-                k(ti),
-                k(mi),
-                k(ci),
-            ],
-        )
-    }
-
-    /// The forward carries of the chunked linear attention: cs [N,nch,M,M], cz [N,nch,M] =
-    /// S and Z before each chunk (`<prefix>_sums`, then `<prefix>_carry`).
-    #[allow(clippy::too_many_arguments)]
-    fn linear_attn_carries(
-        &self,
-        prefix: &str,
-        cs: Dv<f64>,
-        cz: Dv<f64>,
-        a: Dv<f32>,
-        b: Dv<f32>,
-        n: usize,
-        t: usize,
-        m: usize,
-        chunk: usize,
-    ) -> Result<()> {
-        let nch = t.div_ceil(chunk);
-        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
-        self.launch(
-            &format!("{prefix}_sums"),
-            self.cfg_elems(n * nch * m * m),
-            &[k(cs), k(cz), k(a), k(b), k(ni), k(ti), k(mi), k(ci)],
-        )?;
-        self.launch(
-            &format!("{prefix}_carry"),
-            self.cfg_elems(n * m * m),
-            &[k(cs), k(cz), k(ni), k(nch as i32), k(mi)],
-        )
+        let plan = LinearPlan::new(n, t, m, chunk);
+        self.linear_forward(&plan, [out, den, qf, kf, v])
     }
 
     /// Backward of `linear_attn_forward` (dqf, dkf, dv +=).
@@ -1650,7 +1590,7 @@ impl CudaBackend {
         t: usize,
         m: usize,
     ) -> Result<()> {
-        let chunk = linear_attn_chunk(t);
+        let chunk = default_chunk(t);
         self.linear_attn_backward_chunked(dqf, dkf, dv, dout, out, den, qf, kf, v, t, m, chunk)
     }
 
@@ -1679,114 +1619,8 @@ impl CudaBackend {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        if n == 0 || t == 0 {
-            return Ok(());
-        }
-        use super::AsDv;
-        let chunk = chunk.clamp(1, t);
-        let nch = t.div_ceil(chunk);
-        let (ni, ti, mi, ci) = (i32_of("N", n)?, i32_of("T", t)?, m as i32, chunk as i32);
-        let carries = n * nch * m * (m + 1);
-        let wb = self.scratch64(n * t + if nch > 1 { carries } else { 0 }, true)?;
-        let gden = wb.sub(0, n * t);
-        let (cs, cz, ds, dz) = if nch > 1 {
-            let wf = self.scratch64(carries, false)?;
-            let (cs, cz) = (
-                wf.sub(0, n * nch * m * m),
-                wf.sub(n * nch * m * m, n * nch * m),
-            );
-            self.linear_attn_carries("linear_attn_forward", cs, cz, kf, v, n, t, m, chunk)?;
-            let ds = wb.sub(n * t, n * nch * m * m);
-            let dz = wb.sub(n * t + n * nch * m * m, n * nch * m);
-            (cs, cz, ds, dz)
-        } else {
-            (Dv::null(), Dv::null(), Dv::null(), Dv::null())
-        };
-        self.launch(
-            "linear_attn_backward_gden",
-            self.cfg_warps_small(n * t)?,
-            &[k(gden), k(dout), k(out), k(den), k(ni), k(ti), k(mi)],
-        )?;
-        let zlive = self.zeros::<u8>(n * t * m)?;
-        let walk = self.cfg_warps_small(n * nch * m)?;
-        self.launch(
-            "linear_attn_backward",
-            walk,
-            &[
-                k(dqf),
-                k(zlive.dv()),
-                k(dout),
-                k(den),
-                k(gden),
-                k(kf),
-                k(v),
-                k(cs),
-                k(cz),
-                k(ni),
-                k(ti),
-                k(mi),
-                k(ci),
-            ],
-        )?;
-        if nch > 1 {
-            self.launch(
-                "linear_attn_backward_sums",
-                self.cfg_elems(n * nch * m * m),
-                &[
-                    k(ds),
-                    k(dz),
-                    k(dout),
-                    k(den),
-                    k(gden),
-                    k(zlive.dv()),
-                    k(qf),
-                    k(ni),
-                    k(ti),
-                    k(mi),
-                    k(ci),
-                ],
-            )?;
-            self.launch(
-                "linear_attn_backward_carry",
-                self.cfg_elems(n * m * m),
-                &[k(ds), k(dz), k(ni), k(nch as i32), k(mi)],
-            )?;
-        }
-        self.launch(
-            "linear_attn_backward_dk",
-            walk,
-            &[
-                k(dkf),
-                k(zlive.dv()),
-                k(dout),
-                k(den),
-                k(gden),
-                k(qf),
-                k(v),
-                k(ds),
-                k(dz),
-                k(ni),
-                k(ti),
-                k(mi),
-                k(ci),
-            ],
-        )?;
-        self.launch(
-            "linear_attn_backward_dv",
-            walk,
-            &[
-                k(dv),
-                k(dout),
-                k(den),
-                k(qf),
-                k(kf),
-                k(ds),
-                k(ni),
-                k(ti),
-                k(mi),
-                k(ci),
-            ],
-        )
+        let plan = LinearPlan::new(n, t, m, chunk);
+        self.linear_backward(&plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
 
     /// x [N,T,M] *= valid[b,t] (N = B*H).
@@ -1909,21 +1743,6 @@ fn check_head_dim(d: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Environment override of the linear attention's chunk length (positions; for tuning).
-pub const LINEAR_CHUNK_ENV: &str = "ASA_CUDA_LINEAR_CHUNK";
-
-/// Chunk length of the linear attention's time walk for sequences of `t` positions: the serial
-/// walk (one chunk) up to 128 positions, else chunks of 64 (every warp walks 64 steps; the
-/// per-chunk sums cost O(T M^2) in parallel). `ASA_CUDA_LINEAR_CHUNK` overrides it.
-pub fn linear_attn_chunk(t: usize) -> usize {
-    let chunk = std::env::var(LINEAR_CHUNK_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&c| c > 0)
-        .unwrap_or(if t <= 128 { t } else { 64 });
-    chunk.clamp(1, t.max(1))
 }
 
 fn check_slotspace_dim(m: usize) -> Result<()> {

@@ -1,0 +1,33 @@
+//! Tolerance checks shared by the GPU and emulator tests.
+
+#![allow(dead_code)]
+
+/// max |got - want| / max(1, max |want|); -inf/inf must match exactly, NaN fails.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length");
+    let mut md = 0.0f64;
+    let mut mr = 0.0f64;
+    for (&a, &b) in got.iter().zip(want) {
+        if a.is_nan() != b.is_nan() {
+            return f64::INFINITY;
+        }
+        if a.is_nan() {
+            continue;
+        }
+        if a.is_infinite() || b.is_infinite() {
+            if a != b {
+                return f64::INFINITY;
+            }
+            continue;
+        }
+        md = md.max((a as f64 - b as f64).abs());
+        mr = mr.max((b as f64).abs());
+    }
+    md / mr.max(1.0)
+}
+
+#[track_caller]
+pub fn close(name: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{name}: relative error {e:e} > {tol:e}");
+}

@@ -1,0 +1,381 @@
+//! The fused write scan + read (`cuda/fused.cu`, `backend::cuda::fused`) against the CPU
+//! twins' chain, on any [`TestDev`]: a GPU (tests/cuda_ops.rs) or the SIMT emulator
+//! (tests/cuda_emu.rs).
+
+#![allow(dead_code, clippy::too_many_arguments)]
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
+use asa::backend::cuda::ops::DevSlotMask;
+use asa::backend::cuda::Dv;
+
+use crate::check::close;
+use crate::dev::TestDev;
+
+fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
+}
+
+/// One op-level case of the fused kernels.
+#[derive(Debug, Clone)]
+pub struct FusedCase {
+    pub b: usize,
+    pub h: usize,
+    pub t: usize,
+    pub k: usize,
+    pub d: usize,
+    pub chunk: usize,
+    pub tile: usize,
+    pub content: bool,
+    /// read slot mask: (last_pos_only, mode)
+    pub mask: Option<(bool, ReadMask)>,
+    pub refine: bool,
+    /// left padding (write logits -inf) of the last batch row
+    pub pad: usize,
+    /// write logits on a 0.5 grid (exact ties in the running max)
+    pub ties: bool,
+    /// a per-head ALiBi-like ramp of the write logits
+    pub ramp: f32,
+    pub seed: u64,
+}
+
+/// The fused forward, state mix, state dot and backward against the CPU twins' chain
+/// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
+/// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
+pub fn fused_case_matches_cpu<D: TestDev>(dev: &mut D, cs: &FusedCase, tol: f64) {
+    use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
+    let mut r = ChaCha8Rng::seed_from_u64(cs.seed);
+    let dm = SlotDims {
+        b: cs.b,
+        h: cs.h,
+        t: cs.t,
+        k: cs.k,
+        d: cs.d,
+    };
+    let (b, h, t, nk, d) = (cs.b, cs.h, cs.t, cs.k, cs.d);
+    let nbh = b * h;
+    let (bhkt, bhtd, bhtk) = (nbh * nk * t, nbh * t * d, nbh * t * nk);
+    let mut wl = rv(&mut r, bhkt, 2.0);
+    for bh in 0..nbh {
+        for s in 0..nk {
+            for ti in 0..t {
+                let i = (bh * nk + s) * t + ti;
+                if cs.ties {
+                    wl[i] = (wl[i] * 2.0).round() / 2.0;
+                }
+                wl[i] += cs.ramp * ti as f32 * ((bh % 3) as f32 - 1.0);
+                if bh / h == b - 1 && ti < cs.pad {
+                    wl[i] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let v = rv(&mut r, bhtd, 1.0);
+    let q = rv(&mut r, bhtd, 1.0);
+    let keys = rv(&mut r, h * nk * d, 0.7);
+    let sw = rv(&mut r, bhtk, 1.0);
+    let (gamma, rtemp) = (0.8f32, 1.3f32);
+    let keepv: Vec<bool> = (0..nk).map(|s| s % 3 != 1).collect();
+    let keep_i = dev.put(&keepv.iter().map(|&x| x as i32).collect::<Vec<_>>());
+    let sk = cs.mask.map(|(lpo, _)| SlotKeep {
+        keep: keepv.clone(),
+        last_pos_only: lpo,
+    });
+    let cmask = sk.as_ref().zip(cs.mask).map(|(s, (_, m))| (s, m));
+    let read_keep = sk
+        .as_ref()
+        .filter(|_| matches!(cs.mask, Some((_, ReadMask::Read))));
+    let tag = format!("{cs:?}");
+
+    // CPU forward
+    let mut st = vec![0.0f32; nbh * t * nk * d];
+    let (mut den, mut rm) = (vec![0.0f32; bhkt], vec![0.0f32; bhkt]);
+    ca::slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &v, cs.chunk, dm);
+    let (mut lk, mut lc, mut lg) = (vec![0.0; bhtk], vec![0.0; bhtk], vec![0.0; bhtk]);
+    ca::read_logits_forward(
+        &mut lk,
+        cs.content.then_some(&mut lc[..]),
+        &mut lg,
+        &q,
+        &keys,
+        &st,
+        gamma,
+        cmask,
+        dm,
+    );
+    let mut rw = vec![0.0f32; bhtk];
+    ca::read_weights_forward(&mut rw, &lg, &Routing::Softmax, rtemp, read_keep, dm);
+    let mut out1 = vec![0.0f32; bhtd];
+    ca::slot_mix_forward(&mut out1, &rw, &st, dm);
+    let mut delta = vec![0.0f32; bhtd];
+    ca::slot_mix_forward(&mut delta, &sw, &st, dm);
+
+    // GPU forward
+    let plan = FusedPlan::new(dm, cs.chunk, cs.tile).expect("fused plan");
+    let (n64, n32) = plan.ws_len();
+    let b64 = dev.zeroed::<f64>(n64);
+    let b32 = dev.zeroed::<f32>(n32);
+    let ws = FusedWs::carve(&plan, b64, b32);
+    let (wl_d, v_d, q_d, keys_d, sw_d) = (
+        dev.put(&wl),
+        dev.put(&v),
+        dev.put(&q),
+        dev.put(&keys),
+        dev.put(&sw),
+    );
+    let (out1_d, rw_d) = (dev.zeroed::<f32>(bhtd), dev.zeroed::<f32>(bhtk));
+    let (lk_d, lc_d, lg_d) = (
+        dev.zeroed::<f32>(bhtk),
+        dev.zeroed::<f32>(bhtk),
+        dev.zeroed::<f32>(bhtk),
+    );
+    let dmask = cs.mask.map(|(lpo, m)| DevSlotMask {
+        keep: keep_i,
+        last_pos_only: lpo,
+        mode: m,
+    });
+    let io = FwdIo {
+        out1: out1_d,
+        rw: rw_d,
+        lkey: lk_d,
+        lcont: if cs.content { lc_d } else { Dv::null() },
+        logits: lg_d,
+        wl: wl_d,
+        v: v_d,
+        q: q_d,
+        keys: keys_d,
+        gamma,
+        rtemp,
+        mask: dmask,
+        content: cs.content,
+    };
+    fused::forward(dev, &plan, &ws, &io).unwrap();
+    close(&format!("fused rmax {tag}"), &dev.get(ws.rmax), &rm, tol);
+    close(&format!("fused den {tag}"), &dev.get(ws.den), &den, tol);
+    close(&format!("fused lkey {tag}"), &dev.get(lk_d), &lk, tol);
+    if cs.content {
+        close(&format!("fused lcont {tag}"), &dev.get(lc_d), &lc, tol);
+    }
+    close(&format!("fused logits {tag}"), &dev.get(lg_d), &lg, tol);
+    close(&format!("fused rw {tag}"), &dev.get(rw_d), &rw, tol);
+    close(&format!("fused out1 {tag}"), &dev.get(out1_d), &out1, tol);
+    if cs.refine {
+        let delta_d = dev.zeroed::<f32>(bhtd);
+        fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d).unwrap();
+        close(
+            &format!("fused delta {tag}"),
+            &dev.get(delta_d),
+            &delta,
+            tol,
+        );
+    }
+
+    // backward
+    let dout1 = rv(&mut r, bhtd, 1.0);
+    let drw_ref = rv(&mut r, bhtk, 0.5);
+    let ddelta = rv(&mut r, bhtd, 1.0);
+    let mut dstate = vec![0.0f32; st.len()];
+    let mut dsw = vec![0.0f32; bhtk];
+    if cs.refine {
+        ca::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &sw, &st, dm);
+    }
+    let mut drw = if cs.refine {
+        drw_ref.clone()
+    } else {
+        vec![0.0; bhtk]
+    };
+    ca::slot_mix_backward(&mut drw, &mut dstate, &dout1, &rw, &st, dm);
+    let mut dlog = vec![0.0f32; bhtk];
+    ca::read_weights_backward(
+        &mut dlog,
+        &drw,
+        &rw,
+        &lg,
+        &Routing::Softmax,
+        rtemp,
+        read_keep,
+        dm,
+    );
+    let (mut dq, mut dkeys) = (vec![0.0f32; bhtd], vec![0.0f32; h * nk * d]);
+    let dgam = ca::read_logits_backward(
+        &mut dq,
+        &mut dkeys,
+        cs.content.then_some(&mut dstate[..]),
+        &dlog,
+        cs.content.then_some(&lc[..]),
+        &q,
+        &keys,
+        &st,
+        gamma,
+        cmask,
+        dm,
+    );
+    let (mut dwl, mut dv) = (vec![0.0f32; bhkt], vec![0.0f32; bhtd]);
+    ca::slot_scan_backward(
+        &mut dwl, &mut dv, &dstate, &st, &den, &rm, &wl, &v, cs.chunk, dm,
+    );
+    let (dout1_d, ddelta_d, drw_d, dsw_d) = (
+        dev.put(&dout1),
+        dev.put(&ddelta),
+        dev.put(&drw_ref),
+        dev.zeroed::<f32>(bhtk),
+    );
+    if cs.refine {
+        fused::dot(dev, &plan, &ws, dsw_d, ddelta_d, wl_d, v_d).unwrap();
+        close(&format!("fused dsw {tag}"), &dev.get(dsw_d), &dsw, tol);
+    }
+    let (dwl_d, dv_d, dq_d, dk_d) = (
+        dev.zeroed::<f32>(bhkt),
+        dev.zeroed::<f32>(bhtd),
+        dev.zeroed::<f32>(bhtd),
+        dev.zeroed::<f32>(h * nk * d),
+    );
+    let dg = dev.zeroed::<f64>(1);
+    let bio = BwdIo {
+        dwl: dwl_d,
+        dv: dv_d,
+        dq: dq_d,
+        dkeys: dk_d,
+        dgamma: dg,
+        dout1: dout1_d,
+        drw: if cs.refine { drw_d } else { Dv::null() },
+        rw: rw_d,
+        sw: if cs.refine { sw_d } else { Dv::null() },
+        ddelta: if cs.refine { ddelta_d } else { Dv::null() },
+        dsw: if cs.refine { dsw_d } else { Dv::null() },
+        q: q_d,
+        keys: keys_d,
+        v: v_d,
+        wl: wl_d,
+        gamma,
+        rtemp,
+        mask: dmask,
+        content: cs.content,
+    };
+    fused::backward(dev, &plan, &ws, &bio).unwrap();
+    close(&format!("fused dq {tag}"), &dev.get(dq_d), &dq, tol);
+    close(&format!("fused dkeys {tag}"), &dev.get(dk_d), &dkeys, tol);
+    close(&format!("fused dv {tag}"), &dev.get(dv_d), &dv, tol);
+    close(&format!("fused dwl {tag}"), &dev.get(dwl_d), &dwl, tol);
+    if cs.content {
+        let gd = dev.get(dg)[0];
+        assert!(
+            (gd - dgam).abs() <= tol * dgam.abs().max(1.0),
+            "fused dgamma {gd} vs {dgam} {tag}"
+        );
+    }
+}
+
+/// The op-level cases: chunk sizes x tiles (whole chunks per tile and sub-tiles of a chunk),
+/// content read, read masks, refine, left padding, ties in the running max, ALiBi-like ramps,
+/// and other layouts (lanes per slot 1..32, several warps, K up to 128, d up to 256, long T, a
+/// fully padded row, the bench shape).
+pub fn fused_cases() -> Vec<FusedCase> {
+    let base = FusedCase {
+        b: 2,
+        h: 2,
+        t: 23,
+        k: 5,
+        d: 12,
+        chunk: 5,
+        tile: 64,
+        content: true,
+        mask: None,
+        refine: true,
+        pad: 4,
+        ties: false,
+        ramp: 0.0,
+        seed: 0,
+    };
+    let mut cases = vec![];
+    let mut seed = 100;
+    // chunk sizes 1, 7, T (and others) x tiles: whole chunks per tile and sub-tiles of a chunk
+    for chunk in [1usize, 2, 5, 7, 16, 23] {
+        for tile in [1usize, 3, 4, 8, 64] {
+            seed += 1;
+            cases.push(FusedCase {
+                chunk,
+                tile,
+                seed,
+                ..base.clone()
+            });
+        }
+    }
+    for (content, mask, refine, pad, ties, ramp) in [
+        (false, None, false, 0, false, 0.0),
+        (true, Some((false, ReadMask::Read)), true, 3, false, 0.0),
+        (true, Some((true, ReadMask::Read)), false, 0, true, 0.0),
+        (
+            true,
+            Some((false, ReadMask::ContentOnly)),
+            true,
+            5,
+            true,
+            0.3,
+        ),
+        (
+            true,
+            Some((true, ReadMask::ContentOnly)),
+            true,
+            0,
+            false,
+            0.5,
+        ),
+        (false, Some((false, ReadMask::Read)), true, 2, true, 0.2),
+    ] {
+        for (chunk, tile) in [(1usize, 4usize), (4, 3), (7, 64), (23, 4), (6, 8)] {
+            seed += 1;
+            cases.push(FusedCase {
+                content,
+                mask,
+                refine,
+                pad,
+                ties,
+                ramp,
+                chunk,
+                tile,
+                seed,
+                ..base.clone()
+            });
+        }
+    }
+    // other layouts: lanes per slot 1..32, several warps, K up to 128, d up to 256, long T,
+    // a fully padded row, the bench shape
+    for (b, h, t, k, d, chunk, tile, pad) in [
+        (
+            1usize, 2usize, 70usize, 32usize, 64usize, 16usize, 16usize, 2usize,
+        ),
+        (1, 2, 40, 9, 33, 40, 8, 2),
+        (1, 2, 37, 40, 8, 3, 64, 2),
+        (1, 2, 5, 3, 3, 2, 2, 0),
+        (1, 1, 4, 1, 1, 1, 1, 0),
+        (2, 1, 23, 5, 12, 5, 4, 23),
+        (2, 1, 9, 128, 8, 4, 4, 2),
+        (2, 1, 7, 100, 30, 3, 64, 0),
+        (2, 1, 6, 3, 256, 4, 2, 1),
+        (2, 1, 300, 4, 16, 128, 16, 40),
+        (2, 1, 200, 4, 16, 1, 64, 7),
+        (1, 4, 1000, 32, 64, 128, 64, 0),
+        (1, 4, 1000, 32, 64, 1000, 16, 0),
+    ] {
+        seed += 1;
+        cases.push(FusedCase {
+            b,
+            h,
+            t,
+            k,
+            d,
+            chunk,
+            tile,
+            pad,
+            mask: Some((false, ReadMask::Read)),
+            ties: true,
+            ramp: 0.05,
+            seed,
+            ..base.clone()
+        });
+    }
+    cases
+}
