@@ -8,6 +8,8 @@
 //! alone (no layer around them) and prints a memory-bandwidth roofline next to the measured
 //! time: the bytes the fused forward must move (read wl, v, q, slot keys; write out1, rw and
 //! the small statistics) over the HBM bandwidth (H100 SXM HBM3 3.35e12 B/s; H200 4.8e12 B/s).
+//! `linear_attn_fwd_bwd` times the slotspace linear attention alone: the serial walk over T
+//! against the chunked walk.
 //!
 //! Criterion settings are short (10 samples, 0.5 s warm-up, 2 s measurement) so that the
 //! whole run fits the GPU check's budget.
@@ -327,12 +329,85 @@ fn bench_scan_forward(cr: &mut Criterion) {
     g.finish();
 }
 
+/// The slotspace linear attention alone on the GPU, forward + backward: `serial` = one walk
+/// over T (chunk >= T), `chunked` = the default chunk (64 positions). Shapes: the bench model's
+/// (B*H = 4 rows, M 64) at T = 1024, 4096, and the practice run's (B*H = 64, M 64, T 1024).
+fn bench_linear_attention(cr: &mut Criterion) {
+    let mut g = cr.benchmark_group("linear_attn_fwd_bwd");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    if !cuda::cuda_available() {
+        println!("linear_attn_fwd_bwd/cuda: skipped (no CUDA device)");
+        g.finish();
+        return;
+    }
+    let be = CudaBackend::new(0).expect("CUDA backend");
+    for (n, t, m) in [(4usize, 1024usize, 64usize), (4, 4096, 64), (64, 1024, 64)] {
+        let len = n * t * m;
+        let up = |x: &[f32]| be.upload(x).expect("upload");
+        // phi features are positive
+        let pos: Vec<f32> = data(len, 1.0, 7).iter().map(|x| x.abs() + 0.05).collect();
+        let (qf, kf) = (
+            up(&pos),
+            up(&pos[..].iter().rev().copied().collect::<Vec<_>>()),
+        );
+        let (v, dout) = (up(&data(len, 1.0, 8)), up(&data(len, 1.0, 9)));
+        let out = be.zeros::<f32>(len).unwrap();
+        let den = be.zeros::<f32>(n * t).unwrap();
+        let (dq, dk, dv) = (
+            be.zeros::<f32>(len).unwrap(),
+            be.zeros::<f32>(len).unwrap(),
+            be.zeros::<f32>(len).unwrap(),
+        );
+        g.throughput(Throughput::Elements((n * t) as u64));
+        for (id, chunk) in [
+            ("cuda_serial", t),
+            ("cuda_chunked", cuda::linear::default_chunk(t)),
+        ] {
+            let label = format!("n{n}_t{t}");
+            g.bench_with_input(BenchmarkId::new(id, &label), &chunk, |bn, &chunk| {
+                bn.iter(|| {
+                    be.linear_attn_forward_chunked(
+                        out.dv(),
+                        den.dv(),
+                        qf.dv(),
+                        kf.dv(),
+                        v.dv(),
+                        t,
+                        m,
+                        chunk,
+                    )
+                    .unwrap();
+                    be.linear_attn_backward_chunked(
+                        dq.dv(),
+                        dk.dv(),
+                        dv.dv(),
+                        dout.dv(),
+                        out.dv(),
+                        den.dv(),
+                        qf.dv(),
+                        kf.dv(),
+                        v.dv(),
+                        t,
+                        m,
+                        chunk,
+                    )
+                    .unwrap();
+                    be.sync().unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench_layer, bench_train_step, bench_scan_forward
+    targets = bench_layer, bench_train_step, bench_scan_forward, bench_linear_attention
 }
 criterion_main!(benches);

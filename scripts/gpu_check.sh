@@ -15,8 +15,9 @@
 #   3. every test executable in .gpu/tests (cuda_ops: GPU-vs-CPU ops, layer, train step, fixtures)
 #   4. asa parity tests/fixtures --device cuda
 #   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
-#   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT), then once
-#       more with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
+#   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT), once more
+#       with the linear attention's serial walk (A/B), and with ASA_CUDA_PROFILE=1 for the
+#       per-kernel breakdown
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
 # Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
@@ -170,6 +171,10 @@ fi
 # reference needs PyTorch with CUDA on the device: `asa bench --reference` by hand) ------------
 [ -x "$BUNDLE/asa" ] && run bench-practice-run 150 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run.json"
+# A/B in the same run: the linear attention as one serial walk over T (the chunked walk's
+# baseline; ASA_CUDA_LINEAR_CHUNK >= T)
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-serial-linear 150 env ASA_CUDA_LINEAR_CHUNK=1000000 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-serial-linear.json"
 # per-kernel time of the same step (every launch synchronised: slower, for the breakdown only)
 [ -x "$BUNDLE/asa" ] && run profile-practice-run 120 env ASA_CUDA_PROFILE=1 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 1
