@@ -358,52 +358,65 @@ pub fn slot_scan_forward(
         .for_each(|(bh, ((st, dn), rm))| {
             let w = &wl[bh * nk * t..(bh + 1) * nk * t];
             let vv = &v[bh * t * d..(bh + 1) * t * d];
-            let mut num = vec![0.0f64; d];
-            for s in 0..nk {
-                let ws = &w[s * t..(s + 1) * t];
-                num.iter_mut().for_each(|x| *x = 0.0);
-                let mut dsum = 0.0f64;
-                let mut m_prev = f32::NEG_INFINITY;
-                let mut c0 = 0;
-                while c0 < t {
-                    let c1 = (c0 + chunk).min(t);
-                    // carried state, rescaled per position by exp(m_prev - R_t)
-                    let (num_prev, den_prev) = (num.clone(), dsum);
-                    let mut add_num = vec![0.0f64; d];
-                    let mut add_den = 0.0f64;
-                    let mut cm = f32::NEG_INFINITY;
-                    for ti in c0..c1 {
-                        cm = if ws[ti] >= cm { ws[ti] } else { cm };
-                        let r = if m_prev >= cm { m_prev } else { cm };
+            // every slot's recurrence, advanced together position by position so that the
+            // state rows [t, 0..K, :] are written in memory order; per slot the arithmetic is
+            // the serial scan's
+            let mut num = vec![0.0f64; nk * d];
+            let mut dsum = vec![0.0f64; nk];
+            let mut m_prev = vec![f32::NEG_INFINITY; nk];
+            let mut num_prev = vec![0.0f64; nk * d];
+            let mut den_prev = vec![0.0f64; nk];
+            let mut add_num = vec![0.0f64; nk * d];
+            let mut add_den = vec![0.0f64; nk];
+            let mut cm = vec![f32::NEG_INFINITY; nk];
+            let mut c0 = 0;
+            while c0 < t {
+                let c1 = (c0 + chunk).min(t);
+                // carried state, rescaled per position by exp(m_prev - R_t)
+                num_prev.copy_from_slice(&num);
+                den_prev.copy_from_slice(&dsum);
+                add_num.iter_mut().for_each(|x| *x = 0.0);
+                add_den.iter_mut().for_each(|x| *x = 0.0);
+                cm.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                for ti in c0..c1 {
+                    let vt = &vv[ti * d..(ti + 1) * d];
+                    for s in 0..nk {
+                        let wst = w[s * t + ti];
+                        cm[s] = if wst >= cm[s] { wst } else { cm[s] };
+                        let mp = m_prev[s];
+                        let r = if mp >= cm[s] { mp } else { cm[s] };
                         rm[s * t + ti] = r;
-                        let scale = if finite(m_prev) {
-                            ((m_prev - r) as f64).exp()
+                        let scale = if finite(mp) {
+                            ((mp - r) as f64).exp()
                         } else {
                             0.0
                         };
                         let e = if finite(r) {
-                            ((ws[ti] - r) as f64).exp()
+                            ((wst - r) as f64).exp()
                         } else {
                             0.0
                         };
-                        add_den += e;
-                        let vt = &vv[ti * d..(ti + 1) * d];
-                        for j in 0..d {
-                            add_num[j] += e * vt[j] as f64;
+                        add_den[s] += e;
+                        let an = &mut add_num[s * d..(s + 1) * d];
+                        for (x, &vj) in an.iter_mut().zip(vt) {
+                            *x += e * vj as f64;
                         }
-                        dsum = den_prev * scale + add_den;
-                        dn[s * t + ti] = dsum as f32;
+                        dsum[s] = den_prev[s] * scale + add_den[s];
+                        dn[s * t + ti] = dsum[s] as f32;
                         // one division per position, then products (within an f64 ulp of num/dd)
-                        let inv = 1.0 / dsum.max(DEN_EPS as f64);
+                        let inv = 1.0 / dsum[s].max(DEN_EPS as f64);
                         let o = &mut st[(ti * nk + s) * d..][..d];
-                        for j in 0..d {
-                            num[j] = num_prev[j] * scale + add_num[j];
-                            o[j] = (num[j] * inv) as f32;
+                        let (nm, np) = (&mut num[s * d..(s + 1) * d], &num_prev[s * d..(s + 1) * d]);
+                        for (((o, nm), &np), &an) in o.iter_mut().zip(nm).zip(np).zip(&*an) {
+                            *nm = np * scale + an;
+                            *o = (*nm * inv) as f32;
                         }
                     }
-                    m_prev = rm[s * t + c1 - 1];
-                    c0 = c1;
                 }
+                for s in 0..nk {
+                    m_prev[s] = rm[s * t + c1 - 1];
+                }
+                c0 = c1;
             }
         });
 }
@@ -439,35 +452,46 @@ pub fn slot_scan_backward(
             let dn = &den[bh * nk * t..(bh + 1) * nk * t];
             let rm = &rmax[bh * nk * t..(bh + 1) * nk * t];
             let starts: Vec<usize> = (0..t).step_by(chunk).collect();
-            let mut cm = vec![0.0f32; chunk];
-            let mut cidx = vec![0usize; chunk];
-            let mut a = vec![0.0f64; d];
+            // every slot's reverse recurrence, advanced together position by position so that
+            // the state and gradient rows [t, 0..K, :] are read in memory order; per slot the
+            // arithmetic is the serial scan's, and dv[t] gets the slots' terms in slot order
+            // as before
+            let cl = chunk.min(t); // positions of the longest chunk
+            let mut cm = vec![0.0f32; nk * cl];
+            let mut cidx = vec![0usize; nk * cl];
+            let mut a = vec![0.0f64; nk * d];
             let mut gn = vec![0.0f64; d];
-            let mut num_prev = vec![0.0f64; d];
-            for s in 0..nk {
-                let ws = &w[s * t..(s + 1) * t];
-                let (dns, rms) = (&dn[s * t..(s + 1) * t], &rm[s * t..(s + 1) * t]);
-                let gws = &mut gw[s * t..(s + 1) * t];
-                // gradients w.r.t. the values carried out of the chunk being processed
-                let mut dnum_c = vec![0.0f64; d];
-                let mut dden_c = 0.0f64;
-                let mut dm_c = 0.0f64;
-                for &c0 in starts.iter().rev() {
-                    let c1 = (c0 + chunk).min(t);
+            let mut num_prev = vec![0.0f64; nk * d];
+            // gradients w.r.t. the values carried out of the chunk being processed
+            let mut dnum_c = vec![0.0f64; nk * d];
+            let mut dden_c = vec![0.0f64; nk];
+            let mut dm_c = vec![0.0f64; nk];
+            let mut dnum_prev = vec![0.0f64; nk * d];
+            let mut dden_prev = vec![0.0f64; nk];
+            let mut dm_prev = vec![0.0f64; nk];
+            let mut bsum = vec![0.0f64; nk];
+            let mut m_prev = vec![f32::NEG_INFINITY; nk];
+            let mut den_prev = vec![0.0f64; nk];
+            for &c0 in starts.iter().rev() {
+                let c1 = (c0 + chunk).min(t);
+                for s in 0..nk {
+                    let ws = &w[s * t..(s + 1) * t];
+                    let (dns, rms) = (&dn[s * t..(s + 1) * t], &rm[s * t..(s + 1) * t]);
                     // carried-in values: end of the previous chunk
-                    let (m_prev, den_prev) = if c0 > 0 {
+                    (m_prev[s], den_prev[s]) = if c0 > 0 {
                         (rms[c0 - 1], dns[c0 - 1] as f64)
                     } else {
                         (f32::NEG_INFINITY, 0.0)
                     };
+                    let np = &mut num_prev[s * d..(s + 1) * d];
                     if c0 > 0 {
                         let dd = (dns[c0 - 1]).max(DEN_EPS) as f64;
                         let sp = &st[((c0 - 1) * nk + s) * d..][..d];
-                        for j in 0..d {
-                            num_prev[j] = sp[j] as f64 * dd;
+                        for (x, &y) in np.iter_mut().zip(sp) {
+                            *x = y as f64 * dd;
                         }
                     } else {
-                        num_prev.iter_mut().for_each(|x| *x = 0.0);
+                        np.iter_mut().for_each(|x| *x = 0.0);
                     }
                     // chunk-local cummax and the index it routes to (last position holding the max)
                     let mut c = f32::NEG_INFINITY;
@@ -477,83 +501,90 @@ pub fn slot_scan_backward(
                             c = ws[ti];
                             ci = ti;
                         }
-                        cm[ti - c0] = c;
-                        cidx[ti - c0] = ci;
+                        cm[s * cl + ti - c0] = c;
+                        cidx[s * cl + ti - c0] = ci;
                     }
-                    a.iter_mut().for_each(|x| *x = 0.0);
-                    let mut bsum = 0.0f64;
-                    let mut dnum_prev = vec![0.0f64; d];
-                    let mut dden_prev = 0.0f64;
-                    let mut dm_prev = 0.0f64;
-                    for ti in (c0..c1).rev() {
-                        let den_t = dns[ti];
+                }
+                a.iter_mut().for_each(|x| *x = 0.0);
+                bsum.iter_mut().for_each(|x| *x = 0.0);
+                dnum_prev.iter_mut().for_each(|x| *x = 0.0);
+                dden_prev.iter_mut().for_each(|x| *x = 0.0);
+                dm_prev.iter_mut().for_each(|x| *x = 0.0);
+                for ti in (c0..c1).rev() {
+                    for s in 0..nk {
+                        let ws = &w[s * t..(s + 1) * t];
+                        let gws = &mut gw[s * t..(s + 1) * t];
+                        let den_t = dn[s * t + ti];
                         let dd = den_t.max(DEN_EPS) as f64;
                         let g = &gs[(ti * nk + s) * d..][..d];
                         let sv = &st[(ti * nk + s) * d..][..d];
                         let inv = 1.0 / dd;
-                        for j in 0..d {
-                            gn[j] = g[j] as f64 * inv;
+                        for (x, &y) in gn.iter_mut().zip(g) {
+                            *x = y as f64 * inv;
                         }
                         let gsum = simd::dot(g, sv);
                         let mut gd = if den_t >= DEN_EPS { -gsum / dd } else { 0.0 };
                         let mut dr = 0.0f64;
                         if ti == c1 - 1 {
-                            for j in 0..d {
-                                gn[j] += dnum_c[j];
+                            for (x, &y) in gn.iter_mut().zip(&dnum_c[s * d..(s + 1) * d]) {
+                                *x += y;
                             }
-                            gd += dden_c;
-                            dr += dm_c;
+                            gd += dden_c[s];
+                            dr += dm_c[s];
                         }
-                        for j in 0..d {
-                            a[j] += gn[j];
+                        let as_ = &mut a[s * d..(s + 1) * d];
+                        for (x, &y) in as_.iter_mut().zip(&gn) {
+                            *x += y;
                         }
-                        bsum += gd;
-                        let r = rms[ti];
+                        bsum[s] += gd;
+                        let r = rm[s * t + ti];
                         // e_t = exp(w_t - R_t)
                         if finite(r) {
                             let e = ((ws[ti] - r) as f64).exp();
                             let vt = &vv[ti * d..(ti + 1) * d];
                             let gvt = &mut gv[ti * d..(ti + 1) * d];
-                            for j in 0..d {
-                                gvt[j] += (e * a[j]) as f32;
+                            for (x, &y) in gvt.iter_mut().zip(&*as_) {
+                                *x += (e * y) as f32;
                             }
-                            let de = bsum + simd::dot(vt, &a);
+                            let de = bsum[s] + simd::dot(vt, as_);
                             if ws[ti].is_finite() {
                                 gws[ti] += (e * de) as f32;
                             }
                             dr -= e * de;
                         }
                         // scale_t = exp(m_prev - R_t)
-                        if finite(m_prev) {
-                            let scale = ((m_prev - r) as f64).exp();
-                            for j in 0..d {
-                                dnum_prev[j] += scale * gn[j];
+                        let mp = m_prev[s];
+                        if finite(mp) {
+                            let scale = ((mp - r) as f64).exp();
+                            let dp = &mut dnum_prev[s * d..(s + 1) * d];
+                            for (x, &y) in dp.iter_mut().zip(&gn) {
+                                *x += scale * y;
                             }
-                            let dscale = den_prev * gd + simd::dot(&num_prev, &gn);
-                            dden_prev += scale * gd;
-                            dm_prev += scale * dscale;
+                            let dscale = den_prev[s] * gd + simd::dot(&num_prev[s * d..(s + 1) * d], &gn);
+                            dden_prev[s] += scale * gd;
+                            dm_prev[s] += scale * dscale;
                             dr -= scale * dscale;
                         }
                         // R_t = maximum(m_prev, cm_t)
-                        let cmt = cm[ti - c0];
-                        let to_cm = if m_prev > cmt {
-                            dm_prev += dr;
+                        let cmt = cm[s * cl + ti - c0];
+                        let to_cm = if mp > cmt {
+                            dm_prev[s] += dr;
                             0.0
-                        } else if cmt > m_prev {
+                        } else if cmt > mp {
                             dr
                         } else {
-                            dm_prev += 0.5 * dr;
+                            dm_prev[s] += 0.5 * dr;
                             0.5 * dr
                         };
-                        let idx = cidx[ti - c0];
+                        let idx = cidx[s * cl + ti - c0];
                         if to_cm != 0.0 && ws[idx].is_finite() {
                             gws[idx] += to_cm as f32;
                         }
                     }
-                    dnum_c = dnum_prev;
-                    dden_c = dden_prev;
-                    dm_c = dm_prev;
                 }
+                dnum_c.copy_from_slice(&dnum_prev);
+                dden_c.copy_from_slice(&dden_prev);
+                dm_c.copy_from_slice(&dm_prev);
             }
         });
 }
