@@ -368,7 +368,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
             let label = format!("n{n}_t{t}");
             g.bench_with_input(BenchmarkId::new(id, &label), &chunk, |bn, &chunk| {
                 bn.iter(|| {
-                    be.linear_attn_forward_chunked(
+                    be.linear_attn_forward(
                         out.dv(),
                         den.dv(),
                         qf.dv(),
@@ -376,10 +376,10 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         v.dv(),
                         t,
                         m,
-                        chunk,
+                        Some(chunk),
                     )
                     .unwrap();
-                    be.linear_attn_backward_chunked(
+                    be.linear_attn_backward(
                         dq.dv(),
                         dk.dv(),
                         dv.dv(),
@@ -391,7 +391,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         v.dv(),
                         t,
                         m,
-                        chunk,
+                        Some(chunk),
                     )
                     .unwrap();
                     be.sync().unwrap()

@@ -935,6 +935,28 @@ extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* 
 
 __device__ __forceinline__ int la_nch(int t, int chunk) { return (t + chunk - 1) / chunk; }
 
+// A warp's place in a chunked walk: warp -> (row nn, chunk, feature idx) with idx fastest;
+// nc = nn * nch + chunk (the carry row), [t0, t1) the chunk's positions, base = nn * T * M.
+struct LaWalk {
+    i64 nn, nc, base;
+    int idx, t0, t1, lane;
+};
+// False for the warps past the work (whole warps leave together).
+__device__ __forceinline__ bool la_walk(LaWalk& w, int n, int t, int m, int chunk) {
+    int nch = la_nch(t, chunk);
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    w.lane = threadIdx.x & 31;
+    if (warp >= (i64)n * nch * m) return false;
+    w.idx = (int)(warp % m);
+    w.nc = warp / m;
+    int ch = (int)(w.nc % nch);
+    w.nn = w.nc / nch;
+    w.t0 = ch * chunk;
+    w.t1 = min(w.t0 + chunk, t);
+    w.base = w.nn * t * m;
+    return true;
+}
+
 // cs[n,ch,a,c] = sum_{s in chunk ch} kf[s,a] v[s,c]; cz[n,ch,a] = sum kf[s,a]. One thread per
 // (n, ch, a, c), c fastest (coalesced v rows).
 extern "C" __global__ void linear_attn_forward_sums(double* cs, double* cz, const float* __restrict__ kf,
@@ -988,16 +1010,10 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
                                                const float* __restrict__ kf, const float* __restrict__ v,
                                                const double* __restrict__ cs, const double* __restrict__ cz,
                                                int n, int t, int m, int chunk) {
-    int nch = la_nch(t, chunk);
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * nch * m) return;
-    int c = (int)(warp % m);
-    i64 nc = warp / m;
-    int ch = (int)(nc % nch);
-    i64 nn = nc / nch;
-    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
-    i64 base = nn * t * m;
+    LaWalk w;
+    if (!la_walk(w, n, t, m, chunk)) return;
+    const int c = w.idx, lane = w.lane, t0 = w.t0, t1 = w.t1;
+    const i64 nc = w.nc, nn = w.nn, base = w.base;
     double S[ASA_MAXA], z[ASA_MAXA];
     float nq[ASA_MAXA], nk_[ASA_MAXA];
 #pragma unroll
@@ -1080,16 +1096,10 @@ extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, unsigne
                                                 const double* __restrict__ gden, const float* __restrict__ kf,
                                                 const float* __restrict__ v, const double* __restrict__ cs,
                                                 const double* __restrict__ cz, int n, int t, int m, int chunk) {
-    int nch = la_nch(t, chunk);
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * nch * m) return;
-    int a = (int)(warp % m);
-    i64 nc = warp / m;
-    int ch = (int)(nc % nch);
-    i64 nn = nc / nch;
-    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
-    i64 base = nn * t * m;
+    LaWalk w;
+    if (!la_walk(w, n, t, m, chunk)) return;
+    const int a = w.idx, lane = w.lane, t0 = w.t0, t1 = w.t1;
+    const i64 nc = w.nc, nn = w.nn, base = w.base;
     double S[ASA_MAXA];
     float ng[ASA_MAXA], nv[ASA_MAXA];
 #pragma unroll
@@ -1189,16 +1199,10 @@ extern "C" __global__ void linear_attn_backward_dk(float* __restrict__ dkf, cons
                                                    const double* __restrict__ gden, const float* __restrict__ qf,
                                                    const float* __restrict__ v, const double* __restrict__ ds,
                                                    const double* __restrict__ dz, int n, int t, int m, int chunk) {
-    int nch = la_nch(t, chunk);
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * nch * m) return;
-    int a = (int)(warp % m);
-    i64 nc = warp / m;
-    int ch = (int)(nc % nch);
-    i64 nn = nc / nch;
-    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
-    i64 base = nn * t * m;
+    LaWalk w;
+    if (!la_walk(w, n, t, m, chunk)) return;
+    const int a = w.idx, lane = w.lane, t0 = w.t0, t1 = w.t1;
+    const i64 nc = w.nc, nn = w.nn, base = w.base;
     double S[ASA_MAXA];
     float ng[ASA_MAXA], nv[ASA_MAXA];
 #pragma unroll
@@ -1262,16 +1266,10 @@ extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const
                                                    const float* __restrict__ den, const float* __restrict__ qf,
                                                    const float* __restrict__ kf, const double* __restrict__ ds,
                                                    int n, int t, int m, int chunk) {
-    int nch = la_nch(t, chunk);
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * nch * m) return;
-    int c = (int)(warp % m);
-    i64 nc = warp / m;
-    int ch = (int)(nc % nch);
-    i64 nn = nc / nch;
-    int t0 = ch * chunk, t1 = min(t0 + chunk, t);
-    i64 base = nn * t * m;
+    LaWalk w;
+    if (!la_walk(w, n, t, m, chunk)) return;
+    const int c = w.idx, lane = w.lane, t0 = w.t0, t1 = w.t1;
+    const i64 nc = w.nc, nn = w.nn, base = w.base;
     double dS[ASA_MAXA];
     float nq[ASA_MAXA], nkk[ASA_MAXA];
     i64 ol = base + (i64)(t1 - 1) * m;

@@ -462,7 +462,7 @@ fn cuda_asa_elementwise_ops_match_cpu() {
         // the serial walk (one chunk), uneven chunks, and single steps
         for chunk in [t, 5, 2, 1] {
             let (o_d, den_d) = (g.zeros(len), g.zeros(nrow * t));
-            be.linear_attn_forward_chunked(o_d, den_d, q_d, k_d, v_d, t, m, chunk)
+            be.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(chunk))
                 .unwrap();
             let tag = format!("m{m} chunk {chunk}");
             close(
@@ -473,8 +473,19 @@ fn cuda_asa_elementwise_ops_match_cpu() {
             );
             close(&format!("linear_attn den {tag}"), &g.down(den_d), &den, TOL);
             let (dq_d, dk_d, dv_d) = (g.zeros(len), g.zeros(len), g.zeros(len));
-            be.linear_attn_backward_chunked(
-                dq_d, dk_d, dv_d, go_d, o_d, den_d, q_d, k_d, v_d, t, m, chunk,
+            be.linear_attn_backward(
+                dq_d,
+                dk_d,
+                dv_d,
+                go_d,
+                o_d,
+                den_d,
+                q_d,
+                k_d,
+                v_d,
+                t,
+                m,
+                Some(chunk),
             )
             .unwrap();
             close(

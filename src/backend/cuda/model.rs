@@ -649,7 +649,7 @@ impl GpuAsaLayer {
         }
         let u2 = c_.u2.ensure(be, rows * m)?;
         let ss_den = c_.ss_den.ensure(be, rows)?;
-        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m)?;
+        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m, None)?;
         let pdrop = if o.training {
             cfg.slotspace_dropout as f32
         } else {
@@ -825,6 +825,7 @@ impl GpuAsaLayer {
                 c_.vs.dv(),
                 t,
                 m,
+                None,
             )?;
             let online = cfg.variant == Variant::Online;
             if !valid.is_null() {

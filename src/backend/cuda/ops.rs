@@ -1535,8 +1535,9 @@ impl CudaBackend {
     }
 
     /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
-    /// from qf, kf, v [N,T,M], time walked in chunks of [`default_chunk`] positions (see
-    /// [`super::linear`]).
+    /// from qf, kf, v [N,T,M], time walked in chunks (see [`super::linear`]) of `chunk`
+    /// positions (>= T: the serial walk; `None`: [`default_chunk`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_attn_forward(
         &self,
         out: Dv<f32>,
@@ -1546,22 +1547,7 @@ impl CudaBackend {
         v: Dv<f32>,
         t: usize,
         m: usize,
-    ) -> Result<()> {
-        self.linear_attn_forward_chunked(out, den, qf, kf, v, t, m, default_chunk(t))
-    }
-
-    /// `linear_attn_forward` with an explicit chunk length (>= 1; >= T is the serial walk).
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_attn_forward_chunked(
-        &self,
-        out: Dv<f32>,
-        den: Dv<f32>,
-        qf: Dv<f32>,
-        kf: Dv<f32>,
-        v: Dv<f32>,
-        t: usize,
-        m: usize,
-        chunk: usize,
+        chunk: Option<usize>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1571,11 +1557,12 @@ impl CudaBackend {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        let plan = LinearPlan::new(n, t, m, chunk);
+        let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
         self.linear_forward(&plan, [out, den, qf, kf, v])
     }
 
-    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=).
+    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), same `chunk`.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear_attn_backward(
         &self,
         dqf: Dv<f32>,
@@ -1589,27 +1576,7 @@ impl CudaBackend {
         v: Dv<f32>,
         t: usize,
         m: usize,
-    ) -> Result<()> {
-        let chunk = default_chunk(t);
-        self.linear_attn_backward_chunked(dqf, dkf, dv, dout, out, den, qf, kf, v, t, m, chunk)
-    }
-
-    /// `linear_attn_backward` with an explicit chunk length (>= 1; >= T is the serial walk).
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_attn_backward_chunked(
-        &self,
-        dqf: Dv<f32>,
-        dkf: Dv<f32>,
-        dv: Dv<f32>,
-        dout: Dv<f32>,
-        out: Dv<f32>,
-        den: Dv<f32>,
-        qf: Dv<f32>,
-        kf: Dv<f32>,
-        v: Dv<f32>,
-        t: usize,
-        m: usize,
-        chunk: usize,
+        chunk: Option<usize>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1619,7 +1586,7 @@ impl CudaBackend {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        let plan = LinearPlan::new(n, t, m, chunk);
+        let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
         self.linear_backward(&plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
 
