@@ -26,7 +26,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use asa::backend::cpu::asa::{ReadMask, SlotDims};
 use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
-use asa::backend::cuda::{self, model::GpuLayerRunner, AsDv, CudaBackend, Dv, GpuLm, Precision};
+use asa::backend::cuda::{
+    self, model::GpuLayerRunner, AsDv, CudaBackend, Dv, GpuLm, Ops, Precision,
+};
 use asa::config::ModelConfig;
 use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
 use asa::model::lm::{Lm, LmCache};

@@ -203,7 +203,7 @@ fn emu_linear_attention(
     grads0: &[f32],
     (n, t, m, chunk): (usize, usize, usize, usize),
 ) -> LinearGrads {
-    let mut dev = EmuDev::new(e);
+    let dev = EmuDev::new(e);
     let p = LinearPlan::new(n, t, m, chunk);
     let len = n * t * m;
     let (q_d, k_d, v_d, go_d) = (dev.put(qf), dev.put(kf), dev.put(v), dev.put(dout));
@@ -370,7 +370,7 @@ fn emulated_fused_scan_read_matches_cpu() {
         .collect();
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for cs in &cases {
-        let mut dev = EmuDev::new(e);
-        fused_case::fused_case_matches_cpu(&mut dev, cs, 1e-5);
+        let dev = EmuDev::new(e);
+        fused_case::fused_case_matches_cpu(&dev, cs, 1e-5);
     }
 }

@@ -15,13 +15,17 @@ use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
+use asa::backend::cuda::ops::Op;
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
-use asa::backend::cuda::{self, AsDv, CudaBackend, Dv, GpuLm, GridLaunch, KArg, Precision};
+use asa::backend::cuda::{
+    self, AsDv, CudaBackend, Device, Dv, GpuLm, GridLaunch, KArg, Ops, Precision, Temp,
+};
 use asa::config::{ModelConfig, Variant};
 use asa::model::asa::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use cudarc::driver::LaunchConfig;
 
 #[path = "support/check.rs"]
 mod check;
@@ -51,32 +55,27 @@ fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
 }
 
+/// The GPU as a test device: the backend plus the buffers the test uploaded (kept alive).
 struct G<'a> {
     be: &'a CudaBackend,
-    keep: Vec<cudarc::driver::CudaSlice<f32>>,
-    /// buffers of other element types (`TestDev::put`)
-    any: Vec<Box<dyn std::any::Any>>,
+    keep: std::cell::RefCell<Vec<Box<dyn std::any::Any>>>,
 }
 
 impl<'a> G<'a> {
     fn new(be: &'a CudaBackend) -> Self {
         G {
             be,
-            keep: Vec::new(),
-            any: Vec::new(),
+            keep: Default::default(),
         }
     }
-    fn up(&mut self, x: &[f32]) -> Dv<f32> {
-        let s = self.be.upload(x).unwrap();
-        let d = s.dv().sub(0, x.len());
-        self.keep.push(s);
-        d
+    fn up(&self, x: &[f32]) -> Dv<f32> {
+        self.put(x)
     }
-    fn zeros(&mut self, n: usize) -> Dv<f32> {
-        self.up(&vec![0.0; n])
+    fn zeros(&self, n: usize) -> Dv<f32> {
+        self.zeroed::<f32>(n)
     }
     fn down(&self, d: Dv<f32>) -> Vec<f32> {
-        self.be.download(d).unwrap()
+        self.get(d)
     }
 }
 
@@ -96,11 +95,51 @@ impl GridLaunch for G<'_> {
     }
 }
 
+impl Device for G<'_> {
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> asa::error::Result<()> {
+        Device::launch(self.be, name, cfg, args)
+    }
+    fn scratch64(&self, n: usize, second: bool) -> asa::error::Result<Dv<f64>> {
+        Device::scratch64(self.be, n, second)
+    }
+    fn scratch_bf16(&self, n: usize, second: bool) -> asa::error::Result<Dv<u16>> {
+        Device::scratch_bf16(self.be, n, second)
+    }
+    fn temp<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
+        self.be.temp(n)
+    }
+    fn temp_from<T: Elem>(&self, x: &[T]) -> asa::error::Result<Temp<T>> {
+        self.be.temp_from(x)
+    }
+    fn memset_zero<T>(&self, x: Dv<T>) -> asa::error::Result<()> {
+        Device::memset_zero(self.be, x)
+    }
+    fn gemm(
+        &self,
+        ta: Op,
+        tb: Op,
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: Dv<f32>,
+        lda: usize,
+        b: Dv<f32>,
+        ldb: usize,
+        c: Dv<f32>,
+        ldc: usize,
+        beta: f32,
+    ) -> asa::error::Result<()> {
+        self.be.gemm(ta, tb, m, n, kk, a, lda, b, ldb, c, ldc, beta)
+    }
+}
+
+impl Ops for G<'_> {}
+
 impl TestDev for G<'_> {
-    fn put<T: Elem>(&mut self, x: &[T]) -> Dv<T> {
-        let s = self.be.upload(x).unwrap();
-        let d = s.dv().sub(0, x.len());
-        self.any.push(Box::new(s));
+    fn put<T: Elem>(&self, x: &[T]) -> Dv<T> {
+        let t = self.be.temp_from(x).unwrap();
+        let d = t.dv();
+        self.keep.borrow_mut().push(Box::new(t));
         d
     }
     fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T> {
@@ -115,7 +154,7 @@ fn cuda_generic_ops_match_cpu() {
     let Some(be) = backend("cuda_generic_ops_match_cpu") else {
         return;
     };
-    let mut g = G::new(&be);
+    let g = G::new(&be);
     let mut r = rng(1);
     let (b, t, c, v, hid) = (2, 5, 24, 13, 40);
     let n = b * t;
@@ -321,7 +360,7 @@ fn cuda_asa_elementwise_ops_match_cpu() {
     let Some(be) = backend("cuda_asa_elementwise_ops_match_cpu") else {
         return;
     };
-    let mut g = G::new(&be);
+    let g = G::new(&be);
     let mut r = rng(2);
     let dm = dims();
     let (b, h, t, d) = (dm.b, dm.h, dm.t, dm.d);
@@ -515,7 +554,7 @@ fn cuda_asa_slot_ops_match_cpu() {
     let Some(be) = backend("cuda_asa_slot_ops_match_cpu") else {
         return;
     };
-    let mut g = G::new(&be);
+    let g = G::new(&be);
     let mut r = rng(3);
     let dm = dims();
     let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
@@ -1450,9 +1489,9 @@ fn cuda_fused_scan_read_matches_cpu() {
     let Some(be) = backend("cuda_fused_scan_read_matches_cpu") else {
         return;
     };
-    let mut g = G::new(&be);
+    let g = G::new(&be);
     for cs in &fused_case::fused_cases() {
-        fused_case::fused_case_matches_cpu(&mut g, cs, 1e-5);
+        fused_case::fused_case_matches_cpu(&g, cs, 1e-5);
     }
 }
 

@@ -44,7 +44,7 @@ pub struct FusedCase {
 /// The fused forward, state mix, state dot and backward against the CPU twins' chain
 /// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
 /// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
-pub fn fused_case_matches_cpu<D: TestDev>(dev: &mut D, cs: &FusedCase, tol: f64) {
+pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
     use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
     let mut r = ChaCha8Rng::seed_from_u64(cs.seed);
     let dm = SlotDims {

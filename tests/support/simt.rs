@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use asa::backend::cuda::{Dv, GridLaunch, KArg};
+use std::cell::RefCell;
+
+use asa::backend::cuda::ops::Op;
+use asa::backend::cuda::{AsDv, Device, Dv, GridLaunch, KArg, Ops, Temp};
+use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
 
@@ -308,19 +312,38 @@ impl Simt {
 }
 
 /// The emulator as a [`TestDev`]: buffers are host memory (8-byte aligned, kept until the
-/// device is dropped) addressed through [`Dv`]; launches go to [`Simt::launch`]. Grid-stride
-/// kernels get at most 3 blocks, so their loops turn.
+/// device is dropped) addressed through [`Dv`]; launches go to [`Simt::launch`]; GEMMs run on
+/// the host in f64 with cuBLAS' conventions (f32 inputs: the emulated device has no bf16 path).
+/// Grid-stride kernels get at most 3 blocks, so their loops turn.
 pub struct EmuDev {
     simt: &'static Simt,
-    bufs: Vec<Box<[u64]>>,
+    bufs: RefCell<Vec<Box<[u64]>>>,
+    scratch: RefCell<[Option<Box<[u64]>>; 4]>,
 }
 
 impl EmuDev {
     pub fn new(simt: &'static Simt) -> EmuDev {
         EmuDev {
             simt,
-            bufs: Vec::new(),
+            bufs: RefCell::new(Vec::new()),
+            scratch: RefCell::new([None, None, None, None]),
         }
+    }
+
+    /// 8-byte aligned host storage of at least `bytes` bytes (NaN-free zeros).
+    fn storage(bytes: usize) -> Box<[u64]> {
+        vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice()
+    }
+
+    /// Scratch cell `i`, grown to `bytes` when smaller (older ranges into it become invalid,
+    /// as on the device).
+    fn scratch_ptr(&self, i: usize, bytes: usize) -> u64 {
+        let mut cells = self.scratch.borrow_mut();
+        let cell = &mut cells[i];
+        if cell.as_ref().map(|b| b.len() * 8 < bytes).unwrap_or(true) {
+            *cell = Some(Self::storage(bytes));
+        }
+        cell.as_mut().unwrap().as_mut_ptr() as u64
     }
 }
 
@@ -333,7 +356,23 @@ impl GridLaunch for EmuDev {
         smem: u32,
         args: &[KArg],
     ) -> asa::error::Result<()> {
-        if grid == 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        Device::launch(self, name, cfg, args)
+    }
+
+    fn max_grid(&self) -> u32 {
+        3
+    }
+}
+
+impl Device for EmuDev {
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> asa::error::Result<()> {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 {
             return Ok(()); // as the CUDA backend: an empty grid is no launch
         }
         let a: Vec<Arg> = args
@@ -348,25 +387,110 @@ impl GridLaunch for EmuDev {
             })
             .collect();
         self.simt
-            .launch(name, (grid, 1, 1), (block, 1, 1), smem as usize, &a)
+            .launch(name, g, b, cfg.shared_mem_bytes as usize, &a)
             .map_err(asa::error::AsaError::Device)
     }
 
-    fn max_grid(&self) -> u32 {
-        3
+    fn scratch64(&self, n: usize, second: bool) -> asa::error::Result<Dv<f64>> {
+        let p = self.scratch_ptr(second as usize, n.max(1) * 8);
+        // SAFETY: the cell holds at least n f64s and lives as long as the device.
+        Ok(unsafe { Dv::from_raw(p, n) })
+    }
+
+    fn scratch_bf16(&self, n: usize, second: bool) -> asa::error::Result<Dv<u16>> {
+        let p = self.scratch_ptr(2 + second as usize, n.max(1) * 2);
+        // SAFETY: as scratch64.
+        Ok(unsafe { Dv::from_raw(p, n) })
+    }
+
+    fn temp<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
+        let mut b = Self::storage(n * std::mem::size_of::<T>());
+        let p = b.as_mut_ptr() as u64;
+        // SAFETY: b holds n zeroed elements of T and moves into the guard (the heap block
+        // does not move).
+        Ok(Temp::new(Box::new(b), unsafe { Dv::from_raw(p, n) }))
+    }
+
+    fn temp_from<T: Elem>(&self, x: &[T]) -> asa::error::Result<Temp<T>> {
+        let t = self.temp::<T>(x.len())?;
+        let d = t.dv();
+        if !x.is_empty() {
+            // SAFETY: d addresses x.len() elements of T.
+            unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), d.ptr as usize as *mut T, x.len()) };
+        }
+        Ok(t)
+    }
+
+    fn memset_zero<T>(&self, x: Dv<T>) -> asa::error::Result<()> {
+        if x.len > 0 {
+            // SAFETY: x addresses x.len elements of T in one of this device's buffers.
+            unsafe { std::ptr::write_bytes(x.ptr as usize as *mut T, 0, x.len) };
+        }
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        ta: Op,
+        tb: Op,
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: Dv<f32>,
+        lda: usize,
+        b: Dv<f32>,
+        ldb: usize,
+        c: Dv<f32>,
+        ldc: usize,
+        beta: f32,
+    ) -> asa::error::Result<()> {
+        // column-major: A(i,l) = a[i + l*lda] (Op::N) or a[l + i*lda] (Op::T); same for B
+        let (pa, pb, pc) = (
+            a.ptr as usize as *const f32,
+            b.ptr as usize as *const f32,
+            c.ptr as usize as *mut f32,
+        );
+        // SAFETY: the launcher checked the ranges' shapes as it does for cuBLAS.
+        unsafe {
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0.0f64;
+                    for l in 0..kk {
+                        let x = match ta {
+                            Op::N => *pa.add(i + l * lda),
+                            Op::T => *pa.add(l + i * lda),
+                        };
+                        let y = match tb {
+                            Op::N => *pb.add(l + j * ldb),
+                            Op::T => *pb.add(j + l * ldb),
+                        };
+                        acc += x as f64 * y as f64;
+                    }
+                    let o = pc.add(i + j * ldc);
+                    *o = if beta == 0.0 {
+                        acc as f32
+                    } else {
+                        (acc + beta as f64 * *o as f64) as f32
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 }
 
+impl Ops for EmuDev {}
+
 impl TestDev for EmuDev {
-    fn put<T: Elem>(&mut self, x: &[T]) -> Dv<T> {
+    fn put<T: Elem>(&self, x: &[T]) -> Dv<T> {
         let bytes = std::mem::size_of_val(x);
-        let mut b = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        let mut b = Self::storage(bytes);
         // SAFETY: b holds at least `bytes` bytes; T is plain data (DeviceRepr).
         unsafe {
             std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, b.as_mut_ptr() as *mut u8, bytes)
         };
         let ptr = b.as_mut_ptr() as u64;
-        self.bufs.push(b);
+        self.bufs.borrow_mut().push(b);
         // SAFETY: the buffer lives as long as the device and holds x.len() elements.
         unsafe { Dv::from_raw(ptr, x.len()) }
     }

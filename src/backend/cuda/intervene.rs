@@ -19,7 +19,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 
-use super::{i32_of, AsDv, CudaBackend, Dv, KArg};
+use super::{i32_of, AsDv, CudaBackend, Device, Dv, KArg, Ops};
 use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
 use crate::model::asa::{Info, Intervention, IntvMode, ScoreKind, TauKind};

@@ -8,10 +8,10 @@
 //! instead of T. With one chunk (chunk >= T) no carries are built: the plain serial walk.
 //!
 //! Written against [`GridLaunch`], so the same sequences run on a device and, in the tests,
-//! in the SIMT emulator. [`CudaBackend::linear_attn_forward`] and
-//! [`CudaBackend::linear_attn_backward`] allocate the workspace and call them.
+//! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
+//! take the workspace from the device's scratch and call them.
 
-use super::{i32_of, CudaBackend, Dv, GridLaunch, KArg};
+use super::{i32_of, AsDv, Device, Dv, GridLaunch, KArg};
 use crate::error::Result;
 
 /// Environment override of the chunk length (positions; for tuning on a device).
@@ -322,32 +322,29 @@ pub fn backward<L: GridLaunch + ?Sized>(
     dev.grid_launch("linear_attn_backward_dv", grid, block, 0, &dv_args)
 }
 
-impl CudaBackend {
-    /// The forward with its workspace from the backend's f64 scratch.
-    pub(crate) fn linear_forward(
-        &self,
-        p: &LinearPlan,
-        io: [Dv<f32>; 5], // out, den, qf, kf, v
-    ) -> Result<()> {
-        let f = self.scratch64(p.ws_forward().max(1), false)?;
-        let ws = LinearWs::carve(p, f, Dv::null());
-        let [out, den, qf, kf, v] = io;
-        forward(self, p, &ws, out, den, qf, kf, v)
-    }
+/// The forward with its workspace from the device's f64 scratch.
+pub(crate) fn forward_scratch<D: Device + ?Sized>(
+    dev: &D,
+    p: &LinearPlan,
+    io: [Dv<f32>; 5], // out, den, qf, kf, v
+) -> Result<()> {
+    let f = dev.scratch64(p.ws_forward().max(1), false)?;
+    let ws = LinearWs::carve(p, f, Dv::null());
+    let [out, den, qf, kf, v] = io;
+    forward(dev, p, &ws, out, den, qf, kf, v)
+}
 
-    /// The backward with its workspace from the backend's f64 scratch and a fresh zlive.
-    pub(crate) fn linear_backward(
-        &self,
-        p: &LinearPlan,
-        io: [Dv<f32>; 9], // dqf, dkf, dv, dout, out, den, qf, kf, v
-    ) -> Result<()> {
-        use super::AsDv;
-        let f = self.scratch64(p.ws_backward(), false)?;
-        let zlive = self.zeros::<u8>(p.n * p.t * p.m)?;
-        let ws = LinearWs::carve(p, f, zlive.dv());
-        let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
-        backward(self, p, &ws, dqf, dkf, dv, dout, out, den, qf, kf, v)
-    }
+/// The backward with its workspace from the device's f64 scratch and a fresh zlive.
+pub(crate) fn backward_scratch<D: Device + ?Sized>(
+    dev: &D,
+    p: &LinearPlan,
+    io: [Dv<f32>; 9], // dqf, dkf, dv, dout, out, den, qf, kf, v
+) -> Result<()> {
+    let f = dev.scratch64(p.ws_backward(), false)?;
+    let zlive = dev.temp::<u8>(p.n * p.t * p.m)?;
+    let ws = LinearWs::carve(p, f, zlive.dv());
+    let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
+    backward(dev, p, &ws, dqf, dkf, dv, dout, out, den, qf, kf, v)
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ pub mod parity;
 
 pub use doctor::{doctor, DoctorReport};
 pub use model::{GpuLm, Precision};
+pub use ops::Ops;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -411,6 +412,138 @@ impl GridLaunch for CudaBackend {
     }
 }
 
+/// Element types of device buffers.
+pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static {}
+impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static> Elem for T {}
+
+/// A temporary device buffer: its range, and whatever keeps the memory alive.
+pub struct Temp<T> {
+    _keep: Box<dyn std::any::Any>,
+    dv: Dv<T>,
+}
+
+impl<T> Temp<T> {
+    /// `keep` owns the memory that `dv` addresses.
+    pub fn new(keep: Box<dyn std::any::Any>, dv: Dv<T>) -> Temp<T> {
+        Temp { _keep: keep, dv }
+    }
+}
+
+impl<T> AsDv<T> for Temp<T> {
+    fn dv(&self) -> Dv<T> {
+        self.dv
+    }
+}
+
+/// What the kernel launchers ([`ops::Ops`]) need from a device: launches with a full launch
+/// configuration, scratch and temporary buffers, zeroing, and GEMMs with cuBLAS' conventions.
+/// Implemented by [`CudaBackend`] and, in the tests, by the SIMT emulator, so that the same
+/// launchers run on a GPU and on the CPU.
+pub trait Device: GridLaunch {
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()>;
+    /// An f64 scratch range of `n` elements (one of two independent scratch buffers).
+    fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>>;
+    /// A bf16 scratch range of `n` elements (one of two).
+    fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>>;
+    /// A new zero-filled buffer of `n` elements.
+    fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>>;
+    /// A new buffer holding `x`.
+    fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>>;
+    /// Zeroes a range.
+    fn memset_zero<T>(&self, x: Dv<T>) -> Result<()>;
+    /// C [M,N] = A [M,K] B [K,N] + beta C, column-major with leading dimensions and operand
+    /// transposes as cuBLAS (`ops::Op`), inputs in the device's GEMM precision, f32
+    /// accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: ops::Op,
+        tb: ops::Op,
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: Dv<f32>,
+        lda: usize,
+        b: Dv<f32>,
+        ldb: usize,
+        c: Dv<f32>,
+        ldc: usize,
+        beta: f32,
+    ) -> Result<()>;
+
+    /// Grid-stride launch shape for `n` elements (256 threads per block).
+    fn cfg_elems(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, self.max_grid().max(1) as usize);
+        LaunchConfig {
+            grid_dim: (if n == 0 { 0 } else { blocks as u32 }, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One warp per item (`n` items), 8 warps per block.
+    fn cfg_warps(&self, n: usize) -> Result<LaunchConfig> {
+        warps_cfg(n, 8)
+    }
+
+    /// One warp per item, 4 warps per block (kernels with many registers per thread).
+    fn cfg_warps_small(&self, n: usize) -> Result<LaunchConfig> {
+        warps_cfg(n, 4)
+    }
+}
+
+fn warps_cfg(n: usize, per_block: usize) -> Result<LaunchConfig> {
+    let blocks = u32::try_from(n.div_ceil(per_block))
+        .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: ((per_block * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl Device for CudaBackend {
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
+        CudaBackend::launch(self, name, cfg, args)
+    }
+    fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>> {
+        CudaBackend::scratch64(self, n, second)
+    }
+    fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>> {
+        CudaBackend::scratch_bf16(self, n, second)
+    }
+    fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
+        let s = self.zeros::<T>(n)?;
+        let dv = s.dv().sub(0, n);
+        Ok(Temp::new(Box::new(s), dv))
+    }
+    fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>> {
+        let s = self.upload(x)?;
+        let dv = s.dv().sub(0, x.len());
+        Ok(Temp::new(Box::new(s), dv))
+    }
+    fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
+        CudaBackend::memset_zero(self, x)
+    }
+    fn gemm(
+        &self,
+        ta: ops::Op,
+        tb: ops::Op,
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: Dv<f32>,
+        lda: usize,
+        b: Dv<f32>,
+        ldb: usize,
+        c: Dv<f32>,
+        ldc: usize,
+        beta: f32,
+    ) -> Result<()> {
+        ops::cublas_gemm(self, ta, tb, m, n, kk, a, lda, b, ldb, c, ldc, beta)
+    }
+}
+
 /// One kernel argument (the C types of the kernels: pointers, int, long long, float, double).
 #[derive(Debug, Clone, Copy)]
 pub enum KArg {
@@ -651,30 +784,6 @@ impl CudaBackend {
             ));
         }
         Some(out)
-    }
-
-    /// Grid-stride launch shape for `n` elements (256 threads per block).
-    pub fn cfg_elems(&self, n: usize) -> LaunchConfig {
-        let blocks = n
-            .div_ceil(256)
-            .clamp(1, (self.sm_count.max(1) as usize) * 32);
-        LaunchConfig {
-            grid_dim: (if n == 0 { 0 } else { blocks as u32 }, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    /// One warp per item (`n` items), 8 warps per block.
-    pub fn cfg_warps(&self, n: usize) -> Result<LaunchConfig> {
-        let blocks = n.div_ceil(8);
-        let blocks = u32::try_from(blocks)
-            .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
-        Ok(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
     }
 
     /// Zero-filled device buffer.

@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use cudarc::driver::CudaSlice;
 
 use super::ops::{DevRouting, DevSlotMask};
-use super::{AsDv, CudaBackend, Dv};
+use super::{AsDv, CudaBackend, Dv, Ops};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};

@@ -17,7 +17,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::LaunchConfig;
 
 use super::linear::{default_chunk, LinearPlan};
-use super::{i32_of, CudaBackend, Dv, KArg, Precision};
+use super::{i32_of, CudaBackend, Device, Dv, KArg, Precision};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::error::{AsaError, Result};
 
@@ -25,8 +25,8 @@ use crate::error::{AsaError, Result};
 const COLSUM_ROWS: usize = 256;
 
 /// How a GEMM operand is stored.
-#[derive(Clone, Copy)]
-enum Op {
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
     N,
     T,
 }
@@ -81,12 +81,14 @@ impl DevRouting {
     }
 }
 
-impl CudaBackend {
+/// The launchers: one method per kernel, named after its CPU twin (see the module docs), for any
+/// [`Device`]: the CUDA backend, or the SIMT emulator in the tests.
+pub trait Ops: Device {
     // --------------------------------------------------------------------------------------------
     // encoder
 
     /// out: [B,T,C]; ids: [B,T] (validated on the host); wte: [V,C]; wpe: null or [maxT,C].
-    pub fn encoder_forward(
+    fn encoder_forward(
         &self,
         out: Dv<f32>,
         ids: Dv<u32>,
@@ -127,7 +129,7 @@ impl CudaBackend {
 
     /// dwte [V,C] += scatter of dout [B,T,C] by `ids` (host copy); dwpe: null or [maxT,C].
     /// Deterministic: the host sorts positions by id and each (id, column) sums in position order.
-    pub fn encoder_backward(
+    fn encoder_backward(
         &self,
         dwte: Dv<f32>,
         dwpe: Dv<f32>,
@@ -144,9 +146,9 @@ impl CudaBackend {
         }
         let v = dwte.len / c;
         let (uniq, start, order) = sort_positions_by_id(ids, v)?;
-        let uniq_d = self.upload(&uniq)?;
-        let start_d = self.upload(&start)?;
-        let order_d = self.upload(&order)?;
+        let uniq_d = self.temp_from(&uniq)?;
+        let start_d = self.temp_from(&start)?;
+        let order_d = self.temp_from(&order)?;
         let cfg = LaunchConfig {
             grid_dim: (uniq.len() as u32, c.div_ceil(128) as u32, 1),
             block_dim: (128, 1, 1),
@@ -184,7 +186,7 @@ impl CudaBackend {
     // layernorm
 
     /// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N].
-    pub fn layernorm_forward(
+    fn layernorm_forward(
         &self,
         out: Dv<f32>,
         mean: Dv<f32>,
@@ -221,7 +223,7 @@ impl CudaBackend {
     }
 
     /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums).
-    pub fn layernorm_backward(
+    fn layernorm_backward(
         &self,
         dinp: Dv<f32>,
         dweight: Dv<f32>,
@@ -298,100 +300,8 @@ impl CudaBackend {
     // --------------------------------------------------------------------------------------------
     // matmul (cuBLAS)
 
-    /// Row-major GEMM through cuBLAS' column-major interface:
-    /// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
-    /// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        ta: Op,
-        tb: Op,
-        m: usize,
-        n: usize,
-        kk: usize,
-        a: Dv<f32>,
-        lda: usize,
-        b: Dv<f32>,
-        ldb: usize,
-        c: Dv<f32>,
-        ldc: usize,
-        beta: f32,
-    ) -> Result<()> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if kk == 0 {
-            if beta == 0.0 {
-                self.memset_zero(c)?;
-            }
-            return Ok(());
-        }
-        let op = |o: Op| match o {
-            Op::N => cublasOperation_t::CUBLAS_OP_N,
-            Op::T => cublasOperation_t::CUBLAS_OP_T,
-        };
-        let alpha = 1.0f32;
-        let (mi, ni, ki) = (
-            i32_of("GEMM m", m)?,
-            i32_of("GEMM n", n)?,
-            i32_of("GEMM k", kk)?,
-        );
-        let (ldai, ldbi, ldci) = (
-            i32_of("lda", lda)?,
-            i32_of("ldb", ldb)?,
-            i32_of("ldc", ldc)?,
-        );
-        let (aptr, bptr, dtype) = match self.precision.get() {
-            Precision::F32 => (a.ptr, b.ptr, cudaDataType_t::CUDA_R_32F),
-            Precision::Bf16 => {
-                let ab = self.scratch_bf16(a.len, false)?;
-                let bb = self.scratch_bf16(b.len, true)?;
-                self.launch(
-                    "convert_f32_bf16",
-                    self.cfg_elems(a.len),
-                    &[k(ab), k(a), k(a.len as i64)],
-                )?;
-                self.launch(
-                    "convert_f32_bf16",
-                    self.cfg_elems(b.len),
-                    &[k(bb), k(b), k(b.len as i64)],
-                )?;
-                (ab.ptr, bb.ptr, cudaDataType_t::CUDA_R_16BF)
-            }
-        };
-        let t0 = self.profile_start()?;
-        // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
-        // alpha/beta are host scalars (cuBLAS' default pointer mode).
-        let r = unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                op(ta),
-                op(tb),
-                mi,
-                ni,
-                ki,
-                (&alpha) as *const f32 as *const _,
-                aptr as *const _,
-                dtype,
-                ldai,
-                bptr as *const _,
-                dtype,
-                ldbi,
-                (&beta) as *const f32 as *const _,
-                c.ptr as *mut _,
-                cudaDataType_t::CUDA_R_32F,
-                ldci,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")));
-        r?;
-        self.profile_end("cublas_gemm", t0)
-    }
-
     /// nn.Linear: out[N,O] = inp[N,I] @ weight[O,I]^T (+ bias[O]; bias null = none).
-    pub fn matmul_forward(
+    fn matmul_forward(
         &self,
         out: Dv<f32>,
         inp: Dv<f32>,
@@ -424,7 +334,7 @@ impl CudaBackend {
 
     /// dinp[N,I] += dout[N,O] @ weight[O,I]; dweight[O,I] += dout^T @ inp; dbias[O] += column
     /// sums of dout (f64, deterministic; null = none). dinp may be null (not needed).
-    pub fn matmul_backward(
+    fn matmul_backward(
         &self,
         dinp: Dv<f32>,
         dweight: Dv<f32>,
@@ -458,7 +368,7 @@ impl CudaBackend {
     }
 
     /// dst[C] += column sums of x [N,C] (f64, fixed order).
-    pub fn colsum_add(&self, dst: Dv<f32>, x: Dv<f32>, n: usize, c: usize) -> Result<()> {
+    fn colsum_add(&self, dst: Dv<f32>, x: Dv<f32>, n: usize, c: usize) -> Result<()> {
         if n == 0 || c == 0 {
             return Ok(());
         }
@@ -514,18 +424,18 @@ impl CudaBackend {
     }
 
     /// Exact GELU. out, inp: [N].
-    pub fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+    fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
         self.elementwise_forward("gelu_forward", out, inp)
     }
 
     /// dinp += dout * gelu'(inp).
-    pub fn gelu_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+    fn gelu_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
         self.elementwise_backward("gelu_backward", dinp, inp, dout)
     }
 
     /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
     /// of (seed, i) (see `cuda/common.cuh`): reproducible per seed, not the CPU's ChaCha8 stream.
-    pub fn dropout_forward(
+    fn dropout_forward(
         &self,
         out: Dv<f32>,
         mask: Dv<f32>,
@@ -556,7 +466,7 @@ impl CudaBackend {
     }
 
     /// dinp += dout * mask.
-    pub fn dropout_backward(&self, dinp: Dv<f32>, dout: Dv<f32>, mask: Dv<f32>) -> Result<()> {
+    fn dropout_backward(&self, dinp: Dv<f32>, dout: Dv<f32>, mask: Dv<f32>) -> Result<()> {
         assert_eq!(dinp.len, dout.len, "dropout_backward: shape");
         assert_eq!(mask.len, dout.len, "dropout_backward: shape");
         self.launch(
@@ -567,7 +477,7 @@ impl CudaBackend {
     }
 
     /// out = a + b.
-    pub fn residual_forward(&self, out: Dv<f32>, a: Dv<f32>, b: Dv<f32>) -> Result<()> {
+    fn residual_forward(&self, out: Dv<f32>, a: Dv<f32>, b: Dv<f32>) -> Result<()> {
         assert_eq!(out.len, a.len, "residual_forward: shape");
         assert_eq!(out.len, b.len, "residual_forward: shape");
         self.launch(
@@ -578,7 +488,7 @@ impl CudaBackend {
     }
 
     /// y += alpha * x.
-    pub fn axpy(&self, y: Dv<f32>, x: Dv<f32>, alpha: f32) -> Result<()> {
+    fn axpy(&self, y: Dv<f32>, x: Dv<f32>, alpha: f32) -> Result<()> {
         assert_eq!(y.len, x.len, "axpy: shape");
         self.launch(
             "axpy",
@@ -588,7 +498,7 @@ impl CudaBackend {
     }
 
     /// y = (f32)(alpha * x) in f64.
-    pub fn scale_f64(&self, y: Dv<f32>, x: Dv<f32>, alpha: f64) -> Result<()> {
+    fn scale_f64(&self, y: Dv<f32>, x: Dv<f32>, alpha: f64) -> Result<()> {
         assert_eq!(y.len, x.len, "scale_f64: shape");
         self.launch(
             "scale_f64",
@@ -598,7 +508,7 @@ impl CudaBackend {
     }
 
     /// x = value.
-    pub fn fill(&self, x: Dv<f32>, value: f32) -> Result<()> {
+    fn fill(&self, x: Dv<f32>, value: f32) -> Result<()> {
         self.launch(
             "fill",
             self.cfg_elems(x.len),
@@ -607,7 +517,7 @@ impl CudaBackend {
     }
 
     /// out (+)= inp * f[i / d] (per-row factors).
-    pub fn scale_rows(
+    fn scale_rows(
         &self,
         out: Dv<f32>,
         inp: Dv<f32>,
@@ -639,7 +549,7 @@ impl CudaBackend {
     }
 
     /// out[0] (device f64) = sum of x*y (y null: x*x) in a fixed order.
-    pub fn dot_f64(&self, out: Dv<f64>, x: Dv<f32>, y: Dv<f32>) -> Result<()> {
+    fn dot_f64(&self, out: Dv<f64>, x: Dv<f32>, y: Dv<f32>) -> Result<()> {
         if !y.is_null() {
             assert_eq!(x.len, y.len, "dot: shape");
         }
@@ -655,7 +565,7 @@ impl CudaBackend {
     }
 
     /// out[0] = sum of part (fixed order), or its square root.
-    pub fn sum_f64(&self, out: Dv<f64>, part: Dv<f64>, sqrt: bool) -> Result<()> {
+    fn sum_f64(&self, out: Dv<f64>, part: Dv<f64>, sqrt: bool) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (256, 1, 1),
@@ -669,7 +579,7 @@ impl CudaBackend {
     }
 
     /// dst[0] += (f32)(src[0] * factor).
-    pub fn scalar_grad_add(&self, dst: Dv<f32>, src: Dv<f64>, factor: f64) -> Result<()> {
+    fn scalar_grad_add(&self, dst: Dv<f32>, src: Dv<f64>, factor: f64) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -679,7 +589,7 @@ impl CudaBackend {
     }
 
     /// out[0] = sqrt(sum of x^2) (f64, fixed order): `optim::global_norm` over a flat buffer.
-    pub fn global_norm(&self, out: Dv<f64>, x: Dv<f32>) -> Result<()> {
+    fn global_norm(&self, out: Dv<f64>, x: Dv<f32>) -> Result<()> {
         let nb = Self::partial_blocks(x.len);
         let part = self.scratch64(nb, true)?;
         let cfg = LaunchConfig {
@@ -692,7 +602,7 @@ impl CudaBackend {
     }
 
     /// `clip_grad_norm` with the norm already on the device: x *= max_norm/(norm+1e-6) if < 1.
-    pub fn clip_scale(&self, x: Dv<f32>, norm: Dv<f64>, max_norm: f64) -> Result<()> {
+    fn clip_scale(&self, x: Dv<f32>, norm: Dv<f64>, max_norm: f64) -> Result<()> {
         self.launch(
             "clip_scale",
             self.cfg_elems(x.len),
@@ -702,7 +612,7 @@ impl CudaBackend {
 
     /// AdamW over flat buffers (see `optim::AdamW::step`); `step` is the step count after
     /// incrementing. Scalars are computed here exactly as the CPU computes them.
-    pub fn adamw_update(
+    fn adamw_update(
         &self,
         p: Dv<f32>,
         m: Dv<f32>,
@@ -752,7 +662,7 @@ impl CudaBackend {
     /// probs [N,V] = softmax(logits) (probs may be the logits range: in place); row_loss [N]
     /// (f64, device) = logsumexp - logit[target] on counted rows (valid != 0, 0 <= target < V),
     /// else 0. The host validates targets and counts rows (see `count_targets`).
-    pub fn crossentropy_forward(
+    fn crossentropy_forward(
         &self,
         probs: Dv<f32>,
         row_loss: Dv<f64>,
@@ -791,7 +701,7 @@ impl CudaBackend {
 
     /// dlogits [N,V] (+)= scale * (probs - onehot) on counted rows; `inplace`: dlogits may be the
     /// probs range and is overwritten (0 on uncounted rows).
-    pub fn crossentropy_backward(
+    fn crossentropy_backward(
         &self,
         dlogits: Dv<f32>,
         probs: Dv<f32>,
@@ -825,7 +735,7 @@ impl CudaBackend {
     // ASA ops
 
     /// out = x*cos + rotate_half(x)*sin. out, inp: [N,T,D]; cos, sin: [T,D].
-    pub fn rope_forward(
+    fn rope_forward(
         &self,
         out: Dv<f32>,
         inp: Dv<f32>,
@@ -857,7 +767,7 @@ impl CudaBackend {
     }
 
     /// dinp += J^T dout. dinp, dout: [N,T,D].
-    pub fn rope_backward(
+    fn rope_backward(
         &self,
         dinp: Dv<f32>,
         dout: Dv<f32>,
@@ -889,7 +799,7 @@ impl CudaBackend {
     }
 
     /// out: [B,H,T,d] <- inp: [B,T,H*d]
-    pub fn split_heads(
+    fn split_heads(
         &self,
         out: Dv<f32>,
         inp: Dv<f32>,
@@ -915,7 +825,7 @@ impl CudaBackend {
     }
 
     /// out: [B,T,H*d] += inp: [B,H,T,d] (`merge_heads_acc` of the CPU).
-    pub fn merge_heads(
+    fn merge_heads(
         &self,
         out: Dv<f32>,
         inp: Dv<f32>,
@@ -941,7 +851,7 @@ impl CudaBackend {
     }
 
     /// F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows].
-    pub fn l2normalize_forward(
+    fn l2normalize_forward(
         &self,
         out: Dv<f32>,
         norm: Dv<f32>,
@@ -964,7 +874,7 @@ impl CudaBackend {
         )
     }
 
-    pub fn l2normalize_backward(
+    fn l2normalize_backward(
         &self,
         dinp: Dv<f32>,
         dout: Dv<f32>,
@@ -990,7 +900,7 @@ impl CudaBackend {
     }
 
     /// raw, wl: [B,H,K,T]; slot_keys: [H,K,d]; k: [B,H,T,d]; bias_h: null or [H]; valid: null or [B,T].
-    pub fn write_logits_forward(
+    fn write_logits_forward(
         &self,
         raw: Dv<f32>,
         wl: Dv<f32>,
@@ -1032,7 +942,7 @@ impl CudaBackend {
 
     /// Backward of `write_logits_forward`: dslot_keys [H,K,d] +=, dk [B,H,T,d] +=, and, when
     /// `pbias` is non-null, the per-(b,h,s) sums `sum_t dwl * t` (f64 [B,H,K]) for `alibi_grad`.
-    pub fn write_logits_backward(
+    fn write_logits_backward(
         &self,
         dslot_keys: Dv<f32>,
         dk: Dv<f32>,
@@ -1079,7 +989,7 @@ impl CudaBackend {
 
     /// d(alibi strength param) += factor * sum_h slope[h] * sum pbias[:,h,:]; pbias from
     /// `write_logits_backward`, slopes: [H], factor = sigmoid(raw).
-    pub fn alibi_grad(
+    fn alibi_grad(
         &self,
         dst: Dv<f32>,
         pbias: Dv<f64>,
@@ -1110,7 +1020,7 @@ impl CudaBackend {
     }
 
     /// The write scan. state: [B,H,T,K,d]; den, rmax: [B,H,K,T]; wl: [B,H,K,T]; v: [B,H,T,d].
-    pub fn slot_scan_forward(
+    fn slot_scan_forward(
         &self,
         state: Dv<f32>,
         den: Dv<f32>,
@@ -1153,7 +1063,7 @@ impl CudaBackend {
 
     /// Backward of the write scan: dwl [B,H,K,T] +=, dv [B,H,T,d] +=. `dstate` [B,H,T,K,d] is
     /// consumed (overwritten with the numerator gradients).
-    pub fn slot_scan_backward(
+    fn slot_scan_backward(
         &self,
         dwl: Dv<f32>,
         dv: Dv<f32>,
@@ -1178,8 +1088,8 @@ impl CudaBackend {
         assert_eq!(dwl.len, nbh * nk * t, "slot_scan_backward: dwl shape");
         assert_eq!(dv.len, nbh * t * d, "slot_scan_backward: dv shape");
         let chunk = chunk.max(1).min(t.max(1));
-        let cm = self.zeros::<f32>(nbh * nk * t)?;
-        let cidx = self.zeros::<i32>(nbh * nk * t)?;
+        let cm = self.temp::<f32>(nbh * nk * t)?;
+        let cidx = self.temp::<i32>(nbh * nk * t)?;
         use super::AsDv;
         let dims = [
             k(i32_of("chunk", chunk)?),
@@ -1217,20 +1127,9 @@ impl CudaBackend {
         )
     }
 
-    /// Warps per item with 4 warps per block (long sequential per-warp work: spread over SMs).
-    fn cfg_warps_small(&self, n: usize) -> Result<LaunchConfig> {
-        let blocks = u32::try_from(n.div_ceil(4))
-            .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
-        Ok(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-
     /// lkey, lcont (null: no content read), logits: [B,H,T,K]; q: [B,H,T,d]; slot_keys: [H,K,d];
     /// state: [B,H,T,K,d].
-    pub fn read_logits_forward(
+    fn read_logits_forward(
         &self,
         lkey: Dv<f32>,
         lcont: Dv<f32>,
@@ -1282,7 +1181,7 @@ impl CudaBackend {
 
     /// Backward of `read_logits_forward`: dq [B,H,T,d] +=, dslot_keys [H,K,d] +=, dstate (null
     /// without content read) +=; d(gamma) = sum dlogits*lcont is left in `dgamma[0]` (device f64).
-    pub fn read_logits_backward(
+    fn read_logits_backward(
         &self,
         dq: Dv<f32>,
         dslot_keys: Dv<f32>,
@@ -1313,9 +1212,9 @@ impl CudaBackend {
         );
         let content = !dstate.is_null() && !lcont.is_null();
         let pg = if content && !dgamma.is_null() {
-            self.zeros::<f64>(nbh * t)?
+            self.temp::<f64>(nbh * t)?
         } else {
-            self.zeros::<f64>(1)?
+            self.temp::<f64>(1)?
         };
         use super::AsDv;
         let pgd = if content && !dgamma.is_null() {
@@ -1377,7 +1276,7 @@ impl CudaBackend {
     }
 
     /// rw = routing(logits), then the hard read mask (keep: null or [K] i32) with renormalisation.
-    pub fn read_weights_forward(
+    fn read_weights_forward(
         &self,
         rw: Dv<f32>,
         logits: Dv<f32>,
@@ -1418,7 +1317,7 @@ impl CudaBackend {
 
     /// Backward of `read_weights_forward` to the logits (softmax and topk; other routings carry
     /// no gradient and launch nothing).
-    pub fn read_weights_backward(
+    fn read_weights_backward(
         &self,
         dlogits: Dv<f32>,
         drw: Dv<f32>,
@@ -1462,7 +1361,7 @@ impl CudaBackend {
     }
 
     /// out [R,d] = sum_k w [R,K] * state [R,K,d].
-    pub fn slot_mix_forward(
+    fn slot_mix_forward(
         &self,
         out: Dv<f32>,
         w: Dv<f32>,
@@ -1492,7 +1391,7 @@ impl CudaBackend {
     }
 
     /// dw += dout . state; dstate += w * dout.
-    pub fn slot_mix_backward(
+    fn slot_mix_backward(
         &self,
         dw: Dv<f32>,
         dstate: Dv<f32>,
@@ -1526,11 +1425,11 @@ impl CudaBackend {
     }
 
     /// phi(x) = elu(x) + 1.
-    pub fn phi_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+    fn phi_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
         self.elementwise_forward("phi_forward", out, inp)
     }
 
-    pub fn phi_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+    fn phi_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
         self.elementwise_backward("phi_backward", dinp, inp, dout)
     }
 
@@ -1538,7 +1437,7 @@ impl CudaBackend {
     /// from qf, kf, v [N,T,M], time walked in chunks (see [`super::linear`]) of `chunk`
     /// positions (>= T: the serial walk; `None`: [`default_chunk`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_attn_forward(
+    fn linear_attn_forward(
         &self,
         out: Dv<f32>,
         den: Dv<f32>,
@@ -1558,12 +1457,12 @@ impl CudaBackend {
             "linear_attn_forward: shapes"
         );
         let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
-        self.linear_forward(&plan, [out, den, qf, kf, v])
+        super::linear::forward_scratch(self, &plan, [out, den, qf, kf, v])
     }
 
     /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), same `chunk`.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_attn_backward(
+    fn linear_attn_backward(
         &self,
         dqf: Dv<f32>,
         dkf: Dv<f32>,
@@ -1587,11 +1486,11 @@ impl CudaBackend {
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
         let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
-        self.linear_backward(&plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
+        super::linear::backward_scratch(self, &plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
 
     /// x [N,T,M] *= valid[b,t] (N = B*H).
-    pub fn mask_rows(&self, x: Dv<f32>, valid: Dv<u8>, h: usize, t: usize, m: usize) -> Result<()> {
+    fn mask_rows(&self, x: Dv<f32>, valid: Dv<u8>, h: usize, t: usize, m: usize) -> Result<()> {
         assert_eq!(x.len % (t * m).max(1), 0, "mask_rows: shape");
         self.launch(
             "mask_rows",
@@ -1607,16 +1506,16 @@ impl CudaBackend {
         )
     }
 
-    pub fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
+    fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
         self.elementwise_forward("tanh_forward", out, inp)
     }
 
-    pub fn tanh_backward(&self, dinp: Dv<f32>, out: Dv<f32>, dout: Dv<f32>) -> Result<()> {
+    fn tanh_backward(&self, dinp: Dv<f32>, out: Dv<f32>, dout: Dv<f32>) -> Result<()> {
         self.elementwise_backward("tanh_backward", dinp, out, dout)
     }
 
     /// softmax over rows of k. out, inp: [R,k].
-    pub fn softmax_slots_forward(&self, out: Dv<f32>, inp: Dv<f32>, nk: usize) -> Result<()> {
+    fn softmax_slots_forward(&self, out: Dv<f32>, inp: Dv<f32>, nk: usize) -> Result<()> {
         assert_eq!(out.len, inp.len, "softmax_slots_forward: shape");
         let rows = inp.len / nk.max(1);
         self.launch(
@@ -1626,7 +1525,7 @@ impl CudaBackend {
         )
     }
 
-    pub fn softmax_slots_backward(
+    fn softmax_slots_backward(
         &self,
         dinp: Dv<f32>,
         out: Dv<f32>,
@@ -1643,7 +1542,7 @@ impl CudaBackend {
     }
 
     /// Slot mask on the slotspace weights (in place); pre receives the weights before masking.
-    pub fn slot_mask_weights_forward(
+    fn slot_mask_weights_forward(
         &self,
         w: Dv<f32>,
         pre: Dv<f32>,
@@ -1671,7 +1570,7 @@ impl CudaBackend {
         )
     }
 
-    pub fn slot_mask_weights_backward(
+    fn slot_mask_weights_backward(
         &self,
         dpre: Dv<f32>,
         dw: Dv<f32>,
@@ -1702,6 +1601,8 @@ impl CudaBackend {
         )
     }
 }
+
+impl Ops for CudaBackend {}
 
 fn check_head_dim(d: usize) -> Result<()> {
     if d == 0 || d > 256 {
@@ -1761,6 +1662,98 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
         fill[u] += 1;
     }
     Ok((uniq, start, order))
+}
+
+/// Row-major GEMM through cuBLAS' column-major interface:
+/// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
+/// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cublas_gemm(
+    be: &CudaBackend,
+    ta: Op,
+    tb: Op,
+    m: usize,
+    n: usize,
+    kk: usize,
+    a: Dv<f32>,
+    lda: usize,
+    b: Dv<f32>,
+    ldb: usize,
+    c: Dv<f32>,
+    ldc: usize,
+    beta: f32,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if kk == 0 {
+        if beta == 0.0 {
+            be.memset_zero(c)?;
+        }
+        return Ok(());
+    }
+    let op = |o: Op| match o {
+        Op::N => cublasOperation_t::CUBLAS_OP_N,
+        Op::T => cublasOperation_t::CUBLAS_OP_T,
+    };
+    let alpha = 1.0f32;
+    let (mi, ni, ki) = (
+        i32_of("GEMM m", m)?,
+        i32_of("GEMM n", n)?,
+        i32_of("GEMM k", kk)?,
+    );
+    let (ldai, ldbi, ldci) = (
+        i32_of("lda", lda)?,
+        i32_of("ldb", ldb)?,
+        i32_of("ldc", ldc)?,
+    );
+    let (aptr, bptr, dtype) = match be.precision.get() {
+        Precision::F32 => (a.ptr, b.ptr, cudaDataType_t::CUDA_R_32F),
+        Precision::Bf16 => {
+            let ab = be.scratch_bf16(a.len, false)?;
+            let bb = be.scratch_bf16(b.len, true)?;
+            be.launch(
+                "convert_f32_bf16",
+                be.cfg_elems(a.len),
+                &[k(ab), k(a), k(a.len as i64)],
+            )?;
+            be.launch(
+                "convert_f32_bf16",
+                be.cfg_elems(b.len),
+                &[k(bb), k(b), k(b.len as i64)],
+            )?;
+            (ab.ptr, bb.ptr, cudaDataType_t::CUDA_R_16BF)
+        }
+    };
+    let t0 = be.profile_start()?;
+    // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
+    // alpha/beta are host scalars (cuBLAS' default pointer mode).
+    let r = unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *be.blas.handle(),
+            op(ta),
+            op(tb),
+            mi,
+            ni,
+            ki,
+            (&alpha) as *const f32 as *const _,
+            aptr as *const _,
+            dtype,
+            ldai,
+            bptr as *const _,
+            dtype,
+            ldbi,
+            (&beta) as *const f32 as *const _,
+            c.ptr as *mut _,
+            cudaDataType_t::CUDA_R_32F,
+            ldci,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")));
+    r?;
+    be.profile_end("cublas_gemm", t0)
 }
 
 #[cfg(test)]
