@@ -14,6 +14,8 @@ mod check;
 mod dev;
 #[path = "support/fused_case.rs"]
 mod fused_case;
+#[path = "support/op_cases.rs"]
+mod op_cases;
 #[path = "support/simt.rs"]
 mod simt;
 
@@ -372,5 +374,29 @@ fn emulated_fused_scan_read_matches_cpu() {
     for cs in &cases {
         let dev = EmuDev::new(e);
         fused_case::fused_case_matches_cpu(&dev, cs, 1e-5);
+    }
+}
+
+// The GPU suite's op-level tests (tests/support/op_cases.rs): every launcher of
+// `backend::cuda::ops` against its CPU twin, through the same launch code as on a device.
+
+#[test]
+fn emulated_generic_ops_match_cpu() {
+    if let Some(e) = emu("emulated_generic_ops_match_cpu") {
+        op_cases::generic_ops(&EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_asa_elementwise_ops_match_cpu() {
+    if let Some(e) = emu("emulated_asa_elementwise_ops_match_cpu") {
+        op_cases::asa_elementwise_ops(&EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_asa_slot_ops_match_cpu() {
+    if let Some(e) = emu("emulated_asa_slot_ops_match_cpu") {
+        op_cases::asa_slot_ops(&EmuDev::new(e));
     }
 }

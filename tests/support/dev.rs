@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use asa::backend::cuda::{Dv, Ops};
+use asa::backend::cuda::{Dv, Ops, Precision};
 
 pub use asa::backend::cuda::Elem;
 
@@ -16,4 +16,8 @@ pub trait TestDev: Ops {
     }
     /// The contents of a buffer.
     fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T>;
+    /// Sets the GEMM input precision; false where the device has only f32 (the emulator).
+    fn set_precision(&self, _p: Precision) -> bool {
+        false
+    }
 }
