@@ -153,7 +153,6 @@ fn cuda_generic_ops_match_cpu() {
 
 // ------------------------------------------------------------------------------------------------
 
-
 #[test]
 fn cuda_asa_elementwise_ops_match_cpu() {
     let Some(be) = backend("cuda_asa_elementwise_ops_match_cpu") else {

@@ -6,6 +6,36 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+// Fiber switches. On x86-64 a minimal switch (callee-saved registers and the stack pointer; no
+// signal mask, so no system call per switch: the emulator switches several times per barrier
+// per thread); elsewhere ucontext.
+#if defined(__x86_64__) && !defined(SIMT_UCONTEXT)
+#define SIMT_ASM_SWITCH 1
+extern "C" void simt_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl simt_switch
+    .type simt_switch, @function
+simt_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size simt_switch, .-simt_switch
+)");
+#endif
+
 #include <cstdio>
 #include <map>
 #include <string>
@@ -17,7 +47,11 @@ struct Fiber {
     simt_dim3 tid{0, 0, 0};
     int warp = 0, lane = 0;
     bool done = false;
+#ifdef SIMT_ASM_SWITCH
+    void* sp = nullptr;
+#else
     ucontext_t ctx;
+#endif
 };
 
 Fiber* cur = nullptr;
@@ -33,7 +67,11 @@ struct Barrier {
 constexpr size_t kStack = 256 * 1024;
 constexpr unsigned kMaxThreads = 1024;
 
+#ifdef SIMT_ASM_SWITCH
+void* sched_sp = nullptr;
+#else
 ucontext_t sched;
+#endif
 std::vector<Fiber> fibers;
 std::vector<char*> stacks;
 std::vector<unsigned char> smem;
@@ -51,7 +89,11 @@ std::map<std::string, Thunk>& registry() {
     return r;
 }
 
+#ifdef SIMT_ASM_SWITCH
+void yield() { simt_switch(&cur->sp, sched_sp); }
+#else
 void yield() { swapcontext(&cur->ctx, &sched); }
+#endif
 
 void wait(Barrier& b, const int& live) {
     uint64_t g = b.gen;
@@ -73,17 +115,43 @@ void release_if_complete(Barrier& b, int live) {
     }
 }
 
-void entry(int idx) {
-    kernel(kargs);
-    Fiber& f = fibers[idx];
+// A thread's end: mark it done and free the barriers that only waited for it.
+void finish(Fiber& f) {
     f.done = true;
     ++events;
     --block_live;
     --warp_live[f.warp];
     release_if_complete(block_bar, block_live);
     release_if_complete(warp_bar[f.warp], warp_live[f.warp]);
+}
+
+#ifdef SIMT_ASM_SWITCH
+// First code of every fiber (entered by `ret` from simt_switch on a fresh stack); never
+// returns: a finished fiber switches to the scheduler for good.
+extern "C" void simt_entry() {
+    kernel(kargs);
+    finish(*cur);
+    void* dead;
+    simt_switch(&dead, sched_sp);
+    __builtin_trap();
+}
+
+// A fresh stack whose first switch-in runs simt_entry with the ABI's call alignment.
+void* fresh_stack(char* stack, size_t size) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                    // padding: rsp % 16 == 8 at entry
+    *--sp = reinterpret_cast<void*>(&simt_entry);       // popped by `ret`
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;        // rbp rbx r12 r13 r14 r15
+    return sp;
+}
+#else
+void entry(int idx) {
+    kernel(kargs);
+    finish(fibers[idx]);
     // returning resumes uc_link, the scheduler
 }
+#endif
 
 bool ensure_stacks(unsigned n) {
     while (stacks.size() < n) {
@@ -161,11 +229,15 @@ extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned 
                     f.lane = (int)(i % 32);
                     f.done = false;
                     ++warp_live[f.warp];
+#ifdef SIMT_ASM_SWITCH
+                    f.sp = fresh_stack(stacks[i], kStack);
+#else
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = stacks[i];
                     f.ctx.uc_stack.ss_size = kStack;
                     f.ctx.uc_link = &sched;
                     makecontext(&f.ctx, reinterpret_cast<void (*)()>(entry), 1, (int)i);
+#endif
                 }
                 unsigned remaining = nt;
                 while (remaining > 0) {
@@ -173,7 +245,11 @@ extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned 
                     for (unsigned i = 0; i < nt; ++i) {
                         if (fibers[i].done) continue;
                         cur = &fibers[i];
+#ifdef SIMT_ASM_SWITCH
+                        simt_switch(&sched_sp, fibers[i].sp);
+#else
                         swapcontext(&sched, &fibers[i].ctx);
+#endif
                         if (fibers[i].done) --remaining;
                     }
                     if (remaining > 0 && events == before) {

@@ -74,7 +74,11 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
     let (mut y, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     co::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &bias, n, c);
     let (x_d, w_d, b_d) = (dev.put(&x), dev.put(&w), dev.put(&bias));
-    let (y_d, m_d, r_d) = (dev.zeroed::<f32>(n * c), dev.zeroed::<f32>(n), dev.zeroed::<f32>(n));
+    let (y_d, m_d, r_d) = (
+        dev.zeroed::<f32>(n * c),
+        dev.zeroed::<f32>(n),
+        dev.zeroed::<f32>(n),
+    );
     dev.layernorm_forward(y_d, m_d, r_d, x_d, w_d, b_d, n, c)
         .unwrap();
     close("layernorm_forward", &dev.get(y_d), &y, TOL);
@@ -83,7 +87,12 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
     let dy = rv(&mut r, n * c, 1.0);
     let (mut dx, mut dw, mut db) = (vec![0.1; n * c], vec![0.0; c], vec![0.0; c]);
     co::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c);
-    let (dx_d, dw_d, db_d, dy_d) = (dev.put(&vec![0.1; n * c]), dev.zeroed::<f32>(c), dev.zeroed::<f32>(c), dev.put(&dy));
+    let (dx_d, dw_d, db_d, dy_d) = (
+        dev.put(&vec![0.1; n * c]),
+        dev.zeroed::<f32>(c),
+        dev.zeroed::<f32>(c),
+        dev.put(&dy),
+    );
     dev.layernorm_backward(dx_d, dw_d, db_d, dy_d, x_d, w_d, m_d, r_d, n, c)
         .unwrap();
     close("layernorm_backward dx", &dev.get(dx_d), &dx, TOL);
@@ -101,7 +110,12 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
     let dh = rv(&mut r, n * hid, 1.0);
     let (mut dxm, mut dwm, mut dbm) = (vec![0.0; n * c], vec![0.0; hid * c], vec![0.0; hid]);
     co::matmul_backward(&mut dxm, &mut dwm, Some(&mut dbm), &dh, &x, &wm, n, c, hid);
-    let (dxm_d, dwm_d, dbm_d, dh_d) = (dev.zeroed::<f32>(n * c), dev.zeroed::<f32>(hid * c), dev.zeroed::<f32>(hid), dev.put(&dh));
+    let (dxm_d, dwm_d, dbm_d, dh_d) = (
+        dev.zeroed::<f32>(n * c),
+        dev.zeroed::<f32>(hid * c),
+        dev.zeroed::<f32>(hid),
+        dev.put(&dh),
+    );
     dev.matmul_backward(dxm_d, dwm_d, dbm_d, dh_d, x_d, wm_d, n, c, hid)
         .unwrap();
     close("matmul_backward dinp", &dev.get(dxm_d), &dxm, TOL);
@@ -222,8 +236,14 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
         close("clip_scale", &dev.get(g_d), &gs.data.concat(), 1e-6);
         let lr = 1e-2 * step as f64;
         opt.step(&mut ps, &gs, lr);
-        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step).unwrap();
-        close("adamw_update params", &dev.get(p_d), &ps.data.concat(), 1e-6);
+        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step)
+            .unwrap();
+        close(
+            "adamw_update params",
+            &dev.get(p_d),
+            &ps.data.concat(),
+            1e-6,
+        );
     }
     let _ = global_norm(&ps);
 }
@@ -240,14 +260,20 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
     let x = rv(&mut r, n, 1.0);
     let mut y = vec![0.0; n];
     ca::rope_forward(&mut y, &x, &tab, b * h);
-    let (x_d, y_d, cos, sin) = (dev.put(&x), dev.zeroed::<f32>(n), dev.put(&tab.cos), dev.put(&tab.sin));
+    let (x_d, y_d, cos, sin) = (
+        dev.put(&x),
+        dev.zeroed::<f32>(n),
+        dev.put(&tab.cos),
+        dev.put(&tab.sin),
+    );
     dev.rope_forward(y_d, x_d, cos, sin, b * h, t, d).unwrap();
     close("rope_forward", &dev.get(y_d), &y, TOL);
     let gy = rv(&mut r, n, 1.0);
     let mut dx = vec![0.3; n];
     ca::rope_backward(&mut dx, &gy, &tab, b * h);
     let (dx_d, gy_d) = (dev.put(&vec![0.3; n]), dev.put(&gy));
-    dev.rope_backward(dx_d, gy_d, cos, sin, b * h, t, d).unwrap();
+    dev.rope_backward(dx_d, gy_d, cos, sin, b * h, t, d)
+        .unwrap();
     close("rope_backward", &dev.get(dx_d), &dx, TOL);
 
     // heads
@@ -275,7 +301,8 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
     let mut dxz = vec![0.0; n];
     ca::l2normalize_backward(&mut dxz, &gy, &o, &nrm, d);
     let dxz_d = dev.zeroed::<f32>(n);
-    dev.l2normalize_backward(dxz_d, gy_d, o_d, nrm_d, d).unwrap();
+    dev.l2normalize_backward(dxz_d, gy_d, o_d, nrm_d, d)
+        .unwrap();
     close("l2normalize_backward", &dev.get(dxz_d), &dxz, TOL);
 
     // phi, tanh, mask_rows, softmax_slots, slot_mask_weights
@@ -375,8 +402,17 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
                 &out,
                 TOL,
             );
-            close(&format!("linear_attn den {tag}"), &dev.get(den_d), &den, TOL);
-            let (dq_d, dk_d, dv_d) = (dev.zeroed::<f32>(len), dev.zeroed::<f32>(len), dev.zeroed::<f32>(len));
+            close(
+                &format!("linear_attn den {tag}"),
+                &dev.get(den_d),
+                &den,
+                TOL,
+            );
+            let (dq_d, dk_d, dv_d) = (
+                dev.zeroed::<f32>(len),
+                dev.zeroed::<f32>(len),
+                dev.zeroed::<f32>(len),
+            );
             dev.linear_attn_backward(
                 dq_d,
                 dk_d,
@@ -427,8 +463,13 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
     // left padding in batch 1
     let valid: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 4)).collect();
     let vd = dev.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
-    let (keys_d, k_d, v_d, q_d, bias_d) =
-        (dev.put(&keys), dev.put(&kk), dev.put(&vv), dev.put(&q), dev.put(&bias));
+    let (keys_d, k_d, v_d, q_d, bias_d) = (
+        dev.put(&keys),
+        dev.put(&kk),
+        dev.put(&vv),
+        dev.put(&q),
+        dev.put(&bias),
+    );
 
     // write logits
     let bhkt = b * h * nk * t;
@@ -462,11 +503,20 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         Some(&valid),
         dm,
     );
-    let (dkeys_d, dk_d, gw_d) = (dev.zeroed::<f32>(h * nk * d), dev.zeroed::<f32>(kk.len()), dev.put(&gw));
+    let (dkeys_d, dk_d, gw_d) = (
+        dev.zeroed::<f32>(h * nk * d),
+        dev.zeroed::<f32>(kk.len()),
+        dev.put(&gw),
+    );
     let pb = dev.zeroed::<f64>(b * h * nk);
     dev.write_logits_backward(dkeys_d, dk_d, pb.dv(), gw_d, keys_d, k_d, 0.7, vd.dv(), dm)
         .unwrap();
-    close("write_logits_backward dkeys", &dev.get(dkeys_d), &dkeys, TOL);
+    close(
+        "write_logits_backward dkeys",
+        &dev.get(dkeys_d),
+        &dkeys,
+        TOL,
+    );
     close("write_logits_backward dk", &dev.get(dk_d), &dk, TOL);
     let slopes = vec![0.5f32, 0.25];
     let sl_d = dev.put(&slopes);
@@ -480,7 +530,11 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         let st_len = b * h * t * nk * d;
         let (mut st, mut den, mut rm) = (vec![0.0; st_len], vec![0.0; bhkt], vec![0.0; bhkt]);
         ca::slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &vv, chunk, dm);
-        let (st_d, den_d, rm_d) = (dev.zeroed::<f32>(st_len), dev.zeroed::<f32>(bhkt), dev.zeroed::<f32>(bhkt));
+        let (st_d, den_d, rm_d) = (
+            dev.zeroed::<f32>(st_len),
+            dev.zeroed::<f32>(bhkt),
+            dev.zeroed::<f32>(bhkt),
+        );
         dev.slot_scan_forward(st_d, den_d, rm_d, wl_d, v_d, chunk, dm)
             .unwrap();
         close(
@@ -504,7 +558,11 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         let gs = rv(&mut r, st_len, 1.0);
         let (mut dwl, mut dv) = (vec![0.0; bhkt], vec![0.0; vv.len()]);
         ca::slot_scan_backward(&mut dwl, &mut dv, &gs, &st, &den, &rm, &wl, &vv, chunk, dm);
-        let (dwl_d, dv_d, gs_d) = (dev.zeroed::<f32>(bhkt), dev.zeroed::<f32>(vv.len()), dev.put(&gs));
+        let (dwl_d, dv_d, gs_d) = (
+            dev.zeroed::<f32>(bhkt),
+            dev.zeroed::<f32>(vv.len()),
+            dev.put(&gs),
+        );
         dev.slot_scan_backward(dwl_d, dv_d, gs_d, st_d, den_d, rm_d, wl_d, v_d, chunk, dm)
             .unwrap();
         close(
@@ -550,12 +608,21 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         });
         let (mut lk, mut lc, mut lg) = (vec![0.0; bhtk], vec![0.0; bhtk], vec![0.0; bhtk]);
         ca::read_logits_forward(&mut lk, Some(&mut lc), &mut lg, &q, &keys, &st, 0.8, cm, dm);
-        let (lk_d, lc_d, lg_d) = (dev.zeroed::<f32>(bhtk), dev.zeroed::<f32>(bhtk), dev.zeroed::<f32>(bhtk));
+        let (lk_d, lc_d, lg_d) = (
+            dev.zeroed::<f32>(bhtk),
+            dev.zeroed::<f32>(bhtk),
+            dev.zeroed::<f32>(bhtk),
+        );
         dev.read_logits_forward(lk_d, lc_d, lg_d, q_d, keys_d, st_d, 0.8, dmask, dm)
             .unwrap();
         close(&format!("read_logits lkey {mi}"), &dev.get(lk_d), &lk, TOL);
         close(&format!("read_logits lcont {mi}"), &dev.get(lc_d), &lc, TOL);
-        close(&format!("read_logits logits {mi}"), &dev.get(lg_d), &lg, TOL);
+        close(
+            &format!("read_logits logits {mi}"),
+            &dev.get(lg_d),
+            &lg,
+            TOL,
+        );
         let mut glg = rv(&mut r, bhtk, 1.0);
         glg.iter_mut().zip(&lg).for_each(|(a, l)| {
             if !l.is_finite() {
@@ -687,7 +754,11 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
     let go = rv(&mut r, q.len(), 1.0);
     let (mut dw, mut dst) = (vec![0.0; bhtk], vec![0.0; st_len]);
     ca::slot_mix_backward(&mut dw, &mut dst, &go, &w, &st, dm);
-    let (dw_d, dst_d, go_d) = (dev.zeroed::<f32>(bhtk), dev.zeroed::<f32>(st_len), dev.put(&go));
+    let (dw_d, dst_d, go_d) = (
+        dev.zeroed::<f32>(bhtk),
+        dev.zeroed::<f32>(st_len),
+        dev.put(&go),
+    );
     dev.slot_mix_backward(dw_d, dst_d, go_d, w_d, st_d, dm)
         .unwrap();
     close("slot_mix_backward dw", &dev.get(dw_d), &dw, TOL);
