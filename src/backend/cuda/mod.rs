@@ -9,8 +9,8 @@
 //! Module map:
 //! - this file: kernel sources, NVRTC compilation (cached per process), `CudaBackend` (context,
 //!   stream, cuBLAS handle, loaded modules), the `Dv` device-range handle and the launch helper;
-//! - [`ops`]: one launcher per kernel, named after its CPU twin, with the CPU twin's arguments as
-//!   device ranges;
+//! - [`ops`]: the `Ops` trait, one launcher per kernel, named after its CPU twin, with the CPU
+//!   twin's arguments as device ranges, for any `Device` (this backend, or the tests' emulator);
 //! - [`model`]: `GpuLm` (forward, fused classifier + cross-entropy, backward, AdamW, clipping) and
 //!   the GPU ASA layer;
 //! - [`intervene`]: the intervene variant's intervention (forward, thresholds, logs, backward);

@@ -1,6 +1,7 @@
-//! Launchers: one method of `CudaBackend` per kernel, named after (and taking the arguments of)
-//! the CPU twin in `backend::cpu::ops` / `backend::cpu::asa`, with device ranges (`Dv`) in place
-//! of slices. Shapes are checked like the CPU twins check them (`assert!`: a mismatch is a
+//! Launchers: one method of the [`Ops`] trait per kernel, named after (and taking the arguments
+//! of) the CPU twin in `backend::cpu::ops` / `backend::cpu::asa`, with device ranges (`Dv`) in
+//! place of slices. `Ops` is implemented for every [`Device`]: the CUDA backend, and the SIMT
+//! emulator of the tests (the same launch code runs on both). Shapes are checked like the CPU twins check them (`assert!`: a mismatch is a
 //! programming error); kernel failures are `AsaError::Device`.
 //!
 //! Differences from the CPU signatures, all documented at the launcher:
