@@ -142,7 +142,10 @@ fn build(cxx: &str) -> Result<PathBuf, String> {
     if lib.exists() {
         return Ok(lib);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // objects in a directory of this process (concurrent builds do not mix), the library
+    // renamed into place at the end
+    let work = dir.join(format!("build-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let flags = [
         "-std=c++17",
         "-O1",
@@ -163,14 +166,14 @@ fn build(cxx: &str) -> Result<PathBuf, String> {
                 "static simt::Reg simt_reg_{i}(\"{k}\", [](void** a) {{ simt::call(&{k}, a); }});\n"
             );
         }
-        let unit = dir.join(format!("{stem}.cpp"));
+        let unit = work.join(format!("{stem}.cpp"));
         std::fs::write(&unit, gen).map_err(|e| e.to_string())?;
         units.push(unit);
     }
     let children: Vec<_> = units
         .iter()
         .map(|u| {
-            let obj = dir.join(u.file_name().unwrap()).with_extension("o");
+            let obj = work.join(u.file_name().unwrap()).with_extension("o");
             let child = Command::new(cxx)
                 .args(flags)
                 .arg("-I")
@@ -214,6 +217,17 @@ fn build(cxx: &str) -> Result<PathBuf, String> {
         ));
     }
     std::fs::rename(&tmp, &lib).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&work);
+    // builds of older sources are not needed any more
+    if let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("simt-") && p != dir {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+    }
     Ok(lib)
 }
 
