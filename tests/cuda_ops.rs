@@ -104,6 +104,27 @@ impl Device for G<'_> {
     fn memset_zero<T>(&self, x: Dv<T>) -> asa::error::Result<()> {
         Device::memset_zero(self.be, x)
     }
+    fn download<T: Elem>(&self, x: Dv<T>) -> asa::error::Result<Vec<T>> {
+        Device::download(self.be, x)
+    }
+    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> asa::error::Result<()> {
+        Device::upload_into(self.be, dst, x)
+    }
+    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> asa::error::Result<()> {
+        Device::copy(self.be, dst, src)
+    }
+    fn sync(&self) -> asa::error::Result<()> {
+        Device::sync(self.be)
+    }
+    fn precision(&self) -> Precision {
+        Device::precision(self.be)
+    }
+    fn set_precision(&self, p: Precision) {
+        Device::set_precision(self.be, p)
+    }
+    fn sm_count(&self) -> usize {
+        Device::sm_count(self.be)
+    }
     fn gemm(
         &self,
         ta: Op,
@@ -135,7 +156,7 @@ impl TestDev for G<'_> {
     fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T> {
         self.be.download(x).unwrap()
     }
-    fn set_precision(&self, p: Precision) -> bool {
+    fn try_precision(&self, p: Precision) -> bool {
         self.be.precision.set(p);
         true
     }

@@ -16,8 +16,9 @@ pub trait TestDev: Ops {
     }
     /// The contents of a buffer.
     fn get<T: Elem>(&self, x: Dv<T>) -> Vec<T>;
-    /// Sets the GEMM input precision; false where the device has only f32 (the emulator).
-    fn set_precision(&self, _p: Precision) -> bool {
+    /// Sets the GEMM input precision; false (and nothing set) where the device has only f32 (the
+    /// emulator).
+    fn try_precision(&self, _p: Precision) -> bool {
         false
     }
 }

@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::cell::RefCell;
 
 use asa::backend::cuda::ops::Op;
-use asa::backend::cuda::{AsDv, Device, Dv, GridLaunch, KArg, Ops, Temp};
+use asa::backend::cuda::{AsDv, Device, Dv, GridLaunch, KArg, Ops, Precision, Temp};
 use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
@@ -441,6 +441,43 @@ impl Device for EmuDev {
             unsafe { std::ptr::write_bytes(x.ptr as usize as *mut T, 0, x.len) };
         }
         Ok(())
+    }
+
+    fn download<T: Elem>(&self, x: Dv<T>) -> asa::error::Result<Vec<T>> {
+        Ok(self.get(x))
+    }
+
+    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> asa::error::Result<()> {
+        assert!(x.len() <= dst.len, "upload_into: {} > {}", x.len(), dst.len);
+        // SAFETY: dst addresses at least x.len() elements of T.
+        unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), dst.ptr as usize as *mut T, x.len()) };
+        Ok(())
+    }
+
+    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> asa::error::Result<()> {
+        assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
+        // SAFETY: both address live host buffers of this device (they may overlap only if
+        // equal, which `copy` permits).
+        unsafe {
+            std::ptr::copy(src.ptr as usize as *const f32, dst.ptr as usize as *mut f32, src.len)
+        };
+        Ok(())
+    }
+
+    fn sync(&self) -> asa::error::Result<()> {
+        Ok(()) // launches run to completion
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+
+    fn set_precision(&self, _p: Precision) {
+        // f32 only: the emulated GEMM has no bf16 path
+    }
+
+    fn sm_count(&self) -> usize {
+        4
     }
 
     fn gemm(

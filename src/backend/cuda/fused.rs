@@ -30,10 +30,9 @@
 //! The launch sequence is written against [`GridLaunch`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
-use cudarc::driver::CudaSlice;
 
 use super::ops::DevSlotMask;
-use super::{i32_of, AsDv, CudaBackend, Dv, GridLaunch, KArg};
+use super::{i32_of, AsDv, Backend, Dv, GridLaunch, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -797,12 +796,12 @@ pub fn layer_plan(
 #[derive(Default)]
 pub struct FusedState {
     plan: Option<FusedPlan>,
-    b64: Option<CudaSlice<f64>>,
-    b32: Option<CudaSlice<f32>>,
+    b64: Option<Temp<f64>>,
+    b32: Option<Temp<f32>>,
     ws: Option<FusedWs>,
     /// copies of ddelta [B,H,T,d] and dsw [B,H,T,K] from `refine_backward`
-    ddelta: Option<CudaSlice<f32>>,
-    dsw: Option<CudaSlice<f32>>,
+    ddelta: Option<Temp<f32>>,
+    dsw: Option<Temp<f32>>,
     refine_ready: bool,
 }
 
@@ -818,13 +817,13 @@ impl FusedState {
         self.refine_ready = false;
     }
 
-    fn ensure(&mut self, be: &CudaBackend, plan: FusedPlan) -> Result<FusedWs> {
+    fn ensure<B: Backend>(&mut self, be: &B, plan: FusedPlan) -> Result<FusedWs> {
         let (n64, n32) = plan.ws_len();
         if self.b64.as_ref().map(|b| b.len() < n64).unwrap_or(true) {
-            self.b64 = Some(be.zeros::<f64>(n64)?);
+            self.b64 = Some(be.temp::<f64>(n64)?);
         }
         if self.b32.as_ref().map(|b| b.len() < n32).unwrap_or(true) {
-            self.b32 = Some(be.zeros::<f32>(n32)?);
+            self.b32 = Some(be.temp::<f32>(n32)?);
         }
         let ws = FusedWs::carve(
             &plan,
@@ -847,15 +846,15 @@ impl FusedState {
     }
 
     /// The fused forward of a layer (see [`forward`]).
-    pub fn forward(&mut self, be: &CudaBackend, plan: FusedPlan, io: &FwdIo) -> Result<()> {
+    pub fn forward<B: Backend>(&mut self, be: &B, plan: FusedPlan, io: &FwdIo) -> Result<()> {
         let ws = self.ensure(be, plan)?;
         forward(be, &plan, &ws, io)
     }
 
     /// The refine's delta = sum_s sw * state (see [`mix`]).
-    pub fn mix(
+    pub fn mix<B: Backend>(
         &self,
-        be: &CudaBackend,
+        be: &B,
         out: Dv<f32>,
         w: Dv<f32>,
         wl: Dv<f32>,
@@ -867,9 +866,9 @@ impl FusedState {
 
     /// The refine backward's state part: dsw [B,H,T,K] += ddelta . state, and keeps ddelta and
     /// dsw for [`FusedState::backward`] (which adds sw * ddelta to the state gradient).
-    pub fn refine_backward(
+    pub fn refine_backward<B: Backend>(
         &mut self,
-        be: &CudaBackend,
+        be: &B,
         dsw: Dv<f32>,
         ddelta: Dv<f32>,
         wl: Dv<f32>,
@@ -879,7 +878,7 @@ impl FusedState {
         dot(be, &p, &ws, dsw, ddelta, wl, v)?;
         for (slot, src) in [(&mut self.ddelta, ddelta), (&mut self.dsw, dsw)] {
             if slot.as_ref().map(|s| s.len() != src.len).unwrap_or(true) {
-                *slot = Some(be.zeros::<f32>(src.len)?);
+                *slot = Some(be.temp::<f32>(src.len)?);
             }
             be.copy(slot.as_ref().unwrap().dv().sub(0, src.len), src)?;
         }
@@ -889,7 +888,7 @@ impl FusedState {
 
     /// The fused backward (see [`backward`]); `io.sw` is the slotspace weights when the layer
     /// has a refine path (its `ddelta`, `dsw` fields are filled from `refine_backward`).
-    pub fn backward(&mut self, be: &CudaBackend, io: &BwdIo) -> Result<()> {
+    pub fn backward<B: Backend>(&mut self, be: &B, io: &BwdIo) -> Result<()> {
         let (p, ws) = self.get()?;
         let mut io = *io;
         if !io.sw.is_null() {

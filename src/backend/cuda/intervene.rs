@@ -17,9 +17,9 @@
 //! Backward: `slot_mix_backward_intv` (the VJP with the forward's scores and thresholds, which are
 //! detached as in the reference), then `sum_f64` for the refine gate's share.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use cudarc::driver::LaunchConfig;
 
-use super::{i32_of, AsDv, CudaBackend, Device, Dv, KArg, Ops};
+use super::{i32_of, AsDv, Backend, Dv, Elem, KArg, Temp};
 use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
 use crate::model::asa::{Info, Intervention, IntvMode, ScoreKind, TauKind};
@@ -37,7 +37,7 @@ fn k<T: Into<KArg>>(x: T) -> KArg {
 
 /// A device buffer grown on demand.
 struct Buf<T> {
-    s: Option<CudaSlice<T>>,
+    s: Option<Temp<T>>,
     n: usize,
 }
 
@@ -47,10 +47,10 @@ impl<T> Default for Buf<T> {
     }
 }
 
-impl<T: DeviceRepr + ValidAsZeroBits> Buf<T> {
-    fn ensure(&mut self, be: &CudaBackend, n: usize) -> Result<Dv<T>> {
+impl<T: Elem> Buf<T> {
+    fn ensure<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<T>> {
         if self.s.as_ref().map(|s| s.len() < n.max(1)).unwrap_or(true) {
-            self.s = Some(be.zeros::<T>(n)?);
+            self.s = Some(be.temp::<T>(n)?);
         }
         self.n = n;
         Ok(self.dv())
@@ -93,11 +93,11 @@ pub struct GpuIntvCache {
     thr: Buf<f64>,   // [nchunks,3] (tau, smax, has_smax)
     sort: Buf<f64>,  // [nchunks,npad] sort scratch
     logs: Buf<f64>,  // [nchunks,H+1,NLOG]
-    hmask: Option<(Vec<f32>, CudaSlice<f32>)>,
+    hmask: Option<(Vec<f32>, Temp<f32>)>,
 }
 
 impl GpuIntvCache {
-    fn head_mask(&mut self, be: &CudaBackend, it: &Intervention, h: usize) -> Result<Dv<f32>> {
+    fn head_mask<B: Backend>(&mut self, be: &B, it: &Intervention, h: usize) -> Result<Dv<f32>> {
         let hm = match (&it.head_mask, it.mode) {
             (Some(hm), m) if m != IntvMode::Off => hm,
             _ => return Ok(Dv::null()),
@@ -109,7 +109,7 @@ impl GpuIntvCache {
             )));
         }
         if self.hmask.as_ref().map(|(v, _)| v != hm).unwrap_or(true) {
-            self.hmask = Some((hm.clone(), be.upload(hm)?));
+            self.hmask = Some((hm.clone(), be.temp_from(hm)?));
         }
         Ok(self.hmask.as_ref().unwrap().1.dv().sub(0, hm.len()))
     }
@@ -117,9 +117,9 @@ impl GpuIntvCache {
     /// out_h [B,H,T,d]: out1 on entry, out1 + f(out1, gate*delta) on return. delta [B,H,T,d] is
     /// the refine delta without the gate, z [B,H,T,K] the slotspace logits.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<B: Backend>(
         &mut self,
-        be: &CudaBackend,
+        be: &B,
         it: &Intervention,
         out_h: Dv<f32>,
         delta: Dv<f32>,
@@ -247,9 +247,9 @@ impl GpuIntvCache {
     /// be `dout_h` itself, updated in place), ddelta += d delta (without gate), dz += d z,
     /// dgate[0] = d loss / d gate (the softplus'd gate, f64, written). `dout_h` is d out_h.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<B: Backend>(
         &self,
-        be: &CudaBackend,
+        be: &B,
         dout_h: Dv<f32>,
         dout1: Dv<f32>,
         ddelta: Dv<f32>,
@@ -281,7 +281,7 @@ impl GpuIntvCache {
             }
             _ => Dv::null(),
         };
-        let part = be.zeros::<f64>(rows)?;
+        let part = be.temp::<f64>(rows)?;
         be.launch(
             "slot_mix_backward_intv",
             be.cfg_warps(rows)?,
@@ -320,7 +320,7 @@ impl GpuIntvCache {
     /// `dorth_norm`, `head_mask`, `geom_*`, and the `intv_*` copies), `slotspace_gate`,
     /// `slotspace_delta_norm` (with the gate, as the intervene variant logs it) and `out1`.
     /// Empty before a forward. Downloads (synchronises).
-    pub fn info(&self, be: &CudaBackend) -> Result<Info> {
+    pub fn info<B: Backend>(&self, be: &B) -> Result<Info> {
         let Some((it, dm, chunk, gate)) = &self.last else {
             return Ok(Info::new());
         };

@@ -427,6 +427,13 @@ impl<T> Temp<T> {
     pub fn new(keep: Box<dyn std::any::Any>, dv: Dv<T>) -> Temp<T> {
         Temp { _keep: keep, dv }
     }
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.dv.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.dv.len == 0
+    }
 }
 
 impl<T> AsDv<T> for Temp<T> {
@@ -451,6 +458,19 @@ pub trait Device: GridLaunch {
     fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>>;
     /// Zeroes a range.
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()>;
+    /// Device range -> host vector (synchronises).
+    fn download<T: Elem>(&self, x: Dv<T>) -> Result<Vec<T>>;
+    /// Host -> existing device range (`x.len() <= dst.len`).
+    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()>;
+    /// Device -> device copy of `src` into `dst` (`src.len <= dst.len`).
+    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()>;
+    /// Waits for the queued work.
+    fn sync(&self) -> Result<()>;
+    /// The GEMM input precision.
+    fn precision(&self) -> Precision;
+    fn set_precision(&self, p: Precision);
+    /// Streaming multiprocessors (sizes the fused kernels' tiles).
+    fn sm_count(&self) -> usize;
     /// C [M,N] = A [M,K] B [K,N] + beta C, column-major with leading dimensions and operand
     /// transposes as cuBLAS (`ops::Op`), inputs in the device's GEMM precision, f32
     /// accumulation.
@@ -492,6 +512,10 @@ pub trait Device: GridLaunch {
     }
 }
 
+/// A device with the launchers: what the GPU model (`model`, `fused`, `intervene`) runs on.
+pub trait Backend: Device + Ops {}
+impl<T: Device + Ops> Backend for T {}
+
 fn warps_cfg(n: usize, per_block: usize) -> Result<LaunchConfig> {
     let blocks = u32::try_from(n.div_ceil(per_block))
         .map_err(|_| AsaError::Device(format!("{n} warps exceed one grid")))?;
@@ -524,6 +548,27 @@ impl Device for CudaBackend {
     }
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
         CudaBackend::memset_zero(self, x)
+    }
+    fn download<T: Elem>(&self, x: Dv<T>) -> Result<Vec<T>> {
+        CudaBackend::download(self, x)
+    }
+    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        CudaBackend::upload_into(self, dst, x)
+    }
+    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
+        CudaBackend::copy(self, dst, src)
+    }
+    fn sync(&self) -> Result<()> {
+        CudaBackend::sync(self)
+    }
+    fn precision(&self) -> Precision {
+        self.precision.get()
+    }
+    fn set_precision(&self, p: Precision) {
+        self.precision.set(p)
+    }
+    fn sm_count(&self) -> usize {
+        self.sm_count.max(1) as usize
     }
     fn gemm(
         &self,

@@ -20,10 +20,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use cudarc::driver::CudaSlice;
 
 use super::ops::{DevRouting, DevSlotMask};
-use super::{AsDv, CudaBackend, Dv, Ops};
+use super::{AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -60,21 +59,21 @@ impl std::str::FromStr for Precision {
 /// A device buffer (re)allocated on demand to a length.
 #[derive(Default)]
 struct DBuf {
-    s: Option<CudaSlice<f32>>,
+    s: Option<Temp<f32>>,
     n: usize,
 }
 
 impl DBuf {
     /// The buffer with `n` elements (contents unspecified when it already had that length).
-    fn ensure(&mut self, be: &CudaBackend, n: usize) -> Result<Dv<f32>> {
+    fn ensure<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<f32>> {
         if self.s.is_none() || self.n != n {
-            self.s = Some(be.zeros::<f32>(n)?);
+            self.s = Some(be.temp::<f32>(n)?);
             self.n = n;
         }
         Ok(self.dv())
     }
     /// The buffer with `n` elements, zeroed.
-    fn zeroed(&mut self, be: &CudaBackend, n: usize) -> Result<Dv<f32>> {
+    fn zeroed<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<f32>> {
         let d = self.ensure(be, n)?;
         be.memset_zero(d)?;
         Ok(d)
@@ -88,8 +87,8 @@ impl DBuf {
 }
 
 /// A temporary zeroed buffer (freed, stream-ordered, when dropped).
-fn tmp(be: &CudaBackend, n: usize) -> Result<(CudaSlice<f32>, Dv<f32>)> {
-    let s = be.zeros::<f32>(n)?;
+fn tmp<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
+    let s = be.temp::<f32>(n)?;
     let d = s.dv().sub(0, n);
     Ok((s, d))
 }
@@ -121,17 +120,17 @@ impl Layout {
 
 /// Parameters on the device: the flat buffer, its layout and host copies of the scalar params.
 struct GpuParams {
-    data: CudaSlice<f32>,
+    data: Temp<f32>,
     layout: Layout,
     /// host values of the 1-element parameters (others: NaN), refreshed after updates
     scalars: Vec<f32>,
 }
 
 impl GpuParams {
-    fn upload(be: &CudaBackend, p: &ParamStore) -> Result<Self> {
+    fn upload<B: Backend>(be: &B, p: &ParamStore) -> Result<Self> {
         let layout = Layout::of(p);
         let flat: Vec<f32> = p.data.concat();
-        let data = be.zeros::<f32>(layout.total)?;
+        let data = be.temp::<f32>(layout.total)?;
         be.upload_into(data.dv(), &flat)?;
         let scalars = p
             .data
@@ -151,7 +150,7 @@ impl GpuParams {
     fn scalar(&self, id: ParamId) -> f32 {
         self.scalars[id]
     }
-    fn refresh_scalars(&mut self, be: &CudaBackend) -> Result<()> {
+    fn refresh_scalars<B: Backend>(&mut self, be: &B) -> Result<()> {
         for id in 0..self.layout.lens.len() {
             if self.layout.lens[id] == 1 {
                 self.scalars[id] = be.download(self.p(id))?[0];
@@ -166,16 +165,16 @@ impl GpuParams {
 
 /// The forward options of one call, on the device.
 struct DevOpts {
-    valid: Option<CudaSlice<u8>>,
+    valid: Option<Temp<u8>>,
     routing: RoutingMode,
-    ext: Option<CudaSlice<f32>>,
-    slot_mask: Option<(CudaSlice<i32>, bool, SlotMaskWhere)>,
+    ext: Option<Temp<f32>>,
+    slot_mask: Option<(Temp<i32>, bool, SlotMaskWhere)>,
     training: bool,
 }
 
 impl DevOpts {
-    fn new(
-        be: &CudaBackend,
+    fn new<B: Backend>(
+        be: &B,
         cfg: &ModelConfig,
         opts: &AsaOptions,
         b: usize,
@@ -188,17 +187,17 @@ impl DevOpts {
         }
         crate::model::asa::check_options(cfg, opts, b, t)?;
         let valid = match &opts.attention_mask {
-            Some(m) => Some(be.upload(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>())?),
+            Some(m) => Some(be.temp_from(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>())?),
             None => None,
         };
         let ext = match &opts.routing {
-            RoutingMode::External(w) | RoutingMode::Override(w) => Some(be.upload(w)?),
+            RoutingMode::External(w) | RoutingMode::Override(w) => Some(be.temp_from(w)?),
             _ => None,
         };
         let slot_mask = match &opts.slot_mask {
             Some(sm) => {
                 let keep: Vec<i32> = sm.keep.keep.iter().map(|&k| k as i32).collect();
-                Some((be.upload(&keep)?, sm.keep.last_pos_only, sm.where_))
+                Some((be.temp_from(&keep)?, sm.keep.last_pos_only, sm.where_))
             }
             None => None,
         };
@@ -256,14 +255,14 @@ impl DevOpts {
 /// RoPE tables on the device for one sequence length.
 struct DevRope {
     t: usize,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    cos: Temp<f32>,
+    sin: Temp<f32>,
 }
 
 impl DevRope {
-    fn ensure(
+    fn ensure<B: Backend>(
         slot: &mut Option<DevRope>,
-        be: &CudaBackend,
+        be: &B,
         t: usize,
         dim: usize,
         base: f64,
@@ -272,8 +271,8 @@ impl DevRope {
             let tab = cpu_asa::rope_table(t, dim, base);
             *slot = Some(DevRope {
                 t,
-                cos: be.upload(&tab.cos)?,
-                sin: be.upload(&tab.sin)?,
+                cos: be.temp_from(&tab.cos)?,
+                sin: be.temp_from(&tab.sin)?,
             });
         }
         Ok(())
@@ -348,19 +347,19 @@ pub struct GpuAsaLayer {
     /// `ASA_CUDA_FUSED=0`)
     pub fused: bool,
     slopes: Vec<f32>,
-    slopes_d: CudaSlice<f32>,
+    slopes_d: Temp<f32>,
     rope: Option<DevRope>,
     rope_ss: Option<DevRope>,
 }
 
 impl GpuAsaLayer {
-    fn new(be: &CudaBackend, cfg: &ModelConfig, ids: AsaIds) -> Result<Self> {
+    fn new<B: Backend>(be: &B, cfg: &ModelConfig, ids: AsaIds) -> Result<Self> {
         let slopes = if cfg.use_alibi_write {
             cpu_asa::alibi_slopes(cfg.num_heads)
         } else {
             vec![0.0; cfg.num_heads]
         };
-        let slopes_d = be.upload(&slopes)?;
+        let slopes_d = be.temp_from(&slopes)?;
         Ok(GpuAsaLayer {
             cfg: cfg.clone(),
             ids,
@@ -403,9 +402,9 @@ impl GpuAsaLayer {
 
     /// Forward: x [B,T,C] -> out [B,T,C] (`AsaLayer::forward`).
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    fn forward<B: Backend>(
         &mut self,
-        be: &CudaBackend,
+        be: &B,
         p: &GpuParams,
         x: Dv<f32>,
         b: usize,
@@ -499,7 +498,7 @@ impl GpuAsaLayer {
         // write scan + read: fused (no [B,H,T,K,d] state history) where supported
         let fplan = if self.fused {
             let softmax = matches!(o.routing, RoutingMode::Softmax);
-            super::fused::layer_plan(be.sm_count.max(1) as usize, &cfg, softmax, dm)
+            super::fused::layer_plan(be.sm_count(), &cfg, softmax, dm)
         } else {
             None
         };
@@ -597,9 +596,9 @@ impl GpuAsaLayer {
         Ok(())
     }
 
-    fn slotspace_forward(
+    fn slotspace_forward<B: Backend>(
         &self,
-        be: &CudaBackend,
+        be: &B,
         p: &GpuParams,
         o: &DevOpts,
         c_: &mut GpuAsaCache,
@@ -688,9 +687,9 @@ impl GpuAsaLayer {
     /// Backward: dout [B,T,C] -> dx [B,T,C] (+=); parameter gradients are added into `g`
     /// (the flat gradient buffer, `layout` ranges). `AsaLayer::backward`.
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn backward<B: Backend>(
         &self,
-        be: &CudaBackend,
+        be: &B,
         p: &GpuParams,
         g: Dv<f32>,
         c_: &mut GpuAsaCache,
@@ -742,7 +741,7 @@ impl GpuAsaLayer {
         if let Some(ids) = &self.ids.slotspace {
             let rows = b * h * t;
             let gate = c_.gate as f64;
-            let dgate = be.zeros::<f64>(1)?;
+            let dgate = be.temp::<f64>(1)?;
             let (_s5, ddelta) = tmp(be, rows * d)?;
             let (_s8, dz) = tmp(be, rows * nk)?;
             if cfg.variant == Variant::Intervene {
@@ -911,7 +910,7 @@ impl GpuAsaLayer {
         let rtemp = cfg.read_temperature.max(1e-6) as f32;
         let (_s12, dq_h) = tmp(be, n * c)?;
         let (_s13, dkeys) = tmp(be, h * nk * d)?;
-        let dgamma = be.zeros::<f64>(1)?;
+        let dgamma = be.temp::<f64>(1)?;
         let content = cfg.use_content_read;
         let (_s14, dwl) = tmp(be, c_.wl.n)?;
         let (_s15, dv_h) = tmp(be, n * c)?;
@@ -996,7 +995,7 @@ impl GpuAsaLayer {
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
         let (_s16, dk_r) = tmp(be, n * c)?;
         let pbias = if self.ids.alibi_strength.is_some() {
-            Some(be.zeros::<f64>(b * h * nk)?)
+            Some(be.temp::<f64>(b * h * nk)?)
         } else {
             None
         };
@@ -1091,7 +1090,7 @@ struct GpuLmCache {
     b: usize,
     t: usize,
     ids: Vec<u32>,
-    ids_d: Option<CudaSlice<u32>>,
+    ids_d: Option<Temp<u32>>,
     emb: DBuf,
     emask: DBuf,
     emb_dropped: bool,
@@ -1105,16 +1104,16 @@ struct GpuLmCache {
 
 /// The ASM language model on one CUDA device: f32 master weights, gradients and AdamW state on
 /// the device; forward, fused classifier + cross-entropy, backward, clipping and AdamW on the GPU.
-pub struct GpuLm {
-    be: CudaBackend,
+pub struct GpuLm<B: Backend = CudaBackend> {
+    be: B,
     pub cfg: ModelConfig,
     ids: LmIds,
     template: ParamStore,
     params: GpuParams,
-    grads: CudaSlice<f32>,
+    grads: Temp<f32>,
     /// sum of the micro-batch gradients under gradient accumulation (allocated on first use)
-    grad_acc: Option<CudaSlice<f32>>,
-    adam: Option<(CudaSlice<f32>, CudaSlice<f32>, u64)>,
+    grad_acc: Option<Temp<f32>>,
+    adam: Option<(Temp<f32>, Temp<f32>, u64)>,
     layers: Vec<GpuAsaLayer>,
     cache: GpuLmCache,
     rng: ChaCha8Rng,
@@ -1124,12 +1123,23 @@ pub struct GpuLm {
     pub logits_budget: usize,
 }
 
-impl GpuLm {
+impl GpuLm<CudaBackend> {
     /// Uploads `params` (laid out as `LmIds::build(cfg)` lays them out) to device 0.
     pub fn new(cfg: &ModelConfig, params: &ParamStore, precision: Precision) -> Result<Self> {
+        GpuLm::with_backend(CudaBackend::new(0)?, cfg, params, precision)
+    }
+}
+
+impl<B: Backend> GpuLm<B> {
+    /// The model on `be` (a CUDA device, or the tests' emulator).
+    pub fn with_backend(
+        be: B,
+        cfg: &ModelConfig,
+        params: &ParamStore,
+        precision: Precision,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let be = CudaBackend::new(0)?;
-        be.precision.set(precision);
+        be.set_precision(precision);
         let (template, ids) = LmIds::build(cfg);
         if template.names != params.names || template.shapes != params.shapes {
             return Err(AsaError::Input(
@@ -1138,7 +1148,7 @@ impl GpuLm {
             ));
         }
         let gp = GpuParams::upload(&be, params)?;
-        let grads = be.zeros::<f32>(gp.layout.total)?;
+        let grads = be.temp::<f32>(gp.layout.total)?;
         let layers = ids
             .blocks
             .iter()
@@ -1162,7 +1172,7 @@ impl GpuLm {
     }
 
     /// The backend (device name, stream).
-    pub fn backend(&self) -> &CudaBackend {
+    pub fn backend(&self) -> &B {
         &self.be
     }
 
@@ -1219,7 +1229,7 @@ impl GpuLm {
         cache.b = b;
         cache.t = t;
         cache.ids = ids.to_vec();
-        cache.ids_d = Some(be.upload(ids)?);
+        cache.ids_d = Some(be.temp_from(ids)?);
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         let nl = cfg.num_layers;
         cache.xs.resize_with(nl + 1, DBuf::default);
@@ -1413,13 +1423,13 @@ impl GpuLm {
         valid: Dv<u8>,
         count: usize,
         dlnf: Option<Dv<f32>>,
-    ) -> Result<CudaSlice<f64>> {
+    ) -> Result<Temp<f64>> {
         let be = &self.be;
         let (b, t) = (self.cache.b, self.cache.t);
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let rows = (self.logits_budget / v.max(1)).clamp(1, n);
         let (_s, blk) = tmp(be, rows * v)?;
-        let row_loss = be.zeros::<f64>(n)?;
+        let row_loss = be.temp::<f64>(n)?;
         let lnf = self.cache.lnf.dv();
         let head = self.ids.head();
         let w = self.params.p(head);
@@ -1447,7 +1457,7 @@ impl GpuLm {
             }
             r0 += r;
         }
-        let sum = be.zeros::<f64>(1)?;
+        let sum = be.temp::<f64>(1)?;
         be.sum_f64(sum.dv(), row_loss.dv(), false)?;
         Ok(sum)
     }
@@ -1578,13 +1588,13 @@ impl GpuLm {
         b: usize,
         t: usize,
         opts: &AsaOptions,
-    ) -> Result<(CudaSlice<f64>, usize)> {
+    ) -> Result<(Temp<f64>, usize)> {
         let n = b * t;
         let count = self.count_targets(targets, opts.attention_mask.as_deref(), n)?;
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.forward_body(ids, b, t, &o)?;
         self.be.memset_zero(self.grads.dv())?;
-        let targets_d = self.be.upload(targets)?;
+        let targets_d = self.be.temp_from(targets)?;
         let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
         let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, Some(dlnf))?;
         self.backward_body(dlnf, &o)?;
@@ -1702,7 +1712,7 @@ impl GpuLm {
         };
         let total = self.params.layout.total;
         if self.grad_acc.is_none() {
-            self.grad_acc = Some(self.be.zeros::<f32>(total)?);
+            self.grad_acc = Some(self.be.temp::<f32>(total)?);
         }
         let acc = self
             .grad_acc
@@ -1744,7 +1754,7 @@ impl GpuLm {
         let be = &self.be;
         let total = self.params.layout.total;
         let g = self.grads.dv().sub(0, total);
-        let norm = be.zeros::<f64>(1)?;
+        let norm = be.temp::<f64>(1)?;
         be.global_norm(norm.dv(), g)?;
         let gn = be.download(norm.dv())?[0];
         if !(loss.is_finite() && gn.is_finite()) {
@@ -1754,7 +1764,7 @@ impl GpuLm {
             be.clip_scale(g, norm.dv(), cn)?;
         }
         if self.adam.is_none() {
-            self.adam = Some((be.zeros::<f32>(total)?, be.zeros::<f32>(total)?, 0));
+            self.adam = Some((be.temp::<f32>(total)?, be.temp::<f32>(total)?, 0));
         }
         let (m, v, step) = self.adam.as_mut().unwrap();
         *step += 1;
@@ -1783,7 +1793,7 @@ impl GpuLm {
         let count = self.count_targets(targets, None, n)?;
         let o = DevOpts::new(&self.be, &self.cfg, &AsaOptions::default(), b, t)?;
         self.forward_body(inputs, b, t, &o)?;
-        let targets_d = self.be.upload(targets)?;
+        let targets_d = self.be.temp_from(targets)?;
         let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, None)?;
         Ok(self.be.download(sum.dv())?[0] / count as f64)
     }
@@ -1799,8 +1809,8 @@ impl GpuLm {
             }
         }
         let total = self.params.layout.total;
-        let md = self.be.zeros::<f32>(total)?;
-        let vd = self.be.zeros::<f32>(total)?;
+        let md = self.be.temp::<f32>(total)?;
+        let vd = self.be.temp::<f32>(total)?;
         self.be
             .upload_into(md.dv().sub(0, total), &m.data.concat())?;
         self.be
@@ -1853,29 +1863,41 @@ impl GpuLm {
 
 /// One ASA layer with its own parameters on the device (the layer fixtures' setting: keys
 /// without a prefix). `forward` then `backward` mirror `AsaLayer::forward/backward`.
-pub struct GpuLayerRunner {
-    be: CudaBackend,
+pub struct GpuLayerRunner<B: Backend = CudaBackend> {
+    be: B,
     layer: GpuAsaLayer,
     template: ParamStore,
     params: GpuParams,
-    grads: CudaSlice<f32>,
+    grads: Temp<f32>,
     cache: GpuAsaCache,
     opts: Option<DevOpts>,
-    x: Option<CudaSlice<f32>>,
+    x: Option<Temp<f32>>,
     rng: ChaCha8Rng,
 }
 
-impl GpuLayerRunner {
+impl GpuLayerRunner<CudaBackend> {
     pub fn new(
         cfg: &ModelConfig,
         ids: AsaIds,
         params: &ParamStore,
         precision: Precision,
     ) -> Result<Self> {
-        let be = CudaBackend::new(0)?;
-        be.precision.set(precision);
+        GpuLayerRunner::with_backend(CudaBackend::new(0)?, cfg, ids, params, precision)
+    }
+}
+
+impl<B: Backend> GpuLayerRunner<B> {
+    /// The layer on `be` (a CUDA device, or the tests' emulator).
+    pub fn with_backend(
+        be: B,
+        cfg: &ModelConfig,
+        ids: AsaIds,
+        params: &ParamStore,
+        precision: Precision,
+    ) -> Result<Self> {
+        be.set_precision(precision);
         let gp = GpuParams::upload(&be, params)?;
-        let grads = be.zeros::<f32>(gp.layout.total)?;
+        let grads = be.temp::<f32>(gp.layout.total)?;
         let layer = GpuAsaLayer::new(&be, cfg, ids)?;
         Ok(GpuLayerRunner {
             be,
@@ -1906,7 +1928,7 @@ impl GpuLayerRunner {
             )));
         }
         let o = DevOpts::new(&self.be, &self.layer.cfg, opts, b, t)?;
-        let xd = self.be.upload(x)?;
+        let xd = self.be.temp_from(x)?;
         let (_s, out) = tmp(&self.be, b * t * c)?;
         self.layer.forward(
             &self.be,
@@ -1937,7 +1959,7 @@ impl GpuLayerRunner {
                 dout.len()
             )));
         }
-        let dd = self.be.upload(dout)?;
+        let dd = self.be.temp_from(dout)?;
         let (_s, dx) = tmp(&self.be, n)?;
         let g = self.grads.dv().sub(0, self.params.layout.total);
         self.be.memset_zero(g)?;
@@ -1960,7 +1982,7 @@ impl GpuLayerRunner {
         Ok((dxh, out))
     }
 
-    pub fn backend(&self) -> &CudaBackend {
+    pub fn backend(&self) -> &B {
         &self.be
     }
 
