@@ -14,6 +14,8 @@ mod check;
 mod dev;
 #[path = "support/fused_case.rs"]
 mod fused_case;
+#[path = "support/model_cases.rs"]
+mod model_cases;
 #[path = "support/op_cases.rs"]
 mod op_cases;
 #[path = "support/simt.rs"]
@@ -398,5 +400,44 @@ fn emulated_asa_elementwise_ops_match_cpu() {
 fn emulated_asa_slot_ops_match_cpu() {
     if let Some(e) = emu("emulated_asa_slot_ops_match_cpu") {
         op_cases::asa_slot_ops(&EmuDev::new(e));
+    }
+}
+
+// The GPU suite's model-level tests (tests/support/model_cases.rs): the GPU layer and language
+// model (forward, backward, AdamW steps, the fused path, the intervene variant) against the CPU
+// model, with every kernel emulated. f32 only (the emulated GEMM has no bf16 path).
+
+#[test]
+fn emulated_layer_matches_cpu() {
+    if let Some(e) = emu("emulated_layer_matches_cpu") {
+        model_cases::layer_matches_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_lm_train_step_matches_cpu() {
+    if let Some(e) = emu("emulated_lm_train_step_matches_cpu") {
+        model_cases::lm_train_step_matches_cpu(&|| EmuDev::new(e), false);
+    }
+}
+
+#[test]
+fn emulated_fused_layer_matches_unfused_and_cpu() {
+    if let Some(e) = emu("emulated_fused_layer_matches_unfused_and_cpu") {
+        model_cases::fused_layer_matches_unfused_and_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_fused_lm_matches_unfused_and_cpu() {
+    if let Some(e) = emu("emulated_fused_lm_matches_unfused_and_cpu") {
+        model_cases::fused_lm_matches_unfused_and_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_intervene_layer_matches_cpu() {
+    if let Some(e) = emu("emulated_intervene_layer_matches_cpu") {
+        model_cases::intervene_layer_matches_cpu(&|| EmuDev::new(e));
     }
 }

@@ -17,11 +17,11 @@ use asa::backend::cuda::ops::Op;
 use asa::backend::cuda::{
     self, AsDv, CudaBackend, Device, Dv, GpuLm, GridLaunch, KArg, Ops, Precision, Temp,
 };
-use asa::config::{ModelConfig, Variant};
-use asa::model::asa::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
+use asa::config::Variant;
+use asa::model::asa::{AsaOptions, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
-use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use asa::optim::AdamWConfig;
 use cudarc::driver::LaunchConfig;
 
 #[path = "support/check.rs"]
@@ -30,11 +30,14 @@ mod check;
 mod dev;
 #[path = "support/fused_case.rs"]
 mod fused_case;
+#[path = "support/model_cases.rs"]
+mod model_cases;
 #[path = "support/op_cases.rs"]
 mod op_cases;
 
 use check::close;
 use dev::{Elem, TestDev};
+use model_cases::small_cfg;
 
 const TOL: f64 = 1e-4;
 
@@ -48,10 +51,6 @@ fn backend(name: &str) -> Option<CudaBackend> {
 
 fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
 }
 
 /// The GPU as a test device: the backend plus the buffers the test uploaded (kept alive).
@@ -192,251 +191,20 @@ fn cuda_asa_slot_ops_match_cpu() {
 
 // ------------------------------------------------------------------------------------------------
 
-fn small_cfg(variant: Variant) -> ModelConfig {
-    ModelConfig {
-        vocab_size: 61,
-        max_seq_len: 64,
-        embed_dim: 48,
-        num_layers: 2,
-        num_heads: 4,
-        num_slots: 6,
-        mlp_ratio: 2.0,
-        dropout: 0.0,
-        slot_dropout: 0.0,
-        slotspace_dropout: 0.0,
-        write_chunk_size: 5,
-        slotspace_dim: 8,
-        content_read_init: 0.3,
-        slotspace_gate_init: 0.2,
-        alibi_strength_init: 0.5,
-        variant,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn cuda_layer_matches_cpu() {
-    let Some(_be) = backend("cuda_layer_matches_cpu") else {
+    if backend("cuda_layer_matches_cpu").is_none() {
         return;
-    };
-    let mut r = rng(4);
-    let (b, t) = (2, 23);
-    for (variant, normalize_k, signed) in [
-        (Variant::Baseline, false, true),
-        (Variant::Baseline, true, false),
-        (Variant::Online, false, true),
-    ] {
-        let mut cfg = small_cfg(variant);
-        cfg.normalize_k = normalize_k;
-        cfg.slotspace_signed_weights = signed;
-        let mut store = ParamStore::new();
-        let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(9));
-        let c = cfg.embed_dim;
-        let x = rv(&mut r, b * t * c, 1.0);
-        let dout = rv(&mut r, b * t * c, 1.0);
-        let mut opt_sets = vec![
-            AsaOptions::default(),
-            AsaOptions {
-                attention_mask: Some((0..b * t).map(|i| !(i >= t && i < t + 3)).collect()),
-                ..Default::default()
-            },
-        ];
-        if variant == Variant::Baseline {
-            let keep = [1.0f32, 0.0, 1.0, 1.0, 1.0, 0.0];
-            opt_sets.push(AsaOptions {
-                routing: RoutingMode::TopK(2),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(SlotMask::new(&keep, "read", "all").unwrap()),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(
-                    SlotMask::new(&keep, "content_read_only", "last_pos_only").unwrap(),
-                ),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(SlotMask::new(&keep, "slotspace_only", "all").unwrap()),
-                ..Default::default()
-            });
-        }
-        for (oi, opts) in opt_sets.iter().enumerate() {
-            let mut layer = AsaLayer::new(&cfg, ids.clone());
-            let mut cache = AsaCache::default();
-            let mut out = vec![0.0; b * t * c];
-            layer
-                .forward(&store, &x, b, t, opts, &mut cache, &mut rng(0), &mut out)
-                .unwrap();
-            let mut dx = vec![0.0; b * t * c];
-            let gcpu = layer.backward(&store, &cache, opts, &dout, &mut dx);
-            let mut grads = store.zeros_like();
-            gcpu.accumulate_into(&mut grads, &ids);
-
-            let mut run =
-                cuda::model::GpuLayerRunner::new(&cfg, ids.clone(), &store, Precision::F32)
-                    .unwrap();
-            let gout = run.forward(&x, b, t, opts).unwrap();
-            let tag = format!("{variant:?} nk{normalize_k} s{signed} opts{oi}");
-            close(&format!("layer out {tag}"), &gout, &out, TOL);
-            let (gdx, ggrads) = run.backward(&dout).unwrap();
-            close(&format!("layer dx {tag}"), &gdx, &dx, TOL);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("layer grad {name} {tag}"),
-                    &ggrads.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-            }
-        }
     }
-}
-
-fn cpu_train(
-    cfg: &ModelConfig,
-    store: &mut ParamStore,
-    inputs: &[u32],
-    targets: &[i64],
-    b: usize,
-    t: usize,
-    acfg: &AdamWConfig,
-    steps: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let (mut lm, _) = Lm::new(cfg).unwrap();
-    let mut adam = AdamW::new(*acfg, store);
-    let mut cache = LmCache::default();
-    let opts = AsaOptions::default();
-    let (mut losses, mut norms) = (vec![], vec![]);
-    for _ in 0..steps {
-        lm.forward(store, inputs, b, t, &opts, &mut cache).unwrap();
-        losses.push(lm.loss(&mut cache, targets, None).unwrap());
-        let mut grads = store.zeros_like();
-        lm.backward(store, &mut cache, &opts, &mut grads);
-        norms.push(clip_grad_norm(&mut grads, 0.5));
-        adam.step(store, &grads, acfg.lr);
-    }
-    (losses, norms)
+    model_cases::layer_matches_cpu(&|| CudaBackend::new(0).unwrap());
 }
 
 #[test]
 fn cuda_lm_train_step_matches_cpu() {
-    let Some(_be) = backend("cuda_lm_train_step_matches_cpu") else {
+    if backend("cuda_lm_train_step_matches_cpu").is_none() {
         return;
-    };
-    let mut r = rng(5);
-    let (b, t) = (3, 19);
-    for (variant, tie, abs_pos) in [
-        (Variant::Baseline, true, false),
-        (Variant::Baseline, false, true),
-        (Variant::Online, true, false),
-    ] {
-        let mut cfg = small_cfg(variant);
-        cfg.tie_weights = tie;
-        cfg.use_abs_pos = abs_pos;
-        let (_lm, store0) = Lm::new(&cfg).unwrap();
-        let inputs: Vec<u32> = (0..b * t)
-            .map(|_| r.gen_range(0..cfg.vocab_size as u32))
-            .collect();
-        let mut targets: Vec<i64> = (0..b * t)
-            .map(|_| r.gen_range(0..cfg.vocab_size as i64))
-            .collect();
-        targets[4] = -100;
-        let acfg = AdamWConfig {
-            lr: 3e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
-        let mut cpu_store = store0.clone();
-        let (losses, norms) = cpu_train(&cfg, &mut cpu_store, &inputs, &targets, b, t, &acfg, 3);
-
-        // logits and loss/grads of the first step
-        let mut gl = GpuLm::new(&cfg, &store0, Precision::F32).unwrap();
-        let (mut lm, _) = Lm::new(&cfg).unwrap();
-        let mut cache = LmCache::default();
-        let mask: Vec<bool> = (0..b * t).map(|i| i % 11 != 5).collect();
-        let opts = AsaOptions {
-            attention_mask: Some(mask.clone()),
-            ..Default::default()
-        };
-        lm.forward(&store0, &inputs, b, t, &opts, &mut cache)
-            .unwrap();
-        let glog = gl.forward_logits(&inputs, b, t, Some(&mask)).unwrap();
-        close(&format!("lm logits {variant:?}"), &glog, &cache.logits, TOL);
-        let loss = lm.loss(&mut cache, &targets, Some(&mask)).unwrap();
-        let mut grads = store0.zeros_like();
-        lm.backward(&store0, &mut cache, &opts, &mut grads);
-        let (gloss, ggrads) = gl
-            .loss_and_grads(&inputs, &targets, Some(&mask), b, t)
-            .unwrap();
-        assert!((gloss - loss).abs() < 1e-5, "loss {gloss} vs {loss}");
-        for (i, name) in grads.names.iter().enumerate() {
-            close(
-                &format!("lm grad {name} {variant:?}"),
-                &ggrads.data[i],
-                &grads.data[i],
-                TOL,
-            );
-        }
-
-        // three training steps (eval-mode forward, clip 0.5)
-        let mut gl = GpuLm::new(&cfg, &store0, Precision::F32).unwrap();
-        for s in 0..3 {
-            let (l, nrm) = gl
-                .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(0.5), false)
-                .unwrap();
-            assert!(
-                (l - losses[s]).abs() < 1e-5,
-                "step {s} loss {l} vs {}",
-                losses[s]
-            );
-            assert!(
-                (nrm - norms[s]).abs() < 1e-4 * norms[s].max(1.0),
-                "step {s} norm {nrm} vs {}",
-                norms[s]
-            );
-        }
-        let gp = gl.download_params().unwrap();
-        for (i, name) in cpu_store.names.iter().enumerate() {
-            close(
-                &format!("trained {name} {variant:?}"),
-                &gp.data[i],
-                &cpu_store.data[i],
-                1e-3,
-            );
-        }
-
-        // bf16 GEMM inputs: within the documented looser tolerance of the f32 CPU path
-        let mut g16 = GpuLm::new(&cfg, &store0, Precision::Bf16).unwrap();
-        let (l16, _) = g16.loss_and_grads(&inputs, &targets, None, b, t).unwrap();
-        assert!(
-            (l16 - losses[0]).abs() < 5e-2 * losses[0].abs(),
-            "bf16 loss {l16} vs {}",
-            losses[0]
-        );
-        for s in 0..3 {
-            let (l, _) = g16
-                .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(0.5), false)
-                .unwrap();
-            assert!(
-                (l - losses[s]).abs() < 5e-2 * losses[s].abs(),
-                "bf16 step {s} loss {l} vs {}",
-                losses[s]
-            );
-        }
-        let gp16 = g16.download_params().unwrap();
-        for (i, name) in cpu_store.names.iter().enumerate() {
-            close(
-                &format!("bf16 trained {name} {variant:?}"),
-                &gp16.data[i],
-                &cpu_store.data[i],
-                5e-2,
-            );
-        }
     }
+    model_cases::lm_train_step_matches_cpu(&|| CudaBackend::new(0).unwrap(), true);
 }
 
 #[test]
@@ -575,174 +343,12 @@ fn cuda_resume_and_eval_match() {
 // ------------------------------------------------------------------------------------------------
 // intervene variant
 
-/// The intervention settings the intervene tests sweep: every mode, every score kind, tau abs
-/// and percentile, soft and hard masks, with and without score clipping, head masks, geometry
-/// logs.
-fn intervention_sweep(h: usize) -> Vec<asa::model::asa::Intervention> {
-    use asa::model::asa::{Intervention, IntvMode, ScoreKind, TauKind};
-    let hm: Vec<f32> = (0..h).map(|i| [1.0, 0.0, 0.5, 1.0][i % 4]).collect();
-    let mut v = Vec::new();
-    for mode in [
-        IntvMode::Off,
-        IntvMode::DeltaPar,
-        IntvMode::DeltaOrth,
-        IntvMode::DeltaParPlusOrth,
-    ] {
-        v.push(Intervention {
-            mode,
-            log_refine_geom: true,
-            ..Default::default()
-        });
-        v.push(Intervention {
-            mode,
-            head_mask: Some(hm.clone()),
-            ..Default::default()
-        });
-    }
-    for sk in [
-        ScoreKind::OrthRatio,
-        ScoreKind::OrthFrac,
-        ScoreKind::AlphaAbs,
-        ScoreKind::SlotPeaked,
-    ] {
-        // abs thresholds near the median score of the test data (mixed masks)
-        let tau_abs = match sk {
-            ScoreKind::OrthRatio => 3e-3,
-            ScoreKind::OrthFrac => 0.04,
-            ScoreKind::AlphaAbs => 0.0767,
-            ScoreKind::SlotPeaked => 9.1e-4,
-        };
-        for (tk, tau) in [(TauKind::Pctl, 0.15), (TauKind::Abs, tau_abs)] {
-            for soft in [true, false] {
-                v.push(Intervention {
-                    mode: IntvMode::OrthGate,
-                    beta: 0.5,
-                    par_beta: 0.8,
-                    score_kind: sk,
-                    tau_kind: tk,
-                    tau,
-                    tau_pctl: 60.0,
-                    soft_mask: soft,
-                    soft_temp: 0.2,
-                    // (no clip for slot_peaked: its clip boundary is within 3e-6 of a score)
-                    score_clip_pctl: if soft && sk != ScoreKind::SlotPeaked {
-                        Some(81.0)
-                    } else {
-                        None
-                    },
-                    log_refine_geom: sk == ScoreKind::OrthFrac,
-                    ..Default::default()
-                });
-            }
-        }
-        v.push(Intervention {
-            mode: IntvMode::OrthGate,
-            score_kind: sk,
-            head_mask: Some(hm.clone()),
-            ..Default::default()
-        });
-    }
-    v
-}
-
 #[test]
 fn cuda_intervene_layer_matches_cpu() {
-    let Some(_be) = backend("cuda_intervene_layer_matches_cpu") else {
+    if backend("cuda_intervene_layer_matches_cpu").is_none() {
         return;
-    };
-    let mut r = rng(21);
-    let (b, t) = (2, 23); // write chunks of 5: four full chunks and one of 3
-    let mut cfg = small_cfg(Variant::Intervene);
-    cfg.slotspace_gate_init = 1.0; // a refine delta comparable to the base read
-    let mut store = ParamStore::new();
-    let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(11));
-    // slotspace logits of order 1, so that slot_peaked scores are not tiny differences of
-    // entropies (whose rounding could reorder near-equal scores at a hard-mask threshold)
-    let so = store
-        .names
-        .iter()
-        .position(|n| n == "slot_out.weight")
-        .unwrap();
-    store.data[so].iter_mut().for_each(|w| *w *= 2000.0);
-    let c = cfg.embed_dim;
-    let x = rv(&mut r, b * t * c, 1.0);
-    let dout = rv(&mut r, b * t * c, 1.0);
-    let mask: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 3)).collect();
-    for (ii, it) in intervention_sweep(cfg.num_heads).into_iter().enumerate() {
-        for masked in [false, true] {
-            // (masked runs: a third of the settings; not the hard slot_peaked percentile
-            // threshold, whose nearest score lies only 3e-6 (relative) from tau on that data)
-            let hard_peaked = it.score_kind == asa::model::asa::ScoreKind::SlotPeaked
-                && it.mode == asa::model::asa::IntvMode::OrthGate
-                && !it.soft_mask;
-            if masked && (ii % 3 != 0 || hard_peaked) {
-                continue;
-            }
-            let opts = AsaOptions {
-                attention_mask: masked.then(|| mask.clone()),
-                return_info: true,
-                ..Default::default()
-            };
-            let tag = format!("intervention {ii} {it:?} masked {masked}");
-            let mut layer = AsaLayer::new(&cfg, ids.clone());
-            layer.intervention = it.clone();
-            let mut cache = AsaCache::default();
-            let mut out = vec![0.0; b * t * c];
-            let info = layer
-                .forward(&store, &x, b, t, &opts, &mut cache, &mut rng(0), &mut out)
-                .unwrap()
-                .unwrap();
-            let mut dx = vec![0.0; b * t * c];
-            let gcpu = layer.backward(&store, &cache, &opts, &dout, &mut dx);
-            let mut grads = store.zeros_like();
-            gcpu.accumulate_into(&mut grads, &ids);
-
-            let mut run =
-                cuda::model::GpuLayerRunner::new(&cfg, ids.clone(), &store, Precision::F32)
-                    .unwrap();
-            run.set_intervention(&it);
-            let gout = run.forward(&x, b, t, &opts).unwrap();
-            close(&format!("out {tag}"), &gout, &out, TOL);
-            let ginfo = run.intervention_info().unwrap();
-            // every intervention key the CPU logs is produced, and every produced key matches
-            for key in info.keys() {
-                let intv_key = key.starts_with("geom_")
-                    || key.starts_with("intv_")
-                    || [
-                        "alpha",
-                        "score",
-                        "mask",
-                        "tau",
-                        "out1_norm",
-                        "dpar_norm",
-                        "dorth_norm",
-                        "head_mask",
-                    ]
-                    .contains(&key.as_str());
-                if intv_key {
-                    assert!(ginfo.contains_key(key), "GPU info lacks {key} ({tag})");
-                }
-            }
-            assert!(ginfo.contains_key("alpha") == (it.mode != asa::model::asa::IntvMode::Off));
-            for (key, (shape, data)) in &ginfo {
-                let (cshape, cdata) = info
-                    .get(key)
-                    .unwrap_or_else(|| panic!("GPU info {key} not in the CPU info ({tag})"));
-                assert_eq!(shape, cshape, "info {key} shape ({tag})");
-                close(&format!("info {key} {tag}"), data, cdata, TOL);
-            }
-            let (gdx, ggrads) = run.backward(&dout).unwrap();
-            close(&format!("dx {tag}"), &gdx, &dx, TOL);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("grad {name} {tag}"),
-                    &ggrads.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-            }
-        }
     }
+    model_cases::intervene_layer_matches_cpu(&|| CudaBackend::new(0).unwrap());
 }
 
 #[test]
@@ -853,105 +459,10 @@ fn cuda_fused_scan_read_matches_cpu() {
 /// refine path on and off, read slot masks.
 #[test]
 fn cuda_fused_layer_matches_unfused_and_cpu() {
-    let Some(_be) = backend("cuda_fused_layer_matches_unfused_and_cpu") else {
+    if backend("cuda_fused_layer_matches_unfused_and_cpu").is_none() {
         return;
-    };
-    let mut r = rng(12);
-    let (b, t) = (2, 23);
-    for (variant, chunk, content, refine, signed) in [
-        (Variant::Baseline, 1usize, true, true, false),
-        (Variant::Baseline, 7, true, true, true),
-        (Variant::Baseline, t, true, true, false),
-        (Variant::Baseline, 7, false, true, false),
-        (Variant::Baseline, 5, true, false, false),
-        (Variant::Baseline, t, false, false, false),
-        (Variant::Online, 7, true, true, true),
-        (Variant::Online, 1, true, true, false),
-    ] {
-        let mut cfg = small_cfg(variant);
-        cfg.write_chunk_size = chunk;
-        cfg.use_content_read = content;
-        cfg.use_slotspace_refine = refine;
-        cfg.slotspace_signed_weights = signed;
-        let mut store = ParamStore::new();
-        let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(21));
-        let c = cfg.embed_dim;
-        let x = rv(&mut r, b * t * c, 1.0);
-        let dout = rv(&mut r, b * t * c, 1.0);
-        let pad: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 4)).collect();
-        let mut opt_sets = vec![
-            AsaOptions::default(),
-            AsaOptions {
-                attention_mask: Some(pad.clone()),
-                ..Default::default()
-            },
-        ];
-        if variant == Variant::Baseline {
-            let keep = [1.0f32, 0.0, 1.0, 1.0, 1.0, 0.0];
-            opt_sets.push(AsaOptions {
-                attention_mask: Some(pad.clone()),
-                slot_mask: Some(SlotMask::new(&keep, "read", "all").unwrap()),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(SlotMask::new(&keep, "read", "last_pos_only").unwrap()),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(SlotMask::new(&keep, "content_read_only", "all").unwrap()),
-                ..Default::default()
-            });
-            opt_sets.push(AsaOptions {
-                slot_mask: Some(SlotMask::new(&keep, "slotspace_only", "all").unwrap()),
-                ..Default::default()
-            });
-        }
-        for (oi, opts) in opt_sets.iter().enumerate() {
-            let tag = format!("{variant:?} c{chunk} content{content} refine{refine} opts{oi}");
-            let mut layer = AsaLayer::new(&cfg, ids.clone());
-            let mut cache = AsaCache::default();
-            let mut out = vec![0.0; b * t * c];
-            layer
-                .forward(&store, &x, b, t, opts, &mut cache, &mut rng(0), &mut out)
-                .unwrap();
-            let mut dx = vec![0.0; b * t * c];
-            let gcpu = layer.backward(&store, &cache, opts, &dout, &mut dx);
-            let mut grads = store.zeros_like();
-            gcpu.accumulate_into(&mut grads, &ids);
-
-            let mut run =
-                cuda::model::GpuLayerRunner::new(&cfg, ids.clone(), &store, Precision::F32)
-                    .unwrap();
-            let mut res = vec![];
-            for fused in [true, false] {
-                run.set_fused(fused);
-                let o = run.forward(&x, b, t, opts).unwrap();
-                assert_eq!(run.fused_active(), fused, "fused path {fused} {tag}");
-                let (gdx, gg) = run.backward(&dout).unwrap();
-                res.push((o, gdx, gg));
-            }
-            let (fo, fdx, fg) = &res[0];
-            let (uo, udx, ug) = &res[1];
-            close(&format!("fused layer out vs cpu {tag}"), fo, &out, TOL);
-            close(&format!("fused layer out vs unfused {tag}"), fo, uo, 1e-5);
-            close(&format!("fused layer dx vs cpu {tag}"), fdx, &dx, TOL);
-            close(&format!("fused layer dx vs unfused {tag}"), fdx, udx, 1e-5);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("fused layer grad {name} vs cpu {tag}"),
-                    &fg.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-                close(
-                    &format!("fused layer grad {name} vs unfused {tag}"),
-                    &fg.data[i],
-                    &ug.data[i],
-                    1e-5,
-                );
-            }
-        }
     }
+    model_cases::fused_layer_matches_unfused_and_cpu(&|| CudaBackend::new(0).unwrap());
 }
 
 /// The language model's loss and gradients with the fused write scan + read against the
@@ -959,69 +470,8 @@ fn cuda_fused_layer_matches_unfused_and_cpu() {
 /// baseline and online variants and write chunks 1, 7 and T.
 #[test]
 fn cuda_fused_lm_matches_unfused_and_cpu() {
-    let Some(_be) = backend("cuda_fused_lm_matches_unfused_and_cpu") else {
+    if backend("cuda_fused_lm_matches_unfused_and_cpu").is_none() {
         return;
-    };
-    let mut r = rng(13);
-    let (b, t) = (3, 19);
-    for (variant, chunk) in [
-        (Variant::Baseline, 1usize),
-        (Variant::Baseline, 7),
-        (Variant::Online, t),
-    ] {
-        let mut cfg = small_cfg(variant);
-        cfg.write_chunk_size = chunk;
-        let (_lm, store) = Lm::new(&cfg).unwrap();
-        let inputs: Vec<u32> = (0..b * t)
-            .map(|_| r.gen_range(0..cfg.vocab_size as u32))
-            .collect();
-        let targets: Vec<i64> = (0..b * t)
-            .map(|_| r.gen_range(0..cfg.vocab_size as i64))
-            .collect();
-        let mask: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 5)).collect();
-        let opts = AsaOptions {
-            attention_mask: Some(mask.clone()),
-            ..Default::default()
-        };
-        let (mut lm, _) = Lm::new(&cfg).unwrap();
-        let mut cache = LmCache::default();
-        lm.forward(&store, &inputs, b, t, &opts, &mut cache)
-            .unwrap();
-        let loss = lm.loss(&mut cache, &targets, Some(&mask)).unwrap();
-        let mut grads = store.zeros_like();
-        lm.backward(&store, &mut cache, &opts, &mut grads);
-        let mut res = vec![];
-        for fused in [true, false] {
-            let mut gl = GpuLm::new(&cfg, &store, Precision::F32).unwrap();
-            gl.set_fused(fused);
-            res.push(
-                gl.loss_and_grads(&inputs, &targets, Some(&mask), b, t)
-                    .unwrap(),
-            );
-        }
-        let tag = format!("{variant:?} c{chunk}");
-        let ((fl, fg), (ul, ug)) = (&res[0], &res[1]);
-        assert!(
-            (fl - loss).abs() < 1e-5,
-            "fused loss {fl} vs cpu {loss} {tag}"
-        );
-        assert!(
-            (fl - ul).abs() < 1e-6,
-            "fused loss {fl} vs unfused {ul} {tag}"
-        );
-        for (i, name) in grads.names.iter().enumerate() {
-            close(
-                &format!("fused lm grad {name} vs cpu {tag}"),
-                &fg.data[i],
-                &grads.data[i],
-                TOL,
-            );
-            close(
-                &format!("fused lm grad {name} vs unfused {tag}"),
-                &fg.data[i],
-                &ug.data[i],
-                1e-5,
-            );
-        }
     }
+    model_cases::fused_lm_matches_unfused_and_cpu(&|| CudaBackend::new(0).unwrap());
 }

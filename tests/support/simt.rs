@@ -459,7 +459,11 @@ impl Device for EmuDev {
         // SAFETY: both address live host buffers of this device (they may overlap only if
         // equal, which `copy` permits).
         unsafe {
-            std::ptr::copy(src.ptr as usize as *const f32, dst.ptr as usize as *mut f32, src.len)
+            std::ptr::copy(
+                src.ptr as usize as *const f32,
+                dst.ptr as usize as *mut f32,
+                src.len,
+            )
         };
         Ok(())
     }

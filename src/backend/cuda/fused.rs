@@ -30,7 +30,6 @@
 //! The launch sequence is written against [`GridLaunch`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
-
 use super::ops::DevSlotMask;
 use super::{i32_of, AsDv, Backend, Dv, GridLaunch, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};

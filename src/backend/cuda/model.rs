@@ -20,7 +20,6 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-
 use super::ops::{DevRouting, DevSlotMask};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
