@@ -20,6 +20,8 @@ mod model_cases;
 mod op_cases;
 #[path = "support/simt.rs"]
 mod simt;
+#[path = "support/train_cases.rs"]
+mod train_cases;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -439,5 +441,12 @@ fn emulated_fused_lm_matches_unfused_and_cpu() {
 fn emulated_intervene_layer_matches_cpu() {
     if let Some(e) = emu("emulated_intervene_layer_matches_cpu") {
         model_cases::intervene_layer_matches_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_accumulation_matches_whole_batch_and_cpu() {
+    if let Some(e) = emu("emulated_accumulation_matches_whole_batch_and_cpu") {
+        train_cases::accumulation_matches_whole_batch_and_cpu(&|| EmuDev::new(e));
     }
 }

@@ -2,63 +2,14 @@
 //! init, no dropout): f32 GEMMs within 1e-3 of the CPU loss at every step, bf16 within 3e-2.
 //! Skipped, by name, without a usable CUDA device.
 
-use asa::backend::cuda::{cuda_available, GpuLm, Precision};
-use asa::config::ModelConfig;
+#[path = "support/train_cases.rs"]
+mod train_cases;
+
+use asa::backend::cuda::{cuda_available, CudaBackend, GpuLm, Precision};
 use asa::model::asa::AsaOptions;
 use asa::model::lm::{Lm, LmCache};
-use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-fn cfg() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 512,
-        max_seq_len: 64,
-        embed_dim: 64,
-        num_layers: 2,
-        num_heads: 4,
-        num_slots: 8,
-        slotspace_dim: 8,
-        write_chunk_size: 16,
-        slotspace_chunk_size: 16,
-        dropout: 0.0,
-        slot_dropout: 0.0,
-        slotspace_dropout: 0.0,
-        seed: 21,
-        ..Default::default()
-    }
-}
-
-/// The optimizer of both runs.
-fn adam_cfg() -> AdamWConfig {
-    AdamWConfig {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    }
-}
-
-/// Batches of a learnable toy stream (a repeating pattern with noise), shared by both runs.
-fn batches(n: usize, b: usize, t: usize, v: usize) -> Vec<(Vec<u32>, Vec<i64>)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    (0..n)
-        .map(|_| {
-            let mut inp = Vec::with_capacity(b * t);
-            let mut tgt = Vec::with_capacity(b * t);
-            for _ in 0..b {
-                let start = rng.gen_range(0..v as u32);
-                let row: Vec<u32> = (0..=t as u32)
-                    .map(|i| (start + 7 * i + if rng.gen_bool(0.1) { 3 } else { 0 }) % v as u32)
-                    .collect();
-                inp.extend_from_slice(&row[..t]);
-                tgt.extend(row[1..].iter().map(|&x| x as i64));
-            }
-            (inp, tgt)
-        })
-        .collect()
-}
+use asa::optim::{clip_grad_norm, AdamW};
+use train_cases::{adam_cfg, batches, cfg};
 
 fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
     if !cuda_available() {
@@ -127,92 +78,12 @@ fn loss_curve_bf16_tracks_cpu() {
     check(Precision::Bf16, 3e-2);
 }
 
-/// Gradient accumulation on the GPU: a batch of 4 rows run as 2 micro-batches of 2 takes the
-/// same optimizer steps as the batch run whole (equal target counts, no dropout), and as the
-/// CPU trainer's accumulation.
+/// Gradient accumulation on the GPU (see tests/support/train_cases.rs).
 #[test]
 fn accumulation_matches_whole_batch_and_cpu() {
     if !cuda_available() {
         println!("SKIPPED accumulation_matches_whole_batch_and_cpu: no CUDA device");
         return;
     }
-    let c = cfg();
-    let (b, t, micro) = (4, 32, 2);
-    let data = batches(5, b, t, c.vocab_size);
-    let adam_cfg = adam_cfg();
-    let (mut lm, params0) = Lm::new(&c).unwrap();
-    let mut whole = GpuLm::new(&c, &params0, Precision::F32).unwrap();
-    let mut accum = GpuLm::new(&c, &params0, Precision::F32).unwrap();
-    // CPU accumulation, as the trainer runs it
-    let mut params = params0.clone();
-    let mut adam = AdamW::new(adam_cfg, &params);
-    let mut cache = LmCache::default();
-    let opts = AsaOptions::default();
-    for (inp, tgt) in &data {
-        let mut grads = params.zeros_like();
-        let mut cpu_loss = 0.0;
-        for k in 0..b / micro {
-            let rows = k * micro * t..(k + 1) * micro * t;
-            lm.forward(&params, &inp[rows.clone()], micro, t, &opts, &mut cache)
-                .unwrap();
-            cpu_loss += lm.loss(&mut cache, &tgt[rows], None).unwrap() / (b / micro) as f64;
-            lm.backward(&params, &mut cache, &opts, &mut grads);
-        }
-        let inv = 1.0 / (b / micro) as f32;
-        grads.data.iter_mut().flatten().for_each(|g| *g *= inv);
-        clip_grad_norm(&mut grads, 1.0);
-        adam.step(&mut params, &grads, adam_cfg.lr);
-
-        let (lw, nw) = whole
-            .train_step_mode(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0), false)
-            .unwrap();
-        let (la, na) = accum
-            .train_step_accum(
-                inp,
-                tgt,
-                b,
-                t,
-                micro,
-                adam_cfg.lr,
-                &adam_cfg,
-                Some(1.0),
-                false,
-            )
-            .unwrap();
-        assert!(
-            (lw - la).abs() < 1e-5 * lw.abs(),
-            "loss whole {lw} vs accumulated {la}"
-        );
-        assert!(
-            (nw - na).abs() < 1e-4 * nw.abs(),
-            "norm whole {nw} vs accumulated {na}"
-        );
-        assert!(
-            (cpu_loss - la).abs() < 1e-5 * la.abs(),
-            "loss cpu {cpu_loss} vs gpu {la}"
-        );
-    }
-    let (pw, pa) = (
-        whole.download_params().unwrap(),
-        accum.download_params().unwrap(),
-    );
-    let worst = |x: &asa::model::params::ParamStore, y: &asa::model::params::ParamStore| {
-        x.data
-            .iter()
-            .flatten()
-            .zip(y.data.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
-    };
-    let (d_whole, d_cpu) = (worst(&pw, &pa), worst(&params, &pa));
-    println!("accumulation: max |whole - accumulated| {d_whole:.2e}, max |cpu - gpu| {d_cpu:.2e}");
-    assert!(
-        d_whole < 1e-4,
-        "accumulated weights leave the whole-batch ones: {d_whole}"
-    );
-    assert!(d_cpu < 1e-4, "GPU accumulation leaves the CPU's: {d_cpu}");
-    // a batch that does not split is an error, not a panic
-    assert!(accum
-        .train_step_accum(&data[0].0, &data[0].1, b, t, 3, 1e-3, &adam_cfg, None, false)
-        .is_err());
+    train_cases::accumulation_matches_whole_batch_and_cpu(&|| CudaBackend::new(0).unwrap());
 }
