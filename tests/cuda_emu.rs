@@ -450,3 +450,28 @@ fn emulated_accumulation_matches_whole_batch_and_cpu() {
         train_cases::accumulation_matches_whole_batch_and_cpu(&|| EmuDev::new(e));
     }
 }
+
+/// The reference fixtures (tests/fixtures) through the GPU code path, every kernel emulated:
+/// the same runner as `asa parity --device cuda`, f32 GEMMs.
+#[test]
+fn emulated_gpu_path_passes_every_public_fixture() {
+    let Some(e) = emu("emulated_gpu_path_passes_every_public_fixture") else {
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cases = asa::parity::find_cases(&[root]).unwrap();
+    assert!(cases.len() >= 14, "found {} cases", cases.len());
+    let mut failed = Vec::new();
+    for dir in &cases {
+        let rep = asa::backend::cuda::parity::run_case_on(
+            dir,
+            asa::backend::cuda::Precision::F32,
+            &|| Ok(EmuDev::new(e)),
+        );
+        println!("{}", rep.line());
+        if !rep.passed() {
+            failed.push(rep.line());
+        }
+    }
+    assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
+}

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::model::{GpuLayerRunner, GpuLm, Precision};
+use super::{Backend, CudaBackend};
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{AsaError, Result};
@@ -24,15 +25,29 @@ use crate::parity::{
 
 /// Runs one case folder on the GPU; every failure becomes the report's error.
 pub fn run_case_cuda(dir: &Path, precision: Precision) -> CaseReport {
-    case_report(dir, run_inner(dir, precision))
+    run_case_on(dir, precision, &|| CudaBackend::new(0))
 }
 
-fn run_inner(dir: &Path, precision: Precision) -> Result<Vec<Check>> {
+/// Runs one case folder on the backends that `mk` makes (one per model; the CUDA device, or
+/// the tests' SIMT emulator).
+pub fn run_case_on<B: Backend>(
+    dir: &Path,
+    precision: Precision,
+    mk: &dyn Fn() -> Result<B>,
+) -> CaseReport {
+    case_report(dir, run_inner(dir, precision, mk))
+}
+
+fn run_inner<B: Backend>(
+    dir: &Path,
+    precision: Precision,
+    mk: &dyn Fn() -> Result<B>,
+) -> Result<Vec<Check>> {
     let (conf, io) = open_case(dir)?;
     if conf.get("layer").is_some() {
-        run_layer(dir, &conf, &io, precision)
+        run_layer(dir, &conf, &io, precision, mk)
     } else if conf.get("model").is_some() {
-        run_lm(dir, &conf, &io, precision)
+        run_lm(dir, &conf, &io, precision, mk)
     } else {
         Err(AsaError::Input(format!(
             "{}: config.json has neither 'model' nor 'layer'",
@@ -41,7 +56,13 @@ fn run_inner(dir: &Path, precision: Precision) -> Result<Vec<Check>> {
     }
 }
 
-fn run_layer(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<Vec<Check>> {
+fn run_layer<B: Backend>(
+    dir: &Path,
+    conf: &Value,
+    io: &Io,
+    precision: Precision,
+    mk: &dyn Fn() -> Result<B>,
+) -> Result<Vec<Check>> {
     let cfg = layer_config(conf)?;
     let mut store = ParamStore::new();
     let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(0));
@@ -57,7 +78,7 @@ fn run_layer(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<
     let x = io.f32("x")?;
     let mut opts = forward_options(conf.get("forward"), io)?;
     opts.attention_mask = io.mask("attention_mask")?;
-    let mut run = GpuLayerRunner::new(&cfg, ids, &store, precision)?;
+    let mut run = GpuLayerRunner::with_backend(mk()?, &cfg, ids, &store, precision)?;
     if let Some(iv) = conf.get("intervention") {
         run.set_intervention(&Intervention::from_json(iv)?);
     }
@@ -116,9 +137,15 @@ fn grad_of<'a>(cfg: &ModelConfig, grads: &'a ParamStore, k: &str) -> Result<&'a 
     Err(AsaError::Other(format!("no parameter '{k}' to compare")))
 }
 
-fn run_lm(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<Vec<Check>> {
+fn run_lm<B: Backend>(
+    dir: &Path,
+    conf: &Value,
+    io: &Io,
+    precision: Precision,
+    mk: &dyn Fn() -> Result<B>,
+) -> Result<Vec<Check>> {
     let (cfg, store, it) = load_lm(dir, conf)?;
-    let mut lm = GpuLm::new(&cfg, &store, precision)?;
+    let mut lm = GpuLm::with_backend(mk()?, &cfg, &store, precision)?;
     if let Some(it) = &it {
         lm.set_intervention(it);
     }
@@ -174,7 +201,12 @@ fn run_lm(dir: &Path, conf: &Value, io: &Io, precision: Precision) -> Result<Vec
     Ok(checks)
 }
 
-fn run_train(conf: &Value, io: &Io, cfg: &ModelConfig, lm: &mut GpuLm) -> Result<Vec<Check>> {
+fn run_train<B: Backend>(
+    conf: &Value,
+    io: &Io,
+    cfg: &ModelConfig,
+    lm: &mut GpuLm<B>,
+) -> Result<Vec<Check>> {
     let tc = train_case(conf, io)?;
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..tc.steps {
