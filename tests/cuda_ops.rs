@@ -10,8 +10,7 @@
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 use asa::backend::cuda::ops::Op;
 use asa::backend::cuda::{
@@ -35,7 +34,7 @@ mod model_cases;
 #[path = "support/op_cases.rs"]
 mod op_cases;
 
-use check::close;
+use check::{close, rng};
 use dev::{Elem, TestDev};
 use model_cases::small_cfg;
 
@@ -47,10 +46,6 @@ fn backend(name: &str) -> Option<CudaBackend> {
         return None;
     }
     Some(CudaBackend::new(0).expect("CUDA backend"))
-}
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
 }
 
 /// The GPU as a test device: the backend plus the buffers the test uploaded (kept alive).

@@ -1,6 +1,18 @@
-//! Tolerance checks shared by the GPU and emulator tests.
+//! Tolerance checks and random inputs shared by the GPU and emulator tests.
 
 #![allow(dead_code)]
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// n values uniform in [-scale, scale].
+pub fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
+}
 
 /// max |got - want| / max(1, max |want|); -inf/inf must match exactly, NaN fails.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {

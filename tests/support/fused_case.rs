@@ -4,19 +4,15 @@
 
 #![allow(dead_code, clippy::too_many_arguments)]
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cuda::ops::DevSlotMask;
 use asa::backend::cuda::Dv;
 
-use crate::check::close;
+use crate::check::{close, rv};
 use crate::dev::TestDev;
-
-fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
-}
 
 /// One op-level case of the fused kernels.
 #[derive(Debug, Clone)]

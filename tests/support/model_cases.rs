@@ -5,8 +5,7 @@
 
 #![allow(dead_code, clippy::too_many_arguments, clippy::needless_range_loop)]
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 use asa::backend::cuda::model::GpuLayerRunner;
 use asa::backend::cuda::{Backend, GpuLm, Precision};
@@ -16,18 +15,10 @@ use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
-use crate::check::close;
+use crate::check::{close, rng, rv};
 
 /// Tolerance of f32 results against the CPU model.
 pub const TOL: f64 = 1e-4;
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
-}
 
 pub fn small_cfg(variant: Variant) -> ModelConfig {
     ModelConfig {

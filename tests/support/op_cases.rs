@@ -4,9 +4,6 @@
 
 #![allow(dead_code, clippy::too_many_arguments, clippy::needless_range_loop)]
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
@@ -14,19 +11,11 @@ use asa::backend::cuda::{AsDv, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 
-use crate::check::close;
+use crate::check::{close, rng, rv};
 use crate::dev::TestDev;
 
 /// Tolerance of f32 results against the CPU twins (relative to the tensor's scale).
 pub const TOL: f64 = 1e-4;
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn rv(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| r.gen_range(-scale..=scale)).collect()
-}
 
 pub fn dims() -> SlotDims {
     SlotDims {
