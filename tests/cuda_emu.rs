@@ -475,3 +475,17 @@ fn emulated_gpu_path_passes_every_public_fixture() {
     }
     assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
 }
+
+#[test]
+fn emulated_resume_and_eval_match() {
+    if let Some(e) = emu("emulated_resume_and_eval_match") {
+        model_cases::resume_and_eval_match(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
+fn emulated_training_with_dropout_runs_and_learns() {
+    if let Some(e) = emu("emulated_training_with_dropout_runs_and_learns") {
+        model_cases::training_with_dropout_runs_and_learns(&|| EmuDev::new(e));
+    }
+}

@@ -595,3 +595,84 @@ pub fn intervene_layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
         }
     }
 }
+
+/// `cuda_resume_and_eval_match` of tests/cuda_ops.rs, on any backend.
+pub fn resume_and_eval_match<B: Backend>(mk: &dyn Fn() -> B) {
+    let cfg = small_cfg(Variant::Baseline);
+    let (_lm, store) = Lm::new(&cfg).unwrap();
+    let (b, t) = (2, 12);
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 5) % cfg.vocab_size) as u32)
+        .collect();
+    let targets: Vec<i64> = inputs
+        .iter()
+        .map(|&x| ((x as usize + 3) % cfg.vocab_size) as i64)
+        .collect();
+    let acfg = AdamWConfig {
+        lr: 2e-3,
+        ..Default::default()
+    };
+    let mut a = GpuLm::with_backend(mk(), &cfg, &store, Precision::F32).unwrap();
+    assert!(a.adam_state().unwrap().is_none());
+    let (l0, _) = a.loss_and_grads(&inputs, &targets, None, b, t).unwrap();
+    let e0 = a.eval_loss(&inputs, &targets, b, t).unwrap();
+    assert!((l0 - e0).abs() < 1e-6, "eval_loss {e0} vs {l0}");
+    for _ in 0..2 {
+        a.train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+            .unwrap();
+    }
+    let (m, v, step) = a.adam_state().unwrap().unwrap();
+    assert_eq!(step, 2);
+    let mut r = GpuLm::with_backend(mk(), &cfg, &a.download_params().unwrap(), Precision::F32).unwrap();
+    r.set_adam_state(&m, &v, step).unwrap();
+    let la = a
+        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .unwrap();
+    let lr_ = r
+        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .unwrap();
+    assert_eq!(la, lr_, "resumed step differs");
+    assert_eq!(
+        a.download_params().unwrap().data,
+        r.download_params().unwrap().data
+    );
+    let _ = r.rng_mut();
+}
+
+/// `cuda_training_with_dropout_runs_and_learns` of tests/cuda_ops.rs, on any backend.
+pub fn training_with_dropout_runs_and_learns<B: Backend>(mk: &dyn Fn() -> B) {
+    let mut cfg = small_cfg(Variant::Baseline);
+    cfg.dropout = 0.1;
+    cfg.slot_dropout = 0.1;
+    cfg.slotspace_dropout = 0.1;
+    let (_lm, store) = Lm::new(&cfg).unwrap();
+    let (b, t) = (4, 16);
+    // a learnable pattern: next token = (token + 1) mod V
+    let inputs: Vec<u32> = (0..b * t).map(|i| (i % cfg.vocab_size) as u32).collect();
+    let targets: Vec<i64> = inputs
+        .iter()
+        .map(|&x| ((x + 1) as usize % cfg.vocab_size) as i64)
+        .collect();
+    let acfg = AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut gl = GpuLm::with_backend(mk(), &cfg, &store, Precision::F32).unwrap();
+    let mut first = 0.0;
+    let mut last = 0.0;
+    for s in 0..60 {
+        let (l, n) = gl
+            .train_step(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0))
+            .unwrap();
+        assert!(
+            l.is_finite() && n.is_finite(),
+            "step {s}: loss {l} norm {n}"
+        );
+        if s == 0 {
+            first = l;
+        }
+        last = l;
+    }
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
+    assert_eq!(gl.step(), 60);
+}
