@@ -9,7 +9,8 @@
 
 use std::path::PathBuf;
 
-use asa::backend::cuda::{self, doctor::ptxas_assemble, kernel_names, KERNELS};
+use asa::backend::cuda::doctor::{ptxas_assemble, ptxas_resources};
+use asa::backend::cuda::{self, kernel_names, KERNELS};
 
 fn in_ci() -> bool {
     std::env::var("CI")
@@ -90,6 +91,50 @@ fn cuda_compile() {
         failures.join("\n")
     );
     println!("cuda_compile: {n} kernels in {} files compile for compute_80/90 and assemble for sm_80/90/90a", KERNELS.len());
+}
+
+/// Registers and spills of every kernel for sm_90 (`ptxas -v`), printed as a table: the
+/// occupancy side of a kernel change, measurable without a GPU. Guards: every kernel reports
+/// its registers, and the linear-attention kernels (written to fit) do not spill.
+#[test]
+fn kernel_resources_sm90() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED kernel_resources_sm90: no ptxas");
+        return;
+    };
+    let mut all = Vec::new();
+    for (stem, _) in KERNELS {
+        let ptx = match cuda::compile_ptx(stem, "compute_90") {
+            Ok(p) => p,
+            Err(e) => {
+                println!("SKIPPED kernel_resources_sm90: NVRTC unavailable ({e})");
+                return;
+            }
+        };
+        all.extend(ptxas_resources(&ptxas, &ptx, "sm_90", stem).unwrap());
+    }
+    let names: usize = KERNELS.iter().map(|(_, src)| kernel_names(src).len()).sum();
+    assert_eq!(all.len(), names, "one report per kernel");
+    all.sort_by(|a, b| b.registers.cmp(&a.registers).then(a.name.cmp(&b.name)));
+    println!(
+        "{:<44} {:>9} {:>12}",
+        "kernel (sm_90)", "registers", "spill st/ld"
+    );
+    for k in &all {
+        assert!(k.registers > 0, "{}: no register count parsed", k.name);
+        println!(
+            "{:<44} {:>9} {:>6}/{:<5}",
+            k.name, k.registers, k.spill_stores, k.spill_loads
+        );
+    }
+    for k in all.iter().filter(|k| k.name.starts_with("linear_attn")) {
+        assert_eq!(
+            (k.spill_stores, k.spill_loads),
+            (0, 0),
+            "{} spills to local memory",
+            k.name
+        );
+    }
 }
 
 /// Every op kernel has a CPU twin of the same name (helpers of a twin are named `<twin>_<part>`

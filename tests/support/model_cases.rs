@@ -623,7 +623,8 @@ pub fn resume_and_eval_match<B: Backend>(mk: &dyn Fn() -> B) {
     }
     let (m, v, step) = a.adam_state().unwrap().unwrap();
     assert_eq!(step, 2);
-    let mut r = GpuLm::with_backend(mk(), &cfg, &a.download_params().unwrap(), Precision::F32).unwrap();
+    let mut r =
+        GpuLm::with_backend(mk(), &cfg, &a.download_params().unwrap(), Precision::F32).unwrap();
     r.set_adam_state(&m, &v, step).unwrap();
     let la = a
         .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)

@@ -64,6 +64,77 @@ pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<()
     }
 }
 
+/// Resources of one kernel as `ptxas -v` reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    /// bytes spilled to local memory (stores)
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Registers and spills of every kernel in `ptx` for `sm` (`ptxas -v`): without a GPU, the
+/// number that decides a kernel's occupancy.
+pub fn ptxas_resources(
+    ptxas: &Path,
+    ptx: &str,
+    sm: &str,
+    tag: &str,
+) -> Result<Vec<KernelResources>, String> {
+    let dir = std::env::temp_dir().join(format!("asa-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
+    let src = dir.join(format!("{tag}.v.ptx"));
+    let out = dir.join(format!("{tag}.v.{sm}.cubin"));
+    std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
+    let res = Command::new(ptxas)
+        .arg(format!("-arch={sm}"))
+        .arg("-v")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&out);
+    if !res.status.success() {
+        return Err(String::from_utf8_lossy(&res.stderr)
+            .lines()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | "));
+    }
+    // "Compiling entry function 'NAME' for 'sm_90'", then "... N bytes spill stores, M bytes
+    // spill loads" and "Used R registers ..."
+    let num_before = |line: &str, word: &str| -> Option<u32> {
+        let i = line.find(word)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let mut out_v: Vec<KernelResources> = Vec::new();
+    for line in String::from_utf8_lossy(&res.stderr).lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out_v.push(KernelResources {
+                name,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+        } else if let Some(k) = out_v.last_mut() {
+            if let Some(n) = num_before(line, "bytes spill stores") {
+                k.spill_stores = n;
+            }
+            if let Some(n) = num_before(line, "bytes spill loads") {
+                k.spill_loads = n;
+            }
+            if let Some(n) = num_before(line, "registers") {
+                k.registers = n;
+            }
+        }
+    }
+    Ok(out_v)
+}
+
 /// Runs every check; never panics.
 pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
     let mut r = DoctorReport::default();
