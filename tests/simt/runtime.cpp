@@ -47,6 +47,7 @@ struct Fiber {
     simt_dim3 tid{0, 0, 0};
     int warp = 0, lane = 0;
     bool done = false;
+    unsigned exchanges = 0;  // warp exchanges so far (picks the exchange buffer)
 #ifdef SIMT_ASM_SWITCH
     void* sp = nullptr;
 #else
@@ -79,7 +80,7 @@ Barrier block_bar;
 int block_live = 0;
 std::vector<Barrier> warp_bar;
 std::vector<int> warp_live;
-std::vector<uint64_t> xch;  // [warps][32] published shuffle values
+std::vector<uint64_t> xch;  // [warps][2][32] published shuffle values, two buffers
 uint64_t events = 0;        // arrivals, releases, exits: the block's progress
 Thunk kernel = nullptr;
 void** kargs = nullptr;
@@ -170,13 +171,15 @@ int lane_id() { return cur->lane; }
 void syncthreads() { wait(block_bar, block_live); }
 void syncwarp() { wait(warp_bar[cur->warp], warp_live[cur->warp]); }
 
+// Exchanges alternate between two buffers, so one barrier each is enough: a lane can publish
+// exchange k+1 while others still read exchange k, and it cannot reach exchange k+2 (the same
+// buffer as k) before every lane has passed exchange k+1's barrier, that is, has read k.
 uint64_t exchange(uint64_t v, int src) {
     int w = cur->warp;
-    xch[w * 32 + cur->lane] = v;
+    uint64_t* buf = &xch[(w * 2 + (cur->exchanges++ & 1)) * 32];
+    buf[cur->lane] = v;
     wait(warp_bar[w], warp_live[w]);
-    uint64_t r = xch[w * 32 + (src & 31)];
-    wait(warp_bar[w], warp_live[w]);  // nobody publishes again before every lane has read
-    return r;
+    return buf[src & 31];
 }
 
 void register_kernel(const char* name, Thunk f) { registry()[name] = f; }
@@ -221,13 +224,14 @@ extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned 
                 block_live = (int)nt;
                 warp_bar.assign(nwarps, Barrier{});
                 warp_live.assign(nwarps, 0);
-                xch.assign(nwarps * 32, 0);
+                xch.assign(nwarps * 64, 0);
                 for (unsigned i = 0; i < nt; ++i) {
                     Fiber& f = fibers[i];
                     f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
                     f.warp = (int)(i / 32);
                     f.lane = (int)(i % 32);
                     f.done = false;
+                    f.exchanges = 0;
                     ++warp_live[f.warp];
 #ifdef SIMT_ASM_SWITCH
                     f.sp = fresh_stack(stacks[i], kStack);
