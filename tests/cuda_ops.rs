@@ -34,7 +34,7 @@ mod model_cases;
 #[path = "support/op_cases.rs"]
 mod op_cases;
 
-use check::{close, rng};
+use check::{close, close_params, rng};
 use dev::{Elem, TestDev};
 use model_cases::small_cfg;
 
@@ -324,14 +324,7 @@ fn cuda_intervene_lm_matches_cpu() {
             (gloss - loss).abs() < 1e-5,
             "loss {gloss} vs {loss} ({it:?})"
         );
-        for (i, name) in grads.names.iter().enumerate() {
-            close(
-                &format!("lm grad {name} {it:?}"),
-                &ggrads.data[i],
-                &grads.data[i],
-                TOL,
-            );
-        }
+        close_params(&format!("lm grad {it:?}"), &ggrads, &grads, TOL);
         // training runs and stays finite
         let acfg = AdamWConfig::default();
         for _ in 0..2 {

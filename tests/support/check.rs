@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use asa::model::params::ParamStore;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -42,4 +43,12 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 pub fn close(name: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     assert!(e <= tol, "{name}: relative error {e:e} > {tol:e}");
+}
+
+/// Every parameter of `got` within `tol` of the same-named one of `want` (as `close`).
+#[track_caller]
+pub fn close_params(what: &str, got: &ParamStore, want: &ParamStore, tol: f64) {
+    for (i, name) in want.names.iter().enumerate() {
+        close(&format!("{what} {name}"), &got.data[i], &want.data[i], tol);
+    }
 }

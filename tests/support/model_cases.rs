@@ -15,7 +15,7 @@ use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
-use crate::check::{close, rng, rv};
+use crate::check::{close, close_params, rng, rv};
 
 /// Tolerance of f32 results against the CPU model.
 pub const TOL: f64 = 1e-4;
@@ -203,14 +203,7 @@ pub fn layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
             close(&format!("layer out {tag}"), &gout, &out, TOL);
             let (gdx, ggrads) = run.backward(&dout).unwrap();
             close(&format!("layer dx {tag}"), &gdx, &dx, TOL);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("layer grad {name} {tag}"),
-                    &ggrads.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-            }
+            close_params(&format!("layer grad {tag}"), &ggrads, &grads, TOL);
         }
     }
 }
@@ -265,14 +258,7 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
             .loss_and_grads(&inputs, &targets, Some(&mask), b, t)
             .unwrap();
         assert!((gloss - loss).abs() < 1e-5, "loss {gloss} vs {loss}");
-        for (i, name) in grads.names.iter().enumerate() {
-            close(
-                &format!("lm grad {name} {variant:?}"),
-                &ggrads.data[i],
-                &grads.data[i],
-                TOL,
-            );
-        }
+        close_params(&format!("lm grad {variant:?}"), &ggrads, &grads, TOL);
 
         // three training steps (eval-mode forward, clip 0.5)
         let mut gl = GpuLm::with_backend(mk(), &cfg, &store0, Precision::F32).unwrap();
@@ -292,14 +278,7 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
             );
         }
         let gp = gl.download_params().unwrap();
-        for (i, name) in cpu_store.names.iter().enumerate() {
-            close(
-                &format!("trained {name} {variant:?}"),
-                &gp.data[i],
-                &cpu_store.data[i],
-                1e-3,
-            );
-        }
+        close_params(&format!("trained {variant:?}"), &gp, &cpu_store, 1e-3);
 
         if bf16 {
             // bf16 GEMM inputs: within the documented looser tolerance of the f32 CPU path
@@ -321,14 +300,12 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
                 );
             }
             let gp16 = g16.download_params().unwrap();
-            for (i, name) in cpu_store.names.iter().enumerate() {
-                close(
-                    &format!("bf16 trained {name} {variant:?}"),
-                    &gp16.data[i],
-                    &cpu_store.data[i],
-                    5e-2,
-                );
-            }
+            close_params(
+                &format!("bf16 trained {variant:?}"),
+                &gp16,
+                &cpu_store,
+                5e-2,
+            );
         }
     }
 }
@@ -415,20 +392,8 @@ pub fn fused_layer_matches_unfused_and_cpu<B: Backend>(mk: &dyn Fn() -> B) {
             close(&format!("fused layer out vs unfused {tag}"), fo, uo, 1e-5);
             close(&format!("fused layer dx vs cpu {tag}"), fdx, &dx, TOL);
             close(&format!("fused layer dx vs unfused {tag}"), fdx, udx, 1e-5);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("fused layer grad {name} vs cpu {tag}"),
-                    &fg.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-                close(
-                    &format!("fused layer grad {name} vs unfused {tag}"),
-                    &fg.data[i],
-                    &ug.data[i],
-                    1e-5,
-                );
-            }
+            close_params(&format!("fused layer grad vs cpu {tag}"), fg, &grads, TOL);
+            close_params(&format!("fused layer grad vs unfused {tag}"), fg, ug, 1e-5);
         }
     }
 }
@@ -482,20 +447,8 @@ pub fn fused_lm_matches_unfused_and_cpu<B: Backend>(mk: &dyn Fn() -> B) {
             (fl - ul).abs() < 1e-6,
             "fused loss {fl} vs unfused {ul} {tag}"
         );
-        for (i, name) in grads.names.iter().enumerate() {
-            close(
-                &format!("fused lm grad {name} vs cpu {tag}"),
-                &fg.data[i],
-                &grads.data[i],
-                TOL,
-            );
-            close(
-                &format!("fused lm grad {name} vs unfused {tag}"),
-                &fg.data[i],
-                &ug.data[i],
-                1e-5,
-            );
-        }
+        close_params(&format!("fused lm grad vs cpu {tag}"), fg, &grads, TOL);
+        close_params(&format!("fused lm grad vs unfused {tag}"), fg, ug, 1e-5);
     }
 }
 
@@ -584,14 +537,7 @@ pub fn intervene_layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
             }
             let (gdx, ggrads) = run.backward(&dout).unwrap();
             close(&format!("dx {tag}"), &gdx, &dx, TOL);
-            for (i, name) in grads.names.iter().enumerate() {
-                close(
-                    &format!("grad {name} {tag}"),
-                    &ggrads.data[i],
-                    &grads.data[i],
-                    TOL,
-                );
-            }
+            close_params(&format!("grad {tag}"), &ggrads, &grads, TOL);
         }
     }
 }
