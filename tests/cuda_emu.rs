@@ -377,7 +377,7 @@ fn emulated_fused_scan_read_matches_cpu() {
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for cs in &cases {
         let dev = EmuDev::new(e);
-        fused_case::fused_case_matches_cpu(&dev, cs, 1e-5);
+        fused_case::fused_case_matches_cpu(&dev, &dev, cs, 1e-5);
     }
 }
 
@@ -387,21 +387,30 @@ fn emulated_fused_scan_read_matches_cpu() {
 #[test]
 fn emulated_generic_ops_match_cpu() {
     if let Some(e) = emu("emulated_generic_ops_match_cpu") {
-        op_cases::generic_ops(&EmuDev::new(e));
+        {
+            let dev = EmuDev::new(e);
+            op_cases::generic_ops(&dev, &dev);
+        }
     }
 }
 
 #[test]
 fn emulated_asa_elementwise_ops_match_cpu() {
     if let Some(e) = emu("emulated_asa_elementwise_ops_match_cpu") {
-        op_cases::asa_elementwise_ops(&EmuDev::new(e));
+        {
+            let dev = EmuDev::new(e);
+            op_cases::asa_elementwise_ops(&dev, &dev);
+        }
     }
 }
 
 #[test]
 fn emulated_asa_slot_ops_match_cpu() {
     if let Some(e) = emu("emulated_asa_slot_ops_match_cpu") {
-        op_cases::asa_slot_ops(&EmuDev::new(e));
+        {
+            let dev = EmuDev::new(e);
+            op_cases::asa_slot_ops(&dev, &dev);
+        }
     }
 }
 

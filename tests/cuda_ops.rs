@@ -12,16 +12,12 @@
 
 use rand::Rng;
 
-use asa::backend::cuda::ops::Op;
-use asa::backend::cuda::{
-    self, AsDv, CudaBackend, Device, Dv, GpuLm, GridLaunch, KArg, Ops, Precision, Temp,
-};
+use asa::backend::cuda::{self, AsDv, CudaBackend, Device, Dv, GpuLm, Precision};
 use asa::config::Variant;
 use asa::model::asa::{AsaOptions, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::AdamWConfig;
-use cudarc::driver::LaunchConfig;
 
 #[path = "support/check.rs"]
 mod check;
@@ -48,7 +44,7 @@ fn backend(name: &str) -> Option<CudaBackend> {
     Some(CudaBackend::new(0).expect("CUDA backend"))
 }
 
-/// The GPU as a test device: the backend plus the buffers the test uploaded (kept alive).
+/// Test memory on the GPU: the buffers a test uploaded, kept alive (launches go to the backend).
 struct G<'a> {
     be: &'a CudaBackend,
     keep: std::cell::RefCell<Vec<Box<dyn std::any::Any>>>,
@@ -62,83 +58,6 @@ impl<'a> G<'a> {
         }
     }
 }
-
-impl GridLaunch for G<'_> {
-    fn grid_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> asa::error::Result<()> {
-        self.be.grid_launch(name, grid, block, smem, args)
-    }
-    fn max_grid(&self) -> u32 {
-        self.be.max_grid()
-    }
-}
-
-impl Device for G<'_> {
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> asa::error::Result<()> {
-        Device::launch(self.be, name, cfg, args)
-    }
-    fn scratch64(&self, n: usize, second: bool) -> asa::error::Result<Dv<f64>> {
-        Device::scratch64(self.be, n, second)
-    }
-    fn scratch_bf16(&self, n: usize, second: bool) -> asa::error::Result<Dv<u16>> {
-        Device::scratch_bf16(self.be, n, second)
-    }
-    fn temp<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
-        self.be.temp(n)
-    }
-    fn temp_from<T: Elem>(&self, x: &[T]) -> asa::error::Result<Temp<T>> {
-        self.be.temp_from(x)
-    }
-    fn memset_zero<T>(&self, x: Dv<T>) -> asa::error::Result<()> {
-        Device::memset_zero(self.be, x)
-    }
-    fn download<T: Elem>(&self, x: Dv<T>) -> asa::error::Result<Vec<T>> {
-        Device::download(self.be, x)
-    }
-    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> asa::error::Result<()> {
-        Device::upload_into(self.be, dst, x)
-    }
-    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> asa::error::Result<()> {
-        Device::copy(self.be, dst, src)
-    }
-    fn sync(&self) -> asa::error::Result<()> {
-        Device::sync(self.be)
-    }
-    fn precision(&self) -> Precision {
-        Device::precision(self.be)
-    }
-    fn set_precision(&self, p: Precision) {
-        Device::set_precision(self.be, p)
-    }
-    fn sm_count(&self) -> usize {
-        Device::sm_count(self.be)
-    }
-    fn gemm(
-        &self,
-        ta: Op,
-        tb: Op,
-        m: usize,
-        n: usize,
-        kk: usize,
-        a: Dv<f32>,
-        lda: usize,
-        b: Dv<f32>,
-        ldb: usize,
-        c: Dv<f32>,
-        ldc: usize,
-        beta: f32,
-    ) -> asa::error::Result<()> {
-        self.be.gemm(ta, tb, m, n, kk, a, lda, b, ldb, c, ldc, beta)
-    }
-}
-
-impl Ops for G<'_> {}
 
 impl TestDev for G<'_> {
     fn put<T: Elem>(&self, x: &[T]) -> Dv<T> {
@@ -163,7 +82,7 @@ fn cuda_generic_ops_match_cpu() {
     let Some(be) = backend("cuda_generic_ops_match_cpu") else {
         return;
     };
-    op_cases::generic_ops(&G::new(&be));
+    op_cases::generic_ops(&be, &G::new(&be));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -173,7 +92,7 @@ fn cuda_asa_elementwise_ops_match_cpu() {
     let Some(be) = backend("cuda_asa_elementwise_ops_match_cpu") else {
         return;
     };
-    op_cases::asa_elementwise_ops(&G::new(&be));
+    op_cases::asa_elementwise_ops(&be, &G::new(&be));
 }
 
 #[test]
@@ -181,7 +100,7 @@ fn cuda_asa_slot_ops_match_cpu() {
     let Some(be) = backend("cuda_asa_slot_ops_match_cpu") else {
         return;
     };
-    op_cases::asa_slot_ops(&G::new(&be));
+    op_cases::asa_slot_ops(&be, &G::new(&be));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -367,7 +286,7 @@ fn cuda_fused_scan_read_matches_cpu() {
     };
     let g = G::new(&be);
     for cs in &fused_case::fused_cases() {
-        fused_case::fused_case_matches_cpu(&g, cs, 1e-5);
+        fused_case::fused_case_matches_cpu(&be, &g, cs, 1e-5);
     }
 }
 

@@ -1,13 +1,14 @@
-//! A device for tests: memory (upload, zeroed buffers, download) plus the launchers (`Ops`), so
-//! one test body runs on a GPU (tests/cuda_ops.rs) and in the SIMT emulator (tests/cuda_emu.rs).
+//! Device memory for tests (upload, zeroed buffers, download), beside the device's launchers, so
+//! that one test body runs on a GPU (tests/cuda_ops.rs) and in the SIMT emulator
+//! (tests/cuda_emu.rs).
 
 #![allow(dead_code)]
 
-use asa::backend::cuda::{Dv, Ops, Precision};
+use asa::backend::cuda::{Dv, Precision};
 
 pub use asa::backend::cuda::Elem;
 
-pub trait TestDev: Ops {
+pub trait TestDev {
     /// A new buffer holding `x` (kept alive as long as the device).
     fn put<T: Elem>(&self, x: &[T]) -> Dv<T>;
     /// A new zeroed buffer of `n` elements.

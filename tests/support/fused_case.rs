@@ -1,5 +1,5 @@
 //! The fused write scan + read (`cuda/fused.cu`, `backend::cuda::fused`) against the CPU
-//! twins' chain, on any [`TestDev`]: a GPU (tests/cuda_ops.rs) or the SIMT emulator
+//! twins' chain, on any device ([`GridLaunch`] for launches, [`TestDev`] for memory): a GPU (tests/cuda_ops.rs) or the SIMT emulator
 //! (tests/cuda_emu.rs).
 
 #![allow(dead_code, clippy::too_many_arguments)]
@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cuda::ops::DevSlotMask;
-use asa::backend::cuda::Dv;
+use asa::backend::cuda::{Dv, GridLaunch};
 
 use crate::check::{close, rv};
 use crate::dev::TestDev;
@@ -40,7 +40,12 @@ pub struct FusedCase {
 /// The fused forward, state mix, state dot and backward against the CPU twins' chain
 /// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
 /// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
-pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
+pub fn fused_case_matches_cpu<D: GridLaunch, M: TestDev>(
+    dev: &D,
+    mem: &M,
+    cs: &FusedCase,
+    tol: f64,
+) {
     use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
     let mut r = ChaCha8Rng::seed_from_u64(cs.seed);
     let dm = SlotDims {
@@ -74,7 +79,7 @@ pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
     let sw = rv(&mut r, bhtk, 1.0);
     let (gamma, rtemp) = (0.8f32, 1.3f32);
     let keepv: Vec<bool> = (0..nk).map(|s| s % 3 != 1).collect();
-    let keep_i = dev.put(&keepv.iter().map(|&x| x as i32).collect::<Vec<_>>());
+    let keep_i = mem.put(&keepv.iter().map(|&x| x as i32).collect::<Vec<_>>());
     let sk = cs.mask.map(|(lpo, _)| SlotKeep {
         keep: keepv.clone(),
         last_pos_only: lpo,
@@ -111,21 +116,21 @@ pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
     // GPU forward
     let plan = FusedPlan::new(dm, cs.chunk, cs.tile).expect("fused plan");
     let (n64, n32) = plan.ws_len();
-    let b64 = dev.zeroed::<f64>(n64);
-    let b32 = dev.zeroed::<f32>(n32);
+    let b64 = mem.zeroed::<f64>(n64);
+    let b32 = mem.zeroed::<f32>(n32);
     let ws = FusedWs::carve(&plan, b64, b32);
     let (wl_d, v_d, q_d, keys_d, sw_d) = (
-        dev.put(&wl),
-        dev.put(&v),
-        dev.put(&q),
-        dev.put(&keys),
-        dev.put(&sw),
+        mem.put(&wl),
+        mem.put(&v),
+        mem.put(&q),
+        mem.put(&keys),
+        mem.put(&sw),
     );
-    let (out1_d, rw_d) = (dev.zeroed::<f32>(bhtd), dev.zeroed::<f32>(bhtk));
+    let (out1_d, rw_d) = (mem.zeroed::<f32>(bhtd), mem.zeroed::<f32>(bhtk));
     let (lk_d, lc_d, lg_d) = (
-        dev.zeroed::<f32>(bhtk),
-        dev.zeroed::<f32>(bhtk),
-        dev.zeroed::<f32>(bhtk),
+        mem.zeroed::<f32>(bhtk),
+        mem.zeroed::<f32>(bhtk),
+        mem.zeroed::<f32>(bhtk),
     );
     let dmask = cs.mask.map(|(lpo, m)| DevSlotMask {
         keep: keep_i,
@@ -148,21 +153,21 @@ pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
         content: cs.content,
     };
     fused::forward(dev, &plan, &ws, &io).unwrap();
-    close(&format!("fused rmax {tag}"), &dev.get(ws.rmax), &rm, tol);
-    close(&format!("fused den {tag}"), &dev.get(ws.den), &den, tol);
-    close(&format!("fused lkey {tag}"), &dev.get(lk_d), &lk, tol);
+    close(&format!("fused rmax {tag}"), &mem.get(ws.rmax), &rm, tol);
+    close(&format!("fused den {tag}"), &mem.get(ws.den), &den, tol);
+    close(&format!("fused lkey {tag}"), &mem.get(lk_d), &lk, tol);
     if cs.content {
-        close(&format!("fused lcont {tag}"), &dev.get(lc_d), &lc, tol);
+        close(&format!("fused lcont {tag}"), &mem.get(lc_d), &lc, tol);
     }
-    close(&format!("fused logits {tag}"), &dev.get(lg_d), &lg, tol);
-    close(&format!("fused rw {tag}"), &dev.get(rw_d), &rw, tol);
-    close(&format!("fused out1 {tag}"), &dev.get(out1_d), &out1, tol);
+    close(&format!("fused logits {tag}"), &mem.get(lg_d), &lg, tol);
+    close(&format!("fused rw {tag}"), &mem.get(rw_d), &rw, tol);
+    close(&format!("fused out1 {tag}"), &mem.get(out1_d), &out1, tol);
     if cs.refine {
-        let delta_d = dev.zeroed::<f32>(bhtd);
+        let delta_d = mem.zeroed::<f32>(bhtd);
         fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d).unwrap();
         close(
             &format!("fused delta {tag}"),
-            &dev.get(delta_d),
+            &mem.get(delta_d),
             &delta,
             tol,
         );
@@ -213,22 +218,22 @@ pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
         &mut dwl, &mut dv, &dstate, &st, &den, &rm, &wl, &v, cs.chunk, dm,
     );
     let (dout1_d, ddelta_d, drw_d, dsw_d) = (
-        dev.put(&dout1),
-        dev.put(&ddelta),
-        dev.put(&drw_ref),
-        dev.zeroed::<f32>(bhtk),
+        mem.put(&dout1),
+        mem.put(&ddelta),
+        mem.put(&drw_ref),
+        mem.zeroed::<f32>(bhtk),
     );
     if cs.refine {
         fused::dot(dev, &plan, &ws, dsw_d, ddelta_d, wl_d, v_d).unwrap();
-        close(&format!("fused dsw {tag}"), &dev.get(dsw_d), &dsw, tol);
+        close(&format!("fused dsw {tag}"), &mem.get(dsw_d), &dsw, tol);
     }
     let (dwl_d, dv_d, dq_d, dk_d) = (
-        dev.zeroed::<f32>(bhkt),
-        dev.zeroed::<f32>(bhtd),
-        dev.zeroed::<f32>(bhtd),
-        dev.zeroed::<f32>(h * nk * d),
+        mem.zeroed::<f32>(bhkt),
+        mem.zeroed::<f32>(bhtd),
+        mem.zeroed::<f32>(bhtd),
+        mem.zeroed::<f32>(h * nk * d),
     );
-    let dg = dev.zeroed::<f64>(1);
+    let dg = mem.zeroed::<f64>(1);
     let bio = BwdIo {
         dwl: dwl_d,
         dv: dv_d,
@@ -251,12 +256,12 @@ pub fn fused_case_matches_cpu<D: TestDev>(dev: &D, cs: &FusedCase, tol: f64) {
         content: cs.content,
     };
     fused::backward(dev, &plan, &ws, &bio).unwrap();
-    close(&format!("fused dq {tag}"), &dev.get(dq_d), &dq, tol);
-    close(&format!("fused dkeys {tag}"), &dev.get(dk_d), &dkeys, tol);
-    close(&format!("fused dv {tag}"), &dev.get(dv_d), &dv, tol);
-    close(&format!("fused dwl {tag}"), &dev.get(dwl_d), &dwl, tol);
+    close(&format!("fused dq {tag}"), &mem.get(dq_d), &dq, tol);
+    close(&format!("fused dkeys {tag}"), &mem.get(dk_d), &dkeys, tol);
+    close(&format!("fused dv {tag}"), &mem.get(dv_d), &dv, tol);
+    close(&format!("fused dwl {tag}"), &mem.get(dwl_d), &dwl, tol);
     if cs.content {
-        let gd = dev.get(dg)[0];
+        let gd = mem.get(dg)[0];
         assert!(
             (gd - dgam).abs() <= tol * dgam.abs().max(1.0),
             "fused dgamma {gd} vs {dgam} {tag}"

@@ -1,5 +1,5 @@
 //! The op-level CUDA tests (every launcher against its CPU twin on random inputs), written
-//! against [`TestDev`] so that they run on a GPU (tests/cuda_ops.rs) and in the SIMT emulator
+//! against [`Ops`] (launches) and [`TestDev`] (memory) so that they run on a GPU (tests/cuda_ops.rs) and in the SIMT emulator
 //! (tests/cuda_emu.rs).
 
 #![allow(dead_code, clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -7,7 +7,7 @@
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
-use asa::backend::cuda::{AsDv, Precision};
+use asa::backend::cuda::{AsDv, Ops, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 
@@ -28,7 +28,7 @@ pub fn dims() -> SlotDims {
 }
 
 /// `cuda_generic_ops_match_cpu` of tests/cuda_ops.rs, on any device.
-pub fn generic_ops<D: TestDev>(dev: &D) {
+pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(1);
     let (b, t, c, v, hid) = (2, 5, 24, 13, 40);
     let n = b * t;
@@ -39,105 +39,105 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
     let wpe = rv(&mut r, 8 * c, 1.0);
     let mut out = vec![0.0; n * c];
     co::encoder_forward(&mut out, &ids, &wte, Some(&wpe), b, t, c);
-    let ids_d = dev.put(&ids);
-    let (wte_d, wpe_d, out_d) = (dev.put(&wte), dev.put(&wpe), dev.zeroed::<f32>(n * c));
+    let ids_d = mem.put(&ids);
+    let (wte_d, wpe_d, out_d) = (mem.put(&wte), mem.put(&wpe), mem.zeroed::<f32>(n * c));
     dev.encoder_forward(out_d, ids_d.dv().sub(0, n), wte_d, wpe_d, b, t, c)
         .unwrap();
-    close("encoder_forward", &dev.get(out_d), &out, 0.0);
+    close("encoder_forward", &mem.get(out_d), &out, 0.0);
     let dout = rv(&mut r, n * c, 1.0);
     let (mut dwte, mut dwpe) = (vec![0.5; v * c], vec![0.25; 8 * c]);
     co::encoder_backward(&mut dwte, Some(&mut dwpe), &dout, &ids, b, t, c);
     let (dwte_d, dwpe_d, dout_d) = (
-        dev.put(&vec![0.5; v * c]),
-        dev.put(&vec![0.25; 8 * c]),
-        dev.put(&dout),
+        mem.put(&vec![0.5; v * c]),
+        mem.put(&vec![0.25; 8 * c]),
+        mem.put(&dout),
     );
     dev.encoder_backward(dwte_d, dwpe_d, dout_d, &ids, b, t, c)
         .unwrap();
-    close("encoder_backward wte", &dev.get(dwte_d), &dwte, TOL);
-    close("encoder_backward wpe", &dev.get(dwpe_d), &dwpe, TOL);
+    close("encoder_backward wte", &mem.get(dwte_d), &dwte, TOL);
+    close("encoder_backward wpe", &mem.get(dwpe_d), &dwpe, TOL);
 
     // layernorm
     let x: Vec<f32> = rv(&mut r, n * c, 2.0).iter().map(|a| a + 0.3).collect();
     let (w, bias) = (rv(&mut r, c, 1.5), rv(&mut r, c, 1.0));
     let (mut y, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
     co::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &bias, n, c);
-    let (x_d, w_d, b_d) = (dev.put(&x), dev.put(&w), dev.put(&bias));
+    let (x_d, w_d, b_d) = (mem.put(&x), mem.put(&w), mem.put(&bias));
     let (y_d, m_d, r_d) = (
-        dev.zeroed::<f32>(n * c),
-        dev.zeroed::<f32>(n),
-        dev.zeroed::<f32>(n),
+        mem.zeroed::<f32>(n * c),
+        mem.zeroed::<f32>(n),
+        mem.zeroed::<f32>(n),
     );
     dev.layernorm_forward(y_d, m_d, r_d, x_d, w_d, b_d, n, c)
         .unwrap();
-    close("layernorm_forward", &dev.get(y_d), &y, TOL);
-    close("layernorm mean", &dev.get(m_d), &mean, TOL);
-    close("layernorm rstd", &dev.get(r_d), &rstd, TOL);
+    close("layernorm_forward", &mem.get(y_d), &y, TOL);
+    close("layernorm mean", &mem.get(m_d), &mean, TOL);
+    close("layernorm rstd", &mem.get(r_d), &rstd, TOL);
     let dy = rv(&mut r, n * c, 1.0);
     let (mut dx, mut dw, mut db) = (vec![0.1; n * c], vec![0.0; c], vec![0.0; c]);
     co::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c);
     let (dx_d, dw_d, db_d, dy_d) = (
-        dev.put(&vec![0.1; n * c]),
-        dev.zeroed::<f32>(c),
-        dev.zeroed::<f32>(c),
-        dev.put(&dy),
+        mem.put(&vec![0.1; n * c]),
+        mem.zeroed::<f32>(c),
+        mem.zeroed::<f32>(c),
+        mem.put(&dy),
     );
     dev.layernorm_backward(dx_d, dw_d, db_d, dy_d, x_d, w_d, m_d, r_d, n, c)
         .unwrap();
-    close("layernorm_backward dx", &dev.get(dx_d), &dx, TOL);
-    close("layernorm_backward dw", &dev.get(dw_d), &dw, TOL);
-    close("layernorm_backward db", &dev.get(db_d), &db, TOL);
+    close("layernorm_backward dx", &mem.get(dx_d), &dx, TOL);
+    close("layernorm_backward dw", &mem.get(dw_d), &dw, TOL);
+    close("layernorm_backward db", &mem.get(db_d), &db, TOL);
 
     // matmul, f32 and bf16
     let wm = rv(&mut r, hid * c, 0.5);
     let bm = rv(&mut r, hid, 0.5);
     let mut h = vec![0.0; n * hid];
     co::matmul_forward(&mut h, &x, &wm, Some(&bm), n, c, hid);
-    let (wm_d, bm_d, h_d) = (dev.put(&wm), dev.put(&bm), dev.zeroed::<f32>(n * hid));
+    let (wm_d, bm_d, h_d) = (mem.put(&wm), mem.put(&bm), mem.zeroed::<f32>(n * hid));
     dev.matmul_forward(h_d, x_d, wm_d, bm_d, n, c, hid).unwrap();
-    close("matmul_forward", &dev.get(h_d), &h, TOL);
+    close("matmul_forward", &mem.get(h_d), &h, TOL);
     let dh = rv(&mut r, n * hid, 1.0);
     let (mut dxm, mut dwm, mut dbm) = (vec![0.0; n * c], vec![0.0; hid * c], vec![0.0; hid]);
     co::matmul_backward(&mut dxm, &mut dwm, Some(&mut dbm), &dh, &x, &wm, n, c, hid);
     let (dxm_d, dwm_d, dbm_d, dh_d) = (
-        dev.zeroed::<f32>(n * c),
-        dev.zeroed::<f32>(hid * c),
-        dev.zeroed::<f32>(hid),
-        dev.put(&dh),
+        mem.zeroed::<f32>(n * c),
+        mem.zeroed::<f32>(hid * c),
+        mem.zeroed::<f32>(hid),
+        mem.put(&dh),
     );
     dev.matmul_backward(dxm_d, dwm_d, dbm_d, dh_d, x_d, wm_d, n, c, hid)
         .unwrap();
-    close("matmul_backward dinp", &dev.get(dxm_d), &dxm, TOL);
-    close("matmul_backward dweight", &dev.get(dwm_d), &dwm, TOL);
-    close("matmul_backward dbias", &dev.get(dbm_d), &dbm, TOL);
+    close("matmul_backward dinp", &mem.get(dxm_d), &dxm, TOL);
+    close("matmul_backward dweight", &mem.get(dwm_d), &dwm, TOL);
+    close("matmul_backward dbias", &mem.get(dbm_d), &dbm, TOL);
     // bf16 GEMM inputs (devices with that path)
-    if dev.try_precision(Precision::Bf16) {
-        let h16 = dev.zeroed::<f32>(n * hid);
+    if mem.try_precision(Precision::Bf16) {
+        let h16 = mem.zeroed::<f32>(n * hid);
         dev.matmul_forward(h16, x_d, wm_d, bm_d, n, c, hid).unwrap();
-        close("matmul_forward bf16", &dev.get(h16), &h, 3e-2);
-        dev.try_precision(Precision::F32);
+        close("matmul_forward bf16", &mem.get(h16), &h, 3e-2);
+        mem.try_precision(Precision::F32);
     }
 
     // gelu
     let mut gl = vec![0.0; n * hid];
     co::gelu_forward(&mut gl, &h);
-    let gl_d = dev.zeroed::<f32>(n * hid);
+    let gl_d = mem.zeroed::<f32>(n * hid);
     dev.gelu_forward(gl_d, h_d).unwrap();
-    close("gelu_forward", &dev.get(gl_d), &gl, TOL);
+    close("gelu_forward", &mem.get(gl_d), &gl, TOL);
     let mut dgl = vec![0.0; n * hid];
     co::gelu_backward(&mut dgl, &h, &dh);
-    let dgl_d = dev.zeroed::<f32>(n * hid);
+    let dgl_d = mem.zeroed::<f32>(n * hid);
     dev.gelu_backward(dgl_d, h_d, dh_d).unwrap();
-    close("gelu_backward", &dev.get(dgl_d), &dgl, TOL);
+    close("gelu_backward", &mem.get(dgl_d), &dgl, TOL);
 
     // dropout: p = 0 is a copy; p = 0.5 keeps about half, mask 0 or 2, out = inp*mask
     let nn = 20_000;
     let xin = rv(&mut r, nn, 1.0);
-    let (xin_d, o_d, mk_d) = (dev.put(&xin), dev.zeroed::<f32>(nn), dev.zeroed::<f32>(nn));
+    let (xin_d, o_d, mk_d) = (mem.put(&xin), mem.zeroed::<f32>(nn), mem.zeroed::<f32>(nn));
     dev.dropout_forward(o_d, mk_d, xin_d, 0.0, 7).unwrap();
-    close("dropout p=0", &dev.get(o_d), &xin, 0.0);
+    close("dropout p=0", &mem.get(o_d), &xin, 0.0);
     dev.dropout_forward(o_d, mk_d, xin_d, 0.5, 7).unwrap();
-    let (o, mk) = (dev.get(o_d), dev.get(mk_d));
+    let (o, mk) = (mem.get(o_d), mem.get(mk_d));
     let kept = mk.iter().filter(|&&m| m != 0.0).count();
     assert!((9_000..=11_000).contains(&kept), "dropout kept {kept}");
     for i in 0..nn {
@@ -145,18 +145,18 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
         assert_eq!(o[i], xin[i] * mk[i]);
     }
     dev.dropout_forward(o_d, mk_d, xin_d, 0.5, 7).unwrap();
-    assert_eq!(dev.get(mk_d), mk, "same seed, same mask");
-    let ddx_d = dev.put(&vec![1.0; nn]);
+    assert_eq!(mem.get(mk_d), mk, "same seed, same mask");
+    let ddx_d = mem.put(&vec![1.0; nn]);
     dev.dropout_backward(ddx_d, xin_d, mk_d).unwrap();
     let want: Vec<f32> = (0..nn).map(|i| 1.0 + xin[i] * mk[i]).collect();
-    close("dropout_backward", &dev.get(ddx_d), &want, 0.0);
+    close("dropout_backward", &mem.get(ddx_d), &want, 0.0);
 
     // residual
     let mut res = vec![0.0; n * c];
     co::residual_forward(&mut res, &x, &dy);
-    let res_d = dev.zeroed::<f32>(n * c);
+    let res_d = mem.zeroed::<f32>(n * c);
     dev.residual_forward(res_d, x_d, dy_d).unwrap();
-    close("residual_forward", &dev.get(res_d), &res, 0.0);
+    close("residual_forward", &mem.get(res_d), &res, 0.0);
 
     // cross-entropy with an invalid row and an ignored target
     let logits = rv(&mut r, n * v, 3.0);
@@ -176,23 +176,23 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
         n,
         v,
     );
-    let lg_d = dev.put(&logits);
-    let rl = dev.zeroed::<f64>(n);
-    let tg = dev.put(&targets);
-    let vd = dev.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
+    let lg_d = mem.put(&logits);
+    let rl = mem.zeroed::<f64>(n);
+    let tg = mem.put(&targets);
+    let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
     dev.crossentropy_forward(lg_d, rl.dv(), lg_d, tg.dv(), vd.dv(), n, v)
         .unwrap();
-    close("crossentropy probs", &dev.get(lg_d), &probs, TOL);
-    let sum = dev.zeroed::<f64>(1);
+    close("crossentropy probs", &mem.get(lg_d), &probs, TOL);
+    let sum = mem.zeroed::<f64>(1);
     dev.sum_f64(sum.dv(), rl.dv(), false).unwrap();
-    let gl_loss = dev.get(sum.dv())[0] / count as f64;
+    let gl_loss = mem.get(sum.dv())[0] / count as f64;
     assert!(
         (gl_loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
         "loss {gl_loss} vs {loss}"
     );
     dev.crossentropy_backward(lg_d, lg_d, tg.dv(), vd.dv(), 1.0 / count as f32, n, v, true)
         .unwrap();
-    close("crossentropy_backward in place", &dev.get(lg_d), &dl, TOL);
+    close("crossentropy_backward in place", &mem.get(lg_d), &dl, TOL);
 
     // AdamW, global norm, clipping
     let cfg = AdamWConfig {
@@ -206,30 +206,30 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
     ps.push("a", &[300], rv(&mut r, 300, 1.0));
     ps.push("b", &[7], rv(&mut r, 7, 1.0));
     let mut opt = AdamW::new(cfg, &ps);
-    let p_d = dev.put(&ps.data.concat());
-    let (m_d, v_d) = (dev.zeroed::<f32>(307), dev.zeroed::<f32>(307));
+    let p_d = mem.put(&ps.data.concat());
+    let (m_d, v_d) = (mem.zeroed::<f32>(307), mem.zeroed::<f32>(307));
     for step in 1..=3u64 {
         let mut gs = ps.zeros_like();
         gs.data[0] = rv(&mut r, 300, 2.0);
         gs.data[1] = rv(&mut r, 7, 2.0);
-        let g_d = dev.put(&gs.data.concat());
-        let norm_d = dev.zeroed::<f64>(1);
+        let g_d = mem.put(&gs.data.concat());
+        let norm_d = mem.zeroed::<f64>(1);
         dev.global_norm(norm_d.dv(), g_d).unwrap();
-        let gn = dev.get(norm_d.dv())[0];
+        let gn = mem.get(norm_d.dv())[0];
         let want = clip_grad_norm(&mut gs, 1.0);
         assert!(
             (gn - want).abs() < 1e-9 * want,
             "global_norm {gn} vs {want}"
         );
         dev.clip_scale(g_d, norm_d.dv(), 1.0).unwrap();
-        close("clip_scale", &dev.get(g_d), &gs.data.concat(), 1e-6);
+        close("clip_scale", &mem.get(g_d), &gs.data.concat(), 1e-6);
         let lr = 1e-2 * step as f64;
         opt.step(&mut ps, &gs, lr);
         dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step)
             .unwrap();
         close(
             "adamw_update params",
-            &dev.get(p_d),
+            &mem.get(p_d),
             &ps.data.concat(),
             1e-6,
         );
@@ -238,7 +238,7 @@ pub fn generic_ops<D: TestDev>(dev: &D) {
 }
 
 /// `cuda_asa_elementwise_ops_match_cpu` of tests/cuda_ops.rs, on any device.
-pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
+pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(2);
     let dm = dims();
     let (b, h, t, d) = (dm.b, dm.h, dm.t, dm.d);
@@ -250,32 +250,32 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
     let mut y = vec![0.0; n];
     ca::rope_forward(&mut y, &x, &tab, b * h);
     let (x_d, y_d, cos, sin) = (
-        dev.put(&x),
-        dev.zeroed::<f32>(n),
-        dev.put(&tab.cos),
-        dev.put(&tab.sin),
+        mem.put(&x),
+        mem.zeroed::<f32>(n),
+        mem.put(&tab.cos),
+        mem.put(&tab.sin),
     );
     dev.rope_forward(y_d, x_d, cos, sin, b * h, t, d).unwrap();
-    close("rope_forward", &dev.get(y_d), &y, TOL);
+    close("rope_forward", &mem.get(y_d), &y, TOL);
     let gy = rv(&mut r, n, 1.0);
     let mut dx = vec![0.3; n];
     ca::rope_backward(&mut dx, &gy, &tab, b * h);
-    let (dx_d, gy_d) = (dev.put(&vec![0.3; n]), dev.put(&gy));
+    let (dx_d, gy_d) = (mem.put(&vec![0.3; n]), mem.put(&gy));
     dev.rope_backward(dx_d, gy_d, cos, sin, b * h, t, d)
         .unwrap();
-    close("rope_backward", &dev.get(dx_d), &dx, TOL);
+    close("rope_backward", &mem.get(dx_d), &dx, TOL);
 
     // heads
     let mut sh = vec![0.0; n];
     ca::split_heads(&mut sh, &x, b, t, h, d);
-    let sh_d = dev.zeroed::<f32>(n);
+    let sh_d = mem.zeroed::<f32>(n);
     dev.split_heads(sh_d, x_d, b, t, h, d).unwrap();
-    close("split_heads", &dev.get(sh_d), &sh, 0.0);
+    close("split_heads", &mem.get(sh_d), &sh, 0.0);
     let mut mh = vec![1.0; n];
     ca::merge_heads_acc(&mut mh, &x, b, t, h, d);
-    let mh_d = dev.put(&vec![1.0; n]);
+    let mh_d = mem.put(&vec![1.0; n]);
     dev.merge_heads(mh_d, x_d, b, t, h, d).unwrap();
-    close("merge_heads", &dev.get(mh_d), &mh, 0.0);
+    close("merge_heads", &mem.get(mh_d), &mh, 0.0);
 
     // l2normalize (one zero row)
     let mut xz = x.clone();
@@ -283,77 +283,77 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
     let rows = n / d;
     let (mut o, mut nrm) = (vec![0.0; n], vec![0.0; rows]);
     ca::l2normalize_forward(&mut o, &mut nrm, &xz, d);
-    let (xz_d, o_d, nrm_d) = (dev.put(&xz), dev.zeroed::<f32>(n), dev.zeroed::<f32>(rows));
+    let (xz_d, o_d, nrm_d) = (mem.put(&xz), mem.zeroed::<f32>(n), mem.zeroed::<f32>(rows));
     dev.l2normalize_forward(o_d, nrm_d, xz_d, d).unwrap();
-    close("l2normalize_forward", &dev.get(o_d), &o, TOL);
-    close("l2normalize norm", &dev.get(nrm_d), &nrm, TOL);
+    close("l2normalize_forward", &mem.get(o_d), &o, TOL);
+    close("l2normalize norm", &mem.get(nrm_d), &nrm, TOL);
     let mut dxz = vec![0.0; n];
     ca::l2normalize_backward(&mut dxz, &gy, &o, &nrm, d);
-    let dxz_d = dev.zeroed::<f32>(n);
+    let dxz_d = mem.zeroed::<f32>(n);
     dev.l2normalize_backward(dxz_d, gy_d, o_d, nrm_d, d)
         .unwrap();
-    close("l2normalize_backward", &dev.get(dxz_d), &dxz, TOL);
+    close("l2normalize_backward", &mem.get(dxz_d), &dxz, TOL);
 
     // phi, tanh, mask_rows, softmax_slots, slot_mask_weights
     let mut p = vec![0.0; n];
     ca::phi_forward(&mut p, &x);
-    let p_d = dev.zeroed::<f32>(n);
+    let p_d = mem.zeroed::<f32>(n);
     dev.phi_forward(p_d, x_d).unwrap();
-    close("phi_forward", &dev.get(p_d), &p, TOL);
+    close("phi_forward", &mem.get(p_d), &p, TOL);
     let mut dp = vec![0.0; n];
     ca::phi_backward(&mut dp, &x, &gy);
-    let dp_d = dev.zeroed::<f32>(n);
+    let dp_d = mem.zeroed::<f32>(n);
     dev.phi_backward(dp_d, x_d, gy_d).unwrap();
-    close("phi_backward", &dev.get(dp_d), &dp, TOL);
+    close("phi_backward", &mem.get(dp_d), &dp, TOL);
     let mut th = vec![0.0; n];
     ca::tanh_forward(&mut th, &x);
-    let th_d = dev.zeroed::<f32>(n);
+    let th_d = mem.zeroed::<f32>(n);
     dev.tanh_forward(th_d, x_d).unwrap();
-    close("tanh_forward", &dev.get(th_d), &th, TOL);
+    close("tanh_forward", &mem.get(th_d), &th, TOL);
     let mut dth = vec![0.0; n];
     ca::tanh_backward(&mut dth, &th, &gy);
-    let dth_d = dev.zeroed::<f32>(n);
+    let dth_d = mem.zeroed::<f32>(n);
     dev.tanh_backward(dth_d, th_d, gy_d).unwrap();
-    close("tanh_backward", &dev.get(dth_d), &dth, TOL);
+    close("tanh_backward", &mem.get(dth_d), &dth, TOL);
     let valid: Vec<bool> = (0..b * t).map(|i| i % 7 != 3).collect();
-    let vd = dev.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
+    let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
     let mut xm = x.clone();
     ca::mask_rows_forward(&mut xm, &valid, h, t, d);
-    let xm_d = dev.put(&x);
+    let xm_d = mem.put(&x);
     dev.mask_rows(xm_d, vd.dv(), h, t, d).unwrap();
-    close("mask_rows", &dev.get(xm_d), &xm, 0.0);
+    close("mask_rows", &mem.get(xm_d), &xm, 0.0);
 
     let nk = dm.k;
     let z = rv(&mut r, b * h * t * nk, 3.0);
     let mut sw = vec![0.0; z.len()];
     ca::softmax_slots_forward(&mut sw, &z, nk);
-    let (z_d, sw_d) = (dev.put(&z), dev.zeroed::<f32>(z.len()));
+    let (z_d, sw_d) = (mem.put(&z), mem.zeroed::<f32>(z.len()));
     dev.softmax_slots_forward(sw_d, z_d, nk).unwrap();
-    close("softmax_slots_forward", &dev.get(sw_d), &sw, TOL);
+    close("softmax_slots_forward", &mem.get(sw_d), &sw, TOL);
     let gz = rv(&mut r, z.len(), 1.0);
     let mut dz = vec![0.0; z.len()];
     ca::softmax_slots_backward(&mut dz, &sw, &gz, nk);
-    let (dz_d, gz_d) = (dev.zeroed::<f32>(z.len()), dev.put(&gz));
+    let (dz_d, gz_d) = (mem.zeroed::<f32>(z.len()), mem.put(&gz));
     dev.softmax_slots_backward(dz_d, sw_d, gz_d, nk).unwrap();
-    close("softmax_slots_backward", &dev.get(dz_d), &dz, TOL);
+    close("softmax_slots_backward", &mem.get(dz_d), &dz, TOL);
     for (lpo, renorm) in [(false, true), (true, true), (false, false)] {
         let keep = SlotKeep {
             keep: vec![true, false, true, true, false],
             last_pos_only: lpo,
         };
-        let keep_d = dev.put(&keep.keep.iter().map(|&k| k as i32).collect::<Vec<_>>());
+        let keep_d = mem.put(&keep.keep.iter().map(|&k| k as i32).collect::<Vec<_>>());
         let (mut w, mut pre) = (sw.clone(), vec![0.0; sw.len()]);
         ca::slot_mask_weights_forward(&mut w, &mut pre, &keep, renorm, dm);
-        let (w_d, pre_d) = (dev.put(&sw), dev.zeroed::<f32>(sw.len()));
+        let (w_d, pre_d) = (mem.put(&sw), mem.zeroed::<f32>(sw.len()));
         dev.slot_mask_weights_forward(w_d, pre_d, keep_d.dv(), lpo, renorm, dm)
             .unwrap();
-        close("slot_mask_weights_forward", &dev.get(w_d), &w, TOL);
+        close("slot_mask_weights_forward", &mem.get(w_d), &w, TOL);
         let mut dpre = vec![0.0; sw.len()];
         ca::slot_mask_weights_backward(&mut dpre, &gz, &w, &pre, &keep, renorm, dm);
-        let dpre_d = dev.zeroed::<f32>(sw.len());
+        let dpre_d = mem.zeroed::<f32>(sw.len());
         dev.slot_mask_weights_backward(dpre_d, gz_d, w_d, pre_d, keep_d.dv(), lpo, renorm, dm)
             .unwrap();
-        close("slot_mask_weights_backward", &dev.get(dpre_d), &dpre, TOL);
+        close("slot_mask_weights_backward", &mem.get(dpre_d), &dpre, TOL);
     }
 
     // linear attention, M = 8, 64 and 100
@@ -378,29 +378,29 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
         ca::linear_attn_backward(
             &mut dq, &mut dk, &mut dv, &go, &out, &den, &qf, &kf, &vv, t, m,
         );
-        let (q_d, k_d, v_d, go_d) = (dev.put(&qf), dev.put(&kf), dev.put(&vv), dev.put(&go));
+        let (q_d, k_d, v_d, go_d) = (mem.put(&qf), mem.put(&kf), mem.put(&vv), mem.put(&go));
         // the serial walk (one chunk), uneven chunks, and single steps
         for chunk in [t, 5, 2, 1] {
-            let (o_d, den_d) = (dev.zeroed::<f32>(len), dev.zeroed::<f32>(nrow * t));
+            let (o_d, den_d) = (mem.zeroed::<f32>(len), mem.zeroed::<f32>(nrow * t));
             dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(chunk))
                 .unwrap();
             let tag = format!("m{m} chunk {chunk}");
             close(
                 &format!("linear_attn_forward {tag}"),
-                &dev.get(o_d),
+                &mem.get(o_d),
                 &out,
                 TOL,
             );
             close(
                 &format!("linear_attn den {tag}"),
-                &dev.get(den_d),
+                &mem.get(den_d),
                 &den,
                 TOL,
             );
             let (dq_d, dk_d, dv_d) = (
-                dev.zeroed::<f32>(len),
-                dev.zeroed::<f32>(len),
-                dev.zeroed::<f32>(len),
+                mem.zeroed::<f32>(len),
+                mem.zeroed::<f32>(len),
+                mem.zeroed::<f32>(len),
             );
             dev.linear_attn_backward(
                 dq_d,
@@ -419,19 +419,19 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
             .unwrap();
             close(
                 &format!("linear_attn_backward dq {tag}"),
-                &dev.get(dq_d),
+                &mem.get(dq_d),
                 &dq,
                 TOL,
             );
             close(
                 &format!("linear_attn_backward dk {tag}"),
-                &dev.get(dk_d),
+                &mem.get(dk_d),
                 &dk,
                 TOL,
             );
             close(
                 &format!("linear_attn_backward dv {tag}"),
-                &dev.get(dv_d),
+                &mem.get(dv_d),
                 &dv,
                 TOL,
             );
@@ -440,7 +440,7 @@ pub fn asa_elementwise_ops<D: TestDev>(dev: &D) {
 }
 
 /// `cuda_asa_slot_ops_match_cpu` of tests/cuda_ops.rs, on any device.
-pub fn asa_slot_ops<D: TestDev>(dev: &D) {
+pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(3);
     let dm = dims();
     let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
@@ -451,13 +451,13 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
     let bias = vec![0.05f32, -0.02];
     // left padding in batch 1
     let valid: Vec<bool> = (0..b * t).map(|i| !(i >= t && i < t + 4)).collect();
-    let vd = dev.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
+    let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
     let (keys_d, k_d, v_d, q_d, bias_d) = (
-        dev.put(&keys),
-        dev.put(&kk),
-        dev.put(&vv),
-        dev.put(&q),
-        dev.put(&bias),
+        mem.put(&keys),
+        mem.put(&kk),
+        mem.put(&vv),
+        mem.put(&q),
+        mem.put(&bias),
     );
 
     // write logits
@@ -473,11 +473,11 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         Some(&valid),
         dm,
     );
-    let (raw_d, wl_d) = (dev.zeroed::<f32>(bhkt), dev.zeroed::<f32>(bhkt));
+    let (raw_d, wl_d) = (mem.zeroed::<f32>(bhkt), mem.zeroed::<f32>(bhkt));
     dev.write_logits_forward(raw_d, wl_d, keys_d, k_d, 0.7, bias_d, vd.dv(), dm)
         .unwrap();
-    close("write_logits raw", &dev.get(raw_d), &raw, TOL);
-    close("write_logits wl", &dev.get(wl_d), &wl, TOL);
+    close("write_logits raw", &mem.get(raw_d), &raw, TOL);
+    close("write_logits wl", &mem.get(wl_d), &wl, TOL);
     let gw = rv(&mut r, bhkt, 1.0);
     let (mut dkeys, mut dk, mut dbias) =
         (vec![0.0; h * nk * d], vec![0.0; kk.len()], vec![0.0f64; h]);
@@ -493,26 +493,26 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         dm,
     );
     let (dkeys_d, dk_d, gw_d) = (
-        dev.zeroed::<f32>(h * nk * d),
-        dev.zeroed::<f32>(kk.len()),
-        dev.put(&gw),
+        mem.zeroed::<f32>(h * nk * d),
+        mem.zeroed::<f32>(kk.len()),
+        mem.put(&gw),
     );
-    let pb = dev.zeroed::<f64>(b * h * nk);
+    let pb = mem.zeroed::<f64>(b * h * nk);
     dev.write_logits_backward(dkeys_d, dk_d, pb.dv(), gw_d, keys_d, k_d, 0.7, vd.dv(), dm)
         .unwrap();
     close(
         "write_logits_backward dkeys",
-        &dev.get(dkeys_d),
+        &mem.get(dkeys_d),
         &dkeys,
         TOL,
     );
-    close("write_logits_backward dk", &dev.get(dk_d), &dk, TOL);
+    close("write_logits_backward dk", &mem.get(dk_d), &dk, TOL);
     let slopes = vec![0.5f32, 0.25];
-    let sl_d = dev.put(&slopes);
-    let da = dev.zeroed::<f32>(1);
+    let sl_d = mem.put(&slopes);
+    let da = mem.zeroed::<f32>(1);
     dev.alibi_grad(da, pb.dv(), sl_d, 0.5, b, h, nk).unwrap();
     let want = (dbias[0] * 0.5 + dbias[1] * 0.25) * 0.5;
-    close("alibi_grad", &dev.get(da), &[want as f32], TOL);
+    close("alibi_grad", &mem.get(da), &[want as f32], TOL);
 
     // write scan, several chunk sizes, forward and backward
     for chunk in [1usize, 4, 16, 64] {
@@ -520,27 +520,27 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         let (mut st, mut den, mut rm) = (vec![0.0; st_len], vec![0.0; bhkt], vec![0.0; bhkt]);
         ca::slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &vv, chunk, dm);
         let (st_d, den_d, rm_d) = (
-            dev.zeroed::<f32>(st_len),
-            dev.zeroed::<f32>(bhkt),
-            dev.zeroed::<f32>(bhkt),
+            mem.zeroed::<f32>(st_len),
+            mem.zeroed::<f32>(bhkt),
+            mem.zeroed::<f32>(bhkt),
         );
         dev.slot_scan_forward(st_d, den_d, rm_d, wl_d, v_d, chunk, dm)
             .unwrap();
         close(
             &format!("slot_scan_forward state c{chunk}"),
-            &dev.get(st_d),
+            &mem.get(st_d),
             &st,
             TOL,
         );
         close(
             &format!("slot_scan_forward den c{chunk}"),
-            &dev.get(den_d),
+            &mem.get(den_d),
             &den,
             TOL,
         );
         close(
             &format!("slot_scan_forward rmax c{chunk}"),
-            &dev.get(rm_d),
+            &mem.get(rm_d),
             &rm,
             TOL,
         );
@@ -548,21 +548,21 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         let (mut dwl, mut dv) = (vec![0.0; bhkt], vec![0.0; vv.len()]);
         ca::slot_scan_backward(&mut dwl, &mut dv, &gs, &st, &den, &rm, &wl, &vv, chunk, dm);
         let (dwl_d, dv_d, gs_d) = (
-            dev.zeroed::<f32>(bhkt),
-            dev.zeroed::<f32>(vv.len()),
-            dev.put(&gs),
+            mem.zeroed::<f32>(bhkt),
+            mem.zeroed::<f32>(vv.len()),
+            mem.put(&gs),
         );
         dev.slot_scan_backward(dwl_d, dv_d, gs_d, st_d, den_d, rm_d, wl_d, v_d, chunk, dm)
             .unwrap();
         close(
             &format!("slot_scan_backward dwl c{chunk}"),
-            &dev.get(dwl_d),
+            &mem.get(dwl_d),
             &dwl,
             TOL,
         );
         close(
             &format!("slot_scan_backward dv c{chunk}"),
-            &dev.get(dv_d),
+            &mem.get(dv_d),
             &dv,
             TOL,
         );
@@ -572,10 +572,10 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
     let st_len = b * h * t * nk * d;
     let (mut st, mut den, mut rm) = (vec![0.0; st_len], vec![0.0; bhkt], vec![0.0; bhkt]);
     ca::slot_scan_forward(&mut st, &mut den, &mut rm, &wl, &vv, 16, dm);
-    let st_d = dev.put(&st);
+    let st_d = mem.put(&st);
     let bhtk = b * h * t * nk;
     let keepv = vec![true, false, true, true, true];
-    let keep_i = dev.put(&keepv.iter().map(|&k| k as i32).collect::<Vec<_>>());
+    let keep_i = mem.put(&keepv.iter().map(|&k| k as i32).collect::<Vec<_>>());
     for (mi, mask) in [
         None,
         Some((false, ReadMask::Read)),
@@ -598,17 +598,17 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         let (mut lk, mut lc, mut lg) = (vec![0.0; bhtk], vec![0.0; bhtk], vec![0.0; bhtk]);
         ca::read_logits_forward(&mut lk, Some(&mut lc), &mut lg, &q, &keys, &st, 0.8, cm, dm);
         let (lk_d, lc_d, lg_d) = (
-            dev.zeroed::<f32>(bhtk),
-            dev.zeroed::<f32>(bhtk),
-            dev.zeroed::<f32>(bhtk),
+            mem.zeroed::<f32>(bhtk),
+            mem.zeroed::<f32>(bhtk),
+            mem.zeroed::<f32>(bhtk),
         );
         dev.read_logits_forward(lk_d, lc_d, lg_d, q_d, keys_d, st_d, 0.8, dmask, dm)
             .unwrap();
-        close(&format!("read_logits lkey {mi}"), &dev.get(lk_d), &lk, TOL);
-        close(&format!("read_logits lcont {mi}"), &dev.get(lc_d), &lc, TOL);
+        close(&format!("read_logits lkey {mi}"), &mem.get(lk_d), &lk, TOL);
+        close(&format!("read_logits lcont {mi}"), &mem.get(lc_d), &lc, TOL);
         close(
             &format!("read_logits logits {mi}"),
-            &dev.get(lg_d),
+            &mem.get(lg_d),
             &lg,
             TOL,
         );
@@ -634,12 +634,12 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
             dm,
         );
         let (dq_d, dkeys_d, dst_d, glg_d) = (
-            dev.zeroed::<f32>(q.len()),
-            dev.zeroed::<f32>(keys.len()),
-            dev.zeroed::<f32>(st_len),
-            dev.put(&glg),
+            mem.zeroed::<f32>(q.len()),
+            mem.zeroed::<f32>(keys.len()),
+            mem.zeroed::<f32>(st_len),
+            mem.put(&glg),
         );
-        let dg = dev.zeroed::<f64>(1);
+        let dg = mem.zeroed::<f64>(1);
         dev.read_logits_backward(
             dq_d,
             dkeys_d,
@@ -657,23 +657,23 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         .unwrap();
         close(
             &format!("read_logits_backward dq {mi}"),
-            &dev.get(dq_d),
+            &mem.get(dq_d),
             &dq,
             TOL,
         );
         close(
             &format!("read_logits_backward dkeys {mi}"),
-            &dev.get(dkeys_d),
+            &mem.get(dkeys_d),
             &dkeys,
             TOL,
         );
         close(
             &format!("read_logits_backward dstate {mi}"),
-            &dev.get(dst_d),
+            &mem.get(dst_d),
             &dst,
             TOL,
         );
-        let gd = dev.get(dg.dv())[0];
+        let gd = mem.get(dg.dv())[0];
         assert!(
             (gd - dgam).abs() <= 1e-4 * dgam.abs().max(1.0),
             "dgamma {gd} vs {dgam}"
@@ -688,9 +688,9 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
         .collect::<Vec<f32>>();
     let mut ovr = rv(&mut r, bhtk, 1.0);
     ovr[3] = f32::NAN;
-    let (lg_d, ext_d, ovr_d) = (dev.put(&lg), dev.put(&ext), dev.put(&ovr));
+    let (lg_d, ext_d, ovr_d) = (mem.put(&lg), mem.put(&ext), mem.put(&ovr));
     let grw = rv(&mut r, bhtk, 1.0);
-    let grw_d = dev.put(&grw);
+    let grw_d = mem.put(&grw);
     for (ri, (cr, dr)) in [
         (Routing::Softmax, DevRouting::Softmax),
         (Routing::Top1, DevRouting::Top1),
@@ -709,23 +709,23 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
             let dk = lpo.map(|l| (keep_i.dv(), l));
             let mut rw = vec![0.0; bhtk];
             ca::read_weights_forward(&mut rw, &lg, &cr, 1.3, sk.as_ref(), dm);
-            let rw_d = dev.zeroed::<f32>(bhtk);
+            let rw_d = mem.zeroed::<f32>(bhtk);
             dev.read_weights_forward(rw_d, lg_d, dr, 1.3, dk, dm)
                 .unwrap();
             close(
                 &format!("read_weights_forward r{ri} {lpo:?}"),
-                &dev.get(rw_d),
+                &mem.get(rw_d),
                 &rw,
                 TOL,
             );
             let mut dl = vec![0.0; bhtk];
             ca::read_weights_backward(&mut dl, &grw, &rw, &lg, &cr, 1.3, sk.as_ref(), dm);
-            let dl_d = dev.zeroed::<f32>(bhtk);
+            let dl_d = mem.zeroed::<f32>(bhtk);
             dev.read_weights_backward(dl_d, grw_d, rw_d, lg_d, dr, 1.3, dk, dm)
                 .unwrap();
             close(
                 &format!("read_weights_backward r{ri} {lpo:?}"),
-                &dev.get(dl_d),
+                &mem.get(dl_d),
                 &dl,
                 TOL,
             );
@@ -734,22 +734,22 @@ pub fn asa_slot_ops<D: TestDev>(dev: &D) {
 
     // slot mix
     let w = rv(&mut r, bhtk, 1.0);
-    let w_d = dev.put(&w);
+    let w_d = mem.put(&w);
     let mut o = vec![0.0; q.len()];
     ca::slot_mix_forward(&mut o, &w, &st, dm);
-    let o_d = dev.zeroed::<f32>(q.len());
+    let o_d = mem.zeroed::<f32>(q.len());
     dev.slot_mix_forward(o_d, w_d, st_d, dm).unwrap();
-    close("slot_mix_forward", &dev.get(o_d), &o, TOL);
+    close("slot_mix_forward", &mem.get(o_d), &o, TOL);
     let go = rv(&mut r, q.len(), 1.0);
     let (mut dw, mut dst) = (vec![0.0; bhtk], vec![0.0; st_len]);
     ca::slot_mix_backward(&mut dw, &mut dst, &go, &w, &st, dm);
     let (dw_d, dst_d, go_d) = (
-        dev.zeroed::<f32>(bhtk),
-        dev.zeroed::<f32>(st_len),
-        dev.put(&go),
+        mem.zeroed::<f32>(bhtk),
+        mem.zeroed::<f32>(st_len),
+        mem.put(&go),
     );
     dev.slot_mix_backward(dw_d, dst_d, go_d, w_d, st_d, dm)
         .unwrap();
-    close("slot_mix_backward dw", &dev.get(dw_d), &dw, TOL);
-    close("slot_mix_backward dstate", &dev.get(dst_d), &dst, TOL);
+    close("slot_mix_backward dw", &mem.get(dw_d), &dw, TOL);
+    close("slot_mix_backward dstate", &mem.get(dst_d), &dst, TOL);
 }
