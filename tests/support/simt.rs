@@ -18,7 +18,7 @@ use std::sync::{Mutex, OnceLock};
 
 use std::cell::RefCell;
 
-use asa::backend::cuda::ops::Op;
+use asa::backend::cuda::ops::{Gemm, Op};
 use asa::backend::cuda::{AsDv, Device, Dv, GridLaunch, KArg, Ops, Precision, Temp};
 use cudarc::driver::LaunchConfig;
 
@@ -484,21 +484,21 @@ impl Device for EmuDev {
         4
     }
 
-    fn gemm(
-        &self,
-        ta: Op,
-        tb: Op,
-        m: usize,
-        n: usize,
-        kk: usize,
-        a: Dv<f32>,
-        lda: usize,
-        b: Dv<f32>,
-        ldb: usize,
-        c: Dv<f32>,
-        ldc: usize,
-        beta: f32,
-    ) -> asa::error::Result<()> {
+    fn gemm(&self, g: &Gemm) -> asa::error::Result<()> {
+        let Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            k: kk,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+            beta,
+        } = *g;
         // column-major: A(i,l) = a[i + l*lda] (Op::N) or a[l + i*lda] (Op::T); same for B
         let (pa, pb, pc) = (
             a.ptr as usize as *const f32,

@@ -471,25 +471,9 @@ pub trait Device: GridLaunch {
     fn set_precision(&self, p: Precision);
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
-    /// C [M,N] = A [M,K] B [K,N] + beta C, column-major with leading dimensions and operand
-    /// transposes as cuBLAS (`ops::Op`), inputs in the device's GEMM precision, f32
-    /// accumulation.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        ta: ops::Op,
-        tb: ops::Op,
-        m: usize,
-        n: usize,
-        kk: usize,
-        a: Dv<f32>,
-        lda: usize,
-        b: Dv<f32>,
-        ldb: usize,
-        c: Dv<f32>,
-        ldc: usize,
-        beta: f32,
-    ) -> Result<()>;
+    /// One GEMM ([`ops::Gemm`]: cuBLAS' conventions), inputs in the device's GEMM precision,
+    /// f32 accumulation.
+    fn gemm(&self, g: &ops::Gemm) -> Result<()>;
 
     /// Grid-stride launch shape for `n` elements (256 threads per block).
     fn cfg_elems(&self, n: usize) -> LaunchConfig {
@@ -570,22 +554,8 @@ impl Device for CudaBackend {
     fn sm_count(&self) -> usize {
         self.sm_count.max(1) as usize
     }
-    fn gemm(
-        &self,
-        ta: ops::Op,
-        tb: ops::Op,
-        m: usize,
-        n: usize,
-        kk: usize,
-        a: Dv<f32>,
-        lda: usize,
-        b: Dv<f32>,
-        ldb: usize,
-        c: Dv<f32>,
-        ldc: usize,
-        beta: f32,
-    ) -> Result<()> {
-        ops::cublas_gemm(self, ta, tb, m, n, kk, a, lda, b, ldb, c, ldc, beta)
+    fn gemm(&self, g: &ops::Gemm) -> Result<()> {
+        ops::cublas_gemm(self, g)
     }
 }
 

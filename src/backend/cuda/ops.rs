@@ -32,6 +32,52 @@ pub enum Op {
     T,
 }
 
+/// One GEMM with cuBLAS' conventions: C [m,n] = op(A) [m,k] op(B) [k,n] + beta C, column-major
+/// with leading dimensions (`Device::gemm`).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub ta: Op,
+    pub tb: Op,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Dv<f32>,
+    pub lda: usize,
+    pub b: Dv<f32>,
+    pub ldb: usize,
+    pub c: Dv<f32>,
+    pub ldc: usize,
+    pub beta: f32,
+}
+
+impl Gemm {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ta: Op,
+        tb: Op,
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (Dv<f32>, usize),
+        (b, ldb): (Dv<f32>, usize),
+        (c, ldc): (Dv<f32>, usize),
+        beta: f32,
+    ) -> Gemm {
+        Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+            beta,
+        }
+    }
+}
+
 fn k<T: Into<KArg>>(x: T) -> KArg {
     x.into()
 }
@@ -330,7 +376,15 @@ pub trait Ops: Device {
             1.0
         };
         // out^T [O,N] = W [O,I] (col-major view of W^T, transposed) x inp^T [I,N]
-        self.gemm(Op::T, Op::N, o, n, i, weight, i, inp, i, out, o, beta)
+        self.gemm(&Gemm::new(
+            Op::T,
+            Op::N,
+            (o, n, i),
+            (weight, i),
+            (inp, i),
+            (out, o),
+            beta,
+        ))
     }
 
     /// dinp[N,I] += dout[N,O] @ weight[O,I]; dweight[O,I] += dout^T @ inp; dbias[O] += column
@@ -357,10 +411,26 @@ pub trait Ops: Device {
         assert_eq!(weight.len, o * i, "matmul_backward: weight shape");
         if !dinp.is_null() {
             // dinp^T [I,N] += W^T [I,O] x dout^T [O,N]
-            self.gemm(Op::N, Op::N, i, n, o, weight, i, dout, o, dinp, i, 1.0)?;
+            self.gemm(&Gemm::new(
+                Op::N,
+                Op::N,
+                (i, n, o),
+                (weight, i),
+                (dout, o),
+                (dinp, i),
+                1.0,
+            ))?;
         }
         // dW^T [I,O] += inp^T [I,N] x dout [N,O]
-        self.gemm(Op::N, Op::T, i, o, n, inp, i, dout, o, dweight, i, 1.0)?;
+        self.gemm(&Gemm::new(
+            Op::N,
+            Op::T,
+            (i, o, n),
+            (inp, i),
+            (dout, o),
+            (dweight, i),
+            1.0,
+        ))?;
         if !dbias.is_null() {
             assert_eq!(dbias.len, o, "matmul_backward: dbias shape");
             self.colsum_add(dbias, dout, n, o)?;
@@ -1668,22 +1738,21 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
 /// Row-major GEMM through cuBLAS' column-major interface:
 /// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
 /// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn cublas_gemm(
-    be: &CudaBackend,
-    ta: Op,
-    tb: Op,
-    m: usize,
-    n: usize,
-    kk: usize,
-    a: Dv<f32>,
-    lda: usize,
-    b: Dv<f32>,
-    ldb: usize,
-    c: Dv<f32>,
-    ldc: usize,
-    beta: f32,
-) -> Result<()> {
+pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
+    let Gemm {
+        ta,
+        tb,
+        m,
+        n,
+        k: kk,
+        a,
+        lda,
+        b,
+        ldb,
+        c,
+        ldc,
+        beta,
+    } = *g;
     if m == 0 || n == 0 {
         return Ok(());
     }
