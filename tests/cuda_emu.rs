@@ -219,7 +219,7 @@ fn emu_linear_attention(
     );
     // workspaces start as NaN: every range a kernel reads must have been written
     let wf = dev.put(&vec![f64::NAN; p.ws_forward().max(1)]);
-    let ws = LinearWs::carve(&p, wf, asa::backend::cuda::Dv::null());
+    let ws = LinearWs::forward(&p, wf);
     linear::forward(&dev, &p, &ws, out_d, den_d, q_d, k_d, v_d).unwrap();
     let (dq_d, dk_d, dv_d) = (
         dev.put(&grads0[..len]),
@@ -228,7 +228,7 @@ fn emu_linear_attention(
     );
     let wb = dev.put(&vec![f64::NAN; p.ws_backward()]);
     let zl = dev.zeroed::<u8>(len);
-    let ws = LinearWs::carve(&p, wb, zl);
+    let ws = LinearWs::backward(&p, wb, zl);
     linear::backward(
         &dev, &p, &ws, dq_d, dk_d, dv_d, go_d, out_d, den_d, q_d, k_d, v_d,
     )

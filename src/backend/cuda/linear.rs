@@ -92,8 +92,8 @@ impl LinearPlan {
     }
 }
 
-/// The workspace of one call, carved by [`LinearWs::carve`]: the forward carries (cs, cz),
-/// the backward's gden and carries (ds, dz), zlive.
+/// The workspace of one call, carved by [`LinearWs::forward`] or [`LinearWs::backward`]: the
+/// forward carries (cs, cz), the backward's gden and carries (ds, dz), zlive.
 #[derive(Clone, Copy, Debug)]
 pub struct LinearWs {
     pub cs: Dv<f64>,
@@ -105,38 +105,35 @@ pub struct LinearWs {
 }
 
 impl LinearWs {
-    /// Carves the workspace out of `f` (at least `ws_forward()` or `ws_backward()` f64s) and
-    /// `zlive` (N*T*M bytes, or null for a forward). Ranges of a one-chunk plan are null.
-    pub fn carve(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>) -> LinearWs {
+    /// A forward's workspace out of `f` (at least `ws_forward()` f64s): the carries, null for
+    /// a one-chunk plan.
+    pub fn forward(p: &LinearPlan, f: Dv<f64>) -> LinearWs {
+        Self::carve(p, f, Dv::null(), false)
+    }
+
+    /// A backward's workspace out of `f` (at least `ws_backward()` f64s) and `zlive` (N*T*M
+    /// bytes): gden [N,T], then both sets of carries (null for a one-chunk plan).
+    pub fn backward(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>) -> LinearWs {
+        Self::carve(p, f, zlive, true)
+    }
+
+    fn carve(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>, backward: bool) -> LinearWs {
         let (s, z) = (p.n * p.nch * p.m * p.m, p.n * p.nch * p.m);
-        let backward = f.len >= p.ws_backward() && !zlive.is_null();
-        let part = |off: usize, len: usize| {
-            if p.chunked() {
-                f.sub(off, len)
+        // gden first in a backward's workspace, then the carries
+        let c0 = if backward { p.n * p.t } else { 0 };
+        let part = |off: usize, len: usize, want: bool| {
+            if want && p.chunked() {
+                f.sub(c0 + off, len)
             } else {
                 Dv::null()
             }
         };
-        let gden_len = if backward { p.n * p.t } else { 0 };
-        let c0 = gden_len;
         LinearWs {
-            cs: part(c0, s),
-            cz: part(c0 + s, z),
-            gden: if backward {
-                f.sub(0, gden_len)
-            } else {
-                Dv::null()
-            },
-            ds: if backward {
-                part(c0 + s + z, s)
-            } else {
-                Dv::null()
-            },
-            dz: if backward {
-                part(c0 + 2 * s + z, z)
-            } else {
-                Dv::null()
-            },
+            cs: part(0, s, true),
+            cz: part(s, z, true),
+            gden: if backward { f.sub(0, c0) } else { Dv::null() },
+            ds: part(s + z, s, backward),
+            dz: part(2 * s + z, z, backward),
             zlive,
         }
     }
@@ -329,7 +326,7 @@ pub(crate) fn forward_scratch<D: Device + ?Sized>(
     io: [Dv<f32>; 5], // out, den, qf, kf, v
 ) -> Result<()> {
     let f = dev.scratch64(p.ws_forward().max(1), false)?;
-    let ws = LinearWs::carve(p, f, Dv::null());
+    let ws = LinearWs::forward(p, f);
     let [out, den, qf, kf, v] = io;
     forward(dev, p, &ws, out, den, qf, kf, v)
 }
@@ -342,7 +339,7 @@ pub(crate) fn backward_scratch<D: Device + ?Sized>(
 ) -> Result<()> {
     let f = dev.scratch64(p.ws_backward(), false)?;
     let zlive = dev.temp::<u8>(p.n * p.t * p.m)?;
-    let ws = LinearWs::carve(p, f, zlive.dv());
+    let ws = LinearWs::backward(p, f, zlive.dv());
     let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
     backward(dev, p, &ws, dqf, dkf, dv, dout, out, den, qf, kf, v)
 }
@@ -370,7 +367,7 @@ mod tests {
         let base = 1u64 << 20;
         let f = unsafe { Dv::<f64>::from_raw(base, p.ws_backward()) };
         let z = unsafe { Dv::<u8>::from_raw(1 << 40, p.n * p.t * p.m) };
-        let ws = LinearWs::carve(&p, f, z);
+        let ws = LinearWs::backward(&p, f, z);
         let mut r: Vec<(u64, usize)> = [ws.gden, ws.cs, ws.cz, ws.ds, ws.dz]
             .iter()
             .map(|d| ((d.ptr - base) / 8, d.len))
@@ -383,7 +380,7 @@ mod tests {
         assert_eq!(last.0 + last.1 as u64, p.ws_backward() as u64);
         // a forward's workspace: carries only
         let fw = unsafe { Dv::<f64>::from_raw(base, p.ws_forward()) };
-        let ws = LinearWs::carve(&p, fw, Dv::null());
+        let ws = LinearWs::forward(&p, fw);
         assert!(ws.gden.is_null() && ws.ds.is_null() && !ws.cs.is_null());
         assert_eq!(ws.cs.ptr, base);
         assert_eq!(
