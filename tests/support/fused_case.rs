@@ -1,6 +1,6 @@
 //! The fused write scan + read (`cuda/fused.cu`, `backend::cuda::fused`) against the CPU
-//! twins' chain, on any device ([`GridLaunch`] for launches, [`TestDev`] for memory): a GPU (tests/cuda_ops.rs) or the SIMT emulator
-//! (tests/cuda_emu.rs).
+//! twins' chain, on any device ([`Device`] for launches, [`TestDev`] for memory): a GPU
+//! (tests/cuda_ops.rs) or the SIMT emulator (tests/cuda_emu.rs).
 
 #![allow(dead_code, clippy::too_many_arguments)]
 
@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cuda::ops::DevSlotMask;
-use asa::backend::cuda::{Dv, GridLaunch};
+use asa::backend::cuda::{Device, Dv};
 
 use crate::check::{close, rv};
 use crate::dev::TestDev;
@@ -40,12 +40,7 @@ pub struct FusedCase {
 /// The fused forward, state mix, state dot and backward against the CPU twins' chain
 /// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
 /// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
-pub fn fused_case_matches_cpu<D: GridLaunch, M: TestDev>(
-    dev: &D,
-    mem: &M,
-    cs: &FusedCase,
-    tol: f64,
-) {
+pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &FusedCase, tol: f64) {
     use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
     let mut r = ChaCha8Rng::seed_from_u64(cs.seed);
     let dm = SlotDims {

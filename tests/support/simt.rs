@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::cell::RefCell;
 
 use asa::backend::cuda::ops::{Gemm, Op};
-use asa::backend::cuda::{AsDv, Device, Dv, GridLaunch, KArg, Ops, Precision, Temp};
+use asa::backend::cuda::{AsDv, Device, Dv, KArg, Ops, Precision, Temp};
 use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
@@ -361,29 +361,11 @@ impl EmuDev {
     }
 }
 
-impl GridLaunch for EmuDev {
-    fn grid_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> asa::error::Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        Device::launch(self, name, cfg, args)
-    }
-
+impl Device for EmuDev {
     fn max_grid(&self) -> u32 {
         3
     }
-}
 
-impl Device for EmuDev {
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> asa::error::Result<()> {
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
         if g.0 == 0 || g.1 == 0 || g.2 == 0 {

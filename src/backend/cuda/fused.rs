@@ -27,11 +27,11 @@
 //! [`FusedPlan::new`]. Other routing modes and the intervene variant use the op-by-op path
 //! (`layer_plan` returns `None`), as does everything when `ASA_CUDA_FUSED=0`.
 //!
-//! The launch sequence is written against [`GridLaunch`] so that it can be driven by a kernel
+//! The launch sequence is written against [`Device`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
 use super::ops::DevSlotMask;
-use super::{i32_of, AsDv, Backend, Dv, GridLaunch, KArg, Temp};
+use super::{i32_of, AsDv, Backend, Device, Dv, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -420,12 +420,7 @@ pub struct FwdIo {
 
 /// The fused forward: `slot_scan_forward` + `read_logits_forward` + `read_weights_forward`
 /// (softmax) + `slot_mix_forward`. Leaves `rmax`, `den` ([B,H,K,T]) and the carries in `ws`.
-pub fn forward<L: GridLaunch + ?Sized>(
-    dev: &L,
-    p: &FusedPlan,
-    ws: &FusedWs,
-    io: &FwdIo,
-) -> Result<()> {
+pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &FwdIo) -> Result<()> {
     let (nbh, t, nk, d) = (p.nbh(), p.t, p.k, p.d);
     assert_eq!(io.out1.len, nbh * t * d, "fused forward: out1 shape");
     assert_eq!(io.rw.len, nbh * t * nk, "fused forward: rw shape");
@@ -514,7 +509,7 @@ pub fn forward<L: GridLaunch + ?Sized>(
 
 /// out [B,H,T,d] = sum_s w[b,h,t,s] * state (`slot_mix_forward` over the states of the last
 /// [`forward`], which must have run with the same `wl`, `v`).
-pub fn mix<L: GridLaunch + ?Sized>(
+pub fn mix<L: Device + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -542,7 +537,7 @@ pub fn mix<L: GridLaunch + ?Sized>(
 
 /// out [B,H,T,K] += x . state (the weight gradient of `slot_mix_backward` over the states of
 /// the last [`forward`]).
-pub fn dot<L: GridLaunch + ?Sized>(
+pub fn dot<L: Device + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,
@@ -599,7 +594,7 @@ pub struct BwdIo {
 /// The fused backward of [`forward`] (plus the refine's state path): `slot_mix_backward` (out1
 /// and delta), `read_weights_backward` (softmax), `read_logits_backward`, `slot_scan_backward`.
 /// Needs the workspace of the forward untouched.
-pub fn backward<L: GridLaunch + ?Sized>(
+pub fn backward<L: Device + ?Sized>(
     dev: &L,
     p: &FusedPlan,
     ws: &FusedWs,

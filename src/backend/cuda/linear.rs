@@ -7,11 +7,11 @@
 //! per-chunk sums and a short pass over the chunks, so the sequential depth is one chunk
 //! instead of T. With one chunk (chunk >= T) no carries are built: the plain serial walk.
 //!
-//! Written against [`GridLaunch`], so the same sequences run on a device and, in the tests,
+//! Written against [`Device`], so the same sequences run on a device and, in the tests,
 //! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
 //! take the workspace from the device's scratch and call them.
 
-use super::{i32_of, AsDv, Device, Dv, GridLaunch, KArg};
+use super::{i32_of, AsDv, Device, Dv, KArg};
 use crate::error::Result;
 
 /// Environment override of the chunk length (positions; for tuning on a device).
@@ -140,7 +140,7 @@ impl LinearWs {
 }
 
 /// Per-chunk sums then the carry pass: `{prefix}_sums` and `{prefix}_carry`.
-fn carries<L: GridLaunch + ?Sized>(
+fn carries<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     prefix: &str,
@@ -172,7 +172,7 @@ fn carries<L: GridLaunch + ?Sized>(
     )
 }
 
-fn forward_carries<L: GridLaunch + ?Sized>(
+fn forward_carries<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     ws: &LinearWs,
@@ -186,7 +186,7 @@ fn forward_carries<L: GridLaunch + ?Sized>(
 
 /// out [N,T,M], den [N,T] (=) from qf, kf, v [N,T,M].
 #[allow(clippy::too_many_arguments)]
-pub fn forward<L: GridLaunch + ?Sized>(
+pub fn forward<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     ws: &LinearWs,
@@ -222,7 +222,7 @@ pub fn forward<L: GridLaunch + ?Sized>(
 
 /// dqf, dkf, dv [N,T,M] (+=) from dout, out [N,T,M], den [N,T] (the forward's) and the inputs.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<L: GridLaunch + ?Sized>(
+pub fn backward<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     ws: &LinearWs,

@@ -369,49 +369,6 @@ impl<T, A: AsDv<T>> AsDv<T> for Option<A> {
     }
 }
 
-/// Kernel launches on a 1-D grid: the CUDA backend, or the SIMT emulator of the tests
-/// (tests/support/simt.rs), which runs the same launch sequences on host memory. The launch
-/// sequences of [`fused`] and [`linear`] are written against this trait.
-pub trait GridLaunch {
-    /// Launches `name` on `grid` blocks of `block` threads with `smem` bytes of dynamic shared
-    /// memory.
-    fn grid_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> Result<()>;
-    /// The most blocks worth giving a grid-stride kernel.
-    fn max_grid(&self) -> u32;
-}
-
-impl GridLaunch for CudaBackend {
-    fn grid_launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        smem: u32,
-        args: &[KArg],
-    ) -> Result<()> {
-        self.launch(
-            name,
-            LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (block, 1, 1),
-                shared_mem_bytes: smem,
-            },
-            args,
-        )
-    }
-
-    fn max_grid(&self) -> u32 {
-        (self.sm_count.max(1) as u32) * 32
-    }
-}
-
 /// Element types of device buffers.
 pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static {}
 impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static> Elem for T {}
@@ -442,12 +399,14 @@ impl<T> AsDv<T> for Temp<T> {
     }
 }
 
-/// What the kernel launchers ([`ops::Ops`]) need from a device: launches with a full launch
-/// configuration, scratch and temporary buffers, zeroing, and GEMMs with cuBLAS' conventions.
-/// Implemented by [`CudaBackend`] and, in the tests, by the SIMT emulator, so that the same
-/// launchers run on a GPU and on the CPU.
-pub trait Device: GridLaunch {
+/// What the kernel launchers ([`ops::Ops`]) and the launch sequences of [`fused`] and
+/// [`linear`] need from a device: launches, scratch and temporary buffers, copies, and GEMMs
+/// with cuBLAS' conventions. Implemented by [`CudaBackend`] and, in the tests, by the SIMT
+/// emulator (tests/support/simt.rs), so that the same launch code runs on a GPU and on the CPU.
+pub trait Device {
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()>;
+    /// The most blocks worth giving a grid-stride kernel.
+    fn max_grid(&self) -> u32;
     /// An f64 scratch range of `n` elements (one of two independent scratch buffers).
     fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>>;
     /// A bf16 scratch range of `n` elements (one of two).
@@ -474,6 +433,25 @@ pub trait Device: GridLaunch {
     /// One GEMM ([`ops::Gemm`]: cuBLAS' conventions), inputs in the device's GEMM precision,
     /// f32 accumulation.
     fn gemm(&self, g: &ops::Gemm) -> Result<()>;
+
+    /// Launches `name` on a 1-D grid of `grid` blocks of `block` threads with `smem` bytes of
+    /// dynamic shared memory (the form of the multi-kernel sequences in [`fused`] and
+    /// [`linear`]).
+    fn grid_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        self.launch(name, cfg, args)
+    }
 
     /// Grid-stride launch shape for `n` elements (256 threads per block).
     fn cfg_elems(&self, n: usize) -> LaunchConfig {
@@ -513,6 +491,9 @@ fn warps_cfg(n: usize, per_block: usize) -> Result<LaunchConfig> {
 impl Device for CudaBackend {
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
         CudaBackend::launch(self, name, cfg, args)
+    }
+    fn max_grid(&self) -> u32 {
+        (self.sm_count.max(1) as u32) * 32
     }
     fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>> {
         CudaBackend::scratch64(self, n, second)
