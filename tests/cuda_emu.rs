@@ -52,13 +52,15 @@ fn warps_small(n: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
 
 const TOL: f64 = 1e-6;
 
+/// The emulator registers the kernels that `kernel_names` finds: every `__global__` of every
+/// source must be among them.
 #[test]
 fn kernel_names_are_found_in_every_source() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda");
     let mut total = 0;
     for f in ["ops.cu", "asa.cu", "fused.cu", "intervene.cu"] {
         let src = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
-        let names = simt::kernel_names(&src);
+        let names = asa::backend::cuda::kernel_names(&src);
         assert_eq!(
             names.len(),
             src.matches("__global__").count(),

@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::cell::RefCell;
 
 use asa::backend::cuda::ops::{Gemm, Op};
-use asa::backend::cuda::{AsDv, Device, Dv, KArg, Ops, Precision, Temp};
+use asa::backend::cuda::{kernel_names, AsDv, Device, Dv, KArg, Ops, Precision, Temp};
 use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
@@ -73,28 +73,6 @@ unsafe impl Send for Simt {}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The kernel names of one `.cu` source, in order (`extern "C" __global__ void [bounds] name(`).
-pub fn kernel_names(src: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let pat = "extern \"C\" __global__ void";
-    let mut rest = src;
-    while let Some(i) = rest.find(pat) {
-        let mut s = rest[i + pat.len()..].trim_start();
-        if let Some(b) = s.strip_prefix("__launch_bounds__(") {
-            let close = b.find(')').expect("__launch_bounds__ without ')'");
-            s = b[close + 1..].trim_start();
-        }
-        let name: String = s
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        assert!(!name.is_empty(), "kernel without a name");
-        out.push(name);
-        rest = &rest[i + pat.len()..];
-    }
-    out
 }
 
 fn compiler() -> Option<String> {
