@@ -37,15 +37,26 @@ impl std::fmt::Display for DoctorReport {
     }
 }
 
-/// Assembles `ptx` with `ptxas -arch=<sm>`; Err(message) on failure.
-pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<(), String> {
+/// Runs `ptxas -arch=<sm> [-v]` on `ptx`; its stderr (the `-v` report), or Err(message).
+fn run_ptxas(
+    ptxas: &Path,
+    ptx: &str,
+    sm: &str,
+    tag: &str,
+    verbose: bool,
+) -> Result<String, String> {
     let dir = std::env::temp_dir().join(format!("asa-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-    let src = dir.join(format!("{tag}.ptx"));
-    let out = dir.join(format!("{tag}.{sm}.cubin"));
+    let v = if verbose { ".v" } else { "" };
+    let src = dir.join(format!("{tag}{v}.ptx"));
+    let out = dir.join(format!("{tag}{v}.{sm}.cubin"));
     std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
-    let res = Command::new(ptxas)
-        .arg(format!("-arch={sm}"))
+    let mut cmd = Command::new(ptxas);
+    cmd.arg(format!("-arch={sm}"));
+    if verbose {
+        cmd.arg("-v");
+    }
+    let res = cmd
         .arg(&src)
         .arg("-o")
         .arg(&out)
@@ -53,15 +64,17 @@ pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<()
         .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
     let _ = std::fs::remove_file(&src);
     let _ = std::fs::remove_file(&out);
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
     if res.status.success() {
-        Ok(())
+        Ok(stderr)
     } else {
-        Err(String::from_utf8_lossy(&res.stderr)
-            .lines()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join(" | "))
+        Err(stderr.lines().take(5).collect::<Vec<_>>().join(" | "))
     }
+}
+
+/// Assembles `ptx` with `ptxas -arch=<sm>`; Err(message) on failure.
+pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<(), String> {
+    run_ptxas(ptxas, ptx, sm, tag, false).map(|_| ())
 }
 
 /// Resources of one kernel as `ptxas -v` reports them.
@@ -82,28 +95,7 @@ pub fn ptxas_resources(
     sm: &str,
     tag: &str,
 ) -> Result<Vec<KernelResources>, String> {
-    let dir = std::env::temp_dir().join(format!("asa-ptxas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-    let src = dir.join(format!("{tag}.v.ptx"));
-    let out = dir.join(format!("{tag}.v.{sm}.cubin"));
-    std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
-    let res = Command::new(ptxas)
-        .arg(format!("-arch={sm}"))
-        .arg("-v")
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
-    let _ = std::fs::remove_file(&src);
-    let _ = std::fs::remove_file(&out);
-    if !res.status.success() {
-        return Err(String::from_utf8_lossy(&res.stderr)
-            .lines()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join(" | "));
-    }
+    let report = run_ptxas(ptxas, ptx, sm, tag, true)?;
     // "Compiling entry function 'NAME' for 'sm_90'", then "... N bytes spill stores, M bytes
     // spill loads" and "Used R registers ..."
     let num_before = |line: &str, word: &str| -> Option<u32> {
@@ -111,7 +103,7 @@ pub fn ptxas_resources(
         line[..i].split_whitespace().last()?.parse().ok()
     };
     let mut out_v: Vec<KernelResources> = Vec::new();
-    for line in String::from_utf8_lossy(&res.stderr).lines() {
+    for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("").to_string();
             out_v.push(KernelResources {
