@@ -25,6 +25,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use asa::backend::cpu::asa::{ReadMask, SlotDims};
 use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
+use asa::backend::cuda::linear::{tiled_smem, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
 use asa::backend::cuda::{
     self, model::GpuLayerRunner, AsDv, CudaBackend, Dv, GpuLm, Ops, Precision,
@@ -331,9 +332,10 @@ fn bench_scan_forward(cr: &mut Criterion) {
     g.finish();
 }
 
-/// The slotspace linear attention alone on the GPU, forward + backward: `serial` = one walk
-/// over T (chunk >= T), `chunked` = the default chunk (64 positions). Shapes: the bench model's
-/// (B*H = 4 rows, M 64) at T = 1024, 4096, and the practice run's (B*H = 64, M 64, T 1024).
+/// The slotspace linear attention alone on the GPU, forward + backward: `walk_serial` = one
+/// warp walk over T, `walk_chunked` = warps walking chunks of 64 positions, `tiled_<c>` = the
+/// shared-memory tiles with chunks of c positions (64: the default where it fits). Shapes: the bench model's (B*H = 4 rows, M 64) at T = 1024,
+/// 4096, and the practice run's (B*H = 64, M 64, T 1024).
 fn bench_linear_attention(cr: &mut Criterion) {
     let mut g = cr.benchmark_group("linear_attn_fwd_bwd");
     g.sample_size(10);
@@ -363,12 +365,22 @@ fn bench_linear_attention(cr: &mut Criterion) {
             be.zeros::<f32>(len).unwrap(),
         );
         g.throughput(Throughput::Elements((n * t) as u64));
+        let mut algos = vec![
+            ("cuda_walk_serial", LinearAlgo::Walk { chunk: t }),
+            ("cuda_walk_chunked", LinearAlgo::Walk { chunk: 64 }),
+        ];
         for (id, chunk) in [
-            ("cuda_serial", t),
-            ("cuda_chunked", cuda::linear::default_chunk(t)),
+            ("cuda_tiled_64", 64),
+            ("cuda_tiled_32", 32),
+            ("cuda_tiled_16", 16),
         ] {
+            if tiled_smem(chunk, m) <= be.max_smem {
+                algos.push((id, LinearAlgo::Tiled { chunk }));
+            }
+        }
+        for (id, algo) in algos {
             let label = format!("n{n}_t{t}");
-            g.bench_with_input(BenchmarkId::new(id, &label), &chunk, |bn, &chunk| {
+            g.bench_with_input(BenchmarkId::new(id, &label), &algo, |bn, &algo| {
                 bn.iter(|| {
                     be.linear_attn_forward(
                         out.dv(),
@@ -378,7 +390,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         v.dv(),
                         t,
                         m,
-                        Some(chunk),
+                        Some(algo),
                     )
                     .unwrap();
                     be.linear_attn_backward(
@@ -393,7 +405,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         v.dv(),
                         t,
                         m,
-                        Some(chunk),
+                        Some(algo),
                     )
                     .unwrap();
                     be.sync().unwrap()

@@ -50,26 +50,30 @@ extern "C" __global__ void rope_backward(float* dinp, const float* dout, const f
 
 // out: [B,H,T,d] <- inp: [B,T,H*d]
 extern "C" __global__ void split_heads(float* out, const float* inp, int b, int t, int h, int d) {
-    ASA_GRID_LOOP(i, (i64)b * h * t * d) {
-        int j = (int)(i % d);
-        i64 r = i / d;
-        int ti = (int)(r % t);
-        i64 bh = r / t;
-        int hi = (int)(bh % h);
-        i64 bi = bh / h;
-        out[i] = inp[(bi * t + ti) * h * d + (i64)hi * d + j];
+    const int hd = h * d;
+    // a block per row (b, t) of inp, threads along it: both sides move in runs of d floats
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int j = threadIdx.x; j < hd; j += blockDim.x) {
+            const int hi = j / d, jj = j - hi * d;
+            out[((bi * h + hi) * t + ti) * d + jj] = inp[row * hd + j];
+        }
     }
 }
 
-// out: [B,T,H*d] += inp: [B,H,T,d] (merge_heads_acc of the CPU; merge when out is 0)
+// out: [B,T,H*d] += inp: [B,H,T,d] (merge_heads_acc of the CPU; merge when out is 0). A block
+// per row (b, t) of out.
 extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d) {
-    ASA_GRID_LOOP(i, (i64)b * t * h * d) {
-        int j = (int)(i % (h * d));
-        i64 bt = i / (h * d);
-        int hi = j / d, jj = j % d;
-        i64 bi = bt / t;
-        int ti = (int)(bt % t);
-        out[i] = out[i] + inp[((bi * h + hi) * t + ti) * d + jj];
+    const int hd = h * d;
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int j = threadIdx.x; j < hd; j += blockDim.x) {
+            const int hi = j / d, jj = j - hi * d;
+            const i64 o = row * hd + j;
+            out[o] = out[o] + inp[((bi * h + hi) * t + ti) * d + jj];
+        }
     }
 }
 
@@ -114,22 +118,37 @@ extern "C" __global__ void l2normalize_backward(float* dinp, const float* dout, 
 
 // raw = slot_keys . k / sqrt(d) (f64 dot); wl = raw / wtemp + bias_h[h] * t, -inf where the
 // token is masked. raw, wl: [B,H,K,T]; keys: [H,K,d]; k: [B,H,T,d]; bias_h: nullable [H];
-// valid: nullable [B,T] u8. One thread per (b,h,s,t).
-extern "C" __global__ void write_logits_forward(float* raw, float* wl, const float* keys, const float* k,
-                                                float wtemp, const float* bias_h, const unsigned char* valid,
-                                                int b, int h, int t, int nk, int d) {
-    double scale = 1.0 / sqrt((double)d);
-    ASA_GRID_LOOP(i, (i64)b * h * nk * t) {
-        int ti = (int)(i % t);
-        i64 r = i / t;
-        int s = (int)(r % nk);
-        i64 bh = r / nk;
-        int hi = (int)(bh % h);
-        i64 bi = bh / h;
+// valid: nullable [B,T] u8. One block per (b, h, tile of `tile` positions): the tile's key rows
+// are staged in shared memory (row stride d + 1, so a warp's threads, one position each, read
+// different banks), then one thread per (slot, position) output, positions fastest (the slot
+// key is a broadcast read, the stores coalesce). Dynamic shared memory: tile * (d + 1) floats.
+extern "C" __global__ void write_logits_forward(float* raw, float* wl, const float* __restrict__ keys,
+                                                const float* __restrict__ k, float wtemp,
+                                                const float* __restrict__ bias_h,
+                                                const unsigned char* __restrict__ valid, int b, int h, int t,
+                                                int nk, int d, int tile) {
+    ASA_DYN_SHARED(float, wl_smem);
+    const int ntile = (t + tile - 1) / tile;
+    const i64 bh = blockIdx.x / ntile;
+    const int t0 = (int)(blockIdx.x % ntile) * tile, tn = min(tile, t - t0);
+    const int hi = (int)(bh % h);
+    const i64 bi = bh / h;
+    const int ld = d + 1;
+    for (int i = threadIdx.x; i < tn * d; i += blockDim.x) {
+        int r = i / d, j = i - r * d;
+        wl_smem[r * ld + j] = k[(bh * t + t0 + r) * d + j];
+    }
+    __syncthreads();
+    const double scale = 1.0 / sqrt((double)d);
+    for (int o = threadIdx.x; o < nk * tile; o += blockDim.x) {
+        const int s = o / tile, r = o - s * tile;
+        if (r >= tn) continue;
         const float* key = keys + ((i64)hi * nk + s) * d;
-        const float* x = k + (bh * t + ti) * d;
+        const float* x = wl_smem + r * ld;
         double dot = 0.0;
         for (int j = 0; j < d; ++j) dot += (double)key[j] * (double)x[j];
+        const int ti = t0 + r;
+        const i64 i = (bh * nk + s) * t + ti;
         float rv = (float)(dot * scale);
         raw[i] = rv;
         float v = rv / wtemp;
@@ -1314,4 +1333,360 @@ extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const
         acc = warp_sum_d(acc);
         if (lane == 0) dv[o + c] = vacc + (float)acc;
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tiled causal linear attention: the quantities of the walks above, one block of LT_THREADS
+// threads per (row n, chunk), the chunk's inputs staged in shared memory and every term a small
+// matrix product over the chunk (the chunked form of linear-attention kernels such as
+// flash-linear-attention's):
+//   num_t = q_t S0 + sum_{s<=t} (q_t . k_s) v_s                               (forward)
+//   dq_t  = gden_t max(Z_t, eps) + gnum_t S0^T + sum_{s<=t} (gnum_t . v_s) k_s
+//   dk_t  = dZ_t + dS1 v_t + sum_{s>=t} (gnum_s . v_t) q_s
+//   dv_t  = dS1^T k_t + sum_{s>=t} (q_s . k_t) gnum_s
+// s and t run over the chunk; S0, Z0 are the forward carries (the state before the chunk) and
+// dS1, dZ1 the backward ones (the sums after it), built as for the chunked walks
+// (`linear_attn_forward_tiled_sums` or `linear_attn_backward_tiled_dq` for the per-chunk sums,
+// then the `_carry` kernels). Z_t and dZ_t pass through elementwise clamps and masks, so they are
+// short walks over the chunk, one thread per feature. Inputs are staged as f32 (exact), all
+// products and sums are f64; every shared matrix has an odd row stride so that row and column
+// reads are both free of bank conflicts. The host picks the chunk so that the shared memory
+// fits (src/backend/cuda/linear.rs); sizes are padded to multiples of 4 with zeros.
+
+#define LT_THREADS 256
+
+__device__ __forceinline__ int lt_pad4(int x) { return (x + 3) & ~3; }
+
+// A block's place: row nn, carry row nc = blockIdx.x (= nn * nch + chunk), positions
+// [t0, t0 + tc); padded sizes Cp (chunk) and Mp (features); row strides lc = Cp + 1, lm = Mp + 1.
+struct LtBlock {
+    i64 nn, nc, base;
+    int t0, tc, Cp, Mp, lc, lm;
+};
+__device__ __forceinline__ LtBlock lt_block(int t, int m, int chunk) {
+    LtBlock b;
+    int nch = la_nch(t, chunk);
+    b.nc = blockIdx.x;
+    b.nn = b.nc / nch;
+    b.t0 = (int)(b.nc % nch) * chunk;
+    b.tc = min(chunk, t - b.t0);
+    b.base = b.nn * t * m;
+    b.Cp = lt_pad4(chunk);
+    b.Mp = lt_pad4(m);
+    b.lc = b.Cp + 1;
+    b.lm = b.Mp + 1;
+    return b;
+}
+
+// s[r][c] (stride lm) = x[t0 + r][c] of an [N,T,M] tensor; 0 on the padding.
+__device__ __forceinline__ void lt_stage(float* s, const float* __restrict__ x, const LtBlock& b, int m) {
+    for (int i = threadIdx.x; i < b.Cp * b.Mp; i += blockDim.x) {
+        int r = i / b.Mp, c = i - r * b.Mp;
+        s[r * b.lm + c] = (r < b.tc && c < m) ? x[b.base + (i64)(b.t0 + r) * m + c] : 0.0f;
+    }
+}
+// s[a][c] (stride lm) = the block's carry x[nc][a][c] ([N,nch,M,M]); 0 when x is null.
+__device__ __forceinline__ void lt_stage_carry(double* s, const double* __restrict__ x, const LtBlock& b, int m) {
+    for (int i = threadIdx.x; i < b.Mp * b.Mp; i += blockDim.x) {
+        int a = i / b.Mp, c = i - a * b.Mp;
+        s[a * b.lm + c] = (x && a < m && c < m) ? x[(b.nc * m + a) * m + c] : 0.0;
+    }
+}
+// g[r][c] = gnum = dout[t0 + r][c] / max(den, eps) (stride lm), gd[r] = gden[t0 + r].
+__device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float* __restrict__ dout,
+                                              const float* __restrict__ den, const double* __restrict__ gden,
+                                              const LtBlock& b, int t, int m) {
+    for (int i = threadIdx.x; i < b.Cp * b.Mp; i += blockDim.x) {
+        int r = i / b.Mp, c = i - r * b.Mp;
+        double x = 0.0;
+        if (r < b.tc && c < m) {
+            double inv = 1.0 / fmax((double)den[b.nn * t + b.t0 + r], (double)ASA_DEN_EPS);
+            x = (double)dout[b.base + (i64)(b.t0 + r) * m + c] * inv;
+        }
+        g[r * b.lm + c] = x;
+    }
+    for (int r = threadIdx.x; r < b.Cp; r += blockDim.x) gd[r] = r < b.tc ? gden[b.nn * t + b.t0 + r] : 0.0;
+}
+
+// acc[i][j] += sum_{x < inner} l(ri + i * tr, x) * rr(x, cj + j * tcn), in x order (f64).
+template <class L, class R>
+__device__ __forceinline__ void lt_acc(double (&acc)[4][4], int ri, int cj, int tr, int tcn, int inner, L l, R rr) {
+#pragma unroll 4
+    for (int x = 0; x < inner; ++x) {
+        double a[4], bb[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            a[i] = l(ri + i * tr, x);
+            bb[i] = rr(x, cj + i * tcn);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bb[j];
+    }
+}
+
+// out(r, c) for r < rows, c < cols (multiples of 4) = sum_{x < in1} l1(r, x) r1(x, c) +
+// sum_{x < in2} l2(r, x) r2(x, c), f64 in that order. Each thread owns a 4x4 tile: rows
+// ri + i * rows/4, columns cj + j * cols/4 (neighbouring threads take neighbouring columns).
+// w(r, c, value) stores.
+template <class L1, class R1, class L2, class R2, class W>
+__device__ __forceinline__ void lt_mm2(int rows, int cols, int in1, L1 l1, R1 r1, int in2, L2 l2, R2 r2, W w) {
+    const int tr = rows >> 2, tcn = cols >> 2;
+    for (int tile = threadIdx.x; tile < tr * tcn; tile += blockDim.x) {
+        const int ri = tile / tcn, cj = tile - ri * tcn;
+        double acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = 0.0;
+        lt_acc(acc, ri, cj, tr, tcn, in1, l1, r1);
+        if (in2 > 0) lt_acc(acc, ri, cj, tr, tcn, in2, l2, r2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) w(ri + i * tr, cj + j * tcn, acc[i][j]);
+    }
+}
+
+// One product: out(r, c) = sum_{x < inner} l(r, x) rr(x, c).
+template <class L, class R, class W>
+__device__ __forceinline__ void lt_mm(int rows, int cols, int inner, L l, R rr, W w) {
+    lt_mm2(rows, cols, inner, l, rr, 0, l, rr, w);
+}
+
+// The forward carries' chunk sums (as linear_attn_forward_sums): cs[n,ch] = sum over the chunk
+// of kf_s^T v_s [M,M], cz[n,ch] = sum kf_s [M]. Block per (n, chunk); shared: K, V f32 [Cp][lm].
+extern "C" __global__ void __launch_bounds__(LT_THREADS)
+linear_attn_forward_tiled_sums(double* cs, double* cz, const float* __restrict__ kf, const float* __restrict__ v,
+                               int n, int t, int m, int chunk) {
+    const LtBlock b = lt_block(t, m, chunk);
+    const int lm = b.lm;
+    ASA_DYN_SHARED(double, lt_smem);
+    float* K = (float*)lt_smem;
+    float* V = K + b.Cp * lm;
+    lt_stage(K, kf, b, m);
+    lt_stage(V, v, b, m);
+    __syncthreads();
+    lt_mm(
+        b.Mp, b.Mp, b.tc, [&](int a, int s) { return (double)K[s * lm + a]; },
+        [&](int s, int c) { return (double)V[s * lm + c]; },
+        [&](int a, int c, double x) {
+            if (a < m && c < m) cs[(b.nc * m + a) * m + c] = x;
+        });
+    for (int a = threadIdx.x; a < m; a += blockDim.x) {
+        double z = 0.0;
+        for (int s = 0; s < b.tc; ++s) z += (double)K[s * lm + a];
+        cz[b.nc * m + a] = z;
+    }
+}
+
+// out [N,T,M], den [N,T] (=) as linear_attn_forward, from the carries cs, cz (null: one chunk).
+// Block per (n, chunk); shared: S [Mp][lm], A [Cp][lc], Zc [Cp][lm], dn [Cp] (f64), Q, K, V
+// [Cp][lm] (f32).
+extern "C" __global__ void __launch_bounds__(LT_THREADS)
+linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
+                          const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
+                          int n, int t, int m, int chunk) {
+    const LtBlock b = lt_block(t, m, chunk);
+    const int lm = b.lm, lc = b.lc, Mp = b.Mp;
+    ASA_DYN_SHARED(double, lt_smem);
+    double* S = lt_smem;
+    double* A = S + Mp * lm;
+    double* Zc = A + b.Cp * lc;
+    double* dn = Zc + b.Cp * lm;
+    float* Q = (float*)(dn + b.Cp);
+    float* K = Q + b.Cp * lm;
+    float* V = K + b.Cp * lm;
+    lt_stage(Q, qf, b, m);
+    lt_stage(K, kf, b, m);
+    lt_stage(V, v, b, m);
+    lt_stage_carry(S, cs, b, m);
+    __syncthreads();
+    // Zc_t = max(Z0 + the chunk's keys up to t, eps); 0 on the padding
+    for (int a = threadIdx.x; a < Mp; a += blockDim.x) {
+        double z = (cz && a < m) ? cz[b.nc * m + a] : 0.0;
+        for (int r = 0; r < b.Cp; ++r) {
+            z += (double)K[r * lm + a];
+            Zc[r * lm + a] = (a < m && r < b.tc) ? fmax(z, (double)ASA_DEN_EPS) : 0.0;
+        }
+    }
+    // A[t][s] = q_t . k_s for s <= t
+    lt_mm(
+        b.Cp, b.Cp, Mp, [&](int r, int x) { return (double)Q[r * lm + x]; },
+        [&](int x, int s) { return (double)K[s * lm + x]; },
+        [&](int r, int s, double x) { A[r * lc + s] = s <= r ? x : 0.0; });
+    __syncthreads();
+    // den_t = q_t . Zc_t: a warp per position, lanes over features (the walk's order)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = warp; r < b.tc; r += nw) {
+        double d = 0.0;
+        for (int a = lane; a < m; a += 32) d += (double)Q[r * lm + a] * Zc[r * lm + a];
+        d = warp_sum_d(d);
+        if (lane == 0) {
+            dn[r] = d;
+            den[b.nn * t + b.t0 + r] = (float)d;
+        }
+    }
+    __syncthreads();
+    // num_t = q_t S0 + sum_s A[t][s] v_s
+    lt_mm2(
+        b.Cp, Mp, Mp, [&](int r, int x) { return (double)Q[r * lm + x]; },
+        [&](int x, int c) { return S[x * lm + c]; }, b.Cp, [&](int r, int s) { return A[r * lc + s]; },
+        [&](int s, int c) { return (double)V[s * lm + c]; },
+        [&](int r, int c, double x) {
+            if (r < b.tc && c < m)
+                out[b.base + (i64)(b.t0 + r) * m + c] = (float)(x / fmax(dn[r], (double)ASA_DEN_EPS));
+        });
+}
+
+// Backward to qf (dqf +=) and zlive as linear_attn_backward, from the forward carries cs, cz,
+// and the backward carries' chunk sums (as linear_attn_backward_sums; skipped when ds is null):
+// ds[n,ch] = sum over the chunk of qf_s^T gnum_s, dz[n,ch] = sum of gden_s qf_s over the chunk's
+// s with zlive. Block per (n, chunk); shared: S [Mp][lm], G [Cp][lm], Bm [Cp][lc], Zg [Cp][lm],
+// gd [Cp] (f64), Q, K, V [Cp][lm] (f32).
+extern "C" __global__ void __launch_bounds__(LT_THREADS)
+linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
+                              const float* __restrict__ dout, const float* __restrict__ den,
+                              const double* __restrict__ gden, const float* __restrict__ qf,
+                              const float* __restrict__ kf, const float* __restrict__ v,
+                              const double* __restrict__ cs, const double* __restrict__ cz, int n, int t, int m,
+                              int chunk) {
+    const LtBlock b = lt_block(t, m, chunk);
+    const int lm = b.lm, lc = b.lc, Mp = b.Mp;
+    ASA_DYN_SHARED(double, lt_smem);
+    double* S = lt_smem;
+    double* G = S + Mp * lm;
+    double* Bm = G + b.Cp * lm;
+    double* Zg = Bm + b.Cp * lc;
+    double* gd = Zg + b.Cp * lm;
+    float* Q = (float*)(gd + b.Cp);
+    float* K = Q + b.Cp * lm;
+    float* V = K + b.Cp * lm;
+    lt_stage(Q, qf, b, m);
+    lt_stage(K, kf, b, m);
+    lt_stage(V, v, b, m);
+    lt_stage_carry(S, cs, b, m);
+    lt_stage_gnum(G, gd, dout, den, gden, b, t, m);
+    __syncthreads();
+    // Z_t = Z0 + the chunk's keys up to t: zlive, Zg = gden_t max(Z_t, eps), the dz sum
+    for (int a = threadIdx.x; a < Mp; a += blockDim.x) {
+        double z = (cz && a < m) ? cz[b.nc * m + a] : 0.0, dzs = 0.0;
+        for (int r = 0; r < b.Cp; ++r) {
+            z += (double)K[r * lm + a];
+            double zg = 0.0;
+            if (a < m && r < b.tc) {
+                bool live = z >= (double)ASA_DEN_EPS;
+                zlive[b.base + (i64)(b.t0 + r) * m + a] = live ? 1 : 0;
+                if (live) dzs += gd[r] * (double)Q[r * lm + a];
+                zg = gd[r] * fmax(z, (double)ASA_DEN_EPS);
+            }
+            Zg[r * lm + a] = zg;
+        }
+        if (dz && a < m) dz[b.nc * m + a] = dzs;
+    }
+    // Bm[t][s] = gnum_t . v_s for s <= t
+    lt_mm(
+        b.Cp, b.Cp, Mp, [&](int r, int x) { return G[r * lm + x]; },
+        [&](int x, int s) { return (double)V[s * lm + x]; },
+        [&](int r, int s, double x) { Bm[r * lc + s] = s <= r ? x : 0.0; });
+    // ds[a][c] = sum_s q_s[a] gnum_s[c]
+    if (ds)
+        lt_mm(
+            Mp, Mp, b.tc, [&](int a, int s) { return (double)Q[s * lm + a]; },
+            [&](int s, int c) { return G[s * lm + c]; },
+            [&](int a, int c, double x) {
+                if (a < m && c < m) ds[(b.nc * m + a) * m + c] = x;
+            });
+    __syncthreads();
+    // dq_t[a] += Zg + sum_c gnum_t[c] S0[a][c] + sum_s Bm[t][s] k_s[a]
+    lt_mm2(
+        b.Cp, Mp, Mp, [&](int r, int c) { return G[r * lm + c]; }, [&](int c, int a) { return S[a * lm + c]; },
+        b.Cp, [&](int r, int s) { return Bm[r * lc + s]; }, [&](int s, int a) { return (double)K[s * lm + a]; },
+        [&](int r, int a, double x) {
+            if (r < b.tc && a < m) {
+                i64 o = b.base + (i64)(b.t0 + r) * m + a;
+                dqf[o] = dqf[o] + (float)(Zg[r * lm + a] + x);
+            }
+        });
+}
+
+// Backward to kf and v (dkf, dv +=) as linear_attn_backward, from the backward carries ds, dz
+// (the sums after the chunk; null: one chunk) and zlive. Block per (n, chunk); shared: D [Mp][lm]
+// (dS1), G [Cp][lm], P [Cp][lc], dZ [Cp][lm], gd [Cp] (f64), Q, K, V [Cp][lm] (f32), zlive
+// [Cp][Mp] (u8).
+extern "C" __global__ void __launch_bounds__(LT_THREADS)
+linear_attn_backward_tiled_dkdv(float* __restrict__ dkf, float* __restrict__ dv,
+                                const unsigned char* __restrict__ zlive, const float* __restrict__ dout,
+                                const float* __restrict__ den, const double* __restrict__ gden,
+                                const float* __restrict__ qf, const float* __restrict__ kf,
+                                const float* __restrict__ v, const double* __restrict__ ds,
+                                const double* __restrict__ dz, int n, int t, int m, int chunk) {
+    const LtBlock b = lt_block(t, m, chunk);
+    const int lm = b.lm, lc = b.lc, Mp = b.Mp;
+    ASA_DYN_SHARED(double, lt_smem);
+    double* D = lt_smem;
+    double* G = D + Mp * lm;
+    double* P = G + b.Cp * lm;
+    double* dZ = P + b.Cp * lc;
+    double* gd = dZ + b.Cp * lm;
+    float* Q = (float*)(gd + b.Cp);
+    float* K = Q + b.Cp * lm;
+    float* V = K + b.Cp * lm;
+    unsigned char* Zl = (unsigned char*)(V + b.Cp * lm);  // zlive [Cp][Mp]
+    lt_stage(Q, qf, b, m);
+    lt_stage(K, kf, b, m);
+    lt_stage(V, v, b, m);
+    for (int i = threadIdx.x; i < b.Cp * Mp; i += blockDim.x) {
+        int r = i / Mp, a = i - r * Mp;
+        Zl[i] = (r < b.tc && a < m) ? zlive[b.base + (i64)(b.t0 + r) * m + a] : 0;
+    }
+    lt_stage_carry(D, ds, b, m);
+    lt_stage_gnum(G, gd, dout, den, gden, b, t, m);
+    __syncthreads();
+    // dZ_t = dZ1 + sum over s >= t in the chunk with zlive of gden_s q_s (reverse walk)
+    for (int a = threadIdx.x; a < Mp; a += blockDim.x) {
+        double z = (dz && a < m) ? dz[b.nc * m + a] : 0.0;
+        for (int r = b.Cp - 1; r >= 0; --r) {
+            double x = 0.0;
+            if (a < m && r < b.tc) {
+                if (Zl[r * Mp + a]) z += gd[r] * (double)Q[r * lm + a];
+                x = z;
+            }
+            dZ[r * lm + a] = x;
+        }
+    }
+    // P[t][s] = gnum_s . v_t for s >= t
+    lt_mm(
+        b.Cp, b.Cp, Mp, [&](int r, int x) { return (double)V[r * lm + x]; },
+        [&](int x, int s) { return G[s * lm + x]; },
+        [&](int r, int s, double x) { P[r * lc + s] = s >= r ? x : 0.0; });
+    __syncthreads();
+    // dk_t[a] += dZ_t[a] + sum_c v_t[c] dS1[a][c] + sum_s P[t][s] q_s[a]
+    lt_mm2(
+        b.Cp, Mp, Mp, [&](int r, int c) { return (double)V[r * lm + c]; }, [&](int c, int a) { return D[a * lm + c]; },
+        b.Cp, [&](int r, int s) { return P[r * lc + s]; }, [&](int s, int a) { return (double)Q[s * lm + a]; },
+        [&](int r, int a, double x) {
+            if (r < b.tc && a < m) {
+                i64 o = b.base + (i64)(b.t0 + r) * m + a;
+                dkf[o] = dkf[o] + (float)(dZ[r * lm + a] + x);
+            }
+        });
+    __syncthreads();
+    // P[t][s] = q_s . k_t for s >= t
+    lt_mm(
+        b.Cp, b.Cp, Mp, [&](int r, int x) { return (double)K[r * lm + x]; },
+        [&](int x, int s) { return (double)Q[s * lm + x]; },
+        [&](int r, int s, double x) { P[r * lc + s] = s >= r ? x : 0.0; });
+    __syncthreads();
+    // dv_t[c] += sum_a k_t[a] dS1[a][c] + sum_s P[t][s] gnum_s[c]
+    lt_mm2(
+        b.Cp, Mp, Mp, [&](int r, int a) { return (double)K[r * lm + a]; }, [&](int a, int c) { return D[a * lm + c]; },
+        b.Cp, [&](int r, int s) { return P[r * lc + s]; }, [&](int s, int c) { return G[s * lm + c]; },
+        [&](int r, int c, double x) {
+            if (r < b.tc && c < m) {
+                i64 o = b.base + (i64)(b.t0 + r) * m + c;
+                dv[o] = dv[o] + (float)x;
+            }
+        });
 }

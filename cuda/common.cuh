@@ -17,6 +17,12 @@
 #define ASA_MAXK 128                /* num_slots <= 128 for per-thread slot rows */
 #define ASA_MAXA 4                  /* slotspace_dim <= 32 * ASA_MAXA = 128 (linear attention) */
 
+// Dynamic shared memory of a block (its size is set at launch; the SIMT test harness defines
+// its own).
+#ifndef ASA_DYN_SHARED
+#define ASA_DYN_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 typedef long long i64;
 typedef unsigned long long u64;
 

@@ -26,11 +26,6 @@
 // has a fixed order, so results are bitwise reproducible.
 #include "common.cuh"
 
-// Dynamic shared memory of a block (its size is set at launch).
-#ifndef ASA_DYN_SHARED
-#define ASA_DYN_SHARED(T, name) extern __shared__ T name[]
-#endif
-
 #define FU_E 8        /* state elements (dims of the lane's slot) per lane */
 #define FU_MAXNW 16   /* warps per block */
 #define FU_MAXK 128   /* slots: softmax rows are spread 4 per lane */

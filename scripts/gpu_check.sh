@@ -16,14 +16,18 @@
 #   4. asa parity tests/fixtures --device cuda
 #   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
 #   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT), once more
-#       with the linear attention's serial walk (A/B), and with ASA_CUDA_PROFILE=1 for the
-#       per-kernel breakdown
+#       with the linear attention's serial walk, with its tiles of 64 positions, and with
+#       cuBLAS' own bf16 rounding (A/Bs),
+#       and with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
 # Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
 #
 # Usage (repo root): OUT=/some/dir bash scripts/gpu_check.sh [BUNDLE_DIR]
 #   GPU_CHECK_BUDGET_S (default 520): seconds after which the bench step is skipped/cut.
+#   GPU_CHECK_QUICK=1: the tests, parity, the training run and one practice-run bench only (no
+#     doctor, no kernel-compile test, no A/Bs, no profile, no criterion benches): a confirmation
+#     run for the end of a lease.
 # Build the bundle on the development machine: bash scripts/gpu_check.sh --bundle
 set -u
 
@@ -138,7 +142,14 @@ for p in /usr/local/cuda/bin "${NV:-/nonexistent}/cu13/bin"; do
 done
 
 # ---- 2. doctor ------------------------------------------------------------------------------------
-if [ -x "$BUNDLE/asa" ]; then
+QUICK="${GPU_CHECK_QUICK:-0}"
+if [ "$QUICK" = 1 ]; then
+    log "quick run: doctor, cuda_compile, A/Bs, profile and criterion benches skipped"
+    rm -f "$BUNDLE/tests/cuda_compile"
+fi
+if [ "$QUICK" = 1 ]; then
+    :
+elif [ -x "$BUNDLE/asa" ]; then
     run doctor 120 "$BUNDLE/asa" doctor
 else
     log "NOT FOUND: $BUNDLE/asa"
@@ -171,10 +182,16 @@ fi
 # reference needs PyTorch with CUDA on the device: `asa bench --reference` by hand) ------------
 [ -x "$BUNDLE/asa" ] && run bench-practice-run 150 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run.json"
-# A/B in the same run: the linear attention as one serial walk over T (the chunked walk's
-# baseline; ASA_CUDA_LINEAR_CHUNK >= T)
-[ -x "$BUNDLE/asa" ] && run bench-practice-run-serial-linear 150 env ASA_CUDA_LINEAR_CHUNK=1000000 \
-    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-serial-linear.json"
+if [ "$QUICK" != 1 ]; then
+# A/B in the same run: the linear attention as the serial warp walk over T (the tiled kernels'
+# baseline) and with tiles of 64 positions (the default: 32), and the bf16 GEMMs with cuBLAS
+# rounding the f32 inputs itself (no convert kernels)
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-walk-linear 150 env ASA_CUDA_LINEAR=walk:1000000 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-walk-linear.json"
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-tiled64-linear 150 env ASA_CUDA_LINEAR=tiled:64 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-tiled64-linear.json"
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-cublas-bf16 150 env ASA_CUDA_BF16_GEMM=cublas \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-cublas-bf16.json"
 # per-kernel time of the same step (every launch synchronised: slower, for the breakdown only)
 [ -x "$BUNDLE/asa" ] && run profile-practice-run 120 env ASA_CUDA_PROFILE=1 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 1
@@ -192,6 +209,8 @@ if [ -x "$BUNDLE/asa-bench" ]; then
 else
     log "NOT FOUND: $BUNDLE/asa-bench"
     FAILED+=("asa-bench")
+fi
+
 fi
 
 # ---- summary --------------------------------------------------------------------------------------

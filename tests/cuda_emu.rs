@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa as ca;
 use asa::backend::cpu::ops as co;
-use asa::backend::cuda::linear::{self, LinearPlan, LinearWs};
+use asa::backend::cuda::linear::{self, LinearAlgo, LinearPlan, LinearWs};
 use check::close;
 use dev::TestDev;
 use simt::{Arg, EmuDev, Simt};
@@ -209,10 +209,10 @@ fn emu_linear_attention(
     v: &[f32],
     dout: &[f32],
     grads0: &[f32],
-    (n, t, m, chunk): (usize, usize, usize, usize),
+    (n, t, m, algo): (usize, usize, usize, LinearAlgo),
 ) -> LinearGrads {
     let dev = EmuDev::new(e);
-    let p = LinearPlan::new(n, t, m, chunk);
+    let p = LinearPlan::new(n, t, m, algo);
     let len = n * t * m;
     let (q_d, k_d, v_d, go_d) = (dev.put(qf), dev.put(kf), dev.put(v), dev.put(dout));
     let (out_d, den_d) = (
@@ -249,11 +249,36 @@ fn emulated_chunked_linear_attention_matches_cpu() {
     let Some(e) = emu("emulated_chunked_linear_attention_matches_cpu") else {
         return;
     };
-    // M below, at and above one warp's lanes; chunks: the serial walk, uneven, single steps
-    for (n, t, m, chunks) in [
-        (2usize, 19usize, 8usize, &[19usize, 5, 2, 1][..]),
-        (2, 13, 40, &[13, 4, 1][..]),
-        (1, 9, 100, &[9, 4][..]),
+    let (walk, tiled) = (
+        |chunk| LinearAlgo::Walk { chunk },
+        |chunk| LinearAlgo::Tiled { chunk },
+    );
+    // M below, at and above one warp's lanes and not a multiple of 4 (the tiles' padding);
+    // the walk: one serial walk, uneven chunks, single steps; the tiles: one chunk, uneven
+    // chunks (a short last one), chunks of 1 and 64
+    for (n, t, m, algos) in [
+        (
+            2usize,
+            19usize,
+            8usize,
+            &[
+                walk(19),
+                walk(5),
+                walk(2),
+                walk(1),
+                tiled(19),
+                tiled(5),
+                tiled(1),
+            ][..],
+        ),
+        (
+            2,
+            13,
+            40,
+            &[walk(13), walk(4), walk(1), tiled(13), tiled(4)][..],
+        ),
+        (1, 9, 100, &[walk(9), walk(4), tiled(9), tiled(2)][..]),
+        (1, 70, 7, &[tiled(64), tiled(8)][..]),
     ] {
         let (mut qf, mut kf, v) = linear_inputs(n, t, m, 4 + m as u64);
         // the last row starts with keys so small that Z stays below eps (clamped: no gradient
@@ -280,9 +305,9 @@ fn emulated_chunked_linear_attention_matches_cpu() {
         ca::linear_attn_backward(
             &mut dq, &mut dk, &mut dv, &dout, &out, &den, &qf, &kf, &v, t, m,
         );
-        for &chunk in chunks {
-            let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, chunk));
-            let tag = format!("m {m} chunk {chunk}");
+        for &algo in algos {
+            let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, algo));
+            let tag = format!("m {m} {algo:?}");
             close(&format!("out, {tag}"), &g.out, &out, TOL);
             close(&format!("den, {tag}"), &g.den, &den, TOL);
             close(&format!("dqf, {tag}"), &g.dq, &dq, TOL);

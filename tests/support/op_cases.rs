@@ -6,6 +6,7 @@
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
+use asa::backend::cuda::linear::{self, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
 use asa::backend::cuda::{AsDv, Ops, Precision};
 use asa::model::params::ParamStore;
@@ -32,6 +33,29 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(1);
     let (b, t, c, v, hid) = (2, 5, 24, 13, 40);
     let n = b * t;
+
+    // f32 -> bf16 (the bf16 GEMMs' inputs): nearest even, ties, infinities; aligned ranges
+    // (four at a time) and misaligned ones (one by one), with tails
+    let mut xs = rv(&mut r, 203, 3.0);
+    xs.extend([
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::from_bits(0x3f80_8000), // a tie: rounds to even (down)
+        f32::from_bits(0x3f81_8000), // a tie: rounds to even (up)
+        f32::MAX,
+    ]);
+    let xs_d = mem.put(&xs);
+    for (off, len) in [(0usize, xs.len()), (0, 9), (1, 13), (3, 101), (4, 200)] {
+        let y_d = mem.zeroed::<u16>(len);
+        dev.convert_f32_bf16(y_d, xs_d.dv().sub(off, len)).unwrap();
+        let want: Vec<u16> = xs[off..off + len]
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect();
+        assert_eq!(mem.get(y_d), want, "convert_f32_bf16 at {off}+{len}");
+    }
 
     // encoder
     let ids: Vec<u32> = (0..n).map(|i| ((i * 7) % v) as u32).collect();
@@ -379,12 +403,23 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             &mut dq, &mut dk, &mut dv, &go, &out, &den, &qf, &kf, &vv, t, m,
         );
         let (q_d, k_d, v_d, go_d) = (mem.put(&qf), mem.put(&kf), mem.put(&vv), mem.put(&go));
-        // the serial walk (one chunk), uneven chunks, and single steps
-        for chunk in [t, 5, 2, 1] {
+        // the walk: serial (one chunk), uneven chunks, single steps; the tiles: one chunk,
+        // uneven chunks, the default
+        let (walk, tiled) = (
+            |chunk| LinearAlgo::Walk { chunk },
+            |chunk| LinearAlgo::Tiled { chunk },
+        );
+        let auto = LinearAlgo::choose(t, m, dev.max_smem());
+        for algo in [walk(t), walk(5), walk(2), walk(1), tiled(t), tiled(5), auto] {
             let (o_d, den_d) = (mem.zeroed::<f32>(len), mem.zeroed::<f32>(nrow * t));
-            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(chunk))
+            if let LinearAlgo::Tiled { chunk } = algo {
+                if linear::tiled_smem(chunk, m) > dev.max_smem() {
+                    continue; // a device without the shared memory for these tiles
+                }
+            }
+            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo))
                 .unwrap();
-            let tag = format!("m{m} chunk {chunk}");
+            let tag = format!("m{m} {algo:?}");
             close(
                 &format!("linear_attn_forward {tag}"),
                 &mem.get(o_d),
@@ -414,7 +449,7 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
                 v_d,
                 t,
                 m,
-                Some(chunk),
+                Some(algo),
             )
             .unwrap();
             close(

@@ -444,6 +444,11 @@ impl Device for EmuDev {
         4
     }
 
+    /// An H100's opt-in limit (the emulator's shared memory is host memory).
+    fn max_smem(&self) -> usize {
+        227 * 1024
+    }
+
     fn gemm(&self, g: &Gemm) -> asa::error::Result<()> {
         let Gemm {
             ta,

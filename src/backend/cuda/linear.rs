@@ -2,35 +2,110 @@
 //! in cuda/asa.cu; CPU twins `linear_attn_forward` / `linear_attn_backward` in
 //! `backend::cpu::asa`).
 //!
-//! Time is walked in chunks: a chunk's warps start from carries (the state before the chunk in
-//! the forward, the gradient sums after it in the backward), built by a parallel pass of
-//! per-chunk sums and a short pass over the chunks, so the sequential depth is one chunk
-//! instead of T. With one chunk (chunk >= T) no carries are built: the plain serial walk.
+//! Two algorithms ([`LinearAlgo`]), both cutting time into chunks that start from carries (the
+//! state before the chunk in the forward, the gradient sums after it in the backward), built by
+//! a parallel pass of per-chunk sums and a short pass over the chunks:
+//! - **tiled** (the default): one block per (row, chunk) stages the chunk in shared memory and
+//!   writes every term as a small matrix product (`linear_attn_*_tiled*`);
+//! - **walk** (the fallback when the tiles do not fit in shared memory): one warp per state
+//!   row or column walks the chunk's positions; with one chunk (chunk >= T) no carries are
+//!   built: a serial walk over T.
 //!
 //! Written against [`Device`], so the same sequences run on a device and, in the tests,
 //! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
 //! take the workspace from the device's scratch and call them.
 
 use super::{i32_of, AsDv, Device, Dv, KArg};
-use crate::error::Result;
+use crate::error::{AsaError, Result};
 
-/// Environment override of the chunk length (positions; for tuning on a device).
-pub const LINEAR_CHUNK_ENV: &str = "ASA_CUDA_LINEAR_CHUNK";
+/// Environment override of the algorithm: `tiled`, `tiled:<chunk>`, `walk` or `walk:<chunk>`
+/// (for tuning and A/B timings on a device).
+pub const LINEAR_ENV: &str = "ASA_CUDA_LINEAR";
 
-/// The chunk length for sequences of `t` positions: the serial walk (one chunk) up to 128
-/// positions, else chunks of 64, so a warp walks at most 64 steps and the per-chunk sums
-/// (O(T M^2) work, all parallel) stay cheap. `ASA_CUDA_LINEAR_CHUNK` overrides it.
-pub fn default_chunk(t: usize) -> usize {
-    std::env::var(LINEAR_CHUNK_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&c| c > 0)
-        .unwrap_or(if t <= 128 { t } else { 64 })
-        .clamp(1, t.max(1))
+/// Threads of a block of the tiled kernels (`LT_THREADS` in cuda/asa.cu).
+const TILED_THREADS: u32 = 256;
+
+/// How the kernels cut time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearAlgo {
+    /// One warp per state row or column walks chunks of `chunk` positions (chunk >= T: one
+    /// serial walk over T).
+    Walk { chunk: usize },
+    /// One block per chunk of `chunk` positions: shared-memory tiles and matrix products.
+    Tiled { chunk: usize },
 }
 
-/// Shapes of one call: `n` rows (B*H) of `t` positions of `m` features, walked in chunks of
-/// `chunk` positions.
+impl LinearAlgo {
+    /// `tiled`, `tiled:<chunk>`, `walk`, `walk:<chunk>` for sequences of `t` positions of `m`
+    /// features on a device with `smem` bytes of shared memory per block; None when unparsable.
+    pub fn parse(s: &str, t: usize, m: usize, smem: usize) -> Option<LinearAlgo> {
+        let (name, chunk) = match s.trim().split_once(':') {
+            Some((a, c)) => (a, Some(c.trim().parse::<usize>().ok().filter(|&c| c > 0)?)),
+            None => (s.trim(), None),
+        };
+        match name {
+            "walk" => Some(LinearAlgo::Walk {
+                chunk: chunk.unwrap_or_else(|| walk_chunk(t)),
+            }),
+            "tiled" => Some(LinearAlgo::Tiled {
+                chunk: chunk.or_else(|| tiled_chunk(t, m, smem))?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The default: tiled with chunks of 32 positions, or of 16 or 8 where those do not fit in
+    /// `smem` bytes (the whole sequence when shorter), else the walk. `ASA_CUDA_LINEAR`
+    /// overrides it.
+    pub fn choose(t: usize, m: usize, smem: usize) -> LinearAlgo {
+        if let Some(a) = std::env::var(LINEAR_ENV)
+            .ok()
+            .and_then(|v| LinearAlgo::parse(&v, t, m, smem))
+        {
+            return a;
+        }
+        match tiled_chunk(t, m, smem) {
+            Some(chunk) => LinearAlgo::Tiled { chunk },
+            None => LinearAlgo::Walk {
+                chunk: walk_chunk(t),
+            },
+        }
+    }
+}
+
+/// The walk's chunk for `t` positions: one serial walk up to 128 positions, else chunks of 64.
+pub fn walk_chunk(t: usize) -> usize {
+    if t <= 128 {
+        t.max(1)
+    } else {
+        64
+    }
+}
+
+/// The default tiled chunk: the longest of 32, 16, 8 positions (at most `t`) whose tiles fit
+/// in `smem` bytes. Not 64, though its tiles fit an H100 for 64 features: measured on an H200
+/// (practice-run shape, B*H = 64, T = 1024, M = 64), chunks of 32 run the attention's forward +
+/// backward in 2.00 ms against 2.19 ms for 64 (two blocks per SM instead of one) and 2.95 ms
+/// for 16.
+pub fn tiled_chunk(t: usize, m: usize, smem: usize) -> Option<usize> {
+    [32usize, 16, 8]
+        .into_iter()
+        .map(|c| c.min(t.max(1)))
+        .find(|&c| tiled_smem(c, m) <= smem)
+}
+
+/// Shared memory of the largest tiled kernel (the backward's) for chunks of `chunk` positions
+/// and `m` features: four f64 matrices ([Mp][Mp+1] and [Cp][Cp+1] or [Cp][Mp+1]), a vector of
+/// Cp f64, three f32 tiles [Cp][Mp+1] and a u8 one [Cp][Mp] (Cp, Mp: chunk and m rounded up
+/// to 4).
+pub fn tiled_smem(chunk: usize, m: usize) -> usize {
+    let (cp, mp) = (chunk.div_ceil(4) * 4, m.div_ceil(4) * 4);
+    let (lm, lc) = (mp + 1, cp + 1);
+    8 * (mp * lm + 2 * cp * lm + cp * lc + cp) + 12 * cp * lm + cp * mp
+}
+
+/// Shapes of one call: `n` rows (B*H) of `t` positions of `m` features, cut into `nch` chunks
+/// of `chunk` positions by `algo`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinearPlan {
     pub n: usize,
@@ -38,11 +113,16 @@ pub struct LinearPlan {
     pub m: usize,
     pub chunk: usize,
     pub nch: usize,
+    pub tiled: bool,
 }
 
 impl LinearPlan {
-    /// A plan; `chunk` is clamped to [1, t].
-    pub fn new(n: usize, t: usize, m: usize, chunk: usize) -> LinearPlan {
+    /// A plan; the chunk is clamped to [1, t].
+    pub fn new(n: usize, t: usize, m: usize, algo: LinearAlgo) -> LinearPlan {
+        let (chunk, tiled) = match algo {
+            LinearAlgo::Walk { chunk } => (chunk, false),
+            LinearAlgo::Tiled { chunk } => (chunk, true),
+        };
         let chunk = chunk.clamp(1, t.max(1));
         LinearPlan {
             n,
@@ -50,6 +130,7 @@ impl LinearPlan {
             m,
             chunk,
             nch: t.div_ceil(chunk),
+            tiled,
         }
     }
 
@@ -77,6 +158,15 @@ impl LinearPlan {
         self.n * self.t + 2 * self.carries_len()
     }
 
+    /// Shared memory of the tiled kernels (0 for the walk).
+    pub fn smem(&self) -> usize {
+        if self.tiled {
+            tiled_smem(self.chunk, self.m)
+        } else {
+            0
+        }
+    }
+
     fn ints(&self) -> Result<[KArg; 4]> {
         Ok([
             KArg::I32(i32_of("N", self.n)?),
@@ -86,9 +176,29 @@ impl LinearPlan {
         ])
     }
 
-    /// One warp per (row, chunk, feature), four warps per block (as `cfg_warps_small`).
+    /// Walk: one warp per (row, chunk, feature), four warps per block (as `cfg_warps_small`).
     fn walk_grid(&self) -> (u32, u32) {
         ((self.n * self.nch * self.m).div_ceil(4) as u32, 128)
+    }
+
+    /// Tiled: one block per (row, chunk).
+    fn tiled_grid(&self) -> Result<u32> {
+        u32::try_from(self.n * self.nch)
+            .map_err(|_| AsaError::Device("linear attention: too many chunks for one grid".into()))
+    }
+
+    /// The tiled kernels' shared memory must fit the device.
+    fn check_fits<L: Device + ?Sized>(&self, dev: &L) -> Result<()> {
+        if self.smem() > dev.max_smem() {
+            return Err(AsaError::Device(format!(
+                "linear attention: tiles of {} positions x {} features need {} bytes of shared memory, the device has {}",
+                self.chunk,
+                self.m,
+                self.smem(),
+                dev.max_smem()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -139,24 +249,21 @@ impl LinearWs {
     }
 }
 
-/// Per-chunk sums then the carry pass: `{prefix}_sums` and `{prefix}_carry`.
-fn carries<L: Device + ?Sized>(
+/// Grid-stride launch shape for `n` items.
+fn elems<L: Device + ?Sized>(dev: &L, n: usize) -> u32 {
+    (n.div_ceil(256) as u32).clamp(1, dev.max_grid().max(1))
+}
+
+/// The carry pass over the chunks' sums `s`, `z`: `{prefix}_carry` (exclusive prefix for the
+/// forward, suffix for the backward).
+fn carry<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     prefix: &str,
-    sums_args: &[KArg],
     s: Dv<f64>,
     z: Dv<f64>,
 ) -> Result<()> {
-    let elems = |n: usize| (n.div_ceil(256) as u32).clamp(1, dev.max_grid().max(1));
-    dev.grid_launch(
-        &format!("{prefix}_sums"),
-        elems(p.n * p.nch * p.m * p.m),
-        256,
-        0,
-        sums_args,
-    )?;
-    let carry = [
+    let args = [
         KArg::from(s),
         KArg::from(z),
         KArg::I32(i32_of("N", p.n)?),
@@ -165,13 +272,14 @@ fn carries<L: Device + ?Sized>(
     ];
     dev.grid_launch(
         &format!("{prefix}_carry"),
-        elems(p.n * p.m * p.m),
+        elems(dev, p.n * p.m * p.m),
         256,
         0,
-        &carry,
+        &args,
     )
 }
 
+/// The forward carries cs, cz (state before each chunk) of a chunked plan.
 fn forward_carries<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
@@ -181,7 +289,25 @@ fn forward_carries<L: Device + ?Sized>(
 ) -> Result<()> {
     let [n, t, m, c] = p.ints()?;
     let args = [ws.cs.into(), ws.cz.into(), kf.into(), v.into(), n, t, m, c];
-    carries(dev, p, "linear_attn_forward", &args, ws.cs, ws.cz)
+    if p.tiled {
+        let smem = 8 * p.chunk.div_ceil(4) * 4 * (p.m.div_ceil(4) * 4 + 1);
+        dev.grid_launch(
+            "linear_attn_forward_tiled_sums",
+            p.tiled_grid()?,
+            TILED_THREADS,
+            smem as u32,
+            &args,
+        )?;
+    } else {
+        dev.grid_launch(
+            "linear_attn_forward_sums",
+            elems(dev, p.n * p.nch * p.m * p.m),
+            256,
+            0,
+            &args,
+        )?;
+    }
+    carry(dev, p, "linear_attn_forward", ws.cs, ws.cz)
 }
 
 /// out [N,T,M], den [N,T] (=) from qf, kf, v [N,T,M].
@@ -199,11 +325,11 @@ pub fn forward<L: Device + ?Sized>(
     if p.n == 0 || p.t == 0 {
         return Ok(());
     }
+    p.check_fits(dev)?;
     if p.chunked() {
         forward_carries(dev, p, ws, kf, v)?;
     }
     let [n, t, m, c] = p.ints()?;
-    let (grid, block) = p.walk_grid();
     let args = [
         out.into(),
         den.into(),
@@ -217,7 +343,18 @@ pub fn forward<L: Device + ?Sized>(
         m,
         c,
     ];
-    dev.grid_launch("linear_attn_forward", grid, block, 0, &args)
+    if p.tiled {
+        dev.grid_launch(
+            "linear_attn_forward_tiled",
+            p.tiled_grid()?,
+            TILED_THREADS,
+            p.smem() as u32,
+            &args,
+        )
+    } else {
+        let (grid, block) = p.walk_grid();
+        dev.grid_launch("linear_attn_forward", grid, block, 0, &args)
+    }
 }
 
 /// dqf, dkf, dv [N,T,M] (+=) from dout, out [N,T,M], den [N,T] (the forward's) and the inputs.
@@ -243,6 +380,7 @@ pub fn backward<L: Device + ?Sized>(
         !ws.gden.is_null() && ws.zlive.len == p.n * p.t * p.m,
         "linear attention backward: workspace too small"
     );
+    p.check_fits(dev)?;
     let [n, t, m, c] = p.ints()?;
     if p.chunked() {
         forward_carries(dev, p, ws, kf, v)?;
@@ -255,6 +393,9 @@ pub fn backward<L: Device + ?Sized>(
         0,
         &gden_args,
     )?;
+    if p.tiled {
+        return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, den, qf, kf, v]);
+    }
     let (grid, block) = p.walk_grid();
     let dq_args = [
         dqf.into(),
@@ -286,7 +427,14 @@ pub fn backward<L: Device + ?Sized>(
             m,
             c,
         ];
-        carries(dev, p, "linear_attn_backward", &args, ws.ds, ws.dz)?;
+        dev.grid_launch(
+            "linear_attn_backward_sums",
+            elems(dev, p.n * p.nch * p.m * p.m),
+            256,
+            0,
+            &args,
+        )?;
+        carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
     }
     let dk_args = [
         dkf.into(),
@@ -317,6 +465,71 @@ pub fn backward<L: Device + ?Sized>(
         c,
     ];
     dev.grid_launch("linear_attn_backward_dv", grid, block, 0, &dv_args)
+}
+
+/// The tiled backward after gden: dq (with zlive and the backward carries' chunk sums), the
+/// carry pass, then dk and dv.
+fn backward_tiled<L: Device + ?Sized>(
+    dev: &L,
+    p: &LinearPlan,
+    ws: &LinearWs,
+    io: [Dv<f32>; 8], // dqf, dkf, dv, dout, den, qf, kf, v
+) -> Result<()> {
+    let [dqf, dkf, dv, dout, den, qf, kf, v] = io;
+    let [n, t, m, c] = p.ints()?;
+    let (grid, smem) = (p.tiled_grid()?, p.smem() as u32);
+    let dq_args = [
+        dqf.into(),
+        ws.zlive.into(),
+        ws.ds.into(),
+        ws.dz.into(),
+        dout.into(),
+        den.into(),
+        ws.gden.into(),
+        qf.into(),
+        kf.into(),
+        v.into(),
+        ws.cs.into(),
+        ws.cz.into(),
+        n,
+        t,
+        m,
+        c,
+    ];
+    dev.grid_launch(
+        "linear_attn_backward_tiled_dq",
+        grid,
+        TILED_THREADS,
+        smem,
+        &dq_args,
+    )?;
+    if p.chunked() {
+        carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
+    }
+    let dkdv_args = [
+        dkf.into(),
+        dv.into(),
+        ws.zlive.into(),
+        dout.into(),
+        den.into(),
+        ws.gden.into(),
+        qf.into(),
+        kf.into(),
+        v.into(),
+        ws.ds.into(),
+        ws.dz.into(),
+        n,
+        t,
+        m,
+        c,
+    ];
+    dev.grid_launch(
+        "linear_attn_backward_tiled_dkdv",
+        grid,
+        TILED_THREADS,
+        smem,
+        &dkdv_args,
+    )
 }
 
 /// The forward with its workspace from the device's f64 scratch.
@@ -350,19 +563,42 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_sequence() {
-        let p = LinearPlan::new(3, 130, 8, 64);
-        assert_eq!((p.chunk, p.nch), (64, 3));
-        assert_eq!(LinearPlan::new(3, 10, 8, 64).nch, 1);
-        assert_eq!(LinearPlan::new(3, 10, 8, 0).chunk, 1);
-        if std::env::var_os(LINEAR_CHUNK_ENV).is_none() {
-            assert_eq!(default_chunk(128), 128);
-            assert_eq!(default_chunk(1024), 64);
-        }
+        let walk = |chunk| LinearAlgo::Walk { chunk };
+        let p = LinearPlan::new(3, 130, 8, walk(64));
+        assert_eq!((p.chunk, p.nch, p.tiled), (64, 3, false));
+        assert_eq!(LinearPlan::new(3, 10, 8, walk(64)).nch, 1);
+        assert_eq!(LinearPlan::new(3, 10, 8, walk(0)).chunk, 1);
+        assert_eq!(walk_chunk(128), 128);
+        assert_eq!(walk_chunk(1024), 64);
+    }
+
+    #[test]
+    fn the_default_is_the_longest_tiled_chunk_that_fits() {
+        const H100: usize = 227 * 1024;
+        // the practice run's slotspace (64 features): 32 positions, ~100 KiB (two blocks per
+        // SM); chunks of 64 (by hand) fit too
+        assert_eq!(tiled_chunk(1024, 64, H100), Some(32));
+        assert!(tiled_smem(32, 64) <= H100 / 2 && tiled_smem(32, 64) > 90 * 1024);
+        assert!(tiled_smem(64, 64) <= H100);
+        // 128 features: shorter chunks; the plain 48 KiB: the walk
+        assert_eq!(tiled_chunk(1024, 128, H100), Some(16));
+        assert_eq!(tiled_chunk(1024, 128, 48 * 1024), None);
+        // never longer than the sequence
+        assert_eq!(tiled_chunk(5, 64, H100), Some(5));
+        let p = |s: &str| LinearAlgo::parse(s, 1024, 64, H100);
+        assert_eq!(p("tiled"), Some(LinearAlgo::Tiled { chunk: 32 }));
+        assert_eq!(p("tiled:64"), Some(LinearAlgo::Tiled { chunk: 64 }));
+        assert_eq!(p("tiled:16"), Some(LinearAlgo::Tiled { chunk: 16 }));
+        assert_eq!(p("walk"), Some(LinearAlgo::Walk { chunk: 64 }));
+        assert_eq!(p(" walk:2000 "), Some(LinearAlgo::Walk { chunk: 2000 }));
+        assert_eq!(p("walk:0"), None);
+        assert_eq!(p("serial"), None);
+        assert_eq!(LinearAlgo::parse("tiled", 1024, 128, 1024), None);
     }
 
     #[test]
     fn workspace_ranges_do_not_overlap() {
-        let p = LinearPlan::new(2, 9, 5, 4);
+        let p = LinearPlan::new(2, 9, 5, LinearAlgo::Walk { chunk: 4 });
         // SAFETY: ranges only, never dereferenced.
         let base = 1u64 << 20;
         let f = unsafe { Dv::<f64>::from_raw(base, p.ws_backward()) };

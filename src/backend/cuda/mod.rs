@@ -430,6 +430,10 @@ pub trait Device {
     fn set_precision(&self, p: Precision);
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
+    /// Bytes of dynamic shared memory one block may have (48 KiB without the opt-in).
+    fn max_smem(&self) -> usize {
+        48 * 1024
+    }
     /// One GEMM ([`ops::Gemm`]: cuBLAS' conventions), inputs in the device's GEMM precision,
     /// f32 accumulation.
     fn gemm(&self, g: &ops::Gemm) -> Result<()>;
@@ -458,6 +462,22 @@ pub trait Device {
         let blocks = n.div_ceil(256).clamp(1, self.max_grid().max(1) as usize);
         LaunchConfig {
             grid_dim: (if n == 0 { 0 } else { blocks as u32 }, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A block of 256 threads per row (`rows` rows; grid-stride over rows past `max_grid`).
+    fn cfg_rows(&self, rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                rows.clamp(
+                    if rows == 0 { 0 } else { 1 },
+                    self.max_grid().max(1) as usize,
+                ) as u32,
+                1,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -535,6 +555,9 @@ impl Device for CudaBackend {
     fn sm_count(&self) -> usize {
         self.sm_count.max(1) as usize
     }
+    fn max_smem(&self) -> usize {
+        self.max_smem
+    }
     fn gemm(&self, g: &ops::Gemm) -> Result<()> {
         ops::cublas_gemm(self, g)
     }
@@ -599,12 +622,16 @@ pub struct CudaBackend {
     pub arch: &'static str,
     pub device_name: String,
     pub sm_count: i32,
+    /// Dynamic shared memory per block with the opt-in (bytes).
+    pub max_smem: usize,
     /// GEMM input precision (see `Precision`); everything else is f32.
     pub precision: std::cell::Cell<Precision>,
     modules: HashMap<String, Arc<CudaModule>>,
     /// kernel name -> file stem
     index: HashMap<String, String>,
     funcs: RefCell<HashMap<String, CudaFunction>>,
+    /// kernels opted in to more than 48 KiB of dynamic shared memory
+    smem_opted: RefCell<std::collections::HashSet<String>>,
     /// `ASA_CUDA_PROFILE=1`: per-kernel (launches, seconds), timed by synchronising around each
     /// launch; reported on stderr when the backend is dropped.
     profile: Option<RefCell<HashMap<String, (u64, f64)>>>,
@@ -665,6 +692,10 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .unwrap_or(108);
+        let max_smem = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|b| b.max(0) as usize)
+            .unwrap_or(48 * 1024);
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating the cuBLAS handle", e))?;
         let mut modules = HashMap::new();
@@ -686,10 +717,12 @@ impl CudaBackend {
             arch,
             device_name,
             sm_count,
+            max_smem,
             precision: std::cell::Cell::new(Precision::F32),
             modules,
             index,
             funcs: RefCell::new(HashMap::new()),
+            smem_opted: RefCell::new(std::collections::HashSet::new()),
             profile: std::env::var_os("ASA_CUDA_PROFILE")
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| RefCell::new(HashMap::new())),
@@ -722,6 +755,15 @@ impl CudaBackend {
             return Ok(()); // nothing to do
         }
         let f = self.func(name)?;
+        if cfg.shared_mem_bytes > 48 * 1024 && !self.smem_opted.borrow().contains(name) {
+            // more than the default 48 KiB of dynamic shared memory needs the kernel's opt-in
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                self.max_smem as i32,
+            )
+            .map_err(|e| dev_err(&format!("shared memory opt-in of {name}"), e))?;
+            self.smem_opted.borrow_mut().insert(name.to_string());
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {

@@ -17,7 +17,7 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::LaunchConfig;
 
-use super::linear::{default_chunk, LinearPlan};
+use super::linear::{LinearAlgo, LinearPlan};
 use super::{i32_of, CudaBackend, Device, Dv, KArg, Precision};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::error::{AsaError, Result};
@@ -26,7 +26,7 @@ use crate::error::{AsaError, Result};
 const COLSUM_ROWS: usize = 256;
 
 /// How a GEMM operand is stored.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     N,
     T,
@@ -883,7 +883,7 @@ pub trait Ops: Device {
         assert_eq!(inp.len, out.len, "split_heads: shape");
         self.launch(
             "split_heads",
-            self.cfg_elems(out.len),
+            self.cfg_rows(b * t),
             &[
                 k(out),
                 k(inp),
@@ -909,7 +909,7 @@ pub trait Ops: Device {
         assert_eq!(inp.len, out.len, "merge_heads: shape");
         self.launch(
             "merge_heads",
-            self.cfg_elems(out.len),
+            self.cfg_rows(b * t),
             &[
                 k(out),
                 k(inp),
@@ -991,9 +991,19 @@ pub trait Ops: Device {
             "write_logits_forward: keys shape"
         );
         assert_eq!(kk.len, b * h * t * d, "write_logits_forward: k shape");
-        self.launch(
+        // a block per (b, h, tile of positions), the tile's rows in shared memory (<= 48 KiB)
+        let tile = if 64 * (d + 1) * 4 <= 48 * 1024 {
+            64
+        } else {
+            32
+        };
+        let blocks = u32::try_from(b * h * t.div_ceil(tile))
+            .map_err(|_| AsaError::Device("write_logits_forward: too many blocks".into()))?;
+        self.grid_launch(
             "write_logits_forward",
-            self.cfg_elems(raw.len),
+            blocks,
+            256,
+            (tile * (d + 1) * 4) as u32,
             &[
                 k(raw),
                 k(wl),
@@ -1007,6 +1017,7 @@ pub trait Ops: Device {
                 k(i32_of("T", t)?),
                 k(nk as i32),
                 k(d as i32),
+                k(tile as i32),
             ],
         )
     }
@@ -1504,9 +1515,19 @@ pub trait Ops: Device {
         self.elementwise_backward("phi_backward", dinp, inp, dout)
     }
 
+    /// dst [n] = src [n] rounded to bf16 (nearest even; the bits as u16): the bf16 GEMMs'
+    /// inputs.
+    fn convert_f32_bf16(&self, dst: Dv<u16>, src: Dv<f32>) -> Result<()> {
+        assert!(dst.len >= src.len, "convert_f32_bf16: dst too short");
+        self.launch(
+            "convert_f32_bf16",
+            self.cfg_elems(src.len.div_ceil(4)),
+            &[k(dst), k(src), k(src.len as i64)],
+        )
+    }
+
     /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
-    /// from qf, kf, v [N,T,M], time walked in chunks (see [`super::linear`]) of `chunk`
-    /// positions (>= T: the serial walk; `None`: [`default_chunk`]).
+    /// from qf, kf, v [N,T,M] by `algo` (see [`super::linear`]; `None`: [`LinearAlgo::choose`]).
     #[allow(clippy::too_many_arguments)]
     fn linear_attn_forward(
         &self,
@@ -1517,7 +1538,7 @@ pub trait Ops: Device {
         v: Dv<f32>,
         t: usize,
         m: usize,
-        chunk: Option<usize>,
+        algo: Option<LinearAlgo>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1527,11 +1548,12 @@ pub trait Ops: Device {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
+        let algo = algo.unwrap_or_else(|| LinearAlgo::choose(t, m, self.max_smem()));
+        let plan = LinearPlan::new(n, t, m, algo);
         super::linear::forward_scratch(self, &plan, [out, den, qf, kf, v])
     }
 
-    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), same `chunk`.
+    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), any `algo`.
     #[allow(clippy::too_many_arguments)]
     fn linear_attn_backward(
         &self,
@@ -1546,7 +1568,7 @@ pub trait Ops: Device {
         v: Dv<f32>,
         t: usize,
         m: usize,
-        chunk: Option<usize>,
+        algo: Option<LinearAlgo>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1556,7 +1578,8 @@ pub trait Ops: Device {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        let plan = LinearPlan::new(n, t, m, chunk.unwrap_or_else(|| default_chunk(t)));
+        let algo = algo.unwrap_or_else(|| LinearAlgo::choose(t, m, self.max_smem()));
+        let plan = LinearPlan::new(n, t, m, algo);
         super::linear::backward_scratch(self, &plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
 
@@ -1738,6 +1761,18 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
 /// Row-major GEMM through cuBLAS' column-major interface:
 /// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
 /// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
+/// Environment switch of the bf16 GEMMs: `cublas` hands cuBLAS the f32 inputs with
+/// `CUBLAS_COMPUTE_32F_FAST_16BF` (it rounds them to bf16 itself); `convert` (the default)
+/// rounds them with `convert_f32_bf16` into scratch first. Both: bf16 products, f32 sums.
+pub const BF16_GEMM_ENV: &str = "ASA_CUDA_BF16_GEMM";
+
+fn bf16_in_cublas() -> bool {
+    static IN_CUBLAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN_CUBLAS.get_or_init(|| {
+        std::env::var(BF16_GEMM_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("cublas"))
+    })
+}
+
 pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
     let Gemm {
         ta,
@@ -1777,22 +1812,31 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
         i32_of("ldb", ldb)?,
         i32_of("ldc", ldc)?,
     );
-    let (aptr, bptr, dtype) = match be.precision.get() {
-        Precision::F32 => (a.ptr, b.ptr, cudaDataType_t::CUDA_R_32F),
+    let (aptr, bptr, dtype, compute) = match be.precision.get() {
+        Precision::F32 => (
+            a.ptr,
+            b.ptr,
+            cudaDataType_t::CUDA_R_32F,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        // cuBLAS rounds the f32 inputs to bf16 itself (tensor cores, f32 accumulation)
+        Precision::Bf16 if bf16_in_cublas() => (
+            a.ptr,
+            b.ptr,
+            cudaDataType_t::CUDA_R_32F,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        ),
         Precision::Bf16 => {
             let ab = be.scratch_bf16(a.len, false)?;
             let bb = be.scratch_bf16(b.len, true)?;
-            be.launch(
-                "convert_f32_bf16",
-                be.cfg_elems(a.len),
-                &[k(ab), k(a), k(a.len as i64)],
-            )?;
-            be.launch(
-                "convert_f32_bf16",
-                be.cfg_elems(b.len),
-                &[k(bb), k(b), k(b.len as i64)],
-            )?;
-            (ab.ptr, bb.ptr, cudaDataType_t::CUDA_R_16BF)
+            be.convert_f32_bf16(ab, a)?;
+            be.convert_f32_bf16(bb, b)?;
+            (
+                ab.ptr,
+                bb.ptr,
+                cudaDataType_t::CUDA_R_16BF,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
         }
     };
     let t0 = be.profile_start()?;
@@ -1817,13 +1861,19 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
             c.ptr as *mut _,
             cudaDataType_t::CUDA_R_32F,
             ldci,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
     .map_err(|e| AsaError::Device(format!("cuBLAS GEMM {m}x{n}x{kk}: {e:?}")));
     r?;
-    be.profile_end("cublas_gemm", t0)
+    if t0.is_some() {
+        // profiling: booked per shape (transposes, m x n x k)
+        let tr = |o: Op| if o == Op::T { 'T' } else { 'N' };
+        let name = format!("cublas_gemm {}{} {m}x{n}x{kk}", tr(ta), tr(tb));
+        be.profile_end(&name, t0)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
