@@ -1408,6 +1408,36 @@ __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float
     for (int r = threadIdx.x; r < b.Cp; r += blockDim.x) gd[r] = r < b.tc ? gden[b.nn * t + b.t0 + r] : 0.0;
 }
 
+// The tiled kernels' shared memory, one layout for all (its size: `tiled_smem` of
+// src/backend/cuda/linear.rs): f64 sq [Mp][lm] (a carry), g [Cp][lm] (gnum), cc [Cp][lc] (the
+// in-chunk products), ct [Cp][lm] (clamped Z or its gradient), vec [Cp]; f32 Q, K, V [Cp][lm];
+// u8 zl [Cp][Mp]. A kernel uses the parts it needs.
+struct LtSmem {
+    double *sq, *g, *cc, *ct, *vec;
+    float *Q, *K, *V;
+    unsigned char* zl;
+};
+__device__ __forceinline__ LtSmem lt_carve(double* base, const LtBlock& b) {
+    LtSmem x;
+    x.sq = base;
+    x.g = x.sq + b.Mp * b.lm;
+    x.cc = x.g + b.Cp * b.lm;
+    x.ct = x.cc + b.Cp * b.lc;
+    x.vec = x.ct + b.Cp * b.lm;
+    x.Q = (float*)(x.vec + b.Cp);
+    x.K = x.Q + b.Cp * b.lm;
+    x.V = x.K + b.Cp * b.lm;
+    x.zl = (unsigned char*)(x.V + b.Cp * b.lm);
+    return x;
+}
+// Stages the chunk's qf, kf, v rows into Q, K, V.
+__device__ __forceinline__ void lt_stage_qkv(const LtSmem& x, const float* __restrict__ qf, const float* __restrict__ kf,
+                                             const float* __restrict__ v, const LtBlock& b, int m) {
+    lt_stage(x.Q, qf, b, m);
+    lt_stage(x.K, kf, b, m);
+    lt_stage(x.V, v, b, m);
+}
+
 // acc[i][j] += sum_{x < inner} l(ri + i * tr, x) * rr(x, cj + j * tcn), in x order (f64).
 template <class L, class R>
 __device__ __forceinline__ void lt_acc(double (&acc)[4][4], int ri, int cj, int tr, int tcn, int inner, L l, R rr) {
@@ -1482,8 +1512,7 @@ linear_attn_forward_tiled_sums(double* cs, double* cz, const float* __restrict__
 }
 
 // out [N,T,M], den [N,T] (=) as linear_attn_forward, from the carries cs, cz (null: one chunk).
-// Block per (n, chunk); shared: S [Mp][lm], A [Cp][lc], Zc [Cp][lm], dn [Cp] (f64), Q, K, V
-// [Cp][lm] (f32).
+// Block per (n, chunk); shared (LtSmem): S = sq, A = cc, Zc = ct, dn = vec, Q, K, V.
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
@@ -1491,16 +1520,10 @@ linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, 
     const LtBlock b = lt_block(t, m, chunk);
     const int lm = b.lm, lc = b.lc, Mp = b.Mp;
     ASA_DYN_SHARED(double, lt_smem);
-    double* S = lt_smem;
-    double* A = S + Mp * lm;
-    double* Zc = A + b.Cp * lc;
-    double* dn = Zc + b.Cp * lm;
-    float* Q = (float*)(dn + b.Cp);
-    float* K = Q + b.Cp * lm;
-    float* V = K + b.Cp * lm;
-    lt_stage(Q, qf, b, m);
-    lt_stage(K, kf, b, m);
-    lt_stage(V, v, b, m);
+    const LtSmem x = lt_carve(lt_smem, b);
+    double *S = x.sq, *A = x.cc, *Zc = x.ct, *dn = x.vec;
+    const float *Q = x.Q, *K = x.K, *V = x.V;
+    lt_stage_qkv(x, qf, kf, v, b, m);
     lt_stage_carry(S, cs, b, m);
     __syncthreads();
     // Zc_t = max(Z0 + the chunk's keys up to t, eps); 0 on the padding
@@ -1543,8 +1566,8 @@ linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, 
 // Backward to qf (dqf +=) and zlive as linear_attn_backward, from the forward carries cs, cz,
 // and the backward carries' chunk sums (as linear_attn_backward_sums; skipped when ds is null):
 // ds[n,ch] = sum over the chunk of qf_s^T gnum_s, dz[n,ch] = sum of gden_s qf_s over the chunk's
-// s with zlive. Block per (n, chunk); shared: S [Mp][lm], G [Cp][lm], Bm [Cp][lc], Zg [Cp][lm],
-// gd [Cp] (f64), Q, K, V [Cp][lm] (f32).
+// s with zlive. Block per (n, chunk); shared (LtSmem): S = sq, G = g, Bm = cc, Zg = ct, gd = vec,
+// Q, K, V.
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
                               const float* __restrict__ dout, const float* __restrict__ den,
@@ -1555,17 +1578,10 @@ linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict
     const LtBlock b = lt_block(t, m, chunk);
     const int lm = b.lm, lc = b.lc, Mp = b.Mp;
     ASA_DYN_SHARED(double, lt_smem);
-    double* S = lt_smem;
-    double* G = S + Mp * lm;
-    double* Bm = G + b.Cp * lm;
-    double* Zg = Bm + b.Cp * lc;
-    double* gd = Zg + b.Cp * lm;
-    float* Q = (float*)(gd + b.Cp);
-    float* K = Q + b.Cp * lm;
-    float* V = K + b.Cp * lm;
-    lt_stage(Q, qf, b, m);
-    lt_stage(K, kf, b, m);
-    lt_stage(V, v, b, m);
+    const LtSmem x = lt_carve(lt_smem, b);
+    double *S = x.sq, *G = x.g, *Bm = x.cc, *Zg = x.ct, *gd = x.vec;
+    const float *Q = x.Q, *K = x.K, *V = x.V;
+    lt_stage_qkv(x, qf, kf, v, b, m);
     lt_stage_carry(S, cs, b, m);
     lt_stage_gnum(G, gd, dout, den, gden, b, t, m);
     __syncthreads();
@@ -1612,31 +1628,23 @@ linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict
 }
 
 // Backward to kf and v (dkf, dv +=) as linear_attn_backward, from the backward carries ds, dz
-// (the sums after the chunk; null: one chunk) and zlive. Block per (n, chunk); shared: D [Mp][lm]
-// (dS1), G [Cp][lm], P [Cp][lc], dZ [Cp][lm], gd [Cp] (f64), Q, K, V [Cp][lm] (f32), zlive
-// [Cp][Mp] (u8).
+// (the sums after the chunk; null: one chunk) and zlive. Block per (n, chunk); shared (LtSmem):
+// D = sq (dS1), G = g, P = cc, dZ = ct, gd = vec, Q, K, V, zlive = zl.
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dkdv(float* __restrict__ dkf, float* __restrict__ dv,
-                                const unsigned char* __restrict__ zlive, const float* __restrict__ dout,
+                                const unsigned char* __restrict__ zlive, const double* __restrict__ ds,
+                                const double* __restrict__ dz, const float* __restrict__ dout,
                                 const float* __restrict__ den, const double* __restrict__ gden,
                                 const float* __restrict__ qf, const float* __restrict__ kf,
-                                const float* __restrict__ v, const double* __restrict__ ds,
-                                const double* __restrict__ dz, int n, int t, int m, int chunk) {
+                                const float* __restrict__ v, int n, int t, int m, int chunk) {
     const LtBlock b = lt_block(t, m, chunk);
     const int lm = b.lm, lc = b.lc, Mp = b.Mp;
     ASA_DYN_SHARED(double, lt_smem);
-    double* D = lt_smem;
-    double* G = D + Mp * lm;
-    double* P = G + b.Cp * lm;
-    double* dZ = P + b.Cp * lc;
-    double* gd = dZ + b.Cp * lm;
-    float* Q = (float*)(gd + b.Cp);
-    float* K = Q + b.Cp * lm;
-    float* V = K + b.Cp * lm;
-    unsigned char* Zl = (unsigned char*)(V + b.Cp * lm);  // zlive [Cp][Mp]
-    lt_stage(Q, qf, b, m);
-    lt_stage(K, kf, b, m);
-    lt_stage(V, v, b, m);
+    const LtSmem x = lt_carve(lt_smem, b);
+    double *D = x.sq, *G = x.g, *P = x.cc, *dZ = x.ct, *gd = x.vec;
+    const float *Q = x.Q, *K = x.K, *V = x.V;
+    unsigned char* Zl = x.zl;
+    lt_stage_qkv(x, qf, kf, v, b, m);
     for (int i = threadIdx.x; i < b.Cp * Mp; i += blockDim.x) {
         int r = i / Mp, a = i - r * Mp;
         Zl[i] = (r < b.tc && a < m) ? zlive[b.base + (i64)(b.t0 + r) * m + a] : 0;

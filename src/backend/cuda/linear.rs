@@ -478,8 +478,8 @@ fn backward_tiled<L: Device + ?Sized>(
     let [dqf, dkf, dv, dout, den, qf, kf, v] = io;
     let [n, t, m, c] = p.ints()?;
     let (grid, smem) = (p.tiled_grid()?, p.smem() as u32);
-    let dq_args = [
-        dqf.into(),
+    // both kernels: (outputs, zlive, ds, dz, dout, den, gden, qf, kf, v, [cs, cz,] n, t, m, c)
+    let shared: [KArg; 9] = [
         ws.zlive.into(),
         ws.ds.into(),
         ws.dz.into(),
@@ -489,47 +489,20 @@ fn backward_tiled<L: Device + ?Sized>(
         qf.into(),
         kf.into(),
         v.into(),
-        ws.cs.into(),
-        ws.cz.into(),
-        n,
-        t,
-        m,
-        c,
     ];
-    dev.grid_launch(
-        "linear_attn_backward_tiled_dq",
-        grid,
-        TILED_THREADS,
-        smem,
-        &dq_args,
-    )?;
+    let dq_args = [
+        &[dqf.into()][..],
+        &shared,
+        &[ws.cs.into(), ws.cz.into(), n, t, m, c],
+    ]
+    .concat();
+    let tiled = |name: &str, args: &[KArg]| dev.grid_launch(name, grid, TILED_THREADS, smem, args);
+    tiled("linear_attn_backward_tiled_dq", &dq_args)?;
     if p.chunked() {
         carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
     }
-    let dkdv_args = [
-        dkf.into(),
-        dv.into(),
-        ws.zlive.into(),
-        dout.into(),
-        den.into(),
-        ws.gden.into(),
-        qf.into(),
-        kf.into(),
-        v.into(),
-        ws.ds.into(),
-        ws.dz.into(),
-        n,
-        t,
-        m,
-        c,
-    ];
-    dev.grid_launch(
-        "linear_attn_backward_tiled_dkdv",
-        grid,
-        TILED_THREADS,
-        smem,
-        &dkdv_args,
-    )
+    let dkdv_args = [&[dkf.into(), dv.into()][..], &shared, &[n, t, m, c]].concat();
+    tiled("linear_attn_backward_tiled_dkdv", &dkdv_args)
 }
 
 /// The forward with its workspace from the device's f64 scratch.
