@@ -409,7 +409,7 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             |chunk| LinearAlgo::Walk { chunk },
             |chunk| LinearAlgo::Tiled { chunk },
         );
-        let auto = LinearAlgo::choose(t, m, dev.max_smem());
+        let auto = LinearAlgo::choose(t, m, dev.max_smem()).unwrap();
         for algo in [walk(t), walk(5), walk(2), walk(1), tiled(t), tiled(5), auto] {
             let (o_d, den_d) = (mem.zeroed::<f32>(len), mem.zeroed::<f32>(nrow * t));
             if let LinearAlgo::Tiled { chunk } = algo {

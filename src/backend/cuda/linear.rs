@@ -56,20 +56,23 @@ impl LinearAlgo {
 
     /// The default: tiled with chunks of 32 positions, or of 16 or 8 where those do not fit in
     /// `smem` bytes (the whole sequence when shorter), else the walk. `ASA_CUDA_LINEAR`
-    /// overrides it.
-    pub fn choose(t: usize, m: usize, smem: usize) -> LinearAlgo {
-        if let Some(a) = std::env::var(LINEAR_ENV)
-            .ok()
-            .and_then(|v| LinearAlgo::parse(&v, t, m, smem))
-        {
-            return a;
+    /// overrides it; a value it cannot parse is an error.
+    pub fn choose(t: usize, m: usize, smem: usize) -> Result<LinearAlgo> {
+        if let Ok(v) = std::env::var(LINEAR_ENV) {
+            if !v.trim().is_empty() {
+                return LinearAlgo::parse(&v, t, m, smem).ok_or_else(|| {
+                    AsaError::Input(format!(
+                        "{LINEAR_ENV}='{v}': expected tiled, tiled:<chunk>, walk or walk:<chunk> (tiles that fit the device's shared memory)"
+                    ))
+                });
+            }
         }
-        match tiled_chunk(t, m, smem) {
+        Ok(match tiled_chunk(t, m, smem) {
             Some(chunk) => LinearAlgo::Tiled { chunk },
             None => LinearAlgo::Walk {
                 chunk: walk_chunk(t),
             },
-        }
+        })
     }
 }
 

@@ -1548,7 +1548,10 @@ pub trait Ops: Device {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        let algo = algo.unwrap_or_else(|| LinearAlgo::choose(t, m, self.max_smem()));
+        let algo = match algo {
+            Some(a) => a,
+            None => LinearAlgo::choose(t, m, self.max_smem())?,
+        };
         let plan = LinearPlan::new(n, t, m, algo);
         super::linear::forward_scratch(self, &plan, [out, den, qf, kf, v])
     }
@@ -1578,7 +1581,10 @@ pub trait Ops: Device {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        let algo = algo.unwrap_or_else(|| LinearAlgo::choose(t, m, self.max_smem()));
+        let algo = match algo {
+            Some(a) => a,
+            None => LinearAlgo::choose(t, m, self.max_smem())?,
+        };
         let plan = LinearPlan::new(n, t, m, algo);
         super::linear::backward_scratch(self, &plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
@@ -1768,8 +1774,13 @@ pub const BF16_GEMM_ENV: &str = "ASA_CUDA_BF16_GEMM";
 
 fn bf16_in_cublas() -> bool {
     static IN_CUBLAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IN_CUBLAS.get_or_init(|| {
-        std::env::var(BF16_GEMM_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("cublas"))
+    *IN_CUBLAS.get_or_init(|| match std::env::var(BF16_GEMM_ENV) {
+        Ok(v) if v.trim().eq_ignore_ascii_case("cublas") => true,
+        Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("convert") => {
+            eprintln!("warning: {BF16_GEMM_ENV}='{v}' is neither cublas nor convert; converting");
+            false
+        }
+        _ => false,
     })
 }
 
