@@ -301,9 +301,11 @@ pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
                 )));
             }
             Ok(format!(
-                "device: {} modules loaded, smoke kernel ok ({})",
+                "device: {} modules loaded, smoke kernel ok ({}; {} SMs, {} KiB of shared memory per block)",
                 KERNELS.len(),
-                be.device_name
+                be.device_name,
+                be.sm_count,
+                be.max_smem / 1024
             ))
         });
         match res {
