@@ -199,13 +199,27 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
         i64 bh = r / nk;
         i64 bi = bh / h;
         const float* g = dwl + r * t;
+        const float* kj = k + bh * t * d + j;
         double acc = 0.0, accb = 0.0;
-        for (int ti = 0; ti < t; ++ti) {
-            if (valid && !valid[bi * t + ti]) continue;
-            double gw = (double)g[ti];
-            if (gw == 0.0) continue;
-            accb += gw * (double)ti;
-            acc += gw * gscale * (double)k[(bh * t + ti) * d + j];
+        // four positions at a time: their loads first (independent, in flight together), then
+        // the sums in time order
+        for (int t0 = 0; t0 < t; t0 += 4) {
+            float gv[4], kv[4];
+            bool live[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                int ti = t0 + q;
+                live[q] = ti < t && (!valid || valid[bi * t + ti]);
+                gv[q] = live[q] ? g[ti] : 0.0f;
+                kv[q] = live[q] ? kj[(i64)ti * d] : 0.0f;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                double gw = (double)gv[q];
+                if (!live[q] || gw == 0.0) continue;
+                accb += gw * (double)(t0 + q);
+                acc += gw * gscale * (double)kv[q];
+            }
         }
         pkeys[i] = acc;
         if (pbias && j == 0) pbias[r] = accb;
