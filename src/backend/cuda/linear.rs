@@ -293,6 +293,7 @@ fn forward_carries<L: Device + ?Sized>(
     let [n, t, m, c] = p.ints()?;
     let args = [ws.cs.into(), ws.cz.into(), kf.into(), v.into(), n, t, m, c];
     if p.tiled {
+        // two f32 tiles [Cp][Mp+1] (K, V)
         let smem = 8 * p.chunk.div_ceil(4) * 4 * (p.m.div_ceil(4) * 4 + 1);
         dev.grid_launch(
             "linear_attn_forward_tiled_sums",
