@@ -137,6 +137,21 @@ impl LinearPlan {
         }
     }
 
+    /// The plan for `dev` with `algo`, or [`LinearAlgo::choose`]'s default when None.
+    pub fn for_device<L: Device + ?Sized>(
+        dev: &L,
+        n: usize,
+        t: usize,
+        m: usize,
+        algo: Option<LinearAlgo>,
+    ) -> Result<LinearPlan> {
+        let algo = match algo {
+            Some(a) => a,
+            None => LinearAlgo::choose(t, m, dev.max_smem())?,
+        };
+        Ok(LinearPlan::new(n, t, m, algo))
+    }
+
     fn chunked(&self) -> bool {
         self.nch > 1
     }

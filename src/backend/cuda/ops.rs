@@ -1548,11 +1548,7 @@ pub trait Ops: Device {
             qf.len == out.len && kf.len == out.len && v.len == out.len,
             "linear_attn_forward: shapes"
         );
-        let algo = match algo {
-            Some(a) => a,
-            None => LinearAlgo::choose(t, m, self.max_smem())?,
-        };
-        let plan = LinearPlan::new(n, t, m, algo);
+        let plan = LinearPlan::for_device(self, n, t, m, algo)?;
         super::linear::forward_scratch(self, &plan, [out, den, qf, kf, v])
     }
 
@@ -1581,11 +1577,7 @@ pub trait Ops: Device {
             "linear_attn_backward: shapes"
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
-        let algo = match algo {
-            Some(a) => a,
-            None => LinearAlgo::choose(t, m, self.max_smem())?,
-        };
-        let plan = LinearPlan::new(n, t, m, algo);
+        let plan = LinearPlan::for_device(self, n, t, m, algo)?;
         super::linear::backward_scratch(self, &plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
     }
 
