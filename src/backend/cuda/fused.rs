@@ -59,7 +59,7 @@ const FU_E: usize = 8;
 const FU_MAXNW: usize = 16;
 /// Dynamic shared memory limit: 48 KiB (the most without opt-in) less room for the kernels'
 /// static shared arrays (128 bytes).
-const SMEM_LIMIT: usize = 48 * 1024 - 256;
+const SMEM_LIMIT: usize = super::SMEM_DEFAULT - 256;
 
 // ------------------------------------------------------------------------------------------------
 // plan

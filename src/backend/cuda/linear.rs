@@ -574,7 +574,10 @@ mod tests {
         assert!(tiled_smem(64, 64) <= H100);
         // 128 features: shorter chunks; the plain 48 KiB: the walk
         assert_eq!(tiled_chunk(1024, 128, H100), Some(16));
-        assert_eq!(tiled_chunk(1024, 128, 48 * 1024), None);
+        assert_eq!(
+            tiled_chunk(1024, 128, crate::backend::cuda::SMEM_DEFAULT),
+            None
+        );
         // never longer than the sequence
         assert_eq!(tiled_chunk(5, 64, H100), Some(5));
         let p = |s: &str| LinearAlgo::parse(s, 1024, 64, H100);

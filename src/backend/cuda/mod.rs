@@ -60,6 +60,9 @@ pub const BUILD_PROFILE: &str = env!("ASA_BUILD_PROFILE");
 /// (`nvidia-cuda-nvrtc`, ...): libraries in `DIR/nvidia/cu13/lib`, `ptxas` in `DIR/nvidia/cu13/bin`.
 pub const PYPI_DIR_ENV: &str = "ASA_CUDA_PYPI_DIR";
 
+/// Dynamic shared memory a block may have without the kernel's opt-in (bytes).
+pub const SMEM_DEFAULT: usize = 48 * 1024;
+
 fn dev_err(ctx: &str, e: impl std::fmt::Display) -> AsaError {
     AsaError::Device(format!("{ctx}: {e}"))
 }
@@ -430,9 +433,9 @@ pub trait Device {
     fn set_precision(&self, p: Precision);
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
-    /// Bytes of dynamic shared memory one block may have (48 KiB without the opt-in).
+    /// Bytes of dynamic shared memory one block may have ([`SMEM_DEFAULT`] without the opt-in).
     fn max_smem(&self) -> usize {
-        48 * 1024
+        SMEM_DEFAULT
     }
     /// One GEMM ([`ops::Gemm`]: cuBLAS' conventions), inputs in the device's GEMM precision,
     /// f32 accumulation.
@@ -470,14 +473,7 @@ pub trait Device {
     /// A block of 256 threads per row (`rows` rows; grid-stride over rows past `max_grid`).
     fn cfg_rows(&self, rows: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (
-                rows.clamp(
-                    if rows == 0 { 0 } else { 1 },
-                    self.max_grid().max(1) as usize,
-                ) as u32,
-                1,
-                1,
-            ),
+            grid_dim: (rows.min(self.max_grid().max(1) as usize) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -695,7 +691,7 @@ impl CudaBackend {
         let max_smem = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map(|b| b.max(0) as usize)
-            .unwrap_or(48 * 1024);
+            .unwrap_or(SMEM_DEFAULT);
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating the cuBLAS handle", e))?;
         let mut modules = HashMap::new();
@@ -755,8 +751,9 @@ impl CudaBackend {
             return Ok(()); // nothing to do
         }
         let f = self.func(name)?;
-        if cfg.shared_mem_bytes > 48 * 1024 && !self.smem_opted.borrow().contains(name) {
-            // more than the default 48 KiB of dynamic shared memory needs the kernel's opt-in
+        if cfg.shared_mem_bytes as usize > SMEM_DEFAULT && !self.smem_opted.borrow().contains(name)
+        {
+            // more than the default dynamic shared memory needs the kernel's opt-in
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 self.max_smem as i32,

@@ -992,7 +992,7 @@ pub trait Ops: Device {
         );
         assert_eq!(kk.len, b * h * t * d, "write_logits_forward: k shape");
         // a block per (b, h, tile of positions), the tile's rows in shared memory (<= 48 KiB)
-        let tile = if 64 * (d + 1) * 4 <= 48 * 1024 {
+        let tile = if 64 * (d + 1) * 4 <= super::SMEM_DEFAULT {
             64
         } else {
             32
