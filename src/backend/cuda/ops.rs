@@ -26,7 +26,7 @@ use crate::error::{AsaError, Result};
 const COLSUM_ROWS: usize = 256;
 
 /// How a GEMM operand is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Op {
     N,
     T,
@@ -1872,8 +1872,7 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
     r?;
     if t0.is_some() {
         // profiling: booked per shape (transposes, m x n x k)
-        let tr = |o: Op| if o == Op::T { 'T' } else { 'N' };
-        let name = format!("cublas_gemm {}{} {m}x{n}x{kk}", tr(ta), tr(tb));
+        let name = format!("cublas_gemm {ta:?}{tb:?} {m}x{n}x{kk}");
         be.profile_end(&name, t0)?;
     }
     Ok(())
