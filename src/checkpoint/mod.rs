@@ -329,6 +329,14 @@ pub fn read_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     })
 }
 
+/// Whether two paths name one existing file (through links and `..` too).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// What [`convert_pt`] did.
 #[derive(Debug, Clone)]
 pub struct ConvertSummary {
@@ -354,6 +362,22 @@ pub fn convert_pt(
     config_out: Option<&Path>,
 ) -> Result<ConvertSummary> {
     let source = input.display().to_string();
+    let config_path = match config_out {
+        Some(p) => p.to_path_buf(),
+        None => match output.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.join("config.json"),
+            _ => PathBuf::from("config.json"),
+        },
+    };
+    // `asa convert ckpt.pt ckpt.pt` would replace the only copy of the checkpoint
+    for (flag, out) in [("OUTPUT", output), ("--config-out", config_path.as_path())] {
+        if same_file(input, out) {
+            return Err(AsaError::Input(format!(
+                "{flag} {} is the input checkpoint itself; writing it would replace the checkpoint: choose another path",
+                out.display()
+            )));
+        }
+    }
     let pt = read_pt(input)?;
     let (tensors, legacy) = normalize_keys(pt.state_dict);
     let mut cfg = match (config, &pt.cfg) {
@@ -378,13 +402,6 @@ pub fn convert_pt(
     let (mut store, _ids) = LmIds::build(&cfg);
     load_into(&mut store, &tensors, &source)?;
     save_params(output, &store, cfg.tie_weights, Some(&cfg))?;
-    let config_path = match config_out {
-        Some(p) => p.to_path_buf(),
-        None => match output.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.join("config.json"),
-            _ => PathBuf::from("config.json"),
-        },
-    };
     let mut json =
         serde_json::to_string_pretty(&cfg).map_err(|e| ck(format!("cannot encode config: {e}")))?;
     json.push('\n');
@@ -405,6 +422,24 @@ mod tests {
 
     fn legacy_pt() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy_pt/checkpoint.pt")
+    }
+
+    #[test]
+    fn convert_refuses_to_write_over_its_input() {
+        let td = tempfile::tempdir().unwrap();
+        let pt = td.path().join("ckpt.pt");
+        std::fs::copy(legacy_pt(), &pt).unwrap();
+        let before = std::fs::read(&pt).unwrap();
+        // the output, or the config written beside it, is the input: refused, input intact
+        let e = convert_pt(&pt, &pt, None, None).unwrap_err().to_string();
+        assert!(e.contains("is the input checkpoint"), "{e}");
+        let other = td.path().join("out.safetensors");
+        let e = convert_pt(&pt, &other, None, Some(&td.path().join("./ckpt.pt")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--config-out"), "{e}");
+        assert_eq!(std::fs::read(&pt).unwrap(), before);
+        assert!(!other.exists());
     }
 
     fn small_cfg() -> ModelConfig {
