@@ -545,11 +545,7 @@ fn mini_settings(a: &TrainMiniArgs, tokenizer: &str) -> TrainSettings {
 /// On `train-mini --resume`: the flags the user gave (all of them for a library caller that does
 /// not say, `explicit: None`) whose value differs from the run's, as "--flag: old -> new".
 fn mini_changes(a: &TrainMiniArgs, cfg: &ModelConfig, s: &TrainSettings) -> Result<Vec<String>> {
-    let given = |f: &str| {
-        a.explicit
-            .as_ref()
-            .is_none_or(|l| l.iter().any(|g| *g == f))
-    };
+    let given = |f: &str| a.explicit.as_ref().is_none_or(|l| l.contains(&f));
     let mut out = Vec::new();
     let mut cmp = |flag: &str, old: String, new: String| {
         if given(flag) && old != new {
@@ -1322,7 +1318,6 @@ fn describe_holder(pid: i32, host: &str, started: u64) -> String {
 /// its text is cleared and the lock released.
 pub struct RunLock {
     file: std::fs::File,
-    path: PathBuf,
 }
 
 impl RunLock {
@@ -1387,7 +1382,7 @@ impl RunLock {
             file.sync_data()
         })();
         written.map_err(|e| AsaError::io(&path, e))?;
-        Ok(RunLock { file, path })
+        Ok(RunLock { file })
     }
 }
 
@@ -1395,7 +1390,6 @@ impl Drop for RunLock {
     fn drop(&mut self) {
         // cleared text means "released cleanly"; the flock itself goes with the descriptor
         let _ = self.file.set_len(0);
-        let _ = &self.path;
     }
 }
 

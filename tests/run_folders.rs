@@ -321,7 +321,7 @@ fn best_is_a_snapshot_that_resumes_exactly_and_leftovers_are_cleaned() {
         .as_u64()
         .unwrap();
     assert!(
-        best_step < 20 && best_step % 3 == 0 || best_step == 1,
+        best_step < 20 && best_step.is_multiple_of(3) || best_step == 1,
         "{best_step}"
     );
     // best/ is one step's whole state: its checkpoint and its files agree
