@@ -1481,6 +1481,19 @@ pub enum RunMode {
 /// old run's files on `--force`, and removes leftovers of killed saves. The lock must be kept
 /// until the command ends.
 pub fn open_run_dir(run: &RunDir, mode: RunMode, cmd: &str) -> Result<RunLock> {
+    if let Some(parent) = run.dir.parent().filter(|p| p.exists() && !p.is_dir()) {
+        return Err(AsaError::Input(format!(
+            "the output folder {} is a file, not a folder; choose another --outdir",
+            parent.display()
+        )));
+    }
+    if mode == RunMode::Resume && !run.checkpoint().is_file() && !run.dir.is_dir() {
+        // nothing to lock: say so without creating the folder
+        return Err(AsaError::Checkpoint(format!(
+            "--resume: {} does not exist, so there is no run to resume (check --outdir and the run name)",
+            run.dir.display()
+        )));
+    }
     if run.dir.exists() && !run.dir.is_dir() {
         return Err(AsaError::Input(format!(
             "{} exists and is not a folder; choose another --name/--outdir",
@@ -1556,5 +1569,28 @@ mod tests {
         assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
         let mid = lr_at(55, 1.0, 0.1, 10, 100);
         assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+    }
+
+    #[test]
+    fn run_names_are_one_plain_component() {
+        for good in ["mini", "run-1", "a.b", "x_y"] {
+            assert!(check_run_name(good, "--name").is_ok(), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "a/b", "/abs", "a\\b", "x.tmp-12", ".lock", "a/",
+        ] {
+            assert!(check_run_name(bad, "--name").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn temp_names_give_their_pid() {
+        assert_eq!(temp_pid("checkpoint.safetensors.tmp-123"), Some(123));
+        assert_eq!(temp_pid("best.tmp-9"), Some(9));
+        assert_eq!(temp_pid("best.old-77"), Some(77));
+        assert_eq!(temp_pid("metrics.jsonl"), None);
+        assert_eq!(temp_pid("notes.tmp-draft"), None);
+        assert_eq!(temp_pid("x.tmp-+5"), None);
+        assert_eq!(temp_pid("best"), None);
     }
 }

@@ -570,3 +570,16 @@ fn probe_reads_a_run_of_asa_train() {
     ok(&out);
     assert!(stderr(&out).contains("newer"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_file_as_outdir_and_resume_of_nothing_are_clear_and_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let err = fails(&mini(&file, &["--steps", "2"]));
+    assert!(err.contains("is a file, not a folder"), "{err}");
+    let runs = tmp.path().join("runs");
+    let err = fails(&mini(&runs, &["--resume", "--name", "nothere"]));
+    assert!(err.contains("no run to resume"), "{err}");
+    assert!(!runs.join("nothere").exists());
+}
