@@ -50,48 +50,67 @@ enum Cmd {
     },
     /// Train a small ASM on the embedded default data (or --data files); saves runs/<name>/.
     TrainMini {
-        #[command(flatten)]
-        common: Common,
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// Seed of initialisation, data sampling and dropout [default: 1337].
+        #[arg(long)]
+        seed: Option<u64>,
         /// Parent folder of the run directory.
         #[arg(long, default_value = "runs")]
         outdir: PathBuf,
-        /// Run name: the run is saved under OUTDIR/NAME.
+        /// Run name: the run is saved under OUTDIR/NAME (one folder name, no '/').
         #[arg(long, default_value = "mini")]
         name: String,
-        /// Total optimizer steps (default 500; with --resume, the run's own unless given).
+        /// Total optimizer steps [default: 500]; with --resume, a new total for the run
+        /// (extends a finished run; the cosine schedule follows the new total from then on).
         #[arg(long)]
         steps: Option<usize>,
         /// Stop after this step, saving a checkpoint (continue later with --resume).
         #[arg(long)]
         stop_at: Option<usize>,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 32)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 50)]
-        eval_interval: usize,
+        /// Rows per optimizer step [default: 16].
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Tokens per training window [default: 32].
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Peak learning rate [default: 0.003].
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Evaluate and save every this many steps [default: 50].
+        #[arg(long)]
+        eval_interval: Option<usize>,
         /// Train on these UTF-8 text files instead of the embedded corpus.
         #[arg(long, num_args = 1..)]
         data: Vec<PathBuf>,
-        /// gpt2 (embedded GPT-2 BPE), byte (256 byte ids, no files) or a tokenizer.json path.
-        #[arg(long, default_value = "gpt2")]
-        tokenizer: String,
-        /// Continue the run in OUTDIR/NAME from its last checkpoint.
+        /// gpt2 (embedded GPT-2 BPE), byte (256 byte ids, no files) or a tokenizer.json path
+        /// [default: gpt2].
         #[arg(long)]
+        tokenizer: Option<String>,
+        /// Continue the run in OUTDIR/NAME from its last checkpoint. Flags given with it must
+        /// match the run's (except --steps, --stop-at, --device, --precision).
+        #[arg(long, conflicts_with = "force")]
         resume: bool,
-        #[arg(long, default_value_t = 128)]
-        embed_dim: usize,
-        #[arg(long, default_value_t = 4)]
-        num_layers: usize,
-        #[arg(long, default_value_t = 4)]
-        num_heads: usize,
-        #[arg(long, default_value_t = 16)]
-        num_slots: usize,
-        /// Share of generated fact sentences in the embedded default text.
-        #[arg(long, default_value_t = 0.6)]
-        fact_frac: f64,
+        /// Delete the run already in OUTDIR/NAME (its checkpoints, metrics and best/) and start
+        /// a new one.
+        #[arg(long)]
+        force: bool,
+        /// [default: 128]
+        #[arg(long)]
+        embed_dim: Option<usize>,
+        /// [default: 4]
+        #[arg(long)]
+        num_layers: Option<usize>,
+        /// [default: 4]
+        #[arg(long)]
+        num_heads: Option<usize>,
+        /// [default: 16]
+        #[arg(long)]
+        num_slots: Option<usize>,
+        /// Share of generated fact sentences in the embedded default text [default: 0.6].
+        #[arg(long)]
+        fact_frac: Option<f64>,
         /// GEMM precision on the GPU: bf16 (bf16 inputs, f32 accumulation) or f32.
         #[arg(long, default_value = "bf16")]
         precision: asa::backend::cuda::Precision,
@@ -127,9 +146,18 @@ enum Cmd {
         /// Overrides the config's seed (new runs only).
         #[arg(long)]
         seed: Option<u64>,
-        /// Continue the run from its last checkpoint, exactly.
-        #[arg(long)]
+        /// Continue the run from its last checkpoint, exactly. The config must match the run's
+        /// (each changed field is named); see --total-steps to extend it.
+        #[arg(long, conflicts_with = "force")]
         resume: bool,
+        /// Delete the run already in the run folder (its checkpoints, metrics and best/) and
+        /// start a new one.
+        #[arg(long)]
+        force: bool,
+        /// With --resume: the run's new total step count, e.g. to continue a finished run (the
+        /// cosine schedule follows the new total from then on).
+        #[arg(long, requires = "resume")]
+        total_steps: Option<usize>,
         /// Stop after this step, saving a checkpoint.
         #[arg(long)]
         stop_at: Option<usize>,
@@ -278,7 +306,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Cmd::TrainMini {
-            common,
+            device,
+            seed,
             outdir,
             name,
             steps,
@@ -289,6 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data,
             tokenizer,
             resume,
+            force,
             embed_dim,
             num_layers,
             num_heads,
@@ -297,26 +327,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stop_at,
             precision,
         } => {
-            let place = resolve_device(common.device, true)?;
+            let place = resolve_device(device, true)?;
+            // on --resume only the flags typed are compared with the run's own values
+            let mut explicit = Vec::new();
+            for (flag, given) in [
+                ("seed", seed.is_some()),
+                ("batch-size", batch_size.is_some()),
+                ("seq-len", seq_len.is_some()),
+                ("lr", lr.is_some()),
+                ("eval-interval", eval_interval.is_some()),
+                ("data", !data.is_empty()),
+                ("tokenizer", tokenizer.is_some()),
+                ("embed-dim", embed_dim.is_some()),
+                ("num-layers", num_layers.is_some()),
+                ("num-heads", num_heads.is_some()),
+                ("num-slots", num_slots.is_some()),
+                ("fact-frac", fact_frac.is_some()),
+            ] {
+                if given {
+                    explicit.push(flag);
+                }
+            }
+            let d = asa::train::TrainMiniArgs::default();
             let args = asa::train::TrainMiniArgs {
                 outdir,
                 name,
-                seed: common.seed,
-                steps: steps.unwrap_or(500),
+                seed: seed.unwrap_or(d.seed),
+                steps: steps.unwrap_or(d.steps),
                 resume_steps: steps,
                 stop_at,
-                batch_size,
-                seq_len,
-                lr,
-                eval_interval,
+                batch_size: batch_size.unwrap_or(d.batch_size),
+                seq_len: seq_len.unwrap_or(d.seq_len),
+                lr: lr.unwrap_or(d.lr),
+                eval_interval: eval_interval.unwrap_or(d.eval_interval),
                 data,
-                tokenizer,
+                tokenizer: tokenizer.unwrap_or(d.tokenizer),
                 resume,
-                embed_dim,
-                num_layers,
-                num_heads,
-                num_slots,
-                fact_frac,
+                force,
+                explicit: Some(explicit),
+                embed_dim: embed_dim.unwrap_or(d.embed_dim),
+                num_layers: num_layers.unwrap_or(d.num_layers),
+                num_heads: num_heads.unwrap_or(d.num_heads),
+                num_slots: num_slots.unwrap_or(d.num_slots),
+                fact_frac: fact_frac.unwrap_or(d.fact_frac),
                 cuda: place == Place::Cuda,
                 precision,
                 quiet: false,
@@ -399,6 +452,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             device,
             seed,
             resume,
+            force,
+            total_steps,
             stop_at,
         } => {
             let place = resolve_device(device, true)?;
@@ -406,6 +461,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config,
                 seed,
                 resume,
+                force,
+                total_steps,
                 cuda: place == Place::Cuda,
                 stop_at,
                 quiet: false,

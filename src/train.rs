@@ -102,6 +102,25 @@ pub struct TrainState {
     /// steps skipped for a non-finite loss or gradient (`skip_nonfinite`)
     #[serde(default)]
     pub skipped_steps: u64,
+    /// the run's first validation loss (kept across resumes for `report.json`; runs saved before
+    /// this field fall back to the first `val_loss` of `metrics.jsonl`)
+    #[serde(default)]
+    pub first_val_loss: Option<f64>,
+}
+
+impl TrainState {
+    /// The state of a run that has not trained yet.
+    pub fn start() -> Self {
+        TrainState {
+            step: 0,
+            data_rng_pos: "0".into(),
+            model_rng_pos: "0".into(),
+            best_val: None,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            first_val_loss: None,
+        }
+    }
 }
 
 /// Files of a run directory `runs/<name>/`.
@@ -266,6 +285,11 @@ pub struct TrainMiniArgs {
     pub data: Vec<PathBuf>,
     pub tokenizer: String,
     pub resume: bool,
+    /// delete the run already in the folder and start a new one
+    pub force: bool,
+    /// on `--resume`, the flags the user typed (only those are compared with the run's own
+    /// values); `None` compares every flag
+    pub explicit: Option<Vec<&'static str>>,
     pub embed_dim: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -296,6 +320,8 @@ impl Default for TrainMiniArgs {
             data: vec![],
             tokenizer: "gpt2".into(),
             resume: false,
+            force: false,
+            explicit: None,
             embed_dim: 128,
             num_layers: 4,
             num_heads: 4,
@@ -356,6 +382,16 @@ pub fn tokenizer_by_name(name: &str) -> Result<Tokenizer> {
     }
 }
 
+/// The tokenizer recorded in a prepared data folder's `meta.json` (`asa prepare`).
+pub fn data_tokenizer(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(crate::data::shards::META_FILE)).ok()?;
+    let meta: serde_json::Value = serde_json::from_str(&text).ok()?;
+    meta.get("tokenizer")?
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
 /// A source of training windows and fixed validation windows.
 pub trait Batches {
     /// `b` random windows: inputs [B,T] and next-token targets [B,T]
@@ -413,58 +449,37 @@ pub fn evaluate(
 
 /// `asa train-mini`: trains a small ASM on the embedded default data (or `--data` files).
 pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
+    check_run_name(&a.name, "--name")?;
     let run = RunDir {
         dir: a.outdir.join(&a.name),
     };
-    let resume = a.resume && run.checkpoint().is_file();
-    if a.resume && !resume {
-        return Err(AsaError::Checkpoint(format!(
-            "--resume: {} holds no run to resume",
-            run.dir.display()
-        )));
+    let mode = run_mode(a.resume, a.force);
+    if mode != RunMode::Resume {
+        check_stop_at(a.stop_at, 0, a.steps)?;
     }
+    let _lock = open_run_dir(&run, mode, "train-mini")?;
+    let resume = mode == RunMode::Resume;
     let (cfg, params, adam, settings, state) = if resume {
         let (cfg, params, adam, mut settings, state) = load_run(&run)?;
+        let changed = mini_changes(a, &cfg, &settings)?;
+        if !changed.is_empty() {
+            return Err(AsaError::Config(format!(
+                "--resume: these flags differ from the run in {}: {}; drop them to continue the run as it was, or start a new run (another --name, or --force)",
+                run.dir.display(),
+                changed.join(", ")
+            )));
+        }
         if let Some(s) = a.resume_steps {
-            settings.steps = s.max(state.step);
+            settings.steps = extend_total(s, &state, "--steps")?;
         }
         (cfg, params, adam, settings, state)
     } else {
         let tok = tokenizer_by_name(&a.tokenizer)?;
         let cfg = mini_config(a, tok.vocab_size());
         let (_, params) = Lm::new(&cfg)?;
-        let settings = TrainSettings {
-            steps: a.steps,
-            batch_size: a.batch_size,
-            seq_len: a.seq_len,
-            lr: a.lr,
-            min_lr: a.lr * 0.1,
-            warmup_steps: (a.steps / 10).clamp(1, 100),
-            weight_decay: 0.01,
-            beta1: 0.9,
-            beta2: 0.95,
-            grad_clip: 1.0,
-            eval_interval: a.eval_interval.max(1),
-            eval_windows: 32,
-            val_frac: 0.05,
-            seed: a.seed,
-            tokenizer: tok.name().to_string(),
-            data: a.data.clone(),
-            fact_frac: a.fact_frac,
-            micro_batch_size: 0,
-            val_stride: 0,
-            skip_nonfinite: false,
-        };
+        let settings = mini_settings(a, tok.name());
         let adam = AdamW::new(adam_config(&settings), &params);
-        let state = TrainState {
-            step: 0,
-            data_rng_pos: "0".into(),
-            model_rng_pos: "0".into(),
-            best_val: None,
-            tokens_seen: 0,
-            skipped_steps: 0,
-        };
-        (cfg, params, adam, settings, state)
+        (cfg, params, adam, settings, TrainState::start())
     };
     let tok = tokenizer_by_name(&settings.tokenizer)?;
     if tok.vocab_size() != cfg.vocab_size {
@@ -483,6 +498,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     let data = TokenData::new(tok.encode(&text)?, settings.val_frac, settings.seq_len)?;
     run_loop(LoopArgs {
         label: "train-mini",
+        extend_flag: "--steps",
         run,
         cfg,
         params,
@@ -500,9 +516,136 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     })
 }
 
+/// The training settings of a new train-mini run.
+fn mini_settings(a: &TrainMiniArgs, tokenizer: &str) -> TrainSettings {
+    TrainSettings {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        lr: a.lr,
+        min_lr: a.lr * 0.1,
+        warmup_steps: (a.steps / 10).clamp(1, 100),
+        weight_decay: 0.01,
+        beta1: 0.9,
+        beta2: 0.95,
+        grad_clip: 1.0,
+        eval_interval: a.eval_interval.max(1),
+        eval_windows: 32,
+        val_frac: 0.05,
+        seed: a.seed,
+        tokenizer: tokenizer.to_string(),
+        data: a.data.clone(),
+        fact_frac: a.fact_frac,
+        micro_batch_size: 0,
+        val_stride: 0,
+        skip_nonfinite: false,
+    }
+}
+
+/// On `train-mini --resume`: the flags the user gave (all of them for a library caller that does
+/// not say, `explicit: None`) whose value differs from the run's, as "--flag: old -> new".
+fn mini_changes(a: &TrainMiniArgs, cfg: &ModelConfig, s: &TrainSettings) -> Result<Vec<String>> {
+    let given = |f: &str| a.explicit.as_ref().is_none_or(|l| l.contains(&f));
+    let mut out = Vec::new();
+    let mut cmp = |flag: &str, old: String, new: String| {
+        if given(flag) && old != new {
+            out.push(format!("--{flag}: {old} -> {new}"));
+        }
+    };
+    cmp("seed", s.seed.to_string(), a.seed.to_string());
+    cmp(
+        "batch-size",
+        s.batch_size.to_string(),
+        a.batch_size.to_string(),
+    );
+    cmp("seq-len", s.seq_len.to_string(), a.seq_len.to_string());
+    cmp("lr", s.lr.to_string(), a.lr.to_string());
+    cmp(
+        "eval-interval",
+        s.eval_interval.to_string(),
+        a.eval_interval.to_string(),
+    );
+    cmp("data", format!("{:?}", s.data), format!("{:?}", a.data));
+    cmp(
+        "embed-dim",
+        cfg.embed_dim.to_string(),
+        a.embed_dim.to_string(),
+    );
+    cmp(
+        "num-layers",
+        cfg.num_layers.to_string(),
+        a.num_layers.to_string(),
+    );
+    cmp(
+        "num-heads",
+        cfg.num_heads.to_string(),
+        a.num_heads.to_string(),
+    );
+    cmp(
+        "num-slots",
+        cfg.num_slots.to_string(),
+        a.num_slots.to_string(),
+    );
+    cmp(
+        "fact-frac",
+        s.fact_frac.to_string(),
+        a.fact_frac.to_string(),
+    );
+    if given("tokenizer") {
+        let name = tokenizer_by_name(&a.tokenizer)?.name().to_string();
+        cmp("tokenizer", s.tokenizer.clone(), name);
+    }
+    Ok(out)
+}
+
+/// `--resume` with a new total step count (train-mini `--steps`, train `--total-steps`): the
+/// total must lie beyond the step the run is at.
+pub fn extend_total(total: usize, state: &TrainState, flag: &str) -> Result<usize> {
+    if total <= state.step {
+        return Err(AsaError::Config(format!(
+            "{flag} {total}: the run is already at step {}; give a larger total to train further",
+            state.step
+        )));
+    }
+    Ok(total)
+}
+
+/// `--stop-at`: a step after the current one, at most the total.
+pub fn check_stop_at(stop_at: Option<usize>, step: usize, total: usize) -> Result<()> {
+    match stop_at {
+        Some(0) => Err(AsaError::Config(
+            "--stop-at 0: give the step to stop after (at least 1)".into(),
+        )),
+        Some(s) if s > total => Err(AsaError::Config(format!(
+            "--stop-at {s} is beyond the run's last step ({total})"
+        ))),
+        Some(s) if s <= step => Err(AsaError::Config(format!(
+            "--stop-at {s}: the run is already at step {step}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The run-folder mode of `--resume` / `--force` (clap makes them exclusive).
+pub fn run_mode(resume: bool, force: bool) -> RunMode {
+    if resume {
+        RunMode::Resume
+    } else if force {
+        RunMode::Replace
+    } else {
+        RunMode::New
+    }
+}
+
 /// Keeps the metric records of steps up to `step` (those after the last save are redone).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    copy_metrics(path, path, step)
+}
+
+/// Writes the metric records of `src` up to `step` to `dst` (atomically; nothing when `src`
+/// does not exist).
+fn copy_metrics(src: &Path, dst: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(src) else {
         return Ok(());
     };
     let kept: String = text
@@ -515,12 +658,58 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    checkpoint::write_bytes_atomic(path, kept.as_bytes())
+    checkpoint::write_bytes_atomic(dst, kept.as_bytes())
+}
+
+/// The first `val_loss` recorded in a metrics file.
+fn first_val_in_metrics(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v["val_loss"].as_f64())
+    })
+}
+
+/// Saves `<run>/best` as one unit: the whole run (checkpoint, files for people, the metrics up
+/// to this step) goes into `best.tmp-<pid>/`, then the old `best/` is renamed to
+/// `best.old-<pid>/`, the new one renamed into place and the old one removed. A kill at any point
+/// leaves a whole `best/` (or a whole `best.old-<pid>/` that the next start renames back, see
+/// `clean_leftovers`), never a mix of two steps.
+fn save_best(
+    run: &RunDir,
+    cfg: &ModelConfig,
+    settings: &TrainSettings,
+    params: &ParamStore,
+    adam: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
+    let pid = std::process::id();
+    let tmp = RunDir {
+        dir: run.dir.join(format!("best.tmp-{pid}")),
+    };
+    if tmp.dir.exists() {
+        std::fs::remove_dir_all(&tmp.dir).map_err(|e| AsaError::io(&tmp.dir, e))?;
+    }
+    save_run(&tmp, cfg, settings, params, adam, state)?;
+    copy_metrics(&run.metrics(), &tmp.metrics(), state.step)?;
+    let best = run.dir.join("best");
+    let old = run.dir.join(format!("best.old-{pid}"));
+    if best.exists() {
+        std::fs::rename(&best, &old).map_err(|e| AsaError::io(&best, e))?;
+    }
+    std::fs::rename(&tmp.dir, &best).map_err(|e| AsaError::io(&tmp.dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| AsaError::io(&old, e))?;
+    }
+    Ok(())
 }
 
 /// Everything a training loop needs; `run_loop` drives train-mini and train alike.
 pub struct LoopArgs<'a> {
     pub label: &'static str,
+    /// the flag that extends a run's total steps on `--resume`, for messages
+    pub extend_flag: &'static str,
     pub run: RunDir,
     pub cfg: ModelConfig,
     pub params: ParamStore,
@@ -591,12 +780,25 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     let mut state = lp.state;
     let resume = lp.resume;
     let data = lp.data;
+    check_stop_at(lp.stop_at, state.step, settings.steps)?;
+    if resume && state.step >= settings.steps {
+        return Err(AsaError::Config(format!(
+            "{} is already at step {} of {}; pass {} with a larger total to extend it",
+            run.dir.display(),
+            state.step,
+            settings.steps,
+            lp.extend_flag
+        )));
+    }
+    if resume && state.first_val_loss.is_none() {
+        // runs saved before TrainState kept it: the first val_loss of the metrics
+        state.first_val_loss = first_val_in_metrics(&run.metrics());
+    }
     let mut engine = Engine::new(&cfg, &params, &adam, lp.cuda, lp.precision)?;
     engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
     let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
     data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
 
-    std::fs::create_dir_all(&run.dir).map_err(|e| AsaError::io(&run.dir, e))?;
     if resume {
         truncate_metrics(&run.metrics(), state.step)?;
     } else if run.metrics().exists() {
@@ -642,7 +844,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     let peak = engine.peak_flops();
     let flops_per_token = crate::bench::train_flops_per_token(&cfg);
     let started = Instant::now();
-    let (mut last_loss, mut first_val, mut last_val) = (f64::NAN, None, f64::NAN);
+    let (mut last_loss, mut last_val) = (f64::NAN, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
     let start_step = state.step;
     let end = lp.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
@@ -691,26 +893,20 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         if let Some(m) = mfu {
             rec["mfu"] = serde_json::json!(m);
         }
+        let mut improved = false;
         if state.step.is_multiple_of(settings.eval_interval)
             || state.step == settings.steps
             || step == 0
         {
             let val = engine.evaluate(&params, data, &settings)?;
-            first_val.get_or_insert(val);
+            state.first_val_loss.get_or_insert(val);
             last_val = val;
-            let improved = state.best_val.is_none_or(|b| val < b);
+            improved = state.best_val.is_none_or(|b| val < b);
             state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
             rec["val_loss"] = serde_json::json!(val);
             rec["val_ppl"] = serde_json::json!(val.exp());
             for (k, v) in gate_summaries(&params_view(&mut engine, &params)?, &cfg) {
                 rec[k] = serde_json::json!(v);
-            }
-            if improved && lp.keep_best {
-                let best = RunDir {
-                    dir: run.dir.join("best"),
-                };
-                engine.sync_to_host(&mut params, &mut adam)?;
-                save_run(&best, &cfg, &settings, &params, &adam, &state)?;
             }
             say(
                 &bar,
@@ -721,14 +917,22 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             );
         }
         writeln!(metrics, "{rec}").map_err(|e| AsaError::io(run.metrics(), e))?;
-        if state.step.is_multiple_of(settings.eval_interval)
+        let save = state.step.is_multiple_of(settings.eval_interval)
             || state.step == settings.steps
-            || state.step == end
-        {
+            || state.step == end;
+        let save_best_now = improved && lp.keep_best;
+        if save || save_best_now {
+            // the generators' positions after this step: the main checkpoint and best/ both
+            // hold the whole state of the same step, so either resumes exactly
             state.data_rng_pos = data_rng.get_word_pos().to_string();
             state.model_rng_pos = engine.model_rng_pos().to_string();
             engine.sync_to_host(&mut params, &mut adam)?;
+        }
+        if save {
             save_run(&run, &cfg, &settings, &params, &adam, &state)?;
+        }
+        if save_best_now {
+            save_best(&run, &cfg, &settings, &params, &adam, &state)?;
         }
     }
     bar.finish_and_clear();
@@ -741,7 +945,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         steps: state.step,
         final_train_loss: last_loss,
         final_val_loss: last_val,
-        first_val_loss: first_val,
+        first_val_loss: state.first_val_loss,
         tokens_per_sec: ((state.step - start_step) as u64 * tokens_per_step) as f64
             / seconds.max(1e-9),
         seconds,
@@ -918,7 +1122,9 @@ fn parse_pos(s: &str) -> Result<u128> {
     })
 }
 
-/// The most recently updated run directory (one holding `checkpoint.safetensors`) under `runs_dir`.
+/// The most recently saved run under `runs_dir`: of its direct subfolders holding a
+/// `checkpoint.safetensors` (runs of `train-mini` and of `train` alike; a run's `best/` is inside
+/// its run folder and never picked), the one whose checkpoint was written last.
 pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
     let entries = std::fs::read_dir(runs_dir).map_err(|e| {
         AsaError::Checkpoint(format!(
@@ -930,7 +1136,12 @@ pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
     for e in entries.flatten() {
         let state = e.path().join("checkpoint.safetensors");
         if let Ok(t) = state.metadata().and_then(|m| m.modified()) {
-            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+            // equal times (coarse clocks): the name decides, so the pick does not depend on
+            // the order read_dir happens to return
+            if best
+                .as_ref()
+                .is_none_or(|(bt, bp)| t > *bt || (t == *bt && e.path() > *bp))
+            {
                 best = Some((t, e.path()));
             }
         }
@@ -952,13 +1163,28 @@ pub fn load_for_analysis(
 ) -> Result<(Lm, ParamStore, Tokenizer, String)> {
     let path = match ckpt {
         Some(p) => p.to_path_buf(),
-        None => latest_run(Path::new("runs"))?,
+        None => {
+            let p = latest_run(Path::new("runs"))?;
+            eprintln!(
+                "using {} (the most recently saved run under runs/; --ckpt picks another)",
+                p.display()
+            );
+            p
+        }
     };
     let (file, run_tok) = if path.is_dir() {
         let run = RunDir { dir: path.clone() };
-        let tok = read_json::<TrainSettings>(&run.settings())
-            .ok()
-            .map(|s| s.tokenizer);
+        let tok = match read_json::<TrainSettings>(&run.settings()) {
+            Ok(s) if !s.tokenizer.is_empty() => Some(s.tokenizer),
+            // runs of `asa train` saved before the tokenizer was recorded: the data's own
+            Ok(s) if tokenizer.is_none() => Some(s.data.first().and_then(|d| data_tokenizer(d)).ok_or_else(|| {
+                AsaError::Config(format!(
+                    "{} does not record its tokenizer and its data folder's meta.json is not readable; pass --tokenizer (gpt2, byte or a tokenizer.json path)",
+                    run.settings().display()
+                ))
+            })?),
+            _ => None,
+        };
         (run.model(), tok)
     } else {
         (path.clone(), None)
@@ -990,6 +1216,347 @@ pub fn load_for_analysis(
     Ok((lm, params, tok, path.display().to_string()))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Run folders: names, the exclusive lock, refusing to overwrite a run, leftovers of killed saves.
+
+/// The files and folders that make a folder a run (`.lock` alone does not).
+const RUN_FILES: &[&str] = &[
+    "checkpoint.safetensors",
+    "model.safetensors",
+    "config.json",
+    "train.json",
+    "train_state.json",
+    "metrics.jsonl",
+    "report.json",
+    "best",
+];
+
+/// A run name (`--name`, or `name`/`tag` of a run config) must be one normal path component, so
+/// that the run lands in `<outdir>/<name>` and nowhere else.
+pub fn check_run_name(name: &str, what: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(AsaError::Config(format!(
+            "{what} '{name}' is not a valid run name: {why}; use a plain folder name such as 'run1'"
+        )))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name == "." || name == ".." {
+        return bad("it names the current or the parent folder");
+    }
+    if name.contains('/') || name.contains('\\') {
+        return bad("a run name is a single path component (no '/' or '\\')");
+    }
+    if name.contains('\0') {
+        return bad("it contains a NUL character");
+    }
+    if name.starts_with(".lock") || name.contains(".tmp-") {
+        return bad("names with '.tmp-' or starting with '.lock' are reserved for temporary files");
+    }
+    Ok(())
+}
+
+/// Whether a process with this id exists (on this machine).
+fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Who held a run's lock, as its lock file says: (pid, host, start time in Unix seconds).
+fn parse_lock_text(text: &str) -> Option<(i32, String, u64)> {
+    let mut pid = None;
+    let (mut host, mut started) = (String::from("?"), 0u64);
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("pid", v)) => pid = v.trim().parse().ok(),
+            Some(("host", v)) => host = v.trim().to_string(),
+            Some(("started_unix", v)) => started = v.trim().parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    pid.map(|p| (p, host, started))
+}
+
+fn describe_holder(pid: i32, host: &str, started: u64) -> String {
+    let ago = unix_now().saturating_sub(started);
+    if started == 0 {
+        format!("pid {pid} on host {host}")
+    } else {
+        format!("pid {pid} on host {host}, started {ago} s ago")
+    }
+}
+
+/// An exclusive lock on a run folder, held for the life of a training process.
+///
+/// `<run>/.lock` is locked with `flock(LOCK_EX | LOCK_NB)`: the kernel releases an advisory
+/// lock when its process dies, so a crashed or killed run never blocks the next one. The file's
+/// text (pid, host, start time) only serves the messages: a second process names the holder, and
+/// a process that finds the text of a dead holder says it takes over a stale lock. The file is
+/// never removed (removing a locked file lets two processes lock two different files); on drop
+/// its text is cleared and the lock released.
+pub struct RunLock {
+    file: std::fs::File,
+}
+
+impl RunLock {
+    /// Locks `<dir>/.lock` (creating `dir`). Errors when another process holds it.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek};
+        use std::os::unix::io::AsRawFd;
+        std::fs::create_dir_all(dir).map_err(|e| AsaError::io(dir, e))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| AsaError::io(&path, e))?;
+        // SAFETY: flock on a file descriptor we own; LOCK_NB makes it return at once.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        if r != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(AsaError::io(&path, err));
+            }
+            let who = parse_lock_text(&text)
+                .map(|(p, h, s)| describe_holder(p, &h, s))
+                .unwrap_or_else(|| "another process".into());
+            return Err(AsaError::Other(format!(
+                "run folder {} is in use by another asa process ({who}); wait for it to finish or stop it (lock file {})",
+                dir.display(),
+                path.display()
+            )));
+        }
+        if let Some((pid, host, started)) = parse_lock_text(&text) {
+            let me = std::process::id() as i32;
+            if pid != me {
+                let why = if host != host_name() {
+                    "it was taken on another host and is not held now"
+                } else if pid_alive(pid) {
+                    "that pid is alive but does not hold the lock (a reused pid, or a copied run folder)"
+                } else {
+                    "that process is gone (killed or crashed)"
+                };
+                eprintln!(
+                    "note: {}: taking over the stale lock of {}: {why}",
+                    dir.display(),
+                    describe_holder(pid, &host, started)
+                );
+            }
+        }
+        let text = format!(
+            "pid={}\nhost={}\nstarted_unix={}\n",
+            std::process::id(),
+            host_name(),
+            unix_now()
+        );
+        let written = (|| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.rewind()?;
+            file.write_all(text.as_bytes())?;
+            file.sync_data()
+        })();
+        written.map_err(|e| AsaError::io(&path, e))?;
+        Ok(RunLock { file })
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // cleared text means "released cleanly"; the flock itself goes with the descriptor
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// The pid of a temporary name `<x>.tmp-<pid>` (files of `write_atomic`) or `best.tmp-<pid>` /
+/// `best.old-<pid>` (folders of `save_best`).
+fn temp_pid(name: &str) -> Option<i32> {
+    let (_, pid) = name
+        .rsplit_once(".tmp-")
+        .or_else(|| name.strip_prefix("best.old-").map(|p| ("", p)))?;
+    pid.parse()
+        .ok()
+        .filter(|_| pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes what killed saves left in a run folder (and its `best/`): `*.tmp-<pid>` files and
+/// `best.tmp-<pid>` folders. Called with the run's lock held, so no live asa process is writing
+/// them; our own pid is spared. A `best/` that a kill left missing between the two renames of
+/// `save_best` is first restored from `best.old-<pid>`. Returns (entries removed, bytes freed).
+pub fn clean_leftovers(dir: &Path) -> Result<(usize, u64)> {
+    let best = dir.join("best");
+    let me = std::process::id() as i32;
+    let entries = |d: &Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // a kill between "best -> best.old-PID" and "best.tmp-PID -> best": the old one is whole
+    if !best.exists() {
+        if let Some((_, old)) = entries(dir)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("best.old-") && temp_pid(n).is_some_and(|p| p != me))
+            .max_by_key(|(_, p)| p.metadata().and_then(|m| m.modified()).ok())
+        {
+            std::fs::rename(&old, &best).map_err(|e| AsaError::io(&old, e))?;
+            eprintln!(
+                "note: {}: restored best/ from {} (a save of best/ was interrupted)",
+                dir.display(),
+                old.display()
+            );
+        }
+    }
+    let (mut n, mut bytes) = (0usize, 0u64);
+    for d in [dir.to_path_buf(), best] {
+        for (name, path) in entries(&d) {
+            if temp_pid(&name).is_none_or(|p| p == me) {
+                continue;
+            }
+            let size = dir_size(&path);
+            let res = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            res.map_err(|e| AsaError::io(&path, e))?;
+            n += 1;
+            bytes += size;
+        }
+    }
+    Ok((n, bytes))
+}
+
+fn dir_size(p: &Path) -> u64 {
+    match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// What a command does with a run folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// a new run: the folder must not hold one
+    New,
+    /// `--resume`: continue the run in the folder
+    Resume,
+    /// `--force`: delete the run in the folder and start a new one
+    Replace,
+}
+
+/// Opens a run folder for a training command: checks the name was valid, takes the lock, refuses
+/// to start over an existing run without `--force` (or `--resume` without a run), deletes the
+/// old run's files on `--force`, and removes leftovers of killed saves. The lock must be kept
+/// until the command ends.
+pub fn open_run_dir(run: &RunDir, mode: RunMode, cmd: &str) -> Result<RunLock> {
+    if let Some(parent) = run.dir.parent().filter(|p| p.exists() && !p.is_dir()) {
+        return Err(AsaError::Input(format!(
+            "the output folder {} is a file, not a folder; choose another --outdir",
+            parent.display()
+        )));
+    }
+    if mode == RunMode::Resume && !run.checkpoint().is_file() && !run.dir.is_dir() {
+        // nothing to lock: say so without creating the folder
+        return Err(AsaError::Checkpoint(format!(
+            "--resume: {} does not exist, so there is no run to resume (check --outdir and the run name)",
+            run.dir.display()
+        )));
+    }
+    if run.dir.exists() && !run.dir.is_dir() {
+        return Err(AsaError::Input(format!(
+            "{} exists and is not a folder; choose another --name/--outdir",
+            run.dir.display()
+        )));
+    }
+    let lock = RunLock::acquire(&run.dir)?;
+    let present: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| run.dir.join(f).exists())
+        .collect();
+    match mode {
+        RunMode::New if !present.is_empty() => {
+            return Err(AsaError::Input(format!(
+                "{} already holds a run ({}); pass --resume to continue it, or --force to delete it and start over",
+                run.dir.display(),
+                present.join(", ")
+            )));
+        }
+        RunMode::Resume if !run.checkpoint().is_file() => {
+            return Err(AsaError::Checkpoint(format!(
+                "--resume: {} holds no run to resume (no checkpoint.safetensors){}",
+                run.dir.display(),
+                if present.is_empty() {
+                    String::new()
+                } else {
+                    format!("; it holds {}: pass --force instead of --resume to delete them and start over", present.join(", "))
+                }
+            )));
+        }
+        RunMode::Replace => {
+            // only the run's own files go; anything else the user keeps there stays
+            for f in &present {
+                let p = run.dir.join(f);
+                let res = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                res.map_err(|e| AsaError::io(&p, e))?;
+            }
+            if !present.is_empty() {
+                eprintln!(
+                    "{cmd}: --force: deleted the previous run in {} ({})",
+                    run.dir.display(),
+                    present.join(", ")
+                );
+            }
+        }
+        _ => {}
+    }
+    let (n, bytes) = clean_leftovers(&run.dir)?;
+    if n > 0 {
+        eprintln!(
+            "note: {}: removed {n} temporary file(s) of an interrupted save ({:.1} MB)",
+            run.dir.display(),
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(lock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1002,5 +1569,28 @@ mod tests {
         assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
         let mid = lr_at(55, 1.0, 0.1, 10, 100);
         assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+    }
+
+    #[test]
+    fn run_names_are_one_plain_component() {
+        for good in ["mini", "run-1", "a.b", "x_y"] {
+            assert!(check_run_name(good, "--name").is_ok(), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "a/b", "/abs", "a\\b", "x.tmp-12", ".lock", "a/",
+        ] {
+            assert!(check_run_name(bad, "--name").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn temp_names_give_their_pid() {
+        assert_eq!(temp_pid("checkpoint.safetensors.tmp-123"), Some(123));
+        assert_eq!(temp_pid("best.tmp-9"), Some(9));
+        assert_eq!(temp_pid("best.old-77"), Some(77));
+        assert_eq!(temp_pid("metrics.jsonl"), None);
+        assert_eq!(temp_pid("notes.tmp-draft"), None);
+        assert_eq!(temp_pid("x.tmp-+5"), None);
+        assert_eq!(temp_pid("best"), None);
     }
 }
