@@ -529,12 +529,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let text =
                     serde_json::to_string_pretty(&r).map_err(|e| AsaError::Other(e.to_string()))?;
                 // a report, not a checkpoint: say so when it cannot be written
-                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes()).map_err(|e| match e {
-                    AsaError::Checkpoint(m) => {
-                        AsaError::Other(format!("cannot write the bench report: {m}"))
-                    }
-                    other => other,
-                })?;
+                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes()).map_err(
+                    |e| match e {
+                        AsaError::Checkpoint(m) => {
+                            AsaError::Other(format!("cannot write the bench report: {m}"))
+                        }
+                        other => other,
+                    },
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -129,6 +129,30 @@ pub const RUN_FIELDS: &[(&str, Kind)] = &[
     ("precision", Kind::Str),
 ];
 
+impl RunConfig {
+    /// Rows of one forward/backward pass.
+    pub fn micro_rows(&self) -> usize {
+        if self.micro_batch_size == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch_size
+        }
+    }
+
+    /// The memory preflight of a new run of `model` with these settings (`preflight::check_run`).
+    pub fn preflight(&self, model: &ModelConfig, cuda: bool) -> Result<()> {
+        let accumulate = self.grad_accum_steps > 1;
+        crate::preflight::check_run(
+            model,
+            self.micro_rows(),
+            model.max_seq_len,
+            accumulate,
+            cuda,
+        )
+        .map(|_| ())
+    }
+}
+
 /// TOML has `nan` and `inf`, JSON has not (they become `null` on the way, and serde then says
 /// "invalid type: null" without a name): find them first, naming the key.
 fn check_toml_finite(v: &toml::Value, path: &str) -> Result<()> {
@@ -283,14 +307,12 @@ pub fn check_run_config(run: &RunConfig, batch_given: bool) -> Result<()> {
             run.stride_frac_val
         ));
     }
-    run.precision
-        .parse::<Precision>()
-        .map_err(|_| {
-            AsaError::Config(format!(
-                "precision must be f32 or bf16, got \"{}\"",
-                run.precision
-            ))
-        })?;
+    run.precision.parse::<Precision>().map_err(|_| {
+        AsaError::Config(format!(
+            "precision must be f32 or bf16, got \"{}\"",
+            run.precision
+        ))
+    })?;
     if run.data.as_os_str().is_empty() {
         return err("data must name the folder written by `asa prepare`, got \"\"".into());
     }
@@ -429,7 +451,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         if model.mlp_bias.is_none() {
             model.mlp_bias = Some(true);
         }
-        crate::preflight::check_run(&model, if rc.micro_batch_size == 0 { rc.batch_size } else { rc.micro_batch_size }, model.max_seq_len, rc.grad_accum_steps > 1, a.cuda)?;
+        rc.preflight(&model, a.cuda)?;
         let (_, params) = Lm::new(&model)?;
         let micro = if rc.micro_batch_size == 0 {
             rc.batch_size
