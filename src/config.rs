@@ -483,15 +483,24 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// The known key closest to `key`, when it is close enough to be the intended one.
+/// The known key closest to `key`, when it is close enough to be the intended one: a small
+/// edit distance (`embedd_dim` -> `embed_dim`), else a known key that contains it (`warmup` ->
+/// `warmup_steps`).
 pub fn closest_key<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
     let lower = key.to_ascii_lowercase();
-    known
+    let near = known
         .iter()
         .map(|k| (edit_distance(&lower, k), *k))
         .min()
-        .filter(|(d, k)| *d <= 3.max(k.len() / 3))
-        .map(|(_, k)| k)
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4));
+    if let Some((_, k)) = near {
+        return Some(k);
+    }
+    known
+        .iter()
+        .filter(|k| lower.len() >= 4 && k.contains(lower.as_str()))
+        .min_by_key(|k| k.len())
+        .copied()
 }
 
 /// Rejects the first key of `map` that is not in `known`, with the closest known key.

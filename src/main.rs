@@ -637,3 +637,53 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `asa <cmd> --help` must describe every flag and argument: a bare `--lr <LR>` leaves the
+    /// user guessing its meaning and range.
+    #[test]
+    fn every_argument_has_help_text() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                seen += 1;
+                let text = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if text.trim().is_empty() {
+                    let flag = arg
+                        .get_long()
+                        .map(|l| format!("--{l}"))
+                        .unwrap_or_else(|| format!("<{id}>"));
+                    missing.push(format!("asa {} {flag}", sub.get_name()));
+                }
+            }
+        }
+        assert!(seen > 40, "only {seen} arguments found: the walk is broken");
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {}",
+            missing.join(", ")
+        );
+    }
+
+    /// The probe draws no random numbers, so it takes no --seed (it used to take one and
+    /// ignore it).
+    #[test]
+    fn probe_takes_no_seed() {
+        assert!(Cli::try_parse_from(["asa", "probe", "--seed", "3"]).is_err());
+        assert!(Cli::try_parse_from(["asa", "probe", "--window", "3"]).is_ok());
+    }
+}
