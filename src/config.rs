@@ -372,8 +372,9 @@ pub enum Kind {
     Str,
     /// `[a, b]` (the betas)
     FloatPair,
-    /// a string or null (mlp_bias is a bool or null, handled as Bool here)
+    /// a string or null
     OptStr,
+    /// true, false or null
     OptBool,
     /// baseline | online | intervene
     Variant,
@@ -612,6 +613,41 @@ mod tests {
         c.slotspace_dim = 8;
         c.dropout = 1.5;
         assert!(c.validate().unwrap_err().to_string().contains("dropout"));
+    }
+
+    #[test]
+    fn model_fields_list_every_serialised_field() {
+        let c = ModelConfig {
+            mlp_bias: Some(true),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        let mut got: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want: Vec<&str> = MODEL_FIELDS.iter().map(|(k, _)| *k).collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        // our own serialised config reads back
+        assert_eq!(ModelConfig::from_json_value(&v).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_closest_known_key() {
+        let v = serde_json::json!({"embedd_dim": 64});
+        let e = ModelConfig::from_json_value(&v).unwrap_err().to_string();
+        assert!(e.contains("did you mean `embed_dim`?"), "{e}");
+        assert_eq!(
+            closest_key("warmup", &["warmup_steps", "total_steps"]),
+            Some("warmup_steps")
+        );
+        assert_eq!(
+            closest_key("qqqqqqqq", &["warmup_steps", "total_steps"]),
+            None
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        let v = serde_json::json!({"num_slots": -1});
+        let e = ModelConfig::from_json_value(&v).unwrap_err().to_string();
+        assert!(e.contains("`num_slots`"), "{e}");
     }
 
     #[test]
