@@ -262,9 +262,22 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
     }
 }
 
+/// An output folder flag must name a folder (or nothing yet): a file there would otherwise end
+/// the command with a bare "File exists" after all its work.
+fn check_outdir(flag: &str, p: &std::path::Path) -> Result<()> {
+    if p.exists() && !p.is_dir() {
+        return Err(AsaError::Input(format!(
+            "{flag} {} is a file, not a folder",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Smoke { common, outdir } => {
+            check_outdir("--outdir", &outdir)?;
             resolve_device(common.device, false)?;
             let s = asa::smoke::run_smoke(common.seed, &outdir, "cpu")?;
             for c in &s.cases {
@@ -364,6 +377,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--layers needs at least one layer index (leave it out for all)".into(),
                 ));
             }
+            check_outdir("--outdir", &outdir)?;
             resolve_device(device, false)?;
             let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
             let (mut lm, params, tok, name) = loaded;

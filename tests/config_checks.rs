@@ -416,6 +416,21 @@ fn probe_and_prepare_flags_are_checked() {
         "a refused prepare wrote {}",
         out_dir.display()
     );
+    // an output folder that is a file: said before any work, naming the flag
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for cmd in ["smoke", "probe"] {
+        let out = asa()
+            .args([cmd, "--device", "cpu", "--outdir"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let line = one_error_line(&out);
+        assert!(
+            line.contains("--outdir") && line.contains("is a file"),
+            "{cmd}: {line}"
+        );
+    }
 
     // --layers past the model's layers: a byte-vocabulary model of 2 layers
     let cfg = ModelConfig {
