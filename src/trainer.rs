@@ -196,8 +196,20 @@ pub fn read_run_config(path: &Path) -> Result<(ModelConfig, RunConfig)> {
     let text = std::fs::read_to_string(path).map_err(|e| AsaError::io(path, e))?;
     let is_toml = path.extension().is_some_and(|e| e == "toml");
     let value: serde_json::Value = if is_toml {
-        let t: toml::Value = toml::from_str(&text)
-            .map_err(|e| AsaError::Config(format!("{}: invalid TOML: {e}", path.display())))?;
+        let t: toml::Value = toml::from_str(&text).map_err(|e| {
+            // one line: toml's own Display draws the source line over several
+            let at = e.span().map_or(String::new(), |sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            AsaError::Config(format!(
+                "{}: invalid TOML{at}: {}",
+                path.display(),
+                e.message().trim().replace('\n', "; ")
+            ))
+        })?;
         check_toml_finite(&t, "").map_err(at)?;
         serde_json::to_value(t).map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?
     } else {

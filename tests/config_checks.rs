@@ -466,3 +466,88 @@ fn probe_and_prepare_flags_are_checked() {
     let line = one_error_line(&out);
     assert!(line.contains("--layers") && line.contains('5'), "{line}");
 }
+
+/// Mutated run configs (byte flips, truncations, digit changes, inserted keys) end in a valid
+/// config or a clear error: never a panic, and never a model allocated (`read_run_config` only
+/// validates; the size guard refuses what could not be built).
+#[test]
+fn mutated_run_configs_load_or_fail_cleanly() {
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cpu-small.toml"))
+        .unwrap();
+    let json = {
+        let text = std::fs::read_to_string(fixtures().join("lm_full/config.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut obj = v["model"].as_object().unwrap().clone();
+        obj.insert("data".into(), "data/none".into());
+        serde_json::to_vec_pretty(&obj).unwrap()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let (mut ok, mut refused) = (0, 0);
+    for case in 0..2000 {
+        let (src, ext) = if case % 2 == 0 {
+            (&base, "toml")
+        } else {
+            (&json, "json")
+        };
+        let mut b = src.clone();
+        match rng.gen_range(0..5) {
+            0 => {
+                for _ in 0..rng.gen_range(1..4) {
+                    let i = rng.gen_range(0..b.len());
+                    b[i] ^= 1 << rng.gen_range(0..8);
+                }
+            }
+            1 => b.truncate(rng.gen_range(0..b.len())),
+            2 => {
+                // a digit becomes another (sizes, rates and steps change, often out of range)
+                let digits: Vec<usize> = (0..b.len()).filter(|&i| b[i].is_ascii_digit()).collect();
+                let i = digits[rng.gen_range(0..digits.len())];
+                b[i] = b"0123456789-"[rng.gen_range(0..11)];
+            }
+            3 => {
+                let i = rng.gen_range(0..b.len());
+                let junk: &[u8] = [
+                    &b"nan"[..],
+                    b"inf",
+                    b"1e308",
+                    b"-1",
+                    b"99999999999",
+                    b"\"x\"",
+                ][rng.gen_range(0..6)];
+                b.splice(i..i, junk.iter().copied());
+            }
+            _ => {
+                // a huge size
+                let text = String::from_utf8_lossy(&b).to_string();
+                let key = [
+                    "embed_dim",
+                    "num_layers",
+                    "vocab_size",
+                    "num_slots",
+                    "max_seq_len",
+                ][rng.gen_range(0..5)];
+                b = text
+                    .replacen(&format!("{key} = "), &format!("{key} = 4000000"), 1)
+                    .replacen(&format!("\"{key}\": "), &format!("\"{key}\": 4000000"), 1)
+                    .into_bytes();
+            }
+        }
+        let p = tmp.path().join(format!("m.{ext}"));
+        std::fs::write(&p, &b).unwrap();
+        match std::panic::catch_unwind(|| read_run_config(&p)) {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(e)) => {
+                let m = e.to_string();
+                assert!(!m.contains('\n'), "case {case}: not one line: {m}");
+                refused += 1;
+            }
+            Err(_) => panic!(
+                "case {case}: read_run_config panicked on\n{}",
+                String::from_utf8_lossy(&b)
+            ),
+        }
+    }
+    assert!(ok > 100 && refused > 700, "ok {ok}, refused {refused}");
+}
