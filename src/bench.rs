@@ -123,7 +123,7 @@ impl std::str::FromStr for BenchPreset {
             .find(|p| p.name() == key)
             .ok_or_else(|| {
                 AsaError::Input(format!(
-                    "unknown bench config '{s}' (expected cpu-small or practice-run)"
+                    "--config '{s}' is neither a preset (cpu-small, practice-run) nor a config file"
                 ))
             })
     }

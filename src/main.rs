@@ -488,6 +488,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let place = resolve_device(device, true)?;
             let mut o = match config.parse::<asa::bench::BenchPreset>() {
                 Ok(p) => asa::bench::BenchOptions::from_preset(p),
+                Err(e) if !std::path::Path::new(&config).exists() => return Err(e),
                 Err(_) => {
                     let (model, rc) = asa::trainer::read_run_config(std::path::Path::new(&config))?;
                     let micro = if rc.micro_batch_size == 0 {

@@ -314,6 +314,10 @@ fn bench_flags_are_checked_and_steps_are_shown() {
     for (args, flag) in [
         (&["--iters", "0"][..], "--iters"),
         (&["--threads", "0"][..], "--threads"),
+        (
+            &["--config", "cpu-smal"][..],
+            "preset (cpu-small, practice-run)",
+        ),
     ] {
         let out = asa()
             .args(["bench", "--device", "cpu"])
