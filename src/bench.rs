@@ -123,7 +123,7 @@ impl std::str::FromStr for BenchPreset {
             .find(|p| p.name() == key)
             .ok_or_else(|| {
                 AsaError::Input(format!(
-                    "unknown bench config '{s}' (expected cpu-small or practice-run)"
+                    "--config '{s}' is neither a preset (cpu-small, practice-run) nor a config file"
                 ))
             })
     }
@@ -149,6 +149,8 @@ pub struct BenchOptions {
     pub python: String,
     /// worker threads on both sides (default: all of rayon's global pool)
     pub threads: Option<usize>,
+    /// one line per step on stderr (the command line's bench; off in the library's tests)
+    pub progress: bool,
 }
 
 impl BenchOptions {
@@ -168,6 +170,7 @@ impl BenchOptions {
             reference: None,
             python: "python3".into(),
             threads: None,
+            progress: false,
         }
     }
 }
@@ -268,15 +271,24 @@ pub fn peak_bf16_flops(device_name: &str) -> Option<f64> {
     }
 }
 
-/// Runs the benchmark (ours, then the reference when `o.reference` is set). Prints nothing.
+/// Runs the benchmark (ours, then the reference when `o.reference` is set). Prints one line
+/// per step on stderr when `o.progress` is set, nothing else.
 pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
-    if o.batch == 0 || o.seq_len == 0 || o.iters == 0 {
+    if o.iters == 0 {
         return Err(AsaError::Input(
-            "bench: batch, seq_len and iters must be positive".into(),
+            "bench: --iters must be >= 1 (the timed steps), got 0".into(),
         ));
     }
+    if o.batch == 0 || o.seq_len == 0 {
+        return Err(AsaError::Input(format!(
+            "bench: the config's batch ({}) and sequence length ({}) must be >= 1",
+            o.batch, o.seq_len
+        )));
+    }
     if o.threads == Some(0) {
-        return Err(AsaError::Input("bench: --threads must be positive".into()));
+        return Err(AsaError::Input(
+            "bench: --threads must be >= 1, got 0".into(),
+        ));
     }
     if let Some(r) = &o.reference {
         check_reference_dir(r)?;
@@ -289,6 +301,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     cfg.mlp_bias = Some(true);
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
     cfg.validate()?;
+    crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.cuda)?;
 
     let (inp, tgt) = random_batch(cfg.vocab_size, o.batch, o.seq_len, cfg.seed);
     let pool = match o.threads {
@@ -379,6 +392,29 @@ fn check_step(loss: f64, norm: f64) -> Result<()> {
     }
 }
 
+/// One line per step on stderr (a practice-run step on the CPU takes minutes: the user sees
+/// that it is working and how long the rest will take).
+fn progress(o: &BenchOptions, i: usize, dt: f64, loss: f64) {
+    if !o.progress {
+        return;
+    }
+    let tokens = (o.batch * o.seq_len) as f64;
+    if i < o.warmup {
+        eprintln!(
+            "bench: warmup {}/{}  {dt:.3}s  loss {loss:.4}",
+            i + 1,
+            o.warmup
+        );
+    } else {
+        eprintln!(
+            "bench: step {}/{}  {dt:.3}s  {:.0} tokens/s  loss {loss:.4}",
+            i + 1 - o.warmup,
+            o.iters,
+            tokens / dt
+        );
+    }
+}
+
 /// Our CPU step, as `train-mini` runs it; returns the timed steps' seconds.
 fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> Result<Vec<f64>> {
     let (mut lm, mut params) = Lm::new(cfg)?;
@@ -400,8 +436,10 @@ fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> R
         let norm = clip_grad_norm(&mut grads, BENCH_CLIP);
         check_step(loss, norm)?;
         adam.step(&mut params, &grads, BENCH_ADAM.lr);
+        let dt = t0.elapsed().as_secs_f64();
+        progress(o, i, dt, loss);
         if i >= o.warmup {
-            secs.push(t0.elapsed().as_secs_f64());
+            secs.push(dt);
         }
     }
     Ok(secs)
@@ -426,6 +464,7 @@ fn bench_gpu(
             gpu.train_step(inp, tgt, b, t, BENCH_ADAM.lr, &BENCH_ADAM, Some(BENCH_CLIP))?;
         let dt = t0.elapsed().as_secs_f64();
         check_step(loss, norm)?;
+        progress(o, i, dt, loss);
         if i >= o.warmup {
             secs.push(dt);
         }

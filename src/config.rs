@@ -203,10 +203,44 @@ impl ModelConfig {
         self.mlp_bias.unwrap_or(true)
     }
 
-    /// Parses the `model` object of a fixture / run config, or a bare config object.
+    /// Parses the `model` object of a fixture / checkpoint config, or a bare config object.
+    ///
+    /// Keys must be model fields or fields the reference's `ASMTrainConfig` has (a reference
+    /// `asdict(cfg)` carries its training fields too); the reference's aliases (`n_layer`, ...)
+    /// are mapped as its loader maps them. Anything else is a typo that would silently give
+    /// another model: it is rejected, naming the closest known key.
     pub fn from_json_value(v: &serde_json::Value) -> Result<Self> {
+        Self::from_json_value_known(v, &[])
+    }
+
+    /// [`Self::from_json_value`] that also accepts the keys in `extra` (a run config's own
+    /// training keys), and no reference aliases (a run config is ours: one name per field).
+    pub fn from_json_value_known(v: &serde_json::Value, extra: &[&str]) -> Result<Self> {
         let obj = v.get("model").unwrap_or(v);
-        let mut cfg: ModelConfig = serde_json::from_value(obj.clone())
+        let map = obj.as_object().ok_or_else(|| {
+            AsaError::Config(format!(
+                "a model config must be a JSON object, got {}",
+                json_kind(obj)
+            ))
+        })?;
+        let mut map = map.clone();
+        if extra.is_empty() {
+            for (alias, name) in REFERENCE_ALIASES {
+                if let Some(x) = map.remove(*alias) {
+                    map.entry(name.to_string()).or_insert(x);
+                }
+            }
+        }
+        let known: Vec<&str> = MODEL_FIELDS
+            .iter()
+            .map(|(k, _)| *k)
+            .chain(REFERENCE_TRAIN_FIELDS.iter().map(|(k, _)| *k))
+            .chain(REFERENCE_IGNORED_FIELDS.iter().copied())
+            .chain(extra.iter().copied())
+            .collect();
+        check_known_keys(&map, &known)?;
+        check_kinds(&map, MODEL_FIELDS)?;
+        let mut cfg: ModelConfig = serde_json::from_value(serde_json::Value::Object(map))
             .map_err(|e| AsaError::Config(format!("invalid model config: {e}")))?;
         if let Some(var) = v.get("variant").and_then(|x| x.as_str()) {
             cfg.variant = var.parse()?;
@@ -224,7 +258,9 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Checks every constraint the model relies on; each violation is one clear message.
+    /// Checks every constraint the model relies on; each violation is one clear message naming
+    /// the field. Ends with the size guard: a parameter count that overflows, or whose f32 bytes
+    /// exceed the memory this machine has available, is refused before anything is allocated.
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(AsaError::Config(m));
         for (name, v) in [
@@ -237,7 +273,7 @@ impl ModelConfig {
             ("write_chunk_size", self.write_chunk_size),
         ] {
             if v == 0 {
-                return err(format!("{name} must be positive"));
+                return err(format!("{name} must be >= 1, got 0"));
             }
         }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
@@ -255,7 +291,13 @@ impl ModelConfig {
         if self.use_slotspace_refine {
             if self.slotspace_dim == 0 {
                 return err(
-                    "slotspace_dim must be positive when use_slotspace_refine is on".into(),
+                    "slotspace_dim must be >= 1 when use_slotspace_refine is on, got 0".into(),
+                );
+            }
+            if self.slotspace_chunk_size == 0 {
+                return err(
+                    "slotspace_chunk_size must be >= 1 when use_slotspace_refine is on, got 0"
+                        .into(),
                 );
             }
             if self.use_rope_slotspace && !self.slotspace_dim.is_multiple_of(2) {
@@ -265,8 +307,11 @@ impl ModelConfig {
                 ));
             }
         }
-        if !(self.mlp_ratio > 0.0) || self.hidden_dim() == 0 {
-            return err(format!("mlp_ratio ({}) gives an empty MLP", self.mlp_ratio));
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.hidden_dim() == 0 {
+            return err(format!(
+                "mlp_ratio must be finite and give a hidden size >= 1 (embed_dim * mlp_ratio), got {}",
+                self.mlp_ratio
+            ));
         }
         for (name, p) in [
             ("dropout", self.dropout),
@@ -277,25 +322,255 @@ impl ModelConfig {
                 return err(format!("{name} must be in [0, 1), got {p}"));
             }
         }
+        // the scores are divided by the temperatures
         for (name, t) in [
             ("read_temperature", self.read_temperature),
             ("write_temperature", self.write_temperature),
+            ("rope_base", self.rope_base),
+            ("rope_base_slotspace", self.rope_base_slotspace),
         ] {
-            if !t.is_finite() {
-                return err(format!("{name} must be finite, got {t}"));
+            if !(t.is_finite() && t > 0.0) {
+                return err(format!("{name} must be finite and > 0, got {t}"));
             }
         }
-        if self.use_alibi_write
-            && self.learn_alibi_strength
-            && !self.alibi_strength_init.is_finite()
-        {
-            return err("alibi_strength_init must be finite".into());
+        for (name, x) in [
+            ("alibi_strength_init", self.alibi_strength_init),
+            ("min_strength", self.min_strength),
+            ("content_read_init", self.content_read_init),
+            ("content_read_max_gamma", self.content_read_max_gamma),
+            ("slotspace_gate_init", self.slotspace_gate_init),
+        ] {
+            if !x.is_finite() {
+                return err(format!("{name} must be a finite number, got {x}"));
+            }
         }
-        if self.rope_base <= 0.0 || self.rope_base_slotspace <= 0.0 {
-            return err("rope_base and rope_base_slotspace must be positive".into());
+        if self.min_strength < 0.0 {
+            return err(format!(
+                "min_strength (the ALiBi strength floor) must be >= 0, got {}",
+                self.min_strength
+            ));
         }
-        Ok(())
+        if self.content_read_max_gamma < 0.0 {
+            return err(format!(
+                "content_read_max_gamma must be >= 0, got {}",
+                self.content_read_max_gamma
+            ));
+        }
+        crate::preflight::check_params_fit(self)
     }
+}
+
+/// What a config key holds: type errors then name the key (serde's messages for a struct
+/// field do not), and `-1` for a size says which size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// a whole number >= 0
+    UInt,
+    /// a number
+    Float,
+    Bool,
+    Str,
+    /// `[a, b]` (the betas)
+    FloatPair,
+    /// a string or null
+    OptStr,
+    /// true, false or null
+    OptBool,
+    /// baseline | online | intervene
+    Variant,
+}
+
+/// Every `ModelConfig` field (the serialised names) and its kind.
+pub const MODEL_FIELDS: &[(&str, Kind)] = &[
+    ("vocab_size", Kind::UInt),
+    ("max_seq_len", Kind::UInt),
+    ("embed_dim", Kind::UInt),
+    ("num_layers", Kind::UInt),
+    ("num_heads", Kind::UInt),
+    ("num_slots", Kind::UInt),
+    ("mlp_ratio", Kind::Float),
+    ("dropout", Kind::Float),
+    ("tie_weights", Kind::Bool),
+    ("read_temperature", Kind::Float),
+    ("write_temperature", Kind::Float),
+    ("slot_dropout", Kind::Float),
+    ("state_fp32", Kind::Bool),
+    ("normalize_k", Kind::Bool),
+    ("use_abs_pos", Kind::Bool),
+    ("use_rope_keys", Kind::Bool),
+    ("rope_base", Kind::Float),
+    ("use_alibi_write", Kind::Bool),
+    ("alibi_strength_init", Kind::Float),
+    ("learn_alibi_strength", Kind::Bool),
+    ("min_strength", Kind::Float),
+    ("use_content_read", Kind::Bool),
+    ("content_read_init", Kind::Float),
+    ("content_read_max_gamma", Kind::Float),
+    ("write_chunk_size", Kind::UInt),
+    ("slotspace_dim", Kind::UInt),
+    ("slotspace_chunk_size", Kind::UInt),
+    ("use_slotspace_refine", Kind::Bool),
+    ("slotspace_gate_init", Kind::Float),
+    ("slotspace_dropout", Kind::Float),
+    ("slotspace_signed_weights", Kind::Bool),
+    ("use_rope_slotspace", Kind::Bool),
+    ("rope_base_slotspace", Kind::Float),
+    ("mlp_bias", Kind::OptBool),
+    ("variant", Kind::Variant),
+    ("seed", Kind::UInt),
+];
+
+/// Training fields of the reference's `ASMTrainConfig` that `asa train` reads (same meaning).
+pub const REFERENCE_TRAIN_FIELDS: &[(&str, Kind)] = &[
+    ("stride_frac_val", Kind::Float),
+    ("batch_size", Kind::UInt),
+    ("learning_rate", Kind::Float),
+    ("weight_decay", Kind::Float),
+    ("betas", Kind::FloatPair),
+    ("grad_clip", Kind::Float),
+    ("warmup_steps", Kind::UInt),
+    ("total_steps", Kind::UInt),
+    ("eval_interval", Kind::UInt),
+    ("tag", Kind::Str),
+    ("micro_batch_size", Kind::UInt),
+    ("grad_accum_steps", Kind::UInt),
+];
+
+/// Fields of the reference's `ASMTrainConfig` (`src/asa/config.py` and the training notebooks'
+/// versions) that this implementation has no use for: data sources, caches, logging, compile
+/// switches. A reference config carries them (`asdict(cfg)`), so they are accepted, and ignored.
+pub const REFERENCE_IGNORED_FIELDS: &[&str] = &[
+    "dataset_name",
+    "dataset_config",
+    "tokenizer_name",
+    "train_samples_target",
+    "val_samples_target",
+    "log_interval",
+    "enable_compiled",
+    "cache_dir",
+    "val_windows_cache",
+    "resume_path",
+    "eval_max_batches",
+    "analytics_last_k",
+    "output_dir",
+];
+
+/// The aliases the reference's loader (`load_pretrained._normalize_cfg`) maps onto field names,
+/// applied the same way (the field's own name wins when both are present).
+pub const REFERENCE_ALIASES: &[(&str, &str)] = &[
+    ("n_layer", "num_layers"),
+    ("n_head", "num_heads"),
+    ("n_embd", "embed_dim"),
+    ("n_ctx", "max_seq_len"),
+    ("n_positions", "max_seq_len"),
+    ("n_slots", "num_slots"),
+    ("slotspace_size", "slotspace_dim"),
+    ("slotspace", "slotspace_dim"),
+];
+
+/// Edit distance (insertions, deletions, substitutions) between two keys.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        cur[0] = i;
+        for j in 1..=b.len() {
+            let sub = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// The known key closest to `key`, when it is close enough to be the intended one: a small
+/// edit distance (`embedd_dim` -> `embed_dim`), else a known key that contains it (`warmup` ->
+/// `warmup_steps`).
+pub fn closest_key<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    let lower = key.to_ascii_lowercase();
+    let near = known
+        .iter()
+        .map(|k| (edit_distance(&lower, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4));
+    if let Some((_, k)) = near {
+        return Some(k);
+    }
+    known
+        .iter()
+        .filter(|k| lower.len() >= 4 && k.contains(lower.as_str()))
+        .min_by_key(|k| k.len())
+        .copied()
+}
+
+/// Rejects the first key of `map` that is not in `known`, with the closest known key.
+pub fn check_known_keys(
+    map: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+) -> Result<()> {
+    for key in map.keys() {
+        if !known.contains(&key.as_str()) {
+            let hint = match closest_key(key, known) {
+                Some(k) => format!("; did you mean `{k}`?"),
+                None => "; it is neither an ASMTrainConfig field of the reference nor one of ours"
+                    .to_string(),
+            };
+            return Err(AsaError::Config(format!("unknown key `{key}`{hint}")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn json_kind(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) => format!("\"{s}\""),
+        serde_json::Value::Array(_) => "an array".into(),
+        serde_json::Value::Object(_) => "a table".into(),
+    }
+}
+
+/// Checks the type of each key of `map` that `fields` names, naming the key on a mismatch.
+pub fn check_kinds(
+    map: &serde_json::Map<String, serde_json::Value>,
+    fields: &[(&str, Kind)],
+) -> Result<()> {
+    use serde_json::Value as V;
+    for (key, kind) in fields {
+        let Some(v) = map.get(*key) else { continue };
+        let ok = match kind {
+            Kind::UInt => v.as_u64().is_some_and(|x| usize::try_from(x).is_ok()),
+            Kind::Float => v.is_number(),
+            Kind::Bool => v.is_boolean(),
+            Kind::Str => v.is_string(),
+            Kind::OptStr => v.is_string() || v.is_null(),
+            Kind::OptBool => v.is_boolean() || v.is_null(),
+            Kind::FloatPair => {
+                matches!(v, V::Array(a) if a.len() == 2 && a.iter().all(|x| x.is_number()))
+            }
+            Kind::Variant => v.as_str().is_some_and(|s| s.parse::<Variant>().is_ok()),
+        };
+        if !ok {
+            let want = match kind {
+                Kind::UInt => "a whole number >= 0",
+                Kind::Float => "a number",
+                Kind::Bool => "true or false",
+                Kind::Str => "a string",
+                Kind::OptStr => "a string",
+                Kind::OptBool => "true or false",
+                Kind::FloatPair => "two numbers, [a, b]",
+                Kind::Variant => "\"baseline\", \"online\" or \"intervene\"",
+            };
+            return Err(AsaError::Config(format!(
+                "`{key}` must be {want}, got {}",
+                json_kind(v)
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -338,6 +613,41 @@ mod tests {
         c.slotspace_dim = 8;
         c.dropout = 1.5;
         assert!(c.validate().unwrap_err().to_string().contains("dropout"));
+    }
+
+    #[test]
+    fn model_fields_list_every_serialised_field() {
+        let c = ModelConfig {
+            mlp_bias: Some(true),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        let mut got: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want: Vec<&str> = MODEL_FIELDS.iter().map(|(k, _)| *k).collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        // our own serialised config reads back
+        assert_eq!(ModelConfig::from_json_value(&v).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_closest_known_key() {
+        let v = serde_json::json!({"embedd_dim": 64});
+        let e = ModelConfig::from_json_value(&v).unwrap_err().to_string();
+        assert!(e.contains("did you mean `embed_dim`?"), "{e}");
+        assert_eq!(
+            closest_key("warmup", &["warmup_steps", "total_steps"]),
+            Some("warmup_steps")
+        );
+        assert_eq!(
+            closest_key("qqqqqqqq", &["warmup_steps", "total_steps"]),
+            None
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        let v = serde_json::json!({"num_slots": -1});
+        let e = ModelConfig::from_json_value(&v).unwrap_err().to_string();
+        assert!(e.contains("`num_slots`"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod parity;
+pub mod preflight;
 pub mod probe;
 pub mod smoke;
 pub mod tensor;

@@ -45,6 +45,7 @@ enum Cmd {
     Smoke {
         #[command(flatten)]
         common: Common,
+        /// Folder for smoke.json (created if missing).
         #[arg(long, default_value = "runs/smoke")]
         outdir: PathBuf,
     },
@@ -126,10 +127,10 @@ enum Cmd {
         /// gpt2 (embedded GPT-2 BPE), byte, or a tokenizer.json path.
         #[arg(long, default_value = "gpt2")]
         tokenizer: String,
-        /// Share of the text held out for validation.
+        /// Share of the text held out for validation, in (0, 1).
         #[arg(long, default_value_t = 0.005)]
         val_frac: f64,
-        /// Maximum tokens per training shard.
+        /// Maximum tokens per training shard (>= 1).
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: usize,
         /// Replace existing shards in OUTDIR.
@@ -167,13 +168,16 @@ enum Cmd {
         /// A preset (cpu-small, practice-run) or a run config file (.toml / .json).
         #[arg(long, default_value = "cpu-small")]
         config: String,
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// GEMM precision on the GPU (default: the preset's; bf16 for practice-run).
         #[arg(long)]
         precision: Option<asa::backend::cuda::Precision>,
+        /// Untimed training steps before the timed ones (0: none).
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Timed training steps (>= 1); tokens/s is taken from their median.
         #[arg(long, default_value_t = 5)]
         iters: usize,
         /// A checkout of the reference (github digitaldaimyo/ASA): also time it, same config and device.
@@ -182,7 +186,7 @@ enum Cmd {
         /// Python with PyTorch, for --reference.
         #[arg(long, default_value = "python3")]
         python: String,
-        /// Threads on both sides (CPU).
+        /// Threads on both sides (CPU; >= 1; default: all cores).
         #[arg(long)]
         threads: Option<usize>,
         /// Also write the report as JSON here.
@@ -191,8 +195,10 @@ enum Cmd {
     },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
-        #[command(flatten)]
-        common: Common,
+        /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// Folder for summary.json and the PNG plots (created if missing).
         #[arg(long, default_value = "runs/probes")]
         outdir: PathBuf,
         /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
@@ -202,13 +208,13 @@ enum Cmd {
         /// Tokenizer (gpt2, or a tokenizer.json path); default: the run's own, else gpt2.
         #[arg(long)]
         tokenizer: Option<String>,
-        /// Layers to sweep, e.g. 0,3 (default: all).
+        /// Layers to sweep, e.g. 0,3 (0-based, each below the model's num_layers; default: all).
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
-        /// Late-window length (positions per prompt whose routing is perturbed).
+        /// Late-window length (positions per prompt whose routing is perturbed; >= 1).
         #[arg(long, default_value_t = 5)]
         window: usize,
-        /// Principal components swept per layer and space.
+        /// Principal components swept per layer and space (>= 1).
         #[arg(long, default_value_t = 3)]
         num_pcs: usize,
     },
@@ -217,6 +223,7 @@ enum Cmd {
         /// Case folders, or folders holding case folders (e.g. tests/fixtures).
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Where to run the cases: cpu (default), cuda, or auto (CUDA when a GPU is usable).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         /// GEMM precision on the GPU (the fixture tolerances are float32 ones).
@@ -283,9 +290,22 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
     }
 }
 
+/// An output folder flag must name a folder (or nothing yet): a file there would otherwise end
+/// the command with a bare "File exists" after all its work.
+fn check_outdir(flag: &str, p: &std::path::Path) -> Result<()> {
+    if p.exists() && !p.is_dir() {
+        return Err(AsaError::Input(format!(
+            "{flag} {} is a file, not a folder",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Smoke { common, outdir } => {
+            check_outdir("--outdir", &outdir)?;
             resolve_device(common.device, false)?;
             let s = asa::smoke::run_smoke(common.seed, &outdir, "cpu")?;
             for c in &s.cases {
@@ -390,7 +410,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Probe {
-            common,
+            device,
             outdir,
             ckpt,
             tokenizer,
@@ -398,16 +418,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             window,
             num_pcs,
         } => {
-            resolve_device(common.device, false)?;
+            // flags first: a typo should not wait for a checkpoint to load
+            if window == 0 {
+                return Err(AsaError::Input("--window must be >= 1, got 0".into()));
+            }
+            if num_pcs == 0 {
+                return Err(AsaError::Input("--num-pcs must be >= 1, got 0".into()));
+            }
+            if layers.as_ref().is_some_and(|l| l.is_empty()) {
+                return Err(AsaError::Input(
+                    "--layers needs at least one layer index (leave it out for all)".into(),
+                ));
+            }
+            check_outdir("--outdir", &outdir)?;
+            resolve_device(device, false)?;
             let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let (mut lm, params, tok, name) = loaded;
+            let nl = lm.cfg.num_layers;
+            if let Some(bad) = layers.iter().flatten().find(|&&l| l >= nl) {
+                return Err(AsaError::Input(format!(
+                    "--layers: layer {bad} does not exist (the model has {nl} layers: 0 to {})",
+                    nl - 1
+                )));
+            }
+            // the probe runs in eval mode and draws no random numbers: it takes no --seed
             let cfg = asa::probe::ProbeConfig {
-                seed: common.seed,
                 window,
                 num_pcs,
                 layers,
                 ..Default::default()
             };
-            let (mut lm, params, tok, name) = loaded;
             let mut summary = asa::probe::run_probe(&mut lm, &params, &tok, &cfg)?;
             summary.model_name = name;
             asa::probe::write_outputs(&summary, &outdir)?;
@@ -426,6 +466,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             shard_tokens,
             force,
         } => {
+            if !(val_frac.is_finite() && val_frac > 0.0 && val_frac < 1.0) {
+                return Err(AsaError::Input(format!(
+                    "--val-frac must be in (0, 1), got {val_frac}"
+                )));
+            }
+            if shard_tokens == 0 {
+                return Err(AsaError::Input("--shard-tokens must be >= 1, got 0".into()));
+            }
             let tok = asa::train::tokenizer_by_name(&tokenizer)?;
             let r = asa::data::shards::prepare(&asa::data::shards::PrepareOptions {
                 inputs,
@@ -497,6 +545,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let place = resolve_device(device, true)?;
             let mut o = match config.parse::<asa::bench::BenchPreset>() {
                 Ok(p) => asa::bench::BenchOptions::from_preset(p),
+                Err(e) if !std::path::Path::new(&config).exists() => return Err(e),
                 Err(_) => {
                     let (model, rc) = asa::trainer::read_run_config(std::path::Path::new(&config))?;
                     let micro = if rc.micro_batch_size == 0 {
@@ -519,7 +568,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 o.precision = p;
             }
             o.warmup = warmup;
-            o.iters = iters.max(1);
+            o.iters = iters;
+            o.progress = true;
             o.reference = reference;
             o.python = python;
             o.threads = threads;
@@ -550,7 +600,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(path) = json {
                 let text =
                     serde_json::to_string_pretty(&r).map_err(|e| AsaError::Other(e.to_string()))?;
-                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes())?;
+                // a report, not a checkpoint: say so when it cannot be written
+                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes()).map_err(
+                    |e| match e {
+                        AsaError::Checkpoint(m) => {
+                            AsaError::Other(format!("cannot write the bench report: {m}"))
+                        }
+                        other => other,
+                    },
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -649,5 +707,55 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `asa <cmd> --help` must describe every flag and argument: a bare `--lr <LR>` leaves the
+    /// user guessing its meaning and range.
+    #[test]
+    fn every_argument_has_help_text() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                seen += 1;
+                let text = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if text.trim().is_empty() {
+                    let flag = arg
+                        .get_long()
+                        .map(|l| format!("--{l}"))
+                        .unwrap_or_else(|| format!("<{id}>"));
+                    missing.push(format!("asa {} {flag}", sub.get_name()));
+                }
+            }
+        }
+        assert!(seen > 40, "only {seen} arguments found: the walk is broken");
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {}",
+            missing.join(", ")
+        );
+    }
+
+    /// The probe draws no random numbers, so it takes no --seed (it used to take one and
+    /// ignore it).
+    #[test]
+    fn probe_takes_no_seed() {
+        assert!(Cli::try_parse_from(["asa", "probe", "--seed", "3"]).is_err());
+        assert!(Cli::try_parse_from(["asa", "probe", "--window", "3"]).is_ok());
     }
 }

@@ -168,6 +168,12 @@ pub fn run_smoke(seed: u64, outdir: &Path, device: &str) -> Result<SmokeSummary>
     std::fs::create_dir_all(outdir).map_err(|e| AsaError::io(outdir, e))?;
     let text =
         serde_json::to_string_pretty(&summary).map_err(|e| AsaError::Other(e.to_string()))?;
-    crate::checkpoint::write_bytes_atomic(&outdir.join("smoke.json"), text.as_bytes())?;
+    // a report, not a checkpoint: the error says so
+    crate::checkpoint::write_bytes_atomic(&outdir.join("smoke.json"), text.as_bytes()).map_err(
+        |e| match e {
+            AsaError::Checkpoint(m) => AsaError::Other(format!("cannot write smoke.json: {m}")),
+            other => other,
+        },
+    )?;
     Ok(summary)
 }

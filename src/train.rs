@@ -476,6 +476,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     } else {
         let tok = tokenizer_by_name(&a.tokenizer)?;
         let cfg = mini_config(a, tok.vocab_size());
+        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.cuda)?;
         let (_, params) = Lm::new(&cfg)?;
         let settings = mini_settings(a, tok.name());
         let adam = AdamW::new(adam_config(&settings), &params);

@@ -13,7 +13,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::backend::cuda::Precision;
-use crate::config::ModelConfig;
+use crate::config::{
+    check_kinds, check_known_keys, Kind, ModelConfig, MODEL_FIELDS, REFERENCE_IGNORED_FIELDS,
+    REFERENCE_TRAIN_FIELDS,
+};
 use crate::data::shards::{open_prepared, ShardSet};
 use crate::error::{AsaError, Result};
 use crate::model::lm::Lm;
@@ -77,7 +80,9 @@ pub struct RunConfig {
     pub name: Option<String>,
     #[serde(default = "d_name")]
     pub tag: String,
-    /// rows per optimizer step when `micro_batch_size` is 0 (the reference's meaning)
+    /// rows per forward/backward pass when `micro_batch_size` is 0 (`grad_accum_steps` passes
+    /// make one optimizer step); with `micro_batch_size` set it must equal
+    /// `micro_batch_size * grad_accum_steps` when given in a TOML config
     #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// rows per forward/backward pass; 0 means `batch_size`
@@ -114,38 +119,229 @@ pub struct RunConfig {
     pub precision: String,
 }
 
+/// Our own keys of a run config (beside the model's and the reference's training fields).
+pub const RUN_FIELDS: &[(&str, Kind)] = &[
+    ("data", Kind::Str),
+    ("outdir", Kind::Str),
+    ("name", Kind::OptStr),
+    ("min_lr", Kind::Float),
+    ("val_windows", Kind::UInt),
+    ("skip_nonfinite", Kind::Bool),
+    ("precision", Kind::Str),
+];
+
+impl RunConfig {
+    /// Rows of one forward/backward pass.
+    pub fn micro_rows(&self) -> usize {
+        if self.micro_batch_size == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch_size
+        }
+    }
+
+    /// The memory preflight of a new run of `model` with these settings (`preflight::check_run`).
+    pub fn preflight(&self, model: &ModelConfig, cuda: bool) -> Result<()> {
+        let accumulate = self.grad_accum_steps > 1;
+        crate::preflight::check_run(
+            model,
+            self.micro_rows(),
+            model.max_seq_len,
+            accumulate,
+            cuda,
+        )
+        .map(|_| ())
+    }
+}
+
+/// TOML has `nan` and `inf`, JSON has not (they become `null` on the way, and serde then says
+/// "invalid type: null" without a name): find them first, naming the key.
+fn check_toml_finite(v: &toml::Value, path: &str) -> Result<()> {
+    match v {
+        toml::Value::Float(x) if !x.is_finite() => Err(AsaError::Config(format!(
+            "`{path} = {x}` is not a finite number"
+        ))),
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                check_toml_finite(x, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                check_toml_finite(x, &p)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a run config: TOML (`.toml`) or JSON (any other extension, e.g. a reference config
 /// dumped with `json.dump(asdict(cfg))`). Returns the model config and the run config.
+///
+/// Every key must be a model field, a field of the reference's `ASMTrainConfig` or one of
+/// [`RUN_FIELDS`] (an unknown key is an error naming the closest known one), every value has
+/// its type and range checked, naming the key; the reference fields this trainer does not use
+/// (dataset names, caches, logging) are accepted and listed once on stderr as ignored.
 pub fn read_run_config(path: &Path) -> Result<(ModelConfig, RunConfig)> {
+    let at = |e: AsaError| match e {
+        AsaError::Config(m) => AsaError::Config(format!("{}: {m}", path.display())),
+        other => other,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| AsaError::io(path, e))?;
-    let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
-        let t: toml::Value = toml::from_str(&text)
-            .map_err(|e| AsaError::Config(format!("{}: invalid TOML: {e}", path.display())))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    let value: serde_json::Value = if is_toml {
+        let t: toml::Value = toml::from_str(&text).map_err(|e| {
+            // one line: toml's own Display draws the source line over several
+            let at = e.span().map_or(String::new(), |sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {col}")
+            });
+            AsaError::Config(format!(
+                "{}: invalid TOML{at}: {}",
+                path.display(),
+                e.message().trim().replace('\n', "; ")
+            ))
+        })?;
+        check_toml_finite(&t, "").map_err(at)?;
         serde_json::to_value(t).map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?
     } else {
         serde_json::from_str(&text)
             .map_err(|e| AsaError::Config(format!("{}: invalid JSON: {e}", path.display())))?
     };
-    let model = ModelConfig::from_json_value(&value)?;
-    model.validate()?;
-    let run: RunConfig = serde_json::from_value(value)
+    let map = value.as_object().ok_or_else(|| {
+        AsaError::Config(format!(
+            "{}: a run config is one table of keys, got {}",
+            path.display(),
+            crate::config::json_kind(&value)
+        ))
+    })?;
+    let own: Vec<&str> = RUN_FIELDS.iter().map(|(k, _)| *k).collect();
+    let known: Vec<&str> = MODEL_FIELDS
+        .iter()
+        .map(|(k, _)| *k)
+        .chain(REFERENCE_TRAIN_FIELDS.iter().map(|(k, _)| *k))
+        .chain(REFERENCE_IGNORED_FIELDS.iter().copied())
+        .chain(own.iter().copied())
+        .collect();
+    check_known_keys(map, &known).map_err(at)?;
+    check_kinds(map, RUN_FIELDS).map_err(at)?;
+    check_kinds(map, REFERENCE_TRAIN_FIELDS).map_err(at)?;
+    let model = ModelConfig::from_json_value_known(&value, &own).map_err(at)?;
+    model.validate().map_err(at)?;
+    let run: RunConfig = serde_json::from_value(value.clone())
         .map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?;
-    if run.grad_accum_steps == 0
-        || run.batch_size == 0
-        || run.total_steps == 0
-        || run.eval_interval == 0
-    {
-        return Err(AsaError::Config(
-            "batch_size, grad_accum_steps, total_steps and eval_interval must be positive".into(),
+    check_run_config(&run, is_toml && map.contains_key("batch_size")).map_err(at)?;
+    let ignored: Vec<&str> = REFERENCE_IGNORED_FIELDS
+        .iter()
+        .copied()
+        .filter(|k| map.contains_key(*k))
+        .collect();
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: {}: reference fields not used by asa train (ignored): {}",
+            path.display(),
+            ignored.join(", ")
+        );
+    }
+    Ok((model, run))
+}
+
+/// Range checks of the training fields, each error naming the field. `batch_given`: the file
+/// sets `batch_size` itself (checked against the micro-batches then; a reference JSON always
+/// carries a `batch_size` that its trainer ignores once `micro_batch_size` is set).
+pub fn check_run_config(run: &RunConfig, batch_given: bool) -> Result<()> {
+    let err = |m: String| Err(AsaError::Config(m));
+    for (name, v) in [
+        ("batch_size", run.batch_size),
+        ("grad_accum_steps", run.grad_accum_steps),
+        ("total_steps", run.total_steps),
+        ("eval_interval", run.eval_interval),
+        ("val_windows", run.val_windows),
+    ] {
+        if v == 0 {
+            return err(format!("{name} must be >= 1, got 0"));
+        }
+    }
+    if run.warmup_steps > run.total_steps {
+        return err(format!(
+            "warmup_steps ({}) must be <= total_steps ({})",
+            run.warmup_steps, run.total_steps
+        ));
+    }
+    if run.micro_batch_size > 0 && batch_given {
+        let rows = run.micro_batch_size.checked_mul(run.grad_accum_steps);
+        if rows != Some(run.batch_size) {
+            return err(format!(
+                "batch_size ({}) must equal micro_batch_size ({}) x grad_accum_steps ({}): with micro-batches an optimizer step takes micro_batch_size x grad_accum_steps rows (leave batch_size out, or set micro_batch_size = 0)",
+                run.batch_size, run.micro_batch_size, run.grad_accum_steps
+            ));
+        }
+    }
+    let lr = run.learning_rate;
+    if !(lr.is_finite() && lr > 0.0) {
+        return err(format!("learning_rate must be finite and > 0, got {lr}"));
+    }
+    if !(run.min_lr.is_finite() && run.min_lr >= 0.0 && run.min_lr <= lr) {
+        return err(format!(
+            "min_lr must be >= 0 and <= learning_rate ({lr}), got {}",
+            run.min_lr
+        ));
+    }
+    if !(run.weight_decay.is_finite() && run.weight_decay >= 0.0) {
+        return err(format!(
+            "weight_decay must be finite and >= 0, got {}",
+            run.weight_decay
+        ));
+    }
+    for (i, b) in run.betas.iter().enumerate() {
+        if !(0.0..1.0).contains(b) {
+            return err(format!("betas[{i}] must be in [0, 1), got {b}"));
+        }
+    }
+    // clip_grad_norm_ with max_norm 0 zeroes every gradient (torch's too): nothing would train
+    if !(run.grad_clip.is_finite() && run.grad_clip > 0.0) {
+        return err(format!(
+            "grad_clip must be finite and > 0 (0 zeroes every gradient; a large value turns clipping off), got {}",
+            run.grad_clip
         ));
     }
     if !(run.stride_frac_val > 0.0 && run.stride_frac_val <= 1.0) {
-        return Err(AsaError::Config(format!(
+        return err(format!(
             "stride_frac_val must be in (0, 1], got {}",
             run.stride_frac_val
-        )));
+        ));
     }
-    Ok((model, run))
+    run.precision.parse::<Precision>().map_err(|_| {
+        AsaError::Config(format!(
+            "precision must be f32 or bf16, got \"{}\"",
+            run.precision
+        ))
+    })?;
+    if run.data.as_os_str().is_empty() {
+        return err("data must name the folder written by `asa prepare`, got \"\"".into());
+    }
+    let name = run.name.as_deref().unwrap_or(&run.tag);
+    let single = Path::new(name).components().count() == 1
+        && matches!(
+            Path::new(name).components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    if !single {
+        return err(format!(
+            "{} must be one folder name (no '/', '..' or empty), got \"{name}\"",
+            if run.name.is_some() { "name" } else { "tag" }
+        ));
+    }
+    Ok(())
 }
 
 /// Prepared shards as training windows: a random shard (weighted by its length), a random
@@ -419,6 +615,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         }
         (cfg, params, adam, settings, state)
     } else {
+        rc.preflight(&model, a.cuda)?;
         let (_, params) = Lm::new(&model)?;
         let adam = AdamW::new(adam_config(&new_settings), &params);
         (model, params, adam, new_settings, TrainState::start())

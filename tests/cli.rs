@@ -294,8 +294,6 @@ fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
             "probe",
             "--device",
             "cpu",
-            "--seed",
-            "5",
             "--num-pcs",
             "1",
             "--ckpt",

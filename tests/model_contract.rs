@@ -143,3 +143,32 @@ fn token_ids_out_of_range_are_an_error() {
         .unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
 }
+
+/// A config from an untrusted file cannot make model construction abort on an allocation or
+/// grow until the machine runs out of memory: the size guard refuses it first, with the count.
+#[test]
+fn huge_models_are_refused_before_allocating() {
+    for cfg in [
+        ModelConfig {
+            embed_dim: 1 << 20,
+            ..Default::default()
+        },
+        ModelConfig {
+            num_layers: 100_000,
+            ..Default::default()
+        },
+        ModelConfig {
+            vocab_size: usize::MAX / 2,
+            ..Default::default()
+        },
+    ] {
+        let e = match Lm::new(&cfg) {
+            Ok(_) => panic!(
+                "built a model of {} layers x {}",
+                cfg.num_layers, cfg.embed_dim
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("parameter"), "{e}");
+    }
+}

@@ -1,0 +1,373 @@
+//! Memory preflight: before a run allocates anything, estimate what it will hold and refuse
+//! clearly when that cannot fit, instead of an allocation abort ("memory allocation of N bytes
+//! failed") or a machine swapping itself to death.
+//!
+//! The estimate counts the buffers this implementation allocates, all f32:
+//! - parameters, gradients and the two AdamW moments (P floats each); a gradient-accumulation
+//!   sum on the GPU; on the GPU path the host keeps the parameters, a template copy and the
+//!   AdamW moments as well;
+//! - activations: the per-token, per-layer buffers of `BlockCache` + `AsaCache` (model/lm.rs,
+//!   model/asa.rs; the GPU caches in backend/cuda/model.rs have the same shapes), times B*T*L,
+//!   plus one layer's worth of backward temporaries;
+//! - the [B*T, V] logits and softmax buffers (on the GPU, the fused classifier's capped block).
+//!
+//! The figures are within 2x of the peak resident size (they leave out allocator slack and
+//! small per-call buffers, and count a few caches that some configs leave empty); the check
+//! refuses only when the estimate exceeds what is available, so a run it lets through may still
+//! be tight, and one it refuses needed at least about half the estimate.
+
+use crate::config::ModelConfig;
+use crate::error::{AsaError, Result};
+
+const F32: u64 = 4;
+/// Floats of the fused classifier's logits block on the GPU (`GpuLm::logits_budget`).
+const GPU_LOGITS_BUDGET: u64 = 1 << 25;
+
+/// Bytes as "12.3 GiB" / "512.0 MiB".
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (None where there is no such file).
+pub fn host_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Free memory of CUDA device 0, in bytes, when a driver and a device are there.
+pub fn device_available() -> Option<u64> {
+    if !crate::backend::cuda::driver_present() {
+        return None;
+    }
+    let ctx = std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(0))
+        .ok()?
+        .ok()?;
+    let (free, _total) = ctx.mem_get_info().ok()?;
+    Some(free as u64)
+}
+
+fn overflow(cfg: &ModelConfig) -> AsaError {
+    AsaError::Config(format!(
+        "the model sizes overflow a 64-bit parameter count (vocab_size {}, embed_dim {}, num_layers {}, mlp_ratio {}): no machine can hold this model",
+        cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.mlp_ratio
+    ))
+}
+
+/// Parameters of the model `LmIds::build(cfg)` builds (the tied head counted once), with
+/// checked arithmetic: None when the count overflows u64.
+pub fn param_count(cfg: &ModelConfig) -> Option<u64> {
+    let u = |x: usize| x as u64;
+    let (c, v, h, k, m) = (
+        u(cfg.embed_dim),
+        u(cfg.vocab_size),
+        u(cfg.num_heads),
+        u(cfg.num_slots),
+        u(cfg.slotspace_dim),
+    );
+    let hid = u(cfg.hidden_dim());
+    let d = c / h.max(1);
+    let mut attn = h.checked_mul(k)?.checked_mul(d)?; // slot_keys
+    attn = attn.checked_add(c.checked_mul(c)?.checked_mul(4)?)?; // Wk, Wv, Wq, out_proj
+    attn += u64::from(cfg.use_alibi_write && cfg.learn_alibi_strength); // alibi strength
+    attn += u64::from(cfg.use_content_read); // content-read gamma
+    if cfg.use_slotspace_refine {
+        let mk = m.checked_mul(k)?.checked_mul(2)?; // slot_in, slot_out
+        let mm = m.checked_mul(m)?.checked_mul(3)?; // slot_q, slot_k, slot_v
+        attn = attn.checked_add(mk)?.checked_add(mm)?.checked_add(1)?;
+    }
+    let mut block = attn.checked_add(c.checked_mul(4)?)?; // ln_1, ln_2
+    block = block.checked_add(hid.checked_mul(c)?.checked_mul(2)?)?; // mlp.0, mlp.3
+    if cfg.has_mlp_bias() {
+        block = block.checked_add(hid)?.checked_add(c)?;
+    }
+    let mut total = v.checked_mul(c)?; // token_emb
+    if cfg.use_abs_pos {
+        total = total.checked_add(u(cfg.max_seq_len).checked_mul(c)?)?;
+    }
+    total = total.checked_add(block.checked_mul(u(cfg.num_layers))?)?;
+    total = total.checked_add(c.checked_mul(2)?)?; // ln_f
+    if !cfg.tie_weights {
+        total = total.checked_add(v.checked_mul(c)?)?;
+    }
+    Some(total)
+}
+
+/// The guard of every model construction (called by `ModelConfig::validate`): the parameter
+/// count must not overflow, and the weights alone must fit in the available host memory. A
+/// config read from an untrusted file then gives this error, not an allocation abort.
+pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
+    let p = param_count(cfg).ok_or_else(|| overflow(cfg))?;
+    let bytes = p.checked_mul(F32).ok_or_else(|| overflow(cfg))?;
+    if let Some(avail) = host_available() {
+        if bytes > avail {
+            return Err(AsaError::Config(format!(
+                "the model has {p} parameters: {} for the weights alone, but {} of memory is available (MemAvailable); lower embed_dim, num_layers, vocab_size or mlp_ratio",
+                human(bytes),
+                human(avail)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Floats of activations kept per token and per layer for the backward (CPU `BlockCache` +
+/// `AsaCache`; the GPU caches have the same buffers).
+pub fn floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
+    let u = |x: usize| x as u64;
+    let (c, h, k, m) = (
+        u(cfg.embed_dim),
+        u(cfg.num_heads),
+        u(cfg.num_slots),
+        u(cfg.slotspace_dim),
+    );
+    let hid = u(cfg.hidden_dim());
+    // block: x, ln1, attn_out, x1, ln2, m, md, mmask; h, g, gd, gmask; 4 LayerNorm statistics
+    let block = c
+        .checked_mul(8)?
+        .checked_add(hid.checked_mul(4)?)?
+        .checked_add(4)?;
+    // attention: x, kp, vp, qp, k_h, k_n, k_r, v_h, q_h, out1, out_h, merged, proj, drop (14 C),
+    // the slot state [K, d] per head (K*C), 9 [H,K] score buffers per token, k_norm
+    let mut attn = c
+        .checked_mul(14)?
+        .checked_add(k.checked_mul(c)?)?
+        .checked_add(h.checked_mul(k)?.checked_mul(9)?)?
+        .checked_add(h)?;
+    if cfg.use_slotspace_refine {
+        // u, qs0, ks0, vs0, qs, ks, qf, kf, vs, u2, drop, u2d ([H,M] each), z, sw_pre, sw
+        // ([H,K] each), delta (C), den (H)
+        attn = attn
+            .checked_add(h.checked_mul(m)?.checked_mul(12)?)?
+            .checked_add(h.checked_mul(k)?.checked_mul(3)?)?
+            .checked_add(c)?
+            .checked_add(h)?;
+    }
+    block.checked_add(attn)
+}
+
+/// What a run of `cfg` on `batch` rows of `seq_len` tokens holds, by part.
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    pub params: u64,
+    /// (what, bytes) on the host
+    pub host: Vec<(String, u64)>,
+    /// (what, bytes) on the GPU (empty on the CPU path)
+    pub device: Vec<(String, u64)>,
+}
+
+impl Estimate {
+    pub fn host_total(&self) -> u64 {
+        self.host.iter().map(|(_, b)| b).sum()
+    }
+    pub fn device_total(&self) -> u64 {
+        self.device.iter().map(|(_, b)| b).sum()
+    }
+}
+
+fn parts_line(parts: &[(String, u64)]) -> String {
+    parts
+        .iter()
+        .map(|(w, b)| format!("{w} {}", human(*b)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Estimates the memory of a training run (see the module doc for what is counted).
+/// `accumulate`: gradient accumulation over micro-batches (a GPU sum buffer).
+pub fn estimate(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    accumulate: bool,
+    cuda: bool,
+) -> Result<Estimate> {
+    let of = || overflow(cfg);
+    let p = param_count(cfg).ok_or_else(of)?;
+    let pb = p.checked_mul(F32).ok_or_else(of)?;
+    let tokens = (batch as u64).checked_mul(seq_len as u64).ok_or_else(of)?;
+    let per_tl = floats_per_token_layer(cfg).ok_or_else(of)?;
+    let layer_bytes = tokens
+        .checked_mul(per_tl)
+        .and_then(|x| x.checked_mul(F32))
+        .ok_or_else(of)?;
+    let c = cfg.embed_dim as u64;
+    let acts = layer_bytes
+        .checked_mul(cfg.num_layers as u64)
+        // the backward's temporaries: about one layer's activations at a time
+        .and_then(|x| x.checked_add(layer_bytes))
+        // embeddings, dropout mask, final residual and LayerNorm: 5 C per token
+        .and_then(|x| x.checked_add(tokens.checked_mul(5 * c + 3)?.checked_mul(F32)?))
+        .ok_or_else(of)?;
+    // logits and the softmax rows (turned into dlogits in place)
+    let logits_full = tokens
+        .checked_mul(cfg.vocab_size as u64)
+        .and_then(|x| x.checked_mul(2 * F32))
+        .ok_or_else(of)?;
+    let shape = format!(
+        "activations (B={batch} x T={seq_len}, {} layers)",
+        cfg.num_layers
+    );
+    let mut e = Estimate {
+        params: p,
+        host: Vec::new(),
+        device: Vec::new(),
+    };
+    if cuda {
+        e.host.push(("weights + template copy".into(), 2 * pb));
+        e.host.push(("AdamW moments".into(), 2 * pb));
+        e.device.push(("weights".into(), pb));
+        e.device.push(("gradients".into(), pb));
+        e.device.push(("AdamW moments".into(), 2 * pb));
+        if accumulate {
+            e.device.push(("gradient sum".into(), pb));
+        }
+        e.device.push((shape, acts));
+        let block = GPU_LOGITS_BUDGET * 2 * F32;
+        e.device
+            .push(("logits block".into(), logits_full.min(block)));
+    } else {
+        e.host.push(("weights".into(), pb));
+        e.host.push(("gradients".into(), pb));
+        e.host.push(("AdamW moments".into(), 2 * pb));
+        e.host.push((shape, acts));
+        e.host.push(("logits".into(), logits_full));
+    }
+    Ok(e)
+}
+
+/// The preflight of `train`, `train-mini` and `bench`: estimates the run and refuses, with the
+/// estimate and what is available, when it cannot fit in host memory (MemAvailable) or, on the
+/// GPU path, in the device's free memory.
+pub fn check_run(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq_len: usize,
+    accumulate: bool,
+    cuda: bool,
+) -> Result<Estimate> {
+    cfg.validate()?;
+    let e = estimate(cfg, batch, seq_len, accumulate, cuda)?;
+    let advice = "lower batch_size / micro_batch_size, max_seq_len (seq-len) or the model sizes";
+    if let Some(avail) = host_available() {
+        if e.host_total() > avail {
+            return Err(AsaError::Config(format!(
+                "this run needs about {} of memory ({}; {} parameters) but {} is available (MemAvailable); {advice}",
+                human(e.host_total()),
+                parts_line(&e.host),
+                e.params,
+                human(avail)
+            )));
+        }
+    }
+    if cuda {
+        if let Some(free) = device_available() {
+            if e.device_total() > free {
+                return Err(AsaError::Config(format!(
+                    "this run needs about {} of GPU memory ({}; {} parameters) but the GPU has {} free; {advice}",
+                    human(e.device_total()),
+                    parts_line(&e.device),
+                    e.params,
+                    human(free)
+                )));
+            }
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::LmIds;
+
+    fn small() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 37,
+            embed_dim: 16,
+            num_layers: 2,
+            num_heads: 2,
+            num_slots: 3,
+            slotspace_dim: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn param_count_matches_the_built_store() {
+        for (tie, bias, abs, refine) in [
+            (true, true, false, true),
+            (false, false, true, false),
+            (true, false, true, true),
+        ] {
+            let cfg = ModelConfig {
+                tie_weights: tie,
+                mlp_bias: Some(bias),
+                use_abs_pos: abs,
+                use_slotspace_refine: refine,
+                ..small()
+            };
+            let (store, _) = LmIds::build(&cfg);
+            assert_eq!(
+                param_count(&cfg).unwrap(),
+                store.num_elements() as u64,
+                "tie {tie} bias {bias} abs {abs} refine {refine}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_sizes_are_refused_without_allocating() {
+        let wide = ModelConfig {
+            embed_dim: 1 << 20,
+            ..Default::default()
+        };
+        let e = wide.validate().unwrap_err().to_string();
+        assert!(e.contains("parameters") && e.contains("available"), "{e}");
+        let deep = ModelConfig {
+            num_layers: 100_000,
+            ..Default::default()
+        };
+        assert!(deep.validate().is_err());
+        let overflowing = ModelConfig {
+            embed_dim: 1 << 40,
+            num_heads: 1,
+            ..Default::default()
+        };
+        let e = overflowing.validate().unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn estimate_counts_activations_and_logits() {
+        let cfg = small();
+        let a = estimate(&cfg, 2, 8, false, false).unwrap();
+        let b = estimate(&cfg, 4, 8, false, false).unwrap();
+        // twice the tokens: the weight terms stay, the activation and logit terms double
+        let fixed = 4 * 4 * param_count(&cfg).unwrap();
+        assert_eq!(b.host_total() - fixed, 2 * (a.host_total() - fixed));
+        let g = estimate(&cfg, 2, 8, true, true).unwrap();
+        assert!(g.device_total() > 0 && g.device.iter().any(|(w, _)| w == "gradient sum"));
+        // a practice-run step on the CPU needs tens of GiB (the slot state dominates)
+        let pr = ModelConfig {
+            max_seq_len: 1024,
+            embed_dim: 768,
+            num_layers: 27,
+            num_heads: 8,
+            num_slots: 16,
+            write_chunk_size: 512,
+            slotspace_chunk_size: 512,
+            ..Default::default()
+        };
+        let e = estimate(&pr, 8, 1024, false, false).unwrap();
+        assert!(e.host_total() > 20 << 30, "{}", human(e.host_total()));
+    }
+}
