@@ -237,6 +237,7 @@ pub fn load_run(
                 .to_f32()
                 .filter(|v| v.len() == dst.len())
                 .ok_or_else(|| bad(&format!("tensor '{key}'")))?;
+            checkpoint::ensure_finite(&format!("{}: tensor '{key}'", path.display()), dst)?;
         }
     }
     Ok((cfg, params, adam, settings, state))

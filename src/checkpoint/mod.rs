@@ -59,6 +59,22 @@ fn list_keys(keys: &[&str]) -> String {
     s
 }
 
+/// Refuses weights holding NaN or infinity. A single non-finite weight makes every loss, margin
+/// and gradient downstream NaN, so a corrupt or diverged checkpoint would otherwise "work" and
+/// print NaN results with exit 0. `name` says which tensor (and file) in the message.
+pub fn ensure_finite(name: &str, data: &[f32]) -> Result<()> {
+    let Some(first) = data.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let bad = data[first..].iter().filter(|x| !x.is_finite()).count();
+    Err(ck(format!(
+        "{name}: {bad} of {} values are not finite (NaN or infinity; the first, at index {first}, \
+         is {}): refusing a corrupt or diverged checkpoint",
+        data.len(),
+        data[first]
+    )))
+}
+
 /// Loads `tensors` into an already-built store, strictly: every store parameter must be present
 /// with the same shape (a scalar may be stored as `[]` or `[1]`) and a floating dtype; extra keys
 /// are an error, except `lm_head.weight` when the store has none (tied head: it must have
@@ -96,6 +112,7 @@ pub fn load_into(
                 crate::tensor::numel(shape)
             )));
         }
+        ensure_finite(&format!("{source}: parameter '{name}'"), &data)?;
         values.push(data);
     }
     if !missing.is_empty() {
@@ -774,5 +791,107 @@ mod tests {
             e.contains("t.safetensors") && e.contains("truncated"),
             "{e}"
         );
+    }
+    #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        assert!(ensure_finite("x", &[0.0, -1.0, f32::MAX]).is_ok());
+        let e = ensure_finite("x", &[0.0, f32::NAN, f32::INFINITY, 1.0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x: 2 of 4") && e.contains("index 1"), "{e}");
+
+        let cfg = small_cfg();
+        let (mut store, _) = LmIds::build(&cfg);
+        let good = as_tensors(&store);
+        // all-NaN checkpoint
+        let all_nan: BTreeMap<String, AnyTensor> = good
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    AnyTensor::from_f32(t.shape.clone(), vec![f32::NAN; t.len()]),
+                )
+            })
+            .collect();
+        let e = load_into(&mut store, &all_nan, "nan.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nan.safetensors") && e.contains("not finite"),
+            "{e}"
+        );
+        // one infinity in one tensor (F64, overflowing f32) is named with its count
+        let mut t = good.clone();
+        let n = t["ln_f.weight"].len();
+        let mut v = vec![1.0f64; n];
+        v[3] = 1e300;
+        t.insert(
+            "ln_f.weight".into(),
+            AnyTensor {
+                shape: vec![n],
+                data: TensorData::F64(v),
+            },
+        );
+        let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
+        assert!(
+            e.contains("'ln_f.weight'") && e.contains(&format!("1 of {n}")),
+            "{e}"
+        );
+        assert_eq!(store.data, as_tensors_data(&good, &store));
+        // through a file: safetensors (probe's path) and .pt (convert's path)
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        save_params(&p, &store, cfg.tie_weights, Some(&cfg)).unwrap();
+        let mut bad = store.clone();
+        let i = bad.id("blocks.0.attn.slot_keys").unwrap();
+        bad.data[i][0] = f32::NAN;
+        save_params(&p, &bad, cfg.tie_weights, Some(&cfg)).unwrap();
+        let c = read_checkpoint(&p).unwrap();
+        let e = load_into(&mut store, &c.tensors, "m")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.attn.slot_keys"), "{e}");
+
+        use torch_pt::test_support::*;
+        let pt = dir.path().join("nan.pt");
+        let mut body = b"}(".to_vec();
+        let keys: Vec<String> = (0..bad.len()).map(|i| i.to_string()).collect();
+        for (i, (name, shape)) in bad.names.iter().zip(&bad.shapes).enumerate() {
+            let mut stride = vec![1usize; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * shape[d + 1];
+            }
+            body.extend(s(name));
+            body.extend(tensor(&keys[i], bad.data[i].len(), 0, shape, &stride));
+        }
+        body.push(b'u');
+        let storages: Vec<(&str, &[f32])> = keys
+            .iter()
+            .map(|k| k.as_str())
+            .zip(bad.data.iter().map(|d| d.as_slice()))
+            .collect();
+        write_pt(&pt, &body, &storages);
+        let cfg_path = dir.path().join("c.json");
+        std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let out = dir.path().join("o.safetensors");
+        let e = convert_pt(&pt, &out, Some(&cfg_path), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nan.pt") && e.contains("blocks.0.attn.slot_keys") && e.contains("1 of"),
+            "{e}"
+        );
+        // the same file without the NaN converts
+        let storages: Vec<(&str, &[f32])> = keys
+            .iter()
+            .map(|k| k.as_str())
+            .zip(store.data.iter().map(|d| d.as_slice()))
+            .collect();
+        write_pt(&pt, &body, &storages);
+        convert_pt(&pt, &out, Some(&cfg_path), None).unwrap();
+    }
+
+    fn as_tensors_data(t: &BTreeMap<String, AnyTensor>, store: &ParamStore) -> Vec<Vec<f32>> {
+        store.names.iter().map(|n| t[n].to_f32().unwrap()).collect()
     }
 }
