@@ -639,13 +639,17 @@ mod tests {
         let mut t = good.clone();
         t.insert(
             "ln_f.weight".into(),
-            AnyTensor {
-                shape: vec![8],
-                data: TensorData::I64(vec![0; 8]),
-            },
+            AnyTensor::new(vec![8], TensorData::I64(vec![0; 8])),
         );
         let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
         assert!(e.contains("ln_f.weight") && e.contains("I64"), "{e}");
+        // an I32 tensor is reported as I32 (it is held widened to I64)
+        let mut t = good.clone();
+        let mut i32s = AnyTensor::new(vec![8], TensorData::I64(vec![0; 8]));
+        i32s.stored_dtype = "I32";
+        t.insert("ln_f.weight".into(), i32s);
+        let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
+        assert!(e.contains("dtype I32,"), "{e}");
 
         // tied head: allowed with the right shape, rejected with a wrong one
         let mut t = good.clone();
@@ -670,10 +674,7 @@ mod tests {
         let mut t = good.clone();
         t.insert(
             "blocks.0.attn._slotspace_gate_raw".into(),
-            AnyTensor {
-                shape: vec![1],
-                data: TensorData::F64(vec![1.25]),
-            },
+            AnyTensor::new(vec![1], TensorData::F64(vec![1.25])),
         );
         load_into(&mut store, &t, "f").unwrap();
         assert_eq!(
@@ -827,10 +828,7 @@ mod tests {
         v[3] = 1e300;
         t.insert(
             "ln_f.weight".into(),
-            AnyTensor {
-                shape: vec![n],
-                data: TensorData::F64(v),
-            },
+            AnyTensor::new(vec![n], TensorData::F64(v)),
         );
         let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
         assert!(

@@ -29,13 +29,27 @@ pub enum TensorData {
 pub struct AnyTensor {
     pub shape: Vec<usize>,
     pub data: TensorData,
+    /// The dtype as stored in the file ("I32", "BF16", ...), which messages report: the data
+    /// may have been widened (an I32 tensor is held as I64 but is not an I64 tensor).
+    pub stored_dtype: &'static str,
 }
 
 impl AnyTensor {
     pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self::new(shape, TensorData::F32(data))
+    }
+
+    /// A tensor stored as its in-memory dtype ("F32", "F64" or "I64").
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Self {
+        let stored_dtype = match &data {
+            TensorData::F32(_) => "F32",
+            TensorData::F64(_) => "F64",
+            TensorData::I64(_) => "I64",
+        };
         AnyTensor {
             shape,
-            data: TensorData::F32(data),
+            data,
+            stored_dtype,
         }
     }
 
@@ -78,13 +92,10 @@ impl AnyTensor {
         }
     }
 
-    /// The in-memory dtype: "F32", "F64" or "I64".
+    /// The dtype as stored in the file (see `stored_dtype`), e.g. "I32" for an I32 tensor that
+    /// is held widened to I64.
     pub fn dtype_name(&self) -> &'static str {
-        match &self.data {
-            TensorData::F32(_) => "F32",
-            TensorData::F64(_) => "F64",
-            TensorData::I64(_) => "I64",
-        }
+        self.stored_dtype
     }
 }
 
@@ -165,6 +176,19 @@ pub(crate) fn decode_le(dtype: &str, bytes: &[u8]) -> Option<TensorData> {
         "BOOL" => TensorData::I64(bytes.iter().map(|&b| (b != 0) as i64).collect()),
         _ => return None,
     })
+}
+
+/// The `'static` spelling of a supported safetensors dtype name.
+pub(crate) fn static_dtype(dtype: &str) -> &'static str {
+    const NAMES: [&str; 14] = [
+        "F64", "I64", "U64", "F32", "I32", "U32", "F16", "BF16", "I16", "U16", "I8", "U8", "BOOL",
+        "F8_E5M2",
+    ];
+    NAMES
+        .iter()
+        .find(|&&n| n == dtype)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// Element size in bytes of a supported safetensors dtype name.
@@ -321,6 +345,7 @@ pub fn parse_safetensors(
             AnyTensor {
                 shape: e.shape,
                 data,
+                stored_dtype: static_dtype(&e.dtype),
             },
         );
     }
@@ -364,7 +389,7 @@ where
     F: FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 {
     if path.file_name().is_none() {
-        return Err(ck(format!(
+        return Err(AsaError::Input(format!(
             "cannot write {}: not a file path",
             path.display()
         )));
@@ -397,7 +422,10 @@ where
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            Err(ck(format!("cannot write {}: {e}", path.display())))
+            Err(AsaError::Write {
+                path: path.display().to_string(),
+                source: e,
+            })
         }
     }
 }
@@ -541,7 +569,11 @@ mod tests {
         assert!(!path.exists());
         // unwritable directory: error, no panic, nothing left
         let e = write_safetensors(&dir.path().join("nope/x.safetensors"), &[], None).unwrap_err();
-        assert!(e.to_string().contains("cannot write"), "{e}");
+        assert!(e.to_string().starts_with("cannot write"), "{e}");
+        // any file (a report, a bench JSON): not labelled a checkpoint error
+        let e = write_bytes_atomic(&dir.path().join("nope/smoke.json"), b"{}").unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("smoke.json") && !e.contains("checkpoint"), "{e}");
     }
 
     #[test]
@@ -550,6 +582,7 @@ mod tests {
         let t = read_safetensors(&p).unwrap();
         let ids = &t["input_ids"];
         assert_eq!(ids.dtype_name(), "I64");
+        assert_eq!(ids.stored_dtype, "I64");
         assert!(ids.to_f32().is_none());
         let logits = &t["logits"];
         assert_eq!(logits.dtype_name(), "F64");
@@ -616,5 +649,21 @@ mod tests {
             b[i] ^= 0x5a;
             let _ = parse_safetensors(&b, "flip");
         }
+    }
+    #[test]
+    fn integer_dtypes_keep_their_stored_name() {
+        let header = r#"{"i":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},"u":{"dtype":"U8","shape":[1],"data_offsets":[8,9]},"h":{"dtype":"BF16","shape":[1],"data_offsets":[9,11]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&7i32.to_le_bytes());
+        bytes.extend_from_slice(&(-1i32).to_le_bytes());
+        bytes.push(200);
+        bytes.extend_from_slice(&half::bf16::from_f32(0.5).to_le_bytes());
+        let (t, _) = parse_safetensors(&bytes, "x").unwrap();
+        assert_eq!(t["i"].dtype_name(), "I32");
+        assert_eq!(t["i"].to_i64().unwrap(), vec![7, -1]);
+        assert_eq!(t["u"].dtype_name(), "U8");
+        assert_eq!(t["h"].dtype_name(), "BF16");
+        assert_eq!(t["h"].to_f32().unwrap(), vec![0.5]);
     }
 }

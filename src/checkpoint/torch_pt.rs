@@ -1522,6 +1522,7 @@ impl TorchArchive {
         Ok(AnyTensor {
             shape: t.size.clone(),
             data,
+            stored_dtype: dtype,
         })
     }
 }
