@@ -4,15 +4,15 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum AsaError {
-    #[error("config error: {0}")]
+    #[error("config error: {}", one_line(.0))]
     Config(String),
-    #[error("checkpoint error: {0}")]
+    #[error("checkpoint error: {}", one_line(.0))]
     Checkpoint(String),
-    #[error("input error: {0}")]
+    #[error("input error: {}", one_line(.0))]
     Input(String),
-    #[error("device error: {0}")]
+    #[error("device error: {}", one_line(.0))]
     Device(String),
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Other(String),
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -28,6 +28,27 @@ pub enum AsaError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A message as one line: every failure is one `error: ...` line. Parsers' multi-line reports
+/// (the TOML crate draws the offending line with a `|` gutter and a caret) keep their text lines,
+/// joined with "; ", and lose the drawing (the line and column are in the first line).
+pub fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.contains(['\n', '\r']) {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let gutter = |l: &str| {
+        let t = l
+            .trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit());
+        t.trim_start().starts_with('|')
+    };
+    let parts: Vec<&str> = msg
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !gutter(l))
+        .collect();
+    std::borrow::Cow::Owned(parts.join("; "))
 }
 
 impl AsaError {
@@ -69,6 +90,18 @@ pub type Result<T> = std::result::Result<T, AsaError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_message_is_one_line() {
+        let toml_err = toml::from_str::<toml::Value>("a = 1\nbatch_size = NaN\n").unwrap_err();
+        let e = AsaError::Config(format!("c.toml: invalid TOML: {toml_err}")).to_string();
+        assert!(!e.contains('\n') && !e.contains('\r'), "{e}");
+        assert!(e.contains("line 2") && e.contains("invalid"), "{e}");
+        assert!(!e.contains(" | "), "{e}");
+        let e = AsaError::Input("a\r\n\nb\rc".into()).to_string();
+        assert_eq!(e, "input error: a; b; c");
+        assert_eq!(AsaError::Other("plain".into()).to_string(), "plain");
+    }
 
     #[test]
     fn ensure_dir_names_a_file_in_the_way() {

@@ -75,6 +75,42 @@ pub fn ensure_finite(name: &str, data: &[f32]) -> Result<()> {
     )))
 }
 
+/// A lower bound on the parameter values a model of `cfg` has (embeddings and MLPs only),
+/// computed without allocating: u128 so that no config overflows it.
+pub fn min_param_values(cfg: &ModelConfig) -> u128 {
+    let (v, c, t, l) = (
+        cfg.vocab_size as u128,
+        cfg.embed_dim as u128,
+        cfg.max_seq_len as u128,
+        cfg.num_layers as u128,
+    );
+    let hid = (cfg.embed_dim as f64 * cfg.mlp_ratio).max(0.0).min(1e30) as u128;
+    let pos = if cfg.use_abs_pos { t * c } else { 0 };
+    v * c + pos + l * (2 * hid * c + 4 * c)
+}
+
+/// Refuses a config (read from a file's metadata or a `.pt`'s `cfg`) that needs more
+/// parameter values than `tensors` hold in all, before a model of it is allocated: a corrupt
+/// or mismatched config (`embed_dim = 1048576`) must be an error, not a multi-terabyte
+/// allocation. `source` names the file.
+pub fn ensure_config_fits(
+    cfg: &ModelConfig,
+    tensors: &BTreeMap<String, AnyTensor>,
+    source: &str,
+) -> Result<()> {
+    let held: u128 = tensors.values().map(|t| t.len() as u128).sum();
+    let need = min_param_values(cfg);
+    if need > held {
+        return Err(ck(format!(
+            "{source}: the model config (vocab_size {}, embed_dim {}, num_layers {}, max_seq_len {}) \
+             needs at least {need} parameter values but the file holds {held}: config and weights \
+             do not match (corrupt metadata or the wrong config)",
+            cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.max_seq_len
+        )));
+    }
+    Ok(())
+}
+
 /// Loads `tensors` into an already-built store, strictly: every store parameter must be present
 /// with the same shape (a scalar may be stored as `[]` or `[1]`) and a floating dtype; extra keys
 /// are an error, except `lm_head.weight` when the store has none (tied head: it must have
@@ -300,6 +336,7 @@ fn detect_format(path: &Path) -> Result<Format> {
 /// file's first bytes, then its extension), normalises legacy key names, and finds the config:
 /// the `.pt` file's `cfg`, the safetensors metadata `asa_config`, or a `config.json` next to the
 /// file. A config without `mlp_bias` gets it from the keys (`blocks.N.mlp.0.bias` present).
+/// Loaders that build a model from the config call [`ensure_config_fits`] first.
 pub fn read_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     let source = path.display().to_string();
     let (tensors, mut config) = match detect_format(path)? {
@@ -392,6 +429,7 @@ pub fn convert_pt(
         cfg.mlp_bias = Some(keys_have_mlp_bias(tensors.keys()));
     }
     cfg.validate().map_err(|e| ck(format!("{source}: {e}")))?;
+    ensure_config_fits(&cfg, &tensors, &source)?;
     let (mut store, _ids) = LmIds::build(&cfg);
     load_into(&mut store, &tensors, &source)?;
     save_params(output, &store, cfg.tie_weights, Some(&cfg))?;
@@ -891,5 +929,42 @@ mod tests {
 
     fn as_tensors_data(t: &BTreeMap<String, AnyTensor>, store: &ParamStore) -> Vec<Vec<f32>> {
         store.names.iter().map(|n| t[n].to_f32().unwrap()).collect()
+    }
+    #[test]
+    fn huge_config_beside_small_weights_is_refused_before_allocating() {
+        let cfg = small_cfg();
+        let (store, _) = LmIds::build(&cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let huge = ModelConfig {
+            embed_dim: 1 << 20,
+            num_heads: 1,
+            ..cfg.clone()
+        };
+        // the small model's tensors, the huge model's config in the metadata
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = store
+            .names
+            .iter()
+            .zip(&store.shapes)
+            .zip(&store.data)
+            .map(|((n, s), d)| (n.clone(), s.clone(), d.as_slice()))
+            .collect();
+        let mut meta = HashMap::new();
+        meta.insert(
+            "asa_config".to_string(),
+            serde_json::to_string(&huge).unwrap(),
+        );
+        write_safetensors(&p, &tensors, Some(meta)).unwrap();
+        let c = read_checkpoint(&p).unwrap();
+        let e = ensure_config_fits(c.config.as_ref().unwrap(), &c.tensors, "m.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("needs at least") && e.contains("1048576"),
+            "{e}"
+        );
+        // the right config passes
+        assert!(ensure_config_fits(&cfg, &as_tensors(&store), "x").is_ok());
+        assert!(min_param_values(&cfg) <= store.num_elements() as u128);
     }
 }
