@@ -15,6 +15,11 @@ use crate::error::{AsaError, Result};
 /// Largest header we accept (the `safetensors` crate uses the same 100 MB bound).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// Metadata key of the CRC-32 (8 hex digits) of the data section, written by
+/// [`write_safetensors`] and checked on read when present: a weight damaged on disk (or a bit
+/// flipped in a copy) is an error, not a silently different model. Other readers ignore it.
+pub const CRC_KEY: &str = "asa_crc32";
+
 /// Element data of a tensor read from a file. Half types (F16, BF16) are widened to `F32`;
 /// integer and bool types are widened to `I64`.
 #[derive(Debug, Clone, PartialEq)]
@@ -331,6 +336,20 @@ pub fn parse_safetensors(
     what: &str,
 ) -> Result<(BTreeMap<String, AnyTensor>, HashMap<String, String>)> {
     let (base, entries, metadata) = parse_header(bytes, what)?;
+    if let Some(want) = metadata.get(CRC_KEY) {
+        let want = u32::from_str_radix(want, 16).map_err(|_| {
+            ck(format!(
+                "{what}: corrupt header: __metadata__ {CRC_KEY} is not 8 hex digits"
+            ))
+        })?;
+        let got = crc32fast::hash(&bytes[base..]);
+        if got != want {
+            return Err(ck(format!(
+                "{what}: the tensor data fails its CRC-32 check (stored {want:08x}, computed \
+                 {got:08x}): the file was damaged or changed after it was written"
+            )));
+        }
+    }
     let mut out = BTreeMap::new();
     for e in entries {
         let raw = &bytes[base + e.start..base + e.end];
@@ -437,20 +456,36 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes f32 tensors to a safetensors file atomically: the file is written to
 /// `<path>.tmp-<pid>` in the same directory, fsynced and renamed over `path`. `metadata` goes into
-/// `__metadata__`. Tensors are stored in the given order.
+/// `__metadata__`, with the data's CRC-32 under [`CRC_KEY`]. Tensors are stored in the given
+/// order.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
-    if let Some(m) = metadata {
-        let mm: serde_json::Map<String, serde_json::Value> = m
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect();
-        header.insert("__metadata__".to_string(), serde_json::Value::Object(mm));
+    // The data's CRC-32, in the same byte order as written below.
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (_, _, data) in tensors {
+        for chunk in data.chunks(1 << 14) {
+            buf.clear();
+            for x in chunk {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            crc.update(&buf);
+        }
     }
+    let mut mm: serde_json::Map<String, serde_json::Value> = metadata
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    mm.insert(
+        CRC_KEY.to_string(),
+        serde_json::Value::String(format!("{:08x}", crc.finalize())),
+    );
+    header.insert("__metadata__".to_string(), serde_json::Value::Object(mm));
     let mut seen = HashSet::new();
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
@@ -665,5 +700,30 @@ mod tests {
         assert_eq!(t["u"].dtype_name(), "U8");
         assert_eq!(t["h"].dtype_name(), "BF16");
         assert_eq!(t["h"].to_f32().unwrap(), vec![0.5]);
+    }
+    #[test]
+    fn damaged_data_fails_the_crc_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let a: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
+        write_safetensors(&path, &[("w".into(), vec![8, 8], &a)], None).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let (t, m) = parse_safetensors(&good, "c").unwrap();
+        assert_eq!(t["w"].to_f32().unwrap(), a);
+        assert_eq!(m[CRC_KEY].len(), 8);
+        // one flipped bit in a weight: still a finite number, but not the model that was saved
+        let mut bad = good.clone();
+        let at = bad.len() - 10;
+        bad[at] ^= 0x01;
+        let e = parse_safetensors(&bad, "c.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.safetensors") && e.contains("CRC-32"), "{e}");
+        // files without the key (other writers, older files) load as before
+        let p = fixture("legacy_pt/io.safetensors");
+        assert!(!read_safetensors_with_metadata(&p)
+            .unwrap()
+            .1
+            .contains_key(CRC_KEY));
     }
 }
