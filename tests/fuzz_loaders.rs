@@ -485,7 +485,7 @@ fn mutate_st_header(rng: &mut ChaCha8Rng, b: &[u8]) -> Option<(Vec<u8>, String)>
         }
     }
     let mut text = h.to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

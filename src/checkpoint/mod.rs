@@ -84,7 +84,7 @@ pub fn min_param_values(cfg: &ModelConfig) -> u128 {
         cfg.max_seq_len as u128,
         cfg.num_layers as u128,
     );
-    let hid = (cfg.embed_dim as f64 * cfg.mlp_ratio).max(0.0).min(1e30) as u128;
+    let hid = (cfg.embed_dim as f64 * cfg.mlp_ratio).clamp(0.0, 1e30) as u128;
     let pos = if cfg.use_abs_pos { t * c } else { 0 };
     v * c + pos + l * (2 * hid * c + 4 * c)
 }

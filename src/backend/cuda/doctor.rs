@@ -248,7 +248,7 @@ pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
         r.lines.push(nvrtc_missing_line());
         r.compile_ok = false;
     }
-    for (stem, src) in KERNELS.into_iter().filter(|_| nvrtc) {
+    for (stem, src) in KERNELS.iter().filter(|_| nvrtc) {
         let mut status: Vec<String> = Vec::new();
         let mut file_ok = true;
         for arch in &archs {
