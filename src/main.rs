@@ -485,10 +485,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 progress: true,
             })?;
             println!(
-                "wrote {} train shard(s) ({} tokens) and val.bin ({} tokens) to {} ({}, vocab {})",
+                "wrote {} train shard(s) ({} tokens) and val.bin ({} tokens, {:.2}% held out) to {} ({}, vocab {})",
                 r.train_shards.len(),
                 r.train_tokens,
                 r.val_tokens,
+                100.0 * r.val_tokens as f64 / (r.train_tokens + r.val_tokens).max(1) as f64,
                 outdir.display(),
                 r.dtype,
                 r.vocab_size

@@ -1128,7 +1128,7 @@ fn plot_pca(s: &ProbeSummary, path: &Path) -> Result<()> {
 /// `pca_explained_variance.png` and one `sweep_layer_LL.png` per layer, into `outdir`
 /// (created if missing). Text in the plots uses an embedded font.
 pub fn write_outputs(summary: &ProbeSummary, outdir: &Path) -> Result<()> {
-    std::fs::create_dir_all(outdir).map_err(|e| AsaError::io(outdir, e))?;
+    crate::error::ensure_dir(outdir)?;
     let json = serde_json::to_string_pretty(summary)
         .map_err(|e| AsaError::Other(format!("serialising the probe summary: {e}")))?;
     let sp = outdir.join("summary.json");

@@ -165,7 +165,7 @@ pub fn run_smoke(seed: u64, outdir: &Path, device: &str) -> Result<SmokeSummary>
         device: device.into(),
         cases,
     };
-    std::fs::create_dir_all(outdir).map_err(|e| AsaError::io(outdir, e))?;
+    crate::error::ensure_dir(outdir)?;
     let text =
         serde_json::to_string_pretty(&summary).map_err(|e| AsaError::Other(e.to_string()))?;
     // a report, not a checkpoint: the error says so

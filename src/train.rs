@@ -237,6 +237,7 @@ pub fn load_run(
     let field = |k: &str| meta.get(k).ok_or_else(|| bad(k));
     let cfg: ModelConfig = serde_json::from_str(field("config")?).map_err(|_| bad("config"))?;
     cfg.validate()?;
+    checkpoint::ensure_config_fits(&cfg, &tensors, &path.display().to_string())?;
     let settings: TrainSettings =
         serde_json::from_str(field("settings")?).map_err(|_| bad("settings"))?;
     let state: TrainState = serde_json::from_str(field("state")?).map_err(|_| bad("state"))?;
@@ -256,6 +257,7 @@ pub fn load_run(
                 .to_f32()
                 .filter(|v| v.len() == dst.len())
                 .ok_or_else(|| bad(&format!("tensor '{key}'")))?;
+            checkpoint::ensure_finite(&format!("{}: tensor '{key}'", path.display()), dst)?;
         }
     }
     Ok((cfg, params, adam, settings, state))
@@ -1198,6 +1200,7 @@ pub fn load_for_analysis(
         ))
     })?;
     cfg.validate()?;
+    checkpoint::ensure_config_fits(&cfg, &loaded.tensors, &file.display().to_string())?;
     let (mut lm, mut params) = Lm::new(&cfg)?;
     checkpoint::load_into(&mut params, &loaded.tensors, &file.display().to_string())?;
     lm.reseed(cfg.seed);

@@ -5,7 +5,9 @@
 //! `pip install --no-deps --target DIR nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96
 //! nvidia-cuda-nvcc==13.0.88`, then `ASA_CUDA_PYPI_DIR=DIR`. Without them (and without
 //! libnvrtc.so.13 on the library path) the test prints `SKIPPED cuda_compile: ...` and passes,
-//! except when `CI` is set, where missing libraries fail it.
+//! except when `CI` is set, where missing libraries fail it. The SKIPPED line goes straight to
+//! the process's stderr, past the test harness's capture, so a plain `cargo test` shows it next
+//! to `test cuda_compile ... ok` (a skip must never read as a pass).
 
 use std::path::PathBuf;
 
@@ -16,6 +18,13 @@ fn in_ci() -> bool {
     std::env::var("CI")
         .map(|v| !v.is_empty() && v != "0" && v != "false")
         .unwrap_or(false)
+}
+
+/// Reports a skipped test where plain `cargo test` shows it: `println!`/`eprintln!` output is
+/// captured (and dropped for a passing test), a write to the stderr handle is not.
+fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 fn find_ptxas() -> Option<PathBuf> {
@@ -50,7 +59,7 @@ fn cuda_compile() {
         if in_ci() {
             panic!("cuda_compile: {msg}");
         }
-        println!("SKIPPED cuda_compile: {msg}");
+        skipped("cuda_compile", &msg);
         return;
     }
     let ptxas = find_ptxas();
@@ -59,7 +68,7 @@ fn cuda_compile() {
         if in_ci() {
             panic!("cuda_compile: {msg}");
         }
-        println!("SKIPPED cuda_compile (ptxas part): {msg}");
+        skipped("cuda_compile (ptxas part)", msg);
     }
     let mut failures = Vec::new();
     let mut n = 0;
@@ -90,7 +99,20 @@ fn cuda_compile() {
         "kernel compilation failed:\n{}",
         failures.join("\n")
     );
-    println!("cuda_compile: {n} kernels in {} files compile for compute_80/90 and assemble for sm_80/90/90a", KERNELS.len());
+    // uncaptured too: which of "compiled" and "SKIPPED" happened shows in plain `cargo test`
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "cuda_compile: {n} kernels in {} files compile for compute_80/90{}",
+            KERNELS.len(),
+            if ptxas.is_some() {
+                " and assemble for sm_80/90/90a"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Registers and spills of every kernel for sm_90 (`ptxas -v`), printed as a table: the
@@ -99,7 +121,7 @@ fn cuda_compile() {
 #[test]
 fn kernel_resources_sm90() {
     let Some(ptxas) = find_ptxas() else {
-        println!("SKIPPED kernel_resources_sm90: no ptxas");
+        skipped("kernel_resources_sm90", "no ptxas");
         return;
     };
     let mut all = Vec::new();
@@ -107,7 +129,7 @@ fn kernel_resources_sm90() {
         let ptx = match cuda::compile_ptx(stem, "compute_90") {
             Ok(p) => p,
             Err(e) => {
-                println!("SKIPPED kernel_resources_sm90: NVRTC unavailable ({e})");
+                skipped("kernel_resources_sm90", &format!("NVRTC unavailable ({e})"));
                 return;
             }
         };
@@ -283,7 +305,7 @@ fn build_info_is_embedded() {
 #[test]
 fn no_gpu_is_an_error_not_a_panic() {
     if cuda::cuda_available() {
-        println!("SKIPPED no_gpu_is_an_error_not_a_panic: a CUDA device is present");
+        skipped("no_gpu_is_an_error_not_a_panic", "a CUDA device is present");
         return;
     }
     let err = cuda::CudaBackend::new(0).unwrap_err();
@@ -300,4 +322,50 @@ fn no_gpu_is_an_error_not_a_panic() {
     let rep = cuda::doctor(None);
     assert!(!rep.ok);
     assert!(rep.to_string().contains("doctor:"));
+}
+
+/// Runs this test binary's `cuda_compile` alone, as plain `cargo test` does (output captured),
+/// with NVRTC hidden (an empty ASA_CUDA_PYPI_DIR, no LD_LIBRARY_PATH): the skip must show in
+/// its output, and with CI set the missing NVRTC must fail it.
+#[test]
+fn missing_nvrtc_skip_is_visible_and_fails_ci() {
+    let empty = std::env::temp_dir().join(format!("asa-no-nvrtc-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = |ci: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["cuda_compile", "--exact", "--test-threads=1"])
+            .env(cuda::PYPI_DIR_ENV, &empty)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("CI");
+        if let Some(v) = ci {
+            cmd.env("CI", v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    let _ = std::fs::remove_dir(&empty);
+    if text.contains("kernels in") && text.contains("files compile for") {
+        // NVRTC is installed system-wide: nothing to hide it with; it compiled instead.
+        skipped(
+            "missing_nvrtc_skip_is_visible_and_fails_ci",
+            "NVRTC is on the system library path",
+        );
+        return;
+    }
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("SKIPPED cuda_compile: NVRTC not found")
+            && text.contains("test cuda_compile ... ok"),
+        "the skip is not visible without --nocapture:\n{text}"
+    );
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, text) = run(Some("true"));
+    let _ = std::fs::remove_dir(&empty);
+    assert!(!ok && text.contains("NVRTC not found"), "{text}");
 }

@@ -59,6 +59,58 @@ fn list_keys(keys: &[&str]) -> String {
     s
 }
 
+/// Refuses weights holding NaN or infinity. A single non-finite weight makes every loss, margin
+/// and gradient downstream NaN, so a corrupt or diverged checkpoint would otherwise "work" and
+/// print NaN results with exit 0. `name` says which tensor (and file) in the message.
+pub fn ensure_finite(name: &str, data: &[f32]) -> Result<()> {
+    let Some(first) = data.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let bad = data[first..].iter().filter(|x| !x.is_finite()).count();
+    Err(ck(format!(
+        "{name}: {bad} of {} values are not finite (NaN or infinity; the first, at index {first}, \
+         is {}): refusing a corrupt or diverged checkpoint",
+        data.len(),
+        data[first]
+    )))
+}
+
+/// A lower bound on the parameter values a model of `cfg` has (embeddings and MLPs only),
+/// computed without allocating: u128 so that no config overflows it.
+pub fn min_param_values(cfg: &ModelConfig) -> u128 {
+    let (v, c, t, l) = (
+        cfg.vocab_size as u128,
+        cfg.embed_dim as u128,
+        cfg.max_seq_len as u128,
+        cfg.num_layers as u128,
+    );
+    let hid = (cfg.embed_dim as f64 * cfg.mlp_ratio).clamp(0.0, 1e30) as u128;
+    let pos = if cfg.use_abs_pos { t * c } else { 0 };
+    v * c + pos + l * (2 * hid * c + 4 * c)
+}
+
+/// Refuses a config (read from a file's metadata or a `.pt`'s `cfg`) that needs more
+/// parameter values than `tensors` hold in all, before a model of it is allocated: a corrupt
+/// or mismatched config (`embed_dim = 1048576`) must be an error, not a multi-terabyte
+/// allocation. `source` names the file.
+pub fn ensure_config_fits(
+    cfg: &ModelConfig,
+    tensors: &BTreeMap<String, AnyTensor>,
+    source: &str,
+) -> Result<()> {
+    let held: u128 = tensors.values().map(|t| t.len() as u128).sum();
+    let need = min_param_values(cfg);
+    if need > held {
+        return Err(ck(format!(
+            "{source}: the model config (vocab_size {}, embed_dim {}, num_layers {}, max_seq_len {}) \
+             needs at least {need} parameter values but the file holds {held}: config and weights \
+             do not match (corrupt metadata or the wrong config)",
+            cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.max_seq_len
+        )));
+    }
+    Ok(())
+}
+
 /// Loads `tensors` into an already-built store, strictly: every store parameter must be present
 /// with the same shape (a scalar may be stored as `[]` or `[1]`) and a floating dtype; extra keys
 /// are an error, except `lm_head.weight` when the store has none (tied head: it must have
@@ -96,6 +148,7 @@ pub fn load_into(
                 crate::tensor::numel(shape)
             )));
         }
+        ensure_finite(&format!("{source}: parameter '{name}'"), &data)?;
         values.push(data);
     }
     if !missing.is_empty() {
@@ -283,6 +336,7 @@ fn detect_format(path: &Path) -> Result<Format> {
 /// file's first bytes, then its extension), normalises legacy key names, and finds the config:
 /// the `.pt` file's `cfg`, the safetensors metadata `asa_config`, or a `config.json` next to the
 /// file. A config without `mlp_bias` gets it from the keys (`blocks.N.mlp.0.bias` present).
+/// Loaders that build a model from the config call [`ensure_config_fits`] first.
 pub fn read_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     let source = path.display().to_string();
     let (tensors, mut config) = match detect_format(path)? {
@@ -399,6 +453,7 @@ pub fn convert_pt(
         cfg.mlp_bias = Some(keys_have_mlp_bias(tensors.keys()));
     }
     cfg.validate().map_err(|e| ck(format!("{source}: {e}")))?;
+    ensure_config_fits(&cfg, &tensors, &source)?;
     let (mut store, _ids) = LmIds::build(&cfg);
     load_into(&mut store, &tensors, &source)?;
     save_params(output, &store, cfg.tie_weights, Some(&cfg))?;
@@ -657,13 +712,17 @@ mod tests {
         let mut t = good.clone();
         t.insert(
             "ln_f.weight".into(),
-            AnyTensor {
-                shape: vec![8],
-                data: TensorData::I64(vec![0; 8]),
-            },
+            AnyTensor::new(vec![8], TensorData::I64(vec![0; 8])),
         );
         let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
         assert!(e.contains("ln_f.weight") && e.contains("I64"), "{e}");
+        // an I32 tensor is reported as I32 (it is held widened to I64)
+        let mut t = good.clone();
+        let mut i32s = AnyTensor::new(vec![8], TensorData::I64(vec![0; 8]));
+        i32s.stored_dtype = "I32";
+        t.insert("ln_f.weight".into(), i32s);
+        let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
+        assert!(e.contains("dtype I32,"), "{e}");
 
         // tied head: allowed with the right shape, rejected with a wrong one
         let mut t = good.clone();
@@ -688,10 +747,7 @@ mod tests {
         let mut t = good.clone();
         t.insert(
             "blocks.0.attn._slotspace_gate_raw".into(),
-            AnyTensor {
-                shape: vec![1],
-                data: TensorData::F64(vec![1.25]),
-            },
+            AnyTensor::new(vec![1], TensorData::F64(vec![1.25])),
         );
         load_into(&mut store, &t, "f").unwrap();
         assert_eq!(
@@ -809,5 +865,141 @@ mod tests {
             e.contains("t.safetensors") && e.contains("truncated"),
             "{e}"
         );
+    }
+    #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        assert!(ensure_finite("x", &[0.0, -1.0, f32::MAX]).is_ok());
+        let e = ensure_finite("x", &[0.0, f32::NAN, f32::INFINITY, 1.0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x: 2 of 4") && e.contains("index 1"), "{e}");
+
+        let cfg = small_cfg();
+        let (mut store, _) = LmIds::build(&cfg);
+        let good = as_tensors(&store);
+        // all-NaN checkpoint
+        let all_nan: BTreeMap<String, AnyTensor> = good
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    AnyTensor::from_f32(t.shape.clone(), vec![f32::NAN; t.len()]),
+                )
+            })
+            .collect();
+        let e = load_into(&mut store, &all_nan, "nan.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nan.safetensors") && e.contains("not finite"),
+            "{e}"
+        );
+        // one infinity in one tensor (F64, overflowing f32) is named with its count
+        let mut t = good.clone();
+        let n = t["ln_f.weight"].len();
+        let mut v = vec![1.0f64; n];
+        v[3] = 1e300;
+        t.insert(
+            "ln_f.weight".into(),
+            AnyTensor::new(vec![n], TensorData::F64(v)),
+        );
+        let e = load_into(&mut store, &t, "f").unwrap_err().to_string();
+        assert!(
+            e.contains("'ln_f.weight'") && e.contains(&format!("1 of {n}")),
+            "{e}"
+        );
+        assert_eq!(store.data, as_tensors_data(&good, &store));
+        // through a file: safetensors (probe's path) and .pt (convert's path)
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        save_params(&p, &store, cfg.tie_weights, Some(&cfg)).unwrap();
+        let mut bad = store.clone();
+        let i = bad.id("blocks.0.attn.slot_keys").unwrap();
+        bad.data[i][0] = f32::NAN;
+        save_params(&p, &bad, cfg.tie_weights, Some(&cfg)).unwrap();
+        let c = read_checkpoint(&p).unwrap();
+        let e = load_into(&mut store, &c.tensors, "m")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.attn.slot_keys"), "{e}");
+
+        use torch_pt::test_support::*;
+        let pt = dir.path().join("nan.pt");
+        let mut body = b"}(".to_vec();
+        let keys: Vec<String> = (0..bad.len()).map(|i| i.to_string()).collect();
+        for (i, (name, shape)) in bad.names.iter().zip(&bad.shapes).enumerate() {
+            let mut stride = vec![1usize; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                stride[d] = stride[d + 1] * shape[d + 1];
+            }
+            body.extend(s(name));
+            body.extend(tensor(&keys[i], bad.data[i].len(), 0, shape, &stride));
+        }
+        body.push(b'u');
+        let storages: Vec<(&str, &[f32])> = keys
+            .iter()
+            .map(|k| k.as_str())
+            .zip(bad.data.iter().map(|d| d.as_slice()))
+            .collect();
+        write_pt(&pt, &body, &storages);
+        let cfg_path = dir.path().join("c.json");
+        std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let out = dir.path().join("o.safetensors");
+        let e = convert_pt(&pt, &out, Some(&cfg_path), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nan.pt") && e.contains("blocks.0.attn.slot_keys") && e.contains("1 of"),
+            "{e}"
+        );
+        // the same file without the NaN converts
+        let storages: Vec<(&str, &[f32])> = keys
+            .iter()
+            .map(|k| k.as_str())
+            .zip(store.data.iter().map(|d| d.as_slice()))
+            .collect();
+        write_pt(&pt, &body, &storages);
+        convert_pt(&pt, &out, Some(&cfg_path), None).unwrap();
+    }
+
+    fn as_tensors_data(t: &BTreeMap<String, AnyTensor>, store: &ParamStore) -> Vec<Vec<f32>> {
+        store.names.iter().map(|n| t[n].to_f32().unwrap()).collect()
+    }
+    #[test]
+    fn huge_config_beside_small_weights_is_refused_before_allocating() {
+        let cfg = small_cfg();
+        let (store, _) = LmIds::build(&cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let huge = ModelConfig {
+            embed_dim: 1 << 20,
+            num_heads: 1,
+            ..cfg.clone()
+        };
+        // the small model's tensors, the huge model's config in the metadata
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = store
+            .names
+            .iter()
+            .zip(&store.shapes)
+            .zip(&store.data)
+            .map(|((n, s), d)| (n.clone(), s.clone(), d.as_slice()))
+            .collect();
+        let mut meta = HashMap::new();
+        meta.insert(
+            "asa_config".to_string(),
+            serde_json::to_string(&huge).unwrap(),
+        );
+        write_safetensors(&p, &tensors, Some(meta)).unwrap();
+        let c = read_checkpoint(&p).unwrap();
+        let e = ensure_config_fits(c.config.as_ref().unwrap(), &c.tensors, "m.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("needs at least") && e.contains("1048576"),
+            "{e}"
+        );
+        // the right config passes
+        assert!(ensure_config_fits(&cfg, &as_tensors(&store), "x").is_ok());
+        assert!(min_param_values(&cfg) <= store.num_elements() as u128);
     }
 }

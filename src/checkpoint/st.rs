@@ -15,6 +15,11 @@ use crate::error::{AsaError, Result};
 /// Largest header we accept (the `safetensors` crate uses the same 100 MB bound).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// Metadata key of the CRC-32 (8 hex digits) of the data section, written by
+/// [`write_safetensors`] and checked on read when present: a weight damaged on disk (or a bit
+/// flipped in a copy) is an error, not a silently different model. Other readers ignore it.
+pub const CRC_KEY: &str = "asa_crc32";
+
 /// Element data of a tensor read from a file. Half types (F16, BF16) are widened to `F32`;
 /// integer and bool types are widened to `I64`.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,13 +34,27 @@ pub enum TensorData {
 pub struct AnyTensor {
     pub shape: Vec<usize>,
     pub data: TensorData,
+    /// The dtype as stored in the file ("I32", "BF16", ...), which messages report: the data
+    /// may have been widened (an I32 tensor is held as I64 but is not an I64 tensor).
+    pub stored_dtype: &'static str,
 }
 
 impl AnyTensor {
     pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self::new(shape, TensorData::F32(data))
+    }
+
+    /// A tensor stored as its in-memory dtype ("F32", "F64" or "I64").
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Self {
+        let stored_dtype = match &data {
+            TensorData::F32(_) => "F32",
+            TensorData::F64(_) => "F64",
+            TensorData::I64(_) => "I64",
+        };
         AnyTensor {
             shape,
-            data: TensorData::F32(data),
+            data,
+            stored_dtype,
         }
     }
 
@@ -78,13 +97,10 @@ impl AnyTensor {
         }
     }
 
-    /// The in-memory dtype: "F32", "F64" or "I64".
+    /// The dtype as stored in the file (see `stored_dtype`), e.g. "I32" for an I32 tensor that
+    /// is held widened to I64.
     pub fn dtype_name(&self) -> &'static str {
-        match &self.data {
-            TensorData::F32(_) => "F32",
-            TensorData::F64(_) => "F64",
-            TensorData::I64(_) => "I64",
-        }
+        self.stored_dtype
     }
 }
 
@@ -165,6 +181,19 @@ pub(crate) fn decode_le(dtype: &str, bytes: &[u8]) -> Option<TensorData> {
         "BOOL" => TensorData::I64(bytes.iter().map(|&b| (b != 0) as i64).collect()),
         _ => return None,
     })
+}
+
+/// The `'static` spelling of a supported safetensors dtype name.
+pub(crate) fn static_dtype(dtype: &str) -> &'static str {
+    const NAMES: [&str; 14] = [
+        "F64", "I64", "U64", "F32", "I32", "U32", "F16", "BF16", "I16", "U16", "I8", "U8", "BOOL",
+        "F8_E5M2",
+    ];
+    NAMES
+        .iter()
+        .find(|&&n| n == dtype)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// Element size in bytes of a supported safetensors dtype name.
@@ -307,6 +336,20 @@ pub fn parse_safetensors(
     what: &str,
 ) -> Result<(BTreeMap<String, AnyTensor>, HashMap<String, String>)> {
     let (base, entries, metadata) = parse_header(bytes, what)?;
+    if let Some(want) = metadata.get(CRC_KEY) {
+        let want = u32::from_str_radix(want, 16).map_err(|_| {
+            ck(format!(
+                "{what}: corrupt header: __metadata__ {CRC_KEY} is not 8 hex digits"
+            ))
+        })?;
+        let got = crc32fast::hash(&bytes[base..]);
+        if got != want {
+            return Err(ck(format!(
+                "{what}: the tensor data fails its CRC-32 check (stored {want:08x}, computed \
+                 {got:08x}): the file was damaged or changed after it was written"
+            )));
+        }
+    }
     let mut out = BTreeMap::new();
     for e in entries {
         let raw = &bytes[base + e.start..base + e.end];
@@ -321,6 +364,7 @@ pub fn parse_safetensors(
             AnyTensor {
                 shape: e.shape,
                 data,
+                stored_dtype: static_dtype(&e.dtype),
             },
         );
     }
@@ -364,7 +408,7 @@ where
     F: FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 {
     if path.file_name().is_none() {
-        return Err(ck(format!(
+        return Err(AsaError::Input(format!(
             "cannot write {}: not a file path",
             path.display()
         )));
@@ -397,7 +441,10 @@ where
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            Err(ck(format!("cannot write {}: {e}", path.display())))
+            Err(AsaError::Write {
+                path: path.display().to_string(),
+                source: e,
+            })
         }
     }
 }
@@ -409,20 +456,36 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes f32 tensors to a safetensors file atomically: the file is written to
 /// `<path>.tmp-<pid>` in the same directory, fsynced and renamed over `path`. `metadata` goes into
-/// `__metadata__`. Tensors are stored in the given order.
+/// `__metadata__`, with the data's CRC-32 under [`CRC_KEY`]. Tensors are stored in the given
+/// order.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
-    if let Some(m) = metadata {
-        let mm: serde_json::Map<String, serde_json::Value> = m
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect();
-        header.insert("__metadata__".to_string(), serde_json::Value::Object(mm));
+    // The data's CRC-32, in the same byte order as written below.
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (_, _, data) in tensors {
+        for chunk in data.chunks(1 << 14) {
+            buf.clear();
+            for x in chunk {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            crc.update(&buf);
+        }
     }
+    let mut mm: serde_json::Map<String, serde_json::Value> = metadata
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    mm.insert(
+        CRC_KEY.to_string(),
+        serde_json::Value::String(format!("{:08x}", crc.finalize())),
+    );
+    header.insert("__metadata__".to_string(), serde_json::Value::Object(mm));
     let mut seen = HashSet::new();
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
@@ -541,7 +604,11 @@ mod tests {
         assert!(!path.exists());
         // unwritable directory: error, no panic, nothing left
         let e = write_safetensors(&dir.path().join("nope/x.safetensors"), &[], None).unwrap_err();
-        assert!(e.to_string().contains("cannot write"), "{e}");
+        assert!(e.to_string().starts_with("cannot write"), "{e}");
+        // any file (a report, a bench JSON): not labelled a checkpoint error
+        let e = write_bytes_atomic(&dir.path().join("nope/smoke.json"), b"{}").unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("smoke.json") && !e.contains("checkpoint"), "{e}");
     }
 
     #[test]
@@ -550,6 +617,7 @@ mod tests {
         let t = read_safetensors(&p).unwrap();
         let ids = &t["input_ids"];
         assert_eq!(ids.dtype_name(), "I64");
+        assert_eq!(ids.stored_dtype, "I64");
         assert!(ids.to_f32().is_none());
         let logits = &t["logits"];
         assert_eq!(logits.dtype_name(), "F64");
@@ -616,5 +684,46 @@ mod tests {
             b[i] ^= 0x5a;
             let _ = parse_safetensors(&b, "flip");
         }
+    }
+    #[test]
+    fn integer_dtypes_keep_their_stored_name() {
+        let header = r#"{"i":{"dtype":"I32","shape":[2],"data_offsets":[0,8]},"u":{"dtype":"U8","shape":[1],"data_offsets":[8,9]},"h":{"dtype":"BF16","shape":[1],"data_offsets":[9,11]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&7i32.to_le_bytes());
+        bytes.extend_from_slice(&(-1i32).to_le_bytes());
+        bytes.push(200);
+        bytes.extend_from_slice(&half::bf16::from_f32(0.5).to_le_bytes());
+        let (t, _) = parse_safetensors(&bytes, "x").unwrap();
+        assert_eq!(t["i"].dtype_name(), "I32");
+        assert_eq!(t["i"].to_i64().unwrap(), vec![7, -1]);
+        assert_eq!(t["u"].dtype_name(), "U8");
+        assert_eq!(t["h"].dtype_name(), "BF16");
+        assert_eq!(t["h"].to_f32().unwrap(), vec![0.5]);
+    }
+    #[test]
+    fn damaged_data_fails_the_crc_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let a: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
+        write_safetensors(&path, &[("w".into(), vec![8, 8], &a)], None).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let (t, m) = parse_safetensors(&good, "c").unwrap();
+        assert_eq!(t["w"].to_f32().unwrap(), a);
+        assert_eq!(m[CRC_KEY].len(), 8);
+        // one flipped bit in a weight: still a finite number, but not the model that was saved
+        let mut bad = good.clone();
+        let at = bad.len() - 10;
+        bad[at] ^= 0x01;
+        let e = parse_safetensors(&bad, "c.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.safetensors") && e.contains("CRC-32"), "{e}");
+        // files without the key (other writers, older files) load as before
+        let p = fixture("legacy_pt/io.safetensors");
+        assert!(!read_safetensors_with_metadata(&p)
+            .unwrap()
+            .1
+            .contains_key(CRC_KEY));
     }
 }

@@ -1254,6 +1254,8 @@ pub struct TorchArchive {
     /// Top folder inside the zip, with its trailing '/', e.g. `checkpoint/`.
     pub prefix: String,
     what: String,
+    /// Size of the archive file, the bound for any member's declared size.
+    file_len: u64,
 }
 
 impl TorchArchive {
@@ -1278,6 +1280,10 @@ impl TorchArchive {
             )));
         }
         let file = std::fs::File::open(path).map_err(|e| ck(format!("cannot open {what}: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| ck(format!("cannot read {what}: {e}")))?
+            .len();
         let zip = zip::ZipArchive::new(std::io::BufReader::new(file))
             .map_err(|e| ck(format!("{what}: corrupt or truncated zip archive: {e}")))?;
         // `<prefix>data.pkl` with the shortest prefix: `archive/data.pkl`, or `data.pkl`.
@@ -1301,7 +1307,12 @@ impl TorchArchive {
                 "{what}: zip archive has no data.pkl: not a torch.save checkpoint"
             ))
         })?;
-        let mut ar = TorchArchive { zip, prefix, what };
+        let mut ar = TorchArchive {
+            zip,
+            prefix,
+            what,
+            file_len,
+        };
         if let Some(b) = ar.read_small(&format!("{}byteorder", ar.prefix))? {
             if b.trim_ascii() == b"big" {
                 return Err(ck(format!(
@@ -1348,12 +1359,53 @@ impl TorchArchive {
                 "{what}: archive entry {name} is implausibly large ({size} bytes)"
             )));
         }
+        // The declared size comes from the (possibly corrupt) central directory: never reserve
+        // more than the archive itself could hold (deflate expands at most ~1032x; torch stores
+        // its members uncompressed, so this bound is loose for real files).
+        let bound =
+            self.file_len
+                .saturating_mul(if f.compression() == zip::CompressionMethod::Stored {
+                    1
+                } else {
+                    1032
+                });
+        if size > bound {
+            return Err(ck(format!(
+                "{what}: archive entry {name} claims {size} bytes, more than the {}-byte file can hold (corrupt zip directory)",
+                self.file_len
+            )));
+        }
+        let mut f = f;
         let mut buf = Vec::with_capacity(size.min(1 << 26) as usize);
-        f.take(size)
+        (&mut f)
+            .take(size)
             .read_to_end(&mut buf)
             .map_err(|e| ck(format!("{what}: cannot read archive entry {name}: {e}")))?;
-        if (buf.len() as u64) < min_len {
+        if (buf.len() as u64) < min_len || (buf.len() as u64) < size {
             return Err(ck(format!("{what}: archive entry {name} is truncated")));
+        }
+        // `take(size)` stops before the zip reader sees its end, which is where it checks the
+        // CRC-32: one more read reaches that end (and must find no extra byte). Without it a
+        // member whose bytes were overwritten reads back without complaint.
+        let mut extra = [0u8; 1];
+        match f.read(&mut extra) {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(ck(format!(
+                    "{what}: archive entry {name} holds more than its declared {size} bytes (corrupt zip)"
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(ck(format!(
+                    "{what}: archive entry {name} fails its CRC-32 check: its bytes were changed \
+                     after it was written (corrupt or tampered file)"
+                )))
+            }
+            Err(e) => {
+                return Err(ck(format!(
+                    "{what}: cannot read archive entry {name}: {e}"
+                )))
+            }
         }
         Ok(buf)
     }
@@ -1470,6 +1522,7 @@ impl TorchArchive {
         Ok(AnyTensor {
             shape: t.size.clone(),
             data,
+            stored_dtype: dtype,
         })
     }
 }
@@ -1995,5 +2048,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope.pt"), "{e}");
+    }
+    #[test]
+    fn overwritten_tensor_bytes_fail_the_crc_check() {
+        // Overwrite a few bytes inside one storage member (stored uncompressed, so its bytes sit
+        // in the file as they are): the zip's CRC-32 no longer matches and the member is named.
+        let full = std::fs::read(legacy_pt()).unwrap();
+        let tok = read_pt(&legacy_pt()).unwrap().state_dict["tok.weight"]
+            .to_f32()
+            .unwrap();
+        let raw: Vec<u8> = tok[..16].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let at = full
+            .windows(64)
+            .position(|w| w == &raw[..])
+            .expect("stored member bytes in the file");
+        let mut b = full.clone();
+        for x in &mut b[at + 16..at + 24] {
+            *x ^= 0xff;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tampered.pt");
+        std::fs::write(&path, &b).unwrap();
+        let e = read_pt(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("tampered.pt") && e.contains("/data/") && e.contains("CRC-32"),
+            "{e}"
+        );
+        // the untouched file still reads
+        read_pt(&legacy_pt()).unwrap();
     }
 }

@@ -19,7 +19,9 @@
 //! are encoded (a batch of them in parallel, written in order) and appended to the current shard.
 //! Shards are written to `<name>.tmp-<pid>`, their header count is patched at the end, then they
 //! are fsynced and renamed, so nothing half-written ever sits under a final name. Every k-th chunk
-//! (k = round(1 / val_frac)) goes to the validation shard.
+//! (k = round(1 / val_frac)) goes to the validation shard; when there are fewer than k chunks (a
+//! small corpus: each input file is at least one chunk), the last `round(val_frac * tokens)`
+//! tokens (at least one) are held out instead, from the end of the last chunk.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -514,8 +516,8 @@ fn prepare_with_chunk(opts: &PrepareOptions, chunk_bytes: usize) -> Result<Prepa
         sources.push(json!({"path": p.display().to_string(), "bytes": md.len()}));
     }
     let dir = &opts.outdir;
-    if dir.exists() && !dir.is_dir() {
-        return Err(input_err(format!("{} is not a folder", dir.display())));
+    if let Some(e) = crate::error::not_a_folder(dir) {
+        return Err(e);
     }
     let existing = existing_outputs(dir)?;
     if !existing.is_empty() {
@@ -539,7 +541,7 @@ fn prepare_with_chunk(opts: &PrepareOptions, chunk_bytes: usize) -> Result<Prepa
             std::fs::remove_file(p).map_err(|e| AsaError::io(p, e))?;
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| AsaError::io(dir, e))?;
+    crate::error::ensure_dir(dir)?;
 
     let mut written = Vec::new();
     let res = write_prepared(opts, chunk_bytes, total_bytes, sources, &mut written);
@@ -642,26 +644,33 @@ fn write_prepared(
         }
     }
     let last = pending.take().unwrap_or_default();
-    if n_chunks == 1 {
-        // One chunk: its last val_frac of tokens go to validation.
+    let train_so_far = |t: &TrainSink| -> u64 {
+        t.done.iter().map(|d| d.1).sum::<u64>() + t.current.as_ref().map_or(0, |w| w.count)
+    };
+    if n_chunks > 1 && (n_chunks - 1) % k == k - 1 {
+        val.push(&last)?;
+    } else if val_chunks == 0 {
+        // Fewer than k chunks (a small corpus, or many small files: each file is at least one
+        // chunk): the every-k-th-chunk rule picked nothing. Hold out the last val_frac of all
+        // tokens (at least one) from the end of the last chunk, not the whole last chunk (which
+        // was a whole file: 14% of a 7-file corpus at --val-frac 0.005). When the last chunk is
+        // shorter than that, all of it is validation (less than val_frac).
+        let total = train_so_far(&train) + last.len() as u64;
         let n = last.len();
-        let n_val = ((n as f64 * opts.val_frac).round() as usize).max(1);
+        let n_val = (((total as f64 * opts.val_frac).round() as u64).max(1) as usize).min(n);
         if n_val < n {
             train.push(&last[..n - n_val], written)?;
             val.push(&last[n - n_val..])?;
+        } else if n_chunks > 1 {
+            val.push(&last)?;
         } else {
+            // one chunk too short to split: no validation tokens (refused below)
             train.push(&last, written)?;
         }
     } else {
-        let i = n_chunks - 1;
-        if i % k == k - 1 || val_chunks == 0 {
-            val.push(&last)?;
-        } else {
-            train.push(&last, written)?;
-        }
+        train.push(&last, written)?;
     }
-    let train_tokens: u64 =
-        train.done.iter().map(|d| d.1).sum::<u64>() + train.current.as_ref().map_or(0, |w| w.count);
+    let train_tokens: u64 = train_so_far(&train);
     let val_tokens = val.count;
     if train_tokens == 0 || val_tokens == 0 {
         return Err(input_err(format!(
@@ -708,12 +717,7 @@ fn write_prepared(
     });
     let text = serde_json::to_string_pretty(&meta)
         .map_err(|e| AsaError::Other(format!("meta.json: {e}")))?;
-    write_bytes_atomic(&dir.join(META_FILE), format!("{text}\n").as_bytes()).map_err(
-        |e| match e {
-            AsaError::Checkpoint(m) => AsaError::Other(m),
-            e => e,
-        },
-    )?;
+    write_bytes_atomic(&dir.join(META_FILE), format!("{text}\n").as_bytes())?;
     bar.finish_and_clear();
     Ok(PrepareReport {
         train_shards: train.done.into_iter().map(|d| d.0).collect(),
@@ -1339,14 +1343,28 @@ mod tests {
         assert!(chunks.len() >= 10);
         assert_eq!(v1 as usize, val);
 
-        // Fewer chunks than k: the last chunk is validation.
+        // Fewer chunks than k: the last val_frac of the tokens (from the last chunk).
         let out = td.path().join("o3");
         let mut o = opts(vec![p.clone()], &out, Tokenizer::byte());
         o.val_frac = 0.001;
         let rep = prepare_with_chunk(&o, 1000).unwrap();
         let chunks = chunks_of(&p, 1000);
         assert!(chunks.len() >= 2 && chunks.len() < 1000);
-        assert_eq!(rep.val_tokens as usize, chunks.last().unwrap().len());
+        let total = rep.train_tokens + rep.val_tokens;
+        assert_eq!(
+            rep.val_tokens,
+            ((total as f64 * 0.001).round() as u64).max(1)
+        );
+        let all: Vec<u32> = std::fs::read(&p)
+            .unwrap()
+            .into_iter()
+            .map(u32::from)
+            .collect();
+        let set = open_prepared(&out, 256).unwrap();
+        assert_eq!(
+            set.val.tokens.to_vec(),
+            all[all.len() - rep.val_tokens as usize..]
+        );
 
         // One chunk: its last val_frac of tokens.
         let out = td.path().join("o4");
@@ -1361,6 +1379,54 @@ mod tests {
             set.val.tokens.to_vec(),
             "0123456789".bytes().map(u32::from).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn many_small_files_hold_out_the_fraction_not_a_whole_file() {
+        // The README's `asa prepare my_corpus/*.txt`: seven small files, one chunk each, at the
+        // default 0.005. The last file (1/7 = 14% of the tokens) used to be the validation set.
+        let td = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = (0..7)
+            .map(|i| write(td.path(), &format!("f{i}.txt"), sample_text(30).as_bytes()))
+            .collect();
+        let out = td.path().join("o");
+        let o = opts(files, &out, Tokenizer::byte());
+        assert_eq!(o.val_frac, DEFAULT_VAL_FRAC);
+        let rep = prepare(&o).unwrap();
+        let total = rep.train_tokens + rep.val_tokens;
+        let frac = rep.val_tokens as f64 / total as f64;
+        assert!(total > 7 * 1000, "{total}");
+        assert!((frac - DEFAULT_VAL_FRAC).abs() < 0.001, "held out {frac}");
+        // A tiny last file: all of it (less than the fraction), never training data alone.
+        let mut files: Vec<PathBuf> = (0..3)
+            .map(|i| write(td.path(), &format!("g{i}.txt"), sample_text(30).as_bytes()))
+            .collect();
+        files.push(write(td.path(), "tiny.txt", b"ab\n"));
+        let out = td.path().join("o2");
+        let mut o = opts(files, &out, Tokenizer::byte());
+        o.val_frac = 0.1;
+        let rep = prepare(&o).unwrap();
+        assert!(
+            rep.val_tokens >= 3 && rep.val_tokens <= 4,
+            "{}",
+            rep.val_tokens
+        );
+    }
+
+    #[test]
+    fn outdir_that_is_a_file_is_named() {
+        let td = tempfile::tempdir().unwrap();
+        let p = write(td.path(), "a.txt", sample_text(10).as_bytes());
+        let file = write(td.path(), "taken", b"x");
+        for out in [file.clone(), file.join("sub")] {
+            let o = opts(vec![p.clone()], &out, Tokenizer::byte());
+            let e = prepare(&o).unwrap_err().to_string();
+            assert!(
+                e.contains(&file.display().to_string()) && e.contains("is not a folder"),
+                "{e}"
+            );
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 
     #[test]
@@ -1632,15 +1698,19 @@ mod tests {
         assert_eq!(all, enc_a);
         assert_eq!(set.meta["eot_token"], 50256);
 
-        // Two files: joined by <|endoftext|>; the second file's chunk is validation.
+        // Two files: joined by <|endoftext|>; the last val_frac of the tokens is validation.
         let out = td.path().join("two");
         let o = opts(vec![pa, pb], &out, tok.clone());
         let rep = prepare(&o).unwrap();
-        assert_eq!(rep.train_tokens, enc_a.len() as u64);
-        assert_eq!(rep.val_tokens, enc_b.len() as u64 + 1);
+        let mut want = enc_a.clone();
+        want.push(50256);
+        want.extend_from_slice(&enc_b);
+        let n_val = ((want.len() as f64 * DEFAULT_VAL_FRAC).round() as usize).max(1);
+        assert_eq!(rep.val_tokens as usize, n_val);
+        assert_eq!(rep.train_tokens as usize, want.len() - n_val);
         let set = open_prepared(&out, 50257).unwrap();
-        assert_eq!(set.train_concat(), enc_a);
-        assert_eq!(set.val.tokens.get(0), 50256);
-        assert_eq!(set.val.tokens.to_vec()[1..], enc_b[..]);
+        let mut all = set.train_concat();
+        all.extend_from_slice(&set.val.tokens.to_vec());
+        assert_eq!(all, want);
     }
 }

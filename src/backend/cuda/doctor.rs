@@ -127,6 +127,26 @@ pub fn ptxas_resources(
     Ok(out_v)
 }
 
+/// The single `kernels:` line of a report without NVRTC: what is missing and how to install it.
+pub fn nvrtc_missing_line() -> String {
+    let nk: usize = KERNELS.iter().map(|(_, src)| kernel_names(src).len()).sum();
+    let env = super::PYPI_DIR_ENV;
+    let set = match std::env::var_os(env) {
+        Some(d) => format!(
+            " ({env}={} has no nvidia/cu13/lib/libnvrtc.so.13)",
+            Path::new(&d).display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        "kernels: {nk} in {} files NOT COMPILED: NVRTC (libnvrtc.so.13) not found{set}. Fix: \
+         `pip install --no-deps --target DIR nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 \
+         nvidia-cuda-nvcc==13.0.88` and `export {env}=DIR`, or install the CUDA 13 toolkit and \
+         put its lib64 on LD_LIBRARY_PATH",
+        KERNELS.len()
+    )
+}
+
 /// Runs every check; never panics.
 pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
     let mut r = DoctorReport::default();
@@ -220,9 +240,15 @@ pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
             }
         }
     }
-    let mut compile_ok = super::nvrtc_present();
+    let nvrtc = super::nvrtc_present();
+    let mut compile_ok = nvrtc;
     let mut nkernels = 0;
-    for (stem, src) in KERNELS {
+    if !nvrtc {
+        // One cause, one line: not a FAIL line per kernel (88 of them) for a missing library.
+        r.lines.push(nvrtc_missing_line());
+        r.compile_ok = false;
+    }
+    for (stem, src) in KERNELS.iter().filter(|_| nvrtc) {
         let mut status: Vec<String> = Vec::new();
         let mut file_ok = true;
         for arch in &archs {
@@ -269,15 +295,17 @@ pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
         }
         r.lines.push(format!("  {stem}.cu: {}", status.join(", ")));
     }
-    r.lines.push(format!(
-        "kernels: {nkernels} in {} files, {}",
-        KERNELS.len(),
-        if compile_ok {
-            "all compile"
-        } else {
-            "COMPILE ERRORS"
-        }
-    ));
+    if nvrtc {
+        r.lines.push(format!(
+            "kernels: {nkernels} in {} files, {}",
+            KERNELS.len(),
+            if compile_ok {
+                "all compile"
+            } else {
+                "COMPILE ERRORS"
+            }
+        ));
+    }
     r.compile_ok = compile_ok;
 
     // the device: load every module, run one kernel
@@ -319,4 +347,42 @@ pub fn doctor(ptxas: Option<&Path>) -> DoctorReport {
     }
     r.ok = r.compile_ok && r.gpu;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_nvrtc_is_one_line_with_the_fix() {
+        let line = nvrtc_missing_line();
+        assert!(
+            line.contains("NOT COMPILED")
+                && line.contains("nvidia-cuda-nvrtc==13.0.88")
+                && line.contains(super::super::PYPI_DIR_ENV),
+            "{line}"
+        );
+        if super::super::nvrtc_present() {
+            return; // this process has NVRTC: the per-kernel lines are the report
+        }
+        let r = doctor(None);
+        let text = r.to_string();
+        assert_eq!(
+            r.lines.iter().filter(|l| l.contains("FAIL")).count(),
+            0,
+            "{text}"
+        );
+        assert_eq!(
+            r.lines
+                .iter()
+                .filter(|l| l.contains("NOT COMPILED"))
+                .count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            !r.compile_ok && !r.ok && text.ends_with("doctor: FAILED"),
+            "{text}"
+        );
+    }
 }
