@@ -452,6 +452,7 @@ pub fn evaluate(
 /// `asa train-mini`: trains a small ASM on the embedded default data (or `--data` files).
 pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     check_run_name(&a.name, "--name")?;
+    check_mini_flags(a)?;
     let run = RunDir {
         dir: a.outdir.join(&a.name),
     };
@@ -520,6 +521,33 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
 }
 
 /// The training settings of a new train-mini run.
+/// Range checks of the train-mini flags, each error naming the flag (the sizes are checked by
+/// `ModelConfig::validate` and the memory preflight). Values that only look odd are accepted;
+/// these would train nothing, divide by zero or feed NaN into the schedule.
+fn check_mini_flags(a: &TrainMiniArgs) -> Result<()> {
+    let bad = |m: String| Err(AsaError::Config(m));
+    for (flag, v) in [
+        ("--steps", a.steps),
+        ("--batch-size", a.batch_size),
+        ("--seq-len", a.seq_len),
+        ("--eval-interval", a.eval_interval),
+    ] {
+        if v == 0 {
+            return bad(format!("{flag} must be >= 1, got 0"));
+        }
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        return bad(format!("--lr must be a finite number > 0, got {}", a.lr));
+    }
+    if !(0.0..=1.0).contains(&a.fact_frac) {
+        return bad(format!(
+            "--fact-frac is a share and must be in [0, 1], got {}",
+            a.fact_frac
+        ));
+    }
+    Ok(())
+}
+
 fn mini_settings(a: &TrainMiniArgs, tokenizer: &str) -> TrainSettings {
     TrainSettings {
         steps: a.steps,
