@@ -271,6 +271,12 @@ pub fn peak_bf16_flops(device_name: &str) -> Option<f64> {
     }
 }
 
+/// Most warmup or timed steps one bench takes (a million steps of the smallest model already
+/// take hours).
+pub const MAX_BENCH_STEPS: usize = 1_000_000;
+/// Most worker threads a bench asks for.
+pub const MAX_BENCH_THREADS: usize = 4096;
+
 /// Runs the benchmark (ours, then the reference when `o.reference` is set). Prints one line
 /// per step on stderr when `o.progress` is set, nothing else.
 pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
@@ -289,6 +295,20 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         return Err(AsaError::Input(
             "bench: --threads must be >= 1, got 0".into(),
         ));
+    }
+    // upper bounds: the step times are kept in memory (1e12 iterations aborted on the
+    // allocation, warmup + iters overflowed) and a pool of 1e9 threads takes a minute to fail
+    for (flag, v) in [("--warmup", o.warmup), ("--iters", o.iters)] {
+        if v > MAX_BENCH_STEPS {
+            return Err(AsaError::Input(format!(
+                "bench: {flag} must be at most {MAX_BENCH_STEPS}, got {v}"
+            )));
+        }
+    }
+    if let Some(n) = o.threads.filter(|&n| n > MAX_BENCH_THREADS) {
+        return Err(AsaError::Input(format!(
+            "bench: --threads must be at most {MAX_BENCH_THREADS}, got {n}"
+        )));
     }
     if let Some(r) = &o.reference {
         check_reference_dir(r)?;
