@@ -57,8 +57,14 @@ pub fn device_available() -> Option<u64> {
 
 fn overflow(cfg: &ModelConfig) -> AsaError {
     AsaError::Config(format!(
-        "the model sizes overflow a 64-bit parameter count (vocab_size {}, embed_dim {}, num_layers {}, mlp_ratio {}): no machine can hold this model",
-        cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.mlp_ratio
+        "the model sizes overflow a 64-bit parameter count (vocab_size {}, embed_dim {}, num_layers {}, num_heads {}, num_slots {}, slotspace_dim {}, mlp_ratio {}): no machine can hold this model",
+        cfg.vocab_size,
+        cfg.embed_dim,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_slots,
+        cfg.slotspace_dim,
+        cfg.mlp_ratio
     ))
 }
 
