@@ -484,11 +484,33 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Common other names of config keys, tried before the edit distance.
+const KEY_ALIASES: &[(&str, &str)] = &[
+    ("lr", "learning_rate"),
+    ("wd", "weight_decay"),
+    ("steps", "total_steps"),
+    ("max_steps", "total_steps"),
+    ("max_iters", "total_steps"),
+    ("n_layer", "num_layers"),
+    ("n_head", "num_heads"),
+    ("n_embd", "embed_dim"),
+    ("block_size", "max_seq_len"),
+    ("seq_len", "max_seq_len"),
+    ("clip", "grad_clip"),
+];
+
 /// The known key closest to `key`, when it is close enough to be the intended one: a small
 /// edit distance (`embedd_dim` -> `embed_dim`), else a known key that contains it (`warmup` ->
 /// `warmup_steps`).
 pub fn closest_key<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
     let lower = key.to_ascii_lowercase();
+    // the usual short names (nanoGPT's, our train-mini flags'): `lr` is 3 edits from `tag`
+    // but means `learning_rate`
+    if let Some((_, to)) = KEY_ALIASES.iter().find(|(from, _)| *from == lower) {
+        if let Some(k) = known.iter().find(|k| *k == to) {
+            return Some(k);
+        }
+    }
     let near = known
         .iter()
         .map(|k| (edit_distance(&lower, k), *k))
@@ -648,6 +670,21 @@ mod tests {
         let v = serde_json::json!({"num_slots": -1});
         let e = ModelConfig::from_json_value(&v).unwrap_err().to_string();
         assert!(e.contains("`num_slots`"), "{e}");
+    }
+
+    #[test]
+    fn short_names_suggest_the_key_they_mean() {
+        // `lr` is 3 edits from `tag`; the alias wins, and only names a key that exists
+        assert_eq!(
+            closest_key("lr", &["tag", "learning_rate"]),
+            Some("learning_rate")
+        );
+        assert_eq!(
+            closest_key("LR", &["tag", "learning_rate"]),
+            Some("learning_rate")
+        );
+        assert_eq!(closest_key("n_embd", &["embed_dim"]), Some("embed_dim"));
+        assert_eq!(closest_key("lr", &["tag"]), Some("tag"));
     }
 
     #[test]
