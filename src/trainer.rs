@@ -329,17 +329,12 @@ pub fn check_run_config(run: &RunConfig, batch_given: bool) -> Result<()> {
     if run.data.as_os_str().is_empty() {
         return err("data must name the folder written by `asa prepare`, got \"\"".into());
     }
-    let name = run.name.as_deref().unwrap_or(&run.tag);
-    let single = Path::new(name).components().count() == 1
-        && matches!(
-            Path::new(name).components().next(),
-            Some(std::path::Component::Normal(_))
-        );
-    if !single {
-        return err(format!(
-            "{} must be one folder name (no '/', '..' or empty), got \"{name}\"",
-            if run.name.is_some() { "name" } else { "tag" }
-        ));
+    // one rule for run names, the one train-mini's --name follows
+    match &run.name {
+        Some(n) => crate::train::check_run_name(n, "name")?,
+        None => {
+            crate::train::check_run_name(&run.tag, "tag (the run name when `name` is not set)")?
+        }
     }
     Ok(())
 }

@@ -226,7 +226,7 @@ fn an_existing_run_is_kept_without_resume_or_force() {
 
     // the same for `asa train`
     let data = prepare(tmp.path());
-    let cfg = write_config(tmp.path(), &data, "t", "total_steps = 3");
+    let cfg = write_config(tmp.path(), &data, "t", "total_steps = 3\nwarmup_steps = 1");
     ok(&train(&cfg, &[]));
     let trun = runs.join("t");
     let before = std::fs::read(trun.join("checkpoint.safetensors")).unwrap();
@@ -525,7 +525,7 @@ fn probe_reads_a_run_of_asa_train() {
     let tmp = tempfile::tempdir().unwrap();
     // the probe's prompts need GPT-2 tokens (" Paris" is one token)
     let data = prepare_with(tmp.path(), "gpt2");
-    let extra = "total_steps = 2\nvocab_size = 50257\nmax_seq_len = 32";
+    let extra = "total_steps = 2\nwarmup_steps = 1\nvocab_size = 50257\nmax_seq_len = 32";
     let cfg = write_config(tmp.path(), &data, "p", extra);
     ok(&train(&cfg, &[]));
     let run = tmp.path().join("runs/p");
