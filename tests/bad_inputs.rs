@@ -1193,13 +1193,20 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             ),
         );
         // a stale lock (a dead pid) is taken over; temp files of a killed save are removed
-        for lock in [".lock", "run.lock"] {
+        for (what, text) in [
+            (
+                "stale lock of a dead pid",
+                "pid=999999999\nhost=elsewhere\nstarted_unix=1\n",
+            ),
+            ("lock file with garbage text", "\u{0}\u{1}garbage"),
+            ("empty lock file", ""),
+        ] {
             let (out, run) = ctx.mini_copy();
-            std::fs::write(run.join(lock), "pid 999999999\n").unwrap();
+            std::fs::write(run.join(".lock"), text).unwrap();
             v.push(
                 Case::new(
                     "train-mini",
-                    format!("stale lock file {lock} (dead pid)"),
+                    what,
                     mini_args(&out, "mini", &["--resume", "--steps", "5"]),
                 )
                 .recover(),
@@ -1218,6 +1225,24 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             .check(move || match tmp.exists() {
                 true => Err(format!("{} left behind", tmp.display())),
                 false => Ok(()),
+            }),
+        );
+        let (p, run) = ctx.train_copy(&[]);
+        let tmp_dir = run.join("best.tmp-999999999");
+        std::fs::create_dir_all(&tmp_dir).unwrap();
+        std::fs::write(tmp_dir.join("checkpoint.safetensors"), vec![0u8; 4096]).unwrap();
+        let tmp_file = run.join("model.safetensors.tmp-999999999");
+        std::fs::write(&tmp_file, vec![0u8; 4096]).unwrap();
+        v.push(
+            Case::new(
+                "train",
+                "temp files of a killed save (file and best.tmp folder) left in the run",
+                train_args(&p, &["--resume"]),
+            )
+            .recover()
+            .check(move || match (tmp_dir.exists(), tmp_file.exists()) {
+                (false, false) => Ok(()),
+                _ => Err("temp files of a killed save left behind".into()),
             }),
         );
     }
