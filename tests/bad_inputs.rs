@@ -204,8 +204,15 @@ fn snapshot(p: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
     }
 }
 
+/// Whether to put `CASE_MEMORY_LIMIT` on the cases: not where a CUDA driver is loaded (it
+/// reserves a large address space of its own at initialisation).
+static LIMIT_MEMORY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn limited(mut c: Command) -> Command {
     use std::os::unix::process::CommandExt;
+    if !*LIMIT_MEMORY.get_or_init(|| !asa::backend::cuda::driver_present()) {
+        return c;
+    }
     // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
     unsafe {
         c.pre_exec(|| {
@@ -1861,6 +1868,12 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             ("--warmup -1", vec!["--warmup", "-1"], "warmup"),
             ("--iters 1e12", vec!["--iters", "1000000000000"], "iters"),
             ("--threads 0", vec!["--threads", "0"], "threads"),
+            ("--threads 1e9", vec!["--threads", "1000000000"], "threads"),
+            (
+                "--warmup + --iters overflow",
+                vec!["--warmup", "1", "--iters", "18446744073709551615"],
+                "iters",
+            ),
             ("--precision fp8", vec!["--precision", "fp8"], "fp8"),
             (
                 "--config missing file",
