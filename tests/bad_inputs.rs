@@ -2073,7 +2073,7 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             (
                 "--outdir is a file",
                 vec!["--outdir", a_file.to_str().unwrap()],
-                "not-a-folder",
+                "not-a-folder && !file exists",
             ),
             ("--window x", vec!["--window", "x"], "window"),
         ] {
