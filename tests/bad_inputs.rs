@@ -76,6 +76,8 @@ struct Case {
     guard: Vec<PathBuf>,
     check: Option<Check>,
     alongside: Option<Alongside>,
+    /// run first (e.g. a training process killed mid-run)
+    before: Option<Box<dyn FnOnce() + Send>>,
     timeout: Duration,
 }
 
@@ -90,6 +92,7 @@ impl Case {
             guard: vec![],
             check: None,
             alongside: None,
+            before: None,
             timeout: CASE_TIMEOUT,
         }
     }
@@ -123,6 +126,10 @@ impl Case {
     }
     fn check(mut self, f: impl Fn() -> Result<(), String> + Send + 'static) -> Case {
         self.check = Some(Box::new(f));
+        self
+    }
+    fn before(mut self, f: impl FnOnce() + Send + 'static) -> Case {
+        self.before = Some(Box::new(f));
         self
     }
     fn alongside(mut self, args: Vec<String>, ready: impl Fn() -> bool + Send + 'static) -> Case {
@@ -271,7 +278,10 @@ fn abort_text(err: &str) -> Option<&'static str> {
     .find(|m| err.contains(m))
 }
 
-fn run_case(c: Case) -> Outcome {
+fn run_case(mut c: Case) -> Outcome {
+    if let Some(f) = c.before.take() {
+        f();
+    }
     let mut before = BTreeMap::new();
     for g in &c.guard {
         snapshot(g, &mut before);
@@ -1252,6 +1262,55 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
                 _ => Err("temp files of a killed save left behind".into()),
             }),
         );
+        // a training process killed (SIGKILL, SIGINT) once it has saved, then resumed
+        for (cmd, sig) in [("train-mini", libc::SIGKILL), ("train", libc::SIGINT)] {
+            let (first, resume, ck) = if cmd == "train-mini" {
+                let (out, run) = ctx.mini_copy();
+                let _ = std::fs::remove_dir_all(&run);
+                (
+                    mini_args(&out, "mini", &["--steps", "100000"]),
+                    mini_args(&out, "mini", &["--resume", "--stop-at", "40"]),
+                    run,
+                )
+            } else {
+                let (p, run) = ctx.train_copy(&[("total_steps", Some("100000"))]);
+                let _ = std::fs::remove_dir_all(&run);
+                (
+                    train_args(&p, &[]),
+                    train_args(&p, &["--resume", "--stop-at", "40"]),
+                    run,
+                )
+            };
+            let run = ck.clone();
+            v.push(
+                Case::new(
+                    cmd,
+                    format!("resume after the run was killed (signal {sig})"),
+                    resume,
+                )
+                .recover()
+                .before(move || {
+                    let mut child = spawn(&first, None, true);
+                    let t0 = Instant::now();
+                    while !ck.join("checkpoint.safetensors").is_file()
+                        && t0.elapsed() < Duration::from_secs(30)
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    // SAFETY: a signal to our own child, not yet waited for
+                    unsafe { libc::kill(child.id() as i32, sig) };
+                    let _ = child.wait();
+                })
+                .check(move || {
+                    let st = std::fs::read_to_string(run.join("train_state.json"))
+                        .map_err(|e| e.to_string())?;
+                    match st.contains("\"step\": 40") {
+                        true => Ok(()),
+                        false => Err(format!("not at step 40 after the resume: {st}")),
+                    }
+                }),
+            );
+        }
     }
 
     // --- train: each config field out of range -----------------------------------------------
