@@ -196,6 +196,7 @@ struct Outcome {
     code: Option<i32>,
     stderr: String,
     stdout: String,
+    seconds: f64,
 }
 
 /// Every file under `p` (or `p` itself) with its bytes.
@@ -295,6 +296,7 @@ fn run_case(mut c: Case) -> Outcome {
         child
     });
 
+    let started = Instant::now();
     let mut child = spawn(&c.args, c.cwd.as_deref(), false);
     let out_t = drain(child.stdout.take().unwrap());
     let err_t = drain(child.stderr.take().unwrap());
@@ -346,6 +348,7 @@ fn run_case(mut c: Case) -> Outcome {
         code,
         stderr,
         stdout,
+        seconds: started.elapsed().as_secs_f64(),
     }
 }
 
@@ -2511,6 +2514,13 @@ fn bad_inputs_catalogue() {
         report += &row(cmd, m);
     }
     report += &row("all", &per_class);
+    let mut slow: Vec<&Outcome> = results.iter().collect();
+    slow.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    report += "slowest:";
+    for o in slow.iter().take(5) {
+        report += &format!(" {} '{}' {:.1}s;", o.cmd, o.what, o.seconds);
+    }
+    report.push('\n');
     let bad: Vec<&Outcome> = results.iter().filter(|o| o.class.bad()).collect();
     for o in &bad {
         report += &format!(
