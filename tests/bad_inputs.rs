@@ -947,7 +947,8 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             ),
             ("--data with no file", vec!["--data"], ""),
         ] {
-            let mut a = mini_args(&out, "x", &[]);
+            // each case its own run folder: parallel cases on one folder meet its lock
+            let mut a = mini_args(&out.join(v.len().to_string()), "x", &[]);
             if what.contains("tokenizer") {
                 let i = a.iter().position(|x| x == "--tokenizer").unwrap();
                 a[i + 1] = extra[1].to_string();
