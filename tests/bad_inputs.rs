@@ -1772,6 +1772,44 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
                     .guard(&run),
             );
         }
+        // extending and stopping below where the run already is (it stands at step 2)
+        for (what, extra) in [
+            (
+                "--total-steps below the run's step",
+                vec!["--resume", "--total-steps", "1"],
+            ),
+            (
+                "--stop-at below the run's step",
+                vec!["--resume", "--stop-at", "1"],
+            ),
+            ("--total-steps without --resume", vec!["--total-steps", "8"]),
+            ("--force with --resume", vec!["--resume", "--force"]),
+        ] {
+            let (p, run) = ctx.train_copy(&[]);
+            v.push(
+                Case::new("train", what, train_args(&p, &extra))
+                    .needs(&["step|resume|force"])
+                    .guard(&run),
+            );
+        }
+        for (what, extra) in [
+            (
+                "--resume --steps below the run's step",
+                vec!["--resume", "--steps", "1"],
+            ),
+            (
+                "--resume --stop-at below the run's step",
+                vec!["--resume", "--stop-at", "1"],
+            ),
+            ("--force with --resume", vec!["--resume", "--force"]),
+        ] {
+            let (out, run) = ctx.mini_copy();
+            v.push(
+                Case::new("train-mini", what, mini_args(&out, "mini", &extra))
+                    .needs(&["step|resume|force"])
+                    .guard(&run),
+            );
+        }
         let (p, run) = ctx.train_copy(&[]);
         v.push(
             Case::new(
