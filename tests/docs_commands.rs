@@ -360,8 +360,8 @@ fn check_output(c: &DocCmd, dir: &Path, o: &Output) -> Result<(), String> {
             }
         }
         "bench" => {
-            if !stdout.contains("tok/s") {
-                return Err(format!("bench printed no tok/s:\n{stdout}"));
+            if !stdout.contains("tokens/s") {
+                return Err(format!("bench printed no tokens/s:\n{stdout}"));
             }
         }
         _ => {}
