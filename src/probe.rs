@@ -92,7 +92,8 @@ const fn pp(route: &'static str, text: &'static str) -> ProbePrompt {
     ProbePrompt { route, text }
 }
 
-/// The research prompt set (17 prompts over five routes), scored against `" the"`.
+/// The research prompt set (17 prompts over five routes), scored against `" the"`: the set of
+/// the reference's `building_blocks/ASAResearch.ipynb` analysis cells (12-21).
 pub const RESEARCH_PROMPTS: [ProbePrompt; 17] = [
     pp("direct_capital", "The capital of France is"),
     pp("direct_capital", "France's capital city is"),
@@ -113,13 +114,19 @@ pub const RESEARCH_PROMPTS: [ProbePrompt; 17] = [
     pp("contrast", "The capital of Italy is"),
 ];
 
-/// The canonical Paris prompt set, scored against `" London"`.
-pub const CANONICAL_PROMPTS: [ProbePrompt; 5] = [
+/// The canonical Paris prompt set, scored against `" London"`: the six prompts of the
+/// reference's "Canon Probes" (`notebooks/ASA_HF_Checkpoint_CanonProbes_and_MiniFinetune.ipynb`,
+/// cell 6, 0-based), in its order. Two of them ask for London, so their margin is expected to be
+/// negative on a model that knows the answer; the notebook averages all six, and so do we. (The
+/// reference's `scripts/probe_paris_margin.py` uses four other prompts with a character
+/// tokenizer; its margin is not comparable.)
+pub const CANONICAL_PROMPTS: [ProbePrompt; 6] = [
     pp("capital", "The capital of France is"),
     pp("capital", "France's capital city is"),
     pp("capital_reverse", "Paris is the capital of"),
-    pp("capital_context", "In Europe, the capital of France is"),
-    pp("landmark", "The Eiffel Tower is located in"),
+    pp("contrast_uk", "The capital of the UK is"),
+    pp("contrast_uk_reverse", "London is the capital of"),
+    pp("city", "A major city in France is"),
 ];
 
 /// The target token text.
@@ -1444,6 +1451,29 @@ mod tests {
         assert!(b.last.iter().all(|&l| l >= 3));
         let e = single(&crate::data::tokenizer::Tokenizer::byte(), TARGET, 256).unwrap_err();
         assert!(e.to_string().contains("byte"), "{e}");
+    }
+
+    /// The canonical set is the reference notebook's Canon Probes set (cell 6 of
+    /// `ASA_HF_Checkpoint_CanonProbes_and_MiniFinetune.ipynb`), verbatim and in order, so that
+    /// `paris_margin_canonical_mean` is comparable with the notebook's `mean_margin`.
+    #[test]
+    fn canonical_set_is_the_reference_notebooks() {
+        let notebook = [
+            "The capital of France is",
+            "France's capital city is",
+            "Paris is the capital of",
+            "The capital of the UK is",
+            "London is the capital of",
+            "A major city in France is",
+        ];
+        let ours: Vec<&str> = CANONICAL_PROMPTS.iter().map(|p| p.text).collect();
+        assert_eq!(ours, notebook);
+        assert_eq!(CANONICAL_RIVAL, " London");
+        // every prompt encodes under GPT-2 as in the notebook (no special tokens added)
+        let tok = crate::data::tokenizer::Tokenizer::gpt2().unwrap();
+        let b = make_batch(&tok, &CANONICAL_PROMPTS).unwrap();
+        assert_eq!(b.b, 6);
+        assert!(b.last.iter().all(|&l| l >= 4), "{:?}", b.last);
     }
 
     #[test]
