@@ -97,16 +97,16 @@ enum Cmd {
         /// a new one.
         #[arg(long)]
         force: bool,
-        /// [default: 128]
+        /// Model width, divisible by --num-heads [default: 128].
         #[arg(long)]
         embed_dim: Option<usize>,
-        /// [default: 4]
+        /// Number of ASM blocks [default: 4].
         #[arg(long)]
         num_layers: Option<usize>,
-        /// [default: 4]
+        /// ASA heads per layer [default: 4].
         #[arg(long)]
         num_heads: Option<usize>,
-        /// [default: 16]
+        /// Addressed slots per head [default: 16].
         #[arg(long)]
         num_slots: Option<usize>,
         /// Share of generated fact sentences in the embedded default text [default: 0.6].
@@ -142,6 +142,7 @@ enum Cmd {
         /// Run config: reference ASMTrainConfig field names plus `data` (the prepared folder).
         #[arg(long)]
         config: PathBuf,
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// Overrides the config's seed (new runs only).
