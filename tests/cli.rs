@@ -290,14 +290,7 @@ fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
     );
     let probes = tmp.path().join("probes");
     let out = asa()
-        .args([
-            "probe",
-            "--device",
-            "cpu",
-            "--num-pcs",
-            "1",
-            "--ckpt",
-        ])
+        .args(["probe", "--device", "cpu", "--num-pcs", "1", "--ckpt"])
         .arg(tmp.path().join("p"))
         .arg("--outdir")
         .arg(&probes)

@@ -171,7 +171,9 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
             }
             // `--total-steps N` (extending the run on --resume) shrinks with the config: 8
             let text = match c.value("--total-steps") {
-                Some(n) => c.text.replace(&format!("--total-steps {n}"), "--total-steps 8"),
+                Some(n) => c
+                    .text
+                    .replace(&format!("--total-steps {n}"), "--total-steps 8"),
                 None => c.text.clone(),
             };
             return Ok(Plan::StandIn {
