@@ -577,56 +577,34 @@ fn mini_settings(a: &TrainMiniArgs, tokenizer: &str) -> TrainSettings {
 /// not say, `explicit: None`) whose value differs from the run's, as "--flag: old -> new".
 fn mini_changes(a: &TrainMiniArgs, cfg: &ModelConfig, s: &TrainSettings) -> Result<Vec<String>> {
     let given = |f: &str| a.explicit.as_ref().is_none_or(|l| l.contains(&f));
-    let mut out = Vec::new();
-    let mut cmp = |flag: &str, old: String, new: String| {
-        if given(flag) && old != new {
-            out.push(format!("--{flag}: {old} -> {new}"));
-        }
-    };
-    cmp("seed", s.seed.to_string(), a.seed.to_string());
-    cmp(
-        "batch-size",
-        s.batch_size.to_string(),
-        a.batch_size.to_string(),
-    );
-    cmp("seq-len", s.seq_len.to_string(), a.seq_len.to_string());
-    cmp("lr", s.lr.to_string(), a.lr.to_string());
-    cmp(
-        "eval-interval",
-        s.eval_interval.to_string(),
-        a.eval_interval.to_string(),
-    );
-    cmp("data", format!("{:?}", s.data), format!("{:?}", a.data));
-    cmp(
-        "embed-dim",
-        cfg.embed_dim.to_string(),
-        a.embed_dim.to_string(),
-    );
-    cmp(
-        "num-layers",
-        cfg.num_layers.to_string(),
-        a.num_layers.to_string(),
-    );
-    cmp(
-        "num-heads",
-        cfg.num_heads.to_string(),
-        a.num_heads.to_string(),
-    );
-    cmp(
-        "num-slots",
-        cfg.num_slots.to_string(),
-        a.num_slots.to_string(),
-    );
-    cmp(
-        "fact-frac",
-        s.fact_frac.to_string(),
-        a.fact_frac.to_string(),
-    );
+    let text = |x: &dyn std::fmt::Display| x.to_string();
+    // (flag, the run's value, the value typed)
+    let mut pairs = vec![
+        ("seed", text(&s.seed), text(&a.seed)),
+        ("batch-size", text(&s.batch_size), text(&a.batch_size)),
+        ("seq-len", text(&s.seq_len), text(&a.seq_len)),
+        ("lr", text(&s.lr), text(&a.lr)),
+        (
+            "eval-interval",
+            text(&s.eval_interval),
+            text(&a.eval_interval),
+        ),
+        ("data", format!("{:?}", s.data), format!("{:?}", a.data)),
+        ("embed-dim", text(&cfg.embed_dim), text(&a.embed_dim)),
+        ("num-layers", text(&cfg.num_layers), text(&a.num_layers)),
+        ("num-heads", text(&cfg.num_heads), text(&a.num_heads)),
+        ("num-slots", text(&cfg.num_slots), text(&a.num_slots)),
+        ("fact-frac", text(&s.fact_frac), text(&a.fact_frac)),
+    ];
     if given("tokenizer") {
         let name = tokenizer_by_name(&a.tokenizer)?.name().to_string();
-        cmp("tokenizer", s.tokenizer.clone(), name);
+        pairs.push(("tokenizer", s.tokenizer.clone(), name));
     }
-    Ok(out)
+    Ok(pairs
+        .into_iter()
+        .filter(|(flag, old, new)| given(flag) && old != new)
+        .map(|(flag, old, new)| format!("--{flag}: {old} -> {new}"))
+        .collect())
 }
 
 /// `--resume` with a new total step count (train-mini `--steps`, train `--total-steps`): the

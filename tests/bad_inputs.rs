@@ -31,9 +31,9 @@ const CASE_MEMORY_LIMIT: u64 = 4 << 30;
 /// Cases run at once.
 const WORKERS: usize = 3;
 
-fn asa() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_asa"))
-}
+#[path = "support/runs.rs"]
+mod runs;
+use runs::{asa, copy_dir};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -479,19 +479,6 @@ fn must(out: std::process::Output, what: &str) {
         "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap().flatten() {
-        let p = e.path();
-        let d = dst.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &d);
-        } else {
-            std::fs::copy(&p, &d).unwrap();
-        }
-    }
 }
 
 /// The tiny train-mini flags (byte tokenizer unless `extra` says otherwise).

@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+#[path = "support/runs.rs"]
+mod runs;
+
 // ------------------------------------------------------------------------------------------------
 // Allocation guard
 
@@ -726,36 +729,21 @@ fn fuzz_token_shards() {
 // ------------------------------------------------------------------------------------------------
 // run configs
 
-const RUN_TOML: &str = r#"data = "data"
-outdir = "runs"
-name = "fuzz"
-vocab_size = 256
-max_seq_len = 16
-embed_dim = 32
-num_layers = 2
-num_heads = 2
-num_slots = 4
-slotspace_dim = 8
-write_chunk_size = 8
-dropout = 0.1
-slot_dropout = 0.05
-slotspace_dropout = 0.05
-batch_size = 2
-grad_accum_steps = 2
-learning_rate = 3e-3
-warmup_steps = 5
-total_steps = 40
-eval_interval = 3
-val_windows = 8
-"#;
+/// The tiny run config of the CLI tests, with relative data and run folders.
+fn run_toml() -> String {
+    format!(
+        "data = \"data\"\noutdir = \"runs\"\nname = \"fuzz\"\n{}",
+        runs::TINY_RUN_KEYS
+    )
+}
 
 #[test]
 fn fuzz_run_configs() {
     let dir = tempfile::tempdir().unwrap();
     // the reference's JSON form of the same config
-    let toml_v: toml::Value = toml::from_str(RUN_TOML).unwrap();
+    let toml_v: toml::Value = toml::from_str(&run_toml()).unwrap();
     let json = serde_json::to_string_pretty(&serde_json::to_value(toml_v).unwrap()).unwrap();
-    let bases = [("toml", RUN_TOML.to_string()), ("json", json)];
+    let bases = [("toml", run_toml()), ("json", json)];
     for (ext, text) in &bases {
         let p = dir.path().join(format!("base.{ext}"));
         std::fs::write(&p, text).unwrap();

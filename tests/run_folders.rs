@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn asa() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_asa"))
-}
+#[path = "support/runs.rs"]
+mod runs;
+use runs::{asa, copy_dir, prepare_with, write_config};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -25,73 +25,6 @@ fn fails(o: &Output) -> String {
 
 fn prepare(dir: &Path) -> PathBuf {
     prepare_with(dir, "byte")
-}
-
-fn prepare_with(dir: &Path, tokenizer: &str) -> PathBuf {
-    let data = dir.join(format!("data-{tokenizer}"));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/sonnets.txt");
-    let out = asa()
-        .args([
-            "prepare",
-            "--tokenizer",
-            tokenizer,
-            "--val-frac",
-            "0.05",
-            "--outdir",
-        ])
-        .arg(&data)
-        .arg(src)
-        .output()
-        .unwrap();
-    ok(&out);
-    data
-}
-
-/// A tiny run with the dropouts on (so the generators' positions matter) and gradient
-/// accumulation, evaluated and saved every 3 steps.
-fn write_config(dir: &Path, data: &Path, name: &str, extra: &str) -> PathBuf {
-    let p = dir.join(format!("{name}.toml"));
-    let text = format!(
-        r#"data = "{}"
-outdir = "{}"
-name = "{name}"
-vocab_size = 256
-max_seq_len = 16
-embed_dim = 32
-num_layers = 2
-num_heads = 2
-num_slots = 4
-slotspace_dim = 8
-write_chunk_size = 8
-dropout = 0.1
-slot_dropout = 0.05
-slotspace_dropout = 0.05
-batch_size = 2
-grad_accum_steps = 2
-learning_rate = 3e-3
-warmup_steps = 5
-total_steps = 40
-eval_interval = 3
-val_windows = 8
-"#,
-        data.display(),
-        dir.join("runs").display()
-    );
-    // `extra` lines replace the base's lines of the same key
-    let keys: Vec<&str> = extra
-        .lines()
-        .filter_map(|l| l.split('=').next())
-        .map(str::trim)
-        .collect();
-    let mut text: String = text
-        .lines()
-        .filter(|l| !keys.contains(&l.split('=').next().unwrap_or("").trim()))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    text.push_str(extra);
-    text.push('\n');
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 fn train(cfg: &Path, args: &[&str]) -> Output {
@@ -161,16 +94,6 @@ fn dead_pid() -> u32 {
     let pid = c.id();
     c.wait().unwrap();
     pid
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
 }
 
 #[test]

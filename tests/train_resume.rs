@@ -3,70 +3,15 @@
 //! losses bit-identical to an uninterrupted run. Also the data and non-finite guards.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn asa() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_asa"))
-}
+#[path = "support/runs.rs"]
+mod runs;
+use runs::{asa, prepare_with, write_config};
 
 fn prepare(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/sonnets.txt");
-    let out = asa()
-        .args([
-            "prepare",
-            "--tokenizer",
-            "byte",
-            "--val-frac",
-            "0.05",
-            "--outdir",
-        ])
-        .arg(&data)
-        .arg(src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    data
-}
-
-/// A tiny run with dropout and slot dropout on (so the generators matter), gradient
-/// accumulation, and a checkpoint every 3 steps.
-fn write_config(dir: &Path, data: &Path, name: &str, extra: &str) -> PathBuf {
-    let p = dir.join(format!("{name}.toml"));
-    let text = format!(
-        r#"data = "{}"
-outdir = "{}"
-name = "{name}"
-vocab_size = 256
-max_seq_len = 16
-embed_dim = 32
-num_layers = 2
-num_heads = 2
-num_slots = 4
-slotspace_dim = 8
-write_chunk_size = 8
-dropout = 0.1
-slot_dropout = 0.05
-slotspace_dropout = 0.05
-batch_size = 2
-grad_accum_steps = 2
-learning_rate = 3e-3
-warmup_steps = 5
-total_steps = 40
-eval_interval = 3
-val_windows = 8
-{extra}
-"#,
-        data.display(),
-        dir.join("runs").display()
-    );
-    std::fs::write(&p, text).unwrap();
-    p
+    prepare_with(dir, "byte")
 }
 
 fn train(cfg: &Path, resume: bool) -> std::process::Output {
