@@ -320,7 +320,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     // the reference library's MLP always has biases
     cfg.mlp_bias = Some(true);
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
-    cfg.validate()?;
+    // validates the config, then checks the run fits in memory
     crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.cuda)?;
 
     let (inp, tgt) = random_batch(cfg.vocab_size, o.batch, o.seq_len, cfg.seed);
