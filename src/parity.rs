@@ -14,7 +14,7 @@ use crate::checkpoint::{self, AnyTensor};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 use crate::model::asa::{
-    AsaCache, AsaLayer, AsaOptions, Intervention, RoutingMode, RoutingNoise, SlotMask,
+    AsaCache, AsaLayer, AsaOptions, Intervention, RoutingMode, RoutingNoise, ScanForm, SlotMask,
 };
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::{AsaIds, Init, ParamStore};
@@ -432,43 +432,72 @@ fn run_layer_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
     }
     let (b, t, c) = (xt.shape[0], xt.shape[1], xt.shape[2]);
     let x = io.f32("x")?;
-    let mut opts = forward_options(conf.get("forward"), io)?;
-    opts.attention_mask = io.mask("attention_mask")?;
-    opts.return_info = true;
-    let mut cache = AsaCache::default();
-    let mut out = vec![0.0; b * t * c];
-    let mut rng = rand::SeedableRng::seed_from_u64(0);
-    let info = layer
-        .forward(&store, &x, b, t, &opts, &mut cache, &mut rng, &mut out)?
-        .unwrap_or_default();
     let mut checks = Vec::new();
-    check(&mut checks, "out", &out, &io.f64("out")?, TOL_OUT);
-    for key in io.keys_with_prefix("info.") {
-        let k = &key["info.".len()..];
-        let got = info
-            .get(k)
-            .ok_or_else(|| AsaError::Other(format!("the layer produced no info '{k}'")))?;
-        check(&mut checks, key, &got.1, &io.f64(key)?, TOL_OUT);
-    }
-    if io.keys_with_prefix("grad.").next().is_some() {
-        let r = io.f32("r")?;
-        let mut dx = vec![0.0; b * t * c];
-        let g = layer.backward(&store, &cache, &opts, &r, &mut dx);
-        let mut grads = store.zeros_like();
-        g.accumulate_into(&mut grads, &layer.ids);
-        for key in io.keys_with_prefix("grad.") {
-            let k = &key["grad.".len()..];
-            let got = if k == "x" {
-                &dx
-            } else {
-                grads
+    // twice: in the default form (the chunk form wherever the options allow it, so without info
+    // tensors) and in the serial form, which also gives the info tensors
+    for form in [ScanForm::Chunked, ScanForm::Serial] {
+        layer.scan_form = form;
+        let tag = form_tag(form);
+        let mut opts = forward_options(conf.get("forward"), io)?;
+        opts.attention_mask = io.mask("attention_mask")?;
+        opts.return_info = form == ScanForm::Serial;
+        let mut cache = AsaCache::default();
+        let mut out = vec![0.0; b * t * c];
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let info = layer
+            .forward(&store, &x, b, t, &opts, &mut cache, &mut rng, &mut out)?
+            .unwrap_or_default();
+        check(
+            &mut checks,
+            &format!("out{tag}"),
+            &out,
+            &io.f64("out")?,
+            TOL_OUT,
+        );
+        if opts.return_info {
+            for key in io.keys_with_prefix("info.") {
+                let k = &key["info.".len()..];
+                let got = info
                     .get(k)
-                    .ok_or_else(|| AsaError::Other(format!("no parameter '{k}' to compare")))?
-            };
-            check(&mut checks, key, got, &io.f64(key)?, TOL_GRAD);
+                    .ok_or_else(|| AsaError::Other(format!("the layer produced no info '{k}'")))?;
+                check(&mut checks, key, &got.1, &io.f64(key)?, TOL_OUT);
+            }
+        }
+        if io.keys_with_prefix("grad.").next().is_some() {
+            let r = io.f32("r")?;
+            let mut dx = vec![0.0; b * t * c];
+            let g = layer.backward(&store, &cache, &opts, &r, &mut dx);
+            let mut grads = store.zeros_like();
+            g.accumulate_into(&mut grads, &layer.ids);
+            for key in io.keys_with_prefix("grad.") {
+                let k = &key["grad.".len()..];
+                let got = if k == "x" {
+                    &dx
+                } else {
+                    grads
+                        .get(k)
+                        .ok_or_else(|| AsaError::Other(format!("no parameter '{k}' to compare")))?
+                };
+                check(
+                    &mut checks,
+                    &format!("{key}{tag}"),
+                    got,
+                    &io.f64(key)?,
+                    TOL_GRAD,
+                );
+            }
         }
     }
     Ok(checks)
+}
+
+/// Suffix of a check run in the serial form of the scan (the default form's checks carry the
+/// io tensor's own name).
+fn form_tag(form: ScanForm) -> &'static str {
+    match form {
+        ScanForm::Chunked => "",
+        ScanForm::Serial => " [serial]",
+    }
 }
 
 /// Builds the model of an LM case with its weights loaded; `mlp_bias` follows the weights when
@@ -513,13 +542,34 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
         }
     }
 
+    // twice, as the layer cases: the default form, then the serial form with the info tensors
+    for form in [ScanForm::Chunked, ScanForm::Serial] {
+        lm.set_scan_form(form);
+        lm_case_checks(&mut lm, &store, io, fwd, form, &mut checks)?;
+    }
+    Ok(checks)
+}
+
+/// One forward (and backward where the io holds gradients) of an LM case in one scan form.
+fn lm_case_checks(
+    lm: &mut Lm,
+    store: &ParamStore,
+    io: &Io,
+    fwd: Option<&Value>,
+    form: ScanForm,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    let (ids, b, t) = io.ids("input_ids")?;
+    let mask = io.mask("attention_mask")?;
+    let mut cache = LmCache::default();
+    let tag = form_tag(form);
     let mut opts = forward_options(fwd, io)?;
     opts.attention_mask = mask.clone();
-    opts.return_info = io.t.keys().any(|k| k.starts_with("layer"));
-    let infos = lm.forward(&store, &ids, b, t, &opts, &mut cache)?;
+    opts.return_info = form == ScanForm::Serial && io.t.keys().any(|k| k.starts_with("layer"));
+    let infos = lm.forward(store, &ids, b, t, &opts, &mut cache)?;
     check(
-        &mut checks,
-        "logits",
+        checks,
+        &format!("logits{tag}"),
         &cache.logits,
         &io.f64("logits")?,
         TOL_OUT,
@@ -536,7 +586,7 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
                 .get(li)
                 .and_then(|i| i.get(k))
                 .ok_or_else(|| AsaError::Other(format!("layer {li} produced no '{k}'")))?;
-            check(&mut checks, key, &got.1, &io.f64(key)?, TOL_OUT);
+            check(checks, key, &got.1, &io.f64(key)?, TOL_OUT);
         }
     }
     if io.has("targets") {
@@ -547,8 +597,8 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
         let loss = lm.loss(&mut cache, &targets, mask.as_deref())?;
         if io.has("loss") {
             check(
-                &mut checks,
-                "loss",
+                checks,
+                &format!("loss{tag}"),
                 &[loss as f32],
                 &io.f64("loss")?,
                 TOL_LOSS,
@@ -556,15 +606,15 @@ fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
         }
         if io.keys_with_prefix("grad.").next().is_some() {
             let mut grads = store.zeros_like();
-            lm.backward(&store, &mut cache, &opts, &mut grads);
+            lm.backward(store, &mut cache, &opts, &mut grads);
             for key in io.keys_with_prefix("grad.") {
                 let k = &key["grad.".len()..];
-                let got = grad_of(&lm, &grads, k)?;
-                check(&mut checks, key, got, &io.f64(key)?, TOL_GRAD);
+                let got = grad_of(lm, &grads, k)?;
+                check(checks, &format!("{key}{tag}"), got, &io.f64(key)?, TOL_GRAD);
             }
         }
     }
-    Ok(checks)
+    Ok(())
 }
 
 /// A parameter's gradient by PyTorch name (`lm_head.weight` of a tied model is `token_emb.weight`).

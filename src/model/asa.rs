@@ -13,8 +13,15 @@
 //!         (intervene: out_h = out1 + f(out1, gate*delta))
 //! out_h -> merge heads -> out_proj -> dropout -> out [B,T,C]
 //! ```
-//! The backward walks the same graph in reverse. The slot state history is kept from the
-//! forward (the CUDA path recomputes it per chunk instead).
+//! The backward walks the same graph in reverse.
+//!
+//! Two forms of the write scan serve the same graph. The **chunk form** (`backend::cpu::scan`,
+//! the default) never stores the state history: the content read is `contract(q)`, the read
+//! output `mix(rw + gate*sw)` (refine folded into one mix), and the backward takes the state's
+//! gradient in factored form, recomputing inside tiles from the saved chunk carries. The
+//! **serial form** materialises `[B,H,T,K,d]` and is used where the history itself is needed:
+//! info tensors (`return_info`), slot masks, routing modes other than softmax, the intervene
+//! variant (and on request, `ScanForm::Serial`, as the tests' second opinion).
 
 use std::collections::BTreeMap;
 
@@ -24,6 +31,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::backend::cpu::asa::{self as k, ReadMask, RopeTable, Routing, SlotDims, SlotKeep};
 use crate::backend::cpu::ops;
+use crate::backend::cpu::scan::{self, ContentGrad, Scan, StateGrad};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 use crate::model::params::{sigmoid, softplus, AsaIds, ParamStore};
@@ -292,7 +300,9 @@ pub struct AsaCache {
     key_keep: Vec<f32>, // [H,K]
     raw: Vec<f32>,      // [B,H,K,T]
     wl: Vec<f32>,       // [B,H,K,T]
-    state: Vec<f32>,    // [B,H,T,K,d]
+    state: Vec<f32>,    // [B,H,T,K,d] (serial form only)
+    carry: Vec<f32>,    // [B,H,NC,K,d] numerator entering each write chunk (chunk form only)
+    chunked: bool,      // which form ran
     den: Vec<f32>,      // [B,H,K,T]
     rmax: Vec<f32>,     // [B,H,K,T]
     lkey: Vec<f32>,     // [B,H,T,K]
@@ -382,12 +392,23 @@ impl AsaGrads {
     }
 }
 
+/// Which form of the write scan a layer runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScanForm {
+    /// the chunk form wherever the call allows it, else the serial form
+    #[default]
+    Chunked,
+    /// always the serial form (keeps the `[B,H,T,K,d]` state history)
+    Serial,
+}
+
 /// One ASA layer: its config, its parameter ids and its fixed buffers (ALiBi slopes, RoPE).
 #[derive(Debug, Clone)]
 pub struct AsaLayer {
     pub cfg: ModelConfig,
     pub ids: AsaIds,
     pub intervention: Intervention,
+    pub scan_form: ScanForm,
     slopes: Vec<f32>,
     rope: Option<RopeTable>,
     rope_ss: Option<RopeTable>,
@@ -451,6 +472,7 @@ impl AsaLayer {
             cfg: cfg.clone(),
             ids,
             intervention: Intervention::default(),
+            scan_form: ScanForm::default(),
             slopes,
             rope: None,
             rope_ss: None,
@@ -500,6 +522,29 @@ impl AsaLayer {
 
     fn check_options(&self, opts: &AsaOptions, b: usize, t: usize) -> Result<()> {
         check_options(&self.cfg, opts, b, t)
+    }
+
+    /// Whether this call can run the chunk form: it needs no state history (no info tensors),
+    /// reads with plain softmax routing and has no slot mask or intervention.
+    fn chunk_form_applies(&self, opts: &AsaOptions) -> bool {
+        self.scan_form == ScanForm::Chunked
+            && !opts.return_info
+            && matches!(opts.routing, RoutingMode::Softmax)
+            && opts.slot_mask.is_none()
+            && self.cfg.variant != Variant::Intervene
+    }
+
+    /// The saved scan quantities of a chunk-form forward.
+    fn scan_view<'a>(&self, cache: &'a AsaCache, dm: SlotDims) -> Scan<'a> {
+        Scan {
+            dm,
+            chunk: self.cfg.write_chunk_size.max(1),
+            wl: &cache.wl,
+            rmax: &cache.rmax,
+            den: &cache.den,
+            v: &cache.v_h,
+            carry: &cache.carry,
+        }
     }
 
     /// Forward pass. x: [B,T,C] -> out: [B,T,C]. Saves what the backward needs in `cache`.
@@ -594,18 +639,31 @@ impl AsaLayer {
         );
 
         // write scan
-        rs(&mut cache.state, b * h * t * nk * d);
+        let chunked = self.chunk_form_applies(opts);
+        cache.chunked = chunked;
         rs(&mut cache.den, b * h * nk * t);
         rs(&mut cache.rmax, b * h * nk * t);
-        k::slot_scan_forward(
-            &mut cache.state,
-            &mut cache.den,
-            &mut cache.rmax,
-            &cache.wl,
-            &cache.v_h,
-            cfg.write_chunk_size,
-            dm,
-        );
+        if chunked {
+            let w = cfg.write_chunk_size.max(1);
+            cache.state = Vec::new();
+            scan::stats_forward(&mut cache.rmax, &mut cache.den, &cache.wl, w, t);
+            rs(&mut cache.carry, b * h * scan::num_chunks(t, w) * nk * d);
+            let mut carry = std::mem::take(&mut cache.carry);
+            scan::carries_forward(&mut carry, self.scan_view(cache, dm));
+            cache.carry = carry;
+        } else {
+            cache.carry = Vec::new();
+            rs(&mut cache.state, b * h * t * nk * d);
+            k::slot_scan_forward(
+                &mut cache.state,
+                &mut cache.den,
+                &mut cache.rmax,
+                &cache.wl,
+                &cache.v_h,
+                cfg.write_chunk_size,
+                dm,
+            );
+        }
 
         // read logits, noise, routing
         cache.gamma = self.content_gamma(p);
@@ -620,7 +678,7 @@ impl AsaLayer {
         rs(&mut cache.logits, bhtk);
         k::read_logits_forward(
             &mut cache.lkey,
-            cfg.use_content_read.then_some(&mut cache.lcont[..]),
+            (cfg.use_content_read && !chunked).then_some(&mut cache.lcont[..]),
             &mut cache.logits,
             &cache.q_h,
             &cache.keys,
@@ -629,6 +687,18 @@ impl AsaLayer {
             read_mask,
             dm,
         );
+        if chunked && cfg.use_content_read {
+            // content logits q.S_t/sqrt(d) without the state history
+            let mut lcont = std::mem::take(&mut cache.lcont);
+            scan::contract(&mut lcont, &cache.q_h, self.scan_view(cache, dm));
+            let scale = 1.0 / (d as f32).sqrt();
+            let g = cache.gamma;
+            for (lg, lc) in cache.logits.iter_mut().zip(lcont.iter_mut()) {
+                *lc *= scale;
+                *lg += g * *lc;
+            }
+            cache.lcont = lcont;
+        }
         cache.noisy.clear();
         cache.noisy.extend_from_slice(&cache.logits);
         match opts.noise {
@@ -651,28 +721,41 @@ impl AsaLayer {
             .map(|m| &m.keep);
         rs(&mut cache.rw, bhtk);
         k::read_weights_forward(&mut cache.rw, &cache.noisy, &routing, rtemp, read_keep, dm);
-        rs(&mut cache.out1, n * c);
-        k::slot_mix_forward(&mut cache.out1, &cache.rw, &cache.state, dm);
-
-        // slotspace refine
-        cache.out_h.clear();
-        cache.out_h.extend_from_slice(&cache.out1);
         cache.gate = 0.0;
         cache.intv.clear();
         let mut intv_info: Option<Info> = None;
         if let Some(ss) = &self.ids.slotspace {
             cache.gate = softplus(p.data[ss.gate][0] as f64) as f32;
             self.slotspace_forward(p, opts, cache, rng, dm)?;
-            let ssc = &cache.ss;
-            if cfg.variant == Variant::Intervene {
-                intv_info = Some(self.intervene_forward(cache, dm));
-            } else {
-                let g = cache.gate;
-                cache
-                    .out_h
-                    .iter_mut()
-                    .zip(&ssc.delta)
-                    .for_each(|(o, dl)| *o += g * dl);
+        }
+        if chunked {
+            // out_h = sum_k (rw + gate*sw) S_t in one pass over the chunks
+            let mu = self.mix_weights(cache);
+            rs(&mut cache.out_h, n * c);
+            let mut out_h = std::mem::take(&mut cache.out_h);
+            scan::mix(
+                &mut out_h,
+                mu.as_deref().unwrap_or(&cache.rw),
+                self.scan_view(cache, dm),
+            );
+            cache.out_h = out_h;
+            cache.out1 = Vec::new();
+        } else {
+            rs(&mut cache.out1, n * c);
+            k::slot_mix_forward(&mut cache.out1, &cache.rw, &cache.state, dm);
+            cache.out_h.clear();
+            cache.out_h.extend_from_slice(&cache.out1);
+            if self.ids.slotspace.is_some() {
+                if cfg.variant == Variant::Intervene {
+                    intv_info = Some(self.intervene_forward(cache, dm));
+                } else {
+                    let g = cache.gate;
+                    cache
+                        .out_h
+                        .iter_mut()
+                        .zip(&cache.ss.delta)
+                        .for_each(|(o, dl)| *o += g * dl);
+                }
             }
         }
 
@@ -709,6 +792,20 @@ impl AsaLayer {
             bias_h.as_deref(),
             intv_info,
         )))
+    }
+
+    /// The chunk form's mix weights with the refine on: rw + gate*sw (None: rw alone).
+    fn mix_weights(&self, cache: &AsaCache) -> Option<Vec<f32>> {
+        self.ids.slotspace.as_ref()?;
+        let g = cache.gate;
+        Some(
+            cache
+                .rw
+                .iter()
+                .zip(&cache.ss.sw)
+                .map(|(&r, &s)| r + g * s)
+                .collect(),
+        )
     }
 
     fn routing<'a>(&self, opts: &'a AsaOptions) -> Routing<'a> {
@@ -810,8 +907,13 @@ impl AsaLayer {
             ),
             None => s.sw_pre.copy_from_slice(&s.sw),
         }
-        rs(&mut s.delta, rows * dm.d);
-        k::slot_mix_forward(&mut s.delta, &s.sw, &cache.state, dm);
+        if cache.chunked {
+            // the chunk form folds sw into the read's mix (`mix_weights`)
+            s.delta = Vec::new();
+        } else {
+            rs(&mut s.delta, rows * dm.d);
+            k::slot_mix_forward(&mut s.delta, &s.sw, &cache.state, dm);
+        }
         Ok(())
     }
 
@@ -1169,9 +1271,16 @@ impl AsaLayer {
         let mut dout_h = vec![0.0; n * c];
         k::split_heads(&mut dout_h, &dmerged, b, t, h, d);
 
+        let chunked = cache.chunked;
         let mut dstate = vec![0.0; cache.state.len()];
         let mut drw = vec![0.0; cache.rw.len()];
-        let mut dout1 = dout_h.clone();
+        // chunk form: dmu_t[k] = dO_t . S_t[k], the gradient of the mix weights rw + gate*sw
+        let dmu = chunked.then(|| {
+            let mut y = vec![0.0; cache.rw.len()];
+            scan::contract(&mut y, &dout_h, self.scan_view(cache, dm));
+            y
+        });
+        let mut dout1 = if chunked { Vec::new() } else { dout_h.clone() };
 
         // refine
         if let Some(ids) = &self.ids.slotspace {
@@ -1179,10 +1288,21 @@ impl AsaLayer {
             let rows = b * h * t;
             let gate = cache.gate as f64;
             // d(delta) (without gate) and d(gate)
-            let mut ddelta = vec![0.0f32; rows * d];
+            let mut ddelta = vec![0.0f32; if chunked { 0 } else { rows * d }];
             let mut dz = vec![0.0f32; rows * nk];
             let mut dgate = 0.0f64;
-            if cfg.variant == Variant::Intervene {
+            let mut dsw = vec![0.0; rows * nk];
+            if let Some(dmu) = &dmu {
+                // delta = sum_k sw S: d(gate) = sum sw . dmu, d(sw) = gate * dmu
+                dgate =
+                    s.sw.iter()
+                        .zip(dmu)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum();
+                for (o, &g) in dsw.iter_mut().zip(dmu) {
+                    *o = (gate * g as f64) as f32;
+                }
+            } else if cfg.variant == Variant::Intervene {
                 self.intervene_backward(
                     cache,
                     &dout_h,
@@ -1199,8 +1319,9 @@ impl AsaLayer {
                 }
             }
             g.gate = dgate * sigmoid(p.data[ids.gate][0] as f64);
-            let mut dsw = vec![0.0; rows * nk];
-            k::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &s.sw, &cache.state, dm);
+            if !chunked {
+                k::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &s.sw, &cache.state, dm);
+            }
             let mut dsw_pre = vec![0.0; rows * nk];
             match opts
                 .slot_mask
@@ -1319,7 +1440,12 @@ impl AsaLayer {
         }
 
         // read
-        k::slot_mix_backward(&mut drw, &mut dstate, &dout1, &cache.rw, &cache.state, dm);
+        match &dmu {
+            Some(dmu) => drw.iter_mut().zip(dmu).for_each(|(a, &b)| *a += b),
+            None => {
+                k::slot_mix_backward(&mut drw, &mut dstate, &dout1, &cache.rw, &cache.state, dm)
+            }
+        }
         let rtemp = cfg.read_temperature.max(1e-6) as f32;
         let routing = self.routing(opts);
         let read_keep = opts
@@ -1345,12 +1471,13 @@ impl AsaLayer {
         });
         let mut dq_h = vec![0.0; n * c];
         let mut dkeys = vec![0.0; h * nk * d];
-        let dgamma = k::read_logits_backward(
+        let content = cfg.use_content_read && !chunked;
+        let mut dgamma = k::read_logits_backward(
             &mut dq_h,
             &mut dkeys,
-            cfg.use_content_read.then_some(&mut dstate[..]),
+            content.then_some(&mut dstate[..]),
             &dlogits,
-            cfg.use_content_read.then_some(&cache.lcont[..]),
+            content.then_some(&cache.lcont[..]),
             &cache.q_h,
             &cache.keys,
             &cache.state,
@@ -1358,6 +1485,17 @@ impl AsaLayer {
             read_mask,
             dm,
         );
+        // chunk form, content read: lc = (q.S)/sqrt(d), so d(q.S) = dlogits * gamma / sqrt(d)
+        let mut content_b = Vec::new();
+        let mut content_qs = Vec::new();
+        if chunked && cfg.use_content_read {
+            let scale = 1.0 / (d as f64).sqrt();
+            dgamma = simd_dot(&dlogits, &cache.lcont);
+            let gb = (cache.gamma as f64 * scale) as f32;
+            content_b = dlogits.iter().map(|&x| x * gb).collect();
+            let inv = (d as f32).sqrt();
+            content_qs = cache.lcont.iter().map(|&x| x * inv).collect();
+        }
         if let Some(i) = self.ids.content_read_gamma {
             let raw = p.data[i][0] as f64;
             let sp = softplus(raw);
@@ -1371,18 +1509,34 @@ impl AsaLayer {
         // write scan and write logits
         let mut dwl = vec![0.0; cache.wl.len()];
         let mut dv_h = vec![0.0; n * c];
-        k::slot_scan_backward(
-            &mut dwl,
-            &mut dv_h,
-            &dstate,
-            &cache.state,
-            &cache.den,
-            &cache.rmax,
-            &cache.wl,
-            &cache.v_h,
-            cfg.write_chunk_size,
-            dm,
-        );
+        if let Some(dmu) = &dmu {
+            let mu = self.mix_weights(cache);
+            let sg = StateGrad {
+                x: &dout_h,
+                a: mu.as_deref().unwrap_or(&cache.rw),
+                xs: dmu,
+                content: cfg.use_content_read.then_some(ContentGrad {
+                    q: &cache.q_h,
+                    b: &content_b,
+                    qs: &content_qs,
+                }),
+            };
+            let dq = cfg.use_content_read.then_some(&mut dq_h[..]);
+            scan::backward(&mut dwl, &mut dv_h, dq, sg, self.scan_view(cache, dm));
+        } else {
+            k::slot_scan_backward(
+                &mut dwl,
+                &mut dv_h,
+                &dstate,
+                &cache.state,
+                &cache.den,
+                &cache.rmax,
+                &cache.wl,
+                &cache.v_h,
+                cfg.write_chunk_size,
+                dm,
+            );
+        }
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
         let mut dk_r = vec![0.0; n * c];
         let mut dbias = vec![0.0f64; h];
@@ -1748,6 +1902,10 @@ impl PosGeom {
         }
         (go, gdl, gz)
     }
+}
+
+fn simd_dot(a: &[f32], b: &[f32]) -> f64 {
+    crate::backend::cpu::simd::dot(a, b)
 }
 
 fn softmax64(z: &[f32]) -> Vec<f64> {

@@ -8,7 +8,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::cpu::ops;
 use crate::config::ModelConfig;
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaCache, AsaLayer, AsaOptions, Info, Intervention, RoutingMode};
+use crate::model::asa::{
+    AsaCache, AsaLayer, AsaOptions, Info, Intervention, RoutingMode, ScanForm,
+};
 use crate::model::params::{BlockIds, LmIds, ParamStore};
 
 /// Activations of one block.
@@ -162,6 +164,13 @@ impl Lm {
     }
 
     /// Sets the intervention of every layer (intervene variant).
+    /// Which form of the write scan every layer runs (the chunk form by default).
+    pub fn set_scan_form(&mut self, form: ScanForm) {
+        for l in &mut self.layers {
+            l.scan_form = form;
+        }
+    }
+
     pub fn set_intervention(&mut self, it: &Intervention) {
         for l in &mut self.layers {
             l.intervention = it.clone();

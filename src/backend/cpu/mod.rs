@@ -31,6 +31,7 @@ pub(crate) use simd_kernel;
 
 pub mod asa;
 pub mod ops;
+pub mod scan;
 pub mod simd;
 
 /// Keeps freed activation buffers in the process heap instead of handing them back to the OS.

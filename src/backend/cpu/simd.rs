@@ -130,6 +130,34 @@ pub fn dot<A: AsF64, B: AsF64>(a: &[A], b: &[B]) -> f64 {
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
+/// sum_j a[j] * b[j] in f32, with the lane layout of `dot` (8 interleaved partial sums added
+/// pairwise): the tile products of the chunked slot scan, where f32 holds the fixtures' tolerance.
+#[inline(always)]
+pub fn dot32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// y += a * x elementwise (vectorises).
+#[inline(always)]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/sqrt(2 pi)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
