@@ -1278,6 +1278,137 @@ mod tests {
     }
 
     #[test]
+    fn cpu_asa_preset_is_issue_16s_config() {
+        let (c, b, t) = BenchPreset::CpuAsa.config();
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.embed_dim,
+                c.num_layers,
+                c.num_heads,
+                c.num_slots
+            ),
+            (512, 256, 2, 4, 16)
+        );
+        assert_eq!(
+            (c.slotspace_dim, c.write_chunk_size, c.slotspace_chunk_size),
+            (32, 128, 128)
+        );
+        assert_eq!((b, t, c.max_seq_len), (1, 1024, 1024));
+        assert_eq!(BenchPreset::CpuAsa.precision(), Precision::F32);
+        assert_eq!(
+            "cpu-asa".parse::<BenchPreset>().unwrap(),
+            BenchPreset::CpuAsa
+        );
+    }
+
+    #[test]
+    fn seq_lens_and_variants_parse() {
+        assert_eq!(
+            parse_seq_lens("1024,4096,16384,65536").unwrap(),
+            vec![1024, 4096, 16384, 65536]
+        );
+        assert_eq!(
+            parse_seq_lens(" 1K, 4k ,16K,64K").unwrap(),
+            vec![1024, 4096, 16384, 65536]
+        );
+        // the order given is kept (the last column is relative to the first T)
+        assert_eq!(parse_seq_lens("4096,1024").unwrap(), vec![4096, 1024]);
+        for bad in [
+            "", "0", "1,,2", "x", "1K,1024", "2,2", "16777217", "1.5K", "K",
+        ] {
+            let e = parse_seq_lens(bad).unwrap_err().to_string();
+            assert!(e.contains("--seq-lens"), "{bad}: {e}");
+        }
+        let many = (1..=65)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(parse_seq_lens(&many).is_err());
+        assert_eq!(
+            parse_reference_variants("online,baseline").unwrap(),
+            vec![Variant::Online, Variant::Baseline]
+        );
+        assert_eq!(
+            parse_reference_variants("Baseline").unwrap(),
+            vec![Variant::Baseline]
+        );
+        for bad in ["", "intervene", "online,online", "online;baseline"] {
+            assert!(parse_reference_variants(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scaling_steps_shrink_with_length() {
+        assert_eq!(scaling_steps(1024), (2, 5));
+        assert_eq!(scaling_steps(4096), (2, 5));
+        assert_eq!(scaling_steps(16384), (1, 3));
+        assert_eq!(scaling_steps(65536), (1, 2));
+    }
+
+    #[test]
+    fn scaling_table_cells() {
+        let ok = |tps: f64, rss: u64| SideRun {
+            tokens_per_sec: Some(tps),
+            step_seconds: vec![1.0],
+            peak_rss_bytes: Some(rss),
+            error: None,
+        };
+        let failed = SideRun {
+            error: Some("out of memory | really".into()),
+            peak_rss_bytes: Some(3 << 30),
+            ..Default::default()
+        };
+        let rep = ScalingReport {
+            config_name: "cpu-asa".into(),
+            device: Some("cpu (2 threads)".into()),
+            batch: 1,
+            threads: 2,
+            torch_version: Some("2.15.0".into()),
+            rows: vec![
+                ScalingRow {
+                    seq_len: 1024,
+                    warmup: 2,
+                    iters: 5,
+                    asa: ok(3000.0, 50 << 20),
+                    reference_online: Some(ok(1000.0, 800 << 20)),
+                    reference_baseline: None,
+                    ratio_online: Some(3.0),
+                    ratio_baseline: None,
+                    asa_vs_first: Some(1.0),
+                },
+                ScalingRow {
+                    seq_len: 65536,
+                    warmup: 1,
+                    iters: 2,
+                    asa: ok(2700.0, 200 << 20),
+                    reference_online: Some(failed),
+                    reference_baseline: None,
+                    ratio_online: None,
+                    ratio_baseline: None,
+                    asa_vs_first: Some(0.9),
+                },
+            ],
+        };
+        let t = scaling_table(&rep);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].ends_with("asa tok/s vs T=1024 |"), "{t}");
+        assert_eq!(
+            lines[2],
+            "| 1024 | 3000 | 1000 | - | 3.00x | 50.0 MiB | 800.0 MiB | - | 1.00x |"
+        );
+        // a failure's text cannot break the table's columns
+        assert_eq!(
+            lines[3],
+            "| 65536 | 2700 | failed: out of memory / really | - | - | 200.0 MiB | 3.0 GiB | - | 0.90x |"
+        );
+        for l in &lines {
+            assert_eq!(l.matches('|').count(), 10, "{l}");
+        }
+    }
+
+    #[test]
     fn parses_reference_line() {
         let out = "some warning\n{\"tokens_per_sec\": 1234.5, \"step_seconds\": [0.8, 0.83], \
                    \"torch_version\": \"2.5.1\", \"device\": \"cpu (2 threads)\", \"dtype\": \"f32\"}\n";

@@ -174,7 +174,7 @@ enum Cmd {
         seq_len: Option<usize>,
         /// Scaling run: a list of T (e.g. 1024,4096,16384,65536 or 1K,4K,16K,64K); each T runs
         /// in a child process of its own (its peak RSS is that T's) and one table is printed.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         seq_lens: Option<String>,
         /// Batch size (default: the config's).
         #[arg(long)]
