@@ -635,7 +635,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 let r = asa::bench::run_scaling(&so)?;
                 println!(
-                    "{} on {}: B={}, {} threads{}",
+                    "{} on {}: tokens/s of one training step at each T, B={}, {} threads on each side{}",
                     r.config_name,
                     r.device.as_deref().unwrap_or("?"),
                     r.batch,
