@@ -795,7 +795,7 @@ pub struct ScalingRow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScalingReport {
     pub config_name: String,
-    /// ours at the first T that ran (e.g. "cpu (2 threads)")
+    /// ours at the first T that ran, as its child reported it (e.g. "cpu (2 threads)")
     pub device: Option<String>,
     pub batch: usize,
     pub threads: usize,
@@ -932,7 +932,7 @@ fn scaling_ours(
     warmup: usize,
     iters: usize,
     threads: usize,
-) -> SideRun {
+) -> (SideRun, Option<String>) {
     let tmp = std::env::temp_dir().join(format!("asa-bench-{}-{t}.json", std::process::id()));
     let mut cmd = Command::new(&o.child.0);
     cmd.args(&o.child.1)
@@ -943,6 +943,7 @@ fn scaling_ours(
         .arg("--json")
         .arg(&tmp);
     let mut run = SideRun::default();
+    let mut device = None;
     match run_measured(&mut cmd, None, o.bench.progress) {
         Err(e) => run.error = Some(format!("cannot run {}: {e}", o.child.0.display())),
         Ok(m) => {
@@ -959,6 +960,7 @@ fn scaling_ours(
                     Ok(r) => {
                         run.tokens_per_sec = Some(r.tokens_per_sec);
                         run.step_seconds = r.step_seconds;
+                        device = Some(r.device);
                     }
                     Err(e) => run.error = Some(format!("no report from the child ({e})")),
                 }
@@ -966,7 +968,7 @@ fn scaling_ours(
         }
     }
     let _ = std::fs::remove_file(&tmp);
-    run
+    (run, device)
 }
 
 /// The reference's `variant` at `t` in a Python child; (run, torch version).
@@ -1104,13 +1106,9 @@ pub fn run_scaling(o: &ScalingOptions) -> Result<ScalingReport> {
                 i + 1
             );
         }
-        let asa = scaling_ours(o, t, warmup, iters, threads);
-        if device.is_none() && asa.error.is_none() {
-            device = Some(if b.cuda {
-                "cuda".to_string()
-            } else {
-                format!("cpu ({threads} threads)")
-            });
+        let (asa, dev) = scaling_ours(o, t, warmup, iters, threads);
+        if device.is_none() {
+            device = dev;
         }
         let mut refs: [Option<SideRun>; 2] = [None, None];
         if let Some(r) = &b.reference {

@@ -173,6 +173,8 @@ fn scaling_run_has_one_row_per_length() {
     assert_eq!(rows[0]["asa_vs_first"], 1.0);
     assert!(rows[1]["asa_vs_first"].as_f64().unwrap() > 0.0);
     assert_eq!(v["threads"], 1);
+    // the device as our child reported it
+    assert_eq!(v["device"], "cpu (1 threads)", "{v}");
     assert_eq!(v["batch"], 2);
     // no temp report of a child is left behind
     let pid_files = std::fs::read_dir(std::env::temp_dir())
