@@ -622,6 +622,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     format!("{:?}", o.precision).to_lowercase(),
                 ]);
                 args.extend(["--batch".into(), o.batch.to_string()]);
+                // a scaling run takes up to hours: a report that cannot be written is said
+                // before it, not after
+                if let Some(dir) = json.as_deref().and_then(|p| p.parent()) {
+                    if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                        return Err(AsaError::Input(format!(
+                            "--json: the folder {} does not exist",
+                            dir.display()
+                        )));
+                    }
+                }
                 let exe = std::env::current_exe().map_err(|e| {
                     AsaError::Other(format!("bench: cannot find this program's path: {e}"))
                 })?;

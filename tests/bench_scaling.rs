@@ -99,6 +99,11 @@ fn bad_seq_lens_are_one_clear_error() {
             &["--seq-lens", "32", "--reference", "/nonexistent/asa-ref"][..],
             "not a checkout",
         ),
+        // said before the run, not after it
+        (
+            &["--seq-lens", "32", "--json", "/nonexistent/dir/s.json"][..],
+            "--json: the folder /nonexistent/dir does not exist",
+        ),
     ] {
         let line = one_error_line(&bench(tmp.path(), args));
         assert!(line.contains(needle), "{args:?}: {line}");
