@@ -49,6 +49,8 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--progress", action="store_true",
+                   help="one line per step on stderr (asa bench --seq-lens relays them)")
     return p.parse_args(argv)
 
 
@@ -164,21 +166,31 @@ def main(argv):
         opt.step()
         return loss
 
+    def progress(what, i, n, dt):
+        if args.progress:
+            sys.stderr.write(f"reference_bench: {variant} {what} {i}/{n}  {dt:.3f}s\n")
+            sys.stderr.flush()
+
     try:
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
+            t0 = time.perf_counter()
             step()
-        sync()
+            sync()
+            progress("warmup", i + 1, args.warmup, time.perf_counter() - t0)
         times = []
-        for _ in range(args.iters):
+        for i in range(args.iters):
             t0 = time.perf_counter()
             loss = step()
             sync()
             times.append(time.perf_counter() - t0)
+            progress("step", i + 1, args.iters, times[-1])
         last_loss = float(loss.item())
     except torch.cuda.OutOfMemoryError as e:
         fail(f"out of GPU memory: {e}".splitlines()[0])
     except RuntimeError as e:
         fail(f"reference step failed: {e}".splitlines()[0])
+    except MemoryError:
+        fail("out of memory (MemoryError)")
 
     med = sorted(times)[len(times) // 2] if len(times) % 2 else \
         0.5 * (sorted(times)[len(times) // 2 - 1] + sorted(times)[len(times) // 2])

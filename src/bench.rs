@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::{GpuLm, Precision};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 use crate::model::asa::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
@@ -62,26 +62,36 @@ pub enum BenchPreset {
     /// The reference's practice run: vocab 50257, embed 768, 27 layers, 8 heads, 16 slots,
     /// slotspace 64, T 1024, batch 8, chunks 512, bf16 GEMMs on the GPU.
     PracticeRun,
+    /// The scaling benchmark's config (issue 16): vocab 512, embed 256, 2 layers, 4 heads,
+    /// 16 slots, slotspace 32, write/slotspace chunks 128, batch 1, T 1024, f32. The small
+    /// vocabulary keeps the head cheap, so the step's time is the slot scan's.
+    CpuAsa,
 }
 
 impl BenchPreset {
-    pub const ALL: [BenchPreset; 2] = [BenchPreset::CpuSmall, BenchPreset::PracticeRun];
+    pub const ALL: [BenchPreset; 3] = [
+        BenchPreset::CpuSmall,
+        BenchPreset::PracticeRun,
+        BenchPreset::CpuAsa,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
             BenchPreset::CpuSmall => "cpu-small",
             BenchPreset::PracticeRun => "practice-run",
+            BenchPreset::CpuAsa => "cpu-asa",
         }
     }
 
     /// (model config with dropouts 0, batch, seq_len).
     pub fn config(&self) -> (ModelConfig, usize, usize) {
-        let (embed, layers, heads, slots, ss, t, b, chunk) = match self {
-            BenchPreset::CpuSmall => (256, 4, 4, 16, 32, 256, 4, 128),
-            BenchPreset::PracticeRun => (768, 27, 8, 16, 64, 1024, 8, 512),
+        let (vocab, embed, layers, heads, slots, ss, t, b, chunk) = match self {
+            BenchPreset::CpuSmall => (50257, 256, 4, 4, 16, 32, 256, 4, 128),
+            BenchPreset::PracticeRun => (50257, 768, 27, 8, 16, 64, 1024, 8, 512),
+            BenchPreset::CpuAsa => (512, 256, 2, 4, 16, 32, 1024, 1, 128),
         };
         let cfg = ModelConfig {
-            vocab_size: 50257,
+            vocab_size: vocab,
             max_seq_len: t,
             embed_dim: embed,
             num_layers: layers,
@@ -102,7 +112,7 @@ impl BenchPreset {
     /// GEMM precision on the GPU (the practice run trained in bf16).
     pub fn precision(&self) -> Precision {
         match self {
-            BenchPreset::CpuSmall => Precision::F32,
+            BenchPreset::CpuSmall | BenchPreset::CpuAsa => Precision::F32,
             BenchPreset::PracticeRun => Precision::Bf16,
         }
     }
@@ -123,7 +133,7 @@ impl std::str::FromStr for BenchPreset {
             .find(|p| p.name() == key)
             .ok_or_else(|| {
                 AsaError::Input(format!(
-                    "--config '{s}' is neither a preset (cpu-small, practice-run) nor a config file"
+                    "--config '{s}' is neither a preset (cpu-small, practice-run, cpu-asa) nor a config file"
                 ))
             })
     }
@@ -191,7 +201,7 @@ pub struct RefResult {
 }
 
 /// One benchmark run. `ratio` = ours / reference tokens per second.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     pub device: String,
     pub config_name: String,
@@ -313,12 +323,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     if let Some(r) = &o.reference {
         check_reference_dir(r)?;
     }
-    let mut cfg = o.model.clone();
-    cfg.dropout = 0.0;
-    cfg.slot_dropout = 0.0;
-    cfg.slotspace_dropout = 0.0;
-    // the reference library's MLP always has biases
-    cfg.mlp_bias = Some(true);
+    let mut cfg = bench_config(&o.model);
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
     // validates the config, then checks the run fits in memory
     crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.cuda)?;
@@ -388,6 +393,17 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         ratio,
         ratio_fastest,
     })
+}
+
+/// The config as both sides run it: dropouts 0 (no random masks, the same work on both
+/// sides) and MLP biases (the reference library's MLP always has them).
+fn bench_config(model: &ModelConfig) -> ModelConfig {
+    let mut cfg = model.clone();
+    cfg.dropout = 0.0;
+    cfg.slot_dropout = 0.0;
+    cfg.slotspace_dropout = 0.0;
+    cfg.mlp_bias = Some(true);
+    cfg
 }
 
 /// One fixed batch: `b` rows of `t + 1` uniform ids; inputs are the first `t`, targets the last `t`.
@@ -547,6 +563,18 @@ pub fn reference_args(
     ])
 }
 
+/// `python - ARGS` with the thread count in the BLAS/OpenMP environment (the script is fed on
+/// stdin).
+fn reference_command(python: &str, args: &[String], threads: usize) -> Command {
+    let mut c = Command::new(python);
+    c.arg("-")
+        .args(args)
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    c
+}
+
 /// Runs the embedded reference script with `o.python` and parses its JSON line.
 fn run_reference(
     reference: &Path,
@@ -555,12 +583,7 @@ fn run_reference(
     threads: usize,
 ) -> Result<RefResult> {
     let args = reference_args(reference, cfg, o, threads)?;
-    let mut child = Command::new(&o.python)
-        .arg("-")
-        .args(&args)
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .env("MKL_NUM_THREADS", threads.to_string())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
+    let mut child = reference_command(&o.python, &args, threads)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -619,6 +642,583 @@ pub fn parse_reference_output(stdout: &str) -> Result<RefResult> {
     Ok(r)
 }
 
+// ---- scaling: `asa bench --seq-lens` ----------------------------------------------------------
+//
+// One row per sequence length T. Every measurement runs in a child process of its own (ours: this
+// binary's single-T bench, re-invoked with `--seq-len T`; the reference: one Python per variant),
+// so that the peak resident memory the kernel reports for the child (`wait4`'s `ru_maxrss`) is
+// that T's and that side's alone: a process's peak never goes down, so one process timing all
+// lengths would report the largest T's peak for every row. The launcher itself builds no model
+// and stays at a few MiB (the kernel counts the launcher's peak into the child's at `exec`).
+
+/// Longest T `--seq-lens` accepts (a single T past this is hours per step on any CPU).
+pub const MAX_SCALING_SEQ_LEN: usize = 1 << 24;
+/// Most lengths in one `--seq-lens` list.
+pub const MAX_SCALING_LENS: usize = 64;
+
+/// Parses `--seq-lens`: a comma-separated list of T >= 1 (`1024` or `1K` = 1024), none twice.
+pub fn parse_seq_lens(s: &str) -> Result<Vec<usize>> {
+    let bad = |why: String| AsaError::Input(format!("--seq-lens '{s}': {why}"));
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let w = item.trim();
+        if w.is_empty() {
+            return Err(bad(
+                "empty entry (expected a list like 1024,4096 or 1K,4K)".into()
+            ));
+        }
+        let (digits, mult) = match w.strip_suffix(['k', 'K']) {
+            Some(d) => (d, 1024usize),
+            None => (w, 1usize),
+        };
+        let n = digits
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .ok_or_else(|| {
+                bad(format!(
+                    "'{w}' is not a sequence length (a whole number, e.g. 4096 or 4K)"
+                ))
+            })?;
+        if n == 0 {
+            return Err(bad("a sequence length must be >= 1".into()));
+        }
+        if n > MAX_SCALING_SEQ_LEN {
+            return Err(bad(format!(
+                "{n} is over the limit of {MAX_SCALING_SEQ_LEN}"
+            )));
+        }
+        if out.contains(&n) {
+            return Err(bad(format!("{n} is listed twice")));
+        }
+        out.push(n);
+    }
+    if out.len() > MAX_SCALING_LENS {
+        return Err(bad(format!(
+            "at most {MAX_SCALING_LENS} lengths, got {}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Parses `--reference-variants`: a comma-separated list of `online` and `baseline`, none twice.
+pub fn parse_reference_variants(s: &str) -> Result<Vec<Variant>> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let v = match item.trim().to_ascii_lowercase().as_str() {
+            "online" => Variant::Online,
+            "baseline" => Variant::Baseline,
+            other => {
+                return Err(AsaError::Input(format!(
+                    "--reference-variants '{s}': '{other}' is not a variant the scaling bench times (online, baseline)"
+                )))
+            }
+        };
+        if out.contains(&v) {
+            return Err(AsaError::Input(format!(
+                "--reference-variants '{s}': {} is listed twice",
+                variant_name(v)
+            )));
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn variant_name(v: Variant) -> &'static str {
+    match v {
+        Variant::Baseline => "baseline",
+        Variant::Online => "online",
+        Variant::Intervene => "intervene",
+    }
+}
+
+/// Warmup and timed steps at length `t` when the user gave none: the single-T defaults (2 and
+/// 5) up to 4096 tokens per row, then 1 warmup and 3 timed steps up to 16384, then 1 and 2 (one
+/// reference step at 64K takes minutes on two cores).
+pub fn scaling_steps(t: usize) -> (usize, usize) {
+    if t <= 4096 {
+        (2, 5)
+    } else if t <= 16384 {
+        (1, 3)
+    } else {
+        (1, 2)
+    }
+}
+
+/// A scaling run: `bench` holds the config, batch, device, reference and threads (its
+/// `seq_len`, `warmup` and `iters` are not used).
+#[derive(Debug, Clone)]
+pub struct ScalingOptions {
+    pub bench: BenchOptions,
+    pub seq_lens: Vec<usize>,
+    /// reference variants to time at each T (with `bench.reference`)
+    pub variants: Vec<Variant>,
+    /// the user's `--warmup` / `--iters`; None: `scaling_steps(T)`
+    pub warmup: Option<usize>,
+    pub iters: Option<usize>,
+    /// the program and arguments that run our single-T bench of this config
+    /// (`asa bench --config X --device D ...`); `--seq-len T --warmup W --iters I --threads N
+    /// --json FILE` are appended
+    pub child: (PathBuf, Vec<String>),
+}
+
+/// One side's measurement at one T: tokens/s and peak RSS, or why it failed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SideRun {
+    pub tokens_per_sec: Option<f64>,
+    pub step_seconds: Vec<f64>,
+    /// peak resident memory of the side's process (`wait4`'s `ru_maxrss`)
+    pub peak_rss_bytes: Option<u64>,
+    /// "failed: ..." reason (the child's last error line, or its exit status)
+    pub error: Option<String>,
+}
+
+/// One row of the scaling table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScalingRow {
+    pub seq_len: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    pub asa: SideRun,
+    /// None: not asked for (no `--reference`, or not in `--reference-variants`)
+    pub reference_online: Option<SideRun>,
+    pub reference_baseline: Option<SideRun>,
+    /// ours / the reference's online variant, tokens per second
+    pub ratio_online: Option<f64>,
+    pub ratio_baseline: Option<f64>,
+    /// our tokens/s over our tokens/s at the first T
+    pub asa_vs_first: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScalingReport {
+    pub config_name: String,
+    /// ours at the first T that ran, as its child reported it (e.g. "cpu (2 threads)")
+    pub device: Option<String>,
+    pub batch: usize,
+    pub threads: usize,
+    pub torch_version: Option<String>,
+    pub rows: Vec<ScalingRow>,
+}
+
+/// How a child ended, its output, and its peak RSS.
+struct Measured {
+    /// None: exit status 0; else e.g. "exit status 1", "killed by signal 9 (SIGKILL: ...)"
+    failure: Option<String>,
+    stdout: String,
+    /// the last stderr line that says "error", else the last non-empty one
+    last_err: String,
+    peak_rss_bytes: Option<u64>,
+}
+
+/// Runs `cmd` to its end with `stdin` fed to it, stdout captured and stderr captured (and
+/// copied to ours line by line when `relay`, so that its progress shows), then reaps it with
+/// `wait4` for its peak RSS.
+fn run_measured(cmd: &mut Command, stdin: Option<&[u8]>, relay: bool) -> std::io::Result<Measured> {
+    use std::io::{BufRead, Read};
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
+        // a child that exits before reading all of it shows up as its own failure below
+        let _ = w.write_all(data);
+    }
+    let mut out = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let mut last = String::new();
+    let mut last_error = String::new();
+    if let Some(err) = child.stderr.take() {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if relay {
+                eprintln!("  {line}");
+            }
+            let t = line.trim();
+            if !t.is_empty() {
+                last = t.to_string();
+                if t.to_ascii_lowercase().contains("error") {
+                    last_error = t.to_string();
+                }
+            }
+        }
+    }
+    let (failure, peak_rss_bytes) = reap(&mut child)?;
+    let stdout = String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned();
+    Ok(Measured {
+        failure,
+        stdout,
+        last_err: if last_error.is_empty() {
+            last
+        } else {
+            last_error
+        },
+        peak_rss_bytes,
+    })
+}
+
+/// Waits for the child with `wait4`, which also returns its resource usage: (failure, peak RSS).
+#[cfg(unix)]
+fn reap(child: &mut std::process::Child) -> std::io::Result<(Option<String>, Option<u64>)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: plain syscall on our own child's pid, with pointers to locals.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // Linux reports KiB, macOS bytes
+    let unit: u64 = if cfg!(target_os = "macos") { 1 } else { 1024 };
+    let rss = (ru.ru_maxrss > 0).then(|| ru.ru_maxrss as u64 * unit);
+    let failure = if libc::WIFEXITED(status) {
+        match libc::WEXITSTATUS(status) {
+            0 => None,
+            c => Some(format!("exit status {c}")),
+        }
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        Some(if sig == libc::SIGKILL {
+            "killed by signal 9 (SIGKILL; out of memory?)".to_string()
+        } else {
+            format!("killed by signal {sig}")
+        })
+    } else {
+        Some(format!("ended with wait status {status}"))
+    };
+    Ok((failure, rss))
+}
+
+#[cfg(not(unix))]
+fn reap(child: &mut std::process::Child) -> std::io::Result<(Option<String>, Option<u64>)> {
+    let st = child.wait()?;
+    Ok(((!st.success()).then(|| st.to_string()), None))
+}
+
+/// The failure text of a child: its error line, else its exit status.
+fn failure_text(m: &Measured, exit: &str) -> String {
+    let line = m
+        .last_err
+        .trim_start_matches("reference_bench: ")
+        .trim_start_matches("error: ");
+    if exit.starts_with("killed") || line.is_empty() {
+        exit.to_string()
+    } else {
+        line.to_string()
+    }
+}
+
+/// Our single-T bench at `t` in a child process.
+fn scaling_ours(
+    o: &ScalingOptions,
+    t: usize,
+    warmup: usize,
+    iters: usize,
+    threads: usize,
+) -> (SideRun, Option<String>) {
+    let tmp = std::env::temp_dir().join(format!("asa-bench-{}-{t}.json", std::process::id()));
+    let mut cmd = Command::new(&o.child.0);
+    cmd.args(&o.child.1)
+        .args(["--seq-len", &t.to_string()])
+        .args(["--warmup", &warmup.to_string()])
+        .args(["--iters", &iters.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .arg("--json")
+        .arg(&tmp);
+    let mut run = SideRun::default();
+    let mut device = None;
+    match run_measured(&mut cmd, None, o.bench.progress) {
+        Err(e) => run.error = Some(format!("cannot run {}: {e}", o.child.0.display())),
+        Ok(m) => {
+            run.peak_rss_bytes = m.peak_rss_bytes;
+            if let Some(exit) = &m.failure {
+                run.error = Some(failure_text(&m, exit));
+            } else {
+                let rep = std::fs::read_to_string(&tmp)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        serde_json::from_str::<BenchReport>(&s).map_err(|e| e.to_string())
+                    });
+                match rep {
+                    Ok(r) => {
+                        run.tokens_per_sec = Some(r.tokens_per_sec);
+                        run.step_seconds = r.step_seconds;
+                        device = Some(r.device);
+                    }
+                    Err(e) => run.error = Some(format!("no report from the child ({e})")),
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    (run, device)
+}
+
+/// The reference's `variant` at `t` in a Python child; (run, torch version).
+fn scaling_reference(
+    o: &ScalingOptions,
+    reference: &Path,
+    cfg: &ModelConfig,
+    variant: Variant,
+    t: usize,
+    warmup: usize,
+    iters: usize,
+    threads: usize,
+) -> (SideRun, Option<String>) {
+    let mut cfg = cfg.clone();
+    cfg.variant = variant;
+    let bo = BenchOptions {
+        seq_len: t,
+        warmup,
+        iters,
+        ..o.bench.clone()
+    };
+    let mut run = SideRun::default();
+    let mut args = match reference_args(reference, &cfg, &bo, threads) {
+        Ok(a) => a,
+        Err(e) => {
+            run.error = Some(e.to_string());
+            return (run, None);
+        }
+    };
+    if o.bench.progress {
+        args.push("--progress".into());
+    }
+    let mut cmd = reference_command(&o.bench.python, &args, threads);
+    match run_measured(
+        &mut cmd,
+        Some(REFERENCE_SCRIPT.as_bytes()),
+        o.bench.progress,
+    ) {
+        Err(e) => {
+            run.error = Some(format!(
+                "cannot run '{}' ({e}); pass --python PATH to a Python with PyTorch",
+                o.bench.python
+            ));
+            (run, None)
+        }
+        Ok(m) => {
+            run.peak_rss_bytes = m.peak_rss_bytes;
+            if let Some(exit) = &m.failure {
+                run.error = Some(failure_text(&m, exit));
+                return (run, None);
+            }
+            match parse_reference_output(&m.stdout) {
+                Ok(r) => {
+                    run.tokens_per_sec = Some(r.tokens_per_sec);
+                    run.step_seconds = r.step_seconds;
+                    (run, Some(r.torch_version))
+                }
+                Err(e) => {
+                    run.error = Some(e.to_string().trim_start_matches("bench: ").to_string());
+                    (run, None)
+                }
+            }
+        }
+    }
+}
+
+/// Runs the scaling benchmark: for each T, ours, then each asked reference variant, each in its
+/// own child process. A side that fails at some T is a "failed: ..." cell, not the end of the
+/// run; only inputs that would fail every row (bad flags, config, reference folder) are errors.
+pub fn run_scaling(o: &ScalingOptions) -> Result<ScalingReport> {
+    if o.seq_lens.is_empty() {
+        return Err(AsaError::Input(
+            "--seq-lens: no sequence length given".into(),
+        ));
+    }
+    if o.iters == Some(0) {
+        return Err(AsaError::Input(
+            "bench: --iters must be >= 1 (the timed steps), got 0".into(),
+        ));
+    }
+    for (flag, v) in [("--warmup", o.warmup), ("--iters", o.iters)] {
+        if let Some(v) = v.filter(|&v| v > MAX_BENCH_STEPS) {
+            return Err(AsaError::Input(format!(
+                "bench: {flag} must be at most {MAX_BENCH_STEPS}, got {v}"
+            )));
+        }
+    }
+    let b = &o.bench;
+    if b.batch == 0 {
+        return Err(AsaError::Input(
+            "bench: the batch must be >= 1, got 0".into(),
+        ));
+    }
+    match b.threads {
+        Some(0) => {
+            return Err(AsaError::Input(
+                "bench: --threads must be >= 1, got 0".into(),
+            ))
+        }
+        Some(n) if n > MAX_BENCH_THREADS => {
+            return Err(AsaError::Input(format!(
+                "bench: --threads must be at most {MAX_BENCH_THREADS}, got {n}"
+            )))
+        }
+        _ => {}
+    }
+    if let Some(r) = &b.reference {
+        check_reference_dir(r)?;
+        if o.variants.is_empty() {
+            return Err(AsaError::Input(
+                "--reference-variants: no variant given (online, baseline)".into(),
+            ));
+        }
+    }
+    // the config as both sides run it; at each T its max_seq_len is T (learned positions
+    // have max_seq_len rows, so the model follows T)
+    let mut cfg = bench_config(&b.model);
+    cfg.max_seq_len = *o.seq_lens.iter().max().unwrap();
+    cfg.validate()?;
+    // the same count on both sides; ours gets it as --threads
+    let threads = b
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    let mut rows: Vec<ScalingRow> = Vec::new();
+    let mut torch_version = None;
+    let mut device = None;
+    let n = o.seq_lens.len();
+    for (i, &t) in o.seq_lens.iter().enumerate() {
+        let (dw, di) = scaling_steps(t);
+        let (warmup, iters) = (o.warmup.unwrap_or(dw), o.iters.unwrap_or(di));
+        if b.progress {
+            eprintln!(
+                "bench: T={t} ({}/{n}): asa, {warmup} warmup + {iters} timed steps",
+                i + 1
+            );
+        }
+        let (asa, dev) = scaling_ours(o, t, warmup, iters, threads);
+        if device.is_none() {
+            device = dev;
+        }
+        let mut refs: [Option<SideRun>; 2] = [None, None];
+        if let Some(r) = &b.reference {
+            let mut c = cfg.clone();
+            c.max_seq_len = t;
+            for &v in &o.variants {
+                if b.progress {
+                    eprintln!(
+                        "bench: T={t} ({}/{n}): reference {}, {warmup} warmup + {iters} timed steps",
+                        i + 1,
+                        variant_name(v)
+                    );
+                }
+                let (run, tv) = scaling_reference(o, r, &c, v, t, warmup, iters, threads);
+                if torch_version.is_none() {
+                    torch_version = tv;
+                }
+                refs[usize::from(v == Variant::Baseline)] = Some(run);
+            }
+        }
+        let ratio = |r: &Option<SideRun>| match (
+            asa.tokens_per_sec,
+            r.as_ref().and_then(|r| r.tokens_per_sec),
+        ) {
+            (Some(a), Some(x)) => Some(a / x),
+            _ => None,
+        };
+        let first = rows.first().and_then(|r| r.asa.tokens_per_sec);
+        let asa_vs_first = match (i, first, asa.tokens_per_sec) {
+            (0, _, Some(_)) => Some(1.0),
+            (_, Some(f), Some(a)) => Some(a / f),
+            _ => None,
+        };
+        let [online, baseline] = refs;
+        rows.push(ScalingRow {
+            seq_len: t,
+            warmup,
+            iters,
+            ratio_online: ratio(&online),
+            ratio_baseline: ratio(&baseline),
+            asa,
+            reference_online: online,
+            reference_baseline: baseline,
+            asa_vs_first,
+        });
+    }
+    Ok(ScalingReport {
+        config_name: b.config_name.clone(),
+        device,
+        batch: b.batch,
+        threads,
+        torch_version,
+        rows,
+    })
+}
+
+/// A table cell of tokens/s: the number, "failed: why" (shortened; the JSON has all of it)
+/// or "-" when not asked for.
+fn tok_cell(r: Option<&SideRun>) -> String {
+    match r {
+        None => "-".into(),
+        Some(SideRun {
+            tokens_per_sec: Some(x),
+            ..
+        }) => format!("{x:.0}"),
+        Some(r) => {
+            let why = r.error.as_deref().unwrap_or("no result");
+            let short: String = why.chars().take(100).collect();
+            let dots = if short.len() < why.len() { "..." } else { "" };
+            format!("failed: {}{dots}", short.replace('|', "/"))
+        }
+    }
+}
+
+fn rss_cell(r: Option<&SideRun>) -> String {
+    match r.and_then(|r| r.peak_rss_bytes) {
+        Some(b) => crate::preflight::human(b),
+        None if r.is_none() => "-".into(),
+        None => "?".into(),
+    }
+}
+
+fn x_cell(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.2}x"))
+}
+
+/// The scaling table in Markdown, one row per T.
+pub fn scaling_table(rep: &ScalingReport) -> String {
+    let first = rep.rows.first().map_or(0, |r| r.seq_len);
+    let mut s = format!(
+        "| T | asa tok/s | reference online tok/s | reference baseline tok/s | asa / online | asa peak RSS | reference online peak RSS | reference baseline peak RSS | asa tok/s vs T={first} |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for r in &rep.rows {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.seq_len,
+            tok_cell(Some(&r.asa)),
+            tok_cell(r.reference_online.as_ref()),
+            tok_cell(r.reference_baseline.as_ref()),
+            x_cell(r.ratio_online),
+            rss_cell(Some(&r.asa)),
+            rss_cell(r.reference_online.as_ref()),
+            rss_cell(r.reference_baseline.as_ref()),
+            x_cell(r.asa_vs_first),
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +1273,137 @@ mod tests {
         );
         assert_eq!((b, t), (8, 1024));
         assert_eq!(BenchPreset::PracticeRun.precision(), Precision::Bf16);
+    }
+
+    #[test]
+    fn cpu_asa_preset_is_issue_16s_config() {
+        let (c, b, t) = BenchPreset::CpuAsa.config();
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.embed_dim,
+                c.num_layers,
+                c.num_heads,
+                c.num_slots
+            ),
+            (512, 256, 2, 4, 16)
+        );
+        assert_eq!(
+            (c.slotspace_dim, c.write_chunk_size, c.slotspace_chunk_size),
+            (32, 128, 128)
+        );
+        assert_eq!((b, t, c.max_seq_len), (1, 1024, 1024));
+        assert_eq!(BenchPreset::CpuAsa.precision(), Precision::F32);
+        assert_eq!(
+            "cpu-asa".parse::<BenchPreset>().unwrap(),
+            BenchPreset::CpuAsa
+        );
+    }
+
+    #[test]
+    fn seq_lens_and_variants_parse() {
+        assert_eq!(
+            parse_seq_lens("1024,4096,16384,65536").unwrap(),
+            vec![1024, 4096, 16384, 65536]
+        );
+        assert_eq!(
+            parse_seq_lens(" 1K, 4k ,16K,64K").unwrap(),
+            vec![1024, 4096, 16384, 65536]
+        );
+        // the order given is kept (the last column is relative to the first T)
+        assert_eq!(parse_seq_lens("4096,1024").unwrap(), vec![4096, 1024]);
+        for bad in [
+            "", "0", "1,,2", "x", "1K,1024", "2,2", "16777217", "1.5K", "K",
+        ] {
+            let e = parse_seq_lens(bad).unwrap_err().to_string();
+            assert!(e.contains("--seq-lens"), "{bad}: {e}");
+        }
+        let many = (1..=65)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(parse_seq_lens(&many).is_err());
+        assert_eq!(
+            parse_reference_variants("online,baseline").unwrap(),
+            vec![Variant::Online, Variant::Baseline]
+        );
+        assert_eq!(
+            parse_reference_variants("Baseline").unwrap(),
+            vec![Variant::Baseline]
+        );
+        for bad in ["", "intervene", "online,online", "online;baseline"] {
+            assert!(parse_reference_variants(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scaling_steps_shrink_with_length() {
+        assert_eq!(scaling_steps(1024), (2, 5));
+        assert_eq!(scaling_steps(4096), (2, 5));
+        assert_eq!(scaling_steps(16384), (1, 3));
+        assert_eq!(scaling_steps(65536), (1, 2));
+    }
+
+    #[test]
+    fn scaling_table_cells() {
+        let ok = |tps: f64, rss: u64| SideRun {
+            tokens_per_sec: Some(tps),
+            step_seconds: vec![1.0],
+            peak_rss_bytes: Some(rss),
+            error: None,
+        };
+        let failed = SideRun {
+            error: Some("out of memory | really".into()),
+            peak_rss_bytes: Some(3 << 30),
+            ..Default::default()
+        };
+        let rep = ScalingReport {
+            config_name: "cpu-asa".into(),
+            device: Some("cpu (2 threads)".into()),
+            batch: 1,
+            threads: 2,
+            torch_version: Some("2.15.0".into()),
+            rows: vec![
+                ScalingRow {
+                    seq_len: 1024,
+                    warmup: 2,
+                    iters: 5,
+                    asa: ok(3000.0, 50 << 20),
+                    reference_online: Some(ok(1000.0, 800 << 20)),
+                    reference_baseline: None,
+                    ratio_online: Some(3.0),
+                    ratio_baseline: None,
+                    asa_vs_first: Some(1.0),
+                },
+                ScalingRow {
+                    seq_len: 65536,
+                    warmup: 1,
+                    iters: 2,
+                    asa: ok(2700.0, 200 << 20),
+                    reference_online: Some(failed),
+                    reference_baseline: None,
+                    ratio_online: None,
+                    ratio_baseline: None,
+                    asa_vs_first: Some(0.9),
+                },
+            ],
+        };
+        let t = scaling_table(&rep);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].ends_with("asa tok/s vs T=1024 |"), "{t}");
+        assert_eq!(
+            lines[2],
+            "| 1024 | 3000 | 1000 | - | 3.00x | 50.0 MiB | 800.0 MiB | - | 1.00x |"
+        );
+        // a failure's text cannot break the table's columns
+        assert_eq!(
+            lines[3],
+            "| 65536 | 2700 | failed: out of memory / really | - | - | 200.0 MiB | 3.0 GiB | - | 0.90x |"
+        );
+        for l in &lines {
+            assert_eq!(l.matches('|').count(), 10, "{l}");
+        }
     }
 
     #[test]

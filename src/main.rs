@@ -166,21 +166,36 @@ enum Cmd {
     },
     /// Tokens/s of one training step for a config, optionally against the reference (PyTorch).
     Bench {
-        /// A preset (cpu-small, practice-run) or a run config file (.toml / .json).
+        /// A preset (cpu-small, practice-run, cpu-asa) or a run config file (.toml / .json).
         #[arg(long, default_value = "cpu-small")]
         config: String,
+        /// Sequence length T (default: the config's; the config's max_seq_len follows it).
+        #[arg(long, conflicts_with = "seq_lens")]
+        seq_len: Option<usize>,
+        /// Scaling run: a list of T (e.g. 1024,4096,16384,65536 or 1K,4K,16K,64K); each T runs
+        /// in a child process of its own (its peak RSS is that T's) and one table is printed.
+        #[arg(long, allow_hyphen_values = true)]
+        seq_lens: Option<String>,
+        /// Batch size (default: the config's).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// With --seq-lens and --reference: the reference variants to time at each T.
+        #[arg(long, default_value = "online,baseline", requires = "seq_lens")]
+        reference_variants: String,
         /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// GEMM precision on the GPU (default: the preset's; bf16 for practice-run).
         #[arg(long)]
         precision: Option<asa::backend::cuda::Precision>,
-        /// Untimed training steps before the timed ones (0: none).
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// Timed training steps (>= 1); tokens/s is taken from their median.
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
+        /// Untimed training steps before the timed ones (0: none; default 2; with --seq-lens
+        /// 2 up to T 4096, then 1).
+        #[arg(long)]
+        warmup: Option<usize>,
+        /// Timed training steps (>= 1); tokens/s is taken from their median (default 5; with
+        /// --seq-lens 5 up to T 4096, 3 up to 16384, then 2).
+        #[arg(long)]
+        iters: Option<usize>,
         /// A checkout of the reference (github digitaldaimyo/ASA): also time it, same config and device.
         #[arg(long)]
         reference: Option<PathBuf>,
@@ -289,6 +304,16 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
             Ok(Place::Cpu)
         }
     }
+}
+
+/// Writes a bench report as JSON (temp file + rename).
+fn write_bench_json<T: serde::Serialize>(path: &std::path::Path, r: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(r).map_err(|e| AsaError::Other(e.to_string()))?;
+    // a report, not a checkpoint: say so when it cannot be written
+    asa::checkpoint::write_bytes_atomic(path, text.as_bytes()).map_err(|e| match e {
+        AsaError::Checkpoint(m) => AsaError::Other(format!("cannot write the bench report: {m}")),
+        other => other,
+    })
 }
 
 /// An output folder flag must name a folder (or nothing yet): a file there would otherwise end
@@ -535,6 +560,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench {
             config,
+            seq_len,
+            seq_lens,
+            batch,
+            reference_variants,
             device,
             precision,
             warmup,
@@ -569,12 +598,82 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = precision {
                 o.precision = p;
             }
-            o.warmup = warmup;
-            o.iters = iters;
+            if let Some(t) = seq_len {
+                o.seq_len = t;
+                o.model.max_seq_len = t;
+            }
+            if let Some(b) = batch {
+                o.batch = b;
+            }
             o.progress = true;
             o.reference = reference;
             o.python = python;
             o.threads = threads;
+            if let Some(list) = seq_lens {
+                // the child runs this same command at one T: same config, device, precision
+                // and batch (the parent adds --seq-len, --warmup, --iters, --threads, --json)
+                let mut args: Vec<String> = vec!["bench".into(), "--config".into(), config.clone()];
+                args.extend([
+                    "--device".into(),
+                    if o.cuda { "cuda" } else { "cpu" }.into(),
+                ]);
+                args.extend([
+                    "--precision".into(),
+                    format!("{:?}", o.precision).to_lowercase(),
+                ]);
+                args.extend(["--batch".into(), o.batch.to_string()]);
+                // a scaling run takes up to hours: a report that cannot be written is said
+                // before it, not after
+                if let Some(dir) = json.as_deref().and_then(|p| p.parent()) {
+                    if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                        return Err(AsaError::Input(format!(
+                            "--json: the folder {} does not exist",
+                            dir.display()
+                        )));
+                    }
+                }
+                let exe = std::env::current_exe().map_err(|e| {
+                    AsaError::Other(format!("bench: cannot find this program's path: {e}"))
+                })?;
+                let so = asa::bench::ScalingOptions {
+                    seq_lens: asa::bench::parse_seq_lens(&list)?,
+                    variants: asa::bench::parse_reference_variants(&reference_variants)?,
+                    warmup,
+                    iters,
+                    child: (exe, args),
+                    bench: o,
+                };
+                let r = asa::bench::run_scaling(&so)?;
+                println!(
+                    "{} on {}: tokens/s of one training step at each T, B={}, {} threads on each side{}",
+                    r.config_name,
+                    r.device.as_deref().unwrap_or("?"),
+                    r.batch,
+                    r.threads,
+                    r.torch_version
+                        .as_deref()
+                        .map(|v| format!(", reference under torch {v}"))
+                        .unwrap_or_default()
+                );
+                print!("{}", asa::bench::scaling_table(&r));
+                if let Some(path) = json {
+                    write_bench_json(&path, &r)?;
+                }
+                if let Some(bad) = r.rows.iter().find(|row| row.asa.error.is_some()) {
+                    return Err(AsaError::Other(format!(
+                        "bench: asa failed at T={} (see the table): {}",
+                        bad.seq_len,
+                        bad.asa.error.as_deref().unwrap_or("")
+                    )));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(w) = warmup {
+                o.warmup = w;
+            }
+            if let Some(i) = iters {
+                o.iters = i;
+            }
             let r = asa::bench::run_bench(&o)?;
             println!(
                 "{} on {}: B={} T={} ({} tokens/step), ours {:.0} tokens/s (median step {:.3}s){}",
@@ -600,17 +699,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             if let Some(path) = json {
-                let text =
-                    serde_json::to_string_pretty(&r).map_err(|e| AsaError::Other(e.to_string()))?;
-                // a report, not a checkpoint: say so when it cannot be written
-                asa::checkpoint::write_bytes_atomic(&path, text.as_bytes()).map_err(
-                    |e| match e {
-                        AsaError::Checkpoint(m) => {
-                            AsaError::Other(format!("cannot write the bench report: {m}"))
-                        }
-                        other => other,
-                    },
-                )?;
+                write_bench_json(&path, &r)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -316,7 +316,7 @@ fn bench_flags_are_checked_and_steps_are_shown() {
         (&["--threads", "0"][..], "--threads"),
         (
             &["--config", "cpu-smal"][..],
-            "preset (cpu-small, practice-run)",
+            "preset (cpu-small, practice-run, cpu-asa)",
         ),
     ] {
         let out = asa()
