@@ -37,16 +37,20 @@ pub mod simd;
 /// Keeps freed activation buffers in the process heap instead of handing them back to the OS.
 ///
 /// A training step allocates and frees buffers of one to tens of MiB (per-layer gradients of the
-/// backward pass). glibc serves such sizes by `mmap` and returns them with `munmap` or heap
-/// trimming, so every step page-faults the same memory in again: on a 2-core machine that cost
-/// about a third of a `cpu-small` step. Raising the mmap threshold to its maximum (32 MiB) and
-/// disabling trimming makes the steady state fault-free. Call once at start-up, before threads
+/// backward pass, per-task scratch inside rayon jobs). By default glibc serves such sizes by
+/// `mmap`, gives each worker thread an arena of its own made of 64 MiB heaps that are unmapped
+/// whenever they empty, and trims the main heap, so every step page-faults the same memory in
+/// again: on a 2-core machine that was about a third of a `cpu-small` step and more than half of
+/// a `cpu-asa` step at T 16K (400K faults per step). One arena (the main heap, `brk`), no `mmap`
+/// for large blocks and no trimming make the steady state fault-free; our allocations are coarse,
+/// so the shared arena lock costs nothing measurable. Call once at start-up, before threads
 /// allocate; a no-op off glibc.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before other threads run.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
