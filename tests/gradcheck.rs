@@ -203,6 +203,23 @@ fn layer_all_features_baseline() {
     assert!(w < TOL, "worst relative error {w}");
 }
 
+/// Training mode with every dropout on: each forward draws the same masks (the case reseeds its
+/// rng), so the masks are constants of the loss and the gradients must match through them.
+#[test]
+fn layer_with_dropouts_in_training() {
+    let mut cfg = tiny(Variant::Baseline);
+    cfg.dropout = 0.3;
+    cfg.slotspace_dropout = 0.3;
+    cfg.slot_dropout = 0.3;
+    let mut c = LayerCase::new(&cfg, 2, 7);
+    let opts = AsaOptions {
+        training: true,
+        ..Default::default()
+    };
+    let w = c.check(&opts);
+    assert!(w < TOL, "worst relative error {w}");
+}
+
 #[test]
 fn layer_variants_normalize_temps_softmax_slotspace() {
     let mut cfg = tiny(Variant::Baseline);
@@ -328,6 +345,28 @@ fn lm_gradients_match_finite_differences() {
         tie_weights: false,
         ..tiny(Variant::Baseline)
     };
+    lm_gradcheck(cfg, AsaOptions::default());
+}
+
+/// The language model in training mode with embedding, residual, MLP and slotspace dropout:
+/// the model's rng is reseeded before every forward, so the masks are the same in each.
+#[test]
+fn lm_gradients_with_dropouts_in_training() {
+    let cfg = ModelConfig {
+        use_abs_pos: true,
+        tie_weights: false,
+        dropout: 0.1,
+        slotspace_dropout: 0.1,
+        ..tiny(Variant::Baseline)
+    };
+    let opts = AsaOptions {
+        training: true,
+        ..Default::default()
+    };
+    lm_gradcheck(cfg, opts);
+}
+
+fn lm_gradcheck(cfg: ModelConfig, opts: AsaOptions) {
     let (mut lm, mut store) = Lm::new(&cfg).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for d in store.data.iter_mut() {
@@ -341,13 +380,14 @@ fn lm_gradients_match_finite_differences() {
     let (b, t) = (2, 6);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 5 % 13) as u32).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 3 + 1) % 13) as i64).collect();
-    let opts = AsaOptions::default();
     let mut cache = LmCache::default();
     let loss_at = |lm: &mut Lm, store: &ParamStore| -> f64 {
         let mut c = LmCache::default();
+        lm.reseed(17);
         lm.forward(store, &ids, b, t, &opts, &mut c).unwrap();
         lm.loss(&mut c, &targets, None).unwrap()
     };
+    lm.reseed(17);
     lm.forward(&store, &ids, b, t, &opts, &mut cache).unwrap();
     lm.loss(&mut cache, &targets, None).unwrap();
     let mut grads = store.zeros_like();

@@ -287,10 +287,6 @@ pub struct AsaCache {
     pub b: usize,
     pub t: usize,
     x: Vec<f32>,        // [B,T,C] layer input
-    kp: Vec<f32>,       // [B,T,C] Wk x
-    vp: Vec<f32>,       // [B,T,C]
-    qp: Vec<f32>,       // [B,T,C]
-    k_h: Vec<f32>,      // [B,H,T,d] before normalize/RoPE
     k_n: Vec<f32>,      // [B,H,T,d] after normalize
     k_norm: Vec<f32>,   // [B,H,T]
     k_r: Vec<f32>,      // [B,H,T,d] final write keys
@@ -305,6 +301,8 @@ pub struct AsaCache {
     chunked: bool,      // which form ran
     den: Vec<f32>,      // [B,H,K,T]
     rmax: Vec<f32>,     // [B,H,K,T]
+    alpha: Vec<f32>,    // [B,H,T,K] exp(w - M) (chunk form only)
+    egate: Vec<f32>,    // [B,H,T,K] exp(M_{c0-1} - M) (chunk form only)
     lkey: Vec<f32>,     // [B,H,T,K]
     lcont: Vec<f32>,    // [B,H,T,K]
     logits: Vec<f32>,   // [B,H,T,K] before noise
@@ -312,10 +310,8 @@ pub struct AsaCache {
     rw: Vec<f32>,       // [B,H,T,K]
     out1: Vec<f32>,     // [B,H,T,d]
     ss: SlotspaceCache,
-    out_h: Vec<f32>,  // [B,H,T,d]
-    merged: Vec<f32>, // [B,T,C]
-    proj: Vec<f32>,   // [B,T,C]
-    drop: Vec<f32>,   // [B,T,C] dropout mask
+    merged: Vec<f32>, // [B,T,C] the heads' outputs, merged
+    drop: Vec<f32>,   // [B,T,C] dropout mask (empty without dropout)
     gamma: f32,
     gate: f32,
     intv: Vec<ChunkIntv>,
@@ -324,18 +320,15 @@ pub struct AsaCache {
 #[derive(Debug, Default, Clone)]
 struct SlotspaceCache {
     u: Vec<f32>,      // [B,H,T,M]
-    qs0: Vec<f32>,    // [B,H,T,M] slot_q(u)
-    ks0: Vec<f32>,    // [B,H,T,M]
-    vs0: Vec<f32>,    // [B,H,T,M]
-    qs: Vec<f32>,     // [B,H,T,M] after RoPE (online: and mask)
+    qs: Vec<f32>,     // [B,H,T,M] slot_q(u) after RoPE (online: and mask)
     ks: Vec<f32>,     // [B,H,T,M]
     qf: Vec<f32>,     // [B,H,T,M] phi, masked
     kf: Vec<f32>,     // [B,H,T,M]
     vs: Vec<f32>,     // [B,H,T,M] masked
     u2: Vec<f32>,     // [B,H,T,M]
     den: Vec<f32>,    // [B,H,T]
-    drop: Vec<f32>,   // [B,H,T,M]
-    u2d: Vec<f32>,    // [B,H,T,M]
+    drop: Vec<f32>,   // [B,H,T,M] dropout mask (empty without dropout)
+    u2d: Vec<f32>,    // [B,H,T,M] after dropout (empty without dropout: u2 itself)
     z: Vec<f32>,      // [B,H,T,K] slot_out(u2)
     sw_pre: Vec<f32>, // [B,H,T,K] tanh/softmax before the slot mask
     sw: Vec<f32>,     // [B,H,T,K]
@@ -542,6 +535,8 @@ impl AsaLayer {
             wl: &cache.wl,
             rmax: &cache.rmax,
             den: &cache.den,
+            alpha: &cache.alpha,
+            egate: &cache.egate,
             v: &cache.v_h,
             carry: &cache.carry,
         }
@@ -576,28 +571,29 @@ impl AsaLayer {
         // projections: [B,T,C]
         cache.x.clear();
         cache.x.extend_from_slice(x);
-        rs(&mut cache.kp, n * c);
-        rs(&mut cache.vp, n * c);
-        rs(&mut cache.qp, n * c);
-        ops::matmul_forward(&mut cache.kp, x, &p.data[self.ids.wk_write], None, n, c, c);
-        ops::matmul_forward(&mut cache.vp, x, &p.data[self.ids.wv_write], None, n, c, c);
-        ops::matmul_forward(&mut cache.qp, x, &p.data[self.ids.wq_read], None, n, c, c);
-        for (dst, src) in [
-            (&mut cache.k_h, &cache.kp),
-            (&mut cache.v_h, &cache.vp),
-            (&mut cache.q_h, &cache.qp),
-        ] {
-            rs(dst, n * c);
-            k::split_heads(dst, src, b, t, h, d);
+        // (the projections before the head split are not kept: the backward needs x only)
+        let mut k_h = vec![0.0; n * c];
+        {
+            let mut proj = vec![0.0; n * c];
+            for (dst, w) in [
+                (&mut k_h, self.ids.wk_write),
+                (&mut cache.v_h, self.ids.wv_write),
+                (&mut cache.q_h, self.ids.wq_read),
+            ] {
+                ops::matmul_forward(&mut proj, x, &p.data[w], None, n, c, c);
+                rs(dst, n * c);
+                k::split_heads(dst, &proj, b, t, h, d);
+            }
         }
         // write keys: normalize, RoPE
         rs(&mut cache.k_n, n * c);
         rs(&mut cache.k_norm, b * h * t);
         if cfg.normalize_k {
-            k::l2normalize_forward(&mut cache.k_n, &mut cache.k_norm, &cache.k_h, d);
+            k::l2normalize_forward(&mut cache.k_n, &mut cache.k_norm, &k_h, d);
         } else {
-            cache.k_n.copy_from_slice(&cache.k_h);
+            cache.k_n.copy_from_slice(&k_h);
         }
+        drop(k_h);
         rs(&mut cache.k_r, n * c);
         match &self.rope {
             Some(tab) => k::rope_forward(&mut cache.k_r, &cache.k_n, tab, b * h),
@@ -646,13 +642,26 @@ impl AsaLayer {
         if chunked {
             let w = cfg.write_chunk_size.max(1);
             cache.state = Vec::new();
-            scan::stats_forward(&mut cache.rmax, &mut cache.den, &cache.wl, w, t);
+            rs(&mut cache.alpha, b * h * t * nk);
+            rs(&mut cache.egate, b * h * t * nk);
+            scan::stats_forward(
+                &mut cache.rmax,
+                &mut cache.den,
+                &mut cache.alpha,
+                &mut cache.egate,
+                &cache.wl,
+                w,
+                t,
+                nk,
+            );
             rs(&mut cache.carry, b * h * scan::num_chunks(t, w) * nk * d);
             let mut carry = std::mem::take(&mut cache.carry);
             scan::carries_forward(&mut carry, self.scan_view(cache, dm));
             cache.carry = carry;
         } else {
             cache.carry = Vec::new();
+            cache.alpha = Vec::new();
+            cache.egate = Vec::new();
             rs(&mut cache.state, b * h * t * nk * d);
             k::slot_scan_forward(
                 &mut cache.state,
@@ -724,6 +733,7 @@ impl AsaLayer {
         cache.gate = 0.0;
         cache.intv.clear();
         let mut intv_info: Option<Info> = None;
+        let mut out_h: Vec<f32>; // [B,H,T,d] the heads' outputs
         if let Some(ss) = &self.ids.slotspace {
             cache.gate = softplus(p.data[ss.gate][0] as f64) as f32;
             self.slotspace_forward(p, opts, cache, rng, dm)?;
@@ -731,27 +741,23 @@ impl AsaLayer {
         if chunked {
             // out_h = sum_k (rw + gate*sw) S_t in one pass over the chunks
             let mu = self.mix_weights(cache);
-            rs(&mut cache.out_h, n * c);
-            let mut out_h = std::mem::take(&mut cache.out_h);
+            out_h = vec![0.0; n * c];
             scan::mix(
                 &mut out_h,
                 mu.as_deref().unwrap_or(&cache.rw),
                 self.scan_view(cache, dm),
             );
-            cache.out_h = out_h;
             cache.out1 = Vec::new();
         } else {
             rs(&mut cache.out1, n * c);
             k::slot_mix_forward(&mut cache.out1, &cache.rw, &cache.state, dm);
-            cache.out_h.clear();
-            cache.out_h.extend_from_slice(&cache.out1);
+            out_h = cache.out1.clone();
             if self.ids.slotspace.is_some() {
                 if cfg.variant == Variant::Intervene {
-                    intv_info = Some(self.intervene_forward(cache, dm));
+                    intv_info = Some(self.intervene_forward(cache, &mut out_h, dm));
                 } else {
                     let g = cache.gate;
-                    cache
-                        .out_h
+                    out_h
                         .iter_mut()
                         .zip(&cache.ss.delta)
                         .for_each(|(o, dl)| *o += g * dl);
@@ -761,24 +767,23 @@ impl AsaLayer {
 
         // merge heads, out_proj, dropout
         rs(&mut cache.merged, n * c);
-        k::merge_heads_acc(&mut cache.merged, &cache.out_h, b, t, h, d);
-        rs(&mut cache.proj, n * c);
-        ops::matmul_forward(
-            &mut cache.proj,
-            &cache.merged,
-            &p.data[self.ids.out_proj],
-            None,
-            n,
-            c,
-            c,
-        );
-        rs(&mut cache.drop, n * c);
+        k::merge_heads_acc(&mut cache.merged, &out_h, b, t, h, d);
+        drop(out_h);
         let pdrop = if opts.training {
             cfg.dropout as f32
         } else {
             0.0
         };
-        ops::dropout_forward(out, &mut cache.drop, &cache.proj, pdrop, rng);
+        let wo = &p.data[self.ids.out_proj];
+        if pdrop > 0.0 {
+            let mut proj = vec![0.0; n * c];
+            ops::matmul_forward(&mut proj, &cache.merged, wo, None, n, c, c);
+            rs(&mut cache.drop, n * c);
+            ops::dropout_forward(out, &mut cache.drop, &proj, pdrop, rng);
+        } else {
+            cache.drop = Vec::new();
+            ops::matmul_forward(out, &cache.merged, wo, None, n, c, c);
+        }
 
         if !opts.return_info {
             return Ok(None);
@@ -838,27 +843,24 @@ impl AsaLayer {
             v.clear();
             v.resize(len, 0.0);
         };
-        for v in [
-            &mut s.u, &mut s.qs0, &mut s.ks0, &mut s.vs0, &mut s.qs, &mut s.ks, &mut s.qf,
-            &mut s.kf, &mut s.vs,
-        ] {
+        for v in [&mut s.u, &mut s.qs, &mut s.ks, &mut s.qf, &mut s.kf, &mut s.vs] {
             rs(v, rows * m);
         }
         ops::matmul_forward(&mut s.u, &cache.rw, &p.data[ids.slot_in], None, rows, nk, m);
-        ops::matmul_forward(&mut s.qs0, &s.u, &p.data[ids.slot_q], None, rows, m, m);
-        ops::matmul_forward(&mut s.ks0, &s.u, &p.data[ids.slot_k], None, rows, m, m);
-        ops::matmul_forward(&mut s.vs0, &s.u, &p.data[ids.slot_v], None, rows, m, m);
-        match &self.rope_ss {
-            Some(tab) => {
-                k::rope_forward(&mut s.qs, &s.qs0, tab, b * h);
-                k::rope_forward(&mut s.ks, &s.ks0, tab, b * h);
-            }
-            None => {
-                s.qs.copy_from_slice(&s.qs0);
-                s.ks.copy_from_slice(&s.ks0);
+        ops::matmul_forward(&mut s.vs, &s.u, &p.data[ids.slot_v], None, rows, m, m);
+        {
+            // slot_q(u), slot_k(u) before RoPE are not kept (RoPE's backward needs no input)
+            let mut pre = vec![0.0; rows * m];
+            for (dst, w) in [(&mut s.qs, ids.slot_q), (&mut s.ks, ids.slot_k)] {
+                match &self.rope_ss {
+                    Some(tab) => {
+                        ops::matmul_forward(&mut pre, &s.u, &p.data[w], None, rows, m, m);
+                        k::rope_forward(dst, &pre, tab, b * h);
+                    }
+                    None => ops::matmul_forward(dst, &s.u, &p.data[w], None, rows, m, m),
+                }
             }
         }
-        s.vs.copy_from_slice(&s.vs0);
         // the online variant masks before phi, the baseline after it
         if let (Some(vm), true) = (valid, online) {
             k::mask_rows_forward(&mut s.qs, vm, h, t, m);
@@ -876,16 +878,15 @@ impl AsaLayer {
         rs(&mut s.u2, rows * m);
         rs(&mut s.den, rows);
         k::linear_attn_forward(&mut s.u2, &mut s.den, &s.qf, &s.kf, &s.vs, t, m);
-        rs(&mut s.u2d, rows * m);
-        rs(&mut s.drop, rows * m);
         let pdrop = if opts.training {
             cfg.slotspace_dropout as f32
         } else {
             0.0
         };
-        ops::dropout_forward(&mut s.u2d, &mut s.drop, &s.u2, pdrop, rng);
+        ops::dropout_saved(&mut s.u2d, &mut s.drop, &s.u2, pdrop, rng);
         rs(&mut s.z, rows * nk);
-        ops::matmul_forward(&mut s.z, &s.u2d, &p.data[ids.slot_out], None, rows, m, nk);
+        let u2d = ops::dropped(&s.u2d, &s.u2);
+        ops::matmul_forward(&mut s.z, u2d, &p.data[ids.slot_out], None, rows, m, nk);
         rs(&mut s.sw, rows * nk);
         if cfg.slotspace_signed_weights {
             k::tanh_forward(&mut s.sw, &s.z);
@@ -918,7 +919,7 @@ impl AsaLayer {
     }
 
     /// Intervene variant: out_h = out1 + f(out1, gate*delta) per position, thresholds per chunk.
-    fn intervene_forward(&self, cache: &mut AsaCache, dm: SlotDims) -> Info {
+    fn intervene_forward(&self, cache: &mut AsaCache, out_h: &mut [f32], dm: SlotDims) -> Info {
         let it = &self.intervention;
         let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
         let chunk = self.cfg.write_chunk_size.max(1);
@@ -970,7 +971,7 @@ impl AsaLayer {
             let per_head = (b * (c1 - c0)) as f64;
             for (row, hi, g) in &pos {
                 let y = g.apply(it, &ci, self.head_mask(*hi));
-                let oh = &mut cache.out_h[row * d..(row + 1) * d];
+                let oh = &mut out_h[row * d..(row + 1) * d];
                 for j in 0..d {
                     oh[j] += y.delta_mod[j] as f32;
                 }
@@ -1254,8 +1255,7 @@ impl AsaLayer {
         };
 
         // dropout, out_proj, heads
-        let mut dproj = vec![0.0; n * c];
-        ops::dropout_backward(&mut dproj, dout, &cache.drop);
+        let dproj = ops::dropout_grad(dout, &cache.drop);
         let mut dmerged = vec![0.0; n * c];
         ops::matmul_backward(
             &mut dmerged,
@@ -1350,14 +1350,13 @@ impl AsaLayer {
                 &mut g.slot_out,
                 None,
                 &dz,
-                &s.u2d,
+                ops::dropped(&s.u2d, &s.u2),
                 &p.data[ids.slot_out],
                 rows,
                 m,
                 nk,
             );
-            let mut du2 = vec![0.0; rows * m];
-            ops::dropout_backward(&mut du2, &du2d, &s.drop);
+            let du2 = ops::dropout_grad(&du2d, &s.drop);
             let (mut dqf, mut dkf, mut dvs) = (
                 vec![0.0; rows * m],
                 vec![0.0; rows * m],

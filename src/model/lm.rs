@@ -17,21 +17,17 @@ use crate::model::params::{BlockIds, LmIds, ParamStore};
 #[derive(Debug, Default, Clone)]
 pub struct BlockCache {
     x: Vec<f32>,   // [B,T,C] block input (residual stream)
-    ln1: Vec<f32>, // [B,T,C]
     ln1_mean: Vec<f32>,
     ln1_rstd: Vec<f32>,
     pub attn: AsaCache,
-    pub attn_out: Vec<f32>, // [B,T,C]
-    x1: Vec<f32>,           // [B,T,C] x + attn_out
+    x1: Vec<f32>, // [B,T,C] x + attn(ln1(x))
     ln2: Vec<f32>,          // [B,T,C]
     ln2_mean: Vec<f32>,
     ln2_rstd: Vec<f32>,
     h: Vec<f32>,  // [B,T,hid] mlp.0 output
     g: Vec<f32>,  // [B,T,hid] GELU
-    gd: Vec<f32>, // [B,T,hid] after dropout
+    gd: Vec<f32>, // [B,T,hid] after dropout (empty without dropout: g itself)
     gmask: Vec<f32>,
-    m: Vec<f32>,  // [B,T,C] mlp.3 output
-    md: Vec<f32>, // [B,T,C] after dropout
     mmask: Vec<f32>,
 }
 
@@ -41,9 +37,7 @@ pub struct LmCache {
     pub b: usize,
     pub t: usize,
     ids: Vec<u32>,
-    emb: Vec<f32>,   // [B,T,C]
     emask: Vec<f32>, // dropout mask
-    x0: Vec<f32>,    // [B,T,C]
     pub blocks: Vec<BlockCache>,
     xf: Vec<f32>,  // [B,T,C] final residual
     lnf: Vec<f32>, // [B,T,C]
@@ -249,10 +243,10 @@ impl Lm {
         };
 
         // embeddings: [B,T,C]
-        resize(&mut cache.emb, n * c);
+        let mut emb = vec![0.0; n * c];
         let wpe = self.ids.pos_emb.map(|i| p.data[i].as_slice());
         ops::encoder_forward(
-            &mut cache.emb,
+            &mut emb,
             ids,
             &p.data[self.ids.token_emb],
             wpe,
@@ -260,32 +254,28 @@ impl Lm {
             t,
             c,
         );
-        resize(&mut cache.x0, n * c);
-        resize(&mut cache.emask, n * c);
-        ops::dropout_forward(
-            &mut cache.x0,
-            &mut cache.emask,
-            &cache.emb,
-            pdrop,
-            &mut self.rng,
-        );
+        let mut x0 = Vec::new();
+        ops::dropout_saved(&mut x0, &mut cache.emask, &emb, pdrop, &mut self.rng);
 
         cache
             .blocks
             .resize_with(cfg.num_layers, BlockCache::default);
         let mut infos = opts.return_info.then(Vec::new);
-        let mut x = cache.x0.clone();
+        // the residual stream (the embeddings themselves are not kept: the backward needs ids)
+        let mut x = if x0.is_empty() { emb } else { x0 };
         for (l, bc) in cache.blocks.iter_mut().enumerate() {
             let bid: &BlockIds = &self.ids.blocks[l];
             if let Some(Some(delta)) = hooks.residual_add.get(l) {
                 x.iter_mut().zip(delta).for_each(|(a, d)| *a += d);
             }
             bc.x.clone_from(&x);
-            resize(&mut bc.ln1, n * c);
+            // ln1, the attention's and the MLP's outputs are not kept: the attention saves its
+            // input itself and the residual adds need no backward input
+            let mut ln1 = vec![0.0; n * c];
             resize(&mut bc.ln1_mean, n);
             resize(&mut bc.ln1_rstd, n);
             ops::layernorm_forward(
-                &mut bc.ln1,
+                &mut ln1,
                 &mut bc.ln1_mean,
                 &mut bc.ln1_rstd,
                 &x,
@@ -294,7 +284,7 @@ impl Lm {
                 n,
                 c,
             );
-            resize(&mut bc.attn_out, n * c);
+            let mut attn_out = vec![0.0; n * c];
             let layer_opts;
             let lo = match hooks.layer_routing.get(l) {
                 Some(Some(r)) => {
@@ -308,20 +298,21 @@ impl Lm {
             };
             let info = self.layers[l].forward(
                 p,
-                &bc.ln1,
+                &ln1,
                 b,
                 t,
                 lo,
                 &mut bc.attn,
                 &mut self.rng,
-                &mut bc.attn_out,
+                &mut attn_out,
             )?;
             if let (Some(infos), Some(mut info)) = (infos.as_mut(), info) {
-                info.insert("attn_out".into(), (vec![b, t, c], bc.attn_out.clone()));
+                info.insert("attn_out".into(), (vec![b, t, c], attn_out.clone()));
                 infos.push(info);
             }
             resize(&mut bc.x1, n * c);
-            ops::residual_forward(&mut bc.x1, &x, &bc.attn_out);
+            ops::residual_forward(&mut bc.x1, &x, &attn_out);
+            drop((ln1, attn_out));
             resize(&mut bc.ln2, n * c);
             resize(&mut bc.ln2_mean, n);
             resize(&mut bc.ln2_rstd, n);
@@ -347,23 +338,20 @@ impl Lm {
             );
             resize(&mut bc.g, n * hid);
             ops::gelu_forward(&mut bc.g, &bc.h);
-            resize(&mut bc.gd, n * hid);
-            resize(&mut bc.gmask, n * hid);
-            ops::dropout_forward(&mut bc.gd, &mut bc.gmask, &bc.g, pdrop, &mut self.rng);
-            resize(&mut bc.m, n * c);
+            ops::dropout_saved(&mut bc.gd, &mut bc.gmask, &bc.g, pdrop, &mut self.rng);
+            let mut m = vec![0.0; n * c];
             ops::matmul_forward(
-                &mut bc.m,
-                &bc.gd,
+                &mut m,
+                ops::dropped(&bc.gd, &bc.g),
                 &p.data[bid.mlp_3_w],
                 bid.mlp_3_b.map(|i| p.data[i].as_slice()),
                 n,
                 hid,
                 c,
             );
-            resize(&mut bc.md, n * c);
-            resize(&mut bc.mmask, n * c);
-            ops::dropout_forward(&mut bc.md, &mut bc.mmask, &bc.m, pdrop, &mut self.rng);
-            ops::residual_forward(&mut x, &bc.x1, &bc.md);
+            let mut md = Vec::new();
+            ops::dropout_saved(&mut md, &mut bc.mmask, &m, pdrop, &mut self.rng);
+            ops::residual_forward(&mut x, &bc.x1, ops::dropped(&md, &m));
         }
         cache.xf = x;
         resize(&mut cache.lnf, n * c);
@@ -501,16 +489,16 @@ impl Lm {
             let bc = &cache.blocks[l];
             let bid = &self.ids.blocks[l];
             // x2 = x1 + drop(mlp3(drop(gelu(mlp0(ln2(x1))))))
-            let mut dm = vec![0.0; n * c];
-            ops::dropout_backward(&mut dm, &dx, &bc.mmask);
+            let dm = ops::dropout_grad(&dx, &bc.mmask);
             let mut dgd = vec![0.0; n * hid];
             {
                 let (w, bias) = (bid.mlp_3_w, bid.mlp_3_b);
                 let (gw, gb) = two_mut(&mut grads.data, w, bias);
-                ops::matmul_backward(&mut dgd, gw, gb, &dm, &bc.gd, &p.data[w], n, hid, c);
+                let gd = ops::dropped(&bc.gd, &bc.g);
+                ops::matmul_backward(&mut dgd, gw, gb, &dm, gd, &p.data[w], n, hid, c);
             }
-            let mut dg = vec![0.0; n * hid];
-            ops::dropout_backward(&mut dg, &dgd, &bc.gmask);
+            drop(dm);
+            let dg = ops::dropout_grad(&dgd, &bc.gmask);
             let mut dh = vec![0.0; n * hid];
             ops::gelu_backward(&mut dh, &bc.h, &dg);
             let mut dln2 = vec![0.0; n * c];
@@ -563,8 +551,7 @@ impl Lm {
             }
             dx = dxin;
         }
-        let mut demb = vec![0.0; n * c];
-        ops::dropout_backward(&mut demb, &dx, &cache.emask);
+        let demb = ops::dropout_grad(&dx, &cache.emask);
         match self.ids.pos_emb {
             Some(pi) => {
                 let [gt, gp] = grads

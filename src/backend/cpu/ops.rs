@@ -546,6 +546,48 @@ pub fn dropout_backward(dinp: &mut [f32], dout: &[f32], mask: &[f32]) {
         });
 }
 
+/// Dropout whose output and mask are kept for the backward only when they differ from the
+/// input: with `p == 0` (evaluation, or a config without dropout) both are left empty and
+/// `dropped` / `dropout_grad` read the input / pass the gradient through, so a dropout-free
+/// step neither copies nor stores them. out, mask, inp: [N]
+pub fn dropout_saved(
+    out: &mut Vec<f32>,
+    mask: &mut Vec<f32>,
+    inp: &[f32],
+    p: f32,
+    rng: &mut impl Rng,
+) {
+    if p <= 0.0 {
+        *out = Vec::new();
+        *mask = Vec::new();
+        return;
+    }
+    out.clear();
+    out.resize(inp.len(), 0.0);
+    mask.clear();
+    mask.resize(inp.len(), 0.0);
+    dropout_forward(out, mask, inp, p, rng);
+}
+
+/// The output of `dropout_saved`: `out`, or `inp` where no dropout was applied.
+pub fn dropped<'a>(out: &'a [f32], inp: &'a [f32]) -> &'a [f32] {
+    if out.is_empty() {
+        inp
+    } else {
+        out
+    }
+}
+
+/// The gradient through `dropout_saved`: dout * mask, or dout itself where no mask was kept.
+pub fn dropout_grad<'a>(dout: &'a [f32], mask: &[f32]) -> std::borrow::Cow<'a, [f32]> {
+    if mask.is_empty() {
+        return std::borrow::Cow::Borrowed(dout);
+    }
+    let mut dinp = vec![0.0; dout.len()];
+    dropout_backward(&mut dinp, dout, mask);
+    std::borrow::Cow::Owned(dinp)
+}
+
 // ------------------------------------------------------------------------------------------------
 // cross-entropy
 

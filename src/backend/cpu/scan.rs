@@ -53,37 +53,59 @@ pub fn num_chunks(t: usize, chunk: usize) -> usize {
 }
 
 simd_kernel! {
-/// Running max M (the reference's chunked cummax against the carried max) and denominator
-/// den_t = den_{c0-1} exp(M_{c0-1} - M_t) + sum_{s in chunk, s<=t} exp(w_s - M_s), per slot row.
-/// An empty prefix (left padding) keeps den 0. rmax, den, wl: [B,H,K,T]
-pub fn stats_forward(rmax: &mut [f32], den: &mut [f32], wl: &[f32], chunk: usize, t: usize) {
+/// Running max M (the reference's chunked cummax against the carried max), denominator
+/// den_t = den_{c0-1} exp(M_{c0-1} - M_t) + sum_{s in chunk, s<=t} exp(w_s - M_s), and the two
+/// per-position weights every tile sweep reads: alpha_t = exp(w_t - M_t) and
+/// E_t = exp(M_{c0-1} - M_t) (0 where the max is -inf), computed here once (f64 exp, stored f32)
+/// instead of in each of the five sweeps. An empty prefix (left padding) keeps den 0.
+/// rmax, den, wl: [B,H,K,T]; alpha, egate: [B,H,T,K]
+pub fn stats_forward(
+    rmax: &mut [f32],
+    den: &mut [f32],
+    alpha: &mut [f32],
+    egate: &mut [f32],
+    wl: &[f32],
+    chunk: usize,
+    t: usize,
+    k: usize,
+) {
     let chunk = chunk.max(1);
-    rmax.par_chunks_mut(t)
-        .zip(den.par_chunks_mut(t))
-        .zip(wl.par_chunks(t))
-        .for_each(|((rm, dn), w)| {
-            let mut mp = f32::NEG_INFINITY;
-            let mut dprev = 0.0f64;
-            let mut c0 = 0;
-            while c0 < t {
-                let c1 = (c0 + chunk).min(t);
-                let mut cm = f32::NEG_INFINITY;
-                let mut add = 0.0f64;
-                let mut dsum = dprev;
-                for ti in c0..c1 {
-                    let wt = w[ti];
-                    cm = if wt >= cm { wt } else { cm };
-                    let r = if mp >= cm { mp } else { cm };
-                    rm[ti] = r;
-                    let scale = if mp.is_finite() { ((mp - r) as f64).exp() } else { 0.0 };
-                    let e = if r.is_finite() { ((wt - r) as f64).exp() } else { 0.0 };
-                    add += e;
-                    dsum = dprev * scale + add;
-                    dn[ti] = dsum as f32;
+    let kt = k * t;
+    rmax.par_chunks_mut(kt)
+        .zip(den.par_chunks_mut(kt))
+        .zip(alpha.par_chunks_mut(kt))
+        .zip(egate.par_chunks_mut(kt))
+        .zip(wl.par_chunks(kt))
+        .for_each(|((((rmb, dnb), alb), egb), wb)| {
+            for s in 0..k {
+                let rm = &mut rmb[s * t..(s + 1) * t];
+                let dn = &mut dnb[s * t..(s + 1) * t];
+                let w = &wb[s * t..(s + 1) * t];
+                let mut mp = f32::NEG_INFINITY;
+                let mut dprev = 0.0f64;
+                let mut c0 = 0;
+                while c0 < t {
+                    let c1 = (c0 + chunk).min(t);
+                    let mut cm = f32::NEG_INFINITY;
+                    let mut add = 0.0f64;
+                    let mut dsum = dprev;
+                    for ti in c0..c1 {
+                        let wt = w[ti];
+                        cm = if wt >= cm { wt } else { cm };
+                        let r = if mp >= cm { mp } else { cm };
+                        rm[ti] = r;
+                        let scale = if mp.is_finite() { ((mp - r) as f64).exp() } else { 0.0 };
+                        let e = if r.is_finite() { ((wt - r) as f64).exp() } else { 0.0 };
+                        alb[ti * k + s] = e as f32;
+                        egb[ti * k + s] = scale as f32;
+                        add += e;
+                        dsum = dprev * scale + add;
+                        dn[ti] = dsum as f32;
+                    }
+                    mp = rm[c1 - 1];
+                    dprev = dsum;
+                    c0 = c1;
                 }
-                mp = rm[c1 - 1];
-                dprev = dsum;
-                c0 = c1;
             }
         });
 }
@@ -142,6 +164,10 @@ pub struct Scan<'a> {
     pub rmax: &'a [f32],
     /// [B,H,K,T] denominators (`stats_forward`)
     pub den: &'a [f32],
+    /// [B,H,T,K] alpha (`stats_forward`)
+    pub alpha: &'a [f32],
+    /// [B,H,T,K] E (`stats_forward`)
+    pub egate: &'a [f32],
     /// [B,H,T,d] values
     pub v: &'a [f32],
     /// [B,H,NC,K,d] numerator carried into each chunk (`carries_forward`)
@@ -158,6 +184,8 @@ struct View<'a> {
     w: &'a [f32],   // [K,T]
     rm: &'a [f32],  // [K,T]
     dn: &'a [f32],  // [K,T]
+    al: &'a [f32],  // [T,K] alpha
+    eg: &'a [f32],  // [T,K] E
     v: &'a [f32],   // [T,d]
     cin: &'a [f32], // [K,d]
 }
@@ -180,6 +208,8 @@ impl<'a> Scan<'a> {
             w: &self.wl[bh * k * t..][..k * t],
             rm: &self.rmax[bh * k * t..][..k * t],
             dn: &self.den[bh * k * t..][..k * t],
+            al: &self.alpha[bh * t * k..][..t * k],
+            eg: &self.egate[bh * t * k..][..t * k],
             v: &self.v[bh * t * d..][..t * d],
             // empty while `carries_forward` builds the carries
             cin: match self.carry.is_empty() {
@@ -191,16 +221,6 @@ impl<'a> Scan<'a> {
 }
 
 impl View<'_> {
-    /// M at the end of the previous chunk (-inf in the first chunk).
-    #[inline]
-    fn mprev(&self, s: usize) -> f32 {
-        if self.c0 > 0 {
-            self.rm[s * self.t + self.c0 - 1]
-        } else {
-            f32::NEG_INFINITY
-        }
-    }
-
     /// D_c: the denominator carried into the chunk.
     #[inline]
     fn dprev(&self, s: usize) -> f32 {
@@ -214,12 +234,7 @@ impl View<'_> {
     /// E at position `ti` of this chunk for slot `s`.
     #[inline]
     fn e_at(&self, s: usize, ti: usize) -> f32 {
-        let mp = self.mprev(s);
-        if mp.is_finite() {
-            ((mp - self.rm[s * self.t + ti]) as f64).exp() as f32
-        } else {
-            0.0
-        }
+        self.eg[ti * self.k + s]
     }
 
     fn tiles(&self) -> impl DoubleEndedIterator<Item = (usize, usize)> + '_ {
@@ -231,22 +246,13 @@ impl View<'_> {
     /// alpha, E, 1/den and the clamp's liveness at positions [s0,s1), as [L,K] into `ws`.
     fn weights(&self, s0: usize, s1: usize, ws: &mut Ws) {
         let (t, k) = (self.t, self.k);
+        let n = (s1 - s0) * k;
+        ws.a[..n].copy_from_slice(&self.al[s0 * k..s1 * k]);
+        ws.e[..n].copy_from_slice(&self.eg[s0 * k..s1 * k]);
         for s in 0..k {
-            let mp = self.mprev(s);
             let row = s * t;
             for ti in s0..s1 {
                 let i = (ti - s0) * k + s;
-                let r = self.rm[row + ti];
-                ws.a[i] = if r.is_finite() {
-                    ((self.w[row + ti] - r) as f64).exp() as f32
-                } else {
-                    0.0
-                };
-                ws.e[i] = if mp.is_finite() {
-                    ((mp - r) as f64).exp() as f32
-                } else {
-                    0.0
-                };
                 let dd = self.dn[row + ti];
                 ws.inv[i] = 1.0 / dd.max(DEN_EPS);
                 ws.live[i] = dd >= DEN_EPS;
@@ -890,7 +896,8 @@ mod tests {
 
         // chunk form
         let (mut den, mut rm) = (vec![0.0; bh * k * t], vec![0.0; bh * k * t]);
-        stats_forward(&mut rm, &mut den, &wl, case.chunk, t);
+        let (mut al, mut eg) = (vec![0.0; bh * k * t], vec![0.0; bh * k * t]);
+        stats_forward(&mut rm, &mut den, &mut al, &mut eg, &wl, case.chunk, t, k);
         let nc = num_chunks(t, case.chunk);
         let mut carry = vec![0.0; bh * nc * k * d];
         let scan0 = Scan {
@@ -899,6 +906,8 @@ mod tests {
             wl: &wl,
             rmax: &rm,
             den: &den,
+            alpha: &al,
+            egate: &eg,
             v: &v,
             carry: &[],
         };
@@ -1092,7 +1101,8 @@ mod tests {
         let mut o_ref = vec![0.0; bh * t * d];
         serial::slot_mix_forward(&mut o_ref, &a, &state, dm);
         let (mut den, mut rm) = (vec![0.0; bh * k * t], vec![0.0; bh * k * t]);
-        stats_forward(&mut rm, &mut den, &wl, 3, t);
+        let (mut al, mut eg) = (vec![0.0; bh * k * t], vec![0.0; bh * k * t]);
+        stats_forward(&mut rm, &mut den, &mut al, &mut eg, &wl, 3, t, k);
         let mut carry = vec![0.0; bh * num_chunks(t, 3) * k * d];
         let scan0 = Scan {
             dm,
@@ -1100,6 +1110,8 @@ mod tests {
             wl: &wl,
             rmax: &rm,
             den: &den,
+            alpha: &al,
+            egate: &eg,
             v: &v,
             carry: &[],
         };
