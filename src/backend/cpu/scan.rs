@@ -128,6 +128,11 @@ struct Ws {
     acc: Vec<f32>,   // [K]
     r: Vec<f32>,     // [K,d] reverse carry of dnum
     rd: Vec<f32>,    // [K] reverse carry of dden
+    ct: Vec<f32>,    // [d,K] the chunk carry, transposed
+    pt_: Vec<f32>,   // [d,K] a tile-start prefix, transposed
+    vt: Vec<f32>,    // [d,L] the tile's values, transposed
+    t1: Vec<f32>,    // [L,max(K,L,d)] tile product scratch
+    t2: Vec<f32>,    // [L,max(K,L,d)] tile product scratch
 }
 
 impl Ws {
@@ -148,6 +153,11 @@ impl Ws {
             acc: vec![0.0; k],
             r: vec![0.0; k * d],
             rd: vec![0.0; k],
+            ct: Vec::new(),
+            pt_: Vec::new(),
+            vt: Vec::new(),
+            t1: vec![0.0; TILE * k.max(d).max(TILE)],
+            t2: vec![0.0; TILE * k.max(d).max(TILE)],
         }
     }
 }
@@ -282,6 +292,75 @@ fn per_chunk(buf: &mut [f32], t: usize, chunk: usize, width: usize) -> Vec<&mut 
         .collect()
 }
 
+/// Columns of the tile products held in registers at once.
+const NB: usize = 16;
+
+/// The tile product c[i, :] (+)= sum_{p in rows(i)} a[i*lda + p] b[p*ldb .. + n], for i < m:
+/// the broadcast form (a scalar of `a` times a row of `b`), with the output row kept in
+/// registers in blocks of `NB` columns, so no horizontal sums are needed. `rows(i)` is the range
+/// of p that row i reads (a masked product reads only its causal part). f32, fixed order.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_mm(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    rows: impl Fn(usize) -> (usize, usize),
+    acc: bool,
+) {
+    for i in 0..m {
+        let (p0, p1) = rows(i);
+        let ar = &a[i * lda..];
+        let cr = &mut c[i * ldc..][..n];
+        let mut j0 = 0;
+        while j0 < n {
+            let w = (n - j0).min(NB);
+            let mut r = [0f32; NB];
+            if acc {
+                r[..w].copy_from_slice(&cr[j0..j0 + w]);
+            }
+            if w == NB {
+                for p in p0..p1 {
+                    let ap = ar[p];
+                    let br: &[f32; NB] = b[p * ldb + j0..][..NB].try_into().expect("NB");
+                    for q in 0..NB {
+                        r[q] += ap * br[q];
+                    }
+                }
+            } else {
+                for p in p0..p1 {
+                    let ap = ar[p];
+                    let br = &b[p * ldb + j0..][..w];
+                    for q in 0..w {
+                        r[q] += ap * br[q];
+                    }
+                }
+            }
+            cr[j0..j0 + w].copy_from_slice(&r[..w]);
+            j0 += w;
+        }
+    }
+}
+
+/// out[j*rows_n + i] = x[i*ld + j]: the [cols, rows] transpose of the first `cols` columns of a
+/// [rows, ld] block (for the products against a matrix's transpose).
+#[inline(always)]
+fn transpose_into(out: &mut Vec<f32>, x: &[f32], rows_n: usize, cols: usize, ld: usize) {
+    out.clear();
+    out.resize(rows_n * cols, 0.0);
+    for i in 0..rows_n {
+        let xr = &x[i * ld..][..cols];
+        for (j, &v) in xr.iter().enumerate() {
+            out[j * rows_n + i] = v;
+        }
+    }
+}
+
 simd_kernel! {
 /// The numerator carried into each chunk: carry[c] = C_c, C_0 = 0, C_{c+1} = e_c C_c + P_end(c).
 /// First every chunk's own sum P_end in parallel, then a pass over the chunks per (b,h).
@@ -341,28 +420,38 @@ pub fn contract(y: &mut [f32], x: &[f32], scan: Scan) {
 }
 }
 
+/// contract on one chunk, per tile: y = inv * (mask(X V^T) A + X P^T + E * (X C^T)).
 #[inline(always)]
 fn contract_chunk(vw: &View, x: &[f32], y: &mut [f32], ws: &mut Ws) {
     let (k, d) = (vw.k, vw.d);
     ws.p.iter_mut().for_each(|p| *p = 0.0);
+    let has_c = !vw.cin.is_empty() && vw.c0 > 0;
+    if has_c {
+        transpose_into(&mut ws.ct, vw.cin, k, d, d);
+    }
     for (s0, s1) in vw.tiles() {
         vw.weights(s0, s1, ws);
         let n = s1 - s0;
+        let xt = &x[s0 * d..s1 * d];
+        // t1[l, j] = x_l . v_j (j <= l)
+        transpose_into(&mut ws.vt, &vw.v[s0 * d..s1 * d], n, d, d);
+        tile_mm(&mut ws.t1, n, xt, d, &ws.vt, n, n, n, |_| (0, d), false);
+        // t2[l, :] = sum_{j<=l} t1[l, j] A_j + x_l P^T
+        tile_mm(&mut ws.t2, k, &ws.t1, n, &ws.a, k, n, k, |l| (0, l + 1), false);
+        transpose_into(&mut ws.pt_, &ws.p, k, d, d);
+        tile_mm(&mut ws.t2, k, xt, d, &ws.pt_, k, n, k, |_| (0, d), true);
+        if has_c {
+            // t1[l, :] = x_l C^T
+            tile_mm(&mut ws.t1, k, xt, d, &ws.ct, k, n, k, |_| (0, d), false);
+        }
         for l in 0..n {
-            let xl = &x[(s0 + l) * d..][..d];
-            // acc[k] = sum_{j<=l} (x_l . v_j) A_j[k]
-            ws.acc.iter_mut().for_each(|a| *a = 0.0);
-            for j in 0..=l {
-                let xv = dot32(xl, &vw.v[(s0 + j) * d..][..d]);
-                axpy(&mut ws.acc, xv, &ws.a[j * k..(j + 1) * k]);
-            }
             let yl = &mut y[(s0 - vw.c0 + l) * k..][..k];
             for s in 0..k {
                 let i = l * k + s;
-                let mut v = ws.acc[s] + dot32(xl, &ws.p[s * d..(s + 1) * d]);
+                let mut v = ws.t2[i];
                 let e = ws.e[i];
-                if e != 0.0 {
-                    v += e * dot32(xl, &vw.cin[s * d..(s + 1) * d]);
+                if has_c && e != 0.0 {
+                    v += e * ws.t1[i];
                 }
                 yl[s] = v * ws.inv[i];
             }
@@ -388,35 +477,30 @@ pub fn mix(o: &mut [f32], a: &[f32], scan: Scan) {
 }
 }
 
+/// mix on one chunk, per tile: o = rho P + (rho * E) C + mask(rho A^T) V with rho = a / den.
 #[inline(always)]
 fn mix_chunk(vw: &View, a: &[f32], o: &mut [f32], ws: &mut Ws) {
     let (k, d) = (vw.k, vw.d);
     ws.p.iter_mut().for_each(|p| *p = 0.0);
+    let has_c = !vw.cin.is_empty() && vw.c0 > 0;
     for (s0, s1) in vw.tiles() {
         vw.weights(s0, s1, ws);
         let n = s1 - s0;
-        for l in 0..n {
-            let ol = &mut o[(s0 - vw.c0 + l) * d..][..d];
-            ol.iter_mut().for_each(|x| *x = 0.0);
-            let rho = &mut ws.rho[..k];
-            for s in 0..k {
-                let i = l * k + s;
-                rho[s] = a[(s0 + l) * k + s] * ws.inv[i];
-                if rho[s] != 0.0 {
-                    axpy(ol, rho[s], &ws.p[s * d..(s + 1) * d]);
-                    let e = ws.e[i];
-                    if e != 0.0 {
-                        axpy(ol, rho[s] * e, &vw.cin[s * d..(s + 1) * d]);
-                    }
-                }
-            }
-            for j in 0..=l {
-                let ra = dot32(rho, &ws.a[j * k..(j + 1) * k]);
-                if ra != 0.0 {
-                    axpy(ol, ra, &vw.v[(s0 + j) * d..][..d]);
-                }
-            }
+        for i in 0..n * k {
+            ws.rho[i] = a[s0 * k + i] * ws.inv[i];
         }
+        let ot = &mut o[(s0 - vw.c0) * d..][..n * d];
+        tile_mm(ot, d, &ws.rho, k, &ws.p, d, n, d, |_| (0, k), false);
+        if has_c {
+            for i in 0..n * k {
+                ws.kap[i] = ws.rho[i] * ws.e[i];
+            }
+            tile_mm(ot, d, &ws.kap, k, vw.cin, d, n, d, |_| (0, k), true);
+        }
+        // t1[l, j] = rho_l . A_j (j <= l)
+        transpose_into(&mut ws.vt, &ws.a, n, k, k);
+        tile_mm(&mut ws.t1, n, &ws.rho, k, &ws.vt, n, n, n, |_| (0, k), false);
+        tile_mm(ot, d, &ws.t1, n, &vw.v[s0 * d..], d, n, d, |l| (0, l + 1), true);
         let Ws { p, a, .. } = ws;
         vw.advance(p, a, s0, s1);
     }
