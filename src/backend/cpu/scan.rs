@@ -133,6 +133,14 @@ struct Ws {
     vt: Vec<f32>,    // [d,L] the tile's values, transposed
     t1: Vec<f32>,    // [L,max(K,L,d)] tile product scratch
     t2: Vec<f32>,    // [L,max(K,L,d)] tile product scratch
+    t3: Vec<f32>,    // [L,K] (backward)
+    t4: Vec<f32>,    // [L,L] (backward)
+    xt: Vec<f32>,    // [d,L] X^T (backward)
+    yt: Vec<f32>,    // [d,L] Y^T (backward)
+    rhot: Vec<f32>,  // [K,L] (backward)
+    kapt: Vec<f32>,  // [K,L] (backward)
+    at: Vec<f32>,    // [K,L] (backward)
+    rt: Vec<f32>,    // [d,K] (backward)
 }
 
 impl Ws {
@@ -158,6 +166,14 @@ impl Ws {
             vt: Vec::new(),
             t1: vec![0.0; TILE * k.max(d).max(TILE)],
             t2: vec![0.0; TILE * k.max(d).max(TILE)],
+            t3: vec![0.0; TILE * k],
+            t4: vec![0.0; TILE * TILE],
+            xt: Vec::new(),
+            yt: Vec::new(),
+            rhot: Vec::new(),
+            kapt: Vec::new(),
+            at: Vec::new(),
+            rt: Vec::new(),
         }
     }
 }
@@ -750,26 +766,42 @@ fn backward_chunk(
     ws.r.copy_from_slice(gout);
     ws.rd.copy_from_slice(gdout);
     dmc.iter_mut().for_each(|x| *x = 0.0);
+    let has_c = vw.c0 > 0;
+    if has_c {
+        transpose_into(&mut ws.ct, vw.cin, k, d, d);
+    }
     for (tix, &(s0, s1)) in tiles.iter().enumerate().rev() {
         let n = s1 - s0;
         vw.weights(s0, s1, ws);
         coefficients(ws, sg, base, s0, n);
         let p = &ws.pt[tix * k * d..(tix + 1) * k * d];
-        // scores inside the tile (l >= j)
-        for l in 0..n {
-            let xl = &x[(s0 + l) * d..][..d];
-            for j in 0..=l {
-                let vj = &vw.v[(s0 + j) * d..][..d];
-                ws.xv[l * TILE + j] = dot32(xl, vj);
-                if let Some(q) = q {
-                    ws.yv[l * TILE + j] = dot32(&q[(s0 + l) * d..][..d], vj);
-                }
+        let xt = &x[s0 * d..s1 * d];
+        let yt = q.map(|q| &q[s0 * d..s1 * d]);
+        let vt = &vw.v[s0 * d..s1 * d];
+        let lr = (s0 - vw.c0) * d..(s1 - vw.c0) * d;
+        // transposes of the tile's operands: X^T, Y^T [d,L]; rho^T, kap^T, A^T [K,L]; R^T [d,K]
+        transpose_into(&mut ws.xt, xt, n, d, d);
+        transpose_into(&mut ws.rhot, &ws.rho, n, k, k);
+        transpose_into(&mut ws.at, &ws.a, n, k, k);
+        transpose_into(&mut ws.rt, &ws.r, k, d, d);
+        if let Some(yt) = yt {
+            transpose_into(&mut ws.yt, yt, n, d, d);
+            transpose_into(&mut ws.kapt, &ws.kap, n, k, k);
+        }
+        // xv[j, l] = v_j . x_l, yv[j, l] = v_j . y_l (used for l >= j)
+        tile_mm(&mut ws.xv, TILE, vt, d, &ws.xt, n, n, n, |_| (0, d), false);
+        if yt.is_some() {
+            tile_mm(&mut ws.yv, TILE, vt, d, &ws.yt, n, n, n, |_| (0, d), false);
+        }
+        // dE at every position, then the running max's share: with XC = X C^T, YC = Y C^T,
+        // dE = rho XC + kap YC + g D_c (+ C . G_out + D_c Gd_out at the chunk's last position)
+        if has_c {
+            tile_mm(&mut ws.t1, k, xt, d, &ws.ct, k, n, k, |_| (0, d), false);
+            if let Some(yt) = yt {
+                tile_mm(&mut ws.t2, k, yt, d, &ws.ct, k, n, k, |_| (0, d), false);
             }
         }
-        // dE at every position, then the running max's share
         for l in 0..n {
-            let xl = &x[(s0 + l) * d..][..d];
-            let yl = q.map(|q| &q[(s0 + l) * d..][..d]);
             let last = s1 == vw.c1 && l + 1 == n;
             for s in 0..k {
                 let i = l * k + s;
@@ -779,9 +811,9 @@ fn backward_chunk(
                     continue;
                 }
                 let cs = &vw.cin[s * d..(s + 1) * d];
-                let mut de = ws.rho[i] * dot32(xl, cs) + ws.g[i] * vw.dprev(s);
-                if let Some(yl) = yl {
-                    de += ws.kap[i] * dot32(yl, cs);
+                let mut de = ws.rho[i] * ws.t1[i] + ws.g[i] * vw.dprev(s);
+                if yt.is_some() {
+                    de += ws.kap[i] * ws.t2[i];
                 }
                 if last {
                     de += dot32(cs, &gout[s * d..(s + 1) * d]) + vw.dprev(s) * gdout[s];
@@ -790,88 +822,52 @@ fn backward_chunk(
                 dmc[s] += e * de;
             }
         }
-        // dA_j = v_j . R + Rd + sum_{l>=j} (rho_l xv[l,j] + kap_l yv[l,j] + g_l);
-        // dv_j += A_j R + sum_{l>=j} (A_j . rho_l) X_l + (A_j . kap_l) Y_l
-        for j in 0..n {
-            let vj = &vw.v[(s0 + j) * d..][..d];
-            let aj = &ws.a[j * k..(j + 1) * k];
-            let acc = &mut ws.acc;
-            for s in 0..k {
-                acc[s] = dot32(vj, &ws.r[s * d..(s + 1) * d]) + ws.rd[s];
-            }
-            for l in j..n {
-                axpy(acc, ws.xv[l * TILE + j], &ws.rho[l * k..(l + 1) * k]);
-                if q.is_some() {
-                    axpy(acc, ws.yv[l * TILE + j], &ws.kap[l * k..(l + 1) * k]);
-                }
-                axpy(acc, 1.0, &ws.g[l * k..(l + 1) * k]);
-            }
+        // dA_j = v_j . R + Rd + sum_{l>=j} (xv[j,l] rho_l + yv[j,l] kap_l + g_l), as
+        // t3 = V R^T + xv rho + yv kap (causal rows) plus the suffix sums of g
+        tile_mm(&mut ws.t3, k, vt, d, &ws.rt, k, n, k, |_| (0, d), false);
+        tile_mm(&mut ws.t3, k, &ws.xv, TILE, &ws.rho, k, n, k, |j| (j, n), true);
+        if yt.is_some() {
+            tile_mm(&mut ws.t3, k, &ws.yv, TILE, &ws.kap, k, n, k, |j| (j, n), true);
+        }
+        ws.acc.copy_from_slice(&ws.rd);
+        for j in (0..n).rev() {
             let row = (s0 - vw.c0 + j) * k;
             for s in 0..k {
-                let da = aj[s] * acc[s];
+                let i = j * k + s;
+                ws.acc[s] += ws.g[i];
+                let da = ws.a[i] * (ws.t3[i] + ws.acc[s]);
                 dwd[row + s] = da;
                 dmt[row + s] -= da;
             }
-            let dvj = &mut dv[(s0 - vw.c0 + j) * d..][..d];
-            for s in 0..k {
-                if aj[s] != 0.0 {
-                    axpy(dvj, aj[s], &ws.r[s * d..(s + 1) * d]);
-                }
-            }
-            for l in j..n {
-                let cx = dot32(aj, &ws.rho[l * k..(l + 1) * k]);
-                if cx != 0.0 {
-                    axpy(dvj, cx, &x[(s0 + l) * d..][..d]);
-                }
-                if let Some(q) = q {
-                    let cy = dot32(aj, &ws.kap[l * k..(l + 1) * k]);
-                    if cy != 0.0 {
-                        axpy(dvj, cy, &q[(s0 + l) * d..][..d]);
-                    }
-                }
-            }
+        }
+        // dv_j += A_j R + sum_{l>=j} (A_j . rho_l) X_l + (A_j . kap_l) Y_l
+        let dvt = &mut dv[lr.clone()];
+        tile_mm(dvt, d, &ws.a, k, &ws.r, d, n, d, |_| (0, k), true);
+        tile_mm(&mut ws.t4, TILE, &ws.a, k, &ws.rhot, n, n, n, |_| (0, k), false);
+        tile_mm(dvt, d, &ws.t4, TILE, xt, d, n, d, |j| (j, n), true);
+        if let Some(yt) = yt {
+            tile_mm(&mut ws.t4, TILE, &ws.a, k, &ws.kapt, n, n, n, |_| (0, k), false);
+            tile_mm(dvt, d, &ws.t4, TILE, yt, d, n, d, |j| (j, n), true);
         }
         // the content read's dq_l = sum_k kap_l[k] (E_l[k] C[k] + P[k]) + sum_{j<=l} (kap_l . A_j) v_j
-        if let (Some(dqc), true) = (dq.as_deref_mut(), q.is_some()) {
-            for l in 0..n {
-                let dql = &mut dqc[(s0 - vw.c0 + l) * d..][..d];
-                for s in 0..k {
-                    let i = l * k + s;
-                    let kp = ws.kap[i];
-                    if kp != 0.0 {
-                        axpy(dql, kp, &p[s * d..(s + 1) * d]);
-                        let e = ws.e[i];
-                        if e != 0.0 {
-                            axpy(dql, kp * e, &vw.cin[s * d..(s + 1) * d]);
-                        }
-                    }
+        if let (Some(dqc), true) = (dq.as_deref_mut(), yt.is_some()) {
+            let dqt = &mut dqc[lr.clone()];
+            tile_mm(dqt, d, &ws.kap, k, p, d, n, d, |_| (0, k), true);
+            if has_c {
+                for i in 0..n * k {
+                    ws.t1[i] = ws.kap[i] * ws.e[i];
                 }
-                for j in 0..=l {
-                    let ca = dot32(&ws.kap[l * k..(l + 1) * k], &ws.a[j * k..(j + 1) * k]);
-                    if ca != 0.0 {
-                        axpy(dql, ca, &vw.v[(s0 + j) * d..][..d]);
-                    }
-                }
+                tile_mm(dqt, d, &ws.t1, k, vw.cin, d, n, d, |_| (0, k), true);
             }
+            tile_mm(&mut ws.t4, TILE, &ws.kap, k, &ws.at, n, n, n, |_| (0, k), false);
+            tile_mm(dqt, d, &ws.t4, TILE, vt, d, n, d, |l| (0, l + 1), true);
         }
-        // the suffix carry moves before this tile
-        for l in 0..n {
-            let xl = &x[(s0 + l) * d..][..d];
-            let yl = q.map(|q| &q[(s0 + l) * d..][..d]);
-            for s in 0..k {
-                let i = l * k + s;
-                let r = &mut ws.r[s * d..(s + 1) * d];
-                if ws.rho[i] != 0.0 {
-                    axpy(r, ws.rho[i], xl);
-                }
-                if let Some(yl) = yl {
-                    if ws.kap[i] != 0.0 {
-                        axpy(r, ws.kap[i], yl);
-                    }
-                }
-                ws.rd[s] += ws.g[i];
-            }
+        // the suffix carry moves before this tile: R += rho^T X + kap^T Y, Rd += sum_l g_l
+        tile_mm(&mut ws.r, d, &ws.rhot, n, xt, d, k, d, |_| (0, n), true);
+        if let Some(yt) = yt {
+            tile_mm(&mut ws.r, d, &ws.kapt, n, yt, d, k, d, |_| (0, n), true);
         }
+        ws.rd.copy_from_slice(&ws.acc);
     }
 }
 
