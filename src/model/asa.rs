@@ -567,6 +567,13 @@ impl AsaLayer {
             v.clear();
             v.resize(len, 0.0);
         };
+        // for buffers whose producer overwrites every element (see `lm::resize`)
+        let ow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() != len {
+                v.clear();
+                v.resize(len, 0.0);
+            }
+        };
 
         // projections: [B,T,C]
         cache.x.clear();
@@ -581,12 +588,12 @@ impl AsaLayer {
                 (&mut cache.q_h, self.ids.wq_read),
             ] {
                 ops::matmul_forward(&mut proj, x, &p.data[w], None, n, c, c);
-                rs(dst, n * c);
+                ow(dst, n * c);
                 k::split_heads(dst, &proj, b, t, h, d);
             }
         }
         // write keys: normalize, RoPE
-        rs(&mut cache.k_n, n * c);
+        ow(&mut cache.k_n, n * c);
         rs(&mut cache.k_norm, b * h * t);
         if cfg.normalize_k {
             k::l2normalize_forward(&mut cache.k_n, &mut cache.k_norm, &k_h, d);
@@ -594,7 +601,7 @@ impl AsaLayer {
             cache.k_n.copy_from_slice(&k_h);
         }
         drop(k_h);
-        rs(&mut cache.k_r, n * c);
+        ow(&mut cache.k_r, n * c);
         match &self.rope {
             Some(tab) => k::rope_forward(&mut cache.k_r, &cache.k_n, tab, b * h),
             None => cache.k_r.copy_from_slice(&cache.k_n),
@@ -642,8 +649,8 @@ impl AsaLayer {
         if chunked {
             let w = cfg.write_chunk_size.max(1);
             cache.state = Vec::new();
-            rs(&mut cache.alpha, b * h * t * nk);
-            rs(&mut cache.egate, b * h * t * nk);
+            ow(&mut cache.alpha, b * h * t * nk);
+            ow(&mut cache.egate, b * h * t * nk);
             scan::stats_forward(
                 &mut cache.rmax,
                 &mut cache.den,
@@ -843,8 +850,11 @@ impl AsaLayer {
             v.clear();
             v.resize(len, 0.0);
         };
+        // every one of these is overwritten whole below (GEMM, RoPE, phi)
         for v in [&mut s.u, &mut s.qs, &mut s.ks, &mut s.qf, &mut s.kf, &mut s.vs] {
-            rs(v, rows * m);
+            if v.len() != rows * m {
+                rs(v, rows * m);
+            }
         }
         ops::matmul_forward(&mut s.u, &cache.rw, &p.data[ids.slot_in], None, rows, nk, m);
         ops::matmul_forward(&mut s.vs, &s.u, &p.data[ids.slot_v], None, rows, m, m);

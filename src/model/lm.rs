@@ -130,9 +130,15 @@ impl LmCache {
     }
 }
 
+/// Sizes a cache buffer that its producer overwrites whole (LayerNorm, GEMM without bias
+/// accumulation, GELU, residual, softmax rows): kept as it is when the length already fits, so
+/// the steady step does not zero what it is about to overwrite. `tests/model_contract.rs` holds
+/// a reused cache to a fresh one, bit for bit.
 fn resize(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
+    if v.len() != n {
+        v.clear();
+        v.resize(n, 0.0);
+    }
 }
 
 impl Lm {
