@@ -286,18 +286,12 @@ impl View<'_> {
         }
     }
 
-    /// p[k] += sum_{l in tile} A_l[k] v_l  (the in-chunk prefix advances past the tile)
-    fn advance(&self, p: &mut [f32], a: &[f32], s0: usize, s1: usize) {
-        let (k, d) = (self.k, self.d);
-        for ti in s0..s1 {
-            let vl = &self.v[ti * d..][..d];
-            for s in 0..k {
-                let al = a[(ti - s0) * k + s];
-                if al != 0.0 {
-                    axpy(&mut p[s * d..(s + 1) * d], al, vl);
-                }
-            }
-        }
+    /// p[k] += sum_{l in tile} A_l[k] v_l, i.e. P += A^T V (the in-chunk prefix advances past
+    /// the tile); `at` is scratch for A^T.
+    fn advance(&self, p: &mut [f32], at: &mut Vec<f32>, s0: usize, s1: usize) {
+        let (k, d, n) = (self.k, self.d, s1 - s0);
+        transpose_into(at, &self.al[s0 * k..s1 * k], n, k, k);
+        tile_mm(p, d, at, n, &self.v[s0 * d..], d, k, d, |_| (0, n), true);
     }
 }
 
@@ -396,8 +390,7 @@ pub fn carries_forward(carry: &mut [f32], scan: Scan) {
             }
             let vw = scan.view(bh, c - 1);
             for (s0, s1) in vw.tiles() {
-                vw.weights(s0, s1, ws);
-                vw.advance(out, &ws.a, s0, s1);
+                vw.advance(out, &mut ws.at, s0, s1);
             }
         });
     // carry[c] += e_{c-1} carry[c-1], in chunk order
@@ -472,8 +465,8 @@ fn contract_chunk(vw: &View, x: &[f32], y: &mut [f32], ws: &mut Ws) {
                 yl[s] = v * ws.inv[i];
             }
         }
-        let Ws { p, a, .. } = ws;
-        vw.advance(p, a, s0, s1);
+        let Ws { p, at, .. } = ws;
+        vw.advance(p, at, s0, s1);
     }
 }
 
@@ -517,8 +510,8 @@ fn mix_chunk(vw: &View, a: &[f32], o: &mut [f32], ws: &mut Ws) {
         transpose_into(&mut ws.vt, &ws.a, n, k, k);
         tile_mm(&mut ws.t1, n, &ws.rho, k, &ws.vt, n, n, n, |_| (0, k), false);
         tile_mm(ot, d, &ws.t1, n, &vw.v[s0 * d..], d, n, d, |l| (0, l + 1), true);
-        let Ws { p, a, .. } = ws;
-        vw.advance(p, a, s0, s1);
+        let Ws { p, at, .. } = ws;
+        vw.advance(p, at, s0, s1);
     }
 }
 
@@ -597,22 +590,21 @@ pub fn backward(
                 let n = s1 - s0;
                 vw.weights(s0, s1, ws);
                 coefficients(ws, &sg, bh * t, s0, n);
-                for l in 0..n {
-                    let xl = &sg.x[(bh * t + s0 + l) * d..][..d];
-                    let yl = sg.content.map(|cg| &cg.q[(bh * t + s0 + l) * d..][..d]);
-                    for s in 0..k {
-                        let i = l * k + s;
-                        let e = ws.e[i];
-                        if e == 0.0 {
-                            continue;
-                        }
-                        let dst = &mut gcc[s * d..(s + 1) * d];
-                        axpy(dst, e * ws.rho[i], xl);
-                        if let Some(yl) = yl {
-                            axpy(dst, e * ws.kap[i], yl);
-                        }
-                        gdc[s] += e * ws.g[i];
+                // G += (E rho)^T X + (E kap)^T Y, GD += sum_l E g
+                let xt = &sg.x[(bh * t + s0) * d..(bh * t + s1) * d];
+                for i in 0..n * k {
+                    ws.t3[i] = ws.e[i] * ws.rho[i];
+                    gdc[i % k] += ws.e[i] * ws.g[i];
+                }
+                transpose_into(&mut ws.rhot, &ws.t3[..n * k], n, k, k);
+                tile_mm(gcc, d, &ws.rhot, n, xt, d, k, d, |_| (0, n), true);
+                if let Some(cg) = sg.content {
+                    let yt = &cg.q[(bh * t + s0) * d..(bh * t + s1) * d];
+                    for i in 0..n * k {
+                        ws.t3[i] = ws.e[i] * ws.kap[i];
                     }
+                    transpose_into(&mut ws.kapt, &ws.t3[..n * k], n, k, k);
+                    tile_mm(gcc, d, &ws.kapt, n, yt, d, k, d, |_| (0, n), true);
                 }
             }
         });
@@ -759,9 +751,8 @@ fn backward_chunk(
     ws.p.iter_mut().for_each(|p| *p = 0.0);
     for (ti, &(s0, s1)) in tiles.iter().enumerate() {
         ws.pt[ti * k * d..(ti + 1) * k * d].copy_from_slice(&ws.p);
-        vw.weights(s0, s1, ws);
-        let Ws { p, a, .. } = ws;
-        vw.advance(p, a, s0, s1);
+        let Ws { p, at, .. } = ws;
+        vw.advance(p, at, s0, s1);
     }
     ws.r.copy_from_slice(gout);
     ws.rd.copy_from_slice(gdout);
