@@ -7,8 +7,8 @@
 //!   sum on the GPU; on the GPU path the host keeps the parameters, a template copy and the
 //!   AdamW moments as well;
 //! - activations: the per-token, per-layer buffers of `BlockCache` + `AsaCache` (model/lm.rs,
-//!   model/asa.rs; the GPU caches in backend/cuda/model.rs have the same shapes), times B*T*L,
-//!   plus one layer's worth of backward temporaries;
+//!   model/asa.rs; on the GPU those of backend/cuda/model.rs, which keep the serial scan's
+//!   state), times B*T*L, plus one layer's worth of backward temporaries;
 //! - the [B*T, V] logits and softmax buffers (on the GPU, the fused classifier's capped block).
 //!
 //! The figures are within 2x of the peak resident size (they leave out allocator slack and
@@ -125,9 +125,69 @@ pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Floats of activations kept per token and per layer for the backward (CPU `BlockCache` +
-/// `AsaCache`; the GPU caches have the same buffers).
-pub fn floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
+/// Floats of activations kept per token and per layer for the backward: the GPU caches
+/// (backend/cuda/model.rs) with `cuda`, else the CPU's `BlockCache` + `AsaCache`.
+pub fn floats_per_token_layer(cfg: &ModelConfig, cuda: bool) -> Option<u64> {
+    if cuda {
+        gpu_floats_per_token_layer(cfg)
+    } else {
+        cpu_floats_per_token_layer(cfg)
+    }
+}
+
+/// The CPU caches (model/lm.rs, model/asa.rs) of a training step. Without dropout no mask or
+/// dropped copy is kept; the chunk form keeps one `[K, d]` carry per write chunk instead of the
+/// `[K, d]` state of every position (the intervene variant still runs the serial scan).
+fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
+    let u = |x: usize| x as u64;
+    let (c, h, k, m) = (
+        u(cfg.embed_dim),
+        u(cfg.num_heads),
+        u(cfg.num_slots),
+        u(cfg.slotspace_dim),
+    );
+    let hid = u(cfg.hidden_dim());
+    let hk = h.checked_mul(k)?;
+    // block: x, x1, ln2 (3 C); h, g (2 hid); 4 LayerNorm statistics; with dropout gd, gmask
+    // (2 hid) and the residual mask (C)
+    let mut block = c.checked_mul(3)?.checked_add(hid.checked_mul(2)?)?.checked_add(4)?;
+    if cfg.dropout > 0.0 {
+        block = block.checked_add(hid.checked_mul(2)?)?.checked_add(c)?;
+    }
+    // attention: x, k_n, k_r, v_h, q_h, merged (6 C), k_norm (H); raw, wl, den, rmax, alpha, E,
+    // lkey, lcont, logits, noisy, rw (11 [H,K]); the chunk carries; with dropout its mask (C)
+    let mut attn = c
+        .checked_mul(6)?
+        .checked_add(h)?
+        .checked_add(hk.checked_mul(11)?)?;
+    if cfg.variant == crate::config::Variant::Intervene {
+        // the serial scan's state history [K, d] per head, and out1
+        attn = attn.checked_add(k.checked_mul(c)?)?.checked_add(c)?;
+    } else {
+        attn = attn.checked_add(k.checked_mul(c)?.div_ceil(u(cfg.write_chunk_size.max(1))))?;
+    }
+    if cfg.dropout > 0.0 {
+        attn = attn.checked_add(c)?;
+    }
+    if cfg.use_slotspace_refine {
+        // u, qs, ks, qf, kf, vs, u2 ([H,M] each), z, sw, sw_pre ([H,K] each), den (H); with its
+        // dropout u2d and the mask
+        attn = attn
+            .checked_add(h.checked_mul(m)?.checked_mul(7)?)?
+            .checked_add(hk.checked_mul(3)?)?
+            .checked_add(h)?;
+        if cfg.slotspace_dropout > 0.0 {
+            attn = attn.checked_add(h.checked_mul(m)?.checked_mul(2)?)?;
+        }
+        if cfg.variant == crate::config::Variant::Intervene {
+            attn = attn.checked_add(c)?; // delta
+        }
+    }
+    block.checked_add(attn)
+}
+
+/// The GPU caches: the buffers of the serial scan's layer, the `[K, d]` state per head included.
+fn gpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
     let u = |x: usize| x as u64;
     let (c, h, k, m) = (
         u(cfg.embed_dim),
@@ -200,7 +260,7 @@ pub fn estimate(
     let p = param_count(cfg).ok_or_else(of)?;
     let pb = p.checked_mul(F32).ok_or_else(of)?;
     let tokens = (batch as u64).checked_mul(seq_len as u64).ok_or_else(of)?;
-    let per_tl = floats_per_token_layer(cfg).ok_or_else(of)?;
+    let per_tl = floats_per_token_layer(cfg, cuda).ok_or_else(of)?;
     let layer_bytes = tokens
         .checked_mul(per_tl)
         .and_then(|x| x.checked_mul(F32))

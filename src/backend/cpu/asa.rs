@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use super::scan;
 use super::simd;
 
 /// Denominator floor of the reference (`clamp_min(1e-8)`).
@@ -232,11 +233,18 @@ pub fn write_logits_forward(
         .for_each(|(bh, (r, w))| {
             let (bi, hi) = (bh / h, bh % h);
             let kk = &k[bh * t * d..(bh + 1) * t * d];
+            // r = (k keys^T)^T as a tile product (f32; rows of k against the [d,K] keys, which
+            // stay in L1), then scaled
+            let mut keys_t = Vec::new();
+            scan::transpose_into(&mut keys_t, &slot_keys[hi * nk * d..(hi + 1) * nk * d], nk, d, d);
+            let mut rt = vec![0.0f32; t * nk];
+            scan::tile_mm(&mut rt, nk, kk, d, &keys_t, nk, t, nk, |_| (0, d), false);
+            let mut tmp = Vec::new();
+            scan::transpose_into(&mut tmp, &rt, t, nk, nk);
+            r.copy_from_slice(&tmp);
             for s in 0..nk {
-                let key = &slot_keys[(hi * nk + s) * d..][..d];
                 for ti in 0..t {
-                    let x = &kk[ti * d..(ti + 1) * d];
-                    let rv = (simd::dot(key, x) * scale) as f32;
+                    let rv = (r[s * t + ti] as f64 * scale) as f32;
                     r[s * t + ti] = rv;
                     let mut v = rv / wtemp;
                     if let Some(bias) = bias_h {
@@ -279,30 +287,28 @@ pub fn write_logits_backward(
             let (bi, hi) = (bh / h, bh % h);
             let kk = &k[bh * t * d..(bh + 1) * t * d];
             let g = &dwl[bh * nk * t..(bh + 1) * nk * t];
-            let mut dkeys = vec![0.0f64; nk * d];
+            // graw[s, t] = dwl / wtemp * scale (0 at masked positions: masked_fill passes no
+            // gradient), then dk += graw^T keys and dkeys = graw k as tile products
+            let mut graw = vec![0.0f32; nk * t];
             let mut dbias = 0.0f64;
+            let f = scale / wtemp as f64;
             for s in 0..nk {
-                let key = &slot_keys[(hi * nk + s) * d..][..d];
                 for ti in 0..t {
-                    if let Some(m) = valid {
-                        if !m[bi * t + ti] {
-                            continue; // masked_fill: no gradient through masked positions
-                        }
-                    }
-                    let gw = g[s * t + ti] as f64;
-                    if gw == 0.0 {
+                    if valid.is_some_and(|m| !m[bi * t + ti]) {
                         continue;
                     }
+                    let gw = g[s * t + ti] as f64;
                     dbias += gw * ti as f64;
-                    let graw = gw / wtemp as f64 * scale;
-                    let x = &kk[ti * d..(ti + 1) * d];
-                    for j in 0..d {
-                        dkeys[s * d + j] += graw * x[j] as f64;
-                        dkk[ti * d + j] += (graw * key[j] as f64) as f32;
-                    }
+                    graw[s * t + ti] = (gw * f) as f32;
                 }
             }
-            (dkeys, dbias)
+            let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
+            let mut gt = Vec::new();
+            scan::transpose_into(&mut gt, &graw, nk, t, t);
+            scan::tile_mm(dkk, d, &gt, nk, keys, d, t, d, |_| (0, nk), true);
+            let mut dk32 = vec![0.0f32; nk * d];
+            scan::tile_mm(&mut dk32, d, &graw, t, kk, d, nk, d, |_| (0, t), false);
+            (dk32.iter().map(|&x| x as f64).collect::<Vec<f64>>(), dbias)
         })
         .collect();
     let mut dbias_acc = vec![0.0f64; h];
@@ -725,6 +731,22 @@ pub fn read_logits_backward(
         .enumerate()
         .map(|(bh, (gq, gst))| {
             let hi = bh % h;
+            if mask.is_none() && !has_content {
+                // the key part alone (the chunk form's case) as tile products:
+                // dq += g keys * scale, dkeys = g^T q * scale
+                let g: Vec<f32> = dlogits[bh * t * nk..(bh + 1) * t * nk]
+                    .iter()
+                    .map(|&x| (x as f64 * scale) as f32)
+                    .collect();
+                let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
+                scan::tile_mm(gq, d, &g, nk, keys, d, t, d, |_| (0, nk), true);
+                let mut gt = Vec::new();
+                scan::transpose_into(&mut gt, &g, t, nk, nk);
+                let mut dk32 = vec![0.0f32; nk * d];
+                let qb = &q[bh * t * d..(bh + 1) * t * d];
+                scan::tile_mm(&mut dk32, d, &gt, t, qb, d, nk, d, |_| (0, t), false);
+                return (dk32.iter().map(|&x| x as f64).collect(), 0.0);
+            }
             let mut dkeys = vec![0.0f64; nk * d];
             let mut dgamma = 0.0f64;
             for ti in 0..t {

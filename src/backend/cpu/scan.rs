@@ -311,7 +311,7 @@ const NB: usize = 16;
 /// of p that row i reads (a masked product reads only its causal part). f32, fixed order.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn tile_mm(
+pub(crate) fn tile_mm(
     c: &mut [f32],
     ldc: usize,
     a: &[f32],
@@ -360,7 +360,7 @@ fn tile_mm(
 /// out[j*rows_n + i] = x[i*ld + j]: the [cols, rows] transpose of the first `cols` columns of a
 /// [rows, ld] block (for the products against a matrix's transpose).
 #[inline(always)]
-fn transpose_into(out: &mut Vec<f32>, x: &[f32], rows_n: usize, cols: usize, ld: usize) {
+pub(crate) fn transpose_into(out: &mut Vec<f32>, x: &[f32], rows_n: usize, cols: usize, ld: usize) {
     out.clear();
     out.resize(rows_n * cols, 0.0);
     for i in 0..rows_n {
