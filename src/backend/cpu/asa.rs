@@ -664,6 +664,21 @@ pub fn read_logits_forward(
         .enumerate()
         .for_each(|(bh, ((lk, lc), lg))| {
             let hi = bh % h;
+            if mask.is_none() && !has_content {
+                // the key part alone (the chunk form's case) as a tile product:
+                // lk = q keys^T * scale, the [d,K] keys staying in L1
+                let mut keys_t = Vec::new();
+                let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
+                scan::transpose_into(&mut keys_t, keys, nk, d, d);
+                let qb = &q[bh * t * d..(bh + 1) * t * d];
+                scan::tile_mm(lk, nk, qb, d, &keys_t, nk, t, nk, |_| (0, d), false);
+                for (l, g) in lk.iter_mut().zip(lg.iter_mut()) {
+                    *l = (*l as f64 * scale) as f32;
+                    *g = *l;
+                }
+                lc.iter_mut().for_each(|x| *x = 0.0);
+                return;
+            }
             for ti in 0..t {
                 let qt = &q[(bh * t + ti) * d..][..d];
                 let keep = mask.and_then(|(m, _)| m.at(ti, t));
