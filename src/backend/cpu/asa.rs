@@ -1111,17 +1111,22 @@ pub fn linear_attn_forward(
             let mut s_mat = vec![0.0f64; m * m];
             let mut z = vec![0.0f64; m];
             let mut acc = vec![0.0f64; m];
+            // the value row widened to f64 once per position (same values, same order)
+            let mut v64 = vec![0.0f64; m];
             for ti in 0..t {
                 let (q, k, vv) = (
                     &qf[base + ti * m..][..m],
                     &kf[base + ti * m..][..m],
                     &v[base + ti * m..][..m],
                 );
+                for c in 0..m {
+                    v64[c] = vv[c] as f64;
+                }
                 for a in 0..m {
                     z[a] += k[a] as f64;
                     let ka = k[a] as f64;
                     for c in 0..m {
-                        s_mat[a * m + c] += ka * vv[c] as f64;
+                        s_mat[a * m + c] += ka * v64[c];
                     }
                 }
                 let dsum: f64 = (0..m).map(|a| q[a] as f64 * z[a].max(DEN_EPS as f64)).sum();
@@ -1193,16 +1198,20 @@ pub fn linear_attn_backward(
             let mut z = vec![0.0f64; m];
             let mut zlive = vec![true; t * m];
             let mut acc = vec![0.0f64; m];
+            // the row operands widened to f64 once per position (same values, same order)
+            let mut k64 = vec![0.0f64; m];
+            let mut q64 = vec![0.0f64; m];
             for ti in 0..t {
                 let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
                 for a in 0..m {
-                    z[a] += k[a] as f64;
+                    k64[a] = k[a] as f64;
+                    z[a] += k64[a];
                 }
                 for c in 0..m {
                     let vc = vv[c] as f64;
                     let row = &mut st[c * m..(c + 1) * m];
                     for a in 0..m {
-                        row[a] += k[a] as f64 * vc;
+                        row[a] += k64[a] * vc;
                     }
                 }
                 let gd = gden[ti];
@@ -1232,7 +1241,10 @@ pub fn linear_attn_backward(
                 let q = &qf[base + ti * m..][..m];
                 let gn = &gnum[ti * m..(ti + 1) * m];
                 for a in 0..m {
-                    let qa = q[a] as f64;
+                    q64[a] = q[a] as f64;
+                }
+                for a in 0..m {
+                    let qa = q64[a];
                     if zlive[ti * m + a] {
                         dz[a] += gden[ti] * qa;
                     }
@@ -1245,7 +1257,7 @@ pub fn linear_attn_backward(
                     let gc = gn[c];
                     let row = &mut dst[c * m..(c + 1) * m];
                     for a in 0..m {
-                        row[a] += q[a] as f64 * gc;
+                        row[a] += q64[a] * gc;
                     }
                 }
                 let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
