@@ -135,22 +135,30 @@ pub fn floats_per_token_layer(cfg: &ModelConfig, cuda: bool) -> Option<u64> {
     }
 }
 
-/// The CPU caches (model/lm.rs, model/asa.rs) of a training step. Without dropout no mask or
-/// dropped copy is kept; the chunk form keeps one `[K, d]` carry per write chunk instead of the
-/// `[K, d]` state of every position (the intervene variant still runs the serial scan).
-fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
+/// (C, H, K, M, hidden) of `cfg`, as u64.
+fn cache_dims(cfg: &ModelConfig) -> (u64, u64, u64, u64, u64) {
     let u = |x: usize| x as u64;
-    let (c, h, k, m) = (
+    (
         u(cfg.embed_dim),
         u(cfg.num_heads),
         u(cfg.num_slots),
         u(cfg.slotspace_dim),
-    );
-    let hid = u(cfg.hidden_dim());
+        u(cfg.hidden_dim()),
+    )
+}
+
+/// The CPU caches (model/lm.rs, model/asa.rs) of a training step. Without dropout no mask or
+/// dropped copy is kept; the chunk form keeps one `[K, d]` carry per write chunk instead of the
+/// `[K, d]` state of every position (the intervene variant still runs the serial scan).
+fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
+    let (c, h, k, m, hid) = cache_dims(cfg);
     let hk = h.checked_mul(k)?;
     // block: x, x1, ln2 (3 C); h, g (2 hid); 4 LayerNorm statistics; with dropout gd, gmask
     // (2 hid) and the residual mask (C)
-    let mut block = c.checked_mul(3)?.checked_add(hid.checked_mul(2)?)?.checked_add(4)?;
+    let mut block = c
+        .checked_mul(3)?
+        .checked_add(hid.checked_mul(2)?)?
+        .checked_add(4)?;
     if cfg.dropout > 0.0 {
         block = block.checked_add(hid.checked_mul(2)?)?.checked_add(c)?;
     }
@@ -164,7 +172,10 @@ fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
         // the serial scan's state history [K, d] per head, and out1
         attn = attn.checked_add(k.checked_mul(c)?)?.checked_add(c)?;
     } else {
-        attn = attn.checked_add(k.checked_mul(c)?.div_ceil(u(cfg.write_chunk_size.max(1))))?;
+        attn = attn.checked_add(
+            k.checked_mul(c)?
+                .div_ceil(cfg.write_chunk_size.max(1) as u64),
+        )?;
     }
     if cfg.dropout > 0.0 {
         attn = attn.checked_add(c)?;
@@ -188,14 +199,7 @@ fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
 
 /// The GPU caches: the buffers of the serial scan's layer, the `[K, d]` state per head included.
 fn gpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {
-    let u = |x: usize| x as u64;
-    let (c, h, k, m) = (
-        u(cfg.embed_dim),
-        u(cfg.num_heads),
-        u(cfg.num_slots),
-        u(cfg.slotspace_dim),
-    );
-    let hid = u(cfg.hidden_dim());
+    let (c, h, k, m, hid) = cache_dims(cfg);
     // block: x, ln1, attn_out, x1, ln2, m, md, mmask; h, g, gd, gmask; 4 LayerNorm statistics
     let block = c
         .checked_mul(8)?

@@ -851,7 +851,9 @@ impl AsaLayer {
             v.resize(len, 0.0);
         };
         // every one of these is overwritten whole below (GEMM, RoPE, phi)
-        for v in [&mut s.u, &mut s.qs, &mut s.ks, &mut s.qf, &mut s.kf, &mut s.vs] {
+        for v in [
+            &mut s.u, &mut s.qs, &mut s.ks, &mut s.qf, &mut s.kf, &mut s.vs,
+        ] {
             if v.len() != rows * m {
                 rs(v, rows * m);
             }

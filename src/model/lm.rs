@@ -16,12 +16,12 @@ use crate::model::params::{BlockIds, LmIds, ParamStore};
 /// Activations of one block.
 #[derive(Debug, Default, Clone)]
 pub struct BlockCache {
-    x: Vec<f32>,   // [B,T,C] block input (residual stream)
+    x: Vec<f32>, // [B,T,C] block input (residual stream)
     ln1_mean: Vec<f32>,
     ln1_rstd: Vec<f32>,
     pub attn: AsaCache,
-    x1: Vec<f32>, // [B,T,C] x + attn(ln1(x))
-    ln2: Vec<f32>,          // [B,T,C]
+    x1: Vec<f32>,  // [B,T,C] x + attn(ln1(x))
+    ln2: Vec<f32>, // [B,T,C]
     ln2_mean: Vec<f32>,
     ln2_rstd: Vec<f32>,
     h: Vec<f32>,  // [B,T,hid] mlp.0 output
@@ -251,15 +251,7 @@ impl Lm {
         // embeddings: [B,T,C]
         let mut emb = vec![0.0; n * c];
         let wpe = self.ids.pos_emb.map(|i| p.data[i].as_slice());
-        ops::encoder_forward(
-            &mut emb,
-            ids,
-            &p.data[self.ids.token_emb],
-            wpe,
-            b,
-            t,
-            c,
-        );
+        ops::encoder_forward(&mut emb, ids, &p.data[self.ids.token_emb], wpe, b, t, c);
         let mut x0 = Vec::new();
         ops::dropout_saved(&mut x0, &mut cache.emask, &emb, pdrop, &mut self.rng);
 

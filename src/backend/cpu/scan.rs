@@ -446,7 +446,18 @@ fn contract_chunk(vw: &View, x: &[f32], y: &mut [f32], ws: &mut Ws) {
         transpose_into(&mut ws.vt, &vw.v[s0 * d..s1 * d], n, d, d);
         tile_mm(&mut ws.t1, n, xt, d, &ws.vt, n, n, n, |_| (0, d), false);
         // t2[l, :] = sum_{j<=l} t1[l, j] A_j + x_l P^T
-        tile_mm(&mut ws.t2, k, &ws.t1, n, &ws.a, k, n, k, |l| (0, l + 1), false);
+        tile_mm(
+            &mut ws.t2,
+            k,
+            &ws.t1,
+            n,
+            &ws.a,
+            k,
+            n,
+            k,
+            |l| (0, l + 1),
+            false,
+        );
         transpose_into(&mut ws.pt_, &ws.p, k, d, d);
         tile_mm(&mut ws.t2, k, xt, d, &ws.pt_, k, n, k, |_| (0, d), true);
         if has_c {
@@ -508,8 +519,30 @@ fn mix_chunk(vw: &View, a: &[f32], o: &mut [f32], ws: &mut Ws) {
         }
         // t1[l, j] = rho_l . A_j (j <= l)
         transpose_into(&mut ws.vt, &ws.a, n, k, k);
-        tile_mm(&mut ws.t1, n, &ws.rho, k, &ws.vt, n, n, n, |_| (0, k), false);
-        tile_mm(ot, d, &ws.t1, n, &vw.v[s0 * d..], d, n, d, |l| (0, l + 1), true);
+        tile_mm(
+            &mut ws.t1,
+            n,
+            &ws.rho,
+            k,
+            &ws.vt,
+            n,
+            n,
+            n,
+            |_| (0, k),
+            false,
+        );
+        tile_mm(
+            ot,
+            d,
+            &ws.t1,
+            n,
+            &vw.v[s0 * d..],
+            d,
+            n,
+            d,
+            |l| (0, l + 1),
+            true,
+        );
         let Ws { p, at, .. } = ws;
         vw.advance(p, at, s0, s1);
     }
@@ -816,9 +849,31 @@ fn backward_chunk(
         // dA_j = v_j . R + Rd + sum_{l>=j} (xv[j,l] rho_l + yv[j,l] kap_l + g_l), as
         // t3 = V R^T + xv rho + yv kap (causal rows) plus the suffix sums of g
         tile_mm(&mut ws.t3, k, vt, d, &ws.rt, k, n, k, |_| (0, d), false);
-        tile_mm(&mut ws.t3, k, &ws.xv, TILE, &ws.rho, k, n, k, |j| (j, n), true);
+        tile_mm(
+            &mut ws.t3,
+            k,
+            &ws.xv,
+            TILE,
+            &ws.rho,
+            k,
+            n,
+            k,
+            |j| (j, n),
+            true,
+        );
         if yt.is_some() {
-            tile_mm(&mut ws.t3, k, &ws.yv, TILE, &ws.kap, k, n, k, |j| (j, n), true);
+            tile_mm(
+                &mut ws.t3,
+                k,
+                &ws.yv,
+                TILE,
+                &ws.kap,
+                k,
+                n,
+                k,
+                |j| (j, n),
+                true,
+            );
         }
         ws.acc.copy_from_slice(&ws.rd);
         for j in (0..n).rev() {
@@ -834,10 +889,32 @@ fn backward_chunk(
         // dv_j += A_j R + sum_{l>=j} (A_j . rho_l) X_l + (A_j . kap_l) Y_l
         let dvt = &mut dv[lr.clone()];
         tile_mm(dvt, d, &ws.a, k, &ws.r, d, n, d, |_| (0, k), true);
-        tile_mm(&mut ws.t4, TILE, &ws.a, k, &ws.rhot, n, n, n, |_| (0, k), false);
+        tile_mm(
+            &mut ws.t4,
+            TILE,
+            &ws.a,
+            k,
+            &ws.rhot,
+            n,
+            n,
+            n,
+            |_| (0, k),
+            false,
+        );
         tile_mm(dvt, d, &ws.t4, TILE, xt, d, n, d, |j| (j, n), true);
         if let Some(yt) = yt {
-            tile_mm(&mut ws.t4, TILE, &ws.a, k, &ws.kapt, n, n, n, |_| (0, k), false);
+            tile_mm(
+                &mut ws.t4,
+                TILE,
+                &ws.a,
+                k,
+                &ws.kapt,
+                n,
+                n,
+                n,
+                |_| (0, k),
+                false,
+            );
             tile_mm(dvt, d, &ws.t4, TILE, yt, d, n, d, |j| (j, n), true);
         }
         // the content read's dq_l = sum_k kap_l[k] (E_l[k] C[k] + P[k]) + sum_{j<=l} (kap_l . A_j) v_j
@@ -850,7 +927,18 @@ fn backward_chunk(
                 }
                 tile_mm(dqt, d, &ws.t1, k, vw.cin, d, n, d, |_| (0, k), true);
             }
-            tile_mm(&mut ws.t4, TILE, &ws.kap, k, &ws.at, n, n, n, |_| (0, k), false);
+            tile_mm(
+                &mut ws.t4,
+                TILE,
+                &ws.kap,
+                k,
+                &ws.at,
+                n,
+                n,
+                n,
+                |_| (0, k),
+                false,
+            );
             tile_mm(dqt, d, &ws.t4, TILE, vt, d, n, d, |l| (0, l + 1), true);
         }
         // the suffix carry moves before this tile: R += rho^T X + kap^T Y, Rd += sum_l g_l
