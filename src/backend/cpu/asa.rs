@@ -280,7 +280,7 @@ pub fn write_logits_backward(
     let SlotDims { b, h, t, k: nk, d } = dm;
     let scale = 1.0 / (d as f64).sqrt();
     // per (b,h): dk rows, plus partial dslot_keys[h] and dbias[h]; summed over b afterwards in order.
-    let partial: Vec<(Vec<f64>, f64)> = dk
+    let partial: Vec<(Vec<f32>, f64)> = dk
         .par_chunks_mut(t * d)
         .enumerate()
         .map(|(bh, dkk)| {
@@ -308,7 +308,7 @@ pub fn write_logits_backward(
             scan::tile_mm(dkk, d, &gt, nk, keys, d, t, d, |_| (0, nk), true);
             let mut dk32 = vec![0.0f32; nk * d];
             scan::tile_mm(&mut dk32, d, &graw, t, kk, d, nk, d, |_| (0, t), false);
-            (dk32.iter().map(|&x| x as f64).collect::<Vec<f64>>(), dbias)
+            (dk32, dbias)
         })
         .collect();
     let mut dbias_acc = vec![0.0f64; h];
@@ -319,7 +319,7 @@ pub fn write_logits_backward(
                 .iter_mut()
                 .zip(dkeys)
             {
-                *o += *v as f32;
+                *o += *v;
             }
             dbias_acc[hi] += dbias;
         }
@@ -664,27 +664,18 @@ pub fn read_logits_forward(
         .enumerate()
         .for_each(|(bh, ((lk, lc), lg))| {
             let hi = bh % h;
-            if mask.is_none() && !has_content {
-                // the key part alone (the chunk form's case) as a tile product:
-                // lk = q keys^T * scale, the [d,K] keys staying in L1
-                let mut keys_t = Vec::new();
-                let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
-                scan::transpose_into(&mut keys_t, keys, nk, d, d);
-                let qb = &q[bh * t * d..(bh + 1) * t * d];
-                scan::tile_mm(lk, nk, qb, d, &keys_t, nk, t, nk, |_| (0, d), false);
-                for (l, g) in lk.iter_mut().zip(lg.iter_mut()) {
-                    *l = (*l as f64 * scale) as f32;
-                    *g = *l;
-                }
-                lc.iter_mut().for_each(|x| *x = 0.0);
-                return;
-            }
+            // the key part of every position as one tile product: lk = q keys^T * scale (the
+            // [d,K] keys stay in L1); the content part and the mask follow per element
+            let mut keys_t = Vec::new();
+            let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
+            scan::transpose_into(&mut keys_t, keys, nk, d, d);
+            let qb = &q[bh * t * d..(bh + 1) * t * d];
+            scan::tile_mm(lk, nk, qb, d, &keys_t, nk, t, nk, |_| (0, d), false);
             for ti in 0..t {
                 let qt = &q[(bh * t + ti) * d..][..d];
                 let keep = mask.and_then(|(m, _)| m.at(ti, t));
                 for s in 0..nk {
-                    let key = &slot_keys[(hi * nk + s) * d..][..d];
-                    let mut vk = (simd::dot(key, qt) * scale) as f32;
+                    let mut vk = (lk[ti * nk + s] as f64 * scale) as f32;
                     let mut vc = 0.0f32;
                     if has_content {
                         let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
@@ -740,29 +731,15 @@ pub fn read_logits_backward(
         }
     };
     let ds_chunk = ds_buf.len() / (b * h);
-    let partial: Vec<(Vec<f64>, f64)> = dq
+    let partial: Vec<(Vec<f32>, f64)> = dq
         .par_chunks_mut(t * d)
         .zip(ds_buf.par_chunks_mut(ds_chunk))
         .enumerate()
         .map(|(bh, (gq, gst))| {
             let hi = bh % h;
-            if mask.is_none() && !has_content {
-                // the key part alone (the chunk form's case) as tile products:
-                // dq += g keys * scale, dkeys = g^T q * scale
-                let g: Vec<f32> = dlogits[bh * t * nk..(bh + 1) * t * nk]
-                    .iter()
-                    .map(|&x| (x as f64 * scale) as f32)
-                    .collect();
-                let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
-                scan::tile_mm(gq, d, &g, nk, keys, d, t, d, |_| (0, nk), true);
-                let mut gt = Vec::new();
-                scan::transpose_into(&mut gt, &g, t, nk, nk);
-                let mut dk32 = vec![0.0f32; nk * d];
-                let qb = &q[bh * t * d..(bh + 1) * t * d];
-                scan::tile_mm(&mut dk32, d, &gt, t, qb, d, nk, d, |_| (0, t), false);
-                return (dk32.iter().map(|&x| x as f64).collect(), 0.0);
-            }
-            let mut dkeys = vec![0.0f64; nk * d];
+            // gk[t, s] = dlogits * scale where the key logit is live (0 where masked): the key
+            // part's gradients are then two tile products; the content part goes per element
+            let mut gk = vec![0.0f32; t * nk];
             let mut dgamma = 0.0f64;
             for ti in 0..t {
                 let qt = &q[(bh * t + ti) * d..][..d];
@@ -779,19 +756,15 @@ pub fn read_logits_backward(
                         (true, Some(ReadMask::ContentOnly)) => (true, false),
                         _ => (true, true),
                     };
-                    let gqt = &mut gq[ti * d..(ti + 1) * d];
                     if key_live {
-                        let key = &slot_keys[(hi * nk + s) * d..][..d];
-                        for j in 0..d {
-                            gqt[j] += (g * scale * key[j] as f64) as f32;
-                            dkeys[s * d + j] += g * scale * qt[j] as f64;
-                        }
+                        gk[ti * nk + s] = (g * scale) as f32;
                     }
                     if has_content && cont_live {
                         let lc = lcont.unwrap()[i] as f64;
                         dgamma += g * lc;
                         let gc = g * gamma as f64 * scale;
                         let sv = &state[((bh * t + ti) * nk + s) * d..][..d];
+                        let gqt = &mut gq[ti * d..(ti + 1) * d];
                         let gs = &mut gst[(ti * nk + s) * d..][..d];
                         for j in 0..d {
                             gqt[j] += (gc * sv[j] as f64) as f32;
@@ -800,6 +773,14 @@ pub fn read_logits_backward(
                     }
                 }
             }
+            // dq += gk keys, dkeys = gk^T q
+            let keys = &slot_keys[hi * nk * d..(hi + 1) * nk * d];
+            scan::tile_mm(gq, d, &gk, nk, keys, d, t, d, |_| (0, nk), true);
+            let mut gt = Vec::new();
+            scan::transpose_into(&mut gt, &gk, t, nk, nk);
+            let mut dkeys = vec![0.0f32; nk * d];
+            let qb = &q[bh * t * d..(bh + 1) * t * d];
+            scan::tile_mm(&mut dkeys, d, &gt, t, qb, d, nk, d, |_| (0, t), false);
             (dkeys, dgamma)
         })
         .collect();
@@ -811,7 +792,7 @@ pub fn read_logits_backward(
                 .iter_mut()
                 .zip(dk)
             {
-                *o += *v as f32;
+                *o += *v;
             }
             dgamma += dg;
         }
