@@ -579,9 +579,9 @@ impl AsaLayer {
         cache.x.clear();
         cache.x.extend_from_slice(x);
         // (the projections before the head split are not kept: the backward needs x only)
-        let mut k_h = vec![0.0; n * c];
+        let mut k_h = ops::zeros(n * c);
         {
-            let mut proj = vec![0.0; n * c];
+            let mut proj = ops::zeros(n * c);
             for (dst, w) in [
                 (&mut k_h, self.ids.wk_write),
                 (&mut cache.v_h, self.ids.wv_write),
@@ -748,7 +748,7 @@ impl AsaLayer {
         if chunked {
             // out_h = sum_k (rw + gate*sw) S_t in one pass over the chunks
             let mu = self.mix_weights(cache);
-            out_h = vec![0.0; n * c];
+            out_h = ops::zeros(n * c);
             scan::mix(
                 &mut out_h,
                 mu.as_deref().unwrap_or(&cache.rw),
@@ -773,8 +773,8 @@ impl AsaLayer {
         }
 
         // merge heads, out_proj, dropout
-        rs(&mut cache.merged, n * c);
-        k::merge_heads_acc(&mut cache.merged, &out_h, b, t, h, d);
+        ow(&mut cache.merged, n * c);
+        k::merge_heads(&mut cache.merged, &out_h, b, t, h, d);
         drop(out_h);
         let pdrop = if opts.training {
             cfg.dropout as f32
@@ -783,7 +783,7 @@ impl AsaLayer {
         };
         let wo = &p.data[self.ids.out_proj];
         if pdrop > 0.0 {
-            let mut proj = vec![0.0; n * c];
+            let mut proj = ops::zeros(n * c);
             ops::matmul_forward(&mut proj, &cache.merged, wo, None, n, c, c);
             rs(&mut cache.drop, n * c);
             ops::dropout_forward(out, &mut cache.drop, &proj, pdrop, rng);
@@ -862,7 +862,7 @@ impl AsaLayer {
         ops::matmul_forward(&mut s.vs, &s.u, &p.data[ids.slot_v], None, rows, m, m);
         {
             // slot_q(u), slot_k(u) before RoPE are not kept (RoPE's backward needs no input)
-            let mut pre = vec![0.0; rows * m];
+            let mut pre = ops::zeros(rows * m);
             for (dst, w) in [(&mut s.qs, ids.slot_q), (&mut s.ks, ids.slot_k)] {
                 match &self.rope_ss {
                     Some(tab) => {
@@ -1268,7 +1268,7 @@ impl AsaLayer {
 
         // dropout, out_proj, heads
         let dproj = ops::dropout_grad(dout, &cache.drop);
-        let mut dmerged = vec![0.0; n * c];
+        let mut dmerged = ops::zeros(n * c);
         ops::matmul_backward(
             &mut dmerged,
             &mut g.wo,
@@ -1280,15 +1280,15 @@ impl AsaLayer {
             c,
             c,
         );
-        let mut dout_h = vec![0.0; n * c];
+        let mut dout_h = ops::zeros(n * c);
         k::split_heads(&mut dout_h, &dmerged, b, t, h, d);
 
         let chunked = cache.chunked;
-        let mut dstate = vec![0.0; cache.state.len()];
-        let mut drw = vec![0.0; cache.rw.len()];
+        let mut dstate = ops::zeros(cache.state.len());
+        let mut drw = ops::zeros(cache.rw.len());
         // chunk form: dmu_t[k] = dO_t . S_t[k], the gradient of the mix weights rw + gate*sw
         let dmu = chunked.then(|| {
-            let mut y = vec![0.0; cache.rw.len()];
+            let mut y = ops::zeros(cache.rw.len());
             scan::contract(&mut y, &dout_h, self.scan_view(cache, dm));
             y
         });
@@ -1300,10 +1300,10 @@ impl AsaLayer {
             let rows = b * h * t;
             let gate = cache.gate as f64;
             // d(delta) (without gate) and d(gate)
-            let mut ddelta = vec![0.0f32; if chunked { 0 } else { rows * d }];
-            let mut dz = vec![0.0f32; rows * nk];
+            let mut ddelta = ops::zeros(if chunked { 0 } else { rows * d });
+            let mut dz = ops::zeros(rows * nk);
             let mut dgate = 0.0f64;
-            let mut dsw = vec![0.0; rows * nk];
+            let mut dsw = ops::zeros(rows * nk);
             if let Some(dmu) = &dmu {
                 // delta = sum_k sw S: d(gate) = sum sw . dmu, d(sw) = gate * dmu
                 dgate =
@@ -1334,7 +1334,7 @@ impl AsaLayer {
             if !chunked {
                 k::slot_mix_backward(&mut dsw, &mut dstate, &ddelta, &s.sw, &cache.state, dm);
             }
-            let mut dsw_pre = vec![0.0; rows * nk];
+            let mut dsw_pre = ops::zeros(rows * nk);
             match opts
                 .slot_mask
                 .as_ref()
@@ -1356,7 +1356,7 @@ impl AsaLayer {
             } else {
                 k::softmax_slots_backward(&mut dz, &s.sw_pre, &dsw_pre, nk);
             }
-            let mut du2d = vec![0.0; rows * m];
+            let mut du2d = ops::zeros(rows * m);
             ops::matmul_backward(
                 &mut du2d,
                 &mut g.slot_out,
@@ -1370,9 +1370,9 @@ impl AsaLayer {
             );
             let du2 = ops::dropout_grad(&du2d, &s.drop);
             let (mut dqf, mut dkf, mut dvs) = (
-                vec![0.0; rows * m],
-                vec![0.0; rows * m],
-                vec![0.0; rows * m],
+                ops::zeros(rows * m),
+                ops::zeros(rows * m),
+                ops::zeros(rows * m),
             );
             k::linear_attn_backward(
                 &mut dqf, &mut dkf, &mut dvs, &du2, &s.u2, &s.den, &s.qf, &s.kf, &s.vs, t, m,
@@ -1385,25 +1385,23 @@ impl AsaLayer {
                 }
                 k::mask_rows_forward(&mut dvs, vm, h, t, m);
             }
-            let (mut dqs, mut dks) = (vec![0.0; rows * m], vec![0.0; rows * m]);
+            let (mut dqs, mut dks) = (ops::zeros(rows * m), ops::zeros(rows * m));
             k::phi_backward(&mut dqs, &s.qs, &dqf);
             k::phi_backward(&mut dks, &s.ks, &dkf);
             if let (Some(vm), true) = (valid, online) {
                 k::mask_rows_forward(&mut dqs, vm, h, t, m);
                 k::mask_rows_forward(&mut dks, vm, h, t, m);
             }
-            let (mut dqs0, mut dks0) = (vec![0.0; rows * m], vec![0.0; rows * m]);
-            match &self.rope_ss {
+            let (dqs0, dks0) = match &self.rope_ss {
                 Some(tab) => {
+                    let (mut dqs0, mut dks0) = (ops::zeros(rows * m), ops::zeros(rows * m));
                     k::rope_backward(&mut dqs0, &dqs, tab, b * h);
                     k::rope_backward(&mut dks0, &dks, tab, b * h);
+                    (dqs0, dks0)
                 }
-                None => {
-                    dqs0 = dqs;
-                    dks0 = dks;
-                }
-            }
-            let mut du = vec![0.0; rows * m];
+                None => (dqs, dks),
+            };
+            let mut du = ops::zeros(rows * m);
             ops::matmul_backward(
                 &mut du,
                 &mut g.slot_q,
@@ -1464,7 +1462,7 @@ impl AsaLayer {
             .as_ref()
             .filter(|sm| sm.where_ == SlotMaskWhere::Read)
             .map(|sm| &sm.keep);
-        let mut dlogits = vec![0.0; cache.rw.len()];
+        let mut dlogits = ops::zeros(cache.rw.len());
         k::read_weights_backward(
             &mut dlogits,
             &drw,
@@ -1480,7 +1478,7 @@ impl AsaLayer {
             SlotMaskWhere::ContentReadOnly => Some((&sm.keep, ReadMask::ContentOnly)),
             SlotMaskWhere::SlotspaceOnly => None,
         });
-        let mut dq_h = vec![0.0; n * c];
+        let mut dq_h = ops::zeros(n * c);
         let mut dkeys = vec![0.0; h * nk * d];
         let content = cfg.use_content_read && !chunked;
         let mut dgamma = k::read_logits_backward(
@@ -1518,8 +1516,8 @@ impl AsaLayer {
         }
 
         // write scan and write logits
-        let mut dwl = vec![0.0; cache.wl.len()];
-        let mut dv_h = vec![0.0; n * c];
+        let mut dwl = ops::zeros(cache.wl.len());
+        let mut dv_h = ops::zeros(n * c);
         if let Some(dmu) = &dmu {
             let mu = self.mix_weights(cache);
             let sg = StateGrad {
@@ -1549,7 +1547,7 @@ impl AsaLayer {
             );
         }
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
-        let mut dk_r = vec![0.0; n * c];
+        let mut dk_r = ops::zeros(n * c);
         let mut dbias = vec![0.0f64; h];
         k::write_logits_backward(
             &mut dkeys,
@@ -1573,25 +1571,29 @@ impl AsaLayer {
         for (i, v) in dkeys.iter().enumerate() {
             g.slot_keys[i] += v * cache.key_keep[i / d];
         }
-        let mut dk_n = vec![0.0; n * c];
-        match &self.rope {
-            Some(tab) => k::rope_backward(&mut dk_n, &dk_r, tab, b * h),
-            None => dk_n = dk_r,
-        }
-        let mut dk_h = vec![0.0; n * c];
-        if cfg.normalize_k {
+        let dk_n = match &self.rope {
+            Some(tab) => {
+                let mut dk_n = ops::zeros(n * c);
+                k::rope_backward(&mut dk_n, &dk_r, tab, b * h);
+                dk_n
+            }
+            None => dk_r,
+        };
+        let dk_h = if cfg.normalize_k {
+            let mut dk_h = ops::zeros(n * c);
             k::l2normalize_backward(&mut dk_h, &dk_n, &cache.k_n, &cache.k_norm, d);
+            dk_h
         } else {
-            dk_h = dk_n;
-        }
+            dk_n
+        };
         // heads back to [B,T,C], then the projections
+        let mut dp = ops::zeros(n * c);
         for (dh, w, gw) in [
             (&dk_h, self.ids.wk_write, &mut g.wk),
             (&dv_h, self.ids.wv_write, &mut g.wv),
             (&dq_h, self.ids.wq_read, &mut g.wq),
         ] {
-            let mut dp = vec![0.0; n * c];
-            k::merge_heads_acc(&mut dp, dh, b, t, h, d);
+            k::merge_heads(&mut dp, dh, b, t, h, d);
             ops::matmul_backward(dx, gw, None, &dp, &cache.x, &p.data[w], n, c, c);
         }
         g

@@ -249,7 +249,7 @@ impl Lm {
         };
 
         // embeddings: [B,T,C]
-        let mut emb = vec![0.0; n * c];
+        let mut emb = ops::zeros(n * c);
         let wpe = self.ids.pos_emb.map(|i| p.data[i].as_slice());
         ops::encoder_forward(&mut emb, ids, &p.data[self.ids.token_emb], wpe, b, t, c);
         let mut x0 = Vec::new();
@@ -269,7 +269,7 @@ impl Lm {
             bc.x.clone_from(&x);
             // ln1, the attention's and the MLP's outputs are not kept: the attention saves its
             // input itself and the residual adds need no backward input
-            let mut ln1 = vec![0.0; n * c];
+            let mut ln1 = ops::zeros(n * c);
             resize(&mut bc.ln1_mean, n);
             resize(&mut bc.ln1_rstd, n);
             ops::layernorm_forward(
@@ -282,7 +282,7 @@ impl Lm {
                 n,
                 c,
             );
-            let mut attn_out = vec![0.0; n * c];
+            let mut attn_out = ops::zeros(n * c);
             let layer_opts;
             let lo = match hooks.layer_routing.get(l) {
                 Some(Some(r)) => {
@@ -337,7 +337,7 @@ impl Lm {
             resize(&mut bc.g, n * hid);
             ops::gelu_forward(&mut bc.g, &bc.h);
             ops::dropout_saved(&mut bc.gd, &mut bc.gmask, &bc.g, pdrop, &mut self.rng);
-            let mut m = vec![0.0; n * c];
+            let mut m = ops::zeros(n * c);
             ops::matmul_forward(
                 &mut m,
                 ops::dropped(&bc.gd, &bc.g),
@@ -452,7 +452,7 @@ impl Lm {
         let (c, v, hid) = (cfg.embed_dim, cfg.vocab_size, cfg.hidden_dim());
         let n = b * t;
         let head = self.ids.head();
-        let mut dlnf = vec![0.0; n * c];
+        let mut dlnf = ops::zeros(n * c);
         ops::matmul_backward(
             &mut dlnf,
             &mut grads.data[head],
@@ -464,7 +464,7 @@ impl Lm {
             c,
             v,
         );
-        let mut dx = vec![0.0; n * c];
+        let mut dx = ops::zeros(n * c);
         {
             let [gw, gb] = grads
                 .data
@@ -488,7 +488,7 @@ impl Lm {
             let bid = &self.ids.blocks[l];
             // x2 = x1 + drop(mlp3(drop(gelu(mlp0(ln2(x1))))))
             let dm = ops::dropout_grad(&dx, &bc.mmask);
-            let mut dgd = vec![0.0; n * hid];
+            let mut dgd = ops::zeros(n * hid);
             {
                 let (w, bias) = (bid.mlp_3_w, bid.mlp_3_b);
                 let (gw, gb) = two_mut(&mut grads.data, w, bias);
@@ -497,15 +497,15 @@ impl Lm {
             }
             drop(dm);
             let dg = ops::dropout_grad(&dgd, &bc.gmask);
-            let mut dh = vec![0.0; n * hid];
+            let mut dh = ops::zeros(n * hid);
             ops::gelu_backward(&mut dh, &bc.h, &dg);
-            let mut dln2 = vec![0.0; n * c];
+            let mut dln2 = ops::zeros(n * c);
             {
                 let (w, bias) = (bid.mlp_0_w, bid.mlp_0_b);
                 let (gw, gb) = two_mut(&mut grads.data, w, bias);
                 ops::matmul_backward(&mut dln2, gw, gb, &dh, &bc.ln2, &p.data[w], n, c, hid);
             }
-            let mut dx1 = dx.clone();
+            let mut dx1 = ops::copied(&dx);
             {
                 let [gw, gb] = grads
                     .data
@@ -525,7 +525,7 @@ impl Lm {
                 );
             }
             // x1 = x + attn(ln1(x))
-            let mut dln1 = vec![0.0; n * c];
+            let mut dln1 = ops::zeros(n * c);
             let ag = self.layers[l].backward(p, &bc.attn, opts, &dx1, &mut dln1);
             ag.accumulate_into(grads, &bid.attn);
             let mut dxin = dx1;

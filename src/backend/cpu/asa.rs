@@ -140,18 +140,37 @@ pub fn split_heads(out: &mut [f32], inp: &[f32], _b: usize, t: usize, h: usize, 
     });
 }
 
-/// out: [B,T,H*d] += inp: [B,H,T,d]  (the backward of `split_heads`, and `merge_heads` when out is 0)
+/// out: [B,T,H*d] += inp: [B,H,T,d]  (the backward of `split_heads`)
 pub fn merge_heads_acc(out: &mut [f32], inp: &[f32], b: usize, t: usize, h: usize, d: usize) {
+    merge_heads_with(out, inp, b, t, h, d, |x, s| *x += s);
+}
+
+/// out: [B,T,H*d] = inp: [B,H,T,d] (every element written: `out` needs no zeroing; the GPU
+/// step zeroes and calls its accumulating `merge_heads`)
+pub fn merge_heads(out: &mut [f32], inp: &[f32], b: usize, t: usize, h: usize, d: usize) {
+    merge_heads_with(out, inp, b, t, h, d, |x, s| *x = s);
+}
+
+fn merge_heads_with(
+    out: &mut [f32],
+    inp: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    put: impl Fn(&mut f32, f32) + Sync,
+) {
+    assert_eq!(out.len(), b * t * h * d, "merge_heads: out shape");
+    assert_eq!(inp.len(), out.len(), "merge_heads: inp shape");
     out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
         let (bi, ti) = (bt / t, bt % t);
         for hi in 0..h {
             let src = &inp[((bi * h + hi) * t + ti) * d..][..d];
-            for (x, s) in o[hi * d..(hi + 1) * d].iter_mut().zip(src) {
-                *x += *s;
+            for (x, &s) in o[hi * d..(hi + 1) * d].iter_mut().zip(src) {
+                put(x, s);
             }
         }
     });
-    let _ = b;
 }
 
 /// F.normalize(x, dim=-1, eps=1e-8): out = x / max(|x|, eps). out, inp: [rows,d]; norm: [rows]
