@@ -216,20 +216,7 @@ pub fn layernorm_forward(
         .zip(inp.par_chunks(c))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .for_each(|((o, x), (m, r))| {
-            let mu = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = x
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mu;
-                    d * d
-                })
-                .sum::<f64>()
-                / c as f64;
-            let rs = 1.0 / (var + LAYERNORM_EPS).sqrt();
-            for j in 0..c {
-                let norm = (x[j] as f64 - mu) * rs;
-                o[j] = (norm * weight[j] as f64 + bias[j] as f64) as f32;
-            }
+            let (mu, rs) = simd::layernorm_row_forward(o, x, weight, bias, LAYERNORM_EPS);
             *m = mu as f32;
             *r = rs as f32;
         });
@@ -268,22 +255,7 @@ pub fn layernorm_backward(
         .zip(inp.par_chunks(c))
         .zip(mean.par_iter().zip(rstd.par_iter()))
         .for_each(|(((dx, dy), x), (&m, &r))| {
-            let (m, r) = (m as f64, r as f64);
-            let mut dnorm_mean = 0f64;
-            let mut dnorm_norm_mean = 0f64;
-            for j in 0..c {
-                let norm = (x[j] as f64 - m) * r;
-                let dnorm = weight[j] as f64 * dy[j] as f64;
-                dnorm_mean += dnorm;
-                dnorm_norm_mean += dnorm * norm;
-            }
-            dnorm_mean /= c as f64;
-            dnorm_norm_mean /= c as f64;
-            for j in 0..c {
-                let norm = (x[j] as f64 - m) * r;
-                let dnorm = weight[j] as f64 * dy[j] as f64;
-                dx[j] += (r * (dnorm - dnorm_mean - norm * dnorm_norm_mean)) as f32;
-            }
+            simd::layernorm_row_backward(dx, dy, x, weight, m as f64, r as f64);
         });
     // dweight[j] += sum_r norm[r,j] * dout[r,j]; dbias[j] += sum_r dout[r,j]
     // one column block per task, rows in order (deterministic).

@@ -329,3 +329,81 @@ mod tests {
         assert!(exp_sub_sum(&mut p1, &y, mx).is_nan());
     }
 }
+
+/// Sum in f64 of `f(x_j)` over a row, in LANES running sums added in a fixed order at the end.
+#[inline(always)]
+fn lane_sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut s = 0f64;
+    for a in acc {
+        s += a;
+    }
+    for &v in rest {
+        s += f(v);
+    }
+    s
+}
+
+simd_kernel! {
+    /// One LayerNorm row in f64: mu = mean(x), rs = 1/sqrt(var(x) + eps),
+    /// o = (x - mu) * rs * w + b; returns (mu, rs). o, x, w, b: [C]
+    pub fn layernorm_row_forward(o: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f64) -> (f64, f64) {
+        let c = x.len();
+        assert!(o.len() == c && w.len() == c && b.len() == c, "layernorm_row_forward: shape");
+        let mu = lane_sum_f64(x, |v| v as f64) / c as f64;
+        let var = lane_sum_f64(x, |v| {
+            let d = v as f64 - mu;
+            d * d
+        }) / c as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        for j in 0..c {
+            o[j] = ((x[j] as f64 - mu) * rs * w[j] as f64 + b[j] as f64) as f32;
+        }
+        (mu, rs)
+    }
+}
+
+simd_kernel! {
+    /// dx += rs * (dn - mean(dn) - norm * mean(dn * norm)) for one LayerNorm row, in f64, with
+    /// norm = (x - mu) * rs and dn = w * dy. dx, dy, x, w: [C]
+    pub fn layernorm_row_backward(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], mu: f64, rs: f64) {
+        let c = x.len();
+        assert!(dx.len() == c && dy.len() == c && w.len() == c, "layernorm_row_backward: shape");
+        let mut a1 = [0f64; LANES];
+        let mut a2 = [0f64; LANES];
+        let n8 = c / LANES * LANES;
+        for j0 in (0..n8).step_by(LANES) {
+            for l in 0..LANES {
+                let j = j0 + l;
+                let norm = (x[j] as f64 - mu) * rs;
+                let dn = w[j] as f64 * dy[j] as f64;
+                a1[l] += dn;
+                a2[l] += dn * norm;
+            }
+        }
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for l in 0..LANES {
+            s1 += a1[l];
+            s2 += a2[l];
+        }
+        for j in n8..c {
+            let norm = (x[j] as f64 - mu) * rs;
+            let dn = w[j] as f64 * dy[j] as f64;
+            s1 += dn;
+            s2 += dn * norm;
+        }
+        let (m1, m2) = (s1 / c as f64, s2 / c as f64);
+        for j in 0..c {
+            let norm = (x[j] as f64 - mu) * rs;
+            let dn = w[j] as f64 * dy[j] as f64;
+            dx[j] += (rs * (dn - m1 - norm * m2)) as f32;
+        }
+    }
+}
