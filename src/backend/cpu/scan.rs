@@ -305,10 +305,15 @@ fn per_chunk(buf: &mut [f32], t: usize, chunk: usize, width: usize) -> Vec<&mut 
 /// Columns of the tile products held in registers at once.
 const NB: usize = 16;
 
+/// Rows of the tile products computed together (their `NB`-column blocks share each row of `b`).
+const MB: usize = 4;
+
 /// The tile product c[i, :] (+)= sum_{p in rows(i)} a[i*lda + p] b[p*ldb .. + n], for i < m:
-/// the broadcast form (a scalar of `a` times a row of `b`), with the output row kept in
-/// registers in blocks of `NB` columns, so no horizontal sums are needed. `rows(i)` is the range
-/// of p that row i reads (a masked product reads only its causal part). f32, fixed order.
+/// the broadcast form (a scalar of `a` times a row of `b`), with `MB` output rows by `NB` columns
+/// kept in registers (eight independent vector accumulators, enough to hide the add latency;
+/// no horizontal sums). `rows(i)` is the range of p that row i reads (a masked product reads
+/// only its causal part). f32; each output sums its terms in ascending p whatever the blocking,
+/// so the result does not depend on MB or NB.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn tile_mm(
@@ -323,37 +328,133 @@ pub(crate) fn tile_mm(
     rows: impl Fn(usize) -> (usize, usize),
     acc: bool,
 ) {
-    for i in 0..m {
-        let (p0, p1) = rows(i);
-        let ar = &a[i * lda..];
-        let cr = &mut c[i * ldc..][..n];
-        let mut j0 = 0;
-        while j0 < n {
-            let w = (n - j0).min(NB);
-            let mut r = [0f32; NB];
+    let mut i0 = 0;
+    while i0 + MB <= m {
+        let rr: [(usize, usize); MB] = std::array::from_fn(|q| rows(i0 + q));
+        // the p range every row of the block reads; each row's own head and tail around it
+        let lo = rr.iter().map(|r| r.0).max().unwrap_or(0);
+        let hi = rr.iter().map(|r| r.1).min().unwrap_or(0);
+        if lo >= hi || !n.is_multiple_of(NB) {
+            for i in i0..i0 + MB {
+                tile_mm_row(c, ldc, a, lda, b, ldb, i, n, rr[i - i0], acc);
+            }
+            i0 += MB;
+            continue;
+        }
+        let (a0, a1, a2, a3) = (
+            &a[i0 * lda..],
+            &a[(i0 + 1) * lda..],
+            &a[(i0 + 2) * lda..],
+            &a[(i0 + 3) * lda..],
+        );
+        for j0 in (0..n).step_by(NB) {
+            let brow = |p: usize| -> &[f32; NB] { b[p * ldb + j0..][..NB].try_into().expect("NB") };
+            let load = |q: usize| -> [f32; NB] {
+                if acc {
+                    c[(i0 + q) * ldc + j0..][..NB].try_into().expect("NB")
+                } else {
+                    [0f32; NB]
+                }
+            };
+            let (mut r0, mut r1, mut r2, mut r3) = (load(0), load(1), load(2), load(3));
+            // each row's head, then the shared range, then each row's tail: p ascending per row
+            for p in rr[0].0..lo {
+                axpy_nb(&mut r0, a0[p], brow(p));
+            }
+            for p in rr[1].0..lo {
+                axpy_nb(&mut r1, a1[p], brow(p));
+            }
+            for p in rr[2].0..lo {
+                axpy_nb(&mut r2, a2[p], brow(p));
+            }
+            for p in rr[3].0..lo {
+                axpy_nb(&mut r3, a3[p], brow(p));
+            }
+            for p in lo..hi {
+                let br = brow(p);
+                axpy_nb(&mut r0, a0[p], br);
+                axpy_nb(&mut r1, a1[p], br);
+                axpy_nb(&mut r2, a2[p], br);
+                axpy_nb(&mut r3, a3[p], br);
+            }
+            for p in hi..rr[0].1 {
+                axpy_nb(&mut r0, a0[p], brow(p));
+            }
+            for p in hi..rr[1].1 {
+                axpy_nb(&mut r1, a1[p], brow(p));
+            }
+            for p in hi..rr[2].1 {
+                axpy_nb(&mut r2, a2[p], brow(p));
+            }
+            for p in hi..rr[3].1 {
+                axpy_nb(&mut r3, a3[p], brow(p));
+            }
+            for (q, rq) in [r0, r1, r2, r3].iter().enumerate() {
+                c[(i0 + q) * ldc + j0..][..NB].copy_from_slice(rq);
+            }
+        }
+        i0 += MB;
+    }
+    for i in i0..m {
+        tile_mm_row(c, ldc, a, lda, b, ldb, i, n, rows(i), acc);
+    }
+}
+
+/// r += ap * br (one row of `b` scaled into the register block)
+#[inline(always)]
+fn axpy_nb(r: &mut [f32; NB], ap: f32, br: &[f32; NB]) {
+    for x in 0..NB {
+        r[x] += ap * br[x];
+    }
+}
+
+/// One row of `tile_mm`: c[i, :] (+)= sum_{p in p0..p1} a[i*lda + p] b[p*ldb .. + n].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_mm_row(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    i: usize,
+    n: usize,
+    (p0, p1): (usize, usize),
+    acc: bool,
+) {
+    let ar = &a[i * lda..];
+    let cr = &mut c[i * ldc..][..n];
+    let mut j0 = 0;
+    while j0 < n {
+        let w = (n - j0).min(NB);
+        let mut r = [0f32; NB];
+        if w == NB {
+            if acc {
+                r.copy_from_slice(&cr[j0..j0 + NB]);
+            }
+            for p in p0..p1 {
+                let ap = ar[p];
+                let br: &[f32; NB] = b[p * ldb + j0..][..NB].try_into().expect("NB");
+                for q in 0..NB {
+                    r[q] += ap * br[q];
+                }
+            }
+            cr[j0..j0 + NB].copy_from_slice(&r);
+        } else {
             if acc {
                 r[..w].copy_from_slice(&cr[j0..j0 + w]);
             }
-            if w == NB {
-                for p in p0..p1 {
-                    let ap = ar[p];
-                    let br: &[f32; NB] = b[p * ldb + j0..][..NB].try_into().expect("NB");
-                    for q in 0..NB {
-                        r[q] += ap * br[q];
-                    }
-                }
-            } else {
-                for p in p0..p1 {
-                    let ap = ar[p];
-                    let br = &b[p * ldb + j0..][..w];
-                    for q in 0..w {
-                        r[q] += ap * br[q];
-                    }
+            for p in p0..p1 {
+                let ap = ar[p];
+                let br = &b[p * ldb + j0..][..w];
+                for q in 0..w {
+                    r[q] += ap * br[q];
                 }
             }
             cr[j0..j0 + w].copy_from_slice(&r[..w]);
-            j0 += w;
         }
+        j0 += w;
     }
 }
 
