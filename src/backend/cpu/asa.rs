@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::scan;
 use super::simd;
+use super::simd_task;
 
 /// Denominator floor of the reference (`clamp_min(1e-8)`).
 pub const DEN_EPS: f32 = 1e-8;
@@ -249,7 +250,7 @@ pub fn write_logits_forward(
     raw.par_chunks_mut(nk * t)
         .zip(wl.par_chunks_mut(nk * t))
         .enumerate()
-        .for_each(|(bh, (r, w))| {
+        .for_each(|(bh, (r, w))| simd_task(#[inline(always)] || {
             let (bi, hi) = (bh / h, bh % h);
             let kk = &k[bh * t * d..(bh + 1) * t * d];
             // r = (k keys^T)^T as a tile product (f32; rows of k against the [d,K] keys, which
@@ -277,7 +278,7 @@ pub fn write_logits_forward(
                     w[s * t + ti] = v;
                 }
             }
-        });
+        }));
 }
 }
 
@@ -302,7 +303,7 @@ pub fn write_logits_backward(
     let partial: Vec<(Vec<f32>, f64)> = dk
         .par_chunks_mut(t * d)
         .enumerate()
-        .map(|(bh, dkk)| {
+        .map(|(bh, dkk)| simd_task(#[inline(always)] || {
             let (bi, hi) = (bh / h, bh % h);
             let kk = &k[bh * t * d..(bh + 1) * t * d];
             let g = &dwl[bh * nk * t..(bh + 1) * nk * t];
@@ -328,7 +329,7 @@ pub fn write_logits_backward(
             let mut dk32 = vec![0.0f32; nk * d];
             scan::tile_mm(&mut dk32, d, &graw, t, kk, d, nk, d, |_| (0, t), false);
             (dk32, dbias)
-        })
+        }))
         .collect();
     let mut dbias_acc = vec![0.0f64; h];
     for bi in 0..b {
@@ -380,7 +381,7 @@ pub fn slot_scan_forward(
         .zip(den.par_chunks_mut(nk * t))
         .zip(rmax.par_chunks_mut(nk * t))
         .enumerate()
-        .for_each(|(bh, ((st, dn), rm))| {
+        .for_each(|(bh, ((st, dn), rm))| simd_task(#[inline(always)] || {
             let w = &wl[bh * nk * t..(bh + 1) * nk * t];
             let vv = &v[bh * t * d..(bh + 1) * t * d];
             // every slot's recurrence, advanced together position by position so that the
@@ -443,7 +444,7 @@ pub fn slot_scan_forward(
                 }
                 c0 = c1;
             }
-        });
+        }));
 }
 }
 
@@ -469,7 +470,7 @@ pub fn slot_scan_backward(
     dwl.par_chunks_mut(nk * t)
         .zip(dv.par_chunks_mut(t * d))
         .enumerate()
-        .for_each(|(bh, (gw, gv))| {
+        .for_each(|(bh, (gw, gv))| simd_task(#[inline(always)] || {
             let w = &wl[bh * nk * t..(bh + 1) * nk * t];
             let vv = &v[bh * t * d..(bh + 1) * t * d];
             let st = &state[bh * t * nk * d..(bh + 1) * t * nk * d];
@@ -611,7 +612,7 @@ pub fn slot_scan_backward(
                 dden_c.copy_from_slice(&dden_prev);
                 dm_c.copy_from_slice(&dm_prev);
             }
-        });
+        }));
 }
 }
 
@@ -681,7 +682,7 @@ pub fn read_logits_forward(
         .zip(lc_buf.par_chunks_mut(t * nk))
         .zip(logits.par_chunks_mut(t * nk))
         .enumerate()
-        .for_each(|(bh, ((lk, lc), lg))| {
+        .for_each(|(bh, ((lk, lc), lg))| simd_task(#[inline(always)] || {
             let hi = bh % h;
             // the key part of every position as one tile product: lk = q keys^T * scale (the
             // [d,K] keys stay in L1); the content part and the mask follow per element
@@ -717,7 +718,7 @@ pub fn read_logits_forward(
                     lg[i] = if has_content { vk + gamma * vc } else { vk };
                 }
             }
-        });
+        }));
 }
 }
 
@@ -754,7 +755,7 @@ pub fn read_logits_backward(
         .par_chunks_mut(t * d)
         .zip(ds_buf.par_chunks_mut(ds_chunk))
         .enumerate()
-        .map(|(bh, (gq, gst))| {
+        .map(|(bh, (gq, gst))| simd_task(#[inline(always)] || {
             let hi = bh % h;
             // gk[t, s] = dlogits * scale where the key logit is live (0 where masked): the key
             // part's gradients are then two tile products; the content part goes per element
@@ -801,7 +802,7 @@ pub fn read_logits_backward(
             let qb = &q[bh * t * d..(bh + 1) * t * d];
             scan::tile_mm(&mut dkeys, d, &gt, t, qb, d, nk, d, |_| (0, t), false);
             (dkeys, dgamma)
-        })
+        }))
         .collect();
     let mut dgamma = 0.0;
     for bi in 0..b {
@@ -1011,7 +1012,7 @@ pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims)
     let SlotDims { k: nk, d, .. } = dm;
     out.par_chunks_mut(d)
         .enumerate()
-        .for_each_init(|| vec![0.0f64; d], |acc, (row, o)| {
+        .for_each_init(|| vec![0.0f64; d], |acc, (row, o)| simd_task(#[inline(always)] || {
         let wr = &w[row * nk..(row + 1) * nk];
         let sr = &state[row * nk * d..(row + 1) * nk * d];
         // per j the sum runs over s in order; the s-outer loop vectorises over j
@@ -1025,7 +1026,7 @@ pub fn slot_mix_forward(out: &mut [f32], w: &[f32], state: &[f32], dm: SlotDims)
         for (o, a) in o.iter_mut().zip(acc.iter()) {
             *o = *a as f32;
         }
-        });
+        }));
 }
 }
 
@@ -1043,7 +1044,7 @@ pub fn slot_mix_backward(
     dw.par_chunks_mut(nk)
         .zip(dstate.par_chunks_mut(nk * d))
         .enumerate()
-        .for_each(|(row, (gw, gs))| {
+        .for_each(|(row, (gw, gs))| simd_task(#[inline(always)] || {
             let g = &dout[row * d..(row + 1) * d];
             let wr = &w[row * nk..(row + 1) * nk];
             let sr = &state[row * nk * d..(row + 1) * nk * d];
@@ -1054,7 +1055,7 @@ pub fn slot_mix_backward(
                 }
                 gw[s] += simd::dot(g, ss) as f32;
             }
-        });
+        }));
 }
 }
 

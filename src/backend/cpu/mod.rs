@@ -29,6 +29,29 @@ macro_rules! simd_kernel {
 
 pub(crate) use simd_kernel;
 
+/// Runs `f` compiled for AVX2 + FMA where the CPU has them, as `simd_kernel!` does for a whole
+/// function. A closure handed to rayon is compiled as a function of its own, without the
+/// features of the `simd_kernel!` around it (its loops came out as 128-bit SSE), so every
+/// rayon task inside a kernel goes through here: `f` is inlined into `fast` and compiled with
+/// its features. The functions it calls are compiled for them only where they are inlined
+/// (`#[inline(always)]` on the per-tile helpers).
+#[inline(always)]
+pub(crate) fn simd_task<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `fast` is compiled for.
+            return unsafe { fast(f) };
+        }
+    }
+    f()
+}
+
 pub mod asa;
 pub mod ops;
 pub mod scan;

@@ -43,6 +43,7 @@ use rayon::prelude::*;
 
 use super::asa::{SlotDims, DEN_EPS};
 use super::simd::{axpy, dot32};
+use super::simd_task;
 
 /// Positions per tile inside a write chunk (tiles never straddle a chunk boundary).
 pub const TILE: usize = 32;
@@ -76,7 +77,7 @@ pub fn stats_forward(
         .zip(alpha.par_chunks_mut(kt))
         .zip(egate.par_chunks_mut(kt))
         .zip(wl.par_chunks(kt))
-        .for_each(|((((rmb, dnb), alb), egb), wb)| {
+        .for_each(|((((rmb, dnb), alb), egb), wb)| simd_task(#[inline(always)] || {
             for s in 0..k {
                 let rm = &mut rmb[s * t..(s + 1) * t];
                 let dn = &mut dnb[s * t..(s + 1) * t];
@@ -107,7 +108,7 @@ pub fn stats_forward(
                     c0 = c1;
                 }
             }
-        });
+        }));
 }
 }
 
@@ -270,6 +271,7 @@ impl View<'_> {
     }
 
     /// alpha, E, 1/den and the clamp's liveness at positions [s0,s1), as [L,K] into `ws`.
+    #[inline(always)]
     fn weights(&self, s0: usize, s1: usize, ws: &mut Ws) {
         let (t, k) = (self.t, self.k);
         let n = (s1 - s0) * k;
@@ -288,6 +290,7 @@ impl View<'_> {
 
     /// p[k] += sum_{l in tile} A_l[k] v_l, i.e. P += A^T V (the in-chunk prefix advances past
     /// the tile); `at` is scratch for A^T.
+    #[inline(always)]
     fn advance(&self, p: &mut [f32], at: &mut Vec<f32>, s0: usize, s1: usize) {
         let (k, d, n) = (self.k, self.d, s1 - s0);
         transpose_into(at, &self.al[s0 * k..s1 * k], n, k, k);
@@ -483,7 +486,7 @@ pub fn carries_forward(carry: &mut [f32], scan: Scan) {
     carry
         .par_chunks_mut(k * d)
         .enumerate()
-        .for_each_init(|| Ws::new(k, d), |ws, (i, out)| {
+        .for_each_init(|| Ws::new(k, d), |ws, (i, out)| simd_task(#[inline(always)] || {
             let (bh, c) = (i / nc, i % nc);
             out.iter_mut().for_each(|x| *x = 0.0);
             if c == 0 {
@@ -493,12 +496,12 @@ pub fn carries_forward(carry: &mut [f32], scan: Scan) {
             for (s0, s1) in vw.tiles() {
                 vw.advance(out, &mut ws.at, s0, s1);
             }
-        });
+        }));
     // carry[c] += e_{c-1} carry[c-1], in chunk order
     carry
         .par_chunks_mut(nc * k * d)
         .enumerate()
-        .for_each(|(bh, cb)| {
+        .for_each(|(bh, cb)| simd_task(#[inline(always)] || {
             for c in 1..nc {
                 let vw = scan.view(bh, c - 1);
                 let (prev, cur) = cb.split_at_mut(c * k * d);
@@ -510,7 +513,7 @@ pub fn carries_forward(carry: &mut [f32], scan: Scan) {
                     }
                 }
             }
-        });
+        }));
 }
 }
 
@@ -522,11 +525,11 @@ pub fn contract(y: &mut [f32], x: &[f32], scan: Scan) {
     per_chunk(y, t, scan.chunk, k)
         .into_par_iter()
         .enumerate()
-        .for_each_init(|| Ws::new(k, d), |ws, (i, yc)| {
+        .for_each_init(|| Ws::new(k, d), |ws, (i, yc)| simd_task(#[inline(always)] || {
             let (bh, c) = (i / nc, i % nc);
             let vw = scan.view(bh, c);
             contract_chunk(&vw, &x[bh * t * d..][..t * d], yc, ws);
-        });
+        }));
 }
 }
 
@@ -590,11 +593,11 @@ pub fn mix(o: &mut [f32], a: &[f32], scan: Scan) {
     per_chunk(o, t, scan.chunk, d)
         .into_par_iter()
         .enumerate()
-        .for_each_init(|| Ws::new(k, d), |ws, (i, oc)| {
+        .for_each_init(|| Ws::new(k, d), |ws, (i, oc)| simd_task(#[inline(always)] || {
             let (bh, c) = (i / nc, i % nc);
             let vw = scan.view(bh, c);
             mix_chunk(&vw, &a[bh * t * k..][..t * k], oc, ws);
-        });
+        }));
 }
 }
 
@@ -717,7 +720,7 @@ pub fn backward(
     gc.par_chunks_mut(k * d)
         .zip(gd.par_chunks_mut(k))
         .enumerate()
-        .for_each_init(|| Ws::new(k, d), |ws, (i, (gcc, gdc))| {
+        .for_each_init(|| Ws::new(k, d), |ws, (i, (gcc, gdc))| simd_task(#[inline(always)] || {
             let (bh, c) = (i / nc, i % nc);
             let vw = scan.view(bh, c);
             for (s0, s1) in vw.tiles() {
@@ -741,13 +744,13 @@ pub fn backward(
                     tile_mm(gcc, d, &ws.kapt, n, yt, d, k, d, |_| (0, n), true);
                 }
             }
-        });
+        }));
     // 2. per (b,h), chunks last to first: the gradient of the carry leaving chunk c,
     //    G_{c+1} = G_loc[c+1] + e_{c+1} G_{c+2}; slot c of gc/gd then holds G_{c+1}
     gc.par_chunks_mut(nc * k * d)
         .zip(gd.par_chunks_mut(nc * k))
         .enumerate()
-        .for_each(|(bh, (gcb, gdb))| {
+        .for_each(|(bh, (gcb, gdb))| simd_task(#[inline(always)] || {
             let mut next = vec![0.0f32; k * d];
             let mut nextd = vec![0.0f32; k];
             let mut tmp = vec![0.0f32; k * d];
@@ -769,7 +772,7 @@ pub fn backward(
                 cur.copy_from_slice(&next);
                 next.copy_from_slice(&tmp);
             }
-        });
+        }));
 
     // 3. every chunk in reverse with its carry-out gradient: dv, dq, and per position the direct
     //    gradient of w (A dA) and of the running max (-A dA - E dE); per chunk sum E dE (the
@@ -792,17 +795,17 @@ pub fn backward(
             .zip(dmt_c)
             .zip(dmc_c)
             .enumerate()
-            .for_each_init(|| Ws::new(k, d), |ws, (i, ((((dvc, dqc), dwdc), dmtc), dmcc))| {
+            .for_each_init(|| Ws::new(k, d), |ws, (i, ((((dvc, dqc), dwdc), dmtc), dmcc))| simd_task(#[inline(always)] || {
                 let (bh, c) = (i / nc, i % nc);
                 let vw = scan.view(bh, c);
                 let gout = &gc[i * k * d..(i + 1) * k * d];
                 let gdout = &gd[i * k..(i + 1) * k];
                 backward_chunk(&vw, &sg, bh, gout, gdout, dvc, dqc, dwdc, dmtc, dmcc, ws);
-            });
+            }));
     }
 
     // 4. the running max's gradient routed to w, per (b,h) and slot
-    dwl.par_chunks_mut(k * t).enumerate().for_each(|(bh, gw)| {
+    dwl.par_chunks_mut(k * t).enumerate().for_each(|(bh, gw)| simd_task(#[inline(always)] || {
         let vw0 = scan.view(bh, 0);
         let mut cm = vec![0.0f32; w.min(t)];
         let mut cidx = vec![0usize; w.min(t)];
@@ -854,7 +857,7 @@ pub fn backward(
                 }
             }
         }
-    });
+    }));
 }
 }
 
