@@ -1092,9 +1092,51 @@ pub fn phi_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         });
 }
 
+/// Positions per tile of the linear attention's tile form.
+const LIN_TILE: usize = 64;
+
+/// Scratch of one row of the tile-form linear attention (sizes for tiles of `LIN_TILE`).
+struct LinWs {
+    s: Vec<f64>,    // [M,M] S (forward) or dS (reverse) carried over the tiles, f64
+    sf: Vec<f32>,   // [M,M] the carry as an f32 tile operand (or its transpose)
+    prod: Vec<f32>, // [M,M] a tile's K^T V or Q^T Gn before it joins the carry
+    tr: Vec<f32>,   // [M,L] a transposed tile operand
+    tr2: Vec<f32>,  // [M,L] a second one
+    aa: Vec<f32>,   // [L,L] in-tile products
+    num: Vec<f32>,  // [L,M] numerators / per-step gradients of the numerators
+}
+
+impl LinWs {
+    fn new(m: usize) -> Self {
+        let l = LIN_TILE;
+        LinWs {
+            s: vec![0.0; m * m],
+            sf: vec![0.0; m * m],
+            prod: vec![0.0; m * m],
+            tr: Vec::with_capacity(m * l),
+            tr2: Vec::with_capacity(m * l),
+            aa: vec![0.0; l * l],
+            num: vec![0.0; l * m],
+        }
+    }
+}
+
+/// carry (f64) += tile product (f32)
+#[inline(always)]
+fn fold_into(carry: &mut [f64], prod: &[f32]) {
+    for (a, &b) in carry.iter_mut().zip(prod) {
+        *a += b as f64;
+    }
+}
+
 simd_kernel! {
 /// Causal linear attention: S_t = sum_{s<=t} kf_s v_s^T, Z_t = max(sum_{s<=t} kf_s, 1e-8),
 /// out_t = (qf_t S_t) / max(qf_t . Z_t, 1e-8). out: [N,T,M]; den: [N,T] (saved); qf, kf, v: [N,T,M]
+///
+/// Tile form (tiles of `LIN_TILE` positions, one row per task): per tile the numerators are
+/// `Q S0 + mask(Q K^T) V` as f32 tile products, with the carry S kept in f64 between tiles
+/// (`S += K^T V`). The denominator and Z, O(M) per position, stay an f64 walk (the clamps are
+/// elementwise).
 pub fn linear_attn_forward(
     out: &mut [f32],
     den: &mut [f32],
@@ -1107,53 +1149,61 @@ pub fn linear_attn_forward(
     out.par_chunks_mut(t * m)
         .zip(den.par_chunks_mut(t))
         .enumerate()
-        .for_each(|(n, (o, dn))| {
+        .for_each(|(n, (o, dn))| simd_task(#[inline(always)] || {
             let base = n * t * m;
-            let mut s_mat = vec![0.0f64; m * m];
+            let (q, k, vv) = (
+                &qf[base..base + t * m],
+                &kf[base..base + t * m],
+                &v[base..base + t * m],
+            );
+            let mut ws = LinWs::new(m);
             let mut z = vec![0.0f64; m];
-            let mut acc = vec![0.0f64; m];
-            // the value row widened to f64 once per position (same values, same order)
-            let mut v64 = vec![0.0f64; m];
-            for ti in 0..t {
-                let (q, k, vv) = (
-                    &qf[base + ti * m..][..m],
-                    &kf[base + ti * m..][..m],
-                    &v[base + ti * m..][..m],
-                );
-                for c in 0..m {
-                    v64[c] = vv[c] as f64;
+            let mut s0 = 0;
+            while s0 < t {
+                let s1 = (s0 + LIN_TILE).min(t);
+                let l = s1 - s0;
+                let (qt, kt, vt) = (&q[s0 * m..s1 * m], &k[s0 * m..s1 * m], &vv[s0 * m..s1 * m]);
+                // num = Q S0 + mask(Q K^T) V
+                for (f, &x) in ws.sf.iter_mut().zip(&ws.s) {
+                    *f = x as f32;
                 }
-                for a in 0..m {
-                    z[a] += k[a] as f64;
-                    let ka = k[a] as f64;
+                let num = &mut ws.num[..l * m];
+                scan::tile_mm(num, m, qt, m, &ws.sf, m, l, m, |_| (0, m), false);
+                scan::transpose_into(&mut ws.tr, kt, l, m, m);
+                scan::tile_mm(&mut ws.aa, l, qt, m, &ws.tr, l, l, l, |_| (0, m), false);
+                scan::tile_mm(num, m, &ws.aa, l, vt, m, l, m, |i| (0, i + 1), true);
+                // S += K^T V
+                scan::tile_mm(&mut ws.prod, m, &ws.tr, l, vt, m, m, m, |_| (0, l), false);
+                fold_into(&mut ws.s, &ws.prod);
+                // Z, the denominators and the outputs, position by position
+                for i in 0..l {
+                    let (ki, qi) = (&kt[i * m..][..m], &qt[i * m..][..m]);
+                    let mut dsum = 0.0f64;
+                    for a in 0..m {
+                        z[a] += ki[a] as f64;
+                        dsum += qi[a] as f64 * z[a].max(DEN_EPS as f64);
+                    }
+                    dn[s0 + i] = dsum as f32;
+                    let inv = 1.0 / dsum.max(DEN_EPS as f64);
+                    let (oi, ni) = (&mut o[(s0 + i) * m..][..m], &num[i * m..][..m]);
                     for c in 0..m {
-                        s_mat[a * m + c] += ka * v64[c];
+                        oi[c] = (ni[c] as f64 * inv) as f32;
                     }
                 }
-                let dsum: f64 = (0..m).map(|a| q[a] as f64 * z[a].max(DEN_EPS as f64)).sum();
-                dn[ti] = dsum as f32;
-                let dd = dsum.max(DEN_EPS as f64);
-                // acc[c] = sum over a (in order) of q[a] S[a][c]; the a-outer loop vectorises over c
-                acc.iter_mut().for_each(|x| *x = 0.0);
-                for a in 0..m {
-                    let qa = q[a] as f64;
-                    let row = &s_mat[a * m..(a + 1) * m];
-                    for c in 0..m {
-                        acc[c] += qa * row[c];
-                    }
-                }
-                let inv = 1.0 / dd;
-                for c in 0..m {
-                    o[ti * m + c] = (acc[c] * inv) as f32;
-                }
+                s0 = s1;
             }
-        });
+        }));
 }
 }
 
 simd_kernel! {
-/// Backward of `linear_attn_forward`: a forward pass rebuilds S_t, Z_t for dqf, a reverse pass
-/// accumulates the suffix sums for dkf and dv. O(T M^2) time, O(M^2) memory per row.
+/// Backward of `linear_attn_forward` in the same tile form (dqf, dkf, dv +=). With
+/// gn_t = dout_t / den_t and gd_t = -(dout_t . out_t) / den_t (0 where den was clamped):
+///   dqf_t = S_t gn_t + gd_t max(Z_t, eps)      forward over the tiles: Gn S0^T + mask(Gn V^T) K
+///   dkf_s = sum_{t>=s} (v_s . gn_t) q_t + dZ_s  reverse: mask(V Gn^T) Q + V dS^T
+///   dv_s  = sum_{t>=s} (k_s . q_t) gn_t         reverse: mask(K Q^T) Gn + K dS
+/// with the carry dS = sum of Q^T Gn over the later tiles (f64) and dZ_s = sum_{t>=s} gd_t q_t
+/// where Z_t was not clamped (an f64 walk).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_attn_backward(
     dqf: &mut [f32],
@@ -1172,10 +1222,15 @@ pub fn linear_attn_backward(
         .zip(dkf.par_chunks_mut(t * m))
         .zip(dv.par_chunks_mut(t * m))
         .enumerate()
-        .for_each(|(n, ((gq, gk), gv))| {
+        .for_each(|(n, ((gq, gk), gv))| simd_task(#[inline(always)] || {
             let base = n * t * m;
-            // per-step gradients of num (vector) and den (scalar)
-            let mut gnum = vec![0.0f64; t * m];
+            let (q, k, vv) = (
+                &qf[base..base + t * m],
+                &kf[base..base + t * m],
+                &v[base..base + t * m],
+            );
+            // per-step gradients of the numerator (vector, f32 tile operand) and denominator
+            let mut gn = vec![0.0f32; t * m];
             let mut gden = vec![0.0f64; t];
             for ti in 0..t {
                 let dd = (den[n * t + ti] as f64).max(DEN_EPS as f64);
@@ -1183,7 +1238,7 @@ pub fn linear_attn_backward(
                 let o = &out[base + ti * m..][..m];
                 let inv = 1.0 / dd;
                 for c in 0..m {
-                    gnum[ti * m + c] = g[c] as f64 * inv;
+                    gn[ti * m + c] = (g[c] as f64 * inv) as f32;
                 }
                 let go = simd::dot(g, o);
                 gden[ti] = if den[n * t + ti] >= DEN_EPS {
@@ -1192,100 +1247,91 @@ pub fn linear_attn_backward(
                     0.0
                 };
             }
-            // forward pass: dqf_t = S_t gnum_t + gden_t * max(Z_t, eps); remember where Z is clamped
-            // S kept transposed, st[c][a] = S[a][c], so that the per-a sums below run in the
-            // same order (c ascending) as a vector over a
-            let mut st = vec![0.0f64; m * m];
+            let mut ws = LinWs::new(m);
             let mut z = vec![0.0f64; m];
             let mut zlive = vec![true; t * m];
-            let mut acc = vec![0.0f64; m];
-            // the row operands widened to f64 once per position (same values, same order)
-            let mut k64 = vec![0.0f64; m];
-            let mut q64 = vec![0.0f64; m];
-            for ti in 0..t {
-                let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
-                for a in 0..m {
-                    k64[a] = k[a] as f64;
-                    z[a] += k64[a];
-                }
-                for c in 0..m {
-                    let vc = vv[c] as f64;
-                    let row = &mut st[c * m..(c + 1) * m];
+            let tiles: Vec<(usize, usize)> = (0..t)
+                .step_by(LIN_TILE)
+                .map(|s0| (s0, (s0 + LIN_TILE).min(t)))
+                .collect();
+            // forward over the tiles: dqf
+            for &(s0, s1) in &tiles {
+                let l = s1 - s0;
+                let (kt, vt, gt) = (&k[s0 * m..s1 * m], &vv[s0 * m..s1 * m], &gn[s0 * m..s1 * m]);
+                let dq = &mut gq[s0 * m..s1 * m];
+                // the elementwise part first: gd_t max(Z_t, eps), and where Z is live
+                for i in 0..l {
+                    let ki = &kt[i * m..][..m];
+                    let gd = gden[s0 + i];
                     for a in 0..m {
-                        row[a] += k64[a] * vc;
+                        z[a] += ki[a] as f64;
+                        dq[i * m + a] += (gd * z[a].max(DEN_EPS as f64)) as f32;
+                        zlive[(s0 + i) * m + a] = z[a] >= DEN_EPS as f64;
                     }
                 }
-                let gd = gden[ti];
+                // Gn S0^T: sf holds S^T (sf[c][a] = S[a][c])
                 for a in 0..m {
-                    acc[a] = gd * z[a].max(DEN_EPS as f64);
-                }
-                for c in 0..m {
-                    let gc = gnum[ti * m + c];
-                    let row = &st[c * m..(c + 1) * m];
-                    for a in 0..m {
-                        acc[a] += row[a] * gc;
+                    for c in 0..m {
+                        ws.sf[c * m + a] = ws.s[a * m + c] as f32;
                     }
                 }
-                for a in 0..m {
-                    gq[ti * m + a] += acc[a] as f32;
-                    zlive[ti * m + a] = z[a] >= DEN_EPS as f64;
-                }
+                scan::tile_mm(dq, m, gt, m, &ws.sf, m, l, m, |_| (0, m), true);
+                // mask(Gn V^T) K
+                scan::transpose_into(&mut ws.tr, vt, l, m, m);
+                scan::tile_mm(&mut ws.aa, l, gt, m, &ws.tr, l, l, l, |_| (0, m), false);
+                scan::tile_mm(dq, m, &ws.aa, l, kt, m, l, m, |i| (0, i + 1), true);
+                // S += K^T V
+                scan::transpose_into(&mut ws.tr2, kt, l, m, m);
+                scan::tile_mm(&mut ws.prod, m, &ws.tr2, l, vt, m, m, m, |_| (0, l), false);
+                fold_into(&mut ws.s, &ws.prod);
             }
-            // reverse pass: dS = sum_{t>=s} qf_t gnum_t^T, dZ = sum_{t>=s} gden_t qf_t (unclamped Z only)
-            // dS in both layouts (ds[a][c] and dst[c][a]) so that both sums below vectorise
-            // while keeping their order (c ascending for dkf, a ascending for dv)
-            let mut ds = vec![0.0f64; m * m];
-            let mut dst = vec![0.0f64; m * m];
+            // reverse over the tiles: dkf, dv; ws.s is now the carry dS
+            ws.s.iter_mut().for_each(|x| *x = 0.0);
             let mut dz = vec![0.0f64; m];
-            let mut acc2 = vec![0.0f64; m];
-            for ti in (0..t).rev() {
-                let q = &qf[base + ti * m..][..m];
-                let gn = &gnum[ti * m..(ti + 1) * m];
-                for a in 0..m {
-                    q64[a] = q[a] as f64;
-                }
-                for a in 0..m {
-                    let qa = q64[a];
-                    if zlive[ti * m + a] {
-                        dz[a] += gden[ti] * qa;
-                    }
-                    let row = &mut ds[a * m..(a + 1) * m];
-                    for c in 0..m {
-                        row[c] += qa * gn[c];
-                    }
-                }
-                for c in 0..m {
-                    let gc = gn[c];
-                    let row = &mut dst[c * m..(c + 1) * m];
+            for &(s0, s1) in tiles.iter().rev() {
+                let l = s1 - s0;
+                let (qt, kt, vt, gt) = (
+                    &q[s0 * m..s1 * m],
+                    &k[s0 * m..s1 * m],
+                    &vv[s0 * m..s1 * m],
+                    &gn[s0 * m..s1 * m],
+                );
+                let (dk, dvv) = (&mut gk[s0 * m..s1 * m], &mut gv[s0 * m..s1 * m]);
+                // dZ: a reverse walk
+                for i in (0..l).rev() {
+                    let qi = &qt[i * m..][..m];
+                    let gd = gden[s0 + i];
+                    let live = &zlive[(s0 + i) * m..][..m];
                     for a in 0..m {
-                        row[a] += q64[a] * gc;
+                        if live[a] {
+                            dz[a] += gd * qi[a] as f64;
+                        }
+                        dk[i * m + a] += dz[a] as f32;
                     }
                 }
-                let (k, vv) = (&kf[base + ti * m..][..m], &v[base + ti * m..][..m]);
-                acc.copy_from_slice(&dz);
-                for c in 0..m {
-                    let vc = vv[c] as f64;
-                    let row = &dst[c * m..(c + 1) * m];
-                    for a in 0..m {
-                        acc[a] += row[a] * vc;
-                    }
-                }
+                // dS0 as f32: sf = dS^T (for V dS^T), prod = dS (for K dS)
                 for a in 0..m {
-                    gk[ti * m + a] += acc[a] as f32;
-                }
-                acc2.iter_mut().for_each(|x| *x = 0.0);
-                for a in 0..m {
-                    let ka = k[a] as f64;
-                    let row = &ds[a * m..(a + 1) * m];
                     for c in 0..m {
-                        acc2[c] += row[c] * ka;
+                        let x = ws.s[a * m + c] as f32;
+                        ws.sf[c * m + a] = x;
+                        ws.prod[a * m + c] = x;
                     }
                 }
-                for c in 0..m {
-                    gv[ti * m + c] += acc2[c] as f32;
-                }
+                scan::tile_mm(dk, m, vt, m, &ws.sf, m, l, m, |_| (0, m), true);
+                scan::tile_mm(dvv, m, kt, m, &ws.prod, m, l, m, |_| (0, m), true);
+                // mask(V Gn^T) Q: bb[s][t] = v_s . gn_t, t >= s
+                scan::transpose_into(&mut ws.tr, gt, l, m, m);
+                scan::tile_mm(&mut ws.aa, l, vt, m, &ws.tr, l, l, l, |_| (0, m), false);
+                scan::tile_mm(dk, m, &ws.aa, l, qt, m, l, m, |s| (s, l), true);
+                // mask(K Q^T) Gn: aa[s][t] = k_s . q_t, t >= s
+                scan::transpose_into(&mut ws.tr2, qt, l, m, m);
+                scan::tile_mm(&mut ws.aa, l, kt, m, &ws.tr2, l, l, l, |_| (0, m), false);
+                scan::tile_mm(dvv, m, &ws.aa, l, gt, m, l, m, |s| (s, l), true);
+                // dS += Q^T Gn
+                scan::tile_mm(&mut ws.prod, m, &ws.tr2, l, gt, m, m, m, |_| (0, l), false);
+                fold_into(&mut ws.s, &ws.prod);
             }
-        });
+        }));
 }
 }
 
@@ -1413,6 +1459,121 @@ pub fn slot_mask_weights_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tile form of the linear attention against the definition walked position by
+    /// position in f64 (O(T^2 M) for the gradients): several full tiles and a short last one,
+    /// M below, at and above the register block, a row whose keys start so small that Z is
+    /// clamped (no gradient to Z there) with a zero query first (a padded position), and the
+    /// gradients added to what the buffers held.
+    #[test]
+    fn linear_attention_tile_form_matches_the_serial_definition() {
+        let eps = DEN_EPS as f64;
+        for &(n, t, m) in &[
+            (2usize, 150usize, 12usize),
+            (1, 64, 40),
+            (2, 70, 16),
+            (1, 5, 3),
+        ] {
+            let mut seed = 0x9e37_79b9u64 ^ (t * 31 + m) as u64;
+            let mut rnd = |lo: f32, hi: f32| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                lo + (hi - lo) * ((seed >> 40) as f32 / (1u64 << 24) as f32)
+            };
+            let len = n * t * m;
+            let mut q: Vec<f32> = (0..len).map(|_| rnd(0.05, 1.5)).collect();
+            let mut k: Vec<f32> = (0..len).map(|_| rnd(0.05, 1.5)).collect();
+            let v: Vec<f32> = (0..len).map(|_| rnd(-1.0, 1.0)).collect();
+            let g: Vec<f32> = (0..len).map(|_| rnd(-1.0, 1.0)).collect();
+            let g0: Vec<f32> = (0..3 * len).map(|_| rnd(-0.1, 0.1)).collect();
+            let last = (n - 1) * t * m;
+            for i in 0..(2 * m).min(t * m) {
+                k[last + i] = 1e-11;
+            }
+            q[last..last + m].iter_mut().for_each(|x| *x = 0.0);
+
+            let (mut out, mut den) = (vec![0f32; len], vec![0f32; n * t]);
+            linear_attn_forward(&mut out, &mut den, &q, &k, &v, t, m);
+            let (mut dq, mut dk, mut dv) = (
+                g0[..len].to_vec(),
+                g0[len..2 * len].to_vec(),
+                g0[2 * len..].to_vec(),
+            );
+            linear_attn_backward(&mut dq, &mut dk, &mut dv, &g, &out, &den, &q, &k, &v, t, m);
+
+            // the definition, in f64
+            let f = |x: &[f32], r: usize, i: usize| x[(r * t + i) * m..][..m].to_vec();
+            let dotf = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+            };
+            let mut want = (vec![0f64; len], vec![0f64; n * t]);
+            let mut wg = (vec![0f64; len], vec![0f64; len], vec![0f64; len]);
+            for r in 0..n {
+                let mut s = vec![0f64; m * m];
+                let mut z = vec![0f64; m];
+                let (mut gn, mut gd, mut zs) = (vec![], vec![], vec![]);
+                for i in 0..t {
+                    let (qi, ki, vi) = (f(&q, r, i), f(&k, r, i), f(&v, r, i));
+                    for a in 0..m {
+                        z[a] += ki[a] as f64;
+                        for c in 0..m {
+                            s[a * m + c] += ki[a] as f64 * vi[c] as f64;
+                        }
+                    }
+                    let dsum: f64 = (0..m).map(|a| qi[a] as f64 * z[a].max(eps)).sum();
+                    let dd = dsum.max(eps);
+                    want.1[r * t + i] = dsum;
+                    let gi = f(&g, r, i);
+                    let mut o = vec![0f64; m];
+                    for c in 0..m {
+                        o[c] = (0..m).map(|a| qi[a] as f64 * s[a * m + c]).sum::<f64>() / dd;
+                        want.0[(r * t + i) * m + c] = o[c];
+                    }
+                    let gni: Vec<f64> = gi.iter().map(|&x| x as f64 / dd).collect();
+                    let go: f64 = gi.iter().zip(&o).map(|(&x, &y)| x as f64 * y).sum();
+                    let gdi = if dsum >= eps { -go / dd } else { 0.0 };
+                    for a in 0..m {
+                        let sg: f64 = (0..m).map(|c| s[a * m + c] * gni[c]).sum();
+                        wg.0[(r * t + i) * m + a] = sg + gdi * z[a].max(eps);
+                    }
+                    gn.push(gni);
+                    gd.push(gdi);
+                    zs.push(z.clone());
+                }
+                for j in 0..t {
+                    let (kj, vj) = (f(&k, r, j), f(&v, r, j));
+                    for i in j..t {
+                        let qi = f(&q, r, i);
+                        let vg: f64 = (0..m).map(|c| vj[c] as f64 * gn[i][c]).sum();
+                        let kq = dotf(&kj, &qi);
+                        for a in 0..m {
+                            let live = if zs[i][a] >= eps { gd[i] } else { 0.0 };
+                            wg.1[(r * t + j) * m + a] += (vg + live) * qi[a] as f64;
+                            wg.2[(r * t + j) * m + a] += kq * gn[i][a];
+                        }
+                    }
+                }
+            }
+            let close = |what: &str, got: &[f32], base: &[f32], want: &[f64]| {
+                let scale = want.iter().fold(1e-30f64, |a, &x| a.max(x.abs()));
+                for (i, (&x, &w)) in got.iter().zip(want).enumerate() {
+                    let b = base.get(i).map_or(0.0, |&b| b as f64);
+                    let err = (x as f64 - b - w).abs() / scale;
+                    assert!(
+                        err < 2e-6,
+                        "{what} (N {n}, T {t}, M {m}) at {i}: {x} vs {} ({err:e})",
+                        b + w
+                    );
+                }
+            };
+            close("out", &out, &[], &want.0);
+            close("den", &den, &[], &want.1);
+            close("dqf", &dq, &g0[..len], &wg.0);
+            close("dkf", &dk, &g0[len..2 * len], &wg.1);
+            close("dv", &dv, &g0[2 * len..], &wg.2);
+        }
+    }
 
     #[test]
     fn alibi_slopes_reference_values() {
