@@ -394,10 +394,8 @@ fn check_output(c: &DocCmd, dir: &Path, o: &Output) -> Result<(), String> {
                 return Err(format!("smoke.json is not ok: {j}"));
             }
         }
-        "bench" => {
-            if !stdout.contains("tokens/s") {
-                return Err(format!("bench printed no tokens/s:\n{stdout}"));
-            }
+        "bench" if !stdout.contains("tokens/s") => {
+            return Err(format!("bench printed no tokens/s:\n{stdout}"));
         }
         _ => {}
     }
@@ -478,7 +476,7 @@ fn doc_commands_run_as_written() {
     let mut seen = std::collections::HashSet::new();
     cmds.retain(|c| seen.insert(c.key()));
     // a fresh train-mini first: later commands (probe, --resume) start from its run
-    cmds.sort_by_key(|c| !(c.sub() == "train-mini" && !c.has("--resume")));
+    cmds.sort_by_key(|c| c.sub() != "train-mini" || c.has("--resume"));
 
     let mut ws = Workspace {
         mini_runs: None,
