@@ -191,6 +191,31 @@ impl Default for BenchOptions {
     }
 }
 
+/// The options of `--config`: a preset's name, or a run config file (.toml / .json) whose
+/// model, micro-batch, length and precision are taken.
+pub fn options_for(config: &str) -> Result<BenchOptions> {
+    match config.parse::<BenchPreset>() {
+        Ok(p) => Ok(BenchOptions::from_preset(p)),
+        Err(e) if !Path::new(config).exists() => Err(e),
+        Err(_) => {
+            let (model, rc) = crate::trainer::read_run_config(Path::new(config))?;
+            let micro = if rc.micro_batch_size == 0 {
+                rc.batch_size
+            } else {
+                rc.micro_batch_size
+            };
+            Ok(BenchOptions {
+                config_name: config.to_string(),
+                batch: micro,
+                seq_len: model.max_seq_len,
+                precision: rc.precision.parse()?,
+                model,
+                ..Default::default()
+            })
+        }
+    }
+}
+
 /// The reference's measurement (the script's JSON line).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RefResult {
@@ -407,7 +432,7 @@ fn bench_config(model: &ModelConfig) -> ModelConfig {
 }
 
 /// One fixed batch: `b` rows of `t + 1` uniform ids; inputs are the first `t`, targets the last `t`.
-fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i64>) {
+pub fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i64>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbe_4c);
     let (mut inp, mut tgt) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
     for _ in 0..b {

@@ -7,7 +7,10 @@
 //!   CUDA kernels of the same names;
 //! - [`checkpoint`]: safetensors load/save, legacy key names, PyTorch `.pt` import;
 //! - [`optim`]: AdamW (PyTorch semantics) and global-norm clipping;
-//! - [`parity`]: runs reference fixture folders and reports the worst error per case.
+//! - [`parity`]: runs reference fixture folders and reports the worst error per case;
+//! - [`bench`]: tokens/s of a training step (and the reference's), scaling runs over T;
+//! - [`kernel_cost`]: the GPU step's launches, syncs, allocations and kernel resources, counted
+//!   without a GPU.
 
 // llm.c style: ops take many slices and index them in explicit loops
 #![allow(
@@ -22,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod kernel_cost;
 pub mod model;
 pub mod optim;
 pub mod parity;

@@ -209,6 +209,28 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// What one GPU training step costs, without a GPU: per kernel its launches, registers, spills, shared memory and occupancy; per step launches, GEMMs, host syncs, allocations, memsets and bf16 conversions.
+    KernelCost {
+        /// A preset (practice-run, cpu-small, cpu-asa) or a run config file (.toml / .json).
+        #[arg(long, default_value = "practice-run")]
+        config: String,
+        /// Sequence length T (default: the config's).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Batch size (default: the config's).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// GEMM precision (default: the preset's; bf16 for practice-run).
+        #[arg(long)]
+        precision: Option<asa::backend::cuda::Precision>,
+        /// Architecture of the register, shared-memory and occupancy columns: sm_90 (H100,
+        /// H200) or sm_80 (A100).
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
@@ -574,26 +596,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let place = resolve_device(device, true)?;
-            let mut o = match config.parse::<asa::bench::BenchPreset>() {
-                Ok(p) => asa::bench::BenchOptions::from_preset(p),
-                Err(e) if !std::path::Path::new(&config).exists() => return Err(e),
-                Err(_) => {
-                    let (model, rc) = asa::trainer::read_run_config(std::path::Path::new(&config))?;
-                    let micro = if rc.micro_batch_size == 0 {
-                        rc.batch_size
-                    } else {
-                        rc.micro_batch_size
-                    };
-                    asa::bench::BenchOptions {
-                        config_name: config.clone(),
-                        batch: micro,
-                        seq_len: model.max_seq_len,
-                        precision: rc.precision.parse()?,
-                        model,
-                        ..Default::default()
-                    }
-                }
-            };
+            let mut o = asa::bench::options_for(&config)?;
             o.cuda = place == Place::Cuda;
             if let Some(p) = precision {
                 o.precision = p;
@@ -700,6 +703,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(path) = json {
                 write_bench_json(&path, &r)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::KernelCost {
+            config,
+            seq_len,
+            batch,
+            precision,
+            arch,
+            json,
+        } => {
+            let mut o = asa::bench::options_for(&config)?;
+            if let Some(p) = precision {
+                o.precision = p;
+            }
+            if let Some(t) = seq_len {
+                o.seq_len = t;
+                o.model.max_seq_len = t;
+            }
+            if let Some(b) = batch {
+                o.batch = b;
+            }
+            if let Some(dir) = json.as_deref().and_then(|p| p.parent()) {
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    return Err(AsaError::Input(format!(
+                        "--json: the folder {} does not exist",
+                        dir.display()
+                    )));
+                }
+            }
+            let rep = asa::kernel_cost::run(&o, &arch)?;
+            print!("{}", asa::kernel_cost::table(&rep));
+            if let Some(path) = json {
+                write_bench_json(&path, &rep)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -235,6 +235,22 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
             }
             Vec::new()
         }
+        "kernel-cost" => {
+            // the practice run's 230M weights take minutes to initialise in a debug build; the
+            // same command on the small cpu-asa preset counts the same orchestration
+            let text = match c.value("--config") {
+                Some(cfg) => c
+                    .text
+                    .replace(&format!("--config {cfg}"), "--config cpu-asa"),
+                None => format!("{} --config cpu-asa", c.text),
+            };
+            return Ok(Plan::StandIn {
+                text,
+                why: "the cpu-asa preset instead of practice-run (its weights take minutes to \
+                      initialise in a debug build); every other flag as written",
+                files: c.value("--json").into_iter().collect(),
+            });
+        }
         "doctor" => {
             return Ok(Plan::Report {
                 expect: "doctor:",

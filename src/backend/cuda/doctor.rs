@@ -85,6 +85,28 @@ pub struct KernelResources {
     /// bytes spilled to local memory (stores)
     pub spill_stores: u32,
     pub spill_loads: u32,
+    /// static shared memory per block (bytes)
+    pub smem_bytes: u32,
+}
+
+/// `ptxas`: the PyPI wheel's (under `ASA_CUDA_PYPI_DIR`), else the first on `PATH`, else
+/// `/usr/local/cuda/bin/ptxas`.
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    if let Some(root) = super::pypi_cuda_root() {
+        let p = root.join("bin").join("ptxas");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("ptxas"))
+        .chain(std::iter::once(std::path::PathBuf::from(
+            "/usr/local/cuda/bin/ptxas",
+        )))
+        .find(|p| p.is_file())
 }
 
 /// Registers and spills of every kernel in `ptx` for `sm` (`ptxas -v`): without a GPU, the
@@ -111,6 +133,7 @@ pub fn ptxas_resources(
                 registers: 0,
                 spill_stores: 0,
                 spill_loads: 0,
+                smem_bytes: 0,
             });
         } else if let Some(k) = out_v.last_mut() {
             if let Some(n) = num_before(line, "bytes spill stores") {
@@ -121,6 +144,9 @@ pub fn ptxas_resources(
             }
             if let Some(n) = num_before(line, "registers") {
                 k.registers = n;
+            }
+            if let Some(n) = num_before(line, "bytes smem") {
+                k.smem_bytes = n;
             }
         }
     }

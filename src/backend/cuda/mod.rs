@@ -16,6 +16,8 @@
 //! - [`intervene`]: the intervene variant's intervention (forward, thresholds, logs, backward);
 //! - [`fused`]: the fused slot write scan + read, forward and backward (no state history);
 //! - [`linear`]: the slotspace refine's causal linear attention, walked in chunks;
+//! - [`cost`]: a device that executes nothing and counts a step's requests, and occupancy from
+//!   `ptxas` resources (`asa kernel-cost`);
 //! - [`doctor`]: the `asa doctor` report;
 //! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
 
@@ -33,6 +35,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernel
 
 use crate::error::{AsaError, Result};
 
+pub mod cost;
 pub mod doctor;
 pub mod fused;
 pub mod intervene;

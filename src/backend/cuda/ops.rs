@@ -1764,7 +1764,7 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
 /// rounds them with `convert_f32_bf16` into scratch first. Both: bf16 products, f32 sums.
 pub const BF16_GEMM_ENV: &str = "ASA_CUDA_BF16_GEMM";
 
-fn bf16_in_cublas() -> bool {
+pub(crate) fn bf16_in_cublas() -> bool {
     static IN_CUBLAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *IN_CUBLAS.get_or_init(|| match std::env::var(BF16_GEMM_ENV) {
         Ok(v) if v.trim().eq_ignore_ascii_case("cublas") => true,

@@ -1,0 +1,392 @@
+//! The GPU step's cost without a GPU (issue 11): a [`Device`] that executes nothing and counts
+//! what the real step orchestration asks of it, and the occupancy of a kernel at its launch
+//! shape from `ptxas` resources.
+//!
+//! [`CountingDevice`] stands in for [`super::CudaBackend`] under the same [`super::GpuLm`] code,
+//! so every launch, GEMM, host synchronisation, allocation, memset and copy of a training step
+//! is counted exactly as that code issues it (the GEMM's bf16 conversions as
+//! `ops::cublas_gemm` makes them). Device pointers are fake addresses; downloads return zeros
+//! (the orchestration only reads back the loss, the norm and small scalars, and zeros are
+//! finite). Nothing here needs a GPU, a driver or NVRTC.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+use cudarc::driver::LaunchConfig;
+use serde::Serialize;
+
+use super::ops::{self, Gemm, Ops};
+use super::{Device, Dv, Elem, KArg, Precision, Temp, SMEM_DEFAULT};
+use crate::error::Result;
+
+/// Streaming multiprocessors of an H100 SXM (the cost model's reference device).
+pub const H100_SMS: usize = 132;
+
+/// What one kernel name was launched with during the counted work.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct KernelCount {
+    pub launches: u64,
+    /// blocks summed over the launches
+    pub blocks: u64,
+    /// the largest block (threads) it was launched with
+    pub threads_per_block: u32,
+    /// the largest dynamic shared memory (bytes) it was launched with
+    pub dyn_smem_bytes: u32,
+}
+
+/// Everything a stretch of device work asked for (see [`CountingDevice::take`]).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StepCounts {
+    /// kernel launches by kernel name (cuBLAS calls are `gemms`, not here)
+    pub kernels: BTreeMap<String, KernelCount>,
+    /// cuBLAS GEMM calls and their FLOPs (2 m n k each)
+    pub gemms: u64,
+    pub gemm_flops: f64,
+    /// calls that block the host: downloads, uploads from host memory, explicit syncs
+    pub host_syncs: u64,
+    pub downloads: u64,
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    pub syncs: u64,
+    /// device allocations (temporaries, scratch growth) and their bytes
+    pub device_allocations: u64,
+    pub allocated_bytes: u64,
+    /// memsets (explicit, and the zero fill of every new temporary)
+    pub memsets: u64,
+    /// device-to-device copies
+    pub copies: u64,
+    /// bytes read and written by f32 -> bf16 conversions of GEMM operands
+    pub bytes_converted: u64,
+}
+
+impl StepCounts {
+    /// Kernel launches plus GEMM calls.
+    pub fn launches(&self) -> u64 {
+        self.kernels.values().map(|k| k.launches).sum::<u64>() + self.gemms
+    }
+}
+
+/// A device that executes nothing and counts every request (see the module docs).
+pub struct CountingDevice {
+    counts: RefCell<StepCounts>,
+    next_ptr: Cell<u64>,
+    precision: Cell<Precision>,
+    sm_count: usize,
+    /// sizes (bytes) of the backend's four grow-on-demand scratch buffers
+    scratch: RefCell<[usize; 4]>,
+}
+
+impl CountingDevice {
+    /// A device with `sm_count` multiprocessors (grid sizes of grid-stride kernels follow it).
+    pub fn new(sm_count: usize) -> Self {
+        CountingDevice {
+            counts: RefCell::new(StepCounts::default()),
+            next_ptr: Cell::new(1 << 32),
+            precision: Cell::new(Precision::F32),
+            sm_count: sm_count.max(1),
+            scratch: RefCell::new([0; 4]),
+        }
+    }
+
+    /// The counts since the last `take`, and a fresh start.
+    pub fn take(&self) -> StepCounts {
+        std::mem::take(&mut *self.counts.borrow_mut())
+    }
+
+    /// A fake device address for `bytes` (256-byte aligned, never reused).
+    fn fake(&self, bytes: usize) -> u64 {
+        let p = self.next_ptr.get();
+        self.next_ptr
+            .set(p + (bytes.max(1) as u64).div_ceil(256) * 256);
+        p
+    }
+
+    fn alloc(&self, bytes: usize) -> u64 {
+        let mut c = self.counts.borrow_mut();
+        c.device_allocations += 1;
+        c.allocated_bytes += bytes as u64;
+        drop(c);
+        self.fake(bytes)
+    }
+
+    fn scratch_range<T>(&self, cell: usize, n: usize) -> Dv<T> {
+        let bytes = n.max(1) * std::mem::size_of::<T>();
+        let grow = self.scratch.borrow()[cell] < bytes;
+        if grow {
+            self.scratch.borrow_mut()[cell] = bytes;
+        }
+        // a grown scratch is a new allocation, as in the CUDA backend
+        let p = if grow {
+            self.alloc(bytes)
+        } else {
+            self.fake(0)
+        };
+        // SAFETY: the address is never dereferenced (nothing executes on this device).
+        unsafe { Dv::from_raw(p, n) }
+    }
+}
+
+impl Device for CountingDevice {
+    fn launch(&self, name: &str, cfg: LaunchConfig, _args: &[KArg]) -> Result<()> {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 {
+            return Ok(()); // as the CUDA backend: an empty grid is no launch
+        }
+        let mut c = self.counts.borrow_mut();
+        let k = c.kernels.entry(name.to_string()).or_default();
+        k.launches += 1;
+        k.blocks += g.0 as u64 * g.1 as u64 * g.2 as u64;
+        k.threads_per_block = k.threads_per_block.max(b.0 * b.1 * b.2);
+        k.dyn_smem_bytes = k.dyn_smem_bytes.max(cfg.shared_mem_bytes);
+        Ok(())
+    }
+
+    fn max_grid(&self) -> u32 {
+        (self.sm_count as u32) * 32
+    }
+
+    fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>> {
+        Ok(self.scratch_range(second as usize, n))
+    }
+
+    fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>> {
+        Ok(self.scratch_range(2 + second as usize, n))
+    }
+
+    fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
+        let p = self.alloc(n.max(1) * std::mem::size_of::<T>());
+        self.counts.borrow_mut().memsets += 1; // allocated zeroed
+                                               // SAFETY: never dereferenced.
+        Ok(Temp::new(Box::new(()), unsafe { Dv::from_raw(p, n) }))
+    }
+
+    fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>> {
+        let bytes = std::mem::size_of_val(x);
+        let p = self.alloc(bytes);
+        let mut c = self.counts.borrow_mut();
+        c.uploads += 1;
+        c.upload_bytes += bytes as u64;
+        c.host_syncs += 1;
+        drop(c);
+        // SAFETY: never dereferenced.
+        Ok(Temp::new(Box::new(()), unsafe { Dv::from_raw(p, x.len()) }))
+    }
+
+    fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
+        if x.len > 0 {
+            self.counts.borrow_mut().memsets += 1;
+        }
+        Ok(())
+    }
+
+    fn download<T: Elem>(&self, x: Dv<T>) -> Result<Vec<T>> {
+        let mut c = self.counts.borrow_mut();
+        c.downloads += 1;
+        c.host_syncs += 1;
+        Ok(vec![T::default(); x.len])
+    }
+
+    fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        assert!(x.len() <= dst.len, "upload_into: {} > {}", x.len(), dst.len);
+        let mut c = self.counts.borrow_mut();
+        c.uploads += 1;
+        c.upload_bytes += std::mem::size_of_val(x) as u64;
+        c.host_syncs += 1;
+        Ok(())
+    }
+
+    fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
+        assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
+        if src.len > 0 {
+            self.counts.borrow_mut().copies += 1;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut c = self.counts.borrow_mut();
+        c.syncs += 1;
+        c.host_syncs += 1;
+        Ok(())
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision.get()
+    }
+
+    fn set_precision(&self, p: Precision) {
+        self.precision.set(p)
+    }
+
+    fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// An H100's opt-in limit per block.
+    fn max_smem(&self) -> usize {
+        (227 * 1024).max(SMEM_DEFAULT)
+    }
+
+    /// As `ops::cublas_gemm`: nothing for an empty output, a memset for an empty sum, else (in
+    /// bf16, unless cuBLAS converts itself) both operands converted into scratch, then one call.
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if g.k == 0 {
+            if g.beta == 0.0 {
+                self.memset_zero(g.c)?;
+            }
+            return Ok(());
+        }
+        if self.precision.get() == Precision::Bf16 && !ops::bf16_in_cublas() {
+            for (x, second) in [(g.a, false), (g.b, true)] {
+                let dst = self.scratch_bf16(x.len, second)?;
+                self.convert_f32_bf16(dst, x)?;
+                self.counts.borrow_mut().bytes_converted += x.len as u64 * 6;
+            }
+        }
+        let mut c = self.counts.borrow_mut();
+        c.gemms += 1;
+        c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
+        Ok(())
+    }
+}
+
+impl Ops for CountingDevice {}
+
+/// The family of a kernel for the cost report: `slot_scan`, `linear_attention`, `gemm`,
+/// `conversion`, `norm`, `elementwise`, `loss`, `optimizer` or `other`.
+pub fn kernel_family(name: &str) -> &'static str {
+    let starts = |ps: &[&str]| ps.iter().any(|p| name.starts_with(p));
+    if starts(&["linear_attn"]) {
+        "linear_attention"
+    } else if starts(&[
+        "slot_scan",
+        "slot_mix",
+        "read_logits",
+        "write_logits",
+        "read_weights",
+        "softmax_slots",
+        "slot_mask_weights",
+        "alibi_grad",
+        "sum_batch_add",
+    ]) {
+        "slot_scan"
+    } else if name == "cublas_gemm" {
+        "gemm"
+    } else if starts(&["convert_"]) {
+        "conversion"
+    } else if starts(&["layernorm", "l2normalize"]) {
+        "norm"
+    } else if starts(&["crossentropy"]) {
+        "loss"
+    } else if starts(&[
+        "adamw",
+        "clip_scale",
+        "global_norm",
+        "dot_partial",
+        "sum_f64",
+        "scale_f64",
+    ]) {
+        "optimizer"
+    } else if starts(&[
+        "gelu",
+        "dropout",
+        "residual",
+        "axpy",
+        "fill",
+        "scale_rows",
+        "rope",
+        "split_heads",
+        "merge_heads",
+        "phi_",
+        "tanh_",
+        "mask_rows",
+        "encoder",
+        "matmul_forward_bias",
+    ]) {
+        "elementwise"
+    } else {
+        "other"
+    }
+}
+
+/// Per-SM limits of one architecture for the occupancy calculation.
+#[derive(Debug, Clone, Copy)]
+pub struct SmLimits {
+    pub registers: u32,
+    /// registers are allocated per warp in units of this many
+    pub reg_unit: u32,
+    pub threads: u32,
+    pub blocks: u32,
+    /// shared memory per SM and the part of it reserved per block (bytes)
+    pub smem: u32,
+    pub smem_reserved: u32,
+}
+
+/// sm_90 (H100, H200): 64K registers, 2,048 threads, 32 blocks, 228 KiB shared memory per SM.
+pub const SM90: SmLimits = SmLimits {
+    registers: 65536,
+    reg_unit: 256,
+    threads: 2048,
+    blocks: 32,
+    smem: 228 * 1024,
+    smem_reserved: 1024,
+};
+
+/// Fraction of an SM's warp slots a kernel can keep busy (the CUDA occupancy calculator's
+/// rule): blocks per SM limited by registers (allocated per warp), threads, blocks and shared
+/// memory, times warps per block, over the SM's warps. 0 when one block does not fit.
+pub fn occupancy(
+    lim: SmLimits,
+    registers: u32,
+    threads_per_block: u32,
+    smem_per_block: u32,
+) -> f64 {
+    if threads_per_block == 0 {
+        return 0.0;
+    }
+    let warps = threads_per_block.div_ceil(32);
+    let regs_per_warp = (registers.max(1) * 32).div_ceil(lim.reg_unit) * lim.reg_unit;
+    let by_regs = (lim.registers / regs_per_warp) / warps;
+    let by_threads = lim.threads / (warps * 32);
+    let by_smem = if smem_per_block == 0 {
+        lim.blocks
+    } else {
+        lim.smem / (smem_per_block + lim.smem_reserved)
+    };
+    let blocks = by_regs.min(by_threads).min(by_smem).min(lim.blocks);
+    (blocks * warps) as f64 / (lim.threads / 32) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn occupancy_follows_the_calculator() {
+        // 256 threads, 32 registers: 8 blocks by threads and registers -> full
+        assert_eq!(occupancy(SM90, 32, 256, 0), 1.0);
+        // 128 registers x 256 threads: 64K / (128*32*8) = 2 blocks -> 16 of 64 warps
+        assert_eq!(occupancy(SM90, 128, 256, 0), 0.25);
+        // 255 registers round to 256 per thread: 1 block of 256
+        assert_eq!(occupancy(SM90, 255, 256, 0), 0.125);
+        // 100 KiB of shared memory: 2 blocks of 128 threads -> 8 of 64 warps
+        assert_eq!(occupancy(SM90, 32, 128, 100 * 1024), 0.125);
+        // a block that needs more shared memory than the SM has
+        assert_eq!(occupancy(SM90, 32, 128, 300 * 1024), 0.0);
+    }
+
+    #[test]
+    fn families_cover_the_names() {
+        assert_eq!(kernel_family("slot_scan_read_forward_rmax"), "slot_scan");
+        assert_eq!(kernel_family("linear_attn_backward_dk"), "linear_attention");
+        assert_eq!(kernel_family("convert_f32_bf16"), "conversion");
+        assert_eq!(kernel_family("layernorm_backward_params"), "norm");
+        assert_eq!(kernel_family("adamw_update"), "optimizer");
+        assert_eq!(kernel_family("gelu_backward"), "elementwise");
+        assert_eq!(kernel_family("crossentropy_forward"), "loss");
+        assert_eq!(kernel_family("colsum_partial"), "other");
+    }
+}
