@@ -18,8 +18,12 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::backend::cuda::cost::{self, CountingDevice, SmLimits, StepCounts, H100_SMS, SM90};
-use crate::backend::cuda::doctor::{find_ptxas, ptxas_resources, KernelResources};
+use crate::backend::cuda::cost::{
+    self, CountingDevice, SassMix, SmLimits, StepCounts, H100_SMS, SM90,
+};
+use crate::backend::cuda::doctor::{
+    find_nvdisasm, find_ptxas, ptxas_resources, sass, KernelResources,
+};
 use crate::backend::cuda::{self as cuda, GpuLm, KERNELS};
 use crate::bench::{self, BenchOptions, BENCH_ADAM, BENCH_CLIP};
 use crate::error::{AsaError, Result};
@@ -41,6 +45,11 @@ pub struct KernelRow {
     pub smem_bytes: Option<u32>,
     /// active warps over the SM's warps at this launch shape
     pub occupancy: Option<f64>,
+    /// static SASS instruction counts (None without nvdisasm)
+    pub sass: Option<SassMix>,
+    /// `sass.tensor_core` and `sass.fp64`, as the JSON names them
+    pub tensor_core_instructions: Option<u32>,
+    pub fp64_instructions: Option<u32>,
 }
 
 /// The counts of one step.
@@ -93,6 +102,8 @@ pub struct KernelCostReport {
     pub sm_count: usize,
     /// where the resource columns come from, or why they are empty
     pub resources: String,
+    /// where the SASS columns come from, or why they are empty
+    pub sass: String,
     /// steady state (the second step), most launched first
     pub kernels: Vec<KernelRow>,
     pub step: StepRow,
@@ -142,6 +153,26 @@ fn resources(
     Ok(all)
 }
 
+/// Static SASS mix of every kernel for `arch` (`nvdisasm`), or why there is none.
+fn sass_mixes(
+    nvrtc_arch: &'static str,
+    arch: &str,
+) -> std::result::Result<BTreeMap<String, SassMix>, String> {
+    let ptxas = find_ptxas().ok_or("no ptxas")?;
+    let nvd = find_nvdisasm().ok_or_else(|| {
+        format!(
+            "no nvdisasm (pip install --no-deps --target ${} nvidia-cuda-nvdisasm==13.2.86)",
+            cuda::PYPI_DIR_ENV
+        )
+    })?;
+    let mut all = BTreeMap::new();
+    for (stem, _) in KERNELS {
+        let ptx = cuda::compile_ptx(stem, nvrtc_arch).map_err(|e| e.to_string())?;
+        all.extend(cost::sass_mix(&sass(&ptxas, &nvd, &ptx, arch, stem)?));
+    }
+    Ok(all)
+}
+
 /// Counts a first and a steady-state training step of `o`'s config on a [`CountingDevice`]
 /// with an H100's multiprocessors, and joins the counts with the kernels' resources.
 pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
@@ -186,6 +217,15 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
         ),
         Err(why) => (BTreeMap::new(), why),
     };
+    let mixes = if res.is_empty() {
+        Err(format!("none ({resources})"))
+    } else {
+        sass_mixes(nvrtc_arch, arch)
+    };
+    let (mixes, sass_src) = match mixes {
+        Ok(m) => (m, format!("nvdisasm, {arch}, static counts")),
+        Err(why) => (BTreeMap::new(), why),
+    };
     let mut kernels: Vec<KernelRow> = steady
         .kernels
         .iter()
@@ -205,6 +245,9 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
                 occupancy: r.map(|r| {
                     cost::occupancy(lim, r.registers, k.threads_per_block, smem.unwrap_or(0))
                 }),
+                sass: mixes.get(name).cloned(),
+                tensor_core_instructions: mixes.get(name).map(|m| m.tensor_core),
+                fp64_instructions: mixes.get(name).map(|m| m.fp64),
             }
         })
         .collect();
@@ -221,6 +264,7 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
         arch: arch.into(),
         sm_count: H100_SMS,
         resources,
+        sass: sass_src,
         kernels,
         step: StepRow::from(&steady),
         first_step: StepRow::from(&first),
@@ -231,14 +275,28 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
 pub fn table(rep: &KernelCostReport) -> String {
     let opt = |x: Option<u32>| x.map_or("-".to_string(), |v| v.to_string());
     let mut s = format!(
-        "kernel-cost: {} (B={}, T={}, {}), one training step on {} with {} SMs; resources: {}\n\n",
-        rep.config, rep.batch, rep.seq_len, rep.precision, rep.arch, rep.sm_count, rep.resources
+        "kernel-cost: {} (B={}, T={}, {}), one training step on {} with {} SMs; resources: {}; SASS: {}\n\n",
+        rep.config, rep.batch, rep.seq_len, rep.precision, rep.arch, rep.sm_count, rep.resources, rep.sass
     );
-    s += "| kernel | family | launches/step | blocks/launch | threads | registers | spill bytes | smem bytes | occupancy |\n";
-    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    s += "| kernel | family | launches/step | blocks/launch | threads | registers | spill bytes | smem bytes | occupancy | SASS (mma / fp64 / fp32 / sfu / global / shared / local / bar) |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for k in &rep.kernels {
+        let mix = k.sass.as_ref().map_or("-".to_string(), |m| {
+            format!(
+                "{} ({} / {} / {} / {} / {} / {} / {} / {})",
+                m.total,
+                m.tensor_core,
+                m.fp64,
+                m.fp32,
+                m.sfu,
+                m.global,
+                m.shared,
+                m.local,
+                m.barriers
+            )
+        });
         s += &format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {mix} |\n",
             k.name,
             k.family,
             k.launches_per_step,
@@ -385,5 +443,29 @@ mod tests {
         let t = table(&rep);
         assert!(t.contains("| launches (kernels + cuBLAS) |"), "{t}");
         assert!(run(&small(), "sm_75").is_err());
+        // with the CUDA wheels (as CI installs them) the resource and SASS columns are filled
+        let tools = cuda::nvrtc_present() && find_ptxas().is_some() && find_nvdisasm().is_some();
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        if ci {
+            assert!(
+                tools,
+                "CI: NVRTC, ptxas and nvdisasm must be installed ({})",
+                rep.sass
+            );
+        }
+        if tools {
+            let scan = rep
+                .kernels
+                .iter()
+                .find(|k| k.family == "slot_scan" && k.registers.is_some())
+                .expect("a slot-scan kernel with resources");
+            let mix = scan.sass.as_ref().expect("SASS of a slot-scan kernel");
+            assert!(
+                mix.total > 0 && scan.fp64_instructions == Some(mix.fp64),
+                "{mix:?}"
+            );
+        } else {
+            eprintln!("SKIPPED kernel-cost resource columns: {}", rep.resources);
+        }
     }
 }

@@ -360,6 +360,78 @@ pub fn occupancy(
     (blocks * warps) as f64 / (lim.threads / 32) as f64
 }
 
+/// Static SASS instruction counts of one kernel by class (instructions in its code, not
+/// executed instructions; padding `NOP`s are left out).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SassMix {
+    pub total: u32,
+    /// `HMMA`, `HGMMA`, `IMMA`, `DMMA`, `BMMA`
+    pub tensor_core: u32,
+    /// `DADD`, `DMUL`, `DFMA`, `DSETP`, `DMNMX`
+    pub fp64: u32,
+    /// `FADD`, `FMUL`, `FFMA`, `FSETP`, `FMNMX`, `FSEL`
+    pub fp32: u32,
+    /// `MUFU` (the special-function unit: exp, rcp, sqrt, ...)
+    pub sfu: u32,
+    /// global memory: `LDG`, `STG`, `LDGSTS`, `ATOMG`, `RED`
+    pub global: u32,
+    /// shared memory: `LDS`, `STS`, `LDSM`, `ATOMS`
+    pub shared: u32,
+    /// local memory (spills, stack arrays): `LDL`, `STL`
+    pub local: u32,
+    /// `BAR`
+    pub barriers: u32,
+}
+
+/// The `SassMix` of every kernel in `nvdisasm -c` output, by kernel name. Each kernel's section
+/// (`.text.<name>`) holds its code and the internal subroutines it calls.
+pub fn sass_mix(sass: &str) -> BTreeMap<String, SassMix> {
+    let mut out: BTreeMap<String, SassMix> = BTreeMap::new();
+    let mut cur: Option<String> = None;
+    for line in sass.lines() {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
+            cur = Some(name.to_string());
+            out.entry(name.to_string()).or_default();
+            continue;
+        }
+        // "/*0070*/   [@!P0] OPCODE.MOD operands ;"
+        let Some(rest) = l
+            .strip_prefix("/*")
+            .and_then(|r| r.split_once("*/"))
+            .map(|x| x.1)
+        else {
+            continue;
+        };
+        let Some(k) = cur.as_ref().and_then(|c| out.get_mut(c)) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let mut op = words.next().unwrap_or("");
+        if op.starts_with('@') {
+            op = words.next().unwrap_or("");
+        }
+        let base = op.split('.').next().unwrap_or("");
+        if base.is_empty() || base == "NOP" {
+            continue;
+        }
+        k.total += 1;
+        let class = match base {
+            "HMMA" | "HGMMA" | "IMMA" | "DMMA" | "BMMA" => &mut k.tensor_core,
+            "DADD" | "DMUL" | "DFMA" | "DSETP" | "DMNMX" => &mut k.fp64,
+            "FADD" | "FMUL" | "FFMA" | "FSETP" | "FMNMX" | "FSEL" => &mut k.fp32,
+            "MUFU" => &mut k.sfu,
+            "LDG" | "STG" | "LDGSTS" | "ATOMG" | "RED" => &mut k.global,
+            "LDS" | "STS" | "LDSM" | "ATOMS" => &mut k.shared,
+            "LDL" | "STL" => &mut k.local,
+            "BAR" => &mut k.barriers,
+            _ => continue,
+        };
+        *class += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +448,45 @@ mod tests {
         assert_eq!(occupancy(SM90, 32, 128, 100 * 1024), 0.125);
         // a block that needs more shared memory than the SM has
         assert_eq!(occupancy(SM90, 32, 128, 300 * 1024), 0.0);
+    }
+
+    #[test]
+    fn sass_mix_counts_by_class_per_kernel() {
+        let sass = "
+//--------------------- .text.k1 --------------------------
+k1:
+.text.k1:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR6][R2.64] ;
+        /*0020*/               @!P0 DFMA R8, -R6, R4, 1 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/                   MUFU.EX2 R5, R7 ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/                   STL [R1], R3 ;
+        /*0070*/                   NOP ;
+.L_x_0:
+        /*0080*/               @P1 FFMA R4, RZ, R7, R3 ;
+//--------------------- .text.k2 --------------------------
+.text.k2:
+        /*0000*/                   STS [R0], R1 ;
+        /*0010*/                   EXIT ;
+";
+        let m = sass_mix(sass);
+        let k1 = &m["k1"];
+        assert_eq!(
+            (
+                k1.total,
+                k1.global,
+                k1.fp64,
+                k1.tensor_core,
+                k1.sfu,
+                k1.barriers,
+                k1.local,
+                k1.fp32
+            ),
+            (8, 1, 1, 1, 1, 1, 1, 1)
+        );
+        assert_eq!((m["k2"].total, m["k2"].shared), (2, 1));
     }
 
     #[test]

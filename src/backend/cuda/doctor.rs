@@ -72,6 +72,64 @@ fn run_ptxas(
     }
 }
 
+/// `nvdisasm`: the PyPI wheel's (`nvidia-cuda-nvdisasm`, under `ASA_CUDA_PYPI_DIR`), else the
+/// first on `PATH`, else `/usr/local/cuda/bin/nvdisasm`.
+pub fn find_nvdisasm() -> Option<std::path::PathBuf> {
+    if let Some(root) = super::pypi_cuda_root() {
+        let p = root.join("bin").join("nvdisasm");
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("nvdisasm"))
+        .chain(std::iter::once(std::path::PathBuf::from(
+            "/usr/local/cuda/bin/nvdisasm",
+        )))
+        .find(|p| p.is_file())
+}
+
+/// The SASS of every kernel in `ptx` for `sm`: `ptxas` into a cubin, then `nvdisasm -c`.
+pub fn sass(
+    ptxas: &Path,
+    nvdisasm: &Path,
+    ptx: &str,
+    sm: &str,
+    tag: &str,
+) -> Result<String, String> {
+    let dir = std::env::temp_dir().join(format!("asa-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
+    let src = dir.join(format!("{tag}.ptx"));
+    let cubin = dir.join(format!("{tag}.{sm}.cubin"));
+    std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
+    let run = |cmd: &mut Command, what: &Path| -> Result<String, String> {
+        let res = cmd
+            .output()
+            .map_err(|e| format!("running {}: {e}", what.display()))?;
+        if res.status.success() {
+            Ok(String::from_utf8_lossy(&res.stdout).into_owned())
+        } else {
+            let err = String::from_utf8_lossy(&res.stderr);
+            Err(err.lines().take(5).collect::<Vec<_>>().join(" | "))
+        }
+    };
+    let out = run(
+        Command::new(ptxas)
+            .arg(format!("-arch={sm}"))
+            .arg(&src)
+            .arg("-o")
+            .arg(&cubin),
+        ptxas,
+    )
+    .and_then(|_| run(Command::new(nvdisasm).arg("-c").arg(&cubin), nvdisasm));
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&cubin);
+    out
+}
+
 /// Assembles `ptx` with `ptxas -arch=<sm>`; Err(message) on failure.
 pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<(), String> {
     run_ptxas(ptxas, ptx, sm, tag, false).map(|_| ())
