@@ -185,6 +185,28 @@ impl BenchOptions {
     }
 }
 
+impl BenchOptions {
+    /// The command line's overrides: GEMM precision, T (the config's `max_seq_len` follows it)
+    /// and batch, each where given.
+    pub fn set_shape(
+        &mut self,
+        precision: Option<Precision>,
+        seq_len: Option<usize>,
+        batch: Option<usize>,
+    ) {
+        if let Some(p) = precision {
+            self.precision = p;
+        }
+        if let Some(t) = seq_len {
+            self.seq_len = t;
+            self.model.max_seq_len = t;
+        }
+        if let Some(b) = batch {
+            self.batch = b;
+        }
+    }
+}
+
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions::from_preset(BenchPreset::CpuSmall)

@@ -52,23 +52,13 @@ pub struct KernelRow {
     pub fp64_instructions: Option<u32>,
 }
 
-/// The counts of one step.
+/// The counts of one step, with its launches (kernels + cuBLAS calls) and kernel launches.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRow {
-    /// kernel launches plus cuBLAS calls
     pub launches: u64,
     pub kernel_launches: u64,
-    pub gemms: u64,
-    pub gemm_gflop: f64,
-    pub host_syncs: u64,
-    pub downloads: u64,
-    pub uploads: u64,
-    pub syncs: u64,
-    pub device_allocations: u64,
-    pub allocated_bytes: u64,
-    pub memsets: u64,
-    pub copies: u64,
-    pub bytes_converted: u64,
+    #[serde(flatten)]
+    pub counts: StepCounts,
 }
 
 impl From<&StepCounts> for StepRow {
@@ -76,17 +66,7 @@ impl From<&StepCounts> for StepRow {
         StepRow {
             launches: c.launches(),
             kernel_launches: c.launches() - c.gemms,
-            gemms: c.gemms,
-            gemm_gflop: c.gemm_flops / 1e9,
-            host_syncs: c.host_syncs,
-            downloads: c.downloads,
-            uploads: c.uploads,
-            syncs: c.syncs,
-            device_allocations: c.device_allocations,
-            allocated_bytes: c.allocated_bytes,
-            memsets: c.memsets,
-            copies: c.copies,
-            bytes_converted: c.bytes_converted,
+            counts: c.clone(),
         }
     }
 }
@@ -317,39 +297,51 @@ pub fn table(rep: &KernelCostReport) -> String {
             a.launches.to_string(),
             b.launches.to_string(),
         ),
-        ("cuBLAS GEMMs", a.gemms.to_string(), b.gemms.to_string()),
+        (
+            "cuBLAS GEMMs",
+            a.counts.gemms.to_string(),
+            b.counts.gemms.to_string(),
+        ),
         (
             "GEMM GFLOP",
-            format!("{:.1}", a.gemm_gflop),
-            format!("{:.1}", b.gemm_gflop),
+            format!("{:.1}", a.counts.gemm_flops / 1e9),
+            format!("{:.1}", b.counts.gemm_flops / 1e9),
         ),
         (
             "host syncs (downloads / uploads / syncs)",
             format!(
                 "{} ({} / {} / {})",
-                a.host_syncs, a.downloads, a.uploads, a.syncs
+                a.counts.host_syncs, a.counts.downloads, a.counts.uploads, a.counts.syncs
             ),
             format!(
                 "{} ({} / {} / {})",
-                b.host_syncs, b.downloads, b.uploads, b.syncs
+                b.counts.host_syncs, b.counts.downloads, b.counts.uploads, b.counts.syncs
             ),
         ),
         (
             "device allocations",
-            a.device_allocations.to_string(),
-            b.device_allocations.to_string(),
+            a.counts.device_allocations.to_string(),
+            b.counts.device_allocations.to_string(),
         ),
         (
             "allocated MiB",
-            format!("{:.1}", a.allocated_bytes as f64 / 1048576.0),
-            format!("{:.1}", b.allocated_bytes as f64 / 1048576.0),
+            format!("{:.1}", a.counts.allocated_bytes as f64 / 1048576.0),
+            format!("{:.1}", b.counts.allocated_bytes as f64 / 1048576.0),
         ),
-        ("memsets", a.memsets.to_string(), b.memsets.to_string()),
-        ("device copies", a.copies.to_string(), b.copies.to_string()),
+        (
+            "memsets",
+            a.counts.memsets.to_string(),
+            b.counts.memsets.to_string(),
+        ),
+        (
+            "device copies",
+            a.counts.copies.to_string(),
+            b.counts.copies.to_string(),
+        ),
         (
             "MB converted to bf16",
-            format!("{:.1}", a.bytes_converted as f64 / 1e6),
-            format!("{:.1}", b.bytes_converted as f64 / 1e6),
+            format!("{:.1}", a.counts.bytes_converted as f64 / 1e6),
+            format!("{:.1}", b.counts.bytes_converted as f64 / 1e6),
         ),
         (
             "spilling kernels",
@@ -439,7 +431,10 @@ mod tests {
     fn the_report_runs_without_a_gpu() {
         let rep = run(&small(), "sm_90").unwrap();
         assert!(!rep.kernels.is_empty());
-        assert_eq!(rep.step.launches, rep.step.kernel_launches + rep.step.gemms);
+        assert_eq!(
+            rep.step.launches,
+            rep.step.kernel_launches + rep.step.counts.gemms
+        );
         let t = table(&rep);
         assert!(t.contains("| launches (kernels + cuBLAS) |"), "{t}");
         assert!(run(&small(), "sm_75").is_err());

@@ -329,6 +329,17 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
 }
 
 /// Writes a bench report as JSON (temp file + rename).
+/// A `--json` path whose folder does not exist is an error before the work, not after it.
+fn check_json_dir(json: Option<&std::path::Path>) -> Result<()> {
+    match json.and_then(|p| p.parent()) {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(AsaError::Input(format!(
+            "--json: the folder {} does not exist",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn write_bench_json<T: serde::Serialize>(path: &std::path::Path, r: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(r).map_err(|e| AsaError::Other(e.to_string()))?;
     // a report, not a checkpoint: say so when it cannot be written
@@ -598,16 +609,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let place = resolve_device(device, true)?;
             let mut o = asa::bench::options_for(&config)?;
             o.cuda = place == Place::Cuda;
-            if let Some(p) = precision {
-                o.precision = p;
-            }
-            if let Some(t) = seq_len {
-                o.seq_len = t;
-                o.model.max_seq_len = t;
-            }
-            if let Some(b) = batch {
-                o.batch = b;
-            }
+            o.set_shape(precision, seq_len, batch);
             o.progress = true;
             o.reference = reference;
             o.python = python;
@@ -627,14 +629,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 args.extend(["--batch".into(), o.batch.to_string()]);
                 // a scaling run takes up to hours: a report that cannot be written is said
                 // before it, not after
-                if let Some(dir) = json.as_deref().and_then(|p| p.parent()) {
-                    if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                        return Err(AsaError::Input(format!(
-                            "--json: the folder {} does not exist",
-                            dir.display()
-                        )));
-                    }
-                }
+                check_json_dir(json.as_deref())?;
                 let exe = std::env::current_exe().map_err(|e| {
                     AsaError::Other(format!("bench: cannot find this program's path: {e}"))
                 })?;
@@ -715,24 +710,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let mut o = asa::bench::options_for(&config)?;
-            if let Some(p) = precision {
-                o.precision = p;
-            }
-            if let Some(t) = seq_len {
-                o.seq_len = t;
-                o.model.max_seq_len = t;
-            }
-            if let Some(b) = batch {
-                o.batch = b;
-            }
-            if let Some(dir) = json.as_deref().and_then(|p| p.parent()) {
-                if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                    return Err(AsaError::Input(format!(
-                        "--json: the folder {} does not exist",
-                        dir.display()
-                    )));
-                }
-            }
+            o.set_shape(precision, seq_len, batch);
+            check_json_dir(json.as_deref())?;
             let rep = asa::kernel_cost::run(&o, &arch)?;
             print!("{}", asa::kernel_cost::table(&rep));
             if let Some(path) = json {

@@ -37,7 +37,9 @@ pub struct KernelCount {
 /// Everything a stretch of device work asked for (see [`CountingDevice::take`]).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct StepCounts {
-    /// kernel launches by kernel name (cuBLAS calls are `gemms`, not here)
+    /// kernel launches by kernel name (cuBLAS calls are `gemms`, not here); reported per
+    /// kernel, so left out of this struct's JSON
+    #[serde(skip)]
     pub kernels: BTreeMap<String, KernelCount>,
     /// cuBLAS GEMM calls and their FLOPs (2 m n k each)
     pub gemms: u64,

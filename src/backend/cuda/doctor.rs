@@ -75,21 +75,7 @@ fn run_ptxas(
 /// `nvdisasm`: the PyPI wheel's (`nvidia-cuda-nvdisasm`, under `ASA_CUDA_PYPI_DIR`), else the
 /// first on `PATH`, else `/usr/local/cuda/bin/nvdisasm`.
 pub fn find_nvdisasm() -> Option<std::path::PathBuf> {
-    if let Some(root) = super::pypi_cuda_root() {
-        let p = root.join("bin").join("nvdisasm");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join("nvdisasm"))
-        .chain(std::iter::once(std::path::PathBuf::from(
-            "/usr/local/cuda/bin/nvdisasm",
-        )))
-        .find(|p| p.is_file())
+    find_cuda_tool("nvdisasm")
 }
 
 /// The SASS of every kernel in `ptx` for `sm`: `ptxas` into a cubin, then `nvdisasm -c`.
@@ -150,20 +136,22 @@ pub struct KernelResources {
 /// `ptxas`: the PyPI wheel's (under `ASA_CUDA_PYPI_DIR`), else the first on `PATH`, else
 /// `/usr/local/cuda/bin/ptxas`.
 pub fn find_ptxas() -> Option<std::path::PathBuf> {
-    if let Some(root) = super::pypi_cuda_root() {
-        let p = root.join("bin").join("ptxas");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    std::env::var_os("PATH")
+    find_cuda_tool("ptxas")
+}
+
+/// A CUDA command-line tool: `bin/<name>` of the PyPI wheels' folder, else the first on
+/// `PATH`, else `/usr/local/cuda/bin/<name>`.
+fn find_cuda_tool(name: &str) -> Option<std::path::PathBuf> {
+    let wheel = super::pypi_cuda_root().map(|root| root.join("bin").join(name));
+    let path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
-        .map(|d| d.join("ptxas"))
-        .chain(std::iter::once(std::path::PathBuf::from(
-            "/usr/local/cuda/bin/ptxas",
-        )))
+        .map(|d| d.join(name));
+    wheel
+        .into_iter()
+        .chain(path)
+        .chain(std::iter::once(Path::new("/usr/local/cuda/bin").join(name)))
         .find(|p| p.is_file())
 }
 
