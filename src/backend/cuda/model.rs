@@ -123,6 +123,8 @@ struct GpuParams {
     layout: Layout,
     /// host values of the 1-element parameters (others: NaN), refreshed after updates
     scalars: Vec<f32>,
+    /// [number of 1-element parameters]: where they are gathered for one download
+    scalar_buf: Option<Temp<f32>>,
 }
 
 impl GpuParams {
@@ -137,6 +139,7 @@ impl GpuParams {
             .map(|d| if d.len() == 1 { d[0] } else { f32::NAN })
             .collect();
         Ok(GpuParams {
+            scalar_buf: None,
             data,
             layout,
             scalars,
@@ -149,11 +152,30 @@ impl GpuParams {
     fn scalar(&self, id: ParamId) -> f32 {
         self.scalars[id]
     }
+    /// The host copies of the scalar parameters after an update: gathered on the device by
+    /// copies, then one download (one host sync, was one per scalar: 81 in the practice run).
     fn refresh_scalars<B: Backend>(&mut self, be: &B) -> Result<()> {
-        for id in 0..self.layout.lens.len() {
-            if self.layout.lens[id] == 1 {
-                self.scalars[id] = be.download(self.p(id))?[0];
+        let ids: Vec<ParamId> = (0..self.layout.lens.len())
+            .filter(|&id| self.layout.lens[id] == 1)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let buf = match &self.scalar_buf {
+            Some(b) => b.dv(),
+            None => {
+                let b = be.temp::<f32>(ids.len())?;
+                let d = b.dv();
+                self.scalar_buf = Some(b);
+                d
             }
+        };
+        for (i, &id) in ids.iter().enumerate() {
+            be.copy(buf.sub(i, 1), self.p(id))?;
+        }
+        let vals = be.download(buf)?;
+        for (&id, v) in ids.iter().zip(vals) {
+            self.scalars[id] = v;
         }
         Ok(())
     }
