@@ -19,6 +19,7 @@
 #       with the linear attention's serial walk, with its tiles of 64 positions, and with
 #       cuBLAS' own bf16 rounding (A/Bs),
 #       and with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
+#   5c. asa kernel-cost --config practice-run (the static counts beside the profile)
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
 # Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
@@ -195,6 +196,10 @@ if [ "$QUICK" != 1 ]; then
 # per-kernel time of the same step (every launch synchronised: slower, for the breakdown only)
 [ -x "$BUNDLE/asa" ] && run profile-practice-run 120 env ASA_CUDA_PROFILE=1 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 1
+# the static cost of the same step (no GPU used): launches per kernel to hold against the
+# profile's, for the cost model's calibration (issue 11)
+[ -x "$BUNDLE/asa" ] && run kernel-cost-practice-run 60 \
+    "$BUNDLE/asa" kernel-cost --config practice-run --json "$OUT/kernel-cost.json"
 
 # ---- 6. benches -----------------------------------------------------------------------------------
 if [ -x "$BUNDLE/asa-bench" ]; then
