@@ -60,6 +60,8 @@ impl std::str::FromStr for Precision {
 struct DBuf {
     s: Option<Temp<f32>>,
     n: usize,
+    /// what `holding` last uploaded (empty when the contents came from elsewhere)
+    host: Vec<f32>,
 }
 
 impl DBuf {
@@ -68,12 +70,27 @@ impl DBuf {
         if self.s.is_none() || self.n != n {
             self.s = Some(be.temp::<f32>(n)?);
             self.n = n;
+            self.host.clear();
         }
         Ok(self.dv())
+    }
+    /// The buffer holding `x`, uploaded only when it differs from what it last received (a
+    /// blocking host sync saved: the slot-key keep mask is the same in every step without slot
+    /// dropout, the ALiBi bias whenever its strength did not move). For buffers that kernels
+    /// only read.
+    fn holding<B: Backend>(&mut self, be: &B, x: &[f32]) -> Result<Dv<f32>> {
+        let d = self.ensure(be, x.len())?;
+        if self.host != x {
+            be.upload_into(d, x)?;
+            self.host.clear();
+            self.host.extend_from_slice(x);
+        }
+        Ok(d)
     }
     /// The buffer with `n` elements, zeroed.
     fn zeroed<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<f32>> {
         let d = self.ensure(be, n)?;
+        self.host.clear();
         be.memset_zero(d)?;
         Ok(d)
     }
@@ -496,8 +513,7 @@ impl GpuAsaLayer {
                 }
             })
             .collect();
-        let key_keep = c_.key_keep.ensure(be, h * nk)?;
-        be.upload_into(key_keep, &keep)?;
+        let key_keep = c_.key_keep.holding(be, &keep)?;
         let keys = c_.keys.ensure(be, h * nk * d)?;
         be.scale_rows(keys, p.p(self.ids.slot_keys), key_keep, d, false)?;
 
@@ -505,9 +521,7 @@ impl GpuAsaLayer {
         let strength = self.alibi_strength(p);
         let bias_h = if cfg.use_alibi_write {
             let bh: Vec<f32> = self.slopes.iter().map(|s| s * strength).collect();
-            let dvb = c_.bias_h.ensure(be, h)?;
-            be.upload_into(dvb, &bh)?;
-            dvb
+            c_.bias_h.holding(be, &bh)?
         } else {
             Dv::null()
         };
@@ -2026,5 +2040,31 @@ impl<B: Backend> GpuLayerRunner<B> {
     /// `intervene::GpuIntvCache::info`); empty for the other variants.
     pub fn intervention_info(&self) -> Result<Info> {
         self.cache.intv.info(&self.be)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cost::CountingDevice;
+    use super::*;
+
+    /// `holding` uploads only what the buffer does not hold yet: again after a change, a new
+    /// length or a memset, never for the same values twice.
+    #[test]
+    fn a_holding_buffer_uploads_only_changes() {
+        let be = CountingDevice::new(4);
+        let mut b = DBuf::default();
+        let uploads = |be: &CountingDevice| be.take().uploads;
+        b.holding(&be, &[1.0, 1.0]).unwrap();
+        assert_eq!(uploads(&be), 1);
+        b.holding(&be, &[1.0, 1.0]).unwrap();
+        assert_eq!(uploads(&be), 0, "the same values twice");
+        b.holding(&be, &[1.0, 0.0]).unwrap();
+        assert_eq!(uploads(&be), 1, "a change");
+        b.holding(&be, &[1.0, 0.0, 1.0]).unwrap();
+        assert_eq!(uploads(&be), 1, "a new length (a new buffer)");
+        b.zeroed(&be, 3).unwrap();
+        b.holding(&be, &[1.0, 0.0, 1.0]).unwrap();
+        assert_eq!(uploads(&be), 1, "after a memset");
     }
 }
