@@ -5,9 +5,12 @@
 //! [`CountingDevice`] stands in for [`super::CudaBackend`] under the same [`super::GpuLm`] code,
 //! so every launch, GEMM, host synchronisation, allocation, memset and copy of a training step
 //! is counted exactly as that code issues it (the GEMM's bf16 conversions as
-//! `ops::cublas_gemm` makes them). Device pointers are fake addresses; downloads return zeros
-//! (the orchestration only reads back the loss, the norm and small scalars, and zeros are
-//! finite). Nothing here needs a GPU, a driver or NVRTC.
+//! `ops::cublas_gemm` makes them). Device pointers are fake addresses. Downloads return small
+//! finite values that differ from one download to the next (the orchestration reads back the
+//! loss, the norm and the scalar parameters), so choices that depend on them behave as on a
+//! device during training: a buffer re-uploaded only when it changes (the ALiBi bias follows a
+//! learned strength) is uploaded every step here too. Nothing here needs a GPU, a driver or
+//! NVRTC.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -76,6 +79,8 @@ pub struct CountingDevice {
     sm_count: usize,
     /// sizes (bytes) of the backend's four grow-on-demand scratch buffers
     scratch: RefCell<[usize; 4]>,
+    /// downloads so far (their values follow it)
+    served: Cell<u64>,
 }
 
 impl CountingDevice {
@@ -87,6 +92,7 @@ impl CountingDevice {
             precision: Cell::new(Precision::F32),
             sm_count: sm_count.max(1),
             scratch: RefCell::new([0; 4]),
+            served: Cell::new(0),
         }
     }
 
@@ -185,7 +191,17 @@ impl Device for CountingDevice {
         let mut c = self.counts.borrow_mut();
         c.downloads += 1;
         c.host_syncs += 1;
-        Ok(vec![T::default(); x.len])
+        // floats: a value of this download's own (see the module docs); other types: 0
+        let k = self.served.get() + 1;
+        self.served.set(k);
+        let mut v = vec![T::default(); x.len];
+        let any: &mut dyn std::any::Any = &mut v;
+        if let Some(f) = any.downcast_mut::<Vec<f32>>() {
+            f.iter_mut().for_each(|y| *y = 1e-3 * k as f32);
+        } else if let Some(f) = any.downcast_mut::<Vec<f64>>() {
+            f.iter_mut().for_each(|y| *y = 1e-3 * k as f64);
+        }
+        Ok(v)
     }
 
     fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
