@@ -1319,7 +1319,7 @@ pub fn linear_attn_backward(
                 }
                 scan::tile_mm(dk, m, vt, m, &ws.sf, m, l, m, |_| (0, m), true);
                 scan::tile_mm(dvv, m, kt, m, &ws.prod, m, l, m, |_| (0, m), true);
-                // mask(V Gn^T) Q: bb[s][t] = v_s . gn_t, t >= s
+                // mask(V Gn^T) Q: aa[s][t] = v_s . gn_t, t >= s
                 scan::transpose_into(&mut ws.tr, gt, l, m, m);
                 scan::tile_mm(&mut ws.aa, l, vt, m, &ws.tr, l, l, l, |_| (0, m), false);
                 scan::tile_mm(dk, m, &ws.aa, l, qt, m, l, m, |s| (s, l), true);

@@ -1,36 +1,27 @@
 //! CPU reference ops. Each op has a `_forward` and a `_backward`; backward functions accumulate
 //! (`+=`) into their gradient outputs so that a tensor used twice gets both contributions.
 
-/// Defines `fn $name` (any visibility) whose body runs compiled for AVX2 + FMA when the CPU has them (checked
-/// at run time, cached by std), else as the portable build. Closures in the body (rayon tasks)
-/// inherit the features. Only IEEE arithmetic is involved and Rust never contracts `a*b + c`
-/// into an FMA by itself, so both builds give the same bits; only vector width changes.
+/// Defines `fn $name` (any visibility) whose body runs compiled for AVX2 + FMA when the CPU has
+/// them (checked at run time, cached by std), else as the portable build (through
+/// [`simd_task`]). Closures the body hands to rayon are compiled as functions of their own and
+/// do not inherit the features: each such task goes through `simd_task` itself. Only IEEE
+/// arithmetic is involved and Rust never contracts `a*b + c` into an FMA by itself, so both
+/// builds give the same bits; only vector width changes.
 macro_rules! simd_kernel {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `fast` is compiled for.
-                    return unsafe { fast($($arg),*) };
-                }
-            }
-            body($($arg),*)
+            $crate::backend::cpu::simd_task(#[inline(always)] || body($($arg),*))
         }
     };
 }
 
 pub(crate) use simd_kernel;
 
-/// Runs `f` compiled for AVX2 + FMA where the CPU has them, as `simd_kernel!` does for a whole
-/// function. A closure handed to rayon is compiled as a function of its own, without the
+/// Runs `f` compiled for AVX2 + FMA where the CPU has them (the dispatch of `simd_kernel!`). A
+/// closure handed to rayon is compiled as a function of its own, without the
 /// features of the `simd_kernel!` around it (its loops came out as 128-bit SSE), so every
 /// rayon task inside a kernel goes through here: `f` is inlined into `fast` and compiled with
 /// its features. The functions it calls are compiled for them only where they are inlined

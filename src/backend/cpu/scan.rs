@@ -360,19 +360,14 @@ pub(crate) fn tile_mm(
                 }
             };
             let (mut r0, mut r1, mut r2, mut r3) = (load(0), load(1), load(2), load(3));
+            let span = |r: &mut [f32; NB], ar: &[f32], ps: std::ops::Range<usize>| {
+                span_nb(r, ar, b, ldb, j0, ps)
+            };
             // each row's head, then the shared range, then each row's tail: p ascending per row
-            for p in rr[0].0..lo {
-                axpy_nb(&mut r0, a0[p], brow(p));
-            }
-            for p in rr[1].0..lo {
-                axpy_nb(&mut r1, a1[p], brow(p));
-            }
-            for p in rr[2].0..lo {
-                axpy_nb(&mut r2, a2[p], brow(p));
-            }
-            for p in rr[3].0..lo {
-                axpy_nb(&mut r3, a3[p], brow(p));
-            }
+            span(&mut r0, a0, rr[0].0..lo);
+            span(&mut r1, a1, rr[1].0..lo);
+            span(&mut r2, a2, rr[2].0..lo);
+            span(&mut r3, a3, rr[3].0..lo);
             for p in lo..hi {
                 let br = brow(p);
                 axpy_nb(&mut r0, a0[p], br);
@@ -380,18 +375,10 @@ pub(crate) fn tile_mm(
                 axpy_nb(&mut r2, a2[p], br);
                 axpy_nb(&mut r3, a3[p], br);
             }
-            for p in hi..rr[0].1 {
-                axpy_nb(&mut r0, a0[p], brow(p));
-            }
-            for p in hi..rr[1].1 {
-                axpy_nb(&mut r1, a1[p], brow(p));
-            }
-            for p in hi..rr[2].1 {
-                axpy_nb(&mut r2, a2[p], brow(p));
-            }
-            for p in hi..rr[3].1 {
-                axpy_nb(&mut r3, a3[p], brow(p));
-            }
+            span(&mut r0, a0, hi..rr[0].1);
+            span(&mut r1, a1, hi..rr[1].1);
+            span(&mut r2, a2, hi..rr[2].1);
+            span(&mut r3, a3, hi..rr[3].1);
             for (q, rq) in [r0, r1, r2, r3].iter().enumerate() {
                 c[(i0 + q) * ldc + j0..][..NB].copy_from_slice(rq);
             }
@@ -408,6 +395,21 @@ pub(crate) fn tile_mm(
 fn axpy_nb(r: &mut [f32; NB], ap: f32, br: &[f32; NB]) {
     for x in 0..NB {
         r[x] += ap * br[x];
+    }
+}
+
+/// r += sum_{p in ps} ar[p] b[p*ldb + j0 ..][..NB]
+#[inline(always)]
+fn span_nb(
+    r: &mut [f32; NB],
+    ar: &[f32],
+    b: &[f32],
+    ldb: usize,
+    j0: usize,
+    ps: std::ops::Range<usize>,
+) {
+    for p in ps {
+        axpy_nb(r, ar[p], b[p * ldb + j0..][..NB].try_into().expect("NB"));
     }
 }
 
@@ -437,11 +439,11 @@ fn tile_mm_row(
                 r.copy_from_slice(&cr[j0..j0 + NB]);
             }
             for p in p0..p1 {
-                let ap = ar[p];
-                let br: &[f32; NB] = b[p * ldb + j0..][..NB].try_into().expect("NB");
-                for q in 0..NB {
-                    r[q] += ap * br[q];
-                }
+                axpy_nb(
+                    &mut r,
+                    ar[p],
+                    b[p * ldb + j0..][..NB].try_into().expect("NB"),
+                );
             }
             cr[j0..j0 + NB].copy_from_slice(&r);
         } else {
