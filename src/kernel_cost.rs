@@ -21,9 +21,7 @@ use serde::Serialize;
 use crate::backend::cuda::cost::{
     self, CountingDevice, SassMix, SmLimits, StepCounts, H100_SMS, SM90,
 };
-use crate::backend::cuda::doctor::{
-    find_nvdisasm, find_ptxas, ptxas_resources, sass, KernelResources,
-};
+use crate::backend::cuda::doctor::{find_nvdisasm, find_ptxas, ptxas_report, KernelResources};
 use crate::backend::cuda::{self as cuda, GpuLm, KERNELS};
 use crate::bench::{self, BenchOptions, BENCH_ADAM, BENCH_CLIP};
 use crate::error::{AsaError, Result};
@@ -108,49 +106,59 @@ fn arch_limits(arch: &str) -> Result<(&'static str, SmLimits)> {
     }
 }
 
-/// `ptxas -v` resources of every kernel for `arch`, or why there are none.
-fn resources(
-    nvrtc_arch: &'static str,
-    arch: &str,
-) -> std::result::Result<Vec<KernelResources>, String> {
+/// What `ptxas -v` and `nvdisasm` say of every kernel for `arch` (one `ptxas` run per kernel
+/// file): resources by kernel and where they come from (or why there are none), SASS mixes by
+/// kernel and where they come from (or why there are none).
+type StaticColumns = (
+    BTreeMap<String, KernelResources>,
+    String,
+    BTreeMap<String, SassMix>,
+    String,
+);
+
+fn static_columns(nvrtc_arch: &'static str, arch: &str) -> StaticColumns {
+    let none = |why: String| {
+        (
+            BTreeMap::new(),
+            why.clone(),
+            BTreeMap::new(),
+            format!("none ({why})"),
+        )
+    };
     if !cuda::nvrtc_present() {
-        return Err(format!(
+        return none(format!(
             "no NVRTC (libnvrtc.so.13: set {} to a pip --target folder with nvidia-cuda-nvrtc==13.0.88)",
             cuda::PYPI_DIR_ENV
         ));
     }
-    let ptxas = find_ptxas().ok_or_else(|| {
-        format!(
+    let Some(ptxas) = find_ptxas() else {
+        return none(format!(
             "no ptxas (nvidia-cuda-nvcc==13.0.88 in {}, or on PATH)",
             cuda::PYPI_DIR_ENV
-        )
-    })?;
-    let mut all = Vec::new();
+        ));
+    };
+    let nvd = find_nvdisasm();
+    let (mut res, mut mixes) = (BTreeMap::new(), BTreeMap::new());
     for (stem, _) in KERNELS {
-        let ptx = cuda::compile_ptx(stem, nvrtc_arch).map_err(|e| e.to_string())?;
-        all.extend(ptxas_resources(&ptxas, &ptx, arch, stem)?);
+        let report = cuda::compile_ptx(stem, nvrtc_arch)
+            .map_err(|e| e.to_string())
+            .and_then(|ptx| ptxas_report(&ptxas, nvd.as_deref(), &ptx, arch, stem));
+        match report {
+            Ok((r, sass)) => {
+                res.extend(r.into_iter().map(|k| (k.name.clone(), k)));
+                mixes.extend(sass.map(|s| cost::sass_mix(&s)).unwrap_or_default());
+            }
+            Err(why) => return none(why),
+        }
     }
-    Ok(all)
-}
-
-/// Static SASS mix of every kernel for `arch` (`nvdisasm`), or why there is none.
-fn sass_mixes(
-    nvrtc_arch: &'static str,
-    arch: &str,
-) -> std::result::Result<BTreeMap<String, SassMix>, String> {
-    let ptxas = find_ptxas().ok_or("no ptxas")?;
-    let nvd = find_nvdisasm().ok_or_else(|| {
-        format!(
+    let sass_src = match nvd {
+        Some(_) => format!("nvdisasm, {arch}, static counts"),
+        None => format!(
             "no nvdisasm (pip install --no-deps --target ${} nvidia-cuda-nvdisasm==13.2.86)",
             cuda::PYPI_DIR_ENV
-        )
-    })?;
-    let mut all = BTreeMap::new();
-    for (stem, _) in KERNELS {
-        let ptx = cuda::compile_ptx(stem, nvrtc_arch).map_err(|e| e.to_string())?;
-        all.extend(cost::sass_mix(&sass(&ptxas, &nvd, &ptx, arch, stem)?));
-    }
-    Ok(all)
+        ),
+    };
+    (res, format!("ptxas -v, {arch}"), mixes, sass_src)
 }
 
 /// Counts a first and a steady-state training step of `o`'s config on a [`CountingDevice`]
@@ -188,24 +196,7 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
     let first = step()?;
     let steady = step()?;
 
-    let (res, resources) = match resources(nvrtc_arch, arch) {
-        Ok(r) => (
-            r.into_iter()
-                .map(|k| (k.name.clone(), k))
-                .collect::<BTreeMap<_, _>>(),
-            format!("ptxas -v, {arch}"),
-        ),
-        Err(why) => (BTreeMap::new(), why),
-    };
-    let mixes = if res.is_empty() {
-        Err(format!("none ({resources})"))
-    } else {
-        sass_mixes(nvrtc_arch, arch)
-    };
-    let (mixes, sass_src) = match mixes {
-        Ok(m) => (m, format!("nvdisasm, {arch}, static counts")),
-        Err(why) => (BTreeMap::new(), why),
-    };
+    let (res, resources, mixes, sass_src) = static_columns(nvrtc_arch, arch);
     let mut kernels: Vec<KernelRow> = steady
         .kernels
         .iter()

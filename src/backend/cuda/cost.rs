@@ -245,28 +245,17 @@ impl Device for CountingDevice {
         (227 * 1024).max(SMEM_DEFAULT)
     }
 
-    /// As `ops::cublas_gemm`: nothing for an empty output, a memset for an empty sum, else (in
-    /// bf16, unless cuBLAS converts itself) both operands converted into scratch, then one call.
+    /// The operands as `ops::cublas_gemm` prepares them (`ops::gemm_operands`: the bf16
+    /// conversions, or a memset for an empty sum), then one cuBLAS call.
     fn gemm(&self, g: &Gemm) -> Result<()> {
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        if g.k == 0 {
-            if g.beta == 0.0 {
-                self.memset_zero(g.c)?;
-            }
-            return Ok(());
-        }
-        if self.precision.get() == Precision::Bf16 && !ops::bf16_in_cublas() {
-            for (x, second) in [(g.a, false), (g.b, true)] {
-                let dst = self.scratch_bf16(x.len, second)?;
-                self.convert_f32_bf16(dst, x)?;
-                self.counts.borrow_mut().bytes_converted += x.len as u64 * 6;
+        if let Some((_, _, converted)) = ops::gemm_operands(self, g)? {
+            let mut c = self.counts.borrow_mut();
+            c.gemms += 1;
+            c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
+            if converted {
+                c.bytes_converted += (g.a.len + g.b.len) as u64 * 6;
             }
         }
-        let mut c = self.counts.borrow_mut();
-        c.gemms += 1;
-        c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
         Ok(())
     }
 }

@@ -37,39 +37,49 @@ impl std::fmt::Display for DoctorReport {
     }
 }
 
-/// Runs `ptxas -arch=<sm> [-v]` on `ptx`; its stderr (the `-v` report), or Err(message).
-fn run_ptxas(
+/// Runs `ptxas -arch=<sm> [-v]` on `ptx` into a temporary cubin and, given `nvdisasm`, that
+/// cubin through `nvdisasm -c`: (ptxas' stderr, the `-v` report; the SASS), or Err(message).
+fn assemble(
     ptxas: &Path,
     ptx: &str,
     sm: &str,
     tag: &str,
     verbose: bool,
-) -> Result<String, String> {
+    nvdisasm: Option<&Path>,
+) -> Result<(String, Option<String>), String> {
     let dir = std::env::temp_dir().join(format!("asa-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
     let v = if verbose { ".v" } else { "" };
     let src = dir.join(format!("{tag}{v}.ptx"));
-    let out = dir.join(format!("{tag}{v}.{sm}.cubin"));
+    let cubin = dir.join(format!("{tag}{v}.{sm}.cubin"));
     std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
+    // (stdout, stderr) of a successful run, else the first lines of its stderr
+    let run = |cmd: &mut Command, what: &Path| -> Result<(String, String), String> {
+        let res = cmd
+            .output()
+            .map_err(|e| format!("running {}: {e}", what.display()))?;
+        let err = String::from_utf8_lossy(&res.stderr).into_owned();
+        if res.status.success() {
+            Ok((String::from_utf8_lossy(&res.stdout).into_owned(), err))
+        } else {
+            Err(err.lines().take(5).collect::<Vec<_>>().join(" | "))
+        }
+    };
     let mut cmd = Command::new(ptxas);
     cmd.arg(format!("-arch={sm}"));
     if verbose {
         cmd.arg("-v");
     }
-    let res = cmd
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
+    let out = run(cmd.arg(&src).arg("-o").arg(&cubin), ptxas).and_then(|(_, report)| {
+        let sass = match nvdisasm {
+            Some(nd) => Some(run(Command::new(nd).arg("-c").arg(&cubin), nd)?.0),
+            None => None,
+        };
+        Ok((report, sass))
+    });
     let _ = std::fs::remove_file(&src);
-    let _ = std::fs::remove_file(&out);
-    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
-    if res.status.success() {
-        Ok(stderr)
-    } else {
-        Err(stderr.lines().take(5).collect::<Vec<_>>().join(" | "))
-    }
+    let _ = std::fs::remove_file(&cubin);
+    out
 }
 
 /// `nvdisasm`: the PyPI wheel's (`nvidia-cuda-nvdisasm`, under `ASA_CUDA_PYPI_DIR`), else the
@@ -78,47 +88,9 @@ pub fn find_nvdisasm() -> Option<std::path::PathBuf> {
     find_cuda_tool("nvdisasm")
 }
 
-/// The SASS of every kernel in `ptx` for `sm`: `ptxas` into a cubin, then `nvdisasm -c`.
-pub fn sass(
-    ptxas: &Path,
-    nvdisasm: &Path,
-    ptx: &str,
-    sm: &str,
-    tag: &str,
-) -> Result<String, String> {
-    let dir = std::env::temp_dir().join(format!("asa-sass-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-    let src = dir.join(format!("{tag}.ptx"));
-    let cubin = dir.join(format!("{tag}.{sm}.cubin"));
-    std::fs::write(&src, ptx).map_err(|e| format!("writing {}: {e}", src.display()))?;
-    let run = |cmd: &mut Command, what: &Path| -> Result<String, String> {
-        let res = cmd
-            .output()
-            .map_err(|e| format!("running {}: {e}", what.display()))?;
-        if res.status.success() {
-            Ok(String::from_utf8_lossy(&res.stdout).into_owned())
-        } else {
-            let err = String::from_utf8_lossy(&res.stderr);
-            Err(err.lines().take(5).collect::<Vec<_>>().join(" | "))
-        }
-    };
-    let out = run(
-        Command::new(ptxas)
-            .arg(format!("-arch={sm}"))
-            .arg(&src)
-            .arg("-o")
-            .arg(&cubin),
-        ptxas,
-    )
-    .and_then(|_| run(Command::new(nvdisasm).arg("-c").arg(&cubin), nvdisasm));
-    let _ = std::fs::remove_file(&src);
-    let _ = std::fs::remove_file(&cubin);
-    out
-}
-
 /// Assembles `ptx` with `ptxas -arch=<sm>`; Err(message) on failure.
 pub fn ptxas_assemble(ptxas: &Path, ptx: &str, sm: &str, tag: &str) -> Result<(), String> {
-    run_ptxas(ptxas, ptx, sm, tag, false).map(|_| ())
+    assemble(ptxas, ptx, sm, tag, false, None).map(|_| ())
 }
 
 /// Resources of one kernel as `ptxas -v` reports them.
@@ -163,7 +135,23 @@ pub fn ptxas_resources(
     sm: &str,
     tag: &str,
 ) -> Result<Vec<KernelResources>, String> {
-    let report = run_ptxas(ptxas, ptx, sm, tag, true)?;
+    Ok(ptxas_report(ptxas, None, ptx, sm, tag)?.0)
+}
+
+/// `ptxas_resources`, and given `nvdisasm` the SASS of the same cubin (one `ptxas` run).
+pub fn ptxas_report(
+    ptxas: &Path,
+    nvdisasm: Option<&Path>,
+    ptx: &str,
+    sm: &str,
+    tag: &str,
+) -> Result<(Vec<KernelResources>, Option<String>), String> {
+    let (report, sass) = assemble(ptxas, ptx, sm, tag, true, nvdisasm)?;
+    Ok((parse_resources(&report), sass))
+}
+
+/// The kernels of a `ptxas -v` report.
+fn parse_resources(report: &str) -> Vec<KernelResources> {
     // "Compiling entry function 'NAME' for 'sm_90'", then "... N bytes spill stores, M bytes
     // spill loads" and "Used R registers ..."
     let num_before = |line: &str, word: &str| -> Option<u32> {
@@ -196,7 +184,7 @@ pub fn ptxas_resources(
             }
         }
     }
-    Ok(out_v)
+    out_v
 }
 
 /// The single `kernels:` line of a report without NVRTC: what is missing and how to install it.

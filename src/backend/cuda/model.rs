@@ -140,8 +140,10 @@ struct GpuParams {
     layout: Layout,
     /// host values of the 1-element parameters (others: NaN), refreshed after updates
     scalars: Vec<f32>,
-    /// [number of 1-element parameters]: where they are gathered for one download
-    scalar_buf: Option<Temp<f32>>,
+    /// the 1-element parameters, and the device buffer [their number] they are gathered into
+    /// for one download
+    scalar_ids: Vec<ParamId>,
+    scalar_buf: Temp<f32>,
 }
 
 impl GpuParams {
@@ -155,8 +157,12 @@ impl GpuParams {
             .iter()
             .map(|d| if d.len() == 1 { d[0] } else { f32::NAN })
             .collect();
+        let scalar_ids: Vec<ParamId> = (0..layout.lens.len())
+            .filter(|&id| layout.lens[id] == 1)
+            .collect();
         Ok(GpuParams {
-            scalar_buf: None,
+            scalar_buf: be.temp::<f32>(scalar_ids.len())?,
+            scalar_ids,
             data,
             layout,
             scalars,
@@ -172,26 +178,15 @@ impl GpuParams {
     /// The host copies of the scalar parameters after an update: gathered on the device by
     /// copies, then one download (one host sync, was one per scalar: 81 in the practice run).
     fn refresh_scalars<B: Backend>(&mut self, be: &B) -> Result<()> {
-        let ids: Vec<ParamId> = (0..self.layout.lens.len())
-            .filter(|&id| self.layout.lens[id] == 1)
-            .collect();
-        if ids.is_empty() {
+        if self.scalar_ids.is_empty() {
             return Ok(());
         }
-        let buf = match &self.scalar_buf {
-            Some(b) => b.dv(),
-            None => {
-                let b = be.temp::<f32>(ids.len())?;
-                let d = b.dv();
-                self.scalar_buf = Some(b);
-                d
-            }
-        };
-        for (i, &id) in ids.iter().enumerate() {
+        let buf = self.scalar_buf.dv();
+        for (i, &id) in self.scalar_ids.iter().enumerate() {
             be.copy(buf.sub(i, 1), self.p(id))?;
         }
         let vals = be.download(buf)?;
-        for (&id, v) in ids.iter().zip(vals) {
+        for (&id, v) in self.scalar_ids.iter().zip(vals) {
             self.scalars[id] = v;
         }
         Ok(())

@@ -1764,7 +1764,7 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
 /// rounds them with `convert_f32_bf16` into scratch first. Both: bf16 products, f32 sums.
 pub const BF16_GEMM_ENV: &str = "ASA_CUDA_BF16_GEMM";
 
-pub(crate) fn bf16_in_cublas() -> bool {
+fn bf16_in_cublas() -> bool {
     static IN_CUBLAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *IN_CUBLAS.get_or_init(|| match std::env::var(BF16_GEMM_ENV) {
         Ok(v) if v.trim().eq_ignore_ascii_case("cublas") => true,
@@ -1776,6 +1776,30 @@ pub(crate) fn bf16_in_cublas() -> bool {
     })
 }
 
+/// The A and B operands one GEMM call hands cuBLAS, prepared as on every device (cuBLAS, and
+/// the counting device of `cost`): None when there is nothing to multiply (an empty output; an
+/// empty sum, which zeroes C when beta is 0); else their pointers and whether they were
+/// converted to bf16 in scratch (`Precision::Bf16`, unless cuBLAS rounds the f32 inputs itself).
+pub(crate) fn gemm_operands<D: Ops>(be: &D, g: &Gemm) -> Result<Option<(u64, u64, bool)>> {
+    if g.m == 0 || g.n == 0 {
+        return Ok(None);
+    }
+    if g.k == 0 {
+        if g.beta == 0.0 {
+            be.memset_zero(g.c)?;
+        }
+        return Ok(None);
+    }
+    if be.precision() == Precision::Bf16 && !bf16_in_cublas() {
+        let ab = be.scratch_bf16(g.a.len, false)?;
+        let bb = be.scratch_bf16(g.b.len, true)?;
+        be.convert_f32_bf16(ab, g.a)?;
+        be.convert_f32_bf16(bb, g.b)?;
+        return Ok(Some((ab.ptr, bb.ptr, true)));
+    }
+    Ok(Some((g.a.ptr, g.b.ptr, false)))
+}
+
 pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
     let Gemm {
         ta,
@@ -1783,23 +1807,16 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
         m,
         n,
         k: kk,
-        a,
         lda,
-        b,
         ldb,
         c,
         ldc,
         beta,
+        ..
     } = *g;
-    if m == 0 || n == 0 {
+    let Some((aptr, bptr, converted)) = gemm_operands(be, g)? else {
         return Ok(());
-    }
-    if kk == 0 {
-        if beta == 0.0 {
-            be.memset_zero(c)?;
-        }
-        return Ok(());
-    }
+    };
     let op = |o: Op| match o {
         Op::N => cublasOperation_t::CUBLAS_OP_N,
         Op::T => cublasOperation_t::CUBLAS_OP_T,
@@ -1815,32 +1832,20 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
         i32_of("ldb", ldb)?,
         i32_of("ldc", ldc)?,
     );
-    let (aptr, bptr, dtype, compute) = match be.precision.get() {
-        Precision::F32 => (
-            a.ptr,
-            b.ptr,
-            cudaDataType_t::CUDA_R_32F,
+    let (dtype, compute) = match (be.precision.get(), converted) {
+        (_, true) => (
+            cudaDataType_t::CUDA_R_16BF,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
         ),
         // cuBLAS rounds the f32 inputs to bf16 itself (tensor cores, f32 accumulation)
-        Precision::Bf16 if bf16_in_cublas() => (
-            a.ptr,
-            b.ptr,
+        (Precision::Bf16, false) => (
             cudaDataType_t::CUDA_R_32F,
             cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
         ),
-        Precision::Bf16 => {
-            let ab = be.scratch_bf16(a.len, false)?;
-            let bb = be.scratch_bf16(b.len, true)?;
-            be.convert_f32_bf16(ab, a)?;
-            be.convert_f32_bf16(bb, b)?;
-            (
-                ab.ptr,
-                bb.ptr,
-                cudaDataType_t::CUDA_R_16BF,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            )
-        }
+        (Precision::F32, false) => (
+            cudaDataType_t::CUDA_R_32F,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
     };
     let t0 = be.profile_start()?;
     // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
