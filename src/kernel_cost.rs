@@ -11,8 +11,10 @@
 //!   step used (`cost::occupancy`). Without NVRTC or `ptxas` those columns are empty and the
 //!   report says why.
 //!
-//! Not yet here (issue 11): the SASS instruction mix (nvdisasm) and a roofline prediction of the
-//! step's time.
+//! - `nvdisasm` on the same cubins: each kernel's static SASS instruction mix.
+//!
+//! From both, a roofline prediction of each kernel's, each GEMM shape's and the step's time on
+//! an H100 SXM (or an H200): [`roofline`] says how.
 
 use std::collections::BTreeMap;
 
@@ -22,12 +24,14 @@ use crate::backend::cuda::cost::{
     self, CountingDevice, SassMix, SmLimits, StepCounts, H100_SMS, SM90,
 };
 use crate::backend::cuda::doctor::{find_nvdisasm, find_ptxas, ptxas_report, KernelResources};
+use crate::backend::cuda::roofline::{self, GpuPeaks, KernelStatic, Overheads, Prediction};
 use crate::backend::cuda::{self as cuda, GpuLm, KERNELS};
 use crate::bench::{self, BenchOptions, BENCH_ADAM, BENCH_CLIP};
 use crate::error::{AsaError, Result};
 use crate::model::lm::Lm;
 
-/// One kernel of the report.
+/// One kernel of the report (or one GEMM shape: `cublas_gemm OPS MxNxK`, family `gemm`, its
+/// output tiles as blocks).
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {
     pub name: String,
@@ -36,6 +40,13 @@ pub struct KernelRow {
     pub blocks_per_launch: f64,
     pub threads_per_block: u32,
     pub dyn_smem_bytes: u32,
+    /// bytes of the device ranges a launch names (the roofline's memory term)
+    pub bytes_per_launch: f64,
+    /// dependent iterations a block walks ([`crate::backend::cuda::Device::walk_launch`])
+    pub serial_steps: u64,
+    /// the roofline's time for all of this step's launches, and the bound that set it
+    pub predicted_ms_per_step: f64,
+    pub bound: &'static str,
     /// from `ptxas -v` (None without NVRTC/ptxas)
     pub registers: Option<u32>,
     pub spill_bytes: Option<u32>,
@@ -50,21 +61,32 @@ pub struct KernelRow {
     pub fp64_instructions: Option<u32>,
 }
 
-/// The counts of one step, with its launches (kernels + cuBLAS calls) and kernel launches.
+/// The counts of one step, with its launches (kernels + cuBLAS) and kernel launches, and the
+/// roofline's time for it: by family, the overheads outside kernels, and in all.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRow {
     pub launches: u64,
     pub kernel_launches: u64,
     #[serde(flatten)]
     pub counts: StepCounts,
+    pub predicted_ms: f64,
+    pub predicted_ms_by_family: BTreeMap<&'static str, f64>,
+    pub overheads: Overheads,
 }
 
-impl From<&StepCounts> for StepRow {
-    fn from(c: &StepCounts) -> Self {
+impl StepRow {
+    fn new(c: &StepCounts, rows: &[KernelRow], over: Overheads) -> Self {
+        let mut fam = BTreeMap::new();
+        for r in rows {
+            *fam.entry(r.family).or_insert(0.0) += r.predicted_ms_per_step;
+        }
         StepRow {
             launches: c.launches(),
             kernel_launches: c.launches() - c.gemms,
             counts: c.clone(),
+            predicted_ms: fam.values().sum::<f64>() + over.total_ms(),
+            predicted_ms_by_family: fam,
+            overheads: over,
         }
     }
 }
@@ -78,11 +100,13 @@ pub struct KernelCostReport {
     pub precision: String,
     pub arch: String,
     pub sm_count: usize,
+    /// the GPU of the predicted times, and its peaks
+    pub gpu: GpuPeaks,
     /// where the resource columns come from, or why they are empty
     pub resources: String,
     /// where the SASS columns come from, or why they are empty
     pub sass: String,
-    /// steady state (the second step), most launched first
+    /// steady state (the second step), longest predicted first
     pub kernels: Vec<KernelRow>,
     pub step: StepRow,
     /// the first step, which also grows the workspaces
@@ -163,7 +187,7 @@ fn static_columns(nvrtc_arch: &'static str, arch: &str) -> StaticColumns {
 
 /// Counts a first and a steady-state training step of `o`'s config on a [`CountingDevice`]
 /// with an H100's multiprocessors, and joins the counts with the kernels' resources.
-pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
+pub fn run(o: &BenchOptions, arch: &str, peaks: &GpuPeaks) -> Result<KernelCostReport> {
     let (nvrtc_arch, lim) = arch_limits(arch)?;
     if o.batch == 0 || o.seq_len == 0 {
         return Err(AsaError::Input(format!(
@@ -197,34 +221,12 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
     let steady = step()?;
 
     let (res, resources, mixes, sass_src) = static_columns(nvrtc_arch, arch);
-    let mut kernels: Vec<KernelRow> = steady
-        .kernels
-        .iter()
-        .map(|(name, k)| {
-            let r = res.get(name);
-            let smem = r.map(|r| r.smem_bytes + k.dyn_smem_bytes);
-            KernelRow {
-                name: name.clone(),
-                family: cost::kernel_family(name),
-                launches_per_step: k.launches,
-                blocks_per_launch: k.blocks as f64 / k.launches.max(1) as f64,
-                threads_per_block: k.threads_per_block,
-                dyn_smem_bytes: k.dyn_smem_bytes,
-                registers: r.map(|r| r.registers),
-                spill_bytes: r.map(|r| r.spill_stores + r.spill_loads),
-                smem_bytes: smem,
-                occupancy: r.map(|r| {
-                    cost::occupancy(lim, r.registers, k.threads_per_block, smem.unwrap_or(0))
-                }),
-                sass: mixes.get(name).cloned(),
-                tensor_core_instructions: mixes.get(name).map(|m| m.tensor_core),
-                fp64_instructions: mixes.get(name).map(|m| m.fp64),
-            }
-        })
-        .collect();
+    let bf16 = o.precision == cuda::Precision::Bf16;
+    let rows = |c: &StepCounts| kernel_rows(c, &res, &mixes, lim, peaks, bf16);
+    let (first_rows, mut kernels) = (rows(&first), rows(&steady));
     kernels.sort_by(|a, b| {
-        b.launches_per_step
-            .cmp(&a.launches_per_step)
+        b.predicted_ms_per_step
+            .total_cmp(&a.predicted_ms_per_step)
             .then(a.name.cmp(&b.name))
     });
     Ok(KernelCostReport {
@@ -234,23 +236,99 @@ pub fn run(o: &BenchOptions, arch: &str) -> Result<KernelCostReport> {
         precision: format!("{:?}", o.precision).to_lowercase(),
         arch: arch.into(),
         sm_count: H100_SMS,
+        gpu: *peaks,
         resources,
         sass: sass_src,
+        step: StepRow::new(&steady, &kernels, Overheads::of(peaks, &steady)),
+        first_step: StepRow::new(&first, &first_rows, Overheads::of(peaks, &first)),
         kernels,
-        step: StepRow::from(&steady),
-        first_step: StepRow::from(&first),
     })
+}
+
+/// The rows of one counted step: its kernels with their resources, SASS and predicted time,
+/// then one row per GEMM shape.
+fn kernel_rows(
+    c: &StepCounts,
+    res: &BTreeMap<String, KernelResources>,
+    mixes: &BTreeMap<String, SassMix>,
+    lim: SmLimits,
+    gpu: &GpuPeaks,
+    bf16: bool,
+) -> Vec<KernelRow> {
+    let mut rows: Vec<KernelRow> = c
+        .kernels
+        .iter()
+        .map(|(name, k)| {
+            let r = res.get(name);
+            let mix = mixes.get(name);
+            let smem = r.map(|r| r.smem_bytes + k.dyn_smem_bytes);
+            let occupancy = r
+                .map(|r| cost::occupancy(lim, r.registers, k.threads_per_block, smem.unwrap_or(0)));
+            let st = match (mix, occupancy) {
+                (Some(m), Some(occ)) => Some(KernelStatic {
+                    instructions: m.total,
+                    fp64: m.fp64,
+                    occupancy: occ,
+                }),
+                _ => None,
+            };
+            let Prediction { ms, bound } = roofline::kernel(gpu, k, st);
+            KernelRow {
+                name: name.clone(),
+                family: cost::kernel_family(name),
+                launches_per_step: k.launches,
+                blocks_per_launch: k.blocks as f64 / k.launches.max(1) as f64,
+                threads_per_block: k.threads_per_block,
+                dyn_smem_bytes: k.dyn_smem_bytes,
+                bytes_per_launch: k.bytes as f64 / k.launches.max(1) as f64,
+                serial_steps: k.steps,
+                predicted_ms_per_step: ms,
+                bound,
+                registers: r.map(|r| r.registers),
+                spill_bytes: r.map(|r| r.spill_stores + r.spill_loads),
+                smem_bytes: smem,
+                occupancy,
+                sass: mix.cloned(),
+                tensor_core_instructions: mix.map(|m| m.tensor_core),
+                fp64_instructions: mix.map(|m| m.fp64),
+            }
+        })
+        .collect();
+    for (g, &calls) in &c.gemm_shapes {
+        let Prediction { ms, bound } = roofline::gemm(gpu, g, calls, bf16);
+        let tile = roofline::GEMM_TILE;
+        rows.push(KernelRow {
+            name: format!("cublas_gemm {} {}x{}x{}", g.ops, g.m, g.n, g.k),
+            family: "gemm",
+            launches_per_step: calls,
+            blocks_per_launch: (g.m.div_ceil(tile) * g.n.div_ceil(tile)) as f64,
+            threads_per_block: 0,
+            dyn_smem_bytes: 0,
+            bytes_per_launch: roofline::gemm_bytes(g, bf16),
+            serial_steps: 1,
+            predicted_ms_per_step: ms,
+            bound,
+            registers: None,
+            spill_bytes: None,
+            smem_bytes: None,
+            occupancy: None,
+            sass: None,
+            tensor_core_instructions: None,
+            fp64_instructions: None,
+        });
+    }
+    rows
 }
 
 /// The report as Markdown: the kernels, then the step's counts (first and steady state).
 pub fn table(rep: &KernelCostReport) -> String {
     let opt = |x: Option<u32>| x.map_or("-".to_string(), |v| v.to_string());
     let mut s = format!(
-        "kernel-cost: {} (B={}, T={}, {}), one training step on {} with {} SMs; resources: {}; SASS: {}\n\n",
-        rep.config, rep.batch, rep.seq_len, rep.precision, rep.arch, rep.sm_count, rep.resources, rep.sass
+        "kernel-cost: {} (B={}, T={}, {}), one training step on {} with {} SMs; resources: {}; SASS: {}; predicted for an {}\n\n",
+        rep.config, rep.batch, rep.seq_len, rep.precision, rep.arch, rep.sm_count, rep.resources, rep.sass, rep.gpu.name
     );
-    s += "| kernel | family | launches/step | blocks/launch | threads | registers | spill bytes | smem bytes | occupancy | SASS (mma / fp64 / fp32 / sfu / global / shared / local / bar) |\n";
-    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    s += "| kernel | family | predicted ms/step (bound) | launches/step | blocks/launch | threads | MB/launch | steps | registers | spill bytes | smem bytes | occupancy | SASS (mma / fp64 / fp32 / sfu / global / shared / local / bar) |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for k in &rep.kernels {
         let mix = k.sass.as_ref().map_or("-".to_string(), |m| {
             format!(
@@ -267,12 +345,16 @@ pub fn table(rep: &KernelCostReport) -> String {
             )
         });
         s += &format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {mix} |\n",
+            "| {} | {} | {:.3} ({}) | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} | {} | {mix} |\n",
             k.name,
             k.family,
+            k.predicted_ms_per_step,
+            k.bound,
             k.launches_per_step,
             k.blocks_per_launch,
             k.threads_per_block,
+            k.bytes_per_launch / 1e6,
+            k.serial_steps,
             opt(k.registers),
             opt(k.spill_bytes),
             opt(k.smem_bytes),
@@ -347,6 +429,39 @@ pub fn table(rep: &KernelCostReport) -> String {
     for (what, x, y) in rows {
         s += &format!("| {what} | {x} | {y} |\n");
     }
+    s += &format!(
+        "\n| predicted on an {} (ms) | first step | steady state |\n| --- | --- | --- |\n",
+        rep.gpu.name
+    );
+    let fams: std::collections::BTreeSet<&str> = a
+        .predicted_ms_by_family
+        .keys()
+        .chain(b.predicted_ms_by_family.keys())
+        .copied()
+        .collect();
+    let ms = |r: &StepRow, f: &str| r.predicted_ms_by_family.get(f).copied().unwrap_or(0.0);
+    for f in fams {
+        s += &format!("| {f} | {:.2} | {:.2} |\n", ms(a, f), ms(b, f));
+    }
+    let (oa, ob) = (&a.overheads, &b.overheads);
+    for (what, x, y) in [
+        ("memsets", oa.memsets_ms, ob.memsets_ms),
+        ("device copies", oa.copies_ms, ob.copies_ms),
+        ("device allocations", oa.allocations_ms, ob.allocations_ms),
+        ("blocking host syncs", oa.host_syncs_ms, ob.host_syncs_ms),
+    ] {
+        s += &format!("| {what} | {x:.2} | {y:.2} |\n");
+    }
+    let tokens = (rep.batch * rep.seq_len) as f64;
+    s += &format!(
+        "| **step** | **{:.1}** | **{:.1}** |\n| tokens/s | {:.0} | {:.0} |\n| MFU (GEMM FLOPs / bf16 peak) | {:.1}% | {:.1}% |\n",
+        a.predicted_ms,
+        b.predicted_ms,
+        tokens / (a.predicted_ms / 1e3),
+        tokens / (b.predicted_ms / 1e3),
+        100.0 * a.counts.gemm_flops / (a.predicted_ms / 1e3) / rep.gpu.bf16_tensor_flops,
+        100.0 * b.counts.gemm_flops / (b.predicted_ms / 1e3) / rep.gpu.bf16_tensor_flops,
+    );
     s
 }
 
@@ -420,7 +535,7 @@ mod tests {
     /// The report runs without NVRTC or a GPU and says where its resource columns come from.
     #[test]
     fn the_report_runs_without_a_gpu() {
-        let rep = run(&small(), "sm_90").unwrap();
+        let rep = run(&small(), "sm_90", &roofline::H100_SXM).unwrap();
         assert!(!rep.kernels.is_empty());
         assert_eq!(
             rep.step.launches,
@@ -428,7 +543,7 @@ mod tests {
         );
         let t = table(&rep);
         assert!(t.contains("| launches (kernels + cuBLAS) |"), "{t}");
-        assert!(run(&small(), "sm_75").is_err());
+        assert!(run(&small(), "sm_75", &roofline::H100_SXM).is_err());
         // with the CUDA wheels (as CI installs them) the resource and SASS columns are filled
         let tools = cuda::nvrtc_present() && find_ptxas().is_some() && find_nvdisasm().is_some();
         let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");

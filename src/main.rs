@@ -209,7 +209,7 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// What one GPU training step costs, without a GPU: per kernel its launches, registers, spills, shared memory and occupancy; per step launches, GEMMs, host syncs, allocations, memsets and bf16 conversions.
+    /// What one GPU training step costs, without a GPU: per kernel its launches, registers, spills, shared memory, occupancy, SASS mix and roofline time; per step launches, GEMMs, host syncs, allocations, memsets, bf16 conversions and the predicted step time.
     KernelCost {
         /// A preset (practice-run, cpu-small, cpu-asa) or a run config file (.toml / .json).
         #[arg(long, default_value = "practice-run")]
@@ -227,6 +227,9 @@ enum Cmd {
         /// H200) or sm_80 (A100).
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// The GPU of the predicted times (roofline): h100-sxm or h200.
+        #[arg(long, default_value = "h100-sxm")]
+        gpu: String,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -707,12 +710,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             batch,
             precision,
             arch,
+            gpu,
             json,
         } => {
+            let peaks = asa::backend::cuda::roofline::gpu_peaks(&gpu).ok_or_else(|| {
+                AsaError::Input(format!("--gpu '{gpu}': expected h100-sxm or h200"))
+            })?;
             let mut o = asa::bench::options_for(&config)?;
             o.set_shape(precision, seq_len, batch);
             check_json_dir(json.as_deref())?;
-            let rep = asa::kernel_cost::run(&o, &arch)?;
+            let rep = asa::kernel_cost::run(&o, &arch, &peaks)?;
             print!("{}", asa::kernel_cost::table(&rep));
             if let Some(path) = json {
                 write_bench_json(&path, &rep)?;

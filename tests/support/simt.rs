@@ -352,7 +352,7 @@ impl Device for EmuDev {
         let a: Vec<Arg> = args
             .iter()
             .map(|k| match *k {
-                KArg::Ptr(p) => Arg::Ptr(p as usize as *mut c_void),
+                KArg::Ptr(p, _) => Arg::Ptr(p as usize as *mut c_void),
                 KArg::I32(x) => Arg::I32(x),
                 KArg::I64(x) => Arg::I64(x),
                 KArg::U64(x) => Arg::I64(x as i64),

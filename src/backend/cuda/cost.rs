@@ -35,6 +35,23 @@ pub struct KernelCount {
     pub threads_per_block: u32,
     /// the largest dynamic shared memory (bytes) it was launched with
     pub dyn_smem_bytes: u32,
+    /// bytes of the device ranges passed to it, summed over the launches (each read or written
+    /// once: the memory term of the roofline)
+    pub bytes: u64,
+    /// the dependent iterations each block walks one after another (1 unless launched with
+    /// [`Device::walk_launch`]; the largest over the launches)
+    pub steps: u64,
+}
+
+/// One GEMM shape as cuBLAS is called with it (column-major; `ops` `N` or `T` per operand).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct GemmShape {
+    pub ops: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// C is read too (beta != 0)
+    pub accumulate: bool,
 }
 
 /// Everything a stretch of device work asked for (see [`CountingDevice::take`]).
@@ -47,6 +64,9 @@ pub struct StepCounts {
     /// cuBLAS GEMM calls and their FLOPs (2 m n k each)
     pub gemms: u64,
     pub gemm_flops: f64,
+    /// the GEMM calls by shape (reported per shape, so left out of this struct's JSON)
+    #[serde(skip)]
+    pub gemm_shapes: BTreeMap<GemmShape, u64>,
     /// calls that block the host: downloads, uploads from host memory, explicit syncs
     pub host_syncs: u64,
     pub downloads: u64,
@@ -56,10 +76,12 @@ pub struct StepCounts {
     /// device allocations (temporaries, scratch growth) and their bytes
     pub device_allocations: u64,
     pub allocated_bytes: u64,
-    /// memsets (explicit, and the zero fill of every new temporary)
+    /// memsets (explicit, and the zero fill of every new temporary) and their bytes
     pub memsets: u64,
-    /// device-to-device copies
+    pub memset_bytes: u64,
+    /// device-to-device copies and their bytes
     pub copies: u64,
+    pub copy_bytes: u64,
     /// bytes read and written by f32 -> bf16 conversions of GEMM operands
     pub bytes_converted: u64,
 }
@@ -135,7 +157,7 @@ impl CountingDevice {
 }
 
 impl Device for CountingDevice {
-    fn launch(&self, name: &str, cfg: LaunchConfig, _args: &[KArg]) -> Result<()> {
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
         if g.0 == 0 || g.1 == 0 || g.2 == 0 {
             return Ok(()); // as the CUDA backend: an empty grid is no launch
@@ -146,6 +168,30 @@ impl Device for CountingDevice {
         k.blocks += g.0 as u64 * g.1 as u64 * g.2 as u64;
         k.threads_per_block = k.threads_per_block.max(b.0 * b.1 * b.2);
         k.dyn_smem_bytes = k.dyn_smem_bytes.max(cfg.shared_mem_bytes);
+        k.bytes += args
+            .iter()
+            .map(|a| match a {
+                KArg::Ptr(_, bytes) => *bytes,
+                _ => 0,
+            })
+            .sum::<u64>();
+        k.steps = k.steps.max(1);
+        Ok(())
+    }
+
+    fn walk_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+        steps: usize,
+    ) -> Result<()> {
+        self.grid_launch(name, grid, block, smem, args)?;
+        if let Some(k) = self.counts.borrow_mut().kernels.get_mut(name) {
+            k.steps = k.steps.max(steps as u64);
+        }
         Ok(())
     }
 
@@ -162,9 +208,13 @@ impl Device for CountingDevice {
     }
 
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
-        let p = self.alloc(n.max(1) * std::mem::size_of::<T>());
-        self.counts.borrow_mut().memsets += 1; // allocated zeroed
-                                               // SAFETY: never dereferenced.
+        let bytes = n.max(1) * std::mem::size_of::<T>();
+        let p = self.alloc(bytes);
+        let mut c = self.counts.borrow_mut(); // allocated zeroed
+        c.memsets += 1;
+        c.memset_bytes += bytes as u64;
+        drop(c);
+        // SAFETY: never dereferenced.
         Ok(Temp::new(Box::new(()), unsafe { Dv::from_raw(p, n) }))
     }
 
@@ -182,7 +232,9 @@ impl Device for CountingDevice {
 
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
         if x.len > 0 {
-            self.counts.borrow_mut().memsets += 1;
+            let mut c = self.counts.borrow_mut();
+            c.memsets += 1;
+            c.memset_bytes += (x.len * std::mem::size_of::<T>()) as u64;
         }
         Ok(())
     }
@@ -216,7 +268,9 @@ impl Device for CountingDevice {
     fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
         assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
         if src.len > 0 {
-            self.counts.borrow_mut().copies += 1;
+            let mut c = self.counts.borrow_mut();
+            c.copies += 1;
+            c.copy_bytes += 4 * src.len as u64;
         }
         Ok(())
     }
@@ -252,6 +306,14 @@ impl Device for CountingDevice {
             let mut c = self.counts.borrow_mut();
             c.gemms += 1;
             c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
+            let shape = GemmShape {
+                ops: format!("{:?}{:?}", g.ta, g.tb),
+                m: g.m,
+                n: g.n,
+                k: g.k,
+                accumulate: g.beta != 0.0,
+            };
+            *c.gemm_shapes.entry(shape).or_default() += 1;
             if converted {
                 c.bytes_converted += (g.a.len + g.b.len) as u64 * 6;
             }

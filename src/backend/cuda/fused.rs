@@ -439,7 +439,7 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         assert_eq!(m.keep.len, nk, "fused forward: slot mask shape");
     }
     let dims = p.dim_args();
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_forward_rmax",
         p.warps_grid(),
         128,
@@ -451,6 +451,7 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
             k(i32_of("T", t)?),
             k(nk as i32),
         ],
+        p.t.div_ceil(32),
     )?;
     let mut a = vec![
         k(ws.sum_n),
@@ -461,12 +462,13 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         k(io.v),
     ];
     a.extend_from_slice(&dims);
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_forward_sums",
         p.tiles_grid(),
         p.block(),
         0,
         &a,
+        p.tile,
     )?;
     let mut a = vec![
         k(ws.cn),
@@ -479,7 +481,14 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.grid_launch("slot_scan_read_forward_carry", p.warps_grid(), 128, 0, &a)?;
+    dev.walk_launch(
+        "slot_scan_read_forward_carry",
+        p.warps_grid(),
+        128,
+        0,
+        &a,
+        p.ntiles,
+    )?;
     let [m0, m1, m2] = mask_args(io.mask);
     let mut a = vec![
         k(io.out1),
@@ -498,12 +507,13 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_forward",
         p.tiles_grid(),
         p.block(),
         p.smem_read() as u32,
         &a,
+        p.tile,
     )
 }
 
@@ -526,12 +536,13 @@ pub fn mix<L: Device + ?Sized>(
     let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_mix",
         p.tiles_grid(),
         p.block(),
         p.smem_mix() as u32,
         &a,
+        p.tile,
     )
 }
 
@@ -554,7 +565,14 @@ pub fn dot<L: Device + ?Sized>(
     let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
-    dev.grid_launch("slot_scan_read_dot", p.tiles_grid(), p.block(), 0, &a)
+    dev.walk_launch(
+        "slot_scan_read_dot",
+        p.tiles_grid(),
+        p.block(),
+        0,
+        &a,
+        p.tile,
+    )
 }
 
 /// Inputs and outputs of [`backward`]. Gradient outputs accumulate (`+=`) except `dgamma`.
@@ -651,15 +669,16 @@ pub fn backward<L: Device + ?Sized>(
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_backward_read",
         tg,
         blk,
         p.smem_read() as u32,
         &a,
+        p.tile,
     )?;
     let hkd = p.h * nk * d;
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_backward_keys",
         hkd.div_ceil(256).clamp(1, 65535) as u32,
         256,
@@ -673,9 +692,10 @@ pub fn backward<L: Device + ?Sized>(
             k(nk as i32),
             k(d as i32),
         ],
+        p.b * p.ntiles,
     )?;
     if !io.dgamma.is_null() {
-        dev.grid_launch(
+        dev.walk_launch(
             "slot_scan_read_backward_gamma",
             1,
             32,
@@ -685,6 +705,7 @@ pub fn backward<L: Device + ?Sized>(
                 k(ws.dgamma_part),
                 k(i32_of("B*H*tiles", nbh * p.ntiles)?),
             ],
+            (nbh * p.ntiles).div_ceil(32),
         )?;
     }
     // scan backward, level 1: tile sums (reverse)
@@ -705,7 +726,7 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.grid_launch("slot_scan_read_backward_sums", tg, blk, 0, &a)?;
+    dev.walk_launch("slot_scan_read_backward_sums", tg, blk, 0, &a, p.tile)?;
     // level 2: carries at tile ends
     let mut a = vec![
         k(ws.bc_n),
@@ -718,7 +739,14 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.grid_launch("slot_scan_read_backward_carry", p.warps_grid(), 128, 0, &a)?;
+    dev.walk_launch(
+        "slot_scan_read_backward_carry",
+        p.warps_grid(),
+        128,
+        0,
+        &a,
+        p.ntiles,
+    )?;
     // level 3: reverse walk -> dv, xo, yo
     let mut a = vec![
         k(io.dv),
@@ -740,9 +768,16 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.grid_launch("slot_scan_read_backward", tg, blk, p.smem_mix() as u32, &a)?;
+    dev.walk_launch(
+        "slot_scan_read_backward",
+        tg,
+        blk,
+        p.smem_mix() as u32,
+        &a,
+        p.tile,
+    )?;
     // running max
-    dev.grid_launch(
+    dev.walk_launch(
         "slot_scan_read_backward_route",
         p.warps_grid(),
         128,
@@ -759,6 +794,7 @@ pub fn backward<L: Device + ?Sized>(
             k(nk as i32),
             k(p.chunk as i32),
         ],
+        2 * t.div_ceil(32), // forward and reverse passes
     )
 }
 

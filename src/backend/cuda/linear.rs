@@ -288,12 +288,14 @@ fn carry<L: Device + ?Sized>(
         KArg::I32(p.nch as i32),
         KArg::I32(p.m as i32),
     ];
-    dev.grid_launch(
+    // a thread per state element walks the chunks
+    dev.walk_launch(
         &format!("{prefix}_carry"),
         elems(dev, p.n * p.m * p.m),
         256,
         0,
         &args,
+        p.nch,
     )
 }
 
@@ -310,12 +312,13 @@ fn forward_carries<L: Device + ?Sized>(
     if p.tiled {
         // two f32 tiles [Cp][Mp+1] (K, V)
         let smem = 8 * p.chunk.div_ceil(4) * 4 * (p.m.div_ceil(4) * 4 + 1);
-        dev.grid_launch(
+        dev.walk_launch(
             "linear_attn_forward_tiled_sums",
             p.tiled_grid()?,
             TILED_THREADS,
             smem as u32,
             &args,
+            p.chunk,
         )?;
     } else {
         dev.grid_launch(
@@ -363,12 +366,13 @@ pub fn forward<L: Device + ?Sized>(
         c,
     ];
     if p.tiled {
-        dev.grid_launch(
+        dev.walk_launch(
             "linear_attn_forward_tiled",
             p.tiled_grid()?,
             TILED_THREADS,
             p.smem() as u32,
             &args,
+            p.chunk,
         )
     } else {
         let (grid, block) = p.walk_grid();
@@ -515,7 +519,9 @@ fn backward_tiled<L: Device + ?Sized>(
         &[ws.cs.into(), ws.cz.into(), n, t, m, c],
     ]
     .concat();
-    let tiled = |name: &str, args: &[KArg]| dev.grid_launch(name, grid, TILED_THREADS, smem, args);
+    // the tile products' inner loops run over the chunk
+    let tiled =
+        |name: &str, args: &[KArg]| dev.walk_launch(name, grid, TILED_THREADS, smem, args, p.chunk);
     tiled("linear_attn_backward_tiled_dq", &dq_args)?;
     if p.chunked() {
         carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;

@@ -43,6 +43,7 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 pub mod parity;
+pub mod roofline;
 
 pub use doctor::{doctor, DoctorReport};
 pub use model::{GpuLm, Precision};
@@ -463,6 +464,23 @@ pub trait Device {
         self.launch(name, cfg, args)
     }
 
+    /// [`Device::grid_launch`] of a kernel whose blocks walk `steps` dependent iterations one
+    /// after another (the positions of a tile, the tiles of a sequence), each a pass through
+    /// the kernel's code: the cost model's latency term ([`cost`]). Devices that execute ignore
+    /// `steps`.
+    fn walk_launch(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+        steps: usize,
+    ) -> Result<()> {
+        let _ = steps;
+        self.grid_launch(name, grid, block, smem, args)
+    }
+
     /// Grid-stride launch shape for `n` elements (256 threads per block).
     fn cfg_elems(&self, n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).clamp(1, self.max_grid().max(1) as usize);
@@ -565,7 +583,8 @@ impl Device for CudaBackend {
 /// One kernel argument (the C types of the kernels: pointers, int, long long, float, double).
 #[derive(Debug, Clone, Copy)]
 pub enum KArg {
-    Ptr(u64),
+    /// a device address, and the bytes of the range it names (for the cost model)
+    Ptr(u64, u64),
     I32(i32),
     I64(i64),
     U64(u64),
@@ -575,7 +594,7 @@ pub enum KArg {
 
 impl<T> From<Dv<T>> for KArg {
     fn from(d: Dv<T>) -> Self {
-        KArg::Ptr(d.ptr)
+        KArg::Ptr(d.ptr, (d.len * std::mem::size_of::<T>()) as u64)
     }
 }
 impl From<i32> for KArg {
@@ -767,7 +786,7 @@ impl CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
-                KArg::Ptr(x) | KArg::U64(x) => b.arg(x),
+                KArg::Ptr(x, _) | KArg::U64(x) => b.arg(x),
                 KArg::I32(x) => b.arg(x),
                 KArg::I64(x) => b.arg(x),
                 KArg::F32(x) => b.arg(x),

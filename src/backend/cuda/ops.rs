@@ -1061,7 +1061,10 @@ pub trait Ops: Device {
         let pkeys = self.scratch64(b * h * nk * d, false)?;
         let mut a = vec![k(pkeys), k(pbias), k(dwl), k(kk), k(wtemp), k(valid)];
         a.extend_from_slice(&dims);
-        self.launch("write_logits_backward_keys", self.cfg_elems(pkeys.len), &a)?;
+        // a thread per (b, h, slot, dim) walks T, four positions at a time
+        let c = self.cfg_elems(pkeys.len);
+        let name = "write_logits_backward_keys";
+        self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
         self.launch(
             "sum_batch_add",
             self.cfg_elems(h * nk * d),
@@ -1081,14 +1084,12 @@ pub trait Ops: Device {
         h: usize,
         nk: usize,
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
+        // one warp sums every (b, h, slot) partial
+        self.walk_launch(
             "alibi_grad",
-            cfg,
+            1,
+            32,
+            0,
             &[
                 k(dst),
                 k(pbias),
@@ -1098,6 +1099,7 @@ pub trait Ops: Device {
                 k(h as i32),
                 k(nk as i32),
             ],
+            (b * h * nk).div_ceil(32),
         )
     }
 
