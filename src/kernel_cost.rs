@@ -364,7 +364,7 @@ pub fn table(rep: &KernelCostReport) -> String {
     }
     s += "\n| per step | first step | steady state |\n| --- | --- | --- |\n";
     let (a, b) = (&rep.first_step, &rep.step);
-    let rows: [(&str, String, String); 10] = [
+    let rows: [(&str, String, String); 11] = [
         (
             "launches (kernels + cuBLAS)",
             a.launches.to_string(),
@@ -400,6 +400,19 @@ pub fn table(rep: &KernelCostReport) -> String {
             "allocated MiB",
             format!("{:.1}", a.counts.allocated_bytes as f64 / 1048576.0),
             format!("{:.1}", b.counts.allocated_bytes as f64 / 1048576.0),
+        ),
+        (
+            "temporaries MiB (peak alive / cached footprint)",
+            format!(
+                "{:.1} / {:.1}",
+                a.counts.temp_peak_bytes as f64 / 1048576.0,
+                a.counts.temp_footprint_bytes as f64 / 1048576.0
+            ),
+            format!(
+                "{:.1} / {:.1}",
+                b.counts.temp_peak_bytes as f64 / 1048576.0,
+                b.counts.temp_footprint_bytes as f64 / 1048576.0
+            ),
         ),
         (
             "memsets",
@@ -498,7 +511,7 @@ mod tests {
                 .unwrap();
             gpu.backend().take()
         };
-        let _first = step();
+        let first = step();
         let (s2, s3) = (step(), step());
         assert_eq!(s2, s3, "two steady-state steps differ");
 
@@ -530,6 +543,15 @@ mod tests {
             assert!(known.contains(name), "launch of an unknown kernel {name}");
         }
         assert!(s2.launches() > s2.gemms && s2.host_syncs >= 1);
+        // temporaries come from the cache after the first step, at little memory over the peak
+        assert!(first.device_allocations > 0);
+        assert_eq!(s2.device_allocations, 0, "a steady-state step allocates");
+        assert!(
+            s2.temp_footprint_bytes as f64 <= 1.25 * s2.temp_peak_bytes as f64,
+            "cached {} bytes for a peak of {}",
+            s2.temp_footprint_bytes,
+            s2.temp_peak_bytes
+        );
     }
 
     /// The report runs without NVRTC or a GPU and says where its resource columns come from.

@@ -14,12 +14,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use cudarc::driver::LaunchConfig;
 use serde::Serialize;
 
 use super::ops::{self, Gemm, Ops};
-use super::{Device, Dv, Elem, KArg, Precision, Temp, SMEM_DEFAULT};
+use super::{Device, Dv, Elem, KArg, Precision, Temp, TempCache, SMEM_DEFAULT};
 use crate::error::Result;
 
 /// Streaming multiprocessors of an H100 SXM (the cost model's reference device).
@@ -73,9 +74,14 @@ pub struct StepCounts {
     pub uploads: u64,
     pub upload_bytes: u64,
     pub syncs: u64,
-    /// device allocations (temporaries, scratch growth) and their bytes
+    /// device allocations (temporaries the cache could not serve, scratch growth) and their
+    /// bytes
     pub device_allocations: u64,
     pub allocated_bytes: u64,
+    /// at the end of the step: the most bytes of temporaries alive at once so far, and the bytes
+    /// of temporaries allocated so far (alive or cached for reuse)
+    pub temp_peak_bytes: u64,
+    pub temp_footprint_bytes: u64,
     /// memsets (explicit, and the zero fill of every new temporary) and their bytes
     pub memsets: u64,
     pub memset_bytes: u64,
@@ -103,6 +109,9 @@ pub struct CountingDevice {
     scratch: RefCell<[usize; 4]>,
     /// downloads so far (their values follow it)
     served: Cell<u64>,
+    /// the CUDA backend's cache of freed temporaries, so that a cached request is not counted
+    /// as an allocation
+    temps: Rc<TempCache>,
 }
 
 impl CountingDevice {
@@ -115,12 +124,16 @@ impl CountingDevice {
             sm_count: sm_count.max(1),
             scratch: RefCell::new([0; 4]),
             served: Cell::new(0),
+            temps: Rc::new(TempCache::default()),
         }
     }
 
     /// The counts since the last `take`, and a fresh start.
     pub fn take(&self) -> StepCounts {
-        std::mem::take(&mut *self.counts.borrow_mut())
+        let mut c = std::mem::take(&mut *self.counts.borrow_mut());
+        c.temp_peak_bytes = self.temps.peak_in_use_bytes() as u64;
+        c.temp_footprint_bytes = self.temps.footprint_bytes() as u64;
+        c
     }
 
     /// A fake device address for `bytes` (256-byte aligned, never reused).
@@ -137,6 +150,20 @@ impl CountingDevice {
         c.allocated_bytes += bytes as u64;
         drop(c);
         self.fake(bytes)
+    }
+
+    /// A temporary from the cache, as the CUDA backend takes it (a new fake address counted as
+    /// an allocation when none of that size is free).
+    fn cached<T>(&self, n: usize, bytes: usize) -> Result<Temp<T>> {
+        self.temps.take::<T>(
+            n,
+            bytes,
+            |b| Ok(Box::new(self.alloc(b))),
+            |k| {
+                *k.downcast_ref::<u64>()
+                    .expect("the cache holds fake addresses")
+            },
+        )
     }
 
     fn scratch_range<T>(&self, cell: usize, n: usize) -> Dv<T> {
@@ -209,25 +236,21 @@ impl Device for CountingDevice {
 
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
         let bytes = n.max(1) * std::mem::size_of::<T>();
-        let p = self.alloc(bytes);
-        let mut c = self.counts.borrow_mut(); // allocated zeroed
+        let t = self.cached::<T>(n, bytes)?;
+        let mut c = self.counts.borrow_mut(); // zeroed
         c.memsets += 1;
         c.memset_bytes += bytes as u64;
-        drop(c);
-        // SAFETY: never dereferenced.
-        Ok(Temp::new(Box::new(()), unsafe { Dv::from_raw(p, n) }))
+        Ok(t)
     }
 
     fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>> {
         let bytes = std::mem::size_of_val(x);
-        let p = self.alloc(bytes);
+        let t = self.cached::<T>(x.len(), x.len().max(1) * std::mem::size_of::<T>())?;
         let mut c = self.counts.borrow_mut();
         c.uploads += 1;
         c.upload_bytes += bytes as u64;
         c.host_syncs += 1;
-        drop(c);
-        // SAFETY: never dereferenced.
-        Ok(Temp::new(Box::new(()), unsafe { Dv::from_raw(p, x.len()) }))
+        Ok(t)
     }
 
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {

@@ -25,6 +25,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -380,16 +381,23 @@ impl<T, A: AsDv<T>> AsDv<T> for Option<A> {
 pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static {}
 impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone + 'static> Elem for T {}
 
-/// A temporary device buffer: its range, and whatever keeps the memory alive.
+/// A temporary device buffer: its range, and whatever keeps the memory alive. A temporary
+/// taken from a [`TempCache`] goes back to it when dropped.
 pub struct Temp<T> {
-    _keep: Box<dyn std::any::Any>,
+    keep: Option<Box<dyn std::any::Any>>,
+    /// the cache it returns to, and the size it is filed under
+    home: Option<(Rc<TempCache>, usize)>,
     dv: Dv<T>,
 }
 
 impl<T> Temp<T> {
     /// `keep` owns the memory that `dv` addresses.
     pub fn new(keep: Box<dyn std::any::Any>, dv: Dv<T>) -> Temp<T> {
-        Temp { _keep: keep, dv }
+        Temp {
+            keep: Some(keep),
+            home: None,
+            dv,
+        }
     }
     /// Elements.
     pub fn len(&self) -> usize {
@@ -403,6 +411,97 @@ impl<T> Temp<T> {
 impl<T> AsDv<T> for Temp<T> {
     fn dv(&self) -> Dv<T> {
         self.dv
+    }
+}
+
+impl<T> Drop for Temp<T> {
+    fn drop(&mut self) {
+        if let (Some((cache, bytes)), Some(keep)) = (self.home.take(), self.keep.take()) {
+            cache.put(bytes, keep);
+        }
+    }
+}
+
+/// Device memory of dropped temporaries, kept by exact size for the next request of that size
+/// (issue 11: no device allocation inside a training step after the first, whose sequence of
+/// requests every later step repeats). Reuse is safe without events because the backend runs
+/// on one stream: a kernel that reads a reused buffer is queued after every kernel that used it
+/// before. When an allocation fails the cache is emptied and the allocation tried once more.
+#[derive(Default)]
+pub struct TempCache {
+    /// size in bytes -> free allocations of exactly that size
+    free: RefCell<HashMap<usize, Vec<Box<dyn std::any::Any>>>>,
+    /// bytes held free
+    held: std::cell::Cell<usize>,
+    /// bytes of the temporaries alive now, and their most since the start
+    in_use: std::cell::Cell<usize>,
+    peak_in_use: std::cell::Cell<usize>,
+}
+
+impl TempCache {
+    /// A temporary of `n` elements addressed by `ptr(&keep)`: a cached allocation of `bytes`
+    /// when there is one, else `alloc(bytes)` (after emptying the cache if the first try
+    /// fails).
+    pub fn take<T>(
+        self: &Rc<Self>,
+        n: usize,
+        bytes: usize,
+        alloc: impl Fn(usize) -> Result<Box<dyn std::any::Any>>,
+        ptr: impl Fn(&dyn std::any::Any) -> u64,
+    ) -> Result<Temp<T>> {
+        let cached = self.free.borrow_mut().get_mut(&bytes).and_then(|v| v.pop());
+        let keep = match cached {
+            Some(k) => {
+                self.held.set(self.held.get() - bytes);
+                k
+            }
+            None => match alloc(bytes) {
+                Ok(k) => k,
+                Err(_) if self.held.get() > 0 => {
+                    self.clear();
+                    alloc(bytes)?
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        self.in_use.set(self.in_use.get() + bytes);
+        self.peak_in_use
+            .set(self.peak_in_use.get().max(self.in_use.get()));
+        // SAFETY: `keep` owns at least `bytes >= n * size_of::<T>()` bytes at that address.
+        let dv = unsafe { Dv::from_raw(ptr(keep.as_ref()), n) };
+        Ok(Temp {
+            keep: Some(keep),
+            home: Some((self.clone(), bytes)),
+            dv,
+        })
+    }
+
+    fn put(&self, bytes: usize, keep: Box<dyn std::any::Any>) {
+        self.free.borrow_mut().entry(bytes).or_default().push(keep);
+        self.held.set(self.held.get() + bytes);
+        self.in_use.set(self.in_use.get() - bytes);
+    }
+
+    /// Frees every cached allocation.
+    pub fn clear(&self) {
+        self.free.borrow_mut().clear();
+        self.held.set(0);
+    }
+
+    /// Bytes held free for reuse.
+    pub fn held_bytes(&self) -> usize {
+        self.held.get()
+    }
+
+    /// Bytes of temporaries alive or cached: the device memory they take.
+    pub fn footprint_bytes(&self) -> usize {
+        self.held.get() + self.in_use.get()
+    }
+
+    /// The most bytes of temporaries alive at once so far: what the device would need without
+    /// the cache.
+    pub fn peak_in_use_bytes(&self) -> usize {
+        self.peak_in_use.get()
     }
 }
 
@@ -539,14 +638,14 @@ impl Device for CudaBackend {
         CudaBackend::scratch_bf16(self, n, second)
     }
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
-        let s = self.zeros::<T>(n)?;
-        let dv = s.dv().sub(0, n);
-        Ok(Temp::new(Box::new(s), dv))
+        let t = self.cached::<T>(n)?;
+        CudaBackend::memset_zero(self, t.dv)?;
+        Ok(t)
     }
     fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>> {
-        let s = self.upload(x)?;
-        let dv = s.dv().sub(0, x.len());
-        Ok(Temp::new(Box::new(s), dv))
+        let t = self.cached::<T>(x.len())?;
+        CudaBackend::upload_into(self, t.dv, x)?;
+        Ok(t)
     }
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
         CudaBackend::memset_zero(self, x)
@@ -658,6 +757,8 @@ pub struct CudaBackend {
     pub(crate) scratch_f64b: RefCell<Option<CudaSlice<f64>>>,
     pub(crate) scratch_bf16_a: RefCell<Option<CudaSlice<u16>>>,
     pub(crate) scratch_bf16_b: RefCell<Option<CudaSlice<u16>>>,
+    /// freed temporaries kept for reuse (no allocation inside a step after the first)
+    pub(crate) temps: Rc<TempCache>,
 }
 
 impl Drop for CudaBackend {
@@ -748,6 +849,7 @@ impl CudaBackend {
             scratch_f64b: RefCell::new(None),
             scratch_bf16_a: RefCell::new(None),
             scratch_bf16_b: RefCell::new(None),
+            temps: Rc::new(TempCache::default()),
         })
     }
 
@@ -841,6 +943,28 @@ impl CudaBackend {
             ));
         }
         Some(out)
+    }
+
+    /// An uninitialised temporary of `n` elements from the backend's [`TempCache`].
+    fn cached<T>(&self, n: usize) -> Result<Temp<T>> {
+        let bytes = n.max(1) * std::mem::size_of::<T>();
+        self.temps.take::<T>(
+            n,
+            bytes,
+            |b| Ok(Box::new(self.alloc_bytes(b)?)),
+            |k| {
+                k.downcast_ref::<CudaSlice<u8>>()
+                    .expect("the cache holds CudaSlice<u8>")
+                    .dv()
+                    .ptr
+            },
+        )
+    }
+
+    fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: the bytes are written (memset or upload) before any kernel reads them.
+        unsafe { self.stream.alloc::<u8>(bytes) }
+            .map_err(|e| dev_err(&format!("allocating {bytes} bytes"), e))
     }
 
     /// Zero-filled device buffer.
@@ -964,5 +1088,71 @@ impl CudaBackend {
             *s = Some(self.zeros::<u16>(n.max(1024))?);
         }
         Ok(s.as_ref().unwrap().dv().sub(0, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache over fake allocations: `limit` bytes of "device memory", addresses counted up.
+    struct Fake {
+        next: std::cell::Cell<u64>,
+        used: std::cell::Cell<usize>,
+        limit: usize,
+    }
+
+    impl Fake {
+        fn take(&self, cache: &Rc<TempCache>, n: usize) -> Result<Temp<f32>> {
+            cache.take::<f32>(
+                n,
+                n * 4,
+                |b| {
+                    if self.used.get() + b > self.limit {
+                        return Err(AsaError::Device("out of memory".into()));
+                    }
+                    self.used.set(self.used.get() + b);
+                    let p = self.next.get();
+                    self.next.set(p + b as u64);
+                    Ok(Box::new(p))
+                },
+                |k| *k.downcast_ref::<u64>().unwrap(),
+            )
+        }
+    }
+
+    /// A dropped temporary serves the next request of its size; other sizes allocate; an
+    /// allocation that fails empties the cache and is tried once more.
+    #[test]
+    fn the_temp_cache_reuses_by_size_and_frees_on_failure() {
+        let cache = Rc::new(TempCache::default());
+        let dev = Fake {
+            next: std::cell::Cell::new(4096),
+            used: std::cell::Cell::new(0),
+            limit: 1000,
+        };
+        let a = dev.take(&cache, 100).unwrap();
+        let pa = a.dv().ptr;
+        drop(a);
+        assert_eq!(cache.held_bytes(), 400);
+        let b = dev.take(&cache, 100).unwrap();
+        assert_eq!(b.dv().ptr, pa, "the same size reuses the allocation");
+        assert_eq!((b.len(), cache.held_bytes()), (100, 0));
+        let c = dev.take(&cache, 50).unwrap();
+        assert_ne!(c.dv().ptr, pa);
+        assert_eq!(dev.used.get(), 600);
+        drop(c);
+        // 600 used of 1000 (200 of them cached): 500 more fits only once the cache is emptied,
+        // and in this fake freed memory is not returned, so it fails
+        assert_eq!(cache.footprint_bytes(), 600);
+        assert!(dev.take(&cache, 125).is_err());
+        assert_eq!(
+            cache.held_bytes(),
+            0,
+            "a failed allocation empties the cache"
+        );
+        assert_eq!(cache.peak_in_use_bytes(), 600);
+        drop(b);
+        assert_eq!(cache.footprint_bytes(), 400);
     }
 }
