@@ -237,6 +237,23 @@ extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, 
 
 // d(alibi strength param) += (f32)(factor * sum_h slope[h] * sum_{b,s} pbias[b,h,s]);
 // factor = sigmoid(raw) (the softplus chain). pbias: [B,H,K]. One thread.
+// The write logits' ALiBi bias per head (CPU twin: `alibi_bias`): bias[h] = slopes[h] * strength,
+// strength = (float)(softplus(raw[0]) + min_strength) for a learned strength (raw on the device,
+// so that no upload follows an optimizer step), else (float)init. One thread per head.
+extern "C" __global__ void alibi_bias(float* bias, const float* slopes, const float* raw, double init,
+                                      double min_strength, int h) {
+    int hi = blockIdx.x * blockDim.x + threadIdx.x;
+    if (hi >= h) return;
+    float strength;
+    if (raw) {
+        double x = (double)raw[0];
+        strength = (float)((x > 20.0 ? x : log1p(exp(x))) + min_strength);
+    } else {
+        strength = (float)init;
+    }
+    bias[hi] = slopes[hi] * strength;
+}
+
 extern "C" __global__ void alibi_grad(float* dst, const double* pbias, const float* slopes, double factor,
                                       int b, int h, int nk) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;

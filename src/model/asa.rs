@@ -623,10 +623,17 @@ impl AsaLayer {
         }
 
         // write logits [B,H,K,T]
-        let strength = self.alibi_strength(p);
-        let bias_h: Option<Vec<f32>> = cfg
-            .use_alibi_write
-            .then(|| self.slopes.iter().map(|s| s * strength).collect());
+        let bias_h: Option<Vec<f32>> = cfg.use_alibi_write.then(|| {
+            let mut bias = vec![0.0; h];
+            k::alibi_bias(
+                &mut bias,
+                &self.slopes,
+                self.ids.alibi_strength.map(|i| p.data[i][0]),
+                cfg.alibi_strength_init,
+                cfg.min_strength,
+            );
+            bias
+        });
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
         rs(&mut cache.raw, b * h * nk * t);
         rs(&mut cache.wl, b * h * nk * t);
@@ -800,7 +807,7 @@ impl AsaLayer {
             opts,
             cache,
             dm,
-            strength,
+            self.alibi_strength(p),
             bias_h.as_deref(),
             intv_info,
         )))

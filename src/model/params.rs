@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
+pub use crate::backend::cpu::asa::softplus;
 use crate::config::ModelConfig;
 use crate::tensor::numel;
 
@@ -115,15 +116,6 @@ impl Init {
     }
     pub fn constant(n: usize, v: f32) -> Vec<f32> {
         vec![v; n]
-    }
-}
-
-/// `softplus(x) = log(1 + exp(x))`, computed stably (PyTorch's threshold of 20 included).
-pub fn softplus(x: f64) -> f64 {
-    if x > 20.0 {
-        x
-    } else {
-        x.exp().ln_1p()
     }
 }
 

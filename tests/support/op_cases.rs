@@ -548,6 +548,22 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     dev.alibi_grad(da, pb.dv(), sl_d, 0.5, b, h, nk).unwrap();
     let want = (dbias[0] * 0.5 + dbias[1] * 0.25) * 0.5;
     close("alibi_grad", &mem.get(da), &[want as f32], TOL);
+    // the bias from the learned strength's parameter on the device, and from the init
+    let slopes6 = ca::alibi_slopes(6);
+    let sl6 = mem.put(&slopes6);
+    for raw in [Some(-1.3f32), Some(0.4), Some(25.0), None] {
+        let mut want = vec![0.0f32; 6];
+        ca::alibi_bias(&mut want, &slopes6, raw, 0.7, 1e-3);
+        let bias_d = mem.zeroed::<f32>(6);
+        let raw_d = raw.map(|r| mem.put(&[r]));
+        dev.alibi_bias(bias_d, sl6, raw_d.dv(), 0.7, 1e-3).unwrap();
+        close(
+            &format!("alibi_bias {raw:?}"),
+            &mem.get(bias_d),
+            &want,
+            1e-6,
+        );
+    }
 
     // write scan, several chunk sizes, forward and backward
     for chunk in [1usize, 4, 16, 64] {

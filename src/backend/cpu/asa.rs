@@ -49,6 +49,35 @@ pub fn alibi_slopes(h: usize) -> Vec<f32> {
     get(h).into_iter().map(|x| x as f32).collect()
 }
 
+/// `softplus(x) = log(1 + exp(x))`, computed stably (PyTorch's threshold of 20 included).
+pub fn softplus(x: f64) -> f64 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// The write logits' ALiBi bias per head, bias: [H] = slopes[h] x strength, the strength
+/// `softplus(raw) + min_strength` of a learned strength parameter `raw` (else `init`) rounded
+/// to f32 first, as the reference's f32 arithmetic does. (The CUDA twin reads `raw` on the
+/// device, so no upload follows an optimizer step.)
+pub fn alibi_bias(
+    bias: &mut [f32],
+    slopes: &[f32],
+    raw: Option<f32>,
+    init: f64,
+    min_strength: f64,
+) {
+    let strength = match raw {
+        Some(r) => (softplus(r as f64) + min_strength) as f32,
+        None => init as f32,
+    };
+    for (b, s) in bias.iter_mut().zip(slopes) {
+        *b = s * strength;
+    }
+}
+
 /// Cos/sin tables of the reference RoPE, `[T, D]` each. The reference pairs interleaved elements
 /// `(x[2i], x[2i+1])` but lays the angles out half-split (`cat([freqs, freqs])`), so element `j`
 /// turns by angle `t * inv_freq[j mod D/2]`. `inv_freq` is computed in f32 as PyTorch does.

@@ -362,6 +362,7 @@ pub fn kernel_family(name: &str) -> &'static str {
         "softmax_slots",
         "slot_mask_weights",
         "alibi_grad",
+        "alibi_bias",
         "sum_batch_add",
     ]) {
         "slot_scan"

@@ -379,7 +379,6 @@ pub struct GpuAsaLayer {
     /// use the fused write scan + read where supported (`super::fused`; default: on unless
     /// `ASA_CUDA_FUSED=0`)
     pub fused: bool,
-    slopes: Vec<f32>,
     slopes_d: Temp<f32>,
     rope: Option<DevRope>,
     rope_ss: Option<DevRope>,
@@ -398,7 +397,6 @@ impl GpuAsaLayer {
             ids,
             intervention: Intervention::default(),
             fused: super::fused::fused_default(),
-            slopes,
             slopes_d,
             rope: None,
             rope_ss: None,
@@ -412,13 +410,6 @@ impl GpuAsaLayer {
             t,
             k: self.cfg.num_slots,
             d: self.cfg.head_dim(),
-        }
-    }
-
-    fn alibi_strength(&self, p: &GpuParams) -> f32 {
-        match self.ids.alibi_strength {
-            Some(i) => (softplus(p.scalar(i) as f64) + self.cfg.min_strength) as f32,
-            None => self.cfg.alibi_strength_init as f32,
         }
     }
 
@@ -513,10 +504,21 @@ impl GpuAsaLayer {
         be.scale_rows(keys, p.p(self.ids.slot_keys), key_keep, d, false)?;
 
         // write logits [B,H,K,T]
-        let strength = self.alibi_strength(p);
         let bias_h = if cfg.use_alibi_write {
-            let bh: Vec<f32> = self.slopes.iter().map(|s| s * strength).collect();
-            c_.bias_h.holding(be, &bh)?
+            let bias = c_.bias_h.ensure(be, h)?;
+            let raw = self
+                .ids
+                .alibi_strength
+                .map(|i| p.p(i))
+                .unwrap_or(Dv::null());
+            be.alibi_bias(
+                bias,
+                self.slopes_d.dv(),
+                raw,
+                cfg.alibi_strength_init,
+                cfg.min_strength,
+            )?;
+            bias
         } else {
             Dv::null()
         };

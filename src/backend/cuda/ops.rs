@@ -1072,6 +1072,33 @@ pub trait Ops: Device {
         )
     }
 
+    /// The ALiBi bias per head, bias: [H] (CPU: `alibi_bias`); `raw`: the learned strength
+    /// parameter [1] or null (then the strength is `init`).
+    fn alibi_bias(
+        &self,
+        bias: Dv<f32>,
+        slopes: Dv<f32>,
+        raw: Dv<f32>,
+        init: f64,
+        min_strength: f64,
+    ) -> Result<()> {
+        assert_eq!(bias.len, slopes.len, "alibi_bias: bias and slopes shapes");
+        self.grid_launch(
+            "alibi_bias",
+            bias.len.div_ceil(32) as u32,
+            32,
+            0,
+            &[
+                k(bias),
+                k(slopes),
+                k(raw),
+                k(init),
+                k(min_strength),
+                k(bias.len as i32),
+            ],
+        )
+    }
+
     /// d(alibi strength param) += factor * sum_h slope[h] * sum pbias[:,h,:]; pbias from
     /// `write_logits_backward`, slopes: [H], factor = sigmoid(raw).
     fn alibi_grad(
