@@ -350,7 +350,12 @@ __device__ __forceinline__ float asa_lerp(float start, float end, float w) {
 // on the host in f64 and cast as PyTorch does. p, m, v, g: [n] (the flat parameter buffer).
 extern "C" __global__ void adamw_update(float* p, float* m, float* v, const float* g, float decay,
                                         float lerp_w, float beta2, float one_minus_beta2,
-                                        float neg_step_size, float bias_correction2_sqrt, float eps, i64 n) {
+                                        float neg_step_size, float bias_correction2_sqrt, float eps,
+                                        const double* guard, int nguard, i64 n) {
+    // a non-finite loss or gradient norm among guard[0..nguard) skips the update (as the CPU
+    // trainer), decided here so that the host need not wait for them
+    for (int j = 0; j < nguard; ++j)
+        if (!isfinite(guard[j])) return;
     ASA_GRID_LOOP(i, n) {
         float gi = g[i];
         float pi = __fmul_rn(p[i], decay);

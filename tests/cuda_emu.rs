@@ -487,6 +487,13 @@ fn emulated_accumulation_matches_whole_batch_and_cpu() {
     }
 }
 
+#[test]
+fn emulated_non_finite_step_changes_nothing() {
+    if let Some(e) = emu("emulated_non_finite_step_changes_nothing") {
+        train_cases::non_finite_step_changes_nothing(&|| EmuDev::new(e));
+    }
+}
+
 /// The reference fixtures (tests/fixtures) through the GPU code path, every kernel emulated:
 /// the same runner as `asa parity --device cuda`, f32 GEMMs.
 #[test]

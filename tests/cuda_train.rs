@@ -87,3 +87,13 @@ fn accumulation_matches_whole_batch_and_cpu() {
     }
     train_cases::accumulation_matches_whole_batch_and_cpu(&|| CudaBackend::new(0).unwrap());
 }
+
+/// A non-finite step changes nothing on the GPU (see tests/support/train_cases.rs).
+#[test]
+fn non_finite_step_changes_nothing() {
+    if !cuda_available() {
+        println!("SKIPPED non_finite_step_changes_nothing: no CUDA device");
+        return;
+    }
+    train_cases::non_finite_step_changes_nothing(&|| CudaBackend::new(0).unwrap());
+}

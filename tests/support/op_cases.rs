@@ -249,7 +249,25 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         close("clip_scale", &mem.get(g_d), &gs.data.concat(), 1e-6);
         let lr = 1e-2 * step as f64;
         opt.step(&mut ps, &gs, lr);
-        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step)
+        // a non-finite value in the guard leaves everything as it was
+        let (p0, m0, v0) = (mem.get(p_d), mem.get(m_d), mem.get(v_d));
+        for bad in [f64::NAN, f64::INFINITY] {
+            let guard = mem.put(&[1.5, bad]);
+            dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard)
+                .unwrap();
+            assert_eq!(
+                (mem.get(p_d), mem.get(m_d), mem.get(v_d)),
+                (p0.clone(), m0.clone(), v0.clone()),
+                "adamw_update with a guard {bad} updated"
+            );
+        }
+        let guard = mem.put(&[1.5, gn]);
+        let guard = if step == 2 {
+            asa::backend::cuda::Dv::null()
+        } else {
+            guard
+        };
+        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard)
             .unwrap();
         close(
             "adamw_update params",

@@ -145,3 +145,58 @@ pub fn accumulation_matches_whole_batch_and_cpu<B: Backend>(mk: &dyn Fn() -> B) 
         .train_step_accum(&data[0].0, &data[0].1, b, t, 3, 1e-3, &adam_cfg, None, false)
         .is_err());
 }
+
+/// A step whose loss is not finite changes nothing (as the CPU trainer): AdamW sees the loss
+/// and the gradient norm on the device and skips itself, and the step count is taken back, so
+/// the next finite step is AdamW's first.
+pub fn non_finite_step_changes_nothing<B: Backend>(mk: &dyn Fn() -> B) {
+    let c = cfg();
+    let (b, t) = (2, 16);
+    let data = batches(2, b, t, c.vocab_size);
+    let adam = adam_cfg();
+    let (_, params0) = Lm::new(&c).unwrap();
+    // a NaN in the final LayerNorm's bias: every logit, so the loss, is NaN
+    let mut bad = params0.clone();
+    let i = bad.names.iter().position(|n| n == "ln_f.bias").unwrap();
+    bad.data[i][0] = f32::NAN;
+    let mut gpu = GpuLm::with_backend(mk(), &c, &bad, Precision::F32).unwrap();
+    let (loss, _) = gpu
+        .train_step_mode(
+            &data[0].0,
+            &data[0].1,
+            b,
+            t,
+            adam.lr,
+            &adam,
+            Some(1.0),
+            false,
+        )
+        .unwrap();
+    assert!(!loss.is_finite(), "loss {loss}");
+    let after = gpu.download_params().unwrap();
+    let bits = |p: &asa::model::params::ParamStore| -> Vec<u32> {
+        p.data.iter().flatten().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(bits(&after), bits(&bad), "a NaN step changed the weights");
+    if let Some((_, _, step)) = gpu.adam_state().unwrap() {
+        assert_eq!(step, 0, "a skipped step was counted");
+    }
+    // the same after a finite step: one AdamW step from the start
+    let mut good = GpuLm::with_backend(mk(), &c, &params0, Precision::F32).unwrap();
+    good.train_step_mode(
+        &data[1].0,
+        &data[1].1,
+        b,
+        t,
+        adam.lr,
+        &adam,
+        Some(1.0),
+        false,
+    )
+    .unwrap();
+    let (_, _, step) = good
+        .adam_state()
+        .unwrap()
+        .expect("AdamW state after a step");
+    assert_eq!(step, 1);
+}

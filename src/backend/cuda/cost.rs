@@ -72,6 +72,9 @@ pub struct StepCounts {
     pub host_syncs: u64,
     pub downloads: u64,
     pub uploads: u64,
+    /// uploads queued on the stream from pinned memory (not blocking the host)
+    pub async_uploads: u64,
+    /// bytes of both kinds of upload
     pub upload_bytes: u64,
     pub syncs: u64,
     /// device allocations (temporaries the cache could not serve, scratch growth) and their
@@ -285,6 +288,19 @@ impl Device for CountingDevice {
         c.uploads += 1;
         c.upload_bytes += std::mem::size_of_val(x) as u64;
         c.host_syncs += 1;
+        Ok(())
+    }
+
+    fn upload_async<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        assert!(
+            x.len() <= dst.len,
+            "upload_async: {} > {}",
+            x.len(),
+            dst.len
+        );
+        let mut c = self.counts.borrow_mut();
+        c.async_uploads += 1;
+        c.upload_bytes += std::mem::size_of_val(x) as u64;
         Ok(())
     }
 

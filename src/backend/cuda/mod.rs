@@ -527,6 +527,12 @@ pub trait Device {
     fn download<T: Elem>(&self, x: Dv<T>) -> Result<Vec<T>>;
     /// Host -> existing device range (`x.len() <= dst.len`).
     fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()>;
+    /// [`Device::upload_into`] without blocking the host: the copy is queued on the stream like
+    /// a kernel (the CUDA backend stages `x` in pinned memory, reused after the next blocking
+    /// call). For the per-step batch, so that a training step blocks only once, at its end.
+    fn upload_async<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        self.upload_into(dst, x)
+    }
     /// Device -> device copy of `src` into `dst` (`src.len <= dst.len`).
     fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()>;
     /// Waits for the queued work.
@@ -656,6 +662,9 @@ impl Device for CudaBackend {
     fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
         CudaBackend::upload_into(self, dst, x)
     }
+    fn upload_async<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        CudaBackend::upload_async(self, dst, x)
+    }
     fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
         CudaBackend::copy(self, dst, src)
     }
@@ -759,10 +768,16 @@ pub struct CudaBackend {
     pub(crate) scratch_bf16_b: RefCell<Option<CudaSlice<u16>>>,
     /// freed temporaries kept for reuse (no allocation inside a step after the first)
     pub(crate) temps: Rc<TempCache>,
+    /// pinned host memory that `upload_async` copies from, and whether a copy from it may
+    /// still be queued (cleared by every stream synchronisation)
+    staging: RefCell<Option<cudarc::driver::PinnedHostSlice<u8>>>,
+    staging_busy: std::cell::Cell<bool>,
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        // the pinned staging buffer of `upload_async` must not be freed under a queued copy
+        let _ = self.sync();
         if let Some(r) = self.profile_report() {
             eprintln!("{r}");
         }
@@ -850,6 +865,8 @@ impl CudaBackend {
             scratch_bf16_a: RefCell::new(None),
             scratch_bf16_b: RefCell::new(None),
             temps: Rc::new(TempCache::default()),
+            staging: RefCell::new(None),
+            staging_busy: std::cell::Cell::new(false),
         })
     }
 
@@ -1021,6 +1038,52 @@ impl CudaBackend {
         self.sync()
     }
 
+    /// Host -> existing device range, queued on the stream without blocking the host: `x` is
+    /// copied into the pinned staging buffer first (after waiting for the stream if a copy from
+    /// that buffer may still be queued).
+    pub fn upload_async<T: DeviceRepr>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
+        assert!(
+            x.len() <= dst.len,
+            "upload_async: {} > {}",
+            x.len(),
+            dst.len
+        );
+        let bytes = std::mem::size_of_val(x);
+        if bytes == 0 {
+            return Ok(());
+        }
+        if self.staging_busy.get() {
+            self.sync()?;
+        }
+        let mut staging = self.staging.borrow_mut();
+        if staging.as_ref().map(|s| s.len() < bytes).unwrap_or(true) {
+            // SAFETY: the bytes are written below before any copy reads them.
+            *staging = Some(
+                unsafe { self.ctx.alloc_pinned::<u8>(bytes.max(1 << 16)) }.map_err(|e| {
+                    dev_err(&format!("allocating {bytes} bytes of pinned memory"), e)
+                })?,
+            );
+        }
+        let host = staging
+            .as_mut()
+            .expect("allocated above")
+            .as_mut_slice()
+            .map_err(|e| dev_err("pinned staging buffer", e))?;
+        // SAFETY: `x` is `bytes` bytes of plain data; `host` has room for them and no queued copy
+        // reads it (the stream was synchronised since the last one).
+        unsafe {
+            std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, host.as_mut_ptr(), bytes);
+            cudarc::driver::result::memcpy_htod_async(
+                dst.ptr,
+                &host[..bytes],
+                self.stream.cu_stream(),
+            )
+            .map_err(|e| dev_err("uploading", e))?;
+        }
+        self.staging_busy.set(true);
+        Ok(())
+    }
+
     /// Device -> device copy of `src` into `dst` (`src.len <= dst.len`).
     pub fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()> {
         assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
@@ -1060,7 +1123,9 @@ impl CudaBackend {
     pub fn sync(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(|e| dev_err("CUDA stream", e))
+            .map_err(|e| dev_err("CUDA stream", e))?;
+        self.staging_busy.set(false);
+        Ok(())
     }
 
     /// An f64 scratch range of at least `n` elements (one of two independent scratch buffers).

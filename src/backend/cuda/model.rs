@@ -20,7 +20,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::ops::{DevRouting, DevSlotMask};
+use super::ops::{DevRouting, DevSlotMask, SortedIds};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
@@ -140,10 +140,8 @@ struct GpuParams {
     layout: Layout,
     /// host values of the 1-element parameters (others: NaN), refreshed after updates
     scalars: Vec<f32>,
-    /// the 1-element parameters, and the device buffer [their number] they are gathered into
-    /// for one download
+    /// the 1-element parameters (gathered for the download that ends a step)
     scalar_ids: Vec<ParamId>,
-    scalar_buf: Temp<f32>,
 }
 
 impl GpuParams {
@@ -161,7 +159,6 @@ impl GpuParams {
             .filter(|&id| layout.lens[id] == 1)
             .collect();
         Ok(GpuParams {
-            scalar_buf: be.temp::<f32>(scalar_ids.len())?,
             scalar_ids,
             data,
             layout,
@@ -175,21 +172,19 @@ impl GpuParams {
     fn scalar(&self, id: ParamId) -> f32 {
         self.scalars[id]
     }
-    /// The host copies of the scalar parameters after an update: gathered on the device by
-    /// copies, then one download (one host sync, was one per scalar: 81 in the practice run).
-    fn refresh_scalars<B: Backend>(&mut self, be: &B) -> Result<()> {
-        if self.scalar_ids.is_empty() {
-            return Ok(());
-        }
-        let buf = self.scalar_buf.dv();
+    /// Gathers the scalar parameters into `dst` [their number] by device copies, for the one
+    /// download that ends a training step (was one download per scalar: 81 in the practice run).
+    fn gather_scalars<B: Backend>(&self, be: &B, dst: Dv<f32>) -> Result<()> {
         for (i, &id) in self.scalar_ids.iter().enumerate() {
-            be.copy(buf.sub(i, 1), self.p(id))?;
-        }
-        let vals = be.download(buf)?;
-        for (&id, v) in self.scalar_ids.iter().zip(vals) {
-            self.scalars[id] = v;
+            be.copy(dst.sub(i, 1), self.p(id))?;
         }
         Ok(())
+    }
+    /// The host copies of the scalar parameters, from what [`Self::gather_scalars`] gathered.
+    fn set_scalars(&mut self, vals: &[f32]) {
+        for (&id, &v) in self.scalar_ids.iter().zip(vals) {
+            self.scalars[id] = v;
+        }
     }
 }
 
@@ -1117,12 +1112,74 @@ struct GpuBlockCache {
     dropped: bool,
 }
 
+/// One call's batch on the device, uploaded as one queued copy (no host sync): token ids
+/// [B*T], targets [B*T] (when given) and the positions sorted by id for the embedding gradient.
+struct DevBatch {
+    _buf: Temp<u8>,
+    ids: Dv<u32>,
+    targets: Dv<i64>,
+    sorted: SortedIds,
+}
+
+impl DevBatch {
+    fn upload<B: Backend>(
+        be: &B,
+        ids: &[u32],
+        targets: Option<&[i64]>,
+        vocab: usize,
+    ) -> Result<Self> {
+        let (uniq, start, order) = super::ops::sort_positions_by_id(ids, vocab)?;
+        let mut bytes: Vec<u8> = Vec::new();
+        // each part at a 256-byte offset (device alignment for any element type)
+        let mut part = |x: &[u8]| {
+            let off = bytes.len().div_ceil(256) * 256;
+            bytes.resize(off, 0);
+            bytes.extend_from_slice(x);
+            off
+        };
+        let o_ids = part(plain_bytes(ids));
+        let o_tg = part(plain_bytes(targets.unwrap_or(&[])));
+        let o_uniq = part(plain_bytes(&uniq));
+        let o_start = part(plain_bytes(&start));
+        let o_order = part(plain_bytes(&order));
+        let buf = be.temp::<u8>(bytes.len())?;
+        be.upload_async(buf.dv(), &bytes)?;
+        let base = buf.dv().ptr;
+        // SAFETY: each range lies inside `buf` (offsets and lengths of the parts above) at a
+        // 256-byte aligned address, and holds plain integers of its type.
+        unsafe {
+            Ok(DevBatch {
+                ids: Dv::from_raw(base + o_ids as u64, ids.len()),
+                targets: Dv::from_raw(base + o_tg as u64, targets.map_or(0, |t| t.len())),
+                sorted: SortedIds {
+                    uniq: Dv::from_raw(base + o_uniq as u64, uniq.len()),
+                    start: Dv::from_raw(base + o_start as u64, start.len()),
+                    order: Dv::from_raw(base + o_order as u64, order.len()),
+                },
+                _buf: buf,
+            })
+        }
+    }
+}
+
+/// An f64 range as its f32 words (for device copies, which move f32s).
+fn f64_words(x: Dv<f64>) -> Dv<f32> {
+    // SAFETY: the same bytes, twice as many 4-byte words.
+    unsafe { Dv::from_raw(x.ptr, 2 * x.len) }
+}
+
+/// The bytes of a slice of plain integers (u32, i32, i64: no padding, every bit pattern valid;
+/// host and device are both little-endian).
+fn plain_bytes<T: Copy + Into<i64>>(x: &[T]) -> &[u8] {
+    // SAFETY: `x` is `size_of_val(x)` initialised bytes of padding-free integers.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
 #[derive(Default)]
 struct GpuLmCache {
     b: usize,
     t: usize,
-    ids: Vec<u32>,
-    ids_d: Option<Temp<u32>>,
+    batch: Option<DevBatch>,
     emb: DBuf,
     emask: DBuf,
     emb_dropped: bool,
@@ -1250,7 +1307,15 @@ impl<B: Backend> GpuLm<B> {
     }
 
     /// Forward to the final LayerNorm output (`Lm::forward` up to `ln_f`).
-    fn forward_body(&mut self, ids: &[u32], b: usize, t: usize, o: &DevOpts) -> Result<()> {
+    /// The forward up to the final LayerNorm; `targets` travel to the device with the ids.
+    fn forward_body(
+        &mut self,
+        ids: &[u32],
+        targets: Option<&[i64]>,
+        b: usize,
+        t: usize,
+        o: &DevOpts,
+    ) -> Result<()> {
         self.check_ids(ids, b, t)?;
         let be = &self.be;
         let cfg = &self.cfg;
@@ -1260,8 +1325,11 @@ impl<B: Backend> GpuLm<B> {
         let cache = &mut self.cache;
         cache.b = b;
         cache.t = t;
-        cache.ids = ids.to_vec();
-        cache.ids_d = Some(be.temp_from(ids)?);
+        cache.batch = None;
+        let batch = cache
+            .batch
+            .insert(DevBatch::upload(be, ids, targets, cfg.vocab_size)?);
+        let ids_d = batch.ids;
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         let nl = cfg.num_layers;
         cache.xs.resize_with(nl + 1, DBuf::default);
@@ -1273,27 +1341,11 @@ impl<B: Backend> GpuLm<B> {
         cache.emb_dropped = pdrop > 0.0;
         if cache.emb_dropped {
             let emb = cache.emb.ensure(be, n * c)?;
-            be.encoder_forward(
-                emb,
-                cache.ids_d.dv().sub(0, n),
-                p.p(self.ids.token_emb),
-                wpe,
-                b,
-                t,
-                c,
-            )?;
+            be.encoder_forward(emb, ids_d, p.p(self.ids.token_emb), wpe, b, t, c)?;
             let em = cache.emask.ensure(be, n * c)?;
             be.dropout_forward(x0, em, emb, pdrop, self.rng.gen())?;
         } else {
-            be.encoder_forward(
-                x0,
-                cache.ids_d.dv().sub(0, n),
-                p.p(self.ids.token_emb),
-                wpe,
-                b,
-                t,
-                c,
-            )?;
+            be.encoder_forward(x0, ids_d, p.p(self.ids.token_emb), wpe, b, t, c)?;
         }
 
         for l in 0..nl {
@@ -1393,7 +1445,7 @@ impl<B: Backend> GpuLm<B> {
         opts: &AsaOptions,
     ) -> Result<Vec<f32>> {
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
-        self.forward_body(ids, b, t, &o)?;
+        self.forward_body(ids, None, b, t, &o)?;
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let (_s, logits) = tmp(&self.be, n * v)?;
         self.be.matmul_forward(
@@ -1607,7 +1659,8 @@ impl<B: Backend> GpuLm<B> {
             dx
         };
         let gwpe = self.ids.pos_emb.map(gr).unwrap_or_else(Dv::null);
-        be.encoder_backward(gr(self.ids.token_emb), gwpe, demb, &self.cache.ids, b, t, c)?;
+        let sorted = self.cache.batch.as_ref().expect("a forward before").sorted;
+        be.encoder_backward_sorted(gr(self.ids.token_emb), gwpe, demb, sorted, b, t, c)?;
         Ok(())
     }
 
@@ -1624,11 +1677,11 @@ impl<B: Backend> GpuLm<B> {
         let n = b * t;
         let count = self.count_targets(targets, opts.attention_mask.as_deref(), n)?;
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
-        self.forward_body(ids, b, t, &o)?;
+        self.forward_body(ids, Some(targets), b, t, &o)?;
         self.be.memset_zero(self.grads.dv())?;
-        let targets_d = self.be.temp_from(targets)?;
         let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
-        let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, Some(dlnf))?;
+        let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
+        let sum = self.head_loss(targets_d, o.valid(), count, Some(dlnf))?;
         self.backward_body(dlnf, &o)?;
         Ok((sum, count))
     }
@@ -1700,9 +1753,8 @@ impl<B: Backend> GpuLm<B> {
             training,
             ..Default::default()
         };
-        let (sum, count) = self.loss_backward(inputs, targets, b, t, &opts)?;
-        let loss = self.be.download(sum.dv())?[0] / count as f64;
-        self.apply_update(loss, lr, adam, clip)
+        let sum = self.loss_backward(inputs, targets, b, t, &opts)?;
+        self.apply_update(&[sum], lr, adam, clip)
     }
 
     /// One training step over `b` rows run as `b / micro` micro-batches of `micro` rows
@@ -1766,19 +1818,18 @@ impl<B: Backend> GpuLm<B> {
         let inv = 1.0 / accum as f32;
         self.be
             .scale_f64(self.grads.dv().sub(0, total), acc, inv as f64)?;
-        let mut loss = 0.0;
-        for (sum, count) in &sums {
-            loss += self.be.download(sum.dv())?[0] / *count as f64 / accum as f64;
-        }
-        self.apply_update(loss, lr, adam, clip)
+        self.apply_update(&sums, lr, adam, clip)
     }
 
-    /// Global gradient norm, clipping and AdamW on the gradient buffer, given the step's loss.
-    /// A non-finite loss or gradient norm skips the update (as the CPU trainer). Returns (loss,
-    /// gradient norm before clipping).
+    /// Global gradient norm, clipping and AdamW on the gradient buffer, then the step's one
+    /// host sync: a download of the gradient norm, the loss sums of `sums` (per micro-batch:
+    /// the summed loss on the device and its target count) and the scalar parameters. The loss
+    /// is the mean over micro-batches of each one's mean. A non-finite loss or gradient norm
+    /// skips the update (as the CPU trainer): AdamW checks them on the device and does nothing,
+    /// and the step count is taken back here. Returns (loss, gradient norm before clipping).
     fn apply_update(
         &mut self,
-        loss: f64,
+        sums: &[(Temp<f64>, usize)],
         lr: f64,
         adam: &AdamWConfig,
         clip: Option<f64>,
@@ -1786,14 +1837,19 @@ impl<B: Backend> GpuLm<B> {
         let be = &self.be;
         let total = self.params.layout.total;
         let g = self.grads.dv().sub(0, total);
-        let norm = be.temp::<f64>(1)?;
-        be.global_norm(norm.dv(), g)?;
-        let gn = be.download(norm.dv())?[0];
-        if !(loss.is_finite() && gn.is_finite()) {
-            return Ok((loss, gn));
+        // what is read back: [norm, loss sums] as f64 (two f32 words each), the scalars
+        let nf = 1 + sums.len();
+        let nsc = self.params.scalar_ids.len();
+        let back = be.temp::<f32>(2 * nf + nsc)?;
+        // SAFETY: the first 2 nf words of `back` (256-byte aligned) as nf f64s.
+        let head: Dv<f64> = unsafe { Dv::from_raw(back.dv().ptr, nf) };
+        let norm = head.sub(0, 1);
+        be.global_norm(norm, g)?;
+        for (i, (sum, _)) in sums.iter().enumerate() {
+            be.copy(f64_words(head.sub(1 + i, 1)), f64_words(sum.dv().sub(0, 1)))?;
         }
         if let Some(cn) = clip {
-            be.clip_scale(g, norm.dv(), cn)?;
+            be.clip_scale(g, norm, cn)?;
         }
         if self.adam.is_none() {
             self.adam = Some((be.temp::<f32>(total)?, be.temp::<f32>(total)?, 0));
@@ -1808,8 +1864,23 @@ impl<B: Backend> GpuLm<B> {
             adam,
             lr,
             *step,
+            head,
         )?;
-        self.params.refresh_scalars(&self.be)?;
+        self.params.gather_scalars(be, back.dv().sub(2 * nf, nsc))?;
+        let host = be.download(back.dv())?;
+        let f64_at = |i: usize| {
+            f64::from_bits(host[2 * i].to_bits() as u64 | (host[2 * i + 1].to_bits() as u64) << 32)
+        };
+        let gn = f64_at(0);
+        let mut loss = 0.0;
+        for (i, (_, count)) in sums.iter().enumerate() {
+            loss += f64_at(1 + i) / *count as f64 / sums.len() as f64;
+        }
+        if !(loss.is_finite() && gn.is_finite()) {
+            *step -= 1; // AdamW skipped itself
+            return Ok((loss, gn));
+        }
+        self.params.set_scalars(&host[2 * nf..]);
         Ok((loss, gn))
     }
 
@@ -1824,9 +1895,9 @@ impl<B: Backend> GpuLm<B> {
         let n = b * t;
         let count = self.count_targets(targets, None, n)?;
         let o = DevOpts::new(&self.be, &self.cfg, &AsaOptions::default(), b, t)?;
-        self.forward_body(inputs, b, t, &o)?;
-        let targets_d = self.be.temp_from(targets)?;
-        let sum = self.head_loss(targets_d.dv().sub(0, n), o.valid(), count, None)?;
+        self.forward_body(inputs, Some(targets), b, t, &o)?;
+        let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
+        let sum = self.head_loss(targets_d, o.valid(), count, None)?;
         Ok(self.be.download(sum.dv())?[0] / count as f64)
     }
 

@@ -176,6 +176,8 @@ pub trait Ops: Device {
 
     /// dwte [V,C] += scatter of dout [B,T,C] by `ids` (host copy); dwpe: null or [maxT,C].
     /// Deterministic: the host sorts positions by id and each (id, column) sums in position order.
+    /// (Uploads the sort; the training step uploads it with its batch and calls
+    /// [`Ops::encoder_backward_sorted`].)
     fn encoder_backward(
         &self,
         dwte: Dv<f32>,
@@ -186,32 +188,66 @@ pub trait Ops: Device {
         t: usize,
         c: usize,
     ) -> Result<()> {
-        assert_eq!(dout.len, b * t * c, "encoder_backward: dout shape");
         assert_eq!(ids.len(), b * t, "encoder_backward: ids shape");
         if c == 0 || b * t == 0 {
             return Ok(());
         }
-        let v = dwte.len / c;
-        let (uniq, start, order) = sort_positions_by_id(ids, v)?;
-        let uniq_d = self.temp_from(&uniq)?;
-        let start_d = self.temp_from(&start)?;
-        let order_d = self.temp_from(&order)?;
+        let (uniq, start, order) = sort_positions_by_id(ids, dwte.len / c)?;
+        let (uniq_d, start_d, order_d) = (
+            self.temp_from(&uniq)?,
+            self.temp_from(&start)?,
+            self.temp_from(&order)?,
+        );
+        use super::AsDv;
+        let sorted = SortedIds {
+            uniq: uniq_d.dv(),
+            start: start_d.dv(),
+            order: order_d.dv(),
+        };
+        self.encoder_backward_sorted(dwte, dwpe, dout, sorted, b, t, c)
+    }
+
+    /// [`Ops::encoder_backward`] with the positions already sorted by id on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn encoder_backward_sorted(
+        &self,
+        dwte: Dv<f32>,
+        dwpe: Dv<f32>,
+        dout: Dv<f32>,
+        sorted: SortedIds,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        assert_eq!(dout.len, b * t * c, "encoder_backward: dout shape");
+        assert_eq!(
+            sorted.order.len,
+            b * t,
+            "encoder_backward: sorted ids shape"
+        );
+        assert_eq!(
+            sorted.start.len,
+            sorted.uniq.len + 1,
+            "encoder_backward: run starts shape"
+        );
+        if c == 0 || b * t == 0 {
+            return Ok(());
+        }
         let cfg = LaunchConfig {
-            grid_dim: (uniq.len() as u32, c.div_ceil(128) as u32, 1),
+            grid_dim: (sorted.uniq.len as u32, c.div_ceil(128) as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        use super::AsDv;
         self.launch(
             "encoder_backward",
             cfg,
             &[
                 k(dwte),
                 k(dout),
-                k(uniq_d.dv()),
-                k(start_d.dv()),
-                k(order_d.dv()),
-                k(i32_of("ids", uniq.len())?),
+                k(sorted.uniq),
+                k(sorted.start),
+                k(sorted.order),
+                k(i32_of("ids", sorted.uniq.len)?),
                 k(i32_of("C", c)?),
             ],
         )?;
@@ -682,7 +718,10 @@ pub trait Ops: Device {
     }
 
     /// AdamW over flat buffers (see `optim::AdamW::step`); `step` is the step count after
-    /// incrementing. Scalars are computed here exactly as the CPU computes them.
+    /// incrementing. Scalars are computed here exactly as the CPU computes them. Nothing is
+    /// updated when a value of `guard` (the step's loss sums and gradient norm; may be null) is
+    /// not finite.
+    #[allow(clippy::too_many_arguments)]
     fn adamw_update(
         &self,
         p: Dv<f32>,
@@ -692,6 +731,7 @@ pub trait Ops: Device {
         cfg: &crate::optim::AdamWConfig,
         lr: f64,
         step: u64,
+        guard: Dv<f64>,
     ) -> Result<()> {
         assert!(
             p.len == m.len && p.len == v.len && p.len == g.len,
@@ -722,6 +762,8 @@ pub trait Ops: Device {
                 k(neg_step_size),
                 k(bc2_sqrt),
                 k(eps),
+                k(guard),
+                k(guard.len as i32),
                 k(p.len as i64),
             ],
         )
@@ -1754,6 +1796,16 @@ fn check_slots(nk: usize) -> Result<()> {
 
 /// Counting sort of token positions by id: (distinct ids ascending, start offsets [n+1],
 /// positions grouped by id, ascending within each id).
+/// Token positions sorted by id, on the device ([`sort_positions_by_id`]'s three vectors): the
+/// distinct ids [U], where each id's run starts in `order` [U+1], the positions in id order
+/// [B*T]. For [`Ops::encoder_backward_sorted`].
+#[derive(Debug, Clone, Copy)]
+pub struct SortedIds {
+    pub uniq: Dv<i32>,
+    pub start: Dv<i32>,
+    pub order: Dv<i32>,
+}
+
 pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
     let mut count = vec![0usize; v];
     for &id in ids {
