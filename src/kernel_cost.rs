@@ -568,6 +568,30 @@ mod tests {
         );
     }
 
+    /// With bf16 GEMMs no weight is converted call by call: of each dense product's three
+    /// GEMMs (forward, input gradient, weight gradient) the first two read the weight from the
+    /// model's bf16 copy, so a step converts 4/3 operands per GEMM, plus the copy's one refresh
+    /// after AdamW.
+    #[test]
+    fn bf16_gemms_read_weights_from_their_copy() {
+        let mut o = small();
+        o.precision = cuda::Precision::Bf16;
+        let cfg = &o.model;
+        let (_, params) = Lm::new(cfg).unwrap();
+        let mut gpu =
+            GpuLm::with_backend(CountingDevice::new(H100_SMS), cfg, &params, o.precision).unwrap();
+        let (inp, tgt) = bench::random_batch(cfg.vocab_size, o.batch, o.seq_len, 1);
+        gpu.backend().take();
+        for _ in 0..2 {
+            gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
+                .unwrap();
+        }
+        let s = gpu.backend().take();
+        let converts = s.kernels["convert_f32_bf16"].launches;
+        assert_eq!(s.gemms % 3, 0);
+        assert_eq!(converts, s.gemms / 3 * 4 + 2, "{} GEMMs", s.gemms);
+    }
+
     /// The report runs without NVRTC or a GPU and says where its resource columns come from.
     #[test]
     fn the_report_runs_without_a_gpu() {

@@ -5,7 +5,7 @@
 //! The estimate counts the buffers this implementation allocates, all f32:
 //! - parameters, gradients and the two AdamW moments (P floats each); a gradient-accumulation
 //!   sum on the GPU; on the GPU path the host keeps the parameters, a template copy and the
-//!   AdamW moments as well;
+//!   AdamW moments as well, and the device a bf16 copy of the parameters (P/2 floats);
 //! - activations: the per-token, per-layer buffers of `BlockCache` + `AsaCache` (model/lm.rs,
 //!   model/asa.rs; on the GPU those of backend/cuda/model.rs, which keep the serial scan's
 //!   state), times B*T*L, plus one layer's worth of backward temporaries;
@@ -295,6 +295,8 @@ pub fn estimate(
         e.host.push(("weights + template copy".into(), 2 * pb));
         e.host.push(("AdamW moments".into(), 2 * pb));
         e.device.push(("weights".into(), pb));
+        // their bf16 copy (bf16 runs; counted always, it is small)
+        e.device.push(("bf16 weight copy".into(), pb / 2));
         e.device.push(("gradients".into(), pb));
         e.device.push(("AdamW moments".into(), 2 * pb));
         if accumulate {

@@ -20,7 +20,7 @@ use cudarc::driver::LaunchConfig;
 use serde::Serialize;
 
 use super::ops::{self, Gemm, Ops};
-use super::{Device, Dv, Elem, KArg, Precision, Temp, TempCache, SMEM_DEFAULT};
+use super::{Bf16Copy, Device, Dv, Elem, KArg, Precision, Temp, TempCache, SMEM_DEFAULT};
 use crate::error::Result;
 
 /// Streaming multiprocessors of an H100 SXM (the cost model's reference device).
@@ -115,6 +115,8 @@ pub struct CountingDevice {
     /// the CUDA backend's cache of freed temporaries, so that a cached request is not counted
     /// as an allocation
     temps: Rc<TempCache>,
+    /// the model's bf16 weight copy, as the CUDA backend keeps it
+    bf16_copy: Bf16Copy,
 }
 
 impl CountingDevice {
@@ -128,6 +130,7 @@ impl CountingDevice {
             scratch: RefCell::new([0; 4]),
             served: Cell::new(0),
             temps: Rc::new(TempCache::default()),
+            bf16_copy: Bf16Copy::default(),
         }
     }
 
@@ -193,18 +196,22 @@ impl Device for CountingDevice {
             return Ok(()); // as the CUDA backend: an empty grid is no launch
         }
         let mut c = self.counts.borrow_mut();
-        let k = c.kernels.entry(name.to_string()).or_default();
-        k.launches += 1;
-        k.blocks += g.0 as u64 * g.1 as u64 * g.2 as u64;
-        k.threads_per_block = k.threads_per_block.max(b.0 * b.1 * b.2);
-        k.dyn_smem_bytes = k.dyn_smem_bytes.max(cfg.shared_mem_bytes);
-        k.bytes += args
+        let bytes = args
             .iter()
             .map(|a| match a {
                 KArg::Ptr(_, bytes) => *bytes,
                 _ => 0,
             })
             .sum::<u64>();
+        if name == "convert_f32_bf16" {
+            c.bytes_converted += bytes;
+        }
+        let k = c.kernels.entry(name.to_string()).or_default();
+        k.launches += 1;
+        k.blocks += g.0 as u64 * g.1 as u64 * g.2 as u64;
+        k.threads_per_block = k.threads_per_block.max(b.0 * b.1 * b.2);
+        k.dyn_smem_bytes = k.dyn_smem_bytes.max(cfg.shared_mem_bytes);
+        k.bytes += bytes;
         k.steps = k.steps.max(1);
         Ok(())
     }
@@ -333,6 +340,14 @@ impl Device for CountingDevice {
         self.sm_count
     }
 
+    fn set_bf16_copy(&self, weights: Dv<f32>, copy: Dv<u16>) {
+        self.bf16_copy.set(weights, copy)
+    }
+
+    fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
+        self.bf16_copy.of(x)
+    }
+
     /// An H100's opt-in limit per block.
     fn max_smem(&self) -> usize {
         (227 * 1024).max(SMEM_DEFAULT)
@@ -341,7 +356,7 @@ impl Device for CountingDevice {
     /// The operands as `ops::cublas_gemm` prepares them (`ops::gemm_operands`: the bf16
     /// conversions, or a memset for an empty sum), then one cuBLAS call.
     fn gemm(&self, g: &Gemm) -> Result<()> {
-        if let Some((_, _, converted)) = ops::gemm_operands(self, g)? {
+        if ops::gemm_operands(self, g)?.is_some() {
             let mut c = self.counts.borrow_mut();
             c.gemms += 1;
             c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
@@ -353,9 +368,6 @@ impl Device for CountingDevice {
                 accumulate: g.beta != 0.0,
             };
             *c.gemm_shapes.entry(shape).or_default() += 1;
-            if converted {
-                c.bytes_converted += (g.a.len + g.b.len) as u64 * 6;
-            }
         }
         Ok(())
     }

@@ -422,6 +422,30 @@ impl<T> Drop for Temp<T> {
     }
 }
 
+/// A registered bf16 copy of a range of f32 weights (see [`Device::set_bf16_copy`]).
+#[derive(Debug, Default)]
+pub struct Bf16Copy(std::cell::Cell<Option<(Dv<f32>, Dv<u16>)>>);
+
+impl Bf16Copy {
+    pub fn set(&self, weights: Dv<f32>, copy: Dv<u16>) {
+        assert!(
+            copy.len >= weights.len,
+            "bf16 copy shorter than its weights"
+        );
+        self.0.set(Some((weights, copy)));
+    }
+    pub fn of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
+        let (w, c) = self.0.get()?;
+        let end = |d: Dv<f32>| d.ptr + 4 * d.len as u64;
+        if x.ptr < w.ptr || end(x) > end(w) {
+            return None;
+        }
+        let off = ((x.ptr - w.ptr) / 4) as usize;
+        // bf16 tensor-core GEMMs load 16 bytes at a time; elsewhere convert into scratch
+        (off.is_multiple_of(8) && c.ptr.is_multiple_of(16)).then(|| c.sub(off, x.len))
+    }
+}
+
 /// Device memory of dropped temporaries, kept by exact size for the next request of that size
 /// (issue 11: no device allocation inside a training step after the first, whose sequence of
 /// requests every later step repeats). Reuse is safe without events because the backend runs
@@ -540,6 +564,16 @@ pub trait Device {
     /// The GEMM input precision.
     fn precision(&self) -> Precision;
     fn set_precision(&self, p: Precision);
+    /// Registers `copy` as the bf16 rounding of `weights` (kept current by their owner, the
+    /// model, after every change): bf16 GEMMs then read operands that lie inside `weights` from
+    /// it instead of converting them call by call ([`ops::gemm_operands`]). Devices whose GEMMs
+    /// do not convert ignore it.
+    fn set_bf16_copy(&self, _weights: Dv<f32>, _copy: Dv<u16>) {}
+    /// The registered bf16 copy of `x`, when `x` lies inside the registered weights at a
+    /// 16-byte aligned place of the copy.
+    fn bf16_copy_of(&self, _x: Dv<f32>) -> Option<Dv<u16>> {
+        None
+    }
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
     /// Bytes of dynamic shared memory one block may have ([`SMEM_DEFAULT`] without the opt-in).
@@ -680,6 +714,12 @@ impl Device for CudaBackend {
     fn sm_count(&self) -> usize {
         self.sm_count.max(1) as usize
     }
+    fn set_bf16_copy(&self, weights: Dv<f32>, copy: Dv<u16>) {
+        self.bf16_copy.set(weights, copy)
+    }
+    fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
+        self.bf16_copy.of(x)
+    }
     fn max_smem(&self) -> usize {
         self.max_smem
     }
@@ -772,6 +812,8 @@ pub struct CudaBackend {
     /// still be queued (cleared by every stream synchronisation)
     staging: RefCell<Option<cudarc::driver::PinnedHostSlice<u8>>>,
     staging_busy: std::cell::Cell<bool>,
+    /// the model's bf16 weight copy, read by bf16 GEMMs
+    bf16_copy: Bf16Copy,
 }
 
 impl Drop for CudaBackend {
@@ -867,6 +909,7 @@ impl CudaBackend {
             temps: Rc::new(TempCache::default()),
             staging: RefCell::new(None),
             staging_busy: std::cell::Cell::new(false),
+            bf16_copy: Bf16Copy::default(),
         })
     }
 
@@ -1184,6 +1227,30 @@ mod tests {
                 |k| *k.downcast_ref::<u64>().unwrap(),
             )
         }
+    }
+
+    /// A registered bf16 copy serves the ranges inside its weights that start at a multiple of
+    /// 8 elements (16 bytes of bf16), at the same element offset; nothing else.
+    #[test]
+    fn the_bf16_copy_serves_aligned_ranges_inside_the_weights() {
+        // SAFETY: addresses only compared and offset, never dereferenced.
+        let (w, c) = unsafe {
+            (
+                Dv::<f32>::from_raw(4096, 100),
+                Dv::<u16>::from_raw(1 << 20, 100),
+            )
+        };
+        let copy = Bf16Copy::default();
+        assert!(copy.of(w).is_none(), "nothing registered");
+        copy.set(w, c);
+        let at = |off: usize, len: usize| copy.of(w.sub(off, len)).map(|d| (d.ptr, d.len));
+        assert_eq!(at(0, 100), Some((1 << 20, 100)));
+        assert_eq!(at(16, 40), Some(((1 << 20) + 32, 40)));
+        assert_eq!(at(3, 8), None, "misaligned");
+        let outside = unsafe { Dv::<f32>::from_raw(4096 + 96 * 4, 8) };
+        assert_eq!(copy.of(outside).map(|d| d.len), None, "past the end");
+        let before = unsafe { Dv::<f32>::from_raw(4096 - 32, 8) };
+        assert!(copy.of(before).is_none(), "before the start");
     }
 
     /// A dropped temporary serves the next request of its size; other sizes allocate; an

@@ -109,7 +109,9 @@ fn tmp<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
     Ok((s, d))
 }
 
-/// Flat layout of a `ParamStore`: one range per parameter.
+/// Flat layout of a `ParamStore`: one range per parameter, each starting at a multiple of
+/// [`Layout::ALIGN`] elements (the gaps hold zeros, whose gradients and AdamW moments stay zero),
+/// so that every weight's bf16 copy is 16-byte aligned for cuBLAS.
 #[derive(Debug, Clone)]
 struct Layout {
     offs: Vec<usize>,
@@ -125,9 +127,18 @@ impl Layout {
         for d in &p.data {
             offs.push(total);
             lens.push(d.len());
-            total += d.len();
+            total = (total + d.len()).div_ceil(Self::ALIGN) * Self::ALIGN;
         }
         Layout { offs, lens, total }
+    }
+    const ALIGN: usize = 8;
+    /// The flat buffer of `p` [total], gaps zero.
+    fn flatten(&self, p: &ParamStore) -> Vec<f32> {
+        let mut flat = vec![0.0; self.total];
+        for (i, d) in p.data.iter().enumerate() {
+            flat[self.offs[i]..self.offs[i] + d.len()].copy_from_slice(d);
+        }
+        flat
     }
     fn range(&self, base: Dv<f32>, id: ParamId) -> Dv<f32> {
         base.sub(self.offs[id], self.lens[id])
@@ -142,12 +153,15 @@ struct GpuParams {
     scalars: Vec<f32>,
     /// the 1-element parameters (gathered for the download that ends a step)
     scalar_ids: Vec<ParamId>,
+    /// bf16 GEMMs: the weights rounded to bf16 [total], registered with the device and
+    /// refreshed after every update, so that no GEMM converts a weight
+    bf16: Option<Temp<u16>>,
 }
 
 impl GpuParams {
     fn upload<B: Backend>(be: &B, p: &ParamStore) -> Result<Self> {
         let layout = Layout::of(p);
-        let flat: Vec<f32> = p.data.concat();
+        let flat = layout.flatten(p);
         let data = be.temp::<f32>(layout.total)?;
         be.upload_into(data.dv(), &flat)?;
         let scalars = p
@@ -158,12 +172,31 @@ impl GpuParams {
         let scalar_ids: Vec<ParamId> = (0..layout.lens.len())
             .filter(|&id| layout.lens[id] == 1)
             .collect();
-        Ok(GpuParams {
+        let mut gp = GpuParams {
             scalar_ids,
             data,
             layout,
             scalars,
-        })
+            bf16: None,
+        };
+        if super::ops::bf16_converted(be) {
+            let copy = be.temp::<u16>(gp.layout.total)?;
+            be.set_bf16_copy(gp.all(), copy.dv());
+            gp.bf16 = Some(copy);
+            gp.refresh_bf16(be)?;
+        }
+        Ok(gp)
+    }
+    /// Every weight [total].
+    fn all(&self) -> Dv<f32> {
+        self.data.dv().sub(0, self.layout.total)
+    }
+    /// The bf16 copy after a change of the weights (one conversion of them all).
+    fn refresh_bf16<B: Backend>(&self, be: &B) -> Result<()> {
+        match &self.bf16 {
+            Some(c) => be.convert_f32_bf16(c.dv(), self.all()),
+            None => Ok(()),
+        }
     }
     fn p(&self, id: ParamId) -> Dv<f32> {
         self.layout
@@ -1866,6 +1899,7 @@ impl<B: Backend> GpuLm<B> {
             *step,
             head,
         )?;
+        self.params.refresh_bf16(be)?;
         self.params.gather_scalars(be, back.dv().sub(2 * nf, nsc))?;
         let host = be.download(back.dv())?;
         let f64_at = |i: usize| {
@@ -1915,9 +1949,9 @@ impl<B: Backend> GpuLm<B> {
         let md = self.be.temp::<f32>(total)?;
         let vd = self.be.temp::<f32>(total)?;
         self.be
-            .upload_into(md.dv().sub(0, total), &m.data.concat())?;
+            .upload_into(md.dv().sub(0, total), &self.params.layout.flatten(m))?;
         self.be
-            .upload_into(vd.dv().sub(0, total), &v.data.concat())?;
+            .upload_into(vd.dv().sub(0, total), &self.params.layout.flatten(v))?;
         self.adam = Some((md, vd, step));
         Ok(())
     }

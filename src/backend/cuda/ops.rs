@@ -1839,7 +1839,9 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
 
 /// Row-major GEMM through cuBLAS' column-major interface:
 /// C[m,n] (col-major, ldc) = op(A) op(B) + beta*C, f32 accumulation. With `Precision::Bf16`
-/// A and B are first rounded to bf16 (scratch buffers) and multiplied with f32 accumulation.
+/// A and B are first rounded to bf16 (a weight: read from the model's bf16 copy of them,
+/// [`Device::set_bf16_copy`]; anything else: converted into scratch) and multiplied with f32
+/// accumulation.
 /// Environment switch of the bf16 GEMMs: `cublas` hands cuBLAS the f32 inputs with
 /// `CUBLAS_COMPUTE_32F_FAST_16BF` (it rounds them to bf16 itself); `convert` (the default)
 /// rounds them with `convert_f32_bf16` into scratch first. Both: bf16 products, f32 sums.
@@ -1857,6 +1859,12 @@ fn bf16_in_cublas() -> bool {
     })
 }
 
+/// Whether `be`'s GEMMs take bf16 operands converted by us (`Precision::Bf16`, unless cuBLAS
+/// rounds the f32 inputs itself): then a bf16 copy of the weights saves their conversions.
+pub fn bf16_converted<D: Device + ?Sized>(be: &D) -> bool {
+    be.precision() == Precision::Bf16 && !bf16_in_cublas()
+}
+
 /// The A and B operands one GEMM call hands cuBLAS, prepared as on every device (cuBLAS, and
 /// the counting device of `cost`): None when there is nothing to multiply (an empty output; an
 /// empty sum, which zeroes C when beta is 0); else their pointers and whether they were
@@ -1871,12 +1879,17 @@ pub(crate) fn gemm_operands<D: Ops>(be: &D, g: &Gemm) -> Result<Option<(u64, u64
         }
         return Ok(None);
     }
-    if be.precision() == Precision::Bf16 && !bf16_in_cublas() {
-        let ab = be.scratch_bf16(g.a.len, false)?;
-        let bb = be.scratch_bf16(g.b.len, true)?;
-        be.convert_f32_bf16(ab, g.a)?;
-        be.convert_f32_bf16(bb, g.b)?;
-        return Ok(Some((ab.ptr, bb.ptr, true)));
+    if bf16_converted(be) {
+        // the weights' bf16 copy where an operand is a weight, else a conversion into scratch
+        let operand = |x: Dv<f32>, second: bool| -> Result<u64> {
+            if let Some(c) = be.bf16_copy_of(x) {
+                return Ok(c.ptr);
+            }
+            let s = be.scratch_bf16(x.len, second)?;
+            be.convert_f32_bf16(s, x)?;
+            Ok(s.ptr)
+        };
+        return Ok(Some((operand(g.a, false)?, operand(g.b, true)?, true)));
     }
     Ok(Some((g.a.ptr, g.b.ptr, false)))
 }
