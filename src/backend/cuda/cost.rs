@@ -348,6 +348,18 @@ impl Device for CountingDevice {
         self.bf16_copy.of(x)
     }
 
+    fn push_bf16_held(&self, x: Dv<f32>, copy: Dv<u16>) {
+        self.bf16_copy.push(x, copy)
+    }
+
+    fn pop_bf16_held(&self) {
+        self.bf16_copy.pop()
+    }
+
+    fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
+        self.cached::<T>(n, n.max(1) * std::mem::size_of::<T>())
+    }
+
     /// An H100's opt-in limit per block.
     fn max_smem(&self) -> usize {
         (227 * 1024).max(SMEM_DEFAULT)

@@ -422,9 +422,13 @@ impl<T> Drop for Temp<T> {
     }
 }
 
-/// A registered bf16 copy of a range of f32 weights (see [`Device::set_bf16_copy`]).
+/// Registered bf16 copies of f32 ranges: the weights' (see [`Device::set_bf16_copy`]) and
+/// those held for a few GEMMs ([`ops::Ops::with_bf16`]).
 #[derive(Debug, Default)]
-pub struct Bf16Copy(std::cell::Cell<Option<(Dv<f32>, Dv<u16>)>>);
+pub struct Bf16Copy {
+    weights: std::cell::Cell<Option<(Dv<f32>, Dv<u16>)>>,
+    held: RefCell<Vec<(Dv<f32>, Dv<u16>)>>,
+}
 
 impl Bf16Copy {
     pub fn set(&self, weights: Dv<f32>, copy: Dv<u16>) {
@@ -432,17 +436,28 @@ impl Bf16Copy {
             copy.len >= weights.len,
             "bf16 copy shorter than its weights"
         );
-        self.0.set(Some((weights, copy)));
+        self.weights.set(Some((weights, copy)));
     }
+    pub fn push(&self, x: Dv<f32>, copy: Dv<u16>) {
+        assert!(copy.len >= x.len, "bf16 copy shorter than its range");
+        self.held.borrow_mut().push((x, copy));
+    }
+    pub fn pop(&self) {
+        self.held.borrow_mut().pop();
+    }
+    /// The bf16 copy of `x` from a registered range that holds it, at a 16-byte aligned place.
     pub fn of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
-        let (w, c) = self.0.get()?;
-        let end = |d: Dv<f32>| d.ptr + 4 * d.len as u64;
-        if x.ptr < w.ptr || end(x) > end(w) {
-            return None;
-        }
-        let off = ((x.ptr - w.ptr) / 4) as usize;
-        // bf16 tensor-core GEMMs load 16 bytes at a time; elsewhere convert into scratch
-        (off.is_multiple_of(8) && c.ptr.is_multiple_of(16)).then(|| c.sub(off, x.len))
+        let within = |(w, c): (Dv<f32>, Dv<u16>)| {
+            let end = |d: Dv<f32>| d.ptr + 4 * d.len as u64;
+            if x.ptr < w.ptr || end(x) > end(w) {
+                return None;
+            }
+            let off = ((x.ptr - w.ptr) / 4) as usize;
+            // bf16 tensor-core GEMMs load 16 bytes at a time; elsewhere convert into scratch
+            (off.is_multiple_of(8) && c.ptr.is_multiple_of(16)).then(|| c.sub(off, x.len))
+        };
+        let held = self.held.borrow().iter().rev().find_map(|&h| within(h));
+        held.or_else(|| within(self.weights.get()?))
     }
 }
 
@@ -543,6 +558,11 @@ pub trait Device {
     fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>>;
     /// A new zero-filled buffer of `n` elements.
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>>;
+    /// A new buffer of `n` elements with unspecified contents, for an output written whole
+    /// (no memset where the device can skip it).
+    fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
+        self.temp(n)
+    }
     /// A new buffer holding `x`.
     fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>>;
     /// Zeroes a range.
@@ -574,6 +594,10 @@ pub trait Device {
     fn bf16_copy_of(&self, _x: Dv<f32>) -> Option<Dv<u16>> {
         None
     }
+    /// Registers `copy` as the bf16 rounding of `x` until the matching
+    /// [`Device::pop_bf16_held`] (see [`ops::Ops::with_bf16`]).
+    fn push_bf16_held(&self, _x: Dv<f32>, _copy: Dv<u16>) {}
+    fn pop_bf16_held(&self) {}
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
     /// Bytes of dynamic shared memory one block may have ([`SMEM_DEFAULT`] without the opt-in).
@@ -719,6 +743,15 @@ impl Device for CudaBackend {
     }
     fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
         self.bf16_copy.of(x)
+    }
+    fn push_bf16_held(&self, x: Dv<f32>, copy: Dv<u16>) {
+        self.bf16_copy.push(x, copy)
+    }
+    fn pop_bf16_held(&self) {
+        self.bf16_copy.pop()
+    }
+    fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
+        self.cached::<T>(n)
     }
     fn max_smem(&self) -> usize {
         self.max_smem
@@ -1251,6 +1284,19 @@ mod tests {
         assert_eq!(copy.of(outside).map(|d| d.len), None, "past the end");
         let before = unsafe { Dv::<f32>::from_raw(4096 - 32, 8) };
         assert!(copy.of(before).is_none(), "before the start");
+        // a held range serves while held, before the weights; then the weights again
+        let (x, xc) = unsafe {
+            (
+                Dv::<f32>::from_raw(1 << 30, 64),
+                Dv::<u16>::from_raw(1 << 31, 64),
+            )
+        };
+        assert!(copy.of(x).is_none());
+        copy.push(x, xc);
+        assert_eq!(copy.of(x.sub(8, 8)).map(|d| d.ptr), Some((1 << 31) + 16));
+        assert_eq!(at(0, 100), Some((1 << 20, 100)), "the weights still");
+        copy.pop();
+        assert!(copy.of(x).is_none(), "released");
     }
 
     /// A dropped temporary serves the next request of its size; other sizes allocate; an

@@ -491,9 +491,12 @@ impl GpuAsaLayer {
         let kp = c_.kp.ensure(be, n * c)?;
         let vp = c_.vp.ensure(be, n * c)?;
         let qp = c_.qp.ensure(be, n * c)?;
-        be.matmul_forward(kp, x, p.p(self.ids.wk_write), Dv::null(), n, c, c)?;
-        be.matmul_forward(vp, x, p.p(self.ids.wv_write), Dv::null(), n, c, c)?;
-        be.matmul_forward(qp, x, p.p(self.ids.wq_read), Dv::null(), n, c, c)?;
+        // x is the input of all three (rounded to bf16 once)
+        be.with_bf16(x, || {
+            be.matmul_forward(kp, x, p.p(self.ids.wk_write), Dv::null(), n, c, c)?;
+            be.matmul_forward(vp, x, p.p(self.ids.wv_write), Dv::null(), n, c, c)?;
+            be.matmul_forward(qp, x, p.p(self.ids.wq_read), Dv::null(), n, c, c)
+        })?;
         let k_h = c_.k_h.ensure(be, n * c)?;
         let v_h = c_.v_h.ensure(be, n * c)?;
         let q_h = c_.q_h.ensure(be, n * c)?;
@@ -1108,16 +1111,19 @@ impl GpuAsaLayer {
         };
         // heads back to [B,T,C], then the projections
         let (_s19, dp) = tmp(be, n * c)?;
-        for (dh, w) in [
-            (dk_h, self.ids.wk_write),
-            (dv_h, self.ids.wv_write),
-            (dq_h, self.ids.wq_read),
-        ] {
-            be.memset_zero(dp)?;
-            be.merge_heads(dp, dh, b, t, h, d)?;
-            be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)?;
-        }
-        Ok(())
+        // x is the input of all three weight gradients (rounded to bf16 once)
+        be.with_bf16(x, || {
+            for (dh, w) in [
+                (dk_h, self.ids.wk_write),
+                (dv_h, self.ids.wv_write),
+                (dq_h, self.ids.wq_read),
+            ] {
+                be.memset_zero(dp)?;
+                be.merge_heads(dp, dh, b, t, h, d)?;
+                be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)?;
+            }
+            Ok(())
+        })
     }
 }
 

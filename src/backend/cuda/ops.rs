@@ -423,6 +423,22 @@ pub trait Ops: Device {
         ))
     }
 
+    /// bf16 GEMMs: `x` rounded to bf16 once for the GEMMs that `f` runs, which read it from
+    /// there instead of converting it each (one input of several projections; the output
+    /// gradient of a linear layer's two backward GEMMs). `x` must not change inside `f`.
+    fn with_bf16<R>(&self, x: Dv<f32>, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if !bf16_converted(self) || x.len == 0 || self.bf16_copy_of(x).is_some() {
+            return f();
+        }
+        use super::AsDv;
+        let copy = self.temp_uninit::<u16>(x.len)?;
+        self.convert_f32_bf16(copy.dv(), x)?;
+        self.push_bf16_held(x, copy.dv());
+        let r = f();
+        self.pop_bf16_held();
+        r
+    }
+
     /// dinp[N,I] += dout[N,O] @ weight[O,I]; dweight[O,I] += dout^T @ inp; dbias[O] += column
     /// sums of dout (f64, deterministic; null = none). dinp may be null (not needed).
     fn matmul_backward(
@@ -445,28 +461,37 @@ pub trait Ops: Device {
         assert_eq!(dout.len, n * o, "matmul_backward: dout shape");
         assert_eq!(inp.len, n * i, "matmul_backward: inp shape");
         assert_eq!(weight.len, o * i, "matmul_backward: weight shape");
-        if !dinp.is_null() {
-            // dinp^T [I,N] += W^T [I,O] x dout^T [O,N]
+        let gemms = || {
+            if !dinp.is_null() {
+                // dinp^T [I,N] += W^T [I,O] x dout^T [O,N]
+                self.gemm(&Gemm::new(
+                    Op::N,
+                    Op::N,
+                    (i, n, o),
+                    (weight, i),
+                    (dout, o),
+                    (dinp, i),
+                    1.0,
+                ))?;
+            }
+            // dW^T [I,O] += inp^T [I,N] x dout [N,O]
             self.gemm(&Gemm::new(
                 Op::N,
-                Op::N,
-                (i, n, o),
-                (weight, i),
+                Op::T,
+                (i, o, n),
+                (inp, i),
                 (dout, o),
-                (dinp, i),
+                (dweight, i),
                 1.0,
-            ))?;
+            ))
+        };
+        if dinp.is_null() {
+            gemms()?;
+        } else {
+            assert_ne!(dinp.ptr, dout.ptr, "matmul_backward: dinp aliases dout");
+            // dout is an operand of both
+            self.with_bf16(dout, gemms)?;
         }
-        // dW^T [I,O] += inp^T [I,N] x dout [N,O]
-        self.gemm(&Gemm::new(
-            Op::N,
-            Op::T,
-            (i, o, n),
-            (inp, i),
-            (dout, o),
-            (dweight, i),
-            1.0,
-        ))?;
         if !dbias.is_null() {
             assert_eq!(dbias.len, o, "matmul_backward: dbias shape");
             self.colsum_add(dbias, dout, n, o)?;
