@@ -385,6 +385,16 @@ impl Device for EmuDev {
         Ok(Temp::new(Box::new(b), unsafe { Dv::from_raw(p, n) }))
     }
 
+    /// Filled with 0xFF bytes (NaN floats, -1 integers), so that a kernel reading a buffer it
+    /// was meant to overwrite shows in the results.
+    fn temp_uninit<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
+        let t = self.temp::<T>(n)?;
+        let bytes = n * std::mem::size_of::<T>();
+        // SAFETY: the temporary holds `bytes` bytes at that address.
+        unsafe { std::ptr::write_bytes(t.dv().ptr as usize as *mut u8, 0xFF, bytes) };
+        Ok(t)
+    }
+
     fn temp_from<T: Elem>(&self, x: &[T]) -> asa::error::Result<Temp<T>> {
         let t = self.temp::<T>(x.len())?;
         let d = t.dv();

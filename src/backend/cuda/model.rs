@@ -109,6 +109,13 @@ fn tmp<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
     Ok((s, d))
 }
 
+/// [`tmp`] with unspecified contents, for a buffer its first kernel writes whole (no memset).
+fn tmp_uninit<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
+    let s = be.temp_uninit::<f32>(n)?;
+    let d = s.dv().sub(0, n);
+    Ok((s, d))
+}
+
 /// Flat layout of a `ParamStore`: one range per parameter, each starting at a multiple of
 /// [`Layout::ALIGN`] elements (the gaps hold zeros, whose gradients and AdamW moments stay zero),
 /// so that every weight's bf16 copy is 16-byte aligned for cuBLAS.
@@ -790,7 +797,7 @@ impl GpuAsaLayer {
             c,
             c,
         )?;
-        let (_s2, dout_h) = tmp(be, n * c)?;
+        let (_s2, dout_h) = tmp_uninit(be, n * c)?; // split_heads stores every element
         be.split_heads(dout_h, dmerged, b, t, h, d)?;
 
         // the fused path never forms the state history nor its gradient
@@ -1486,7 +1493,7 @@ impl<B: Backend> GpuLm<B> {
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.forward_body(ids, None, b, t, &o)?;
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
-        let (_s, logits) = tmp(&self.be, n * v)?;
+        let (_s, logits) = tmp_uninit(&self.be, n * v)?; // the GEMM stores it whole
         self.be.matmul_forward(
             logits,
             self.cache.lnf.dv(),
@@ -1551,7 +1558,7 @@ impl<B: Backend> GpuLm<B> {
         let (b, t) = (self.cache.b, self.cache.t);
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let rows = (self.logits_budget / v.max(1)).clamp(1, n);
-        let (_s, blk) = tmp(be, rows * v)?;
+        let (_s, blk) = tmp_uninit(be, rows * v)?; // each block's GEMM stores it whole
         let row_loss = be.temp::<f64>(n)?;
         let lnf = self.cache.lnf.dv();
         let head = self.ids.head();
