@@ -340,20 +340,8 @@ impl Device for CountingDevice {
         self.sm_count
     }
 
-    fn set_bf16_copy(&self, weights: Dv<f32>, copy: Dv<u16>) {
-        self.bf16_copy.set(weights, copy)
-    }
-
-    fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
-        self.bf16_copy.of(x)
-    }
-
-    fn push_bf16_held(&self, x: Dv<f32>, copy: Dv<u16>) {
-        self.bf16_copy.push(x, copy)
-    }
-
-    fn pop_bf16_held(&self) {
-        self.bf16_copy.pop()
+    fn bf16_copies(&self) -> Option<&Bf16Copy> {
+        Some(&self.bf16_copy)
     }
 
     fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {

@@ -584,20 +584,36 @@ pub trait Device {
     /// The GEMM input precision.
     fn precision(&self) -> Precision;
     fn set_precision(&self, p: Precision);
+    /// The device's registry of bf16 copies, where its GEMMs convert operands to bf16 (None:
+    /// the methods below do nothing).
+    fn bf16_copies(&self) -> Option<&Bf16Copy> {
+        None
+    }
     /// Registers `copy` as the bf16 rounding of `weights` (kept current by their owner, the
     /// model, after every change): bf16 GEMMs then read operands that lie inside `weights` from
-    /// it instead of converting them call by call ([`ops::gemm_operands`]). Devices whose GEMMs
-    /// do not convert ignore it.
-    fn set_bf16_copy(&self, _weights: Dv<f32>, _copy: Dv<u16>) {}
-    /// The registered bf16 copy of `x`, when `x` lies inside the registered weights at a
-    /// 16-byte aligned place of the copy.
-    fn bf16_copy_of(&self, _x: Dv<f32>) -> Option<Dv<u16>> {
-        None
+    /// it instead of converting them call by call ([`ops::gemm_operands`]).
+    fn set_bf16_copy(&self, weights: Dv<f32>, copy: Dv<u16>) {
+        if let Some(r) = self.bf16_copies() {
+            r.set(weights, copy)
+        }
+    }
+    /// The registered bf16 copy of `x`, when `x` lies inside a registered range at a 16-byte
+    /// aligned place of its copy.
+    fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
+        self.bf16_copies()?.of(x)
     }
     /// Registers `copy` as the bf16 rounding of `x` until the matching
     /// [`Device::pop_bf16_held`] (see [`ops::Ops::with_bf16`]).
-    fn push_bf16_held(&self, _x: Dv<f32>, _copy: Dv<u16>) {}
-    fn pop_bf16_held(&self) {}
+    fn push_bf16_held(&self, x: Dv<f32>, copy: Dv<u16>) {
+        if let Some(r) = self.bf16_copies() {
+            r.push(x, copy)
+        }
+    }
+    fn pop_bf16_held(&self) {
+        if let Some(r) = self.bf16_copies() {
+            r.pop()
+        }
+    }
     /// Streaming multiprocessors (sizes the fused kernels' tiles).
     fn sm_count(&self) -> usize;
     /// Bytes of dynamic shared memory one block may have ([`SMEM_DEFAULT`] without the opt-in).
@@ -738,17 +754,8 @@ impl Device for CudaBackend {
     fn sm_count(&self) -> usize {
         self.sm_count.max(1) as usize
     }
-    fn set_bf16_copy(&self, weights: Dv<f32>, copy: Dv<u16>) {
-        self.bf16_copy.set(weights, copy)
-    }
-    fn bf16_copy_of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
-        self.bf16_copy.of(x)
-    }
-    fn push_bf16_held(&self, x: Dv<f32>, copy: Dv<u16>) {
-        self.bf16_copy.push(x, copy)
-    }
-    fn pop_bf16_held(&self) {
-        self.bf16_copy.pop()
+    fn bf16_copies(&self) -> Option<&Bf16Copy> {
+        Some(&self.bf16_copy)
     }
     fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
         self.cached::<T>(n)
