@@ -160,10 +160,9 @@ impl CountingDevice {
 
     /// A temporary from the cache, as the CUDA backend takes it (a new fake address counted as
     /// an allocation when none of that size is free).
-    fn cached<T>(&self, n: usize, bytes: usize) -> Result<Temp<T>> {
+    fn cached<T>(&self, n: usize) -> Result<Temp<T>> {
         self.temps.take::<T>(
             n,
-            bytes,
             |b| Ok(Box::new(self.alloc(b))),
             |k| {
                 *k.downcast_ref::<u64>()
@@ -246,7 +245,7 @@ impl Device for CountingDevice {
 
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
         let bytes = n.max(1) * std::mem::size_of::<T>();
-        let t = self.cached::<T>(n, bytes)?;
+        let t = self.cached::<T>(n)?;
         let mut c = self.counts.borrow_mut(); // zeroed
         c.memsets += 1;
         c.memset_bytes += bytes as u64;
@@ -255,7 +254,7 @@ impl Device for CountingDevice {
 
     fn temp_from<T: Elem>(&self, x: &[T]) -> Result<Temp<T>> {
         let bytes = std::mem::size_of_val(x);
-        let t = self.cached::<T>(x.len(), x.len().max(1) * std::mem::size_of::<T>())?;
+        let t = self.cached::<T>(x.len())?;
         let mut c = self.counts.borrow_mut();
         c.uploads += 1;
         c.upload_bytes += bytes as u64;
@@ -345,7 +344,7 @@ impl Device for CountingDevice {
     }
 
     fn temp_uninit<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
-        self.cached::<T>(n, n.max(1) * std::mem::size_of::<T>())
+        self.cached::<T>(n)
     }
 
     /// An H100's opt-in limit per block.

@@ -478,16 +478,16 @@ pub struct TempCache {
 }
 
 impl TempCache {
-    /// A temporary of `n` elements addressed by `ptr(&keep)`: a cached allocation of `bytes`
-    /// when there is one, else `alloc(bytes)` (after emptying the cache if the first try
-    /// fails).
+    /// A temporary of `n` elements addressed by `ptr(&keep)`: a cached allocation of its size
+    /// (`n` elements, at least one) when there is one, else `alloc(bytes)` (after emptying the
+    /// cache if the first try fails).
     pub fn take<T>(
         self: &Rc<Self>,
         n: usize,
-        bytes: usize,
         alloc: impl Fn(usize) -> Result<Box<dyn std::any::Any>>,
         ptr: impl Fn(&dyn std::any::Any) -> u64,
     ) -> Result<Temp<T>> {
+        let bytes = n.max(1) * std::mem::size_of::<T>();
         let cached = self.free.borrow_mut().get_mut(&bytes).and_then(|v| v.pop());
         let keep = match cached {
             Some(k) => {
@@ -1047,10 +1047,8 @@ impl CudaBackend {
 
     /// An uninitialised temporary of `n` elements from the backend's [`TempCache`].
     fn cached<T>(&self, n: usize) -> Result<Temp<T>> {
-        let bytes = n.max(1) * std::mem::size_of::<T>();
         self.temps.take::<T>(
             n,
-            bytes,
             |b| Ok(Box::new(self.alloc_bytes(b)?)),
             |k| {
                 k.downcast_ref::<CudaSlice<u8>>()
@@ -1254,7 +1252,6 @@ mod tests {
         fn take(&self, cache: &Rc<TempCache>, n: usize) -> Result<Temp<f32>> {
             cache.take::<f32>(
                 n,
-                n * 4,
                 |b| {
                     if self.used.get() + b > self.limit {
                         return Err(AsaError::Device("out of memory".into()));

@@ -1188,7 +1188,7 @@ impl DevBatch {
         let o_uniq = part(plain_bytes(&uniq));
         let o_start = part(plain_bytes(&start));
         let o_order = part(plain_bytes(&order));
-        let buf = be.temp::<u8>(bytes.len())?;
+        let buf = be.temp_uninit::<u8>(bytes.len())?; // the upload writes every byte
         be.upload_async(buf.dv(), &bytes)?;
         let base = buf.dv().ptr;
         // SAFETY: each range lies inside `buf` (offsets and lengths of the parts above) at a
@@ -1352,8 +1352,8 @@ impl<B: Backend> GpuLm<B> {
         Ok(())
     }
 
-    /// Forward to the final LayerNorm output (`Lm::forward` up to `ln_f`).
-    /// The forward up to the final LayerNorm; `targets` travel to the device with the ids.
+    /// Forward to the final LayerNorm output (`Lm::forward` up to `ln_f`); `targets` travel to
+    /// the device with the ids.
     fn forward_body(
         &mut self,
         ids: &[u32],
@@ -1371,7 +1371,7 @@ impl<B: Backend> GpuLm<B> {
         let cache = &mut self.cache;
         cache.b = b;
         cache.t = t;
-        cache.batch = None;
+        cache.batch = None; // the last call's buffer back to the cache first: it serves this one
         let batch = cache
             .batch
             .insert(DevBatch::upload(be, ids, targets, cfg.vocab_size)?);

@@ -1819,8 +1819,6 @@ fn check_slots(nk: usize) -> Result<()> {
     Ok(())
 }
 
-/// Counting sort of token positions by id: (distinct ids ascending, start offsets [n+1],
-/// positions grouped by id, ascending within each id).
 /// Token positions sorted by id, on the device ([`sort_positions_by_id`]'s three vectors): the
 /// distinct ids [U], where each id's run starts in `order` [U+1], the positions in id order
 /// [B*T]. For [`Ops::encoder_backward_sorted`].
@@ -1831,6 +1829,8 @@ pub struct SortedIds {
     pub order: Dv<i32>,
 }
 
+/// Counting sort of token positions by id: (distinct ids ascending, start offsets [n+1],
+/// positions grouped by id, ascending within each id).
 pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
     let mut count = vec![0usize; v];
     for &id in ids {
