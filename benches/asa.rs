@@ -374,7 +374,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
             ("cuda_tiled_32", 32),
             ("cuda_tiled_16", 16),
         ] {
-            if tiled_smem(chunk, m) <= be.max_smem {
+            if tiled_smem(chunk, m, false) <= be.max_smem {
                 algos.push((id, LinearAlgo::Tiled { chunk }));
             }
         }

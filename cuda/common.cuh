@@ -128,3 +128,70 @@ __device__ __forceinline__ unsigned short asa_f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
+
+// bf16 bits -> f32 (exact).
+__device__ __forceinline__ float asa_bf16_to_f32(unsigned short h) { return __uint_as_float((unsigned int)h << 16); }
+
+// Two f32 -> one register of two bf16 (round to nearest even): lo in the low half.
+__device__ __forceinline__ unsigned int asa_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(ASA_SIMT)
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (unsigned int)asa_f32_to_bf16(lo) | ((unsigned int)asa_f32_to_bf16(hi) << 16);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tensor cores: d (16x8, f32) += A (16x16, bf16, row-major) B (16x8, bf16), one warp, with the
+// PTX fragment layout of mma.sync.m16n8k16.row.col. Lane = 4 g + q (g = lane / 4, q = lane % 4):
+//   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]   a[2] = A[g][2q+8, 2q+9]   a[3] = A[g+8][2q+8, 2q+9]
+//   b[0] = B[2q, 2q+1][g]   b[1] = B[2q+8, 2q+9][g]
+//   d[0], d[1] = D[g][2q, 2q+1]                       d[2], d[3] = D[g+8][2q, 2q+1]
+// (pairs packed by asa_bf16x2, the lower index in the low half). Every lane of the warp must
+// call it. On sm_80 and later it is one tensor-core instruction; in the SIMT emulator (and on
+// older devices) the same fragments are gathered with warp shuffles and multiplied on CUDA
+// cores in f32 (the bf16 products are exact in f32; the sum's order is the hardware's business,
+// so callers never rely on it).
+__device__ __forceinline__ void asa_mma_bf16(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(ASA_SIMT)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // lane 4 g + j holds A's rows g, g+8 at k = 2j, 2j+1, 2j+8, 2j+9; lanes 4 (2q) + j and
+    // 4 (2q+1) + j hold B's columns 2q and 2q+1 at the same k
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        unsigned int ar[4], bc[2][2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(ASA_FULL_MASK, a[i], 4 * g + j);
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) bc[c][i] = __shfl_sync(ASA_FULL_MASK, b[i], 4 * (2 * q + c) + j);
+        // ar[0]: row g, k 2j..; ar[1]: row g+8, k 2j..; ar[2]: row g, k 2j+8..; ar[3]: row g+8, k 2j+8..
+#pragma unroll
+        for (int half = 0; half < 2; ++half)      // k = 2j + 8 half + e
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int sh = 16 * e;
+                float a0 = asa_bf16_to_f32((unsigned short)(ar[2 * half] >> sh));
+                float a1 = asa_bf16_to_f32((unsigned short)(ar[2 * half + 1] >> sh));
+                float b0 = asa_bf16_to_f32((unsigned short)(bc[0][half] >> sh));
+                float b1 = asa_bf16_to_f32((unsigned short)(bc[1][half] >> sh));
+                acc[0] += a0 * b0;
+                acc[1] += a0 * b1;
+                acc[2] += a1 * b0;
+                acc[3] += a1 * b1;
+            }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] += acc[i];
+#endif
+}

@@ -58,7 +58,7 @@ const TOL: f64 = 1e-6;
 fn kernel_names_are_found_in_every_source() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda");
     let mut total = 0;
-    for f in ["ops.cu", "asa.cu", "fused.cu", "intervene.cu"] {
+    for f in ["ops.cu", "asa.cu", "fused.cu", "intervene.cu", "linear.cu"] {
         let src = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
         let names = asa::backend::cuda::kernel_names(&src);
         assert_eq!(
@@ -201,7 +201,8 @@ struct LinearGrads {
     dv: Vec<f32>,
 }
 
-/// `backend::cuda::linear` forward then backward (accumulating into grads0) in the emulator.
+/// `backend::cuda::linear` forward then backward (accumulating into grads0) in the emulator;
+/// `tc`: the tiles on tensor cores.
 fn emu_linear_attention(
     e: &'static Simt,
     qf: &[f32],
@@ -209,10 +210,10 @@ fn emu_linear_attention(
     v: &[f32],
     dout: &[f32],
     grads0: &[f32],
-    (n, t, m, algo): (usize, usize, usize, LinearAlgo),
+    (n, t, m, algo, tc): (usize, usize, usize, LinearAlgo, bool),
 ) -> LinearGrads {
     let dev = EmuDev::new(e);
-    let p = LinearPlan::new(n, t, m, algo);
+    let p = LinearPlan::new(n, t, m, algo).with_tensor_cores(tc);
     let len = n * t * m;
     let (q_d, k_d, v_d, go_d) = (dev.put(qf), dev.put(kf), dev.put(v), dev.put(dout));
     let (out_d, den_d) = (
@@ -305,14 +306,31 @@ fn emulated_chunked_linear_attention_matches_cpu() {
         ca::linear_attn_backward(
             &mut dq, &mut dk, &mut dv, &dout, &out, &den, &qf, &kf, &v, t, m,
         );
-        for &algo in algos {
-            let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, algo));
-            let tag = format!("m {m} {algo:?}");
-            close(&format!("out, {tag}"), &g.out, &out, TOL);
+        // every algorithm exact, then the tiles on tensor cores (bf16 operands: bf16's
+        // agreement, the walks' den exact, and visibly rounded)
+        let tc = algos
+            .iter()
+            .filter(|a| matches!(a, LinearAlgo::Tiled { .. }))
+            .map(|&a| (a, true));
+        for (algo, tc) in algos.iter().map(|&a| (a, false)).chain(tc) {
+            let g = emu_linear_attention(e, &qf, &kf, &v, &dout, &grads0, (n, t, m, algo, tc));
+            let tag = format!("m {m} {algo:?} tensor cores {tc}");
+            let tol = if tc { op_cases::LINEAR_BF16_TOL } else { TOL };
+            if tc {
+                let err = check::rel_err(&g.out, &out);
+                println!(
+                    "{tag}: out {err:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
+                    check::rel_err(&g.dq, &dq),
+                    check::rel_err(&g.dk, &dk),
+                    check::rel_err(&g.dv, &dv)
+                );
+                assert!(err > 1e-7, "{tag}: no bf16 rounding ({err:e})");
+            }
+            close(&format!("out, {tag}"), &g.out, &out, tol);
             close(&format!("den, {tag}"), &g.den, &den, TOL);
-            close(&format!("dqf, {tag}"), &g.dq, &dq, TOL);
-            close(&format!("dkf, {tag}"), &g.dk, &dk, TOL);
-            close(&format!("dv, {tag}"), &g.dv, &dv, TOL);
+            close(&format!("dqf, {tag}"), &g.dq, &dq, tol);
+            close(&format!("dkf, {tag}"), &g.dk, &dk, tol);
+            close(&format!("dv, {tag}"), &g.dv, &dv, tol);
         }
     }
 }
@@ -443,7 +461,8 @@ fn emulated_asa_slot_ops_match_cpu() {
 
 // The GPU suite's model-level tests (tests/support/model_cases.rs): the GPU layer and language
 // model (forward, backward, AdamW steps, the fused path, the intervene variant) against the CPU
-// model, with every kernel emulated. f32 only (the emulated GEMM has no bf16 path).
+// model, with every kernel emulated; the training step also in bf16 (the emulated GEMM rounds
+// its operands to bf16 as cuBLAS is given them, the linear attention runs its tensor-core tiles).
 
 #[test]
 fn emulated_layer_matches_cpu() {
@@ -455,7 +474,7 @@ fn emulated_layer_matches_cpu() {
 #[test]
 fn emulated_lm_train_step_matches_cpu() {
     if let Some(e) = emu("emulated_lm_train_step_matches_cpu") {
-        model_cases::lm_train_step_matches_cpu(&|| EmuDev::new(e), false);
+        model_cases::lm_train_step_matches_cpu(&|| EmuDev::new(e), true);
     }
 }
 

@@ -21,6 +21,9 @@
 #include <cstring>
 #include <utility>
 
+// Kernel sources test this to take their portable paths (e.g. asa_mma_bf16 in common.cuh).
+#define ASA_SIMT 1
+
 #define __global__
 #define __device__
 #define __host__

@@ -17,6 +17,8 @@ use crate::dev::TestDev;
 
 /// Tolerance of f32 results against the CPU twins (relative to the tensor's scale).
 pub const TOL: f64 = 1e-4;
+/// Linear attention on tensor cores (bf16 operands, f32 accumulation) against the f64 CPU twin.
+pub const LINEAR_BF16_TOL: f64 = 2e-2;
 
 pub fn dims() -> SlotDims {
     SlotDims {
@@ -422,33 +424,51 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         );
         let (q_d, k_d, v_d, go_d) = (mem.put(&qf), mem.put(&kf), mem.put(&vv), mem.put(&go));
         // the walk: serial (one chunk), uneven chunks, single steps; the tiles: one chunk,
-        // uneven chunks, the default
+        // uneven chunks, the default; then the tiles on tensor cores (Precision::Bf16: bf16
+        // operands, so agreement to bf16's 3 digits, and visibly not the f64 products)
         let (walk, tiled) = (
             |chunk| LinearAlgo::Walk { chunk },
             |chunk| LinearAlgo::Tiled { chunk },
         );
-        let auto = LinearAlgo::choose(t, m, dev.max_smem()).unwrap();
-        for algo in [walk(t), walk(5), walk(2), walk(1), tiled(t), tiled(5), auto] {
+        let auto = LinearAlgo::choose(t, m, dev.max_smem(), false).unwrap();
+        let auto_tc = LinearAlgo::choose(t, m, dev.max_smem(), true).unwrap();
+        let exact =
+            [walk(t), walk(5), walk(2), walk(1), tiled(t), tiled(5), auto].map(|a| (a, false));
+        let tc = [tiled(t), tiled(5), auto_tc].map(|a| (a, true));
+        for (algo, bf16) in exact.into_iter().chain(tc) {
             let (o_d, den_d) = (mem.zeroed::<f32>(len), mem.zeroed::<f32>(nrow * t));
             if let LinearAlgo::Tiled { chunk } = algo {
-                if linear::tiled_smem(chunk, m) > dev.max_smem() {
+                if linear::tiled_smem(chunk, m, bf16) > dev.max_smem() {
                     continue; // a device without the shared memory for these tiles
                 }
             }
+            dev.set_precision(if bf16 {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            });
+            let tol = if bf16 { LINEAR_BF16_TOL } else { TOL };
             dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo))
                 .unwrap();
-            let tag = format!("m{m} {algo:?}");
+            let tag = format!("m{m} {algo:?} bf16 {bf16}");
+            if bf16 {
+                let e = crate::check::rel_err(&mem.get(o_d), &out);
+                assert!(
+                    e > 1e-6,
+                    "linear_attn_forward {tag}: no bf16 rounding ({e:e})"
+                );
+            }
             close(
                 &format!("linear_attn_forward {tag}"),
                 &mem.get(o_d),
                 &out,
-                TOL,
+                tol,
             );
             close(
                 &format!("linear_attn den {tag}"),
                 &mem.get(den_d),
                 &den,
-                TOL,
+                tol,
             );
             let (dq_d, dk_d, dv_d) = (
                 mem.zeroed::<f32>(len),
@@ -470,23 +490,24 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
                 Some(algo),
             )
             .unwrap();
+            dev.set_precision(Precision::F32);
             close(
                 &format!("linear_attn_backward dq {tag}"),
                 &mem.get(dq_d),
                 &dq,
-                TOL,
+                tol,
             );
             close(
                 &format!("linear_attn_backward dk {tag}"),
                 &mem.get(dk_d),
                 &dk,
-                TOL,
+                tol,
             );
             close(
                 &format!("linear_attn_backward dv {tag}"),
                 &mem.get(dv_d),
                 &dv,
-                TOL,
+                tol,
             );
         }
     }

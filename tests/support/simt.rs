@@ -18,8 +18,8 @@ use std::sync::{Mutex, OnceLock};
 
 use std::cell::RefCell;
 
-use asa::backend::cuda::ops::{Gemm, Op};
-use asa::backend::cuda::{kernel_names, AsDv, Device, Dv, KArg, Ops, Precision, Temp};
+use asa::backend::cuda::ops::{gemm_operands, Gemm, Op};
+use asa::backend::cuda::{kernel_names, AsDv, Bf16Copy, Device, Dv, KArg, Ops, Precision, Temp};
 use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
@@ -311,6 +311,10 @@ pub struct EmuDev {
     simt: &'static Simt,
     bufs: RefCell<Vec<Box<[u64]>>>,
     scratch: RefCell<[Option<Box<[u64]>>; 4]>,
+    /// `Bf16`: GEMM operands rounded to bf16 as on a device (converted by the kernel, or read
+    /// from the registered bf16 copies), and the kernels' tensor-core paths
+    precision: std::cell::Cell<Precision>,
+    bf16: Bf16Copy,
 }
 
 impl EmuDev {
@@ -319,6 +323,8 @@ impl EmuDev {
             simt,
             bufs: RefCell::new(Vec::new()),
             scratch: RefCell::new([None, None, None, None]),
+            precision: std::cell::Cell::new(Precision::F32),
+            bf16: Bf16Copy::default(),
         }
     }
 
@@ -443,11 +449,15 @@ impl Device for EmuDev {
     }
 
     fn precision(&self) -> Precision {
-        Precision::F32
+        self.precision.get()
     }
 
-    fn set_precision(&self, _p: Precision) {
-        // f32 only: the emulated GEMM has no bf16 path
+    fn set_precision(&self, p: Precision) {
+        self.precision.set(p)
+    }
+
+    fn bf16_copies(&self) -> Option<&Bf16Copy> {
+        Some(&self.bf16)
     }
 
     fn sm_count(&self) -> usize {
@@ -474,12 +484,24 @@ impl Device for EmuDev {
             ldc,
             beta,
         } = *g;
+        let _ = (a, b);
+        // the operands as cuBLAS would get them: f32, or bf16 (converted by the kernel into
+        // scratch, or a registered copy), exact in f32 either way
+        let Some((pa, pb, bf16)) = gemm_operands(self, g)? else {
+            return Ok(());
+        };
+        let el = |p: u64, i: usize| -> f32 {
+            // SAFETY: p addresses the operand (f32, or u16 when bf16) and i lies in its shape.
+            unsafe {
+                if bf16 {
+                    f32::from_bits((*(p as usize as *const u16).add(i) as u32) << 16)
+                } else {
+                    *(p as usize as *const f32).add(i)
+                }
+            }
+        };
         // column-major: A(i,l) = a[i + l*lda] (Op::N) or a[l + i*lda] (Op::T); same for B
-        let (pa, pb, pc) = (
-            a.ptr as usize as *const f32,
-            b.ptr as usize as *const f32,
-            c.ptr as usize as *mut f32,
-        );
+        let pc = c.ptr as usize as *mut f32;
         // SAFETY: the launcher checked the ranges' shapes as it does for cuBLAS.
         unsafe {
             for j in 0..n {
@@ -487,12 +509,12 @@ impl Device for EmuDev {
                     let mut acc = 0.0f64;
                     for l in 0..kk {
                         let x = match ta {
-                            Op::N => *pa.add(i + l * lda),
-                            Op::T => *pa.add(l + i * lda),
+                            Op::N => el(pa, i + l * lda),
+                            Op::T => el(pa, l + i * lda),
                         };
                         let y = match tb {
-                            Op::N => *pb.add(l + j * ldb),
-                            Op::T => *pb.add(j + l * ldb),
+                            Op::N => el(pb, l + j * ldb),
+                            Op::T => el(pb, j + l * ldb),
                         };
                         acc += x as f64 * y as f64;
                     }
@@ -512,6 +534,11 @@ impl Device for EmuDev {
 impl Ops for EmuDev {}
 
 impl TestDev for EmuDev {
+    fn try_precision(&self, p: Precision) -> bool {
+        self.set_precision(p);
+        true
+    }
+
     fn put<T: Elem>(&self, x: &[T]) -> Dv<T> {
         let bytes = std::mem::size_of_val(x);
         let mut b = Self::storage(bytes);

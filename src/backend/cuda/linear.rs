@@ -1,12 +1,14 @@
 //! Launch sequences of the slotspace refine's causal linear attention (kernels `linear_attn_*`
-//! in cuda/asa.cu; CPU twins `linear_attn_forward` / `linear_attn_backward` in
+//! in cuda/linear.cu; CPU twins `linear_attn_forward` / `linear_attn_backward` in
 //! `backend::cpu::asa`).
 //!
 //! Two algorithms ([`LinearAlgo`]), both cutting time into chunks that start from carries (the
 //! state before the chunk in the forward, the gradient sums after it in the backward), built by
 //! a parallel pass of per-chunk sums and a short pass over the chunks:
 //! - **tiled** (the default): one block per (row, chunk) stages the chunk in shared memory and
-//!   writes every term as a small matrix product (`linear_attn_*_tiled*`);
+//!   writes every term as a small matrix product (`linear_attn_*_tiled*`): in f64 on CUDA
+//!   cores for `Precision::F32` (exact), or with bf16 operands and f32 accumulation on tensor
+//!   cores (`*_bf16`, [`LinearPlan::tensor_cores`]) for `Precision::Bf16`;
 //! - **walk** (the fallback when the tiles do not fit in shared memory): one warp per state
 //!   row or column walks the chunk's positions; with one chunk (chunk >= T) no carries are
 //!   built: a serial walk over T.
@@ -15,6 +17,7 @@
 //! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
 //! take the workspace from the device's scratch and call them.
 
+use super::model::Precision;
 use super::{i32_of, AsDv, Device, Dv, KArg};
 use crate::error::{AsaError, Result};
 
@@ -22,7 +25,7 @@ use crate::error::{AsaError, Result};
 /// (for tuning and A/B timings on a device).
 pub const LINEAR_ENV: &str = "ASA_CUDA_LINEAR";
 
-/// Threads of a block of the tiled kernels (`LT_THREADS` in cuda/asa.cu).
+/// Threads of a block of the tiled kernels (`LT_THREADS` in cuda/linear.cu).
 const TILED_THREADS: u32 = 256;
 
 /// How the kernels cut time.
@@ -38,7 +41,7 @@ pub enum LinearAlgo {
 impl LinearAlgo {
     /// `tiled`, `tiled:<chunk>`, `walk`, `walk:<chunk>` for sequences of `t` positions of `m`
     /// features on a device with `smem` bytes of shared memory per block; None when unparsable.
-    pub fn parse(s: &str, t: usize, m: usize, smem: usize) -> Option<LinearAlgo> {
+    pub fn parse(s: &str, t: usize, m: usize, smem: usize, tc: bool) -> Option<LinearAlgo> {
         let (name, chunk) = match s.trim().split_once(':') {
             Some((a, c)) => (a, Some(c.trim().parse::<usize>().ok().filter(|&c| c > 0)?)),
             None => (s.trim(), None),
@@ -48,26 +51,26 @@ impl LinearAlgo {
                 chunk: chunk.unwrap_or_else(|| walk_chunk(t)),
             }),
             "tiled" => Some(LinearAlgo::Tiled {
-                chunk: chunk.or_else(|| tiled_chunk(t, m, smem))?,
+                chunk: chunk.or_else(|| tiled_chunk(t, m, smem, tc))?,
             }),
             _ => None,
         }
     }
 
     /// The default: tiled with chunks of 32 positions, or of 16 or 8 where those do not fit in
-    /// `smem` bytes (the whole sequence when shorter), else the walk. `ASA_CUDA_LINEAR`
-    /// overrides it; a value it cannot parse is an error.
-    pub fn choose(t: usize, m: usize, smem: usize) -> Result<LinearAlgo> {
+    /// `smem` bytes (the whole sequence when shorter), else the walk; `tc`: the tensor-core
+    /// tiles' padding. `ASA_CUDA_LINEAR` overrides it; a value it cannot parse is an error.
+    pub fn choose(t: usize, m: usize, smem: usize, tc: bool) -> Result<LinearAlgo> {
         if let Ok(v) = std::env::var(LINEAR_ENV) {
             if !v.trim().is_empty() {
-                return LinearAlgo::parse(&v, t, m, smem).ok_or_else(|| {
+                return LinearAlgo::parse(&v, t, m, smem, tc).ok_or_else(|| {
                     AsaError::Input(format!(
                         "{LINEAR_ENV}='{v}': expected tiled, tiled:<chunk>, walk or walk:<chunk> (tiles that fit the device's shared memory)"
                     ))
                 });
             }
         }
-        Ok(match tiled_chunk(t, m, smem) {
+        Ok(match tiled_chunk(t, m, smem, tc) {
             Some(chunk) => LinearAlgo::Tiled { chunk },
             None => LinearAlgo::Walk {
                 chunk: walk_chunk(t),
@@ -86,23 +89,34 @@ pub fn walk_chunk(t: usize) -> usize {
 }
 
 /// The default tiled chunk: the longest of 32, 16, 8 positions (at most `t`) whose tiles fit
-/// in `smem` bytes. Not 64, though its tiles fit an H100 for 64 features: measured on an H200
+/// in `smem` bytes (`tc`: padded for the tensor cores). Not 64, though its tiles fit an H100 for 64 features: measured on an H200
 /// (practice-run shape, B*H = 64, T = 1024, M = 64), chunks of 32 run the attention's forward +
 /// backward in 2.00 ms against 2.19 ms for 64 (two blocks per SM instead of one) and 2.95 ms
 /// for 16.
-pub fn tiled_chunk(t: usize, m: usize, smem: usize) -> Option<usize> {
+pub fn tiled_chunk(t: usize, m: usize, smem: usize, tc: bool) -> Option<usize> {
     [32usize, 16, 8]
         .into_iter()
         .map(|c| c.min(t.max(1)))
-        .find(|&c| tiled_smem(c, m) <= smem)
+        .find(|&c| tiled_smem(c, m, tc) <= smem)
+}
+
+/// The tiles' padding (`lt_pad` of the kernels): 4 for the f64 products, 16 (the m16n8k16
+/// fragments) for the tensor cores.
+pub const fn tile_pad(tc: bool) -> usize {
+    if tc {
+        16
+    } else {
+        4
+    }
 }
 
 /// Shared memory of the largest tiled kernel (the backward's) for chunks of `chunk` positions
 /// and `m` features: four f64 matrices ([Mp][Mp+1] and [Cp][Cp+1] or [Cp][Mp+1]), a vector of
 /// Cp f64, three f32 tiles [Cp][Mp+1] and a u8 one [Cp][Mp] (Cp, Mp: chunk and m rounded up
-/// to 4).
-pub fn tiled_smem(chunk: usize, m: usize) -> usize {
-    let (cp, mp) = (chunk.div_ceil(4) * 4, m.div_ceil(4) * 4);
+/// to [`tile_pad`]).
+pub fn tiled_smem(chunk: usize, m: usize, tc: bool) -> usize {
+    let pad = tile_pad(tc);
+    let (cp, mp) = (chunk.div_ceil(pad) * pad, m.div_ceil(pad) * pad);
     let (lm, lc) = (mp + 1, cp + 1);
     8 * (mp * lm + 2 * cp * lm + cp * lc + cp) + 12 * cp * lm + cp * mp
 }
@@ -117,10 +131,13 @@ pub struct LinearPlan {
     pub chunk: usize,
     pub nch: usize,
     pub tiled: bool,
+    /// The tiles' products on tensor cores (bf16 operands, f32 accumulation: the `_bf16`
+    /// kernels); false: f64 on CUDA cores. The walk ignores it.
+    pub tensor_cores: bool,
 }
 
 impl LinearPlan {
-    /// A plan; the chunk is clamped to [1, t].
+    /// A plan with exact (f64) tiles; the chunk is clamped to [1, t].
     pub fn new(n: usize, t: usize, m: usize, algo: LinearAlgo) -> LinearPlan {
         let (chunk, tiled) = match algo {
             LinearAlgo::Walk { chunk } => (chunk, false),
@@ -134,10 +151,20 @@ impl LinearPlan {
             chunk,
             nch: t.div_ceil(chunk),
             tiled,
+            tensor_cores: false,
         }
     }
 
-    /// The plan for `dev` with `algo`, or [`LinearAlgo::choose`]'s default when None.
+    /// The same plan with the tiles' products on tensor cores (`on`) or in f64.
+    pub fn with_tensor_cores(self, on: bool) -> LinearPlan {
+        LinearPlan {
+            tensor_cores: on,
+            ..self
+        }
+    }
+
+    /// The plan for `dev` with `algo`, or [`LinearAlgo::choose`]'s default when None; tensor
+    /// cores when the device computes in `Precision::Bf16`.
     pub fn for_device<L: Device + ?Sized>(
         dev: &L,
         n: usize,
@@ -145,11 +172,12 @@ impl LinearPlan {
         m: usize,
         algo: Option<LinearAlgo>,
     ) -> Result<LinearPlan> {
+        let tc = dev.precision() == Precision::Bf16;
         let algo = match algo {
             Some(a) => a,
-            None => LinearAlgo::choose(t, m, dev.max_smem())?,
+            None => LinearAlgo::choose(t, m, dev.max_smem(), tc)?,
         };
-        Ok(LinearPlan::new(n, t, m, algo))
+        Ok(LinearPlan::new(n, t, m, algo).with_tensor_cores(tc))
     }
 
     fn chunked(&self) -> bool {
@@ -179,9 +207,18 @@ impl LinearPlan {
     /// Shared memory of the tiled kernels (0 for the walk).
     pub fn smem(&self) -> usize {
         if self.tiled {
-            tiled_smem(self.chunk, self.m)
+            tiled_smem(self.chunk, self.m, self.tensor_cores)
         } else {
             0
+        }
+    }
+
+    /// The tiled kernel `name` in the plan's arithmetic mode (`name_bf16` on tensor cores).
+    fn tiled_kernel(&self, name: &str) -> String {
+        if self.tensor_cores {
+            format!("{name}_bf16")
+        } else {
+            name.to_string()
         }
     }
 
@@ -311,9 +348,10 @@ fn forward_carries<L: Device + ?Sized>(
     let args = [ws.cs.into(), ws.cz.into(), kf.into(), v.into(), n, t, m, c];
     if p.tiled {
         // two f32 tiles [Cp][Mp+1] (K, V)
-        let smem = 8 * p.chunk.div_ceil(4) * 4 * (p.m.div_ceil(4) * 4 + 1);
+        let pad = tile_pad(p.tensor_cores);
+        let smem = 8 * p.chunk.div_ceil(pad) * pad * (p.m.div_ceil(pad) * pad + 1);
         dev.walk_launch(
-            "linear_attn_forward_tiled_sums",
+            &p.tiled_kernel("linear_attn_forward_tiled_sums"),
             p.tiled_grid()?,
             TILED_THREADS,
             smem as u32,
@@ -367,7 +405,7 @@ pub fn forward<L: Device + ?Sized>(
     ];
     if p.tiled {
         dev.walk_launch(
-            "linear_attn_forward_tiled",
+            &p.tiled_kernel("linear_attn_forward_tiled"),
             p.tiled_grid()?,
             TILED_THREADS,
             p.smem() as u32,
@@ -522,12 +560,15 @@ fn backward_tiled<L: Device + ?Sized>(
     // the tile products' inner loops run over the chunk
     let tiled =
         |name: &str, args: &[KArg]| dev.walk_launch(name, grid, TILED_THREADS, smem, args, p.chunk);
-    tiled("linear_attn_backward_tiled_dq", &dq_args)?;
+    tiled(&p.tiled_kernel("linear_attn_backward_tiled_dq"), &dq_args)?;
     if p.chunked() {
         carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
     }
     let dkdv_args = [&[dkf.into(), dv.into()][..], &shared, &[n, t, m, c]].concat();
-    tiled("linear_attn_backward_tiled_dkdv", &dkdv_args)
+    tiled(
+        &p.tiled_kernel("linear_attn_backward_tiled_dkdv"),
+        &dkdv_args,
+    )
 }
 
 /// The forward with its workspace from the device's f64 scratch.
@@ -575,18 +616,18 @@ mod tests {
         const H100: usize = 227 * 1024;
         // the practice run's slotspace (64 features): 32 positions, ~100 KiB (two blocks per
         // SM); chunks of 64 (by hand) fit too
-        assert_eq!(tiled_chunk(1024, 64, H100), Some(32));
-        assert!(tiled_smem(32, 64) <= H100 / 2 && tiled_smem(32, 64) > 90 * 1024);
-        assert!(tiled_smem(64, 64) <= H100);
+        assert_eq!(tiled_chunk(1024, 64, H100, false), Some(32));
+        assert!(tiled_smem(32, 64, false) <= H100 / 2 && tiled_smem(32, 64, false) > 90 * 1024);
+        assert!(tiled_smem(64, 64, false) <= H100);
         // 128 features: shorter chunks; the plain 48 KiB: the walk
-        assert_eq!(tiled_chunk(1024, 128, H100), Some(16));
+        assert_eq!(tiled_chunk(1024, 128, H100, false), Some(16));
         assert_eq!(
-            tiled_chunk(1024, 128, crate::backend::cuda::SMEM_DEFAULT),
+            tiled_chunk(1024, 128, crate::backend::cuda::SMEM_DEFAULT, false),
             None
         );
         // never longer than the sequence
-        assert_eq!(tiled_chunk(5, 64, H100), Some(5));
-        let p = |s: &str| LinearAlgo::parse(s, 1024, 64, H100);
+        assert_eq!(tiled_chunk(5, 64, H100, false), Some(5));
+        let p = |s: &str| LinearAlgo::parse(s, 1024, 64, H100, false);
         assert_eq!(p("tiled"), Some(LinearAlgo::Tiled { chunk: 32 }));
         assert_eq!(p("tiled:64"), Some(LinearAlgo::Tiled { chunk: 64 }));
         assert_eq!(p("tiled:16"), Some(LinearAlgo::Tiled { chunk: 16 }));
@@ -594,7 +635,7 @@ mod tests {
         assert_eq!(p(" walk:2000 "), Some(LinearAlgo::Walk { chunk: 2000 }));
         assert_eq!(p("walk:0"), None);
         assert_eq!(p("serial"), None);
-        assert_eq!(LinearAlgo::parse("tiled", 1024, 128, 1024), None);
+        assert_eq!(LinearAlgo::parse("tiled", 1024, 128, 1024, false), None);
     }
 
     #[test]

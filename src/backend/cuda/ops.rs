@@ -1894,7 +1894,8 @@ pub fn bf16_converted<D: Device + ?Sized>(be: &D) -> bool {
 /// the counting device of `cost`): None when there is nothing to multiply (an empty output; an
 /// empty sum, which zeroes C when beta is 0); else their pointers and whether they were
 /// converted to bf16 in scratch (`Precision::Bf16`, unless cuBLAS rounds the f32 inputs itself).
-pub(crate) fn gemm_operands<D: Ops>(be: &D, g: &Gemm) -> Result<Option<(u64, u64, bool)>> {
+/// Public for devices outside the crate (the SIMT emulator of the tests).
+pub fn gemm_operands<D: Ops>(be: &D, g: &Gemm) -> Result<Option<(u64, u64, bool)>> {
     if g.m == 0 || g.n == 0 {
         return Ok(None);
     }
