@@ -195,3 +195,48 @@ __device__ __forceinline__ void asa_mma_bf16(float (&d)[4], const unsigned int (
     for (int i = 0; i < 4; ++i) d[i] += acc[i];
 #endif
 }
+
+// acc (the 16x8 output fragment at rows r0.., columns c0..) += sum_{x < inner} l(r, x) rr(x, c)
+// on tensor cores, for operands in any layout (l, rr: element reads, usually of shared memory):
+// rounded to bf16, the inner dimension in steps of 16, reads at x >= inner are zero. Every lane
+// of the warp must call it.
+template <class L, class R>
+__device__ __forceinline__ void asa_mma_acc(float (&acc)[4], int r0, int c0, int inner, L l, R rr) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int ra = r0 + g, rb = r0 + g + 8, c = c0 + g;
+#pragma unroll 1
+    for (int k0 = 0; k0 < inner; k0 += 16) {
+        float lv[2][4], rv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int x = k0 + 2 * q + (e & 1) + 8 * (e >> 1);  // 2q, 2q+1, 2q+8, 2q+9
+            const bool in = x < inner;
+            lv[0][e] = in ? (float)l(ra, x) : 0.0f;
+            lv[1][e] = in ? (float)l(rb, x) : 0.0f;
+            rv[e] = in ? (float)rr(x, c) : 0.0f;
+        }
+        const unsigned int a[4] = {asa_bf16x2(lv[0][0], lv[0][1]), asa_bf16x2(lv[1][0], lv[1][1]),
+                                   asa_bf16x2(lv[0][2], lv[0][3]), asa_bf16x2(lv[1][2], lv[1][3])};
+        const unsigned int b[2] = {asa_bf16x2(rv[0], rv[1]), asa_bf16x2(rv[2], rv[3])};
+        asa_mma_bf16(acc, a, b);
+    }
+}
+
+// w(r, c, value) for the four elements of a 16x8 output fragment at rows r0.., columns c0.. .
+template <class W>
+__device__ __forceinline__ void asa_mma_store(const float (&acc)[4], int r0, int c0, W w) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    w(r0 + g, c0 + 2 * q, acc[0]);
+    w(r0 + g, c0 + 2 * q + 1, acc[1]);
+    w(r0 + g + 8, c0 + 2 * q, acc[2]);
+    w(r0 + g + 8, c0 + 2 * q + 1, acc[3]);
+}
+
+// f(r0, c0) for every 16x8 tile of a rows x cols output (rows a multiple of 16, cols of 8), the
+// block's warps taking the tiles in turn (a warp's calls are uniform across its lanes).
+template <class F>
+__device__ __forceinline__ void asa_mma_tiles(int rows, int cols, F f) {
+    const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, tn = cols >> 3;
+    __syncwarp();  // mma.sync wants the warp converged (callers may arrive from divergent code)
+    for (int tile = warp; tile < (rows >> 4) * tn; tile += nw) f((tile / tn) << 4, (tile % tn) << 3);
+}

@@ -529,6 +529,247 @@ extern "C" __global__ void __launch_bounds__(512)
 }
 
 // ------------------------------------------------------------------------------------------------
+// forward, level 3 on tensor cores (Precision::Bf16): slot_scan_read_forward's outputs from the
+// same carries, every position of the tile at once as small matrix products (the chunk form of
+// docs/METHOD.md; mma.sync m16n8k16, bf16 operands, f32 accumulation). The tile [t0, t0 + L)
+// lies inside one write chunk (the host's plan guarantees it). Per slot k and position l:
+//   alpha[l,k] = exp(w - M)  (M = rmax),  E[l,k] = exp(M_{c0-1} - M)  (0 in the first chunk)
+//   den[l,k]   = E cd + cpd + sum_{l' <= l} alpha[l',k]                  (f64, a walk per slot)
+//   state_l[k] = (E C_k + P_k + sum_{l' <= l} alpha[l',k] v_l') / den    (never formed)
+//   lkey = Q keys^T / sqrt(d);  lcont = (E (Q C^T) + Q P^T + (mask (Q V^T)) alpha) / den / sqrt(d)
+//   rw   = softmax_k of the logits (slot mask as the walk), rho = rw / den
+//   out1 = (rho E) C + rho P + (mask (rho alpha^T)) V
+// with C, P the chunk carry and the in-chunk prefix at t0 (cn, cp of the carries pass) and mask
+// the lower triangle l' <= l. Sizes padded to 16 (Lp, Kp, dp); 256 threads; dynamic shared
+// memory (f32 unless noted), its size `FusedPlan::smem_tc`:
+//   Q, V [Lp][dp+1]; C, P, keys [Kp][dp+1]; QV [Lp][Lp+1]; A, E, DN, LK, LC, R [Lp][Kp+1];
+//   f64 cd, cpd [Kp]; mp [Kp].
+
+#define FT_THREADS 256
+
+__device__ __forceinline__ int ft_pad(int x) { return (x + 15) & ~15; }
+
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_forward_bf16(float* out1, float* rw, float* lkey, float* lcont, float* logits, float* den,
+                                float* cn_chunk, const float* __restrict__ wl, const float* __restrict__ rmax,
+                                const float* __restrict__ v, const float* __restrict__ q,
+                                const float* __restrict__ keys, const double* __restrict__ cn,
+                                const double* __restrict__ cd, const double* __restrict__ cp,
+                                const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
+                                int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
+                                int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
+    const int ti_ = blockIdx.x % ntiles;
+    const i64 bh = blockIdx.x / ntiles;
+    const int hi = (int)(bh % h);
+    int t0, t1;
+    fu_tile(ti_, t, chunk, tile, nsub, t0, t1);
+    const int L = t1 - t0, c0 = fu_c0(t0, chunk);
+    const int Lp = ft_pad(L), Kp = ft_pad(nk), dp = ft_pad(d);
+    const int ld = dp + 1, lk = Kp + 1, ll = Lp + 1;
+    ASA_DYN_SHARED(double, ft_smem);
+    double* cdv = ft_smem;        // [Kp]
+    double* cpdv = cdv + Kp;      // [Kp]
+    float* Q = (float*)(cpdv + Kp);
+    float* V = Q + Lp * ld;
+    float* C = V + Lp * ld;
+    float* P = C + Kp * ld;
+    float* KY = P + Kp * ld;
+    float* QV = KY + Kp * ld;
+    float* A = QV + Lp * ll;
+    float* E = A + Lp * lk;
+    float* DN = E + Lp * lk;
+    float* LK = DN + Lp * lk;
+    float* LC = LK + Lp * lk;
+    float* R = LC + Lp * lk;
+    float* mp = R + Lp * lk;      // [Kp] rmax at c0 - 1
+    const i64 crow = (i64)blockIdx.x * nk;  // carries' row of slot 0
+    const double scale_d = 1.0 / sqrt((double)d);
+
+    // stage: Q, V rows of the tile, the carries and the head's slot keys (0 on the padding)
+    for (int i = threadIdx.x; i < Lp * dp; i += blockDim.x) {
+        const int l = i / dp, j = i - l * dp;
+        const bool in = l < L && j < d;
+        const i64 g = (bh * t + t0 + l) * d + j;
+        Q[l * ld + j] = in ? q[g] : 0.0f;
+        V[l * ld + j] = in ? v[g] : 0.0f;
+    }
+    const bool starts = t0 == c0;  // the tile opens its chunk: save the chunk carry
+    for (int i = threadIdx.x; i < Kp * dp; i += blockDim.x) {
+        const int s = i / dp, j = i - s * dp;
+        const bool in = s < nk && j < d;
+        const float cv = in ? (float)cn[(crow + s) * d + j] : 0.0f;
+        C[s * ld + j] = cv;
+        P[s * ld + j] = in ? (float)cp[(crow + s) * d + j] : 0.0f;
+        KY[s * ld + j] = in ? keys[((i64)hi * nk + s) * d + j] : 0.0f;
+        if (in && starts) cn_chunk[((bh * nchunks + c0 / chunk) * nk + s) * d + j] = cv;
+    }
+    for (int s = threadIdx.x; s < Kp; s += blockDim.x) {
+        cdv[s] = s < nk ? cd[crow + s] : 0.0;
+        cpdv[s] = s < nk ? cpd[crow + s] : 0.0;
+        mp[s] = (s < nk && c0 > 0) ? rmax[(bh * nk + s) * t + c0 - 1] : ASA_NEG_INF;
+    }
+    __syncthreads();
+    // alpha and E (every position and slot at once)
+    for (int i = threadIdx.x; i < Lp * Kp; i += blockDim.x) {
+        const int l = i / Kp, s = i - l * Kp;
+        float a = 0.0f, e = 0.0f;
+        if (l < L && s < nk) {
+            const i64 o = (bh * nk + s) * t + t0 + l;
+            const float m = rmax[o];
+            a = (float)fu_e(wl[o], m);
+            e = (float)fu_scale(mp[s], m);
+        }
+        A[l * lk + s] = a;
+        E[l * lk + s] = e;
+    }
+    __syncthreads();
+    // den: a walk over the tile per slot (f64 sums), written out for the backward
+    for (int s = threadIdx.x; s < Kp; s += blockDim.x) {
+        double acc = cpdv[s];
+        for (int l = 0; l < Lp; ++l) {
+            float dv = 1.0f;  // padding: any positive value
+            if (l < L && s < nk) {
+                acc += (double)A[l * lk + s];
+                const double dd = fma((double)E[l * lk + s], cdv[s], acc);
+                dv = (float)dd;
+                den[(bh * nk + s) * t + t0 + l] = dv;
+            }
+            DN[l * lk + s] = dv;
+        }
+    }
+    // key logits, and the carries' part of the content logits: E (Q C^T) + Q P^T
+    asa_mma_tiles(Lp, Kp, [&](int r0, int n0) {
+        float ak[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ac[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ap[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        auto lq = [&](int r, int x) { return Q[r * ld + x]; };
+        asa_mma_acc(ak, r0, n0, d, lq, [&](int x, int c) { return KY[c * ld + x]; });
+        if (content) {
+            asa_mma_acc(ac, r0, n0, d, lq, [&](int x, int c) { return C[c * ld + x]; });
+            asa_mma_acc(ap, r0, n0, d, lq, [&](int x, int c) { return P[c * ld + x]; });
+        }
+        asa_mma_store(ak, r0, n0, [&](int r, int c, float x) { LK[r * lk + c] = x; });
+        float lc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) lc[i] = ac[i];
+        asa_mma_store(lc, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] = x * E[r * lk + c]; });
+        asa_mma_store(ap, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] += x; });
+    });
+    // QV = mask (Q V^T)
+    if (content)
+        asa_mma_tiles(Lp, Lp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return Q[r * ld + x]; },
+                        [&](int x, int c) { return V[c * ld + x]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { QV[r * ll + c] = c <= r ? x : 0.0f; });
+        });
+    __syncthreads();
+    // content logits += QV alpha
+    if (content)
+        asa_mma_tiles(Lp, Kp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, Lp, [&](int r, int x) { return QV[r * ll + x]; },
+                        [&](int x, int c) { return A[x * lk + c]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] += x; });
+        });
+    __syncthreads();
+    // the read: logits, slot mask, softmax over slots (a warp per position, as the walk), then
+    // rho = rw / den into R and rho E into LK
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int l = warp; l < L; l += nw) {
+        const int ti = t0 + l;
+        const i64 row = bh * t + ti;
+        double xs[4];
+        double mx = (double)ASA_NEG_INF;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            float lgv = ASA_NEG_INF;
+            if (s < nk) {
+                const double dnv = fmax((double)DN[l * lk + s], (double)ASA_DEN_EPS);
+                float vk = (float)((double)LK[l * lk + s] * scale_d);
+                float vc = content ? (float)((double)LC[l * lk + s] / dnv * scale_d) : 0.0f;
+                if (fu_masked(keep, last_pos_only, ti, t, s)) {
+                    if (mask_mode == 0) {
+                        vk = ASA_NEG_INF;
+                        vc = ASA_NEG_INF;
+                    } else {
+                        vc = 0.0f;
+                    }
+                }
+                lgv = content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+                const i64 o = row * nk + s;
+                if (lkey) lkey[o] = vk;
+                if (lcont && content) lcont[o] = vc;
+                if (logits) logits[o] = lgv;
+            }
+            xs[i] = s < nk ? (double)lgv / (double)rtemp : (double)ASA_NEG_INF;
+            mx = fmax(mx, xs[i]);
+        }
+        mx = fu_wmax(mx);
+        const bool live = isfinite(mx);
+        double sum = 0.0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (live && s < nk) sum += exp(xs[i] - mx);
+        }
+        sum = fu_wsum(sum);
+        const bool mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
+        double msum = 0.0;
+        if (mrow) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int s = lane + 32 * i;
+                if (s < nk && keep[s] != 0) msum += (double)(live ? (float)(exp(xs[i] - mx) / sum) : 0.0f);
+            }
+            msum = fu_wsum(msum);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (s >= Kp) continue;
+            float ps = 0.0f;
+            if (s < nk) {
+                ps = live ? (float)(exp(xs[i] - mx) / sum) : 0.0f;
+                if (mrow) ps = keep[s] != 0 ? (float)((double)ps / fmax(msum, (double)ASA_DEN_EPS)) : 0.0f;
+                rw[row * nk + s] = ps;
+            }
+            const float rho = ps / fmaxf(DN[l * lk + s], ASA_DEN_EPS);
+            R[l * lk + s] = rho;
+            LK[l * lk + s] = rho * E[l * lk + s];
+        }
+    }
+    // padding rows: rho = 0
+    for (int i = threadIdx.x; i < (Lp - L) * Kp; i += blockDim.x) {
+        const int l = L + i / Kp, s = i % Kp;
+        R[l * lk + s] = 0.0f;
+        LK[l * lk + s] = 0.0f;
+    }
+    __syncthreads();
+    // QV <- mask (rho alpha^T)
+    asa_mma_tiles(Lp, Lp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return R[r * lk + x]; },
+                    [&](int x, int c) { return A[c * lk + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { QV[r * ll + c] = c <= r ? x : 0.0f; });
+    });
+    __syncthreads();
+    // out1 = (rho E) C + rho P + QV V
+    asa_mma_tiles(Lp, dp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return LK[r * lk + x]; },
+                    [&](int x, int c) { return C[x * ld + c]; });
+        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return R[r * lk + x]; },
+                    [&](int x, int c) { return P[x * ld + c]; });
+        asa_mma_acc(acc, r0, n0, Lp, [&](int r, int x) { return QV[r * ll + x]; },
+                    [&](int x, int c) { return V[x * ld + c]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
+            if (r < L && c < d) out1[(bh * t + t0 + r) * d + c] = x;
+        });
+    });
+}
+
+// ------------------------------------------------------------------------------------------------
 // state mix (slot_mix_forward over the state history without the history): out [B,H,T,d] =
 // sum_s w[b,h,t,s] * state[b,h,t,s,:]. The slotspace refine's delta. Dynamic shared memory:
 // 16*NW*d bytes.

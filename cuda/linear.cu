@@ -490,7 +490,9 @@ __device__ __forceinline__ void lt_stage_carry(double* s, const double* __restri
         s[a * b.lm + c] = (x && a < m && c < m) ? x[(b.nc * m + a) * m + c] : 0.0;
     }
 }
-// g[r][c] = gnum = dout[t0 + r][c] / max(den, eps) (stride lm), gd[r] = gden[t0 + r].
+// g[r][c] = gnum = dout[t0 + r][c] / max(den, eps) (stride lm), gd[r] = gden[t0 + r]. The
+// tensor-core tiles (TC) divide in f32: their gnum is an mma operand, rounded to bf16 anyway.
+template <bool TC>
 __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float* __restrict__ dout,
                                               const float* __restrict__ den, const double* __restrict__ gden,
                                               const LtBlock& b, int t, int m) {
@@ -498,8 +500,11 @@ __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float
         int r = i / b.Mp, c = i - r * b.Mp;
         double x = 0.0;
         if (r < b.tc && c < m) {
-            double inv = 1.0 / fmax((double)den[b.nn * t + b.t0 + r], (double)ASA_DEN_EPS);
-            x = (double)dout[b.base + (i64)(b.t0 + r) * m + c] * inv;
+            const float dn = den[b.nn * t + b.t0 + r], go = dout[b.base + (i64)(b.t0 + r) * m + c];
+            if (TC)
+                x = (double)(go / fmaxf(dn, ASA_DEN_EPS));
+            else
+                x = (double)go * (1.0 / fmax((double)dn, (double)ASA_DEN_EPS));
         }
         g[r * b.lm + c] = x;
     }
@@ -577,41 +582,17 @@ __device__ __forceinline__ void lt_mm2_f64(int rows, int cols, int in1, L1 l1, R
     }
 }
 
-// acc (a 16x8 fragment at rows r0, columns c0) += sum_{x < inner} l(r, x) rr(x, c) on tensor
-// cores: operands rounded to bf16, the inner dimension in steps of 16 (reads at x >= inner
-// are zero).
-template <class L, class R>
-__device__ __forceinline__ void lt_mma_acc(float (&acc)[4], int r0, int c0, int inner, L l, R rr) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    const int ra = r0 + g, rb = r0 + g + 8, c = c0 + g;
-    for (int k0 = 0; k0 < inner; k0 += 16) {
-        float lv[2][4], rv[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int x = k0 + 2 * q + (e & 1) + 8 * (e >> 1);  // 2q, 2q+1, 2q+8, 2q+9
-            const bool in = x < inner;
-            lv[0][e] = in ? (float)l(ra, x) : 0.0f;
-            lv[1][e] = in ? (float)l(rb, x) : 0.0f;
-            rv[e] = in ? (float)rr(x, c) : 0.0f;
-        }
-        const unsigned int a[4] = {asa_bf16x2(lv[0][0], lv[0][1]), asa_bf16x2(lv[1][0], lv[1][1]),
-                                   asa_bf16x2(lv[0][2], lv[0][3]), asa_bf16x2(lv[1][2], lv[1][3])};
-        const unsigned int b[2] = {asa_bf16x2(rv[0], rv[1]), asa_bf16x2(rv[2], rv[3])};
-        asa_mma_bf16(acc, a, b);
-    }
-}
-
 // lt_mm2_f64's product on tensor cores: rows a multiple of 16, cols of 8; a warp per 16x8
 // output tile (warps take tiles in turn), w called once per output element.
 template <class L1, class R1, class L2, class R2, class W>
 __device__ __forceinline__ void lt_mm2_tc(int rows, int cols, int in1, L1 l1, R1 r1, int in2, L2 l2, R2 r2, W w) {
-    const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, q = lane & 3, tn = cols >> 3;
+    const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, tn = cols >> 3;
     for (int tile = warp; tile < (rows >> 4) * tn; tile += nw) {
         const int r0 = (tile / tn) << 4, c0 = (tile % tn) << 3;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        lt_mma_acc(acc, r0, c0, in1, l1, r1);
-        if (in2 > 0) lt_mma_acc(acc, r0, c0, in2, l2, r2);
+        asa_mma_acc(acc, r0, c0, in1, l1, r1);
+        if (in2 > 0) asa_mma_acc(acc, r0, c0, in2, l2, r2);
+        const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
         w(r0 + g, c0 + 2 * q, acc[0]);
         w(r0 + g, c0 + 2 * q + 1, acc[1]);
         w(r0 + g + 8, c0 + 2 * q, acc[2]);
@@ -754,7 +735,7 @@ __device__ __forceinline__ void lt_backward_dq(float* __restrict__ dqf, unsigned
     const float *Q = x.Q, *K = x.K, *V = x.V;
     lt_stage_qkv(x, qf, kf, v, b, m);
     lt_stage_carry(S, cs, b, m);
-    lt_stage_gnum(G, gd, dout, den, gden, b, t, m);
+    lt_stage_gnum<TC>(G, gd, dout, den, gden, b, t, m);
     __syncthreads();
     // Z_t = Z0 + the chunk's keys up to t: zlive, Zg = gden_t max(Z_t, eps), the dz sum
     for (int a = threadIdx.x; a < Mp; a += blockDim.x) {
@@ -839,7 +820,7 @@ __device__ __forceinline__ void lt_backward_dkdv(float* __restrict__ dkf, float*
         Zl[i] = (r < b.tc && a < m) ? zlive[b.base + (i64)(b.t0 + r) * m + a] : 0;
     }
     lt_stage_carry(D, ds, b, m);
-    lt_stage_gnum(G, gd, dout, den, gden, b, t, m);
+    lt_stage_gnum<TC>(G, gd, dout, den, gden, b, t, m);
     __syncthreads();
     // dZ_t = dZ1 + sum over s >= t in the chunk with zlive of gden_s q_s (reverse walk)
     for (int a = threadIdx.x; a < Mp; a += blockDim.x) {

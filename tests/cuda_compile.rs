@@ -194,6 +194,7 @@ fn kernels_have_cpu_twins() {
         ("mask_rows", "mask_rows_forward"),
         // the fused write scan + read (cuda/fused.cu): parts of the CPU chains they replace
         ("slot_scan_read_forward", "slot_scan_forward"),
+        ("slot_scan_read_forward_bf16", "slot_scan_forward"),
         ("slot_scan_read_forward_rmax", "slot_scan_forward"),
         ("slot_scan_read_forward_sums", "slot_scan_forward"),
         ("slot_scan_read_forward_carry", "slot_scan_forward"),

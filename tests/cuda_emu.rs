@@ -426,6 +426,17 @@ fn emulated_fused_scan_read_matches_cpu() {
     }
 }
 
+#[test]
+fn emulated_fused_forward_on_tensor_cores_matches_cpu() {
+    let Some(e) = emu("emulated_fused_forward_on_tensor_cores_matches_cpu") else {
+        return;
+    };
+    for cs in &fused_case::fused_cases_tc() {
+        let dev = EmuDev::new(e);
+        fused_case::fused_case_matches_cpu(&dev, &dev, cs, 1e-5);
+    }
+}
+
 // The GPU suite's op-level tests (tests/support/op_cases.rs): every launcher of
 // `backend::cuda::ops` against its CPU twin, through the same launch code as on a device.
 

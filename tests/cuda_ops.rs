@@ -285,7 +285,10 @@ fn cuda_fused_scan_read_matches_cpu() {
         return;
     };
     let g = G::new(&be);
-    for cs in &fused_case::fused_cases() {
+    for cs in fused_case::fused_cases()
+        .iter()
+        .chain(&fused_case::fused_cases_tc())
+    {
         fused_case::fused_case_matches_cpu(&be, &g, cs, 1e-5);
     }
 }

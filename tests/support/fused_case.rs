@@ -35,11 +35,19 @@ pub struct FusedCase {
     /// a per-head ALiBi-like ramp of the write logits
     pub ramp: f32,
     pub seed: u64,
+    /// the forward's tiles on tensor cores (the plan must allow it); then the forward's
+    /// products and everything downstream agree to [`TC_TOL`]
+    pub tensor_cores: bool,
 }
+
+/// Tolerance of the tensor-core forward (bf16 operands, f32 accumulation) and of the backward
+/// that starts from its read weights.
+pub const TC_TOL: f64 = 1e-2;
 
 /// The fused forward, state mix, state dot and backward against the CPU twins' chain
 /// (`slot_scan_forward`, `read_logits_forward`, `read_weights_forward`, `slot_mix_forward` and
-/// their backwards, the refine's `slot_mix` over the states included) at `tol` relative.
+/// their backwards, the refine's `slot_mix` over the states included) at `tol` relative (the
+/// running max and the denominators, exact on tensor cores too, always at `tol`).
 pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &FusedCase, tol: f64) {
     use asa::backend::cuda::fused::{self, BwdIo, FusedPlan, FusedWs, FwdIo};
     let mut r = ChaCha8Rng::seed_from_u64(cs.seed);
@@ -109,7 +117,14 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
     ca::slot_mix_forward(&mut delta, &sw, &st, dm);
 
     // GPU forward
-    let plan = FusedPlan::new(dm, cs.chunk, cs.tile).expect("fused plan");
+    let plan = FusedPlan::new(dm, cs.chunk, cs.tile)
+        .expect("fused plan")
+        .with_tensor_cores(cs.tensor_cores, dev.max_smem());
+    assert_eq!(
+        plan.tensor_cores, cs.tensor_cores,
+        "tensor cores for {cs:?}"
+    );
+    let (exact_tol, tol) = (tol, if cs.tensor_cores { TC_TOL } else { tol });
     let (n64, n32) = plan.ws_len();
     let b64 = mem.zeroed::<f64>(n64);
     let b32 = mem.zeroed::<f32>(n32);
@@ -148,8 +163,22 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         content: cs.content,
     };
     fused::forward(dev, &plan, &ws, &io).unwrap();
-    close(&format!("fused rmax {tag}"), &mem.get(ws.rmax), &rm, tol);
-    close(&format!("fused den {tag}"), &mem.get(ws.den), &den, tol);
+    close(
+        &format!("fused rmax {tag}"),
+        &mem.get(ws.rmax),
+        &rm,
+        exact_tol,
+    );
+    close(
+        &format!("fused den {tag}"),
+        &mem.get(ws.den),
+        &den,
+        exact_tol,
+    );
+    if cs.tensor_cores {
+        let e = crate::check::rel_err(&mem.get(out1_d), &out1);
+        assert!(e > 1e-7, "fused out1 {tag}: no bf16 rounding ({e:e})");
+    }
     close(&format!("fused lkey {tag}"), &mem.get(lk_d), &lk, tol);
     if cs.content {
         close(&format!("fused lcont {tag}"), &mem.get(lc_d), &lc, tol);
@@ -284,6 +313,7 @@ pub fn fused_cases() -> Vec<FusedCase> {
         ties: false,
         ramp: 0.0,
         seed: 0,
+        tensor_cores: false,
     };
     let mut cases = vec![];
     let mut seed = 100;
@@ -370,6 +400,107 @@ pub fn fused_cases() -> Vec<FusedCase> {
             ties: true,
             ramp: 0.05,
             seed,
+            ..base.clone()
+        });
+    }
+    cases
+}
+
+/// Cases of the forward on tensor cores (every tile inside one write chunk): tiles of one chunk,
+/// sub-tiles of a chunk, one chunk in all; content read off, read masks, padding, ties, K and d
+/// not multiples of 16 (up to 128 slots and 256 dims), several tiles per chunk with carries.
+pub fn fused_cases_tc() -> Vec<FusedCase> {
+    let base = FusedCase {
+        tensor_cores: true,
+        ..fused_cases()[0].clone()
+    };
+    let mut cases = vec![];
+    for (i, (b, h, t, k, d, chunk, tile, content, mask, pad, ties, ramp)) in [
+        (
+            2usize, 2usize, 23usize, 5usize, 12usize, 5usize, 5usize, true, None, 4usize, false,
+            0.0f32,
+        ),
+        (2, 2, 23, 5, 12, 16, 8, true, None, 4, false, 0.0),
+        (2, 2, 23, 5, 12, 23, 64, true, None, 4, false, 0.0),
+        (2, 2, 23, 5, 12, 7, 7, false, None, 0, false, 0.0),
+        (
+            2,
+            2,
+            23,
+            5,
+            12,
+            1,
+            1,
+            true,
+            Some((false, ReadMask::Read)),
+            3,
+            false,
+            0.0,
+        ),
+        (
+            2,
+            2,
+            23,
+            5,
+            12,
+            8,
+            4,
+            true,
+            Some((true, ReadMask::Read)),
+            0,
+            true,
+            0.0,
+        ),
+        (
+            2,
+            2,
+            23,
+            5,
+            12,
+            12,
+            6,
+            true,
+            Some((false, ReadMask::ContentOnly)),
+            5,
+            true,
+            0.3,
+        ),
+        (
+            1,
+            2,
+            70,
+            32,
+            64,
+            64,
+            16,
+            true,
+            Some((false, ReadMask::Read)),
+            2,
+            true,
+            0.05,
+        ),
+        (1, 2, 40, 9, 33, 40, 40, true, None, 2, false, 0.05),
+        (2, 1, 9, 128, 8, 4, 4, true, None, 2, true, 0.05),
+        (2, 1, 6, 3, 256, 4, 2, true, None, 1, false, 0.0),
+        (2, 1, 200, 4, 16, 128, 64, true, None, 7, true, 0.05),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cases.push(FusedCase {
+            b,
+            h,
+            t,
+            k,
+            d,
+            chunk,
+            tile,
+            content,
+            mask,
+            pad,
+            ties,
+            ramp,
+            seed: 900 + i as u64,
             ..base.clone()
         });
     }

@@ -30,6 +30,7 @@
 //! The launch sequence is written against [`Device`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
+use super::model::Precision;
 use super::ops::DevSlotMask;
 use super::{i32_of, AsDv, Backend, Device, Dv, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
@@ -57,6 +58,8 @@ pub const MIN_TILE: usize = 16;
 const FU_E: usize = 8;
 /// Warps per block (`FU_MAXNW`).
 const FU_MAXNW: usize = 16;
+/// Threads of `slot_scan_read_forward_bf16` (`FT_THREADS`).
+const TC_THREADS: u32 = 256;
 /// Dynamic shared memory limit: 48 KiB (the most without opt-in) less room for the kernels'
 /// static shared arrays (128 bytes).
 const SMEM_LIMIT: usize = super::SMEM_DEFAULT - 256;
@@ -84,6 +87,9 @@ pub struct FusedPlan {
     pub group: usize,
     /// warps per block
     pub warps: usize,
+    /// The forward's per-tile kernel on tensor cores (`slot_scan_read_forward_bf16`, bf16
+    /// operands, f32 accumulation) instead of the f64 walk; see [`FusedPlan::with_tensor_cores`].
+    pub tensor_cores: bool,
 }
 
 impl FusedPlan {
@@ -125,6 +131,7 @@ impl FusedPlan {
             nchunks: t.div_ceil(chunk),
             group,
             warps,
+            tensor_cores: false,
         };
         // 32-bit kernel sizes: positions (t + chunk), blocks, and the f32 element counts
         let nbh = b * h;
@@ -138,6 +145,33 @@ impl FusedPlan {
             return None;
         }
         Some(p)
+    }
+
+    /// The plan with the forward's tiles on tensor cores when `on` and the plan allows it:
+    /// every tile inside one write chunk (sub-tiles of a chunk, tiles of one chunk, or one
+    /// chunk in all), at most [`MAX_TILE`] positions, and [`FusedPlan::smem_tc`] within
+    /// `max_smem` bytes; else the f64 walk (the flag stays false).
+    pub fn with_tensor_cores(self, on: bool, max_smem: usize) -> Self {
+        let one_chunk = self.nsub > 0 || self.tile == self.chunk || self.nchunks == 1;
+        let tensor_cores = on && one_chunk && self.tile <= MAX_TILE && self.smem_tc() <= max_smem;
+        FusedPlan {
+            tensor_cores,
+            ..self
+        }
+    }
+
+    /// Dynamic shared memory of `slot_scan_read_forward_bf16` (its layout is in cuda/fused.cu):
+    /// f32 tiles of the padded sizes (multiples of 16) with odd row strides, two f64 rows of K.
+    pub fn smem_tc(&self) -> usize {
+        let pad = |x: usize| x.div_ceil(16) * 16;
+        let (lp, kp, dp) = (pad(self.tile.min(self.t)), pad(self.k), pad(self.d));
+        let (ld, lk, ll) = (dp + 1, kp + 1, lp + 1);
+        16 * kp + 4 * (2 * lp * ld + 3 * kp * ld + lp * ll + 6 * lp * lk + kp)
+    }
+
+    /// The cost model's `steps` of a tensor-core tile kernel: its 16-position row blocks.
+    pub fn tc_steps(&self) -> usize {
+        self.tile.min(self.t).div_ceil(16)
     }
 
     /// The automatic tile length for `nbh` (batch, head) rows of `t` positions on `sm` SMs:
@@ -507,6 +541,18 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
+    if p.tensor_cores {
+        // every position of a tile at once; for the cost model, one pass of the kernel's code
+        // per 16 positions (conservative: its loops run fewer times than that)
+        return dev.walk_launch(
+            "slot_scan_read_forward_bf16",
+            p.tiles_grid(),
+            TC_THREADS,
+            p.smem_tc() as u32,
+            &a,
+            p.tc_steps(),
+        );
+    }
     dev.walk_launch(
         "slot_scan_read_forward",
         p.tiles_grid(),
@@ -803,9 +849,11 @@ pub fn backward<L: Device + ?Sized>(
 
 /// The plan for a layer forward, or `None` when the op-by-op path must run: the intervene
 /// variant, a routing other than softmax, or a shape the fused kernels do not support.
-/// The tile comes from `ASA_CUDA_FUSED_TILE` or [`FusedPlan::auto_tile`].
-pub fn layer_plan(
-    sm_count: usize,
+/// The tile comes from `ASA_CUDA_FUSED_TILE` or [`FusedPlan::auto_tile`]. Under
+/// `Precision::Bf16` the forward's tiles run on tensor cores where the plan allows it (tiles
+/// then never hold more than one write chunk: chunks shorter than the tile are the tiles).
+pub fn layer_plan<D: Device + ?Sized>(
+    dev: &D,
     cfg: &ModelConfig,
     softmax_routing: bool,
     dm: SlotDims,
@@ -813,12 +861,17 @@ pub fn layer_plan(
     if cfg.variant == Variant::Intervene || !softmax_routing {
         return None;
     }
-    let tile = std::env::var(FUSED_TILE_ENV)
+    let mut tile = std::env::var(FUSED_TILE_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&v| (1..=1024).contains(&v))
-        .unwrap_or_else(|| FusedPlan::auto_tile(dm.b * dm.h, dm.t, sm_count));
-    FusedPlan::new(dm, cfg.write_chunk_size, tile)
+        .unwrap_or_else(|| FusedPlan::auto_tile(dm.b * dm.h, dm.t, dev.sm_count()));
+    let bf16 = dev.precision() == Precision::Bf16;
+    let chunk = cfg.write_chunk_size.max(1);
+    if bf16 && chunk < tile && chunk < dm.t {
+        tile = chunk;
+    }
+    Some(FusedPlan::new(dm, cfg.write_chunk_size, tile)?.with_tensor_cores(bf16, dev.max_smem()))
 }
 
 /// The fused path's device state in a layer cache: the plan of the last forward, the

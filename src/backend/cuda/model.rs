@@ -568,7 +568,7 @@ impl GpuAsaLayer {
         // write scan + read: fused (no [B,H,T,K,d] state history) where supported
         let fplan = if self.fused {
             let softmax = matches!(o.routing, RoutingMode::Softmax);
-            super::fused::layer_plan(be.sm_count(), &cfg, softmax, dm)
+            super::fused::layer_plan(be, &cfg, softmax, dm)
         } else {
             None
         };
