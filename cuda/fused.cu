@@ -529,26 +529,195 @@ extern "C" __global__ void __launch_bounds__(512)
 }
 
 // ------------------------------------------------------------------------------------------------
-// forward, level 3 on tensor cores (Precision::Bf16): slot_scan_read_forward's outputs from the
-// same carries, every position of the tile at once as small matrix products (the chunk form of
-// docs/METHOD.md; mma.sync m16n8k16, bf16 operands, f32 accumulation). The tile [t0, t0 + L)
-// lies inside one write chunk (the host's plan guarantees it). Per slot k and position l:
+// The tiles on tensor cores (Precision::Bf16): the forward's level 3, the state mix and the state
+// dot computed for every position of a tile at once from the same carries, as small matrix
+// products (the chunk form of docs/METHOD.md; mma.sync m16n8k16, bf16 operands, f32
+// accumulation). A tile [t0, t0 + L) lies inside one write chunk (the host's plan guarantees
+// it). Per slot k and position l:
 //   alpha[l,k] = exp(w - M)  (M = rmax),  E[l,k] = exp(M_{c0-1} - M)  (0 in the first chunk)
 //   den[l,k]   = E cd + cpd + sum_{l' <= l} alpha[l',k]                  (f64, a walk per slot)
 //   state_l[k] = (E C_k + P_k + sum_{l' <= l} alpha[l',k] v_l') / den    (never formed)
-//   lkey = Q keys^T / sqrt(d);  lcont = (E (Q C^T) + Q P^T + (mask (Q V^T)) alpha) / den / sqrt(d)
-//   rw   = softmax_k of the logits (slot mask as the walk), rho = rw / den
-//   out1 = (rho E) C + rho P + (mask (rho alpha^T)) V
-// with C, P the chunk carry and the in-chunk prefix at t0 (cn, cp of the carries pass) and mask
-// the lower triangle l' <= l. Sizes padded to 16 (Lp, Kp, dp); 256 threads; dynamic shared
-// memory (f32 unless noted), its size `FusedPlan::smem_tc`:
-//   Q, V [Lp][dp+1]; C, P, keys [Kp][dp+1]; QV [Lp][Lp+1]; A, E, DN, LK, LC, R [Lp][Kp+1];
-//   f64 cd, cpd [Kp]; mp [Kp].
+// with C, P the chunk carry and the in-chunk prefix at t0 (cn, cp of the carries pass). Then
+//   x . state  = (E (X C^T) + X P^T + (mask (X V^T)) alpha) / den         (content logits, dot)
+//   sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V          (read output, mix)
+// with rho = weights / den and mask the lower triangle l' <= l. Sizes padded to 16 (Lp, Kp, dp);
+// 256 threads; dynamic shared memory (f32 unless noted), its size `FusedPlan::smem_tc`:
+//   f64 cd, cpd [Kp]; X, V [Lp][dp+1]; C, P, keys [Kp][dp+1]; QV [Lp][Lp+1];
+//   A, E, DN, LK, LC, R [Lp][Kp+1]; mp [Kp].
 
 #define FT_THREADS 256
 
 __device__ __forceinline__ int ft_pad(int x) { return (x + 15) & ~15; }
 
+// A tile's place, padded sizes, row strides and shared arrays.
+struct FtTile {
+    i64 bh, crow;  // (b,h); the carries' row of slot 0
+    int hi, t0, L, c0, Lp, Kp, dp, ld, lk, ll;
+    double *cd, *cpd;
+    float *X, *V, *C, *P, *KY, *QV, *A, *E, *DN, *LK, *LC, *R, *mp;
+};
+
+__device__ __forceinline__ FtTile ft_tile(double* smem, int h, int t, int nk, int d, int chunk, int tile, int nsub,
+                                          int ntiles) {
+    FtTile f;
+    const int ti_ = blockIdx.x % ntiles;
+    f.bh = blockIdx.x / ntiles;
+    f.crow = (i64)blockIdx.x * nk;
+    f.hi = (int)(f.bh % h);
+    int t1;
+    fu_tile(ti_, t, chunk, tile, nsub, f.t0, t1);
+    f.L = t1 - f.t0;
+    f.c0 = fu_c0(f.t0, chunk);
+    f.Lp = ft_pad(f.L);
+    f.Kp = ft_pad(nk);
+    f.dp = ft_pad(d);
+    f.ld = f.dp + 1;
+    f.lk = f.Kp + 1;
+    f.ll = f.Lp + 1;
+    f.cd = smem;
+    f.cpd = f.cd + f.Kp;
+    f.X = (float*)(f.cpd + f.Kp);
+    f.V = f.X + f.Lp * f.ld;
+    f.C = f.V + f.Lp * f.ld;
+    f.P = f.C + f.Kp * f.ld;
+    f.KY = f.P + f.Kp * f.ld;
+    f.QV = f.KY + f.Kp * f.ld;
+    f.A = f.QV + f.Lp * f.ll;
+    f.E = f.A + f.Lp * f.lk;
+    f.DN = f.E + f.Lp * f.lk;
+    f.LK = f.DN + f.Lp * f.lk;
+    f.LC = f.LK + f.Lp * f.lk;
+    f.R = f.LC + f.Lp * f.lk;
+    f.mp = f.R + f.Lp * f.lk;
+    return f;
+}
+
+// dst [Lp][dp+1] = the tile's rows of src [B,H,T,d] (0 on the padding).
+__device__ __forceinline__ void ft_stage_rows(float* dst, const float* __restrict__ src, const FtTile& f, int t,
+                                              int d) {
+    for (int i = threadIdx.x; i < f.Lp * f.dp; i += blockDim.x) {
+        const int l = i / f.dp, j = i - l * f.dp;
+        dst[l * f.ld + j] = (l < f.L && j < d) ? src[(f.bh * t + f.t0 + l) * d + j] : 0.0f;
+    }
+}
+
+// V rows, the carries C, P (f32), cd, cpd and the carried max mp; then alpha and E. When
+// cn_chunk is not null and the tile opens its chunk, the chunk carry is saved there.
+__device__ __forceinline__ void ft_stage_scan(const FtTile& f, float* cn_chunk, const float* __restrict__ wl,
+                                              const float* __restrict__ rmax, const float* __restrict__ v,
+                                              const double* __restrict__ cn, const double* __restrict__ cd,
+                                              const double* __restrict__ cp, const double* __restrict__ cpd,
+                                              int t, int nk, int d, int chunk, int nchunks) {
+    ft_stage_rows(f.V, v, f, t, d);
+    const bool save = cn_chunk && f.t0 == f.c0;
+    for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
+        const int s = i / f.dp, j = i - s * f.dp;
+        const bool in = s < nk && j < d;
+        const float cv = in ? (float)cn[(f.crow + s) * d + j] : 0.0f;
+        f.C[s * f.ld + j] = cv;
+        f.P[s * f.ld + j] = in ? (float)cp[(f.crow + s) * d + j] : 0.0f;
+        if (in && save) cn_chunk[((f.bh * nchunks + f.c0 / chunk) * nk + s) * d + j] = cv;
+    }
+    for (int s = threadIdx.x; s < f.Kp; s += blockDim.x) {
+        f.cd[s] = s < nk ? cd[f.crow + s] : 0.0;
+        f.cpd[s] = s < nk ? cpd[f.crow + s] : 0.0;
+        f.mp[s] = (s < nk && f.c0 > 0) ? rmax[(f.bh * nk + s) * t + f.c0 - 1] : ASA_NEG_INF;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+        const int l = i / f.Kp, s = i - l * f.Kp;
+        float a = 0.0f, e = 0.0f;
+        if (l < f.L && s < nk) {
+            const i64 o = (f.bh * nk + s) * t + f.t0 + l;
+            const float m = rmax[o];
+            a = (float)fu_e(wl[o], m);
+            e = (float)fu_scale(f.mp[s], m);
+        }
+        f.A[l * f.lk + s] = a;
+        f.E[l * f.lk + s] = e;
+    }
+    __syncthreads();
+}
+
+// DN = den (a walk per slot over the tile in f64, written to den [B,H,K,T] when den_out is not
+// null), or read from den_in (the forward's); 1 on the padding.
+__device__ __forceinline__ void ft_den(const FtTile& f, float* den_out, const float* __restrict__ den_in, int t,
+                                       int nk) {
+    if (den_in) {
+        for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+            const int l = i / f.Kp, s = i - l * f.Kp;
+            f.DN[l * f.lk + s] = (l < f.L && s < nk) ? den_in[(f.bh * nk + s) * t + f.t0 + l] : 1.0f;
+        }
+        return;
+    }
+    for (int s = threadIdx.x; s < f.Kp; s += blockDim.x) {
+        double acc = f.cpd[s];
+        for (int l = 0; l < f.Lp; ++l) {
+            float dv = 1.0f;
+            if (l < f.L && s < nk) {
+                acc += (double)f.A[l * f.lk + s];
+                dv = (float)fma((double)f.E[l * f.lk + s], f.cd[s], acc);
+                den_out[(f.bh * nk + s) * t + f.t0 + l] = dv;
+            }
+            f.DN[l * f.lk + s] = dv;
+        }
+    }
+}
+
+// LC = E (X C^T) + X P^T + (mask (X V^T)) alpha: the rows of X dotted with the (unnormalised)
+// states, [Lp][Kp]. Uses QV. Ends with a barrier.
+__device__ __forceinline__ void ft_dot_states(const FtTile& f, int d) {
+    const int ld = f.ld, lk = f.lk, ll = f.ll;
+    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+        float ac[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ap[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        auto lx = [&](int r, int x) { return f.X[r * ld + x]; };
+        asa_mma_acc(ac, r0, n0, d, lx, [&](int x, int c) { return f.C[c * ld + x]; });
+        asa_mma_acc(ap, r0, n0, d, lx, [&](int x, int c) { return f.P[c * ld + x]; });
+        asa_mma_store(ac, r0, n0, [&](int r, int c, float x) { f.LC[r * lk + c] = x * f.E[r * lk + c]; });
+        asa_mma_store(ap, r0, n0, [&](int r, int c, float x) { f.LC[r * lk + c] += x; });
+    });
+    asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
+                    [&](int x, int c) { return f.V[c * ld + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.QV[r * ll + c] = c <= r ? x : 0.0f; });
+    });
+    __syncthreads();
+    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.QV[r * ll + x]; },
+                    [&](int x, int c) { return f.A[x * lk + c]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LC[r * lk + c] += x; });
+    });
+    __syncthreads();
+}
+
+// out [B,H,T,d] (=) = sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V for R = rho,
+// LK = rho E ([Lp][Kp], 0 on the padding). Uses QV.
+__device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, int d) {
+    const int ld = f.ld, lk = f.lk, ll = f.ll;
+    asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.R[r * lk + x]; },
+                    [&](int x, int c) { return f.A[c * lk + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.QV[r * ll + c] = c <= r ? x : 0.0f; });
+    });
+    __syncthreads();
+    asa_mma_tiles(f.Lp, f.dp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.LK[r * lk + x]; },
+                    [&](int x, int c) { return f.C[x * ld + c]; });
+        asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.R[r * lk + x]; },
+                    [&](int x, int c) { return f.P[x * ld + c]; });
+        asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.QV[r * ll + x]; },
+                    [&](int x, int c) { return f.V[x * ld + c]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
+            if (r < f.L && c < d) out[(f.bh * t + f.t0 + r) * d + c] = x;
+        });
+    });
+}
+
+// slot_scan_read_forward on tensor cores: the same arguments and outputs.
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_forward_bf16(float* out1, float* rw, float* lkey, float* lcont, float* logits, float* den,
                                 float* cn_chunk, const float* __restrict__ wl, const float* __restrict__ rmax,
@@ -558,121 +727,31 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                 const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
                                 int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
                                 int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
-    const int ti_ = blockIdx.x % ntiles;
-    const i64 bh = blockIdx.x / ntiles;
-    const int hi = (int)(bh % h);
-    int t0, t1;
-    fu_tile(ti_, t, chunk, tile, nsub, t0, t1);
-    const int L = t1 - t0, c0 = fu_c0(t0, chunk);
-    const int Lp = ft_pad(L), Kp = ft_pad(nk), dp = ft_pad(d);
-    const int ld = dp + 1, lk = Kp + 1, ll = Lp + 1;
     ASA_DYN_SHARED(double, ft_smem);
-    double* cdv = ft_smem;        // [Kp]
-    double* cpdv = cdv + Kp;      // [Kp]
-    float* Q = (float*)(cpdv + Kp);
-    float* V = Q + Lp * ld;
-    float* C = V + Lp * ld;
-    float* P = C + Kp * ld;
-    float* KY = P + Kp * ld;
-    float* QV = KY + Kp * ld;
-    float* A = QV + Lp * ll;
-    float* E = A + Lp * lk;
-    float* DN = E + Lp * lk;
-    float* LK = DN + Lp * lk;
-    float* LC = LK + Lp * lk;
-    float* R = LC + Lp * lk;
-    float* mp = R + Lp * lk;      // [Kp] rmax at c0 - 1
-    const i64 crow = (i64)blockIdx.x * nk;  // carries' row of slot 0
-    const double scale_d = 1.0 / sqrt((double)d);
-
-    // stage: Q, V rows of the tile, the carries and the head's slot keys (0 on the padding)
-    for (int i = threadIdx.x; i < Lp * dp; i += blockDim.x) {
-        const int l = i / dp, j = i - l * dp;
-        const bool in = l < L && j < d;
-        const i64 g = (bh * t + t0 + l) * d + j;
-        Q[l * ld + j] = in ? q[g] : 0.0f;
-        V[l * ld + j] = in ? v[g] : 0.0f;
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    const int ld = f.ld, lk = f.lk, L = f.L, t0 = f.t0;
+    const i64 bh = f.bh;
+    ft_stage_rows(f.X, q, f, t, d);
+    for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
+        const int s = i / f.dp, j = i - s * f.dp;
+        f.KY[s * ld + j] = (s < nk && j < d) ? keys[((i64)f.hi * nk + s) * d + j] : 0.0f;
     }
-    const bool starts = t0 == c0;  // the tile opens its chunk: save the chunk carry
-    for (int i = threadIdx.x; i < Kp * dp; i += blockDim.x) {
-        const int s = i / dp, j = i - s * dp;
-        const bool in = s < nk && j < d;
-        const float cv = in ? (float)cn[(crow + s) * d + j] : 0.0f;
-        C[s * ld + j] = cv;
-        P[s * ld + j] = in ? (float)cp[(crow + s) * d + j] : 0.0f;
-        KY[s * ld + j] = in ? keys[((i64)hi * nk + s) * d + j] : 0.0f;
-        if (in && starts) cn_chunk[((bh * nchunks + c0 / chunk) * nk + s) * d + j] = cv;
-    }
-    for (int s = threadIdx.x; s < Kp; s += blockDim.x) {
-        cdv[s] = s < nk ? cd[crow + s] : 0.0;
-        cpdv[s] = s < nk ? cpd[crow + s] : 0.0;
-        mp[s] = (s < nk && c0 > 0) ? rmax[(bh * nk + s) * t + c0 - 1] : ASA_NEG_INF;
-    }
-    __syncthreads();
-    // alpha and E (every position and slot at once)
-    for (int i = threadIdx.x; i < Lp * Kp; i += blockDim.x) {
-        const int l = i / Kp, s = i - l * Kp;
-        float a = 0.0f, e = 0.0f;
-        if (l < L && s < nk) {
-            const i64 o = (bh * nk + s) * t + t0 + l;
-            const float m = rmax[o];
-            a = (float)fu_e(wl[o], m);
-            e = (float)fu_scale(mp[s], m);
-        }
-        A[l * lk + s] = a;
-        E[l * lk + s] = e;
-    }
-    __syncthreads();
-    // den: a walk over the tile per slot (f64 sums), written out for the backward
-    for (int s = threadIdx.x; s < Kp; s += blockDim.x) {
-        double acc = cpdv[s];
-        for (int l = 0; l < Lp; ++l) {
-            float dv = 1.0f;  // padding: any positive value
-            if (l < L && s < nk) {
-                acc += (double)A[l * lk + s];
-                const double dd = fma((double)E[l * lk + s], cdv[s], acc);
-                dv = (float)dd;
-                den[(bh * nk + s) * t + t0 + l] = dv;
-            }
-            DN[l * lk + s] = dv;
-        }
-    }
-    // key logits, and the carries' part of the content logits: E (Q C^T) + Q P^T
-    asa_mma_tiles(Lp, Kp, [&](int r0, int n0) {
-        float ak[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ac[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ap[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        auto lq = [&](int r, int x) { return Q[r * ld + x]; };
-        asa_mma_acc(ak, r0, n0, d, lq, [&](int x, int c) { return KY[c * ld + x]; });
-        if (content) {
-            asa_mma_acc(ac, r0, n0, d, lq, [&](int x, int c) { return C[c * ld + x]; });
-            asa_mma_acc(ap, r0, n0, d, lq, [&](int x, int c) { return P[c * ld + x]; });
-        }
-        asa_mma_store(ak, r0, n0, [&](int r, int c, float x) { LK[r * lk + c] = x; });
-        float lc[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) lc[i] = ac[i];
-        asa_mma_store(lc, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] = x * E[r * lk + c]; });
-        asa_mma_store(ap, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] += x; });
+    ft_stage_scan(f, cn_chunk, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
+    ft_den(f, den, nullptr, t, nk);
+    // key logits, then the content logits' numerators
+    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
+                    [&](int x, int c) { return f.KY[c * ld + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LK[r * lk + c] = x; });
     });
-    // QV = mask (Q V^T)
     if (content)
-        asa_mma_tiles(Lp, Lp, [&](int r0, int n0) {
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return Q[r * ld + x]; },
-                        [&](int x, int c) { return V[c * ld + x]; });
-            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { QV[r * ll + c] = c <= r ? x : 0.0f; });
-        });
-    __syncthreads();
-    // content logits += QV alpha
-    if (content)
-        asa_mma_tiles(Lp, Kp, [&](int r0, int n0) {
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            asa_mma_acc(acc, r0, n0, Lp, [&](int r, int x) { return QV[r * ll + x]; },
-                        [&](int x, int c) { return A[x * lk + c]; });
-            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { LC[r * lk + c] += x; });
-        });
-    __syncthreads();
+        ft_dot_states(f, d);
+    else
+        __syncthreads();
     // the read: logits, slot mask, softmax over slots (a warp per position, as the walk), then
     // rho = rw / den into R and rho E into LK
+    const double scale_d = 1.0 / sqrt((double)d);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     for (int l = warp; l < L; l += nw) {
         const int ti = t0 + l;
@@ -684,9 +763,9 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
             const int s = lane + 32 * i;
             float lgv = ASA_NEG_INF;
             if (s < nk) {
-                const double dnv = fmax((double)DN[l * lk + s], (double)ASA_DEN_EPS);
-                float vk = (float)((double)LK[l * lk + s] * scale_d);
-                float vc = content ? (float)((double)LC[l * lk + s] / dnv * scale_d) : 0.0f;
+                const double dnv = fmax((double)f.DN[l * lk + s], (double)ASA_DEN_EPS);
+                float vk = (float)((double)f.LK[l * lk + s] * scale_d);
+                float vc = content ? (float)((double)f.LC[l * lk + s] / dnv * scale_d) : 0.0f;
                 if (fu_masked(keep, last_pos_only, ti, t, s)) {
                     if (mask_mode == 0) {
                         vk = ASA_NEG_INF;
@@ -723,50 +802,74 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
             }
             msum = fu_wsum(msum);
         }
-        __syncwarp();
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int s = lane + 32 * i;
-            if (s >= Kp) continue;
+            if (s >= f.Kp) continue;
             float ps = 0.0f;
             if (s < nk) {
                 ps = live ? (float)(exp(xs[i] - mx) / sum) : 0.0f;
                 if (mrow) ps = keep[s] != 0 ? (float)((double)ps / fmax(msum, (double)ASA_DEN_EPS)) : 0.0f;
                 rw[row * nk + s] = ps;
             }
-            const float rho = ps / fmaxf(DN[l * lk + s], ASA_DEN_EPS);
-            R[l * lk + s] = rho;
-            LK[l * lk + s] = rho * E[l * lk + s];
+            const float rho = ps / fmaxf(f.DN[l * lk + s], ASA_DEN_EPS);
+            f.R[l * lk + s] = rho;
+            f.LK[l * lk + s] = rho * f.E[l * lk + s];
         }
     }
-    // padding rows: rho = 0
-    for (int i = threadIdx.x; i < (Lp - L) * Kp; i += blockDim.x) {
-        const int l = L + i / Kp, s = i % Kp;
-        R[l * lk + s] = 0.0f;
-        LK[l * lk + s] = 0.0f;
+    for (int i = threadIdx.x; i < (f.Lp - L) * f.Kp; i += blockDim.x) {
+        const int l = L + i / f.Kp, s = i % f.Kp;
+        f.R[l * lk + s] = 0.0f;
+        f.LK[l * lk + s] = 0.0f;
     }
     __syncthreads();
-    // QV <- mask (rho alpha^T)
-    asa_mma_tiles(Lp, Lp, [&](int r0, int n0) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return R[r * lk + x]; },
-                    [&](int x, int c) { return A[c * lk + x]; });
-        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { QV[r * ll + c] = c <= r ? x : 0.0f; });
-    });
+    ft_mix_out(f, out1, t, d);
+}
+
+// slot_scan_read_mix on tensor cores: out [B,H,T,d] (=) = sum_s w * state, with den the
+// forward's ([B,H,K,T]).
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_mix_bf16(float* out, const float* __restrict__ wts, const float* __restrict__ wl,
+                            const float* __restrict__ rmax, const float* __restrict__ v,
+                            const float* __restrict__ den, const double* __restrict__ cn,
+                            const double* __restrict__ cd, const double* __restrict__ cp,
+                            const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk,
+                            int tile, int nsub, int ntiles, int nchunks, int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    ft_stage_scan(f, nullptr, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
+    ft_den(f, nullptr, den, t, nk);
     __syncthreads();
-    // out1 = (rho E) C + rho P + QV V
-    asa_mma_tiles(Lp, dp, [&](int r0, int n0) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return LK[r * lk + x]; },
-                    [&](int x, int c) { return C[x * ld + c]; });
-        asa_mma_acc(acc, r0, n0, Kp, [&](int r, int x) { return R[r * lk + x]; },
-                    [&](int x, int c) { return P[x * ld + c]; });
-        asa_mma_acc(acc, r0, n0, Lp, [&](int r, int x) { return QV[r * ll + x]; },
-                    [&](int x, int c) { return V[x * ld + c]; });
-        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
-            if (r < L && c < d) out1[(bh * t + t0 + r) * d + c] = x;
-        });
-    });
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+        const int l = i / f.Kp, s = i - l * f.Kp;
+        float rho = 0.0f;
+        if (l < f.L && s < nk) rho = wts[(f.bh * t + f.t0 + l) * nk + s] / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+        f.R[l * f.lk + s] = rho;
+        f.LK[l * f.lk + s] = rho * f.E[l * f.lk + s];
+    }
+    __syncthreads();
+    ft_mix_out(f, out, t, d);
+}
+
+// slot_scan_read_dot on tensor cores: out [B,H,T,K] += xv . state, with den the forward's.
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_dot_bf16(float* out, const float* __restrict__ xv, const float* __restrict__ wl,
+                            const float* __restrict__ rmax, const float* __restrict__ v,
+                            const float* __restrict__ den, const double* __restrict__ cn,
+                            const double* __restrict__ cd, const double* __restrict__ cp,
+                            const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk,
+                            int tile, int nsub, int ntiles, int nchunks, int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    ft_stage_rows(f.X, xv, f, t, d);
+    ft_stage_scan(f, nullptr, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
+    ft_den(f, nullptr, den, t, nk);
+    ft_dot_states(f, d);
+    for (int i = threadIdx.x; i < f.L * nk; i += blockDim.x) {
+        const int l = i / nk, s = i - l * nk;
+        const i64 o = (f.bh * t + f.t0 + l) * nk + s;
+        out[o] = out[o] + f.LC[l * f.lk + s] / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

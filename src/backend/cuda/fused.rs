@@ -174,6 +174,20 @@ impl FusedPlan {
         self.tile.min(self.t).div_ceil(16)
     }
 
+    /// Launches the tensor-core tile kernel `name` (cuda/fused.cu, `FT_THREADS`): a block per
+    /// tile, every position of a tile at once; for the cost model one pass of the kernel's code
+    /// per 16 positions (conservative: most of its loops run fewer times than that).
+    fn launch_tc<L: Device + ?Sized>(&self, dev: &L, name: &str, args: &[KArg]) -> Result<()> {
+        dev.walk_launch(
+            name,
+            self.tiles_grid(),
+            TC_THREADS,
+            self.smem_tc() as u32,
+            args,
+            self.tc_steps(),
+        )
+    }
+
     /// The automatic tile length for `nbh` (batch, head) rows of `t` positions on `sm` SMs:
     /// at least two blocks per SM where the sequence allows it, between MIN_TILE and MAX_TILE.
     pub fn auto_tile(nbh: usize, t: usize, sm: usize) -> usize {
@@ -542,16 +556,7 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
     if p.tensor_cores {
-        // every position of a tile at once; for the cost model, one pass of the kernel's code
-        // per 16 positions (conservative: its loops run fewer times than that)
-        return dev.walk_launch(
-            "slot_scan_read_forward_bf16",
-            p.tiles_grid(),
-            TC_THREADS,
-            p.smem_tc() as u32,
-            &a,
-            p.tc_steps(),
-        );
+        return p.launch_tc(dev, "slot_scan_read_forward_bf16", &a);
     }
     dev.walk_launch(
         "slot_scan_read_forward",
@@ -579,6 +584,12 @@ pub fn mix<L: Device + ?Sized>(
     assert_eq!(w.len, nbh * t * nk, "fused mix: w shape");
     assert_eq!(wl.len, nbh * nk * t, "fused mix: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused mix: v shape");
+    if p.tensor_cores {
+        let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v), k(ws.den)];
+        a.extend_from_slice(&carry_args(ws));
+        a.extend_from_slice(&p.dim_args());
+        return p.launch_tc(dev, "slot_scan_read_mix_bf16", &a);
+    }
     let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
@@ -608,6 +619,12 @@ pub fn dot<L: Device + ?Sized>(
     assert_eq!(x.len, nbh * t * d, "fused dot: x shape");
     assert_eq!(wl.len, nbh * nk * t, "fused dot: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused dot: v shape");
+    if p.tensor_cores {
+        let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v), k(ws.den)];
+        a.extend_from_slice(&carry_args(ws));
+        a.extend_from_slice(&p.dim_args());
+        return p.launch_tc(dev, "slot_scan_read_dot_bf16", &a);
+    }
     let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
