@@ -601,6 +601,14 @@ __device__ __forceinline__ void ft_stage_rows(float* dst, const float* __restric
     }
 }
 
+// KY = the head's slot keys [Kp][dp+1] (0 on the padding).
+__device__ __forceinline__ void ft_stage_keys(const FtTile& f, const float* __restrict__ keys, int nk, int d) {
+    for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
+        const int s = i / f.dp, j = i - s * f.dp;
+        f.KY[s * f.ld + j] = (s < nk && j < d) ? keys[((i64)f.hi * nk + s) * d + j] : 0.0f;
+    }
+}
+
 // V rows, the carries C, P (f32), cd, cpd and the carried max mp; then alpha and E. When
 // cn_chunk is not null and the tile opens its chunk, the chunk carry is saved there.
 __device__ __forceinline__ void ft_stage_scan(const FtTile& f, float* cn_chunk, const float* __restrict__ wl,
@@ -692,9 +700,11 @@ __device__ __forceinline__ void ft_dot_states(const FtTile& f, int d) {
     __syncthreads();
 }
 
-// out [B,H,T,d] (=) = sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V for R = rho,
-// LK = rho E ([Lp][Kp], 0 on the padding). Uses QV.
-__device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, int d) {
+// out [B,H,T,d] (=, or += when add) = sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V
+// for R = rho, LK = rho E ([Lp][Kp], 0 on the padding), plus LC keys when keyed (LC: [Lp][Kp],
+// keys: the staged KY). Uses QV.
+__device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, int d, bool add = false,
+                                           bool keyed = false) {
     const int ld = f.ld, lk = f.lk, ll = f.ll;
     asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -711,8 +721,14 @@ __device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, i
                     [&](int x, int c) { return f.P[x * ld + c]; });
         asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.QV[r * ll + x]; },
                     [&](int x, int c) { return f.V[x * ld + c]; });
+        if (keyed)
+            asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.LC[r * lk + x]; },
+                        [&](int x, int c) { return f.KY[x * ld + c]; });
         asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
-            if (r < f.L && c < d) out[(f.bh * t + f.t0 + r) * d + c] = x;
+            if (r < f.L && c < d) {
+                float* o = out + (f.bh * t + f.t0 + r) * d + c;
+                *o = add ? *o + x : x;
+            }
         });
     });
 }
@@ -732,10 +748,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     const int ld = f.ld, lk = f.lk, L = f.L, t0 = f.t0;
     const i64 bh = f.bh;
     ft_stage_rows(f.X, q, f, t, d);
-    for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
-        const int s = i / f.dp, j = i - s * f.dp;
-        f.KY[s * ld + j] = (s < nk && j < d) ? keys[((i64)f.hi * nk + s) * d + j] : 0.0f;
-    }
+    ft_stage_keys(f, keys, nk, d);
     ft_stage_scan(f, cn_chunk, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
     ft_den(f, den, nullptr, t, nk);
     // key logits, then the content logits' numerators
@@ -824,6 +837,196 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     }
     __syncthreads();
     ft_mix_out(f, out1, t, d);
+}
+
+// slot_scan_read_backward_read on tensor cores: the same outputs (dq +=, gc, gsum, the key and
+// gamma partials) from the same inputs plus den (the forward's, [B,H,K,T]). Per tile: the
+// states dotted with dout1 and q (ft_dot_states twice), the key logits, then per position (a warp,
+// as the walk) drw, the softmax backward with the read mask, dl; then dq += dl_key keys / sqrt(d)
+// + sum_s gc state (ft_mix_out with rho = gc / den), dkeys_part = dl_key^T q / sqrt(d).
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_backward_read_bf16(float* dq, double* gc_out, double* gsum_out, double* dkeys_part,
+                                      double* dgamma_part, const float* __restrict__ drw_in,
+                                      const float* __restrict__ dout1, const float* __restrict__ rw,
+                                      const float* __restrict__ sw, const float* __restrict__ dsw,
+                                      const float* __restrict__ q, const float* __restrict__ keys,
+                                      const float* __restrict__ wl, const float* __restrict__ rmax,
+                                      const float* __restrict__ v, const float* __restrict__ den,
+                                      const double* __restrict__ cn, const double* __restrict__ cd,
+                                      const double* __restrict__ cp, const double* __restrict__ cpd, float gamma,
+                                      float rtemp, const int* keep, int last_pos_only, int mask_mode, int content,
+                                      int nbh, int h, int t, int nk, int d, int chunk, int tile, int nsub,
+                                      int ntiles, int nchunks, int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    __shared__ double ft_red[FT_THREADS / 32];
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    const int ld = f.ld, lk = f.lk, L = f.L, t0 = f.t0;
+    const i64 bh = f.bh;
+    ft_stage_keys(f, keys, nk, d);
+    ft_stage_rows(f.X, dout1, f, t, d);
+    ft_stage_scan(f, nullptr, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
+    ft_den(f, nullptr, den, t, nk);
+    // R = dout1 . state
+    ft_dot_states(f, d);
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x)
+        f.R[i / f.Kp * lk + i % f.Kp] = f.LC[i / f.Kp * lk + i % f.Kp] / fmaxf(f.DN[i / f.Kp * lk + i % f.Kp], ASA_DEN_EPS);
+    __syncthreads();
+    // X = q: LK = q . keys, LC = q . state (times den)
+    ft_stage_rows(f.X, q, f, t, d);
+    __syncthreads();
+    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
+                    [&](int x, int c) { return f.KY[c * ld + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LK[r * lk + c] = x; });
+    });
+    if (content)
+        ft_dot_states(f, d);
+    else
+        __syncthreads();
+    // per position: drw, the read backward; leaves R = gc / den, LK = R E, LC = dl_key (/ sqrt d)
+    const double scale_d = 1.0 / sqrt((double)d);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    double dgam = 0.0;
+    for (int l = warp; l < L; l += nw) {
+        const int ti = t0 + l;
+        const i64 row = bh * t + ti;
+        const float* yrow = rw + row * nk;
+        // per slot s: a1 = dout1 . state (R), a2 = q . state (LC / den), drw, the logit (few
+        // registers: everything but the logits is re-read from shared memory when needed)
+        auto a1_of = [&](int s) { return (double)f.R[l * lk + s]; };
+        auto a2_of = [&](int s) {
+            return content ? (double)f.LC[l * lk + s] / fmax((double)f.DN[l * lk + s], (double)ASA_DEN_EPS) : 0.0;
+        };
+        auto gy0_of = [&](int s) { return (double)((drw_in ? drw_in[row * nk + s] : 0.0f) + (float)a1_of(s)); };
+        double xs[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            xs[i] = 0.0;
+            if (s < nk) {
+                float vk = (float)((double)f.LK[l * lk + s] * scale_d);
+                float vc = content ? (float)(a2_of(s) * scale_d) : 0.0f;
+                if (fu_masked(keep, last_pos_only, ti, t, s)) {
+                    if (mask_mode == 0) {
+                        vk = ASA_NEG_INF;
+                        vc = ASA_NEG_INF;
+                    } else {
+                        vc = 0.0f;
+                    }
+                }
+                const float lgv = content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+                xs[i] = (double)lgv / (double)rtemp;
+            }
+        }
+        const bool mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
+        double mx = 0.0, esum = 1.0, den_ = 1.0, sk = 0.0, dt = 0.0;
+        bool live = false;
+        if (mrow) {
+            mx = (double)ASA_NEG_INF;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (lane + 32 * i < nk) mx = fmax(mx, xs[i]);
+            mx = fu_wmax(mx);
+            live = isfinite(mx);
+            esum = 0.0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (live && lane + 32 * i < nk) esum += exp(xs[i] - mx);
+            esum = fu_wsum(esum);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int s = lane + 32 * i;
+                if (s < nk) {
+                    const double pre = live ? (double)(float)(exp(xs[i] - mx) / esum) : 0.0;
+                    if (keep[s] != 0) sk += pre;
+                    dt += gy0_of(s) * (double)yrow[s];
+                }
+            }
+            sk = fu_wsum(sk);
+            dt = fu_wsum(dt);
+            den_ = fmax(sk, (double)ASA_DEN_EPS);
+        }
+        // p (the softmax before the mask) and gy (after undoing the renormalisation) of slot s
+        auto p_gy = [&](int s, double xv, double& p, double& gy) {
+            const double g0 = gy0_of(s);
+            if (mrow) {
+                p = live ? (double)(float)(exp(xv - mx) / esum) : 0.0;
+                gy = keep[s] != 0 ? (sk >= (double)ASA_DEN_EPS ? (g0 - dt) / den_ : g0 / den_) : 0.0;
+            } else {
+                p = (double)yrow[s];
+                gy = g0;
+            }
+        };
+        double dot2 = 0.0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (s < nk) {
+                double p, gy;
+                p_gy(s, xs[i], p, gy);
+                dot2 += p * gy;
+            }
+        }
+        dot2 = fu_wsum(dot2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (s >= f.Kp) continue;
+            float dlk = 0.0f, rg = 0.0f;
+            if (s < nk) {
+                const i64 o = row * nk + s;
+                double p, gy;
+                p_gy(s, xs[i], p, gy);
+                const double a1 = a1_of(s), a2 = a2_of(s);
+                const float dl = p > 0.0 ? (float)(p * (gy - dot2) / (double)rtemp) : 0.0f;
+                const double g = (double)dl;
+                double gcs = 0.0;
+                if (g != 0.0) {
+                    const bool masked = fu_masked(keep, last_pos_only, ti, t, s);
+                    if (!(masked && mask_mode == 0)) dlk = (float)(g * scale_d);
+                    if (content && !masked) {
+                        dgam += g * (double)(float)(a2 * scale_d);
+                        gcs = g * (double)gamma * scale_d;
+                    }
+                }
+                double gs = (double)yrow[s] * a1 + gcs * a2;
+                if (sw && dsw) gs += (double)sw[o] * (double)dsw[o];
+                gc_out[o] = gcs;
+                gsum_out[o] = gs;
+                rg = (float)(gcs / fmax((double)f.DN[l * lk + s], (double)ASA_DEN_EPS));
+            }
+            f.R[l * lk + s] = rg;
+            f.LK[l * lk + s] = rg * f.E[l * lk + s];
+            f.LC[l * lk + s] = dlk;
+        }
+    }
+    for (int i = threadIdx.x; i < (f.Lp - L) * f.Kp; i += blockDim.x) {
+        const int l = L + i / f.Kp, s = i % f.Kp;
+        f.R[l * lk + s] = 0.0f;
+        f.LK[l * lk + s] = 0.0f;
+        f.LC[l * lk + s] = 0.0f;
+    }
+    // d(gamma) of the block: warps in order
+    dgam = fu_wsum(dgam);
+    if (lane == 0) ft_red[warp] = dgam;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double a = 0.0;
+        for (int w = 0; w < nw; ++w) a += ft_red[w];
+        dgamma_part[blockIdx.x] = a;
+    }
+    // dkeys_part = dl_key^T q (f64 out, =)
+    asa_mma_tiles(f.Kp, f.dp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.LC[x * lk + r]; },
+                    [&](int x, int c) { return f.X[x * ld + c]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
+            if (r < nk && c < d) dkeys_part[(f.crow + r) * d + c] = (double)x;
+        });
+    });
+    // dq += dl_key keys + sum_s gc state
+    ft_mix_out(f, dq, t, d, true, true);
 }
 
 // slot_scan_read_mix on tensor cores: out [B,H,T,d] (=) = sum_s w * state, with den the

@@ -729,17 +729,24 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
         k(io.v),
     ];
+    if p.tensor_cores {
+        a.push(k(ws.den));
+    }
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
-    dev.walk_launch(
-        "slot_scan_read_backward_read",
-        tg,
-        blk,
-        p.smem_read() as u32,
-        &a,
-        p.tile,
-    )?;
+    if p.tensor_cores {
+        p.launch_tc(dev, "slot_scan_read_backward_read_bf16", &a)?;
+    } else {
+        dev.walk_launch(
+            "slot_scan_read_backward_read",
+            tg,
+            blk,
+            p.smem_read() as u32,
+            &a,
+            p.tile,
+        )?;
+    }
     let hkd = p.h * nk * d;
     dev.walk_launch(
         "slot_scan_read_backward_keys",
