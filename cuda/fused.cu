@@ -543,7 +543,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // with rho = weights / den and mask the lower triangle l' <= l. Sizes padded to 16 (Lp, Kp, dp);
 // 256 threads; dynamic shared memory (f32 unless noted), its size `FusedPlan::smem_tc`:
 //   f64 cd, cpd [Kp]; X, V [Lp][dp+1]; C, P, keys [Kp][dp+1]; QV [Lp][Lp+1];
-//   A, E, DN, LK, LC, R [Lp][Kp+1]; mp [Kp].
+//   A, E, DN, LK, LC, R [Lp][Kp+1]; G [Lp][Kp+1] (in the keys' room where it fits); mp [Kp].
 
 #define FT_THREADS 256
 
@@ -554,7 +554,7 @@ struct FtTile {
     i64 bh, crow;  // (b,h); the carries' row of slot 0
     int hi, t0, L, c0, Lp, Kp, dp, ld, lk, ll;
     double *cd, *cpd;
-    float *X, *V, *C, *P, *KY, *QV, *A, *E, *DN, *LK, *LC, *R, *mp;
+    float *X, *V, *C, *P, *KY, *QV, *A, *E, *DN, *LK, *LC, *R, *G, *mp;
 };
 
 __device__ __forceinline__ FtTile ft_tile(double* smem, int h, int t, int nk, int d, int chunk, int tile, int nsub,
@@ -588,7 +588,10 @@ __device__ __forceinline__ FtTile ft_tile(double* smem, int h, int t, int nk, in
     f.LK = f.DN + f.Lp * f.lk;
     f.LC = f.LK + f.Lp * f.lk;
     f.R = f.LC + f.Lp * f.lk;
-    f.mp = f.R + f.Lp * f.lk;
+    // G (the scan backward's) shares the keys' room where it fits: no kernel uses both
+    const bool shared_g = f.Kp * f.ld >= f.Lp * f.lk;
+    f.G = shared_g ? f.KY : f.R + f.Lp * f.lk;
+    f.mp = f.R + f.Lp * f.lk + (shared_g ? 0 : f.Lp * f.lk);
     return f;
 }
 
@@ -606,6 +609,64 @@ __device__ __forceinline__ void ft_stage_keys(const FtTile& f, const float* __re
     for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
         const int s = i / f.dp, j = i - s * f.dp;
         f.KY[s * f.ld + j] = (s < nk && j < d) ? keys[((i64)f.hi * nk + s) * d + j] : 0.0f;
+    }
+}
+
+// mp = the carried max (rmax at c0 - 1), then alpha (A; 0 when wl is null) and E. Ends with a
+// barrier.
+__device__ __forceinline__ void ft_stage_ae(const FtTile& f, const float* __restrict__ wl,
+                                            const float* __restrict__ rmax, int t, int nk) {
+    for (int s = threadIdx.x; s < f.Kp; s += blockDim.x)
+        f.mp[s] = (s < nk && f.c0 > 0) ? rmax[(f.bh * nk + s) * t + f.c0 - 1] : ASA_NEG_INF;
+    __syncthreads();
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+        const int l = i / f.Kp, s = i - l * f.Kp;
+        float a = 0.0f, e = 0.0f;
+        if (l < f.L && s < nk) {
+            const i64 o = (f.bh * nk + s) * t + f.t0 + l;
+            const float m = rmax[o];
+            if (wl) a = (float)fu_e(wl[o], m);
+            e = (float)fu_scale(f.mp[s], m);
+        }
+        f.A[l * f.lk + s] = a;
+        f.E[l * f.lk + s] = e;
+    }
+    __syncthreads();
+}
+
+// The state gradient's j-th rank-1 term per position, g = rw dout1 + sw ddelta + gc q: X = the
+// tile's rows of dout1 (j 0), ddelta (1) or q (2), LK = W = its coefficient / max(den, eps)
+// ([Lp][Kp], 0 on the padding); so gn = sum_j W_j x_j. False (nothing staged) for an absent
+// term (no refine).
+__device__ __forceinline__ bool ft_stage_grad(const FtTile& f, int j, const float* __restrict__ rw,
+                                              const float* __restrict__ sw, const double* __restrict__ gc,
+                                              const float* __restrict__ dout1, const float* __restrict__ ddelta,
+                                              const float* __restrict__ q, int t, int nk, int d) {
+    if (j == 1 && !(sw && ddelta)) return false;
+    ft_stage_rows(f.X, j == 0 ? dout1 : j == 1 ? ddelta : q, f, t, d);
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+        const int l = i / f.Kp, s = i - l * f.Kp;
+        float w = 0.0f;
+        if (l < f.L && s < nk) {
+            const i64 o = (f.bh * t + f.t0 + l) * nk + s;
+            const double c = j == 0 ? (double)rw[o] : j == 1 ? (double)sw[o] : gc[o];
+            w = (float)(c / (double)fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS));
+        }
+        f.LK[l * f.lk + s] = w;
+    }
+    return true;
+}
+
+// G = gd = -gsum / max(den, eps) (0 where den < eps, and on the padding).
+__device__ __forceinline__ void ft_stage_gd(const FtTile& f, const double* __restrict__ gsum, int t, int nk) {
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
+        const int l = i / f.Kp, s = i - l * f.Kp;
+        float g = 0.0f;
+        if (l < f.L && s < nk) {
+            const float dn = f.DN[l * f.lk + s];
+            if (dn >= ASA_DEN_EPS) g = (float)(-gsum[(f.bh * t + f.t0 + l) * nk + s] / (double)dn);
+        }
+        f.G[l * f.lk + s] = g;
     }
 }
 
@@ -629,22 +690,8 @@ __device__ __forceinline__ void ft_stage_scan(const FtTile& f, float* cn_chunk, 
     for (int s = threadIdx.x; s < f.Kp; s += blockDim.x) {
         f.cd[s] = s < nk ? cd[f.crow + s] : 0.0;
         f.cpd[s] = s < nk ? cpd[f.crow + s] : 0.0;
-        f.mp[s] = (s < nk && f.c0 > 0) ? rmax[(f.bh * nk + s) * t + f.c0 - 1] : ASA_NEG_INF;
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
-        const int l = i / f.Kp, s = i - l * f.Kp;
-        float a = 0.0f, e = 0.0f;
-        if (l < f.L && s < nk) {
-            const i64 o = (f.bh * nk + s) * t + f.t0 + l;
-            const float m = rmax[o];
-            a = (float)fu_e(wl[o], m);
-            e = (float)fu_scale(f.mp[s], m);
-        }
-        f.A[l * f.lk + s] = a;
-        f.E[l * f.lk + s] = e;
-    }
-    __syncthreads();
+    ft_stage_ae(f, wl, rmax, t, nk);
 }
 
 // DN = den (a walk per slot over the tile in f64, written to den [B,H,K,T] when den_out is not
@@ -1708,6 +1755,177 @@ extern "C" __global__ void __launch_bounds__(512)
         fu_rows_out(dv + row * d, part + buf * x.nw * d, x.nw, d, true);
     }
 #undef FU_LOAD_CHUNK
+}
+
+// slot_scan_read_backward_sums on tensor cores (tiles inside one chunk): the same outputs.
+//   nsub > 0:  bs_n = sum_t gn_t = sum_j W_j^T x_j,  bs2_n = sum_t sc_t gn_t,  bs_d, bs2_d the same
+//              for gd, bs_prod = 1;
+//   nsub == 0 (the tile is its chunk): bs_n = sum_t sc_t gn_t, bs_d = sum_t sc_t gd_t, bs2 = 0,
+//              bs_prod = sc at the chunk's last position.
+// C, P accumulate the two [K][d] sums over the terms j.
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_backward_sums_bf16(double* bs_n, double* bs_d, double* bs2_n, double* bs2_d, double* bs_prod,
+                                      const float* __restrict__ rw, const float* __restrict__ sw,
+                                      const double* __restrict__ gc, const double* __restrict__ gsum,
+                                      const float* __restrict__ dout1, const float* __restrict__ ddelta,
+                                      const float* __restrict__ q, const float* __restrict__ den,
+                                      const float* __restrict__ rmax, int nbh, int h, int t, int nk, int d,
+                                      int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    const int ld = f.ld, lk = f.lk;
+    ft_stage_ae(f, nullptr, rmax, t, nk);
+    ft_den(f, nullptr, den, t, nk);
+    for (int i = threadIdx.x; i < f.Kp * ld; i += blockDim.x) f.C[i] = f.P[i] = 0.0f;
+    __syncthreads();
+    ft_stage_gd(f, gsum, t, nk);
+    for (int j = 0; j < 3; ++j) {
+        if (!ft_stage_grad(f, j, rw, sw, gc, dout1, ddelta, q, t, nk, d)) continue;
+        __syncthreads();
+        asa_mma_tiles(f.Kp, f.dp, [&](int r0, int n0) {
+            float a1[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            auto rx = [&](int x, int c) { return f.X[x * ld + c]; };
+            asa_mma_acc(a1, r0, n0, f.Lp, [&](int r, int x) { return f.LK[x * lk + r]; }, rx);
+            asa_mma_acc(a2, r0, n0, f.Lp, [&](int r, int x) { return f.LK[x * lk + r] * f.E[x * lk + r]; }, rx);
+            asa_mma_store(a1, r0, n0, [&](int r, int c, float x) { f.C[r * ld + c] += x; });
+            asa_mma_store(a2, r0, n0, [&](int r, int c, float x) { f.P[r * ld + c] += x; });
+        });
+        __syncthreads();
+    }
+    const bool whole = nsub == 0;
+    for (int i = threadIdx.x; i < nk * d; i += blockDim.x) {
+        const int s = i / d, c = i - s * d;
+        const i64 r = (f.crow + s) * d + c;
+        bs_n[r] = whole ? (double)f.P[s * ld + c] : (double)f.C[s * ld + c];
+        bs2_n[r] = whole ? 0.0 : (double)f.P[s * ld + c];
+    }
+    for (int s = threadIdx.x; s < nk; s += blockDim.x) {
+        double sad = 0.0, sscd = 0.0;
+        for (int l = f.L - 1; l >= 0; --l) {
+            const double g = (double)f.G[l * lk + s];
+            sad += g;
+            sscd = fma((double)f.E[l * lk + s], g, sscd);
+        }
+        bs_d[f.crow + s] = whole ? sscd : sad;
+        bs2_d[f.crow + s] = whole ? 0.0 : sscd;
+        bs_prod[f.crow + s] = whole ? (double)f.E[(f.L - 1) * lk + s] : 1.0;
+    }
+}
+
+// slot_scan_read_backward on tensor cores (tiles inside one chunk): the same outputs. With
+// R0 = bc_n, B0 = bc_d (the gradients flowing in from after the tile, the chunk's carry-out
+// ones included), gn_t = sum_j W_j x_j and gd_t = G:
+//   a_t    = R0 + sum_{t' >= t} gn_t',   bsum_t = B0 + sum_{t' >= t} gd_t'
+//   dv    += alpha a = alpha R0 + sum_j (mask^T (alpha W_j^T)) x_j
+//   xo     = alpha (bsum + v . a),  v . a = v R0^T + sum_j (mask^T (V x_j^T)) W_j
+//   yo     = E (den_prev gd + num_prev . gn)  (+ B0, num_prev . R0 at the chunk's last position),
+//            num_prev . gn = sum_j W_j (x_j num_prev^T);  0 while the carried max is -inf
+// Staged: V, C = num_prev (cn_chunk), P = R0, cd = B0, cpd = den_prev; LC accumulates v . a,
+// R the num_prev . gn sums.
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_backward_bf16(float* dv, double* xo, double* yo, const double* __restrict__ bc_n,
+                                 const double* __restrict__ bc_d, const float* __restrict__ cn_chunk,
+                                 const float* __restrict__ rw, const float* __restrict__ sw,
+                                 const double* __restrict__ gc, const double* __restrict__ gsum,
+                                 const float* __restrict__ dout1, const float* __restrict__ ddelta,
+                                 const float* __restrict__ q, const float* __restrict__ v,
+                                 const float* __restrict__ wl, const float* __restrict__ den,
+                                 const float* __restrict__ rmax, int nbh, int h, int t, int nk, int d, int chunk,
+                                 int tile, int nsub, int ntiles, int nchunks, int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    const int ld = f.ld, lk = f.lk, ll = f.ll, L = f.L;
+    ft_stage_rows(f.V, v, f, t, d);
+    const float* cr = cn_chunk + (f.bh * nchunks + f.c0 / chunk) * nk * d;
+    for (int i = threadIdx.x; i < f.Kp * f.dp; i += blockDim.x) {
+        const int s = i / f.dp, j = i - s * f.dp;
+        const bool in = s < nk && j < d;
+        f.C[s * ld + j] = (in && f.c0 > 0) ? cr[s * d + j] : 0.0f;
+        f.P[s * ld + j] = in ? (float)bc_n[(f.crow + s) * d + j] : 0.0f;
+    }
+    for (int s = threadIdx.x; s < f.Kp; s += blockDim.x) {
+        f.cd[s] = s < nk ? bc_d[f.crow + s] : 0.0;
+        f.cpd[s] = (s < nk && f.c0 > 0) ? (double)den[(f.bh * nk + s) * t + f.c0 - 1] : 0.0;
+    }
+    ft_stage_ae(f, wl, rmax, t, nk);
+    ft_den(f, nullptr, den, t, nk);
+    for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) f.LC[i / f.Kp * lk + i % f.Kp] = f.R[i / f.Kp * lk + i % f.Kp] = 0.0f;
+    __syncthreads();
+    ft_stage_gd(f, gsum, t, nk);
+    bool first = true;
+    for (int j = 0; j < 3; ++j) {
+        if (!ft_stage_grad(f, j, rw, sw, gc, dout1, ddelta, q, t, nk, d)) continue;
+        __syncthreads();
+        // QV = mask^T (alpha W^T); R += W (x num_prev^T)
+        asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.A[r * lk + x]; },
+                        [&](int x, int c) { return f.LK[c * lk + x]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.QV[r * ll + c] = c >= r ? x : 0.0f; });
+        });
+        asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
+                        [&](int x, int c) { return f.C[c * ld + x]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.R[r * lk + c] += f.LK[r * lk + c] * x; });
+        });
+        __syncthreads();
+        // dv += QV x (+ alpha R0 once)
+        asa_mma_tiles(f.Lp, f.dp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.QV[r * ll + x]; },
+                        [&](int x, int c) { return f.X[x * ld + c]; });
+            if (first)
+                asa_mma_acc(acc, r0, n0, f.Kp, [&](int r, int x) { return f.A[r * lk + x]; },
+                            [&](int x, int c) { return f.P[x * ld + c]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
+                if (r < L && c < d) {
+                    float* o = dv + (f.bh * t + f.t0 + r) * d + c;
+                    *o = *o + x;
+                }
+            });
+        });
+        __syncthreads();
+        // QV = mask^T (V x^T); LC += QV W (+ V R0^T once)
+        asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.V[r * ld + x]; },
+                        [&](int x, int c) { return f.X[c * ld + x]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.QV[r * ll + c] = c >= r ? x : 0.0f; });
+        });
+        __syncthreads();
+        asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.QV[r * ll + x]; },
+                        [&](int x, int c) { return f.LK[x * lk + c]; });
+            if (first)
+                asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.V[r * ld + x]; },
+                            [&](int x, int c) { return f.P[c * ld + x]; });
+            asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LC[r * lk + c] += x; });
+        });
+        __syncthreads();
+        first = false;
+    }
+    // per slot, in reverse: bsum, xo, yo
+    const bool ends = f.t0 + L == fu_c1(f.t0 + L - 1, chunk, t);
+    for (int s = threadIdx.x; s < nk; s += blockDim.x) {
+        double extra = 0.0;  // num_prev . R0 (the carry-out gradient at the chunk's last position)
+        if (ends)
+            for (int j = 0; j < d; ++j) extra += (double)f.C[s * ld + j] * (double)f.P[s * ld + j];
+        const bool carried = isfinite(f.mp[s]);
+        const i64 srow = (f.bh * nk + s) * t + f.t0;
+        double bsum = f.cd[s];
+        for (int l = L - 1; l >= 0; --l) {
+            double gd = (double)f.G[l * lk + s], p2 = (double)f.R[l * lk + s];
+            bsum += gd;
+            if (ends && l == L - 1) {
+                gd += f.cd[s];
+                p2 += extra;
+            }
+            xo[srow + l] = (double)f.A[l * lk + s] * (bsum + (double)f.LC[l * lk + s]);
+            yo[srow + l] = carried ? (double)f.E[l * lk + s] * (f.cpd[s] * gd + p2) : 0.0;
+        }
+    }
 }
 
 // Exclusive affine scan over the 32 lanes in lane order: lane l applies x -> al*x + be. Returns

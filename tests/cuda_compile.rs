@@ -203,6 +203,8 @@ fn kernels_have_cpu_twins() {
         ("slot_scan_read_mix_bf16", "slot_mix_forward"),
         ("slot_scan_read_dot_bf16", "slot_mix_backward"),
         ("slot_scan_read_backward", "slot_scan_backward"),
+        ("slot_scan_read_backward_bf16", "slot_scan_backward"),
+        ("slot_scan_read_backward_sums_bf16", "slot_scan_backward"),
         ("slot_scan_read_backward_read", "read_logits_backward"),
         ("slot_scan_read_backward_read_bf16", "read_logits_backward"),
         ("slot_scan_read_backward_sums", "slot_scan_backward"),

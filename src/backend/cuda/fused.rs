@@ -166,7 +166,9 @@ impl FusedPlan {
         let pad = |x: usize| x.div_ceil(16) * 16;
         let (lp, kp, dp) = (pad(self.tile.min(self.t)), pad(self.k), pad(self.d));
         let (ld, lk, ll) = (dp + 1, kp + 1, lp + 1);
-        16 * kp + 4 * (2 * lp * ld + 3 * kp * ld + lp * ll + 6 * lp * lk + kp)
+        // G of the scan backward shares the keys' room where it fits
+        let g = if kp * ld >= lp * lk { 0 } else { lp * lk };
+        16 * kp + 4 * (2 * lp * ld + 3 * kp * ld + lp * ll + 6 * lp * lk + g + kp)
     }
 
     /// The cost model's `steps` of a tensor-core tile kernel: its 16-position row blocks.
@@ -796,7 +798,11 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.walk_launch("slot_scan_read_backward_sums", tg, blk, 0, &a, p.tile)?;
+    if p.tensor_cores {
+        p.launch_tc(dev, "slot_scan_read_backward_sums_bf16", &a)?;
+    } else {
+        dev.walk_launch("slot_scan_read_backward_sums", tg, blk, 0, &a, p.tile)?;
+    }
     // level 2: carries at tile ends
     let mut a = vec![
         k(ws.bc_n),
@@ -838,14 +844,18 @@ pub fn backward<L: Device + ?Sized>(
         k(ws.rmax),
     ];
     a.extend_from_slice(&dims);
-    dev.walk_launch(
-        "slot_scan_read_backward",
-        tg,
-        blk,
-        p.smem_mix() as u32,
-        &a,
-        p.tile,
-    )?;
+    if p.tensor_cores {
+        p.launch_tc(dev, "slot_scan_read_backward_bf16", &a)?;
+    } else {
+        dev.walk_launch(
+            "slot_scan_read_backward",
+            tg,
+            blk,
+            p.smem_mix() as u32,
+            &a,
+            p.tile,
+        )?;
+    }
     // running max
     dev.walk_launch(
         "slot_scan_read_backward_route",
