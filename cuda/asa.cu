@@ -226,6 +226,73 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
     }
 }
 
+// write_logits_backward_keys on tensor cores (Precision::Bf16): the same partials, pkeys[b,h] =
+// gscale * dwl[b,h]^T k[b,h] as a [K][d] product over time (bf16 operands, f32 accumulation),
+// pbias as the f64 walk. One block of 256 threads per (b,h) walks T in chunks of WK_CHUNK
+// positions; each warp keeps its output tiles' accumulators (at most WK_TILES per warp: the
+// host sends larger K x d to the f64 kernel). Dynamic shared memory: (Kp (WK_CHUNK + 1) +
+// WK_CHUNK (dp + 1)) floats, Kp and dp the sizes padded to 16.
+#define WK_CHUNK 64
+#define WK_TILES 4
+
+extern "C" __global__ void __launch_bounds__(256)
+    write_logits_backward_keys_bf16(double* pkeys, double* pbias, const float* dwl, const float* k, float wtemp,
+                                    const unsigned char* valid, int b, int h, int t, int nk, int d) {
+    ASA_DYN_SHARED(float, wk_smem);
+    const i64 bh = blockIdx.x, bi = bh / h;
+    const int Kp = (nk + 15) & ~15, dp = (d + 15) & ~15, lg = WK_CHUNK + 1, lx = dp + 1;
+    float* G = wk_smem;          // [Kp][WK_CHUNK + 1]: dwl of live positions
+    float* X = G + Kp * lg;      // [WK_CHUNK][dp + 1]: the keys k
+    const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, tn8 = dp >> 3;
+    const int ntile = (Kp >> 4) * tn8;
+    float acc[WK_TILES][4];
+#pragma unroll
+    for (int i = 0; i < WK_TILES; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+    double pb = 0.0;
+    for (int t0 = 0; t0 < t; t0 += WK_CHUNK) {
+        const int tn = min(WK_CHUNK, t - t0);
+        for (int i = threadIdx.x; i < Kp * WK_CHUNK; i += blockDim.x) {
+            const int s = i / WK_CHUNK, l = i - s * WK_CHUNK;
+            const int ti = t0 + l;
+            const bool live = s < nk && l < tn && (!valid || valid[bi * t + ti]);
+            G[s * lg + l] = live ? dwl[(bh * nk + s) * t + ti] : 0.0f;
+        }
+        for (int i = threadIdx.x; i < WK_CHUNK * dp; i += blockDim.x) {
+            const int l = i / dp, j = i - l * dp;
+            X[l * lx + j] = (l < tn && j < d) ? k[(bh * t + t0 + l) * d + j] : 0.0f;
+        }
+        __syncthreads();
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < WK_TILES; ++i) {
+            const int tile = warp + i * nw;
+            if (tile < ntile)
+                asa_mma_acc(acc[i], (tile / tn8) << 4, (tile % tn8) << 3, WK_CHUNK,
+                            [&](int r, int x) { return G[r * lg + x]; }, [&](int x, int c) { return X[x * lx + c]; });
+        }
+        // the ALiBi bias partial: time order, f64
+        for (int s = threadIdx.x; s < nk; s += blockDim.x)
+            for (int l = 0; l < tn; ++l) {
+                const double gw = (double)G[s * lg + l];
+                if (gw != 0.0) pb += gw * (double)(t0 + l);
+            }
+        __syncthreads();
+    }
+    const double gscale = 1.0 / sqrt((double)d) / (double)wtemp;
+#pragma unroll
+    for (int i = 0; i < WK_TILES; ++i) {
+        const int tile = warp + i * nw;
+        if (tile < ntile)
+            asa_mma_store(acc[i], (tile / tn8) << 4, (tile % tn8) << 3, [&](int r, int c, float x) {
+                if (r < nk && c < d) pkeys[(bh * nk + r) * d + c] = gscale * (double)x;
+            });
+    }
+    if (pbias)
+        for (int s = threadIdx.x; s < nk; s += blockDim.x) pbias[bh * nk + s] = pb;
+}
+
 // dst [H*X] += sum over b of (f32) part[b, H*X], b in order (the CPU's per-(b,h) partials).
 extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, i64 hx) {
     ASA_GRID_LOOP(i, hx) {

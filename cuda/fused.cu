@@ -780,6 +780,35 @@ __device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, i
     });
 }
 
+// slot_scan_read_forward_sums on tensor cores (tiles inside one chunk): the same outputs, sum_n =
+// alpha^T V (a [K][d] product over the tile), sum_d = the column sums of alpha (f64), prod = E
+// at the tile's last position when the tile is its chunk (nsub == 0), else 1.
+extern "C" __global__ void __launch_bounds__(FT_THREADS)
+    slot_scan_read_forward_sums_bf16(double* sum_n, double* sum_d, double* prod, const float* __restrict__ wl,
+                                     const float* __restrict__ rmax, const float* __restrict__ v, int nbh, int h,
+                                     int t, int nk, int d, int chunk, int tile, int nsub, int ntiles, int nchunks,
+                                     int group) {
+    ASA_DYN_SHARED(double, ft_smem);
+    const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
+    const int ld = f.ld, lk = f.lk;
+    ft_stage_rows(f.V, v, f, t, d);
+    ft_stage_ae(f, wl, rmax, t, nk);
+    asa_mma_tiles(f.Kp, f.dp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, f.Lp, [&](int r, int x) { return f.A[x * lk + r]; },
+                    [&](int x, int c) { return f.V[x * ld + c]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) {
+            if (r < nk && c < d) sum_n[(f.crow + r) * d + c] = (double)x;
+        });
+    });
+    for (int s = threadIdx.x; s < nk; s += blockDim.x) {
+        double a = 0.0;
+        for (int l = 0; l < f.L; ++l) a += (double)f.A[l * lk + s];
+        sum_d[f.crow + s] = a;
+        prod[f.crow + s] = nsub == 0 ? (double)f.E[(f.L - 1) * lk + s] : 1.0;
+    }
+}
+
 // slot_scan_read_forward on tensor cores: the same arguments and outputs.
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_forward_bf16(float* out1, float* rw, float* lkey, float* lcont, float* logits, float* den,

@@ -587,6 +587,43 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     dev.alibi_grad(da, pb.dv(), sl_d, 0.5, b, h, nk).unwrap();
     let want = (dbias[0] * 0.5 + dbias[1] * 0.25) * 0.5;
     close("alibi_grad", &mem.get(da), &[want as f32], TOL);
+    // bf16 (devices with that path): the slot keys' gradient on tensor cores, the ALiBi partials
+    // as exact as in f32, dk unchanged
+    if mem.try_precision(Precision::Bf16) {
+        let (dkeys16, dk16, pb16) = (
+            mem.zeroed::<f32>(h * nk * d),
+            mem.zeroed::<f32>(kk.len()),
+            mem.zeroed::<f64>(b * h * nk),
+        );
+        dev.write_logits_backward(
+            dkeys16,
+            dk16,
+            pb16.dv(),
+            gw_d,
+            keys_d,
+            k_d,
+            0.7,
+            vd.dv(),
+            dm,
+        )
+        .unwrap();
+        mem.try_precision(Precision::F32);
+        let got = mem.get(dkeys16);
+        close("write_logits_backward dkeys bf16", &got, &dkeys, 1e-2);
+        let e = crate::check::rel_err(&got, &dkeys);
+        assert!(
+            e > 1e-7,
+            "write_logits_backward dkeys bf16: no bf16 rounding ({e:e})"
+        );
+        close("write_logits_backward dk bf16", &mem.get(dk16), &dk, TOL);
+        let (p32, p16) = (mem.get(pb.dv()), mem.get(pb16.dv()));
+        for (i, (x, y)) in p32.iter().zip(&p16).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                "pbias bf16 {i}: {y} vs {x}"
+            );
+        }
+    }
     // the bias from the learned strength's parameter on the device, and from the init
     let slopes6 = ca::alibi_slopes(6);
     let sl6 = mem.put(&slopes6);

@@ -512,14 +512,18 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         k(io.v),
     ];
     a.extend_from_slice(&dims);
-    dev.walk_launch(
-        "slot_scan_read_forward_sums",
-        p.tiles_grid(),
-        p.block(),
-        0,
-        &a,
-        p.tile,
-    )?;
+    if p.tensor_cores {
+        p.launch_tc(dev, "slot_scan_read_forward_sums_bf16", &a)?;
+    } else {
+        dev.walk_launch(
+            "slot_scan_read_forward_sums",
+            p.tiles_grid(),
+            p.block(),
+            0,
+            &a,
+            p.tile,
+        )?;
+    }
     let mut a = vec![
         k(ws.cn),
         k(ws.cd),

@@ -1128,10 +1128,20 @@ pub trait Ops: Device {
         let pkeys = self.scratch64(b * h * nk * d, false)?;
         let mut a = vec![k(pkeys), k(pbias), k(dwl), k(kk), k(wtemp), k(valid)];
         a.extend_from_slice(&dims);
-        // a thread per (b, h, slot, dim) walks T, four positions at a time
-        let c = self.cfg_elems(pkeys.len);
-        let name = "write_logits_backward_keys";
-        self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
+        let (kp, dp) = (nk.div_ceil(16) * 16, d.div_ceil(16) * 16);
+        // tensor cores: a block per (b, h) walks T in chunks of 64 (each warp's output tiles,
+        // at most four, in registers); WK_CHUNK, WK_TILES of the kernel
+        let smem = 4 * (kp * 65 + 64 * (dp + 1));
+        if self.precision() == Precision::Bf16 && kp * dp <= 4 * 8 * 128 && smem <= self.max_smem()
+        {
+            let name = "write_logits_backward_keys_bf16";
+            self.walk_launch(name, (b * h) as u32, 256, smem as u32, &a, t.div_ceil(64))?;
+        } else {
+            // a thread per (b, h, slot, dim) walks T, four positions at a time
+            let c = self.cfg_elems(pkeys.len);
+            let name = "write_logits_backward_keys";
+            self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
+        }
         self.launch(
             "sum_batch_add",
             self.cfg_elems(h * nk * d),
