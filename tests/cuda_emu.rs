@@ -562,3 +562,11 @@ fn emulated_training_with_dropout_runs_and_learns() {
         model_cases::training_with_dropout_runs_and_learns(&|| EmuDev::new(e));
     }
 }
+
+#[test]
+fn emulated_bf16_training_curve_follows_f32() {
+    if let Some(e) = emu("emulated_bf16_training_curve_follows_f32") {
+        let worst = model_cases::bf16_curve_follows_f32(&|| EmuDev::new(e), 50, 2e-3);
+        println!("bf16 vs f32 loss curve, 50 steps: largest relative difference {worst:.2e}");
+    }
+}

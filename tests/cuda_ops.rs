@@ -122,6 +122,15 @@ fn cuda_lm_train_step_matches_cpu() {
 }
 
 #[test]
+fn cuda_bf16_training_curve_follows_f32() {
+    if backend("cuda_bf16_training_curve_follows_f32").is_none() {
+        return;
+    }
+    let worst = model_cases::bf16_curve_follows_f32(&|| CudaBackend::new(0).unwrap(), 50, 2e-3);
+    println!("bf16 vs f32 loss curve, 50 steps: largest relative difference {worst:.2e}");
+}
+
+#[test]
 fn cuda_training_with_dropout_runs_and_learns() {
     if backend("cuda_training_with_dropout_runs_and_learns").is_none() {
         return;
