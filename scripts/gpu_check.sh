@@ -16,8 +16,9 @@
 #   4. asa parity tests/fixtures --device cuda
 #   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
 #   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT), once more
-#       with the linear attention's serial walk, with its tiles of 64 positions, and with
-#       cuBLAS' own bf16 rounding (A/Bs),
+#       with the linear attention's serial walk, with its tiles of 64 positions, with
+#       cuBLAS' own bf16 rounding, and with the slot scan's and linear attention's f64 tiles
+#       instead of the tensor-core ones (ASA_CUDA_TENSOR_CORES=0) (A/Bs),
 #       and with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
 #   5c. asa kernel-cost --config practice-run (the static counts beside the profile)
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
@@ -193,6 +194,8 @@ if [ "$QUICK" != 1 ]; then
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-tiled64-linear.json"
 [ -x "$BUNDLE/asa" ] && run bench-practice-run-cublas-bf16 150 env ASA_CUDA_BF16_GEMM=cublas \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-cublas-bf16.json"
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-f64-tiles 150 env ASA_CUDA_TENSOR_CORES=0 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-f64-tiles.json"
 # per-kernel time of the same step (every launch synchronised: slower, for the breakdown only)
 [ -x "$BUNDLE/asa" ] && run profile-practice-run 120 env ASA_CUDA_PROFILE=1 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 1

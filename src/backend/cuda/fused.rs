@@ -30,7 +30,6 @@
 //! The launch sequence is written against [`Device`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
-use super::model::Precision;
 use super::ops::DevSlotMask;
 use super::{i32_of, AsDv, Backend, Device, Dv, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
@@ -888,8 +887,9 @@ pub fn backward<L: Device + ?Sized>(
 /// The plan for a layer forward, or `None` when the op-by-op path must run: the intervene
 /// variant, a routing other than softmax, or a shape the fused kernels do not support.
 /// The tile comes from `ASA_CUDA_FUSED_TILE` or [`FusedPlan::auto_tile`]. Under
-/// `Precision::Bf16` the forward's tiles run on tensor cores where the plan allows it (tiles
-/// then never hold more than one write chunk: chunks shorter than the tile are the tiles).
+/// `Precision::Bf16` ([`super::ops::tensor_cores`]) the tiles run on tensor cores where the plan
+/// allows it (tiles then never hold more than one write chunk: chunks shorter than the tile are
+/// the tiles).
 pub fn layer_plan<D: Device + ?Sized>(
     dev: &D,
     cfg: &ModelConfig,
@@ -904,7 +904,7 @@ pub fn layer_plan<D: Device + ?Sized>(
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&v| (1..=1024).contains(&v))
         .unwrap_or_else(|| FusedPlan::auto_tile(dm.b * dm.h, dm.t, dev.sm_count()));
-    let bf16 = dev.precision() == Precision::Bf16;
+    let bf16 = super::ops::tensor_cores(dev);
     let chunk = cfg.write_chunk_size.max(1);
     if bf16 && chunk < tile && chunk < dm.t {
         tile = chunk;

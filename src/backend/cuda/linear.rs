@@ -17,7 +17,6 @@
 //! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
 //! take the workspace from the device's scratch and call them.
 
-use super::model::Precision;
 use super::{i32_of, AsDv, Device, Dv, KArg};
 use crate::error::{AsaError, Result};
 
@@ -164,7 +163,7 @@ impl LinearPlan {
     }
 
     /// The plan for `dev` with `algo`, or [`LinearAlgo::choose`]'s default when None; tensor
-    /// cores when the device computes in `Precision::Bf16`.
+    /// cores when the device computes in `Precision::Bf16` ([`super::ops::tensor_cores`]).
     pub fn for_device<L: Device + ?Sized>(
         dev: &L,
         n: usize,
@@ -172,7 +171,7 @@ impl LinearPlan {
         m: usize,
         algo: Option<LinearAlgo>,
     ) -> Result<LinearPlan> {
-        let tc = dev.precision() == Precision::Bf16;
+        let tc = super::ops::tensor_cores(dev);
         let algo = match algo {
             Some(a) => a,
             None => LinearAlgo::choose(t, m, dev.max_smem(), tc)?,

@@ -1132,8 +1132,7 @@ pub trait Ops: Device {
         // tensor cores: a block per (b, h) walks T in chunks of 64 (each warp's output tiles,
         // at most four, in registers); WK_CHUNK, WK_TILES of the kernel
         let smem = 4 * (kp * 65 + 64 * (dp + 1));
-        if self.precision() == Precision::Bf16 && kp * dp <= 4 * 8 * 128 && smem <= self.max_smem()
-        {
+        if tensor_cores(self) && kp * dp <= 4 * 8 * 128 && smem <= self.max_smem() {
             let name = "write_logits_backward_keys_bf16";
             self.walk_launch(name, (b * h) as u32, 256, smem as u32, &a, t.div_ceil(64))?;
         } else {
@@ -1892,6 +1891,24 @@ fn bf16_in_cublas() -> bool {
         }
         _ => false,
     })
+}
+
+/// Environment switch of the tensor-core tile kernels (the fused slot scan, the linear
+/// attention's tiles, the write keys' gradient): `0`, `false` or `off` keeps their f64 kernels
+/// under `Precision::Bf16` too (for A/B timings on a device).
+pub const TENSOR_CORES_ENV: &str = "ASA_CUDA_TENSOR_CORES";
+
+/// Whether `be` runs the tensor-core tile kernels: under `Precision::Bf16`, unless
+/// [`TENSOR_CORES_ENV`] turns them off.
+pub fn tensor_cores<D: Device + ?Sized>(be: &D) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| {
+        matches!(
+            std::env::var(TENSOR_CORES_ENV).map(|v| v.trim().to_ascii_lowercase()),
+            Ok(v) if v == "0" || v == "false" || v == "off"
+        )
+    });
+    be.precision() == Precision::Bf16 && !off
 }
 
 /// Whether `be`'s GEMMs take bf16 operands converted by us (`Precision::Bf16`, unless cuBLAS
