@@ -8,8 +8,10 @@
 //! gate) are also mirrored on the host after each update, so the kernels get them by value.
 //!
 //! Precision: `F32` runs everything in f32 (f64 where the CPU twin accumulates in f64);
-//! `Bf16` rounds the GEMM inputs to bf16 (f32 accumulation and outputs); every other op, the
-//! slot state, the master weights and the optimizer state stay f32.
+//! `Bf16` rounds the GEMM inputs to bf16 (f32 accumulation and outputs) and runs the slot
+//! scan, the read, the linear attention and the slot keys' write gradient as tile products on
+//! tensor cores (bf16 operands, f32 sums; `ops::tensor_cores`); the other ops, the scan's
+//! statistics, the master weights and the optimizer state stay f32 (or f64).
 //!
 //! Supported on the GPU: the baseline and online variants, every routing mode except routing
 //! noise, slot masks, attention masks, dropout / slot dropout / slotspace dropout (counter-based
@@ -29,13 +31,14 @@ use crate::model::asa::{AsaOptions, Info, Intervention, RoutingMode, SlotMaskWhe
 use crate::model::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
 use crate::optim::AdamWConfig;
 
-/// GEMM input precision of the GPU path.
+/// Arithmetic precision of the GPU path (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// f32 everywhere (f64 accumulation where the CPU twin uses it)
     #[default]
     F32,
-    /// GEMM inputs rounded to bf16, f32 accumulation; everything else f32
+    /// GEMM inputs rounded to bf16, f32 accumulation; the scan, read and linear attention on
+    /// tensor cores (bf16 operands, f32 sums); everything else f32
     Bf16,
 }
 
