@@ -96,7 +96,7 @@ impl CaseReport {
                     format!("  failing: {}", failed.join(", "))
                 };
                 format!(
-                    "{status} {:<28} {:>3} tensors, worst {} {:.3e} (tol {:.0e}){extra}",
+                    "{status} {:<28} {:>3} tensors, worst {} {:.3e} (tol {:e}){extra}",
                     self.name,
                     self.checks.len(),
                     w.name,

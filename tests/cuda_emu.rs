@@ -549,6 +549,32 @@ fn emulated_gpu_path_passes_every_public_fixture() {
     assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
 }
 
+/// Every public fixture through the bf16 path (bf16 GEMM operands, the fused scan and linear
+/// attention on tensor cores) at bf16's tolerance: the tensor-core kernels compute the same
+/// model on every fixture's configuration.
+#[test]
+fn emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance() {
+    let Some(e) = emu("emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance") else {
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cases = asa::parity::find_cases(&[root]).unwrap();
+    assert!(cases.len() >= 14, "found {} cases", cases.len());
+    let mut failed = Vec::new();
+    for dir in &cases {
+        let rep = asa::backend::cuda::parity::run_case_on(
+            dir,
+            asa::backend::cuda::Precision::Bf16,
+            &|| Ok(EmuDev::new(e)),
+        );
+        println!("{}", rep.line());
+        if !rep.passed() {
+            failed.push(rep.line());
+        }
+    }
+    assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
+}
+
 #[test]
 fn emulated_resume_and_eval_match() {
     if let Some(e) = emu("emulated_resume_and_eval_match") {

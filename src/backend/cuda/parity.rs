@@ -6,6 +6,11 @@
 //! intervene variant's: the intervention logs, `slotspace_gate`, `slotspace_delta_norm`,
 //! `out1`); the others (`info.*` of the read/write path, `layerN.*`) are left to the CPU run.
 //! Cases the GPU path does not support (routing noise) report that as their error.
+//!
+//! The tolerances are float32 ones. Under `Precision::Bf16` (bf16 GEMM operands, the scan and
+//! linear attention on tensor cores) each check is held to [`bf16_tol`] instead, where that is
+//! looser: the fixtures then show that the bf16 path computes the same model, to bf16's
+//! precision.
 
 use std::path::Path;
 
@@ -23,6 +28,23 @@ use crate::parity::{
     train_checks, CaseReport, Check, Io, TOL_GRAD, TOL_LOSS, TOL_OUT,
 };
 
+/// The tolerance of a check named `name` under `Precision::Bf16` (relative to the tensor's
+/// scale, or absolute for the losses, as the float32 table): 5e-2 (the GPU tests' bf16
+/// training-step tolerance, docs/ASSUMPTIONS.md) for outputs, logits and losses; 1.5e-1 for
+/// gradients (bf16 operands of the write keys' gradient pass through the scan's exponentials:
+/// 6.5e-2 measured with bf16 GEMMs alone, 1.1e-1 with the tensor-core scan too); 2.5e-1 for
+/// the weights after the three AdamW steps of `lm_train3` (AdamW turns a tiny gradient's
+/// rounding noise into a full step of lr: 1.8e-1 with bf16 GEMMs alone).
+pub fn bf16_tol(name: &str) -> f64 {
+    if name.starts_with("final.") {
+        2.5e-1
+    } else if name.starts_with("grad") {
+        1.5e-1
+    } else {
+        5e-2
+    }
+}
+
 /// Runs one case folder on the GPU; every failure becomes the report's error.
 pub fn run_case_cuda(dir: &Path, precision: Precision) -> CaseReport {
     run_case_on(dir, precision, &|| CudaBackend::new(0))
@@ -35,7 +57,15 @@ pub fn run_case_on<B: Backend>(
     precision: Precision,
     mk: &dyn Fn() -> Result<B>,
 ) -> CaseReport {
-    case_report(dir, run_inner(dir, precision, mk))
+    let checks = run_inner(dir, precision, mk).map(|mut checks| {
+        if precision == Precision::Bf16 {
+            for c in &mut checks {
+                c.tol = c.tol.max(bf16_tol(&c.name));
+            }
+        }
+        checks
+    });
+    case_report(dir, checks)
 }
 
 fn run_inner<B: Backend>(
