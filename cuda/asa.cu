@@ -77,6 +77,38 @@ extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int 
     }
 }
 
+// The three projections of a fused QKV GEMM: inp [B,T,3*H*d] (rows of k | v | q) -> o0, o1, o2
+// [B,H,T,d] (split_heads of each third). A block per row (b, t) of inp.
+extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const float* inp, int b, int t, int h,
+                                        int d) {
+    const int hd = h * d;
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int j = threadIdx.x; j < 3 * hd; j += blockDim.x) {
+            const int w = j / hd, jw = j - w * hd, hi = jw / d, jj = jw - hi * d;
+            float* o = w == 0 ? o0 : w == 1 ? o1 : o2;
+            o[((bi * h + hi) * t + ti) * d + jj] = inp[row * 3 * hd + j];
+        }
+    }
+}
+
+// The gradient of a fused QKV GEMM's output: out [B,T,3*H*d] (=) <- the merges of i0, i1, i2
+// [B,H,T,d] side by side (merge_heads of each into a zero third). A block per row (b, t).
+extern "C" __global__ void merge_heads3(float* out, const float* i0, const float* i1, const float* i2, int b, int t,
+                                        int h, int d) {
+    const int hd = h * d;
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int j = threadIdx.x; j < 3 * hd; j += blockDim.x) {
+            const int w = j / hd, jw = j - w * hd, hi = jw / d, jj = jw - hi * d;
+            const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
+            out[row * 3 * hd + j] = x[((bi * h + hi) * t + ti) * d + jj];
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows]. One warp per row.
 

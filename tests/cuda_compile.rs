@@ -192,6 +192,8 @@ fn kernels_have_cpu_twins() {
         ("adamw_update", "step"),
         ("clip_scale", "clip_grad_norm"),
         ("merge_heads", "merge_heads_acc"),
+        ("merge_heads3", "merge_heads_acc"),
+        ("split_heads3", "split_heads"),
         ("mask_rows", "mask_rows_forward"),
         // the fused write scan + read (cuda/fused.cu): parts of the CPU chains they replace
         ("slot_scan_read_forward", "slot_scan_forward"),

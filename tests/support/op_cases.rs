@@ -320,6 +320,36 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mh_d = mem.put(&vec![1.0; n]);
     dev.merge_heads(mh_d, x_d, b, t, h, d).unwrap();
     close("merge_heads", &mem.get(mh_d), &mh, 0.0);
+    // the fused QKV projection's three thirds: [B,T,3C] <-> three [B,H,T,d]
+    let c3 = 3 * h * d;
+    let x3 = rv(&mut r, b * t * c3, 1.0);
+    let thirds: Vec<Vec<f32>> = (0..3)
+        .map(|w| {
+            let mut third = vec![0.0; n];
+            for row in 0..b * t {
+                third[row * h * d..(row + 1) * h * d]
+                    .copy_from_slice(&x3[row * c3 + w * h * d..row * c3 + (w + 1) * h * d]);
+            }
+            third
+        })
+        .collect();
+    let x3_d = mem.put(&x3);
+    let outs = [
+        mem.zeroed::<f32>(n),
+        mem.zeroed::<f32>(n),
+        mem.zeroed::<f32>(n),
+    ];
+    dev.split_heads3(outs, x3_d, b, t, h, d).unwrap();
+    let mut heads = Vec::new();
+    for (w, o) in outs.iter().enumerate() {
+        let mut want = vec![0.0; n];
+        ca::split_heads(&mut want, &thirds[w], b, t, h, d);
+        close(&format!("split_heads3 {w}"), &mem.get(*o), &want, 0.0);
+        heads.push(want);
+    }
+    let back = mem.put(&vec![f32::NAN; b * t * c3]);
+    dev.merge_heads3(back, outs, b, t, h, d).unwrap();
+    close("merge_heads3", &mem.get(back), &x3, 0.0);
 
     // l2normalize (one zero row)
     let mut xz = x.clone();

@@ -153,6 +153,15 @@ impl Layout {
     fn range(&self, base: Dv<f32>, id: ParamId) -> Dv<f32> {
         base.sub(self.offs[id], self.lens[id])
     }
+    /// One range over the parameters `ids` when they lie back to back in that order (no
+    /// alignment gap between them), e.g. the three projections of a fused QKV GEMM.
+    fn span(&self, base: Dv<f32>, ids: &[ParamId]) -> Option<Dv<f32>> {
+        let adjacent = ids
+            .windows(2)
+            .all(|w| self.offs[w[1]] == self.offs[w[0]] + self.lens[w[0]]);
+        let len = ids.iter().map(|&i| self.lens[i]).sum();
+        (adjacent && !ids.is_empty()).then(|| base.sub(self.offs[ids[0]], len))
+    }
 }
 
 /// Parameters on the device: the flat buffer, its layout and host copies of the scalar params.
@@ -451,6 +460,15 @@ impl GpuAsaLayer {
         }
     }
 
+    /// Wk_write, Wv_write, Wq_read as one [3C, C] range of `base` (the weights, or the
+    /// gradients: same layout) when they lie back to back: then one GEMM makes the three
+    /// projections (None: three GEMMs).
+    fn qkv_span(&self, base: Dv<f32>, p: &GpuParams) -> Option<Dv<f32>> {
+        let ids = &self.ids;
+        p.layout
+            .span(base, &[ids.wk_write, ids.wv_write, ids.wq_read])
+    }
+
     fn content_gamma(&self, p: &GpuParams) -> f32 {
         match self.ids.content_read_gamma {
             Some(i) => {
@@ -498,21 +516,28 @@ impl GpuAsaLayer {
         }
 
         // projections [B,T,C] and heads [B,H,T,d]
-        let kp = c_.kp.ensure(be, n * c)?;
-        let vp = c_.vp.ensure(be, n * c)?;
-        let qp = c_.qp.ensure(be, n * c)?;
-        // x is the input of all three (rounded to bf16 once)
-        be.with_bf16(x, || {
-            be.matmul_forward(kp, x, p.p(self.ids.wk_write), Dv::null(), n, c, c)?;
-            be.matmul_forward(vp, x, p.p(self.ids.wv_write), Dv::null(), n, c, c)?;
-            be.matmul_forward(qp, x, p.p(self.ids.wq_read), Dv::null(), n, c, c)
-        })?;
         let k_h = c_.k_h.ensure(be, n * c)?;
         let v_h = c_.v_h.ensure(be, n * c)?;
         let q_h = c_.q_h.ensure(be, n * c)?;
-        be.split_heads(k_h, kp, b, t, h, d)?;
-        be.split_heads(v_h, vp, b, t, h, d)?;
-        be.split_heads(q_h, qp, b, t, h, d)?;
+        if let Some(w3) = self.qkv_span(p.all(), p) {
+            // one GEMM for the three projections (their weights lie back to back): [B,T,3C]
+            let (_s, kvq) = tmp_uninit(be, 3 * n * c)?;
+            be.matmul_forward(kvq, x, w3, Dv::null(), n, c, 3 * c)?;
+            be.split_heads3([k_h, v_h, q_h], kvq, b, t, h, d)?;
+        } else {
+            let kp = c_.kp.ensure(be, n * c)?;
+            let vp = c_.vp.ensure(be, n * c)?;
+            let qp = c_.qp.ensure(be, n * c)?;
+            // x is the input of all three (rounded to bf16 once)
+            be.with_bf16(x, || {
+                be.matmul_forward(kp, x, p.p(self.ids.wk_write), Dv::null(), n, c, c)?;
+                be.matmul_forward(vp, x, p.p(self.ids.wv_write), Dv::null(), n, c, c)?;
+                be.matmul_forward(qp, x, p.p(self.ids.wq_read), Dv::null(), n, c, c)
+            })?;
+            be.split_heads(k_h, kp, b, t, h, d)?;
+            be.split_heads(v_h, vp, b, t, h, d)?;
+            be.split_heads(q_h, qp, b, t, h, d)?;
+        }
         // write keys: normalize, RoPE
         let k_n = if cfg.normalize_k {
             let k_n = c_.k_n.ensure(be, n * c)?;
@@ -690,9 +715,12 @@ impl GpuAsaLayer {
         let qs0 = c_.qs0.ensure(be, rows * m)?;
         let ks0 = c_.ks0.ensure(be, rows * m)?;
         let vs = c_.vs.ensure(be, rows * m)?;
-        be.matmul_forward(qs0, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
-        be.matmul_forward(ks0, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
-        be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
+        // u is the input of all three (rounded to bf16 once)
+        be.with_bf16(u, || {
+            be.matmul_forward(qs0, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
+            be.matmul_forward(ks0, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
+            be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)
+        })?;
         let (qs, ks) = match &self.rope_ss {
             Some(r) if cfg.use_rope_slotspace => {
                 let qs = c_.qs.ensure(be, rows * m)?;
@@ -933,39 +961,13 @@ impl GpuAsaLayer {
             };
             let (_h, du) = tmp(be, rows * m)?;
             let u = c_.u.dv();
-            be.matmul_backward(
-                du,
-                gr(ids.slot_q),
-                Dv::null(),
-                dqs0,
-                u,
-                p.p(ids.slot_q),
-                rows,
-                m,
-                m,
-            )?;
-            be.matmul_backward(
-                du,
-                gr(ids.slot_k),
-                Dv::null(),
-                dks0,
-                u,
-                p.p(ids.slot_k),
-                rows,
-                m,
-                m,
-            )?;
-            be.matmul_backward(
-                du,
-                gr(ids.slot_v),
-                Dv::null(),
-                dvs,
-                u,
-                p.p(ids.slot_v),
-                rows,
-                m,
-                m,
-            )?;
+            // u is the input of all three weight gradients (rounded to bf16 once)
+            be.with_bf16(u, || {
+                for (dy, w) in [(dqs0, ids.slot_q), (dks0, ids.slot_k), (dvs, ids.slot_v)] {
+                    be.matmul_backward(du, gr(w), Dv::null(), dy, u, p.p(w), rows, m, m)?;
+                }
+                Ok(())
+            })?;
             be.matmul_backward(
                 drw,
                 gr(ids.slot_in),
@@ -1120,6 +1122,15 @@ impl GpuAsaLayer {
             (None, dk_n)
         };
         // heads back to [B,T,C], then the projections
+        if let Some(w3) = self.qkv_span(p.all(), p) {
+            // the fused QKV GEMM's backward: dx += [dk dv dq] W3, dW3 += [dk dv dq]^T x
+            let (_s19, dp3) = tmp_uninit(be, 3 * n * c)?;
+            be.merge_heads3(dp3, [dk_h, dv_h, dq_h], b, t, h, d)?;
+            let g3 = self
+                .qkv_span(g, p)
+                .expect("gradients share the weights' layout");
+            return be.matmul_backward(dx, g3, Dv::null(), dp3, x, w3, n, c, 3 * c);
+        }
         let (_s19, dp) = tmp(be, n * c)?;
         // x is the input of all three weight gradients (rounded to bf16 once)
         be.with_bf16(x, || {

@@ -963,6 +963,70 @@ pub trait Ops: Device {
     }
 
     /// out: [B,T,H*d] += inp: [B,H,T,d] (`merge_heads_acc` of the CPU).
+    /// The three heads layouts of a fused QKV projection: inp [B,T,3C] (k | v | q per row) ->
+    /// outs[i] [B,H,T,d] (CPU: `split_heads` of each third).
+    fn split_heads3(
+        &self,
+        outs: [Dv<f32>; 3],
+        inp: Dv<f32>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+    ) -> Result<()> {
+        for o in outs {
+            assert_eq!(o.len, b * t * h * d, "split_heads3: shape");
+        }
+        assert_eq!(inp.len, 3 * b * t * h * d, "split_heads3: shape");
+        let [o0, o1, o2] = outs;
+        self.launch(
+            "split_heads3",
+            self.cfg_rows(b * t),
+            &[
+                k(o0),
+                k(o1),
+                k(o2),
+                k(inp),
+                k(b as i32),
+                k(i32_of("T", t)?),
+                k(h as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
+    /// out [B,T,3C] (=) <- ins[i] [B,H,T,d] merged side by side (the fused QKV projection's
+    /// output gradient; CPU: `merge_heads_acc` of each into a zero third).
+    fn merge_heads3(
+        &self,
+        out: Dv<f32>,
+        ins: [Dv<f32>; 3],
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+    ) -> Result<()> {
+        for x in ins {
+            assert_eq!(x.len, b * t * h * d, "merge_heads3: shape");
+        }
+        assert_eq!(out.len, 3 * b * t * h * d, "merge_heads3: shape");
+        let [i0, i1, i2] = ins;
+        self.launch(
+            "merge_heads3",
+            self.cfg_rows(b * t),
+            &[
+                k(out),
+                k(i0),
+                k(i1),
+                k(i2),
+                k(b as i32),
+                k(i32_of("T", t)?),
+                k(h as i32),
+                k(d as i32),
+            ],
+        )
+    }
+
     fn merge_heads(
         &self,
         out: Dv<f32>,
