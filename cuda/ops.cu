@@ -76,7 +76,7 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
 }
 
 // dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
-// One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize`.
+// One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize2`.
 extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, const float* inp,
                                               const float* weight, const float* mean, const float* rstd,
                                               int n, int c) {
@@ -141,6 +141,21 @@ extern "C" __global__ void colsum_finalize(float* dst, const double* part, int n
         double a = 0.0;
         for (int k = 0; k < nchunks; ++k) a += part[(i64)k * c + j];
         dst[j] = dst[j] + (float)a;
+    }
+}
+
+// colsum_finalize of two sums at once (a LayerNorm's weight and bias gradients): dst_a[j] +=
+// sum_k part_a[k,j], dst_b[j] += sum_k part_b[k,j], chunks in order.
+extern "C" __global__ void colsum_finalize2(float* dst_a, const double* part_a, float* dst_b, const double* part_b,
+                                            int nchunks, int c) {
+    ASA_GRID_LOOP(j, c) {
+        double a = 0.0, b = 0.0;
+        for (int k = 0; k < nchunks; ++k) {
+            a += part_a[(i64)k * c + j];
+            b += part_b[(i64)k * c + j];
+        }
+        dst_a[j] = dst_a[j] + (float)a;
+        dst_b[j] = dst_b[j] + (float)b;
     }
 }
 

@@ -177,6 +177,7 @@ fn kernels_have_cpu_twins() {
         ("layernorm_backward_params", "layernorm_backward"),
         ("colsum_partial", "matmul_backward"),
         ("colsum_finalize", "matmul_backward"),
+        ("colsum_finalize2", "layernorm_backward"),
         ("matmul_forward_bias", "matmul_forward"),
         ("convert_f32_bf16", "matmul_forward"),
         ("axpy", "residual_forward"),

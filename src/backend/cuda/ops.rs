@@ -369,14 +369,9 @@ pub trait Ops: Device {
             ],
         )?;
         self.launch(
-            "colsum_finalize",
+            "colsum_finalize2",
             self.cfg_elems(c),
-            &[k(dweight), k(pw), k(chunks as i32), k(ci)],
-        )?;
-        self.launch(
-            "colsum_finalize",
-            self.cfg_elems(c),
-            &[k(dbias), k(pb), k(chunks as i32), k(ci)],
+            &[k(dweight), k(pw), k(dbias), k(pb), k(chunks as i32), k(ci)],
         )
     }
 
