@@ -99,6 +99,122 @@ __device__ __forceinline__ bool fu_masked(const int* keep, int last_pos_only, in
     return keep[s] == 0;
 }
 
+// The read logit of slot s at position ti from its key part vk and content part vc (both
+// scaled by 1/sqrt(d)): the read slot mask (mask_mode 0, `read`: both -inf; 1,
+// `content_read_only`: the content part 0), then vk + gamma vc (vk without content read).
+__device__ __forceinline__ float fu_read_logit(float& vk, float& vc, const int* keep, int last_pos_only,
+                                               int mask_mode, int content, float gamma, int ti, int t, int s) {
+    if (fu_masked(keep, last_pos_only, ti, t, s)) {
+        if (mask_mode == 0) {
+            vk = ASA_NEG_INF;
+            vc = ASA_NEG_INF;
+        } else {
+            vc = 0.0f;
+        }
+    }
+    return content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+}
+
+// The softmax over slots of one position, a warp with lanes over slots: xs[i] = logit / rtemp
+// of slot lane + 32 i (anything past K is ignored). Every lane gets the max, the sum and, with
+// a `read` slot mask on this row (mrow), the kept slots' total for the renormalisation.
+struct FuSoft {
+    double mx, sum, msum;
+    bool live, mrow;
+};
+__device__ __forceinline__ FuSoft fu_softmax_row(const double (&xs)[4], const int* keep, int last_pos_only,
+                                                 int mask_mode, int ti, int t, int nk, int lane) {
+    FuSoft r;
+    r.mx = (double)ASA_NEG_INF;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (lane + 32 * i < nk) r.mx = fmax(r.mx, xs[i]);
+    r.mx = fu_wmax(r.mx);
+    r.live = isfinite(r.mx);
+    r.sum = 0.0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (r.live && lane + 32 * i < nk) r.sum += exp(xs[i] - r.mx);
+    r.sum = fu_wsum(r.sum);
+    r.mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
+    r.msum = 0.0;
+    if (r.mrow) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (s < nk && keep[s] != 0) r.msum += (double)(r.live ? (float)(exp(xs[i] - r.mx) / r.sum) : 0.0f);
+        }
+        r.msum = fu_wsum(r.msum);
+    }
+    return r;
+}
+// The read weight of slot s with logit / rtemp xv.
+__device__ __forceinline__ float fu_softmax_p(const FuSoft& r, double xv, const int* keep, int s) {
+    float ps = r.live ? (float)(exp(xv - r.mx) / r.sum) : 0.0f;
+    if (r.mrow) ps = keep[s] != 0 ? (float)((double)ps / fmax(r.msum, (double)ASA_DEN_EPS)) : 0.0f;
+    return ps;
+}
+
+// read_weights_backward of one position (softmax routing, the `read` mask's renormalisation),
+// a warp with lanes over slots: xs(i) = logit / rtemp, g0(i) = the gradient of the read
+// weights, y = the read weights (of slot lane + 32 i; xs and g0 are read only on masked rows). With a mask on the row it recomputes the
+// softmax before the mask (p), the kept mass sk and dt = sum g0 y; fu_softmax_back_p then gives
+// slot s's p and gy (the gradient after undoing the renormalisation), and
+// dl = p (gy - sum_s p gy) / rtemp.
+struct FuSoftB {
+    double mx, esum, den, sk, dt;
+    bool live, mrow;
+};
+template <class X, class G>
+__device__ __forceinline__ FuSoftB fu_softmax_back_row(X xs, G g0, const float* yrow, const int* keep,
+                                                       int last_pos_only, int mask_mode, int ti, int t, int nk,
+                                                       int lane) {
+    FuSoftB r;
+    r.mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
+    r.mx = 0.0;
+    r.esum = 1.0;
+    r.den = 1.0;
+    r.sk = 0.0;
+    r.dt = 0.0;
+    r.live = false;
+    if (r.mrow) {
+        r.mx = (double)ASA_NEG_INF;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (lane + 32 * i < nk) r.mx = fmax(r.mx, xs(i));
+        r.mx = fu_wmax(r.mx);
+        r.live = isfinite(r.mx);
+        r.esum = 0.0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (r.live && lane + 32 * i < nk) r.esum += exp(xs(i) - r.mx);
+        r.esum = fu_wsum(r.esum);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int s = lane + 32 * i;
+            if (s < nk) {
+                const double pre = r.live ? (double)(float)(exp(xs(i) - r.mx) / r.esum) : 0.0;
+                if (keep[s] != 0) r.sk += pre;
+                r.dt += g0(i) * (double)yrow[s];
+            }
+        }
+        r.sk = fu_wsum(r.sk);
+        r.dt = fu_wsum(r.dt);
+        r.den = fmax(r.sk, (double)ASA_DEN_EPS);
+    }
+    return r;
+}
+__device__ __forceinline__ void fu_softmax_back_p(const FuSoftB& r, double xv, double g0, double y, const int* keep,
+                                                  int s, double& p, double& gy) {
+    if (r.mrow) {
+        p = r.live ? (double)(float)(exp(xv - r.mx) / r.esum) : 0.0;
+        gy = keep[s] != 0 ? (r.sk >= (double)ASA_DEN_EPS ? (g0 - r.dt) / r.den : g0 / r.den) : 0.0;
+    } else {
+        p = y;
+        gy = g0;
+    }
+}
+
 // The lane's place: warp, lane, lane group (slot) and the lane's first dim.
 struct FuCtx {
     int warp, lane, nw, G, gi, jl, s;
@@ -459,15 +575,7 @@ extern "C" __global__ void __launch_bounds__(512)
         if (x.sv) {
             float vk = (float)(ak * scale_d);
             float vc = content ? (float)(ac * scale_d) : 0.0f;
-            if (fu_masked(keep, last_pos_only, ti, t, x.s)) {
-                if (mask_mode == 0) {
-                    vk = ASA_NEG_INF;
-                    vc = ASA_NEG_INF;
-                } else {
-                    vc = 0.0f;
-                }
-            }
-            float lgv = content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+            float lgv = fu_read_logit(vk, vc, keep, last_pos_only, mask_mode, content, gamma, ti, t, x.s);
             if (x.jl == 0) {
                 lg_sh[buf * nk + x.s] = lgv;
                 i64 o = row * nk + x.s;
@@ -481,38 +589,15 @@ extern "C" __global__ void __launch_bounds__(512)
         if (it > 0) fu_rows_out(out1 + (row - 1) * d, part + (buf ^ 1) * x.nw * d, x.nw, d, false);
         // softmax of the row (every warp, lanes over slots)
         double xs[4];
-        double mx = (double)ASA_NEG_INF;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int s = x.lane + 32 * i;
             xs[i] = s < nk ? (double)lg_sh[buf * nk + s] / (double)rtemp : (double)ASA_NEG_INF;
-            mx = fmax(mx, xs[i]);
         }
-        mx = fu_wmax(mx);
-        bool live = isfinite(mx);
-        double sum = 0.0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int s = x.lane + 32 * i;
-            if (live && s < nk) sum += exp(xs[i] - mx);
-        }
-        sum = fu_wsum(sum);
-        bool mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
-        double msum = 0.0;
-        if (mrow) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int s = x.lane + 32 * i;
-                if (s < nk && keep[s] != 0) msum += (double)(live ? (float)(exp(xs[i] - mx) / sum) : 0.0f);
-            }
-            msum = fu_wsum(msum);
-        }
+        const FuSoft sm = fu_softmax_row(xs, keep, last_pos_only, mask_mode, ti, t, nk, x.lane);
         float rws = 0.0f;
         if (x.sv) {
-            double xv = (double)lg_sh[buf * nk + x.s] / (double)rtemp;
-            float ps = live ? (float)(exp(xv - mx) / sum) : 0.0f;
-            if (mrow) ps = keep[x.s] != 0 ? (float)((double)ps / fmax(msum, (double)ASA_DEN_EPS)) : 0.0f;
-            rws = ps;
+            rws = fu_softmax_p(sm, (double)lg_sh[buf * nk + x.s] / (double)rtemp, keep, x.s);
             if (x.jl == 0) rw[row * nk + x.s] = rws;
         }
         // this position's out1 partials
@@ -747,6 +832,22 @@ __device__ __forceinline__ void ft_dot_states(const FtTile& f, int d) {
     __syncthreads();
 }
 
+// The read logits' numerators of the staged rows X: LK = X keys^T (key part) and, with the
+// content read, LC = X . states (ft_dot_states). Ends with a barrier.
+__device__ __forceinline__ void ft_read_logits(const FtTile& f, int d, int content) {
+    const int ld = f.ld, lk = f.lk;
+    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
+                    [&](int x, int c) { return f.KY[c * ld + x]; });
+        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LK[r * lk + c] = x; });
+    });
+    if (content)
+        ft_dot_states(f, d);
+    else
+        __syncthreads();
+}
+
 // out [B,H,T,d] (=, or += when add) = sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V
 // for R = rho, LK = rho E ([Lp][Kp], 0 on the padding), plus LC keys when keyed (LC: [Lp][Kp],
 // keys: the staged KY). Uses QV.
@@ -827,17 +928,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     ft_stage_keys(f, keys, nk, d);
     ft_stage_scan(f, cn_chunk, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
     ft_den(f, den, nullptr, t, nk);
-    // key logits, then the content logits' numerators
-    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
-                    [&](int x, int c) { return f.KY[c * ld + x]; });
-        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LK[r * lk + c] = x; });
-    });
-    if (content)
-        ft_dot_states(f, d);
-    else
-        __syncthreads();
+    ft_read_logits(f, d, content);
     // the read: logits, slot mask, softmax over slots (a warp per position, as the walk), then
     // rho = rw / den into R and rho E into LK
     const double scale_d = 1.0 / sqrt((double)d);
@@ -846,59 +937,30 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
         const int ti = t0 + l;
         const i64 row = bh * t + ti;
         double xs[4];
-        double mx = (double)ASA_NEG_INF;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int s = lane + 32 * i;
-            float lgv = ASA_NEG_INF;
+            xs[i] = (double)ASA_NEG_INF;
             if (s < nk) {
                 const double dnv = fmax((double)f.DN[l * lk + s], (double)ASA_DEN_EPS);
                 float vk = (float)((double)f.LK[l * lk + s] * scale_d);
                 float vc = content ? (float)((double)f.LC[l * lk + s] / dnv * scale_d) : 0.0f;
-                if (fu_masked(keep, last_pos_only, ti, t, s)) {
-                    if (mask_mode == 0) {
-                        vk = ASA_NEG_INF;
-                        vc = ASA_NEG_INF;
-                    } else {
-                        vc = 0.0f;
-                    }
-                }
-                lgv = content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+                const float lgv = fu_read_logit(vk, vc, keep, last_pos_only, mask_mode, content, gamma, ti, t, s);
                 const i64 o = row * nk + s;
                 if (lkey) lkey[o] = vk;
                 if (lcont && content) lcont[o] = vc;
                 if (logits) logits[o] = lgv;
+                xs[i] = (double)lgv / (double)rtemp;
             }
-            xs[i] = s < nk ? (double)lgv / (double)rtemp : (double)ASA_NEG_INF;
-            mx = fmax(mx, xs[i]);
         }
-        mx = fu_wmax(mx);
-        const bool live = isfinite(mx);
-        double sum = 0.0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int s = lane + 32 * i;
-            if (live && s < nk) sum += exp(xs[i] - mx);
-        }
-        sum = fu_wsum(sum);
-        const bool mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
-        double msum = 0.0;
-        if (mrow) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int s = lane + 32 * i;
-                if (s < nk && keep[s] != 0) msum += (double)(live ? (float)(exp(xs[i] - mx) / sum) : 0.0f);
-            }
-            msum = fu_wsum(msum);
-        }
+        const FuSoft sm = fu_softmax_row(xs, keep, last_pos_only, mask_mode, ti, t, nk, lane);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int s = lane + 32 * i;
             if (s >= f.Kp) continue;
             float ps = 0.0f;
             if (s < nk) {
-                ps = live ? (float)(exp(xs[i] - mx) / sum) : 0.0f;
-                if (mrow) ps = keep[s] != 0 ? (float)((double)ps / fmax(msum, (double)ASA_DEN_EPS)) : 0.0f;
+                ps = fu_softmax_p(sm, xs[i], keep, s);
                 rw[row * nk + s] = ps;
             }
             const float rho = ps / fmaxf(f.DN[l * lk + s], ASA_DEN_EPS);
@@ -950,16 +1012,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     // X = q: LK = q . keys, LC = q . state (times den)
     ft_stage_rows(f.X, q, f, t, d);
     __syncthreads();
-    asa_mma_tiles(f.Lp, f.Kp, [&](int r0, int n0) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        asa_mma_acc(acc, r0, n0, d, [&](int r, int x) { return f.X[r * ld + x]; },
-                    [&](int x, int c) { return f.KY[c * ld + x]; });
-        asa_mma_store(acc, r0, n0, [&](int r, int c, float x) { f.LK[r * lk + c] = x; });
-    });
-    if (content)
-        ft_dot_states(f, d);
-    else
-        __syncthreads();
+    ft_read_logits(f, d, content);
     // per position: drw, the read backward; leaves R = gc / den, LK = R E, LC = dl_key (/ sqrt d)
     const double scale_d = 1.0 / sqrt((double)d);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
@@ -975,72 +1028,29 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
             return content ? (double)f.LC[l * lk + s] / fmax((double)f.DN[l * lk + s], (double)ASA_DEN_EPS) : 0.0;
         };
         auto gy0_of = [&](int s) { return (double)((drw_in ? drw_in[row * nk + s] : 0.0f) + (float)a1_of(s)); };
-        double xs[4];
+        double xs[4], g0s[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int s = lane + 32 * i;
-            xs[i] = 0.0;
+            xs[i] = (double)ASA_NEG_INF;
+            g0s[i] = 0.0;
             if (s < nk) {
                 float vk = (float)((double)f.LK[l * lk + s] * scale_d);
                 float vc = content ? (float)(a2_of(s) * scale_d) : 0.0f;
-                if (fu_masked(keep, last_pos_only, ti, t, s)) {
-                    if (mask_mode == 0) {
-                        vk = ASA_NEG_INF;
-                        vc = ASA_NEG_INF;
-                    } else {
-                        vc = 0.0f;
-                    }
-                }
-                const float lgv = content ? __fadd_rn(vk, __fmul_rn(gamma, vc)) : vk;
+                const float lgv = fu_read_logit(vk, vc, keep, last_pos_only, mask_mode, content, gamma, ti, t, s);
                 xs[i] = (double)lgv / (double)rtemp;
+                g0s[i] = gy0_of(s);
             }
         }
-        const bool mrow = keep != 0 && mask_mode == 0 && (!last_pos_only || ti + 1 == t);
-        double mx = 0.0, esum = 1.0, den_ = 1.0, sk = 0.0, dt = 0.0;
-        bool live = false;
-        if (mrow) {
-            mx = (double)ASA_NEG_INF;
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                if (lane + 32 * i < nk) mx = fmax(mx, xs[i]);
-            mx = fu_wmax(mx);
-            live = isfinite(mx);
-            esum = 0.0;
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                if (live && lane + 32 * i < nk) esum += exp(xs[i] - mx);
-            esum = fu_wsum(esum);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int s = lane + 32 * i;
-                if (s < nk) {
-                    const double pre = live ? (double)(float)(exp(xs[i] - mx) / esum) : 0.0;
-                    if (keep[s] != 0) sk += pre;
-                    dt += gy0_of(s) * (double)yrow[s];
-                }
-            }
-            sk = fu_wsum(sk);
-            dt = fu_wsum(dt);
-            den_ = fmax(sk, (double)ASA_DEN_EPS);
-        }
-        // p (the softmax before the mask) and gy (after undoing the renormalisation) of slot s
-        auto p_gy = [&](int s, double xv, double& p, double& gy) {
-            const double g0 = gy0_of(s);
-            if (mrow) {
-                p = live ? (double)(float)(exp(xv - mx) / esum) : 0.0;
-                gy = keep[s] != 0 ? (sk >= (double)ASA_DEN_EPS ? (g0 - dt) / den_ : g0 / den_) : 0.0;
-            } else {
-                p = (double)yrow[s];
-                gy = g0;
-            }
-        };
+        const FuSoftB sb = fu_softmax_back_row([&](int i) { return xs[i]; }, [&](int i) { return g0s[i]; }, yrow,
+                                               keep, last_pos_only, mask_mode, ti, t, nk, lane);
         double dot2 = 0.0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int s = lane + 32 * i;
             if (s < nk) {
                 double p, gy;
-                p_gy(s, xs[i], p, gy);
+                fu_softmax_back_p(sb, xs[i], g0s[i], (double)yrow[s], keep, s, p, gy);
                 dot2 += p * gy;
             }
         }
@@ -1053,7 +1063,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
             if (s < nk) {
                 const i64 o = row * nk + s;
                 double p, gy;
-                p_gy(s, xs[i], p, gy);
+                fu_softmax_back_p(sb, xs[i], g0s[i], (double)yrow[s], keep, s, p, gy);
                 const double a1 = a1_of(s), a2 = a2_of(s);
                 const float dl = p > 0.0 ? (float)(p * (gy - dot2) / (double)rtemp) : 0.0f;
                 const double g = (double)dl;

@@ -524,23 +524,15 @@ fn emulated_non_finite_step_changes_nothing() {
     }
 }
 
-/// The reference fixtures (tests/fixtures) through the GPU code path, every kernel emulated:
-/// the same runner as `asa parity --device cuda`, f32 GEMMs.
-#[test]
-fn emulated_gpu_path_passes_every_public_fixture() {
-    let Some(e) = emu("emulated_gpu_path_passes_every_public_fixture") else {
-        return;
-    };
+/// Every public fixture (tests/fixtures) through the GPU code path in `precision`, every kernel
+/// emulated: the same runner as `asa parity --device cuda --precision ...`.
+fn fixtures_pass_emulated(e: &'static Simt, precision: asa::backend::cuda::Precision) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let cases = asa::parity::find_cases(&[root]).unwrap();
     assert!(cases.len() >= 14, "found {} cases", cases.len());
     let mut failed = Vec::new();
     for dir in &cases {
-        let rep = asa::backend::cuda::parity::run_case_on(
-            dir,
-            asa::backend::cuda::Precision::F32,
-            &|| Ok(EmuDev::new(e)),
-        );
+        let rep = asa::backend::cuda::parity::run_case_on(dir, precision, &|| Ok(EmuDev::new(e)));
         println!("{}", rep.line());
         if !rep.passed() {
             failed.push(rep.line());
@@ -549,30 +541,21 @@ fn emulated_gpu_path_passes_every_public_fixture() {
     assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
 }
 
-/// Every public fixture through the bf16 path (bf16 GEMM operands, the fused scan and linear
-/// attention on tensor cores) at bf16's tolerance: the tensor-core kernels compute the same
-/// model on every fixture's configuration.
+/// f32 GEMMs and the f64 scan: the fixtures' float32 tolerances.
+#[test]
+fn emulated_gpu_path_passes_every_public_fixture() {
+    if let Some(e) = emu("emulated_gpu_path_passes_every_public_fixture") {
+        fixtures_pass_emulated(e, asa::backend::cuda::Precision::F32);
+    }
+}
+
+/// bf16 GEMM operands, the fused scan and linear attention on tensor cores, at bf16's
+/// tolerances: the tensor-core kernels compute the same model on every fixture's configuration.
 #[test]
 fn emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance() {
-    let Some(e) = emu("emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance") else {
-        return;
-    };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let cases = asa::parity::find_cases(&[root]).unwrap();
-    assert!(cases.len() >= 14, "found {} cases", cases.len());
-    let mut failed = Vec::new();
-    for dir in &cases {
-        let rep = asa::backend::cuda::parity::run_case_on(
-            dir,
-            asa::backend::cuda::Precision::Bf16,
-            &|| Ok(EmuDev::new(e)),
-        );
-        println!("{}", rep.line());
-        if !rep.passed() {
-            failed.push(rep.line());
-        }
+    if let Some(e) = emu("emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance") {
+        fixtures_pass_emulated(e, asa::backend::cuda::Precision::Bf16);
     }
-    assert!(failed.is_empty(), "failing cases:\n{}", failed.join("\n"));
 }
 
 #[test]
