@@ -137,7 +137,7 @@ fn kernel_resources_sm90() {
     let known: &[(&str, u32)] = &[
         ("slot_scan_read_backward", 16),
         ("slot_scan_read_backward_read", 172),
-        ("slot_scan_read_forward", 48),
+        ("slot_scan_read_forward", 8),
     ];
     for k in &all {
         let spill = k.spill_stores + k.spill_loads;
