@@ -296,7 +296,6 @@ extern "C" __global__ void __launch_bounds__(256)
             X[l * lx + j] = (l < tn && j < d) ? k[(bh * t + t0 + l) * d + j] : 0.0f;
         }
         __syncthreads();
-        __syncwarp();
 #pragma unroll
         for (int i = 0; i < WK_TILES; ++i) {
             const int tile = warp + i * nw;

@@ -29,6 +29,8 @@ mod fused_case;
 mod model_cases;
 #[path = "support/op_cases.rs"]
 mod op_cases;
+#[path = "support/train_cases.rs"]
+mod train_cases;
 
 use check::{close, close_params, rng};
 use dev::{Elem, TestDev};

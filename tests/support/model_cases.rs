@@ -42,17 +42,6 @@ pub fn small_cfg(variant: Variant) -> ModelConfig {
     }
 }
 
-/// The AdamW settings of the training-step cases.
-pub fn small_adam() -> AdamWConfig {
-    AdamWConfig {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    }
-}
-
 pub fn cpu_train(
     cfg: &ModelConfig,
     store: &mut ParamStore,
@@ -239,7 +228,7 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
             .map(|_| r.gen_range(0..cfg.vocab_size as i64))
             .collect();
         targets[4] = -100;
-        let acfg = small_adam();
+        let acfg = crate::train_cases::adam_cfg();
         let mut cpu_store = store0.clone();
         let (losses, norms) = cpu_train(&cfg, &mut cpu_store, &inputs, &targets, b, t, &acfg, 3);
 
@@ -648,7 +637,7 @@ pub fn bf16_curve_follows_f32<B: Backend>(mk: &dyn Fn() -> B, steps: usize, tol:
         inputs.extend_from_slice(&row[..t]);
         targets.extend(row[1..].iter().map(|&x| x as i64));
     }
-    let acfg = small_adam();
+    let acfg = crate::train_cases::adam_cfg();
     let curve = |p: Precision| -> Vec<f64> {
         let mut g = GpuLm::with_backend(mk(), &cfg, &store0, p).unwrap();
         (0..steps)

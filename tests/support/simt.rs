@@ -476,15 +476,13 @@ impl Device for EmuDev {
             m,
             n,
             k: kk,
-            a,
             lda,
-            b,
             ldb,
             c,
             ldc,
             beta,
+            ..
         } = *g;
-        let _ = (a, b);
         // the operands as cuBLAS would get them: f32, or bf16 (converted by the kernel into
         // scratch, or a registered copy), exact in f32 either way
         let Some((pa, pb, bf16)) = gemm_operands(self, g)? else {
