@@ -63,8 +63,9 @@ extern "C" __global__ void split_heads(float* out, const float* inp, int b, int 
 }
 
 // out: [B,T,H*d] += inp: [B,H,T,d] (merge_heads_acc of the CPU; merge when out is 0). A block
-// per row (b, t) of out.
-extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d) {
+// per row (b, t) of out. out16: nullable, the bf16 twin of the updated out.
+extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d,
+                                       unsigned short* out16) {
     const int hd = h * d;
     for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
         const i64 bi = row / t;
@@ -72,7 +73,9 @@ extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int 
         for (int j = threadIdx.x; j < hd; j += blockDim.x) {
             const int hi = j / d, jj = j - hi * d;
             const i64 o = row * hd + j;
-            out[o] = out[o] + inp[((bi * h + hi) * t + ti) * d + jj];
+            const float y = out[o] + inp[((bi * h + hi) * t + ti) * d + jj];
+            out[o] = y;
+            if (out16) out16[o] = asa_f32_to_bf16(y);
         }
     }
 }
@@ -95,8 +98,9 @@ extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const f
 
 // The gradient of a fused QKV GEMM's output: out [B,T,3*H*d] (=) <- the merges of i0, i1, i2
 // [B,H,T,d] side by side (merge_heads of each into a zero third). A block per row (b, t).
+// out16: nullable, the bf16 twin of out.
 extern "C" __global__ void merge_heads3(float* out, const float* i0, const float* i1, const float* i2, int b, int t,
-                                        int h, int d) {
+                                        int h, int d, unsigned short* out16) {
     const int hd = h * d;
     for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
         const i64 bi = row / t;
@@ -104,7 +108,9 @@ extern "C" __global__ void merge_heads3(float* out, const float* i0, const float
         for (int j = threadIdx.x; j < 3 * hd; j += blockDim.x) {
             const int w = j / hd, jw = j - w * hd, hi = jw / d, jj = jw - hi * d;
             const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
-            out[row * 3 * hd + j] = x[((bi * h + hi) * t + ti) * d + jj];
+            const float y = x[((bi * h + hi) * t + ti) * d + jj];
+            out[row * 3 * hd + j] = y;
+            if (out16) out16[row * 3 * hd + j] = asa_f32_to_bf16(y);
         }
     }
 }

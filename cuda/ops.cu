@@ -49,9 +49,11 @@ extern "C" __global__ void encoder_backward_wpe(float* dwpe, const float* dout, 
 // ------------------------------------------------------------------------------------------------
 // layernorm (eps 1e-5, biased variance, statistics in f64). One warp per row.
 
-// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N].
+// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N]; out16: nullable [N,C], the bf16 twin of
+// out (round to nearest even, as convert_f32_bf16) for the bf16 GEMMs that read out.
 extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                                             const float* weight, const float* bias, int n, int c) {
+                                             const float* weight, const float* bias, int n, int c,
+                                             unsigned short* out16) {
     int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (row >= n) return;  // whole warps leave together
@@ -67,8 +69,11 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     double var = warp_sum_d(v) / c;
     double rs = 1.0 / sqrt(var + 1e-5);
     float* o = out + (i64)row * c;
-    for (int j = lane; j < c; j += 32)
-        o[j] = (float)(((double)x[j] - mu) * rs * (double)weight[j] + (double)bias[j]);
+    for (int j = lane; j < c; j += 32) {
+        const float y = (float)(((double)x[j] - mu) * rs * (double)weight[j] + (double)bias[j]);
+        o[j] = y;
+        if (out16) out16[(i64)row * c + j] = asa_f32_to_bf16(y);
+    }
     if (lane == 0) {
         mean[row] = (float)mu;
         rstd[row] = (float)rs;
@@ -77,9 +82,10 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
 
 // dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
 // One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize2`.
+// dinp16: nullable, the bf16 twin of the updated dinp.
 extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, const float* inp,
                                               const float* weight, const float* mean, const float* rstd,
-                                              int n, int c) {
+                                              int n, int c, unsigned short* dinp16) {
     int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (row >= n) return;
@@ -99,7 +105,9 @@ extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, co
     for (int j = lane; j < c; j += 32) {
         double norm = ((double)x[j] - m) * r;
         double dn = (double)weight[j] * (double)dy[j];
-        dx[j] = dx[j] + (float)(r * (dn - a - norm * b));
+        const float y = dx[j] + (float)(r * (dn - a - norm * b));
+        dx[j] = y;
+        if (dinp16) dinp16[(i64)row * c + j] = asa_f32_to_bf16(y);
     }
 }
 
@@ -187,20 +195,26 @@ extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* sr
 // ------------------------------------------------------------------------------------------------
 // GELU (exact, erf form), elementwise in f32 as the CPU twin (1 + erf(z) taken as erfc(-z)).
 
-extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n) {
+// out16: nullable, the bf16 twin of out.
+extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n, unsigned short* out16) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
-        out[i] = 0.5f * x * erfcf(-x * 0.70710678118654752f);  // 1 + erf(z) = erfc(-z): no cancellation for x << 0
+        const float y = 0.5f * x * erfcf(-x * 0.70710678118654752f);  // 1 + erf(z) = erfc(-z): no cancellation for x << 0
+        out[i] = y;
+        if (out16) out16[i] = asa_f32_to_bf16(y);
     }
 }
 
-// dinp += dout * (Phi(x) + x*phi(x)).
-extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n) {
+// dinp += dout * (Phi(x) + x*phi(x)); dinp16: nullable, the bf16 twin of the updated dinp.
+extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n,
+                                         unsigned short* dinp16) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
         float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
         float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
-        dinp[i] = dinp[i] + dout[i] * (cdf + x * pdf);
+        const float y = dinp[i] + dout[i] * (cdf + x * pdf);
+        dinp[i] = y;
+        if (dinp16) dinp16[i] = asa_f32_to_bf16(y);
     }
 }
 
@@ -341,14 +355,16 @@ extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, 
 // may alias probs and is overwritten (uncounted rows become 0); else it accumulates.
 extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs, const i64* targets,
                                                  const unsigned char* valid, float scale, int n, int v,
-                                                 int inplace) {
+                                                 int inplace, unsigned short* dlogits16) {
     ASA_GRID_LOOP(i, (i64)n * v) {
         int r = (int)(i / v), j = (int)(i % v);
         i64 tgt = targets[r];
         bool counted = (valid == 0 || valid[r] != 0) && tgt >= 0 && tgt < (i64)v;
         float d = 0.0f;
         if (counted) d = scale * (probs[i] - (j == (int)tgt ? 1.0f : 0.0f));
-        dlogits[i] = inplace ? d : dlogits[i] + d;
+        const float y = inplace ? d : dlogits[i] + d;
+        dlogits[i] = y;
+        if (dlogits16) dlogits16[i] = asa_f32_to_bf16(y);
     }
 }
 

@@ -568,37 +568,47 @@ mod tests {
         );
     }
 
-    /// With bf16 GEMMs no weight is converted call by call and no activation twice in a row:
-    /// of each dense product's three GEMMs (forward, input gradient, weight gradient) the first
-    /// two read the weight from the model's bf16 copy, and the output gradient is converted
-    /// once for the last two, so a product converts three operands (its input in the forward
-    /// and in the weight gradient, its output gradient): one per GEMM. The shared input of an
-    /// ASA layer's three projections is converted once for their forwards and once for their
-    /// weight gradients (4 fewer per layer), and the copy is refreshed once after AdamW.
+    /// With bf16 GEMMs no weight is converted call by call, and no activation that a kernel of
+    /// ours makes: the producers write bf16 twins. Without the twins (the A/B switch) each dense
+    /// product's three GEMMs (forward, input gradient, weight gradient) convert three operands
+    /// (its input in the forward and in the weight gradient, its output gradient), the shared
+    /// input of the refine's three projections is converted once for their forwards and once
+    /// for their weight gradients (4 fewer per layer; the ASA layer's three are one GEMM), the weight
+    /// copy is refreshed once after AdamW. With them only the refine's small products still
+    /// convert (slot_in, slot_q/k/v, slot_out: 15 GEMMs, 11 conversions per layer).
     #[test]
-    fn bf16_gemms_read_weights_from_their_copy() {
+    fn bf16_gemms_read_weights_from_their_copy_and_activations_from_their_twins() {
+        use crate::backend::cuda::Device;
         let mut o = small();
         o.precision = cuda::Precision::Bf16;
         let cfg = &o.model;
+        assert!(cfg.use_slotspace_refine);
         let (_, params) = Lm::new(cfg).unwrap();
-        let mut gpu =
-            GpuLm::with_backend(CountingDevice::new(H100_SMS), cfg, &params, o.precision).unwrap();
         let (inp, tgt) = bench::random_batch(cfg.vocab_size, o.batch, o.seq_len, 1);
-        gpu.backend().take();
-        for _ in 0..2 {
-            gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
-                .unwrap();
-        }
-        let s = gpu.backend().take();
-        let converts = s.kernels["convert_f32_bf16"].launches;
         let (steps, layers) = (2, cfg.num_layers as u64);
-        assert_eq!(s.gemms % 3, 0);
+        let count = |twins: bool| {
+            let dev = CountingDevice::new(H100_SMS);
+            dev.set_bf16_twins(twins);
+            let mut gpu = GpuLm::with_backend(dev, cfg, &params, o.precision).unwrap();
+            gpu.backend().take();
+            for _ in 0..steps {
+                gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
+                    .unwrap();
+            }
+            gpu.backend().take()
+        };
+        let (off, on) = (count(false), count(true));
+        assert_eq!(off.gemms, on.gemms);
+        assert_eq!(off.gemms % 3, 0);
+        let converts = |s: &StepCounts| s.kernels["convert_f32_bf16"].launches;
         assert_eq!(
-            converts,
-            s.gemms - steps * 4 * layers + steps,
+            converts(&off),
+            off.gemms - steps * 4 * layers + steps,
             "{} GEMMs",
-            s.gemms
+            off.gemms
         );
+        assert_eq!(converts(&on), steps * (11 * layers + 1));
+        assert!(on.bytes_converted < off.bytes_converted);
     }
 
     /// The report runs without NVRTC or a GPU and says where its resource columns come from.

@@ -579,3 +579,10 @@ fn emulated_bf16_training_curve_follows_f32() {
         println!("bf16 vs f32 loss curve, 50 steps: largest relative difference {worst:.2e}");
     }
 }
+
+#[test]
+fn emulated_bf16_twins_change_nothing() {
+    if let Some(e) = emu("emulated_bf16_twins_change_nothing") {
+        model_cases::bf16_twins_change_nothing(&|| EmuDev::new(e));
+    }
+}

@@ -124,6 +124,14 @@ fn cuda_lm_train_step_matches_cpu() {
 }
 
 #[test]
+fn cuda_bf16_twins_change_nothing() {
+    if backend("cuda_bf16_twins_change_nothing").is_none() {
+        return;
+    }
+    model_cases::bf16_twins_change_nothing(&|| CudaBackend::new(0).unwrap());
+}
+
+#[test]
 fn cuda_bf16_training_curve_follows_f32() {
     if backend("cuda_bf16_training_curve_follows_f32").is_none() {
         return;

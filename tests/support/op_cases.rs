@@ -20,6 +20,17 @@ pub const TOL: f64 = 1e-4;
 /// Linear attention on tensor cores (bf16 operands, f32 accumulation) against the f64 CPU twin.
 pub const LINEAR_BF16_TOL: f64 = 2e-2;
 
+/// Checks a producer's bf16 twin: bit for bit the round-to-nearest-even bf16 of its f32 output
+/// (what `convert_f32_bf16` makes of it, so that GEMMs reading the twin see the same operand).
+pub fn twin_matches<M: TestDev>(mem: &M, name: &str, out: asa::backend::cuda::Dv<f32>, out16: asa::backend::cuda::Dv<u16>) {
+    let want: Vec<u16> = mem
+        .get(out)
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(mem.get(out16), want, "{name}: bf16 twin");
+}
+
 pub fn dims() -> SlotDims {
     SlotDims {
         b: 2,
@@ -94,9 +105,11 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         mem.zeroed::<f32>(n),
         mem.zeroed::<f32>(n),
     );
-    dev.layernorm_forward(y_d, m_d, r_d, x_d, w_d, b_d, n, c)
+    let y16 = mem.zeroed::<u16>(n * c);
+    dev.layernorm_forward(y_d, m_d, r_d, x_d, w_d, b_d, n, c, y16)
         .unwrap();
     close("layernorm_forward", &mem.get(y_d), &y, TOL);
+    twin_matches(mem, "layernorm_forward", y_d, y16);
     close("layernorm mean", &mem.get(m_d), &mean, TOL);
     close("layernorm rstd", &mem.get(r_d), &rstd, TOL);
     let dy = rv(&mut r, n * c, 1.0);
@@ -108,9 +121,11 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         mem.zeroed::<f32>(c),
         mem.put(&dy),
     );
-    dev.layernorm_backward(dx_d, dw_d, db_d, dy_d, x_d, w_d, m_d, r_d, n, c)
+    let dx16 = mem.zeroed::<u16>(n * c);
+    dev.layernorm_backward(dx_d, dw_d, db_d, dy_d, x_d, w_d, m_d, r_d, n, c, dx16)
         .unwrap();
     close("layernorm_backward dx", &mem.get(dx_d), &dx, TOL);
+    twin_matches(mem, "layernorm_backward", dx_d, dx16);
     close("layernorm_backward dw", &mem.get(dw_d), &dw, TOL);
     close("layernorm_backward db", &mem.get(db_d), &db, TOL);
 
@@ -148,13 +163,17 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut gl = vec![0.0; n * hid];
     co::gelu_forward(&mut gl, &h);
     let gl_d = mem.zeroed::<f32>(n * hid);
-    dev.gelu_forward(gl_d, h_d).unwrap();
+    let gl16 = mem.zeroed::<u16>(n * hid);
+    dev.gelu_forward(gl_d, h_d, gl16).unwrap();
     close("gelu_forward", &mem.get(gl_d), &gl, TOL);
+    twin_matches(mem, "gelu_forward", gl_d, gl16);
     let mut dgl = vec![0.0; n * hid];
     co::gelu_backward(&mut dgl, &h, &dh);
     let dgl_d = mem.zeroed::<f32>(n * hid);
-    dev.gelu_backward(dgl_d, h_d, dh_d).unwrap();
+    let dgl16 = mem.zeroed::<u16>(n * hid);
+    dev.gelu_backward(dgl_d, h_d, dh_d, dgl16).unwrap();
     close("gelu_backward", &mem.get(dgl_d), &dgl, TOL);
+    twin_matches(mem, "gelu_backward", dgl_d, dgl16);
 
     // dropout: p = 0 is a copy; p = 0.5 keeps about half, mask 0 or 2, out = inp*mask
     let nn = 20_000;
@@ -216,9 +235,12 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         (gl_loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
         "loss {gl_loss} vs {loss}"
     );
-    dev.crossentropy_backward(lg_d, lg_d, tg.dv(), vd.dv(), 1.0 / count as f32, n, v, true)
+    let dl16 = mem.zeroed::<u16>(n * v);
+    let scale = 1.0 / count as f32;
+    dev.crossentropy_backward(lg_d, lg_d, tg.dv(), vd.dv(), scale, n, v, true, dl16)
         .unwrap();
     close("crossentropy_backward in place", &mem.get(lg_d), &dl, TOL);
+    twin_matches(mem, "crossentropy_backward", lg_d, dl16);
 
     // AdamW, global norm, clipping
     let cfg = AdamWConfig {
@@ -318,8 +340,10 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut mh = vec![1.0; n];
     ca::merge_heads_acc(&mut mh, &x, b, t, h, d);
     let mh_d = mem.put(&vec![1.0; n]);
-    dev.merge_heads(mh_d, x_d, b, t, h, d).unwrap();
+    let mh16 = mem.zeroed::<u16>(n);
+    dev.merge_heads(mh_d, x_d, b, t, h, d, mh16).unwrap();
     close("merge_heads", &mem.get(mh_d), &mh, 0.0);
+    twin_matches(mem, "merge_heads", mh_d, mh16);
     // the fused QKV projection's three thirds: [B,T,3C] <-> three [B,H,T,d]
     let c3 = 3 * h * d;
     let x3 = rv(&mut r, b * t * c3, 1.0);
@@ -348,8 +372,10 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         heads.push(want);
     }
     let back = mem.put(&vec![f32::NAN; b * t * c3]);
-    dev.merge_heads3(back, outs, b, t, h, d).unwrap();
+    let back16 = mem.zeroed::<u16>(b * t * c3);
+    dev.merge_heads3(back, outs, b, t, h, d, back16).unwrap();
     close("merge_heads3", &mem.get(back), &x3, 0.0);
+    twin_matches(mem, "merge_heads3", back, back16);
 
     // l2normalize (one zero row)
     let mut xz = x.clone();

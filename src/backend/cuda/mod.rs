@@ -422,12 +422,29 @@ impl<T> Drop for Temp<T> {
     }
 }
 
-/// Registered bf16 copies of f32 ranges: the weights' (see [`Device::set_bf16_copy`]) and
-/// those held for a few GEMMs ([`ops::Ops::with_bf16`]).
-#[derive(Debug, Default)]
+/// Registered bf16 copies of f32 ranges: the weights' (see [`Device::set_bf16_copy`]), those
+/// held for a few GEMMs ([`ops::Ops::with_bf16`], [`ops::Ops::with_bf16_twin`]) and the
+/// activations' twins, written by the kernels that make the activations and kept until the
+/// next forward ([`Device::add_bf16_twin`]).
+#[derive(Debug)]
 pub struct Bf16Copy {
     weights: std::cell::Cell<Option<(Dv<f32>, Dv<u16>)>>,
     held: RefCell<Vec<(Dv<f32>, Dv<u16>)>>,
+    twins: RefCell<Vec<(Dv<f32>, Dv<u16>)>>,
+    /// whether producers write twins ([`Device::bf16_twins`]; off: every activation is
+    /// converted where a GEMM reads it, as before the twins)
+    twins_on: std::cell::Cell<bool>,
+}
+
+impl Default for Bf16Copy {
+    fn default() -> Self {
+        Bf16Copy {
+            weights: Default::default(),
+            held: Default::default(),
+            twins: Default::default(),
+            twins_on: std::cell::Cell::new(true),
+        }
+    }
 }
 
 impl Bf16Copy {
@@ -445,6 +462,20 @@ impl Bf16Copy {
     pub fn pop(&self) {
         self.held.borrow_mut().pop();
     }
+    pub fn add_twin(&self, x: Dv<f32>, copy: Dv<u16>) {
+        assert!(copy.len >= x.len, "bf16 twin shorter than its range");
+        self.twins.borrow_mut().push((x, copy));
+    }
+    pub fn clear_twins(&self) {
+        self.twins.borrow_mut().clear();
+    }
+    pub fn twins_on(&self) -> bool {
+        self.twins_on.get()
+    }
+    pub fn set_twins_on(&self, on: bool) {
+        self.twins_on.set(on);
+        self.clear_twins();
+    }
     /// The bf16 copy of `x` from a registered range that holds it, at a 16-byte aligned place.
     pub fn of(&self, x: Dv<f32>) -> Option<Dv<u16>> {
         let within = |(w, c): (Dv<f32>, Dv<u16>)| {
@@ -457,7 +488,8 @@ impl Bf16Copy {
             (off.is_multiple_of(8) && c.ptr.is_multiple_of(16)).then(|| c.sub(off, x.len))
         };
         let held = self.held.borrow().iter().rev().find_map(|&h| within(h));
-        held.or_else(|| within(self.weights.get()?))
+        let twin = || self.twins.borrow().iter().rev().find_map(|&h| within(h));
+        held.or_else(twin).or_else(|| within(self.weights.get()?))
     }
 }
 
@@ -612,6 +644,31 @@ pub trait Device {
     fn pop_bf16_held(&self) {
         if let Some(r) = self.bf16_copies() {
             r.pop()
+        }
+    }
+    /// Whether producers write bf16 twins of the activations that bf16 GEMMs read (the GEMMs
+    /// convert operands, [`ops::bf16_converted`], and the twins are not switched off).
+    fn bf16_twins(&self) -> bool {
+        ops::bf16_converted(self) && self.bf16_copies().is_some_and(|r| r.twins_on())
+    }
+    /// Registers `copy` as the bf16 twin of the activation `x` until
+    /// [`Device::clear_bf16_twins`] (the next forward): its producer writes both, and nothing
+    /// writes `x` again before the registry is cleared.
+    fn add_bf16_twin(&self, x: Dv<f32>, copy: Dv<u16>) {
+        if let Some(r) = self.bf16_copies() {
+            r.add_twin(x, copy)
+        }
+    }
+    fn clear_bf16_twins(&self) {
+        if let Some(r) = self.bf16_copies() {
+            r.clear_twins()
+        }
+    }
+    /// Switches the twins off (every activation then converted where a GEMM reads it: the
+    /// tests' bit-for-bit comparison, the cost model's A/B) or on (the default).
+    fn set_bf16_twins(&self, on: bool) {
+        if let Some(r) = self.bf16_copies() {
+            r.set_twins_on(on)
         }
     }
     /// Streaming multiprocessors (sizes the fused kernels' tiles).

@@ -105,6 +105,39 @@ impl DBuf {
     }
 }
 
+/// The bf16 twin of an activation that bf16 GEMMs read: written by the activation's producer
+/// beside the f32 tensor, kept with it (issue 11: no conversion call per GEMM operand). Null
+/// unless the device's GEMMs convert operands and its twins are on ([`Device::bf16_twins`]).
+#[derive(Default)]
+struct Twin {
+    s: Option<Temp<u16>>,
+    n: usize,
+}
+
+impl Twin {
+    /// The twin of `x` (reallocated to its length), registered with the device until the next
+    /// forward clears the registry: for activations that nothing writes again before then.
+    fn of<B: Backend>(&mut self, be: &B, x: Dv<f32>) -> Result<Dv<u16>> {
+        let d = self.scoped(be, x.len)?;
+        if !d.is_null() {
+            be.add_bf16_twin(x, d);
+        }
+        Ok(d)
+    }
+    /// A twin of `n` elements, not registered: for gradients, which a producer writes and
+    /// [`Ops::with_bf16_twin`] hands to the GEMMs that read them.
+    fn scoped<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<u16>> {
+        if !be.bf16_twins() || n == 0 {
+            return Ok(Dv::null());
+        }
+        if self.s.is_none() || self.n != n {
+            self.s = Some(be.temp_uninit::<u16>(n)?);
+            self.n = n;
+        }
+        Ok(self.s.as_ref().expect("allocated above").dv().sub(0, n))
+    }
+}
+
 /// A temporary zeroed buffer (freed, stream-ordered, when dropped).
 fn tmp<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
     let s = be.temp::<f32>(n)?;
@@ -387,6 +420,7 @@ pub struct GpuAsaCache {
     rw: DBuf,
     out_h: DBuf, // [B,H,T,d]
     merged: DBuf,
+    merged16: Twin,
     proj: DBuf,
     drop: DBuf,
     has_drop: bool,
@@ -680,7 +714,8 @@ impl GpuAsaLayer {
 
         // merge heads, out_proj, dropout
         let merged = c_.merged.zeroed(be, n * c)?;
-        be.merge_heads(merged, out_h, b, t, h, d)?;
+        let merged16 = c_.merged16.of(be, merged)?;
+        be.merge_heads(merged, out_h, b, t, h, d, merged16)?;
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         c_.has_drop = pdrop > 0.0;
         if c_.has_drop {
@@ -785,8 +820,9 @@ impl GpuAsaLayer {
         Ok(())
     }
 
-    /// Backward: dout [B,T,C] -> dx [B,T,C] (+=); parameter gradients are added into `g`
-    /// (the flat gradient buffer, `layout` ranges). `AsaLayer::backward`.
+    /// Backward: dout [B,T,C] (with its bf16 twin, or null) -> dx [B,T,C] (+=); parameter
+    /// gradients are added into `g` (the flat gradient buffer, `layout` ranges).
+    /// `AsaLayer::backward`.
     #[allow(clippy::too_many_arguments)]
     fn backward<B: Backend>(
         &self,
@@ -795,7 +831,7 @@ impl GpuAsaLayer {
         g: Dv<f32>,
         c_: &mut GpuAsaCache,
         o: &DevOpts,
-        dout: Dv<f32>,
+        (dout, dout16): (Dv<f32>, Dv<u16>),
         dx: Dv<f32>,
     ) -> Result<()> {
         let cfg = &self.cfg;
@@ -809,25 +845,27 @@ impl GpuAsaLayer {
         let x = c_.x.expect("forward before backward");
 
         // dropout, out_proj, heads
-        let (_dp_own, dproj) = if c_.has_drop {
+        let (_dp_own, dproj, dproj16) = if c_.has_drop {
             let (s, dp) = tmp(be, n * c)?;
             be.dropout_backward(dp, dout, c_.drop.dv())?;
-            (Some(s), dp)
+            (Some(s), dp, Dv::null())
         } else {
-            (None, dout)
+            (None, dout, dout16)
         };
         let (_s1, dmerged) = tmp(be, n * c)?;
-        be.matmul_backward(
-            dmerged,
-            gr(self.ids.out_proj),
-            Dv::null(),
-            dproj,
-            c_.merged.dv(),
-            p.p(self.ids.out_proj),
-            n,
-            c,
-            c,
-        )?;
+        be.with_bf16_twin(dproj, dproj16, || {
+            be.matmul_backward(
+                dmerged,
+                gr(self.ids.out_proj),
+                Dv::null(),
+                dproj,
+                c_.merged.dv(),
+                p.p(self.ids.out_proj),
+                n,
+                c,
+                c,
+            )
+        })?;
         let (_s2, dout_h) = tmp_uninit(be, n * c)?; // split_heads stores every element
         be.split_heads(dout_h, dmerged, b, t, h, d)?;
 
@@ -1125,13 +1163,19 @@ impl GpuAsaLayer {
         if let Some(w3) = self.qkv_span(p.all(), p) {
             // the fused QKV GEMM's backward: dx += [dk dv dq] W3, dW3 += [dk dv dq]^T x
             let (_s19, dp3) = tmp_uninit(be, 3 * n * c)?;
-            be.merge_heads3(dp3, [dk_h, dv_h, dq_h], b, t, h, d)?;
+            let mut dp3_16 = Twin::default();
+            let dp3_16 = dp3_16.scoped(be, 3 * n * c)?;
+            be.merge_heads3(dp3, [dk_h, dv_h, dq_h], b, t, h, d, dp3_16)?;
             let g3 = self
                 .qkv_span(g, p)
                 .expect("gradients share the weights' layout");
-            return be.matmul_backward(dx, g3, Dv::null(), dp3, x, w3, n, c, 3 * c);
+            return be.with_bf16_twin(dp3, dp3_16, || {
+                be.matmul_backward(dx, g3, Dv::null(), dp3, x, w3, n, c, 3 * c)
+            });
         }
         let (_s19, dp) = tmp(be, n * c)?;
+        let mut dp16 = Twin::default();
+        let dp16 = dp16.scoped(be, n * c)?;
         // x is the input of all three weight gradients (rounded to bf16 once)
         be.with_bf16(x, || {
             for (dh, w) in [
@@ -1140,8 +1184,10 @@ impl GpuAsaLayer {
                 (dq_h, self.ids.wq_read),
             ] {
                 be.memset_zero(dp)?;
-                be.merge_heads(dp, dh, b, t, h, d)?;
-                be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)?;
+                be.merge_heads(dp, dh, b, t, h, d, dp16)?;
+                be.with_bf16_twin(dp, dp16, || {
+                    be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)
+                })?;
             }
             Ok(())
         })
@@ -1154,16 +1200,19 @@ impl GpuAsaLayer {
 #[derive(Default)]
 struct GpuBlockCache {
     ln1: DBuf,
+    ln1_16: Twin,
     ln1_mean: DBuf,
     ln1_rstd: DBuf,
     attn: GpuAsaCache,
     attn_out: DBuf,
     x1: DBuf,
     ln2: DBuf,
+    ln2_16: Twin,
     ln2_mean: DBuf,
     ln2_rstd: DBuf,
     h: DBuf,
     g: DBuf,
+    g16: Twin,
     gd: DBuf,
     gmask: DBuf,
     m: DBuf,
@@ -1247,6 +1296,7 @@ struct GpuLmCache {
     xs: Vec<DBuf>,
     blocks: Vec<GpuBlockCache>,
     lnf: DBuf,
+    lnf16: Twin,
     lnf_mean: DBuf,
     lnf_rstd: DBuf,
 }
@@ -1385,6 +1435,8 @@ impl<B: Backend> GpuLm<B> {
         let cache = &mut self.cache;
         cache.b = b;
         cache.t = t;
+        // the last forward's activations are written again from here on
+        be.clear_bf16_twins();
         cache.batch = None; // the last call's buffer back to the cache first: it serves this one
         let batch = cache
             .batch
@@ -1414,15 +1466,19 @@ impl<B: Backend> GpuLm<B> {
             let xn = cache.xs[l + 1].ensure(be, n * c)?;
             let bc = &mut cache.blocks[l];
             let ln1 = bc.ln1.ensure(be, n * c)?;
+            let ln1_16 = bc.ln1_16.of(be, ln1)?;
             let (m1, r1) = (bc.ln1_mean.ensure(be, n)?, bc.ln1_rstd.ensure(be, n)?);
-            be.layernorm_forward(ln1, m1, r1, x, p.p(bid.ln_1_w), p.p(bid.ln_1_b), n, c)?;
+            let (w1, b1) = (p.p(bid.ln_1_w), p.p(bid.ln_1_b));
+            be.layernorm_forward(ln1, m1, r1, x, w1, b1, n, c, ln1_16)?;
             let attn_out = bc.attn_out.ensure(be, n * c)?;
             self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
             let x1 = bc.x1.ensure(be, n * c)?;
             be.residual_forward(x1, x, attn_out)?;
             let ln2 = bc.ln2.ensure(be, n * c)?;
+            let ln2_16 = bc.ln2_16.of(be, ln2)?;
             let (m2, r2) = (bc.ln2_mean.ensure(be, n)?, bc.ln2_rstd.ensure(be, n)?);
-            be.layernorm_forward(ln2, m2, r2, x1, p.p(bid.ln_2_w), p.p(bid.ln_2_b), n, c)?;
+            let (w2, b2) = (p.p(bid.ln_2_w), p.p(bid.ln_2_b));
+            be.layernorm_forward(ln2, m2, r2, x1, w2, b2, n, c, ln2_16)?;
             let hh = bc.h.ensure(be, n * hid)?;
             be.matmul_forward(
                 hh,
@@ -1434,8 +1490,14 @@ impl<B: Backend> GpuLm<B> {
                 hid,
             )?;
             let g = bc.g.ensure(be, n * hid)?;
-            be.gelu_forward(g, hh)?;
             bc.dropped = pdrop > 0.0;
+            // the GEMM reads g itself only without dropout
+            let g16 = if bc.dropped {
+                Dv::null()
+            } else {
+                bc.g16.of(be, g)?
+            };
+            be.gelu_forward(g, hh, g16)?;
             let gd = if bc.dropped {
                 let gd = bc.gd.ensure(be, n * hid)?;
                 let gm = bc.gmask.ensure(be, n * hid)?;
@@ -1466,17 +1528,10 @@ impl<B: Backend> GpuLm<B> {
         }
         let xf = cache.xs[nl].dv();
         let lnf = cache.lnf.ensure(be, n * c)?;
+        let lnf16 = cache.lnf16.of(be, lnf)?;
         let (mf, rf) = (cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?);
-        be.layernorm_forward(
-            lnf,
-            mf,
-            rf,
-            xf,
-            p.p(self.ids.ln_f_w),
-            p.p(self.ids.ln_f_b),
-            n,
-            c,
-        )?;
+        let (wf, bf) = (p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b));
+        be.layernorm_forward(lnf, mf, rf, xf, wf, bf, n, c, lnf16)?;
         Ok(())
     }
 
@@ -1573,6 +1628,8 @@ impl<B: Backend> GpuLm<B> {
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let rows = (self.logits_budget / v.max(1)).clamp(1, n);
         let (_s, blk) = tmp_uninit(be, rows * v)?; // each block's GEMM stores it whole
+        let mut blk16 = Twin::default(); // the logits gradient's bf16 twin
+        let blk16 = blk16.scoped(be, if dlnf.is_some() { rows * v } else { 0 })?;
         let row_loss = be.temp::<f64>(n)?;
         let lnf = self.cache.lnf.dv();
         let head = self.ids.head();
@@ -1596,8 +1653,16 @@ impl<B: Backend> GpuLm<B> {
             be.matmul_forward(lg, x, w, Dv::null(), r, c, v)?;
             be.crossentropy_forward(lg, row_loss.dv().sub(r0, r), lg, tg, vl, r, v)?;
             if let Some(dlnf) = dlnf {
-                be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true)?;
-                be.matmul_backward(dlnf.sub(r0 * c, r * c), gw, Dv::null(), lg, x, w, r, c, v)?;
+                let lg16 = if blk16.is_null() {
+                    blk16
+                } else {
+                    blk16.sub(0, r * v)
+                };
+                be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true, lg16)?;
+                let dx = dlnf.sub(r0 * c, r * c);
+                be.with_bf16_twin(lg, lg16, || {
+                    be.matmul_backward(dx, gw, Dv::null(), lg, x, w, r, c, v)
+                })?;
             }
             r0 += r;
         }
@@ -1619,6 +1684,10 @@ impl<B: Backend> GpuLm<B> {
         let gr = |id: ParamId| p.layout.range(g, id);
         let nl = cfg.num_layers;
         let (_sx, dx) = tmp(be, n * c)?;
+        // bf16 twins of the gradients that GEMMs read: dx (the residual stream's), dh (the MLP's)
+        let (mut dx16, mut dh16) = (Twin::default(), Twin::default());
+        let dx16 = dx16.scoped(be, n * c)?;
+        let dh16 = dh16.scoped(be, n * hid)?;
         be.layernorm_backward(
             dx,
             gr(self.ids.ln_f_w),
@@ -1630,6 +1699,7 @@ impl<B: Backend> GpuLm<B> {
             self.cache.lnf_rstd.dv(),
             n,
             c,
+            dx16,
         )?;
         let (_s1, dm_buf) = tmp(be, n * c)?;
         let (_s2, dgd) = tmp(be, n * hid)?;
@@ -1641,26 +1711,28 @@ impl<B: Backend> GpuLm<B> {
             let bid = &self.ids.blocks[l];
             let bc = &mut self.cache.blocks[l];
             // x2 = x1 + drop(mlp3(drop(gelu(mlp0(ln2(x1))))))
-            let dm = if bc.dropped {
+            let (dm, dm16) = if bc.dropped {
                 be.memset_zero(dm_buf)?;
                 be.dropout_backward(dm_buf, dx, bc.mmask.dv())?;
-                dm_buf
+                (dm_buf, Dv::null())
             } else {
-                dx
+                (dx, dx16)
             };
             let gd = if bc.dropped { bc.gd.dv() } else { bc.g.dv() };
             be.memset_zero(dgd)?;
-            be.matmul_backward(
-                dgd,
-                gr(bid.mlp_3_w),
-                bid.mlp_3_b.map(gr).unwrap_or_else(Dv::null),
-                dm,
-                gd,
-                p.p(bid.mlp_3_w),
-                n,
-                hid,
-                c,
-            )?;
+            be.with_bf16_twin(dm, dm16, || {
+                be.matmul_backward(
+                    dgd,
+                    gr(bid.mlp_3_w),
+                    bid.mlp_3_b.map(gr).unwrap_or_else(Dv::null),
+                    dm,
+                    gd,
+                    p.p(bid.mlp_3_w),
+                    n,
+                    hid,
+                    c,
+                )
+            })?;
             let dg = if bc.dropped {
                 be.memset_zero(dg_buf)?;
                 be.dropout_backward(dg_buf, dgd, bc.gmask.dv())?;
@@ -1669,19 +1741,21 @@ impl<B: Backend> GpuLm<B> {
                 dgd
             };
             be.memset_zero(dh)?;
-            be.gelu_backward(dh, bc.h.dv(), dg)?;
+            be.gelu_backward(dh, bc.h.dv(), dg, dh16)?;
             be.memset_zero(dln2)?;
-            be.matmul_backward(
-                dln2,
-                gr(bid.mlp_0_w),
-                bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null),
-                dh,
-                bc.ln2.dv(),
-                p.p(bid.mlp_0_w),
-                n,
-                c,
-                hid,
-            )?;
+            be.with_bf16_twin(dh, dh16, || {
+                be.matmul_backward(
+                    dln2,
+                    gr(bid.mlp_0_w),
+                    bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null),
+                    dh,
+                    bc.ln2.dv(),
+                    p.p(bid.mlp_0_w),
+                    n,
+                    c,
+                    hid,
+                )
+            })?;
             // dx1 = dx + LN2 backward (in place on dx)
             be.layernorm_backward(
                 dx,
@@ -1694,10 +1768,11 @@ impl<B: Backend> GpuLm<B> {
                 bc.ln2_rstd.dv(),
                 n,
                 c,
+                dx16,
             )?;
             // x1 = x + attn(ln1(x))
             be.memset_zero(dln1)?;
-            self.layers[l].backward(be, p, g, &mut bc.attn, o, dx, dln1)?;
+            self.layers[l].backward(be, p, g, &mut bc.attn, o, (dx, dx16), dln1)?;
             be.layernorm_backward(
                 dx,
                 gr(bid.ln_1_w),
@@ -1709,6 +1784,7 @@ impl<B: Backend> GpuLm<B> {
                 bc.ln1_rstd.dv(),
                 n,
                 c,
+                dx16,
             )?;
         }
         let demb = if self.cache.emb_dropped {
@@ -2092,6 +2168,7 @@ impl<B: Backend> GpuLayerRunner<B> {
             )));
         }
         let o = DevOpts::new(&self.be, &self.layer.cfg, opts, b, t)?;
+        self.be.clear_bf16_twins(); // the last forward's activations are written again
         let xd = self.be.temp_from(x)?;
         let (_s, out) = tmp(&self.be, b * t * c)?;
         self.layer.forward(
@@ -2133,7 +2210,7 @@ impl<B: Backend> GpuLayerRunner<B> {
             g,
             &mut self.cache,
             o,
-            dd.dv().sub(0, n),
+            (dd.dv().sub(0, n), Dv::null()),
             dx,
         )?;
         let dxh = self.be.download(dx)?;

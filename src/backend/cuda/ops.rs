@@ -268,7 +268,8 @@ pub trait Ops: Device {
     // --------------------------------------------------------------------------------------------
     // layernorm
 
-    /// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N].
+    /// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N]; out16: null, or out's bf16 twin
+    /// (see [`twin16`]).
     fn layernorm_forward(
         &self,
         out: Dv<f32>,
@@ -279,7 +280,9 @@ pub trait Ops: Device {
         bias: Dv<f32>,
         n: usize,
         c: usize,
+        out16: Dv<u16>,
     ) -> Result<()> {
+        twin16("layernorm_forward", out, out16);
         assert_eq!(out.len, n * c, "layernorm_forward: out shape");
         assert_eq!(inp.len, n * c, "layernorm_forward: inp shape");
         assert_eq!(mean.len, n, "layernorm_forward: mean shape");
@@ -301,11 +304,13 @@ pub trait Ops: Device {
                 k(bias),
                 k(i32_of("N", n)?),
                 k(i32_of("C", c)?),
+                k(out16),
             ],
         )
     }
 
-    /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums).
+    /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums);
+    /// dinp16: null, or the bf16 twin of the updated dinp.
     fn layernorm_backward(
         &self,
         dinp: Dv<f32>,
@@ -318,7 +323,9 @@ pub trait Ops: Device {
         rstd: Dv<f32>,
         n: usize,
         c: usize,
+        dinp16: Dv<u16>,
     ) -> Result<()> {
+        twin16("layernorm_backward", dinp, dinp16);
         assert_eq!(dinp.len, n * c, "layernorm_backward: dinp shape");
         assert_eq!(dout.len, n * c, "layernorm_backward: dout shape");
         assert_eq!(inp.len, n * c, "layernorm_backward: inp shape");
@@ -343,6 +350,7 @@ pub trait Ops: Device {
                 k(rstd),
                 k(ni),
                 k(ci),
+                k(dinp16),
             ],
         )?;
         let chunks = n.div_ceil(COLSUM_ROWS);
@@ -416,6 +424,25 @@ pub trait Ops: Device {
             (out, o),
             beta,
         ))
+    }
+
+    /// bf16 GEMMs: `twin`, the bf16 rounding of `x` that `x`'s producer wrote beside it, serves
+    /// the GEMMs that `f` runs (null twin: [`Ops::with_bf16`], one conversion). `x` must not
+    /// change inside `f`.
+    fn with_bf16_twin<R>(
+        &self,
+        x: Dv<f32>,
+        twin: Dv<u16>,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        if twin.is_null() {
+            return self.with_bf16(x, f);
+        }
+        twin16("with_bf16_twin", x, twin);
+        self.push_bf16_held(x, twin);
+        let r = f();
+        self.pop_bf16_held();
+        r
     }
 
     /// bf16 GEMMs: `x` rounded to bf16 once for the GEMMs that `f` runs, which read it from
@@ -550,14 +577,33 @@ pub trait Ops: Device {
         )
     }
 
-    /// Exact GELU. out, inp: [N].
-    fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        self.elementwise_forward("gelu_forward", out, inp)
+    /// Exact GELU. out, inp: [N]; out16: null, or out's bf16 twin.
+    fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>, out16: Dv<u16>) -> Result<()> {
+        assert_eq!(out.len, inp.len, "gelu_forward: shape");
+        twin16("gelu_forward", out, out16);
+        self.launch(
+            "gelu_forward",
+            self.cfg_elems(inp.len),
+            &[k(out), k(inp), k(inp.len as i64), k(out16)],
+        )
     }
 
-    /// dinp += dout * gelu'(inp).
-    fn gelu_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        self.elementwise_backward("gelu_backward", dinp, inp, dout)
+    /// dinp += dout * gelu'(inp); dinp16: null, or the bf16 twin of the updated dinp.
+    fn gelu_backward(
+        &self,
+        dinp: Dv<f32>,
+        inp: Dv<f32>,
+        dout: Dv<f32>,
+        dinp16: Dv<u16>,
+    ) -> Result<()> {
+        assert_eq!(dinp.len, inp.len, "gelu_backward: shape");
+        assert_eq!(dout.len, inp.len, "gelu_backward: shape");
+        twin16("gelu_backward", dinp, dinp16);
+        self.launch(
+            "gelu_backward",
+            self.cfg_elems(inp.len),
+            &[k(dinp), k(inp), k(dout), k(inp.len as i64), k(dinp16)],
+        )
     }
 
     /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
@@ -833,7 +879,8 @@ pub trait Ops: Device {
     }
 
     /// dlogits [N,V] (+)= scale * (probs - onehot) on counted rows; `inplace`: dlogits may be the
-    /// probs range and is overwritten (0 on uncounted rows).
+    /// probs range and is overwritten (0 on uncounted rows); dlogits16: null, or the bf16 twin
+    /// of the result.
     fn crossentropy_backward(
         &self,
         dlogits: Dv<f32>,
@@ -844,7 +891,9 @@ pub trait Ops: Device {
         n: usize,
         v: usize,
         inplace: bool,
+        dlogits16: Dv<u16>,
     ) -> Result<()> {
+        twin16("crossentropy_backward", dlogits, dlogits16);
         assert_eq!(dlogits.len, n * v, "crossentropy_backward: dlogits shape");
         assert_eq!(probs.len, n * v, "crossentropy_backward: probs shape");
         assert_eq!(targets.len, n, "crossentropy_backward: targets shape");
@@ -860,6 +909,7 @@ pub trait Ops: Device {
                 k(i32_of("N", n)?),
                 k(i32_of("V", v)?),
                 k(inplace as i32),
+                k(dlogits16),
             ],
         )
     }
@@ -991,7 +1041,8 @@ pub trait Ops: Device {
     }
 
     /// out [B,T,3C] (=) <- ins[i] [B,H,T,d] merged side by side (the fused QKV projection's
-    /// output gradient; CPU: `merge_heads_acc` of each into a zero third).
+    /// output gradient; CPU: `merge_heads_acc` of each into a zero third); out16: null, or
+    /// out's bf16 twin.
     fn merge_heads3(
         &self,
         out: Dv<f32>,
@@ -1000,7 +1051,9 @@ pub trait Ops: Device {
         t: usize,
         h: usize,
         d: usize,
+        out16: Dv<u16>,
     ) -> Result<()> {
+        twin16("merge_heads3", out, out16);
         for x in ins {
             assert_eq!(x.len, b * t * h * d, "merge_heads3: shape");
         }
@@ -1018,10 +1071,12 @@ pub trait Ops: Device {
                 k(i32_of("T", t)?),
                 k(h as i32),
                 k(d as i32),
+                k(out16),
             ],
         )
     }
 
+    /// out [B,T,C] += inp [B,H,T,d]; out16: null, or the bf16 twin of the updated out.
     fn merge_heads(
         &self,
         out: Dv<f32>,
@@ -1030,7 +1085,9 @@ pub trait Ops: Device {
         t: usize,
         h: usize,
         d: usize,
+        out16: Dv<u16>,
     ) -> Result<()> {
+        twin16("merge_heads", out, out16);
         assert_eq!(out.len, b * t * h * d, "merge_heads: shape");
         assert_eq!(inp.len, out.len, "merge_heads: shape");
         self.launch(
@@ -1043,6 +1100,7 @@ pub trait Ops: Device {
                 k(i32_of("T", t)?),
                 k(h as i32),
                 k(d as i32),
+                k(out16),
             ],
         )
     }
@@ -1928,6 +1986,17 @@ pub fn sort_positions_by_id(ids: &[u32], v: usize) -> Result<(Vec<i32>, Vec<i32>
         fill[u] += 1;
     }
     Ok((uniq, start, order))
+}
+
+/// Checks that a producer's bf16 twin `out16` (null: none) covers its f32 output `out`. A twin
+/// holds the round-to-nearest-even bf16 of every element the producer writes, exactly what
+/// `convert_f32_bf16` would make of it, so that the bf16 GEMMs reading `out` read the twin
+/// instead of converting (issue 11: activations produced in bf16 by the kernels that make them).
+fn twin16(op: &str, out: Dv<f32>, out16: Dv<u16>) {
+    assert!(
+        out16.is_null() || out16.len >= out.len,
+        "{op}: bf16 twin shorter than its output"
+    );
 }
 
 /// Row-major GEMM through cuBLAS' column-major interface:
