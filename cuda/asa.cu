@@ -62,8 +62,8 @@ extern "C" __global__ void split_heads(float* out, const float* inp, int b, int 
     }
 }
 
-// out: [B,T,H*d] += inp: [B,H,T,d] (merge_heads_acc of the CPU; merge when out is 0). A block
-// per row (b, t) of out. out16: nullable, the bf16 twin of the updated out.
+// out: [B,T,H*d] = inp: [B,H,T,d] (a store: merge_heads_acc of the CPU into zeros, no memset
+// before). A block per row (b, t) of out. out16: nullable, the bf16 twin of out.
 extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d,
                                        unsigned short* out16) {
     const int hd = h * d;
@@ -73,7 +73,7 @@ extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int 
         for (int j = threadIdx.x; j < hd; j += blockDim.x) {
             const int hi = j / d, jj = j - hi * d;
             const i64 o = row * hd + j;
-            const float y = out[o] + inp[((bi * h + hi) * t + ti) * d + jj];
+            const float y = inp[((bi * h + hi) * t + ti) * d + jj];
             out[o] = y;
             if (out16) out16[o] = asa_f32_to_bf16(y);
         }

@@ -205,14 +205,15 @@ extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n, uns
     }
 }
 
-// dinp += dout * (Phi(x) + x*phi(x)); dinp16: nullable, the bf16 twin of the updated dinp.
+// dinp = dout * (Phi(x) + x*phi(x)) (a store: the CPU twin's += into zeros, no memset before);
+// dinp16: nullable, the bf16 twin of dinp.
 extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n,
                                          unsigned short* dinp16) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
         float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
         float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
-        const float y = dinp[i] + dout[i] * (cdf + x * pdf);
+        const float y = dout[i] * (cdf + x * pdf);
         dinp[i] = y;
         if (dinp16) dinp16[i] = asa_f32_to_bf16(y);
     }

@@ -142,14 +142,20 @@ pub fn intervention_sweep(h: usize) -> Vec<asa::model::asa::Intervention> {
 pub fn layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
     let mut r = rng(4);
     let (b, t) = (2, 23);
-    for (variant, normalize_k, signed) in [
-        (Variant::Baseline, false, true),
-        (Variant::Baseline, true, false),
-        (Variant::Online, false, true),
+    // the last case: C = 18, so a [C,C] projection is no multiple of the device layout's
+    // alignment and the three projections are three GEMMs (not the fused QKV one)
+    for (variant, normalize_k, signed, embed) in [
+        (Variant::Baseline, false, true, 48),
+        (Variant::Baseline, true, false, 48),
+        (Variant::Online, false, true, 48),
+        (Variant::Baseline, false, true, 18),
     ] {
         let mut cfg = small_cfg(variant);
         cfg.normalize_k = normalize_k;
         cfg.slotspace_signed_weights = signed;
+        if embed != cfg.embed_dim {
+            (cfg.embed_dim, cfg.num_heads) = (embed, 3);
+        }
         let mut store = ParamStore::new();
         let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(9));
         let c = cfg.embed_dim;
@@ -199,7 +205,7 @@ pub fn layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
                 GpuLayerRunner::with_backend(mk(), &cfg, ids.clone(), &store, Precision::F32)
                     .unwrap();
             let gout = run.forward(&x, b, t, opts).unwrap();
-            let tag = format!("{variant:?} nk{normalize_k} s{signed} opts{oi}");
+            let tag = format!("{variant:?} nk{normalize_k} s{signed} C{embed} opts{oi}");
             close(&format!("layer out {tag}"), &gout, &out, TOL);
             let (gdx, ggrads) = run.backward(&dout).unwrap();
             close(&format!("layer dx {tag}"), &gdx, &dx, TOL);

@@ -90,13 +90,6 @@ impl DBuf {
         }
         Ok(d)
     }
-    /// The buffer with `n` elements, zeroed.
-    fn zeroed<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<f32>> {
-        let d = self.ensure(be, n)?;
-        self.host.clear();
-        be.memset_zero(d)?;
-        Ok(d)
-    }
     fn dv(&self) -> Dv<f32> {
         match &self.s {
             Some(s) => s.dv().sub(0, self.n),
@@ -713,7 +706,7 @@ impl GpuAsaLayer {
         }
 
         // merge heads, out_proj, dropout
-        let merged = c_.merged.zeroed(be, n * c)?;
+        let merged = c_.merged.ensure(be, n * c)?; // merge_heads stores every element
         let merged16 = c_.merged16.of(be, merged)?;
         be.merge_heads(merged, out_h, b, t, h, d, merged16)?;
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
@@ -820,7 +813,7 @@ impl GpuAsaLayer {
         Ok(())
     }
 
-    /// Backward: dout [B,T,C] (with its bf16 twin, or null) -> dx [B,T,C] (+=); parameter
+    /// Backward: dout [B,T,C] (with its bf16 twin, or null) -> dx [B,T,C] (stored); parameter
     /// gradients are added into `g` (the flat gradient buffer, `layout` ranges).
     /// `AsaLayer::backward`.
     #[allow(clippy::too_many_arguments)]
@@ -852,9 +845,9 @@ impl GpuAsaLayer {
         } else {
             (None, dout, dout16)
         };
-        let (_s1, dmerged) = tmp(be, n * c)?;
+        let (_s1, dmerged) = tmp_uninit(be, n * c)?; // stored whole
         be.with_bf16_twin(dproj, dproj16, || {
-            be.matmul_backward(
+            be.matmul_backward_store(
                 dmerged,
                 gr(self.ids.out_proj),
                 Dv::null(),
@@ -1170,23 +1163,28 @@ impl GpuAsaLayer {
                 .qkv_span(g, p)
                 .expect("gradients share the weights' layout");
             return be.with_bf16_twin(dp3, dp3_16, || {
-                be.matmul_backward(dx, g3, Dv::null(), dp3, x, w3, n, c, 3 * c)
+                be.matmul_backward_store(dx, g3, Dv::null(), dp3, x, w3, n, c, 3 * c)
             });
         }
-        let (_s19, dp) = tmp(be, n * c)?;
+        let (_s19, dp) = tmp_uninit(be, n * c)?; // merge_heads stores every element
         let mut dp16 = Twin::default();
         let dp16 = dp16.scoped(be, n * c)?;
         // x is the input of all three weight gradients (rounded to bf16 once)
         be.with_bf16(x, || {
-            for (dh, w) in [
+            for (j, (dh, w)) in [
                 (dk_h, self.ids.wk_write),
                 (dv_h, self.ids.wv_write),
                 (dq_h, self.ids.wq_read),
-            ] {
-                be.memset_zero(dp)?;
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 be.merge_heads(dp, dh, b, t, h, d, dp16)?;
+                // dx: the first projection's share stored, the others' added
+                let beta = if j == 0 { 0.0 } else { 1.0 };
                 be.with_bf16_twin(dp, dp16, || {
-                    be.matmul_backward(dx, gr(w), Dv::null(), dp, x, p.p(w), n, c, c)
+                    let (gw, wt) = (gr(w), p.p(w));
+                    be.matmul_backward_beta(dx, beta, gw, Dv::null(), dp, x, wt, n, c, c)
                 })?;
             }
             Ok(())
@@ -1702,11 +1700,13 @@ impl<B: Backend> GpuLm<B> {
             dx16,
         )?;
         let (_s1, dm_buf) = tmp(be, n * c)?;
-        let (_s2, dgd) = tmp(be, n * hid)?;
+        // stored whole by their producers: matmul_backward_store, gelu_backward, the layer's
+        // backward (no memsets)
+        let (_s2, dgd) = tmp_uninit(be, n * hid)?;
         let (_s3, dg_buf) = tmp(be, n * hid)?;
-        let (_s4, dh) = tmp(be, n * hid)?;
-        let (_s5, dln2) = tmp(be, n * c)?;
-        let (_s6, dln1) = tmp(be, n * c)?;
+        let (_s4, dh) = tmp_uninit(be, n * hid)?;
+        let (_s5, dln2) = tmp_uninit(be, n * c)?;
+        let (_s6, dln1) = tmp_uninit(be, n * c)?;
         for l in (0..nl).rev() {
             let bid = &self.ids.blocks[l];
             let bc = &mut self.cache.blocks[l];
@@ -1719,9 +1719,8 @@ impl<B: Backend> GpuLm<B> {
                 (dx, dx16)
             };
             let gd = if bc.dropped { bc.gd.dv() } else { bc.g.dv() };
-            be.memset_zero(dgd)?;
             be.with_bf16_twin(dm, dm16, || {
-                be.matmul_backward(
+                be.matmul_backward_store(
                     dgd,
                     gr(bid.mlp_3_w),
                     bid.mlp_3_b.map(gr).unwrap_or_else(Dv::null),
@@ -1740,11 +1739,9 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 dgd
             };
-            be.memset_zero(dh)?;
             be.gelu_backward(dh, bc.h.dv(), dg, dh16)?;
-            be.memset_zero(dln2)?;
             be.with_bf16_twin(dh, dh16, || {
-                be.matmul_backward(
+                be.matmul_backward_store(
                     dln2,
                     gr(bid.mlp_0_w),
                     bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null),
@@ -1771,7 +1768,6 @@ impl<B: Backend> GpuLm<B> {
                 dx16,
             )?;
             // x1 = x + attn(ln1(x))
-            be.memset_zero(dln1)?;
             self.layers[l].backward(be, p, g, &mut bc.attn, o, (dx, dx16), dln1)?;
             be.layernorm_backward(
                 dx,
@@ -2201,7 +2197,7 @@ impl<B: Backend> GpuLayerRunner<B> {
             )));
         }
         let dd = self.be.temp_from(dout)?;
-        let (_s, dx) = tmp(&self.be, n)?;
+        let (_s, dx) = tmp_uninit(&self.be, n)?; // the layer's backward stores dx
         let g = self.grads.dv().sub(0, self.params.layout.total);
         self.be.memset_zero(g)?;
         self.layer.backward(

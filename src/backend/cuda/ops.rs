@@ -475,6 +475,41 @@ pub trait Ops: Device {
         i: usize,
         o: usize,
     ) -> Result<()> {
+        let dinp_beta = 1.0;
+        self.matmul_backward_beta(dinp, dinp_beta, dweight, dbias, dout, inp, weight, n, i, o)
+    }
+
+    /// [`Ops::matmul_backward`] with dinp stored (=) instead of added to: a fresh dinp needs no
+    /// memset.
+    fn matmul_backward_store(
+        &self,
+        dinp: Dv<f32>,
+        dweight: Dv<f32>,
+        dbias: Dv<f32>,
+        dout: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        self.matmul_backward_beta(dinp, 0.0, dweight, dbias, dout, inp, weight, n, i, o)
+    }
+
+    /// dinp = dinp_beta * dinp + dout @ weight; the rest as [`Ops::matmul_backward`].
+    fn matmul_backward_beta(
+        &self,
+        dinp: Dv<f32>,
+        dinp_beta: f32,
+        dweight: Dv<f32>,
+        dbias: Dv<f32>,
+        dout: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
         assert!(
             dinp.is_null() || dinp.len == n * i,
             "matmul_backward: dinp shape"
@@ -485,7 +520,7 @@ pub trait Ops: Device {
         assert_eq!(weight.len, o * i, "matmul_backward: weight shape");
         let gemms = || {
             if !dinp.is_null() {
-                // dinp^T [I,N] += W^T [I,O] x dout^T [O,N]
+                // dinp^T [I,N] (+)= W^T [I,O] x dout^T [O,N]
                 self.gemm(&Gemm::new(
                     Op::N,
                     Op::N,
@@ -493,7 +528,7 @@ pub trait Ops: Device {
                     (weight, i),
                     (dout, o),
                     (dinp, i),
-                    1.0,
+                    dinp_beta,
                 ))?;
             }
             // dW^T [I,O] += inp^T [I,N] x dout [N,O]
@@ -588,7 +623,8 @@ pub trait Ops: Device {
         )
     }
 
-    /// dinp += dout * gelu'(inp); dinp16: null, or the bf16 twin of the updated dinp.
+    /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros); dinp16: null, or the
+    /// bf16 twin of dinp.
     fn gelu_backward(
         &self,
         dinp: Dv<f32>,
@@ -1076,7 +1112,8 @@ pub trait Ops: Device {
         )
     }
 
-    /// out [B,T,C] += inp [B,H,T,d]; out16: null, or the bf16 twin of the updated out.
+    /// out [B,T,C] = inp [B,H,T,d] (stored; CPU twin: `merge_heads`); out16:
+    /// null, or out's bf16 twin.
     fn merge_heads(
         &self,
         out: Dv<f32>,
