@@ -78,21 +78,22 @@ extern "C" __global__ void linear_attn_forward_sums(double* cs, double* cz, cons
 // place, chunks in walk order; e < width. One thread per (n, e). Eight chunks at a time: their
 // loads are independent and in flight together (in place, a load after a store to the same
 // array would wait for it), then the running sums are written back in walk order.
+#define LA_CARRY_UNROLL 8  // CARRY_UNROLL of src/backend/cuda/linear.rs (the cost model's steps)
 __device__ __forceinline__ void la_carry(double* x, int n, int nch, int width, bool reverse) {
     ASA_GRID_LOOP(i, (i64)n * width) {
         i64 nn = i / width;
         int e = (int)(i % width);
         double* col = x + nn * nch * width + e;  // chunk ch at col[ch * width]
         double run = 0.0;
-        for (int k0 = 0; k0 < nch; k0 += 8) {
-            double val[8];
+        for (int k0 = 0; k0 < nch; k0 += LA_CARRY_UNROLL) {
+            double val[LA_CARRY_UNROLL];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < LA_CARRY_UNROLL; ++j) {
                 int k = k0 + j, ch = reverse ? nch - 1 - k : k;
                 val[j] = k < nch ? col[(i64)ch * width] : 0.0;
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < LA_CARRY_UNROLL; ++j) {
                 int k = k0 + j, ch = reverse ? nch - 1 - k : k;
                 if (k < nch) {
                     col[(i64)ch * width] = run;

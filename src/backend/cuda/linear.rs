@@ -337,16 +337,20 @@ fn carry<L: Device + ?Sized>(
         KArg::I32(p.nch as i32),
         KArg::I32(p.m as i32),
     ];
-    // a thread per state element walks the chunks
+    // a thread per state element walks the chunks, eight per pass of its unrolled loop
+    // (`la_carry`): the cost model's steps are those passes
     dev.walk_launch(
         &format!("{prefix}_carry"),
         elems(dev, p.n * p.m * p.m),
         256,
         0,
         &args,
-        p.nch,
+        p.nch.div_ceil(CARRY_UNROLL),
     )
 }
+
+/// Chunks per pass of `la_carry`'s loop (cuda/linear.cu).
+const CARRY_UNROLL: usize = 8;
 
 /// The forward carries cs, cz (state before each chunk) of a chunked plan.
 fn forward_carries<L: Device + ?Sized>(
@@ -611,6 +615,18 @@ pub(crate) fn backward_scratch<D: Device + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cost model's steps of the carry pass follow its kernel's unrolling.
+    #[test]
+    fn the_carry_unroll_is_the_kernels() {
+        let src = super::super::KERNELS
+            .iter()
+            .find(|(stem, _)| *stem == "linear")
+            .expect("cuda/linear.cu")
+            .1;
+        let line = format!("#define LA_CARRY_UNROLL {CARRY_UNROLL} ");
+        assert!(src.contains(&line), "cuda/linear.cu: {line}");
+    }
 
     #[test]
     fn chunks_cover_the_sequence() {
