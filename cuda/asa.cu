@@ -11,38 +11,52 @@
 // ------------------------------------------------------------------------------------------------
 // RoPE (the reference's layout: interleaved pairs, half-split angles). cos, sin: [T,D].
 
+// The launch shape of both (`rope_cfg` of the launcher): blocks of threads over (position,
+// pair) of `rope_rows(d, blockDim.x)` positions at a time, grid x over position groups, grid y
+// over the N sequences (grid-stride on both). No 64-bit division: the index math of an
+// element-wise RoPE would otherwise cost more issue slots than its loads.
+__device__ __forceinline__ int rope_rows(int half) { return half >= (int)blockDim.x ? 1 : (int)blockDim.x / half; }
+
 // out, inp: [N,T,D]. One thread per pair.
 extern "C" __global__ void rope_forward(float* out, const float* inp, const float* cos_t,
                                         const float* sin_t, int n, int t, int d) {
-    int half = d / 2;
-    ASA_GRID_LOOP(i, (i64)n * t * half) {
-        int p = (int)(i % half);
-        i64 row = i / half;  // n*t + ti
-        int ti = (int)(row % t);
-        i64 o = row * d + 2 * p;
-        const float* c = cos_t + (i64)ti * d;
-        const float* s = sin_t + (i64)ti * d;
-        float a = inp[o], b = inp[o + 1];
-        out[o] = a * c[2 * p] - b * s[2 * p];
-        out[o + 1] = b * c[2 * p + 1] + a * s[2 * p + 1];
-    }
+    const int half = d / 2, rows = rope_rows(half);
+    const int r = (int)threadIdx.x / min(half, (int)blockDim.x);
+    if (r >= rows) return;
+    const int p0 = (int)threadIdx.x - r * min(half, (int)blockDim.x), pstep = min(half, (int)blockDim.x);
+    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
+        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
+            const float* c = cos_t + (i64)ti * d;
+            const float* s = sin_t + (i64)ti * d;
+            const i64 row = (nn * t + ti) * d;
+            for (int p = p0; p < half; p += pstep) {
+                const i64 o = row + 2 * p;
+                float a = inp[o], b = inp[o + 1];
+                out[o] = a * c[2 * p] - b * s[2 * p];
+                out[o + 1] = b * c[2 * p + 1] + a * s[2 * p + 1];
+            }
+        }
 }
 
-// dinp += J^T dout. dinp, dout: [N,T,D].
+// dinp += J^T dout. dinp, dout: [N,T,D]. The launch shape of rope_forward.
 extern "C" __global__ void rope_backward(float* dinp, const float* dout, const float* cos_t,
                                          const float* sin_t, int n, int t, int d) {
-    int half = d / 2;
-    ASA_GRID_LOOP(i, (i64)n * t * half) {
-        int p = (int)(i % half);
-        i64 row = i / half;
-        int ti = (int)(row % t);
-        i64 o = row * d + 2 * p;
-        const float* c = cos_t + (i64)ti * d;
-        const float* s = sin_t + (i64)ti * d;
-        float ga = dout[o], gb = dout[o + 1];
-        dinp[o] = dinp[o] + (ga * c[2 * p] + gb * s[2 * p + 1]);
-        dinp[o + 1] = dinp[o + 1] + (gb * c[2 * p + 1] - ga * s[2 * p]);
-    }
+    const int half = d / 2, rows = rope_rows(half);
+    const int r = (int)threadIdx.x / min(half, (int)blockDim.x);
+    if (r >= rows) return;
+    const int p0 = (int)threadIdx.x - r * min(half, (int)blockDim.x), pstep = min(half, (int)blockDim.x);
+    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
+        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
+            const float* c = cos_t + (i64)ti * d;
+            const float* s = sin_t + (i64)ti * d;
+            const i64 row = (nn * t + ti) * d;
+            for (int p = p0; p < half; p += pstep) {
+                const i64 o = row + 2 * p;
+                float ga = dout[o], gb = dout[o + 1];
+                dinp[o] = dinp[o] + (ga * c[2 * p] + gb * s[2 * p + 1]);
+                dinp[o + 1] = dinp[o + 1] + (gb * c[2 * p + 1] - ga * s[2 * p]);
+            }
+        }
 }
 
 // ------------------------------------------------------------------------------------------------

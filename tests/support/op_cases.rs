@@ -330,6 +330,23 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     dev.rope_backward(dx_d, gy_d, cos, sin, b * h, t, d)
         .unwrap();
     close("rope_backward", &mem.get(dx_d), &dx, TOL);
+    // the launch shape's edges: one pair a row (256 positions a block), more pairs than threads
+    for (nr, tr, dr) in [(3usize, 300usize, 2usize), (2, 3, 520)] {
+        let tab = ca::rope_table(tr, dr, 10000.0);
+        let len = nr * tr * dr;
+        let x = rv(&mut r, len, 1.0);
+        let mut y = vec![0.0; len];
+        ca::rope_forward(&mut y, &x, &tab, nr);
+        let (x2, y2) = (mem.put(&x), mem.put(&vec![f32::NAN; len]));
+        let (cos, sin) = (mem.put(&tab.cos), mem.put(&tab.sin));
+        dev.rope_forward(y2, x2, cos, sin, nr, tr, dr).unwrap();
+        close(&format!("rope_forward d{dr}"), &mem.get(y2), &y, TOL);
+        let mut dx = vec![0.3; len];
+        ca::rope_backward(&mut dx, &x, &tab, nr);
+        let dx2 = mem.put(&vec![0.3; len]);
+        dev.rope_backward(dx2, x2, cos, sin, nr, tr, dr).unwrap();
+        close(&format!("rope_backward d{dr}"), &mem.get(dx2), &dx, TOL);
+    }
 
     // heads
     let mut sh = vec![0.0; n];

@@ -953,6 +953,25 @@ pub trait Ops: Device {
     // --------------------------------------------------------------------------------------------
     // ASA ops
 
+    /// The launch shape of `rope_forward` / `rope_backward` (`rope_rows` in cuda/asa.cu): 256
+    /// threads over (position, pair), 256 / (D/2) positions a block, grid x over position
+    /// groups and y over the N sequences (both grid-stride past the device's limits).
+    fn rope_cfg(&self, n: usize, t: usize, d: usize) -> LaunchConfig {
+        let half = d / 2;
+        let rows = if half >= 256 { 1 } else { 256 / half.max(1) };
+        let most = self.max_grid().max(1) as usize;
+        let empty = n * t * half == 0;
+        LaunchConfig {
+            grid_dim: (
+                if empty { 0 } else { t.div_ceil(rows).clamp(1, most) as u32 },
+                n.clamp(1, most.min(65535)) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// out = x*cos + rotate_half(x)*sin. out, inp: [N,T,D]; cos, sin: [T,D].
     fn rope_forward(
         &self,
@@ -972,7 +991,7 @@ pub trait Ops: Device {
         );
         self.launch(
             "rope_forward",
-            self.cfg_elems(n * t * d / 2),
+            self.rope_cfg(n, t, d),
             &[
                 k(out),
                 k(inp),
@@ -1004,7 +1023,7 @@ pub trait Ops: Device {
         );
         self.launch(
             "rope_backward",
-            self.cfg_elems(n * t * d / 2),
+            self.rope_cfg(n, t, d),
             &[
                 k(dinp),
                 k(dout),
