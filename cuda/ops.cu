@@ -383,7 +383,8 @@ __device__ __forceinline__ float asa_lerp(float start, float end, float w) {
 extern "C" __global__ void adamw_update(float* p, float* m, float* v, const float* g, float decay,
                                         float lerp_w, float beta2, float one_minus_beta2,
                                         float neg_step_size, float bias_correction2_sqrt, float eps,
-                                        const double* guard, int nguard, i64 n) {
+                                        const double* guard, int nguard, i64 n, unsigned short* p16) {
+    // p16: nullable, the weights' bf16 copy, written with them (the bf16 GEMMs read it)
     // a non-finite loss or gradient norm among guard[0..nguard) skips the update (as the CPU
     // trainer), decided here so that the host need not wait for them
     for (int j = 0; j < nguard; ++j)
@@ -396,6 +397,7 @@ extern "C" __global__ void adamw_update(float* p, float* m, float* v, const floa
         float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bias_correction2_sqrt), eps);
         pi = __fadd_rn(pi, __fdiv_rn(__fmul_rn(neg_step_size, mi), denom));
         p[i] = pi;
+        if (p16) p16[i] = asa_f32_to_bf16(pi);
         m[i] = mi;
         v[i] = vi;
     }

@@ -256,6 +256,7 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut opt = AdamW::new(cfg, &ps);
     let p_d = mem.put(&ps.data.concat());
     let (m_d, v_d) = (mem.zeroed::<f32>(307), mem.zeroed::<f32>(307));
+    let p16 = mem.zeroed::<u16>(307); // the weights' bf16 copy, written with them
     for step in 1..=3u64 {
         let mut gs = ps.zeros_like();
         gs.data[0] = rv(&mut r, 300, 2.0);
@@ -274,14 +275,14 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         let lr = 1e-2 * step as f64;
         opt.step(&mut ps, &gs, lr);
         // a non-finite value in the guard leaves everything as it was
-        let (p0, m0, v0) = (mem.get(p_d), mem.get(m_d), mem.get(v_d));
+        let (p0, m0, v0, c0) = (mem.get(p_d), mem.get(m_d), mem.get(v_d), mem.get(p16));
         for bad in [f64::NAN, f64::INFINITY] {
             let guard = mem.put(&[1.5, bad]);
-            dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard)
+            dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard, p16)
                 .unwrap();
             assert_eq!(
-                (mem.get(p_d), mem.get(m_d), mem.get(v_d)),
-                (p0.clone(), m0.clone(), v0.clone()),
+                (mem.get(p_d), mem.get(m_d), mem.get(v_d), mem.get(p16)),
+                (p0.clone(), m0.clone(), v0.clone(), c0.clone()),
                 "adamw_update with a guard {bad} updated"
             );
         }
@@ -291,7 +292,13 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         } else {
             guard
         };
-        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard)
+        // step 3 without the copy: it keeps step 2's values
+        let copy = if step == 3 {
+            asa::backend::cuda::Dv::null()
+        } else {
+            p16
+        };
+        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard, copy)
             .unwrap();
         close(
             "adamw_update params",
@@ -299,6 +306,11 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             &ps.data.concat(),
             1e-6,
         );
+        if step < 3 {
+            twin_matches(mem, "adamw_update", p_d, p16);
+        } else {
+            assert_eq!(mem.get(p16), c0, "adamw_update wrote a null copy");
+        }
     }
     let _ = global_norm(&ps);
 }

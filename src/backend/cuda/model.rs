@@ -199,7 +199,8 @@ struct GpuParams {
     /// the 1-element parameters (gathered for the download that ends a step)
     scalar_ids: Vec<ParamId>,
     /// bf16 GEMMs: the weights rounded to bf16 [total], registered with the device and
-    /// refreshed after every update, so that no GEMM converts a weight
+    /// written by AdamW with the weights (after the upload: converted), so that no GEMM
+    /// converts a weight
     bf16: Option<Temp<u16>>,
 }
 
@@ -236,7 +237,7 @@ impl GpuParams {
     fn all(&self) -> Dv<f32> {
         self.data.dv().sub(0, self.layout.total)
     }
-    /// The bf16 copy after a change of the weights (one conversion of them all).
+    /// The bf16 copy after the upload of the weights (one conversion of them all).
     fn refresh_bf16<B: Backend>(&self, be: &B) -> Result<()> {
         match &self.bf16 {
             Some(c) => be.convert_f32_bf16(c.dv(), self.all()),
@@ -1997,8 +1998,8 @@ impl<B: Backend> GpuLm<B> {
             lr,
             *step,
             head,
+            self.params.bf16.as_ref().map_or(Dv::null(), |c| c.dv()),
         )?;
-        self.params.refresh_bf16(be)?;
         self.params.gather_scalars(be, back.dv().sub(2 * nf, nsc))?;
         let host = be.download(back.dv())?;
         let f64_at = |i: usize| {

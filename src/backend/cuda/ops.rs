@@ -834,11 +834,13 @@ pub trait Ops: Device {
         lr: f64,
         step: u64,
         guard: Dv<f64>,
+        p16: Dv<u16>,
     ) -> Result<()> {
         assert!(
             p.len == m.len && p.len == v.len && p.len == g.len,
             "adamw_update: shapes"
         );
+        twin16("adamw_update", p, p16);
         let step = step as f64;
         let decay = (1.0 - lr * cfg.weight_decay) as f32;
         let lerp_w = (1.0 - cfg.beta1) as f32;
@@ -867,6 +869,7 @@ pub trait Ops: Device {
                 k(guard),
                 k(guard.len as i32),
                 k(p.len as i64),
+                k(p16),
             ],
         )
     }
