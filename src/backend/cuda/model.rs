@@ -117,6 +117,15 @@ impl Twin {
         }
         Ok(d)
     }
+    /// [`Twin::of`] for an activation whose producer writes no twin (a GEMM's output): `x`
+    /// converted once, here, for the forward's and the backward's GEMMs that read it.
+    fn converted<B: Backend>(&mut self, be: &B, x: Dv<f32>) -> Result<()> {
+        let d = self.of(be, x)?;
+        if !d.is_null() {
+            be.convert_f32_bf16(d, x)?;
+        }
+        Ok(())
+    }
     /// A twin of `n` elements, not registered: for gradients, which a producer writes and
     /// [`Ops::with_bf16_twin`] hands to the GEMMs that read them.
     fn scoped<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<u16>> {
@@ -420,7 +429,9 @@ pub struct GpuAsaCache {
     has_drop: bool,
     bias_h: DBuf,
     // slotspace
+    rw16: Twin,
     u: DBuf,
+    u16: Twin,
     qs0: DBuf,
     ks0: DBuf,
     vs: DBuf,
@@ -432,6 +443,7 @@ pub struct GpuAsaCache {
     ss_den: DBuf,
     ss_drop: DBuf,
     u2d: DBuf,
+    u2d16: Twin,
     has_ss_drop: bool,
     z: DBuf,
     sw_pre: DBuf,
@@ -495,6 +507,13 @@ impl GpuAsaLayer {
         let ids = &self.ids;
         p.layout
             .span(base, &[ids.wk_write, ids.wv_write, ids.wq_read])
+    }
+
+    /// The refine's slot_q, slot_k, slot_v as one [3M, M] range of `base` (weights or
+    /// gradients) when they lie back to back: then one GEMM makes the three (None: three).
+    fn slot_qkv_span(&self, base: Dv<f32>, p: &GpuParams) -> Option<Dv<f32>> {
+        let ss = self.ids.slotspace.as_ref()?;
+        p.layout.span(base, &[ss.slot_q, ss.slot_k, ss.slot_v])
     }
 
     fn content_gamma(&self, p: &GpuParams) -> f32 {
@@ -739,17 +758,26 @@ impl GpuAsaLayer {
         let rows = b * h * t;
         let valid = o.valid();
         let online = cfg.variant == Variant::Online;
+        // the GEMM inputs below whose producers write no twin are converted once here, for
+        // the forward and the backward (bf16 GEMMs)
+        c_.rw16.converted(be, c_.rw.dv())?;
         let u = c_.u.ensure(be, rows * m)?;
         be.matmul_forward(u, c_.rw.dv(), p.p(ids.slot_in), Dv::null(), rows, nk, m)?;
+        c_.u16.converted(be, u)?;
         let qs0 = c_.qs0.ensure(be, rows * m)?;
         let ks0 = c_.ks0.ensure(be, rows * m)?;
         let vs = c_.vs.ensure(be, rows * m)?;
-        // u is the input of all three (rounded to bf16 once)
-        be.with_bf16(u, || {
+        if let Some(w3) = self.slot_qkv_span(p.all(), p) {
+            // one GEMM for the three (their weights lie back to back): [rows, 3M], then its
+            // thirds (split_heads3 of one head over `rows` positions)
+            let (_s, qkv) = tmp_uninit(be, 3 * rows * m)?;
+            be.matmul_forward(qkv, u, w3, Dv::null(), rows, m, 3 * m)?;
+            be.split_heads3([qs0, ks0, vs], qkv, 1, rows, 1, m)?;
+        } else {
             be.matmul_forward(qs0, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
             be.matmul_forward(ks0, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
-            be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)
-        })?;
+            be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
+        }
         let (qs, ks) = match &self.rope_ss {
             Some(r) if cfg.use_rope_slotspace => {
                 let qs = c_.qs.ensure(be, rows * m)?;
@@ -793,6 +821,7 @@ impl GpuAsaLayer {
         } else {
             u2
         };
+        c_.u2d16.converted(be, u2d)?;
         let z = c_.z.ensure(be, rows * nk)?;
         be.matmul_forward(z, u2d, p.p(ids.slot_out), Dv::null(), rows, m, nk)?;
         let sw = c_.sw.ensure(be, rows * nk)?;
@@ -991,15 +1020,30 @@ impl GpuAsaLayer {
                 }
                 None => (None, dqs, None, dks),
             };
-            let (_h, du) = tmp(be, rows * m)?;
+            let (_h, du) = tmp_uninit(be, rows * m)?; // stored by the first GEMM below
             let u = c_.u.dv();
-            // u is the input of all three weight gradients (rounded to bf16 once)
-            be.with_bf16(u, || {
-                for (dy, w) in [(dqs0, ids.slot_q), (dks0, ids.slot_k), (dvs, ids.slot_v)] {
-                    be.matmul_backward(du, gr(w), Dv::null(), dy, u, p.p(w), rows, m, m)?;
+            if let Some(w3) = self.slot_qkv_span(p.all(), p) {
+                // the fused GEMM's backward: [dq dk dv] side by side (with its bf16 twin)
+                let (_s, d3) = tmp_uninit(be, 3 * rows * m)?;
+                let mut d3_16 = Twin::default();
+                let d3_16 = d3_16.scoped(be, 3 * rows * m)?;
+                be.merge_heads3(d3, [dqs0, dks0, dvs], 1, rows, 1, m, d3_16)?;
+                let g3 = self
+                    .slot_qkv_span(g, p)
+                    .expect("gradients share the weights' layout");
+                be.with_bf16_twin(d3, d3_16, || {
+                    be.matmul_backward_store(du, g3, Dv::null(), d3, u, w3, rows, m, 3 * m)
+                })?;
+            } else {
+                for (j, (dy, w)) in [(dqs0, ids.slot_q), (dks0, ids.slot_k), (dvs, ids.slot_v)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let beta = if j == 0 { 0.0 } else { 1.0 };
+                    let (gw, wt) = (gr(w), p.p(w));
+                    be.matmul_backward_beta(du, beta, gw, Dv::null(), dy, u, wt, rows, m, m)?;
                 }
-                Ok(())
-            })?;
+            }
             be.matmul_backward(
                 drw,
                 gr(ids.slot_in),
