@@ -2062,20 +2062,29 @@ extern "C" __global__ void slot_scan_read_backward_route(float* dwl, float* cm, 
 }
 
 // dkeys [H,K,d] += sum over b (in order) of (f32) sum over tiles of part[b,h,tile,s,j] (f64).
+// A block per (h, s) (grid-stride): blockDim.x / d groups of d threads (blockDim.x >= d), group
+// g summing the tiles of batches g, g + groups, ... into shared memory [groups, d], one pass
+// of `groups` batches at a time; group 0 adds each pass's rows in batch order.
 extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const double* __restrict__ part, int b, int h,
                                                         int ntiles, int nk, int d) {
-    ASA_GRID_LOOP(i, (i64)h * nk * d) {
-        int j = (int)(i % d);
-        i64 hk = i / d;  // hi*K + s
-        int s = (int)(hk % nk);
-        int hi = (int)(hk / nk);
-        float acc = dkeys[i];
-        for (int bb = 0; bb < b; ++bb) {
-            double a = 0.0;
-            for (int tl = 0; tl < ntiles; ++tl) a += part[((((i64)bb * h + hi) * ntiles + tl) * nk + s) * d + j];
-            acc = acc + (float)a;
+    ASA_DYN_SHARED(float, rows);  // [groups, d]
+    const int groups = (int)blockDim.x / d, g = (int)threadIdx.x / d, j = (int)threadIdx.x - g * d;
+    for (int hk = blockIdx.x; hk < h * nk; hk += gridDim.x) {  // hi*K + s
+        const int hi = hk / nk, s = hk - hi * nk;
+        float acc = g == 0 ? dkeys[(i64)hk * d + j] : 0.0f;
+        for (int b0 = 0; b0 < b; b0 += groups) {
+            const int bb = b0 + g;
+            if (g < groups && bb < b) {
+                double a = 0.0;
+                for (int tl = 0; tl < ntiles; ++tl) a += part[((((i64)bb * h + hi) * ntiles + tl) * nk + s) * d + j];
+                rows[g * d + j] = (float)a;
+            }
+            __syncthreads();
+            if (g == 0)
+                for (int r = 0; r < groups && b0 + r < b; ++r) acc = acc + rows[r * d + j];
+            __syncthreads();
         }
-        dkeys[i] = acc;
+        if (g == 0) dkeys[(i64)hk * d + j] = acc;
     }
 }
 

@@ -752,12 +752,15 @@ pub fn backward<L: Device + ?Sized>(
             p.tile,
         )?;
     }
-    let hkd = p.h * nk * d;
+    // a block per (head, slot): groups of d threads (head_dim <= 256) sum batches' tiles side
+    // by side, as many groups as batches up to 1,024 threads
+    let kb = (p.b.clamp(1, 1024 / d) * d).next_multiple_of(32);
+    let groups = kb / d; // the kernel's count (blockDim.x / d)
     dev.walk_launch(
         "slot_scan_read_backward_keys",
-        hkd.div_ceil(256).clamp(1, 65535) as u32,
-        256,
-        0,
+        (p.h * nk).clamp(1, 65535) as u32,
+        kb as u32,
+        (groups * d * 4) as u32,
         &[
             k(io.dkeys),
             k(ws.dkeys_part),
@@ -767,7 +770,7 @@ pub fn backward<L: Device + ?Sized>(
             k(nk as i32),
             k(d as i32),
         ],
-        p.b * p.ntiles,
+        p.b.div_ceil(groups) * p.ntiles,
     )?;
     if !io.dgamma.is_null() {
         dev.walk_launch(
