@@ -80,6 +80,44 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     }
 }
 
+// The residual stream's step and the next LayerNorm in one pass (`residual_forward` then
+// `layernorm_forward` of the CPU): res = a + b (+ bias_b[col], nullable: the bias of the GEMM
+// that made b, added here instead of by the GEMM), out = LayerNorm(res) with mean, rstd as
+// layernorm_forward; out16: nullable, out's bf16 twin. res, out, a, b: [N,C]. One warp per row.
+extern "C" __global__ void residual_layernorm_forward(float* res, float* out, float* mean, float* rstd,
+                                                      const float* a, const float* b, const float* bias_b,
+                                                      const float* weight, const float* bias, int n, int c,
+                                                      unsigned short* out16) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;  // whole warps leave together
+    const i64 r0 = (i64)row * c;
+    double s = 0.0;
+    for (int j = lane; j < c; j += 32) {
+        const float bj = bias_b ? b[r0 + j] + bias_b[j] : b[r0 + j];
+        const float x = a[r0 + j] + bj;
+        res[r0 + j] = x;  // read back below by the same lane
+        s += (double)x;
+    }
+    double mu = warp_sum_d(s) / c;
+    double v = 0.0;
+    for (int j = lane; j < c; j += 32) {
+        double d = (double)res[r0 + j] - mu;
+        v += d * d;
+    }
+    double var = warp_sum_d(v) / c;
+    double rs = 1.0 / sqrt(var + 1e-5);
+    for (int j = lane; j < c; j += 32) {
+        const float y = (float)(((double)res[r0 + j] - mu) * rs * (double)weight[j] + (double)bias[j]);
+        out[r0 + j] = y;
+        if (out16) out16[r0 + j] = asa_f32_to_bf16(y);
+    }
+    if (lane == 0) {
+        mean[row] = (float)mu;
+        rstd[row] = (float)rs;
+    }
+}
+
 // dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
 // One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize2`.
 // dinp16: nullable, the bf16 twin of the updated dinp.

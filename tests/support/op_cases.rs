@@ -112,6 +112,33 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     twin_matches(mem, "layernorm_forward", y_d, y16);
     close("layernorm mean", &mem.get(m_d), &mean, TOL);
     close("layernorm rstd", &mem.get(r_d), &rstd, TOL);
+    // the residual step and the next norm in one pass, with and without the bias of b's GEMM
+    let rb = rv(&mut r, n * c, 1.0);
+    let bb = rv(&mut r, c, 0.5);
+    for with_bias in [false, true] {
+        let mut b2 = rb.clone();
+        if with_bias {
+            for row in b2.chunks_mut(c) {
+                row.iter_mut().zip(&bb).for_each(|(v, b)| *v += b);
+            }
+        }
+        let mut res = vec![0.0; n * c];
+        co::residual_forward(&mut res, &x, &b2);
+        let (mut y2, mut mean2, mut rstd2) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        co::layernorm_forward(&mut y2, &mut mean2, &mut rstd2, &res, &w, &bias, n, c);
+        let (rb_d, bb_d) = (mem.put(&rb), mem.put(&bb));
+        let (res_d, y2_d) = (mem.put(&vec![f32::NAN; n * c]), mem.put(&vec![f32::NAN; n * c]));
+        let (m2_d, r2_d, y2_16) = (mem.zeroed::<f32>(n), mem.zeroed::<f32>(n), mem.zeroed::<u16>(n * c));
+        let bias_b = if with_bias { bb_d } else { asa::backend::cuda::Dv::null() };
+        dev.residual_layernorm_forward((res_d, y2_d, m2_d, r2_d), (x_d, rb_d, bias_b), w_d, b_d, n, c, y2_16)
+            .unwrap();
+        let tag = format!("residual_layernorm_forward bias {with_bias}");
+        close(&format!("{tag} res"), &mem.get(res_d), &res, TOL);
+        close(&format!("{tag} out"), &mem.get(y2_d), &y2, TOL);
+        close(&format!("{tag} mean"), &mem.get(m2_d), &mean2, TOL);
+        close(&format!("{tag} rstd"), &mem.get(r2_d), &rstd2, TOL);
+        twin_matches(mem, &tag, y2_d, y2_16);
+    }
     let dy = rv(&mut r, n * c, 1.0);
     let (mut dx, mut dw, mut db) = (vec![0.1; n * c], vec![0.0; c], vec![0.0; c]);
     co::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c);

@@ -1503,25 +1503,40 @@ impl<B: Backend> GpuLm<B> {
             be.encoder_forward(x0, ids_d, p.p(self.ids.token_emb), wpe, b, t, c)?;
         }
 
+        // the first norm (block 0's LN1, or LNf without blocks); every later one is fused with
+        // the residual step before it (`residual_layernorm_forward`)
+        let (ln_w, ln_b) = match self.ids.blocks.first() {
+            Some(bid) => (p.p(bid.ln_1_w), p.p(bid.ln_1_b)),
+            None => (p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b)),
+        };
+        let (ln, lm, lr, l16) = match cache.blocks.first_mut() {
+            Some(bc) => {
+                let ln = bc.ln1.ensure(be, n * c)?;
+                (ln, bc.ln1_mean.ensure(be, n)?, bc.ln1_rstd.ensure(be, n)?, bc.ln1_16.of(be, ln)?)
+            }
+            None => {
+                let ln = cache.lnf.ensure(be, n * c)?;
+                (ln, cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?, cache.lnf16.of(be, ln)?)
+            }
+        };
+        be.layernorm_forward(ln, lm, lr, x0, ln_w, ln_b, n, c, l16)?;
         for l in 0..nl {
             let bid = &self.ids.blocks[l];
             let x = cache.xs[l].dv();
             let xn = cache.xs[l + 1].ensure(be, n * c)?;
-            let bc = &mut cache.blocks[l];
-            let ln1 = bc.ln1.ensure(be, n * c)?;
-            let ln1_16 = bc.ln1_16.of(be, ln1)?;
-            let (m1, r1) = (bc.ln1_mean.ensure(be, n)?, bc.ln1_rstd.ensure(be, n)?);
-            let (w1, b1) = (p.p(bid.ln_1_w), p.p(bid.ln_1_b));
-            be.layernorm_forward(ln1, m1, r1, x, w1, b1, n, c, ln1_16)?;
+            let (done, next) = cache.blocks.split_at_mut(l + 1);
+            let bc = &mut done[l];
+            let ln1 = bc.ln1.dv(); // made by the norm before this block
             let attn_out = bc.attn_out.ensure(be, n * c)?;
             self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
+            // x1 = x + attn, ln2 = LN2(x1)
             let x1 = bc.x1.ensure(be, n * c)?;
-            be.residual_forward(x1, x, attn_out)?;
             let ln2 = bc.ln2.ensure(be, n * c)?;
             let ln2_16 = bc.ln2_16.of(be, ln2)?;
             let (m2, r2) = (bc.ln2_mean.ensure(be, n)?, bc.ln2_rstd.ensure(be, n)?);
             let (w2, b2) = (p.p(bid.ln_2_w), p.p(bid.ln_2_b));
-            be.layernorm_forward(ln2, m2, r2, x1, w2, b2, n, c, ln2_16)?;
+            let io = ((x1, ln2, m2, r2), (x, attn_out, Dv::null()));
+            be.residual_layernorm_forward(io.0, io.1, w2, b2, n, c, ln2_16)?;
             let hh = bc.h.ensure(be, n * hid)?;
             be.matmul_forward(
                 hh,
@@ -1549,16 +1564,15 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 g
             };
+            // without dropout the second MLP GEMM's bias joins the residual step below
+            let bias3 = bid.mlp_3_b.map(|i| p.p(i)).unwrap_or_else(Dv::null);
+            let (gemm_bias, res_bias) = if bc.dropped {
+                (bias3, Dv::null())
+            } else {
+                (Dv::null(), bias3)
+            };
             let mm = bc.m.ensure(be, n * c)?;
-            be.matmul_forward(
-                mm,
-                gd,
-                p.p(bid.mlp_3_w),
-                bid.mlp_3_b.map(|i| p.p(i)).unwrap_or_else(Dv::null),
-                n,
-                hid,
-                c,
-            )?;
+            be.matmul_forward(mm, gd, p.p(bid.mlp_3_w), gemm_bias, n, hid, c)?;
             let md = if bc.dropped {
                 let md = bc.md.ensure(be, n * c)?;
                 let mk = bc.mmask.ensure(be, n * c)?;
@@ -1567,14 +1581,25 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 mm
             };
-            be.residual_forward(xn, x1, md)?;
+            // xn = x1 + mlp, then the next norm: the next block's LN1, or LNf
+            let (ln, lm, lr, l16, lw, lb) = match next.first_mut() {
+                Some(nb) => {
+                    let nbid = &self.ids.blocks[l + 1];
+                    let ln = nb.ln1.ensure(be, n * c)?;
+                    let (lm, lr) = (nb.ln1_mean.ensure(be, n)?, nb.ln1_rstd.ensure(be, n)?);
+                    let l16 = nb.ln1_16.of(be, ln)?;
+                    (ln, lm, lr, l16, p.p(nbid.ln_1_w), p.p(nbid.ln_1_b))
+                }
+                None => {
+                    let ln = cache.lnf.ensure(be, n * c)?;
+                    let (lm, lr) = (cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?);
+                    let l16 = cache.lnf16.of(be, ln)?;
+                    (ln, lm, lr, l16, p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b))
+                }
+            };
+            let io = ((xn, ln, lm, lr), (x1, md, res_bias));
+            be.residual_layernorm_forward(io.0, io.1, lw, lb, n, c, l16)?;
         }
-        let xf = cache.xs[nl].dv();
-        let lnf = cache.lnf.ensure(be, n * c)?;
-        let lnf16 = cache.lnf16.of(be, lnf)?;
-        let (mf, rf) = (cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?);
-        let (wf, bf) = (p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b));
-        be.layernorm_forward(lnf, mf, rf, xf, wf, bf, n, c, lnf16)?;
         Ok(())
     }
 

@@ -309,6 +309,50 @@ pub trait Ops: Device {
         )
     }
 
+    /// res = a + b (+ bias_b per column; null: none) then out = LayerNorm(res) (mean, rstd,
+    /// out16 as [`Ops::layernorm_forward`]): the residual step and the next norm in one pass
+    /// (CPU: `residual_forward`, the bias of the GEMM that made b, `layernorm_forward`).
+    /// res, out, a, b: [N,C]; bias_b, weight, bias: [C].
+    fn residual_layernorm_forward(
+        &self,
+        (res, out, mean, rstd): (Dv<f32>, Dv<f32>, Dv<f32>, Dv<f32>),
+        (a, b, bias_b): (Dv<f32>, Dv<f32>, Dv<f32>),
+        weight: Dv<f32>,
+        bias: Dv<f32>,
+        n: usize,
+        c: usize,
+        out16: Dv<u16>,
+    ) -> Result<()> {
+        for x in [res, out, a, b] {
+            assert_eq!(x.len, n * c, "residual_layernorm_forward: [N,C] shapes");
+        }
+        assert!(mean.len == n && rstd.len == n, "residual_layernorm_forward: [N]");
+        assert!(weight.len == c && bias.len == c, "residual_layernorm_forward: [C]");
+        assert!(bias_b.is_null() || bias_b.len == c, "residual_layernorm_forward: bias_b");
+        twin16("residual_layernorm_forward", out, out16);
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "residual_layernorm_forward",
+            self.cfg_warps(n)?,
+            &[
+                k(res),
+                k(out),
+                k(mean),
+                k(rstd),
+                k(a),
+                k(b),
+                k(bias_b),
+                k(weight),
+                k(bias),
+                k(i32_of("N", n)?),
+                k(i32_of("C", c)?),
+                k(out16),
+            ],
+        )
+    }
+
     /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums);
     /// dinp16: null, or the bf16 twin of the updated dinp.
     fn layernorm_backward(
