@@ -233,6 +233,23 @@ extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* sr
 // ------------------------------------------------------------------------------------------------
 // GELU (exact, erf form), elementwise in f32 as the CPU twin (1 + erf(z) taken as erfc(-z)).
 
+// The bias of the GEMM that made h and the GELU after it in one pass: h [rows,cols] += bias
+// [cols] (in place: the backward reads it), out = gelu(h); out16: nullable, out's bf16 twin.
+// A block per row (grid-stride).
+extern "C" __global__ void bias_gelu_forward(float* out, float* h, const float* bias, int rows, int cols,
+                                             unsigned short* out16) {
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const i64 r0 = (i64)row * cols;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            const float x = h[r0 + j] + bias[j];
+            h[r0 + j] = x;
+            const float y = 0.5f * x * erfcf(-x * 0.70710678118654752f);
+            out[r0 + j] = y;
+            if (out16) out16[r0 + j] = asa_f32_to_bf16(y);
+        }
+    }
+}
+
 // out16: nullable, the bf16 twin of out.
 extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n, unsigned short* out16) {
     ASA_GRID_LOOP(i, n) {

@@ -194,6 +194,15 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     dev.gelu_forward(gl_d, h_d, gl16).unwrap();
     close("gelu_forward", &mem.get(gl_d), &gl, TOL);
     twin_matches(mem, "gelu_forward", gl_d, gl16);
+    // the first MLP GEMM's bias and the GELU in one pass: h without its bias in, with it out
+    let mut h0 = vec![0.0; n * hid];
+    co::matmul_forward(&mut h0, &x, &wm, None, n, c, hid);
+    let (h0_d, gb_d) = (mem.put(&h0), mem.put(&vec![f32::NAN; n * hid]));
+    let gb16 = mem.zeroed::<u16>(n * hid);
+    dev.bias_gelu_forward(gb_d, h0_d, bm_d, n, hid, gb16).unwrap();
+    close("bias_gelu_forward h", &mem.get(h0_d), &h, TOL);
+    close("bias_gelu_forward", &mem.get(gb_d), &gl, TOL);
+    twin_matches(mem, "bias_gelu_forward", gb_d, gb16);
     let mut dgl = vec![0.0; n * hid];
     co::gelu_backward(&mut dgl, &h, &dh);
     let dgl_d = mem.put(&vec![f32::NAN; n * hid]); // a store (the CPU twin adds into zeros)

@@ -397,7 +397,7 @@ pub fn kernel_family(name: &str) -> &'static str {
         "gemm"
     } else if starts(&["convert_"]) {
         "conversion"
-    } else if starts(&["layernorm", "l2normalize"]) {
+    } else if starts(&["layernorm", "l2normalize", "residual_layernorm"]) {
         "norm"
     } else if starts(&["crossentropy"]) {
         "loss"
@@ -412,6 +412,7 @@ pub fn kernel_family(name: &str) -> &'static str {
         "optimizer"
     } else if starts(&[
         "gelu",
+        "bias_gelu",
         "dropout",
         "residual",
         "axpy",
@@ -617,6 +618,8 @@ k1:
         assert_eq!(kernel_family("layernorm_backward_params"), "norm");
         assert_eq!(kernel_family("adamw_update"), "optimizer");
         assert_eq!(kernel_family("gelu_backward"), "elementwise");
+        assert_eq!(kernel_family("bias_gelu_forward"), "elementwise");
+        assert_eq!(kernel_family("residual_layernorm_forward"), "norm");
         assert_eq!(kernel_family("crossentropy_forward"), "loss");
         assert_eq!(kernel_family("colsum_partial"), "other");
     }

@@ -1537,16 +1537,9 @@ impl<B: Backend> GpuLm<B> {
             let (w2, b2) = (p.p(bid.ln_2_w), p.p(bid.ln_2_b));
             let io = ((x1, ln2, m2, r2), (x, attn_out, Dv::null()));
             be.residual_layernorm_forward(io.0, io.1, w2, b2, n, c, ln2_16)?;
+            // h = ln2 W0^T (+ b0, added by the GELU's pass), g = gelu(h)
             let hh = bc.h.ensure(be, n * hid)?;
-            be.matmul_forward(
-                hh,
-                ln2,
-                p.p(bid.mlp_0_w),
-                bid.mlp_0_b.map(|i| p.p(i)).unwrap_or_else(Dv::null),
-                n,
-                c,
-                hid,
-            )?;
+            be.matmul_forward(hh, ln2, p.p(bid.mlp_0_w), Dv::null(), n, c, hid)?;
             let g = bc.g.ensure(be, n * hid)?;
             bc.dropped = pdrop > 0.0;
             // the GEMM reads g itself only without dropout
@@ -1555,7 +1548,10 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 bc.g16.of(be, g)?
             };
-            be.gelu_forward(g, hh, g16)?;
+            match bid.mlp_0_b {
+                Some(b0) => be.bias_gelu_forward(g, hh, p.p(b0), n, hid, g16)?,
+                None => be.gelu_forward(g, hh, g16)?,
+            }
             let gd = if bc.dropped {
                 let gd = bc.gd.ensure(be, n * hid)?;
                 let gm = bc.gmask.ensure(be, n * hid)?;

@@ -667,6 +667,35 @@ pub trait Ops: Device {
         )
     }
 
+    /// h [rows,cols] += bias [cols] (in place), out = gelu(h): the bias of the GEMM that made h
+    /// and the GELU in one pass (CPU: `matmul_forward`'s bias, `gelu_forward`); out16: null,
+    /// or out's bf16 twin.
+    fn bias_gelu_forward(
+        &self,
+        out: Dv<f32>,
+        h: Dv<f32>,
+        bias: Dv<f32>,
+        rows: usize,
+        cols: usize,
+        out16: Dv<u16>,
+    ) -> Result<()> {
+        assert!(out.len == rows * cols && h.len == out.len, "bias_gelu_forward: shapes");
+        assert_eq!(bias.len, cols, "bias_gelu_forward: bias shape");
+        twin16("bias_gelu_forward", out, out16);
+        self.launch(
+            "bias_gelu_forward",
+            self.cfg_rows(rows),
+            &[
+                k(out),
+                k(h),
+                k(bias),
+                k(i32_of("rows", rows)?),
+                k(i32_of("cols", cols)?),
+                k(out16),
+            ],
+        )
+    }
+
     /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros); dinp16: null, or the
     /// bf16 twin of dinp.
     fn gelu_backward(
