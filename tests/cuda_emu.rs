@@ -99,6 +99,7 @@ fn emulated_layernorm_matches_cpu() {
             Arg::ro(&b),
             Arg::I32(n as i32),
             Arg::I32(c as i32),
+            Arg::null(), // no bf16 twin
         ],
     )
     .unwrap();
@@ -375,8 +376,8 @@ fn emulator_shuffles_and_shared_memory_follow_cuda() {
 }
 
 #[test]
-fn emulator_reports_divergent_barriers_and_unknown_kernels() {
-    let Some(e) = emu("emulator_reports_divergent_barriers_and_unknown_kernels") else {
+fn emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities() {
+    let Some(e) = emu("emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities") else {
         return;
     };
     let mut out = vec![0i32; 64];
@@ -394,6 +395,18 @@ fn emulator_reports_divergent_barriers_and_unknown_kernels() {
         .launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &[])
         .unwrap_err();
     assert!(err.contains("no kernel named"), "{err}");
+    // an argument list of the wrong length (cuLaunchKernel would read garbage)
+    let mut short = vec![0i32; 32];
+    let err = e
+        .launch(
+            "simt_selftest_exchange",
+            (1, 1, 1),
+            (32, 1, 1),
+            0,
+            &[Arg::of(&mut short)],
+        )
+        .unwrap_err();
+    assert!(err.contains("1 arguments for a kernel of 2 parameters"), "{err}");
     // the emulator is usable after an error
     let mut out2 = vec![0i32; 32];
     let mut out4 = vec![0i32; 32 * 4];

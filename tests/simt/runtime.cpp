@@ -85,8 +85,13 @@ uint64_t events = 0;        // arrivals, releases, exits: the block's progress
 Thunk kernel = nullptr;
 void** kargs = nullptr;
 
-std::map<std::string, Thunk>& registry() {
-    static std::map<std::string, Thunk> r;
+struct Registered {
+    Thunk f;
+    int nparams;
+};
+
+std::map<std::string, Registered>& registry() {
+    static std::map<std::string, Registered> r;
     return r;
 }
 
@@ -182,20 +187,26 @@ uint64_t exchange(uint64_t v, int src) {
     return buf[src & 31];
 }
 
-void register_kernel(const char* name, Thunk f) { registry()[name] = f; }
+void register_kernel(const char* name, Thunk f, int nparams) { registry()[name] = Registered{f, nparams}; }
 
 }  // namespace simt
 
 using namespace simt;
 
 // Runs kernel `name` on grid (gx,gy,gz) x block (bx,by,bz) with `shmem` bytes of dynamic shared
-// memory; `args` as for cuLaunchKernel (pointers to the parameter values). Returns 0, or 1 for
-// an unknown kernel / bad launch, 2 for a deadlock (message in err).
+// memory; `args` as for cuLaunchKernel (pointers to the parameter values), `nargs` of them (a
+// count cuLaunchKernel cannot check: here it must be the kernel's). Returns 0, or 1 for an
+// unknown kernel / bad launch, 2 for a deadlock (message in err).
 extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                           unsigned bz, size_t shmem, void** args, char* err, size_t errlen) {
+                           unsigned bz, size_t shmem, void** args, int nargs, char* err, size_t errlen) {
     auto it = registry().find(name);
     if (it == registry().end()) {
         std::snprintf(err, errlen, "no kernel named '%s'", name);
+        return 1;
+    }
+    if (nargs != it->second.nparams) {
+        std::snprintf(err, errlen, "%s: %d arguments for a kernel of %d parameters", name, nargs,
+                      it->second.nparams);
         return 1;
     }
     unsigned nt = bx * by * bz;
@@ -210,7 +221,7 @@ extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned 
     }
     unsigned nwarps = (nt + 31) / 32;
     fibers.assign(nt, Fiber{});
-    kernel = it->second;
+    kernel = it->second.f;
     kargs = args;
     grid_dim = {gx, gy, gz};
     block_dim = {bx, by, bz};

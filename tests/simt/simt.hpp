@@ -145,10 +145,15 @@ namespace simt {
 // Kernel registry: `call` unpacks a cuLaunchKernel-style argument array (pointers to the
 // values) into the kernel's parameters.
 using Thunk = void (*)(void**);
-void register_kernel(const char* name, Thunk f);
+// `nparams`: the kernel's parameter count, which every launch's argument count must match
+void register_kernel(const char* name, Thunk f, int nparams);
 struct Reg {
-    Reg(const char* name, Thunk f) { register_kernel(name, f); }
+    Reg(const char* name, Thunk f, int nparams) { register_kernel(name, f, nparams); }
 };
+template <class... A>
+constexpr int arity(void (*)(A...)) {
+    return (int)sizeof...(A);
+}
 
 template <class T>
 struct Bare {

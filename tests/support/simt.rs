@@ -34,6 +34,7 @@ type LaunchFn = unsafe extern "C" fn(
     u32,
     usize,
     *mut *mut c_void,
+    c_int,
     *mut c_char,
     usize,
 ) -> c_int;
@@ -141,7 +142,7 @@ fn build(cxx: &str) -> Result<PathBuf, String> {
         let mut gen = format!("#include \"{}\"\n", src.display());
         for (i, k) in kernel_names(&text).iter().enumerate() {
             gen += &format!(
-                "static simt::Reg simt_reg_{i}(\"{k}\", [](void** a) {{ simt::call(&{k}, a); }});\n"
+                "static simt::Reg simt_reg_{i}(\"{k}\", [](void** a) {{ simt::call(&{k}, a); }}, simt::arity(&{k}));\n"
             );
         }
         let unit = work.join(format!("{stem}.cpp"));
@@ -288,6 +289,7 @@ impl Simt {
                 block.2,
                 smem,
                 ptrs.as_mut_ptr(),
+                ptrs.len() as c_int,
                 err.as_mut_ptr(),
                 err.len(),
             )
