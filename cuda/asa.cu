@@ -995,10 +995,14 @@ extern "C" __global__ void tanh_forward(float* out, const float* inp, i64 n) {
 }
 
 // dinp += dout * (1 - y^2)
-extern "C" __global__ void tanh_backward(float* dinp, const float* out, const float* dout, i64 n) {
+// dinp16: nullable, the bf16 twin of the updated dinp.
+extern "C" __global__ void tanh_backward(float* dinp, const float* out, const float* dout, i64 n,
+                                         unsigned short* dinp16) {
     ASA_GRID_LOOP(i, n) {
         float y = out[i];
-        dinp[i] = dinp[i] + dout[i] * (1.0f - y * y);
+        const float g = dinp[i] + dout[i] * (1.0f - y * y);
+        dinp[i] = g;
+        if (dinp16) dinp16[i] = asa_f32_to_bf16(g);
     }
 }
 

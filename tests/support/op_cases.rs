@@ -478,8 +478,10 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut dth = vec![0.0; n];
     ca::tanh_backward(&mut dth, &th, &gy);
     let dth_d = mem.zeroed::<f32>(n);
-    dev.tanh_backward(dth_d, th_d, gy_d).unwrap();
+    let dth16 = mem.zeroed::<u16>(dth.len());
+    dev.tanh_backward(dth_d, th_d, gy_d, dth16).unwrap();
     close("tanh_backward", &mem.get(dth_d), &dth, TOL);
+    twin_matches(mem, "tanh_backward", dth_d, dth16);
     let valid: Vec<bool> = (0..b * t).map(|i| i % 7 != 3).collect();
     let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
     let mut xm = x.clone();

@@ -923,10 +923,9 @@ pub struct FusedState {
     b64: Option<Temp<f64>>,
     b32: Option<Temp<f32>>,
     ws: Option<FusedWs>,
-    /// copies of ddelta [B,H,T,d] and dsw [B,H,T,K] from `refine_backward`
-    ddelta: Option<Temp<f32>>,
-    dsw: Option<Temp<f32>>,
-    refine_ready: bool,
+    /// ddelta [B,H,T,d] and dsw [B,H,T,K] of the last `refine_backward` (the caller's ranges,
+    /// which it keeps until `backward`: no copies)
+    refine_io: Option<(Dv<f32>, Dv<f32>)>,
 }
 
 impl FusedState {
@@ -938,7 +937,7 @@ impl FusedState {
     /// Marks the next forward as op by op.
     pub fn deactivate(&mut self) {
         self.plan = None;
-        self.refine_ready = false;
+        self.refine_io = None;
     }
 
     fn ensure<B: Backend>(&mut self, be: &B, plan: FusedPlan) -> Result<FusedWs> {
@@ -956,7 +955,7 @@ impl FusedState {
         );
         self.ws = Some(ws);
         self.plan = Some(plan);
-        self.refine_ready = false;
+        self.refine_io = None;
         Ok(ws)
     }
 
@@ -988,8 +987,9 @@ impl FusedState {
         mix(be, &p, &ws, out, w, wl, v)
     }
 
-    /// The refine backward's state part: dsw [B,H,T,K] += ddelta . state, and keeps ddelta and
-    /// dsw for [`FusedState::backward`] (which adds sw * ddelta to the state gradient).
+    /// The refine backward's state part: dsw [B,H,T,K] += ddelta . state. [`FusedState::backward`]
+    /// then reads ddelta and dsw where they are (it adds sw * ddelta to the state gradient): the
+    /// caller keeps both ranges alive and unchanged until then.
     pub fn refine_backward<B: Backend>(
         &mut self,
         be: &B,
@@ -1000,13 +1000,7 @@ impl FusedState {
     ) -> Result<()> {
         let (p, ws) = self.get()?;
         dot(be, &p, &ws, dsw, ddelta, wl, v)?;
-        for (slot, src) in [(&mut self.ddelta, ddelta), (&mut self.dsw, dsw)] {
-            if slot.as_ref().map(|s| s.len() != src.len).unwrap_or(true) {
-                *slot = Some(be.temp::<f32>(src.len)?);
-            }
-            be.copy(slot.as_ref().unwrap().dv().sub(0, src.len), src)?;
-        }
-        self.refine_ready = true;
+        self.refine_io = Some((ddelta, dsw));
         Ok(())
     }
 
@@ -1016,19 +1010,19 @@ impl FusedState {
         let (p, ws) = self.get()?;
         let mut io = *io;
         if !io.sw.is_null() {
-            if !self.refine_ready {
+            let Some((ddelta, dsw)) = self.refine_io else {
                 return Err(AsaError::Other(
                     "fused slot scan: refine_backward must run before backward".into(),
                 ));
-            }
-            io.ddelta = self.ddelta.as_ref().unwrap().dv();
-            io.dsw = self.dsw.as_ref().unwrap().dv();
+            };
+            io.ddelta = ddelta;
+            io.dsw = dsw;
         } else {
             io.ddelta = Dv::null();
             io.dsw = Dv::null();
         }
         let r = backward(be, &p, &ws, &io);
-        self.refine_ready = false;
+        self.refine_io = None;
         r
     }
 }

@@ -899,12 +899,19 @@ impl GpuAsaLayer {
         // d(out1) is d(out_h) (the intervene backward adds its share in place)
         let dout1 = dout_h;
 
-        // refine
+        // refine; ddelta and dsw live until the fused backward below reads them
+        let mut refine_keep = Vec::new();
         if let Some(ids) = &self.ids.slotspace {
             let rows = b * h * t;
             let gate = c_.gate as f64;
             let dgate = be.temp::<f64>(1)?;
-            let (_s5, ddelta) = tmp(be, rows * d)?;
+            // scale_f64 stores ddelta whole; the intervene backward adds into it
+            let (s5, ddelta) = if cfg.variant == Variant::Intervene {
+                tmp(be, rows * d)?
+            } else {
+                tmp_uninit(be, rows * d)?
+            };
+            refine_keep.push(s5);
             let (_s8, dz) = tmp(be, rows * nk)?;
             if cfg.variant == Variant::Intervene {
                 // `intervene_backward`: d out1 (in place), d delta, d z, d gate
@@ -916,7 +923,8 @@ impl GpuAsaLayer {
                 be.scale_f64(ddelta, dout_h, gate)?;
             }
             be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
-            let (_s6, dsw) = tmp(be, rows * nk)?;
+            let (s6, dsw) = tmp(be, rows * nk)?;
+            refine_keep.push(s6);
             if fused {
                 // dsw = ddelta . state; sw * ddelta joins the state gradient in the fused backward
                 c_.fused
@@ -942,28 +950,26 @@ impl GpuAsaLayer {
                 }
                 None => (None, dsw, c_.sw.dv()),
             };
-            if cfg.slotspace_signed_weights {
-                be.tanh_backward(dz, sw_pre, dsw_pre)?;
+            // dz's bf16 twin (slot_out's output gradient), written by tanh_backward
+            let mut dz16 = Twin::default();
+            let dz16 = if cfg.slotspace_signed_weights {
+                let dz16 = dz16.scoped(be, rows * nk)?;
+                be.tanh_backward(dz, sw_pre, dsw_pre, dz16)?;
+                dz16
             } else {
                 be.softmax_slots_backward(dz, sw_pre, dsw_pre, nk)?;
-            }
+                Dv::null()
+            };
             let u2d = if c_.has_ss_drop {
                 c_.u2d.dv()
             } else {
                 c_.u2.dv()
             };
-            let (_s9, du2d) = tmp(be, rows * m)?;
-            be.matmul_backward(
-                du2d,
-                gr(ids.slot_out),
-                Dv::null(),
-                dz,
-                u2d,
-                p.p(ids.slot_out),
-                rows,
-                m,
-                nk,
-            )?;
+            let (_s9, du2d) = tmp_uninit(be, rows * m)?; // stored whole
+            be.with_bf16_twin(dz, dz16, || {
+                let (gw, w) = (gr(ids.slot_out), p.p(ids.slot_out));
+                be.matmul_backward_store(du2d, gw, Dv::null(), dz, u2d, w, rows, m, nk)
+            })?;
             let (_s10, du2) = if c_.has_ss_drop {
                 let (s, du2) = tmp(be, rows * m)?;
                 be.dropout_backward(du2, du2d, c_.ss_drop.dv())?;

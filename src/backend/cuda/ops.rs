@@ -1956,8 +1956,21 @@ pub trait Ops: Device {
         self.elementwise_forward("tanh_forward", out, inp)
     }
 
-    fn tanh_backward(&self, dinp: Dv<f32>, out: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        self.elementwise_backward("tanh_backward", dinp, out, dout)
+    /// dinp += dout * (1 - out^2); dinp16: null, or the bf16 twin of the updated dinp.
+    fn tanh_backward(
+        &self,
+        dinp: Dv<f32>,
+        out: Dv<f32>,
+        dout: Dv<f32>,
+        dinp16: Dv<u16>,
+    ) -> Result<()> {
+        assert!(dinp.len == out.len && dout.len == out.len, "tanh_backward: shape");
+        twin16("tanh_backward", dinp, dinp16);
+        self.launch(
+            "tanh_backward",
+            self.cfg_elems(out.len),
+            &[k(dinp), k(out), k(dout), k(out.len as i64), k(dinp16)],
+        )
     }
 
     /// softmax over rows of k. out, inp: [R,k].
