@@ -11,52 +11,47 @@
 // ------------------------------------------------------------------------------------------------
 // RoPE (the reference's layout: interleaved pairs, half-split angles). cos, sin: [T,D].
 
-// The launch shape of both (`rope_cfg` of the launcher): blocks of threads over (position,
-// pair) of `rope_rows(d, blockDim.x)` positions at a time, grid x over position groups, grid y
-// over the N sequences (grid-stride on both). No 64-bit division: the index math of an
-// element-wise RoPE would otherwise cost more issue slots than its loads.
-__device__ __forceinline__ int rope_rows(int half) { return half >= (int)blockDim.x ? 1 : (int)blockDim.x / half; }
+// The traversal of both (`rope_cfg` of the launcher): blocks of threads over (position, pair)
+// of `rows` positions at a time, grid x over position groups, grid y over the N sequences
+// (grid-stride on both); f(o, tab, p) for pair p at element offset o, tab = ti * D the offset
+// of the position's cos and sin rows. No 64-bit division: the index math of an element-wise
+// RoPE would otherwise cost more issue slots than its loads.
+template <class F>
+__device__ __forceinline__ void rope_walk(int n, int t, int d, F f) {
+    const int half = d / 2, pstep = min(half, (int)blockDim.x);
+    const int rows = half >= (int)blockDim.x ? 1 : (int)blockDim.x / half;
+    const int r = (int)threadIdx.x / pstep;
+    if (r >= rows) return;
+    const int p0 = (int)threadIdx.x - r * pstep;
+    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
+        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
+            const i64 row = (nn * t + ti) * d, tab = (i64)ti * d;
+            for (int p = p0; p < half; p += pstep) f(row + 2 * p, tab, p);
+        }
+}
 
 // out, inp: [N,T,D]. One thread per pair.
 extern "C" __global__ void rope_forward(float* out, const float* inp, const float* cos_t,
                                         const float* sin_t, int n, int t, int d) {
-    const int half = d / 2, rows = rope_rows(half);
-    const int r = (int)threadIdx.x / min(half, (int)blockDim.x);
-    if (r >= rows) return;
-    const int p0 = (int)threadIdx.x - r * min(half, (int)blockDim.x), pstep = min(half, (int)blockDim.x);
-    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
-        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
-            const float* c = cos_t + (i64)ti * d;
-            const float* s = sin_t + (i64)ti * d;
-            const i64 row = (nn * t + ti) * d;
-            for (int p = p0; p < half; p += pstep) {
-                const i64 o = row + 2 * p;
-                float a = inp[o], b = inp[o + 1];
-                out[o] = a * c[2 * p] - b * s[2 * p];
-                out[o + 1] = b * c[2 * p + 1] + a * s[2 * p + 1];
-            }
-        }
+    rope_walk(n, t, d, [&](i64 o, i64 tab, int p) {
+        const float* c = cos_t + tab;
+        const float* s = sin_t + tab;
+        float a = inp[o], b = inp[o + 1];
+        out[o] = a * c[2 * p] - b * s[2 * p];
+        out[o + 1] = b * c[2 * p + 1] + a * s[2 * p + 1];
+    });
 }
 
-// dinp += J^T dout. dinp, dout: [N,T,D]. The launch shape of rope_forward.
+// dinp += J^T dout. dinp, dout: [N,T,D]. The traversal of rope_forward.
 extern "C" __global__ void rope_backward(float* dinp, const float* dout, const float* cos_t,
                                          const float* sin_t, int n, int t, int d) {
-    const int half = d / 2, rows = rope_rows(half);
-    const int r = (int)threadIdx.x / min(half, (int)blockDim.x);
-    if (r >= rows) return;
-    const int p0 = (int)threadIdx.x - r * min(half, (int)blockDim.x), pstep = min(half, (int)blockDim.x);
-    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
-        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
-            const float* c = cos_t + (i64)ti * d;
-            const float* s = sin_t + (i64)ti * d;
-            const i64 row = (nn * t + ti) * d;
-            for (int p = p0; p < half; p += pstep) {
-                const i64 o = row + 2 * p;
-                float ga = dout[o], gb = dout[o + 1];
-                dinp[o] = dinp[o] + (ga * c[2 * p] + gb * s[2 * p + 1]);
-                dinp[o + 1] = dinp[o + 1] + (gb * c[2 * p + 1] - ga * s[2 * p]);
-            }
-        }
+    rope_walk(n, t, d, [&](i64 o, i64 tab, int p) {
+        const float* c = cos_t + tab;
+        const float* s = sin_t + tab;
+        float ga = dout[o], gb = dout[o + 1];
+        dinp[o] = dinp[o] + (ga * c[2 * p] + gb * s[2 * p + 1]);
+        dinp[o + 1] = dinp[o + 1] + (gb * c[2 * p + 1] - ga * s[2 * p]);
+    });
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -49,15 +49,11 @@ extern "C" __global__ void encoder_backward_wpe(float* dwpe, const float* dout, 
 // ------------------------------------------------------------------------------------------------
 // layernorm (eps 1e-5, biased variance, statistics in f64). One warp per row.
 
-// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N]; out16: nullable [N,C], the bf16 twin of
-// out (round to nearest even, as convert_f32_bf16) for the bf16 GEMMs that read out.
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                                             const float* weight, const float* bias, int n, int c,
-                                             unsigned short* out16) {
-    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-    int lane = threadIdx.x & 31;
-    if (row >= n) return;  // whole warps leave together
-    const float* x = inp + (i64)row * c;
+// One row of a LayerNorm by one warp (lane = its lane): x [C] -> out [C] (and out16, nullable:
+// its bf16 twin, round to nearest even as convert_f32_bf16, for the bf16 GEMMs that read out),
+// statistics in f64, mean and rstd stored by lane 0. `x` may be what the same lanes just wrote.
+__device__ __forceinline__ void ln_row(float* out, unsigned short* out16, float* mean, float* rstd, const float* x,
+                                       const float* weight, const float* bias, int c, int lane) {
     double s = 0.0;
     for (int j = lane; j < c; j += 32) s += (double)x[j];
     double mu = warp_sum_d(s) / c;
@@ -68,16 +64,26 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     }
     double var = warp_sum_d(v) / c;
     double rs = 1.0 / sqrt(var + 1e-5);
-    float* o = out + (i64)row * c;
     for (int j = lane; j < c; j += 32) {
         const float y = (float)(((double)x[j] - mu) * rs * (double)weight[j] + (double)bias[j]);
-        o[j] = y;
-        if (out16) out16[(i64)row * c + j] = asa_f32_to_bf16(y);
+        out[j] = y;
+        if (out16) out16[j] = asa_f32_to_bf16(y);
     }
     if (lane == 0) {
-        mean[row] = (float)mu;
-        rstd[row] = (float)rs;
+        *mean = (float)mu;
+        *rstd = (float)rs;
     }
+}
+
+// out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N]; out16: nullable [N,C], out's bf16 twin.
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                             const float* weight, const float* bias, int n, int c,
+                                             unsigned short* out16) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n) return;  // whole warps leave together
+    const i64 r0 = (i64)row * c;
+    ln_row(out + r0, out16 ? out16 + r0 : nullptr, mean + row, rstd + row, inp + r0, weight, bias, c, lane);
 }
 
 // The residual stream's step and the next LayerNorm in one pass (`residual_forward` then
@@ -92,30 +98,11 @@ extern "C" __global__ void residual_layernorm_forward(float* res, float* out, fl
     int lane = threadIdx.x & 31;
     if (row >= n) return;  // whole warps leave together
     const i64 r0 = (i64)row * c;
-    double s = 0.0;
     for (int j = lane; j < c; j += 32) {
         const float bj = bias_b ? b[r0 + j] + bias_b[j] : b[r0 + j];
-        const float x = a[r0 + j] + bj;
-        res[r0 + j] = x;  // read back below by the same lane
-        s += (double)x;
+        res[r0 + j] = a[r0 + j] + bj;  // read back by the same lane in ln_row
     }
-    double mu = warp_sum_d(s) / c;
-    double v = 0.0;
-    for (int j = lane; j < c; j += 32) {
-        double d = (double)res[r0 + j] - mu;
-        v += d * d;
-    }
-    double var = warp_sum_d(v) / c;
-    double rs = 1.0 / sqrt(var + 1e-5);
-    for (int j = lane; j < c; j += 32) {
-        const float y = (float)(((double)res[r0 + j] - mu) * rs * (double)weight[j] + (double)bias[j]);
-        out[r0 + j] = y;
-        if (out16) out16[r0 + j] = asa_f32_to_bf16(y);
-    }
-    if (lane == 0) {
-        mean[row] = (float)mu;
-        rstd[row] = (float)rs;
-    }
+    ln_row(out + r0, out16 ? out16 + r0 : nullptr, mean + row, rstd + row, res + r0, weight, bias, c, lane);
 }
 
 // dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.

@@ -1029,7 +1029,7 @@ pub trait Ops: Device {
     // --------------------------------------------------------------------------------------------
     // ASA ops
 
-    /// The launch shape of `rope_forward` / `rope_backward` (`rope_rows` in cuda/asa.cu): 256
+    /// The launch shape of `rope_forward` / `rope_backward` (`rope_walk` in cuda/asa.cu): 256
     /// threads over (position, pair), 256 / (D/2) positions a block, grid x over position
     /// groups and y over the N sequences (both grid-stride past the device's limits).
     fn rope_cfg(&self, n: usize, t: usize, d: usize) -> LaunchConfig {
