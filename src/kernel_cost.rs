@@ -602,12 +602,7 @@ mod tests {
         assert_eq!(off.gemms, on.gemms);
         assert_eq!(off.gemms % 3, 0);
         let converts = |s: &StepCounts| s.kernels["convert_f32_bf16"].launches;
-        assert_eq!(
-            converts(&off),
-            off.gemms,
-            "{} GEMMs",
-            off.gemms
-        );
+        assert_eq!(converts(&off), off.gemms, "{} GEMMs", off.gemms);
         let per_layer = if cfg.slotspace_signed_weights { 4 } else { 5 };
         assert_eq!(converts(&on), steps * per_layer * layers);
         assert!(on.bytes_converted < off.bytes_converted);

@@ -377,7 +377,8 @@ fn emulator_shuffles_and_shared_memory_follow_cuda() {
 
 #[test]
 fn emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities() {
-    let Some(e) = emu("emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities") else {
+    let Some(e) = emu("emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities")
+    else {
         return;
     };
     let mut out = vec![0i32; 64];
@@ -406,7 +407,10 @@ fn emulator_reports_divergent_barriers_unknown_kernels_and_wrong_arities() {
             &[Arg::of(&mut short)],
         )
         .unwrap_err();
-    assert!(err.contains("1 arguments for a kernel of 2 parameters"), "{err}");
+    assert!(
+        err.contains("1 arguments for a kernel of 2 parameters"),
+        "{err}"
+    );
     // the emulator is usable after an error
     let mut out2 = vec![0i32; 32];
     let mut out4 = vec![0i32; 32 * 4];

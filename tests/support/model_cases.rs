@@ -714,10 +714,16 @@ pub fn bf16_twins_change_nothing<B: Backend>(mk: &dyn Fn() -> B) {
             (steps, g.download_params().unwrap())
         };
         let ((s_on, p_on), (s_off, p_off)) = (run(true), run(false));
-        assert_eq!(s_on, s_off, "{variant:?}: losses and norms with and without twins");
+        assert_eq!(
+            s_on, s_off,
+            "{variant:?}: losses and norms with and without twins"
+        );
         for (i, name) in p_on.names.iter().enumerate() {
             let bits = |p: &ParamStore| p.data[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&p_on) == bits(&p_off), "{variant:?}: {name} differs with twins");
+            assert!(
+                bits(&p_on) == bits(&p_off),
+                "{variant:?}: {name} differs with twins"
+            );
         }
     }
 }

@@ -22,7 +22,12 @@ pub const LINEAR_BF16_TOL: f64 = 2e-2;
 
 /// Checks a producer's bf16 twin: bit for bit the round-to-nearest-even bf16 of its f32 output
 /// (what `convert_f32_bf16` makes of it, so that GEMMs reading the twin see the same operand).
-pub fn twin_matches<M: TestDev>(mem: &M, name: &str, out: asa::backend::cuda::Dv<f32>, out16: asa::backend::cuda::Dv<u16>) {
+pub fn twin_matches<M: TestDev>(
+    mem: &M,
+    name: &str,
+    out: asa::backend::cuda::Dv<f32>,
+    out16: asa::backend::cuda::Dv<u16>,
+) {
     let want: Vec<u16> = mem
         .get(out)
         .iter()
@@ -127,11 +132,30 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         let (mut y2, mut mean2, mut rstd2) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
         co::layernorm_forward(&mut y2, &mut mean2, &mut rstd2, &res, &w, &bias, n, c);
         let (rb_d, bb_d) = (mem.put(&rb), mem.put(&bb));
-        let (res_d, y2_d) = (mem.put(&vec![f32::NAN; n * c]), mem.put(&vec![f32::NAN; n * c]));
-        let (m2_d, r2_d, y2_16) = (mem.zeroed::<f32>(n), mem.zeroed::<f32>(n), mem.zeroed::<u16>(n * c));
-        let bias_b = if with_bias { bb_d } else { asa::backend::cuda::Dv::null() };
-        dev.residual_layernorm_forward((res_d, y2_d, m2_d, r2_d), (x_d, rb_d, bias_b), w_d, b_d, n, c, y2_16)
-            .unwrap();
+        let (res_d, y2_d) = (
+            mem.put(&vec![f32::NAN; n * c]),
+            mem.put(&vec![f32::NAN; n * c]),
+        );
+        let (m2_d, r2_d, y2_16) = (
+            mem.zeroed::<f32>(n),
+            mem.zeroed::<f32>(n),
+            mem.zeroed::<u16>(n * c),
+        );
+        let bias_b = if with_bias {
+            bb_d
+        } else {
+            asa::backend::cuda::Dv::null()
+        };
+        dev.residual_layernorm_forward(
+            (res_d, y2_d, m2_d, r2_d),
+            (x_d, rb_d, bias_b),
+            w_d,
+            b_d,
+            n,
+            c,
+            y2_16,
+        )
+        .unwrap();
         let tag = format!("residual_layernorm_forward bias {with_bias}");
         close(&format!("{tag} res"), &mem.get(res_d), &res, TOL);
         close(&format!("{tag} out"), &mem.get(y2_d), &y2, TOL);
@@ -199,7 +223,8 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     co::matmul_forward(&mut h0, &x, &wm, None, n, c, hid);
     let (h0_d, gb_d) = (mem.put(&h0), mem.put(&vec![f32::NAN; n * hid]));
     let gb16 = mem.zeroed::<u16>(n * hid);
-    dev.bias_gelu_forward(gb_d, h0_d, bm_d, n, hid, gb16).unwrap();
+    dev.bias_gelu_forward(gb_d, h0_d, bm_d, n, hid, gb16)
+        .unwrap();
     close("bias_gelu_forward h", &mem.get(h0_d), &h, TOL);
     close("bias_gelu_forward", &mem.get(gb_d), &gl, TOL);
     twin_matches(mem, "bias_gelu_forward", gb_d, gb16);

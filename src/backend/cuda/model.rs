@@ -1518,11 +1518,21 @@ impl<B: Backend> GpuLm<B> {
         let (ln, lm, lr, l16) = match cache.blocks.first_mut() {
             Some(bc) => {
                 let ln = bc.ln1.ensure(be, n * c)?;
-                (ln, bc.ln1_mean.ensure(be, n)?, bc.ln1_rstd.ensure(be, n)?, bc.ln1_16.of(be, ln)?)
+                (
+                    ln,
+                    bc.ln1_mean.ensure(be, n)?,
+                    bc.ln1_rstd.ensure(be, n)?,
+                    bc.ln1_16.of(be, ln)?,
+                )
             }
             None => {
                 let ln = cache.lnf.ensure(be, n * c)?;
-                (ln, cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?, cache.lnf16.of(be, ln)?)
+                (
+                    ln,
+                    cache.lnf_mean.ensure(be, n)?,
+                    cache.lnf_rstd.ensure(be, n)?,
+                    cache.lnf16.of(be, ln)?,
+                )
             }
         };
         be.layernorm_forward(ln, lm, lr, x0, ln_w, ln_b, n, c, l16)?;

@@ -326,9 +326,18 @@ pub trait Ops: Device {
         for x in [res, out, a, b] {
             assert_eq!(x.len, n * c, "residual_layernorm_forward: [N,C] shapes");
         }
-        assert!(mean.len == n && rstd.len == n, "residual_layernorm_forward: [N]");
-        assert!(weight.len == c && bias.len == c, "residual_layernorm_forward: [C]");
-        assert!(bias_b.is_null() || bias_b.len == c, "residual_layernorm_forward: bias_b");
+        assert!(
+            mean.len == n && rstd.len == n,
+            "residual_layernorm_forward: [N]"
+        );
+        assert!(
+            weight.len == c && bias.len == c,
+            "residual_layernorm_forward: [C]"
+        );
+        assert!(
+            bias_b.is_null() || bias_b.len == c,
+            "residual_layernorm_forward: bias_b"
+        );
         twin16("residual_layernorm_forward", out, out16);
         if n == 0 || c == 0 {
             return Ok(());
@@ -679,7 +688,10 @@ pub trait Ops: Device {
         cols: usize,
         out16: Dv<u16>,
     ) -> Result<()> {
-        assert!(out.len == rows * cols && h.len == out.len, "bias_gelu_forward: shapes");
+        assert!(
+            out.len == rows * cols && h.len == out.len,
+            "bias_gelu_forward: shapes"
+        );
         assert_eq!(bias.len, cols, "bias_gelu_forward: bias shape");
         twin16("bias_gelu_forward", out, out16);
         self.launch(
@@ -1039,7 +1051,11 @@ pub trait Ops: Device {
         let empty = n * t * half == 0;
         LaunchConfig {
             grid_dim: (
-                if empty { 0 } else { t.div_ceil(rows).clamp(1, most) as u32 },
+                if empty {
+                    0
+                } else {
+                    t.div_ceil(rows).clamp(1, most) as u32
+                },
                 n.clamp(1, most.min(65535)) as u32,
                 1,
             ),
@@ -1964,7 +1980,10 @@ pub trait Ops: Device {
         dout: Dv<f32>,
         dinp16: Dv<u16>,
     ) -> Result<()> {
-        assert!(dinp.len == out.len && dout.len == out.len, "tanh_backward: shape");
+        assert!(
+            dinp.len == out.len && dout.len == out.len,
+            "tanh_backward: shape"
+        );
         twin16("tanh_backward", dinp, dinp16);
         self.launch(
             "tanh_backward",
