@@ -89,39 +89,43 @@ extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int 
     }
 }
 
-// The three projections of a fused QKV GEMM: inp [B,T,3*H*d] (rows of k | v | q) -> o0, o1, o2
-// [B,H,T,d] (split_heads of each third). A block per row (b, t) of inp.
-extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const float* inp, int b, int t, int h,
-                                        int d) {
+// The traversal of split_heads3 and merge_heads3: a block per row (b, t) of the [B,T,3*H*d]
+// side (grid-stride), threads along it; f(w, wide, head) for the element at offset `wide`
+// there, which is element `head` of [B,H,T,d] third w.
+template <class F>
+__device__ __forceinline__ void heads3_walk(int b, int t, int h, int d, F f) {
     const int hd = h * d;
     for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
         const i64 bi = row / t;
         const int ti = (int)(row - bi * t);
         for (int j = threadIdx.x; j < 3 * hd; j += blockDim.x) {
             const int w = j / hd, jw = j - w * hd, hi = jw / d, jj = jw - hi * d;
-            float* o = w == 0 ? o0 : w == 1 ? o1 : o2;
-            o[((bi * h + hi) * t + ti) * d + jj] = inp[row * 3 * hd + j];
+            f(w, row * 3 * hd + j, ((bi * h + hi) * t + ti) * d + jj);
         }
     }
 }
 
+// The three projections of a fused QKV GEMM: inp [B,T,3*H*d] (rows of k | v | q) -> o0, o1, o2
+// [B,H,T,d] (split_heads of each third).
+extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const float* inp, int b, int t, int h,
+                                        int d) {
+    heads3_walk(b, t, h, d, [&](int w, i64 wide, i64 head) {
+        float* o = w == 0 ? o0 : w == 1 ? o1 : o2;
+        o[head] = inp[wide];
+    });
+}
+
 // The gradient of a fused QKV GEMM's output: out [B,T,3*H*d] (=) <- the merges of i0, i1, i2
-// [B,H,T,d] side by side (merge_heads of each into a zero third). A block per row (b, t).
-// out16: nullable, the bf16 twin of out.
+// [B,H,T,d] side by side (merge_heads of each into a zero third); out16: nullable, the bf16
+// twin of out.
 extern "C" __global__ void merge_heads3(float* out, const float* i0, const float* i1, const float* i2, int b, int t,
                                         int h, int d, unsigned short* out16) {
-    const int hd = h * d;
-    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
-        const i64 bi = row / t;
-        const int ti = (int)(row - bi * t);
-        for (int j = threadIdx.x; j < 3 * hd; j += blockDim.x) {
-            const int w = j / hd, jw = j - w * hd, hi = jw / d, jj = jw - hi * d;
-            const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
-            const float y = x[((bi * h + hi) * t + ti) * d + jj];
-            out[row * 3 * hd + j] = y;
-            if (out16) out16[row * 3 * hd + j] = asa_f32_to_bf16(y);
-        }
-    }
+    heads3_walk(b, t, h, d, [&](int w, i64 wide, i64 head) {
+        const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
+        const float y = x[head];
+        out[wide] = y;
+        if (out16) out16[wide] = asa_f32_to_bf16(y);
+    });
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -140,6 +140,23 @@ impl Twin {
     }
 }
 
+/// A LayerNorm's output buffers: out, its bf16 twin, mean, rstd.
+type NormBufs<'a> = (&'a mut DBuf, &'a mut Twin, &'a mut DBuf, &'a mut DBuf);
+/// A LayerNorm's outputs: (out, mean, rstd) and out's bf16 twin.
+type NormOut = ((Dv<f32>, Dv<f32>, Dv<f32>), Dv<u16>);
+
+/// A LayerNorm's outputs sized for `n` rows of `c`.
+fn norm_out<B: Backend>(
+    be: &B,
+    (out, twin, mean, rstd): NormBufs,
+    n: usize,
+    c: usize,
+) -> Result<NormOut> {
+    let o = out.ensure(be, n * c)?;
+    let o16 = twin.of(be, o)?;
+    Ok(((o, mean.ensure(be, n)?, rstd.ensure(be, n)?), o16))
+}
+
 /// A temporary zeroed buffer (freed, stream-ordered, when dropped).
 fn tmp<B: Backend>(be: &B, n: usize) -> Result<(Temp<f32>, Dv<f32>)> {
     let s = be.temp::<f32>(n)?;
@@ -1270,6 +1287,25 @@ struct GpuBlockCache {
     dropped: bool,
 }
 
+impl GpuBlockCache {
+    fn ln1_bufs(&mut self) -> NormBufs<'_> {
+        (
+            &mut self.ln1,
+            &mut self.ln1_16,
+            &mut self.ln1_mean,
+            &mut self.ln1_rstd,
+        )
+    }
+    fn ln2_bufs(&mut self) -> NormBufs<'_> {
+        (
+            &mut self.ln2,
+            &mut self.ln2_16,
+            &mut self.ln2_mean,
+            &mut self.ln2_rstd,
+        )
+    }
+}
+
 /// One call's batch on the device, uploaded as one queued copy (no host sync): token ids
 /// [B*T], targets [B*T] (when given) and the positions sorted by id for the embedding gradient.
 struct DevBatch {
@@ -1348,6 +1384,17 @@ struct GpuLmCache {
     lnf16: Twin,
     lnf_mean: DBuf,
     lnf_rstd: DBuf,
+}
+
+impl GpuLmCache {
+    fn lnf_bufs(&mut self) -> NormBufs<'_> {
+        (
+            &mut self.lnf,
+            &mut self.lnf16,
+            &mut self.lnf_mean,
+            &mut self.lnf_rstd,
+        )
+    }
 }
 
 /// The ASM language model on one CUDA device: f32 master weights, gradients and AdamW state on
@@ -1515,25 +1562,9 @@ impl<B: Backend> GpuLm<B> {
             Some(bid) => (p.p(bid.ln_1_w), p.p(bid.ln_1_b)),
             None => (p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b)),
         };
-        let (ln, lm, lr, l16) = match cache.blocks.first_mut() {
-            Some(bc) => {
-                let ln = bc.ln1.ensure(be, n * c)?;
-                (
-                    ln,
-                    bc.ln1_mean.ensure(be, n)?,
-                    bc.ln1_rstd.ensure(be, n)?,
-                    bc.ln1_16.of(be, ln)?,
-                )
-            }
-            None => {
-                let ln = cache.lnf.ensure(be, n * c)?;
-                (
-                    ln,
-                    cache.lnf_mean.ensure(be, n)?,
-                    cache.lnf_rstd.ensure(be, n)?,
-                    cache.lnf16.of(be, ln)?,
-                )
-            }
+        let ((ln, lm, lr), l16) = match cache.blocks.first_mut() {
+            Some(bc) => norm_out(be, bc.ln1_bufs(), n, c)?,
+            None => norm_out(be, cache.lnf_bufs(), n, c)?,
         };
         be.layernorm_forward(ln, lm, lr, x0, ln_w, ln_b, n, c, l16)?;
         for l in 0..nl {
@@ -1547,9 +1578,7 @@ impl<B: Backend> GpuLm<B> {
             self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
             // x1 = x + attn, ln2 = LN2(x1)
             let x1 = bc.x1.ensure(be, n * c)?;
-            let ln2 = bc.ln2.ensure(be, n * c)?;
-            let ln2_16 = bc.ln2_16.of(be, ln2)?;
-            let (m2, r2) = (bc.ln2_mean.ensure(be, n)?, bc.ln2_rstd.ensure(be, n)?);
+            let ((ln2, m2, r2), ln2_16) = norm_out(be, bc.ln2_bufs(), n, c)?;
             let (w2, b2) = (p.p(bid.ln_2_w), p.p(bid.ln_2_b));
             let io = ((x1, ln2, m2, r2), (x, attn_out, Dv::null()));
             be.residual_layernorm_forward(io.0, io.1, w2, b2, n, c, ln2_16)?;
@@ -1594,19 +1623,15 @@ impl<B: Backend> GpuLm<B> {
                 mm
             };
             // xn = x1 + mlp, then the next norm: the next block's LN1, or LNf
-            let (ln, lm, lr, l16, lw, lb) = match next.first_mut() {
+            let (((ln, lm, lr), l16), lw, lb) = match next.first_mut() {
                 Some(nb) => {
                     let nbid = &self.ids.blocks[l + 1];
-                    let ln = nb.ln1.ensure(be, n * c)?;
-                    let (lm, lr) = (nb.ln1_mean.ensure(be, n)?, nb.ln1_rstd.ensure(be, n)?);
-                    let l16 = nb.ln1_16.of(be, ln)?;
-                    (ln, lm, lr, l16, p.p(nbid.ln_1_w), p.p(nbid.ln_1_b))
+                    let o = norm_out(be, nb.ln1_bufs(), n, c)?;
+                    (o, p.p(nbid.ln_1_w), p.p(nbid.ln_1_b))
                 }
                 None => {
-                    let ln = cache.lnf.ensure(be, n * c)?;
-                    let (lm, lr) = (cache.lnf_mean.ensure(be, n)?, cache.lnf_rstd.ensure(be, n)?);
-                    let l16 = cache.lnf16.of(be, ln)?;
-                    (ln, lm, lr, l16, p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b))
+                    let o = norm_out(be, cache.lnf_bufs(), n, c)?;
+                    (o, p.p(self.ids.ln_f_w), p.p(self.ids.ln_f_b))
                 }
             };
             let io = ((xn, ln, lm, lr), (x1, md, res_bias));
