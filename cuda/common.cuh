@@ -7,7 +7,7 @@
 // - nullable inputs are plain pointers that may be 0 (the host passes a null device pointer);
 // - backward kernels ACCUMULATE (`+=`) like their CPU twins unless documented otherwise;
 // - no float atomics anywhere: every reduction runs in a fixed order, so results are bitwise
-//   reproducible run to run;
+//   reproducible run to run (the one atomic is the integer arrival ticket of `asa_last_block`);
 // - warp reductions broadcast lane 0's result, so every lane of a warp sees the same bits.
 
 #define ASA_FULL_MASK 0xffffffffu
@@ -102,6 +102,29 @@ __device__ __forceinline__ float block_max_f(float v, float* sh) {
     __syncthreads();
     return t;
 }
+
+// Single-launch two-stage reductions (the threadFenceReduction pattern): every block of a
+// group writes its partial results, then calls this; it returns true in the one block of the
+// group that arrives last, which then reads every partial of the group in a fixed order (with
+// `asa_ld_cg`), so the result never depends on which block that is. `ticket` counts the
+// group's arrivals (a `Device::tickets` counter, 0 before the launch) and is returned to 0 by
+// the last block for the next launch. Every thread of the block must call it.
+__device__ __forceinline__ bool asa_last_block(unsigned* ticket, unsigned blocks_in_group) {
+    __shared__ int last;
+    __threadfence();  // this block's partials are visible before its arrival counts
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+        const unsigned before = atomicAdd(ticket, 1u);
+        last = before == blocks_in_group - 1u;
+        if (last) *ticket = 0u;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last != 0;
+}
+
+// A load that bypasses the (non-coherent) L1 cache: partials written by other blocks.
+__device__ __forceinline__ double asa_ld_cg(const double* p) { return *(const volatile double*)p; }
 
 // Grid-stride loop over [0, n).
 #define ASA_GRID_LOOP(i, n) \

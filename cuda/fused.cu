@@ -2065,11 +2065,29 @@ extern "C" __global__ void slot_scan_read_backward_route(float* dwl, float* cm, 
 // A block per (h, s) (grid-stride): blockDim.x / d groups of d threads (blockDim.x >= d), group
 // g summing the tiles of batches g, g + groups, ... into shared memory [groups, d], one pass
 // of `groups` batches at a time; group 0 adds each pass's rows in batch order.
+// With dgamma (nullable): one more item, after the (h, s) ones, sums gpart[0..ngpart) (f64,
+// fixed order: strided per thread, then `block_sum_d`) into dgamma[0] (=) and, with
+// dgamma_grad (nullable), adds (f32)(sum * factor)
+// to dgamma_grad[0] (the raw parameter's gradient).
 extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const double* __restrict__ part, int b, int h,
-                                                        int ntiles, int nk, int d) {
+                                                        int ntiles, int nk, int d, double* dgamma,
+                                                        float* dgamma_grad, double gamma_factor,
+                                                        const double* __restrict__ gpart, int ngpart) {
     ASA_DYN_SHARED(float, rows);  // [groups, d]
     const int groups = (int)blockDim.x / d, g = (int)threadIdx.x / d, j = (int)threadIdx.x - g * d;
-    for (int hk = blockIdx.x; hk < h * nk; hk += gridDim.x) {  // hi*K + s
+    const int items = h * nk + (dgamma ? 1 : 0);
+    for (int hk = blockIdx.x; hk < items; hk += gridDim.x) {  // hi*K + s
+        if (hk == h * nk) {  // d gamma: the whole block, strided, then a tree
+            __shared__ double sh[32];
+            double a = 0.0;
+            for (int i = threadIdx.x; i < ngpart; i += blockDim.x) a += gpart[i];
+            a = block_sum_d(a, sh);
+            if (threadIdx.x == 0) {
+                dgamma[0] = a;
+                if (dgamma_grad) dgamma_grad[0] = dgamma_grad[0] + (float)(a * gamma_factor);
+            }
+            continue;
+        }
         const int hi = hk / nk, s = hk - hi * nk;
         float acc = g == 0 ? dkeys[(i64)hk * d + j] : 0.0f;
         for (int b0 = 0; b0 < b; b0 += groups) {
@@ -2086,14 +2104,4 @@ extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const doub
         }
         if (g == 0) dkeys[(i64)hk * d + j] = acc;
     }
-}
-
-// out[0] = sum of part[0..n) (f64, fixed order). One warp.
-extern "C" __global__ void slot_scan_read_backward_gamma(double* out, const double* __restrict__ part, int n) {
-    if (blockIdx.x != 0 || threadIdx.x >= 32) return;
-    int lane = threadIdx.x;
-    double a = 0.0;
-    for (int i = lane; i < n; i += 32) a += part[i];
-    a = fu_wsum(a);
-    if (lane == 0) out[0] = a;
 }

@@ -106,7 +106,7 @@ extern "C" __global__ void residual_layernorm_forward(float* res, float* out, fl
 }
 
 // dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
-// One warp per row. The parameter gradients are `layernorm_backward_params` + `colsum_finalize2`.
+// One warp per row. The parameter gradients are `layernorm_backward_params`.
 // dinp16: nullable, the bf16 twin of the updated dinp.
 extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, const float* inp,
                                               const float* weight, const float* mean, const float* rstd,
@@ -136,60 +136,55 @@ extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, co
     }
 }
 
-// Partial sums of the LayerNorm parameter gradients over a chunk of rows:
-// pw[k,j] = sum_{rows of chunk k} norm*dout, pb[k,j] = sum dout (f64, row order).
-// pw, pb: [nchunks,C]; grid: x = column tiles, y = row chunks of `rows_per_chunk`.
-extern "C" __global__ void layernorm_backward_params(double* pw, double* pb, const float* dout,
+// The LayerNorm parameter gradients in one launch: dweight[j] += sum_rows norm*dout,
+// dbias[j] += sum_rows dout (f64). Grid: x = column tiles of blockDim.x, y = chunks of
+// `rows_per_chunk` rows; each block sums its chunk in row order into pw, pb [nchunks,C], and
+// the last block of a column tile (`asa_last_block`, ticket tickets[blockIdx.x]) adds the
+// chunks in order.
+extern "C" __global__ void layernorm_backward_params(float* dweight, float* dbias, double* pw, double* pb,
+                                                     unsigned* tickets, const float* dout,
                                                      const float* inp, const float* mean,
                                                      const float* rstd, int n, int c, int rows_per_chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    int k = blockIdx.y;
-    if (j >= c) return;
-    int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
-    double aw = 0.0, ab = 0.0;
-    for (int row = r0; row < r1; ++row) {
-        double d = (double)dout[(i64)row * c + j];
-        aw += ((double)inp[(i64)row * c + j] - (double)mean[row]) * (double)rstd[row] * d;
-        ab += d;
-    }
-    pw[(i64)k * c + j] = aw;
-    pb[(i64)k * c + j] = ab;
-}
-
-// Partial column sums: part[k,j] = sum_{rows of chunk k} x[row,j] (f64). part: [nchunks,C].
-// Used for the bias gradient of matmul_backward. Grid as `layernorm_backward_params`.
-extern "C" __global__ void colsum_partial(double* part, const float* x, int n, int c, int rows_per_chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    int k = blockIdx.y;
-    if (j >= c) return;
-    int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
-    double a = 0.0;
-    for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
-    part[(i64)k * c + j] = a;
-}
-
-// dst[j] += (f32) sum_k part[k,j], chunks in order. dst: [C]; part: [nchunks,C].
-extern "C" __global__ void colsum_finalize(float* dst, const double* part, int nchunks, int c) {
-    ASA_GRID_LOOP(j, c) {
-        double a = 0.0;
-        for (int k = 0; k < nchunks; ++k) a += part[(i64)k * c + j];
-        dst[j] = dst[j] + (float)a;
-    }
-}
-
-// colsum_finalize of two sums at once (a LayerNorm's weight and bias gradients): dst_a[j] +=
-// sum_k part_a[k,j], dst_b[j] += sum_k part_b[k,j], chunks in order.
-extern "C" __global__ void colsum_finalize2(float* dst_a, const double* part_a, float* dst_b, const double* part_b,
-                                            int nchunks, int c) {
-    ASA_GRID_LOOP(j, c) {
-        double a = 0.0, b = 0.0;
-        for (int k = 0; k < nchunks; ++k) {
-            a += part_a[(i64)k * c + j];
-            b += part_b[(i64)k * c + j];
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int k = blockIdx.y;
+    if (j < c) {
+        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+        double aw = 0.0, ab = 0.0;
+        for (int row = r0; row < r1; ++row) {
+            double d = (double)dout[(i64)row * c + j];
+            aw += ((double)inp[(i64)row * c + j] - (double)mean[row]) * (double)rstd[row] * d;
+            ab += d;
         }
-        dst_a[j] = dst_a[j] + (float)a;
-        dst_b[j] = dst_b[j] + (float)b;
+        pw[(i64)k * c + j] = aw;
+        pb[(i64)k * c + j] = ab;
     }
+    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
+    double a = 0.0, b = 0.0;
+    for (int q = 0; q < (int)gridDim.y; ++q) {
+        a += asa_ld_cg(pw + (i64)q * c + j);
+        b += asa_ld_cg(pb + (i64)q * c + j);
+    }
+    dweight[j] = dweight[j] + (float)a;
+    dbias[j] = dbias[j] + (float)b;
+}
+
+// Column sums in one launch: dst[j] += (f32) sum_rows x[row,j] (f64; each chunk of
+// `rows_per_chunk` rows in row order, then the chunks in order). The bias gradient of
+// matmul_backward. Grid, part and tickets as `layernorm_backward_params`.
+extern "C" __global__ void colsum_add(float* dst, double* part, unsigned* tickets, const float* x, int n, int c,
+                                      int rows_per_chunk) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int k = blockIdx.y;
+    if (j < c) {
+        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+        double a = 0.0;
+        for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
+        part[(i64)k * c + j] = a;
+    }
+    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
+    double a = 0.0;
+    for (int q = 0; q < (int)gridDim.y; ++q) a += asa_ld_cg(part + (i64)q * c + j);
+    dst[j] = dst[j] + (float)a;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -318,21 +313,32 @@ extern "C" __global__ void scale_rows(float* out, const float* inp, const float*
 // ------------------------------------------------------------------------------------------------
 // deterministic reductions
 
-// part[block] = sum over this block's grid-stride elements of x*y (y = x when y is null), f64.
-// Launch with a fixed grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
-extern "C" __global__ void dot_partial(double* part, const float* x, const float* y, i64 n) {
+// The backward of a gated sum y = x + gate * delta (the slotspace refine's out_h = out1 + gate
+// * delta) in one launch: ddelta = (f32)(gate * dy) (stored, computed in f64) and
+// dgrad[0] += (f32)(factor * sum(dy * delta)), the sum in f64: per block over its grid-stride
+// elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
+// d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
+// grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
+extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* part, unsigned* ticket, const float* dy,
+                                         const float* delta, double gate, double factor, i64 n) {
     __shared__ double sh[32];
     double a = 0.0;
     ASA_GRID_LOOP(i, n) {
-        double xv = (double)x[i];
-        a += xv * (y ? (double)y[i] : xv);
+        const double g = (double)dy[i];
+        ddelta[i] = (float)(gate * g);
+        a += g * (double)delta[i];
     }
     a = block_sum_d(a, sh);
     if (threadIdx.x == 0) part[blockIdx.x] = a;
+    if (!asa_last_block(ticket, gridDim.x)) return;
+    double t = 0.0;
+    for (i64 i = threadIdx.x; i < (i64)gridDim.x; i += blockDim.x) t += asa_ld_cg(part + i);
+    t = block_sum_d(t, sh);
+    if (threadIdx.x == 0) dgrad[0] = dgrad[0] + (float)(t * factor);
 }
 
 // global_norm, first stage: part[block] = sum of x^2 over the block's grid-stride elements
-// (f64); `sum_f64` with sqrt_result = 1 finishes it. Same fixed grid rule as `dot_partial`.
+// (f64); `sum_f64` with sqrt_result = 1 finishes it. Same fixed grid rule as `gate_backward`.
 extern "C" __global__ void global_norm(double* part, const float* x, i64 n) {
     __shared__ double sh[32];
     double a = 0.0;

@@ -226,57 +226,60 @@ extern "C" int simt_launch(const char* name, unsigned gx, unsigned gy, unsigned 
     grid_dim = {gx, gy, gz};
     block_dim = {bx, by, bz};
     smem.assign(shmem > 0 ? shmem : 1, 0xff);
-    for (unsigned z = 0; z < gz; ++z)
-        for (unsigned y = 0; y < gy; ++y)
-            for (unsigned x = 0; x < gx; ++x) {
-                block_idx = {x, y, z};
-                std::fill(smem.begin(), smem.end(), 0xff);
-                block_bar = Barrier{};
-                block_live = (int)nt;
-                warp_bar.assign(nwarps, Barrier{});
-                warp_live.assign(nwarps, 0);
-                xch.assign(nwarps * 64, 0);
-                for (unsigned i = 0; i < nt; ++i) {
-                    Fiber& f = fibers[i];
-                    f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
-                    f.warp = (int)(i / 32);
-                    f.lane = (int)(i % 32);
-                    f.done = false;
-                    f.exchanges = 0;
-                    ++warp_live[f.warp];
+    // the blocks run last to first: a GPU promises no order, and kernels that elect the block
+    // arriving last (asa_last_block) must not depend on which one it is
+    const unsigned long long nblocks = (unsigned long long)gx * gy * gz;
+    for (unsigned long long bi = nblocks; bi-- > 0;) {
+        const unsigned x = (unsigned)(bi % gx), y = (unsigned)((bi / gx) % gy),
+                       z = (unsigned)(bi / ((unsigned long long)gx * gy));
+        block_idx = {x, y, z};
+        std::fill(smem.begin(), smem.end(), 0xff);
+        block_bar = Barrier{};
+        block_live = (int)nt;
+        warp_bar.assign(nwarps, Barrier{});
+        warp_live.assign(nwarps, 0);
+        xch.assign(nwarps * 64, 0);
+        for (unsigned i = 0; i < nt; ++i) {
+            Fiber& f = fibers[i];
+            f.tid = {i % bx, (i / bx) % by, i / (bx * by)};
+            f.warp = (int)(i / 32);
+            f.lane = (int)(i % 32);
+            f.done = false;
+            f.exchanges = 0;
+            ++warp_live[f.warp];
 #ifdef SIMT_ASM_SWITCH
-                    f.sp = fresh_stack(stacks[i], kStack);
+            f.sp = fresh_stack(stacks[i], kStack);
 #else
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = stacks[i];
-                    f.ctx.uc_stack.ss_size = kStack;
-                    f.ctx.uc_link = &sched;
-                    makecontext(&f.ctx, reinterpret_cast<void (*)()>(entry), 1, (int)i);
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks[i];
+            f.ctx.uc_stack.ss_size = kStack;
+            f.ctx.uc_link = &sched;
+            makecontext(&f.ctx, reinterpret_cast<void (*)()>(entry), 1, (int)i);
 #endif
-                }
-                unsigned remaining = nt;
-                while (remaining > 0) {
-                    uint64_t before = events;
-                    for (unsigned i = 0; i < nt; ++i) {
-                        if (fibers[i].done) continue;
-                        cur = &fibers[i];
+        }
+        unsigned remaining = nt;
+        while (remaining > 0) {
+            uint64_t before = events;
+            for (unsigned i = 0; i < nt; ++i) {
+                if (fibers[i].done) continue;
+                cur = &fibers[i];
 #ifdef SIMT_ASM_SWITCH
-                        simt_switch(&sched_sp, fibers[i].sp);
+                simt_switch(&sched_sp, fibers[i].sp);
 #else
-                        swapcontext(&sched, &fibers[i].ctx);
+                swapcontext(&sched, &fibers[i].ctx);
 #endif
-                        if (fibers[i].done) --remaining;
-                    }
-                    if (remaining > 0 && events == before) {
-                        std::snprintf(err, errlen,
-                                      "%s: deadlock in block (%u,%u,%u): %u threads wait at a barrier that "
-                                      "cannot complete",
-                                      name, x, y, z, remaining);
-                        cur = nullptr;
-                        return 2;
-                    }
-                }
+                if (fibers[i].done) --remaining;
             }
+            if (remaining > 0 && events == before) {
+                std::snprintf(err, errlen,
+                              "%s: deadlock in block (%u,%u,%u): %u threads wait at a barrier that "
+                              "cannot complete",
+                              name, x, y, z, remaining);
+                cur = nullptr;
+                return 2;
+            }
+        }
+    }
     cur = nullptr;
     return 0;
 }

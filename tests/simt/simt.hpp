@@ -4,12 +4,15 @@
 // Force-included (`-include simt.hpp`) before a kernel file, which is then compiled as plain
 // C++ (`-ffp-contract=off`: no FMA unless the kernel asks for one, as with NVRTC's defaults for
 // the `__f*_rn` intrinsics). Each thread of a block is a fiber (ucontext); the blocks of a grid
-// run one after another. `__syncthreads`, `__syncwarp` and the warp shuffles are barriers of the
+// run one after another (last to first). `__syncthreads`, `__syncwarp` and the warp shuffles are barriers of the
 // fibers, so divergence bugs that would hang or race on a GPU show up as a deadlock error or as
 // wrong numbers. Static `__shared__` arrays become function-local statics (one block runs at a
 // time, so they behave as block-shared memory); dynamic shared memory is filled with 0xff bytes
 // (NaN) at every block start, so reads of unwritten shared memory poison the result.
 //
+// Emulated atomics: the unsigned atomicAdd of the arrival tickets (fibers switch only at
+// barriers, so a read-modify-write is atomic); __threadfence orders nothing that needs ordering
+// here (one block runs at a time, so every block's writes precede the next block's reads).
 // Not emulated: float atomics (the kernels have none), textures, cooperative groups, timing.
 #pragma once
 
@@ -75,6 +78,12 @@ inline T from_bits(uint64_t u) {
 #define gridDim (simt::grid_dim)
 
 inline void __syncthreads() { simt::syncthreads(); }
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { simt::syncwarp(); }
 
 template <class T>

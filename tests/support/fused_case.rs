@@ -258,12 +258,17 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         mem.zeroed::<f32>(h * nk * d),
     );
     let dg = mem.zeroed::<f64>(1);
+    // the raw parameter's gradient: += d gamma * factor onto what it holds
+    let (g0, gfactor) = (0.25f32, 0.7f64);
+    let dgg = mem.put(&[g0]);
     let bio = BwdIo {
         dwl: dwl_d,
         dv: dv_d,
         dq: dq_d,
         dkeys: dk_d,
         dgamma: dg,
+        dgamma_grad: dgg,
+        gamma_factor: gfactor,
         dout1: dout1_d,
         drw: if cs.refine { drw_d } else { Dv::null() },
         rw: rw_d,
@@ -289,6 +294,12 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         assert!(
             (gd - dgam).abs() <= tol * dgam.abs().max(1.0),
             "fused dgamma {gd} vs {dgam} {tag}"
+        );
+        let want = g0 + (dgam * gfactor) as f32;
+        let got = mem.get(dgg)[0];
+        assert!(
+            (got - want).abs() <= tol as f32 * want.abs().max(1.0),
+            "fused dgamma_grad {got} vs {want} {tag}"
         );
     }
 }

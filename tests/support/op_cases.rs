@@ -236,6 +236,8 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     close("gelu_backward", &mem.get(dgl_d), &dgl, TOL);
     twin_matches(mem, "gelu_backward", dgl_d, dgl16);
 
+    single_launch_reductions(dev, mem);
+
     // dropout: p = 0 is a copy; p = 0.5 keeps about half, mask 0 or 2, out = inp*mask
     let nn = 20_000;
     let xin = rv(&mut r, nn, 1.0);
@@ -377,6 +379,83 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
 }
 
 /// `cuda_asa_elementwise_ops_match_cpu` of tests/cuda_ops.rs, on any device.
+/// The reductions that finish in their last block (`asa_last_block`): shapes of several
+/// column tiles and row chunks (several blocks per arrival ticket), each run twice in a row so
+/// that the second launch finds its tickets returned to 0.
+fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
+    let mut r = rng(11);
+    let (n, c) = (530, 140); // 3 chunks of 256 rows x 2 tiles of 128 columns
+                             // column sums (matmul_backward's bias gradient): dbias += colsum(dout), twice
+    let (i, x) = (3, rv(&mut r, 530 * 3, 1.0));
+    let (w, dy) = (rv(&mut r, c * i, 0.5), rv(&mut r, n * c, 1.0));
+    let (mut dx, mut dw, mut db) = (vec![0.0; n * i], vec![0.0; c * i], vec![0.0; c]);
+    for _ in 0..2 {
+        co::matmul_backward(&mut dx, &mut dw, Some(&mut db), &dy, &x, &w, n, i, c);
+    }
+    let (x_d, w_d, dy_d) = (mem.put(&x), mem.put(&w), mem.put(&dy));
+    let (dx_d, dw_d, db_d) = (
+        mem.zeroed::<f32>(n * i),
+        mem.zeroed::<f32>(c * i),
+        mem.zeroed::<f32>(c),
+    );
+    for _ in 0..2 {
+        dev.matmul_backward(dx_d, dw_d, db_d, dy_d, x_d, w_d, n, i, c)
+            .unwrap();
+    }
+    close("colsum_add (twice)", &mem.get(db_d), &db, TOL);
+    // LayerNorm parameter gradients, twice
+    let xl = rv(&mut r, n * c, 1.0);
+    let (wl, bl) = (rv(&mut r, c, 1.0), rv(&mut r, c, 0.5));
+    let (mut y, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    co::layernorm_forward(&mut y, &mut mean, &mut rstd, &xl, &wl, &bl, n, c);
+    let (mut dxl, mut dwl, mut dbl) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+    for _ in 0..2 {
+        co::layernorm_backward(
+            &mut dxl, &mut dwl, &mut dbl, &dy, &xl, &wl, &mean, &rstd, n, c,
+        );
+    }
+    let (xl_d, wl_d, m_d, r_d) = (mem.put(&xl), mem.put(&wl), mem.put(&mean), mem.put(&rstd));
+    let (dxl_d, dwl_d, dbl_d) = (
+        mem.zeroed::<f32>(n * c),
+        mem.zeroed::<f32>(c),
+        mem.zeroed::<f32>(c),
+    );
+    for _ in 0..2 {
+        let null16 = asa::backend::cuda::Dv::null();
+        dev.layernorm_backward(
+            dxl_d, dwl_d, dbl_d, dy_d, xl_d, wl_d, m_d, r_d, n, c, null16,
+        )
+        .unwrap();
+    }
+    close(
+        "layernorm_backward_params dw (twice)",
+        &mem.get(dwl_d),
+        &dwl,
+        TOL,
+    );
+    close(
+        "layernorm_backward_params db (twice)",
+        &mem.get(dbl_d),
+        &dbl,
+        TOL,
+    );
+    // the gate's backward: ddelta = gate * dy (stored), dgrad += factor * sum(dy * delta)
+    let (dyv, delta) = (&dy[..1000], rv(&mut r, 1000, 1.0));
+    let (gate, factor) = (0.37f64, 0.81f64);
+    let (dyv_d, delta_d) = (mem.put(dyv), mem.put(&delta));
+    let (dd_d, dg_d) = (mem.put(&vec![9.0f32; 1000]), mem.put(&[0.5f32]));
+    let dot: f64 = (0..1000).map(|i| dyv[i] as f64 * delta[i] as f64).sum();
+    let mut want = 0.5f32;
+    for _ in 0..2 {
+        dev.gate_backward(dd_d, dg_d, dyv_d, delta_d, gate, factor)
+            .unwrap();
+        want += (dot * factor) as f32;
+    }
+    let dd: Vec<f32> = dyv.iter().map(|&g| (gate * g as f64) as f32).collect();
+    close("gate_backward ddelta", &mem.get(dd_d), &dd, 0.0);
+    close("gate_backward dgrad (twice)", &mem.get(dg_d), &[want], 1e-6);
+}
+
 pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(2);
     let dm = dims();

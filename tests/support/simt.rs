@@ -312,7 +312,7 @@ impl Simt {
 pub struct EmuDev {
     simt: &'static Simt,
     bufs: RefCell<Vec<Box<[u64]>>>,
-    scratch: RefCell<[Option<Box<[u64]>>; 4]>,
+    scratch: RefCell<[Option<Box<[u64]>>; 5]>,
     /// `Bf16`: GEMM operands rounded to bf16 as on a device (converted by the kernel, or read
     /// from the registered bf16 copies), and the kernels' tensor-core paths
     precision: std::cell::Cell<Precision>,
@@ -324,7 +324,7 @@ impl EmuDev {
         EmuDev {
             simt,
             bufs: RefCell::new(Vec::new()),
-            scratch: RefCell::new([None, None, None, None]),
+            scratch: RefCell::new([None, None, None, None, None]),
             precision: std::cell::Cell::new(Precision::F32),
             bf16: Bf16Copy::default(),
         }
@@ -382,6 +382,13 @@ impl Device for EmuDev {
     fn scratch_bf16(&self, n: usize, second: bool) -> asa::error::Result<Dv<u16>> {
         let p = self.scratch_ptr(2 + second as usize, n.max(1) * 2);
         // SAFETY: as scratch64.
+        Ok(unsafe { Dv::from_raw(p, n) })
+    }
+
+    fn tickets(&self) -> asa::error::Result<Dv<u32>> {
+        let n = asa::backend::cuda::TICKETS;
+        let p = self.scratch_ptr(4, n * 4);
+        // SAFETY: as scratch64 (never grown past its first size, so the counters persist).
         Ok(unsafe { Dv::from_raw(p, n) })
     }
 

@@ -108,8 +108,8 @@ pub struct CountingDevice {
     next_ptr: Cell<u64>,
     precision: Cell<Precision>,
     sm_count: usize,
-    /// sizes (bytes) of the backend's four grow-on-demand scratch buffers
-    scratch: RefCell<[usize; 4]>,
+    /// sizes (bytes) of the backend's four grow-on-demand scratch buffers and its ticket counters
+    scratch: RefCell<[usize; 5]>,
     /// downloads so far (their values follow it)
     served: Cell<u64>,
     /// the CUDA backend's cache of freed temporaries, so that a cached request is not counted
@@ -127,7 +127,7 @@ impl CountingDevice {
             next_ptr: Cell::new(1 << 32),
             precision: Cell::new(Precision::F32),
             sm_count: sm_count.max(1),
-            scratch: RefCell::new([0; 4]),
+            scratch: RefCell::new([0; 5]),
             served: Cell::new(0),
             temps: Rc::new(TempCache::default()),
             bf16_copy: Bf16Copy::default(),
@@ -241,6 +241,10 @@ impl Device for CountingDevice {
 
     fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>> {
         Ok(self.scratch_range(2 + second as usize, n))
+    }
+
+    fn tickets(&self) -> Result<Dv<u32>> {
+        Ok(self.scratch_range(4, super::TICKETS))
     }
 
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
@@ -401,14 +405,7 @@ pub fn kernel_family(name: &str) -> &'static str {
         "norm"
     } else if starts(&["crossentropy"]) {
         "loss"
-    } else if starts(&[
-        "adamw",
-        "clip_scale",
-        "global_norm",
-        "dot_partial",
-        "sum_f64",
-        "scale_f64",
-    ]) {
+    } else if starts(&["adamw", "clip_scale", "global_norm", "sum_f64", "scale_f64"]) {
         "optimizer"
     } else if starts(&[
         "gelu",
@@ -416,6 +413,7 @@ pub fn kernel_family(name: &str) -> &'static str {
         "dropout",
         "residual",
         "axpy",
+        "gate_backward",
         "fill",
         "scale_rows",
         "rope",
@@ -621,6 +619,6 @@ k1:
         assert_eq!(kernel_family("bias_gelu_forward"), "elementwise");
         assert_eq!(kernel_family("residual_layernorm_forward"), "norm");
         assert_eq!(kernel_family("crossentropy_forward"), "loss");
-        assert_eq!(kernel_family("colsum_partial"), "other");
+        assert_eq!(kernel_family("colsum_add"), "other");
     }
 }

@@ -655,6 +655,10 @@ pub struct BwdIo {
     pub dkeys: Dv<f32>,
     /// [1] (=) d(gamma) = sum dlogits * lcont (f64); may be null
     pub dgamma: Dv<f64>,
+    /// [1] nullable, with dgamma: += (f32)(d(gamma) * gamma_factor), the gradient of the
+    /// parameter gamma comes from (d gamma / d raw)
+    pub dgamma_grad: Dv<f32>,
+    pub gamma_factor: f64,
     /// [B,H,T,d] d(out1)
     pub dout1: Dv<f32>,
     /// [B,H,T,K] nullable: the refine path's gradient into the read weights
@@ -753,12 +757,18 @@ pub fn backward<L: Device + ?Sized>(
         )?;
     }
     // a block per (head, slot): groups of d threads (head_dim <= 256) sum batches' tiles side
-    // by side, as many groups as batches up to 1,024 threads
+    // by side, as many groups as batches up to 1,024 threads; with dgamma one more block sums
+    // the gamma partials
     let kb = (p.b.clamp(1, 1024 / d) * d).next_multiple_of(32);
     let groups = kb / d; // the kernel's count (blockDim.x / d)
+    let items = p.h * nk + usize::from(!io.dgamma.is_null());
+    assert!(
+        io.dgamma_grad.is_null() || !io.dgamma.is_null(),
+        "fused backward: dgamma_grad without dgamma"
+    );
     dev.walk_launch(
         "slot_scan_read_backward_keys",
-        (p.h * nk).clamp(1, 65535) as u32,
+        items.clamp(1, 65535) as u32,
         kb as u32,
         (groups * d * 4) as u32,
         &[
@@ -769,23 +779,14 @@ pub fn backward<L: Device + ?Sized>(
             k(p.ntiles as i32),
             k(nk as i32),
             k(d as i32),
+            k(io.dgamma),
+            k(io.dgamma_grad),
+            k(io.gamma_factor),
+            k(ws.dgamma_part),
+            k(i32_of("B*H*tiles", nbh * p.ntiles)?),
         ],
-        p.b.div_ceil(groups) * p.ntiles,
+        (p.b.div_ceil(groups) * p.ntiles).max((nbh * p.ntiles).div_ceil(kb)),
     )?;
-    if !io.dgamma.is_null() {
-        dev.walk_launch(
-            "slot_scan_read_backward_gamma",
-            1,
-            32,
-            0,
-            &[
-                k(io.dgamma),
-                k(ws.dgamma_part),
-                k(i32_of("B*H*tiles", nbh * p.ntiles)?),
-            ],
-            (nbh * p.ntiles).div_ceil(32),
-        )?;
-    }
     // scan backward, level 1: tile sums (reverse)
     let mut a = vec![
         k(ws.sum_n),

@@ -67,6 +67,9 @@ pub const PYPI_DIR_ENV: &str = "ASA_CUDA_PYPI_DIR";
 
 /// Dynamic shared memory a block may have without the kernel's opt-in (bytes).
 pub const SMEM_DEFAULT: usize = 48 * 1024;
+/// Arrival counters per device ([`Device::tickets`]): the most blocks a single-launch reduction
+/// may count on at once (one counter per group of blocks that finishes one result).
+pub const TICKETS: usize = 4096;
 
 fn dev_err(ctx: &str, e: impl std::fmt::Display) -> AsaError {
     AsaError::Device(format!("{ctx}: {e}"))
@@ -588,6 +591,9 @@ pub trait Device {
     fn scratch64(&self, n: usize, second: bool) -> Result<Dv<f64>>;
     /// A bf16 scratch range of `n` elements (one of two).
     fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>>;
+    /// The [`TICKETS`] arrival counters of single-launch reductions (`asa_last_block` in
+    /// cuda/common.cuh): zero between launches, each kernel that counts on one returns it to 0.
+    fn tickets(&self) -> Result<Dv<u32>>;
     /// A new zero-filled buffer of `n` elements.
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>>;
     /// A new buffer of `n` elements with unspecified contents, for an output written whole
@@ -774,6 +780,13 @@ impl Device for CudaBackend {
     fn scratch_bf16(&self, n: usize, second: bool) -> Result<Dv<u16>> {
         CudaBackend::scratch_bf16(self, n, second)
     }
+    fn tickets(&self) -> Result<Dv<u32>> {
+        let mut s = self.tickets.borrow_mut();
+        if s.is_none() {
+            *s = Some(self.zeros::<u32>(TICKETS)?);
+        }
+        Ok(s.as_ref().unwrap().dv())
+    }
     fn temp<T: Elem>(&self, n: usize) -> Result<Temp<T>> {
         let t = self.cached::<T>(n)?;
         CudaBackend::memset_zero(self, t.dv)?;
@@ -903,6 +916,8 @@ pub struct CudaBackend {
     pub(crate) scratch_f64b: RefCell<Option<CudaSlice<f64>>>,
     pub(crate) scratch_bf16_a: RefCell<Option<CudaSlice<u16>>>,
     pub(crate) scratch_bf16_b: RefCell<Option<CudaSlice<u16>>>,
+    /// arrival counters of the single-launch reductions ([`Device::tickets`])
+    tickets: RefCell<Option<CudaSlice<u32>>>,
     /// freed temporaries kept for reuse (no allocation inside a step after the first)
     pub(crate) temps: Rc<TempCache>,
     /// pinned host memory that `upload_async` copies from, and whether a copy from it may
@@ -1003,6 +1018,7 @@ impl CudaBackend {
             scratch_f64b: RefCell::new(None),
             scratch_bf16_a: RefCell::new(None),
             scratch_bf16_b: RefCell::new(None),
+            tickets: RefCell::new(None),
             temps: Rc::new(TempCache::default()),
             staging: RefCell::new(None),
             staging_busy: std::cell::Cell::new(false),

@@ -921,8 +921,7 @@ impl GpuAsaLayer {
         if let Some(ids) = &self.ids.slotspace {
             let rows = b * h * t;
             let gate = c_.gate as f64;
-            let dgate = be.temp::<f64>(1)?;
-            // scale_f64 stores ddelta whole; the intervene backward adds into it
+            // gate_backward stores ddelta whole; the intervene backward adds into it
             let (s5, ddelta) = if cfg.variant == Variant::Intervene {
                 tmp(be, rows * d)?
             } else {
@@ -930,16 +929,18 @@ impl GpuAsaLayer {
             };
             refine_keep.push(s5);
             let (_s8, dz) = tmp(be, rows * nk)?;
+            let dgate_raw = sigmoid(p.scalar(ids.gate) as f64); // d softplus
             if cfg.variant == Variant::Intervene {
                 // `intervene_backward`: d out1 (in place), d delta, d z, d gate
                 let (delta, z) = (c_.delta.dv(), c_.z.dv());
+                let dgate = be.temp::<f64>(1)?;
                 c_.intv
                     .backward(be, dout_h, dout1, ddelta, dz, dgate.dv(), delta, z)?;
+                be.scalar_grad_add(gr(ids.gate), dgate.dv(), dgate_raw)?;
             } else {
-                be.dot_f64(dgate.dv(), dout_h, c_.delta.dv())?;
-                be.scale_f64(ddelta, dout_h, gate)?;
+                let delta = c_.delta.dv();
+                be.gate_backward(ddelta, gr(ids.gate), dout_h, delta, gate, dgate_raw)?;
             }
-            be.scalar_grad_add(gr(ids.gate), dgate.dv(), sigmoid(p.scalar(ids.gate) as f64))?;
             let (s6, dsw) = tmp(be, rows * nk)?;
             refine_keep.push(s6);
             if fused {
@@ -1088,6 +1089,13 @@ impl GpuAsaLayer {
         let content = cfg.use_content_read;
         let (_s14, dwl) = tmp(be, c_.wl.n)?;
         let (_s15, dv_h) = tmp(be, n * c)?;
+        // gamma's raw parameter: its gradient and d gamma / d raw, where the gradient passes
+        // (clamp(max) passes it where softplus(raw) <= max)
+        let gamma_grad = self.ids.content_read_gamma.and_then(|i| {
+            let raw = p.scalar(i) as f64;
+            let mx = cfg.content_read_max_gamma;
+            (!(mx > 0.0) || softplus(raw) <= mx).then(|| (gr(i), sigmoid(raw)))
+        });
         if fused {
             // read + write-scan backward from the forward's carries
             let refine = self.ids.slotspace.is_some();
@@ -1097,6 +1105,8 @@ impl GpuAsaLayer {
                 dq: dq_h,
                 dkeys,
                 dgamma: dgamma.dv(),
+                dgamma_grad: gamma_grad.map_or(Dv::null(), |g| g.0),
+                gamma_factor: gamma_grad.map_or(0.0, |g| g.1),
                 dout1,
                 drw,
                 rw: c_.rw.dv(),
@@ -1141,14 +1151,9 @@ impl GpuAsaLayer {
                 dm,
             )?;
         }
-        if let Some(i) = self.ids.content_read_gamma {
-            let raw = p.scalar(i) as f64;
-            let sp = softplus(raw);
-            let mx = cfg.content_read_max_gamma;
-            // clamp(max) passes the gradient where softplus(raw) <= max
-            if !(mx > 0.0) || sp <= mx {
-                be.scalar_grad_add(gr(i), dgamma.dv(), sigmoid(raw))?;
-            }
+        // (the fused backward added it already)
+        if let (Some((dst, factor)), false) = (gamma_grad, fused) {
+            be.scalar_grad_add(dst, dgamma.dv(), factor)?;
         }
 
         // write scan (op by op; the fused backward did it above) and write logits

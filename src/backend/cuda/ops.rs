@@ -362,7 +362,7 @@ pub trait Ops: Device {
         )
     }
 
-    /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic two-stage column sums);
+    /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic column sums, one launch);
     /// dinp16: null, or the bf16 twin of the updated dinp.
     fn layernorm_backward(
         &self,
@@ -406,20 +406,18 @@ pub trait Ops: Device {
                 k(dinp16),
             ],
         )?;
-        let chunks = n.div_ceil(COLSUM_ROWS);
+        let (cfg, chunks) = colsum_cfg(n, c)?;
         let pw = self.scratch64(chunks * c, false)?;
         let pb = self.scratch64(chunks * c, true)?;
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         self.launch(
             "layernorm_backward_params",
             cfg,
             &[
+                k(dweight),
+                k(dbias),
                 k(pw),
                 k(pb),
+                k(self.tickets()?),
                 k(dout),
                 k(inp),
                 k(mean),
@@ -428,11 +426,6 @@ pub trait Ops: Device {
                 k(ci),
                 k(COLSUM_ROWS as i32),
             ],
-        )?;
-        self.launch(
-            "colsum_finalize2",
-            self.cfg_elems(c),
-            &[k(dweight), k(pw), k(dbias), k(pb), k(chunks as i32), k(ci)],
         )
     }
 
@@ -614,23 +607,21 @@ pub trait Ops: Device {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let chunks = n.div_ceil(COLSUM_ROWS);
+        let (cfg, chunks) = colsum_cfg(n, c)?;
         let part = self.scratch64(chunks * c, false)?;
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (ni, ci) = (i32_of("N", n)?, i32_of("C", c)?);
         self.launch(
-            "colsum_partial",
+            "colsum_add",
             cfg,
-            &[k(part), k(x), k(ni), k(ci), k(COLSUM_ROWS as i32)],
-        )?;
-        self.launch(
-            "colsum_finalize",
-            self.cfg_elems(c),
-            &[k(dst), k(part), k(chunks as i32), k(ci)],
+            &[
+                k(dst),
+                k(part),
+                k(self.tickets()?),
+                k(x),
+                k(ni),
+                k(ci),
+                k(COLSUM_ROWS as i32),
+            ],
         )
     }
 
@@ -842,20 +833,41 @@ pub trait Ops: Device {
         n.div_ceil(256).clamp(1, 1024)
     }
 
-    /// out[0] (device f64) = sum of x*y (y null: x*x) in a fixed order.
-    fn dot_f64(&self, out: Dv<f64>, x: Dv<f32>, y: Dv<f32>) -> Result<()> {
-        if !y.is_null() {
-            assert_eq!(x.len, y.len, "dot: shape");
-        }
-        let nb = Self::partial_blocks(x.len);
+    /// The backward of y = x + gate * delta in one launch: ddelta = (f32)(gate * dy) (stored)
+    /// and dgrad[0] += (f32)(factor * sum(dy * delta)) (f64, fixed order); factor is d gate /
+    /// d(its raw parameter). dy, delta, ddelta: [N]; dgrad: [1].
+    #[allow(clippy::too_many_arguments)]
+    fn gate_backward(
+        &self,
+        ddelta: Dv<f32>,
+        dgrad: Dv<f32>,
+        dy: Dv<f32>,
+        delta: Dv<f32>,
+        gate: f64,
+        factor: f64,
+    ) -> Result<()> {
+        assert_eq!(dy.len, delta.len, "gate_backward: delta shape");
+        assert_eq!(dy.len, ddelta.len, "gate_backward: ddelta shape");
+        assert_eq!(dgrad.len, 1, "gate_backward: dgrad shape");
+        let nb = Self::partial_blocks(dy.len);
         let part = self.scratch64(nb, true)?;
         let cfg = LaunchConfig {
             grid_dim: (nb as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch("dot_partial", cfg, &[k(part), k(x), k(y), k(x.len as i64)])?;
-        self.sum_f64(out, part, false)
+        let args = [
+            k(ddelta),
+            k(dgrad),
+            k(part),
+            k(self.tickets()?),
+            k(dy),
+            k(delta),
+            k(gate),
+            k(factor),
+            k(dy.len as i64),
+        ];
+        self.launch("gate_backward", cfg, &args)
     }
 
     /// out[0] = sum of part (fixed order), or its square root.
@@ -2081,6 +2093,25 @@ pub trait Ops: Device {
 }
 
 impl Ops for CudaBackend {}
+
+/// The launch of the single-launch column sums (`colsum_add`, `layernorm_backward_params`):
+/// 128 columns by [`COLSUM_ROWS`] rows a block, one arrival ticket per column tile; and the
+/// number of row chunks.
+fn colsum_cfg(n: usize, c: usize) -> Result<(LaunchConfig, usize)> {
+    let (tiles, chunks) = (c.div_ceil(128), n.div_ceil(COLSUM_ROWS));
+    if tiles > super::TICKETS || chunks > 65535 {
+        return Err(AsaError::Device(format!(
+            "column sums of [{n},{c}]: more than {} column tiles or 65,535 row chunks",
+            super::TICKETS
+        )));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, chunks as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, chunks))
+}
 
 fn check_head_dim(d: usize) -> Result<()> {
     if d == 0 || d > 256 {
