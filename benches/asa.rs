@@ -28,7 +28,7 @@ use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
 use asa::backend::cuda::linear::{tiled_smem, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
 use asa::backend::cuda::{
-    self, model::GpuLayerRunner, AsDv, CudaBackend, Dv, GpuLm, Ops, Precision,
+    self, model::GpuLayerRunner, AsDv, CudaBackend, Device, Dv, GpuLm, Ops, Precision,
 };
 use asa::config::ModelConfig;
 use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
@@ -380,6 +380,9 @@ fn bench_linear_attention(cr: &mut Criterion) {
         }
         for (id, algo) in algos {
             let label = format!("n{n}_t{t}");
+            // the forward keeps its carries for the backward, as the model does
+            let nc = be.linear_attn_carries(n, t, m, Some(algo)).unwrap();
+            let kept = Device::temp::<f64>(&be, nc).unwrap();
             g.bench_with_input(BenchmarkId::new(id, &label), &algo, |bn, &algo| {
                 bn.iter(|| {
                     be.linear_attn_forward(
@@ -391,6 +394,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         t,
                         m,
                         Some(algo),
+                        kept.dv(),
                     )
                     .unwrap();
                     be.linear_attn_backward(
@@ -406,6 +410,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         t,
                         m,
                         Some(algo),
+                        kept.dv(),
                     )
                     .unwrap();
                     be.sync().unwrap()

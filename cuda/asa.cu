@@ -11,29 +11,12 @@
 // ------------------------------------------------------------------------------------------------
 // RoPE (the reference's layout: interleaved pairs, half-split angles). cos, sin: [T,D].
 
-// The traversal of both (`rope_cfg` of the launcher): blocks of threads over (position, pair)
-// of `rows` positions at a time, grid x over position groups, grid y over the N sequences
-// (grid-stride on both); f(o, tab, p) for pair p at element offset o, tab = ti * D the offset
-// of the position's cos and sin rows. No 64-bit division: the index math of an element-wise
-// RoPE would otherwise cost more issue slots than its loads.
-template <class F>
-__device__ __forceinline__ void rope_walk(int n, int t, int d, F f) {
-    const int half = d / 2, pstep = min(half, (int)blockDim.x);
-    const int rows = half >= (int)blockDim.x ? 1 : (int)blockDim.x / half;
-    const int r = (int)threadIdx.x / pstep;
-    if (r >= rows) return;
-    const int p0 = (int)threadIdx.x - r * pstep;
-    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
-        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
-            const i64 row = (nn * t + ti) * d, tab = (i64)ti * d;
-            for (int p = p0; p < half; p += pstep) f(row + 2 * p, tab, p);
-        }
-}
+// Both walk (position, pair) with `rope_walk` (cuda/common.cuh).
 
 // out, inp: [N,T,D]. One thread per pair.
 extern "C" __global__ void rope_forward(float* out, const float* inp, const float* cos_t,
                                         const float* sin_t, int n, int t, int d) {
-    rope_walk(n, t, d, [&](i64 o, i64 tab, int p) {
+    rope_walk(n, t, d, [&](i64 o, i64 tab, int p, i64, int) {
         const float* c = cos_t + tab;
         const float* s = sin_t + tab;
         float a = inp[o], b = inp[o + 1];
@@ -45,7 +28,7 @@ extern "C" __global__ void rope_forward(float* out, const float* inp, const floa
 // dinp += J^T dout. dinp, dout: [N,T,D]. The traversal of rope_forward.
 extern "C" __global__ void rope_backward(float* dinp, const float* dout, const float* cos_t,
                                          const float* sin_t, int n, int t, int d) {
-    rope_walk(n, t, d, [&](i64 o, i64 tab, int p) {
+    rope_walk(n, t, d, [&](i64 o, i64 tab, int p, i64, int) {
         const float* c = cos_t + tab;
         const float* s = sin_t + tab;
         float ga = dout[o], gb = dout[o + 1];
@@ -970,23 +953,7 @@ extern "C" __global__ void slot_mix_backward(float* dw, float* dstate, const flo
 }
 
 // ------------------------------------------------------------------------------------------------
-// slotspace refine: elementwise maps
-
-// phi(x) = elu(x) + 1
-extern "C" __global__ void phi_forward(float* out, const float* inp, i64 n) {
-    ASA_GRID_LOOP(i, n) {
-        float x = inp[i];
-        out[i] = x > 0.0f ? x + 1.0f : expf(x);
-    }
-}
-
-// dinp += dout * phi'(x)
-extern "C" __global__ void phi_backward(float* dinp, const float* inp, const float* dout, i64 n) {
-    ASA_GRID_LOOP(i, n) {
-        float x = inp[i];
-        dinp[i] = dinp[i] + (x > 0.0f ? dout[i] : dout[i] * expf(x));
-    }
-}
+// slotspace refine: elementwise maps (RoPE, masks and phi of its q, k, v: cuda/refine.cu)
 
 // out = tanh(x) (f64)
 extern "C" __global__ void tanh_forward(float* out, const float* inp, i64 n) {
@@ -1005,15 +972,6 @@ extern "C" __global__ void tanh_backward(float* dinp, const float* out, const fl
     }
 }
 
-// x [N,T,M] *= valid[b,t] (N = B*H rows of T steps); valid: [B,T] u8.
-extern "C" __global__ void mask_rows(float* x, const unsigned char* valid, int h, int t, int m, i64 n) {
-    ASA_GRID_LOOP(i, n) {
-        i64 r = i / m;  // n*t + ti
-        int ti = (int)(r % t);
-        i64 bi = (r / t) / h;
-        if (!valid[bi * t + ti]) x[i] = 0.0f;
-    }
-}
 
 // softmax over rows of K (f64). out, inp: [R,K]. One thread per row.
 extern "C" __global__ void softmax_slots_forward(float* out, const float* inp, i64 rows, int nk) {

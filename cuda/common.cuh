@@ -126,6 +126,26 @@ __device__ __forceinline__ bool asa_last_block(unsigned* ticket, unsigned blocks
 // A load that bypasses the (non-coherent) L1 cache: partials written by other blocks.
 __device__ __forceinline__ double asa_ld_cg(const double* p) { return *(const volatile double*)p; }
 
+// The traversal of the RoPE kernels and the refine's qkv stages (launch shape: `pair_cfg` in
+// src/backend/cuda/refine.rs): blocks of threads over (position, pair) of `rows` positions at
+// a time, grid x over position groups, grid y over the N sequences (grid-stride on both);
+// f(o, tab, p, nn, ti) for pair p at element offset o of [N,T,D], tab = ti * D the offset of
+// the position's cos and sin rows, sequence nn, position ti. No 64-bit division: the index
+// math of an element-wise RoPE would otherwise cost more issue slots than its loads.
+template <class F>
+__device__ __forceinline__ void rope_walk(int n, int t, int d, F f) {
+    const int half = d / 2, pstep = min(half, (int)blockDim.x);
+    const int rows = half >= (int)blockDim.x ? 1 : (int)blockDim.x / half;
+    const int r = (int)threadIdx.x / pstep;
+    if (r >= rows) return;
+    const int p0 = (int)threadIdx.x - r * pstep;
+    for (i64 nn = blockIdx.y; nn < n; nn += gridDim.y)
+        for (int ti = (int)blockIdx.x * rows + r; ti < t; ti += (int)gridDim.x * rows) {
+            const i64 row = (nn * t + ti) * d, tab = (i64)ti * d;
+            for (int p = p0; p < half; p += pstep) f(row + 2 * p, tab, p, nn, ti);
+        }
+}
+
 // Grid-stride loop over [0, n).
 #define ASA_GRID_LOOP(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)

@@ -195,7 +195,8 @@ fn kernels_have_cpu_twins() {
         ("bias_gelu_forward", "gelu_forward"),
         ("merge_heads3", "merge_heads_acc"),
         ("split_heads3", "split_heads"),
-        ("mask_rows", "mask_rows_forward"),
+        ("refine_qkv_forward", "phi_forward"),
+        ("refine_qkv_backward", "phi_backward"),
         // the fused write scan + read (cuda/fused.cu): parts of the CPU chains they replace
         ("slot_scan_read_forward", "slot_scan_forward"),
         ("slot_scan_read_forward_bf16", "slot_scan_forward"),
@@ -276,15 +277,14 @@ fn kernels_have_cpu_twins() {
         "read_weights_backward",
         "slot_mix_forward",
         "slot_mix_backward",
-        "phi_forward",
-        "phi_backward",
+        "refine_qkv_forward",
+        "refine_qkv_backward",
         "linear_attn_forward",
         "linear_attn_backward",
         "tanh_forward",
         "tanh_backward",
         "softmax_slots_forward",
         "softmax_slots_backward",
-        "mask_rows",
     ] {
         assert!(all.iter().any(|k| k == want), "no kernel {want}");
     }

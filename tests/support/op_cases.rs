@@ -456,6 +456,132 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     close("gate_backward dgrad (twice)", &mem.get(dg_d), &[want], 1e-6);
 }
 
+/// `refine::qkv_forward` / `qkv_backward` against the CPU chain they replace (the thirds of
+/// qkv, RoPE, the padding masks in the variant's order, phi; and back): with and without
+/// RoPE, padding, in both mask orders, with and without the bf16 twin, at a width whose pairs
+/// outnumber a block's threads and one whose positions share a block.
+fn refine_qkv<D: Ops, M: TestDev>(dev: &D, mem: &M) {
+    use asa::backend::cuda::refine::{self, QkvShape};
+    let mut r = rng(21);
+    for (b, h, t, m) in [(2usize, 3usize, 7usize, 6usize), (1, 2, 3, 520)] {
+        let (nn, rows) = (b * h, b * h * t);
+        let len = rows * m;
+        let qkv = rv(&mut r, 3 * len, 1.5);
+        let (dqf, dkf, dvs) = (
+            rv(&mut r, len, 1.0),
+            rv(&mut r, len, 1.0),
+            rv(&mut r, len, 1.0),
+        );
+        let tab = ca::rope_table(t, m, 10000.0);
+        let valid: Vec<bool> = (0..b * t).map(|i| i % 3 != 1).collect();
+        let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
+        let (qkv_d, cos_d, sin_d) = (mem.put(&qkv), mem.put(&tab.cos), mem.put(&tab.sin));
+        let (dqf_d, dkf_d, dvs_d) = (mem.put(&dqf), mem.put(&dkf), mem.put(&dvs));
+        for (use_rope, padded, online) in [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (true, true, true),
+            (false, true, true),
+        ] {
+            let tag = format!("refine qkv m {m} rope {use_rope} padded {padded} online {online}");
+            // the CPU chain: thirds, RoPE, masks (online: before phi), phi
+            let third = |j: usize| -> Vec<f32> {
+                (0..rows)
+                    .flat_map(|row| qkv[row * 3 * m + j * m..row * 3 * m + (j + 1) * m].to_vec())
+                    .collect()
+            };
+            let (mut q, mut k, mut v) = (third(0), third(1), third(2));
+            if use_rope {
+                for x in [&mut q, &mut k] {
+                    let x0 = x.clone();
+                    ca::rope_forward(x, &x0, &tab, nn);
+                }
+            }
+            let mask = |x: &mut Vec<f32>| {
+                if padded {
+                    ca::mask_rows_forward(x, &valid, h, t, m);
+                }
+            };
+            if online {
+                mask(&mut q);
+                mask(&mut k);
+            }
+            let (mut qf, mut kf) = (vec![0.0; len], vec![0.0; len]);
+            ca::phi_forward(&mut qf, &q);
+            ca::phi_forward(&mut kf, &k);
+            if !online {
+                mask(&mut qf);
+                mask(&mut kf);
+            }
+            mask(&mut v);
+            let outs: Vec<_> = (0..5).map(|_| mem.put(&vec![f32::NAN; len])).collect();
+            let shape = QkvShape {
+                n: nn,
+                t,
+                m,
+                h,
+                valid: if padded {
+                    vd.dv()
+                } else {
+                    asa::backend::cuda::Dv::null()
+                },
+                online,
+            };
+            let rope = use_rope.then_some((cos_d.dv(), sin_d.dv()));
+            let o5 = [outs[0], outs[1], outs[2], outs[3], outs[4]];
+            refine::qkv_forward(dev, o5, qkv_d, rope, shape).unwrap();
+            for (i, (want, what)) in [(&q, "qs"), (&k, "ks"), (&qf, "qf"), (&kf, "kf"), (&v, "vs")]
+                .into_iter()
+                .enumerate()
+            {
+                close(&format!("{tag} {what}"), &mem.get(outs[i]), want, TOL);
+            }
+            // and back: masks (baseline: before phi'; online: after it), phi', RoPE^T, thirds
+            let (mut gq, mut gk, mut gv) = (dqf.clone(), dkf.clone(), dvs.clone());
+            if !online {
+                mask(&mut gq);
+                mask(&mut gk);
+            }
+            mask(&mut gv);
+            let (mut dq, mut dk) = (vec![0.0; len], vec![0.0; len]);
+            ca::phi_backward(&mut dq, &q, &gq);
+            ca::phi_backward(&mut dk, &k, &gk);
+            if online {
+                mask(&mut dq);
+                mask(&mut dk);
+            }
+            if use_rope {
+                for x in [&mut dq, &mut dk] {
+                    let g = x.clone();
+                    x.iter_mut().for_each(|e| *e = 0.0);
+                    ca::rope_backward(x, &g, &tab, nn);
+                }
+            }
+            let mut d3 = vec![0.0; 3 * len];
+            for row in 0..rows {
+                for (j, x) in [&dq, &dk, &gv].into_iter().enumerate() {
+                    let at = row * 3 * m + j * m;
+                    d3[at..at + m].copy_from_slice(&x[row * m..(row + 1) * m]);
+                }
+            }
+            let d3_d = mem.put(&vec![f32::NAN; 3 * len]);
+            let d3_16 = mem.zeroed::<u16>(3 * len);
+            let twin = if padded {
+                d3_16
+            } else {
+                asa::backend::cuda::Dv::null()
+            };
+            let ins = [dqf_d, dkf_d, dvs_d];
+            refine::qkv_backward(dev, (d3_d, twin), ins, [outs[0], outs[1]], rope, shape).unwrap();
+            close(&format!("{tag} d3"), &mem.get(d3_d), &d3, TOL);
+            if padded {
+                twin_matches(mem, &tag, d3_d, d3_16);
+            }
+        }
+    }
+}
+
 pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let mut r = rng(2);
     let dm = dims();
@@ -563,17 +689,8 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         .unwrap();
     close("l2normalize_backward", &mem.get(dxz_d), &dxz, TOL);
 
-    // phi, tanh, mask_rows, softmax_slots, slot_mask_weights
-    let mut p = vec![0.0; n];
-    ca::phi_forward(&mut p, &x);
-    let p_d = mem.zeroed::<f32>(n);
-    dev.phi_forward(p_d, x_d).unwrap();
-    close("phi_forward", &mem.get(p_d), &p, TOL);
-    let mut dp = vec![0.0; n];
-    ca::phi_backward(&mut dp, &x, &gy);
-    let dp_d = mem.zeroed::<f32>(n);
-    dev.phi_backward(dp_d, x_d, gy_d).unwrap();
-    close("phi_backward", &mem.get(dp_d), &dp, TOL);
+    // the refine's qkv stages, tanh, softmax_slots, slot_mask_weights
+    refine_qkv(dev, mem);
     let mut th = vec![0.0; n];
     ca::tanh_forward(&mut th, &x);
     let th_d = mem.zeroed::<f32>(n);
@@ -586,13 +703,6 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     dev.tanh_backward(dth_d, th_d, gy_d, dth16).unwrap();
     close("tanh_backward", &mem.get(dth_d), &dth, TOL);
     twin_matches(mem, "tanh_backward", dth_d, dth16);
-    let valid: Vec<bool> = (0..b * t).map(|i| i % 7 != 3).collect();
-    let vd = mem.put(&valid.iter().map(|&x| x as u8).collect::<Vec<_>>());
-    let mut xm = x.clone();
-    ca::mask_rows_forward(&mut xm, &valid, h, t, d);
-    let xm_d = mem.put(&x);
-    dev.mask_rows(xm_d, vd.dv(), h, t, d).unwrap();
-    close("mask_rows", &mem.get(xm_d), &xm, 0.0);
 
     let nk = dm.k;
     let z = rv(&mut r, b * h * t * nk, 3.0);
@@ -675,7 +785,17 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
                 Precision::F32
             });
             let tol = if bf16 { LINEAR_BF16_TOL } else { TOL };
-            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo))
+            // the carries kept for the backward (the exact cases) or recomputed by it (the
+            // tensor-core ones)
+            let nc = dev
+                .linear_attn_carries(len / (t * m), t, m, Some(algo))
+                .unwrap();
+            let keep = if bf16 {
+                asa::backend::cuda::Dv::null()
+            } else {
+                mem.put(&vec![f64::NAN; nc.max(1)]).sub(0, nc)
+            };
+            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo), keep)
                 .unwrap();
             let tag = format!("m{m} {algo:?} bf16 {bf16}");
             if bf16 {
@@ -715,6 +835,7 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
                 t,
                 m,
                 Some(algo),
+                keep,
             )
             .unwrap();
             dev.set_precision(Precision::F32);

@@ -419,9 +419,8 @@ pub fn kernel_family(name: &str) -> &'static str {
         "rope",
         "split_heads",
         "merge_heads",
-        "phi_",
+        "refine_qkv",
         "tanh_",
-        "mask_rows",
         "encoder",
         "matmul_forward_bias",
     ]) {

@@ -269,8 +269,9 @@ impl LinearPlan {
     }
 }
 
-/// The workspace of one call, carved by [`LinearWs::forward`] or [`LinearWs::backward`]: the
-/// forward carries (cs, cz), the backward's gden and carries (ds, dz), zlive.
+/// The workspace of one call, carved by [`LinearWs::forward`], [`LinearWs::backward`] or
+/// [`LinearWs::backward_reusing`]: the forward carries (cs, cz), the backward's gden and
+/// carries (ds, dz), zlive.
 #[derive(Clone, Copy, Debug)]
 pub struct LinearWs {
     pub cs: Dv<f64>,
@@ -279,6 +280,8 @@ pub struct LinearWs {
     pub ds: Dv<f64>,
     pub dz: Dv<f64>,
     pub zlive: Dv<u8>,
+    /// a backward's cs, cz hold the forward's carries already (not recomputed)
+    pub forward_carries_kept: bool,
 }
 
 impl LinearWs {
@@ -292,6 +295,23 @@ impl LinearWs {
     /// bytes): gden [N,T], then both sets of carries (null for a one-chunk plan).
     pub fn backward(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>) -> LinearWs {
         Self::carve(p, f, zlive, true)
+    }
+
+    /// A backward's workspace whose forward carries are those the forward left in `kept` (its
+    /// [`LinearWs::forward`] range, untouched since): the backward skips their recomputation
+    /// (two launches). `f` as for [`LinearWs::backward`].
+    pub fn backward_reusing(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>, kept: Dv<f64>) -> LinearWs {
+        assert!(
+            kept.len >= p.ws_forward(),
+            "linear attention: kept carries too short"
+        );
+        let fwd = Self::forward(p, kept);
+        LinearWs {
+            cs: fwd.cs,
+            cz: fwd.cz,
+            forward_carries_kept: true,
+            ..Self::carve(p, f, zlive, true)
+        }
     }
 
     fn carve(p: &LinearPlan, f: Dv<f64>, zlive: Dv<u8>, backward: bool) -> LinearWs {
@@ -312,6 +332,7 @@ impl LinearWs {
             ds: part(s + z, s, backward),
             dz: part(2 * s + z, z, backward),
             zlive,
+            forward_carries_kept: false,
         }
     }
 }
@@ -459,7 +480,7 @@ pub fn backward<L: Device + ?Sized>(
     );
     p.check_fits(dev)?;
     let [n, t, m, c] = p.ints()?;
-    if p.chunked() {
+    if p.chunked() && !ws.forward_carries_kept {
         forward_carries(dev, p, ws, kf, v)?;
     }
     let gden_args = [ws.gden.into(), dout.into(), out.into(), den.into(), n, t, m];
@@ -587,27 +608,43 @@ fn backward_tiled<L: Device + ?Sized>(
     )
 }
 
-/// The forward with its workspace from the device's f64 scratch.
+/// The forward with its carries in `keep` (at least `ws_forward()` f64s, for
+/// [`backward_scratch`] to reuse), or in the device's f64 scratch when `keep` is null.
 pub(crate) fn forward_scratch<D: Device + ?Sized>(
     dev: &D,
     p: &LinearPlan,
+    keep: Dv<f64>,
     io: [Dv<f32>; 5], // out, den, qf, kf, v
 ) -> Result<()> {
-    let f = dev.scratch64(p.ws_forward().max(1), false)?;
+    let f = if keep.is_null() {
+        dev.scratch64(p.ws_forward().max(1), false)?
+    } else {
+        assert!(
+            keep.len >= p.ws_forward(),
+            "linear attention: keep too short"
+        );
+        keep
+    };
     let ws = LinearWs::forward(p, f);
     let [out, den, qf, kf, v] = io;
     forward(dev, p, &ws, out, den, qf, kf, v)
 }
 
-/// The backward with its workspace from the device's f64 scratch and a fresh zlive.
+/// The backward with its workspace from the device's f64 scratch and a fresh zlive, reusing
+/// the forward's carries from `kept` (what [`forward_scratch`] kept; null: recomputed).
 pub(crate) fn backward_scratch<D: Device + ?Sized>(
     dev: &D,
     p: &LinearPlan,
+    kept: Dv<f64>,
     io: [Dv<f32>; 9], // dqf, dkf, dv, dout, out, den, qf, kf, v
 ) -> Result<()> {
     let f = dev.scratch64(p.ws_backward(), false)?;
     let zlive = dev.temp::<u8>(p.n * p.t * p.m)?;
-    let ws = LinearWs::backward(p, f, zlive.dv());
+    let ws = if kept.is_null() {
+        LinearWs::backward(p, f, zlive.dv())
+    } else {
+        LinearWs::backward_reusing(p, f, zlive.dv(), kept)
+    };
     let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
     backward(dev, p, &ws, dqf, dkf, dv, dout, out, den, qf, kf, v)
 }

@@ -44,6 +44,7 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 pub mod parity;
+pub mod refine;
 pub mod roofline;
 
 pub use doctor::{doctor, DoctorReport};

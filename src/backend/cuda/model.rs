@@ -449,8 +449,6 @@ pub struct GpuAsaCache {
     rw16: Twin,
     u: DBuf,
     u16: Twin,
-    qs0: DBuf,
-    ks0: DBuf,
     vs: DBuf,
     qs: DBuf,
     ks: DBuf,
@@ -458,6 +456,8 @@ pub struct GpuAsaCache {
     kf: DBuf,
     u2: DBuf,
     ss_den: DBuf,
+    /// the linear attention's forward carries, kept for its backward
+    ss_carries: Option<Temp<f64>>,
     ss_drop: DBuf,
     u2d: DBuf,
     u2d16: Twin,
@@ -531,6 +531,14 @@ impl GpuAsaLayer {
     fn slot_qkv_span(&self, base: Dv<f32>, p: &GpuParams) -> Option<Dv<f32>> {
         let ss = self.ids.slotspace.as_ref()?;
         p.layout.span(base, &[ss.slot_q, ss.slot_k, ss.slot_v])
+    }
+
+    /// The slotspace RoPE's cos and sin tables when the refine uses RoPE.
+    fn refine_rope(&self) -> super::refine::RopeTables {
+        match &self.rope_ss {
+            Some(r) if self.cfg.use_rope_slotspace => Some((r.cos.dv(), r.sin.dv())),
+            _ => None,
+        }
     }
 
     fn content_gamma(&self, p: &GpuParams) -> f32 {
@@ -781,49 +789,44 @@ impl GpuAsaLayer {
         let u = c_.u.ensure(be, rows * m)?;
         be.matmul_forward(u, c_.rw.dv(), p.p(ids.slot_in), Dv::null(), rows, nk, m)?;
         c_.u16.converted(be, u)?;
-        let qs0 = c_.qs0.ensure(be, rows * m)?;
-        let ks0 = c_.ks0.ensure(be, rows * m)?;
-        let vs = c_.vs.ensure(be, rows * m)?;
+        // q | k | v side by side [rows, 3M]: one GEMM where their weights lie back to back,
+        // else three merged
+        let (_s, qkv) = tmp_uninit(be, 3 * rows * m)?;
         if let Some(w3) = self.slot_qkv_span(p.all(), p) {
-            // one GEMM for the three (their weights lie back to back): [rows, 3M], then its
-            // thirds (split_heads3 of one head over `rows` positions)
-            let (_s, qkv) = tmp_uninit(be, 3 * rows * m)?;
             be.matmul_forward(qkv, u, w3, Dv::null(), rows, m, 3 * m)?;
-            be.split_heads3([qs0, ks0, vs], qkv, 1, rows, 1, m)?;
         } else {
-            be.matmul_forward(qs0, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
-            be.matmul_forward(ks0, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
-            be.matmul_forward(vs, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
+            let (_q, q) = tmp_uninit(be, rows * m)?;
+            let (_k, k) = tmp_uninit(be, rows * m)?;
+            let (_v, v) = tmp_uninit(be, rows * m)?;
+            be.matmul_forward(q, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
+            be.matmul_forward(k, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
+            be.matmul_forward(v, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
+            be.merge_heads3(qkv, [q, k, v], 1, rows, 1, m, Dv::null())?;
         }
-        let (qs, ks) = match &self.rope_ss {
-            Some(r) if cfg.use_rope_slotspace => {
-                let qs = c_.qs.ensure(be, rows * m)?;
-                let ks = c_.ks.ensure(be, rows * m)?;
-                be.rope_forward(qs, qs0, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
-                be.rope_forward(ks, ks0, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
-                (qs, ks)
-            }
-            _ => (qs0, ks0),
-        };
-        // the online variant masks before phi, the baseline after it
-        if !valid.is_null() && online {
-            be.mask_rows(qs, valid, h, t, m)?;
-            be.mask_rows(ks, valid, h, t, m)?;
-        }
+        // RoPE, the padding masks (the online variant masks before phi, the baseline after
+        // it) and phi in one pass
+        let (qs, ks) = (c_.qs.ensure(be, rows * m)?, c_.ks.ensure(be, rows * m)?);
         let qf = c_.qf.ensure(be, rows * m)?;
         let kf = c_.kf.ensure(be, rows * m)?;
-        be.phi_forward(qf, qs)?;
-        be.phi_forward(kf, ks)?;
-        if !valid.is_null() {
-            if !online {
-                be.mask_rows(qf, valid, h, t, m)?;
-                be.mask_rows(kf, valid, h, t, m)?;
-            }
-            be.mask_rows(vs, valid, h, t, m)?;
-        }
+        let vs = c_.vs.ensure(be, rows * m)?;
+        let shape = super::refine::QkvShape {
+            n: b * h,
+            t,
+            m,
+            h,
+            valid,
+            online,
+        };
+        let rope = self.refine_rope();
+        super::refine::qkv_forward(be, [qs, ks, qf, kf, vs], qkv, rope, shape)?;
         let u2 = c_.u2.ensure(be, rows * m)?;
         let ss_den = c_.ss_den.ensure(be, rows)?;
-        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m, None)?;
+        let nc = be.linear_attn_carries(b * h, t, m, None)?;
+        if c_.ss_carries.as_ref().is_none_or(|s| s.len() != nc) {
+            c_.ss_carries = Some(be.temp_uninit::<f64>(nc)?);
+        }
+        let keep = c_.ss_carries.as_ref().map_or(Dv::null(), |s| s.dv());
+        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m, None, keep)?;
         let pdrop = if o.training {
             cfg.slotspace_dropout as f32
         } else {
@@ -1011,47 +1014,28 @@ impl GpuAsaLayer {
                 t,
                 m,
                 None,
+                c_.ss_carries.as_ref().map_or(Dv::null(), |s| s.dv()),
             )?;
-            let online = cfg.variant == Variant::Online;
-            if !valid.is_null() {
-                if !online {
-                    be.mask_rows(dqf, valid, h, t, m)?;
-                    be.mask_rows(dkf, valid, h, t, m)?;
-                }
-                be.mask_rows(dvs, valid, h, t, m)?;
-            }
-            let rope_ss = self.rope_ss.as_ref().filter(|_| cfg.use_rope_slotspace);
-            let (qs, ks) = if rope_ss.is_some() {
-                (c_.qs.dv(), c_.ks.dv())
-            } else {
-                (c_.qs0.dv(), c_.ks0.dv())
+            // [dq dk dv] side by side (with its bf16 twin): phi', the padding masks and RoPE
+            // transposed in one pass
+            let (_s, d3) = tmp_uninit(be, 3 * rows * m)?;
+            let mut d3_16 = Twin::default();
+            let d3_16 = d3_16.scoped(be, 3 * rows * m)?;
+            let shape = super::refine::QkvShape {
+                n: b * h,
+                t,
+                m,
+                h,
+                valid,
+                online: cfg.variant == Variant::Online,
             };
-            let (_d, dqs) = tmp(be, rows * m)?;
-            let (_e, dks) = tmp(be, rows * m)?;
-            be.phi_backward(dqs, qs, dqf)?;
-            be.phi_backward(dks, ks, dkf)?;
-            if !valid.is_null() && online {
-                be.mask_rows(dqs, valid, h, t, m)?;
-                be.mask_rows(dks, valid, h, t, m)?;
-            }
-            let (_f, dqs0, _g, dks0) = match rope_ss {
-                Some(r) => {
-                    let (f, dqs0) = tmp(be, rows * m)?;
-                    let (g2, dks0) = tmp(be, rows * m)?;
-                    be.rope_backward(dqs0, dqs, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
-                    be.rope_backward(dks0, dks, r.cos.dv(), r.sin.dv(), b * h, t, m)?;
-                    (Some(f), dqs0, Some(g2), dks0)
-                }
-                None => (None, dqs, None, dks),
-            };
+            let (qs, ks) = (c_.qs.dv(), c_.ks.dv());
+            let rope = self.refine_rope();
+            super::refine::qkv_backward(be, (d3, d3_16), [dqf, dkf, dvs], [qs, ks], rope, shape)?;
             let (_h, du) = tmp_uninit(be, rows * m)?; // stored by the first GEMM below
             let u = c_.u.dv();
             if let Some(w3) = self.slot_qkv_span(p.all(), p) {
-                // the fused GEMM's backward: [dq dk dv] side by side (with its bf16 twin)
-                let (_s, d3) = tmp_uninit(be, 3 * rows * m)?;
-                let mut d3_16 = Twin::default();
-                let d3_16 = d3_16.scoped(be, 3 * rows * m)?;
-                be.merge_heads3(d3, [dqs0, dks0, dvs], 1, rows, 1, m, d3_16)?;
+                // the fused GEMM's backward
                 let g3 = self
                     .slot_qkv_span(g, p)
                     .expect("gradients share the weights' layout");
@@ -1059,7 +1043,12 @@ impl GpuAsaLayer {
                     be.matmul_backward_store(du, g3, Dv::null(), d3, u, w3, rows, m, 3 * m)
                 })?;
             } else {
-                for (j, (dy, w)) in [(dqs0, ids.slot_q), (dks0, ids.slot_k), (dvs, ids.slot_v)]
+                // three GEMMs over d3's thirds
+                let (_q, dq) = tmp_uninit(be, rows * m)?;
+                let (_k, dk) = tmp_uninit(be, rows * m)?;
+                let (_v, dv) = tmp_uninit(be, rows * m)?;
+                be.split_heads3([dq, dk, dv], d3, 1, rows, 1, m)?;
+                for (j, (dy, w)) in [(dq, ids.slot_q), (dk, ids.slot_k), (dv, ids.slot_v)]
                     .into_iter()
                     .enumerate()
                 {

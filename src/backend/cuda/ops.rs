@@ -1053,27 +1053,9 @@ pub trait Ops: Device {
     // --------------------------------------------------------------------------------------------
     // ASA ops
 
-    /// The launch shape of `rope_forward` / `rope_backward` (`rope_walk` in cuda/asa.cu): 256
-    /// threads over (position, pair), 256 / (D/2) positions a block, grid x over position
-    /// groups and y over the N sequences (both grid-stride past the device's limits).
+    /// The launch shape of `rope_forward` / `rope_backward` (`rope_walk` in cuda/common.cuh).
     fn rope_cfg(&self, n: usize, t: usize, d: usize) -> LaunchConfig {
-        let half = d / 2;
-        let rows = if half >= 256 { 1 } else { 256 / half.max(1) };
-        let most = self.max_grid().max(1) as usize;
-        let empty = n * t * half == 0;
-        LaunchConfig {
-            grid_dim: (
-                if empty {
-                    0
-                } else {
-                    t.div_ceil(rows).clamp(1, most) as u32
-                },
-                n.clamp(1, most.min(65535)) as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        super::refine::pair_cfg(self.max_grid(), n, t, d)
     }
 
     /// out = x*cos + rotate_half(x)*sin. out, inp: [N,T,D]; cos, sin: [T,D].
@@ -1888,15 +1870,6 @@ pub trait Ops: Device {
         )
     }
 
-    /// phi(x) = elu(x) + 1.
-    fn phi_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        self.elementwise_forward("phi_forward", out, inp)
-    }
-
-    fn phi_backward(&self, dinp: Dv<f32>, inp: Dv<f32>, dout: Dv<f32>) -> Result<()> {
-        self.elementwise_backward("phi_backward", dinp, inp, dout)
-    }
-
     /// dst [n] = src [n] rounded to bf16 (nearest even; the bits as u16): the bf16 GEMMs'
     /// inputs.
     fn convert_f32_bf16(&self, dst: Dv<u16>, src: Dv<f32>) -> Result<()> {
@@ -1908,8 +1881,22 @@ pub trait Ops: Device {
         )
     }
 
+    /// f64 elements of the carries that [`Ops::linear_attn_forward`] can keep for its backward
+    /// (0: a one-chunk plan has none), for n sequences of t positions of width m.
+    fn linear_attn_carries(
+        &self,
+        n: usize,
+        t: usize,
+        m: usize,
+        algo: Option<LinearAlgo>,
+    ) -> Result<usize> {
+        Ok(LinearPlan::for_device(self, n, t, m, algo)?.ws_forward())
+    }
+
     /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
     /// from qf, kf, v [N,T,M] by `algo` (see [`super::linear`]; `None`: [`LinearAlgo::choose`]).
+    /// keep: null, or [`Ops::linear_attn_carries`] f64s where the forward leaves its carries
+    /// for the backward (which then does not recompute them).
     #[allow(clippy::too_many_arguments)]
     fn linear_attn_forward(
         &self,
@@ -1921,6 +1908,7 @@ pub trait Ops: Device {
         t: usize,
         m: usize,
         algo: Option<LinearAlgo>,
+        keep: Dv<f64>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1931,10 +1919,11 @@ pub trait Ops: Device {
             "linear_attn_forward: shapes"
         );
         let plan = LinearPlan::for_device(self, n, t, m, algo)?;
-        super::linear::forward_scratch(self, &plan, [out, den, qf, kf, v])
+        super::linear::forward_scratch(self, &plan, keep, [out, den, qf, kf, v])
     }
 
-    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), any `algo`.
+    /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), any `algo`; kept: what the forward
+    /// kept (null: the carries are recomputed).
     #[allow(clippy::too_many_arguments)]
     fn linear_attn_backward(
         &self,
@@ -1950,6 +1939,7 @@ pub trait Ops: Device {
         t: usize,
         m: usize,
         algo: Option<LinearAlgo>,
+        kept: Dv<f64>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1960,24 +1950,8 @@ pub trait Ops: Device {
         );
         assert_eq!(den.len, n * t, "linear_attn_backward: den shape");
         let plan = LinearPlan::for_device(self, n, t, m, algo)?;
-        super::linear::backward_scratch(self, &plan, [dqf, dkf, dv, dout, out, den, qf, kf, v])
-    }
-
-    /// x [N,T,M] *= valid[b,t] (N = B*H).
-    fn mask_rows(&self, x: Dv<f32>, valid: Dv<u8>, h: usize, t: usize, m: usize) -> Result<()> {
-        assert_eq!(x.len % (t * m).max(1), 0, "mask_rows: shape");
-        self.launch(
-            "mask_rows",
-            self.cfg_elems(x.len),
-            &[
-                k(x),
-                k(valid),
-                k(h as i32),
-                k(i32_of("T", t)?),
-                k(m as i32),
-                k(x.len as i64),
-            ],
-        )
+        let io = [dqf, dkf, dv, dout, out, den, qf, kf, v];
+        super::linear::backward_scratch(self, &plan, kept, io)
     }
 
     fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
