@@ -218,13 +218,44 @@ extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, co
     }
 }
 
+// The finish of both keys kernels, in their last block (`asa_last_block`, one ticket):
+// dkeys [H,K,d] += sum over b (in order) of (f32) pkeys[b] (the CPU's per-(b,h) partials);
+// then, each nullable: dparam[i] += dkeys[i] * keep[i / d] (the slot keys parameter's gradient
+// through the slot dropout, keep [H*K]) and dalibi[0] += (f32)(factor * sum_h slopes[h] *
+// sum_{b,s} pbias[b,h,s]) (the learned ALiBi strength's; factor = sigmoid(raw)).
+__device__ __forceinline__ void wl_keys_finish(unsigned* ticket, float* dkeys, const double* pkeys, float* dparam,
+                                               const float* keep, float* dalibi, const double* pbias,
+                                               const float* slopes, double factor, int b, int h, int nk,
+                                               int d) {
+    if (!asa_last_block(ticket, gridDim.x)) return;
+    const i64 hx = (i64)h * nk * d;
+    for (i64 i = threadIdx.x; i < hx; i += blockDim.x) {
+        float acc = dkeys[i];
+        for (int bb = 0; bb < b; ++bb) acc = acc + (float)asa_ld_cg(pkeys + (i64)bb * hx + i);
+        dkeys[i] = acc;
+        if (dparam) dparam[i] = dparam[i] + acc * keep[i / d];
+    }
+    if (dalibi && threadIdx.x == 0) {
+        double ds = 0.0;
+        for (int hi = 0; hi < h; ++hi) {
+            double acc = 0.0;
+            for (int bi = 0; bi < b; ++bi)
+                for (int s = 0; s < nk; ++s) acc += asa_ld_cg(pbias + ((i64)bi * h + hi) * nk + s);
+            ds += acc * (double)slopes[hi];
+        }
+        dalibi[0] = dalibi[0] + (float)(ds * factor);
+    }
+}
+
 // Per-(b,h) partial gradients of the slot keys and of the ALiBi bias:
 // pkeys[b,h,s,j] = sum_t dwl/wtemp/sqrt(d) * k[t,j]; pbias[b,h,s] = sum_t dwl * t (both f64,
-// unmasked positions, time order). One thread per (b,h,s,j); pbias nullable.
-// Finished by `sum_batch_add` (keys) and `alibi_grad` (bias).
+// unmasked positions, time order). One thread per (b,h,s,j); pbias nullable. Finished in the
+// last block by `wl_keys_finish` (dkeys, dparam, dalibi; ticket: one counter).
 extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbias, const float* dwl,
                                                       const float* k, float wtemp, const unsigned char* valid,
-                                                      int b, int h, int t, int nk, int d) {
+                                                      int b, int h, int t, int nk, int d, unsigned* ticket,
+                                                      float* dkeys, float* dparam, const float* keep,
+                                                      float* dalibi, const float* slopes, double factor) {
     double scale = 1.0 / sqrt((double)d);
     double gscale = scale / (double)wtemp;
     ASA_GRID_LOOP(i, (i64)b * h * nk * d) {
@@ -258,6 +289,7 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
         pkeys[i] = acc;
         if (pbias && j == 0) pbias[r] = accb;
     }
+    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, factor, b, h, nk, d);
 }
 
 // write_logits_backward_keys on tensor cores (Precision::Bf16): the same partials, pkeys[b,h] =
@@ -265,13 +297,16 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
 // pbias as the f64 walk. One block of 256 threads per (b,h) walks T in chunks of WK_CHUNK
 // positions; each warp keeps its output tiles' accumulators (at most WK_TILES per warp: the
 // host sends larger K x d to the f64 kernel). Dynamic shared memory: (Kp (WK_CHUNK + 1) +
-// WK_CHUNK (dp + 1)) floats, Kp and dp the sizes padded to 16.
+// WK_CHUNK (dp + 1)) floats, Kp and dp the sizes padded to 16. Finished as
+// write_logits_backward_keys.
 #define WK_CHUNK 64
 #define WK_TILES 4
 
 extern "C" __global__ void __launch_bounds__(256)
     write_logits_backward_keys_bf16(double* pkeys, double* pbias, const float* dwl, const float* k, float wtemp,
-                                    const unsigned char* valid, int b, int h, int t, int nk, int d) {
+                                    const unsigned char* valid, int b, int h, int t, int nk, int d,
+                                    unsigned* ticket, float* dkeys, float* dparam, const float* keep,
+                                    float* dalibi, const float* slopes, double factor) {
     ASA_DYN_SHARED(float, wk_smem);
     const i64 bh = blockIdx.x, bi = bh / h;
     const int Kp = (nk + 15) & ~15, dp = (d + 15) & ~15, lg = WK_CHUNK + 1, lx = dp + 1;
@@ -324,6 +359,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     if (pbias)
         for (int s = threadIdx.x; s < nk; s += blockDim.x) pbias[bh * nk + s] = pb;
+    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, factor, b, h, nk, d);
 }
 
 // dst [H*X] += sum over b of (f32) part[b, H*X], b in order (the CPU's per-(b,h) partials).
@@ -335,8 +371,6 @@ extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, 
     }
 }
 
-// d(alibi strength param) += (f32)(factor * sum_h slope[h] * sum_{b,s} pbias[b,h,s]);
-// factor = sigmoid(raw) (the softplus chain). pbias: [B,H,K]. One thread.
 // The write logits' ALiBi bias per head (CPU twin: `alibi_bias`): bias[h] = slopes[h] * strength,
 // strength = (float)(softplus(raw[0]) + min_strength) for a learned strength (raw on the device,
 // so that no upload follows an optimizer step), else (float)init. One thread per head.
@@ -352,19 +386,6 @@ extern "C" __global__ void alibi_bias(float* bias, const float* slopes, const fl
         strength = (float)init;
     }
     bias[hi] = slopes[hi] * strength;
-}
-
-extern "C" __global__ void alibi_grad(float* dst, const double* pbias, const float* slopes, double factor,
-                                      int b, int h, int nk) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double ds = 0.0;
-    for (int hi = 0; hi < h; ++hi) {
-        double acc = 0.0;
-        for (int bi = 0; bi < b; ++bi)
-            for (int s = 0; s < nk; ++s) acc += pbias[((i64)bi * h + hi) * nk + s];
-        ds += acc * (double)slopes[hi];
-    }
-    dst[0] = dst[0] + (float)(ds * factor);
 }
 
 // ------------------------------------------------------------------------------------------------

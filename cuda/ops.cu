@@ -256,6 +256,36 @@ extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const fl
     }
 }
 
+// gelu_backward with the bias gradient of the GEMM that made inp, in one launch: dinp [N,C]
+// (stored; dinp16 nullable, its bf16 twin) as gelu_backward, and dbias[j] += the column sums of
+// dinp (f64: each chunk of `rows_per_chunk` rows in row order, then the chunks in order).
+// Grid, part and tickets as `colsum_add`.
+extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, double* part, unsigned* tickets,
+                                                const float* inp, const float* dout, int n, int c,
+                                                int rows_per_chunk, unsigned short* dinp16) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int k = blockIdx.y;
+    if (j < c) {
+        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+        double a = 0.0;
+        for (int row = r0; row < r1; ++row) {
+            const i64 i = (i64)row * c + j;
+            const float x = inp[i];
+            const float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
+            const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+            const float y = dout[i] * (cdf + x * pdf);
+            dinp[i] = y;
+            if (dinp16) dinp16[i] = asa_f32_to_bf16(y);
+            a += (double)y;
+        }
+        part[(i64)k * c + j] = a;
+    }
+    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
+    double a = 0.0;
+    for (int q = 0; q < (int)gridDim.y; ++q) a += asa_ld_cg(part + (i64)q * c + j);
+    dbias[j] = dbias[j] + (float)a;
+}
+
 // ------------------------------------------------------------------------------------------------
 // dropout: mask[i] = 0 with probability p, else scale = 1/(1-p); out = inp * mask.
 // The draw of element i is asa_uniform(seed, i) (counter-based, see common.cuh): reproducible

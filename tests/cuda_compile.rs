@@ -176,6 +176,7 @@ fn kernels_have_cpu_twins() {
     let helpers = [
         ("layernorm_backward_params", "layernorm_backward"),
         ("colsum_add", "matmul_backward"),
+        ("gelu_backward_colsum", "gelu_backward"),
         ("matmul_forward_bias", "matmul_forward"),
         ("convert_f32_bf16", "matmul_forward"),
         ("axpy", "residual_forward"),
@@ -187,7 +188,6 @@ fn kernels_have_cpu_twins() {
         ("scalar_grad_add", "read_logits_backward"),
         ("sum_batch_add", "write_logits_backward"),
         ("write_logits_backward_keys_bf16", "write_logits_backward"),
-        ("alibi_grad", "write_logits_backward"),
         ("adamw_update", "step"),
         ("clip_scale", "clip_grad_norm"),
         ("merge_heads", "merge_heads"),

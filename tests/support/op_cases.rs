@@ -7,7 +7,7 @@
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::linear::{self, LinearAlgo};
-use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
+use asa::backend::cuda::ops::{DevRouting, DevSlotMask, KeysFinish};
 use asa::backend::cuda::{AsDv, Ops, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
@@ -232,9 +232,24 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     co::gelu_backward(&mut dgl, &h, &dh);
     let dgl_d = mem.put(&vec![f32::NAN; n * hid]); // a store (the CPU twin adds into zeros)
     let dgl16 = mem.zeroed::<u16>(n * hid);
-    dev.gelu_backward(dgl_d, h_d, dh_d, dgl16).unwrap();
+    let null = asa::backend::cuda::Dv::null();
+    dev.gelu_backward(dgl_d, h_d, dh_d, dgl16, null).unwrap();
     close("gelu_backward", &mem.get(dgl_d), &dgl, TOL);
     twin_matches(mem, "gelu_backward", dgl_d, dgl16);
+    // with the bias gradient: += the column sums of dinp
+    let (dgl2_d, dgb_d) = (
+        mem.put(&vec![f32::NAN; n * hid]),
+        mem.put(&vec![0.5f32; hid]),
+    );
+    let dgl2_16 = mem.zeroed::<u16>(n * hid);
+    dev.gelu_backward(dgl2_d, h_d, dh_d, dgl2_16, dgb_d)
+        .unwrap();
+    let dgb: Vec<f32> = (0..hid)
+        .map(|j| 0.5 + (0..n).map(|i| dgl[i * hid + j] as f64).sum::<f64>() as f32)
+        .collect();
+    close("gelu_backward_colsum", &mem.get(dgl2_d), &dgl, TOL);
+    close("gelu_backward_colsum dbias", &mem.get(dgb_d), &dgb, TOL);
+    twin_matches(mem, "gelu_backward_colsum", dgl2_d, dgl2_16);
 
     single_launch_reductions(dev, mem);
 
@@ -403,6 +418,20 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             .unwrap();
     }
     close("colsum_add (twice)", &mem.get(db_d), &db, TOL);
+    // gelu_backward's bias gradient (the column sums of its output), twice
+    let hh = rv(&mut r, n * c, 2.0);
+    let mut dgl = vec![0.0; n * c];
+    co::gelu_backward(&mut dgl, &hh, &dy);
+    let gb: Vec<f32> = (0..c)
+        .map(|j| 2.0 * (0..n).map(|i| dgl[i * c + j] as f64).sum::<f64>() as f32)
+        .collect();
+    let (hh_d, dgl_d, gb_d) = (mem.put(&hh), mem.zeroed::<f32>(n * c), mem.zeroed::<f32>(c));
+    for _ in 0..2 {
+        let null16 = asa::backend::cuda::Dv::null();
+        dev.gelu_backward(dgl_d, hh_d, dy_d, null16, gb_d).unwrap();
+    }
+    close("gelu_backward_colsum (twice)", &mem.get(gb_d), &gb, TOL);
+    close("gelu_backward_colsum dinp", &mem.get(dgl_d), &dgl, TOL);
     // LayerNorm parameter gradients, twice
     let xl = rv(&mut r, n * c, 1.0);
     let (wl, bl) = (rv(&mut r, c, 1.0), rv(&mut r, c, 0.5));
@@ -920,8 +949,20 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         mem.put(&gw),
     );
     let pb = mem.zeroed::<f64>(b * h * nk);
-    dev.write_logits_backward(dkeys_d, dk_d, pb.dv(), gw_d, keys_d, k_d, 0.7, vd.dv(), dm)
-        .unwrap();
+    let none = KeysFinish::default();
+    dev.write_logits_backward(
+        dkeys_d,
+        dk_d,
+        pb.dv(),
+        gw_d,
+        keys_d,
+        k_d,
+        0.7,
+        vd.dv(),
+        dm,
+        none,
+    )
+    .unwrap();
     close(
         "write_logits_backward dkeys",
         &mem.get(dkeys_d),
@@ -929,12 +970,56 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         TOL,
     );
     close("write_logits_backward dk", &mem.get(dk_d), &dk, TOL);
-    let slopes = vec![0.5f32, 0.25];
-    let sl_d = mem.put(&slopes);
-    let da = mem.zeroed::<f32>(1);
-    dev.alibi_grad(da, pb.dv(), sl_d, 0.5, b, h, nk).unwrap();
-    let want = (dbias[0] * 0.5 + dbias[1] * 0.25) * 0.5;
-    close("alibi_grad", &mem.get(da), &[want as f32], TOL);
+    // the finish in the last block: the slot keys parameter's gradient (+= dkeys * keep) and
+    // the ALiBi strength's (+= factor * sum_h slope * sum pbias)
+    let slopes: Vec<f32> = (0..h).map(|i| 0.5 / (i + 1) as f32).collect();
+    let keep: Vec<f32> = (0..h * nk).map(|i| (i % 3 != 1) as u8 as f32).collect();
+    let (sl_d, keep_d) = (mem.put(&slopes), mem.put(&keep));
+    let (dp_d, da) = (mem.put(&vec![0.25f32; h * nk * d]), mem.put(&[0.125f32]));
+    let (dkeys2_d, dk2_d, pb2) = (
+        mem.zeroed::<f32>(h * nk * d),
+        mem.zeroed::<f32>(kk.len()),
+        mem.zeroed::<f64>(b * h * nk),
+    );
+    let finish = KeysFinish {
+        param: Some((dp_d, keep_d)),
+        alibi: Some((da, sl_d, 0.5)),
+    };
+    dev.write_logits_backward(
+        dkeys2_d,
+        dk2_d,
+        pb2.dv(),
+        gw_d,
+        keys_d,
+        k_d,
+        0.7,
+        vd.dv(),
+        dm,
+        finish,
+    )
+    .unwrap();
+    close(
+        "write_logits_backward finish dkeys",
+        &mem.get(dkeys2_d),
+        &dkeys,
+        TOL,
+    );
+    let dp: Vec<f32> = (0..h * nk * d)
+        .map(|i| 0.25 + dkeys[i] * keep[i / d])
+        .collect();
+    close(
+        "write_logits_backward finish dparam",
+        &mem.get(dp_d),
+        &dp,
+        TOL,
+    );
+    let want: f64 = (0..h).map(|i| dbias[i] * slopes[i] as f64).sum::<f64>() * 0.5;
+    close(
+        "alibi_grad (finish)",
+        &mem.get(da),
+        &[0.125 + want as f32],
+        TOL,
+    );
     // bf16 (devices with that path): the slot keys' gradient on tensor cores, the ALiBi partials
     // as exact as in f32, dk unchanged
     if mem.try_precision(Precision::Bf16) {
@@ -953,6 +1038,7 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             0.7,
             vd.dv(),
             dm,
+            KeysFinish::default(),
         )
         .unwrap();
         mem.try_precision(Precision::F32);

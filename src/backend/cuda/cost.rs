@@ -392,7 +392,6 @@ pub fn kernel_family(name: &str) -> &'static str {
         "read_weights",
         "softmax_slots",
         "slot_mask_weights",
-        "alibi_grad",
         "alibi_bias",
         "sum_batch_add",
     ]) {

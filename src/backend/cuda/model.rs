@@ -1186,19 +1186,14 @@ impl GpuAsaLayer {
             wtemp,
             valid,
             dm,
+            super::ops::KeysFinish {
+                param: Some((gr(self.ids.slot_keys), c_.key_keep.dv())),
+                alibi: self
+                    .ids
+                    .alibi_strength
+                    .map(|i| (gr(i), self.slopes_d.dv(), sigmoid(p.scalar(i) as f64))),
+            },
         )?;
-        if let (Some(i), Some(pb)) = (self.ids.alibi_strength, &pbias) {
-            be.alibi_grad(
-                gr(i),
-                pb.dv(),
-                self.slopes_d.dv(),
-                sigmoid(p.scalar(i) as f64),
-                b,
-                h,
-                nk,
-            )?;
-        }
-        be.scale_rows(gr(self.ids.slot_keys), dkeys, c_.key_keep.dv(), d, true)?;
         let (_s17, dk_n) = match rope {
             Some(r) => {
                 let (s, dk_n) = tmp(be, n * c)?;
@@ -1840,12 +1835,14 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 dgd
             };
-            be.gelu_backward(dh, bc.h.dv(), dg, dh16)?;
+            // with the first MLP GEMM's bias gradient (the column sums of dh)
+            let dbias0 = bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null);
+            be.gelu_backward(dh, bc.h.dv(), dg, dh16, dbias0)?;
             be.with_bf16_twin(dh, dh16, || {
                 be.matmul_backward_store(
                     dln2,
                     gr(bid.mlp_0_w),
-                    bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null),
+                    Dv::null(),
                     dh,
                     bc.ln2.dv(),
                     p.p(bid.mlp_0_w),

@@ -7,8 +7,10 @@
 //! Differences from the CPU signatures, all documented at the launcher:
 //! - randomness: `dropout_forward` takes a seed (counter-based hash RNG) instead of an `Rng`;
 //! - optional tensors are null ranges (`Dv::null()`), boolean masks are `u8` ranges;
-//! - reductions to one parameter (ALiBi strength, content gamma, refine gate) leave an f64 sum on
-//!   the device, finished by `scalar_grad_add` / `alibi_grad`;
+//! - reductions to one parameter (ALiBi strength, content gamma, refine gate) finish on the
+//!   device in the last block of the kernel that makes their partials (`asa_last_block`:
+//!   `gate_backward`, the fused backward's keys kernel, [`KeysFinish`]), or leave an f64 sum
+//!   there for `scalar_grad_add` (the op-by-op path);
 //! - `slot_scan_backward` consumes its `dstate` input (overwritten with scratch values);
 //! - `crossentropy_forward` leaves per-row losses on the device (`sum_f64` adds them up).
 
@@ -80,6 +82,17 @@ impl Gemm {
 
 fn k<T: Into<KArg>>(x: T) -> KArg {
     x.into()
+}
+
+/// What [`Ops::write_logits_backward`] also finishes in the last block of its slot-key
+/// partials (each optional): the slot keys parameter's gradient, += dkeys * keep per slot row
+/// (the slot dropout's backward), and the learned ALiBi strength's gradient.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeysFinish {
+    /// (the parameter's gradient [H,K,d], the slot keep mask [H*K])
+    pub param: Option<(Dv<f32>, Dv<f32>)>,
+    /// (the strength's gradient [1], the heads' slopes [H], d strength / d raw)
+    pub alibi: Option<(Dv<f32>, Dv<f32>, f64)>,
 }
 
 /// Slot-mask arguments of the read kernels: (keep [K] i32 or null, last_pos_only, mask_mode).
@@ -701,20 +714,53 @@ pub trait Ops: Device {
 
     /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros); dinp16: null, or the
     /// bf16 twin of dinp.
+    /// dinp = dout * gelu'(inp) (stored), dinp16: null or its bf16 twin; dbias: null, or [C]
+    /// += the column sums of dinp [N,C] (the bias gradient of the GEMM that made inp, in the
+    /// same pass: `gelu_backward_colsum`, one launch with its reduction).
     fn gelu_backward(
         &self,
         dinp: Dv<f32>,
         inp: Dv<f32>,
         dout: Dv<f32>,
         dinp16: Dv<u16>,
+        dbias: Dv<f32>,
     ) -> Result<()> {
         assert_eq!(dinp.len, inp.len, "gelu_backward: shape");
         assert_eq!(dout.len, inp.len, "gelu_backward: shape");
         twin16("gelu_backward", dinp, dinp16);
+        if dbias.is_null() {
+            return self.launch(
+                "gelu_backward",
+                self.cfg_elems(inp.len),
+                &[k(dinp), k(inp), k(dout), k(inp.len as i64), k(dinp16)],
+            );
+        }
+        let c = dbias.len;
+        assert!(
+            c > 0 && inp.len.is_multiple_of(c),
+            "gelu_backward: dbias shape"
+        );
+        let n = inp.len / c;
+        if n == 0 {
+            return Ok(());
+        }
+        let (cfg, chunks) = colsum_cfg(n, c)?;
+        let part = self.scratch64(chunks * c, false)?;
         self.launch(
-            "gelu_backward",
-            self.cfg_elems(inp.len),
-            &[k(dinp), k(inp), k(dout), k(inp.len as i64), k(dinp16)],
+            "gelu_backward_colsum",
+            cfg,
+            &[
+                k(dinp),
+                k(dbias),
+                k(part),
+                k(self.tickets()?),
+                k(inp),
+                k(dout),
+                k(i32_of("N", n)?),
+                k(i32_of("C", c)?),
+                k(COLSUM_ROWS as i32),
+                k(dinp16),
+            ],
         )
     }
 
@@ -1349,7 +1395,8 @@ pub trait Ops: Device {
     }
 
     /// Backward of `write_logits_forward`: dslot_keys [H,K,d] +=, dk [B,H,T,d] +=, and, when
-    /// `pbias` is non-null, the per-(b,h,s) sums `sum_t dwl * t` (f64 [B,H,K]) for `alibi_grad`.
+    /// `pbias` is non-null, the per-(b,h,s) sums `sum_t dwl * t` (f64 [B,H,K]); `finish`: the
+    /// parameter gradients its last block also adds (the slot keys', the ALiBi strength's).
     fn write_logits_backward(
         &self,
         dslot_keys: Dv<f32>,
@@ -1361,6 +1408,7 @@ pub trait Ops: Device {
         wtemp: f32,
         valid: Dv<u8>,
         dm: SlotDims,
+        finish: KeysFinish,
     ) -> Result<()> {
         let SlotDims { b, h, t, k: nk, d } = dm;
         assert_eq!(dwl.len, b * h * nk * t, "write_logits_backward: dwl shape");
@@ -1385,8 +1433,36 @@ pub trait Ops: Device {
         a.extend_from_slice(&dims);
         self.launch("write_logits_backward", self.cfg_elems(dk.len), &a)?;
         let pkeys = self.scratch64(b * h * nk * d, false)?;
+        let (dparam, keep) = finish.param.unwrap_or((Dv::null(), Dv::null()));
+        if !dparam.is_null() {
+            assert_eq!(
+                dparam.len,
+                h * nk * d,
+                "write_logits_backward: dparam shape"
+            );
+            assert_eq!(keep.len, h * nk, "write_logits_backward: keep shape");
+        }
+        let (dalibi, slopes, factor) = finish.alibi.unwrap_or((Dv::null(), Dv::null(), 0.0));
+        if !dalibi.is_null() {
+            assert!(
+                !pbias.is_null(),
+                "write_logits_backward: ALiBi without pbias"
+            );
+            assert_eq!(slopes.len, h, "write_logits_backward: slopes shape");
+        }
         let mut a = vec![k(pkeys), k(pbias), k(dwl), k(kk), k(wtemp), k(valid)];
         a.extend_from_slice(&dims);
+        // the last block's finish (`wl_keys_finish`): dkeys += the batches' partials, then
+        // the slot keys parameter's and the ALiBi strength's gradients
+        a.extend_from_slice(&[
+            k(self.tickets()?),
+            k(dslot_keys),
+            k(dparam),
+            k(keep),
+            k(dalibi),
+            k(slopes),
+            k(factor),
+        ]);
         let (kp, dp) = (nk.div_ceil(16) * 16, d.div_ceil(16) * 16);
         // tensor cores: a block per (b, h) walks T in chunks of 64 (each warp's output tiles,
         // at most four, in registers); WK_CHUNK, WK_TILES of the kernel
@@ -1400,11 +1476,7 @@ pub trait Ops: Device {
             let name = "write_logits_backward_keys";
             self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
         }
-        self.launch(
-            "sum_batch_add",
-            self.cfg_elems(h * nk * d),
-            &[k(dslot_keys), k(pkeys), k(b as i32), k((h * nk * d) as i64)],
-        )
+        Ok(())
     }
 
     /// The ALiBi bias per head, bias: [H] (CPU: `alibi_bias`); `raw`: the learned strength
@@ -1431,37 +1503,6 @@ pub trait Ops: Device {
                 k(min_strength),
                 k(bias.len as i32),
             ],
-        )
-    }
-
-    /// d(alibi strength param) += factor * sum_h slope[h] * sum pbias[:,h,:]; pbias from
-    /// `write_logits_backward`, slopes: [H], factor = sigmoid(raw).
-    fn alibi_grad(
-        &self,
-        dst: Dv<f32>,
-        pbias: Dv<f64>,
-        slopes: Dv<f32>,
-        factor: f64,
-        b: usize,
-        h: usize,
-        nk: usize,
-    ) -> Result<()> {
-        // one warp sums every (b, h, slot) partial
-        self.walk_launch(
-            "alibi_grad",
-            1,
-            32,
-            0,
-            &[
-                k(dst),
-                k(pbias),
-                k(slopes),
-                k(factor),
-                k(b as i32),
-                k(h as i32),
-                k(nk as i32),
-            ],
-            (b * h * nk).div_ceil(32),
         )
     }
 
