@@ -848,11 +848,24 @@ __device__ __forceinline__ void ft_read_logits(const FtTile& f, int d, int conte
         __syncthreads();
 }
 
+// The refine's merged output of the mix kernels (both null-safe: merged null = none):
+// merged[b,t,hi*d+j] = base[bh,t,j] + gate * x for the delta x at (bh, ti, j) (the refine's
+// out_h = out1 + gate * delta, merged for out_proj), with its bf16 twin merged16 (nullable).
+__device__ __forceinline__ void mix_merge(float* merged, unsigned short* merged16, const float* base, float gate,
+                                          i64 bh, int ti, int j, float x, int h, int t, int d) {
+    const i64 bi = bh / h, hi = bh - bi * h;
+    const float y = base[(bh * t + ti) * d + j] + gate * x;
+    const i64 o = ((bi * t + ti) * h + hi) * d + j;
+    merged[o] = y;
+    if (merged16) merged16[o] = asa_f32_to_bf16(y);
+}
+
 // out [B,H,T,d] (=, or += when add) = sum_k rho state = (rho E) C + rho P + (mask (rho alpha^T)) V
 // for R = rho, LK = rho E ([Lp][Kp], 0 on the padding), plus LC keys when keyed (LC: [Lp][Kp],
-// keys: the staged KY). Uses QV.
-__device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, int d, bool add = false,
-                                           bool keyed = false) {
+// keys: the staged KY). Uses QV. f(r, c, x) after each stored element (r < L, c < d).
+template <class F>
+__device__ __forceinline__ void ft_mix_out_f(const FtTile& f, float* out, int t, int d, bool add, bool keyed,
+                                             F after) {
     const int ld = f.ld, lk = f.lk, ll = f.ll;
     asa_mma_tiles(f.Lp, f.Lp, [&](int r0, int n0) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -876,9 +889,15 @@ __device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, i
             if (r < f.L && c < d) {
                 float* o = out + (f.bh * t + f.t0 + r) * d + c;
                 *o = add ? *o + x : x;
+                after(r, c, x);
             }
         });
     });
+}
+
+__device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, int d, bool add = false,
+                                           bool keyed = false) {
+    ft_mix_out_f(f, out, t, d, add, keyed, [](int, int, float) {});
 }
 
 // slot_scan_read_forward_sums on tensor cores (tiles inside one chunk): the same outputs, sum_n =
@@ -1116,14 +1135,15 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 }
 
 // slot_scan_read_mix on tensor cores: out [B,H,T,d] (=) = sum_s w * state, with den the
-// forward's ([B,H,K,T]).
+// forward's ([B,H,K,T]); with merged (nullable) also `mix_merge`'s output.
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_mix_bf16(float* out, const float* __restrict__ wts, const float* __restrict__ wl,
                             const float* __restrict__ rmax, const float* __restrict__ v,
                             const float* __restrict__ den, const double* __restrict__ cn,
                             const double* __restrict__ cd, const double* __restrict__ cp,
                             const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk,
-                            int tile, int nsub, int ntiles, int nchunks, int group) {
+                            int tile, int nsub, int ntiles, int nchunks, int group, float* merged,
+                            unsigned short* merged16, const float* __restrict__ base, float gate) {
     ASA_DYN_SHARED(double, ft_smem);
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
     ft_stage_scan(f, nullptr, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
@@ -1137,7 +1157,9 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
         f.LK[l * f.lk + s] = rho * f.E[l * f.lk + s];
     }
     __syncthreads();
-    ft_mix_out(f, out, t, d);
+    ft_mix_out_f(f, out, t, d, false, false, [&](int r, int c, float x) {
+        if (merged) mix_merge(merged, merged16, base, gate, f.bh, f.t0 + r, c, x, h, t, d);
+    });
 }
 
 // slot_scan_read_dot on tensor cores: out [B,H,T,K] += xv . state, with den the forward's.
@@ -1171,7 +1193,8 @@ extern "C" __global__ void __launch_bounds__(512)
                        const float* __restrict__ rmax, const float* __restrict__ v, const double* __restrict__ cn,
                        const double* __restrict__ cd, const double* __restrict__ cp,
                        const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk, int tile,
-                       int nsub, int ntiles, int nchunks, int group) {
+                       int nsub, int ntiles, int nchunks, int group, float* merged, unsigned short* merged16,
+                       const float* __restrict__ base, float gate) {
     ASA_DYN_SHARED(double, fu_smem);
     FuCtx x = fu_ctx(group, nk);
     double* part = fu_smem;  // [2][NW][d]
@@ -1201,7 +1224,14 @@ extern "C" __global__ void __launch_bounds__(512)
         }
         fu_part_store(part + buf * x.nw * d, xo, x, d);
         __syncthreads();
-        fu_rows_out(out + row * d, part + buf * x.nw * d, x.nw, d, false);
+        const double* pb = part + buf * x.nw * d;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {  // fu_rows_out, then the merge
+            double a = 0.0;
+            for (int w = 0; w < x.nw; ++w) a += pb[w * d + j];
+            const float y = (float)a;
+            out[row * d + j] = y;
+            if (merged) mix_merge(merged, merged16, base, gate, bh, ti, j, y, h, t, d);
+        }
     }
 }
 

@@ -188,13 +188,43 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
     close(&format!("fused out1 {tag}"), &mem.get(out1_d), &out1, tol);
     if cs.refine {
         let delta_d = mem.zeroed::<f32>(bhtd);
-        fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d).unwrap();
+        fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d, None).unwrap();
         close(
             &format!("fused delta {tag}"),
             &mem.get(delta_d),
             &delta,
             tol,
         );
+        // with the merge: out1 + gate * delta in [B,T,H*d] (and its bf16 twin)
+        let gate = 0.37f32;
+        let (merged_d, merged16) = (mem.put(&vec![f32::NAN; bhtd]), mem.zeroed::<u16>(bhtd));
+        let delta2_d = mem.zeroed::<f32>(bhtd);
+        let merge = fused::MixMerge {
+            base: out1_d,
+            gate,
+            merged: merged_d,
+            merged16,
+        };
+        fused::mix(dev, &plan, &ws, delta2_d, sw_d, wl_d, v_d, Some(merge)).unwrap();
+        let (dd, o1) = (mem.get(delta2_d), mem.get(out1_d));
+        close(&format!("fused delta (merge) {tag}"), &dd, &delta, tol);
+        let mut want = vec![0.0f32; bhtd];
+        for (bh, (orow, drow)) in o1.chunks(t * d).zip(dd.chunks(t * d)).enumerate() {
+            let (bi, hi) = (bh / h, bh % h);
+            for ti in 0..t {
+                for j in 0..d {
+                    let i = ti * d + j;
+                    want[((bi * t + ti) * h + hi) * d + j] = orow[i] + gate * drow[i];
+                }
+            }
+        }
+        close(
+            &format!("fused merged {tag}"),
+            &mem.get(merged_d),
+            &want,
+            tol,
+        );
+        crate::op_cases::twin_matches(mem, &format!("fused merged {tag}"), merged_d, merged16);
     }
 
     // backward

@@ -573,8 +573,24 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     )
 }
 
+/// What [`mix`] also writes when it makes the refine's delta: the layer's heads output
+/// base + gate * delta (the refine's out_h = out1 + gate * delta) straight into the merged
+/// layout that out_proj reads, with its bf16 twin (no axpy, no merge_heads after it).
+#[derive(Clone, Copy, Debug)]
+pub struct MixMerge {
+    /// [B,H,T,d] out1
+    pub base: Dv<f32>,
+    pub gate: f32,
+    /// [B,T,H*d] (=) base + gate * delta, merged
+    pub merged: Dv<f32>,
+    /// nullable: the bf16 twin of merged
+    pub merged16: Dv<u16>,
+}
+
 /// out [B,H,T,d] = sum_s w[b,h,t,s] * state (`slot_mix_forward` over the states of the last
-/// [`forward`], which must have run with the same `wl`, `v`).
+/// [`forward`], which must have run with the same `wl`, `v`); with `merge`, also its
+/// [`MixMerge`] output.
+#[allow(clippy::too_many_arguments)]
 pub fn mix<L: Device + ?Sized>(
     dev: &L,
     p: &FusedPlan,
@@ -583,21 +599,41 @@ pub fn mix<L: Device + ?Sized>(
     w: Dv<f32>,
     wl: Dv<f32>,
     v: Dv<f32>,
+    merge: Option<MixMerge>,
 ) -> Result<()> {
     let (nbh, t, nk, d) = (p.nbh(), p.t, p.k, p.d);
     assert_eq!(out.len, nbh * t * d, "fused mix: out shape");
     assert_eq!(w.len, nbh * t * nk, "fused mix: w shape");
     assert_eq!(wl.len, nbh * nk * t, "fused mix: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused mix: v shape");
+    let merge_args = match merge {
+        Some(m) => {
+            assert_eq!(m.base.len, out.len, "fused mix: base shape");
+            assert_eq!(m.merged.len, out.len, "fused mix: merged shape");
+            assert!(
+                m.merged16.is_null() || m.merged16.len == out.len,
+                "fused mix: merged16 shape"
+            );
+            [k(m.merged), k(m.merged16), k(m.base), k(m.gate)]
+        }
+        None => [
+            k(Dv::<f32>::null()),
+            k(Dv::<u16>::null()),
+            k(Dv::<f32>::null()),
+            k(0.0f32),
+        ],
+    };
     if p.tensor_cores {
         let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v), k(ws.den)];
         a.extend_from_slice(&carry_args(ws));
         a.extend_from_slice(&p.dim_args());
+        a.extend_from_slice(&merge_args);
         return p.launch_tc(dev, "slot_scan_read_mix_bf16", &a);
     }
     let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v)];
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&p.dim_args());
+    a.extend_from_slice(&merge_args);
     dev.walk_launch(
         "slot_scan_read_mix",
         p.tiles_grid(),
@@ -975,7 +1011,9 @@ impl FusedState {
         forward(be, &plan, &ws, io)
     }
 
-    /// The refine's delta = sum_s sw * state (see [`mix`]).
+    /// The refine's delta = sum_s sw * state, and with `merge` the layer's merged heads (see
+    /// [`mix`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn mix<B: Backend>(
         &self,
         be: &B,
@@ -983,9 +1021,10 @@ impl FusedState {
         w: Dv<f32>,
         wl: Dv<f32>,
         v: Dv<f32>,
+        merge: Option<MixMerge>,
     ) -> Result<()> {
         let (p, ws) = self.get()?;
-        mix(be, &p, &ws, out, w, wl, v)
+        mix(be, &p, &ws, out, w, wl, v, merge)
     }
 
     /// The refine backward's state part: dsw [B,H,T,K] += ddelta . state. [`FusedState::backward`]

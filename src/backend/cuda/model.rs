@@ -438,7 +438,7 @@ pub struct GpuAsaCache {
     lcont: DBuf,
     logits: DBuf,
     rw: DBuf,
-    out_h: DBuf, // [B,H,T,d]
+    out_h: DBuf, // [B,H,T,d] out1 (+ gate * delta unless the fused mix merged that)
     merged: DBuf,
     merged16: Twin,
     proj: DBuf,
@@ -734,26 +734,42 @@ impl GpuAsaLayer {
         }
         let out_h = c_.out_h.dv();
 
+        // the heads merged for out_proj [B,T,C] (stored whole by merge_heads, or by the
+        // refine's fused mix)
+        let merged = c_.merged.ensure(be, n * c)?;
+        let merged16 = c_.merged16.of(be, merged)?;
+        let mut merged_by_mix = false;
+
         // slotspace refine: out_h = out1 + gate * delta
         c_.gate = 0.0;
         if let Some(ss) = &self.ids.slotspace {
             c_.gate = softplus(p.scalar(ss.gate) as f64) as f32;
-            self.slotspace_forward(be, p, o, c_, rng, dm)?;
+            // the fused mix writes out1 + gate * delta merged (but for the intervene variant)
+            let merge = (c_.fused.active() && cfg.variant != Variant::Intervene).then_some(
+                super::fused::MixMerge {
+                    base: out_h,
+                    gate: c_.gate,
+                    merged,
+                    merged16,
+                },
+            );
+            merged_by_mix = merge.is_some();
+            self.slotspace_forward(be, p, o, c_, rng, dm, merge)?;
             if cfg.variant == Variant::Intervene {
                 // out_h = out1 + f(out1, gate * delta) per position (`intervene_forward`)
                 let (delta, z) = (c_.delta.dv(), c_.z.dv());
                 let wc = cfg.write_chunk_size;
                 c_.intv
                     .forward(be, &self.intervention, out_h, delta, z, c_.gate, wc, dm)?;
-            } else {
+            } else if !merged_by_mix {
                 be.axpy(out_h, c_.delta.dv(), c_.gate)?;
             }
         }
 
         // merge heads, out_proj, dropout
-        let merged = c_.merged.ensure(be, n * c)?; // merge_heads stores every element
-        let merged16 = c_.merged16.of(be, merged)?;
-        be.merge_heads(merged, out_h, b, t, h, d, merged16)?;
+        if !merged_by_mix {
+            be.merge_heads(merged, out_h, b, t, h, d, merged16)?;
+        }
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         c_.has_drop = pdrop > 0.0;
         if c_.has_drop {
@@ -775,6 +791,7 @@ impl GpuAsaLayer {
         c_: &mut GpuAsaCache,
         rng: &mut ChaCha8Rng,
         dm: SlotDims,
+        merge: Option<super::fused::MixMerge>,
     ) -> Result<()> {
         let ids = self.ids.slotspace.as_ref().expect("slotspace ids");
         let cfg = &self.cfg;
@@ -856,8 +873,10 @@ impl GpuAsaLayer {
         }
         let delta = c_.delta.ensure(be, rows * dm.d)?;
         if c_.fused.active() {
-            c_.fused.mix(be, delta, sw, c_.wl.dv(), c_.v_h.dv())?;
+            c_.fused
+                .mix(be, delta, sw, c_.wl.dv(), c_.v_h.dv(), merge)?;
         } else {
+            assert!(merge.is_none(), "only the fused mix merges");
             be.slot_mix_forward(delta, sw, c_.state.dv(), dm)?;
         }
         Ok(())
