@@ -88,10 +88,42 @@ __device__ __forceinline__ void heads3_walk(int b, int t, int h, int d, F f) {
     }
 }
 
+// heads3_walk by pairs (d even): f(w, wide, head, ti, jj) for the pair at elements jj, jj + 1
+// (jj even) of a head row at position ti.
+template <class F>
+__device__ __forceinline__ void heads3_pairs_walk(int b, int t, int h, int d, F f) {
+    const int hd = h * d, hp = hd / 2;
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int q = threadIdx.x; q < 3 * hp; q += blockDim.x) {
+            const int w = q / hp, jw = 2 * (q - w * hp), hi = jw / d, jj = jw - hi * d;
+            f(w, row * 3 * hd + w * hd + jw, ((bi * h + hi) * t + ti) * d + jj, ti, jj);
+        }
+    }
+}
+
 // The three projections of a fused QKV GEMM: inp [B,T,3*H*d] (rows of k | v | q) -> o0, o1, o2
-// [B,H,T,d] (split_heads of each third).
+// [B,H,T,d] (split_heads of each third). cos, sin (nullable, [T,d], d even): the first third
+// leaves with RoPE (the expressions of rope_forward), for the keys.
 extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const float* inp, int b, int t, int h,
-                                        int d) {
+                                        int d, const float* cos_t, const float* sin_t) {
+    if (cos_t) {
+        heads3_pairs_walk(b, t, h, d, [&](int w, i64 wide, i64 head, int ti, int jj) {
+            float* o = w == 0 ? o0 : w == 1 ? o1 : o2;
+            const float a = inp[wide], bb = inp[wide + 1];
+            if (w == 0) {
+                const float* c = cos_t + (i64)ti * d;
+                const float* s = sin_t + (i64)ti * d;
+                o[head] = a * c[jj] - bb * s[jj];
+                o[head + 1] = bb * c[jj + 1] + a * s[jj + 1];
+            } else {
+                o[head] = a;
+                o[head + 1] = bb;
+            }
+        });
+        return;
+    }
     heads3_walk(b, t, h, d, [&](int w, i64 wide, i64 head) {
         float* o = w == 0 ? o0 : w == 1 ? o1 : o2;
         o[head] = inp[wide];
@@ -100,9 +132,31 @@ extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const f
 
 // The gradient of a fused QKV GEMM's output: out [B,T,3*H*d] (=) <- the merges of i0, i1, i2
 // [B,H,T,d] side by side (merge_heads of each into a zero third); out16: nullable, the bf16
-// twin of out.
+// twin of out. cos, sin (nullable): i0 is the gradient of split_heads3's roped third, taken
+// back through RoPE (the expressions of rope_backward, into zeros).
 extern "C" __global__ void merge_heads3(float* out, const float* i0, const float* i1, const float* i2, int b, int t,
-                                        int h, int d, unsigned short* out16) {
+                                        int h, int d, unsigned short* out16, const float* cos_t,
+                                        const float* sin_t) {
+    if (cos_t) {
+        heads3_pairs_walk(b, t, h, d, [&](int w, i64 wide, i64 head, int ti, int jj) {
+            const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
+            float ya = x[head], yb = x[head + 1];
+            if (w == 0) {
+                const float* c = cos_t + (i64)ti * d;
+                const float* s = sin_t + (i64)ti * d;
+                const float ga = ya, gb = yb;
+                ya = 0.0f + (ga * c[jj] + gb * s[jj + 1]);
+                yb = 0.0f + (gb * c[jj + 1] - ga * s[jj]);
+            }
+            out[wide] = ya;
+            out[wide + 1] = yb;
+            if (out16) {
+                out16[wide] = asa_f32_to_bf16(ya);
+                out16[wide + 1] = asa_f32_to_bf16(yb);
+            }
+        });
+        return;
+    }
     heads3_walk(b, t, h, d, [&](int w, i64 wide, i64 head) {
         const float* x = w == 0 ? i0 : w == 1 ? i1 : i2;
         const float y = x[head];
@@ -150,17 +204,33 @@ extern "C" __global__ void l2normalize_backward(float* dinp, const float* dout, 
 // ------------------------------------------------------------------------------------------------
 // write logits
 
-// raw = slot_keys . k / sqrt(d) (f64 dot); wl = raw / wtemp + bias_h[h] * t, -inf where the
-// token is masked. raw, wl: [B,H,K,T]; keys: [H,K,d]; k: [B,H,T,d]; bias_h: nullable [H];
-// valid: nullable [B,T] u8. One block per (b, h, tile of `tile` positions): the tile's key rows
-// are staged in shared memory (row stride d + 1, so a warp's threads, one position each, read
-// different banks), then one thread per (slot, position) output, positions fastest (the slot
-// key is a broadcast read, the stores coalesce). Dynamic shared memory: tile * (d + 1) floats.
-extern "C" __global__ void write_logits_forward(float* raw, float* wl, const float* __restrict__ keys,
-                                                const float* __restrict__ k, float wtemp,
-                                                const float* __restrict__ bias_h,
+// The ALiBi strength (the twin of `alibi_bias`): (float)(softplus(raw[0]) + min_strength) for a
+// learned strength (raw non-null), else (float)init.
+__device__ __forceinline__ float alibi_strength(const float* raw, double init, double min_strength) {
+    if (!raw) return (float)init;
+    const double x = (double)raw[0];
+    return (float)((x > 20.0 ? x : log1p(exp(x))) + min_strength);
+}
+
+// raw = slot_keys . k / sqrt(d) (f64 dot); wl = raw / wtemp + bias[h] * t, -inf where the
+// token is masked. raw, wl: [B,H,K,T]; keys: [H,K,d]; k: [B,H,T,d]; valid: nullable [B,T] u8.
+// The layer's prologue rides along (each nullable):
+// - kparam [H,K,d], keep [H*K]: the slot keys are kparam * keep (the slot dropout, the twin of
+//   `scale_rows`), computed where read and stored into keys by the blocks of batch 0, tile 0
+//   (for the kernels after this one); without kparam, keys is read;
+// - slopes [H]: bias[h] = slopes[h] * alibi_strength(alibi_raw, init, min_strength) (the twin
+//   of `alibi_bias`); without slopes, bias_h [H] (nullable: no bias).
+// One block per (b, h, tile of `tile` positions): the tile's key rows are staged in shared
+// memory (row stride d + 1, so a warp's threads, one position each, read different banks),
+// then one thread per (slot, position) output, positions fastest (the slot key is a broadcast
+// read, the stores coalesce). Dynamic shared memory: tile * (d + 1) floats.
+extern "C" __global__ void write_logits_forward(float* raw, float* wl, float* keys, const float* __restrict__ k,
+                                                float wtemp, const float* __restrict__ bias_h,
                                                 const unsigned char* __restrict__ valid, int b, int h, int t,
-                                                int nk, int d, int tile) {
+                                                int nk, int d, int tile, const float* __restrict__ kparam,
+                                                const float* __restrict__ keep, const float* __restrict__ slopes,
+                                                const float* __restrict__ alibi_raw, double init,
+                                                double min_strength) {
     ASA_DYN_SHARED(float, wl_smem);
     const int ntile = (t + tile - 1) / tile;
     const i64 bh = blockIdx.x / ntile;
@@ -172,21 +242,36 @@ extern "C" __global__ void write_logits_forward(float* raw, float* wl, const flo
         int r = i / d, j = i - r * d;
         wl_smem[r * ld + j] = k[(bh * t + t0 + r) * d + j];
     }
+    if (kparam && bi == 0 && t0 == 0)
+        for (int i = threadIdx.x; i < nk * d; i += blockDim.x) {
+            const i64 o = (i64)hi * nk * d + i;
+            keys[o] = kparam[o] * keep[o / d];
+        }
+    __shared__ float bias_sh;
+    if (threadIdx.x == 0)
+        bias_sh = slopes ? slopes[hi] * alibi_strength(alibi_raw, init, min_strength) : (bias_h ? bias_h[hi] : 0.0f);
+    const bool biased = slopes || bias_h;
     __syncthreads();
+    const float bias = bias_sh;
     const double scale = 1.0 / sqrt((double)d);
     for (int o = threadIdx.x; o < nk * tile; o += blockDim.x) {
         const int s = o / tile, r = o - s * tile;
         if (r >= tn) continue;
-        const float* key = keys + ((i64)hi * nk + s) * d;
+        const i64 krow = ((i64)hi * nk + s) * d;
         const float* x = wl_smem + r * ld;
         double dot = 0.0;
-        for (int j = 0; j < d; ++j) dot += (double)key[j] * (double)x[j];
+        if (kparam) {
+            const float f = keep[hi * nk + s];
+            for (int j = 0; j < d; ++j) dot += (double)(kparam[krow + j] * f) * (double)x[j];
+        } else {
+            for (int j = 0; j < d; ++j) dot += (double)keys[krow + j] * (double)x[j];
+        }
         const int ti = t0 + r;
         const i64 i = (bh * nk + s) * t + ti;
         float rv = (float)(dot * scale);
         raw[i] = rv;
         float v = rv / wtemp;
-        if (bias_h) v = v + bias_h[hi] * (float)ti;
+        if (biased) v = v + bias * (float)ti;
         if (valid && !valid[bi * t + ti]) v = ASA_NEG_INF;
         wl[i] = v;
     }
@@ -369,23 +454,6 @@ extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, 
         for (int bb = 0; bb < b; ++bb) acc = acc + (float)part[(i64)bb * hx + i];
         dst[i] = acc;
     }
-}
-
-// The write logits' ALiBi bias per head (CPU twin: `alibi_bias`): bias[h] = slopes[h] * strength,
-// strength = (float)(softplus(raw[0]) + min_strength) for a learned strength (raw on the device,
-// so that no upload follows an optimizer step), else (float)init. One thread per head.
-extern "C" __global__ void alibi_bias(float* bias, const float* slopes, const float* raw, double init,
-                                      double min_strength, int h) {
-    int hi = blockIdx.x * blockDim.x + threadIdx.x;
-    if (hi >= h) return;
-    float strength;
-    if (raw) {
-        double x = (double)raw[0];
-        strength = (float)((x > 20.0 ? x : log1p(exp(x))) + min_strength);
-    } else {
-        strength = (float)init;
-    }
-    bias[hi] = slopes[hi] * strength;
 }
 
 // ------------------------------------------------------------------------------------------------

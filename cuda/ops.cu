@@ -331,15 +331,6 @@ extern "C" __global__ void fill(float* x, float value, i64 n) {
     ASA_GRID_LOOP(i, n) { x[i] = value; }
 }
 
-// Row scaling by a per-row factor: out[i] (+)= inp[i] * f[i / d]. (slot dropout of the keys and
-// its backward: keys = slot_keys * keep, dslot_keys += dkeys * keep.)
-extern "C" __global__ void scale_rows(float* out, const float* inp, const float* f, int d, int accumulate, i64 n) {
-    ASA_GRID_LOOP(i, n) {
-        float v = inp[i] * f[i / d];
-        out[i] = accumulate ? out[i] + v : v;
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // deterministic reductions
 

@@ -182,7 +182,6 @@ fn kernels_have_cpu_twins() {
         ("axpy", "residual_forward"),
         ("scale_f64", "residual_forward"),
         ("fill", "residual_forward"),
-        ("scale_rows", "write_logits_forward"),
         ("gate_backward", "residual_forward"),
         ("sum_f64", "global_norm"),
         ("scalar_grad_add", "read_logits_backward"),

@@ -7,7 +7,7 @@
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::linear::{self, LinearAlgo};
-use asa::backend::cuda::ops::{DevRouting, DevSlotMask, KeysFinish};
+use asa::backend::cuda::ops::{DevRouting, DevSlotMask, KeysFinish, WritePrologue};
 use asa::backend::cuda::{AsDv, Ops, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
@@ -687,7 +687,7 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         mem.zeroed::<f32>(n),
         mem.zeroed::<f32>(n),
     ];
-    dev.split_heads3(outs, x3_d, b, t, h, d).unwrap();
+    dev.split_heads3(outs, x3_d, b, t, h, d, None).unwrap();
     let mut heads = Vec::new();
     for (w, o) in outs.iter().enumerate() {
         let mut want = vec![0.0; n];
@@ -697,9 +697,43 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     }
     let back = mem.put(&vec![f32::NAN; b * t * c3]);
     let back16 = mem.zeroed::<u16>(b * t * c3);
-    dev.merge_heads3(back, outs, b, t, h, d, back16).unwrap();
+    dev.merge_heads3(back, outs, b, t, h, d, back16, None)
+        .unwrap();
     close("merge_heads3", &mem.get(back), &x3, 0.0);
     twin_matches(mem, "merge_heads3", back, back16);
+    // with the keys' RoPE: the first third leaves split_heads3 roped, and merge_heads3 takes
+    // the first input back through RoPE (rope_backward into zeros)
+    let tab3 = ca::rope_table(t, d, 500.0);
+    let (cos3, sin3) = (mem.put(&tab3.cos), mem.put(&tab3.sin));
+    let rope3 = Some((cos3.dv(), sin3.dv()));
+    let outs_r = [
+        mem.put(&vec![f32::NAN; n]),
+        mem.put(&vec![f32::NAN; n]),
+        mem.put(&vec![f32::NAN; n]),
+    ];
+    dev.split_heads3(outs_r, x3_d, b, t, h, d, rope3).unwrap();
+    let mut k_roped = vec![0.0; n];
+    ca::rope_forward(&mut k_roped, &heads[0], &tab3, b * h);
+    close("split_heads3 RoPE k", &mem.get(outs_r[0]), &k_roped, TOL);
+    close("split_heads3 RoPE v", &mem.get(outs_r[1]), &heads[1], 0.0);
+    close("split_heads3 RoPE q", &mem.get(outs_r[2]), &heads[2], 0.0);
+    let back_r = mem.put(&vec![f32::NAN; b * t * c3]);
+    let back_r16 = mem.zeroed::<u16>(b * t * c3);
+    dev.merge_heads3(back_r, outs, b, t, h, d, back_r16, rope3)
+        .unwrap();
+    let mut dk = vec![0.0; n];
+    ca::rope_backward(&mut dk, &heads[0], &tab3, b * h);
+    let mut want3 = vec![0.0; b * t * c3];
+    for (w, x) in [&dk, &heads[1], &heads[2]].into_iter().enumerate() {
+        let mut m = vec![0.0; n];
+        ca::merge_heads_acc(&mut m, x, b, t, h, d);
+        for row in 0..b * t {
+            want3[row * c3 + w * h * d..row * c3 + (w + 1) * h * d]
+                .copy_from_slice(&m[row * h * d..(row + 1) * h * d]);
+        }
+    }
+    close("merge_heads3 RoPE", &mem.get(back_r), &want3, TOL);
+    twin_matches(mem, "merge_heads3 RoPE", back_r, back_r16);
 
     // l2normalize (one zero row)
     let mut xz = x.clone();
@@ -925,7 +959,8 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         dm,
     );
     let (raw_d, wl_d) = (mem.zeroed::<f32>(bhkt), mem.zeroed::<f32>(bhkt));
-    dev.write_logits_forward(raw_d, wl_d, keys_d, k_d, 0.7, bias_d, vd.dv(), dm)
+    let none = WritePrologue::default();
+    dev.write_logits_forward(raw_d, wl_d, keys_d, k_d, 0.7, bias_d, vd.dv(), dm, none)
         .unwrap();
     close("write_logits raw", &mem.get(raw_d), &raw, TOL);
     close("write_logits wl", &mem.get(wl_d), &wl, TOL);
@@ -1058,21 +1093,32 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             );
         }
     }
-    // the bias from the learned strength's parameter on the device, and from the init
-    let slopes6 = ca::alibi_slopes(6);
-    let sl6 = mem.put(&slopes6);
-    for raw in [Some(-1.3f32), Some(0.4), Some(25.0), None] {
-        let mut want = vec![0.0f32; 6];
-        ca::alibi_bias(&mut want, &slopes6, raw, 0.7, 1e-3);
-        let bias_d = mem.zeroed::<f32>(6);
-        let raw_d = raw.map(|r| mem.put(&[r]));
-        dev.alibi_bias(bias_d, sl6, raw_d.dv(), 0.7, 1e-3).unwrap();
-        close(
-            &format!("alibi_bias {raw:?}"),
-            &mem.get(bias_d),
-            &want,
-            1e-6,
-        );
+    // the prologue along: the slot keys through the slot dropout (param * keep, stored), and
+    // the ALiBi bias from the learned strength's parameter on the device, or from the init
+    let slopes_h = ca::alibi_slopes(h);
+    let keep: Vec<f32> = (0..h * nk).map(|i| (i % 4 != 2) as u8 as f32).collect();
+    let kept: Vec<f32> = (0..h * nk * d).map(|i| keys[i] * keep[i / d]).collect();
+    let (sl_d, keep_d) = (mem.put(&slopes_h), mem.put(&keep));
+    for araw in [Some(-1.3f32), Some(0.4), Some(25.0), None] {
+        let mut bias_a = vec![0.0f32; h];
+        ca::alibi_bias(&mut bias_a, &slopes_h, araw, 0.7, 1e-3);
+        let (mut raw2, mut wl2) = (vec![0.0; bhkt], vec![0.0; bhkt]);
+        let (bv, v) = (Some(&bias_a[..]), Some(&valid[..]));
+        ca::write_logits_forward(&mut raw2, &mut wl2, &kept, &kk, 0.7, bv, v, dm);
+        let (raw_d2, wl_d2) = (mem.zeroed::<f32>(bhkt), mem.zeroed::<f32>(bhkt));
+        let keys_out = mem.put(&vec![f32::NAN; h * nk * d]);
+        let araw_d = araw.map(|x| mem.put(&[x]));
+        let pro = WritePrologue {
+            keys: Some((keys_d, keep_d)),
+            alibi: Some((sl_d, araw_d.dv(), 0.7, 1e-3)),
+        };
+        let null = asa::backend::cuda::Dv::null();
+        dev.write_logits_forward(raw_d2, wl_d2, keys_out, k_d, 0.7, null, vd.dv(), dm, pro)
+            .unwrap();
+        let tag = format!("write_logits prologue (ALiBi raw {araw:?})");
+        close(&format!("{tag} keys"), &mem.get(keys_out), &kept, 0.0);
+        close(&format!("{tag} raw"), &mem.get(raw_d2), &raw2, TOL);
+        close(&format!("{tag} wl"), &mem.get(wl_d2), &wl2, TOL);
     }
 
     // write scan, several chunk sizes, forward and backward

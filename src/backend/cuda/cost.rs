@@ -392,7 +392,6 @@ pub fn kernel_family(name: &str) -> &'static str {
         "read_weights",
         "softmax_slots",
         "slot_mask_weights",
-        "alibi_bias",
         "sum_batch_add",
     ]) {
         "slot_scan"
@@ -414,7 +413,6 @@ pub fn kernel_family(name: &str) -> &'static str {
         "axpy",
         "gate_backward",
         "fill",
-        "scale_rows",
         "rope",
         "split_heads",
         "merge_heads",

@@ -444,7 +444,6 @@ pub struct GpuAsaCache {
     proj: DBuf,
     drop: DBuf,
     has_drop: bool,
-    bias_h: DBuf,
     // slotspace
     rw16: Twin,
     u: DBuf,
@@ -533,6 +532,14 @@ impl GpuAsaLayer {
         p.layout.span(base, &[ss.slot_q, ss.slot_k, ss.slot_v])
     }
 
+    /// The keys' RoPE tables when split_heads3 applies it (and merge_heads3 its backward): the
+    /// fused QKV GEMM, RoPE on the keys and no key normalization between the two.
+    fn keys_rope_in_heads3(&self, p: &GpuParams) -> Option<(Dv<f32>, Dv<f32>)> {
+        let r = self.rope.as_ref().filter(|_| self.cfg.use_rope_keys)?;
+        let fused_qkv = self.qkv_span(p.all(), p).is_some();
+        (fused_qkv && !self.cfg.normalize_k).then(|| (r.cos.dv(), r.sin.dv()))
+    }
+
     /// The slotspace RoPE's cos and sin tables when the refine uses RoPE.
     fn refine_rope(&self) -> super::refine::RopeTables {
         match &self.rope_ss {
@@ -591,11 +598,17 @@ impl GpuAsaLayer {
         let k_h = c_.k_h.ensure(be, n * c)?;
         let v_h = c_.v_h.ensure(be, n * c)?;
         let q_h = c_.q_h.ensure(be, n * c)?;
+        let rope_in_split = self.keys_rope_in_heads3(p);
         if let Some(w3) = self.qkv_span(p.all(), p) {
-            // one GEMM for the three projections (their weights lie back to back): [B,T,3C]
+            // one GEMM for the three projections (their weights lie back to back): [B,T,3C],
+            // then the heads (the keys leave with RoPE when nothing comes between)
             let (_s, kvq) = tmp_uninit(be, 3 * n * c)?;
             be.matmul_forward(kvq, x, w3, Dv::null(), n, c, 3 * c)?;
-            be.split_heads3([k_h, v_h, q_h], kvq, b, t, h, d)?;
+            let k_out = match rope_in_split {
+                Some(_) => c_.k_r.ensure(be, n * c)?,
+                None => k_h,
+            };
+            be.split_heads3([k_out, v_h, q_h], kvq, b, t, h, d, rope_in_split)?;
         } else {
             let kp = c_.kp.ensure(be, n * c)?;
             let vp = c_.vp.ensure(be, n * c)?;
@@ -620,6 +633,7 @@ impl GpuAsaLayer {
             k_h
         };
         let k_r = match &self.rope {
+            Some(_) if rope_in_split.is_some() => c_.k_r.dv(),
             Some(r) if cfg.use_rope_keys => {
                 let k_r = c_.k_r.ensure(be, n * c)?;
                 be.rope_forward(k_r, k_n, r.cos.dv(), r.sin.dv(), b * h, t, d)?;
@@ -639,31 +653,23 @@ impl GpuAsaLayer {
             .collect();
         let key_keep = c_.key_keep.holding(be, &keep)?;
         let keys = c_.keys.ensure(be, h * nk * d)?;
-        be.scale_rows(keys, p.p(self.ids.slot_keys), key_keep, d, false)?;
 
-        // write logits [B,H,K,T]
-        let bias_h = if cfg.use_alibi_write {
-            let bias = c_.bias_h.ensure(be, h)?;
-            let raw = self
-                .ids
-                .alibi_strength
-                .map(|i| p.p(i))
-                .unwrap_or(Dv::null());
-            be.alibi_bias(
-                bias,
-                self.slopes_d.dv(),
-                raw,
-                cfg.alibi_strength_init,
-                cfg.min_strength,
-            )?;
-            bias
-        } else {
-            Dv::null()
+        // write logits [B,H,K,T], with the prologue along: keys = slot_keys * keep (stored for
+        // the read), the ALiBi bias from its strength (the learned one on the device)
+        let alibi = cfg.use_alibi_write.then(|| {
+            let raw = self.ids.alibi_strength.map_or(Dv::null(), |i| p.p(i));
+            let (init, min) = (cfg.alibi_strength_init, cfg.min_strength);
+            (self.slopes_d.dv(), raw, init, min)
+        });
+        let prologue = super::ops::WritePrologue {
+            keys: Some((p.p(self.ids.slot_keys), key_keep)),
+            alibi,
         };
         let wtemp = cfg.write_temperature.max(1e-6) as f32;
         let raw = c_.raw.ensure(be, b * h * nk * t)?;
         let wl = c_.wl.ensure(be, b * h * nk * t)?;
-        be.write_logits_forward(raw, wl, keys, k_r, wtemp, bias_h, valid, dm)?;
+        let no_bias = Dv::null();
+        be.write_logits_forward(raw, wl, keys, k_r, wtemp, no_bias, valid, dm, prologue)?;
 
         // write scan + read: fused (no [B,H,T,K,d] state history) where supported
         let fplan = if self.fused {
@@ -818,7 +824,7 @@ impl GpuAsaLayer {
             be.matmul_forward(q, u, p.p(ids.slot_q), Dv::null(), rows, m, m)?;
             be.matmul_forward(k, u, p.p(ids.slot_k), Dv::null(), rows, m, m)?;
             be.matmul_forward(v, u, p.p(ids.slot_v), Dv::null(), rows, m, m)?;
-            be.merge_heads3(qkv, [q, k, v], 1, rows, 1, m, Dv::null())?;
+            be.merge_heads3(qkv, [q, k, v], 1, rows, 1, m, Dv::null(), None)?;
         }
         // RoPE, the padding masks (the online variant masks before phi, the baseline after
         // it) and phi in one pass
@@ -1066,7 +1072,7 @@ impl GpuAsaLayer {
                 let (_q, dq) = tmp_uninit(be, rows * m)?;
                 let (_k, dk) = tmp_uninit(be, rows * m)?;
                 let (_v, dv) = tmp_uninit(be, rows * m)?;
-                be.split_heads3([dq, dk, dv], d3, 1, rows, 1, m)?;
+                be.split_heads3([dq, dk, dv], d3, 1, rows, 1, m, None)?;
                 for (j, (dy, w)) in [(dq, ids.slot_q), (dk, ids.slot_k), (dv, ids.slot_v)]
                     .into_iter()
                     .enumerate()
@@ -1213,7 +1219,10 @@ impl GpuAsaLayer {
                     .map(|i| (gr(i), self.slopes_d.dv(), sigmoid(p.scalar(i) as f64))),
             },
         )?;
+        // RoPE's backward inside merge_heads3 where the forward's was inside split_heads3
+        let rope_in_merge = self.keys_rope_in_heads3(p);
         let (_s17, dk_n) = match rope {
+            Some(_) if rope_in_merge.is_some() => (None, dk_r),
             Some(r) => {
                 let (s, dk_n) = tmp(be, n * c)?;
                 be.rope_backward(dk_n, dk_r, r.cos.dv(), r.sin.dv(), b * h, t, d)?;
@@ -1234,7 +1243,8 @@ impl GpuAsaLayer {
             let (_s19, dp3) = tmp_uninit(be, 3 * n * c)?;
             let mut dp3_16 = Twin::default();
             let dp3_16 = dp3_16.scoped(be, 3 * n * c)?;
-            be.merge_heads3(dp3, [dk_h, dv_h, dq_h], b, t, h, d, dp3_16)?;
+            let ins = [dk_h, dv_h, dq_h];
+            be.merge_heads3(dp3, ins, b, t, h, d, dp3_16, rope_in_merge)?;
             let g3 = self
                 .qkv_span(g, p)
                 .expect("gradients share the weights' layout");

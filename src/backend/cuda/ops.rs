@@ -84,6 +84,17 @@ fn k<T: Into<KArg>>(x: T) -> KArg {
     x.into()
 }
 
+/// The layer prologue that [`Ops::write_logits_forward`] computes along (each optional).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WritePrologue {
+    /// (the slot keys parameter [H,K,d], the slot keep mask [H*K]): the keys are their product
+    /// (the slot dropout), stored into the `slot_keys` range for the kernels after it
+    pub keys: Option<(Dv<f32>, Dv<f32>)>,
+    /// (the heads' slopes [H], the learned strength's raw parameter [1] or null, the init
+    /// strength, the minimum strength): the ALiBi bias per head (then `bias_h` must be null)
+    pub alibi: Option<(Dv<f32>, Dv<f32>, f64, f64)>,
+}
+
 /// What [`Ops::write_logits_backward`] also finishes in the last block of its slot-key
 /// partials (each optional): the slot keys parameter's gradient, += dkeys * keep per slot row
 /// (the slot dropout's backward), and the learned ALiBi strength's gradient.
@@ -847,31 +858,6 @@ pub trait Ops: Device {
         )
     }
 
-    /// out (+)= inp * f[i / d] (per-row factors).
-    fn scale_rows(
-        &self,
-        out: Dv<f32>,
-        inp: Dv<f32>,
-        f: Dv<f32>,
-        d: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        assert_eq!(out.len, inp.len, "scale_rows: shape");
-        assert_eq!(f.len * d, inp.len, "scale_rows: factor shape");
-        self.launch(
-            "scale_rows",
-            self.cfg_elems(inp.len),
-            &[
-                k(out),
-                k(inp),
-                k(f),
-                k(i32_of("d", d)?),
-                k(accumulate as i32),
-                k(inp.len as i64),
-            ],
-        )
-    }
-
     // --------------------------------------------------------------------------------------------
     // deterministic reductions
 
@@ -1197,6 +1183,7 @@ pub trait Ops: Device {
     /// out: [B,T,H*d] += inp: [B,H,T,d] (`merge_heads_acc` of the CPU).
     /// The three heads layouts of a fused QKV projection: inp [B,T,3C] (k | v | q per row) ->
     /// outs[i] [B,H,T,d] (CPU: `split_heads` of each third).
+    #[allow(clippy::too_many_arguments)]
     fn split_heads3(
         &self,
         outs: [Dv<f32>; 3],
@@ -1205,11 +1192,13 @@ pub trait Ops: Device {
         t: usize,
         h: usize,
         d: usize,
+        rope: Option<(Dv<f32>, Dv<f32>)>,
     ) -> Result<()> {
         for o in outs {
             assert_eq!(o.len, b * t * h * d, "split_heads3: shape");
         }
         assert_eq!(inp.len, 3 * b * t * h * d, "split_heads3: shape");
+        let (cos, sin) = rope3("split_heads3", rope, t, d);
         let [o0, o1, o2] = outs;
         self.launch(
             "split_heads3",
@@ -1223,6 +1212,8 @@ pub trait Ops: Device {
                 k(i32_of("T", t)?),
                 k(h as i32),
                 k(d as i32),
+                k(cos),
+                k(sin),
             ],
         )
     }
@@ -1230,6 +1221,7 @@ pub trait Ops: Device {
     /// out [B,T,3C] (=) <- ins[i] [B,H,T,d] merged side by side (the fused QKV projection's
     /// output gradient; CPU: `merge_heads_acc` of each into a zero third); out16: null, or
     /// out's bf16 twin.
+    #[allow(clippy::too_many_arguments)]
     fn merge_heads3(
         &self,
         out: Dv<f32>,
@@ -1239,8 +1231,10 @@ pub trait Ops: Device {
         h: usize,
         d: usize,
         out16: Dv<u16>,
+        rope: Option<(Dv<f32>, Dv<f32>)>,
     ) -> Result<()> {
         twin16("merge_heads3", out, out16);
+        let (cos, sin) = rope3("merge_heads3", rope, t, d);
         for x in ins {
             assert_eq!(x.len, b * t * h * d, "merge_heads3: shape");
         }
@@ -1259,6 +1253,8 @@ pub trait Ops: Device {
                 k(h as i32),
                 k(d as i32),
                 k(out16),
+                k(cos),
+                k(sin),
             ],
         )
     }
@@ -1353,9 +1349,21 @@ pub trait Ops: Device {
         bias_h: Dv<f32>,
         valid: Dv<u8>,
         dm: SlotDims,
+        prologue: WritePrologue,
     ) -> Result<()> {
         let SlotDims { b, h, t, k: nk, d } = dm;
         assert_eq!(raw.len, b * h * nk * t, "write_logits_forward: raw shape");
+        let (kparam, keep) = prologue.keys.unwrap_or((Dv::null(), Dv::null()));
+        if !kparam.is_null() {
+            assert_eq!(kparam.len, h * nk * d, "write_logits_forward: param shape");
+            assert_eq!(keep.len, h * nk, "write_logits_forward: keep shape");
+        }
+        let (slopes, araw, init, min) =
+            prologue.alibi.unwrap_or((Dv::null(), Dv::null(), 0.0, 0.0));
+        if !slopes.is_null() {
+            assert!(bias_h.is_null(), "write_logits_forward: two biases");
+            assert_eq!(slopes.len, h, "write_logits_forward: slopes shape");
+        }
         assert_eq!(wl.len, raw.len, "write_logits_forward: wl shape");
         assert_eq!(
             slot_keys.len,
@@ -1390,6 +1398,12 @@ pub trait Ops: Device {
                 k(nk as i32),
                 k(d as i32),
                 k(tile as i32),
+                k(kparam),
+                k(keep),
+                k(slopes),
+                k(araw),
+                k(init),
+                k(min),
             ],
         )
     }
@@ -1477,33 +1491,6 @@ pub trait Ops: Device {
             self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
         }
         Ok(())
-    }
-
-    /// The ALiBi bias per head, bias: [H] (CPU: `alibi_bias`); `raw`: the learned strength
-    /// parameter [1] or null (then the strength is `init`).
-    fn alibi_bias(
-        &self,
-        bias: Dv<f32>,
-        slopes: Dv<f32>,
-        raw: Dv<f32>,
-        init: f64,
-        min_strength: f64,
-    ) -> Result<()> {
-        assert_eq!(bias.len, slopes.len, "alibi_bias: bias and slopes shapes");
-        self.grid_launch(
-            "alibi_bias",
-            bias.len.div_ceil(32) as u32,
-            32,
-            0,
-            &[
-                k(bias),
-                k(slopes),
-                k(raw),
-                k(init),
-                k(min_strength),
-                k(bias.len as i32),
-            ],
-        )
     }
 
     /// The write scan. state: [B,H,T,K,d]; den, rmax: [B,H,K,T]; wl: [B,H,K,T]; v: [B,H,T,d].
@@ -2108,6 +2095,18 @@ pub trait Ops: Device {
 }
 
 impl Ops for CudaBackend {}
+
+/// The RoPE tables of split_heads3 / merge_heads3's first third (null: none); d must be even.
+fn rope3(op: &str, rope: Option<(Dv<f32>, Dv<f32>)>, t: usize, d: usize) -> (Dv<f32>, Dv<f32>) {
+    match rope {
+        Some((cos, sin)) => {
+            assert!(d.is_multiple_of(2), "{op}: RoPE of an odd head_dim {d}");
+            assert!(cos.len >= t * d && sin.len >= t * d, "{op}: table shape");
+            (cos, sin)
+        }
+        None => (Dv::null(), Dv::null()),
+    }
+}
 
 /// The launch of the single-launch column sums (`colsum_add`, `layernorm_backward_params`):
 /// 128 columns by [`COLSUM_ROWS`] rows a block, one arrival ticket per column tile; and the
