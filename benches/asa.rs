@@ -245,6 +245,7 @@ fn bench_scan_forward(cr: &mut Criterion) {
         let io = FwdIo {
             out1: out1.dv(),
             rw: rw.dv(),
+            rw16: Dv::null(),
             lkey: Dv::null(),
             lcont: Dv::null(),
             logits: Dv::null(),

@@ -518,7 +518,8 @@ extern "C" __global__ void __launch_bounds__(512)
                            const double* __restrict__ cd, const double* __restrict__ cp,
                            const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
                            int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
-                           int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
+                           int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
+                           unsigned short* rw16) {
     ASA_DYN_SHARED(double, fu_smem);
     FuCtx x = fu_ctx(group, nk);
     double* part = fu_smem;                          // [2][NW][d]
@@ -598,7 +599,10 @@ extern "C" __global__ void __launch_bounds__(512)
         float rws = 0.0f;
         if (x.sv) {
             rws = fu_softmax_p(sm, (double)lg_sh[buf * nk + x.s] / (double)rtemp, keep, x.s);
-            if (x.jl == 0) rw[row * nk + x.s] = rws;
+            if (x.jl == 0) {
+                rw[row * nk + x.s] = rws;
+                if (rw16) rw16[row * nk + x.s] = asa_f32_to_bf16(rws);
+            }
         }
         // this position's out1 partials
         double xo[FU_E];
@@ -938,7 +942,8 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                 const double* __restrict__ cd, const double* __restrict__ cp,
                                 const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
                                 int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
-                                int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
+                                int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
+                                unsigned short* rw16) {
     ASA_DYN_SHARED(double, ft_smem);
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
     const int ld = f.ld, lk = f.lk, L = f.L, t0 = f.t0;
@@ -981,6 +986,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
             if (s < nk) {
                 ps = fu_softmax_p(sm, xs[i], keep, s);
                 rw[row * nk + s] = ps;
+                if (rw16) rw16[row * nk + s] = asa_f32_to_bf16(ps);
             }
             const float rho = ps / fmaxf(f.DN[l * lk + s], ASA_DEN_EPS);
             f.R[l * lk + s] = rho;

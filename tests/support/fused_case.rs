@@ -147,9 +147,16 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         last_pos_only: lpo,
         mode: m,
     });
+    // rw's bf16 twin (with the refine)
+    let rw16 = if cs.refine {
+        mem.zeroed::<u16>(rw_d.len)
+    } else {
+        Dv::null()
+    };
     let io = FwdIo {
         out1: out1_d,
         rw: rw_d,
+        rw16,
         lkey: lk_d,
         lcont: if cs.content { lc_d } else { Dv::null() },
         logits: lg_d,
@@ -185,6 +192,9 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
     }
     close(&format!("fused logits {tag}"), &mem.get(lg_d), &lg, tol);
     close(&format!("fused rw {tag}"), &mem.get(rw_d), &rw, tol);
+    if cs.refine {
+        crate::op_cases::twin_matches(mem, &format!("fused rw {tag}"), rw_d, rw16);
+    }
     close(&format!("fused out1 {tag}"), &mem.get(out1_d), &out1, tol);
     if cs.refine {
         let delta_d = mem.zeroed::<f32>(bhtd);

@@ -448,6 +448,8 @@ pub struct FwdIo {
     pub out1: Dv<f32>,
     /// [B,H,T,K] the read weights
     pub rw: Dv<f32>,
+    /// nullable: the bf16 twin of rw (the refine's slot_in GEMM reads it)
+    pub rw16: Dv<u16>,
     /// [B,H,T,K] nullable: the read logits (key part, content part, total)
     pub lkey: Dv<f32>,
     pub lcont: Dv<f32>,
@@ -473,6 +475,10 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     let (nbh, t, nk, d) = (p.nbh(), p.t, p.k, p.d);
     assert_eq!(io.out1.len, nbh * t * d, "fused forward: out1 shape");
     assert_eq!(io.rw.len, nbh * t * nk, "fused forward: rw shape");
+    assert!(
+        io.rw16.is_null() || io.rw16.len == io.rw.len,
+        "fused forward: rw16 shape"
+    );
     assert_eq!(io.wl.len, nbh * nk * t, "fused forward: wl shape");
     assert_eq!(io.v.len, nbh * t * d, "fused forward: v shape");
     assert_eq!(io.q.len, nbh * t * d, "fused forward: q shape");
@@ -560,6 +566,7 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     a.extend_from_slice(&carry_args(ws));
     a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
+    a.push(k(io.rw16));
     if p.tensor_cores {
         return p.launch_tc(dev, "slot_scan_read_forward_bf16", &a);
     }

@@ -681,9 +681,16 @@ impl GpuAsaLayer {
         c_.fused.deactivate();
         if let Some(plan) = fplan {
             c_.gamma = self.content_gamma(p);
+            let rw = c_.rw.ensure(be, b * h * t * nk)?;
+            // the refine's slot_in GEMM reads rw in bf16: its twin, written with it
+            let rw16 = match self.ids.slotspace {
+                Some(_) => c_.rw16.of(be, rw)?,
+                None => Dv::null(),
+            };
             let io = super::fused::FwdIo {
                 out1: c_.out_h.ensure(be, n * c)?,
-                rw: c_.rw.ensure(be, b * h * t * nk)?,
+                rw,
+                rw16,
                 lkey: Dv::null(),
                 lcont: Dv::null(),
                 logits: Dv::null(),
@@ -808,7 +815,9 @@ impl GpuAsaLayer {
         let online = cfg.variant == Variant::Online;
         // the GEMM inputs below whose producers write no twin are converted once here, for
         // the forward and the backward (bf16 GEMMs)
-        c_.rw16.converted(be, c_.rw.dv())?;
+        if !c_.fused.active() {
+            c_.rw16.converted(be, c_.rw.dv())?; // (the fused read writes rw's twin)
+        }
         let u = c_.u.ensure(be, rows * m)?;
         be.matmul_forward(u, c_.rw.dv(), p.p(ids.slot_in), Dv::null(), rows, nk, m)?;
         c_.u16.converted(be, u)?;
