@@ -396,6 +396,7 @@ fn bench_linear_attention(cr: &mut Criterion) {
                         m,
                         Some(algo),
                         kept.dv(),
+                        Dv::null(),
                     )
                     .unwrap();
                     be.linear_attn_backward(

@@ -115,7 +115,7 @@ extern "C" __global__ void linear_attn_forward_carry(double* cs, double* cz, int
 extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* __restrict__ qf,
                                                const float* __restrict__ kf, const float* __restrict__ v,
                                                const double* __restrict__ cs, const double* __restrict__ cz,
-                                               int n, int t, int m, int chunk) {
+                                               int n, int t, int m, int chunk, unsigned short* out16) {
     LaWalk w;
     if (!la_walk(w, n, t, m, chunk)) return;
     const int c = w.idx, lane = w.lane, t0 = w.t0, t1 = w.t1;
@@ -166,7 +166,9 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
         }
         warp_sum2_d(ds, acc);
         if (lane == 0) {
-            out[o + c] = (float)(acc / fmax(ds, (double)ASA_DEN_EPS));
+            const float y = (float)(acc / fmax(ds, (double)ASA_DEN_EPS));
+            out[o + c] = y;
+            if (out16) out16[o + c] = asa_f32_to_bf16(y);
             if (c == 0) den[nn * t + ti] = (float)ds;
         }
     }
@@ -652,12 +654,13 @@ linear_attn_forward_tiled_sums_bf16(double* cs, double* cz, const float* __restr
     lt_forward_sums<true>(cs, cz, kf, v, n, t, m, chunk);
 }
 
-// out [N,T,M], den [N,T] (=) as linear_attn_forward, from the carries cs, cz (null: one chunk).
-// Block per (n, chunk); shared (LtSmem): S = sq, A = cc, Zc = ct, dn = vec, Q, K, V.
+// out [N,T,M], den [N,T] (=) as linear_attn_forward, from the carries cs, cz (null: one chunk);
+// out16: nullable, out's bf16 twin. Block per (n, chunk); shared (LtSmem): S = sq, A = cc,
+// Zc = ct, dn = vec, Q, K, V.
 template <bool TC>
 __device__ __forceinline__ void lt_forward(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
-                          int n, int t, int m, int chunk) {
+                          int n, int t, int m, int chunk, unsigned short* out16) {
     const LtBlock b = lt_block<TC>(t, m, chunk);
     const int lm = b.lm, lc = b.lc, Mp = b.Mp;
     ASA_DYN_SHARED(double, lt_smem);
@@ -699,21 +702,25 @@ __device__ __forceinline__ void lt_forward(float* out, float* den, const float* 
         [&](int x, int c) { return S[x * lm + c]; }, b.Cp, [&](int r, int s) { return A[r * lc + s]; },
         [&](int s, int c) { return (double)V[s * lm + c]; },
         [&](int r, int c, double x) {
-            if (r < b.tc && c < m)
-                out[b.base + (i64)(b.t0 + r) * m + c] = (float)(x / fmax(dn[r], (double)ASA_DEN_EPS));
+            if (r < b.tc && c < m) {
+                const i64 o = b.base + (i64)(b.t0 + r) * m + c;
+                const float y = (float)(x / fmax(dn[r], (double)ASA_DEN_EPS));
+                out[o] = y;
+                if (out16) out16[o] = asa_f32_to_bf16(y);
+            }
         });
 }
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
-                          int n, int t, int m, int chunk) {
-    lt_forward<false>(out, den, qf, kf, v, cs, cz, n, t, m, chunk);
+                          int n, int t, int m, int chunk, unsigned short* out16) {
+    lt_forward<false>(out, den, qf, kf, v, cs, cz, n, t, m, chunk, out16);
 }
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled_bf16(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
-                          int n, int t, int m, int chunk) {
-    lt_forward<true>(out, den, qf, kf, v, cs, cz, n, t, m, chunk);
+                          int n, int t, int m, int chunk, unsigned short* out16) {
+    lt_forward<true>(out, den, qf, kf, v, cs, cz, n, t, m, chunk, out16);
 }
 
 // Backward to qf (dqf +=) and zlive as linear_attn_backward, from the forward carries cs, cz,

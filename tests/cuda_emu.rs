@@ -224,7 +224,9 @@ fn emu_linear_attention(
     // workspaces start as NaN: every range a kernel reads must have been written
     let wf = dev.put(&vec![f64::NAN; p.ws_forward().max(1)]);
     let ws = LinearWs::forward(&p, wf);
-    linear::forward(&dev, &p, &ws, out_d, den_d, q_d, k_d, v_d).unwrap();
+    let out16 = dev.zeroed::<u16>(len);
+    linear::forward(&dev, &p, &ws, (out_d, out16), den_d, q_d, k_d, v_d).unwrap();
+    op_cases::twin_matches(&dev, "linear attention", out_d, out16);
     let (dq_d, dk_d, dv_d) = (
         dev.put(&grads0[..len]),
         dev.put(&grads0[len..2 * len]),

@@ -858,8 +858,10 @@ pub fn asa_elementwise_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             } else {
                 mem.put(&vec![f64::NAN; nc.max(1)]).sub(0, nc)
             };
-            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo), keep)
+            let o16 = mem.zeroed::<u16>(len);
+            dev.linear_attn_forward(o_d, den_d, q_d, k_d, v_d, t, m, Some(algo), keep, o16)
                 .unwrap();
+            twin_matches(mem, &format!("linear_attn_forward {algo:?}"), o_d, o16);
             let tag = format!("m{m} {algo:?} bf16 {bf16}");
             if bf16 {
                 let e = crate::check::rel_err(&mem.get(o_d), &out);

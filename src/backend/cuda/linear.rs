@@ -407,13 +407,13 @@ fn forward_carries<L: Device + ?Sized>(
     carry(dev, p, "linear_attn_forward", ws.cs, ws.cz)
 }
 
-/// out [N,T,M], den [N,T] (=) from qf, kf, v [N,T,M].
+/// out [N,T,M] (with its bf16 twin out16, nullable), den [N,T] (=) from qf, kf, v [N,T,M].
 #[allow(clippy::too_many_arguments)]
 pub fn forward<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     ws: &LinearWs,
-    out: Dv<f32>,
+    (out, out16): (Dv<f32>, Dv<u16>),
     den: Dv<f32>,
     qf: Dv<f32>,
     kf: Dv<f32>,
@@ -422,6 +422,10 @@ pub fn forward<L: Device + ?Sized>(
     if p.n == 0 || p.t == 0 {
         return Ok(());
     }
+    assert!(
+        out16.is_null() || out16.len == out.len,
+        "linear attention: out16 shape"
+    );
     p.check_fits(dev)?;
     if p.chunked() {
         forward_carries(dev, p, ws, kf, v)?;
@@ -439,6 +443,7 @@ pub fn forward<L: Device + ?Sized>(
         t,
         m,
         c,
+        out16.into(),
     ];
     if p.tiled {
         dev.walk_launch(
@@ -615,6 +620,7 @@ pub(crate) fn forward_scratch<D: Device + ?Sized>(
     p: &LinearPlan,
     keep: Dv<f64>,
     io: [Dv<f32>; 5], // out, den, qf, kf, v
+    out16: Dv<u16>,
 ) -> Result<()> {
     let f = if keep.is_null() {
         dev.scratch64(p.ws_forward().max(1), false)?
@@ -627,7 +633,7 @@ pub(crate) fn forward_scratch<D: Device + ?Sized>(
     };
     let ws = LinearWs::forward(p, f);
     let [out, den, qf, kf, v] = io;
-    forward(dev, p, &ws, out, den, qf, kf, v)
+    forward(dev, p, &ws, (out, out16), den, qf, kf, v)
 }
 
 /// The backward with its workspace from the device's f64 scratch and a fresh zlive, reusing

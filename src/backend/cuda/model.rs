@@ -858,22 +858,29 @@ impl GpuAsaLayer {
             c_.ss_carries = Some(be.temp_uninit::<f64>(nc)?);
         }
         let keep = c_.ss_carries.as_ref().map_or(Dv::null(), |s| s.dv());
-        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m, None, keep)?;
         let pdrop = if o.training {
             cfg.slotspace_dropout as f32
         } else {
             0.0
         };
         c_.has_ss_drop = pdrop > 0.0;
+        // slot_out's GEMM reads u2 (after dropout) in bf16: without dropout the linear
+        // attention writes its twin
+        let u2_16 = if c_.has_ss_drop {
+            Dv::null()
+        } else {
+            c_.u2d16.of(be, u2)?
+        };
+        be.linear_attn_forward(u2, ss_den, qf, kf, vs, t, m, None, keep, u2_16)?;
         let u2d = if c_.has_ss_drop {
             let u2d = c_.u2d.ensure(be, rows * m)?;
             let mask = c_.ss_drop.ensure(be, rows * m)?;
             be.dropout_forward(u2d, mask, u2, pdrop, rng.gen())?;
+            c_.u2d16.converted(be, u2d)?;
             u2d
         } else {
             u2
         };
-        c_.u2d16.converted(be, u2d)?;
         let z = c_.z.ensure(be, rows * nk)?;
         be.matmul_forward(z, u2d, p.p(ids.slot_out), Dv::null(), rows, m, nk)?;
         let sw = c_.sw.ensure(be, rows * nk)?;

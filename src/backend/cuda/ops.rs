@@ -1924,7 +1924,7 @@ pub trait Ops: Device {
     /// Causal linear attention (`linear_attn_forward` of the CPU twin): out [N,T,M], den [N,T]
     /// from qf, kf, v [N,T,M] by `algo` (see [`super::linear`]; `None`: [`LinearAlgo::choose`]).
     /// keep: null, or [`Ops::linear_attn_carries`] f64s where the forward leaves its carries
-    /// for the backward (which then does not recompute them).
+    /// for the backward (which then does not recompute them). out16: null, or out's bf16 twin.
     #[allow(clippy::too_many_arguments)]
     fn linear_attn_forward(
         &self,
@@ -1937,6 +1937,7 @@ pub trait Ops: Device {
         m: usize,
         algo: Option<LinearAlgo>,
         keep: Dv<f64>,
+        out16: Dv<u16>,
     ) -> Result<()> {
         check_slotspace_dim(m)?;
         let n = out.len / (t * m).max(1);
@@ -1947,7 +1948,7 @@ pub trait Ops: Device {
             "linear_attn_forward: shapes"
         );
         let plan = LinearPlan::for_device(self, n, t, m, algo)?;
-        super::linear::forward_scratch(self, &plan, keep, [out, den, qf, kf, v])
+        super::linear::forward_scratch(self, &plan, keep, [out, den, qf, kf, v], out16)
     }
 
     /// Backward of `linear_attn_forward` (dqf, dkf, dv +=), any `algo`; kept: what the forward
