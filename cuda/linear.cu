@@ -495,10 +495,14 @@ __device__ __forceinline__ void lt_stage_carry(double* s, const double* __restri
 }
 // g[r][c] = gnum = dout[t0 + r][c] / max(den, eps) (stride lm), gd[r] = gden[t0 + r]. The
 // tensor-core tiles (TC) divide in f32: their gnum is an mma operand, rounded to bf16 anyway.
+// With out (the forward's output, nullable; tensor-core tiles only: the f64 tiles would spill)
+// gden is made here instead, as linear_attn_backward_gden makes it (a warp per position, the
+// same order), and stored into gden_out for the kernels after.
 template <bool TC>
 __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float* __restrict__ dout,
                                               const float* __restrict__ den, const double* __restrict__ gden,
-                                              const LtBlock& b, int t, int m) {
+                                              double* gden_out, const float* __restrict__ out, const LtBlock& b,
+                                              int t, int m) {
     for (int i = threadIdx.x; i < b.Cp * b.Mp; i += blockDim.x) {
         int r = i / b.Mp, c = i - r * b.Mp;
         double x = 0.0;
@@ -511,7 +515,28 @@ __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float
         }
         g[r * b.lm + c] = x;
     }
-    for (int r = threadIdx.x; r < b.Cp; r += blockDim.x) gd[r] = r < b.tc ? gden[b.nn * t + b.t0 + r] : 0.0;
+    if (!(TC && out)) {
+        for (int r = threadIdx.x; r < b.Cp; r += blockDim.x) gd[r] = r < b.tc ? gden[b.nn * t + b.t0 + r] : 0.0;
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = warp; r < b.Cp; r += nw) {
+        double gv = 0.0;
+        if (r < b.tc) {
+            const i64 o = b.base + (i64)(b.t0 + r) * m;
+            double go = 0.0;
+#pragma unroll
+            for (int i = 0; i < ASA_MAXA; ++i) {
+                int c = lane + 32 * i;
+                if (c < m) go += (double)dout[o + c] * (double)out[o + c];
+            }
+            go = warp_sum_d(go);
+            const float dt = den[b.nn * t + b.t0 + r];
+            gv = dt >= ASA_DEN_EPS ? -go / fmax((double)dt, (double)ASA_DEN_EPS) : 0.0;
+            if (lane == 0) gden_out[b.nn * t + b.t0 + r] = gv;
+        }
+        if (lane == 0) gd[r] = gv;
+    }
 }
 
 // The tiled kernels' shared memory, one layout for all (its size: `tiled_smem` of
@@ -726,12 +751,14 @@ linear_attn_forward_tiled_bf16(float* out, float* den, const float* __restrict__
 // Backward to qf (dqf +=) and zlive as linear_attn_backward, from the forward carries cs, cz,
 // and the backward carries' chunk sums (as linear_attn_backward_sums; skipped when ds is null):
 // ds[n,ch] = sum over the chunk of qf_s^T gnum_s, dz[n,ch] = sum of gden_s qf_s over the chunk's
-// s with zlive. Block per (n, chunk); shared (LtSmem): S = sq, G = g, Bm = cc, Zg = ct, gd = vec,
-// Q, K, V.
+// s with zlive. gden [N,T] is made here from out (the forward's output) and stored for the
+// dk/dv kernel (`lt_stage_gnum`). Block per (n, chunk); shared (LtSmem): S = sq, G = g,
+// Bm = cc, Zg = ct, gd = vec, Q, K, V.
 template <bool TC>
 __device__ __forceinline__ void lt_backward_dq(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
                               const float* __restrict__ dout, const float* __restrict__ den,
-                              const double* __restrict__ gden, const float* __restrict__ qf,
+                              const double* __restrict__ gden, double* gden_out, const float* __restrict__ out,
+                              const float* __restrict__ qf,
                               const float* __restrict__ kf, const float* __restrict__ v,
                               const double* __restrict__ cs, const double* __restrict__ cz, int n, int t, int m,
                               int chunk) {
@@ -743,7 +770,7 @@ __device__ __forceinline__ void lt_backward_dq(float* __restrict__ dqf, unsigned
     const float *Q = x.Q, *K = x.K, *V = x.V;
     lt_stage_qkv(x, qf, kf, v, b, m);
     lt_stage_carry(S, cs, b, m);
-    lt_stage_gnum<TC>(G, gd, dout, den, gden, b, t, m);
+    lt_stage_gnum<TC>(G, gd, dout, den, gden, gden_out, out, b, t, m);
     __syncthreads();
     // Z_t = Z0 + the chunk's keys up to t: zlive, Zg = gden_t max(Z_t, eps), the dz sum
     for (int a = threadIdx.x; a < Mp; a += blockDim.x) {
@@ -793,16 +820,17 @@ linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict
                               const float* __restrict__ kf, const float* __restrict__ v,
                               const double* __restrict__ cs, const double* __restrict__ cz, int n, int t, int m,
                               int chunk) {
-    lt_backward_dq<false>(dqf, zlive, ds, dz, dout, den, gden, qf, kf, v, cs, cz, n, t, m, chunk);
+    lt_backward_dq<false>(dqf, zlive, ds, dz, dout, den, gden, nullptr, nullptr, qf, kf, v, cs, cz, n, t, m, chunk);
 }
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dq_bf16(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
                               const float* __restrict__ dout, const float* __restrict__ den,
-                              const double* __restrict__ gden, const float* __restrict__ qf,
+                              double* gden, const float* __restrict__ qf,
                               const float* __restrict__ kf, const float* __restrict__ v,
                               const double* __restrict__ cs, const double* __restrict__ cz, int n, int t, int m,
-                              int chunk) {
-    lt_backward_dq<true>(dqf, zlive, ds, dz, dout, den, gden, qf, kf, v, cs, cz, n, t, m, chunk);
+                              int chunk, const float* __restrict__ out) {
+    // gden is made here from out (and stored), not read
+    lt_backward_dq<true>(dqf, zlive, ds, dz, dout, den, nullptr, gden, out, qf, kf, v, cs, cz, n, t, m, chunk);
 }
 
 // Backward to kf and v (dkf, dv +=) as linear_attn_backward, from the backward carries ds, dz
@@ -828,7 +856,7 @@ __device__ __forceinline__ void lt_backward_dkdv(float* __restrict__ dkf, float*
         Zl[i] = (r < b.tc && a < m) ? zlive[b.base + (i64)(b.t0 + r) * m + a] : 0;
     }
     lt_stage_carry(D, ds, b, m);
-    lt_stage_gnum<TC>(G, gd, dout, den, gden, b, t, m);
+    lt_stage_gnum<TC>(G, gd, dout, den, gden, nullptr, nullptr, b, t, m);
     __syncthreads();
     // dZ_t = dZ1 + sum over s >= t in the chunk with zlive of gden_s q_s (reverse walk)
     for (int a = threadIdx.x; a < Mp; a += blockDim.x) {

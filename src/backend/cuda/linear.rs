@@ -488,6 +488,11 @@ pub fn backward<L: Device + ?Sized>(
     if p.chunked() && !ws.forward_carries_kept {
         forward_carries(dev, p, ws, kf, v)?;
     }
+    // the tensor-core dq kernel makes gden itself (the f64 one would spill with it)
+    let gden_in_dq = p.tiled && p.tensor_cores;
+    if gden_in_dq {
+        return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, out, den, qf, kf, v]);
+    }
     let gden_args = [ws.gden.into(), dout.into(), out.into(), den.into(), n, t, m];
     dev.grid_launch(
         "linear_attn_backward_gden",
@@ -497,7 +502,7 @@ pub fn backward<L: Device + ?Sized>(
         &gden_args,
     )?;
     if p.tiled {
-        return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, den, qf, kf, v]);
+        return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, Dv::null(), den, qf, kf, v]);
     }
     let (grid, block) = p.walk_grid();
     let dq_args = [
@@ -570,18 +575,19 @@ pub fn backward<L: Device + ?Sized>(
     dev.grid_launch("linear_attn_backward_dv", grid, block, 0, &dv_args)
 }
 
-/// The tiled backward after gden: dq (with zlive and the backward carries' chunk sums), the
-/// carry pass, then dk and dv.
+/// The tiled backward: dq (with zlive, the backward carries' chunk sums, and gden from `out`
+/// when that is not null: tensor cores), the carry pass, then dk and dv.
 fn backward_tiled<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
     ws: &LinearWs,
-    io: [Dv<f32>; 8], // dqf, dkf, dv, dout, den, qf, kf, v
+    io: [Dv<f32>; 9], // dqf, dkf, dv, dout, out, den, qf, kf, v
 ) -> Result<()> {
-    let [dqf, dkf, dv, dout, den, qf, kf, v] = io;
+    let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
     let [n, t, m, c] = p.ints()?;
     let (grid, smem) = (p.tiled_grid()?, p.smem() as u32);
-    // both kernels: (outputs, zlive, ds, dz, dout, den, gden, qf, kf, v, [cs, cz,] n, t, m, c)
+    // both kernels: (outputs, zlive, ds, dz, dout, den, gden, qf, kf, v, [cs, cz,] n, t, m, c[, out]):
+    // the dq kernel makes gden from out, the dk/dv kernel reads it
     let shared: [KArg; 9] = [
         ws.zlive.into(),
         ws.ds.into(),
@@ -593,10 +599,17 @@ fn backward_tiled<L: Device + ?Sized>(
         kf.into(),
         v.into(),
     ];
+    // the tensor-core dq kernel takes out (it makes gden), the f64 one reads gden
+    let out_arg: &[KArg] = if p.tensor_cores {
+        &[KArg::from(out)]
+    } else {
+        &[]
+    };
     let dq_args = [
         &[dqf.into()][..],
         &shared,
         &[ws.cs.into(), ws.cz.into(), n, t, m, c],
+        out_arg,
     ]
     .concat();
     let tiled = |name: &str, args: &[KArg]| {
