@@ -174,14 +174,10 @@ extern "C" __global__ void linear_attn_forward(float* out, float* den, const flo
     }
 }
 
-// gden: [N,T] (see above). One warp per (n, t).
-extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* __restrict__ dout,
-                                                     const float* __restrict__ out, const float* __restrict__ den,
-                                                     int n, int t, int m) {
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= (i64)n * t) return;
-    i64 o = warp * m;
+// gden of the position at row offset o (a whole warp, lanes over features; every lane gets
+// it): -(dout . out) / den where den >= eps, else 0.
+__device__ __forceinline__ double la_gden(const float* __restrict__ dout, const float* __restrict__ out, float dt,
+                                          i64 o, int m, int lane) {
     double go = 0.0;
 #pragma unroll
     for (int i = 0; i < ASA_MAXA; ++i) {
@@ -189,10 +185,18 @@ extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* 
         if (c < m) go += (double)dout[o + c] * (double)out[o + c];
     }
     go = warp_sum_d(go);
-    if (lane == 0) {
-        float dt = den[warp];
-        gden[warp] = dt >= ASA_DEN_EPS ? -go / fmax((double)dt, (double)ASA_DEN_EPS) : 0.0;
-    }
+    return dt >= ASA_DEN_EPS ? -go / fmax((double)dt, (double)ASA_DEN_EPS) : 0.0;
+}
+
+// gden: [N,T] (see above). One warp per (n, t).
+extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* __restrict__ dout,
+                                                     const float* __restrict__ out, const float* __restrict__ den,
+                                                     int n, int t, int m) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (i64)n * t) return;
+    const double g = la_gden(dout, out, den[warp], warp * m, m, lane);
+    if (lane == 0) gden[warp] = g;
 }
 
 // Backward to qf: dqf_t[a] += gden_t * max(Z_t[a], eps) + sum_c S_t[a,c] gnum_t[c], rebuilding
@@ -524,15 +528,7 @@ __device__ __forceinline__ void lt_stage_gnum(double* g, double* gd, const float
         double gv = 0.0;
         if (r < b.tc) {
             const i64 o = b.base + (i64)(b.t0 + r) * m;
-            double go = 0.0;
-#pragma unroll
-            for (int i = 0; i < ASA_MAXA; ++i) {
-                int c = lane + 32 * i;
-                if (c < m) go += (double)dout[o + c] * (double)out[o + c];
-            }
-            go = warp_sum_d(go);
-            const float dt = den[b.nn * t + b.t0 + r];
-            gv = dt >= ASA_DEN_EPS ? -go / fmax((double)dt, (double)ASA_DEN_EPS) : 0.0;
+            gv = la_gden(dout, out, den[b.nn * t + b.t0 + r], o, m, lane);
             if (lane == 0) gden_out[b.nn * t + b.t0 + r] = gv;
         }
         if (lane == 0) gd[r] = gv;
