@@ -1141,9 +1141,11 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 }
 
 // slot_scan_read_mix on tensor cores: out [B,H,T,d] (=) = sum_s w * state, with den the
-// forward's ([B,H,K,T]); with merged (nullable) also `mix_merge`'s output.
+// forward's ([B,H,K,T]); with merged (nullable) also `mix_merge`'s output. z (nullable): the
+// refine's slot_out output [B,H,T,K]; then the weights are its tanh (`tanh_forward`'s f64
+// tanh), stored into wts for the backward (each element is one block's, read once).
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
-    slot_scan_read_mix_bf16(float* out, const float* __restrict__ wts, const float* __restrict__ wl,
+    slot_scan_read_mix_bf16(float* out, float* wts, const float* __restrict__ z, const float* __restrict__ wl,
                             const float* __restrict__ rmax, const float* __restrict__ v,
                             const float* __restrict__ den, const double* __restrict__ cn,
                             const double* __restrict__ cd, const double* __restrict__ cp,
@@ -1158,7 +1160,17 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     for (int i = threadIdx.x; i < f.Lp * f.Kp; i += blockDim.x) {
         const int l = i / f.Kp, s = i - l * f.Kp;
         float rho = 0.0f;
-        if (l < f.L && s < nk) rho = wts[(f.bh * t + f.t0 + l) * nk + s] / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+        if (l < f.L && s < nk) {
+            const i64 o = (f.bh * t + f.t0 + l) * nk + s;
+            float w;
+            if (z) {
+                w = (float)tanh((double)z[o]);
+                wts[o] = w;
+            } else {
+                w = wts[o];
+            }
+            rho = w / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+        }
         f.R[l * f.lk + s] = rho;
         f.LK[l * f.lk + s] = rho * f.E[l * f.lk + s];
     }
@@ -1169,13 +1181,16 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 }
 
 // slot_scan_read_dot on tensor cores: out [B,H,T,K] += xv . state, with den the forward's.
+// dz (nullable): also `tanh_backward` of the refine's signed weights sw [B,H,T,K] on the
+// updated out: dz += out * (1 - sw^2), dz16 (nullable) its bf16 twin.
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_dot_bf16(float* out, const float* __restrict__ xv, const float* __restrict__ wl,
                             const float* __restrict__ rmax, const float* __restrict__ v,
                             const float* __restrict__ den, const double* __restrict__ cn,
                             const double* __restrict__ cd, const double* __restrict__ cp,
                             const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk,
-                            int tile, int nsub, int ntiles, int nchunks, int group) {
+                            int tile, int nsub, int ntiles, int nchunks, int group, float* dz,
+                            unsigned short* dz16, const float* __restrict__ sw) {
     ASA_DYN_SHARED(double, ft_smem);
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
     ft_stage_rows(f.X, xv, f, t, d);
@@ -1185,7 +1200,14 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
     for (int i = threadIdx.x; i < f.L * nk; i += blockDim.x) {
         const int l = i / nk, s = i - l * nk;
         const i64 o = (f.bh * t + f.t0 + l) * nk + s;
-        out[o] = out[o] + f.LC[l * f.lk + s] / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+        const float y = out[o] + f.LC[l * f.lk + s] / fmaxf(f.DN[l * f.lk + s], ASA_DEN_EPS);
+        out[o] = y;
+        if (dz) {
+            const float sv = sw[o];
+            const float g = dz[o] + y * (1.0f - sv * sv);
+            dz[o] = g;
+            if (dz16) dz16[o] = asa_f32_to_bf16(g);
+        }
     }
 }
 

@@ -105,13 +105,73 @@ extern "C" __global__ void residual_layernorm_forward(float* res, float* out, fl
     ln_row(out + r0, out16 ? out16 + r0 : nullptr, mean + row, rstd + row, res + r0, weight, bias, c, lane);
 }
 
-// dinp: [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout.
-// One warp per row. The parameter gradients are `layernorm_backward_params`.
+// Column sums of x [N,C] rows in chunks, the part of one block: column j of chunk k of
+// `rows_per_chunk` rows (f64, in row order) into part[k,C]; then the last block of the group
+// (`asa_last_block`: `ticket`, `chunks` blocks) adds the chunks in order: dst[j] += (f32) sum.
+// Every thread of the block calls it (j >= c idles).
+__device__ void colsum_block(float* dst, double* part, unsigned* ticket, const float* x, int n, int c,
+                             int rows_per_chunk, int j, int k, int chunks) {
+    if (j < c) {
+        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+        double a = 0.0;
+        for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
+        part[(i64)k * c + j] = a;
+    }
+    if (!asa_last_block(ticket, chunks) || j >= c) return;
+    double a = 0.0;
+    for (int q = 0; q < chunks; ++q) a += asa_ld_cg(part + (i64)q * c + j);
+    dst[j] = dst[j] + (float)a;
+}
+
+// The LayerNorm parameter gradients of one block: dweight[j] += sum_rows norm*dout,
+// dbias[j] += sum_rows dout (f64), over chunk k of `rows_per_chunk` rows into pw, pb [nchunks,C];
+// the last block of column tile j / blockDim.x (`asa_last_block`, `ticket`) adds the chunks in order.
+__device__ void layernorm_params_block(float* dweight, float* dbias, double* pw, double* pb, unsigned* ticket,
+                                       const float* dout, const float* inp, const float* mean,
+                                       const float* rstd, int n, int c, int rows_per_chunk, int j, int k,
+                                       int chunks) {
+    if (j < c) {
+        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+        double aw = 0.0, ab = 0.0;
+        for (int row = r0; row < r1; ++row) {
+            double d = (double)dout[(i64)row * c + j];
+            aw += ((double)inp[(i64)row * c + j] - (double)mean[row]) * (double)rstd[row] * d;
+            ab += d;
+        }
+        pw[(i64)k * c + j] = aw;
+        pb[(i64)k * c + j] = ab;
+    }
+    if (!asa_last_block(ticket, chunks) || j >= c) return;
+    double a = 0.0, b = 0.0;
+    for (int q = 0; q < chunks; ++q) {
+        a += asa_ld_cg(pw + (i64)q * c + j);
+        b += asa_ld_cg(pb + (i64)q * c + j);
+    }
+    dweight[j] = dweight[j] + (float)a;
+    dbias[j] = dbias[j] + (float)b;
+}
+
+// LayerNorm backward in one launch of two independent parts (both read dout and inp only).
+// The first `param_blocks` = tiles x chunks blocks are the parameter gradients
+// (`layernorm_params_block`; column tile b % tiles, row chunk b / tiles, ticket
+// tickets[b % tiles]): they run longest, so they are handed out first. Every later block is
+// `blockDim.x / 32` rows of dinp, one warp a row:
+// dinp [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout;
 // dinp16: nullable, the bf16 twin of the updated dinp.
-extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, const float* inp,
-                                              const float* weight, const float* mean, const float* rstd,
-                                              int n, int c, unsigned short* dinp16) {
-    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+extern "C" __global__ void layernorm_backward(float* dinp, float* dweight, float* dbias, double* pw,
+                                              double* pb, unsigned* tickets, const float* dout,
+                                              const float* inp, const float* weight, const float* mean,
+                                              const float* rstd, int n, int c, int rows_per_chunk,
+                                              int tiles, unsigned short* dinp16) {
+    const int chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+    const int param_blocks = tiles * chunks;
+    if ((int)blockIdx.x < param_blocks) {
+        const int tile = (int)blockIdx.x % tiles, k = (int)blockIdx.x / tiles;
+        layernorm_params_block(dweight, dbias, pw, pb, tickets + tile, dout, inp, mean, rstd, n, c,
+                               rows_per_chunk, tile * blockDim.x + threadIdx.x, k, chunks);
+        return;
+    }
+    int row = (int)(((i64)(blockIdx.x - param_blocks) * blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (row >= n) return;
     const float* x = inp + (i64)row * c;
@@ -136,55 +196,13 @@ extern "C" __global__ void layernorm_backward(float* dinp, const float* dout, co
     }
 }
 
-// The LayerNorm parameter gradients in one launch: dweight[j] += sum_rows norm*dout,
-// dbias[j] += sum_rows dout (f64). Grid: x = column tiles of blockDim.x, y = chunks of
-// `rows_per_chunk` rows; each block sums its chunk in row order into pw, pb [nchunks,C], and
-// the last block of a column tile (`asa_last_block`, ticket tickets[blockIdx.x]) adds the
-// chunks in order.
-extern "C" __global__ void layernorm_backward_params(float* dweight, float* dbias, double* pw, double* pb,
-                                                     unsigned* tickets, const float* dout,
-                                                     const float* inp, const float* mean,
-                                                     const float* rstd, int n, int c, int rows_per_chunk) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    const int k = blockIdx.y;
-    if (j < c) {
-        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
-        double aw = 0.0, ab = 0.0;
-        for (int row = r0; row < r1; ++row) {
-            double d = (double)dout[(i64)row * c + j];
-            aw += ((double)inp[(i64)row * c + j] - (double)mean[row]) * (double)rstd[row] * d;
-            ab += d;
-        }
-        pw[(i64)k * c + j] = aw;
-        pb[(i64)k * c + j] = ab;
-    }
-    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
-    double a = 0.0, b = 0.0;
-    for (int q = 0; q < (int)gridDim.y; ++q) {
-        a += asa_ld_cg(pw + (i64)q * c + j);
-        b += asa_ld_cg(pb + (i64)q * c + j);
-    }
-    dweight[j] = dweight[j] + (float)a;
-    dbias[j] = dbias[j] + (float)b;
-}
-
-// Column sums in one launch: dst[j] += (f32) sum_rows x[row,j] (f64; each chunk of
-// `rows_per_chunk` rows in row order, then the chunks in order). The bias gradient of
-// matmul_backward. Grid, part and tickets as `layernorm_backward_params`.
+// Column sums in one launch: dst[j] += (f32) sum_rows x[row,j] (`colsum_block`). The bias
+// gradient of matmul_backward. Grid: x = column tiles of blockDim.x (ticket
+// tickets[blockIdx.x]), y = chunks of `rows_per_chunk` rows; part [chunks,C].
 extern "C" __global__ void colsum_add(float* dst, double* part, unsigned* tickets, const float* x, int n, int c,
                                       int rows_per_chunk) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    const int k = blockIdx.y;
-    if (j < c) {
-        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
-        double a = 0.0;
-        for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
-        part[(i64)k * c + j] = a;
-    }
-    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
-    double a = 0.0;
-    for (int q = 0; q < (int)gridDim.y; ++q) a += asa_ld_cg(part + (i64)q * c + j);
-    dst[j] = dst[j] + (float)a;
+    colsum_block(dst, part, tickets + blockIdx.x, x, n, c, rows_per_chunk, blockIdx.x * blockDim.x + threadIdx.x,
+                 blockIdx.y, gridDim.y);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -259,12 +277,22 @@ extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const fl
 // gelu_backward with the bias gradient of the GEMM that made inp, in one launch: dinp [N,C]
 // (stored; dinp16 nullable, its bf16 twin) as gelu_backward, and dbias[j] += the column sums of
 // dinp (f64: each chunk of `rows_per_chunk` rows in row order, then the chunks in order).
-// Grid, part and tickets as `colsum_add`.
+// Grid, part and tickets as `colsum_add`, for the column tiles of dinp. Grid x may go on
+// with the column tiles of x2 [N,C2] (nullable; the next GEMM's output gradient, an
+// independent job in the same launch): dbias2 += the column sums of x2 (`colsum_block`,
+// part2 [chunks,C2], the tickets after dinp's).
 extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, double* part, unsigned* tickets,
                                                 const float* inp, const float* dout, int n, int c,
-                                                int rows_per_chunk, unsigned short* dinp16) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+                                                int rows_per_chunk, unsigned short* dinp16, float* dbias2,
+                                                double* part2, const float* x2, int c2) {
+    const int tiles = (c + (int)blockDim.x - 1) / (int)blockDim.x;
     const int k = blockIdx.y;
+    if ((int)blockIdx.x >= tiles) {
+        colsum_block(dbias2, part2, tickets + blockIdx.x, x2, n, c2, rows_per_chunk,
+                     ((int)blockIdx.x - tiles) * blockDim.x + threadIdx.x, k, gridDim.y);
+        return;
+    }
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j < c) {
         int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
         double a = 0.0;
@@ -340,6 +368,18 @@ extern "C" __global__ void fill(float* x, float value, i64 n) {
 // elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
 // d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
 // grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
+// The gate gradient's finish: the block's partial a into part[blockIdx.x]; the last block adds
+// the partials in order, dgrad[0] += (f32)(sum * factor).
+__device__ void gate_finish(double a, float* dgrad, double* part, unsigned* ticket, double factor, double* sh) {
+    a = block_sum_d(a, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = a;
+    if (!asa_last_block(ticket, gridDim.x)) return;
+    double t = 0.0;
+    for (i64 i = threadIdx.x; i < (i64)gridDim.x; i += blockDim.x) t += asa_ld_cg(part + i);
+    t = block_sum_d(t, sh);
+    if (threadIdx.x == 0) dgrad[0] = dgrad[0] + (float)(t * factor);
+}
+
 extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* part, unsigned* ticket, const float* dy,
                                          const float* delta, double gate, double factor, i64 n) {
     __shared__ double sh[32];
@@ -349,13 +389,31 @@ extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* pa
         ddelta[i] = (float)(gate * g);
         a += g * (double)delta[i];
     }
-    a = block_sum_d(a, sh);
-    if (threadIdx.x == 0) part[blockIdx.x] = a;
-    if (!asa_last_block(ticket, gridDim.x)) return;
-    double t = 0.0;
-    for (i64 i = threadIdx.x; i < (i64)gridDim.x; i += blockDim.x) t += asa_ld_cg(part + i);
-    t = block_sum_d(t, sh);
-    if (threadIdx.x == 0) dgrad[0] = dgrad[0] + (float)(t * factor);
+    gate_finish(a, dgrad, part, ticket, factor, sh);
+}
+
+// split_heads of merged [B,T,H*d] into out_h [B,H,T,d] and gate_backward on it in one pass:
+// a block per row (b, t) of merged (grid-stride), threads along it; ddelta [B,H,T,d] =
+// gate * out_h, dgrad[0] += factor * sum(out_h * delta) (as gate_backward; part: [gridDim.x]).
+extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, double* part, unsigned* ticket,
+                                               float* out_h, const float* merged, const float* delta,
+                                               double gate, double factor, int b, int t, int h, int d) {
+    __shared__ double sh[32];
+    const int hd = h * d;
+    double a = 0.0;
+    for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
+        const i64 bi = row / t;
+        const int ti = (int)(row - bi * t);
+        for (int j = threadIdx.x; j < hd; j += blockDim.x) {
+            const int hi = j / d, jj = j - hi * d;
+            const i64 o = ((bi * h + hi) * t + ti) * d + jj;
+            const float g = merged[row * hd + j];
+            out_h[o] = g;
+            ddelta[o] = (float)(gate * (double)g);
+            a += (double)g * (double)delta[o];
+        }
+    }
+    gate_finish(a, dgrad, part, ticket, factor, sh);
 }
 
 // global_norm, first stage: part[block] = sum of x^2 over the block's grid-stride elements
@@ -392,8 +450,12 @@ extern "C" __global__ void scalar_grad_add(float* dst, const double* src, double
 // One block per row r of logits [N,V]: probs[r,:] = softmax (written in place when probs ==
 // logits); row_loss[r] = logsumexp - logits[r,target] on counted rows (valid[r] != 0 and
 // 0 <= target < V), else 0. Max in f32, sums in f64, exp in f32. targets: [N] i64; valid: nullable [N] u8.
+// grad != 0: crossentropy_backward in the same pass, in place: probs[r,:] becomes
+// scale * (probs - onehot(target)) on counted rows, 0 on the others; probs16 (nullable) its
+// bf16 twin.
 extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, const float* logits,
-                                                const i64* targets, const unsigned char* valid, int n, int v) {
+                                                const i64* targets, const unsigned char* valid, int n, int v,
+                                                int grad, float scale, unsigned short* probs16) {
     __shared__ float shf[32];
     __shared__ double shd[32];
     int r = blockIdx.x;
@@ -405,9 +467,16 @@ extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, 
     mx = block_max_f(mx, shf);
     i64 tgt = targets[r];
     bool counted = (valid == 0 || valid[r] != 0) && tgt >= 0 && tgt < (i64)v;
+    // what is stored for probability e at column j
+    auto out = [&](float e, int j) {
+        float y = e;
+        if (grad) y = counted ? scale * (e - (j == (int)tgt ? 1.0f : 0.0f)) : 0.0f;
+        p[j] = y;
+        if (probs16) probs16[(i64)r * v + j] = asa_f32_to_bf16(y);
+    };
     if (!asa_finite(mx) && mx < 0.0f) {
         // all -inf: no probability mass anywhere (avoid NaN)
-        for (int j = threadIdx.x; j < v; j += blockDim.x) p[j] = 0.0f;
+        for (int j = threadIdx.x; j < v; j += blockDim.x) out(0.0f, j);
         if (threadIdx.x == 0) row_loss[r] = counted ? (double)__int_as_float(0x7f800000) : 0.0;
         return;
     }
@@ -417,7 +486,7 @@ extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, 
     double lse = (double)mx + log(s);
     float xt = counted ? x[tgt] : 0.0f;  // read before the in-place writes below
     __syncthreads();
-    for (int j = threadIdx.x; j < v; j += blockDim.x) p[j] = expf((float)((double)x[j] - lse));
+    for (int j = threadIdx.x; j < v; j += blockDim.x) out(expf((float)((double)x[j] - lse)), j);
     if (threadIdx.x == 0) row_loss[r] = counted ? lse - (double)xt : 0.0;
 }
 

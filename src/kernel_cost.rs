@@ -574,10 +574,10 @@ mod tests {
     /// (its input in the forward and in the weight gradient, its output gradient): one per
     /// GEMM (an ASA layer's three projections and the refine's are one GEMM each); AdamW
     /// writes the weights' copy. With the twins (and the bench's dropouts of 0, the fused
-    /// read) only slot_in's output u (once for forward and backward) and its gradient du
-    /// convert, both cuBLAS outputs, plus slot_out's output gradient where softmax weights
-    /// make it (signed weights: `tanh_backward` writes its twin): 2 or 3 per layer. The read
-    /// weights and the linear attention's output have their producers' twins.
+    /// read) nothing converts but slot_out's output gradient where softmax weights make it
+    /// (signed weights: the fused dot's `tanh_backward` writes its twin): 0 or 1 per layer.
+    /// The read weights and the linear attention's output have their producers' twins;
+    /// slot_in's output u and its gradient du, read by GEMMs only, come out of cuBLAS in bf16.
     #[test]
     fn bf16_gemms_read_weights_from_their_copy_and_activations_from_their_twins() {
         use crate::backend::cuda::Device;
@@ -602,9 +602,9 @@ mod tests {
         let (off, on) = (count(false), count(true));
         assert_eq!(off.gemms, on.gemms);
         assert_eq!(off.gemms % 3, 0);
-        let converts = |s: &StepCounts| s.kernels["convert_f32_bf16"].launches;
+        let converts = |s: &StepCounts| s.kernels.get("convert_f32_bf16").map_or(0, |k| k.launches);
         assert_eq!(converts(&off), off.gemms, "{} GEMMs", off.gemms);
-        let per_layer = if cfg.slotspace_signed_weights { 2 } else { 3 };
+        let per_layer = if cfg.slotspace_signed_weights { 0 } else { 1 };
         assert_eq!(converts(&on), steps * per_layer * layers);
         assert!(on.bytes_converted < off.bytes_converted);
     }

@@ -174,7 +174,6 @@ fn kernels_have_cpu_twins() {
     let has_fn = |name: &str| cpu_src.contains(&format!("pub fn {name}("));
     // kernels that are parts or helpers of a CPU op: kernel -> CPU function
     let helpers = [
-        ("layernorm_backward_params", "layernorm_backward"),
         ("colsum_add", "matmul_backward"),
         ("gelu_backward_colsum", "gelu_backward"),
         ("matmul_forward_bias", "matmul_forward"),
@@ -183,6 +182,7 @@ fn kernels_have_cpu_twins() {
         ("scale_f64", "residual_forward"),
         ("fill", "residual_forward"),
         ("gate_backward", "residual_forward"),
+        ("gate_backward_split", "residual_forward"),
         ("sum_f64", "global_norm"),
         ("scalar_grad_add", "read_logits_backward"),
         ("sum_batch_add", "write_logits_backward"),

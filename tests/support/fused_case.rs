@@ -198,7 +198,7 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
     close(&format!("fused out1 {tag}"), &mem.get(out1_d), &out1, tol);
     if cs.refine {
         let delta_d = mem.zeroed::<f32>(bhtd);
-        fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d, None).unwrap();
+        fused::mix(dev, &plan, &ws, delta_d, sw_d, wl_d, v_d, None, Dv::null()).unwrap();
         close(
             &format!("fused delta {tag}"),
             &mem.get(delta_d),
@@ -215,7 +215,18 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
             merged: merged_d,
             merged16,
         };
-        fused::mix(dev, &plan, &ws, delta2_d, sw_d, wl_d, v_d, Some(merge)).unwrap();
+        fused::mix(
+            dev,
+            &plan,
+            &ws,
+            delta2_d,
+            sw_d,
+            wl_d,
+            v_d,
+            Some(merge),
+            Dv::null(),
+        )
+        .unwrap();
         let (dd, o1) = (mem.get(delta2_d), mem.get(out1_d));
         close(&format!("fused delta (merge) {tag}"), &dd, &delta, tol);
         let mut want = vec![0.0f32; bhtd];
@@ -235,6 +246,31 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
             tol,
         );
         crate::op_cases::twin_matches(mem, &format!("fused merged {tag}"), merged_d, merged16);
+        if cs.tensor_cores {
+            // the weights as the tanh of slot_out's output, taken (and stored) by the mix
+            let zs = rv(&mut r, bhtk, 2.0);
+            let swt: Vec<f32> = zs.iter().map(|&x| (x as f64).tanh() as f32).collect();
+            let mut delta_t = vec![0.0f32; bhtd];
+            ca::slot_mix_forward(&mut delta_t, &swt, &st, dm);
+            let (z_d, swt_d, delta3_d) = (
+                mem.put(&zs),
+                mem.put(&vec![f32::NAN; bhtk]),
+                mem.zeroed::<f32>(bhtd),
+            );
+            fused::mix(dev, &plan, &ws, delta3_d, swt_d, wl_d, v_d, None, z_d).unwrap();
+            close(
+                &format!("fused tanh weights {tag}"),
+                &mem.get(swt_d),
+                &swt,
+                1e-6,
+            );
+            close(
+                &format!("fused delta (tanh) {tag}"),
+                &mem.get(delta3_d),
+                &delta_t,
+                tol,
+            );
+        }
     }
 
     // backward
@@ -288,8 +324,30 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         mem.zeroed::<f32>(bhtk),
     );
     if cs.refine {
-        fused::dot(dev, &plan, &ws, dsw_d, ddelta_d, wl_d, v_d).unwrap();
+        fused::dot(dev, &plan, &ws, dsw_d, ddelta_d, wl_d, v_d, None).unwrap();
         close(&format!("fused dsw {tag}"), &mem.get(dsw_d), &dsw, tol);
+        if cs.tensor_cores {
+            // with tanh_backward on the updated dsw: dz += dsw * (1 - sw^2), and its twin
+            let dsw2_d = mem.zeroed::<f32>(bhtk);
+            let dz0 = rv(&mut r, bhtk, 0.5);
+            let (dz_d, dz16) = (mem.put(&dz0), mem.zeroed::<u16>(bhtk));
+            let tb = fused::TanhBack {
+                dz: dz_d,
+                dz16,
+                sw: sw_d,
+            };
+            fused::dot(dev, &plan, &ws, dsw2_d, ddelta_d, wl_d, v_d, Some(tb)).unwrap();
+            close(
+                &format!("fused dsw (tanh) {tag}"),
+                &mem.get(dsw2_d),
+                &dsw,
+                tol,
+            );
+            let mut dz = dz0.clone();
+            ca::tanh_backward(&mut dz, &sw, &mem.get(dsw2_d));
+            close(&format!("fused dz (tanh) {tag}"), &mem.get(dz_d), &dz, 1e-6);
+            crate::op_cases::twin_matches(mem, &format!("fused dz {tag}"), dz_d, dz16);
+        }
     }
     let (dwl_d, dv_d, dq_d, dk_d) = (
         mem.zeroed::<f32>(bhkt),

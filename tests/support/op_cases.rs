@@ -8,7 +8,7 @@ use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::linear::{self, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask, KeysFinish, WritePrologue};
-use asa::backend::cuda::{AsDv, Ops, Precision};
+use asa::backend::cuda::{AsDv, Dv, Ops, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 
@@ -207,6 +207,28 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         let h16 = mem.zeroed::<f32>(n * hid);
         dev.matmul_forward(h16, x_d, wm_d, bm_d, n, c, hid).unwrap();
         close("matmul_forward bf16", &mem.get(h16), &h, 3e-2);
+        // outputs only GEMMs read, written by cuBLAS in bf16 alone: the same bits as the
+        // f32 output rounded (what a conversion after it makes)
+        let hb = mem.zeroed::<f32>(n * hid);
+        dev.matmul_forward(hb, x_d, wm_d, Dv::null(), n, c, hid)
+            .unwrap();
+        let (hb2, hb2_16) = (mem.zeroed::<f32>(n * hid), mem.zeroed::<u16>(n * hid));
+        dev.matmul_forward_to_bf16((hb2, hb2_16), x_d, wm_d, n, c, hid)
+            .unwrap();
+        twin_matches(mem, "matmul_forward_to_bf16", hb, hb2_16);
+        let (dx1, dw1) = (mem.zeroed::<f32>(n * c), mem.put(&vec![0.5f32; hid * c]));
+        dev.matmul_backward_store(dx1, dw1, Dv::null(), dh_d, x_d, wm_d, n, c, hid)
+            .unwrap();
+        let (dx2, dx2_16) = (mem.zeroed::<f32>(n * c), mem.zeroed::<u16>(n * c));
+        let dw2 = mem.put(&vec![0.5f32; hid * c]);
+        dev.matmul_backward_store_to_bf16((dx2, dx2_16), dw2, dh_d, x_d, wm_d, n, c, hid)
+            .unwrap();
+        twin_matches(mem, "matmul_backward_store_to_bf16", dx1, dx2_16);
+        assert_eq!(
+            mem.get(dw2),
+            mem.get(dw1),
+            "matmul_backward_store_to_bf16 dweight"
+        );
         mem.try_precision(Precision::F32);
     }
 
@@ -233,8 +255,20 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let dgl_d = mem.put(&vec![f32::NAN; n * hid]); // a store (the CPU twin adds into zeros)
     let dgl16 = mem.zeroed::<u16>(n * hid);
     let null = asa::backend::cuda::Dv::null();
-    dev.gelu_backward(dgl_d, h_d, dh_d, dgl16, null).unwrap();
+    // no bias of its own, the next GEMM's bias gradient (column sums of dh) after it
+    let db2_d = mem.put(&vec![0.25f32; hid]);
+    dev.gelu_backward(dgl_d, h_d, dh_d, dgl16, null, (db2_d, dh_d))
+        .unwrap();
     close("gelu_backward", &mem.get(dgl_d), &dgl, TOL);
+    let db2: Vec<f32> = (0..hid)
+        .map(|j| 0.25 + (0..n).map(|i| dh[i * hid + j] as f64).sum::<f64>() as f32)
+        .collect();
+    close(
+        "gelu_backward (colsum_add after it)",
+        &mem.get(db2_d),
+        &db2,
+        TOL,
+    );
     twin_matches(mem, "gelu_backward", dgl_d, dgl16);
     // with the bias gradient: += the column sums of dinp
     let (dgl2_d, dgb_d) = (
@@ -242,7 +276,7 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         mem.put(&vec![0.5f32; hid]),
     );
     let dgl2_16 = mem.zeroed::<u16>(n * hid);
-    dev.gelu_backward(dgl2_d, h_d, dh_d, dgl2_16, dgb_d)
+    dev.gelu_backward(dgl2_d, h_d, dh_d, dgl2_16, dgb_d, (null, null))
         .unwrap();
     let dgb: Vec<f32> = (0..hid)
         .map(|j| 0.5 + (0..n).map(|i| dgl[i * hid + j] as f64).sum::<f64>() as f32)
@@ -319,6 +353,18 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         .unwrap();
     close("crossentropy_backward in place", &mem.get(lg_d), &dl, TOL);
     twin_matches(mem, "crossentropy_backward", lg_d, dl16);
+    // both in one pass: the same row losses, dlogits in place of the logits
+    let (lg2_d, rl2) = (mem.put(&logits), mem.put(&vec![7.0f64; n]));
+    let dl2_16 = mem.zeroed::<u16>(n * v);
+    dev.crossentropy_forward_backward(lg2_d, rl2.dv(), tg.dv(), vd.dv(), scale, n, v, dl2_16)
+        .unwrap();
+    close("crossentropy_forward_backward", &mem.get(lg2_d), &dl, TOL);
+    twin_matches(mem, "crossentropy_forward_backward", lg2_d, dl2_16);
+    assert_eq!(
+        mem.get(rl2.dv()),
+        mem.get(rl.dv()),
+        "crossentropy_forward_backward row losses"
+    );
 
     // AdamW, global norm, clipping
     let cfg = AdamWConfig {
@@ -425,12 +471,26 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let gb: Vec<f32> = (0..c)
         .map(|j| 2.0 * (0..n).map(|i| dgl[i * c + j] as f64).sum::<f64>() as f32)
         .collect();
+    // with the next GEMM's bias gradient in the same launch: its own 3 column tiles
+    let c2 = 300;
+    let x2 = rv(&mut r, n * c2, 1.0);
+    let gb2: Vec<f32> = (0..c2)
+        .map(|j| 2.0 * (0..n).map(|i| x2[i * c2 + j] as f64).sum::<f64>() as f32)
+        .collect();
     let (hh_d, dgl_d, gb_d) = (mem.put(&hh), mem.zeroed::<f32>(n * c), mem.zeroed::<f32>(c));
+    let (x2_d, gb2_d) = (mem.put(&x2), mem.zeroed::<f32>(c2));
     for _ in 0..2 {
         let null16 = asa::backend::cuda::Dv::null();
-        dev.gelu_backward(dgl_d, hh_d, dy_d, null16, gb_d).unwrap();
+        dev.gelu_backward(dgl_d, hh_d, dy_d, null16, gb_d, (gb2_d, x2_d))
+            .unwrap();
     }
     close("gelu_backward_colsum (twice)", &mem.get(gb_d), &gb, TOL);
+    close(
+        "gelu_backward_colsum x2 (twice)",
+        &mem.get(gb2_d),
+        &gb2,
+        TOL,
+    );
     close("gelu_backward_colsum dinp", &mem.get(dgl_d), &dgl, TOL);
     // LayerNorm parameter gradients, twice
     let xl = rv(&mut r, n * c, 1.0);
@@ -456,18 +516,9 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         )
         .unwrap();
     }
-    close(
-        "layernorm_backward_params dw (twice)",
-        &mem.get(dwl_d),
-        &dwl,
-        TOL,
-    );
-    close(
-        "layernorm_backward_params db (twice)",
-        &mem.get(dbl_d),
-        &dbl,
-        TOL,
-    );
+    close("layernorm_backward dw (twice)", &mem.get(dwl_d), &dwl, TOL);
+    close("layernorm_backward db (twice)", &mem.get(dbl_d), &dbl, TOL);
+    close("layernorm_backward dx (twice)", &mem.get(dxl_d), &dxl, TOL);
     // the gate's backward: ddelta = gate * dy (stored), dgrad += factor * sum(dy * delta)
     let (dyv, delta) = (&dy[..1000], rv(&mut r, 1000, 1.0));
     let (gate, factor) = (0.37f64, 0.81f64);
@@ -483,6 +534,33 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let dd: Vec<f32> = dyv.iter().map(|&g| (gate * g as f64) as f32).collect();
     close("gate_backward ddelta", &mem.get(dd_d), &dd, 0.0);
     close("gate_backward dgrad (twice)", &mem.get(dg_d), &[want], 1e-6);
+    // with split_heads of dy before it in the same pass, over more rows than blocks
+    for (bb, tt, hh, dd) in [(2usize, 5usize, 3usize, 4usize), (1, 1100, 2, 3)] {
+        let nn = bb * tt * hh * dd;
+        let (dym, dl) = (rv(&mut r, nn, 1.0), rv(&mut r, nn, 1.0));
+        let mut split = vec![0.0f32; nn];
+        ca::split_heads(&mut split, &dym, bb, tt, hh, dd);
+        let dot: f64 = (0..nn).map(|i| split[i] as f64 * dl[i] as f64).sum();
+        let (dym_d, dl_d) = (mem.put(&dym), mem.put(&dl));
+        let (oh_d, dd_d) = (mem.put(&vec![f32::NAN; nn]), mem.put(&vec![f32::NAN; nn]));
+        let dg_d = mem.put(&[0.5f32]);
+        let mut want = 0.5f32;
+        for _ in 0..2 {
+            let dims = (bb, tt, hh, dd);
+            dev.gate_backward_split(dd_d, dg_d, oh_d, dym_d, dl_d, gate, factor, dims)
+                .unwrap();
+            want += (dot * factor) as f32;
+        }
+        close("gate_backward_split out_h", &mem.get(oh_d), &split, 0.0);
+        let gd: Vec<f32> = split.iter().map(|&g| (gate * g as f64) as f32).collect();
+        close("gate_backward_split ddelta", &mem.get(dd_d), &gd, 0.0);
+        close(
+            "gate_backward_split dgrad (twice)",
+            &mem.get(dg_d),
+            &[want],
+            1e-6,
+        );
+    }
 }
 
 /// `refine::qkv_forward` / `qkv_backward` against the CPU chain they replace (the thirds of

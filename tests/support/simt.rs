@@ -526,6 +526,14 @@ impl Device for EmuDev {
                         acc += x as f64 * y as f64;
                     }
                     let o = pc.add(i + j * ldc);
+                    if !g.c16.is_null() {
+                        // cuBLAS' bf16 output (round to nearest even); the f32 range it stands
+                        // for turns NaN, so that a reader of it shows
+                        let o16 = (g.c16.ptr as usize as *mut u16).add(i + j * ldc);
+                        *o16 = half::bf16::from_f32(acc as f32).to_bits();
+                        *o = f32::NAN;
+                        continue;
+                    }
                     *o = if beta == 0.0 {
                         acc as f32
                     } else {

@@ -609,7 +609,7 @@ k1:
         assert_eq!(kernel_family("slot_scan_read_forward_rmax"), "slot_scan");
         assert_eq!(kernel_family("linear_attn_backward_dk"), "linear_attention");
         assert_eq!(kernel_family("convert_f32_bf16"), "conversion");
-        assert_eq!(kernel_family("layernorm_backward_params"), "norm");
+        assert_eq!(kernel_family("layernorm_backward"), "norm");
         assert_eq!(kernel_family("adamw_update"), "optimizer");
         assert_eq!(kernel_family("gelu_backward"), "elementwise");
         assert_eq!(kernel_family("bias_gelu_forward"), "elementwise");

@@ -596,7 +596,8 @@ pub struct MixMerge {
 
 /// out [B,H,T,d] = sum_s w[b,h,t,s] * state (`slot_mix_forward` over the states of the last
 /// [`forward`], which must have run with the same `wl`, `v`); with `merge`, also its
-/// [`MixMerge`] output.
+/// [`MixMerge`] output. `z`: null, or (tensor-core plans only) the refine's slot_out output
+/// [B,H,T,K], whose tanh (`tanh_forward`) the kernel takes as the weights and stores into `w`.
 #[allow(clippy::too_many_arguments)]
 pub fn mix<L: Device + ?Sized>(
     dev: &L,
@@ -607,10 +608,16 @@ pub fn mix<L: Device + ?Sized>(
     wl: Dv<f32>,
     v: Dv<f32>,
     merge: Option<MixMerge>,
+    z: Dv<f32>,
 ) -> Result<()> {
     let (nbh, t, nk, d) = (p.nbh(), p.t, p.k, p.d);
     assert_eq!(out.len, nbh * t * d, "fused mix: out shape");
     assert_eq!(w.len, nbh * t * nk, "fused mix: w shape");
+    assert!(z.is_null() || z.len == w.len, "fused mix: z shape");
+    assert!(
+        z.is_null() || p.tensor_cores,
+        "fused mix: tanh of z on tensor-core plans only"
+    );
     assert_eq!(wl.len, nbh * nk * t, "fused mix: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused mix: v shape");
     let merge_args = match merge {
@@ -631,7 +638,7 @@ pub fn mix<L: Device + ?Sized>(
         ],
     };
     if p.tensor_cores {
-        let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v), k(ws.den)];
+        let mut a = vec![k(out), k(w), k(z), k(wl), k(ws.rmax), k(v), k(ws.den)];
         a.extend_from_slice(&carry_args(ws));
         a.extend_from_slice(&p.dim_args());
         a.extend_from_slice(&merge_args);
@@ -651,8 +658,20 @@ pub fn mix<L: Device + ?Sized>(
     )
 }
 
+/// `tanh_backward` of the refine's signed slot weights, joined to [`dot`]: dz [B,H,T,K] +=
+/// dsw * (1 - sw^2), with its bf16 twin (nullable).
+#[derive(Clone, Copy, Debug)]
+pub struct TanhBack {
+    pub dz: Dv<f32>,
+    pub dz16: Dv<u16>,
+    /// [B,H,T,K] the weights tanh(z)
+    pub sw: Dv<f32>,
+}
+
 /// out [B,H,T,K] += x . state (the weight gradient of `slot_mix_backward` over the states of
-/// the last [`forward`]).
+/// the last [`forward`]); with `tanh` (tensor-core plans only) also its [`TanhBack`] on the
+/// updated out.
+#[allow(clippy::too_many_arguments)]
 pub fn dot<L: Device + ?Sized>(
     dev: &L,
     p: &FusedPlan,
@@ -661,16 +680,37 @@ pub fn dot<L: Device + ?Sized>(
     x: Dv<f32>,
     wl: Dv<f32>,
     v: Dv<f32>,
+    tanh: Option<TanhBack>,
 ) -> Result<()> {
     let (nbh, t, nk, d) = (p.nbh(), p.t, p.k, p.d);
     assert_eq!(out.len, nbh * t * nk, "fused dot: out shape");
     assert_eq!(x.len, nbh * t * d, "fused dot: x shape");
     assert_eq!(wl.len, nbh * nk * t, "fused dot: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused dot: v shape");
+    if let Some(tb) = &tanh {
+        assert!(
+            p.tensor_cores,
+            "fused dot: tanh_backward on tensor-core plans only"
+        );
+        assert!(
+            tb.dz.len == out.len && tb.sw.len == out.len,
+            "fused dot: dz, sw shape"
+        );
+        assert!(
+            tb.dz16.is_null() || tb.dz16.len == out.len,
+            "fused dot: dz16 shape"
+        );
+    }
     if p.tensor_cores {
+        let tb = tanh.unwrap_or(TanhBack {
+            dz: Dv::null(),
+            dz16: Dv::null(),
+            sw: Dv::null(),
+        });
         let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v), k(ws.den)];
         a.extend_from_slice(&carry_args(ws));
         a.extend_from_slice(&p.dim_args());
+        a.extend_from_slice(&[k(tb.dz), k(tb.dz16), k(tb.sw)]);
         return p.launch_tc(dev, "slot_scan_read_dot_bf16", &a);
     }
     let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v)];
@@ -1021,6 +1061,9 @@ impl FusedState {
     /// The refine's delta = sum_s sw * state, and with `merge` the layer's merged heads (see
     /// [`mix`]).
     #[allow(clippy::too_many_arguments)]
+    /// `z`: null, or the refine's slot_out output whose tanh the weights `w` are (stored
+    /// into `w`: by the tensor-core mix itself, else by `tanh_forward` before it).
+    #[allow(clippy::too_many_arguments)]
     pub fn mix<B: Backend>(
         &self,
         be: &B,
@@ -1029,14 +1072,21 @@ impl FusedState {
         wl: Dv<f32>,
         v: Dv<f32>,
         merge: Option<MixMerge>,
+        z: Dv<f32>,
     ) -> Result<()> {
         let (p, ws) = self.get()?;
-        mix(be, &p, &ws, out, w, wl, v, merge)
+        if !p.tensor_cores && !z.is_null() {
+            be.tanh_forward(w, z)?;
+            return mix(be, &p, &ws, out, w, wl, v, merge, Dv::null());
+        }
+        mix(be, &p, &ws, out, w, wl, v, merge, z)
     }
 
     /// The refine backward's state part: dsw [B,H,T,K] += ddelta . state. [`FusedState::backward`]
     /// then reads ddelta and dsw where they are (it adds sw * ddelta to the state gradient): the
     /// caller keeps both ranges alive and unchanged until then.
+    /// With `tanh`, also its [`TanhBack`] (in the tensor-core dot, else by `tanh_backward`
+    /// after it).
     pub fn refine_backward<B: Backend>(
         &mut self,
         be: &B,
@@ -1044,9 +1094,16 @@ impl FusedState {
         ddelta: Dv<f32>,
         wl: Dv<f32>,
         v: Dv<f32>,
+        tanh: Option<TanhBack>,
     ) -> Result<()> {
         let (p, ws) = self.get()?;
-        dot(be, &p, &ws, dsw, ddelta, wl, v)?;
+        match tanh {
+            Some(tb) if !p.tensor_cores => {
+                dot(be, &p, &ws, dsw, ddelta, wl, v, None)?;
+                be.tanh_backward(tb.dz, tb.sw, dsw, tb.dz16)?;
+            }
+            _ => dot(be, &p, &ws, dsw, ddelta, wl, v, tanh)?,
+        }
         self.refine_io = Some((ddelta, dsw));
         Ok(())
     }

@@ -525,6 +525,16 @@ impl GpuAsaLayer {
             .span(base, &[ids.wk_write, ids.wv_write, ids.wq_read])
     }
 
+    /// Whether the refine's tanh (forward and backward) rides in the fused mix and dot: signed
+    /// weights, the fused path, no slotspace mask between the tanh and the mix, and not the
+    /// intervene variant (its backward adds into dz first).
+    fn tanh_in_fused(&self, c_: &GpuAsaCache, ss_mask: bool) -> bool {
+        self.cfg.slotspace_signed_weights
+            && c_.fused.active()
+            && !ss_mask
+            && self.cfg.variant != Variant::Intervene
+    }
+
     /// The refine's slot_q, slot_k, slot_v as one [3M, M] range of `base` (weights or
     /// gradients) when they lie back to back: then one GEMM makes the three (None: three).
     fn slot_qkv_span(&self, base: Dv<f32>, p: &GpuParams) -> Option<Dv<f32>> {
@@ -818,9 +828,10 @@ impl GpuAsaLayer {
         if !c_.fused.active() {
             c_.rw16.converted(be, c_.rw.dv())?; // (the fused read writes rw's twin)
         }
+        // u is read by GEMMs only: with twins on, cuBLAS writes it in bf16 alone
         let u = c_.u.ensure(be, rows * m)?;
-        be.matmul_forward(u, c_.rw.dv(), p.p(ids.slot_in), Dv::null(), rows, nk, m)?;
-        c_.u16.converted(be, u)?;
+        let u16 = c_.u16.of(be, u)?;
+        be.matmul_forward_to_bf16((u, u16), c_.rw.dv(), p.p(ids.slot_in), rows, nk, m)?;
         // q | k | v side by side [rows, 3M]: one GEMM where their weights lie back to back,
         // else three merged
         let (_s, qkv) = tmp_uninit(be, 3 * rows * m)?;
@@ -884,19 +895,25 @@ impl GpuAsaLayer {
         let z = c_.z.ensure(be, rows * nk)?;
         be.matmul_forward(z, u2d, p.p(ids.slot_out), Dv::null(), rows, m, nk)?;
         let sw = c_.sw.ensure(be, rows * nk)?;
-        if cfg.slotspace_signed_weights {
+        let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
+        // the fused mix takes the tanh itself where nothing comes between
+        let tanh_in_mix = self.tanh_in_fused(c_, ss_mask.is_some());
+        if tanh_in_mix {
+            // (below)
+        } else if cfg.slotspace_signed_weights {
             be.tanh_forward(sw, z)?;
         } else {
             be.softmax_slots_forward(sw, z, nk)?;
         }
-        if let Some((keep, lpo)) = o.keep_where(SlotMaskWhere::SlotspaceOnly) {
+        if let Some((keep, lpo)) = ss_mask {
             let pre = c_.sw_pre.ensure(be, rows * nk)?;
             be.slot_mask_weights_forward(sw, pre, keep, lpo, !cfg.slotspace_signed_weights, dm)?;
         }
         let delta = c_.delta.ensure(be, rows * dm.d)?;
         if c_.fused.active() {
+            let z = if tanh_in_mix { z } else { Dv::null() };
             c_.fused
-                .mix(be, delta, sw, c_.wl.dv(), c_.v_h.dv(), merge)?;
+                .mix(be, delta, sw, c_.wl.dv(), c_.v_h.dv(), merge, z)?;
         } else {
             assert!(merge.is_none(), "only the fused mix merges");
             be.slot_mix_forward(delta, sw, c_.state.dv(), dm)?;
@@ -951,7 +968,11 @@ impl GpuAsaLayer {
             )
         })?;
         let (_s2, dout_h) = tmp_uninit(be, n * c)?; // split_heads stores every element
-        be.split_heads(dout_h, dmerged, b, t, h, d)?;
+                                                    // (the gate's backward splits the heads itself: the refine path but intervene)
+        let split_in_gate = self.ids.slotspace.is_some() && cfg.variant != Variant::Intervene;
+        if !split_in_gate {
+            be.split_heads(dout_h, dmerged, b, t, h, d)?;
+        }
 
         // the fused path never forms the state history nor its gradient
         let fused = c_.fused.active();
@@ -983,18 +1004,34 @@ impl GpuAsaLayer {
                 be.scalar_grad_add(gr(ids.gate), dgate.dv(), dgate_raw)?;
             } else {
                 let delta = c_.delta.dv();
-                be.gate_backward(ddelta, gr(ids.gate), dout_h, delta, gate, dgate_raw)?;
+                let dims = (b, t, h, d);
+                let dg = gr(ids.gate);
+                be.gate_backward_split(ddelta, dg, dout_h, dmerged, delta, gate, dgate_raw, dims)?;
             }
             let (s6, dsw) = tmp(be, rows * nk)?;
             refine_keep.push(s6);
+            let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
+            // dz's bf16 twin (slot_out's output gradient), written by tanh_backward (or by
+            // the fused dot that takes its place)
+            let mut dz16 = Twin::default();
+            let dz16 = if cfg.slotspace_signed_weights {
+                dz16.scoped(be, rows * nk)?
+            } else {
+                Dv::null()
+            };
+            let tanh_in_dot = self.tanh_in_fused(c_, ss_mask.is_some());
             if fused {
                 // dsw = ddelta . state; sw * ddelta joins the state gradient in the fused backward
+                let tanh = tanh_in_dot.then_some(super::fused::TanhBack {
+                    dz,
+                    dz16,
+                    sw: c_.sw.dv(),
+                });
                 c_.fused
-                    .refine_backward(be, dsw, ddelta, c_.wl.dv(), c_.v_h.dv())?;
+                    .refine_backward(be, dsw, ddelta, c_.wl.dv(), c_.v_h.dv(), tanh)?;
             } else {
                 be.slot_mix_backward(dsw, dstate, ddelta, c_.sw.dv(), c_.state.dv(), dm)?;
             }
-            let ss_mask = o.keep_where(SlotMaskWhere::SlotspaceOnly);
             let (_s7, dsw_pre, sw_pre) = match ss_mask {
                 Some((keep, lpo)) => {
                     let (s, dpre) = tmp(be, rows * nk)?;
@@ -1012,16 +1049,13 @@ impl GpuAsaLayer {
                 }
                 None => (None, dsw, c_.sw.dv()),
             };
-            // dz's bf16 twin (slot_out's output gradient), written by tanh_backward
-            let mut dz16 = Twin::default();
-            let dz16 = if cfg.slotspace_signed_weights {
-                let dz16 = dz16.scoped(be, rows * nk)?;
+            if tanh_in_dot {
+                // (done by the fused dot above)
+            } else if cfg.slotspace_signed_weights {
                 be.tanh_backward(dz, sw_pre, dsw_pre, dz16)?;
-                dz16
             } else {
                 be.softmax_slots_backward(dz, sw_pre, dsw_pre, nk)?;
-                Dv::null()
-            };
+            }
             let u2d = if c_.has_ss_drop {
                 c_.u2d.dv()
             } else {
@@ -1074,6 +1108,9 @@ impl GpuAsaLayer {
             let rope = self.refine_rope();
             super::refine::qkv_backward(be, (d3, d3_16), [dqf, dkf, dvs], [qs, ks], rope, shape)?;
             let (_h, du) = tmp_uninit(be, rows * m)?; // stored by the first GEMM below
+                                                      // du is read by slot_in's backward GEMMs only: with twins on, written in bf16 alone
+            let mut du16_buf = Twin::default();
+            let mut du16 = du16_buf.scoped(be, rows * m)?;
             let u = c_.u.dv();
             if let Some(w3) = self.slot_qkv_span(p.all(), p) {
                 // the fused GEMM's backward
@@ -1081,10 +1118,11 @@ impl GpuAsaLayer {
                     .slot_qkv_span(g, p)
                     .expect("gradients share the weights' layout");
                 be.with_bf16_twin(d3, d3_16, || {
-                    be.matmul_backward_store(du, g3, Dv::null(), d3, u, w3, rows, m, 3 * m)
+                    be.matmul_backward_store_to_bf16((du, du16), g3, d3, u, w3, rows, m, 3 * m)
                 })?;
             } else {
-                // three GEMMs over d3's thirds
+                du16 = Dv::null(); // three GEMMs add into an f32 du
+                                   // three GEMMs over d3's thirds
                 let (_q, dq) = tmp_uninit(be, rows * m)?;
                 let (_k, dk) = tmp_uninit(be, rows * m)?;
                 let (_v, dv) = tmp_uninit(be, rows * m)?;
@@ -1098,17 +1136,19 @@ impl GpuAsaLayer {
                     be.matmul_backward_beta(du, beta, gw, Dv::null(), dy, u, wt, rows, m, m)?;
                 }
             }
-            be.matmul_backward(
-                drw,
-                gr(ids.slot_in),
-                Dv::null(),
-                du,
-                c_.rw.dv(),
-                p.p(ids.slot_in),
-                rows,
-                nk,
-                m,
-            )?;
+            be.with_bf16_twin(du, du16, || {
+                be.matmul_backward(
+                    drw,
+                    gr(ids.slot_in),
+                    Dv::null(),
+                    du,
+                    c_.rw.dv(),
+                    p.p(ids.slot_in),
+                    rows,
+                    nk,
+                    m,
+                )
+            })?;
         }
 
         // read
@@ -1790,18 +1830,21 @@ impl<B: Backend> GpuLm<B> {
                 valid.sub(r0, r)
             };
             be.matmul_forward(lg, x, w, Dv::null(), r, c, v)?;
-            be.crossentropy_forward(lg, row_loss.dv().sub(r0, r), lg, tg, vl, r, v)?;
+            let rl = row_loss.dv().sub(r0, r);
             if let Some(dlnf) = dlnf {
                 let lg16 = if blk16.is_null() {
                     blk16
                 } else {
                     blk16.sub(0, r * v)
                 };
-                be.crossentropy_backward(lg, lg, tg, vl, scale, r, v, true, lg16)?;
+                // the row losses, and dlogits in place of the logits, in one pass
+                be.crossentropy_forward_backward(lg, rl, tg, vl, scale, r, v, lg16)?;
                 let dx = dlnf.sub(r0 * c, r * c);
                 be.with_bf16_twin(lg, lg16, || {
                     be.matmul_backward(dx, gw, Dv::null(), lg, x, w, r, c, v)
                 })?;
+            } else {
+                be.crossentropy_forward(lg, rl, lg, tg, vl, r, v)?;
             }
             r0 += r;
         }
@@ -1860,11 +1903,12 @@ impl<B: Backend> GpuLm<B> {
                 (dx, dx16)
             };
             let gd = if bc.dropped { bc.gd.dv() } else { bc.g.dv() };
+            // (mlp_3's bias gradient joins gelu_backward's launch below)
             be.with_bf16_twin(dm, dm16, || {
                 be.matmul_backward_store(
                     dgd,
                     gr(bid.mlp_3_w),
-                    bid.mlp_3_b.map(gr).unwrap_or_else(Dv::null),
+                    Dv::null(),
                     dm,
                     gd,
                     p.p(bid.mlp_3_w),
@@ -1880,9 +1924,14 @@ impl<B: Backend> GpuLm<B> {
             } else {
                 dgd
             };
-            // with the first MLP GEMM's bias gradient (the column sums of dh)
+            // with the first MLP GEMM's bias gradient (the column sums of dh) and, in the same
+            // launch, the second's (of dm)
             let dbias0 = bid.mlp_0_b.map(gr).unwrap_or_else(Dv::null);
-            be.gelu_backward(dh, bc.h.dv(), dg, dh16, dbias0)?;
+            let bias3 = match bid.mlp_3_b {
+                Some(id) => (gr(id), dm),
+                None => (Dv::null(), Dv::null()),
+            };
+            be.gelu_backward(dh, bc.h.dv(), dg, dh16, dbias0, bias3)?;
             be.with_bf16_twin(dh, dh16, || {
                 be.matmul_backward_store(
                     dln2,

@@ -50,6 +50,10 @@ pub struct Gemm {
     pub c: Dv<f32>,
     pub ldc: usize,
     pub beta: f32,
+    /// null, or where C is written instead, rounded to bf16 (beta 0, bf16 operands): C is then
+    /// an output that only bf16 GEMMs read, and `c` names the f32 range it stands for (not
+    /// written)
+    pub c16: Dv<u16>,
 }
 
 impl Gemm {
@@ -76,7 +80,22 @@ impl Gemm {
             c,
             ldc,
             beta,
+            c16: Dv::null(),
         }
+    }
+
+    /// C written as bf16 into `c16` (see [`Gemm::c16`]).
+    fn to_bf16(mut self, c16: Dv<u16>) -> Gemm {
+        assert!(
+            c16.is_null() || c16.len == self.c.len,
+            "GEMM: bf16 output shape"
+        );
+        assert!(
+            c16.is_null() || self.beta == 0.0,
+            "GEMM: a bf16 output is stored, not added to"
+        );
+        self.c16 = c16;
+        self
     }
 }
 
@@ -415,28 +434,26 @@ pub trait Ops: Device {
             return Ok(());
         }
         let (ni, ci) = (i32_of("N", n)?, i32_of("C", c)?);
-        self.launch(
-            "layernorm_backward",
-            self.cfg_warps(n)?,
-            &[
-                k(dinp),
-                k(dout),
-                k(inp),
-                k(weight),
-                k(mean),
-                k(rstd),
-                k(ni),
-                k(ci),
-                k(dinp16),
-            ],
-        )?;
+        // one launch: the parameter gradients' column-tile x row-chunk blocks (as
+        // `colsum_add`'s grid, flattened), then dinp's rows, 4 a block (one warp a row)
         let (cfg, chunks) = colsum_cfg(n, c)?;
+        let tiles = cfg.grid_dim.0;
+        let blocks = u64::from(tiles) * chunks as u64 + n.div_ceil(4) as u64;
+        let blocks = u32::try_from(blocks).map_err(|_| {
+            AsaError::Device(format!("layernorm_backward of {n} rows: grid too large"))
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let pw = self.scratch64(chunks * c, false)?;
         let pb = self.scratch64(chunks * c, true)?;
         self.launch(
-            "layernorm_backward_params",
+            "layernorm_backward",
             cfg,
             &[
+                k(dinp),
                 k(dweight),
                 k(dbias),
                 k(pw),
@@ -444,11 +461,14 @@ pub trait Ops: Device {
                 k(self.tickets()?),
                 k(dout),
                 k(inp),
+                k(weight),
                 k(mean),
                 k(rstd),
                 k(ni),
                 k(ci),
                 k(COLSUM_ROWS as i32),
+                k(tiles as i32),
+                k(dinp16),
             ],
         )
     }
@@ -494,6 +514,97 @@ pub trait Ops: Device {
             (out, o),
             beta,
         ))
+    }
+
+    /// [`Ops::matmul_forward`] without bias for an output that only bf16 GEMMs read: with
+    /// `out16` (its twin; non-null only with the device's twins on, see
+    /// [`Device::bf16_twins`]) cuBLAS writes the bf16 rounding of out straight into it and
+    /// `out` itself is not written (no f32 output, no conversion after); else into `out`.
+    fn matmul_forward_to_bf16(
+        &self,
+        (out, out16): (Dv<f32>, Dv<u16>),
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        if out16.is_null() {
+            return self.matmul_forward(out, inp, weight, Dv::null(), n, i, o);
+        }
+        assert!(
+            bf16_converted(self),
+            "matmul_forward_to_bf16: bf16 GEMMs only"
+        );
+        assert_eq!(out.len, n * o, "matmul_forward: out shape");
+        assert_eq!(inp.len, n * i, "matmul_forward: inp shape");
+        assert_eq!(weight.len, o * i, "matmul_forward: weight shape");
+        if n == 0 || o == 0 {
+            return Ok(());
+        }
+        let g = Gemm::new(
+            Op::T,
+            Op::N,
+            (o, n, i),
+            (weight, i),
+            (inp, i),
+            (out, o),
+            0.0,
+        );
+        self.gemm(&g.to_bf16(out16))
+    }
+
+    /// [`Ops::matmul_backward_store`] without bias for a dinp that only bf16 GEMMs read: with
+    /// `dinp16` non-null (as in [`Ops::matmul_forward_to_bf16`]) dinp is written only as its
+    /// bf16 rounding, into `dinp16`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_store_to_bf16(
+        &self,
+        (dinp, dinp16): (Dv<f32>, Dv<u16>),
+        dweight: Dv<f32>,
+        dout: Dv<f32>,
+        inp: Dv<f32>,
+        weight: Dv<f32>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        if dinp16.is_null() {
+            return self.matmul_backward_store(
+                dinp,
+                dweight,
+                Dv::null(),
+                dout,
+                inp,
+                weight,
+                n,
+                i,
+                o,
+            );
+        }
+        assert!(
+            bf16_converted(self),
+            "matmul_backward_store_to_bf16: bf16 GEMMs only"
+        );
+        assert_eq!(dinp.len, n * i, "matmul_backward: dinp shape");
+        assert_eq!(dout.len, n * o, "matmul_backward: dout shape");
+        assert_ne!(dinp.ptr, dout.ptr, "matmul_backward: dinp aliases dout");
+        // dout is an operand of both
+        self.with_bf16(dout, || {
+            // dinp^T [I,N] = W^T [I,O] x dout^T [O,N], in bf16
+            let g = Gemm::new(
+                Op::N,
+                Op::N,
+                (i, n, o),
+                (weight, i),
+                (dout, o),
+                (dinp, i),
+                0.0,
+            );
+            self.gemm(&g.to_bf16(dinp16))?;
+            let null = Dv::null();
+            self.matmul_backward_beta(null, 1.0, dweight, null, dout, inp, weight, n, i, o)
+        })
     }
 
     /// bf16 GEMMs: `twin`, the bf16 rounding of `x` that `x`'s producer wrote beside it, serves
@@ -723,11 +834,11 @@ pub trait Ops: Device {
         )
     }
 
-    /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros); dinp16: null, or the
-    /// bf16 twin of dinp.
-    /// dinp = dout * gelu'(inp) (stored), dinp16: null or its bf16 twin; dbias: null, or [C]
-    /// += the column sums of dinp [N,C] (the bias gradient of the GEMM that made inp, in the
-    /// same pass: `gelu_backward_colsum`, one launch with its reduction).
+    /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros), dinp16: null or its
+    /// bf16 twin; dbias: null, or [C] += the column sums of dinp [N,C] (the bias gradient of
+    /// the GEMM that made inp, in the same pass: `gelu_backward_colsum`, one launch with its
+    /// reduction). `(dbias2, x2)`: nulls, or dbias2 [C2] += the column sums of x2 [N,C2] (the
+    /// next GEMM's bias gradient, an independent job that joins the same launch).
     fn gelu_backward(
         &self,
         dinp: Dv<f32>,
@@ -735,16 +846,31 @@ pub trait Ops: Device {
         dout: Dv<f32>,
         dinp16: Dv<u16>,
         dbias: Dv<f32>,
+        (dbias2, x2): (Dv<f32>, Dv<f32>),
     ) -> Result<()> {
         assert_eq!(dinp.len, inp.len, "gelu_backward: shape");
         assert_eq!(dout.len, inp.len, "gelu_backward: shape");
         twin16("gelu_backward", dinp, dinp16);
+        assert_eq!(
+            dbias2.is_null(),
+            x2.is_null(),
+            "gelu_backward: dbias2 without x2"
+        );
         if dbias.is_null() {
-            return self.launch(
+            self.launch(
                 "gelu_backward",
                 self.cfg_elems(inp.len),
                 &[k(dinp), k(inp), k(dout), k(inp.len as i64), k(dinp16)],
-            );
+            )?;
+            if !dbias2.is_null() {
+                let c2 = dbias2.len;
+                assert!(
+                    c2 > 0 && x2.len.is_multiple_of(c2),
+                    "gelu_backward: dbias2 shape"
+                );
+                self.colsum_add(dbias2, x2, x2.len / c2, c2)?;
+            }
+            return Ok(());
         }
         let c = dbias.len;
         assert!(
@@ -755,8 +881,23 @@ pub trait Ops: Device {
         if n == 0 {
             return Ok(());
         }
-        let (cfg, chunks) = colsum_cfg(n, c)?;
+        let (mut cfg, chunks) = colsum_cfg(n, c)?;
         let part = self.scratch64(chunks * c, false)?;
+        let (c2, part2) = if dbias2.is_null() {
+            (0, Dv::null())
+        } else {
+            let c2 = dbias2.len;
+            assert_eq!(x2.len, n * c2, "gelu_backward: x2 shape");
+            let (cfg2, _) = colsum_cfg(n, c2)?;
+            cfg.grid_dim.0 += cfg2.grid_dim.0;
+            if cfg.grid_dim.0 as usize > super::TICKETS {
+                return Err(AsaError::Device(format!(
+                    "gelu_backward: {} column tiles exceed the tickets",
+                    cfg.grid_dim.0
+                )));
+            }
+            (c2, self.scratch64(chunks * c2, true)?)
+        };
         self.launch(
             "gelu_backward_colsum",
             cfg,
@@ -771,6 +912,10 @@ pub trait Ops: Device {
                 k(i32_of("C", c)?),
                 k(COLSUM_ROWS as i32),
                 k(dinp16),
+                k(dbias2),
+                k(part2),
+                k(x2),
+                k(i32_of("C2", c2)?),
             ],
         )
     }
@@ -900,6 +1045,56 @@ pub trait Ops: Device {
             k(dy.len as i64),
         ];
         self.launch("gate_backward", cfg, &args)
+    }
+
+    /// `split_heads` of merged [B,T,H*d] into out_h [B,H,T,d] and [`Ops::gate_backward`] on it
+    /// (dy = out_h) in one pass: ddelta [B,H,T,d] = gate * out_h (stored), dgrad[0] +=
+    /// (f32)(factor * sum(out_h * delta)) (f64, fixed order).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_backward_split(
+        &self,
+        ddelta: Dv<f32>,
+        dgrad: Dv<f32>,
+        out_h: Dv<f32>,
+        merged: Dv<f32>,
+        delta: Dv<f32>,
+        gate: f64,
+        factor: f64,
+        (b, t, h, d): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let n = b * t * h * d;
+        assert_eq!(merged.len, n, "gate_backward_split: merged shape");
+        assert_eq!(out_h.len, n, "gate_backward_split: out_h shape");
+        assert_eq!(delta.len, n, "gate_backward_split: delta shape");
+        assert_eq!(ddelta.len, n, "gate_backward_split: ddelta shape");
+        assert_eq!(dgrad.len, 1, "gate_backward_split: dgrad shape");
+        if n == 0 {
+            return Ok(());
+        }
+        // a block per row (b, t) as split_heads, at most 1,024 (grid-stride): one partial each
+        let nb = (b * t).min(1024);
+        let part = self.scratch64(nb, true)?;
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            k(ddelta),
+            k(dgrad),
+            k(part),
+            k(self.tickets()?),
+            k(out_h),
+            k(merged),
+            k(delta),
+            k(gate),
+            k(factor),
+            k(i32_of("B", b)?),
+            k(i32_of("T", t)?),
+            k(i32_of("H", h)?),
+            k(i32_of("d", d)?),
+        ];
+        self.launch("gate_backward_split", cfg, &args)
     }
 
     /// out[0] = sum of part (fixed order), or its square root.
@@ -1042,6 +1237,65 @@ pub trait Ops: Device {
                 k(valid),
                 k(n as i32),
                 k(i32_of("V", v)?),
+                k(0i32),
+                k(0f32),
+                k(Dv::<u16>::null()),
+            ],
+        )
+    }
+
+    /// The classifier's loss and its gradient in one pass (`crossentropy_forward`, then
+    /// `crossentropy_backward` in place): row_loss as `crossentropy_forward`; logits [N,V] is
+    /// overwritten by dlogits = scale * (probs - onehot) on counted rows, 0 on the others;
+    /// dlogits16: null, or its bf16 twin.
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_forward_backward(
+        &self,
+        logits: Dv<f32>,
+        row_loss: Dv<f64>,
+        targets: Dv<i64>,
+        valid: Dv<u8>,
+        scale: f32,
+        n: usize,
+        v: usize,
+        dlogits16: Dv<u16>,
+    ) -> Result<()> {
+        twin16("crossentropy_forward_backward", logits, dlogits16);
+        assert_eq!(
+            logits.len,
+            n * v,
+            "crossentropy_forward_backward: logits shape"
+        );
+        assert_eq!(
+            targets.len, n,
+            "crossentropy_forward_backward: targets shape"
+        );
+        assert!(
+            row_loss.len >= n,
+            "crossentropy_forward_backward: row_loss shape"
+        );
+        if n == 0 || v == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("rows", n)? as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "crossentropy_forward",
+            cfg,
+            &[
+                k(logits),
+                k(row_loss),
+                k(logits),
+                k(targets),
+                k(valid),
+                k(n as i32),
+                k(i32_of("V", v)?),
+                k(1i32),
+                k(scale),
+                k(dlogits16),
             ],
         )
     }
@@ -2302,6 +2556,13 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
     let Some((aptr, bptr, converted)) = gemm_operands(be, g)? else {
         return Ok(());
     };
+    // C in f32, or (bf16 operands) rounded to bf16 into c16
+    let (cptr, ctype) = if g.c16.is_null() {
+        (c.ptr, cudaDataType_t::CUDA_R_32F)
+    } else {
+        assert!(converted, "cuBLAS GEMM: a bf16 output needs bf16 operands");
+        (g.c16.ptr, cudaDataType_t::CUDA_R_16BF)
+    };
     let op = |o: Op| match o {
         Op::N => cublasOperation_t::CUBLAS_OP_N,
         Op::T => cublasOperation_t::CUBLAS_OP_T,
@@ -2351,8 +2612,8 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
             dtype,
             ldbi,
             (&beta) as *const f32 as *const _,
-            c.ptr as *mut _,
-            cudaDataType_t::CUDA_R_32F,
+            cptr as *mut _,
+            ctype,
             ldci,
             compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
