@@ -111,6 +111,62 @@ pub struct KernelCostReport {
     pub step: StepRow,
     /// the first step, which also grows the workspaces
     pub first_step: StepRow,
+    /// whether the steady step could be captured once as a CUDA graph and replayed
+    pub replay: Replay,
+}
+
+/// Two steady steps compared request by request (launch shape and arguments, GEMMs, memsets,
+/// copies, transfers' addresses): a CUDA graph captured from one step replays exactly its
+/// requests with its arguments, so every request that differs in the next step (a scalar
+/// computed on the host per step, a buffer that moved, a changed sequence) keeps the step
+/// from being replayed as it is.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replay {
+    /// the steady step's requests
+    pub requests: usize,
+    /// requests of the next step that differ at their position (all past the shorter
+    /// sequence when the lengths differ)
+    pub differing: usize,
+    /// the differing requests by kernel (or request kind)
+    pub differing_by_kernel: BTreeMap<String, usize>,
+}
+
+impl Replay {
+    fn of(a: &StepCounts, b: &StepCounts) -> Replay {
+        let mut by = BTreeMap::new();
+        let n = a.calls.len().max(b.calls.len());
+        for i in 0..n {
+            let (x, y) = (a.calls.get(i), b.calls.get(i));
+            if x != y {
+                let name = x.or(y).and_then(|c| c.split(' ').next()).unwrap_or("?");
+                *by.entry(name.to_string()).or_insert(0) += 1;
+            }
+        }
+        Replay {
+            requests: a.calls.len(),
+            differing: by.values().sum(),
+            differing_by_kernel: by,
+        }
+    }
+
+    /// The table's cell: "yes", or what differs.
+    fn summary(&self) -> String {
+        if self.differing == 0 {
+            return format!(
+                "yes: the next step makes the same {} requests",
+                self.requests
+            );
+        }
+        let mut v: Vec<(&String, &usize)> = self.differing_by_kernel.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let list: Vec<String> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        format!(
+            "no: {} of {} requests differ in the next step ({})",
+            self.differing,
+            self.requests,
+            list.join(", ")
+        )
+    }
 }
 
 /// The architectures the occupancy limits are known for: (name, NVRTC target, limits).
@@ -219,6 +275,8 @@ pub fn run(o: &BenchOptions, arch: &str, peaks: &GpuPeaks) -> Result<KernelCostR
     };
     let first = step()?;
     let steady = step()?;
+    let next = step()?;
+    let replay = Replay::of(&steady, &next);
 
     let (res, resources, mixes, sass_src) = static_columns(nvrtc_arch, arch);
     let bf16 = o.precision == cuda::Precision::Bf16;
@@ -242,6 +300,7 @@ pub fn run(o: &BenchOptions, arch: &str, peaks: &GpuPeaks) -> Result<KernelCostR
         step: StepRow::new(&steady, &kernels, Overheads::of(peaks, &steady)),
         first_step: StepRow::new(&first, &first_rows, Overheads::of(peaks, &first)),
         kernels,
+        replay,
     })
 }
 
@@ -451,6 +510,10 @@ pub fn table(rep: &KernelCostReport) -> String {
         s += &format!("| {what} | {x} | {y} |\n");
     }
     s += &format!(
+        "| replayable as a CUDA graph (same requests and arguments as the next step) | - | {} |\n",
+        rep.replay.summary()
+    );
+    s += &format!(
         "\n| predicted on an {} (ms) | first step | steady state |\n| --- | --- | --- |\n",
         rep.gpu.name
     );
@@ -521,7 +584,12 @@ mod tests {
         };
         let first = step();
         let (s2, s3) = (step(), step());
-        assert_eq!(s2, s3, "two steady-state steps differ");
+        // the counts (the requests' arguments may hold per-step scalars: `replay_...` below)
+        let counts = |s: &StepCounts| StepCounts {
+            calls: Vec::new(),
+            ..s.clone()
+        };
+        assert_eq!(counts(&s2), counts(&s3), "two steady-state steps differ");
 
         let (c, h, k, m) = (
             cfg.embed_dim as f64,
@@ -565,6 +633,54 @@ mod tests {
             "cached {} bytes for a peak of {}",
             s2.temp_footprint_bytes,
             s2.temp_peak_bytes
+        );
+    }
+
+    /// Two steady steps make the same requests in the same order, on the same addresses (the
+    /// temporaries' cache hands out the lowest free address of a size; the scratch buffers stay
+    /// put): what differs between them is only scalar arguments computed on the host per step,
+    /// and those are exactly the ones `Replay` names. Mutation-checked: a counting device whose
+    /// scratch moves fails here (the cache's order: `the_temp_cache_hands_out_the_lowest_free_address`).
+    #[test]
+    fn replay_steady_steps_differ_only_in_host_scalars() {
+        let mut o = small();
+        o.precision = cuda::Precision::Bf16;
+        let cfg = &o.model;
+        let (_, params) = Lm::new(cfg).unwrap();
+        let mut gpu =
+            GpuLm::with_backend(CountingDevice::new(H100_SMS), cfg, &params, o.precision).unwrap();
+        let (inp, tgt) = bench::random_batch(cfg.vocab_size, o.batch, o.seq_len, 1);
+        let mut step = || {
+            gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
+                .unwrap();
+            gpu.backend().take()
+        };
+        let _first = step();
+        let (s2, s3) = (step(), step());
+        assert_eq!(s2.calls.len(), s3.calls.len());
+        let scalar = |w: &str| w.contains("F32(") || w.contains("F64(");
+        let mut differ = 0;
+        for (a, b) in s2.calls.iter().zip(&s3.calls) {
+            if a == b {
+                continue;
+            }
+            differ += 1;
+            for (x, y) in a.split(' ').zip(b.split(' ')) {
+                assert!(x == y || scalar(x), "not a scalar: {x} -> {y}\n{a}\n{b}");
+            }
+        }
+        let r = Replay::of(&s2, &s3);
+        assert_eq!(r.differing, differ);
+        assert_eq!(r.requests, s2.calls.len());
+        // AdamW's step scalars change every step
+        assert_eq!(r.differing_by_kernel.get("adamw_update"), Some(&1));
+        assert!(r.summary().starts_with("no: "), "{}", r.summary());
+        assert_eq!(
+            Replay::of(&s2, &s2).summary(),
+            format!(
+                "yes: the next step makes the same {} requests",
+                s2.calls.len()
+            )
         );
     }
 

@@ -93,6 +93,10 @@ pub struct StepCounts {
     pub copy_bytes: u64,
     /// bytes read and written by f32 -> bf16 conversions of GEMM operands
     pub bytes_converted: u64,
+    /// every request in order, with its launch shape and arguments (device addresses, scalars;
+    /// not the bytes uploaded): what a CUDA graph captured from one step would replay
+    #[serde(skip)]
+    pub calls: Vec<String>,
 }
 
 impl StepCounts {
@@ -108,8 +112,9 @@ pub struct CountingDevice {
     next_ptr: Cell<u64>,
     precision: Cell<Precision>,
     sm_count: usize,
-    /// sizes (bytes) of the backend's four grow-on-demand scratch buffers and its ticket counters
-    scratch: RefCell<[usize; 5]>,
+    /// sizes (bytes) and addresses of the backend's four grow-on-demand scratch buffers and its
+    /// ticket counters
+    scratch: RefCell<[(usize, u64); 5]>,
     /// downloads so far (their values follow it)
     served: Cell<u64>,
     /// the CUDA backend's cache of freed temporaries, so that a cached request is not counted
@@ -127,7 +132,7 @@ impl CountingDevice {
             next_ptr: Cell::new(1 << 32),
             precision: Cell::new(Precision::F32),
             sm_count: sm_count.max(1),
-            scratch: RefCell::new([0; 5]),
+            scratch: RefCell::new([(0, 0); 5]),
             served: Cell::new(0),
             temps: Rc::new(TempCache::default()),
             bf16_copy: Bf16Copy::default(),
@@ -173,15 +178,14 @@ impl CountingDevice {
 
     fn scratch_range<T>(&self, cell: usize, n: usize) -> Dv<T> {
         let bytes = n.max(1) * std::mem::size_of::<T>();
-        let grow = self.scratch.borrow()[cell] < bytes;
-        if grow {
-            self.scratch.borrow_mut()[cell] = bytes;
-        }
-        // a grown scratch is a new allocation, as in the CUDA backend
-        let p = if grow {
-            self.alloc(bytes)
+        let (size, at) = self.scratch.borrow()[cell];
+        // a grown scratch is a new allocation, as in the CUDA backend; else the same range
+        let p = if size < bytes {
+            let p = self.alloc(bytes);
+            self.scratch.borrow_mut()[cell] = (bytes, p);
+            p
         } else {
-            self.fake(0)
+            at
         };
         // SAFETY: the address is never dereferenced (nothing executes on this device).
         unsafe { Dv::from_raw(p, n) }
@@ -205,6 +209,10 @@ impl Device for CountingDevice {
         if name == "convert_f32_bf16" {
             c.bytes_converted += bytes;
         }
+        c.calls.push(format!(
+            "{name} {g:?} {b:?} {} {args:?}",
+            cfg.shared_mem_bytes
+        ));
         let k = c.kernels.entry(name.to_string()).or_default();
         k.launches += 1;
         k.blocks += g.0 as u64 * g.1 as u64 * g.2 as u64;
@@ -251,6 +259,8 @@ impl Device for CountingDevice {
         let bytes = n.max(1) * std::mem::size_of::<T>();
         let t = self.cached::<T>(n)?;
         let mut c = self.counts.borrow_mut(); // zeroed
+        c.calls
+            .push(format!("memset {:#x} {}", super::AsDv::dv(&t).ptr, n));
         c.memsets += 1;
         c.memset_bytes += bytes as u64;
         Ok(t)
@@ -260,6 +270,11 @@ impl Device for CountingDevice {
         let bytes = std::mem::size_of_val(x);
         let t = self.cached::<T>(x.len())?;
         let mut c = self.counts.borrow_mut();
+        c.calls.push(format!(
+            "upload (new) {} x {} bytes",
+            x.len(),
+            std::mem::size_of::<T>()
+        ));
         c.uploads += 1;
         c.upload_bytes += bytes as u64;
         c.host_syncs += 1;
@@ -269,6 +284,7 @@ impl Device for CountingDevice {
     fn memset_zero<T>(&self, x: Dv<T>) -> Result<()> {
         if x.len > 0 {
             let mut c = self.counts.borrow_mut();
+            c.calls.push(format!("memset {:#x} {}", x.ptr, x.len));
             c.memsets += 1;
             c.memset_bytes += (x.len * std::mem::size_of::<T>()) as u64;
         }
@@ -277,6 +293,7 @@ impl Device for CountingDevice {
 
     fn download<T: Elem>(&self, x: Dv<T>) -> Result<Vec<T>> {
         let mut c = self.counts.borrow_mut();
+        c.calls.push(format!("download {:#x} {}", x.ptr, x.len));
         c.downloads += 1;
         c.host_syncs += 1;
         // floats: a value of this download's own (see the module docs); other types: 0
@@ -295,6 +312,7 @@ impl Device for CountingDevice {
     fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> Result<()> {
         assert!(x.len() <= dst.len, "upload_into: {} > {}", x.len(), dst.len);
         let mut c = self.counts.borrow_mut();
+        c.calls.push(format!("upload {:#x} {}", dst.ptr, x.len()));
         c.uploads += 1;
         c.upload_bytes += std::mem::size_of_val(x) as u64;
         c.host_syncs += 1;
@@ -309,6 +327,8 @@ impl Device for CountingDevice {
             dst.len
         );
         let mut c = self.counts.borrow_mut();
+        c.calls
+            .push(format!("upload (queued) {:#x} {}", dst.ptr, x.len()));
         c.async_uploads += 1;
         c.upload_bytes += std::mem::size_of_val(x) as u64;
         Ok(())
@@ -318,6 +338,8 @@ impl Device for CountingDevice {
         assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
         if src.len > 0 {
             let mut c = self.counts.borrow_mut();
+            c.calls
+                .push(format!("copy {:#x} <- {:#x} {}", dst.ptr, src.ptr, src.len));
             c.copies += 1;
             c.copy_bytes += 4 * src.len as u64;
         }
@@ -326,6 +348,7 @@ impl Device for CountingDevice {
 
     fn sync(&self) -> Result<()> {
         let mut c = self.counts.borrow_mut();
+        c.calls.push("sync".into());
         c.syncs += 1;
         c.host_syncs += 1;
         Ok(())
@@ -361,6 +384,7 @@ impl Device for CountingDevice {
     fn gemm(&self, g: &Gemm) -> Result<()> {
         if ops::gemm_operands(self, g)?.is_some() {
             let mut c = self.counts.borrow_mut();
+            c.calls.push(format!("cublas_gemm {g:?}"));
             c.gemms += 1;
             c.gemm_flops += 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
             let shape = GemmShape {

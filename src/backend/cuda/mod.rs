@@ -516,7 +516,9 @@ pub struct TempCache {
 impl TempCache {
     /// A temporary of `n` elements addressed by `ptr(&keep)`: a cached allocation of its size
     /// (`n` elements, at least one) when there is one, else `alloc(bytes)` (after emptying the
-    /// cache if the first try fails).
+    /// cache if the first try fails). Of several cached ones it takes the lowest address, so
+    /// that a step that starts with the same buffers free and asks for the same sizes in the
+    /// same order gets the same addresses (a captured CUDA graph replays them).
     pub fn take<T>(
         self: &Rc<Self>,
         n: usize,
@@ -524,7 +526,10 @@ impl TempCache {
         ptr: impl Fn(&dyn std::any::Any) -> u64,
     ) -> Result<Temp<T>> {
         let bytes = n.max(1) * std::mem::size_of::<T>();
-        let cached = self.free.borrow_mut().get_mut(&bytes).and_then(|v| v.pop());
+        let cached = self.free.borrow_mut().get_mut(&bytes).and_then(|v| {
+            let i = (0..v.len()).min_by_key(|&i| ptr(v[i].as_ref()))?;
+            Some(v.swap_remove(i))
+        });
         let keep = match cached {
             Some(k) => {
                 self.held.set(self.held.get() - bytes);
@@ -1410,5 +1415,29 @@ mod tests {
         assert_eq!(cache.peak_in_use_bytes(), 600);
         drop(b);
         assert_eq!(cache.footprint_bytes(), 400);
+    }
+
+    /// Of several free allocations of a size the lowest address comes first, whatever order
+    /// they were freed in: the same requests after the same frees get the same addresses.
+    #[test]
+    fn the_temp_cache_hands_out_the_lowest_free_address() {
+        let cache = Rc::new(TempCache::default());
+        let dev = Fake {
+            next: std::cell::Cell::new(4096),
+            used: std::cell::Cell::new(0),
+            limit: 1 << 20,
+        };
+        let mut ts: Vec<Option<Temp<f32>>> = (0..3)
+            .map(|_| Some(dev.take(&cache, 10).unwrap()))
+            .collect();
+        let ps: Vec<u64> = ts.iter().map(|t| t.as_ref().unwrap().dv().ptr).collect();
+        assert!(ps[0] < ps[1] && ps[1] < ps[2]);
+        for i in [0, 2, 1] {
+            ts[i] = None; // freed in this order: last in, first out would give ps[1] first
+        }
+        let again: Vec<Temp<f32>> = (0..3).map(|_| dev.take(&cache, 10).unwrap()).collect();
+        let got: Vec<u64> = again.iter().map(|t| t.dv().ptr).collect();
+        assert_eq!(got, ps);
+        assert_eq!(dev.used.get(), 120, "no new allocation");
     }
 }
