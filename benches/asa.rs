@@ -26,7 +26,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use asa::backend::cpu::asa::{ReadMask, SlotDims};
 use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
 use asa::backend::cuda::linear::{tiled_smem, LinearAlgo};
-use asa::backend::cuda::ops::{DevRouting, DevSlotMask};
+use asa::backend::cuda::ops::{DevRouting, DevSlotMask, Learned};
 use asa::backend::cuda::{
     self, model::GpuLayerRunner, AsDv, CudaBackend, Device, Dv, GpuLm, Ops, Precision,
 };
@@ -253,7 +253,7 @@ fn bench_scan_forward(cr: &mut Criterion) {
             v: v.dv(),
             q: q.dv(),
             keys: keys.dv(),
-            gamma: 0.5,
+            gamma: Learned::value(0.5),
             rtemp: 1.0,
             mask,
             content: true,

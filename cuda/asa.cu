@@ -208,8 +208,7 @@ extern "C" __global__ void l2normalize_backward(float* dinp, const float* dout, 
 // learned strength (raw non-null), else (float)init.
 __device__ __forceinline__ float alibi_strength(const float* raw, double init, double min_strength) {
     if (!raw) return (float)init;
-    const double x = (double)raw[0];
-    return (float)((x > 20.0 ? x : log1p(exp(x))) + min_strength);
+    return (float)(asa_softplus((double)raw[0]) + min_strength);
 }
 
 // raw = slot_keys . k / sqrt(d) (f64 dot); wl = raw / wtemp + bias[h] * t, -inf where the
@@ -307,7 +306,8 @@ extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, co
 // dkeys [H,K,d] += sum over b (in order) of (f32) pkeys[b] (the CPU's per-(b,h) partials);
 // then, each nullable: dparam[i] += dkeys[i] * keep[i / d] (the slot keys parameter's gradient
 // through the slot dropout, keep [H*K]) and dalibi[0] += (f32)(factor * sum_h slopes[h] *
-// sum_{b,s} pbias[b,h,s]) (the learned ALiBi strength's; factor = sigmoid(raw)).
+// sum_{b,s} pbias[b,h,s]) (the learned ALiBi strength's; factor = sigmoid(raw), by value or
+// from the step's scalar block: `asa_step_factor`).
 __device__ __forceinline__ void wl_keys_finish(unsigned* ticket, float* dkeys, const double* pkeys, float* dparam,
                                                const float* keep, float* dalibi, const double* pbias,
                                                const float* slopes, double factor, int b, int h, int nk,
@@ -340,7 +340,8 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
                                                       const float* k, float wtemp, const unsigned char* valid,
                                                       int b, int h, int t, int nk, int d, unsigned* ticket,
                                                       float* dkeys, float* dparam, const float* keep,
-                                                      float* dalibi, const float* slopes, double factor) {
+                                                      float* dalibi, const float* slopes, double factor,
+                                                      const double* alibi_at) {
     double scale = 1.0 / sqrt((double)d);
     double gscale = scale / (double)wtemp;
     ASA_GRID_LOOP(i, (i64)b * h * nk * d) {
@@ -374,7 +375,8 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
         pkeys[i] = acc;
         if (pbias && j == 0) pbias[r] = accb;
     }
-    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, factor, b, h, nk, d);
+    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, asa_step_factor(factor, alibi_at),
+                   b, h, nk, d);
 }
 
 // write_logits_backward_keys on tensor cores (Precision::Bf16): the same partials, pkeys[b,h] =
@@ -391,7 +393,7 @@ extern "C" __global__ void __launch_bounds__(256)
     write_logits_backward_keys_bf16(double* pkeys, double* pbias, const float* dwl, const float* k, float wtemp,
                                     const unsigned char* valid, int b, int h, int t, int nk, int d,
                                     unsigned* ticket, float* dkeys, float* dparam, const float* keep,
-                                    float* dalibi, const float* slopes, double factor) {
+                                    float* dalibi, const float* slopes, double factor, const double* alibi_at) {
     ASA_DYN_SHARED(float, wk_smem);
     const i64 bh = blockIdx.x, bi = bh / h;
     const int Kp = (nk + 15) & ~15, dp = (d + 15) & ~15, lg = WK_CHUNK + 1, lx = dp + 1;
@@ -444,7 +446,8 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     if (pbias)
         for (int s = threadIdx.x; s < nk; s += blockDim.x) pbias[bh * nk + s] = pb;
-    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, factor, b, h, nk, d);
+    wl_keys_finish(ticket, dkeys, pkeys, dparam, keep, dalibi, pbias, slopes, asa_step_factor(factor, alibi_at),
+                   b, h, nk, d);
 }
 
 // dst [H*X] += sum over b of (f32) part[b, H*X], b in order (the CPU's per-(b,h) partials).

@@ -126,6 +126,17 @@ __device__ __forceinline__ bool asa_last_block(unsigned* ticket, unsigned blocks
 // A load that bypasses the (non-coherent) L1 cache: partials written by other blocks.
 __device__ __forceinline__ double asa_ld_cg(const double* p) { return *(const volatile double*)p; }
 
+// softplus in f64 (the CPU's `softplus`: x above 20 as is).
+__device__ __forceinline__ double asa_softplus(double x) { return x > 20.0 ? x : log1p(exp(x)); }
+
+// A scalar that the host computes each step from a learned parameter (`Learned` in
+// src/backend/cuda/ops.rs: the content-read gamma, the refine gate, the ALiBi strength's
+// gradient factor): read from the step's scalar block on the device when `at` is given (at[0]
+// the value, at[1] d value / d raw; uploaded with the step's batch), so that a replayed CUDA
+// graph reads this step's; else the value passed by argument.
+__device__ __forceinline__ float asa_step_value(float value, const double* at) { return at ? (float)at[0] : value; }
+__device__ __forceinline__ double asa_step_factor(double factor, const double* at) { return at ? at[1] : factor; }
+
 // The traversal of the RoPE kernels and the refine's qkv stages (launch shape: `pair_cfg` in
 // src/backend/cuda/refine.rs): blocks of threads over (position, pair) of `rows` positions at
 // a time, grid x over position groups, grid y over the N sequences (grid-stride on both);

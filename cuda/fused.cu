@@ -516,10 +516,11 @@ extern "C" __global__ void __launch_bounds__(512)
                            const float* __restrict__ v, const float* __restrict__ q,
                            const float* __restrict__ keys, const double* __restrict__ cn,
                            const double* __restrict__ cd, const double* __restrict__ cp,
-                           const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
+                           const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                            int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
                            int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
                            unsigned short* rw16) {
+    const float gamma = asa_step_value(gamma_value, gamma_at);  // `Learned`
     ASA_DYN_SHARED(double, fu_smem);
     FuCtx x = fu_ctx(group, nk);
     double* part = fu_smem;                          // [2][NW][d]
@@ -940,10 +941,11 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                 const float* __restrict__ v, const float* __restrict__ q,
                                 const float* __restrict__ keys, const double* __restrict__ cn,
                                 const double* __restrict__ cd, const double* __restrict__ cp,
-                                const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
+                                const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                                 int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
                                 int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
                                 unsigned short* rw16) {
+    const float gamma = asa_step_value(gamma_value, gamma_at);  // `Learned`
     ASA_DYN_SHARED(double, ft_smem);
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
     const int ld = f.ld, lk = f.lk, L = f.L, t0 = f.t0;
@@ -1016,10 +1018,11 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                       const float* __restrict__ wl, const float* __restrict__ rmax,
                                       const float* __restrict__ v, const float* __restrict__ den,
                                       const double* __restrict__ cn, const double* __restrict__ cd,
-                                      const double* __restrict__ cp, const double* __restrict__ cpd, float gamma,
+                                      const double* __restrict__ cp, const double* __restrict__ cpd, float gamma_value, const double* gamma_at,
                                       float rtemp, const int* keep, int last_pos_only, int mask_mode, int content,
                                       int nbh, int h, int t, int nk, int d, int chunk, int tile, int nsub,
                                       int ntiles, int nchunks, int group) {
+    const float gamma = asa_step_value(gamma_value, gamma_at);  // `Learned`
     ASA_DYN_SHARED(double, ft_smem);
     __shared__ double ft_red[FT_THREADS / 32];
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
@@ -1151,7 +1154,9 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                             const double* __restrict__ cd, const double* __restrict__ cp,
                             const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk,
                             int tile, int nsub, int ntiles, int nchunks, int group, float* merged,
-                            unsigned short* merged16, const float* __restrict__ base, float gate) {
+                            unsigned short* merged16, const float* __restrict__ base, float gate_value,
+                            const double* gate_at) {
+    const float gate = asa_step_value(gate_value, gate_at);  // `Learned`
     ASA_DYN_SHARED(double, ft_smem);
     const FtTile f = ft_tile(ft_smem, h, t, nk, d, chunk, tile, nsub, ntiles);
     ft_stage_scan(f, nullptr, wl, rmax, v, cn, cd, cp, cpd, t, nk, d, chunk, nchunks);
@@ -1222,7 +1227,8 @@ extern "C" __global__ void __launch_bounds__(512)
                        const double* __restrict__ cd, const double* __restrict__ cp,
                        const double* __restrict__ cpd, int nbh, int h, int t, int nk, int d, int chunk, int tile,
                        int nsub, int ntiles, int nchunks, int group, float* merged, unsigned short* merged16,
-                       const float* __restrict__ base, float gate) {
+                       const float* __restrict__ base, float gate_value, const double* gate_at) {
+    const float gate = asa_step_value(gate_value, gate_at);  // `Learned`
     ASA_DYN_SHARED(double, fu_smem);
     FuCtx x = fu_ctx(group, nk);
     double* part = fu_smem;  // [2][NW][d]
@@ -1322,9 +1328,10 @@ extern "C" __global__ void __launch_bounds__(512)
                                  const float* __restrict__ wl, const float* __restrict__ rmax,
                                  const float* __restrict__ v, const double* __restrict__ cn,
                                  const double* __restrict__ cd, const double* __restrict__ cp,
-                                 const double* __restrict__ cpd, float gamma, float rtemp, const int* keep,
+                                 const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                                  int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk,
                                  int d, int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
+    const float gamma = asa_step_value(gamma_value, gamma_at);  // `Learned`
     ASA_DYN_SHARED(double, fu_smem);
     __shared__ double fu_red[FU_MAXNW];
     FuCtx x = fu_ctx(group, nk);
@@ -2125,12 +2132,13 @@ extern "C" __global__ void slot_scan_read_backward_route(float* dwl, float* cm, 
 // of `groups` batches at a time; group 0 adds each pass's rows in batch order.
 // With dgamma (nullable): one more item, after the (h, s) ones, sums gpart[0..ngpart) (f64,
 // fixed order: strided per thread, then `block_sum_d`) into dgamma[0] (=) and, with
-// dgamma_grad (nullable), adds (f32)(sum * factor)
-// to dgamma_grad[0] (the raw parameter's gradient).
+// dgamma_grad (nullable), adds (f32)(sum * factor) to dgamma_grad[0] (the raw parameter's
+// gradient; factor = asa_step_factor(gamma_factor, gamma_at)).
 extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const double* __restrict__ part, int b, int h,
                                                         int ntiles, int nk, int d, double* dgamma,
                                                         float* dgamma_grad, double gamma_factor,
-                                                        const double* __restrict__ gpart, int ngpart) {
+                                                        const double* __restrict__ gpart, int ngpart,
+                                                        const double* gamma_at) {
     ASA_DYN_SHARED(float, rows);  // [groups, d]
     const int groups = (int)blockDim.x / d, g = (int)threadIdx.x / d, j = (int)threadIdx.x - g * d;
     const int items = h * nk + (dgamma ? 1 : 0);
@@ -2142,7 +2150,8 @@ extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const doub
             a = block_sum_d(a, sh);
             if (threadIdx.x == 0) {
                 dgamma[0] = a;
-                if (dgamma_grad) dgamma_grad[0] = dgamma_grad[0] + (float)(a * gamma_factor);
+                const double f = asa_step_factor(gamma_factor, gamma_at);
+                if (dgamma_grad) dgamma_grad[0] = dgamma_grad[0] + (float)(a * f);
             }
             continue;
         }

@@ -29,7 +29,9 @@ extern "C" __global__ void encoder_backward(float* dwte, const float* dout, cons
                                             const int* start, const int* order, int nuniq, int c) {
     int u = blockIdx.x;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
-    if (u >= nuniq || j >= c) return;
+    // (an empty run is padding: the batch's ids padded to a fixed count, so that the launch
+    // is the same for every batch)
+    if (u >= nuniq || j >= c || start[u] == start[u + 1]) return;
     double acc = 0.0;
     for (int p = start[u]; p < start[u + 1]; ++p) acc += (double)dout[(i64)order[p] * c + j];
     i64 o = (i64)uniq[u] * c + j;
@@ -395,10 +397,14 @@ extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* pa
 // split_heads of merged [B,T,H*d] into out_h [B,H,T,d] and gate_backward on it in one pass:
 // a block per row (b, t) of merged (grid-stride), threads along it; ddelta [B,H,T,d] =
 // gate * out_h, dgrad[0] += factor * sum(out_h * delta) (as gate_backward; part: [gridDim.x]).
+// gate, factor: by value, or (gate_at non-null) from the step's scalar block (`asa_step_value`).
 extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, double* part, unsigned* ticket,
                                                float* out_h, const float* merged, const float* delta,
-                                               double gate, double factor, int b, int t, int h, int d) {
+                                               double gate_value, double factor_value, int b, int t, int h, int d,
+                                               const double* gate_at) {
     __shared__ double sh[32];
+    const double gate = gate_at ? (double)asa_step_value(0.0f, gate_at) : gate_value;
+    const double factor = asa_step_factor(factor_value, gate_at);
     const int hd = h * d;
     double a = 0.0;
     for (i64 row = blockIdx.x; row < (i64)b * t; row += gridDim.x) {
@@ -518,10 +524,19 @@ __device__ __forceinline__ float asa_lerp(float start, float end, float w) {
 
 // AdamW, torch `_single_tensor_adamw` order in f32 (see src/optim.rs); the scalars are computed
 // on the host in f64 and cast as PyTorch does. p, m, v, g: [n] (the flat parameter buffer).
+// at (nullable): this step's [decay, neg_step_size, bias_correction2_sqrt] (f32 values as f64)
+// in the step's scalar block, read instead of the arguments (which then stay the same from step
+// to step: a captured CUDA graph replays them).
 extern "C" __global__ void adamw_update(float* p, float* m, float* v, const float* g, float decay,
                                         float lerp_w, float beta2, float one_minus_beta2,
                                         float neg_step_size, float bias_correction2_sqrt, float eps,
-                                        const double* guard, int nguard, i64 n, unsigned short* p16) {
+                                        const double* guard, int nguard, i64 n, unsigned short* p16,
+                                        const double* at) {
+    if (at) {
+        decay = (float)at[0];
+        neg_step_size = (float)at[1];
+        bias_correction2_sqrt = (float)at[2];
+    }
     // p16: nullable, the weights' bf16 copy, written with them (the bf16 GEMMs read it)
     // a non-finite loss or gradient norm among guard[0..nguard) skips the update (as the CPU
     // trainer), decided here so that the host need not wait for them

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
-use asa::backend::cuda::ops::DevSlotMask;
+use asa::backend::cuda::ops::{DevSlotMask, Learned};
 use asa::backend::cuda::{Device, Dv};
 
 use crate::check::{close, rv};
@@ -80,7 +80,26 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
     let q = rv(&mut r, bhtd, 1.0);
     let keys = rv(&mut r, h * nk * d, 0.7);
     let sw = rv(&mut r, bhtk, 1.0);
-    let (gamma, rtemp) = (0.8f32, 1.3f32);
+    // gamma, its gradient factor and the refine gate by value, or (odd seeds) read at a step
+    // scalar block ([value, factor] pairs, `Learned`; the values passed along are NaN, so a
+    // kernel that reads them shows)
+    let learned = cs.seed % 2 == 1;
+    let (gamma, gfactor_at) = if learned {
+        (0.9f32, 0.55f64)
+    } else {
+        (0.8f32, 0.0)
+    };
+    let rtemp = 1.3f32;
+    let gamma_at = mem.put(&[gamma as f64, gfactor_at]);
+    let gate_at = mem.put(&[0.41f32 as f64, 0.6]);
+    let gamma_l = if learned {
+        Learned {
+            value: f32::NAN,
+            at: gamma_at,
+        }
+    } else {
+        Learned::value(gamma)
+    };
     let keepv: Vec<bool> = (0..nk).map(|s| s % 3 != 1).collect();
     let keep_i = mem.put(&keepv.iter().map(|&x| x as i32).collect::<Vec<_>>());
     let sk = cs.mask.map(|(lpo, _)| SlotKeep {
@@ -164,7 +183,7 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         v: v_d,
         q: q_d,
         keys: keys_d,
-        gamma,
+        gamma: gamma_l,
         rtemp,
         mask: dmask,
         content: cs.content,
@@ -206,12 +225,20 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
             tol,
         );
         // with the merge: out1 + gate * delta in [B,T,H*d] (and its bf16 twin)
-        let gate = 0.37f32;
+        let (gate, gate_l) = if learned {
+            let l = Learned {
+                value: f32::NAN,
+                at: gate_at,
+            };
+            (0.41f32, l)
+        } else {
+            (0.37f32, Learned::value(0.37))
+        };
         let (merged_d, merged16) = (mem.put(&vec![f32::NAN; bhtd]), mem.zeroed::<u16>(bhtd));
         let delta2_d = mem.zeroed::<f32>(bhtd);
         let merge = fused::MixMerge {
             base: out1_d,
-            gate,
+            gate: gate_l,
             merged: merged_d,
             merged16,
         };
@@ -377,12 +404,14 @@ pub fn fused_case_matches_cpu<D: Device, M: TestDev>(dev: &D, mem: &M, cs: &Fuse
         keys: keys_d,
         v: v_d,
         wl: wl_d,
-        gamma,
+        gamma: gamma_l,
         rtemp,
         mask: dmask,
         content: cs.content,
     };
     fused::backward(dev, &plan, &ws, &bio).unwrap();
+    // the factor the kernel takes: the argument's, or the block's
+    let gfactor = if learned { gfactor_at } else { gfactor };
     close(&format!("fused dq {tag}"), &mem.get(dq_d), &dq, tol);
     close(&format!("fused dkeys {tag}"), &mem.get(dk_d), &dkeys, tol);
     close(&format!("fused dv {tag}"), &mem.get(dv_d), &dv, tol);

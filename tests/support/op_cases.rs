@@ -7,7 +7,7 @@
 use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
 use asa::backend::cuda::linear::{self, LinearAlgo};
-use asa::backend::cuda::ops::{DevRouting, DevSlotMask, KeysFinish, WritePrologue};
+use asa::backend::cuda::ops::{AlibiFinish, DevRouting, DevSlotMask, KeysFinish, WritePrologue};
 use asa::backend::cuda::{AsDv, Dv, Ops, Precision};
 use asa::model::params::ParamStore;
 use asa::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
@@ -402,7 +402,7 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         let (p0, m0, v0, c0) = (mem.get(p_d), mem.get(m_d), mem.get(v_d), mem.get(p16));
         for bad in [f64::NAN, f64::INFINITY] {
             let guard = mem.put(&[1.5, bad]);
-            dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard, p16)
+            dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard, p16, Dv::null())
                 .unwrap();
             assert_eq!(
                 (mem.get(p_d), mem.get(m_d), mem.get(v_d), mem.get(p16)),
@@ -422,7 +422,16 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         } else {
             p16
         };
-        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr, step, guard, copy)
+        // step 2 reads its step scalars at a block on the device (the learning rate passed is
+        // NaN there: unused)
+        let (lr_arg, at) = if step == 2 {
+            let s = asa::backend::cuda::ops::adamw_step_scalars(&cfg, lr, step);
+            let s: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+            (f64::NAN, mem.put(&s))
+        } else {
+            (lr, Dv::null())
+        };
+        dev.adamw_update(p_d, m_d, v_d, g_d, &cfg, lr_arg, step, guard, copy, at)
             .unwrap();
         close(
             "adamw_update params",
@@ -547,7 +556,8 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         let mut want = 0.5f32;
         for _ in 0..2 {
             let dims = (bb, tt, hh, dd);
-            dev.gate_backward_split(dd_d, dg_d, oh_d, dym_d, dl_d, gate, factor, dims)
+            let g = (gate, factor, Dv::null());
+            dev.gate_backward_split(dd_d, dg_d, oh_d, dym_d, dl_d, g, dims)
                 .unwrap();
             want += (dot * factor) as f32;
         }
@@ -557,6 +567,27 @@ fn single_launch_reductions<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         close(
             "gate_backward_split dgrad (twice)",
             &mem.get(dg_d),
+            &[want],
+            1e-6,
+        );
+        // gate and factor read at the step's scalar block (the values passed unused)
+        let (gl, fl) = (0.9f32 as f64, 0.3f64);
+        let at = mem.put(&[gl, fl]);
+        let (dd2_d, dg2_d) = (mem.put(&vec![f32::NAN; nn]), mem.put(&[0.5f32]));
+        let g = (f64::NAN, f64::NAN, at);
+        dev.gate_backward_split(dd2_d, dg2_d, oh_d, dym_d, dl_d, g, (bb, tt, hh, dd))
+            .unwrap();
+        let gd: Vec<f32> = split.iter().map(|&g| (gl * g as f64) as f32).collect();
+        close(
+            "gate_backward_split ddelta (raw)",
+            &mem.get(dd2_d),
+            &gd,
+            0.0,
+        );
+        let want = 0.5f32 + (dot * fl) as f32;
+        close(
+            "gate_backward_split dgrad (raw)",
+            &mem.get(dg2_d),
             &[want],
             1e-6,
         );
@@ -1098,7 +1129,12 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     );
     let finish = KeysFinish {
         param: Some((dp_d, keep_d)),
-        alibi: Some((da, sl_d, 0.5)),
+        alibi: Some(AlibiFinish {
+            grad: da,
+            slopes: sl_d,
+            factor: 0.5,
+            at: Dv::null(),
+        }),
     };
     dev.write_logits_backward(
         dkeys2_d,
@@ -1132,6 +1168,43 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     close(
         "alibi_grad (finish)",
         &mem.get(da),
+        &[0.125 + want as f32],
+        TOL,
+    );
+    // the factor read at the step's scalar block, not the argument's
+    let sig = 0.6f64;
+    let (at_d, da2) = (mem.put(&[0.0, sig]), mem.put(&[0.125f32]));
+    let (dkeys3_d, dk3_d, pb3) = (
+        mem.zeroed::<f32>(h * nk * d),
+        mem.zeroed::<f32>(kk.len()),
+        mem.zeroed::<f64>(b * h * nk),
+    );
+    let finish = KeysFinish {
+        param: None,
+        alibi: Some(AlibiFinish {
+            grad: da2,
+            slopes: sl_d,
+            factor: 99.0,
+            at: at_d,
+        }),
+    };
+    dev.write_logits_backward(
+        dkeys3_d,
+        dk3_d,
+        pb3.dv(),
+        gw_d,
+        keys_d,
+        k_d,
+        0.7,
+        vd.dv(),
+        dm,
+        finish,
+    )
+    .unwrap();
+    let want: f64 = (0..h).map(|i| dbias[i] * slopes[i] as f64).sum::<f64>() * sig;
+    close(
+        "alibi_grad (finish, factor at the step block)",
+        &mem.get(da2),
         &[0.125 + want as f32],
         TOL,
     );

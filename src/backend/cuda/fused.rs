@@ -30,7 +30,7 @@
 //! The launch sequence is written against [`Device`] so that it can be driven by a kernel
 //! emulator as well as by [`CudaBackend`].
 
-use super::ops::DevSlotMask;
+use super::ops::{DevSlotMask, Learned};
 use super::{i32_of, AsDv, Backend, Device, Dv, KArg, Temp};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
@@ -461,7 +461,8 @@ pub struct FwdIo {
     pub q: Dv<f32>,
     /// [H,K,d] slot keys (after slot dropout)
     pub keys: Dv<f32>,
-    pub gamma: f32,
+    /// the content read's gamma
+    pub gamma: Learned,
     pub rtemp: f32,
     /// the read slot mask (`read` or `content_read_only`)
     pub mask: Option<DevSlotMask>,
@@ -564,7 +565,8 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         k(io.keys),
     ];
     a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
+    a.extend_from_slice(&io.gamma.args());
+    a.extend_from_slice(&[k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
     a.push(k(io.rw16));
     if p.tensor_cores {
@@ -587,7 +589,8 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
 pub struct MixMerge {
     /// [B,H,T,d] out1
     pub base: Dv<f32>,
-    pub gate: f32,
+    /// the refine gate
+    pub gate: Learned,
     /// [B,T,H*d] (=) base + gate * delta, merged
     pub merged: Dv<f32>,
     /// nullable: the bf16 twin of merged
@@ -628,13 +631,20 @@ pub fn mix<L: Device + ?Sized>(
                 m.merged16.is_null() || m.merged16.len == out.len,
                 "fused mix: merged16 shape"
             );
-            [k(m.merged), k(m.merged16), k(m.base), k(m.gate)]
+            [
+                k(m.merged),
+                k(m.merged16),
+                k(m.base),
+                k(m.gate.by_value()),
+                k(m.gate.at),
+            ]
         }
         None => [
             k(Dv::<f32>::null()),
             k(Dv::<u16>::null()),
             k(Dv::<f32>::null()),
             k(0.0f32),
+            k(Dv::<f64>::null()),
         ],
     };
     if p.tensor_cores {
@@ -758,7 +768,8 @@ pub struct BwdIo {
     pub keys: Dv<f32>,
     pub v: Dv<f32>,
     pub wl: Dv<f32>,
-    pub gamma: f32,
+    /// the content read's gamma (where it is read at `gamma.at`, so is `gamma_factor`)
+    pub gamma: Learned,
     pub rtemp: f32,
     pub mask: Option<DevSlotMask>,
     pub content: bool,
@@ -825,7 +836,8 @@ pub fn backward<L: Device + ?Sized>(
         a.push(k(ws.den));
     }
     a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&[k(io.gamma), k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
+    a.extend_from_slice(&io.gamma.args());
+    a.extend_from_slice(&[k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
     a.extend_from_slice(&dims);
     if p.tensor_cores {
         p.launch_tc(dev, "slot_scan_read_backward_read_bf16", &a)?;
@@ -864,9 +876,14 @@ pub fn backward<L: Device + ?Sized>(
             k(d as i32),
             k(io.dgamma),
             k(io.dgamma_grad),
-            k(io.gamma_factor),
+            k(if io.gamma.at.is_null() {
+                io.gamma_factor
+            } else {
+                0.0
+            }),
             k(ws.dgamma_part),
             k(i32_of("B*H*tiles", nbh * p.ntiles)?),
+            k(io.gamma.at),
         ],
         (p.b.div_ceil(groups) * p.ntiles).max((nbh * p.ntiles).div_ceil(kb)),
     )?;

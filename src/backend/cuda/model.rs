@@ -22,7 +22,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::ops::{DevRouting, DevSlotMask, SortedIds};
+use super::ops::{DevRouting, DevSlotMask, Learned, SortedIds};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::{ModelConfig, Variant};
@@ -467,6 +467,9 @@ pub struct GpuAsaCache {
     delta: DBuf,
     gamma: f32,
     gate: f32,
+    /// nullable: this layer's [`STEP_SCALARS`] slots of the step's scalar block (uploaded with
+    /// the batch), where the fused kernels read gamma, the gate and the gradient factors
+    step_scalars: Option<Dv<f64>>,
     /// intervene variant: out1, thresholds, logs (`super::intervene`)
     intv: super::intervene::GpuIntvCache,
     /// the fused write scan + read (`super::fused`): plan, carries, workspace
@@ -555,6 +558,47 @@ impl GpuAsaLayer {
         match &self.rope_ss {
             Some(r) if self.cfg.use_rope_slotspace => Some((r.cos.dv(), r.sin.dv())),
             _ => None,
+        }
+    }
+
+    /// This layer's [`STEP_SCALARS`] slots of the step's scalar block, from the parameters'
+    /// host mirror (current after each step's read-back): the content read's gamma and
+    /// d gamma / d raw (0 where the clamp holds), the refine gate and d gate / d raw, and
+    /// (value unused) d strength / d raw of a learned ALiBi strength.
+    fn step_scalars(&self, p: &GpuParams) -> [f64; STEP_SCALARS] {
+        let mut s = [0.0; STEP_SCALARS];
+        if let Some(i) = self.ids.content_read_gamma {
+            let raw = p.scalar(i) as f64;
+            let mx = self.cfg.content_read_max_gamma;
+            s[0] = self.content_gamma(p) as f64;
+            s[1] = if !(mx > 0.0) || softplus(raw) <= mx {
+                sigmoid(raw)
+            } else {
+                0.0
+            };
+        }
+        if let Some(ss) = &self.ids.slotspace {
+            let raw = p.scalar(ss.gate) as f64;
+            s[2] = softplus(raw) as f32 as f64;
+            s[3] = sigmoid(raw);
+        }
+        if let Some(i) = self.ids.alibi_strength {
+            s[5] = sigmoid(p.scalar(i) as f64);
+        }
+        s
+    }
+
+    /// A slot pair [value, factor] of this layer's step scalars (null without the block).
+    fn step_at(c_: &GpuAsaCache, slot: usize) -> Dv<f64> {
+        c_.step_scalars.map_or(Dv::null(), |s| s.sub(slot, 2))
+    }
+
+    /// The content read's gamma for the fused kernels: `value` (the host's), or read at the
+    /// step's scalar block (see [`Learned`]).
+    fn gamma_learned(c_: &GpuAsaCache, value: f32) -> Learned {
+        Learned {
+            value,
+            at: Self::step_at(c_, 0),
         }
     }
 
@@ -708,7 +752,7 @@ impl GpuAsaLayer {
                 v: v_h,
                 q: q_h,
                 keys,
-                gamma: c_.gamma,
+                gamma: Self::gamma_learned(c_, c_.gamma),
                 rtemp: cfg.read_temperature.max(1e-6) as f32,
                 mask: o.read_mask(),
                 content: cfg.use_content_read,
@@ -771,7 +815,10 @@ impl GpuAsaLayer {
             let merge = (c_.fused.active() && cfg.variant != Variant::Intervene).then_some(
                 super::fused::MixMerge {
                     base: out_h,
-                    gate: c_.gate,
+                    gate: Learned {
+                        value: c_.gate,
+                        at: Self::step_at(c_, 2),
+                    },
                     merged,
                     merged16,
                 },
@@ -1005,8 +1052,9 @@ impl GpuAsaLayer {
             } else {
                 let delta = c_.delta.dv();
                 let dims = (b, t, h, d);
-                let dg = gr(ids.gate);
-                be.gate_backward_split(ddelta, dg, dout_h, dmerged, delta, gate, dgate_raw, dims)?;
+                let (dg, at) = (gr(ids.gate), Self::step_at(c_, 2));
+                let gate = (gate, dgate_raw, at);
+                be.gate_backward_split(ddelta, dg, dout_h, dmerged, delta, gate, dims)?;
             }
             let (s6, dsw) = tmp(be, rows * nk)?;
             refine_keep.push(s6);
@@ -1167,7 +1215,9 @@ impl GpuAsaLayer {
             (!(mx > 0.0) || softplus(raw) <= mx).then(|| (gr(i), sigmoid(raw)))
         });
         if fused {
-            // read + write-scan backward from the forward's carries
+            // read + write-scan backward from the forward's carries; the kernel takes gamma's
+            // factor (0 where clamped) from its raw parameter on the device, so the gradient
+            // range is passed whether or not the clamp holds now
             let refine = self.ids.slotspace.is_some();
             let io = super::fused::BwdIo {
                 dwl,
@@ -1175,7 +1225,7 @@ impl GpuAsaLayer {
                 dq: dq_h,
                 dkeys,
                 dgamma: dgamma.dv(),
-                dgamma_grad: gamma_grad.map_or(Dv::null(), |g| g.0),
+                dgamma_grad: self.ids.content_read_gamma.map_or(Dv::null(), gr),
                 gamma_factor: gamma_grad.map_or(0.0, |g| g.1),
                 dout1,
                 drw,
@@ -1187,7 +1237,7 @@ impl GpuAsaLayer {
                 keys: c_.keys.dv(),
                 v: c_.v_h.dv(),
                 wl: c_.wl.dv(),
-                gamma: c_.gamma,
+                gamma: Self::gamma_learned(c_, c_.gamma),
                 rtemp,
                 mask: o.read_mask(),
                 content,
@@ -1269,10 +1319,12 @@ impl GpuAsaLayer {
             dm,
             super::ops::KeysFinish {
                 param: Some((gr(self.ids.slot_keys), c_.key_keep.dv())),
-                alibi: self
-                    .ids
-                    .alibi_strength
-                    .map(|i| (gr(i), self.slopes_d.dv(), sigmoid(p.scalar(i) as f64))),
+                alibi: self.ids.alibi_strength.map(|i| super::ops::AlibiFinish {
+                    grad: gr(i),
+                    slopes: self.slopes_d.dv(),
+                    factor: sigmoid(p.scalar(i) as f64),
+                    at: Self::step_at(c_, 4),
+                }),
             },
         )?;
         // RoPE's backward inside merge_heads3 where the forward's was inside split_heads3
@@ -1380,13 +1432,19 @@ impl GpuBlockCache {
     }
 }
 
+/// Slots per layer in the step's scalar block ([`GpuAsaLayer::step_scalars`]).
+const STEP_SCALARS: usize = 6;
+
 /// One call's batch on the device, uploaded as one queued copy (no host sync): token ids
-/// [B*T], targets [B*T] (when given) and the positions sorted by id for the embedding gradient.
+/// [B*T], targets [B*T] (when given), the positions sorted by id for the embedding gradient,
+/// and the step's scalar block (f64, [`STEP_SCALARS`] a layer: what the kernels would otherwise
+/// get by value from the host, so that their arguments stay the same from step to step).
 struct DevBatch {
     _buf: Temp<u8>,
     ids: Dv<u32>,
     targets: Dv<i64>,
     sorted: SortedIds,
+    scalars: Dv<f64>,
 }
 
 impl DevBatch {
@@ -1395,8 +1453,14 @@ impl DevBatch {
         ids: &[u32],
         targets: Option<&[i64]>,
         vocab: usize,
+        scalars: &[f64],
     ) -> Result<Self> {
-        let (uniq, start, order) = super::ops::sort_positions_by_id(ids, vocab)?;
+        let (mut uniq, mut start, order) = super::ops::sort_positions_by_id(ids, vocab)?;
+        // padded to one run per position (empty runs, which `encoder_backward` skips): the same
+        // layout and launch for every batch of this shape
+        let n = ids.len();
+        uniq.resize(n.max(uniq.len()), 0);
+        start.resize(uniq.len() + 1, n as i32);
         let mut bytes: Vec<u8> = Vec::new();
         // each part at a 256-byte offset (device alignment for any element type)
         let mut part = |x: &[u8]| {
@@ -1410,6 +1474,8 @@ impl DevBatch {
         let o_uniq = part(plain_bytes(&uniq));
         let o_start = part(plain_bytes(&start));
         let o_order = part(plain_bytes(&order));
+        let sc: Vec<u8> = scalars.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let o_sc = part(&sc);
         let buf = be.temp_uninit::<u8>(bytes.len())?; // the upload writes every byte
         be.upload_async(buf.dv(), &bytes)?;
         let base = buf.dv().ptr;
@@ -1424,6 +1490,7 @@ impl DevBatch {
                     start: Dv::from_raw(base + o_start as u64, start.len()),
                     order: Dv::from_raw(base + o_order as u64, order.len()),
                 },
+                scalars: Dv::from_raw(base + o_sc as u64, scalars.len()),
                 _buf: buf,
             })
         }
@@ -1483,6 +1550,10 @@ pub struct GpuLm<B: Backend = CudaBackend> {
     /// sum of the micro-batch gradients under gradient accumulation (allocated on first use)
     grad_acc: Option<Temp<f32>>,
     adam: Option<(Temp<f32>, Temp<f32>, u64)>,
+    /// the AdamW scalars of the step being run ([`super::ops::adamw_step_scalars`] for its
+    /// learning rate and step count), set before its forward so that they go up in the step's
+    /// scalar block with the batch
+    adam_pending: Option<[f32; 3]>,
     layers: Vec<GpuAsaLayer>,
     cache: GpuLmCache,
     rng: ChaCha8Rng,
@@ -1532,6 +1603,7 @@ impl<B: Backend> GpuLm<B> {
             grads,
             grad_acc: None,
             adam: None,
+            adam_pending: None,
             layers,
             cache: GpuLmCache::default(),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b),
@@ -1608,10 +1680,18 @@ impl<B: Backend> GpuLm<B> {
         // the last forward's activations are written again from here on
         be.clear_bf16_twins();
         cache.batch = None; // the last call's buffer back to the cache first: it serves this one
-        let batch = cache
-            .batch
-            .insert(DevBatch::upload(be, ids, targets, cfg.vocab_size)?);
+        let mut scalars: Vec<f64> = self.layers.iter().flat_map(|l| l.step_scalars(p)).collect();
+        // then AdamW's of the step (a training step's forward)
+        scalars.extend(self.adam_pending.iter().flatten().map(|&x| x as f64));
+        let batch = cache.batch.insert(DevBatch::upload(
+            be,
+            ids,
+            targets,
+            cfg.vocab_size,
+            &scalars,
+        )?);
         let ids_d = batch.ids;
+        let step_scalars = batch.scalars;
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         let nl = cfg.num_layers;
         cache.xs.resize_with(nl + 1, DBuf::default);
@@ -1649,6 +1729,7 @@ impl<B: Backend> GpuLm<B> {
             let bc = &mut done[l];
             let ln1 = bc.ln1.dv(); // made by the norm before this block
             let attn_out = bc.attn_out.ensure(be, n * c)?;
+            bc.attn.step_scalars = Some(step_scalars.sub(l * STEP_SCALARS, STEP_SCALARS));
             self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
             // x1 = x + attn, ln2 = LN2(x1)
             let x1 = bc.x1.ensure(be, n * c)?;
@@ -2077,6 +2158,7 @@ impl<B: Backend> GpuLm<B> {
             training,
             ..Default::default()
         };
+        self.adam_pending = Some(self.next_adam_scalars(adam, lr));
         let sum = self.loss_backward(inputs, targets, b, t, &opts)?;
         self.apply_update(&[sum], lr, adam, clip)
     }
@@ -2129,6 +2211,7 @@ impl<B: Backend> GpuLm<B> {
             .dv()
             .sub(0, total);
         self.be.memset_zero(acc)?;
+        self.adam_pending = Some(self.next_adam_scalars(adam, lr));
         // the per-micro-batch loss sums stay on the device until the end (no sync per micro-batch)
         let mut sums = Vec::with_capacity(accum);
         for k in 0..accum {
@@ -2180,6 +2263,15 @@ impl<B: Backend> GpuLm<B> {
         }
         let (m, v, step) = self.adam.as_mut().unwrap();
         *step += 1;
+        // read at the step's scalar block where its forward sent them up (the same scalars)
+        let want = super::ops::adamw_step_scalars(adam, lr, *step);
+        let at = match (self.adam_pending.take(), &self.cache.batch) {
+            (Some(s), Some(batch)) if s == want => {
+                let nl = self.layers.len() * STEP_SCALARS;
+                batch.scalars.sub(nl, 3)
+            }
+            _ => Dv::null(),
+        };
         be.adamw_update(
             self.params.data.dv().sub(0, total),
             m.dv().sub(0, total),
@@ -2190,6 +2282,7 @@ impl<B: Backend> GpuLm<B> {
             *step,
             head,
             self.params.bf16.as_ref().map_or(Dv::null(), |c| c.dv()),
+            at,
         )?;
         self.params.gather_scalars(be, back.dv().sub(2 * nf, nsc))?;
         let host = be.download(back.dv())?;
@@ -2207,6 +2300,12 @@ impl<B: Backend> GpuLm<B> {
         }
         self.params.set_scalars(&host[2 * nf..]);
         Ok((loss, gn))
+    }
+
+    /// AdamW's scalars for the next update at `lr` ([`super::ops::adamw_step_scalars`]).
+    fn next_adam_scalars(&self, adam: &AdamWConfig, lr: f64) -> [f32; 3] {
+        let step = self.adam.as_ref().map_or(0, |a| a.2) + 1;
+        super::ops::adamw_step_scalars(adam, lr, step)
     }
 
     /// Mean loss of an eval-mode forward (no dropout, no backward): validation.

@@ -103,6 +103,42 @@ fn k<T: Into<KArg>>(x: T) -> KArg {
     x.into()
 }
 
+/// A kernel's scalar that the host computes each step from a learned scalar parameter (the
+/// content-read gamma, the refine gate; `asa_step_value` in cuda/common.cuh): by value, or at
+/// `at` (nullable), [value, d value / d raw] in the step's scalar block that goes up with the
+/// step's batch, where the kernel reads it: then the arguments are the same every step, so that
+/// a captured step replays with the current parameter.
+#[derive(Debug, Clone, Copy)]
+pub struct Learned {
+    pub value: f32,
+    pub at: Dv<f64>,
+}
+
+impl Learned {
+    /// A value passed by argument.
+    pub fn value(value: f32) -> Learned {
+        Learned {
+            value,
+            at: Dv::null(),
+        }
+    }
+
+    /// The kernel arguments (value, at): the value 0 where the kernel reads `at`, so that the
+    /// arguments do not change from step to step.
+    pub fn args(&self) -> [KArg; 2] {
+        [k(self.by_value()), k(self.at)]
+    }
+
+    /// The value argument: 0 where the kernel reads `at`.
+    pub fn by_value(&self) -> f32 {
+        if self.at.is_null() {
+            self.value
+        } else {
+            0.0
+        }
+    }
+}
+
 /// The layer prologue that [`Ops::write_logits_forward`] computes along (each optional).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WritePrologue {
@@ -121,8 +157,21 @@ pub struct WritePrologue {
 pub struct KeysFinish {
     /// (the parameter's gradient [H,K,d], the slot keep mask [H*K])
     pub param: Option<(Dv<f32>, Dv<f32>)>,
-    /// (the strength's gradient [1], the heads' slopes [H], d strength / d raw)
-    pub alibi: Option<(Dv<f32>, Dv<f32>, f64)>,
+    /// the learned ALiBi strength's gradient
+    pub alibi: Option<AlibiFinish>,
+}
+
+/// The learned ALiBi strength's gradient in [`KeysFinish`].
+#[derive(Debug, Clone, Copy)]
+pub struct AlibiFinish {
+    /// [1] the strength's raw parameter's gradient
+    pub grad: Dv<f32>,
+    /// [H] the heads' slopes
+    pub slopes: Dv<f32>,
+    /// d strength / d raw, or where the kernel reads it instead (nullable: [_, factor] of the
+    /// step's scalar block, as [`Learned::at`])
+    pub factor: f64,
+    pub at: Dv<f64>,
 }
 
 /// Slot-mask arguments of the read kernels: (keep [K] i32 or null, last_pos_only, mask_mode).
@@ -1049,7 +1098,9 @@ pub trait Ops: Device {
 
     /// `split_heads` of merged [B,T,H*d] into out_h [B,H,T,d] and [`Ops::gate_backward`] on it
     /// (dy = out_h) in one pass: ddelta [B,H,T,d] = gate * out_h (stored), dgrad[0] +=
-    /// (f32)(factor * sum(out_h * delta)) (f64, fixed order).
+    /// (f32)(factor * sum(out_h * delta)) (f64, fixed order). `(gate, factor, raw)`: the
+    /// host's values, or with `at` (non-null: [gate, factor] of the step's scalar block, as
+    /// [`Learned::at`]) read there.
     #[allow(clippy::too_many_arguments)]
     fn gate_backward_split(
         &self,
@@ -1058,8 +1109,7 @@ pub trait Ops: Device {
         out_h: Dv<f32>,
         merged: Dv<f32>,
         delta: Dv<f32>,
-        gate: f64,
-        factor: f64,
+        (gate, factor, at): (f64, f64, Dv<f64>),
         (b, t, h, d): (usize, usize, usize, usize),
     ) -> Result<()> {
         let n = b * t * h * d;
@@ -1071,6 +1121,12 @@ pub trait Ops: Device {
         if n == 0 {
             return Ok(());
         }
+        // read at `at`: the same arguments every step
+        let (gate, factor) = if at.is_null() {
+            (gate, factor)
+        } else {
+            (0.0, 0.0)
+        };
         // a block per row (b, t) as split_heads, at most 1,024 (grid-stride): one partial each
         let nb = (b * t).min(1024);
         let part = self.scratch64(nb, true)?;
@@ -1093,6 +1149,7 @@ pub trait Ops: Device {
             k(i32_of("T", t)?),
             k(i32_of("H", h)?),
             k(i32_of("d", d)?),
+            k(at),
         ];
         self.launch("gate_backward_split", cfg, &args)
     }
@@ -1144,9 +1201,11 @@ pub trait Ops: Device {
     }
 
     /// AdamW over flat buffers (see `optim::AdamW::step`); `step` is the step count after
-    /// incrementing. Scalars are computed here exactly as the CPU computes them. Nothing is
-    /// updated when a value of `guard` (the step's loss sums and gradient norm; may be null) is
-    /// not finite.
+    /// incrementing. Scalars are computed here exactly as the CPU computes them
+    /// ([`adamw_step_scalars`]); with `at` (nullable) the kernel reads this step's from there
+    /// instead (the step's scalar block: its arguments stay the same from step to step). Nothing
+    /// is updated when a value of `guard` (the step's loss sums and gradient norm; may be null)
+    /// is not finite.
     #[allow(clippy::too_many_arguments)]
     fn adamw_update(
         &self,
@@ -1159,22 +1218,24 @@ pub trait Ops: Device {
         step: u64,
         guard: Dv<f64>,
         p16: Dv<u16>,
+        at: Dv<f64>,
     ) -> Result<()> {
         assert!(
             p.len == m.len && p.len == v.len && p.len == g.len,
             "adamw_update: shapes"
         );
         twin16("adamw_update", p, p16);
-        let step = step as f64;
-        let decay = (1.0 - lr * cfg.weight_decay) as f32;
         let lerp_w = (1.0 - cfg.beta1) as f32;
         let beta2 = cfg.beta2 as f32;
         let one_minus_beta2 = (1.0 - cfg.beta2) as f32;
-        let bc1 = 1.0 - cfg.beta1.powf(step);
-        let bc2 = 1.0 - cfg.beta2.powf(step);
-        let neg_step_size = (-(lr / bc1)) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
+        // the scalars of this step: by value, or read at `at` (the same arguments every step)
+        let [decay, neg_step_size, bc2_sqrt] = if at.is_null() {
+            adamw_step_scalars(cfg, lr, step)
+        } else {
+            assert!(at.len >= 3, "adamw_update: at shape");
+            [0.0; 3]
+        };
         self.launch(
             "adamw_update",
             self.cfg_elems(p.len),
@@ -1194,6 +1255,7 @@ pub trait Ops: Device {
                 k(guard.len as i32),
                 k(p.len as i64),
                 k(p16),
+                k(at),
             ],
         )
     }
@@ -1710,7 +1772,12 @@ pub trait Ops: Device {
             );
             assert_eq!(keep.len, h * nk, "write_logits_backward: keep shape");
         }
-        let (dalibi, slopes, factor) = finish.alibi.unwrap_or((Dv::null(), Dv::null(), 0.0));
+        let null = Dv::null();
+        let (dalibi, slopes, factor, at) = match finish.alibi {
+            Some(a) => (a.grad, a.slopes, a.factor, a.at),
+            None => (null, null, 0.0, Dv::null()),
+        };
+        let factor = if at.is_null() { factor } else { 0.0 }; // read at `at`
         if !dalibi.is_null() {
             assert!(
                 !pbias.is_null(),
@@ -1730,6 +1797,7 @@ pub trait Ops: Device {
             k(dalibi),
             k(slopes),
             k(factor),
+            k(at),
         ]);
         let (kp, dp) = (nk.div_ceil(16) * 16, d.div_ceil(16) * 16);
         // tensor cores: a block per (b, h) walks T in chunks of 64 (each warp's output tiles,
@@ -2514,6 +2582,20 @@ pub fn bf16_converted<D: Device + ?Sized>(be: &D) -> bool {
 /// empty sum, which zeroes C when beta is 0); else their pointers and whether they were
 /// converted to bf16 in scratch (`Precision::Bf16`, unless cuBLAS rounds the f32 inputs itself).
 /// Public for devices outside the crate (the SIMT emulator of the tests).
+/// The AdamW scalars that change from step to step, [decay, -step size, sqrt(bias correction 2)]
+/// as `adamw_update` takes them (computed in f64, cast to f32 as PyTorch does) for step `step`
+/// (1-based) at learning rate `lr`.
+pub fn adamw_step_scalars(cfg: &crate::optim::AdamWConfig, lr: f64, step: u64) -> [f32; 3] {
+    let step = step as f64;
+    let bc1 = 1.0 - cfg.beta1.powf(step);
+    let bc2 = 1.0 - cfg.beta2.powf(step);
+    [
+        (1.0 - lr * cfg.weight_decay) as f32,
+        (-(lr / bc1)) as f32,
+        bc2.sqrt() as f32,
+    ]
+}
+
 pub fn gemm_operands<D: Ops>(be: &D, g: &Gemm) -> Result<Option<(u64, u64, bool)>> {
     if g.m == 0 || g.n == 0 {
         return Ok(None);
