@@ -1122,11 +1122,29 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let keep: Vec<f32> = (0..h * nk).map(|i| (i % 3 != 1) as u8 as f32).collect();
     let (sl_d, keep_d) = (mem.put(&slopes), mem.put(&keep));
     let (dp_d, da) = (mem.put(&vec![0.25f32; h * nk * d]), mem.put(&[0.125f32]));
-    let (dkeys2_d, dk2_d, pb2) = (
-        mem.zeroed::<f32>(h * nk * d),
-        mem.zeroed::<f32>(kk.len()),
-        mem.zeroed::<f64>(b * h * nk),
-    );
+    // write_logits_backward into fresh outputs with `finish`: dkeys
+    let with_finish = |finish: KeysFinish| {
+        let (dkeys_d, dk_d, pb) = (
+            mem.zeroed::<f32>(h * nk * d),
+            mem.zeroed::<f32>(kk.len()),
+            mem.zeroed::<f64>(b * h * nk),
+        );
+        let (wt, vdd) = (0.7, vd.dv());
+        dev.write_logits_backward(
+            dkeys_d,
+            dk_d,
+            pb.dv(),
+            gw_d,
+            keys_d,
+            k_d,
+            wt,
+            vdd,
+            dm,
+            finish,
+        )
+        .unwrap();
+        dkeys_d
+    };
     let finish = KeysFinish {
         param: Some((dp_d, keep_d)),
         alibi: Some(AlibiFinish {
@@ -1136,19 +1154,7 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             at: Dv::null(),
         }),
     };
-    dev.write_logits_backward(
-        dkeys2_d,
-        dk2_d,
-        pb2.dv(),
-        gw_d,
-        keys_d,
-        k_d,
-        0.7,
-        vd.dv(),
-        dm,
-        finish,
-    )
-    .unwrap();
+    let dkeys2_d = with_finish(finish);
     close(
         "write_logits_backward finish dkeys",
         &mem.get(dkeys2_d),
@@ -1174,11 +1180,6 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     // the factor read at the step's scalar block, not the argument's
     let sig = 0.6f64;
     let (at_d, da2) = (mem.put(&[0.0, sig]), mem.put(&[0.125f32]));
-    let (dkeys3_d, dk3_d, pb3) = (
-        mem.zeroed::<f32>(h * nk * d),
-        mem.zeroed::<f32>(kk.len()),
-        mem.zeroed::<f64>(b * h * nk),
-    );
     let finish = KeysFinish {
         param: None,
         alibi: Some(AlibiFinish {
@@ -1188,19 +1189,7 @@ pub fn asa_slot_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
             at: at_d,
         }),
     };
-    dev.write_logits_backward(
-        dkeys3_d,
-        dk3_d,
-        pb3.dv(),
-        gw_d,
-        keys_d,
-        k_d,
-        0.7,
-        vd.dv(),
-        dm,
-        finish,
-    )
-    .unwrap();
+    with_finish(finish);
     let want: f64 = (0..h).map(|i| dbias[i] * slopes[i] as f64).sum::<f64>() * sig;
     close(
         "alibi_grad (finish, factor at the step block)",

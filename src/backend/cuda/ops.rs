@@ -1077,11 +1077,7 @@ pub trait Ops: Device {
         assert_eq!(dgrad.len, 1, "gate_backward: dgrad shape");
         let nb = Self::partial_blocks(dy.len);
         let part = self.scratch64(nb, true)?;
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = partial_cfg(nb);
         let args = [
             k(ddelta),
             k(dgrad),
@@ -1098,7 +1094,7 @@ pub trait Ops: Device {
 
     /// `split_heads` of merged [B,T,H*d] into out_h [B,H,T,d] and [`Ops::gate_backward`] on it
     /// (dy = out_h) in one pass: ddelta [B,H,T,d] = gate * out_h (stored), dgrad[0] +=
-    /// (f32)(factor * sum(out_h * delta)) (f64, fixed order). `(gate, factor, raw)`: the
+    /// (f32)(factor * sum(out_h * delta)) (f64, fixed order). `(gate, factor, at)`: the
     /// host's values, or with `at` (non-null: [gate, factor] of the step's scalar block, as
     /// [`Learned::at`]) read there.
     #[allow(clippy::too_many_arguments)]
@@ -1130,11 +1126,7 @@ pub trait Ops: Device {
         // a block per row (b, t) as split_heads, at most 1,024 (grid-stride): one partial each
         let nb = (b * t).min(1024);
         let part = self.scratch64(nb, true)?;
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = partial_cfg(nb);
         let args = [
             k(ddelta),
             k(dgrad),
@@ -1182,11 +1174,7 @@ pub trait Ops: Device {
     fn global_norm(&self, out: Dv<f64>, x: Dv<f32>) -> Result<()> {
         let nb = Self::partial_blocks(x.len);
         let part = self.scratch64(nb, true)?;
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = partial_cfg(nb);
         self.launch("global_norm", cfg, &[k(part), k(x), k(x.len as i64)])?;
         self.sum_f64(out, part, true)
     }
@@ -1277,33 +1265,7 @@ pub trait Ops: Device {
         v: usize,
     ) -> Result<()> {
         assert_eq!(probs.len, n * v, "crossentropy_forward: probs shape");
-        assert_eq!(logits.len, n * v, "crossentropy_forward: logits shape");
-        assert_eq!(targets.len, n, "crossentropy_forward: targets shape");
-        assert!(row_loss.len >= n, "crossentropy_forward: row_loss shape");
-        if n == 0 || v == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (i32_of("rows", n)? as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
-            "crossentropy_forward",
-            cfg,
-            &[
-                k(probs),
-                k(row_loss),
-                k(logits),
-                k(targets),
-                k(valid),
-                k(n as i32),
-                k(i32_of("V", v)?),
-                k(0i32),
-                k(0f32),
-                k(Dv::<u16>::null()),
-            ],
-        )
+        crossentropy_launch(self, probs, row_loss, logits, targets, valid, (n, v), None)
     }
 
     /// The classifier's loss and its gradient in one pass (`crossentropy_forward`, then
@@ -1323,43 +1285,8 @@ pub trait Ops: Device {
         dlogits16: Dv<u16>,
     ) -> Result<()> {
         twin16("crossentropy_forward_backward", logits, dlogits16);
-        assert_eq!(
-            logits.len,
-            n * v,
-            "crossentropy_forward_backward: logits shape"
-        );
-        assert_eq!(
-            targets.len, n,
-            "crossentropy_forward_backward: targets shape"
-        );
-        assert!(
-            row_loss.len >= n,
-            "crossentropy_forward_backward: row_loss shape"
-        );
-        if n == 0 || v == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (i32_of("rows", n)? as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
-            "crossentropy_forward",
-            cfg,
-            &[
-                k(logits),
-                k(row_loss),
-                k(logits),
-                k(targets),
-                k(valid),
-                k(n as i32),
-                k(i32_of("V", v)?),
-                k(1i32),
-                k(scale),
-                k(dlogits16),
-            ],
-        )
+        let grad = Some((scale, dlogits16));
+        crossentropy_launch(self, logits, row_loss, logits, targets, valid, (n, v), grad)
     }
 
     /// dlogits [N,V] (+)= scale * (probs - onehot) on counted rows; `inplace`: dlogits may be the
@@ -2434,6 +2361,59 @@ fn rope3(op: &str, rope: Option<(Dv<f32>, Dv<f32>)>, t: usize, d: usize) -> (Dv<
 /// The launch of the single-launch column sums (`colsum_add`, `layernorm_backward_params`):
 /// 128 columns by [`COLSUM_ROWS`] rows a block, one arrival ticket per column tile; and the
 /// number of row chunks.
+/// `crossentropy_forward` (a block of 512 threads a row), with `grad` = (scale, the bf16
+/// twin) its gradient in place of the probabilities.
+#[allow(clippy::too_many_arguments)]
+fn crossentropy_launch<D: Ops + ?Sized>(
+    dev: &D,
+    probs: Dv<f32>,
+    row_loss: Dv<f64>,
+    logits: Dv<f32>,
+    targets: Dv<i64>,
+    valid: Dv<u8>,
+    (n, v): (usize, usize),
+    grad: Option<(f32, Dv<u16>)>,
+) -> Result<()> {
+    assert_eq!(logits.len, n * v, "crossentropy_forward: logits shape");
+    assert_eq!(targets.len, n, "crossentropy_forward: targets shape");
+    assert!(row_loss.len >= n, "crossentropy_forward: row_loss shape");
+    if n == 0 || v == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (i32_of("rows", n)? as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (scale, out16) = grad.unwrap_or((0.0, Dv::null()));
+    dev.launch(
+        "crossentropy_forward",
+        cfg,
+        &[
+            k(probs),
+            k(row_loss),
+            k(logits),
+            k(targets),
+            k(valid),
+            k(n as i32),
+            k(i32_of("V", v)?),
+            k(grad.is_some() as i32),
+            k(scale),
+            k(out16),
+        ],
+    )
+}
+
+/// `nb` blocks of 256 threads, one f64 partial each: the launch of the reductions whose
+/// partials `sum_f64` or their last block adds (`global_norm`, `gate_backward*`).
+fn partial_cfg(nb: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (nb as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn colsum_cfg(n: usize, c: usize) -> Result<(LaunchConfig, usize)> {
     let (tiles, chunks) = (c.div_ceil(128), n.div_ceil(COLSUM_ROWS));
     if tiles > super::TICKETS || chunks > 65535 {
