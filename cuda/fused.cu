@@ -516,7 +516,8 @@ extern "C" __global__ void __launch_bounds__(512)
                            const float* __restrict__ v, const float* __restrict__ q,
                            const float* __restrict__ keys, const double* __restrict__ cn,
                            const double* __restrict__ cd, const double* __restrict__ cp,
-                           const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
+                           const double* __restrict__ cpd,
+                           float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                            int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
                            int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
                            unsigned short* rw16) {
@@ -941,7 +942,8 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                 const float* __restrict__ v, const float* __restrict__ q,
                                 const float* __restrict__ keys, const double* __restrict__ cn,
                                 const double* __restrict__ cd, const double* __restrict__ cp,
-                                const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
+                                const double* __restrict__ cpd,
+                                float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                                 int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk, int d,
                                 int chunk, int tile, int nsub, int ntiles, int nchunks, int group,
                                 unsigned short* rw16) {
@@ -1018,7 +1020,8 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
                                       const float* __restrict__ wl, const float* __restrict__ rmax,
                                       const float* __restrict__ v, const float* __restrict__ den,
                                       const double* __restrict__ cn, const double* __restrict__ cd,
-                                      const double* __restrict__ cp, const double* __restrict__ cpd, float gamma_value, const double* gamma_at,
+                                      const double* __restrict__ cp, const double* __restrict__ cpd,
+                                      float gamma_value, const double* gamma_at,
                                       float rtemp, const int* keep, int last_pos_only, int mask_mode, int content,
                                       int nbh, int h, int t, int nk, int d, int chunk, int tile, int nsub,
                                       int ntiles, int nchunks, int group) {
@@ -1328,7 +1331,8 @@ extern "C" __global__ void __launch_bounds__(512)
                                  const float* __restrict__ wl, const float* __restrict__ rmax,
                                  const float* __restrict__ v, const double* __restrict__ cn,
                                  const double* __restrict__ cd, const double* __restrict__ cp,
-                                 const double* __restrict__ cpd, float gamma_value, const double* gamma_at, float rtemp, const int* keep,
+                                 const double* __restrict__ cpd,
+                                 float gamma_value, const double* gamma_at, float rtemp, const int* keep,
                                  int last_pos_only, int mask_mode, int content, int nbh, int h, int t, int nk,
                                  int d, int chunk, int tile, int nsub, int ntiles, int nchunks, int group) {
     const float gamma = asa_step_value(gamma_value, gamma_at);  // `Learned`

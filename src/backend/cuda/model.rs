@@ -1014,8 +1014,9 @@ impl GpuAsaLayer {
                 c,
             )
         })?;
-        let (_s2, dout_h) = tmp_uninit(be, n * c)?; // split_heads stores every element
-                                                    // (the gate's backward splits the heads itself: the refine path but intervene)
+        // split_heads stores every element (or, on the refine path but for the intervene
+        // variant, the gate's backward splits the heads itself)
+        let (_s2, dout_h) = tmp_uninit(be, n * c)?;
         let split_in_gate = self.ids.slotspace.is_some() && cfg.variant != Variant::Intervene;
         if !split_in_gate {
             be.split_heads(dout_h, dmerged, b, t, h, d)?;
@@ -1155,8 +1156,9 @@ impl GpuAsaLayer {
             let (qs, ks) = (c_.qs.dv(), c_.ks.dv());
             let rope = self.refine_rope();
             super::refine::qkv_backward(be, (d3, d3_16), [dqf, dkf, dvs], [qs, ks], rope, shape)?;
-            let (_h, du) = tmp_uninit(be, rows * m)?; // stored by the first GEMM below
-                                                      // du is read by slot_in's backward GEMMs only: with twins on, written in bf16 alone
+            // du: stored by the first GEMM below; read by slot_in's backward GEMMs only, so with
+            // twins on it is written in bf16 alone
+            let (_h, du) = tmp_uninit(be, rows * m)?;
             let mut du16_buf = Twin::default();
             let mut du16 = du16_buf.scoped(be, rows * m)?;
             let u = c_.u.dv();
@@ -1169,8 +1171,8 @@ impl GpuAsaLayer {
                     be.matmul_backward_store_to_bf16((du, du16), g3, d3, u, w3, rows, m, 3 * m)
                 })?;
             } else {
-                du16 = Dv::null(); // three GEMMs add into an f32 du
-                                   // three GEMMs over d3's thirds
+                // three GEMMs over d3's thirds, adding into an f32 du
+                du16 = Dv::null();
                 let (_q, dq) = tmp_uninit(be, rows * m)?;
                 let (_k, dk) = tmp_uninit(be, rows * m)?;
                 let (_v, dv) = tmp_uninit(be, rows * m)?;
@@ -1216,8 +1218,8 @@ impl GpuAsaLayer {
         });
         if fused {
             // read + write-scan backward from the forward's carries; the kernel takes gamma's
-            // factor (0 where clamped) from its raw parameter on the device, so the gradient
-            // range is passed whether or not the clamp holds now
+            // factor (0 where clamped) from the step's scalar block, so the gradient range is
+            // passed whether or not the clamp holds now
             let refine = self.ids.slotspace.is_some();
             let io = super::fused::BwdIo {
                 dwl,
