@@ -107,16 +107,18 @@ extern "C" __global__ void residual_layernorm_forward(float* res, float* out, fl
     ln_row(out + r0, out16 ? out16 + r0 : nullptr, mean + row, rstd + row, res + r0, weight, bias, c, lane);
 }
 
-// Column sums of x [N,C] rows in chunks, the part of one block: column j of chunk k of
-// `rows_per_chunk` rows (f64, in row order) into part[k,C]; then the last block of the group
-// (`asa_last_block`: `ticket`, `chunks` blocks) adds the chunks in order: dst[j] += (f32) sum.
-// Every thread of the block calls it (j >= c idles).
-__device__ void colsum_block(float* dst, double* part, unsigned* ticket, const float* x, int n, int c,
-                             int rows_per_chunk, int j, int k, int chunks) {
+// Column sums of an [N,C] quantity in row chunks, the part of one block: value(i) of element
+// i = row * C + j for column j over chunk k of `rows_per_chunk` rows (f64, in row order) into
+// part[k,C]; then the last block of the group (`asa_last_block`: `ticket`, `chunks` blocks)
+// adds the chunks in order: dst[j] += (f32) sum. Every thread of the block calls it (j >= c
+// idles).
+template <class F>
+__device__ void colsum_block(float* dst, double* part, unsigned* ticket, int n, int c, int rows_per_chunk, int j,
+                             int k, int chunks, F value) {
     if (j < c) {
         int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
         double a = 0.0;
-        for (int row = r0; row < r1; ++row) a += (double)x[(i64)row * c + j];
+        for (int row = r0; row < r1; ++row) a += value((i64)row * c + j);
         part[(i64)k * c + j] = a;
     }
     if (!asa_last_block(ticket, chunks) || j >= c) return;
@@ -203,8 +205,8 @@ extern "C" __global__ void layernorm_backward(float* dinp, float* dweight, float
 // tickets[blockIdx.x]), y = chunks of `rows_per_chunk` rows; part [chunks,C].
 extern "C" __global__ void colsum_add(float* dst, double* part, unsigned* tickets, const float* x, int n, int c,
                                       int rows_per_chunk) {
-    colsum_block(dst, part, tickets + blockIdx.x, x, n, c, rows_per_chunk, blockIdx.x * blockDim.x + threadIdx.x,
-                 blockIdx.y, gridDim.y);
+    colsum_block(dst, part, tickets + blockIdx.x, n, c, rows_per_chunk, blockIdx.x * blockDim.x + threadIdx.x,
+                 blockIdx.y, gridDim.y, [&](i64 i) { return (double)x[i]; });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -290,30 +292,21 @@ extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, doubl
     const int tiles = (c + (int)blockDim.x - 1) / (int)blockDim.x;
     const int k = blockIdx.y;
     if ((int)blockIdx.x >= tiles) {
-        colsum_block(dbias2, part2, tickets + blockIdx.x, x2, n, c2, rows_per_chunk,
-                     ((int)blockIdx.x - tiles) * blockDim.x + threadIdx.x, k, gridDim.y);
+        colsum_block(dbias2, part2, tickets + blockIdx.x, n, c2, rows_per_chunk,
+                     ((int)blockIdx.x - tiles) * blockDim.x + threadIdx.x, k, gridDim.y,
+                     [&](i64 i) { return (double)x2[i]; });
         return;
     }
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j < c) {
-        int r0 = k * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
-        double a = 0.0;
-        for (int row = r0; row < r1; ++row) {
-            const i64 i = (i64)row * c + j;
-            const float x = inp[i];
-            const float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
-            const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
-            const float y = dout[i] * (cdf + x * pdf);
-            dinp[i] = y;
-            if (dinp16) dinp16[i] = asa_f32_to_bf16(y);
-            a += (double)y;
-        }
-        part[(i64)k * c + j] = a;
-    }
-    if (!asa_last_block(tickets + blockIdx.x, gridDim.y) || j >= c) return;
-    double a = 0.0;
-    for (int q = 0; q < (int)gridDim.y; ++q) a += asa_ld_cg(part + (i64)q * c + j);
-    dbias[j] = dbias[j] + (float)a;
+    colsum_block(dbias, part, tickets + blockIdx.x, n, c, rows_per_chunk, blockIdx.x * blockDim.x + threadIdx.x,
+                 k, gridDim.y, [&](i64 i) {
+                     const float x = inp[i];
+                     const float cdf = 0.5f * erfcf(-x * 0.70710678118654752f);
+                     const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+                     const float y = dout[i] * (cdf + x * pdf);
+                     dinp[i] = y;
+                     if (dinp16) dinp16[i] = asa_f32_to_bf16(y);
+                     return (double)y;
+                 });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -364,12 +357,6 @@ extern "C" __global__ void fill(float* x, float value, i64 n) {
 // ------------------------------------------------------------------------------------------------
 // deterministic reductions
 
-// The backward of a gated sum y = x + gate * delta (the slotspace refine's out_h = out1 + gate
-// * delta) in one launch: ddelta = (f32)(gate * dy) (stored, computed in f64) and
-// dgrad[0] += (f32)(factor * sum(dy * delta)), the sum in f64: per block over its grid-stride
-// elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
-// d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
-// grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
 // The gate gradient's finish: the block's partial a into part[blockIdx.x]; the last block adds
 // the partials in order, dgrad[0] += (f32)(sum * factor).
 __device__ void gate_finish(double a, float* dgrad, double* part, unsigned* ticket, double factor, double* sh) {
@@ -382,6 +369,12 @@ __device__ void gate_finish(double a, float* dgrad, double* part, unsigned* tick
     if (threadIdx.x == 0) dgrad[0] = dgrad[0] + (float)(t * factor);
 }
 
+// The backward of a gated sum y = x + gate * delta (the slotspace refine's out_h = out1 + gate
+// * delta) in one launch: ddelta = (f32)(gate * dy) (stored, computed in f64) and
+// dgrad[0] += (f32)(factor * sum(dy * delta)), the sum in f64: per block over its grid-stride
+// elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
+// d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
+// grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
 extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* part, unsigned* ticket, const float* dy,
                                          const float* delta, double gate, double factor, i64 n) {
     __shared__ double sh[32];
@@ -403,7 +396,7 @@ extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, doub
                                                double gate_value, double factor_value, int b, int t, int h, int d,
                                                const double* gate_at) {
     __shared__ double sh[32];
-    const double gate = gate_at ? (double)asa_step_value(0.0f, gate_at) : gate_value;
+    const double gate = gate_at ? (double)(float)gate_at[0] : gate_value;
     const double factor = asa_step_factor(factor_value, gate_at);
     const int hd = h * d;
     double a = 0.0;

@@ -876,11 +876,7 @@ pub fn backward<L: Device + ?Sized>(
             k(d as i32),
             k(io.dgamma),
             k(io.dgamma_grad),
-            k(if io.gamma.at.is_null() {
-                io.gamma_factor
-            } else {
-                0.0
-            }),
+            k(super::ops::step_arg(io.gamma_factor, io.gamma.at)),
             k(ws.dgamma_part),
             k(i32_of("B*H*tiles", nbh * p.ntiles)?),
             k(io.gamma.at),

@@ -131,11 +131,17 @@ impl Learned {
 
     /// The value argument: 0 where the kernel reads `at`.
     pub fn by_value(&self) -> f32 {
-        if self.at.is_null() {
-            self.value
-        } else {
-            0.0
-        }
+        step_arg(self.value, self.at)
+    }
+}
+
+/// A kernel argument that the kernel reads from the step's scalar block instead where `at` is
+/// given: then 0 (its default), so that the arguments do not change from step to step.
+pub fn step_arg<T: Default>(value: T, at: Dv<f64>) -> T {
+    if at.is_null() {
+        value
+    } else {
+        T::default()
     }
 }
 
@@ -1117,12 +1123,7 @@ pub trait Ops: Device {
         if n == 0 {
             return Ok(());
         }
-        // read at `at`: the same arguments every step
-        let (gate, factor) = if at.is_null() {
-            (gate, factor)
-        } else {
-            (0.0, 0.0)
-        };
+        let (gate, factor) = (step_arg(gate, at), step_arg(factor, at));
         // a block per row (b, t) as split_heads, at most 1,024 (grid-stride): one partial each
         let nb = (b * t).min(1024);
         let part = self.scratch64(nb, true)?;
@@ -1217,13 +1218,9 @@ pub trait Ops: Device {
         let beta2 = cfg.beta2 as f32;
         let one_minus_beta2 = (1.0 - cfg.beta2) as f32;
         let eps = cfg.eps as f32;
-        // the scalars of this step: by value, or read at `at` (the same arguments every step)
-        let [decay, neg_step_size, bc2_sqrt] = if at.is_null() {
-            adamw_step_scalars(cfg, lr, step)
-        } else {
-            assert!(at.len >= 3, "adamw_update: at shape");
-            [0.0; 3]
-        };
+        // the scalars of this step: by value, or read at `at`
+        assert!(at.is_null() || at.len >= 3, "adamw_update: at shape");
+        let [decay, neg_step_size, bc2_sqrt] = step_arg(adamw_step_scalars(cfg, lr, step), at);
         self.launch(
             "adamw_update",
             self.cfg_elems(p.len),
@@ -1704,7 +1701,7 @@ pub trait Ops: Device {
             Some(a) => (a.grad, a.slopes, a.factor, a.at),
             None => (null, null, 0.0, Dv::null()),
         };
-        let factor = if at.is_null() { factor } else { 0.0 }; // read at `at`
+        let factor = step_arg(factor, at);
         if !dalibi.is_null() {
             assert!(
                 !pbias.is_null(),
