@@ -314,8 +314,11 @@ extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, doubl
 // The draw of element i is asa_uniform(seed, i) (counter-based, see common.cuh): reproducible
 // for a seed, independent of the launch shape; not the CPU twin's ChaCha8 stream.
 // p <= 0: copy and mask 1; p >= 1: all dropped.
+// The seed is `seed_at[0]` where given (the step's draws, uploaded with the batch: a replayed
+// graph reads this step's), else `seed`.
 extern "C" __global__ void dropout_forward(float* out, float* mask, const float* inp, float p,
-                                           float scale, u64 seed, i64 n) {
+                                           float scale, u64 seed, const u64* seed_at, i64 n) {
+    if (seed_at) seed = seed_at[0];
     ASA_GRID_LOOP(i, n) {
         float m;
         if (p <= 0.0f) m = 1.0f;

@@ -16,7 +16,7 @@
 #   4. asa parity tests/fixtures --device cuda
 #   5. asa train-mini --device cuda --steps 100 --outdir $OUT/run
 #   5b. asa bench --config practice-run --device cuda (tokens/s, MFU; JSON in $OUT), once more
-#       with the linear attention's serial walk, with its tiles of 64 positions, with
+#       launched op by op (ASA_CUDA_GRAPH=0: no CUDA graph), with the linear attention's serial walk, with its tiles of 64 positions, with
 #       cuBLAS' own bf16 rounding, and with the slot scan's and linear attention's f64 tiles
 #       instead of the tensor-core ones (ASA_CUDA_TENSOR_CORES=0) (A/Bs),
 #       and with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
@@ -183,11 +183,14 @@ fi
 # ---- 5b. the practice-run step (issue #5's GPU figure: tokens/s and MFU, ours only; the
 # reference needs PyTorch with CUDA on the device: `asa bench --reference` by hand) ------------
 [ -x "$BUNDLE/asa" ] && run bench-practice-run 150 \
-    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run.json"
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 2 --iters 3 --json "$OUT/bench-practice-run.json"
 if [ "$QUICK" != 1 ]; then
-# A/B in the same run: the linear attention as the serial warp walk over T (the tiled kernels'
-# baseline) and with tiles of 64 positions (the default: 32), and the bf16 GEMMs with cuBLAS
-# rounding the f32 inputs itself (no convert kernels)
+# A/B in the same run: the step launched op by op instead of replayed as a CUDA graph (the
+# graph is captured at the second step: 2 warmup steps), the linear attention as the serial
+# warp walk over T (the tiled kernels' baseline) and with tiles of 64 positions (the default:
+# 32), and the bf16 GEMMs with cuBLAS rounding the f32 inputs itself (no convert kernels)
+[ -x "$BUNDLE/asa" ] && run bench-practice-run-no-graph 150 env ASA_CUDA_GRAPH=0 \
+    "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 2 --iters 3 --json "$OUT/bench-practice-run-no-graph.json"
 [ -x "$BUNDLE/asa" ] && run bench-practice-run-walk-linear 150 env ASA_CUDA_LINEAR=walk:1000000 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-walk-linear.json"
 [ -x "$BUNDLE/asa" ] && run bench-practice-run-tiled64-linear 150 env ASA_CUDA_LINEAR=tiled:64 \

@@ -270,6 +270,10 @@ pub struct BenchReport {
     /// ours / reference on each side's fastest step: the lower bound of the ratio when the
     /// reference's steps vary a lot (Python, allocator, threads)
     pub ratio_fastest: Option<f64>,
+    /// GPU only: how the steps used CUDA graphs (captured at the second step, then replayed;
+    /// `ASA_CUDA_GRAPH=0`: none)
+    #[serde(default)]
+    pub graph: Option<crate::backend::cuda::graph::GraphStats>,
 }
 
 /// Median of a non-empty list (mean of the two middle values for an even count).
@@ -388,14 +392,19 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let threads = pool
         .as_ref()
         .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
-    let run = || -> Result<(String, Vec<f64>)> {
+    type Run = (
+        String,
+        Vec<f64>,
+        Option<crate::backend::cuda::graph::GraphStats>,
+    );
+    let run = || -> Result<Run> {
         if o.cuda {
             bench_gpu(&cfg, o, &inp, &tgt)
         } else {
-            bench_cpu(&cfg, o, &inp, &tgt).map(|s| (format!("cpu ({threads} threads)"), s))
+            bench_cpu(&cfg, o, &inp, &tgt).map(|s| (format!("cpu ({threads} threads)"), s, None))
         }
     };
-    let (device, step_seconds) = match &pool {
+    let (device, step_seconds, graph) = match &pool {
         Some(p) => p.install(run)?,
         None => run()?,
     };
@@ -439,6 +448,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         reference,
         ratio,
         ratio_fastest,
+        graph,
     })
 }
 
@@ -528,13 +538,18 @@ fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> R
     Ok(secs)
 }
 
-/// Our GPU step (`GpuLm::train_step`, synchronised by its download of the loss).
+/// Our GPU step (`GpuLm::train_step`, synchronised by its download of the loss), and how
+/// the steps used CUDA graphs.
 fn bench_gpu(
     cfg: &ModelConfig,
     o: &BenchOptions,
     inp: &[u32],
     tgt: &[i64],
-) -> Result<(String, Vec<f64>)> {
+) -> Result<(
+    String,
+    Vec<f64>,
+    Option<crate::backend::cuda::graph::GraphStats>,
+)> {
     let (_, params) = Lm::new(cfg)?;
     let mut gpu = GpuLm::new(cfg, &params, o.precision)?;
     drop(params);
@@ -552,7 +567,7 @@ fn bench_gpu(
             secs.push(dt);
         }
     }
-    Ok((device, secs))
+    Ok((device, secs, Some(gpu.graph_stats())))
 }
 
 /// Checks that `dir` looks like a checkout of the reference (its package under `src/asa`).

@@ -691,6 +691,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|m| format!(", MFU {:.1}%", 100.0 * m))
                     .unwrap_or_default()
             );
+            if let Some(g) = &r.graph {
+                println!(
+                    "CUDA graph: {} captured ({} requests), {} steps replayed, {} eager, {} dropped{}",
+                    g.captures,
+                    g.nodes,
+                    g.replays,
+                    g.eager,
+                    g.dropped,
+                    if g.captures == 0 && g.eager > 0 {
+                        " (off: ASA_CUDA_GRAPH=0, ASA_CUDA_PROFILE, or warmup < 2)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if let (Some(rf), Some(ratio)) = (&r.reference, r.ratio) {
                 println!(
                     "reference (torch {} on {}): {:.0} tokens/s (median step {:.3}s); ours / reference = {ratio:.2}x (fastest steps: {:.2}x)",

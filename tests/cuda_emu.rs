@@ -608,3 +608,10 @@ fn emulated_bf16_twins_change_nothing() {
         model_cases::bf16_twins_change_nothing(&|| EmuDev::new(e));
     }
 }
+
+#[test]
+fn emulated_graph_replay_matches_eager() {
+    if let Some(e) = emu("emulated_graph_replay_matches_eager") {
+        train_cases::graph_replay_matches_eager(&|| EmuDev::new(e));
+    }
+}

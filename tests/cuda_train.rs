@@ -97,3 +97,14 @@ fn non_finite_step_changes_nothing() {
     }
     train_cases::non_finite_step_changes_nothing(&|| CudaBackend::new(0).unwrap());
 }
+
+/// CUDA graph capture and replay take the eager steps bit for bit (see
+/// tests/support/train_cases.rs).
+#[test]
+fn graph_replay_matches_eager() {
+    if !cuda_available() {
+        println!("SKIPPED graph_replay_matches_eager: no CUDA device");
+        return;
+    }
+    train_cases::graph_replay_matches_eager(&|| CudaBackend::new(0).unwrap());
+}

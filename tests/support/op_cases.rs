@@ -291,9 +291,12 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
     let nn = 20_000;
     let xin = rv(&mut r, nn, 1.0);
     let (xin_d, o_d, mk_d) = (mem.put(&xin), mem.zeroed::<f32>(nn), mem.zeroed::<f32>(nn));
-    dev.dropout_forward(o_d, mk_d, xin_d, 0.0, 7).unwrap();
+    let none = Dv::<u64>::null();
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.0, (7, none))
+        .unwrap();
     close("dropout p=0", &mem.get(o_d), &xin, 0.0);
-    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, 7).unwrap();
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, (7, none))
+        .unwrap();
     let (o, mk) = (mem.get(o_d), mem.get(mk_d));
     let kept = mk.iter().filter(|&&m| m != 0.0).count();
     assert!((9_000..=11_000).contains(&kept), "dropout kept {kept}");
@@ -301,8 +304,19 @@ pub fn generic_ops<D: Ops, M: TestDev>(dev: &D, mem: &M) {
         assert!(mk[i] == 0.0 || mk[i] == 2.0);
         assert_eq!(o[i], xin[i] * mk[i]);
     }
-    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, 7).unwrap();
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, (7, none))
+        .unwrap();
     assert_eq!(mem.get(mk_d), mk, "same seed, same mask");
+    // the seed read on the device (the step's draws) wins over the argument
+    let (seven, eight) = (mem.put(&[7u64]), mem.put(&[8u64]));
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, (0, seven))
+        .unwrap();
+    assert_eq!(mem.get(mk_d), mk, "seed 7 read on the device");
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, (7, eight))
+        .unwrap();
+    assert_ne!(mem.get(mk_d), mk, "seed 8 read on the device");
+    dev.dropout_forward(o_d, mk_d, xin_d, 0.5, (7, none))
+        .unwrap();
     let ddx_d = mem.put(&vec![1.0; nn]);
     dev.dropout_backward(ddx_d, xin_d, mk_d).unwrap();
     let want: Vec<f32> = (0..nn).map(|i| 1.0 + xin[i] * mk[i]).collect();

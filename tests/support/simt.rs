@@ -17,9 +17,13 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
+use asa::backend::cuda::graph::{self, Issue, StepGraph};
 use asa::backend::cuda::ops::{gemm_operands, Gemm, Op};
-use asa::backend::cuda::{kernel_names, AsDv, Bf16Copy, Device, Dv, KArg, Ops, Precision, Temp};
+use asa::backend::cuda::{
+    kernel_names, AsDv, Bf16Copy, Device, Dv, KArg, Ops, Precision, Temp, TempCache,
+};
 use cudarc::driver::LaunchConfig;
 
 use crate::dev::{Elem, TestDev};
@@ -308,7 +312,9 @@ impl Simt {
 /// The emulator as a [`TestDev`]: buffers are host memory (8-byte aligned, kept until the
 /// device is dropped) addressed through [`Dv`]; launches go to [`Simt::launch`]; GEMMs run on
 /// the host in f64 with cuBLAS' conventions (f32 inputs: the emulated device has no bf16 path).
-/// Grid-stride kernels get at most 3 blocks, so their loops turn.
+/// Grid-stride kernels get at most 3 blocks, so their loops turn. Temporaries come from a
+/// [`TempCache`] as on the device; graphs are recorded requests replayed in order (a request
+/// the CUDA backend would refuse inside a capture is refused here too).
 pub struct EmuDev {
     simt: &'static Simt,
     bufs: RefCell<Vec<Box<[u64]>>>,
@@ -317,6 +323,21 @@ pub struct EmuDev {
     /// from the registered bf16 copies), and the kernels' tensor-core paths
     precision: std::cell::Cell<Precision>,
     bf16: Bf16Copy,
+    temps: Rc<TempCache>,
+    graph: StepGraph,
+    /// the requests of the capture under way, and the graph held
+    recording: RefCell<Vec<EmuReq>>,
+    held: RefCell<Vec<EmuReq>>,
+}
+
+/// One device request, as a graph holds it.
+#[derive(Clone, Debug)]
+enum EmuReq {
+    Launch(String, LaunchConfig, Vec<KArg>),
+    Memset(u64, usize),
+    Copy(u64, u64, usize),
+    /// the GEMM, its operands' addresses and whether they are bf16
+    Gemm(Gemm, u64, u64, bool),
 }
 
 impl EmuDev {
@@ -327,6 +348,93 @@ impl EmuDev {
             scratch: RefCell::new([None, None, None, None, None]),
             precision: std::cell::Cell::new(Precision::F32),
             bf16: Bf16Copy::default(),
+            temps: Rc::new(TempCache::default()),
+            graph: StepGraph::default(),
+            recording: RefCell::new(Vec::new()),
+            held: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// An uninitialised temporary from the cache (an allocation is refused inside a graph).
+    fn cached<T>(&self, n: usize) -> asa::error::Result<Temp<T>> {
+        self.temps.take::<T>(
+            n,
+            |bytes| {
+                self.graph.refuse("an allocation")?;
+                Ok(Box::new(Self::storage(bytes)))
+            },
+            |k| {
+                k.downcast_ref::<Box<[u64]>>()
+                    .expect("the cache holds host storage")
+                    .as_ptr() as u64
+            },
+        )
+    }
+
+    /// Scratch cell `i` grows (a new allocation) inside a graph: refused.
+    fn refuse_growth(&self, i: usize, bytes: usize) -> asa::error::Result<()> {
+        let small = self.scratch.borrow()[i]
+            .as_ref()
+            .is_none_or(|b| b.len() * 8 < bytes);
+        if small {
+            self.graph.refuse("a scratch allocation")?;
+        }
+        Ok(())
+    }
+
+    /// Runs, records or skips `r` as the graph mode says.
+    fn issue(&self, r: EmuReq) -> asa::error::Result<()> {
+        let hash = || match &r {
+            EmuReq::Launch(name, cfg, args) => graph::hash_launch(name, cfg, args),
+            EmuReq::Memset(p, bytes) => graph::hash_memset(*p, *bytes),
+            EmuReq::Copy(d, s, n) => graph::hash_copy(*d, *s, *n),
+            EmuReq::Gemm(g, a, b, bf16) => graph::hash_gemm(g, *a, *b, *bf16, false),
+        };
+        match self.graph.note(hash) {
+            Issue::Run => self.run(&r),
+            Issue::Record => {
+                self.recording.borrow_mut().push(r);
+                Ok(())
+            }
+            Issue::Skip => Ok(()),
+        }
+    }
+
+    /// Executes one request.
+    fn run(&self, r: &EmuReq) -> asa::error::Result<()> {
+        match r {
+            EmuReq::Launch(name, cfg, args) => {
+                let a: Vec<Arg> = args
+                    .iter()
+                    .map(|k| match *k {
+                        KArg::Ptr(p, _) => Arg::Ptr(p as usize as *mut c_void),
+                        KArg::I32(x) => Arg::I32(x),
+                        KArg::I64(x) => Arg::I64(x),
+                        KArg::U64(x) => Arg::I64(x as i64),
+                        KArg::F32(x) => Arg::F32(x),
+                        KArg::F64(x) => Arg::F64(x),
+                    })
+                    .collect();
+                let (g, b) = (cfg.grid_dim, cfg.block_dim);
+                self.simt
+                    .launch(name, g, b, cfg.shared_mem_bytes as usize, &a)
+                    .map_err(asa::error::AsaError::Device)
+            }
+            // SAFETY: the range lies in one of this device's buffers.
+            EmuReq::Memset(p, bytes) => unsafe {
+                std::ptr::write_bytes(*p as usize as *mut u8, 0, *bytes);
+                Ok(())
+            },
+            // SAFETY: both address live host buffers of this device (they may overlap only
+            // if equal, which `copy` permits).
+            EmuReq::Copy(d, s, n) => unsafe {
+                std::ptr::copy(*s as usize as *const f32, *d as usize as *mut f32, *n);
+                Ok(())
+            },
+            EmuReq::Gemm(g, pa, pb, bf16) => {
+                gemm_host(g, *pa, *pb, *bf16);
+                Ok(())
+            }
         }
     }
 
@@ -353,33 +461,53 @@ impl Device for EmuDev {
     }
 
     fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> asa::error::Result<()> {
-        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        let g = cfg.grid_dim;
         if g.0 == 0 || g.1 == 0 || g.2 == 0 {
             return Ok(()); // as the CUDA backend: an empty grid is no launch
         }
-        let a: Vec<Arg> = args
-            .iter()
-            .map(|k| match *k {
-                KArg::Ptr(p, _) => Arg::Ptr(p as usize as *mut c_void),
-                KArg::I32(x) => Arg::I32(x),
-                KArg::I64(x) => Arg::I64(x),
-                KArg::U64(x) => Arg::I64(x as i64),
-                KArg::F32(x) => Arg::F32(x),
-                KArg::F64(x) => Arg::F64(x),
-            })
-            .collect();
-        self.simt
-            .launch(name, g, b, cfg.shared_mem_bytes as usize, &a)
-            .map_err(asa::error::AsaError::Device)
+        self.issue(EmuReq::Launch(name.to_string(), cfg, args.to_vec()))
+    }
+
+    fn graph(&self) -> Option<&StepGraph> {
+        Some(&self.graph)
+    }
+
+    fn graph_capture_begin(&self) -> asa::error::Result<()> {
+        self.held.borrow_mut().clear();
+        self.recording.borrow_mut().clear();
+        self.temps.freeze(true);
+        self.graph.begin(graph::Mode::Capture);
+        Ok(())
+    }
+
+    fn graph_capture_end(&self) -> asa::error::Result<()> {
+        let reqs = std::mem::take(&mut *self.recording.borrow_mut());
+        self.temps.freeze(false);
+        if !self.graph.end() {
+            return Err(asa::error::AsaError::Device(
+                "the graph capture did not complete".into(),
+            ));
+        }
+        *self.held.borrow_mut() = reqs;
+        Ok(())
+    }
+
+    fn graph_launch(&self) -> asa::error::Result<()> {
+        for r in self.held.borrow().iter() {
+            self.run(r)?;
+        }
+        Ok(())
     }
 
     fn scratch64(&self, n: usize, second: bool) -> asa::error::Result<Dv<f64>> {
+        self.refuse_growth(second as usize, n.max(1) * 8)?;
         let p = self.scratch_ptr(second as usize, n.max(1) * 8);
         // SAFETY: the cell holds at least n f64s and lives as long as the device.
         Ok(unsafe { Dv::from_raw(p, n) })
     }
 
     fn scratch_bf16(&self, n: usize, second: bool) -> asa::error::Result<Dv<u16>> {
+        self.refuse_growth(2 + second as usize, n.max(1) * 2)?;
         let p = self.scratch_ptr(2 + second as usize, n.max(1) * 2);
         // SAFETY: as scratch64.
         Ok(unsafe { Dv::from_raw(p, n) })
@@ -392,18 +520,18 @@ impl Device for EmuDev {
         Ok(unsafe { Dv::from_raw(p, n) })
     }
 
+    /// Zeroed (a memset request, as on the device).
     fn temp<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
-        let mut b = Self::storage(n * std::mem::size_of::<T>());
-        let p = b.as_mut_ptr() as u64;
-        // SAFETY: b holds n zeroed elements of T and moves into the guard (the heap block
-        // does not move).
-        Ok(Temp::new(Box::new(b), unsafe { Dv::from_raw(p, n) }))
+        let t = self.cached::<T>(n)?;
+        self.memset_zero(t.dv())?;
+        Ok(t)
     }
 
     /// Filled with 0xFF bytes (NaN floats, -1 integers), so that a kernel reading a buffer it
-    /// was meant to overwrite shows in the results.
+    /// was meant to overwrite shows in the results (a free buffer: no request of a step reads
+    /// it before writing it).
     fn temp_uninit<T: Elem>(&self, n: usize) -> asa::error::Result<Temp<T>> {
-        let t = self.temp::<T>(n)?;
+        let t = self.cached::<T>(n)?;
         let bytes = n * std::mem::size_of::<T>();
         // SAFETY: the temporary holds `bytes` bytes at that address.
         unsafe { std::ptr::write_bytes(t.dv().ptr as usize as *mut u8, 0xFF, bytes) };
@@ -411,7 +539,8 @@ impl Device for EmuDev {
     }
 
     fn temp_from<T: Elem>(&self, x: &[T]) -> asa::error::Result<Temp<T>> {
-        let t = self.temp::<T>(x.len())?;
+        self.graph.refuse("an upload")?;
+        let t = self.cached::<T>(x.len())?;
         let d = t.dv();
         if !x.is_empty() {
             // SAFETY: d addresses x.len() elements of T.
@@ -422,18 +551,19 @@ impl Device for EmuDev {
 
     fn memset_zero<T>(&self, x: Dv<T>) -> asa::error::Result<()> {
         if x.len > 0 {
-            // SAFETY: x addresses x.len elements of T in one of this device's buffers.
-            unsafe { std::ptr::write_bytes(x.ptr as usize as *mut T, 0, x.len) };
+            self.issue(EmuReq::Memset(x.ptr, x.len * std::mem::size_of::<T>()))?;
         }
         Ok(())
     }
 
     fn download<T: Elem>(&self, x: Dv<T>) -> asa::error::Result<Vec<T>> {
+        self.graph.refuse("a download")?;
         Ok(self.get(x))
     }
 
     fn upload_into<T: Elem>(&self, dst: Dv<T>, x: &[T]) -> asa::error::Result<()> {
         assert!(x.len() <= dst.len, "upload_into: {} > {}", x.len(), dst.len);
+        self.graph.refuse("an upload")?;
         // SAFETY: dst addresses at least x.len() elements of T.
         unsafe { std::ptr::copy_nonoverlapping(x.as_ptr(), dst.ptr as usize as *mut T, x.len()) };
         Ok(())
@@ -441,20 +571,14 @@ impl Device for EmuDev {
 
     fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> asa::error::Result<()> {
         assert!(src.len <= dst.len, "copy: {} > {}", src.len, dst.len);
-        // SAFETY: both address live host buffers of this device (they may overlap only if
-        // equal, which `copy` permits).
-        unsafe {
-            std::ptr::copy(
-                src.ptr as usize as *const f32,
-                dst.ptr as usize as *mut f32,
-                src.len,
-            )
-        };
-        Ok(())
+        if src.len == 0 {
+            return Ok(());
+        }
+        self.issue(EmuReq::Copy(dst.ptr, src.ptr, src.len))
     }
 
     fn sync(&self) -> asa::error::Result<()> {
-        Ok(()) // launches run to completion
+        self.graph.refuse("a synchronisation") // launches run to completion
     }
 
     fn precision(&self) -> Precision {
@@ -479,6 +603,19 @@ impl Device for EmuDev {
     }
 
     fn gemm(&self, g: &Gemm) -> asa::error::Result<()> {
+        // the operands as cuBLAS would get them: f32, or bf16 (converted by the kernel into
+        // scratch, or a registered copy), exact in f32 either way
+        let Some((pa, pb, bf16)) = gemm_operands(self, g)? else {
+            return Ok(());
+        };
+        self.issue(EmuReq::Gemm(*g, pa, pb, bf16))
+    }
+}
+
+/// One GEMM on the host in f64 with cuBLAS' conventions, its operands at `pa`, `pb` (f32, or
+/// bf16 when `bf16`).
+fn gemm_host(g: &Gemm, pa: u64, pb: u64, bf16: bool) {
+    {
         let Gemm {
             ta,
             tb,
@@ -492,11 +629,6 @@ impl Device for EmuDev {
             beta,
             ..
         } = *g;
-        // the operands as cuBLAS would get them: f32, or bf16 (converted by the kernel into
-        // scratch, or a registered copy), exact in f32 either way
-        let Some((pa, pb, bf16)) = gemm_operands(self, g)? else {
-            return Ok(());
-        };
         let el = |p: u64, i: usize| -> f32 {
             // SAFETY: p addresses the operand (f32, or u16 when bf16) and i lies in its shape.
             unsafe {
@@ -542,7 +674,6 @@ impl Device for EmuDev {
                 }
             }
         }
-        Ok(())
     }
 }
 

@@ -39,6 +39,7 @@ use crate::error::{AsaError, Result};
 pub mod cost;
 pub mod doctor;
 pub mod fused;
+pub mod graph;
 pub mod intervene;
 pub mod linear;
 pub mod model;
@@ -68,6 +69,9 @@ pub const PYPI_DIR_ENV: &str = "ASA_CUDA_PYPI_DIR";
 
 /// Dynamic shared memory a block may have without the kernel's opt-in (bytes).
 pub const SMEM_DEFAULT: usize = 48 * 1024;
+/// Bytes of cuBLAS' workspace (its recommendation for Hopper: 32 MiB).
+pub const BLAS_WORKSPACE: usize = 32 << 20;
+
 /// Arrival counters per device ([`Device::tickets`]): the most blocks a single-launch reduction
 /// may count on at once (one counter per group of blocks that finishes one result).
 pub const TICKETS: usize = 4096;
@@ -511,6 +515,9 @@ pub struct TempCache {
     /// bytes of the temporaries alive now, and their most since the start
     in_use: std::cell::Cell<usize>,
     peak_in_use: std::cell::Cell<usize>,
+    /// a graph capture is under way: a failed allocation must not free the cached ones (the
+    /// frees would be captured into the graph, not run)
+    frozen: std::cell::Cell<bool>,
 }
 
 impl TempCache {
@@ -537,7 +544,7 @@ impl TempCache {
             }
             None => match alloc(bytes) {
                 Ok(k) => k,
-                Err(_) if self.held.get() > 0 => {
+                Err(_) if self.held.get() > 0 && !self.frozen.get() => {
                     self.clear();
                     alloc(bytes)?
                 }
@@ -560,6 +567,11 @@ impl TempCache {
         self.free.borrow_mut().entry(bytes).or_default().push(keep);
         self.held.set(self.held.get() + bytes);
         self.in_use.set(self.in_use.get() - bytes);
+    }
+
+    /// While `on`, a failed allocation leaves the cached ones alone (graph capture).
+    pub fn freeze(&self, on: bool) {
+        self.frozen.set(on);
     }
 
     /// Frees every cached allocation.
@@ -625,6 +637,23 @@ pub trait Device {
     fn copy(&self, dst: Dv<f32>, src: Dv<f32>) -> Result<()>;
     /// Waits for the queued work.
     fn sync(&self) -> Result<()>;
+    /// The device's graph bookkeeping ([`graph`]); None where it cannot capture graphs.
+    fn graph(&self) -> Option<&graph::StepGraph> {
+        None
+    }
+    /// Starts capturing the requests that follow into a graph (they are not run).
+    fn graph_capture_begin(&self) -> Result<()> {
+        Err(AsaError::Device("this device cannot capture graphs".into()))
+    }
+    /// Ends the capture and holds its graph in place of the last; an error (a request the
+    /// capture could not take) holds none.
+    fn graph_capture_end(&self) -> Result<()> {
+        Err(AsaError::Device("this device cannot capture graphs".into()))
+    }
+    /// Runs the held graph.
+    fn graph_launch(&self) -> Result<()> {
+        Err(AsaError::Device("no graph held".into()))
+    }
     /// The GEMM input precision.
     fn precision(&self) -> Precision;
     fn set_precision(&self, p: Precision);
@@ -821,6 +850,51 @@ impl Device for CudaBackend {
     fn sync(&self) -> Result<()> {
         CudaBackend::sync(self)
     }
+    /// None while profiling (`ASA_CUDA_PROFILE` times every launch with host syncs).
+    fn graph(&self) -> Option<&graph::StepGraph> {
+        self.profile.is_none().then_some(&self.graph)
+    }
+    fn graph_capture_begin(&self) -> Result<()> {
+        *self.graph_exec.borrow_mut() = None;
+        self.temps.freeze(true);
+        self.graph.begin(graph::Mode::Capture);
+        self.stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| {
+                self.graph.end();
+                self.temps.freeze(false);
+                dev_err("beginning a graph capture", e)
+            })
+    }
+    fn graph_capture_end(&self) -> Result<()> {
+        // the trace is complete only when nothing was refused (`StepGraph::refuse`)
+        let complete = self.graph.end();
+        self.temps.freeze(false);
+        let g = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| dev_err("ending a graph capture", e))?;
+        match g {
+            Some(g) if complete => {
+                g.upload().map_err(|e| dev_err("uploading a graph", e))?;
+                *self.graph_exec.borrow_mut() = Some(g);
+                Ok(())
+            }
+            _ => Err(AsaError::Device(
+                "the graph capture did not complete".into(),
+            )),
+        }
+    }
+    fn graph_launch(&self) -> Result<()> {
+        match self.graph_exec.borrow().as_ref() {
+            Some(g) => g
+                .launch()
+                .map_err(|e| dev_err("launching the step graph", e)),
+            None => Err(AsaError::Device("no graph held".into())),
+        }
+    }
     fn precision(&self) -> Precision {
         self.precision.get()
     }
@@ -932,6 +1006,11 @@ pub struct CudaBackend {
     staging_busy: std::cell::Cell<bool>,
     /// the model's bf16 weight copy, read by bf16 GEMMs
     bf16_copy: Bf16Copy,
+    /// graph capture: the bookkeeping, and the graph held ([`graph`])
+    graph: graph::StepGraph,
+    graph_exec: RefCell<Option<cudarc::driver::CudaGraph>>,
+    /// cuBLAS' workspace (set once: no allocation of its own inside a captured step)
+    _blas_workspace: CudaSlice<u8>,
 }
 
 impl Drop for CudaBackend {
@@ -975,7 +1054,10 @@ impl CudaBackend {
         // One stream only: no per-slice events (see `Dv`).
         // SAFETY: every buffer of this backend lives on `stream`.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // a stream of its own (the legacy default stream cannot be captured into a graph)
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| dev_err("creating the CUDA stream", e))?;
         let (maj, min) = ctx
             .compute_capability()
             .map_err(|e| dev_err("compute capability", e))?;
@@ -992,6 +1074,23 @@ impl CudaBackend {
             .unwrap_or(SMEM_DEFAULT);
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating the cuBLAS handle", e))?;
+        // SAFETY: cuBLAS' scratch; it never reads what it has not written.
+        let blas_workspace = unsafe { stream.alloc::<u8>(BLAS_WORKSPACE) }
+            .map_err(|e| dev_err("allocating the cuBLAS workspace", e))?;
+        // SAFETY: the workspace outlives the handle (both are fields of the backend, the
+        // handle dropped first) and is used on the handle's stream only.
+        let st = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                blas_workspace.dv().ptr as *mut std::ffi::c_void,
+                BLAS_WORKSPACE,
+            )
+        };
+        if st != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(AsaError::Device(format!(
+                "setting the cuBLAS workspace: {st:?}"
+            )));
+        }
         let mut modules = HashMap::new();
         let mut index = HashMap::new();
         for (stem, src) in KERNELS {
@@ -1029,6 +1128,9 @@ impl CudaBackend {
             staging: RefCell::new(None),
             staging_busy: std::cell::Cell::new(false),
             bf16_copy: Bf16Copy::default(),
+            graph: graph::StepGraph::default(),
+            graph_exec: RefCell::new(None),
+            _blas_workspace: blas_workspace,
         })
     }
 
@@ -1052,6 +1154,9 @@ impl CudaBackend {
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[KArg]) -> Result<()> {
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
             return Ok(()); // nothing to do
+        }
+        if self.graph.note(|| graph::hash_launch(name, &cfg, args)) == graph::Issue::Skip {
+            return Ok(());
         }
         let f = self.func(name)?;
         if cfg.shared_mem_bytes as usize > SMEM_DEFAULT && !self.smem_opted.borrow().contains(name)
@@ -1139,6 +1244,7 @@ impl CudaBackend {
     }
 
     fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.graph.refuse("an allocation")?;
         // SAFETY: the bytes are written (memset or upload) before any kernel reads them.
         unsafe { self.stream.alloc::<u8>(bytes) }
             .map_err(|e| dev_err(&format!("allocating {bytes} bytes"), e))
@@ -1149,6 +1255,7 @@ impl CudaBackend {
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>> {
+        self.graph.refuse("an allocation")?;
         self.stream
             .alloc_zeros::<T>(n.max(1))
             .map_err(|e| dev_err(&format!("allocating {n} elements"), e))
@@ -1162,6 +1269,7 @@ impl CudaBackend {
         if x.is_empty() {
             return self.zeros::<T>(1);
         }
+        self.graph.refuse("an upload")?;
         self.stream
             .clone_htod(x)
             .map_err(|e| dev_err(&format!("uploading {} elements", x.len()), e))
@@ -1173,6 +1281,7 @@ impl CudaBackend {
         if x.len == 0 {
             return Ok(out);
         }
+        self.graph.refuse("a download")?;
         // SAFETY: `x` is a live device range of `x.len` elements (see `Dv`); the copy is
         // synchronous with respect to the host (the stream is synchronised before returning).
         unsafe {
@@ -1189,6 +1298,7 @@ impl CudaBackend {
         if x.is_empty() {
             return Ok(());
         }
+        self.graph.refuse("an upload")?;
         // SAFETY: `dst` is a live device range with room for `x`; the host slice outlives the
         // copy because the stream is synchronised before returning.
         unsafe {
@@ -1212,6 +1322,7 @@ impl CudaBackend {
         if bytes == 0 {
             return Ok(());
         }
+        self.graph.refuse("an upload")?;
         if self.staging_busy.get() {
             self.sync()?;
         }
@@ -1250,6 +1361,10 @@ impl CudaBackend {
         if src.len == 0 {
             return Ok(());
         }
+        let h = || graph::hash_copy(dst.ptr, src.ptr, src.len);
+        if self.graph.note(h) == graph::Issue::Skip {
+            return Ok(());
+        }
         // SAFETY: both ranges are live device memory of this context (see `Dv`).
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
@@ -1267,6 +1382,10 @@ impl CudaBackend {
         if x.len == 0 {
             return Ok(());
         }
+        let bytes = x.len * std::mem::size_of::<T>();
+        if self.graph.note(|| graph::hash_memset(x.ptr, bytes)) == graph::Issue::Skip {
+            return Ok(());
+        }
         // SAFETY: `x` is a live device range (see `Dv`).
         unsafe {
             cudarc::driver::result::memset_d8_async(
@@ -1281,6 +1400,7 @@ impl CudaBackend {
 
     /// Waits for the stream; surfaces asynchronous kernel errors.
     pub fn sync(&self) -> Result<()> {
+        self.graph.refuse("a synchronisation")?;
         self.stream
             .synchronize()
             .map_err(|e| dev_err("CUDA stream", e))?;
@@ -1415,6 +1535,13 @@ mod tests {
         assert_eq!(cache.peak_in_use_bytes(), 600);
         drop(b);
         assert_eq!(cache.footprint_bytes(), 400);
+        // frozen (a graph capture): a failed allocation keeps the cached ones
+        cache.freeze(true);
+        assert!(dev.take(&cache, 200).is_err());
+        assert_eq!(cache.held_bytes(), 400, "frozen: nothing freed");
+        cache.freeze(false);
+        assert!(dev.take(&cache, 200).is_err());
+        assert_eq!(cache.held_bytes(), 0, "thawed: emptied again");
     }
 
     /// Of several free allocations of a size the lowest address comes first, whatever order

@@ -63,8 +63,6 @@ impl std::str::FromStr for Precision {
 struct DBuf {
     s: Option<Temp<f32>>,
     n: usize,
-    /// what `holding` last uploaded (empty when the contents came from elsewhere)
-    host: Vec<f32>,
 }
 
 impl DBuf {
@@ -73,22 +71,8 @@ impl DBuf {
         if self.s.is_none() || self.n != n {
             self.s = Some(be.temp::<f32>(n)?);
             self.n = n;
-            self.host.clear();
         }
         Ok(self.dv())
-    }
-    /// The buffer holding `x`, uploaded only when it differs from what it last received (a
-    /// blocking host sync saved: the slot-key keep mask is the same in every step without slot
-    /// dropout, the ALiBi bias whenever its strength did not move). For buffers that kernels
-    /// only read.
-    fn holding<B: Backend>(&mut self, be: &B, x: &[f32]) -> Result<Dv<f32>> {
-        let d = self.ensure(be, x.len())?;
-        if self.host != x {
-            be.upload_into(d, x)?;
-            self.host.clear();
-            self.host.extend_from_slice(x);
-        }
-        Ok(d)
     }
     fn dv(&self) -> Dv<f32> {
         match &self.s {
@@ -427,9 +411,10 @@ pub struct GpuAsaCache {
     k_r: DBuf,    // [B,H,T,d] (RoPE)
     v_h: DBuf,
     q_h: DBuf,
-    keys: DBuf,     // [H,K,d]
-    key_keep: DBuf, // [H,K]
-    raw: DBuf,      // [B,H,K,T]
+    keys: DBuf, // [H,K,d]
+    /// [H,K] the slot keep mask of the last forward (owned by the caller: the batch's draws)
+    key_keep: Option<Dv<f32>>,
+    raw: DBuf, // [B,H,K,T]
     wl: DBuf,
     state: DBuf, // [B,H,T,K,d]
     den: DBuf,   // [B,H,K,T]
@@ -624,7 +609,7 @@ impl GpuAsaLayer {
         t: usize,
         o: &DevOpts,
         c_: &mut GpuAsaCache,
-        rng: &mut ChaCha8Rng,
+        draws: LayerDraws,
         out: Dv<f32>,
     ) -> Result<()> {
         let cfg = self.cfg.clone();
@@ -695,17 +680,11 @@ impl GpuAsaLayer {
             }
             _ => k_n,
         };
-        // slot dropout (training): whole slot keys of a head are zeroed, not rescaled
-        let keep: Vec<f32> = (0..h * nk)
-            .map(|_| {
-                if o.training && cfg.slot_dropout > 0.0 && rng.gen::<f64>() < cfg.slot_dropout {
-                    0.0
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        let key_keep = c_.key_keep.holding(be, &keep)?;
+        // slot dropout (training): whole slot keys of a head are zeroed, not rescaled (the
+        // keep mask drawn on the host with the step's draws)
+        assert_eq!(draws.keep.len, h * nk, "the slot keep mask is [H,K]");
+        let key_keep = draws.keep;
+        c_.key_keep = Some(key_keep);
         let keys = c_.keys.ensure(be, h * nk * d)?;
 
         // write logits [B,H,K,T], with the prologue along: keys = slot_keys * keep (stored for
@@ -824,7 +803,7 @@ impl GpuAsaLayer {
                 },
             );
             merged_by_mix = merge.is_some();
-            self.slotspace_forward(be, p, o, c_, rng, dm, merge)?;
+            self.slotspace_forward(be, p, o, c_, draws.seeds.sub(1, 1), dm, merge)?;
             if cfg.variant == Variant::Intervene {
                 // out_h = out1 + f(out1, gate * delta) per position (`intervene_forward`)
                 let (delta, z) = (c_.delta.dv(), c_.z.dv());
@@ -846,7 +825,7 @@ impl GpuAsaLayer {
             let proj = c_.proj.ensure(be, n * c)?;
             be.matmul_forward(proj, merged, p.p(self.ids.out_proj), Dv::null(), n, c, c)?;
             let drop = c_.drop.ensure(be, n * c)?;
-            be.dropout_forward(out, drop, proj, pdrop, rng.gen())?;
+            be.dropout_forward(out, drop, proj, pdrop, (0, draws.seeds.sub(0, 1)))?;
         } else {
             be.matmul_forward(out, merged, p.p(self.ids.out_proj), Dv::null(), n, c, c)?;
         }
@@ -859,7 +838,7 @@ impl GpuAsaLayer {
         p: &GpuParams,
         o: &DevOpts,
         c_: &mut GpuAsaCache,
-        rng: &mut ChaCha8Rng,
+        seed: Dv<u64>,
         dm: SlotDims,
         merge: Option<super::fused::MixMerge>,
     ) -> Result<()> {
@@ -933,7 +912,7 @@ impl GpuAsaLayer {
         let u2d = if c_.has_ss_drop {
             let u2d = c_.u2d.ensure(be, rows * m)?;
             let mask = c_.ss_drop.ensure(be, rows * m)?;
-            be.dropout_forward(u2d, mask, u2, pdrop, rng.gen())?;
+            be.dropout_forward(u2d, mask, u2, pdrop, (0, seed))?;
             c_.u2d16.converted(be, u2d)?;
             u2d
         } else {
@@ -1447,6 +1426,57 @@ struct DevBatch {
     targets: Dv<i64>,
     sorted: SortedIds,
     scalars: Dv<f64>,
+    /// the step's draws ([`StepDraws`]): the dropout seeds and the slot keep masks
+    seeds: Dv<u64>,
+    keep: Dv<f32>,
+}
+
+/// Dropout sites per block ([`StepDraws`]): attention output, slotspace, MLP hidden, MLP out.
+const SEEDS_PER_LAYER: usize = 4;
+
+/// A step's randomness, drawn on the host and uploaded with the batch, so that a replayed
+/// graph reads each step's own: a dropout seed per site (the embeddings', then
+/// [`SEEDS_PER_LAYER`] per block) and each block's slot keep mask [H,K] (1 kept, 0 dropped).
+struct StepDraws {
+    seeds: Vec<u64>,
+    keep: Vec<f32>,
+}
+
+impl StepDraws {
+    /// Drawn from `rng` in a fixed order (the seeds, then the keep masks layer by layer; a
+    /// keep draw only where slot dropout is on) for a training forward; else nothing is
+    /// drawn (seeds 0, every slot kept).
+    fn draw(rng: &mut ChaCha8Rng, cfg: &ModelConfig, layers: usize, training: bool) -> Self {
+        let hk = cfg.num_heads * cfg.num_slots;
+        let ns = 1 + SEEDS_PER_LAYER * layers;
+        if !training {
+            return StepDraws {
+                seeds: vec![0; ns],
+                keep: vec![1.0; layers * hk],
+            };
+        }
+        let seeds = (0..ns).map(|_| rng.gen()).collect();
+        let p = cfg.slot_dropout;
+        let keep = (0..layers * hk)
+            .map(|_| {
+                if p > 0.0 && rng.gen::<f64>() < p {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        StepDraws { seeds, keep }
+    }
+}
+
+/// One block's share of the step's draws on the device.
+#[derive(Clone, Copy)]
+struct LayerDraws {
+    /// the attention output's and the slotspace's dropout seeds
+    seeds: Dv<u64>,
+    /// the slot keep mask [H,K]
+    keep: Dv<f32>,
 }
 
 impl DevBatch {
@@ -1456,6 +1486,7 @@ impl DevBatch {
         targets: Option<&[i64]>,
         vocab: usize,
         scalars: &[f64],
+        draws: &StepDraws,
     ) -> Result<Self> {
         let (mut uniq, mut start, order) = super::ops::sort_positions_by_id(ids, vocab)?;
         // padded to one run per position (empty runs, which `encoder_backward` skips): the same
@@ -1478,11 +1509,15 @@ impl DevBatch {
         let o_order = part(plain_bytes(&order));
         let sc: Vec<u8> = scalars.iter().flat_map(|x| x.to_ne_bytes()).collect();
         let o_sc = part(&sc);
+        let seeds: Vec<u8> = draws.seeds.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let o_seeds = part(&seeds);
+        let keep: Vec<u8> = draws.keep.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let o_keep = part(&keep);
         let buf = be.temp_uninit::<u8>(bytes.len())?; // the upload writes every byte
         be.upload_async(buf.dv(), &bytes)?;
         let base = buf.dv().ptr;
         // SAFETY: each range lies inside `buf` (offsets and lengths of the parts above) at a
-        // 256-byte aligned address, and holds plain integers of its type.
+        // 256-byte aligned address, and holds plain data of its type (integers, floats).
         unsafe {
             Ok(DevBatch {
                 ids: Dv::from_raw(base + o_ids as u64, ids.len()),
@@ -1493,6 +1528,8 @@ impl DevBatch {
                     order: Dv::from_raw(base + o_order as u64, order.len()),
                 },
                 scalars: Dv::from_raw(base + o_sc as u64, scalars.len()),
+                seeds: Dv::from_raw(base + o_seeds as u64, draws.seeds.len()),
+                keep: Dv::from_raw(base + o_keep as u64, draws.keep.len()),
                 _buf: buf,
             })
         }
@@ -1556,6 +1593,10 @@ pub struct GpuLm<B: Backend = CudaBackend> {
     /// learning rate and step count), set before its forward so that they go up in the step's
     /// scalar block with the batch
     adam_pending: Option<[f32; 3]>,
+    /// what a training step reads back ([`GpuLm::update_body`]), kept from step to step
+    readback: Option<Temp<f32>>,
+    /// CUDA graph capture of the training step ([`super::graph`])
+    graph: super::graph::GraphState,
     layers: Vec<GpuAsaLayer>,
     cache: GpuLmCache,
     rng: ChaCha8Rng,
@@ -1563,6 +1604,22 @@ pub struct GpuLm<B: Backend = CudaBackend> {
     /// rows of logits materialised at once by the fused classifier are capped so that a block
     /// holds at most this many floats
     pub logits_budget: usize,
+}
+
+/// One optimizer update's numbers ([`GpuLm::begin_update`] to [`GpuLm::finish_update`]): the
+/// step it makes (1-based), its learning rate, and the loss sums it reads back.
+#[derive(Clone, Copy, Debug)]
+struct Update {
+    step: u64,
+    lr: f64,
+    losses: usize,
+}
+
+impl Update {
+    /// f32 words read back: the norm and the loss sums as f64s, then `scalars` parameters.
+    fn words(&self, scalars: usize) -> usize {
+        2 * (1 + self.losses) + scalars
+    }
 }
 
 impl GpuLm<CudaBackend> {
@@ -1606,6 +1663,8 @@ impl<B: Backend> GpuLm<B> {
             grad_acc: None,
             adam: None,
             adam_pending: None,
+            readback: None,
+            graph: super::graph::GraphState::default(),
             layers,
             cache: GpuLmCache::default(),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b),
@@ -1660,40 +1719,61 @@ impl<B: Backend> GpuLm<B> {
         Ok(())
     }
 
-    /// Forward to the final LayerNorm output (`Lm::forward` up to `ln_f`); `targets` travel to
-    /// the device with the ids.
-    fn forward_body(
+    /// Sends a forward's batch up in one queued copy: the ids, the `targets` when given, the
+    /// step's scalar block (the learned scalars, and AdamW's for a training step) and its
+    /// random draws (a `training` forward's; [`StepDraws`]).
+    fn upload_batch(
         &mut self,
         ids: &[u32],
         targets: Option<&[i64]>,
         b: usize,
         t: usize,
-        o: &DevOpts,
+        training: bool,
     ) -> Result<()> {
         self.check_ids(ids, b, t)?;
+        let draws = StepDraws::draw(&mut self.rng, &self.cfg, self.layers.len(), training);
+        let p = &self.params;
+        let mut scalars: Vec<f64> = self.layers.iter().flat_map(|l| l.step_scalars(p)).collect();
+        // then AdamW's of the step (a training step's forward)
+        scalars.extend(self.adam_pending.iter().flatten().map(|&x| x as f64));
+        self.cache.batch = None; // the last call's buffer back to the cache first: it serves this one
+        let up = DevBatch::upload(
+            &self.be,
+            ids,
+            targets,
+            self.cfg.vocab_size,
+            &scalars,
+            &draws,
+        )?;
+        self.cache.batch = Some(up);
+        self.cache.b = b;
+        self.cache.t = t;
+        Ok(())
+    }
+
+    /// Forward of the uploaded batch ([`GpuLm::upload_batch`]) to the final LayerNorm output
+    /// (`Lm::forward` up to `ln_f`).
+    fn forward_body(&mut self, b: usize, t: usize, o: &DevOpts) -> Result<()> {
         let be = &self.be;
         let cfg = &self.cfg;
         let (c, hid) = (cfg.embed_dim, cfg.hidden_dim());
         let n = b * t;
         let p = &self.params;
         let cache = &mut self.cache;
-        cache.b = b;
-        cache.t = t;
+        assert_eq!(
+            (cache.b, cache.t),
+            (b, t),
+            "forward_body: the batch uploaded"
+        );
         // the last forward's activations are written again from here on
         be.clear_bf16_twins();
-        cache.batch = None; // the last call's buffer back to the cache first: it serves this one
-        let mut scalars: Vec<f64> = self.layers.iter().flat_map(|l| l.step_scalars(p)).collect();
-        // then AdamW's of the step (a training step's forward)
-        scalars.extend(self.adam_pending.iter().flatten().map(|&x| x as f64));
-        let batch = cache.batch.insert(DevBatch::upload(
-            be,
-            ids,
-            targets,
-            cfg.vocab_size,
-            &scalars,
-        )?);
+        let batch = cache.batch.as_ref().expect("a batch uploaded");
         let ids_d = batch.ids;
         let step_scalars = batch.scalars;
+        let (seeds, keep) = (batch.seeds, batch.keep);
+        let hk = cfg.num_heads * cfg.num_slots;
+        // a site's seed: 0 the embeddings', then SEEDS_PER_LAYER per block
+        let seed = |l: usize, site: usize| (0, seeds.sub(1 + SEEDS_PER_LAYER * l + site, 1));
         let pdrop = if o.training { cfg.dropout as f32 } else { 0.0 };
         let nl = cfg.num_layers;
         cache.xs.resize_with(nl + 1, DBuf::default);
@@ -1707,7 +1787,7 @@ impl<B: Backend> GpuLm<B> {
             let emb = cache.emb.ensure(be, n * c)?;
             be.encoder_forward(emb, ids_d, p.p(self.ids.token_emb), wpe, b, t, c)?;
             let em = cache.emask.ensure(be, n * c)?;
-            be.dropout_forward(x0, em, emb, pdrop, self.rng.gen())?;
+            be.dropout_forward(x0, em, emb, pdrop, (0, seeds.sub(0, 1)))?;
         } else {
             be.encoder_forward(x0, ids_d, p.p(self.ids.token_emb), wpe, b, t, c)?;
         }
@@ -1732,7 +1812,11 @@ impl<B: Backend> GpuLm<B> {
             let ln1 = bc.ln1.dv(); // made by the norm before this block
             let attn_out = bc.attn_out.ensure(be, n * c)?;
             bc.attn.step_scalars = Some(step_scalars.sub(l * STEP_SCALARS, STEP_SCALARS));
-            self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, &mut self.rng, attn_out)?;
+            let draws = LayerDraws {
+                seeds: seeds.sub(1 + SEEDS_PER_LAYER * l, 2),
+                keep: keep.sub(l * hk, hk),
+            };
+            self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, draws, attn_out)?;
             // x1 = x + attn, ln2 = LN2(x1)
             let x1 = bc.x1.ensure(be, n * c)?;
             let ((ln2, m2, r2), ln2_16) = norm_out(be, bc.ln2_bufs(), n, c)?;
@@ -1757,7 +1841,7 @@ impl<B: Backend> GpuLm<B> {
             let gd = if bc.dropped {
                 let gd = bc.gd.ensure(be, n * hid)?;
                 let gm = bc.gmask.ensure(be, n * hid)?;
-                be.dropout_forward(gd, gm, g, pdrop, self.rng.gen())?;
+                be.dropout_forward(gd, gm, g, pdrop, seed(l, 2))?;
                 gd
             } else {
                 g
@@ -1774,7 +1858,7 @@ impl<B: Backend> GpuLm<B> {
             let md = if bc.dropped {
                 let md = bc.md.ensure(be, n * c)?;
                 let mk = bc.mmask.ensure(be, n * c)?;
-                be.dropout_forward(md, mk, mm, pdrop, self.rng.gen())?;
+                be.dropout_forward(md, mk, mm, pdrop, seed(l, 3))?;
                 md
             } else {
                 mm
@@ -1822,7 +1906,8 @@ impl<B: Backend> GpuLm<B> {
         opts: &AsaOptions,
     ) -> Result<Vec<f32>> {
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
-        self.forward_body(ids, None, b, t, &o)?;
+        self.upload_batch(ids, None, b, t, opts.training)?;
+        self.forward_body(b, t, &o)?;
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let (_s, logits) = tmp_uninit(&self.be, n * v)?; // the GEMM stores it whole
         self.be.matmul_forward(
@@ -2071,8 +2156,22 @@ impl<B: Backend> GpuLm<B> {
         Ok(())
     }
 
-    /// Forward, loss and backward into the (zeroed) gradient buffer; returns the mean loss
-    /// still on the device (sum) and the count.
+    /// Forward, loss and backward of the uploaded batch into the (zeroed) gradient buffer;
+    /// returns the summed loss, still on the device.
+    fn loss_backward_body(&mut self, count: usize, o: &DevOpts) -> Result<Temp<f64>> {
+        let (b, t) = (self.cache.b, self.cache.t);
+        let n = b * t;
+        self.forward_body(b, t, o)?;
+        self.be.memset_zero(self.grads.dv())?;
+        let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
+        let targets_d = self.cache.batch.as_ref().expect("uploaded before").targets;
+        let sum = self.head_loss(targets_d, o.valid(), count, Some(dlnf))?;
+        self.backward_body(dlnf, o)?;
+        Ok(sum)
+    }
+
+    /// Uploads a batch, then forward, loss and backward (`loss_backward_body`); returns the
+    /// summed loss on the device and the target count.
     fn loss_backward(
         &mut self,
         ids: &[u32],
@@ -2084,12 +2183,8 @@ impl<B: Backend> GpuLm<B> {
         let n = b * t;
         let count = self.count_targets(targets, opts.attention_mask.as_deref(), n)?;
         let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
-        self.forward_body(ids, Some(targets), b, t, &o)?;
-        self.be.memset_zero(self.grads.dv())?;
-        let (_s, dlnf) = tmp(&self.be, n * self.cfg.embed_dim)?;
-        let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
-        let sum = self.head_loss(targets_d, o.valid(), count, Some(dlnf))?;
-        self.backward_body(dlnf, &o)?;
+        self.upload_batch(ids, Some(targets), b, t, opts.training)?;
+        let sum = self.loss_backward_body(count, &o)?;
         Ok((sum, count))
     }
 
@@ -2143,7 +2238,10 @@ impl<B: Backend> GpuLm<B> {
     }
 
     /// `train_step` with the dropouts on (`training`) or off (eval-mode forward, as the CPU
-    /// fixture runner trains).
+    /// fixture runner trains). The step's device work, from the forward to the read-back
+    /// gather, is one body run the graph way ([`super::graph::run_step`]): after the first
+    /// step it is captured once and replayed while each step makes the same requests; the
+    /// batch upload before it and the read-back after it are the step's only host transfers.
     #[allow(clippy::too_many_arguments)]
     pub fn train_step_mode(
         &mut self,
@@ -2160,15 +2258,23 @@ impl<B: Backend> GpuLm<B> {
             training,
             ..Default::default()
         };
-        self.adam_pending = Some(self.next_adam_scalars(adam, lr));
-        let sum = self.loss_backward(inputs, targets, b, t, &opts)?;
-        self.apply_update(&[sum], lr, adam, clip)
+        let count = self.count_targets(targets, None, b * t)?;
+        let o = DevOpts::new(&self.be, &self.cfg, &opts, b, t)?;
+        let up = self.begin_update(adam, lr, 1)?;
+        self.upload_batch(inputs, Some(targets), b, t, training)?;
+        let body = |s: &mut Self| {
+            let sum = s.loss_backward_body(count, &o)?;
+            s.update_body(&[sum], adam, clip, up)
+        };
+        super::graph::run_step(self, |s| &s.be, |s| &mut s.graph, body)?;
+        self.finish_update(&[count], up)
     }
 
     /// One training step over `b` rows run as `b / micro` micro-batches of `micro` rows
     /// (gradient accumulation, as the CPU trainer): each micro-batch's mean loss weighs
     /// `micro / b`; the micro-batch gradients are summed in order on the device, scaled by
-    /// `micro / b`, then clipped and applied once. `micro == b` is `train_step_mode`.
+    /// `micro / b`, then clipped and applied once. `micro == b` is `train_step_mode`. (Run
+    /// eagerly: each micro-batch's upload lies between device work.)
     #[allow(clippy::too_many_arguments)]
     pub fn train_step_accum(
         &mut self,
@@ -2213,61 +2319,75 @@ impl<B: Backend> GpuLm<B> {
             .dv()
             .sub(0, total);
         self.be.memset_zero(acc)?;
-        self.adam_pending = Some(self.next_adam_scalars(adam, lr));
+        let up = self.begin_update(adam, lr, accum)?;
         // the per-micro-batch loss sums stay on the device until the end (no sync per micro-batch)
         let mut sums = Vec::with_capacity(accum);
+        let mut counts = Vec::with_capacity(accum);
         for k in 0..accum {
             let rows = k * micro * t..(k + 1) * micro * t;
             let (sum, count) =
                 self.loss_backward(&inputs[rows.clone()], &targets[rows], micro, t, &opts)?;
             self.be.axpy(acc, self.grads.dv().sub(0, total), 1.0)?;
-            sums.push((sum, count));
+            sums.push(sum);
+            counts.push(count);
         }
         // grads = acc * (1/accum), the f32 product the CPU trainer forms
         let inv = 1.0 / accum as f32;
         self.be
             .scale_f64(self.grads.dv().sub(0, total), acc, inv as f64)?;
-        self.apply_update(&sums, lr, adam, clip)
+        self.update_body(&sums, adam, clip, up)?;
+        self.finish_update(&counts, up)
     }
 
-    /// Global gradient norm, clipping and AdamW on the gradient buffer, then the step's one
-    /// host sync: a download of the gradient norm, the loss sums of `sums` (per micro-batch:
-    /// the summed loss on the device and its target count) and the scalar parameters. The loss
-    /// is the mean over micro-batches of each one's mean. A non-finite loss or gradient norm
-    /// skips the update (as the CPU trainer): AdamW checks them on the device and does nothing,
-    /// and the step count is taken back here. Returns (loss, gradient norm before clipping).
-    fn apply_update(
-        &mut self,
-        sums: &[(Temp<f64>, usize)],
-        lr: f64,
+    /// Before a step's upload: AdamW's scalars for step `n + 1` at `lr` go up with the batch
+    /// (`adam_pending`), and the read-back buffer is sized for `losses` loss sums.
+    fn begin_update(&mut self, adam: &AdamWConfig, lr: f64, losses: usize) -> Result<Update> {
+        let step = self.adam.as_ref().map_or(0, |a| a.2) + 1;
+        self.adam_pending = Some(super::ops::adamw_step_scalars(adam, lr, step));
+        let up = Update { step, lr, losses };
+        let words = up.words(self.params.scalar_ids.len());
+        if self.readback.as_ref().is_none_or(|r| r.len() != words) {
+            self.readback = Some(self.be.temp::<f32>(words)?);
+        }
+        if self.adam.is_none() {
+            let total = self.params.layout.total;
+            self.adam = Some((self.be.temp::<f32>(total)?, self.be.temp::<f32>(total)?, 0));
+        }
+        Ok(up)
+    }
+
+    /// Global gradient norm, clipping and AdamW on the gradient buffer, and the read-back
+    /// gathered: [norm, the loss sums of `sums`] as f64 (two f32 words each), then the scalar
+    /// parameters. A non-finite loss or gradient norm skips the update (as the CPU trainer):
+    /// AdamW checks them on the device and does nothing. Device work only (a step body).
+    fn update_body(
+        &self,
+        sums: &[Temp<f64>],
         adam: &AdamWConfig,
         clip: Option<f64>,
-    ) -> Result<(f64, f64)> {
+        up: Update,
+    ) -> Result<()> {
         let be = &self.be;
         let total = self.params.layout.total;
         let g = self.grads.dv().sub(0, total);
-        // what is read back: [norm, loss sums] as f64 (two f32 words each), the scalars
         let nf = 1 + sums.len();
         let nsc = self.params.scalar_ids.len();
-        let back = be.temp::<f32>(2 * nf + nsc)?;
+        let back = self.readback.as_ref().expect("sized by begin_update").dv();
+        assert_eq!(back.len, up.words(nsc), "update_body: the read-back's size");
         // SAFETY: the first 2 nf words of `back` (256-byte aligned) as nf f64s.
-        let head: Dv<f64> = unsafe { Dv::from_raw(back.dv().ptr, nf) };
+        let head: Dv<f64> = unsafe { Dv::from_raw(back.ptr, nf) };
         let norm = head.sub(0, 1);
         be.global_norm(norm, g)?;
-        for (i, (sum, _)) in sums.iter().enumerate() {
+        for (i, sum) in sums.iter().enumerate() {
             be.copy(f64_words(head.sub(1 + i, 1)), f64_words(sum.dv().sub(0, 1)))?;
         }
         if let Some(cn) = clip {
             be.clip_scale(g, norm, cn)?;
         }
-        if self.adam.is_none() {
-            self.adam = Some((be.temp::<f32>(total)?, be.temp::<f32>(total)?, 0));
-        }
-        let (m, v, step) = self.adam.as_mut().unwrap();
-        *step += 1;
+        let (m, v, _) = self.adam.as_ref().expect("allocated by begin_update");
         // read at the step's scalar block where its forward sent them up (the same scalars)
-        let want = super::ops::adamw_step_scalars(adam, lr, *step);
-        let at = match (self.adam_pending.take(), &self.cache.batch) {
+        let want = super::ops::adamw_step_scalars(adam, up.lr, up.step);
+        let at = match (self.adam_pending, &self.cache.batch) {
             (Some(s), Some(batch)) if s == want => {
                 let nl = self.layers.len() * STEP_SCALARS;
                 batch.scalars.sub(nl, 3)
@@ -2280,34 +2400,48 @@ impl<B: Backend> GpuLm<B> {
             v.dv().sub(0, total),
             g,
             adam,
-            lr,
-            *step,
+            up.lr,
+            up.step,
             head,
             self.params.bf16.as_ref().map_or(Dv::null(), |c| c.dv()),
             at,
         )?;
-        self.params.gather_scalars(be, back.dv().sub(2 * nf, nsc))?;
-        let host = be.download(back.dv())?;
+        self.params.gather_scalars(be, back.sub(2 * nf, nsc))
+    }
+
+    /// The step's one host sync: the read-back of `update_body`. The loss is the mean over
+    /// micro-batches of each one's mean (`counts`: their target counts). A non-finite loss or
+    /// norm leaves the step count (AdamW skipped itself). Returns (loss, gradient norm before
+    /// clipping).
+    fn finish_update(&mut self, counts: &[usize], up: Update) -> Result<(f64, f64)> {
+        self.adam_pending = None;
+        let back = self.readback.as_ref().expect("sized by begin_update").dv();
+        let host = self.be.download(back)?;
         let f64_at = |i: usize| {
             f64::from_bits(host[2 * i].to_bits() as u64 | (host[2 * i + 1].to_bits() as u64) << 32)
         };
         let gn = f64_at(0);
         let mut loss = 0.0;
-        for (i, (_, count)) in sums.iter().enumerate() {
-            loss += f64_at(1 + i) / *count as f64 / sums.len() as f64;
+        for (i, count) in counts.iter().enumerate() {
+            loss += f64_at(1 + i) / *count as f64 / counts.len() as f64;
         }
         if !(loss.is_finite() && gn.is_finite()) {
-            *step -= 1; // AdamW skipped itself
             return Ok((loss, gn));
         }
-        self.params.set_scalars(&host[2 * nf..]);
+        self.adam.as_mut().expect("allocated by begin_update").2 = up.step;
+        self.params.set_scalars(&host[2 * (1 + up.losses)..]);
         Ok((loss, gn))
     }
 
-    /// AdamW's scalars for the next update at `lr` ([`super::ops::adamw_step_scalars`]).
-    fn next_adam_scalars(&self, adam: &AdamWConfig, lr: f64) -> [f32; 3] {
-        let step = self.adam.as_ref().map_or(0, |a| a.2) + 1;
-        super::ops::adamw_step_scalars(adam, lr, step)
+    /// How this model's training steps have used CUDA graphs.
+    pub fn graph_stats(&self) -> super::graph::GraphStats {
+        self.graph.stats
+    }
+
+    /// CUDA graph capture of the training step on or off (default: on, unless
+    /// `ASA_CUDA_GRAPH=0`).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graph.set_enabled(on);
     }
 
     /// Mean loss of an eval-mode forward (no dropout, no backward): validation.
@@ -2321,7 +2455,8 @@ impl<B: Backend> GpuLm<B> {
         let n = b * t;
         let count = self.count_targets(targets, None, n)?;
         let o = DevOpts::new(&self.be, &self.cfg, &AsaOptions::default(), b, t)?;
-        self.forward_body(inputs, Some(targets), b, t, &o)?;
+        self.upload_batch(inputs, Some(targets), b, t, false)?;
+        self.forward_body(b, t, &o)?;
         let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
         let sum = self.head_loss(targets_d, o.valid(), count, None)?;
         Ok(self.be.download(sum.dv())?[0] / count as f64)
@@ -2401,6 +2536,8 @@ pub struct GpuLayerRunner<B: Backend = CudaBackend> {
     cache: GpuAsaCache,
     opts: Option<DevOpts>,
     x: Option<Temp<f32>>,
+    /// the last forward's draws (the seeds and the slot keep mask that its backward reads)
+    draws: Option<(Temp<u64>, Temp<f32>)>,
     rng: ChaCha8Rng,
 }
 
@@ -2437,6 +2574,7 @@ impl<B: Backend> GpuLayerRunner<B> {
             cache: GpuAsaCache::default(),
             opts: None,
             x: None,
+            draws: None,
             rng: ChaCha8Rng::seed_from_u64(0),
         })
     }
@@ -2460,6 +2598,15 @@ impl<B: Backend> GpuLayerRunner<B> {
         self.be.clear_bf16_twins(); // the last forward's activations are written again
         let xd = self.be.temp_from(x)?;
         let (_s, out) = tmp(&self.be, b * t * c)?;
+        // this layer's share of a one-block model's draws
+        let all = StepDraws::draw(&mut self.rng, &self.layer.cfg, 1, opts.training);
+        let seeds = self.be.temp_from(&all.seeds[1..3])?;
+        let keep = self.be.temp_from(&all.keep)?;
+        let draws = LayerDraws {
+            seeds: seeds.dv(),
+            keep: keep.dv(),
+        };
+        self.draws = Some((seeds, keep));
         self.layer.forward(
             &self.be,
             &self.params,
@@ -2468,7 +2615,7 @@ impl<B: Backend> GpuLayerRunner<B> {
             t,
             &o,
             &mut self.cache,
-            &mut self.rng,
+            draws,
             out,
         )?;
         self.x = Some(xd);
@@ -2540,23 +2687,41 @@ impl<B: Backend> GpuLayerRunner<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cost::CountingDevice;
     use super::*;
 
-    /// `holding` uploads only what the buffer does not hold yet: again after a change or a new
-    /// length, never for the same values twice.
+    /// A training forward's draws: a seed per dropout site and a keep mask per block, the
+    /// same for the same generator state and new at the next step; an eval forward draws
+    /// nothing (the generator untouched, seeds 0, every slot kept).
     #[test]
-    fn a_holding_buffer_uploads_only_changes() {
-        let be = CountingDevice::new(4);
-        let mut b = DBuf::default();
-        let uploads = |be: &CountingDevice| be.take().uploads;
-        b.holding(&be, &[1.0, 1.0]).unwrap();
-        assert_eq!(uploads(&be), 1);
-        b.holding(&be, &[1.0, 1.0]).unwrap();
-        assert_eq!(uploads(&be), 0, "the same values twice");
-        b.holding(&be, &[1.0, 0.0]).unwrap();
-        assert_eq!(uploads(&be), 1, "a change");
-        b.holding(&be, &[1.0, 0.0, 1.0]).unwrap();
-        assert_eq!(uploads(&be), 1, "a new length (a new buffer)");
+    fn step_draws_are_fixed_per_generator_and_absent_in_eval() {
+        let cfg = ModelConfig {
+            num_heads: 2,
+            num_slots: 4,
+            slot_dropout: 0.5,
+            ..Default::default()
+        };
+        let (mut r1, mut r2) = (ChaCha8Rng::seed_from_u64(3), ChaCha8Rng::seed_from_u64(3));
+        let a = StepDraws::draw(&mut r1, &cfg, 3, true);
+        let b = StepDraws::draw(&mut r2, &cfg, 3, true);
+        assert_eq!((&a.seeds, &a.keep), (&b.seeds, &b.keep));
+        assert_eq!(a.seeds.len(), 1 + SEEDS_PER_LAYER * 3);
+        assert_eq!(a.keep.len(), 3 * 2 * 4);
+        let distinct: std::collections::HashSet<u64> = a.seeds.iter().copied().collect();
+        assert_eq!(distinct.len(), a.seeds.len(), "a seed per site");
+        assert!(a.keep.iter().all(|&k| k == 0.0 || k == 1.0));
+        assert!(a.keep.contains(&0.0) && a.keep.contains(&1.0), "p = 0.5");
+        let next = StepDraws::draw(&mut r1, &cfg, 3, true);
+        assert_ne!(next.seeds, a.seeds, "the next step's");
+        let mut probe = r1.clone();
+        let e = StepDraws::draw(&mut r1, &cfg, 3, false);
+        assert_eq!(r1.gen::<u64>(), probe.gen::<u64>(), "eval draws nothing");
+        assert!(e.seeds.iter().all(|&s| s == 0) && e.seeds.len() == a.seeds.len());
+        assert!(e.keep.iter().all(|&k| k == 1.0) && e.keep.len() == a.keep.len());
+        let off = ModelConfig {
+            slot_dropout: 0.0,
+            ..cfg
+        };
+        let k = StepDraws::draw(&mut r1, &off, 3, true);
+        assert!(k.keep.iter().all(|&k| k == 1.0), "no slot dropout");
     }
 }

@@ -137,7 +137,7 @@ impl Learned {
 
 /// A kernel argument that the kernel reads from the step's scalar block instead where `at` is
 /// given: then 0 (its default), so that the arguments do not change from step to step.
-pub fn step_arg<T: Default>(value: T, at: Dv<f64>) -> T {
+pub fn step_arg<T: Default, U>(value: T, at: Dv<U>) -> T {
     if at.is_null() {
         value
     } else {
@@ -977,16 +977,21 @@ pub trait Ops: Device {
 
     /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
     /// of (seed, i) (see `cuda/common.cuh`): reproducible per seed, not the CPU's ChaCha8 stream.
+    /// The seed is read at `seed_at` (one u64 on the device) where that is not null.
     fn dropout_forward(
         &self,
         out: Dv<f32>,
         mask: Dv<f32>,
         inp: Dv<f32>,
         p: f32,
-        seed: u64,
+        (seed, seed_at): (u64, Dv<u64>),
     ) -> Result<()> {
         assert_eq!(out.len, inp.len, "dropout_forward: out shape");
         assert_eq!(mask.len, inp.len, "dropout_forward: mask shape");
+        assert!(
+            seed_at.is_null() || seed_at.len == 1,
+            "dropout_forward: one seed"
+        );
         let scale = if p > 0.0 && p < 1.0 {
             (1.0 / (1.0 - p as f64)) as f32
         } else {
@@ -1001,7 +1006,8 @@ pub trait Ops: Device {
                 k(inp),
                 k(p),
                 k(scale),
-                k(seed),
+                k(step_arg(seed, seed_at)),
+                k(seed_at),
                 k(inp.len as i64),
             ],
         )
@@ -2652,6 +2658,11 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
         ),
     };
+    let fast = matches!(compute, cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF);
+    let h = || super::graph::hash_gemm(g, aptr, bptr, converted, fast);
+    if be.graph.note(h) == super::graph::Issue::Skip {
+        return Ok(());
+    }
     let t0 = be.profile_start()?;
     // SAFETY: the ranges are live device memory of the right sizes (checked by the callers);
     // alpha/beta are host scalars (cuBLAS' default pointer mode).
