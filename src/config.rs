@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::error::{AsaError, Result};
+use crate::host::{host_available, human};
 
 /// Which attention class a model uses (the reference's `variant` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -356,7 +357,7 @@ impl ModelConfig {
                 self.content_read_max_gamma
             ));
         }
-        crate::preflight::check_params_fit(self)
+        check_params_fit(self)
     }
 }
 
@@ -593,6 +594,100 @@ pub fn check_kinds(
         }
     }
     Ok(())
+}
+
+/// The error of a config whose sizes overflow a 64-bit count.
+pub fn size_overflow(cfg: &ModelConfig) -> AsaError {
+    AsaError::Config(format!(
+        "the model sizes overflow a 64-bit parameter count (vocab_size {}, embed_dim {}, num_layers {}, num_heads {}, num_slots {}, slotspace_dim {}, mlp_ratio {}): no machine can hold this model",
+        cfg.vocab_size,
+        cfg.embed_dim,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_slots,
+        cfg.slotspace_dim,
+        cfg.mlp_ratio
+    ))
+}
+
+/// Parameters of the model `LmIds::build(cfg)` builds (the tied head counted once), with
+/// checked arithmetic: None when the count overflows u64.
+pub fn param_count(cfg: &ModelConfig) -> Option<u64> {
+    let u = |x: usize| x as u64;
+    let (c, v, h, k, m) = (
+        u(cfg.embed_dim),
+        u(cfg.vocab_size),
+        u(cfg.num_heads),
+        u(cfg.num_slots),
+        u(cfg.slotspace_dim),
+    );
+    let hid = u(cfg.hidden_dim());
+    let d = c / h.max(1);
+    let mut attn = h.checked_mul(k)?.checked_mul(d)?; // slot_keys
+    attn = attn.checked_add(c.checked_mul(c)?.checked_mul(4)?)?; // Wk, Wv, Wq, out_proj
+    attn += u64::from(cfg.use_alibi_write && cfg.learn_alibi_strength); // alibi strength
+    attn += u64::from(cfg.use_content_read); // content-read gamma
+    if cfg.use_slotspace_refine {
+        let mk = m.checked_mul(k)?.checked_mul(2)?; // slot_in, slot_out
+        let mm = m.checked_mul(m)?.checked_mul(3)?; // slot_q, slot_k, slot_v
+        attn = attn.checked_add(mk)?.checked_add(mm)?.checked_add(1)?;
+    }
+    let mut block = attn.checked_add(c.checked_mul(4)?)?; // ln_1, ln_2
+    block = block.checked_add(hid.checked_mul(c)?.checked_mul(2)?)?; // mlp.0, mlp.3
+    if cfg.has_mlp_bias() {
+        block = block.checked_add(hid)?.checked_add(c)?;
+    }
+    let mut total = v.checked_mul(c)?; // token_emb
+    if cfg.use_abs_pos {
+        total = total.checked_add(u(cfg.max_seq_len).checked_mul(c)?)?;
+    }
+    total = total.checked_add(block.checked_mul(u(cfg.num_layers))?)?;
+    total = total.checked_add(c.checked_mul(2)?)?; // ln_f
+    if !cfg.tie_weights {
+        total = total.checked_add(v.checked_mul(c)?)?;
+    }
+    Some(total)
+}
+
+/// The guard of every model construction (called by `ModelConfig::validate`): the parameter
+/// count must not overflow, and the weights alone must fit in the available host memory. A
+/// config read from an untrusted file then gives this error, not an allocation abort.
+pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
+    let p = param_count(cfg).ok_or_else(|| size_overflow(cfg))?;
+    let bytes = p.checked_mul(4).ok_or_else(|| size_overflow(cfg))?; // f32 weights
+    if let Some(avail) = host_available() {
+        if bytes > avail {
+            return Err(AsaError::Config(format!(
+                "the model has {p} parameters: {} for the weights alone, but {} of memory is available (MemAvailable); lower embed_dim, num_layers, vocab_size or mlp_ratio",
+                human(bytes),
+                human(avail)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// AdamW hyper-parameters (`lr` is the base rate; `AdamW::step` takes the scheduled rate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// `torch.optim.AdamW` defaults.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
+    }
 }
 
 #[cfg(test)]

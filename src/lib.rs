@@ -2,7 +2,9 @@
 //!
 //! Module map:
 //! - [`config`]: the model config (reference `ASMTrainConfig` names) and its validation;
-//! - [`model`]: parameters with PyTorch names, the ASA layer, the block and the language model;
+//! - [`vocab`]: the model vocabulary below both backends: a layer call's options (routing,
+//!   slot masks, interventions) and the parameters with their PyTorch names and layout;
+//! - [`model`]: the ASA layer, the block and the language model on the CPU;
 //! - [`backend`]: the ops, one function per op and direction (`backend::cpu`), mirrored by the
 //!   CUDA kernels of the same names;
 //! - [`checkpoint`]: safetensors load/save, legacy key names, PyTorch `.pt` import;
@@ -25,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod host;
 pub mod kernel_cost;
 pub mod model;
 pub mod optim;
@@ -32,8 +35,8 @@ pub mod parity;
 pub mod preflight;
 pub mod probe;
 pub mod smoke;
-pub mod tensor;
 pub mod train;
 pub mod trainer;
+pub mod vocab;
 
 pub use error::{AsaError, Result};

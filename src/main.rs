@@ -767,7 +767,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for dir in &cases {
                 let rep = match place {
                     Place::Cpu => parity::run_case(dir),
-                    Place::Cuda => asa::backend::cuda::parity::run_case_cuda(dir, precision),
+                    Place::Cuda => asa::parity::gpu::run_case_cuda(dir, precision),
                 };
                 println!("{}", rep.line());
                 if verbose {

@@ -10,33 +10,12 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::simd_kernel;
-use crate::model::params::ParamStore;
+use crate::vocab::params::ParamStore;
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// AdamW hyper-parameters (`lr` is the base rate; `AdamW::step` takes the scheduled rate).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    /// `torch.optim.AdamW` defaults.
-    fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 1e-2,
-        }
-    }
-}
+pub use crate::config::AdamWConfig;
 
 /// AdamW state: the step count and the first (`m`, PyTorch `exp_avg`) and second (`v`,
 /// `exp_avg_sq`) moments.

@@ -16,114 +16,13 @@
 //! refuses only when the estimate exceeds what is available, so a run it lets through may still
 //! be tight, and one it refuses needed at least about half the estimate.
 
-use crate::config::ModelConfig;
+use crate::config::{param_count, size_overflow, ModelConfig};
 use crate::error::{AsaError, Result};
+pub use crate::host::{host_available, human};
 
 const F32: u64 = 4;
 /// Floats of the fused classifier's logits block on the GPU (`GpuLm::logits_budget`).
 const GPU_LOGITS_BUDGET: u64 = 1 << 25;
-
-/// Bytes as "12.3 GiB" / "512.0 MiB".
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.1} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
-/// `MemAvailable` of /proc/meminfo, in bytes (None where there is no such file).
-pub fn host_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
-}
-
-/// Free memory of CUDA device 0, in bytes, when a driver and a device are there.
-pub fn device_available() -> Option<u64> {
-    if !crate::backend::cuda::driver_present() {
-        return None;
-    }
-    let ctx = std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(0))
-        .ok()?
-        .ok()?;
-    let (free, _total) = ctx.mem_get_info().ok()?;
-    Some(free as u64)
-}
-
-fn overflow(cfg: &ModelConfig) -> AsaError {
-    AsaError::Config(format!(
-        "the model sizes overflow a 64-bit parameter count (vocab_size {}, embed_dim {}, num_layers {}, num_heads {}, num_slots {}, slotspace_dim {}, mlp_ratio {}): no machine can hold this model",
-        cfg.vocab_size,
-        cfg.embed_dim,
-        cfg.num_layers,
-        cfg.num_heads,
-        cfg.num_slots,
-        cfg.slotspace_dim,
-        cfg.mlp_ratio
-    ))
-}
-
-/// Parameters of the model `LmIds::build(cfg)` builds (the tied head counted once), with
-/// checked arithmetic: None when the count overflows u64.
-pub fn param_count(cfg: &ModelConfig) -> Option<u64> {
-    let u = |x: usize| x as u64;
-    let (c, v, h, k, m) = (
-        u(cfg.embed_dim),
-        u(cfg.vocab_size),
-        u(cfg.num_heads),
-        u(cfg.num_slots),
-        u(cfg.slotspace_dim),
-    );
-    let hid = u(cfg.hidden_dim());
-    let d = c / h.max(1);
-    let mut attn = h.checked_mul(k)?.checked_mul(d)?; // slot_keys
-    attn = attn.checked_add(c.checked_mul(c)?.checked_mul(4)?)?; // Wk, Wv, Wq, out_proj
-    attn += u64::from(cfg.use_alibi_write && cfg.learn_alibi_strength); // alibi strength
-    attn += u64::from(cfg.use_content_read); // content-read gamma
-    if cfg.use_slotspace_refine {
-        let mk = m.checked_mul(k)?.checked_mul(2)?; // slot_in, slot_out
-        let mm = m.checked_mul(m)?.checked_mul(3)?; // slot_q, slot_k, slot_v
-        attn = attn.checked_add(mk)?.checked_add(mm)?.checked_add(1)?;
-    }
-    let mut block = attn.checked_add(c.checked_mul(4)?)?; // ln_1, ln_2
-    block = block.checked_add(hid.checked_mul(c)?.checked_mul(2)?)?; // mlp.0, mlp.3
-    if cfg.has_mlp_bias() {
-        block = block.checked_add(hid)?.checked_add(c)?;
-    }
-    let mut total = v.checked_mul(c)?; // token_emb
-    if cfg.use_abs_pos {
-        total = total.checked_add(u(cfg.max_seq_len).checked_mul(c)?)?;
-    }
-    total = total.checked_add(block.checked_mul(u(cfg.num_layers))?)?;
-    total = total.checked_add(c.checked_mul(2)?)?; // ln_f
-    if !cfg.tie_weights {
-        total = total.checked_add(v.checked_mul(c)?)?;
-    }
-    Some(total)
-}
-
-/// The guard of every model construction (called by `ModelConfig::validate`): the parameter
-/// count must not overflow, and the weights alone must fit in the available host memory. A
-/// config read from an untrusted file then gives this error, not an allocation abort.
-pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
-    let p = param_count(cfg).ok_or_else(|| overflow(cfg))?;
-    let bytes = p.checked_mul(F32).ok_or_else(|| overflow(cfg))?;
-    if let Some(avail) = host_available() {
-        if bytes > avail {
-            return Err(AsaError::Config(format!(
-                "the model has {p} parameters: {} for the weights alone, but {} of memory is available (MemAvailable); lower embed_dim, num_layers, vocab_size or mlp_ratio",
-                human(bytes),
-                human(avail)
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// Floats of activations kept per token and per layer for the backward: the GPU caches
 /// (backend/cuda/model.rs) with `cuda`, else the CPU's `BlockCache` + `AsaCache`.
@@ -260,7 +159,7 @@ pub fn estimate(
     accumulate: bool,
     cuda: bool,
 ) -> Result<Estimate> {
-    let of = || overflow(cfg);
+    let of = || size_overflow(cfg);
     let p = param_count(cfg).ok_or_else(of)?;
     let pb = p.checked_mul(F32).ok_or_else(of)?;
     let tokens = (batch as u64).checked_mul(seq_len as u64).ok_or_else(of)?;
@@ -318,13 +217,15 @@ pub fn estimate(
 
 /// The preflight of `train`, `train-mini` and `bench`: estimates the run and refuses, with the
 /// estimate and what is available, when it cannot fit in host memory (MemAvailable) or, on the
-/// GPU path, in the device's free memory.
+/// GPU path (`cuda`), in the device's free memory (`device_free`, from the caller:
+/// `backend::cuda::device_free_memory`; None: not known).
 pub fn check_run(
     cfg: &ModelConfig,
     batch: usize,
     seq_len: usize,
     accumulate: bool,
     cuda: bool,
+    device_free: Option<u64>,
 ) -> Result<Estimate> {
     cfg.validate()?;
     let e = estimate(cfg, batch, seq_len, accumulate, cuda)?;
@@ -341,7 +242,7 @@ pub fn check_run(
         }
     }
     if cuda {
-        if let Some(free) = device_available() {
+        if let Some(free) = device_free {
             if e.device_total() > free {
                 return Err(AsaError::Config(format!(
                     "this run needs about {} of GPU memory ({}; {} parameters) but the GPU has {} free; {advice}",
@@ -359,7 +260,7 @@ pub fn check_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::params::LmIds;
+    use crate::vocab::params::LmIds;
 
     fn small() -> ModelConfig {
         ModelConfig {

@@ -479,7 +479,11 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     } else {
         let tok = tokenizer_by_name(&a.tokenizer)?;
         let cfg = mini_config(a, tok.vocab_size());
-        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.cuda)?;
+        let free = a
+            .cuda
+            .then(crate::backend::cuda::device_free_memory)
+            .flatten();
+        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.cuda, free)?;
         let (_, params) = Lm::new(&cfg)?;
         let settings = mini_settings(a, tok.name());
         let adam = AdamW::new(adam_config(&settings), &params);

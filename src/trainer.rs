@@ -149,6 +149,8 @@ impl RunConfig {
             model.max_seq_len,
             accumulate,
             cuda,
+            cuda.then(crate::backend::cuda::device_free_memory)
+                .flatten(),
         )
         .map(|_| ())
     }

@@ -554,7 +554,7 @@ fn fixtures_pass_emulated(e: &'static Simt, precision: asa::backend::cuda::Preci
     assert!(cases.len() >= 14, "found {} cases", cases.len());
     let mut failed = Vec::new();
     for dir in &cases {
-        let rep = asa::backend::cuda::parity::run_case_on(dir, precision, &|| Ok(EmuDev::new(e)));
+        let rep = asa::parity::gpu::run_case_on(dir, precision, &|| Ok(EmuDev::new(e)));
         println!("{}", rep.line());
         if !rep.passed() {
             failed.push(rep.line());

@@ -163,7 +163,7 @@ fn cuda_parity_fixtures() {
     let cases = asa::parity::find_cases(&[dir]).unwrap();
     let mut failed = Vec::new();
     for case in cases {
-        let rep = cuda::parity::run_case_cuda(&case, Precision::F32);
+        let rep = asa::parity::gpu::run_case_cuda(&case, Precision::F32);
         println!("{}", rep.line());
         let unsupported = rep
             .error

@@ -141,11 +141,11 @@ pub fn load_into(
                 t.dtype_name()
             ))
         })?;
-        if data.len() != crate::tensor::numel(shape) {
+        if data.len() != crate::vocab::params::numel(shape) {
             return Err(ck(format!(
                 "{source}: parameter '{name}' holds {} values, expected {}",
                 data.len(),
-                crate::tensor::numel(shape)
+                crate::vocab::params::numel(shape)
             )));
         }
         ensure_finite(&format!("{source}: parameter '{name}'"), &data)?;

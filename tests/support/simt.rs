@@ -388,7 +388,7 @@ impl EmuDev {
             EmuReq::Launch(name, cfg, args) => graph::hash_launch(name, cfg, args),
             EmuReq::Memset(p, bytes) => graph::hash_memset(*p, *bytes),
             EmuReq::Copy(d, s, n) => graph::hash_copy(*d, *s, *n),
-            EmuReq::Gemm(g, a, b, bf16) => graph::hash_gemm(g, *a, *b, *bf16, false),
+            EmuReq::Gemm(g, a, b, bf16) => g.hash(*a, *b, *bf16, false),
         };
         match self.graph.note(hash) {
             Issue::Run => self.run(&r),

@@ -49,14 +49,7 @@ pub fn alibi_slopes(h: usize) -> Vec<f32> {
     get(h).into_iter().map(|x| x as f32).collect()
 }
 
-/// `softplus(x) = log(1 + exp(x))`, computed stably (PyTorch's threshold of 20 included).
-pub fn softplus(x: f64) -> f64 {
-    if x > 20.0 {
-        x
-    } else {
-        x.exp().ln_1p()
-    }
-}
+pub use crate::vocab::params::softplus;
 
 /// The write logits' ALiBi bias per head, bias: [H] = slopes[h] x strength, the strength
 /// `softplus(raw) + min_strength` of a learned strength parameter `raw` (else `init`) rounded
@@ -649,26 +642,7 @@ pub fn slot_scan_backward(
 // Read: logits, routing weights, slot mix
 // ------------------------------------------------------------------------------------------------
 
-/// Which slots a slot mask keeps, and where in time it applies.
-#[derive(Debug, Clone)]
-pub struct SlotKeep {
-    /// [K]: true = keep
-    pub keep: Vec<bool>,
-    /// apply only at the final position (`slot_mask_scope = last_pos_only`)
-    pub last_pos_only: bool,
-}
-
-impl SlotKeep {
-    /// The keep row in force at time `ti` of a length-`t` sequence, if any.
-    #[inline]
-    pub fn at(&self, ti: usize, t: usize) -> Option<&[bool]> {
-        if !self.last_pos_only || ti + 1 == t {
-            Some(&self.keep)
-        } else {
-            None
-        }
-    }
-}
+pub use crate::vocab::options::SlotKeep;
 
 /// How a slot mask changes the content logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,6 @@ use std::cell::{Cell, RefCell};
 
 use cudarc::driver::LaunchConfig;
 
-use super::ops::{Gemm, Op};
 use super::{Device, KArg};
 use crate::error::{AsaError, Result};
 
@@ -199,47 +198,23 @@ pub fn hash_launch(name: &str, cfg: &LaunchConfig, args: &[KArg]) -> u64 {
     h.0
 }
 
+/// A request of kind `tag` made of `words` (a memset, a copy, a GEMM call: `Gemm::hash`).
+pub fn hash_words(tag: u64, words: &[u64]) -> u64 {
+    let mut h = Fnv::new(tag);
+    for &x in words {
+        h.word(x);
+    }
+    h.0
+}
+
 /// A memset of `bytes` bytes at `ptr`.
 pub fn hash_memset(ptr: u64, bytes: usize) -> u64 {
-    let mut h = Fnv::new(2);
-    h.word(ptr);
-    h.word(bytes as u64);
-    h.0
+    hash_words(2, &[ptr, bytes as u64])
 }
 
 /// A device copy of `n` f32s.
 pub fn hash_copy(dst: u64, src: u64, n: usize) -> u64 {
-    let mut h = Fnv::new(3);
-    h.word(dst);
-    h.word(src);
-    h.word(n as u64);
-    h.0
-}
-
-/// A GEMM call as the BLAS library gets it (operands after `ops::gemm_operands`).
-pub fn hash_gemm(g: &Gemm, a: u64, b: u64, bf16: bool, fast: bool) -> u64 {
-    let mut h = Fnv::new(4);
-    let op = |o: Op| matches!(o, Op::T) as u64;
-    for x in [
-        op(g.ta),
-        op(g.tb),
-        g.m as u64,
-        g.n as u64,
-        g.k as u64,
-        a,
-        g.lda as u64,
-        b,
-        g.ldb as u64,
-        g.c.ptr,
-        g.ldc as u64,
-        g.beta.to_bits() as u64,
-        g.c16.ptr,
-        bf16 as u64,
-        fast as u64,
-    ] {
-        h.word(x);
-    }
-    h.0
+    hash_words(3, &[dst, src, n as u64])
 }
 
 /// How a model's steps have used graphs.

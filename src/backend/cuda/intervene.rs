@@ -22,7 +22,7 @@ use cudarc::driver::LaunchConfig;
 use super::{i32_of, AsDv, Backend, Dv, Elem, KArg, Temp};
 use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
-use crate::model::asa::{Info, Intervention, IntvMode, ScoreKind, TauKind};
+use crate::vocab::options::{Info, Intervention, IntvMode, ScoreKind, TauKind};
 
 /// Per-row statistics of the apply kernel (`INTV_NSTAT` of the kernels).
 const NSTAT: usize = 8;

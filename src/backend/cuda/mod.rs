@@ -18,8 +18,10 @@
 //! - [`linear`]: the slotspace refine's causal linear attention, walked in chunks;
 //! - [`cost`]: a device that executes nothing and counts a step's requests, and occupancy from
 //!   `ptxas` resources (`asa kernel-cost`);
-//! - [`doctor`]: the `asa doctor` report;
-//! - [`parity`]: the reference fixtures run on the GPU (`run_case_cuda`).
+//! - [`graph`]: the training step captured as a CUDA graph, checked and replayed;
+//! - [`doctor`]: the `asa doctor` report.
+//!
+//! The reference fixtures run on the GPU from `crate::parity::gpu` (above the backends).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -44,7 +46,6 @@ pub mod intervene;
 pub mod linear;
 pub mod model;
 pub mod ops;
-pub mod parity;
 pub mod refine;
 pub mod roofline;
 
@@ -959,6 +960,19 @@ impl From<f64> for KArg {
     fn from(x: f64) -> Self {
         KArg::F64(x)
     }
+}
+
+/// Free memory of CUDA device 0, in bytes, when a driver and a device are there (the memory
+/// preflight's, `crate::preflight::check_run`).
+pub fn device_free_memory() -> Option<u64> {
+    if !driver_present() {
+        return None;
+    }
+    let ctx = std::panic::catch_unwind(|| CudaContext::new(0))
+        .ok()?
+        .ok()?;
+    let (free, _total) = ctx.mem_get_info().ok()?;
+    Some(free as u64)
 }
 
 /// A size as a kernel `int`, or a clear error when it does not fit.

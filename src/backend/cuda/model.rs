@@ -25,11 +25,11 @@ use rand_chacha::ChaCha8Rng;
 use super::ops::{DevRouting, DevSlotMask, Learned, SortedIds};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
+use crate::config::AdamWConfig;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaOptions, Info, Intervention, RoutingMode, SlotMaskWhere};
-use crate::model::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
-use crate::optim::AdamWConfig;
+use crate::vocab::options::{AsaOptions, Info, Intervention, RoutingMode, SlotMaskWhere};
+use crate::vocab::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
 
 /// Arithmetic precision of the GPU path (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -302,7 +302,7 @@ impl DevOpts {
                 "routing noise is not supported on the CUDA backend (use the CPU)".into(),
             ));
         }
-        crate::model::asa::check_options(cfg, opts, b, t)?;
+        crate::vocab::options::check_options(cfg, opts, b, t)?;
         let valid = match &opts.attention_mask {
             Some(m) => Some(be.temp_from(&m.iter().map(|&x| x as u8).collect::<Vec<u8>>())?),
             None => None,

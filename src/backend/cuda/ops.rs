@@ -57,6 +57,33 @@ pub struct Gemm {
 }
 
 impl Gemm {
+    /// This call as a graph request ([`super::graph`]): its shape, ranges and beta, with the
+    /// operands as the BLAS library gets them (`a`, `b` after [`gemm_operands`], `bf16`) and
+    /// whether f32 operands are rounded to bf16 by the library (`fast`).
+    pub fn hash(&self, a: u64, b: u64, bf16: bool, fast: bool) -> u64 {
+        let op = |o: Op| matches!(o, Op::T) as u64;
+        super::graph::hash_words(
+            4,
+            &[
+                op(self.ta),
+                op(self.tb),
+                self.m as u64,
+                self.n as u64,
+                self.k as u64,
+                a,
+                self.lda as u64,
+                b,
+                self.ldb as u64,
+                self.c.ptr,
+                self.ldc as u64,
+                self.beta.to_bits() as u64,
+                self.c16.ptr,
+                bf16 as u64,
+                fast as u64,
+            ],
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn new(
         ta: Op,
@@ -1208,7 +1235,7 @@ pub trait Ops: Device {
         m: Dv<f32>,
         v: Dv<f32>,
         g: Dv<f32>,
-        cfg: &crate::optim::AdamWConfig,
+        cfg: &crate::config::AdamWConfig,
         lr: f64,
         step: u64,
         guard: Dv<f64>,
@@ -2568,7 +2595,7 @@ pub fn bf16_converted<D: Device + ?Sized>(be: &D) -> bool {
 /// The AdamW scalars that change from step to step, [decay, -step size, sqrt(bias correction 2)]
 /// as `adamw_update` takes them (computed in f64, cast to f32 as PyTorch does) for step `step`
 /// (1-based) at learning rate `lr`.
-pub fn adamw_step_scalars(cfg: &crate::optim::AdamWConfig, lr: f64, step: u64) -> [f32; 3] {
+pub fn adamw_step_scalars(cfg: &crate::config::AdamWConfig, lr: f64, step: u64) -> [f32; 3] {
     let step = step as f64;
     let bc1 = 1.0 - cfg.beta1.powf(step);
     let bc2 = 1.0 - cfg.beta2.powf(step);
@@ -2659,7 +2686,7 @@ pub(crate) fn cublas_gemm(be: &CudaBackend, g: &Gemm) -> Result<()> {
         ),
     };
     let fast = matches!(compute, cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF);
-    let h = || super::graph::hash_gemm(g, aptr, bptr, converted, fast);
+    let h = || g.hash(aptr, bptr, converted, fast);
     if be.graph.note(h) == super::graph::Issue::Skip {
         return Ok(());
     }

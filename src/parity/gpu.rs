@@ -1,5 +1,5 @@
-//! The reference fixtures (the `tests/fixtures` format, see `crate::parity`) run on the GPU:
-//! `run_case_cuda` mirrors `parity::run_case` with the GPU layer / model and the same
+//! The reference fixtures (the `tests/fixtures` format, see [`super`]) run on the GPU:
+//! `run_case_cuda` mirrors [`super::run_case`] with the GPU layer / model and the same
 //! tolerance table. Compared on the GPU: layer `out` and `grad.*`; LM `logits` (and named
 //! `logits.<run>` routing runs), `loss`, `grad.*`, and the `lm_train3` losses, gradient norms
 //! and final weights. Of the info tensors, layer cases compare those the GPU path produces (the
@@ -16,17 +16,17 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::model::{GpuLayerRunner, GpuLm, Precision};
-use super::{Backend, CudaBackend};
-use crate::checkpoint;
-use crate::config::ModelConfig;
-use crate::error::{AsaError, Result};
-use crate::model::asa::Intervention;
-use crate::model::params::{AsaIds, Init, ParamStore};
-use crate::parity::{
+use super::{
     case_report, case_weights, check, forward_options, layer_config, open_case, train_case,
     train_checks, CaseReport, Check, Io, TOL_GRAD, TOL_LOSS, TOL_OUT,
 };
+use crate::backend::cuda::model::{GpuLayerRunner, GpuLm, Precision};
+use crate::backend::cuda::{Backend, CudaBackend};
+use crate::checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{AsaError, Result};
+use crate::vocab::options::Intervention;
+use crate::vocab::params::{AsaIds, Init, ParamStore};
 
 /// The tolerance of a check named `name` under `Precision::Bf16` (relative to the tensor's
 /// scale, or absolute for the losses, as the float32 table): 5e-2 (the GPU tests' bf16

@@ -3,7 +3,10 @@
 //!
 //! A case folder holds `config.json`, `io.safetensors` and the weights (`model.safetensors`, or a
 //! `torch.save` file such as `checkpoint.pt`). Everything is read from the case's own config and
-//! tensor shapes; nothing about a particular fixture is hard-coded.
+//! tensor shapes; nothing about a particular fixture is hard-coded. [`gpu`] runs the same cases
+//! on the CUDA backend.
+
+pub mod gpu;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
