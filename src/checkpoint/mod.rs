@@ -25,7 +25,8 @@ use crate::config::ModelConfig;
 use crate::error::{AsaError, Result};
 use crate::model::params::{LmIds, ParamStore};
 
-fn ck(msg: String) -> AsaError {
+/// A checkpoint error (the readers' shorthand).
+pub(crate) fn ck(msg: String) -> AsaError {
     AsaError::Checkpoint(msg)
 }
 

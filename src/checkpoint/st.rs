@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use super::ck;
 use crate::error::{AsaError, Result};
 
 /// Largest header we accept (the `safetensors` crate uses the same 100 MB bound).
@@ -102,10 +103,6 @@ impl AnyTensor {
     pub fn dtype_name(&self) -> &'static str {
         self.stored_dtype
     }
-}
-
-fn ck(msg: String) -> AsaError {
-    AsaError::Checkpoint(msg)
 }
 
 /// Checked product of a shape.

@@ -14,6 +14,7 @@ use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
 
+use super::ck;
 use super::st::{checked_numel, decode_le, AnyTensor};
 use crate::error::{AsaError, Result};
 
@@ -1240,10 +1241,6 @@ pub fn load_pickle(data: &[u8]) -> Result<PyValue> {
 
 // ------------------------------------------------------------------------------------------------
 // The zip archive.
-
-fn ck(msg: String) -> AsaError {
-    AsaError::Checkpoint(msg)
-}
 
 /// Largest `data.pkl` we read (the pickle holds no tensor data).
 const MAX_PICKLE_BYTES: u64 = 1 << 30;

@@ -31,8 +31,8 @@
 //! emulator as well as by [`CudaBackend`].
 
 use super::ops::{DevSlotMask, Learned};
-use super::{i32_of, AsDv, Backend, Device, Dv, KArg, Temp};
-use crate::backend::cpu::asa::{ReadMask, SlotDims};
+use super::{i32_of, k, AsDv, Backend, Device, Dv, KArg, Temp};
+use crate::backend::cpu::asa::SlotDims;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 
@@ -407,23 +407,9 @@ impl FusedWs {
     }
 }
 
-fn k<T: Into<KArg>>(x: T) -> KArg {
-    x.into()
-}
-
 /// (keep, last_pos_only, mask_mode) kernel arguments of a read slot mask.
 fn mask_args(m: Option<DevSlotMask>) -> [KArg; 3] {
-    match m {
-        Some(m) => [
-            k(m.keep),
-            k(m.last_pos_only as i32),
-            k(match m.mode {
-                ReadMask::Read => 0i32,
-                ReadMask::ContentOnly => 1,
-            }),
-        ],
-        None => [k(Dv::<i32>::null()), k(0i32), k(0i32)],
-    }
+    DevSlotMask::args(m)
 }
 
 fn carry_args(ws: &FusedWs) -> [KArg; 4] {

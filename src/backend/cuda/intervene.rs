@@ -19,7 +19,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{i32_of, AsDv, Backend, Dv, Elem, KArg, Temp};
+use super::{i32_of, k, AsDv, Backend, Dv, Temp};
 use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
 use crate::vocab::options::{Info, Intervention, IntvMode, ScoreKind, TauKind};
@@ -31,37 +31,7 @@ const NLOG: usize = 7;
 /// head_dim limit of the per-lane vectors (32 * ASA_MAXJ).
 const MAX_D: usize = 256;
 
-fn k<T: Into<KArg>>(x: T) -> KArg {
-    x.into()
-}
-
-/// A device buffer grown on demand.
-struct Buf<T> {
-    s: Option<Temp<T>>,
-    n: usize,
-}
-
-impl<T> Default for Buf<T> {
-    fn default() -> Self {
-        Buf { s: None, n: 0 }
-    }
-}
-
-impl<T: Elem> Buf<T> {
-    fn ensure<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<T>> {
-        if self.s.as_ref().map(|s| s.len() < n.max(1)).unwrap_or(true) {
-            self.s = Some(be.temp::<T>(n)?);
-        }
-        self.n = n;
-        Ok(self.dv())
-    }
-    fn dv(&self) -> Dv<T> {
-        match &self.s {
-            Some(s) => s.dv().sub(0, self.n),
-            None => Dv::null(),
-        }
-    }
-}
+use super::DevBuf as Buf;
 
 fn mode_code(m: IntvMode) -> i32 {
     match m {

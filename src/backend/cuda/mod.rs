@@ -431,6 +431,39 @@ impl<T> Drop for Temp<T> {
     }
 }
 
+/// A device buffer of a cache, (re)allocated on demand to a length and kept from call to call
+/// while the length stays (so a steady step gets the same addresses).
+pub struct DevBuf<T> {
+    s: Option<Temp<T>>,
+    n: usize,
+}
+
+impl<T> Default for DevBuf<T> {
+    fn default() -> Self {
+        DevBuf { s: None, n: 0 }
+    }
+}
+
+impl<T: Elem> DevBuf<T> {
+    /// The buffer with `n` elements (zeroed when new; contents unspecified when it already
+    /// had that length).
+    pub fn ensure<D: Device>(&mut self, be: &D, n: usize) -> Result<Dv<T>> {
+        if self.s.is_none() || self.n != n {
+            self.s = Some(be.temp::<T>(n)?);
+            self.n = n;
+        }
+        Ok(self.dv())
+    }
+
+    /// Its range (null before the first `ensure`).
+    pub fn dv(&self) -> Dv<T> {
+        match &self.s {
+            Some(s) => s.dv().sub(0, self.n),
+            None => Dv::null(),
+        }
+    }
+}
+
 /// Registered bf16 copies of f32 ranges: the weights' (see [`Device::set_bf16_copy`]), those
 /// held for a few GEMMs ([`ops::Ops::with_bf16`], [`ops::Ops::with_bf16_twin`]) and the
 /// activations' twins, written by the kernels that make the activations and kept until the
@@ -973,6 +1006,11 @@ pub fn device_free_memory() -> Option<u64> {
         .ok()?;
     let (free, _total) = ctx.mem_get_info().ok()?;
     Some(free as u64)
+}
+
+/// A kernel argument (the launchers' shorthand: `k(x)` for anything `Into<KArg>`).
+pub fn k<T: Into<KArg>>(x: T) -> KArg {
+    x.into()
 }
 
 /// A size as a kernel `int`, or a clear error when it does not fit.

@@ -58,29 +58,8 @@ impl std::str::FromStr for Precision {
 // ------------------------------------------------------------------------------------------------
 // buffers
 
-/// A device buffer (re)allocated on demand to a length.
-#[derive(Default)]
-struct DBuf {
-    s: Option<Temp<f32>>,
-    n: usize,
-}
-
-impl DBuf {
-    /// The buffer with `n` elements (contents unspecified when it already had that length).
-    fn ensure<B: Backend>(&mut self, be: &B, n: usize) -> Result<Dv<f32>> {
-        if self.s.is_none() || self.n != n {
-            self.s = Some(be.temp::<f32>(n)?);
-            self.n = n;
-        }
-        Ok(self.dv())
-    }
-    fn dv(&self) -> Dv<f32> {
-        match &self.s {
-            Some(s) => s.dv().sub(0, self.n),
-            None => Dv::null(),
-        }
-    }
-}
+/// An f32 activation buffer of a layer cache.
+type DBuf = super::DevBuf<f32>;
 
 /// The bf16 twin of an activation that bf16 GEMMs read: written by the activation's producer
 /// beside the f32 tensor, kept with it (issue 11: no conversion call per GEMM operand). Null

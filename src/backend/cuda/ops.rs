@@ -20,7 +20,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::LaunchConfig;
 
 use super::linear::{LinearAlgo, LinearPlan};
-use super::{i32_of, CudaBackend, Device, Dv, KArg, Precision};
+use super::{i32_of, k, CudaBackend, Device, Dv, KArg, Precision};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::error::{AsaError, Result};
 
@@ -126,10 +126,6 @@ impl Gemm {
     }
 }
 
-fn k<T: Into<KArg>>(x: T) -> KArg {
-    x.into()
-}
-
 /// A kernel's scalar that the host computes each step from a learned scalar parameter (the
 /// content-read gamma, the refine gate; `asa_step_value` in cuda/common.cuh): by value, or at
 /// `at` (nullable), [value, d value / d raw] in the step's scalar block that goes up with the
@@ -216,7 +212,8 @@ pub struct DevSlotMask {
 }
 
 impl DevSlotMask {
-    fn args(m: Option<DevSlotMask>) -> [KArg; 3] {
+    /// The (keep, last_pos_only, mask_mode) kernel arguments of `m` (none: null, 0, 0).
+    pub fn args(m: Option<DevSlotMask>) -> [KArg; 3] {
         match m {
             Some(m) => [
                 k(m.keep),

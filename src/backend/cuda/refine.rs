@@ -21,12 +21,8 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{i32_of, Device, Dv, KArg};
+use super::{i32_of, k, Device, Dv, KArg};
 use crate::error::Result;
-
-fn k<T: Into<KArg>>(x: T) -> KArg {
-    x.into()
-}
 
 /// The slotspace's RoPE tables, cos and sin [T,M] (`None`: no RoPE).
 pub type RopeTables = Option<(Dv<f32>, Dv<f32>)>;
