@@ -8,6 +8,7 @@
 // out: [N,C] (N = B*T); ids: [N]; wte: [V,C]; wpe: nullable [maxT,C].
 // out[bt,:] = wte[ids[bt],:] (+ wpe[bt % T,:]). Ids are validated on the host; an id >= V
 // writes zeros instead of reading out of bounds.
+// twin: cpu::ops::encoder_forward
 extern "C" __global__ void encoder_forward(float* out, const unsigned int* ids, const float* wte,
                                            const float* wpe, int n, int t, int c, int v) {
     ASA_GRID_LOOP(i, (i64)n * c) {
@@ -25,6 +26,7 @@ extern "C" __global__ void encoder_forward(float* out, const unsigned int* ids, 
 // dwte: [V,C] += scatter of dout [N,C]. The host sorts the positions by token id (counting
 // sort): uniq[u] is the u-th distinct id, its positions are order[start[u]..start[u+1]),
 // ascending. Grid: x = distinct ids, y = column tiles. Sums in f64 in position order.
+// twin: cpu::ops::encoder_backward
 extern "C" __global__ void encoder_backward(float* dwte, const float* dout, const int* uniq,
                                             const int* start, const int* order, int nuniq, int c) {
     int u = blockIdx.x;
@@ -39,6 +41,7 @@ extern "C" __global__ void encoder_backward(float* dwte, const float* dout, cons
 }
 
 // dwpe: rows 0..T of [maxT,C] += sum over B of dout [B,T,C] (f64, batch order).
+// twin: cpu::ops::encoder_backward
 extern "C" __global__ void encoder_backward_wpe(float* dwpe, const float* dout, int b, int t, int c) {
     ASA_GRID_LOOP(i, (i64)t * c) {
         int tt = (int)(i / c), j = (int)(i % c);
@@ -78,6 +81,7 @@ __device__ __forceinline__ void ln_row(float* out, unsigned short* out16, float*
 }
 
 // out, inp: [N,C]; weight, bias: [C]; mean, rstd: [N]; out16: nullable [N,C], out's bf16 twin.
+// twin: cpu::ops::layernorm_forward
 extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                              const float* weight, const float* bias, int n, int c,
                                              unsigned short* out16) {
@@ -92,6 +96,7 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
 // `layernorm_forward` of the CPU): res = a + b (+ bias_b[col], nullable: the bias of the GEMM
 // that made b, added here instead of by the GEMM), out = LayerNorm(res) with mean, rstd as
 // layernorm_forward; out16: nullable, out's bf16 twin. res, out, a, b: [N,C]. One warp per row.
+// twin: cpu::ops::layernorm_forward
 extern "C" __global__ void residual_layernorm_forward(float* res, float* out, float* mean, float* rstd,
                                                       const float* a, const float* b, const float* bias_b,
                                                       const float* weight, const float* bias, int n, int c,
@@ -162,6 +167,7 @@ __device__ void layernorm_params_block(float* dweight, float* dbias, double* pw,
 // `blockDim.x / 32` rows of dinp, one warp a row:
 // dinp [N,C] += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm*norm)), dnorm = w * dout;
 // dinp16: nullable, the bf16 twin of the updated dinp.
+// twin: cpu::ops::layernorm_backward
 extern "C" __global__ void layernorm_backward(float* dinp, float* dweight, float* dbias, double* pw,
                                               double* pb, unsigned* tickets, const float* dout,
                                               const float* inp, const float* weight, const float* mean,
@@ -203,6 +209,7 @@ extern "C" __global__ void layernorm_backward(float* dinp, float* dweight, float
 // Column sums in one launch: dst[j] += (f32) sum_rows x[row,j] (`colsum_block`). The bias
 // gradient of matmul_backward. Grid: x = column tiles of blockDim.x (ticket
 // tickets[blockIdx.x]), y = chunks of `rows_per_chunk` rows; part [chunks,C].
+// twin: cpu::ops::matmul_backward
 extern "C" __global__ void colsum_add(float* dst, double* part, unsigned* tickets, const float* x, int n, int c,
                                       int rows_per_chunk) {
     colsum_block(dst, part, tickets + blockIdx.x, n, c, rows_per_chunk, blockIdx.x * blockDim.x + threadIdx.x,
@@ -212,6 +219,7 @@ extern "C" __global__ void colsum_add(float* dst, double* part, unsigned* ticket
 // ------------------------------------------------------------------------------------------------
 // matmul: the GEMMs are cuBLAS; the forward bias is written first and the GEMM adds onto it
 // (addmm order, as the CPU twin). out: [N,O]; bias: [O].
+// twin: cpu::ops::matmul_forward
 extern "C" __global__ void matmul_forward_bias(float* out, const float* bias, int n, int o) {
     ASA_GRID_LOOP(i, (i64)n * o) { out[i] = bias[i % o]; }
 }
@@ -222,6 +230,7 @@ extern "C" __global__ void matmul_forward_bias(float* out, const float* bias, in
 struct alignas(16) AsaF4 {
     float x, y, z, w;
 };
+// twin: none: a device utility (the bf16 operands of tensor-core GEMMs)
 extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* src, i64 n) {
     const bool vec = ((u64)src % 16 == 0) && ((u64)dst % 8 == 0);
     const i64 nv = vec ? n / 4 : 0;
@@ -240,6 +249,7 @@ extern "C" __global__ void convert_f32_bf16(unsigned short* dst, const float* sr
 // The bias of the GEMM that made h and the GELU after it in one pass: h [rows,cols] += bias
 // [cols] (in place: the backward reads it), out = gelu(h); out16: nullable, out's bf16 twin.
 // A block per row (grid-stride).
+// twin: cpu::ops::gelu_forward
 extern "C" __global__ void bias_gelu_forward(float* out, float* h, const float* bias, int rows, int cols,
                                              unsigned short* out16) {
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -255,6 +265,7 @@ extern "C" __global__ void bias_gelu_forward(float* out, float* h, const float* 
 }
 
 // out16: nullable, the bf16 twin of out.
+// twin: cpu::ops::gelu_forward
 extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n, unsigned short* out16) {
     ASA_GRID_LOOP(i, n) {
         float x = inp[i];
@@ -266,6 +277,7 @@ extern "C" __global__ void gelu_forward(float* out, const float* inp, i64 n, uns
 
 // dinp = dout * (Phi(x) + x*phi(x)) (a store: the CPU twin's += into zeros, no memset before);
 // dinp16: nullable, the bf16 twin of dinp.
+// twin: cpu::ops::gelu_backward
 extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, i64 n,
                                          unsigned short* dinp16) {
     ASA_GRID_LOOP(i, n) {
@@ -285,6 +297,7 @@ extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const fl
 // with the column tiles of x2 [N,C2] (nullable; the next GEMM's output gradient, an
 // independent job in the same launch): dbias2 += the column sums of x2 (`colsum_block`,
 // part2 [chunks,C2], the tickets after dinp's).
+// twin: cpu::ops::gelu_backward
 extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, double* part, unsigned* tickets,
                                                 const float* inp, const float* dout, int n, int c,
                                                 int rows_per_chunk, unsigned short* dinp16, float* dbias2,
@@ -316,6 +329,7 @@ extern "C" __global__ void gelu_backward_colsum(float* dinp, float* dbias, doubl
 // p <= 0: copy and mask 1; p >= 1: all dropped.
 // The seed is `seed_at[0]` where given (the step's draws, uploaded with the batch: a replayed
 // graph reads this step's), else `seed`.
+// twin: cpu::ops::dropout_forward
 extern "C" __global__ void dropout_forward(float* out, float* mask, const float* inp, float p,
                                            float scale, u64 seed, const u64* seed_at, i64 n) {
     if (seed_at) seed = seed_at[0];
@@ -330,6 +344,7 @@ extern "C" __global__ void dropout_forward(float* out, float* mask, const float*
 }
 
 // dinp += dout * mask.
+// twin: cpu::ops::dropout_backward
 extern "C" __global__ void dropout_backward(float* dinp, const float* dout, const float* mask, i64 n) {
     ASA_GRID_LOOP(i, n) { dinp[i] = dinp[i] + dout[i] * mask[i]; }
 }
@@ -338,21 +353,25 @@ extern "C" __global__ void dropout_backward(float* dinp, const float* dout, cons
 // residual / small elementwise helpers
 
 // out = a + b.
+// twin: cpu::ops::residual_forward
 extern "C" __global__ void residual_forward(float* out, const float* a, const float* b, i64 n) {
     ASA_GRID_LOOP(i, n) { out[i] = a[i] + b[i]; }
 }
 
 // y += alpha * x (f32, as the CPU's `*o += g * dl`).
+// twin: none: a device utility (y += alpha x; the CPU adds in place where it needs it)
 extern "C" __global__ void axpy(float* y, const float* x, float alpha, i64 n) {
     ASA_GRID_LOOP(i, n) { y[i] = y[i] + alpha * x[i]; }
 }
 
 // y = (f32)(alpha * x) computed in f64 (the CPU's `(gate * dout_h[i] as f64) as f32`).
+// twin: none: a device utility (y = alpha x in f64; the CPU scales in place)
 extern "C" __global__ void scale_f64(float* y, const float* x, double alpha, i64 n) {
     ASA_GRID_LOOP(i, n) { y[i] = (float)(alpha * (double)x[i]); }
 }
 
 // x = value.
+// twin: none: a device utility (x = value)
 extern "C" __global__ void fill(float* x, float value, i64 n) {
     ASA_GRID_LOOP(i, n) { x[i] = value; }
 }
@@ -378,6 +397,7 @@ __device__ void gate_finish(double a, float* dgrad, double* part, unsigned* tick
 // elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
 // d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
 // grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
+// twin: model::asa::AsaLayer::backward
 extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* part, unsigned* ticket, const float* dy,
                                          const float* delta, double gate, double factor, i64 n) {
     __shared__ double sh[32];
@@ -394,6 +414,7 @@ extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* pa
 // a block per row (b, t) of merged (grid-stride), threads along it; ddelta [B,H,T,d] =
 // gate * out_h, dgrad[0] += factor * sum(out_h * delta) (as gate_backward; part: [gridDim.x]).
 // gate, factor: by value, or (gate_at non-null) from the step's scalar block (`asa_step_value`).
+// twin: model::asa::AsaLayer::backward
 extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, double* part, unsigned* ticket,
                                                float* out_h, const float* merged, const float* delta,
                                                double gate_value, double factor_value, int b, int t, int h, int d,
@@ -420,6 +441,7 @@ extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, doub
 
 // global_norm, first stage: part[block] = sum of x^2 over the block's grid-stride elements
 // (f64); `sum_f64` with sqrt_result = 1 finishes it. Same fixed grid rule as `gate_backward`.
+// twin: optim::global_norm
 extern "C" __global__ void global_norm(double* part, const float* x, i64 n) {
     __shared__ double sh[32];
     double a = 0.0;
@@ -433,6 +455,7 @@ extern "C" __global__ void global_norm(double* part, const float* x, i64 n) {
 
 // out[0] = sum of part[0..n) in a fixed order (one block; strided per thread, then a tree).
 // With `sqrt_result` the square root is stored (global norm).
+// twin: none: a device utility (the fixed-order f64 sum that finishes the two-stage reductions)
 extern "C" __global__ void sum_f64(double* out, const double* part, i64 n, int sqrt_result) {
     __shared__ double sh[32];
     double a = 0.0;
@@ -442,6 +465,7 @@ extern "C" __global__ void sum_f64(double* out, const double* part, i64 n, int s
 }
 
 // dst[0] += (f32)(src[0] * factor): a scalar parameter's gradient from its f64 sum.
+// twin: none: a device utility (adds a finished f64 sum to a scalar parameter's gradient)
 extern "C" __global__ void scalar_grad_add(float* dst, const double* src, double factor) {
     if (blockIdx.x == 0 && threadIdx.x == 0) dst[0] = dst[0] + (float)(src[0] * factor);
 }
@@ -455,6 +479,7 @@ extern "C" __global__ void scalar_grad_add(float* dst, const double* src, double
 // grad != 0: crossentropy_backward in the same pass, in place: probs[r,:] becomes
 // scale * (probs - onehot(target)) on counted rows, 0 on the others; probs16 (nullable) its
 // bf16 twin.
+// twin: cpu::ops::crossentropy_forward
 extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, const float* logits,
                                                 const i64* targets, const unsigned char* valid, int n, int v,
                                                 int grad, float scale, unsigned short* probs16) {
@@ -494,6 +519,7 @@ extern "C" __global__ void crossentropy_forward(float* probs, double* row_loss, 
 
 // dlogits [N,V] (+)= scale * (probs - onehot(target)) on counted rows. `inplace` != 0: dlogits
 // may alias probs and is overwritten (uncounted rows become 0); else it accumulates.
+// twin: cpu::ops::crossentropy_backward
 extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs, const i64* targets,
                                                  const unsigned char* valid, float scale, int n, int v,
                                                  int inplace, unsigned short* dlogits16) {
@@ -523,6 +549,7 @@ __device__ __forceinline__ float asa_lerp(float start, float end, float w) {
 // at (nullable): this step's [decay, neg_step_size, bias_correction2_sqrt] (f32 values as f64)
 // in the step's scalar block, read instead of the arguments (which then stay the same from step
 // to step: a captured CUDA graph replays them).
+// twin: optim::AdamW::step
 extern "C" __global__ void adamw_update(float* p, float* m, float* v, const float* g, float decay,
                                         float lerp_w, float beta2, float one_minus_beta2,
                                         float neg_step_size, float bias_correction2_sqrt, float eps,
@@ -554,6 +581,7 @@ extern "C" __global__ void adamw_update(float* p, float* m, float* v, const floa
 
 // clip_grad_norm: coef = max_norm / (norm[0] + 1e-6); when coef < 1, x *= (f32)coef.
 // The norm is read on the device (no host round trip).
+// twin: optim::clip_grad_norm
 extern "C" __global__ void clip_scale(float* x, const double* norm, double max_norm, i64 n) {
     double coef = max_norm / (norm[0] + 1e-6);
     if (!(coef < 1.0)) return;

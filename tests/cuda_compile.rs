@@ -161,88 +161,79 @@ fn kernel_resources_sm90() {
     }
 }
 
-/// Every op kernel has a CPU twin of the same name (helpers of a twin are named `<twin>_<part>`
-/// or are listed here with the CPU function they belong to).
+/// Every kernel names its CPU twin on the line above its declaration, `// twin: <path>` (a
+/// function of `backend::cpu::{ops, asa, scan}`, `model::{asa, lm}` or `optim`, methods with
+/// their type: `optim::AdamW::step`), or says `// twin: none: <why>` (a device utility with
+/// no CPU counterpart). The named function must exist in that file (and its type, where
+/// named); the op tests hold each kernel to it.
 #[test]
 fn kernels_have_cpu_twins() {
-    let cpu_src = [
-        include_str!("../src/backend/cpu/ops.rs"),
-        include_str!("../src/backend/cpu/asa.rs"),
-        include_str!("../src/optim.rs"),
-    ]
-    .concat();
-    let has_fn = |name: &str| cpu_src.contains(&format!("pub fn {name}("));
-    // kernels that are parts or helpers of a CPU op: kernel -> CPU function
-    let helpers = [
-        ("colsum_add", "matmul_backward"),
-        ("gelu_backward_colsum", "gelu_backward"),
-        ("matmul_forward_bias", "matmul_forward"),
-        ("convert_f32_bf16", "matmul_forward"),
-        ("axpy", "residual_forward"),
-        ("scale_f64", "residual_forward"),
-        ("fill", "residual_forward"),
-        ("gate_backward", "residual_forward"),
-        ("gate_backward_split", "residual_forward"),
-        ("sum_f64", "global_norm"),
-        ("scalar_grad_add", "read_logits_backward"),
-        ("sum_batch_add", "write_logits_backward"),
-        ("write_logits_backward_keys_bf16", "write_logits_backward"),
-        ("adamw_update", "step"),
-        ("clip_scale", "clip_grad_norm"),
-        ("merge_heads", "merge_heads"),
-        ("residual_layernorm_forward", "layernorm_forward"),
-        ("bias_gelu_forward", "gelu_forward"),
-        ("merge_heads3", "merge_heads_acc"),
-        ("split_heads3", "split_heads"),
-        ("refine_qkv_forward", "phi_forward"),
-        ("refine_qkv_backward", "phi_backward"),
-        // the fused write scan + read (cuda/fused.cu): parts of the CPU chains they replace
-        ("slot_scan_read_forward", "slot_scan_forward"),
-        ("slot_scan_read_forward_bf16", "slot_scan_forward"),
-        ("slot_scan_read_forward_rmax", "slot_scan_forward"),
-        ("slot_scan_read_forward_sums", "slot_scan_forward"),
-        ("slot_scan_read_forward_sums_bf16", "slot_scan_forward"),
-        ("slot_scan_read_forward_carry", "slot_scan_forward"),
-        ("slot_scan_read_mix", "slot_mix_forward"),
-        ("slot_scan_read_dot", "slot_mix_backward"),
-        ("slot_scan_read_mix_bf16", "slot_mix_forward"),
-        ("slot_scan_read_dot_bf16", "slot_mix_backward"),
-        ("slot_scan_read_backward", "slot_scan_backward"),
-        ("slot_scan_read_backward_bf16", "slot_scan_backward"),
-        ("slot_scan_read_backward_sums_bf16", "slot_scan_backward"),
-        ("slot_scan_read_backward_read", "read_logits_backward"),
-        ("slot_scan_read_backward_read_bf16", "read_logits_backward"),
-        ("slot_scan_read_backward_sums", "slot_scan_backward"),
-        ("slot_scan_read_backward_carry", "slot_scan_backward"),
-        ("slot_scan_read_backward_route", "slot_scan_backward"),
-        ("slot_scan_read_backward_keys", "read_logits_backward"),
+    let files: &[(&str, &str)] = &[
+        ("cpu::ops", include_str!("../src/backend/cpu/ops.rs")),
+        ("cpu::asa", include_str!("../src/backend/cpu/asa.rs")),
+        ("cpu::scan", include_str!("../src/backend/cpu/scan.rs")),
+        ("model::asa", include_str!("../src/model/asa.rs")),
+        ("model::lm", include_str!("../src/model/lm.rs")),
+        ("optim", include_str!("../src/optim.rs")),
     ];
-    let mut missing = Vec::new();
-    for (_, src) in KERNELS {
-        for name in kernel_names(src) {
-            let twin = helpers
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, c)| c.to_string())
-                .unwrap_or_else(|| {
-                    // `<twin>_<part>`: the longest prefix that is a CPU function
-                    let mut t = name.clone();
-                    while !has_fn(&t) {
-                        match t.rfind('_') {
-                            Some(i) => t.truncate(i),
-                            None => break,
-                        }
-                    }
-                    t
-                });
-            if !has_fn(&twin) {
-                missing.push(name);
+    let mut bad = Vec::new();
+    let mut utilities = Vec::new();
+    let mut seen = 0;
+    for (stem, src) in KERNELS {
+        let lines: Vec<&str> = src.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with("extern \"C\" __global__") {
+                continue;
+            }
+            let decl = format!("{line} {}", lines.get(i + 1).map_or("", |l| l.trim()));
+            let name = kernel_names(&decl).pop().unwrap_or_default();
+            seen += 1;
+            let twin = i
+                .checked_sub(1)
+                .and_then(|j| lines[j].strip_prefix("// twin: "));
+            let Some(twin) = twin else {
+                bad.push(format!("{stem}.cu {name}: no `// twin:` line above it"));
+                continue;
+            };
+            if let Some(why) = twin.strip_prefix("none: ") {
+                assert!(
+                    !why.trim().is_empty(),
+                    "{name}: `twin: none` needs a reason"
+                );
+                utilities.push(name);
+                continue;
+            }
+            let found = files.iter().find_map(|(module, text)| {
+                let rest = twin.strip_prefix(module)?.strip_prefix("::")?;
+                Some((text, rest))
+            });
+            let ok = match found {
+                Some((text, rest)) => {
+                    let (ty, f) = match rest.rsplit_once("::") {
+                        Some((ty, f)) => (Some(ty), f),
+                        None => (None, rest),
+                    };
+                    let has_fn = text.contains(&format!("fn {f}("));
+                    let has_ty = ty.is_none_or(|ty| text.contains(&format!("impl {ty} ")));
+                    has_fn && has_ty
+                }
+                None => false,
+            };
+            if !ok {
+                bad.push(format!("{stem}.cu {name}: twin `{twin}` not found"));
             }
         }
     }
     assert!(
-        missing.is_empty(),
-        "kernels without a CPU twin: {missing:?}"
+        bad.is_empty(),
+        "kernels without a CPU twin:\n{}",
+        bad.join("\n")
+    );
+    let count: usize = KERNELS.iter().map(|(_, src)| kernel_names(src).len()).sum();
+    assert_eq!(seen, count, "every kernel checked");
+    println!(
+        "{count} kernels, {} device utilities without a CPU twin: {utilities:?}",
+        utilities.len()
     );
     // the ops named in the CUDA milestone all exist as kernels
     let all: Vec<String> = KERNELS.iter().flat_map(|(_, s)| kernel_names(s)).collect();
