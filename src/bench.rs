@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::{GpuLm, Precision};
-use crate::config::{ModelConfig, Variant};
+use crate::config::{ModelConfig, Place, Variant};
 use crate::error::{AsaError, Result};
 use crate::model::asa::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
@@ -148,7 +148,7 @@ pub struct BenchOptions {
     pub batch: usize,
     pub seq_len: usize,
     /// ours on the GPU (`GpuLm`), the reference with `--device cuda`
-    pub cuda: bool,
+    pub place: Place,
     /// GEMM precision of ours on the GPU; `Bf16` runs the reference under bf16 autocast
     pub precision: Precision,
     pub warmup: usize,
@@ -173,7 +173,7 @@ impl BenchOptions {
             model,
             batch,
             seq_len,
-            cuda: false,
+            place: Place::Cpu,
             precision: p.precision(),
             warmup: 2,
             iters: 5,
@@ -378,10 +378,11 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
     // validates the config, then checks the run fits in memory
     let free = o
-        .cuda
+        .place
+        .is_cuda()
         .then(crate::backend::cuda::device_free_memory)
         .flatten();
-    crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.cuda, free)?;
+    crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.place, free)?;
 
     let (inp, tgt) = random_batch(cfg.vocab_size, o.batch, o.seq_len, cfg.seed);
     let pool = match o.threads {
@@ -402,7 +403,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         Option<crate::backend::cuda::graph::GraphStats>,
     );
     let run = || -> Result<Run> {
-        if o.cuda {
+        if o.place.is_cuda() {
             bench_gpu(&cfg, o, &inp, &tgt)
         } else {
             bench_cpu(&cfg, o, &inp, &tgt).map(|s| (format!("cpu ({threads} threads)"), s, None))
@@ -417,7 +418,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let tokens_per_step = o.batch * o.seq_len;
     let tokens_per_sec = tokens_per_step as f64 / median(&step_seconds);
     let flops_per_token = train_flops_per_token(&cfg);
-    let mfu = if o.cuda {
+    let mfu = if o.place.is_cuda() {
         peak_bf16_flops(&device).map(|p| tokens_per_sec * flops_per_token / p)
     } else {
         None
@@ -439,7 +440,7 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
         batch: o.batch,
         seq_len: o.seq_len,
         threads,
-        precision: if o.cuda {
+        precision: if o.place.is_cuda() {
             format!("{:?}", o.precision).to_lowercase()
         } else {
             "f32".into()
@@ -597,7 +598,7 @@ pub fn reference_args(
 ) -> Result<Vec<String>> {
     let cfg_json = serde_json::to_string(cfg)
         .map_err(|e| AsaError::Other(format!("bench: cannot serialise the config: {e}")))?;
-    let dtype = if o.cuda && o.precision == Precision::Bf16 {
+    let dtype = if o.place.is_cuda() && o.precision == Precision::Bf16 {
         "bf16"
     } else {
         "f32"
@@ -615,7 +616,7 @@ pub fn reference_args(
         "--seq-len".into(),
         o.seq_len.to_string(),
         "--device".into(),
-        if o.cuda { "cuda" } else { "cpu" }.into(),
+        if o.place.is_cuda() { "cuda" } else { "cpu" }.into(),
         "--dtype".into(),
         dtype.into(),
         "--warmup".into(),
@@ -1491,7 +1492,7 @@ mod tests {
     #[test]
     fn reference_args_carry_the_run() {
         let mut o = BenchOptions::from_preset(BenchPreset::PracticeRun);
-        o.cuda = true;
+        o.place = Place::Cuda;
         let (cfg, _, _) = BenchPreset::PracticeRun.config();
         let a = reference_args(Path::new(".ref"), &cfg, &o, 16).unwrap();
         let val = |k: &str| a[a.iter().position(|x| x == k).unwrap() + 1].clone();
@@ -1504,7 +1505,7 @@ mod tests {
         assert_eq!(val("--variant"), "baseline");
         let back: ModelConfig = serde_json::from_str(&val("--config-json")).unwrap();
         assert_eq!(back, cfg);
-        o.cuda = false;
+        o.place = Place::Cpu;
         let a = reference_args(Path::new(".ref"), &cfg, &o, 2).unwrap();
         assert!(a.windows(2).any(|w| w[0] == "--dtype" && w[1] == "f32"));
     }

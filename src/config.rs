@@ -667,6 +667,20 @@ pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Where a run's steps execute (the resolved `--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Place {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl Place {
+    pub fn is_cuda(self) -> bool {
+        self == Place::Cuda
+    }
+}
+
 /// AdamW hyper-parameters (`lr` is the base rate; `AdamW::step` takes the scheduled rate).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {

@@ -255,7 +255,7 @@ pub fn run(o: &BenchOptions, arch: &str, peaks: &GpuPeaks) -> Result<KernelCostR
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
     cfg.validate()?;
     // the host copy of the weights is all this allocates (twice: ours and GpuLm's template)
-    crate::preflight::check_run(&cfg, 1, 1, false, false, None)?;
+    crate::preflight::check_run(&cfg, 1, 1, false, crate::config::Place::Cpu, None)?;
     let (_, params) = Lm::new(&cfg)?;
     let mut gpu = GpuLm::with_backend(CountingDevice::new(H100_SMS), &cfg, &params, o.precision)?;
     drop(params);

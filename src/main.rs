@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use asa::config::Place;
 use asa::error::{AsaError, Result};
 use asa::{checkpoint, parity};
 
@@ -297,13 +298,6 @@ enum Cmd {
     },
 }
 
-/// Where a command runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    Cpu,
-    Cuda,
-}
-
 /// Resolves `--device`: `auto` takes CUDA when a driver and a device are there, else the CPU,
 /// and says which; `cuda` without a usable GPU is an error. `cuda_capable` is false for commands
 /// that only have a CPU path (they say so and run on the CPU under `auto`).
@@ -454,7 +448,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 num_heads: num_heads.unwrap_or(d.num_heads),
                 num_slots: num_slots.unwrap_or(d.num_slots),
                 fact_frac: fact_frac.unwrap_or(d.fact_frac),
-                cuda: place == Place::Cuda,
+                place,
                 precision,
                 quiet: false,
             };
@@ -576,7 +570,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 resume,
                 force,
                 total_steps,
-                cuda: place == Place::Cuda,
+                place,
                 stop_at,
                 quiet: false,
             })?;
@@ -613,7 +607,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let place = resolve_device(device, true)?;
             let mut o = asa::bench::options_for(&config)?;
-            o.cuda = place == Place::Cuda;
+            o.place = place;
             o.set_shape(precision, seq_len, batch);
             o.progress = true;
             o.reference = reference;
@@ -625,7 +619,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let mut args: Vec<String> = vec!["bench".into(), "--config".into(), config.clone()];
                 args.extend([
                     "--device".into(),
-                    if o.cuda { "cuda" } else { "cpu" }.into(),
+                    if o.place.is_cuda() { "cuda" } else { "cpu" }.into(),
                 ]);
                 args.extend([
                     "--precision".into(),

@@ -16,7 +16,7 @@
 //! refuses only when the estimate exceeds what is available, so a run it lets through may still
 //! be tight, and one it refuses needed at least about half the estimate.
 
-use crate::config::{param_count, size_overflow, ModelConfig};
+use crate::config::{param_count, size_overflow, ModelConfig, Place};
 use crate::error::{AsaError, Result};
 pub use crate::host::{host_available, human};
 
@@ -26,8 +26,8 @@ const GPU_LOGITS_BUDGET: u64 = 1 << 25;
 
 /// Floats of activations kept per token and per layer for the backward: the GPU caches
 /// (backend/cuda/model.rs) with `cuda`, else the CPU's `BlockCache` + `AsaCache`.
-pub fn floats_per_token_layer(cfg: &ModelConfig, cuda: bool) -> Option<u64> {
-    if cuda {
+pub fn floats_per_token_layer(cfg: &ModelConfig, place: Place) -> Option<u64> {
+    if place.is_cuda() {
         gpu_floats_per_token_layer(cfg)
     } else {
         cpu_floats_per_token_layer(cfg)
@@ -157,13 +157,13 @@ pub fn estimate(
     batch: usize,
     seq_len: usize,
     accumulate: bool,
-    cuda: bool,
+    place: Place,
 ) -> Result<Estimate> {
     let of = || size_overflow(cfg);
     let p = param_count(cfg).ok_or_else(of)?;
     let pb = p.checked_mul(F32).ok_or_else(of)?;
     let tokens = (batch as u64).checked_mul(seq_len as u64).ok_or_else(of)?;
-    let per_tl = floats_per_token_layer(cfg, cuda).ok_or_else(of)?;
+    let per_tl = floats_per_token_layer(cfg, place).ok_or_else(of)?;
     let layer_bytes = tokens
         .checked_mul(per_tl)
         .and_then(|x| x.checked_mul(F32))
@@ -190,7 +190,7 @@ pub fn estimate(
         host: Vec::new(),
         device: Vec::new(),
     };
-    if cuda {
+    if place.is_cuda() {
         e.host.push(("weights + template copy".into(), 2 * pb));
         e.host.push(("AdamW moments".into(), 2 * pb));
         e.device.push(("weights".into(), pb));
@@ -224,11 +224,11 @@ pub fn check_run(
     batch: usize,
     seq_len: usize,
     accumulate: bool,
-    cuda: bool,
+    place: Place,
     device_free: Option<u64>,
 ) -> Result<Estimate> {
     cfg.validate()?;
-    let e = estimate(cfg, batch, seq_len, accumulate, cuda)?;
+    let e = estimate(cfg, batch, seq_len, accumulate, place)?;
     let advice = "lower batch_size / micro_batch_size, max_seq_len (seq-len) or the model sizes";
     if let Some(avail) = host_available() {
         if e.host_total() > avail {
@@ -241,7 +241,7 @@ pub fn check_run(
             )));
         }
     }
-    if cuda {
+    if place.is_cuda() {
         if let Some(free) = device_free {
             if e.device_total() > free {
                 return Err(AsaError::Config(format!(
@@ -322,12 +322,12 @@ mod tests {
     #[test]
     fn estimate_counts_activations_and_logits() {
         let cfg = small();
-        let a = estimate(&cfg, 2, 8, false, false).unwrap();
-        let b = estimate(&cfg, 4, 8, false, false).unwrap();
+        let a = estimate(&cfg, 2, 8, false, Place::Cpu).unwrap();
+        let b = estimate(&cfg, 4, 8, false, Place::Cpu).unwrap();
         // twice the tokens: the weight terms stay, the activation and logit terms double
         let fixed = 4 * 4 * param_count(&cfg).unwrap();
         assert_eq!(b.host_total() - fixed, 2 * (a.host_total() - fixed));
-        let g = estimate(&cfg, 2, 8, true, true).unwrap();
+        let g = estimate(&cfg, 2, 8, true, Place::Cuda).unwrap();
         assert!(g.device_total() > 0 && g.device.iter().any(|(w, _)| w == "gradient sum"));
         // a practice-run step on the CPU needs tens of GiB (the slot state dominates)
         let pr = ModelConfig {
@@ -340,7 +340,7 @@ mod tests {
             slotspace_chunk_size: 512,
             ..Default::default()
         };
-        let e = estimate(&pr, 8, 1024, false, false).unwrap();
+        let e = estimate(&pr, 8, 1024, false, Place::Cpu).unwrap();
         assert!(e.host_total() > 20 << 30, "{}", human(e.host_total()));
     }
 }

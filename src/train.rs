@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::{GpuLm, Precision};
 use crate::checkpoint::{self, AnyTensor};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Place};
 use crate::data::batch::TokenData;
 use crate::data::corpus;
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
@@ -301,8 +301,8 @@ pub struct TrainMiniArgs {
     pub stop_at: Option<usize>,
     /// on `--resume`, a new total step count (the schedule follows it); `None` keeps the run's
     pub resume_steps: Option<usize>,
-    /// train on the GPU (`--device cuda`)
-    pub cuda: bool,
+    /// where the steps run (`--device`)
+    pub place: Place,
     /// GEMM precision of the GPU path
     pub precision: Precision,
     pub quiet: bool,
@@ -331,7 +331,7 @@ impl Default for TrainMiniArgs {
             fact_frac: default_fact_frac(),
             stop_at: None,
             resume_steps: None,
-            cuda: false,
+            place: Place::Cpu,
             precision: Precision::Bf16,
             quiet: false,
         }
@@ -480,10 +480,11 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         let tok = tokenizer_by_name(&a.tokenizer)?;
         let cfg = mini_config(a, tok.vocab_size());
         let free = a
-            .cuda
+            .place
+            .is_cuda()
             .then(crate::backend::cuda::device_free_memory)
             .flatten();
-        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.cuda, free)?;
+        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.place, free)?;
         let (_, params) = Lm::new(&cfg)?;
         let settings = mini_settings(a, tok.name());
         let adam = AdamW::new(adam_config(&settings), &params);
@@ -515,7 +516,7 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         state,
         resume,
         data: &data,
-        cuda: a.cuda,
+        place: a.place,
         precision: a.precision,
         stop_at: a.stop_at,
         quiet: a.quiet,
@@ -731,7 +732,7 @@ pub struct LoopArgs<'a> {
     pub state: TrainState,
     pub resume: bool,
     pub data: &'a dyn Batches,
-    pub cuda: bool,
+    pub place: Place,
     pub precision: Precision,
     pub stop_at: Option<usize>,
     pub quiet: bool,
@@ -807,7 +808,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         // runs saved before TrainState kept it: the first val_loss of the metrics
         state.first_val_loss = first_val_in_metrics(&run.metrics());
     }
-    let mut engine = Engine::new(&cfg, &params, &adam, lp.cuda, lp.precision)?;
+    let mut engine = Engine::new(&cfg, &params, &adam, lp.place, lp.precision)?;
     engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
     let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
     data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
@@ -983,10 +984,10 @@ impl Engine {
         cfg: &ModelConfig,
         params: &ParamStore,
         adam: &AdamW,
-        cuda: bool,
+        place: Place,
         precision: Precision,
     ) -> Result<Self> {
-        if cuda {
+        if place.is_cuda() {
             let mut gpu = GpuLm::new(cfg, params, precision)?;
             if adam.step > 0 {
                 gpu.set_adam_state(&adam.m, &adam.v, adam.step)?;

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use crate::backend::cuda::Precision;
 use crate::config::{
-    check_kinds, check_known_keys, Kind, ModelConfig, MODEL_FIELDS, REFERENCE_IGNORED_FIELDS,
-    REFERENCE_TRAIN_FIELDS,
+    check_kinds, check_known_keys, Kind, ModelConfig, Place, MODEL_FIELDS,
+    REFERENCE_IGNORED_FIELDS, REFERENCE_TRAIN_FIELDS,
 };
 use crate::data::shards::{open_prepared, ShardSet};
 use crate::error::{AsaError, Result};
@@ -141,15 +141,17 @@ impl RunConfig {
     }
 
     /// The memory preflight of a new run of `model` with these settings (`preflight::check_run`).
-    pub fn preflight(&self, model: &ModelConfig, cuda: bool) -> Result<()> {
+    pub fn preflight(&self, model: &ModelConfig, place: Place) -> Result<()> {
         let accumulate = self.grad_accum_steps > 1;
         crate::preflight::check_run(
             model,
             self.micro_rows(),
             model.max_seq_len,
             accumulate,
-            cuda,
-            cuda.then(crate::backend::cuda::device_free_memory)
+            place,
+            place
+                .is_cuda()
+                .then(crate::backend::cuda::device_free_memory)
                 .flatten(),
         )
         .map(|_| ())
@@ -436,7 +438,7 @@ pub struct TrainArgs {
     pub force: bool,
     /// with `resume`: the run's new total step count (extends a finished run)
     pub total_steps: Option<usize>,
-    pub cuda: bool,
+    pub place: Place,
     pub stop_at: Option<usize>,
     pub quiet: bool,
 }
@@ -612,7 +614,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         }
         (cfg, params, adam, settings, state)
     } else {
-        rc.preflight(&model, a.cuda)?;
+        rc.preflight(&model, a.place)?;
         let (_, params) = Lm::new(&model)?;
         let adam = AdamW::new(adam_config(&new_settings), &params);
         (model, params, adam, new_settings, TrainState::start())
@@ -647,7 +649,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         state,
         resume,
         data: &data,
-        cuda: a.cuda,
+        place: a.place,
         precision,
         stop_at: a.stop_at,
         quiet: a.quiet,
