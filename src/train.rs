@@ -428,7 +428,25 @@ impl Batches for TokenData {
     }
 }
 
-/// Mean validation loss over fixed windows.
+/// Mean validation loss over the fixed windows of `data`: each batch's mean loss from
+/// `batch_loss(inputs, targets, rows)`, weighted by its rows (one rule for every engine).
+pub fn mean_val_loss(
+    data: &dyn Batches,
+    s: &TrainSettings,
+    mut batch_loss: impl FnMut(&[u32], &[i64], usize) -> Result<f64>,
+) -> Result<f64> {
+    let (mut sum, mut rows) = (0.0f64, 0usize);
+    for (inp, tgt, r) in data.val_batches(s.micro().0, s.seq_len, s.stride(), s.eval_windows) {
+        sum += batch_loss(&inp, &tgt, r)? * r as f64;
+        rows += r;
+    }
+    if rows == 0 {
+        return Err(AsaError::Input("no validation windows".into()));
+    }
+    Ok(sum / rows as f64)
+}
+
+/// Mean validation loss over fixed windows (the CPU model).
 pub fn evaluate(
     lm: &mut Lm,
     params: &ParamStore,
@@ -437,16 +455,10 @@ pub fn evaluate(
 ) -> Result<f64> {
     let opts = AsaOptions::default();
     let mut cache = LmCache::default();
-    let (mut sum, mut rows) = (0.0f64, 0usize);
-    for (inp, tgt, r) in data.val_batches(s.micro().0, s.seq_len, s.stride(), s.eval_windows) {
-        lm.forward(params, &inp, r, s.seq_len, &opts, &mut cache)?;
-        sum += lm.loss(&mut cache, &tgt, None)? * r as f64;
-        rows += r;
-    }
-    if rows == 0 {
-        return Err(AsaError::Input("no validation windows".into()));
-    }
-    Ok(sum / rows as f64)
+    mean_val_loss(data, s, |inp, tgt, r| {
+        lm.forward(params, inp, r, s.seq_len, &opts, &mut cache)?;
+        lm.loss(&mut cache, tgt, None)
+    })
 }
 
 /// `asa train-mini`: trains a small ASM on the embedded default data (or `--data` files).
@@ -1099,17 +1111,7 @@ impl Engine {
         match self {
             Engine::Cpu { lm, .. } => evaluate(lm, params, data, s),
             Engine::Cuda(g) => {
-                let (mut sum, mut rows) = (0.0f64, 0usize);
-                for (inp, tgt, r) in
-                    data.val_batches(s.micro().0, s.seq_len, s.stride(), s.eval_windows)
-                {
-                    sum += g.eval_loss(&inp, &tgt, r, s.seq_len)? * r as f64;
-                    rows += r;
-                }
-                if rows == 0 {
-                    return Err(AsaError::Input("no validation windows".into()));
-                }
-                Ok(sum / rows as f64)
+                mean_val_loss(data, s, |inp, tgt, r| g.eval_loss(inp, tgt, r, s.seq_len))
             }
         }
     }
