@@ -32,12 +32,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cuda::{GpuLm, Precision};
+use crate::backend::cuda::graph::GraphStats;
+use crate::backend::cuda::Precision;
 use crate::config::{ModelConfig, Place, Variant};
+use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
-use crate::model::asa::AsaOptions;
-use crate::model::lm::{Lm, LmCache};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::model::lm::Lm;
+use crate::optim::{AdamW, AdamWConfig};
 
 /// The reference-side script (also usable by hand: `python3 scripts/reference_bench.py --help`).
 pub const REFERENCE_SCRIPT: &str = include_str!("../scripts/reference_bench.py");
@@ -397,22 +398,12 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let threads = pool
         .as_ref()
         .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
-    type Run = (
-        String,
-        Vec<f64>,
-        Option<crate::backend::cuda::graph::GraphStats>,
-    );
-    let run = || -> Result<Run> {
-        if o.place.is_cuda() {
-            bench_gpu(&cfg, o, &inp, &tgt)
-        } else {
-            bench_cpu(&cfg, o, &inp, &tgt).map(|s| (format!("cpu ({threads} threads)"), s, None))
-        }
-    };
+    let run = || bench_engine(&cfg, o, &inp, &tgt);
     let (device, step_seconds, graph) = match &pool {
         Some(p) => p.install(run)?,
         None => run()?,
     };
+    let device = device.unwrap_or_else(|| format!("cpu ({threads} threads)"));
     drop(pool);
 
     let tokens_per_step = o.batch * o.seq_len;
@@ -513,58 +504,36 @@ fn progress(o: &BenchOptions, i: usize, dt: f64, loss: f64) {
     }
 }
 
-/// Our CPU step, as `train-mini` runs it; returns the timed steps' seconds.
-fn bench_cpu(cfg: &ModelConfig, o: &BenchOptions, inp: &[u32], tgt: &[i64]) -> Result<Vec<f64>> {
-    let (mut lm, mut params) = Lm::new(cfg)?;
-    let mut adam = AdamW::new(BENCH_ADAM, &params);
-    let mut grads = params.zeros_like();
-    let mut cache = LmCache::default();
-    let opts = AsaOptions {
-        training: true,
-        ..Default::default()
-    };
-    let (b, t) = (o.batch, o.seq_len);
-    let mut secs = Vec::with_capacity(o.iters);
-    for i in 0..o.warmup + o.iters {
-        let t0 = Instant::now();
-        lm.forward(&params, inp, b, t, &opts, &mut cache)?;
-        let loss = lm.loss(&mut cache, tgt, None)?;
-        grads.zero();
-        lm.backward(&params, &mut cache, &opts, &mut grads);
-        let norm = clip_grad_norm(&mut grads, BENCH_CLIP);
-        check_step(loss, norm)?;
-        adam.step(&mut params, &grads, BENCH_ADAM.lr);
-        let dt = t0.elapsed().as_secs_f64();
-        progress(o, i, dt, loss);
-        if i >= o.warmup {
-            secs.push(dt);
-        }
-    }
-    Ok(secs)
-}
-
-/// Our GPU step (`GpuLm::train_step`, synchronised by its download of the loss), and how
-/// the steps used CUDA graphs.
-fn bench_gpu(
+/// Our step through the training engine (`train` and `train-mini` run the same), on the CPU
+/// or the GPU (synchronised by its read-back of the loss): the device's name (None on the
+/// CPU), the timed steps' seconds, and how the GPU's steps used CUDA graphs.
+fn bench_engine(
     cfg: &ModelConfig,
     o: &BenchOptions,
     inp: &[u32],
     tgt: &[i64],
-) -> Result<(
-    String,
-    Vec<f64>,
-    Option<crate::backend::cuda::graph::GraphStats>,
-)> {
-    let (_, params) = Lm::new(cfg)?;
-    let mut gpu = GpuLm::new(cfg, &params, o.precision)?;
-    drop(params);
-    let device = gpu.backend().device_name.clone();
-    let (b, t) = (o.batch, o.seq_len);
+) -> Result<(Option<String>, Vec<f64>, Option<GraphStats>)> {
+    let (_, mut params) = Lm::new(cfg)?;
+    let mut adam = AdamW::new(BENCH_ADAM, &params);
+    let mut engine = Engine::new(cfg, &params, &adam, o.place, o.precision)?;
+    let batch = StepBatch {
+        inputs: inp,
+        targets: tgt,
+        rows: o.batch,
+        seq_len: o.seq_len,
+        micro_rows: o.batch,
+    };
     let mut secs = Vec::with_capacity(o.iters);
     for i in 0..o.warmup + o.iters {
         let t0 = Instant::now();
-        let (loss, norm) =
-            gpu.train_step(inp, tgt, b, t, BENCH_ADAM.lr, &BENCH_ADAM, Some(BENCH_CLIP))?;
+        let (loss, norm) = engine.step(
+            &mut params,
+            &mut adam,
+            batch,
+            BENCH_ADAM.lr,
+            &BENCH_ADAM,
+            BENCH_CLIP,
+        )?;
         let dt = t0.elapsed().as_secs_f64();
         check_step(loss, norm)?;
         progress(o, i, dt, loss);
@@ -572,7 +541,7 @@ fn bench_gpu(
             secs.push(dt);
         }
     }
-    Ok((device, secs, Some(gpu.graph_stats())))
+    Ok((engine.device_name(), secs, engine.graph_stats()))
 }
 
 /// Checks that `dir` looks like a checkout of the reference (its package under `src/asa`).

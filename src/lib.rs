@@ -26,6 +26,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod host;
 pub mod kernel_cost;

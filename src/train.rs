@@ -11,17 +11,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cuda::{GpuLm, Precision};
+use crate::backend::cuda::Precision;
 use crate::checkpoint::{self, AnyTensor};
 use crate::config::{ModelConfig, Place};
 use crate::data::batch::TokenData;
 use crate::data::corpus;
 use crate::data::tokenizer::{Tokenizer, TokenizerKind};
+use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
 use crate::model::asa::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// Linear warmup to `lr`, then cosine decay to `min_lr` at `total` steps (`step` counts from 0).
 pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, total: usize) -> f64 {
@@ -754,14 +755,6 @@ pub struct LoopArgs<'a> {
     pub data_name: String,
 }
 
-/// The parameters as they are now (downloaded from the GPU when training there).
-fn params_view(engine: &mut Engine, host: &ParamStore) -> Result<ParamStore> {
-    match engine {
-        Engine::Cpu { .. } => Ok(host.clone()),
-        Engine::Cuda(g) => g.download_params(),
-    }
-}
-
 /// The reference's gate summaries: mean over layers of the ALiBi strength, the content-read
 /// gamma and the slotspace gate, as the layers compute them.
 pub fn gate_summaries(p: &ParamStore, cfg: &ModelConfig) -> Vec<(&'static str, f64)> {
@@ -884,7 +877,21 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             settings.steps,
         );
         let (inp, tgt) = data.sample_train(&mut data_rng, settings.batch_size, settings.seq_len);
-        let (loss, norm) = engine.step(&mut params, &mut adam, &inp, &tgt, &settings, lr)?;
+        let batch = StepBatch {
+            inputs: &inp,
+            targets: &tgt,
+            rows: settings.batch_size,
+            seq_len: settings.seq_len,
+            micro_rows: settings.micro().0,
+        };
+        let (loss, norm) = engine.step(
+            &mut params,
+            &mut adam,
+            batch,
+            lr,
+            &adam_config(&settings),
+            settings.grad_clip,
+        )?;
         if !loss.is_finite() || !norm.is_finite() {
             if !settings.skip_nonfinite {
                 return Err(AsaError::Other(format!(
@@ -924,14 +931,16 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             || state.step == settings.steps
             || step == 0
         {
-            let val = engine.evaluate(&params, data, &settings)?;
+            let val = mean_val_loss(data, &settings, |i, tg, r| {
+                engine.eval_loss(&params, i, tg, r, settings.seq_len)
+            })?;
             state.first_val_loss.get_or_insert(val);
             last_val = val;
             improved = state.best_val.is_none_or(|b| val < b);
             state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
             rec["val_loss"] = serde_json::json!(val);
             rec["val_ppl"] = serde_json::json!(val.exp());
-            for (k, v) in gate_summaries(&params_view(&mut engine, &params)?, &cfg) {
+            for (k, v) in gate_summaries(&engine.params_view(&params)?, &cfg) {
                 rec[k] = serde_json::json!(v);
             }
             say(
@@ -964,7 +973,9 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if last_val.is_nan() {
-        last_val = engine.evaluate(&params, data, &settings)?;
+        last_val = mean_val_loss(data, &settings, |i, tg, r| {
+            engine.eval_loss(&params, i, tg, r, settings.seq_len)
+        })?;
     }
     let report = TrainReport {
         run_dir: run.dir.clone(),
@@ -978,156 +989,6 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     };
     write_json_atomic(&run.dir.join("report.json"), &report)?;
     Ok(report)
-}
-
-/// Where the training step runs: the CPU reference path, or the CUDA backend (weights and
-/// optimizer state live on the device and are copied back to the host for each checkpoint).
-enum Engine {
-    Cpu {
-        lm: Box<Lm>,
-        cache: Box<LmCache>,
-        grads: ParamStore,
-    },
-    Cuda(Box<GpuLm>),
-}
-
-impl Engine {
-    fn new(
-        cfg: &ModelConfig,
-        params: &ParamStore,
-        adam: &AdamW,
-        place: Place,
-        precision: Precision,
-    ) -> Result<Self> {
-        if place.is_cuda() {
-            let mut gpu = GpuLm::new(cfg, params, precision)?;
-            if adam.step > 0 {
-                gpu.set_adam_state(&adam.m, &adam.v, adam.step)?;
-            }
-            Ok(Engine::Cuda(Box::new(gpu)))
-        } else {
-            let (lm, _) = Lm::new(cfg)?;
-            Ok(Engine::Cpu {
-                lm: Box::new(lm),
-                cache: Box::default(),
-                grads: params.zeros_like(),
-            })
-        }
-    }
-
-    /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).
-    fn peak_flops(&self) -> Option<f64> {
-        match self {
-            Engine::Cpu { .. } => None,
-            Engine::Cuda(g) => crate::bench::peak_bf16_flops(&g.backend().device_name),
-        }
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Engine::Cpu { .. } => "cpu".into(),
-            Engine::Cuda(g) => format!("cuda ({:?} GEMMs)", g.precision).to_lowercase(),
-        }
-    }
-
-    /// Seeds the dropout generator and moves it to a saved stream position.
-    fn set_model_rng(&mut self, seed: u64, pos: u128) {
-        match self {
-            Engine::Cpu { lm, .. } => {
-                lm.reseed(seed);
-                lm.rng_mut().set_word_pos(pos);
-            }
-            Engine::Cuda(g) => {
-                g.reseed(seed);
-                g.rng_mut().set_word_pos(pos);
-            }
-        }
-    }
-
-    fn model_rng_pos(&mut self) -> u128 {
-        match self {
-            Engine::Cpu { lm, .. } => lm.rng_mut().get_word_pos(),
-            Engine::Cuda(g) => g.rng_mut().get_word_pos(),
-        }
-    }
-
-    /// One optimizer step (dropouts on); returns (loss, gradient norm before clipping).
-    fn step(
-        &mut self,
-        params: &mut ParamStore,
-        adam: &mut AdamW,
-        inp: &[u32],
-        tgt: &[i64],
-        s: &TrainSettings,
-        lr: f64,
-    ) -> Result<(f64, f64)> {
-        let (b, t) = (s.batch_size, s.seq_len);
-        let (mb, accum) = s.micro();
-        match self {
-            Engine::Cpu { lm, cache, grads } => {
-                let opts = AsaOptions {
-                    training: true,
-                    ..Default::default()
-                };
-                grads.zero();
-                let mut loss = 0.0;
-                // gradient accumulation: each micro-batch's mean loss weighs 1/accum
-                for k in 0..accum {
-                    let rows = k * mb * t..(k + 1) * mb * t;
-                    lm.forward(params, &inp[rows.clone()], mb, t, &opts, cache)?;
-                    loss += lm.loss(cache, &tgt[rows], None)? / accum as f64;
-                    lm.backward(params, cache, &opts, grads);
-                }
-                if accum > 1 {
-                    let scale = 1.0 / accum as f32;
-                    grads.data.iter_mut().flatten().for_each(|g| *g *= scale);
-                }
-                let norm = clip_grad_norm(grads, s.grad_clip);
-                if loss.is_finite() && norm.is_finite() {
-                    adam.step(params, grads, lr);
-                }
-                Ok((loss, norm))
-            }
-            Engine::Cuda(g) => g.train_step_accum(
-                inp,
-                tgt,
-                b,
-                t,
-                mb,
-                lr,
-                &adam_config(s),
-                Some(s.grad_clip),
-                true,
-            ),
-        }
-    }
-
-    fn evaluate(
-        &mut self,
-        params: &ParamStore,
-        data: &dyn Batches,
-        s: &TrainSettings,
-    ) -> Result<f64> {
-        match self {
-            Engine::Cpu { lm, .. } => evaluate(lm, params, data, s),
-            Engine::Cuda(g) => {
-                mean_val_loss(data, s, |inp, tgt, r| g.eval_loss(inp, tgt, r, s.seq_len))
-            }
-        }
-    }
-
-    /// Copies device weights and optimizer state to the host (before a checkpoint).
-    fn sync_to_host(&mut self, params: &mut ParamStore, adam: &mut AdamW) -> Result<()> {
-        if let Engine::Cuda(g) = self {
-            *params = g.download_params()?;
-            if let Some((m, v, step)) = g.adam_state()? {
-                adam.m = m;
-                adam.v = v;
-                adam.step = step;
-            }
-        }
-        Ok(())
-    }
 }
 
 fn parse_pos(s: &str) -> Result<u128> {
