@@ -66,7 +66,7 @@ impl Engine {
     pub fn peak_flops(&self) -> Option<f64> {
         match self {
             Engine::Cpu { .. } => None,
-            Engine::Cuda(g) => crate::bench::peak_bf16_flops(&g.backend().device_name),
+            Engine::Cuda(g) => peak_bf16_flops(&g.backend().device_name),
         }
     }
 
@@ -205,5 +205,46 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Model FLOPs per token of one training step (forward + backward = 3 x forward; a
+/// multiply-add counts 2), an estimate that counts the matrix products only:
+/// ```text
+/// per layer:  8 C^2                      Wk_write, Wv_write, Wq_read, out_proj
+///           + 4 C hid                    MLP
+///           + 10 K C                     write logits, write scan, read logits, content read,
+///                                        slot mix (2 K d each, per head)
+///           + H (4 K M + 10 M^2) + 2 K C slotspace refine (slot_in, slot_out, q/k/v, linear
+///                                        attention state and read, second slot mix)
+/// head:       2 C V
+/// ```
+/// Embedding lookups, norms, softmaxes and other elementwise work are not counted.
+pub fn train_flops_per_token(cfg: &ModelConfig) -> f64 {
+    let c = cfg.embed_dim as f64;
+    let hid = cfg.hidden_dim() as f64;
+    let k = cfg.num_slots as f64;
+    let h = cfg.num_heads as f64;
+    let m = cfg.slotspace_dim as f64;
+    let mut layer = 8.0 * c * c + 4.0 * c * hid + 10.0 * k * c;
+    if cfg.use_slotspace_refine {
+        layer += h * (4.0 * k * m + 10.0 * m * m) + 2.0 * k * c;
+    }
+    let fwd = cfg.num_layers as f64 * layer + 2.0 * c * cfg.vocab_size as f64;
+    3.0 * fwd
+}
+
+/// Dense bf16 tensor-core peak (FLOP/s, no sparsity) of a GPU known by name.
+pub fn peak_bf16_flops(device_name: &str) -> Option<f64> {
+    let n = device_name.to_ascii_uppercase();
+    if n.contains("H200") || n.contains("GH200") {
+        Some(989e12)
+    } else if n.contains("H100") {
+        // the PCIe card runs at a lower clock with fewer SMs
+        Some(if n.contains("PCIE") { 756e12 } else { 989e12 })
+    } else if n.contains("A100") {
+        Some(312e12)
+    } else {
+        None
     }
 }

@@ -861,7 +861,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     );
 
     let peak = engine.peak_flops();
-    let flops_per_token = crate::bench::train_flops_per_token(&cfg);
+    let flops_per_token = crate::engine::train_flops_per_token(&cfg);
     let started = Instant::now();
     let (mut last_loss, mut last_val) = (f64::NAN, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
