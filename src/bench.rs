@@ -339,12 +339,14 @@ pub fn run_bench(o: &BenchOptions) -> Result<BenchReport> {
     let mut cfg = bench_config(&o.model);
     cfg.max_seq_len = cfg.max_seq_len.max(o.seq_len);
     // validates the config, then checks the run fits in memory
-    let free = o
-        .place
-        .is_cuda()
-        .then(crate::backend::cuda::device_free_memory)
-        .flatten();
-    crate::preflight::check_run(&cfg, o.batch, o.seq_len, false, o.place, free)?;
+    crate::preflight::check_run(
+        &cfg,
+        o.batch,
+        o.seq_len,
+        false,
+        o.place,
+        crate::backend::cuda::free_memory_at(o.place),
+    )?;
 
     let (inp, tgt) = random_batch(cfg.vocab_size, o.batch, o.seq_len, cfg.seed);
     let pool = match o.threads {

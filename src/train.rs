@@ -492,12 +492,14 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     } else {
         let tok = tokenizer_by_name(&a.tokenizer)?;
         let cfg = mini_config(a, tok.vocab_size());
-        let free = a
-            .place
-            .is_cuda()
-            .then(crate::backend::cuda::device_free_memory)
-            .flatten();
-        crate::preflight::check_run(&cfg, a.batch_size, a.seq_len, false, a.place, free)?;
+        crate::preflight::check_run(
+            &cfg,
+            a.batch_size,
+            a.seq_len,
+            false,
+            a.place,
+            crate::backend::cuda::free_memory_at(a.place),
+        )?;
         let (_, params) = Lm::new(&cfg)?;
         let settings = mini_settings(a, tok.name());
         let adam = AdamW::new(adam_config(&settings), &params);

@@ -149,10 +149,7 @@ impl RunConfig {
             model.max_seq_len,
             accumulate,
             place,
-            place
-                .is_cuda()
-                .then(crate::backend::cuda::device_free_memory)
-                .flatten(),
+            crate::backend::cuda::free_memory_at(place),
         )
         .map(|_| ())
     }

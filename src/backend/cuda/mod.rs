@@ -1008,6 +1008,11 @@ pub fn device_free_memory() -> Option<u64> {
     Some(free as u64)
 }
 
+/// The free device memory of a run at `place` (None on the CPU, or where no GPU answers).
+pub fn free_memory_at(place: crate::config::Place) -> Option<u64> {
+    place.is_cuda().then(device_free_memory).flatten()
+}
+
 /// A kernel argument (the launchers' shorthand: `k(x)` for anything `Into<KArg>`).
 pub fn k<T: Into<KArg>>(x: T) -> KArg {
     x.into()
