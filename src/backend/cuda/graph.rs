@@ -287,9 +287,8 @@ pub fn run_step<S, D: Device + ?Sized>(
     let st = state(s);
     let usable = st.enabled && st.failures < MAX_FAILURES && dev(s).graph().is_some();
     let st = state(s);
-    if !usable {
-        st.stats.eager += 1;
-        return body(s);
+    if !usable || !st.warm {
+        return run_eager(s, state, &body, false);
     }
     if st.held {
         let g = dev(s).graph().expect("checked above");
@@ -303,48 +302,45 @@ pub fn run_step<S, D: Device + ?Sized>(
             return dev(s).graph_launch();
         }
         // the step differs from the graph: eager, and a new capture next step
-        let st = state(s);
-        st.held = false;
-        st.failures += 1;
-        st.stats.dropped += 1;
-        st.stats.eager += 1;
-        body(s)?;
-        state(s).warm = true;
-        return Ok(());
-    }
-    if !st.warm {
-        st.stats.eager += 1;
-        body(s)?;
-        state(s).warm = true;
-        return Ok(());
+        return run_eager(s, state, &body, true);
     }
     if dev(s).graph_capture_begin().is_err() {
         // the device cannot capture: eager from now on
-        let st = state(s);
-        st.failures = MAX_FAILURES;
-        st.stats.eager += 1;
-        return body(s);
+        state(s).failures = MAX_FAILURES;
+        return run_eager(s, state, &body, false);
     }
     let r = body(s);
     let ended = dev(s).graph_capture_end();
-    match (r, ended) {
-        (Ok(()), Ok(())) => {
-            let nodes = dev(s).graph().map_or(0, |g| g.len() as u64);
-            let st = state(s);
-            st.held = true;
-            st.stats.captures += 1;
-            st.stats.nodes = nodes;
-            dev(s).graph_launch()
-        }
-        _ => {
-            // nothing of the body ran: run it eagerly
-            let st = state(s);
-            st.failures += 1;
-            st.stats.dropped += 1;
-            st.stats.eager += 1;
-            body(s)
-        }
+    if r.is_err() || ended.is_err() {
+        // nothing of the body ran: run it eagerly
+        return run_eager(s, state, &body, true);
     }
+    let nodes = dev(s).graph().map_or(0, |g| g.len() as u64);
+    let st = state(s);
+    st.held = true;
+    st.stats.captures += 1;
+    st.stats.nodes = nodes;
+    dev(s).graph_launch()
+}
+
+/// Runs the body eagerly, with no graph held (`dropped`: after one that did not hold); its
+/// buffers then exist, so the next step may capture.
+fn run_eager<S>(
+    s: &mut S,
+    state: fn(&mut S) -> &mut GraphState,
+    body: &impl Fn(&mut S) -> Result<()>,
+    dropped: bool,
+) -> Result<()> {
+    let st = state(s);
+    st.held = false;
+    if dropped {
+        st.failures += 1;
+        st.stats.dropped += 1;
+    }
+    st.stats.eager += 1;
+    body(s)?;
+    state(s).warm = true;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1486,12 +1486,9 @@ impl DevBatch {
         let o_uniq = part(plain_bytes(&uniq));
         let o_start = part(plain_bytes(&start));
         let o_order = part(plain_bytes(&order));
-        let sc: Vec<u8> = scalars.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        let o_sc = part(&sc);
-        let seeds: Vec<u8> = draws.seeds.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        let o_seeds = part(&seeds);
-        let keep: Vec<u8> = draws.keep.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        let o_keep = part(&keep);
+        let o_sc = part(plain_bytes(scalars));
+        let o_seeds = part(plain_bytes(&draws.seeds));
+        let o_keep = part(plain_bytes(&draws.keep));
         let buf = be.temp_uninit::<u8>(bytes.len())?; // the upload writes every byte
         be.upload_async(buf.dv(), &bytes)?;
         let base = buf.dv().ptr;
@@ -1521,10 +1518,18 @@ fn f64_words(x: Dv<f64>) -> Dv<f32> {
     unsafe { Dv::from_raw(x.ptr, 2 * x.len) }
 }
 
-/// The bytes of a slice of plain integers (u32, i32, i64: no padding, every bit pattern valid;
-/// host and device are both little-endian).
-fn plain_bytes<T: Copy + Into<i64>>(x: &[T]) -> &[u8] {
-    // SAFETY: `x` is `size_of_val(x)` initialised bytes of padding-free integers.
+/// Plain numbers: no padding, every byte initialised.
+trait Plain: Copy {}
+impl Plain for u32 {}
+impl Plain for i32 {}
+impl Plain for i64 {}
+impl Plain for u64 {}
+impl Plain for f32 {}
+impl Plain for f64 {}
+
+/// The bytes of a slice of plain numbers (host and device are both little-endian).
+fn plain_bytes<T: Plain>(x: &[T]) -> &[u8] {
+    // SAFETY: `x` is `size_of_val(x)` initialised bytes of padding-free numbers.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 
@@ -2364,10 +2369,9 @@ impl<B: Backend> GpuLm<B> {
             be.clip_scale(g, norm, cn)?;
         }
         let (m, v, _) = self.adam.as_ref().expect("allocated by begin_update");
-        // read at the step's scalar block where its forward sent them up (the same scalars)
-        let want = super::ops::adamw_step_scalars(adam, up.lr, up.step);
+        // read at the step's scalar block, where `begin_update` sent them up with the batch
         let at = match (self.adam_pending, &self.cache.batch) {
-            (Some(s), Some(batch)) if s == want => {
+            (Some(_), Some(batch)) => {
                 let nl = self.layers.len() * STEP_SCALARS;
                 batch.scalars.sub(nl, 3)
             }
