@@ -31,7 +31,7 @@
 //! emulator as well as by [`CudaBackend`].
 
 use super::ops::{DevSlotMask, Learned};
-use super::{i32_of, k, AsDv, Backend, Device, Dv, KArg, Temp};
+use super::{i32_of, kern, AsDv, Backend, Device, Dv, Temp};
 use crate::backend::cpu::asa::SlotDims;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -175,16 +175,19 @@ impl FusedPlan {
         self.tile.min(self.t).div_ceil(16)
     }
 
-    /// Launches the tensor-core tile kernel `name` (cuda/fused.cu, `FT_THREADS`): a block per
+    /// Launches the tensor-core tile kernel of `l` (cuda/fused.cu, `FT_THREADS`): a block per
     /// tile, every position of a tile at once; for the cost model one pass of the kernel's code
     /// per 16 positions (conservative: most of its loops run fewer times than that).
-    fn launch_tc<L: Device + ?Sized>(&self, dev: &L, name: &str, args: &[KArg]) -> Result<()> {
-        dev.walk_launch(
-            name,
+    fn launch_tc<L: Device + ?Sized, const N: usize>(
+        &self,
+        dev: &L,
+        l: kern::Launch<N>,
+    ) -> Result<()> {
+        l.walk(
+            dev,
             self.tiles_grid(),
             TC_THREADS,
             self.smem_tc() as u32,
-            args,
             self.tc_steps(),
         )
     }
@@ -242,20 +245,20 @@ impl FusedPlan {
     }
 
     /// The kernels' trailing size arguments.
-    fn dim_args(&self) -> [KArg; 11] {
-        [
-            KArg::I32(self.nbh() as i32),
-            KArg::I32(self.h as i32),
-            KArg::I32(self.t as i32),
-            KArg::I32(self.k as i32),
-            KArg::I32(self.d as i32),
-            KArg::I32(self.chunk as i32),
-            KArg::I32(self.tile as i32),
-            KArg::I32(self.nsub as i32),
-            KArg::I32(self.ntiles as i32),
-            KArg::I32(self.nchunks as i32),
-            KArg::I32(self.group as i32),
-        ]
+    fn dims_arg(&self) -> kern::FusedDims {
+        kern::FusedDims {
+            nbh: self.nbh() as i32,
+            h: self.h as i32,
+            t: self.t as i32,
+            nk: self.k as i32,
+            d: self.d as i32,
+            chunk: self.chunk as i32,
+            tile: self.tile as i32,
+            nsub: self.nsub as i32,
+            ntiles: self.ntiles as i32,
+            nchunks: self.nchunks as i32,
+            group: self.group as i32,
+        }
     }
 
     /// Bytes that the scan + read forward must move at least: read wl, v, q and the slot keys,
@@ -407,13 +410,14 @@ impl FusedWs {
     }
 }
 
-/// (keep, last_pos_only, mask_mode) kernel arguments of a read slot mask.
-fn mask_args(m: Option<DevSlotMask>) -> [KArg; 3] {
-    DevSlotMask::args(m)
-}
-
-fn carry_args(ws: &FusedWs) -> [KArg; 4] {
-    [k(ws.cn), k(ws.cd), k(ws.cp), k(ws.cpd)]
+/// The tile carries of the forward (cn, cd, cp, cpd).
+fn carry(ws: &FusedWs) -> kern::Carry {
+    kern::Carry {
+        cn: ws.cn,
+        cd: ws.cd,
+        cp: ws.cp,
+        cpd: ws.cpd,
+    }
 }
 
 fn nullable_len(x: Dv<f32>, n: usize, what: &str) {
@@ -480,92 +484,77 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
     if let Some(m) = io.mask {
         assert_eq!(m.keep.len, nk, "fused forward: slot mask shape");
     }
-    let dims = p.dim_args();
-    dev.walk_launch(
-        "slot_scan_read_forward_rmax",
-        p.warps_grid(),
-        128,
-        0,
-        &[
-            k(ws.rmax),
-            k(io.wl),
-            k(i32_of("B*H", nbh)?),
-            k(i32_of("T", t)?),
-            k(nk as i32),
-        ],
-        p.t.div_ceil(32),
-    )?;
-    let mut a = vec![
-        k(ws.sum_n),
-        k(ws.sum_d),
-        k(ws.prod),
-        k(io.wl),
-        k(ws.rmax),
-        k(io.v),
-    ];
-    a.extend_from_slice(&dims);
-    if p.tensor_cores {
-        p.launch_tc(dev, "slot_scan_read_forward_sums_bf16", &a)?;
-    } else {
-        dev.walk_launch(
-            "slot_scan_read_forward_sums",
-            p.tiles_grid(),
-            p.block(),
-            0,
-            &a,
-            p.tile,
-        )?;
-    }
-    let mut a = vec![
-        k(ws.cn),
-        k(ws.cd),
-        k(ws.cp),
-        k(ws.cpd),
-        k(ws.sum_n),
-        k(ws.sum_d),
-        k(ws.prod),
-        k(ws.rmax),
-    ];
-    a.extend_from_slice(&dims);
-    dev.walk_launch(
-        "slot_scan_read_forward_carry",
-        p.warps_grid(),
-        128,
-        0,
-        &a,
-        p.ntiles,
-    )?;
-    let [m0, m1, m2] = mask_args(io.mask);
-    let mut a = vec![
-        k(io.out1),
-        k(io.rw),
-        k(io.lkey),
-        k(io.lcont),
-        k(io.logits),
-        k(ws.den),
-        k(ws.cn_chunk),
-        k(io.wl),
-        k(ws.rmax),
-        k(io.v),
-        k(io.q),
-        k(io.keys),
-    ];
-    a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&io.gamma.args());
-    a.extend_from_slice(&[k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
-    a.extend_from_slice(&dims);
-    a.push(k(io.rw16));
-    if p.tensor_cores {
-        return p.launch_tc(dev, "slot_scan_read_forward_bf16", &a);
-    }
-    dev.walk_launch(
-        "slot_scan_read_forward",
-        p.tiles_grid(),
-        p.block(),
-        p.smem_read() as u32,
-        &a,
-        p.tile,
+    let dims = p.dims_arg();
+    kern::slot_scan_read_forward_rmax(
+        ws.rmax,
+        io.wl,
+        i32_of("B*H", nbh)?,
+        i32_of("T", t)?,
+        nk as i32,
     )
+    .walk(dev, p.warps_grid(), 128, 0, p.t.div_ceil(32))?;
+    if p.tensor_cores {
+        p.launch_tc(
+            dev,
+            kern::slot_scan_read_forward_sums_bf16(
+                ws.sum_n, ws.sum_d, ws.prod, io.wl, ws.rmax, io.v, dims,
+            ),
+        )?;
+    } else {
+        kern::slot_scan_read_forward_sums(ws.sum_n, ws.sum_d, ws.prod, io.wl, ws.rmax, io.v, dims)
+            .walk(dev, p.tiles_grid(), p.block(), 0, p.tile)?;
+    }
+    kern::slot_scan_read_forward_carry(carry(ws), ws.sum_n, ws.sum_d, ws.prod, ws.rmax, dims)
+        .walk(dev, p.warps_grid(), 128, 0, p.ntiles)?;
+    let (mask, content) = (DevSlotMask::arg(io.mask), io.content as i32);
+    if p.tensor_cores {
+        return p.launch_tc(
+            dev,
+            kern::slot_scan_read_forward_bf16(
+                io.out1,
+                io.rw,
+                io.lkey,
+                io.lcont,
+                io.logits,
+                ws.den,
+                ws.cn_chunk,
+                io.wl,
+                ws.rmax,
+                io.v,
+                io.q,
+                io.keys,
+                carry(ws),
+                io.gamma,
+                io.rtemp,
+                mask,
+                content,
+                dims,
+                io.rw16,
+            ),
+        );
+    }
+    kern::slot_scan_read_forward(
+        io.out1,
+        io.rw,
+        io.lkey,
+        io.lcont,
+        io.logits,
+        ws.den,
+        ws.cn_chunk,
+        io.wl,
+        ws.rmax,
+        io.v,
+        io.q,
+        io.keys,
+        carry(ws),
+        io.gamma,
+        io.rtemp,
+        mask,
+        content,
+        dims,
+        io.rw16,
+    )
+    .walk(dev, p.tiles_grid(), p.block(), p.smem_read() as u32, p.tile)
 }
 
 /// What [`mix`] also writes when it makes the refine's delta: the layer's heads output
@@ -609,7 +598,7 @@ pub fn mix<L: Device + ?Sized>(
     );
     assert_eq!(wl.len, nbh * nk * t, "fused mix: wl shape");
     assert_eq!(v.len, nbh * t * d, "fused mix: v shape");
-    let merge_args = match merge {
+    let m = match merge {
         Some(m) => {
             assert_eq!(m.base.len, out.len, "fused mix: base shape");
             assert_eq!(m.merged.len, out.len, "fused mix: merged shape");
@@ -617,41 +606,50 @@ pub fn mix<L: Device + ?Sized>(
                 m.merged16.is_null() || m.merged16.len == out.len,
                 "fused mix: merged16 shape"
             );
-            [
-                k(m.merged),
-                k(m.merged16),
-                k(m.base),
-                k(m.gate.by_value()),
-                k(m.gate.at),
-            ]
+            m
         }
-        None => [
-            k(Dv::<f32>::null()),
-            k(Dv::<u16>::null()),
-            k(Dv::<f32>::null()),
-            k(0.0f32),
-            k(Dv::<f64>::null()),
-        ],
+        None => MixMerge {
+            base: Dv::null(),
+            gate: Learned::value(0.0),
+            merged: Dv::null(),
+            merged16: Dv::null(),
+        },
     };
+    let dims = p.dims_arg();
     if p.tensor_cores {
-        let mut a = vec![k(out), k(w), k(z), k(wl), k(ws.rmax), k(v), k(ws.den)];
-        a.extend_from_slice(&carry_args(ws));
-        a.extend_from_slice(&p.dim_args());
-        a.extend_from_slice(&merge_args);
-        return p.launch_tc(dev, "slot_scan_read_mix_bf16", &a);
+        return p.launch_tc(
+            dev,
+            kern::slot_scan_read_mix_bf16(
+                out,
+                w,
+                z,
+                wl,
+                ws.rmax,
+                v,
+                ws.den,
+                carry(ws),
+                dims,
+                m.merged,
+                m.merged16,
+                m.base,
+                m.gate,
+            ),
+        );
     }
-    let mut a = vec![k(out), k(w), k(wl), k(ws.rmax), k(v)];
-    a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&p.dim_args());
-    a.extend_from_slice(&merge_args);
-    dev.walk_launch(
-        "slot_scan_read_mix",
-        p.tiles_grid(),
-        p.block(),
-        p.smem_mix() as u32,
-        &a,
-        p.tile,
+    kern::slot_scan_read_mix(
+        out,
+        w,
+        wl,
+        ws.rmax,
+        v,
+        carry(ws),
+        dims,
+        m.merged,
+        m.merged16,
+        m.base,
+        m.gate,
     )
+    .walk(dev, p.tiles_grid(), p.block(), p.smem_mix() as u32, p.tile)
 }
 
 /// `tanh_backward` of the refine's signed slot weights, joined to [`dot`]: dz [B,H,T,K] +=
@@ -703,21 +701,28 @@ pub fn dot<L: Device + ?Sized>(
             dz16: Dv::null(),
             sw: Dv::null(),
         });
-        let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v), k(ws.den)];
-        a.extend_from_slice(&carry_args(ws));
-        a.extend_from_slice(&p.dim_args());
-        a.extend_from_slice(&[k(tb.dz), k(tb.dz16), k(tb.sw)]);
-        return p.launch_tc(dev, "slot_scan_read_dot_bf16", &a);
+        return p.launch_tc(
+            dev,
+            kern::slot_scan_read_dot_bf16(
+                out,
+                x,
+                wl,
+                ws.rmax,
+                v,
+                ws.den,
+                carry(ws),
+                p.dims_arg(),
+                tb.dz,
+                tb.dz16,
+                tb.sw,
+            ),
+        );
     }
-    let mut a = vec![k(out), k(x), k(wl), k(ws.rmax), k(v)];
-    a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&p.dim_args());
-    dev.walk_launch(
-        "slot_scan_read_dot",
+    kern::slot_scan_read_dot(out, x, wl, ws.rmax, v, carry(ws), p.dims_arg()).walk(
+        dev,
         p.tiles_grid(),
         p.block(),
         0,
-        &a,
         p.tile,
     )
 }
@@ -797,45 +802,63 @@ pub fn backward<L: Device + ?Sized>(
     if let Some(m) = io.mask {
         assert_eq!(m.keep.len, nk, "fused backward: slot mask shape");
     }
-    let dims = p.dim_args();
+    let dims = p.dims_arg();
     let (tg, blk) = (p.tiles_grid(), p.block());
     // read backward: dq, key/gamma partials, gc, gsum
-    let [m0, m1, m2] = mask_args(io.mask);
-    let mut a = vec![
-        k(io.dq),
-        k(ws.gc),
-        k(ws.gsum),
-        k(ws.dkeys_part),
-        k(ws.dgamma_part),
-        k(io.drw),
-        k(io.dout1),
-        k(io.rw),
-        k(io.sw),
-        k(io.dsw),
-        k(io.q),
-        k(io.keys),
-        k(io.wl),
-        k(ws.rmax),
-        k(io.v),
-    ];
+    let (mask, content) = (DevSlotMask::arg(io.mask), io.content as i32);
     if p.tensor_cores {
-        a.push(k(ws.den));
-    }
-    a.extend_from_slice(&carry_args(ws));
-    a.extend_from_slice(&io.gamma.args());
-    a.extend_from_slice(&[k(io.rtemp), m0, m1, m2, k(io.content as i32)]);
-    a.extend_from_slice(&dims);
-    if p.tensor_cores {
-        p.launch_tc(dev, "slot_scan_read_backward_read_bf16", &a)?;
-    } else {
-        dev.walk_launch(
-            "slot_scan_read_backward_read",
-            tg,
-            blk,
-            p.smem_read() as u32,
-            &a,
-            p.tile,
+        p.launch_tc(
+            dev,
+            kern::slot_scan_read_backward_read_bf16(
+                io.dq,
+                ws.gc,
+                ws.gsum,
+                ws.dkeys_part,
+                ws.dgamma_part,
+                io.drw,
+                io.dout1,
+                io.rw,
+                io.sw,
+                io.dsw,
+                io.q,
+                io.keys,
+                io.wl,
+                ws.rmax,
+                io.v,
+                ws.den,
+                carry(ws),
+                io.gamma,
+                io.rtemp,
+                mask,
+                content,
+                dims,
+            ),
         )?;
+    } else {
+        kern::slot_scan_read_backward_read(
+            io.dq,
+            ws.gc,
+            ws.gsum,
+            ws.dkeys_part,
+            ws.dgamma_part,
+            io.drw,
+            io.dout1,
+            io.rw,
+            io.sw,
+            io.dsw,
+            io.q,
+            io.keys,
+            io.wl,
+            ws.rmax,
+            io.v,
+            carry(ws),
+            io.gamma,
+            io.rtemp,
+            mask,
+            content,
+            dims,
+        )
+        .walk(dev, tg, blk, p.smem_read() as u32, p.tile)?;
     }
     // a block per (head, slot): groups of d threads (head_dim <= 256) sum batches' tiles side
     // by side, as many groups as batches up to 1,024 threads; with dgamma one more block sums
@@ -847,122 +870,115 @@ pub fn backward<L: Device + ?Sized>(
         io.dgamma_grad.is_null() || !io.dgamma.is_null(),
         "fused backward: dgamma_grad without dgamma"
     );
-    dev.walk_launch(
-        "slot_scan_read_backward_keys",
+    kern::slot_scan_read_backward_keys(
+        io.dkeys,
+        ws.dkeys_part,
+        p.b as i32,
+        p.h as i32,
+        p.ntiles as i32,
+        nk as i32,
+        d as i32,
+        io.dgamma,
+        io.dgamma_grad,
+        super::ops::step_arg(io.gamma_factor, io.gamma.at),
+        ws.dgamma_part,
+        i32_of("B*H*tiles", nbh * p.ntiles)?,
+        io.gamma.at,
+    )
+    .walk(
+        dev,
         items.clamp(1, 65535) as u32,
         kb as u32,
         (groups * d * 4) as u32,
-        &[
-            k(io.dkeys),
-            k(ws.dkeys_part),
-            k(p.b as i32),
-            k(p.h as i32),
-            k(p.ntiles as i32),
-            k(nk as i32),
-            k(d as i32),
-            k(io.dgamma),
-            k(io.dgamma_grad),
-            k(super::ops::step_arg(io.gamma_factor, io.gamma.at)),
-            k(ws.dgamma_part),
-            k(i32_of("B*H*tiles", nbh * p.ntiles)?),
-            k(io.gamma.at),
-        ],
         (p.b.div_ceil(groups) * p.ntiles).max((nbh * p.ntiles).div_ceil(kb)),
     )?;
     // scan backward, level 1: tile sums (reverse)
-    let mut a = vec![
-        k(ws.sum_n),
-        k(ws.sum_d),
-        k(ws.sum2_n),
-        k(ws.sum2_d),
-        k(ws.prod),
-        k(io.rw),
-        k(io.sw),
-        k(ws.gc),
-        k(ws.gsum),
-        k(io.dout1),
-        k(io.ddelta),
-        k(io.q),
-        k(ws.den),
-        k(ws.rmax),
-    ];
-    a.extend_from_slice(&dims);
     if p.tensor_cores {
-        p.launch_tc(dev, "slot_scan_read_backward_sums_bf16", &a)?;
+        p.launch_tc(
+            dev,
+            kern::slot_scan_read_backward_sums_bf16(
+                ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, io.rw, io.sw, ws.gc, ws.gsum,
+                io.dout1, io.ddelta, io.q, ws.den, ws.rmax, dims,
+            ),
+        )?;
     } else {
-        dev.walk_launch("slot_scan_read_backward_sums", tg, blk, 0, &a, p.tile)?;
+        kern::slot_scan_read_backward_sums(
+            ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, io.rw, io.sw, ws.gc, ws.gsum,
+            io.dout1, io.ddelta, io.q, ws.den, ws.rmax, dims,
+        )
+        .walk(dev, tg, blk, 0, p.tile)?;
     }
     // level 2: carries at tile ends
-    let mut a = vec![
-        k(ws.bc_n),
-        k(ws.bc_d),
-        k(ws.sum_n),
-        k(ws.sum_d),
-        k(ws.sum2_n),
-        k(ws.sum2_d),
-        k(ws.prod),
-        k(ws.rmax),
-    ];
-    a.extend_from_slice(&dims);
-    dev.walk_launch(
-        "slot_scan_read_backward_carry",
-        p.warps_grid(),
-        128,
-        0,
-        &a,
-        p.ntiles,
-    )?;
+    kern::slot_scan_read_backward_carry(
+        ws.bc_n, ws.bc_d, ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, ws.rmax, dims,
+    )
+    .walk(dev, p.warps_grid(), 128, 0, p.ntiles)?;
     // level 3: reverse walk -> dv, xo, yo
-    let mut a = vec![
-        k(io.dv),
-        k(ws.xo),
-        k(ws.yo),
-        k(ws.bc_n),
-        k(ws.bc_d),
-        k(ws.cn_chunk),
-        k(io.rw),
-        k(io.sw),
-        k(ws.gc),
-        k(ws.gsum),
-        k(io.dout1),
-        k(io.ddelta),
-        k(io.q),
-        k(io.v),
-        k(io.wl),
-        k(ws.den),
-        k(ws.rmax),
-    ];
-    a.extend_from_slice(&dims);
     if p.tensor_cores {
-        p.launch_tc(dev, "slot_scan_read_backward_bf16", &a)?;
-    } else {
-        dev.walk_launch(
-            "slot_scan_read_backward",
-            tg,
-            blk,
-            p.smem_mix() as u32,
-            &a,
-            p.tile,
+        p.launch_tc(
+            dev,
+            kern::slot_scan_read_backward_bf16(
+                io.dv,
+                ws.xo,
+                ws.yo,
+                ws.bc_n,
+                ws.bc_d,
+                ws.cn_chunk,
+                io.rw,
+                io.sw,
+                ws.gc,
+                ws.gsum,
+                io.dout1,
+                io.ddelta,
+                io.q,
+                io.v,
+                io.wl,
+                ws.den,
+                ws.rmax,
+                dims,
+            ),
         )?;
+    } else {
+        kern::slot_scan_read_backward(
+            io.dv,
+            ws.xo,
+            ws.yo,
+            ws.bc_n,
+            ws.bc_d,
+            ws.cn_chunk,
+            io.rw,
+            io.sw,
+            ws.gc,
+            ws.gsum,
+            io.dout1,
+            io.ddelta,
+            io.q,
+            io.v,
+            io.wl,
+            ws.den,
+            ws.rmax,
+            dims,
+        )
+        .walk(dev, tg, blk, p.smem_mix() as u32, p.tile)?;
     }
     // running max
-    dev.walk_launch(
-        "slot_scan_read_backward_route",
+    kern::slot_scan_read_backward_route(
+        io.dwl,
+        ws.cm,
+        ws.xo,
+        ws.yo,
+        io.wl,
+        ws.rmax,
+        nbh as i32,
+        t as i32,
+        nk as i32,
+        p.chunk as i32,
+    )
+    .walk(
+        dev,
         p.warps_grid(),
         128,
         0,
-        &[
-            k(io.dwl),
-            k(ws.cm),
-            k(ws.xo),
-            k(ws.yo),
-            k(io.wl),
-            k(ws.rmax),
-            k(nbh as i32),
-            k(t as i32),
-            k(nk as i32),
-            k(p.chunk as i32),
-        ],
         2 * t.div_ceil(32), // forward and reverse passes
     )
 }

@@ -19,7 +19,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{i32_of, k, AsDv, Backend, Dv, Temp};
+use super::{i32_of, kern, AsDv, Backend, Dv, Temp};
 use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
 use crate::vocab::options::{Info, Intervention, IntvMode, ScoreKind, TauKind};
@@ -134,80 +134,73 @@ impl GpuIntvCache {
         let temp = it.soft_temp.max(1e-6);
         let gate64 = gate as f64;
         if it.mode == IntvMode::OrthGate {
-            be.launch(
-                "slot_mix_forward_intv_score",
-                be.cfg_warps(rows)?,
-                &[
-                    k(score),
-                    k(out1),
-                    k(delta),
-                    k(z),
-                    k(gate64),
-                    k(rows as i64),
-                    k(nki),
-                    k(di),
-                    k(sk),
-                ],
-            )?;
+            kern::slot_mix_forward_intv_score(
+                score,
+                out1,
+                delta,
+                z,
+                gate64,
+                rows as i64,
+                nki,
+                di,
+                sk,
+            )
+            .on(be, be.cfg_warps(rows)?)?;
             let npad = (b * h * chunk).next_power_of_two();
             let sort = self.sort.ensure(be, nchunks * npad)?;
             let clip = it.score_clip_pctl.filter(|c| *c > 0.0 && *c < 100.0);
-            be.launch(
-                "slot_mix_forward_intv_thresholds",
+            kern::slot_mix_forward_intv_thresholds(
+                thr,
+                sort,
+                score,
+                (b * h) as i64,
+                ti,
+                ci,
+                npad as i64,
+                clip.is_some() as i32,
+                clip.unwrap_or(0.0) / 100.0,
+                (it.tau_kind == TauKind::Pctl) as i32,
+                it.tau,
+                it.tau_pctl / 100.0,
+            )
+            .on(
+                be,
                 LaunchConfig {
                     grid_dim: (nchunks as u32, 1, 1),
                     block_dim: (512, 1, 1),
                     shared_mem_bytes: 0,
                 },
-                &[
-                    k(thr),
-                    k(sort),
-                    k(score),
-                    k((b * h) as i64),
-                    k(ti),
-                    k(ci),
-                    k(npad as i64),
-                    k(clip.is_some() as i32),
-                    k(clip.unwrap_or(0.0) / 100.0),
-                    k((it.tau_kind == TauKind::Pctl) as i32),
-                    k(it.tau),
-                    k(it.tau_pctl / 100.0),
-                ],
             )?;
         }
-        be.launch(
-            "slot_mix_forward_intv_apply",
-            be.cfg_warps(rows)?,
-            &[
-                k(out_h),
-                k(stats),
-                k(out1),
-                k(delta),
-                k(score),
-                k(thr),
-                k(hmask),
-                k(gate64),
-                k(gate),
-                k(rows as i64),
-                k(hi),
-                k(ti),
-                k(ci),
-                k(di),
-                k(mode),
-                k(it.soft_mask as i32),
-                k(temp),
-                k(it.beta),
-                k(it.par_beta),
-            ],
-        )?;
-        be.launch(
-            "slot_mix_forward_intv_logs",
+        kern::slot_mix_forward_intv_apply(
+            out_h,
+            stats,
+            out1,
+            delta,
+            score,
+            thr,
+            hmask,
+            gate64,
+            gate,
+            rows as i64,
+            hi,
+            ti,
+            ci,
+            di,
+            mode,
+            it.soft_mask as i32,
+            temp,
+            it.beta,
+            it.par_beta,
+        )
+        .on(be, be.cfg_warps(rows)?)?;
+        kern::slot_mix_forward_intv_logs(logs, stats, i32_of("B", b)?, hi, ti, ci).on(
+            be,
             LaunchConfig {
                 grid_dim: (nchunks as u32, (h + 1) as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
-            &[k(logs), k(stats), k(i32_of("B", b)?), k(hi), k(ti), k(ci)],
         )?;
         self.last = Some((it.clone(), dm, chunk, gate));
         Ok(())
@@ -252,36 +245,33 @@ impl GpuIntvCache {
             _ => Dv::null(),
         };
         let part = be.temp::<f64>(rows)?;
-        be.launch(
-            "slot_mix_backward_intv",
-            be.cfg_warps(rows)?,
-            &[
-                k(dout1),
-                k(ddelta),
-                k(dz),
-                k(part.dv()),
-                k(dout_h),
-                k(self.out1.dv()),
-                k(delta),
-                k(z),
-                k(self.score.dv()),
-                k(self.thr.dv()),
-                k(hmask),
-                k(*gate as f64),
-                k(rows as i64),
-                k(h as i32),
-                k(t as i32),
-                k(*chunk as i32),
-                k(nk as i32),
-                k(d as i32),
-                k(mode_code(it.mode)),
-                k(score_code(it.score_kind)),
-                k(it.soft_mask as i32),
-                k(it.soft_temp.max(1e-6)),
-                k(it.beta),
-                k(it.par_beta),
-            ],
-        )?;
+        kern::slot_mix_backward_intv(
+            dout1,
+            ddelta,
+            dz,
+            part.dv(),
+            dout_h,
+            self.out1.dv(),
+            delta,
+            z,
+            self.score.dv(),
+            self.thr.dv(),
+            hmask,
+            *gate as f64,
+            rows as i64,
+            h as i32,
+            t as i32,
+            *chunk as i32,
+            nk as i32,
+            d as i32,
+            mode_code(it.mode),
+            score_code(it.score_kind),
+            it.soft_mask as i32,
+            it.soft_temp.max(1e-6),
+            it.beta,
+            it.par_beta,
+        )
+        .on(be, be.cfg_warps(rows)?)?;
         be.sum_f64(dgate, part.dv().sub(0, rows.max(1)), false)
     }
 

@@ -17,7 +17,7 @@
 //! in the SIMT emulator. The launchers `Ops::linear_attn_forward` / `linear_attn_backward`
 //! take the workspace from the device's scratch and call them.
 
-use super::{i32_of, AsDv, Device, Dv, KArg};
+use super::{i32_of, kern, AsDv, Device, Dv};
 use crate::error::{AsaError, Result};
 
 /// Environment override of the algorithm: `tiled`, `tiled:<chunk>`, `walk` or `walk:<chunk>`
@@ -225,22 +225,14 @@ impl LinearPlan {
         }
     }
 
-    /// The tiled kernel `name` in the plan's arithmetic mode (`name_bf16` on tensor cores).
-    fn tiled_kernel(&self, name: &str) -> String {
-        if self.tensor_cores {
-            format!("{name}_bf16")
-        } else {
-            name.to_string()
-        }
-    }
-
-    fn ints(&self) -> Result<[KArg; 4]> {
-        Ok([
-            KArg::I32(i32_of("N", self.n)?),
-            KArg::I32(i32_of("T", self.t)?),
-            KArg::I32(self.m as i32),
-            KArg::I32(self.chunk as i32),
-        ])
+    /// The kernels' trailing ints: n, t, m, chunk.
+    fn ints(&self) -> Result<(i32, i32, i32, i32)> {
+        Ok((
+            i32_of("N", self.n)?,
+            i32_of("T", self.t)?,
+            self.m as i32,
+            self.chunk as i32,
+        ))
     }
 
     /// Walk: one warp per (row, chunk, feature), four warps per block (as `cfg_warps_small`).
@@ -342,30 +334,25 @@ fn elems<L: Device + ?Sized>(dev: &L, n: usize) -> u32 {
     (n.div_ceil(256) as u32).clamp(1, dev.max_grid().max(1))
 }
 
-/// The carry pass over the chunks' sums `s`, `z`: `{prefix}_carry` (exclusive prefix for the
-/// forward, suffix for the backward).
+/// A carry kernel's handle (`kern::linear_attn_{forward,backward}_carry`): sums s, z, n, nch, m.
+type CarryKernel = fn(Dv<f64>, Dv<f64>, i32, i32, i32) -> kern::Launch<5>;
+
+/// The carry pass over the chunks' sums `s`, `z`: `kernel`, `linear_attn_forward_carry`
+/// (exclusive prefix for the forward) or `linear_attn_backward_carry` (suffix for the backward).
 fn carry<L: Device + ?Sized>(
     dev: &L,
     p: &LinearPlan,
-    prefix: &str,
+    kernel: CarryKernel,
     s: Dv<f64>,
     z: Dv<f64>,
 ) -> Result<()> {
-    let args = [
-        KArg::from(s),
-        KArg::from(z),
-        KArg::I32(i32_of("N", p.n)?),
-        KArg::I32(p.nch as i32),
-        KArg::I32(p.m as i32),
-    ];
     // a thread per state element walks the chunks, eight per pass of its unrolled loop
     // (`la_carry`): the cost model's steps are those passes
-    dev.walk_launch(
-        &format!("{prefix}_carry"),
+    kernel(s, z, i32_of("N", p.n)?, p.nch as i32, p.m as i32).walk(
+        dev,
         elems(dev, p.n * p.m * p.m),
         256,
         0,
-        &args,
         p.nch.div_ceil(CARRY_UNROLL),
     )
 }
@@ -381,30 +368,32 @@ fn forward_carries<L: Device + ?Sized>(
     kf: Dv<f32>,
     v: Dv<f32>,
 ) -> Result<()> {
-    let [n, t, m, c] = p.ints()?;
-    let args = [ws.cs.into(), ws.cz.into(), kf.into(), v.into(), n, t, m, c];
+    let (n, t, m, c) = p.ints()?;
     if p.tiled {
         // two f32 tiles [Cp][Mp+1] (K, V)
         let pad = tile_pad(p.tensor_cores);
         let smem = 8 * p.chunk.div_ceil(pad) * pad * (p.m.div_ceil(pad) * pad + 1);
-        dev.walk_launch(
-            &p.tiled_kernel("linear_attn_forward_tiled_sums"),
+        let sums = if p.tensor_cores {
+            kern::linear_attn_forward_tiled_sums_bf16
+        } else {
+            kern::linear_attn_forward_tiled_sums
+        };
+        sums(ws.cs, ws.cz, kf, v, n, t, m, c).walk(
+            dev,
             p.tiled_grid()?,
             TILED_THREADS,
             smem as u32,
-            &args,
             p.tiled_steps(),
         )?;
     } else {
-        dev.grid_launch(
-            "linear_attn_forward_sums",
+        kern::linear_attn_forward_sums(ws.cs, ws.cz, kf, v, n, t, m, c).grid(
+            dev,
             elems(dev, p.n * p.nch * p.m * p.m),
             256,
             0,
-            &args,
         )?;
     }
-    carry(dev, p, "linear_attn_forward", ws.cs, ws.cz)
+    carry(dev, p, kern::linear_attn_forward_carry, ws.cs, ws.cz)
 }
 
 /// out [N,T,M] (with its bf16 twin out16, nullable), den [N,T] (=) from qf, kf, v [N,T,M].
@@ -430,33 +419,24 @@ pub fn forward<L: Device + ?Sized>(
     if p.chunked() {
         forward_carries(dev, p, ws, kf, v)?;
     }
-    let [n, t, m, c] = p.ints()?;
-    let args = [
-        out.into(),
-        den.into(),
-        qf.into(),
-        kf.into(),
-        v.into(),
-        ws.cs.into(),
-        ws.cz.into(),
-        n,
-        t,
-        m,
-        c,
-        out16.into(),
-    ];
+    let (n, t, m, c) = p.ints()?;
     if p.tiled {
-        dev.walk_launch(
-            &p.tiled_kernel("linear_attn_forward_tiled"),
+        let fwd = if p.tensor_cores {
+            kern::linear_attn_forward_tiled_bf16
+        } else {
+            kern::linear_attn_forward_tiled
+        };
+        fwd(out, den, qf, kf, v, ws.cs, ws.cz, n, t, m, c, out16).walk(
+            dev,
             p.tiled_grid()?,
             TILED_THREADS,
             p.smem() as u32,
-            &args,
             p.tiled_steps(),
         )
     } else {
         let (grid, block) = p.walk_grid();
-        dev.grid_launch("linear_attn_forward", grid, block, 0, &args)
+        kern::linear_attn_forward(out, den, qf, kf, v, ws.cs, ws.cz, n, t, m, c, out16)
+            .grid(dev, grid, block, 0)
     }
 }
 
@@ -484,7 +464,7 @@ pub fn backward<L: Device + ?Sized>(
         "linear attention backward: workspace too small"
     );
     p.check_fits(dev)?;
-    let [n, t, m, c] = p.ints()?;
+    let (n, t, m, c) = p.ints()?;
     if p.chunked() && !ws.forward_carries_kept {
         forward_carries(dev, p, ws, kf, v)?;
     }
@@ -493,86 +473,31 @@ pub fn backward<L: Device + ?Sized>(
     if gden_in_dq {
         return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, out, den, qf, kf, v]);
     }
-    let gden_args = [ws.gden.into(), dout.into(), out.into(), den.into(), n, t, m];
-    dev.grid_launch(
-        "linear_attn_backward_gden",
+    kern::linear_attn_backward_gden(ws.gden, dout, out, den, n, t, m).grid(
+        dev,
         (p.n * p.t).div_ceil(4) as u32,
         128,
         0,
-        &gden_args,
     )?;
     if p.tiled {
         return backward_tiled(dev, p, ws, [dqf, dkf, dv, dout, Dv::null(), den, qf, kf, v]);
     }
     let (grid, block) = p.walk_grid();
-    let dq_args = [
-        dqf.into(),
-        ws.zlive.into(),
-        dout.into(),
-        den.into(),
-        ws.gden.into(),
-        kf.into(),
-        v.into(),
-        ws.cs.into(),
-        ws.cz.into(),
-        n,
-        t,
-        m,
-        c,
-    ];
-    dev.grid_launch("linear_attn_backward", grid, block, 0, &dq_args)?;
+    kern::linear_attn_backward(
+        dqf, ws.zlive, dout, den, ws.gden, kf, v, ws.cs, ws.cz, n, t, m, c,
+    )
+    .grid(dev, grid, block, 0)?;
     if p.chunked() {
-        let args = [
-            ws.ds.into(),
-            ws.dz.into(),
-            dout.into(),
-            den.into(),
-            ws.gden.into(),
-            ws.zlive.into(),
-            qf.into(),
-            n,
-            t,
-            m,
-            c,
-        ];
-        dev.grid_launch(
-            "linear_attn_backward_sums",
-            elems(dev, p.n * p.nch * p.m * p.m),
-            256,
-            0,
-            &args,
-        )?;
-        carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
+        kern::linear_attn_backward_sums(ws.ds, ws.dz, dout, den, ws.gden, ws.zlive, qf, n, t, m, c)
+            .grid(dev, elems(dev, p.n * p.nch * p.m * p.m), 256, 0)?;
+        carry(dev, p, kern::linear_attn_backward_carry, ws.ds, ws.dz)?;
     }
-    let dk_args = [
-        dkf.into(),
-        ws.zlive.into(),
-        dout.into(),
-        den.into(),
-        ws.gden.into(),
-        qf.into(),
-        v.into(),
-        ws.ds.into(),
-        ws.dz.into(),
-        n,
-        t,
-        m,
-        c,
-    ];
-    dev.grid_launch("linear_attn_backward_dk", grid, block, 0, &dk_args)?;
-    let dv_args = [
-        dv.into(),
-        dout.into(),
-        den.into(),
-        qf.into(),
-        kf.into(),
-        ws.ds.into(),
-        n,
-        t,
-        m,
-        c,
-    ];
-    dev.grid_launch("linear_attn_backward_dv", grid, block, 0, &dv_args)
+    kern::linear_attn_backward_dk(
+        dkf, ws.zlive, dout, den, ws.gden, qf, v, ws.ds, ws.dz, n, t, m, c,
+    )
+    .grid(dev, grid, block, 0)?;
+    kern::linear_attn_backward_dv(dv, dout, den, qf, kf, ws.ds, n, t, m, c)
+        .grid(dev, grid, block, 0)
 }
 
 /// The tiled backward: dq (with zlive, the backward carries' chunk sums, and gden from `out`
@@ -584,46 +509,35 @@ fn backward_tiled<L: Device + ?Sized>(
     io: [Dv<f32>; 9], // dqf, dkf, dv, dout, out, den, qf, kf, v
 ) -> Result<()> {
     let [dqf, dkf, dv, dout, out, den, qf, kf, v] = io;
-    let [n, t, m, c] = p.ints()?;
-    let (grid, smem) = (p.tiled_grid()?, p.smem() as u32);
+    let (n, t, m, c) = p.ints()?;
+    let (grid, smem, steps) = (p.tiled_grid()?, p.smem() as u32, p.tiled_steps());
+    let (zlive, ds, dz, gden) = (ws.zlive, ws.ds, ws.dz, ws.gden);
     // both kernels: (outputs, zlive, ds, dz, dout, den, gden, qf, kf, v, [cs, cz,] n, t, m, c[, out]):
     // the dq kernel makes gden from out, the dk/dv kernel reads it
-    let shared: [KArg; 9] = [
-        ws.zlive.into(),
-        ws.ds.into(),
-        ws.dz.into(),
-        dout.into(),
-        den.into(),
-        ws.gden.into(),
-        qf.into(),
-        kf.into(),
-        v.into(),
-    ];
-    // the tensor-core dq kernel takes out (it makes gden), the f64 one reads gden
-    let out_arg: &[KArg] = if p.tensor_cores {
-        &[KArg::from(out)]
+    if p.tensor_cores {
+        // the tensor-core dq kernel takes out (it makes gden), the f64 one reads gden
+        kern::linear_attn_backward_tiled_dq_bf16(
+            dqf, zlive, ds, dz, dout, den, gden, qf, kf, v, ws.cs, ws.cz, n, t, m, c, out,
+        )
+        .walk(dev, grid, TILED_THREADS, smem, steps)?;
     } else {
-        &[]
-    };
-    let dq_args = [
-        &[dqf.into()][..],
-        &shared,
-        &[ws.cs.into(), ws.cz.into(), n, t, m, c],
-        out_arg,
-    ]
-    .concat();
-    let tiled = |name: &str, args: &[KArg]| {
-        dev.walk_launch(name, grid, TILED_THREADS, smem, args, p.tiled_steps())
-    };
-    tiled(&p.tiled_kernel("linear_attn_backward_tiled_dq"), &dq_args)?;
-    if p.chunked() {
-        carry(dev, p, "linear_attn_backward", ws.ds, ws.dz)?;
+        kern::linear_attn_backward_tiled_dq(
+            dqf, zlive, ds, dz, dout, den, gden, qf, kf, v, ws.cs, ws.cz, n, t, m, c,
+        )
+        .walk(dev, grid, TILED_THREADS, smem, steps)?;
     }
-    let dkdv_args = [&[dkf.into(), dv.into()][..], &shared, &[n, t, m, c]].concat();
-    tiled(
-        &p.tiled_kernel("linear_attn_backward_tiled_dkdv"),
-        &dkdv_args,
+    if p.chunked() {
+        carry(dev, p, kern::linear_attn_backward_carry, ws.ds, ws.dz)?;
+    }
+    let dkdv = if p.tensor_cores {
+        kern::linear_attn_backward_tiled_dkdv_bf16
+    } else {
+        kern::linear_attn_backward_tiled_dkdv
+    };
+    dkdv(
+        dkf, dv, zlive, ds, dz, dout, den, gden, qf, kf, v, n, t, m, c,
     )
+    .walk(dev, grid, TILED_THREADS, smem, steps)
 }
 
 /// The forward with its carries in `keep` (at least `ws_forward()` f64s, for

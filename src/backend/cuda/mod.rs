@@ -43,6 +43,7 @@ pub mod doctor;
 pub mod fused;
 pub mod graph;
 pub mod intervene;
+pub mod kern;
 pub mod linear;
 pub mod model;
 pub mod ops;
@@ -1011,11 +1012,6 @@ pub fn device_free_memory() -> Option<u64> {
 /// The free device memory of a run at `place` (None on the CPU, or where no GPU answers).
 pub fn free_memory_at(place: crate::config::Place) -> Option<u64> {
     place.is_cuda().then(device_free_memory).flatten()
-}
-
-/// A kernel argument (the launchers' shorthand: `k(x)` for anything `Into<KArg>`).
-pub fn k<T: Into<KArg>>(x: T) -> KArg {
-    x.into()
 }
 
 /// A size as a kernel `int`, or a clear error when it does not fit.

@@ -19,8 +19,9 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::LaunchConfig;
 
+pub use super::kern::{step_arg, Learned};
 use super::linear::{LinearAlgo, LinearPlan};
-use super::{i32_of, k, CudaBackend, Device, Dv, KArg, Precision};
+use super::{i32_of, kern, CudaBackend, Device, Dv, Precision};
 use crate::backend::cpu::asa::{ReadMask, SlotDims};
 use crate::error::{AsaError, Result};
 
@@ -126,48 +127,6 @@ impl Gemm {
     }
 }
 
-/// A kernel's scalar that the host computes each step from a learned scalar parameter (the
-/// content-read gamma, the refine gate; `asa_step_value` in cuda/common.cuh): by value, or at
-/// `at` (nullable), [value, d value / d raw] in the step's scalar block that goes up with the
-/// step's batch, where the kernel reads it: then the arguments are the same every step, so that
-/// a captured step replays with the current parameter.
-#[derive(Debug, Clone, Copy)]
-pub struct Learned {
-    pub value: f32,
-    pub at: Dv<f64>,
-}
-
-impl Learned {
-    /// A value passed by argument.
-    pub fn value(value: f32) -> Learned {
-        Learned {
-            value,
-            at: Dv::null(),
-        }
-    }
-
-    /// The kernel arguments (value, at): the value 0 where the kernel reads `at`, so that the
-    /// arguments do not change from step to step.
-    pub fn args(&self) -> [KArg; 2] {
-        [k(self.by_value()), k(self.at)]
-    }
-
-    /// The value argument: 0 where the kernel reads `at`.
-    pub fn by_value(&self) -> f32 {
-        step_arg(self.value, self.at)
-    }
-}
-
-/// A kernel argument that the kernel reads from the step's scalar block instead where `at` is
-/// given: then 0 (its default), so that the arguments do not change from step to step.
-pub fn step_arg<T: Default, U>(value: T, at: Dv<U>) -> T {
-    if at.is_null() {
-        value
-    } else {
-        T::default()
-    }
-}
-
 /// The layer prologue that [`Ops::write_logits_forward`] computes along (each optional).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WritePrologue {
@@ -212,18 +171,22 @@ pub struct DevSlotMask {
 }
 
 impl DevSlotMask {
-    /// The (keep, last_pos_only, mask_mode) kernel arguments of `m` (none: null, 0, 0).
-    pub fn args(m: Option<DevSlotMask>) -> [KArg; 3] {
+    /// The (keep, last_pos_only, mask_mode) kernel argument of `m` (none: null, 0, 0).
+    pub fn arg(m: Option<DevSlotMask>) -> kern::SlotMask {
         match m {
-            Some(m) => [
-                k(m.keep),
-                k(m.last_pos_only as i32),
-                k(match m.mode {
-                    ReadMask::Read => 0i32,
+            Some(m) => kern::SlotMask {
+                keep: m.keep,
+                last_pos_only: m.last_pos_only as i32,
+                mask_mode: match m.mode {
+                    ReadMask::Read => 0,
                     ReadMask::ContentOnly => 1,
-                }),
-            ],
-            None => [k(Dv::<i32>::null()), k(0i32), k(0i32)],
+                },
+            },
+            None => kern::SlotMask {
+                keep: Dv::null(),
+                last_pos_only: 0,
+                mask_mode: 0,
+            },
         }
     }
 }
@@ -280,20 +243,17 @@ pub trait Ops: Device {
             );
         }
         let v = wte.len / c;
-        self.launch(
-            "encoder_forward",
-            self.cfg_elems(b * t * c),
-            &[
-                k(out),
-                k(ids),
-                k(wte),
-                k(wpe),
-                k(i32_of("B*T", b * t)?),
-                k(i32_of("T", t)?),
-                k(i32_of("C", c)?),
-                k(i32_of("V", v)?),
-            ],
+        kern::encoder_forward(
+            out,
+            ids,
+            wte,
+            wpe,
+            i32_of("B*T", b * t)?,
+            i32_of("T", t)?,
+            i32_of("C", c)?,
+            i32_of("V", v)?,
         )
+        .on(self, self.cfg_elems(b * t * c))
     }
 
     /// dwte [V,C] += scatter of dout [B,T,C] by `ids` (host copy); dwpe: null or [maxT,C].
@@ -360,29 +320,23 @@ pub trait Ops: Device {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(
-            "encoder_backward",
-            cfg,
-            &[
-                k(dwte),
-                k(dout),
-                k(sorted.uniq),
-                k(sorted.start),
-                k(sorted.order),
-                k(i32_of("ids", sorted.uniq.len)?),
-                k(i32_of("C", c)?),
-            ],
-        )?;
+        kern::encoder_backward(
+            dwte,
+            dout,
+            sorted.uniq,
+            sorted.start,
+            sorted.order,
+            i32_of("ids", sorted.uniq.len)?,
+            i32_of("C", c)?,
+        )
+        .on(self, cfg)?;
         if !dwpe.is_null() {
             assert!(
                 dwpe.len >= t * c,
                 "encoder_backward: T={t} exceeds the position table"
             );
-            self.launch(
-                "encoder_backward_wpe",
-                self.cfg_elems(t * c),
-                &[k(dwpe), k(dout), k(b as i32), k(t as i32), k(c as i32)],
-            )?;
+            kern::encoder_backward_wpe(dwpe, dout, b as i32, t as i32, c as i32)
+                .on(self, self.cfg_elems(t * c))?;
         }
         Ok(())
     }
@@ -414,21 +368,18 @@ pub trait Ops: Device {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.launch(
-            "layernorm_forward",
-            self.cfg_warps(n)?,
-            &[
-                k(out),
-                k(mean),
-                k(rstd),
-                k(inp),
-                k(weight),
-                k(bias),
-                k(i32_of("N", n)?),
-                k(i32_of("C", c)?),
-                k(out16),
-            ],
+        kern::layernorm_forward(
+            out,
+            mean,
+            rstd,
+            inp,
+            weight,
+            bias,
+            i32_of("N", n)?,
+            i32_of("C", c)?,
+            out16,
         )
+        .on(self, self.cfg_warps(n)?)
     }
 
     /// res = a + b (+ bias_b per column; null: none) then out = LayerNorm(res) (mean, rstd,
@@ -464,24 +415,21 @@ pub trait Ops: Device {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.launch(
-            "residual_layernorm_forward",
-            self.cfg_warps(n)?,
-            &[
-                k(res),
-                k(out),
-                k(mean),
-                k(rstd),
-                k(a),
-                k(b),
-                k(bias_b),
-                k(weight),
-                k(bias),
-                k(i32_of("N", n)?),
-                k(i32_of("C", c)?),
-                k(out16),
-            ],
+        kern::residual_layernorm_forward(
+            res,
+            out,
+            mean,
+            rstd,
+            a,
+            b,
+            bias_b,
+            weight,
+            bias,
+            i32_of("N", n)?,
+            i32_of("C", c)?,
+            out16,
         )
+        .on(self, self.cfg_warps(n)?)
     }
 
     /// dinp [N,C] += ...; dweight, dbias [C] += ... (deterministic column sums, one launch);
@@ -528,28 +476,25 @@ pub trait Ops: Device {
         };
         let pw = self.scratch64(chunks * c, false)?;
         let pb = self.scratch64(chunks * c, true)?;
-        self.launch(
-            "layernorm_backward",
-            cfg,
-            &[
-                k(dinp),
-                k(dweight),
-                k(dbias),
-                k(pw),
-                k(pb),
-                k(self.tickets()?),
-                k(dout),
-                k(inp),
-                k(weight),
-                k(mean),
-                k(rstd),
-                k(ni),
-                k(ci),
-                k(COLSUM_ROWS as i32),
-                k(tiles as i32),
-                k(dinp16),
-            ],
+        kern::layernorm_backward(
+            dinp,
+            dweight,
+            dbias,
+            pw,
+            pb,
+            self.tickets()?,
+            dout,
+            inp,
+            weight,
+            mean,
+            rstd,
+            ni,
+            ci,
+            COLSUM_ROWS as i32,
+            tiles as i32,
+            dinp16,
         )
+        .on(self, cfg)
     }
 
     // --------------------------------------------------------------------------------------------
@@ -576,11 +521,8 @@ pub trait Ops: Device {
             0.0
         } else {
             assert_eq!(bias.len, o, "matmul_forward: bias shape");
-            self.launch(
-                "matmul_forward_bias",
-                self.cfg_elems(n * o),
-                &[k(out), k(bias), k(i32_of("N", n)?), k(i32_of("O", o)?)],
-            )?;
+            kern::matmul_forward_bias(out, bias, i32_of("N", n)?, i32_of("O", o)?)
+                .on(self, self.cfg_elems(n * o))?;
             1.0
         };
         // out^T [O,N] = W [O,I] (col-major view of W^T, transposed) x inp^T [I,N]
@@ -824,61 +766,17 @@ pub trait Ops: Device {
         let (cfg, chunks) = colsum_cfg(n, c)?;
         let part = self.scratch64(chunks * c, false)?;
         let (ni, ci) = (i32_of("N", n)?, i32_of("C", c)?);
-        self.launch(
-            "colsum_add",
-            cfg,
-            &[
-                k(dst),
-                k(part),
-                k(self.tickets()?),
-                k(x),
-                k(ni),
-                k(ci),
-                k(COLSUM_ROWS as i32),
-            ],
-        )
+        kern::colsum_add(dst, part, self.tickets()?, x, ni, ci, COLSUM_ROWS as i32).on(self, cfg)
     }
 
     // --------------------------------------------------------------------------------------------
     // elementwise
 
-    /// Launches an elementwise forward kernel `name(out, inp, n)`. out, inp: [N].
-    fn elementwise_forward(&self, name: &str, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        assert_eq!(out.len, inp.len, "{name}: shape");
-        self.launch(
-            name,
-            self.cfg_elems(inp.len),
-            &[k(out), k(inp), k(inp.len as i64)],
-        )
-    }
-
-    /// Launches an elementwise backward kernel `name(dinp, saved, dout, n)`, `saved` being the
-    /// forward's input or output. All: [N].
-    fn elementwise_backward(
-        &self,
-        name: &str,
-        dinp: Dv<f32>,
-        saved: Dv<f32>,
-        dout: Dv<f32>,
-    ) -> Result<()> {
-        assert_eq!(dinp.len, saved.len, "{name}: shape");
-        assert_eq!(dout.len, saved.len, "{name}: shape");
-        self.launch(
-            name,
-            self.cfg_elems(saved.len),
-            &[k(dinp), k(saved), k(dout), k(saved.len as i64)],
-        )
-    }
-
     /// Exact GELU. out, inp: [N]; out16: null, or out's bf16 twin.
     fn gelu_forward(&self, out: Dv<f32>, inp: Dv<f32>, out16: Dv<u16>) -> Result<()> {
         assert_eq!(out.len, inp.len, "gelu_forward: shape");
         twin16("gelu_forward", out, out16);
-        self.launch(
-            "gelu_forward",
-            self.cfg_elems(inp.len),
-            &[k(out), k(inp), k(inp.len as i64), k(out16)],
-        )
+        kern::gelu_forward(out, inp, inp.len as i64, out16).on(self, self.cfg_elems(inp.len))
     }
 
     /// h [rows,cols] += bias [cols] (in place), out = gelu(h): the bias of the GEMM that made h
@@ -899,18 +797,15 @@ pub trait Ops: Device {
         );
         assert_eq!(bias.len, cols, "bias_gelu_forward: bias shape");
         twin16("bias_gelu_forward", out, out16);
-        self.launch(
-            "bias_gelu_forward",
-            self.cfg_rows(rows),
-            &[
-                k(out),
-                k(h),
-                k(bias),
-                k(i32_of("rows", rows)?),
-                k(i32_of("cols", cols)?),
-                k(out16),
-            ],
+        kern::bias_gelu_forward(
+            out,
+            h,
+            bias,
+            i32_of("rows", rows)?,
+            i32_of("cols", cols)?,
+            out16,
         )
+        .on(self, self.cfg_rows(rows))
     }
 
     /// dinp = dout * gelu'(inp) (stored: the CPU twin's += into zeros), dinp16: null or its
@@ -936,11 +831,8 @@ pub trait Ops: Device {
             "gelu_backward: dbias2 without x2"
         );
         if dbias.is_null() {
-            self.launch(
-                "gelu_backward",
-                self.cfg_elems(inp.len),
-                &[k(dinp), k(inp), k(dout), k(inp.len as i64), k(dinp16)],
-            )?;
+            kern::gelu_backward(dinp, inp, dout, inp.len as i64, dinp16)
+                .on(self, self.cfg_elems(inp.len))?;
             if !dbias2.is_null() {
                 let c2 = dbias2.len;
                 assert!(
@@ -977,26 +869,23 @@ pub trait Ops: Device {
             }
             (c2, self.scratch64(chunks * c2, true)?)
         };
-        self.launch(
-            "gelu_backward_colsum",
-            cfg,
-            &[
-                k(dinp),
-                k(dbias),
-                k(part),
-                k(self.tickets()?),
-                k(inp),
-                k(dout),
-                k(i32_of("N", n)?),
-                k(i32_of("C", c)?),
-                k(COLSUM_ROWS as i32),
-                k(dinp16),
-                k(dbias2),
-                k(part2),
-                k(x2),
-                k(i32_of("C2", c2)?),
-            ],
+        kern::gelu_backward_colsum(
+            dinp,
+            dbias,
+            part,
+            self.tickets()?,
+            inp,
+            dout,
+            i32_of("N", n)?,
+            i32_of("C", c)?,
+            COLSUM_ROWS as i32,
+            dinp16,
+            dbias2,
+            part2,
+            x2,
+            i32_of("C2", c2)?,
         )
+        .on(self, cfg)
     }
 
     /// Inverted dropout with probability p; mask = 0 or 1/(1-p). The draw of element i is a hash
@@ -1021,71 +910,48 @@ pub trait Ops: Device {
         } else {
             1.0
         };
-        self.launch(
-            "dropout_forward",
-            self.cfg_elems(inp.len),
-            &[
-                k(out),
-                k(mask),
-                k(inp),
-                k(p),
-                k(scale),
-                k(step_arg(seed, seed_at)),
-                k(seed_at),
-                k(inp.len as i64),
-            ],
+        kern::dropout_forward(
+            out,
+            mask,
+            inp,
+            p,
+            scale,
+            step_arg(seed, seed_at),
+            seed_at,
+            inp.len as i64,
         )
+        .on(self, self.cfg_elems(inp.len))
     }
 
     /// dinp += dout * mask.
     fn dropout_backward(&self, dinp: Dv<f32>, dout: Dv<f32>, mask: Dv<f32>) -> Result<()> {
         assert_eq!(dinp.len, dout.len, "dropout_backward: shape");
         assert_eq!(mask.len, dout.len, "dropout_backward: shape");
-        self.launch(
-            "dropout_backward",
-            self.cfg_elems(dout.len),
-            &[k(dinp), k(dout), k(mask), k(dout.len as i64)],
-        )
+        kern::dropout_backward(dinp, dout, mask, dout.len as i64).on(self, self.cfg_elems(dout.len))
     }
 
     /// out = a + b.
     fn residual_forward(&self, out: Dv<f32>, a: Dv<f32>, b: Dv<f32>) -> Result<()> {
         assert_eq!(out.len, a.len, "residual_forward: shape");
         assert_eq!(out.len, b.len, "residual_forward: shape");
-        self.launch(
-            "residual_forward",
-            self.cfg_elems(out.len),
-            &[k(out), k(a), k(b), k(out.len as i64)],
-        )
+        kern::residual_forward(out, a, b, out.len as i64).on(self, self.cfg_elems(out.len))
     }
 
     /// y += alpha * x.
     fn axpy(&self, y: Dv<f32>, x: Dv<f32>, alpha: f32) -> Result<()> {
         assert_eq!(y.len, x.len, "axpy: shape");
-        self.launch(
-            "axpy",
-            self.cfg_elems(x.len),
-            &[k(y), k(x), k(alpha), k(x.len as i64)],
-        )
+        kern::axpy(y, x, alpha, x.len as i64).on(self, self.cfg_elems(x.len))
     }
 
     /// y = (f32)(alpha * x) in f64.
     fn scale_f64(&self, y: Dv<f32>, x: Dv<f32>, alpha: f64) -> Result<()> {
         assert_eq!(y.len, x.len, "scale_f64: shape");
-        self.launch(
-            "scale_f64",
-            self.cfg_elems(x.len),
-            &[k(y), k(x), k(alpha), k(x.len as i64)],
-        )
+        kern::scale_f64(y, x, alpha, x.len as i64).on(self, self.cfg_elems(x.len))
     }
 
     /// x = value.
     fn fill(&self, x: Dv<f32>, value: f32) -> Result<()> {
-        self.launch(
-            "fill",
-            self.cfg_elems(x.len),
-            &[k(x), k(value), k(x.len as i64)],
-        )
+        kern::fill(x, value, x.len as i64).on(self, self.cfg_elems(x.len))
     }
 
     // --------------------------------------------------------------------------------------------
@@ -1114,18 +980,18 @@ pub trait Ops: Device {
         let nb = Self::partial_blocks(dy.len);
         let part = self.scratch64(nb, true)?;
         let cfg = partial_cfg(nb);
-        let args = [
-            k(ddelta),
-            k(dgrad),
-            k(part),
-            k(self.tickets()?),
-            k(dy),
-            k(delta),
-            k(gate),
-            k(factor),
-            k(dy.len as i64),
-        ];
-        self.launch("gate_backward", cfg, &args)
+        kern::gate_backward(
+            ddelta,
+            dgrad,
+            part,
+            self.tickets()?,
+            dy,
+            delta,
+            gate,
+            factor,
+            dy.len as i64,
+        )
+        .on(self, cfg)
     }
 
     /// `split_heads` of merged [B,T,H*d] into out_h [B,H,T,d] and [`Ops::gate_backward`] on it
@@ -1158,23 +1024,23 @@ pub trait Ops: Device {
         let nb = (b * t).min(1024);
         let part = self.scratch64(nb, true)?;
         let cfg = partial_cfg(nb);
-        let args = [
-            k(ddelta),
-            k(dgrad),
-            k(part),
-            k(self.tickets()?),
-            k(out_h),
-            k(merged),
-            k(delta),
-            k(gate),
-            k(factor),
-            k(i32_of("B", b)?),
-            k(i32_of("T", t)?),
-            k(i32_of("H", h)?),
-            k(i32_of("d", d)?),
-            k(at),
-        ];
-        self.launch("gate_backward_split", cfg, &args)
+        kern::gate_backward_split(
+            ddelta,
+            dgrad,
+            part,
+            self.tickets()?,
+            out_h,
+            merged,
+            delta,
+            gate,
+            factor,
+            i32_of("B", b)?,
+            i32_of("T", t)?,
+            i32_of("H", h)?,
+            i32_of("d", d)?,
+            at,
+        )
+        .on(self, cfg)
     }
 
     /// out[0] = sum of part (fixed order), or its square root.
@@ -1184,11 +1050,7 @@ pub trait Ops: Device {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(
-            "sum_f64",
-            cfg,
-            &[k(out), k(part), k(part.len as i64), k(sqrt as i32)],
-        )
+        kern::sum_f64(out, part, part.len as i64, sqrt as i32).on(self, cfg)
     }
 
     /// dst[0] += (f32)(src[0] * factor).
@@ -1198,7 +1060,7 @@ pub trait Ops: Device {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch("scalar_grad_add", cfg, &[k(dst), k(src), k(factor)])
+        kern::scalar_grad_add(dst, src, factor).on(self, cfg)
     }
 
     /// out[0] = sqrt(sum of x^2) (f64, fixed order): `optim::global_norm` over a flat buffer.
@@ -1206,17 +1068,13 @@ pub trait Ops: Device {
         let nb = Self::partial_blocks(x.len);
         let part = self.scratch64(nb, true)?;
         let cfg = partial_cfg(nb);
-        self.launch("global_norm", cfg, &[k(part), k(x), k(x.len as i64)])?;
+        kern::global_norm(part, x, x.len as i64).on(self, cfg)?;
         self.sum_f64(out, part, true)
     }
 
     /// `clip_grad_norm` with the norm already on the device: x *= max_norm/(norm+1e-6) if < 1.
     fn clip_scale(&self, x: Dv<f32>, norm: Dv<f64>, max_norm: f64) -> Result<()> {
-        self.launch(
-            "clip_scale",
-            self.cfg_elems(x.len),
-            &[k(x), k(norm), k(max_norm), k(x.len as i64)],
-        )
+        kern::clip_scale(x, norm, max_norm, x.len as i64).on(self, self.cfg_elems(x.len))
     }
 
     /// AdamW over flat buffers (see `optim::AdamW::step`); `step` is the step count after
@@ -1251,28 +1109,25 @@ pub trait Ops: Device {
         // the scalars of this step: by value, or read at `at`
         assert!(at.is_null() || at.len >= 3, "adamw_update: at shape");
         let [decay, neg_step_size, bc2_sqrt] = step_arg(adamw_step_scalars(cfg, lr, step), at);
-        self.launch(
-            "adamw_update",
-            self.cfg_elems(p.len),
-            &[
-                k(p),
-                k(m),
-                k(v),
-                k(g),
-                k(decay),
-                k(lerp_w),
-                k(beta2),
-                k(one_minus_beta2),
-                k(neg_step_size),
-                k(bc2_sqrt),
-                k(eps),
-                k(guard),
-                k(guard.len as i32),
-                k(p.len as i64),
-                k(p16),
-                k(at),
-            ],
+        kern::adamw_update(
+            p,
+            m,
+            v,
+            g,
+            decay,
+            lerp_w,
+            beta2,
+            one_minus_beta2,
+            neg_step_size,
+            bc2_sqrt,
+            eps,
+            guard,
+            guard.len as i32,
+            p.len as i64,
+            p16,
+            at,
         )
+        .on(self, self.cfg_elems(p.len))
     }
 
     // --------------------------------------------------------------------------------------------
@@ -1335,21 +1190,18 @@ pub trait Ops: Device {
         assert_eq!(dlogits.len, n * v, "crossentropy_backward: dlogits shape");
         assert_eq!(probs.len, n * v, "crossentropy_backward: probs shape");
         assert_eq!(targets.len, n, "crossentropy_backward: targets shape");
-        self.launch(
-            "crossentropy_backward",
-            self.cfg_elems(n * v),
-            &[
-                k(dlogits),
-                k(probs),
-                k(targets),
-                k(valid),
-                k(scale),
-                k(i32_of("N", n)?),
-                k(i32_of("V", v)?),
-                k(inplace as i32),
-                k(dlogits16),
-            ],
+        kern::crossentropy_backward(
+            dlogits,
+            probs,
+            targets,
+            valid,
+            scale,
+            i32_of("N", n)?,
+            i32_of("V", v)?,
+            inplace as i32,
+            dlogits16,
         )
+        .on(self, self.cfg_elems(n * v))
     }
 
     // --------------------------------------------------------------------------------------------
@@ -1377,19 +1229,16 @@ pub trait Ops: Device {
             cos.len >= t * d && sin.len >= t * d,
             "rope_forward: table shape"
         );
-        self.launch(
-            "rope_forward",
-            self.rope_cfg(n, t, d),
-            &[
-                k(out),
-                k(inp),
-                k(cos),
-                k(sin),
-                k(i32_of("N", n)?),
-                k(i32_of("T", t)?),
-                k(i32_of("D", d)?),
-            ],
+        kern::rope_forward(
+            out,
+            inp,
+            cos,
+            sin,
+            i32_of("N", n)?,
+            i32_of("T", t)?,
+            i32_of("D", d)?,
         )
+        .on(self, self.rope_cfg(n, t, d))
     }
 
     /// dinp += J^T dout. dinp, dout: [N,T,D].
@@ -1409,19 +1258,16 @@ pub trait Ops: Device {
             cos.len >= t * d && sin.len >= t * d,
             "rope_backward: table shape"
         );
-        self.launch(
-            "rope_backward",
-            self.rope_cfg(n, t, d),
-            &[
-                k(dinp),
-                k(dout),
-                k(cos),
-                k(sin),
-                k(i32_of("N", n)?),
-                k(i32_of("T", t)?),
-                k(i32_of("D", d)?),
-            ],
+        kern::rope_backward(
+            dinp,
+            dout,
+            cos,
+            sin,
+            i32_of("N", n)?,
+            i32_of("T", t)?,
+            i32_of("D", d)?,
         )
+        .on(self, self.rope_cfg(n, t, d))
     }
 
     /// out: [B,H,T,d] <- inp: [B,T,H*d]
@@ -1436,18 +1282,8 @@ pub trait Ops: Device {
     ) -> Result<()> {
         assert_eq!(out.len, b * t * h * d, "split_heads: shape");
         assert_eq!(inp.len, out.len, "split_heads: shape");
-        self.launch(
-            "split_heads",
-            self.cfg_rows(b * t),
-            &[
-                k(out),
-                k(inp),
-                k(b as i32),
-                k(i32_of("T", t)?),
-                k(h as i32),
-                k(d as i32),
-            ],
-        )
+        kern::split_heads(out, inp, b as i32, i32_of("T", t)?, h as i32, d as i32)
+            .on(self, self.cfg_rows(b * t))
     }
 
     /// out: [B,T,H*d] += inp: [B,H,T,d] (`merge_heads_acc` of the CPU).
@@ -1470,22 +1306,19 @@ pub trait Ops: Device {
         assert_eq!(inp.len, 3 * b * t * h * d, "split_heads3: shape");
         let (cos, sin) = rope3("split_heads3", rope, t, d);
         let [o0, o1, o2] = outs;
-        self.launch(
-            "split_heads3",
-            self.cfg_rows(b * t),
-            &[
-                k(o0),
-                k(o1),
-                k(o2),
-                k(inp),
-                k(b as i32),
-                k(i32_of("T", t)?),
-                k(h as i32),
-                k(d as i32),
-                k(cos),
-                k(sin),
-            ],
+        kern::split_heads3(
+            o0,
+            o1,
+            o2,
+            inp,
+            b as i32,
+            i32_of("T", t)?,
+            h as i32,
+            d as i32,
+            cos,
+            sin,
         )
+        .on(self, self.cfg_rows(b * t))
     }
 
     /// out [B,T,3C] (=) <- ins[i] [B,H,T,d] merged side by side (the fused QKV projection's
@@ -1510,23 +1343,20 @@ pub trait Ops: Device {
         }
         assert_eq!(out.len, 3 * b * t * h * d, "merge_heads3: shape");
         let [i0, i1, i2] = ins;
-        self.launch(
-            "merge_heads3",
-            self.cfg_rows(b * t),
-            &[
-                k(out),
-                k(i0),
-                k(i1),
-                k(i2),
-                k(b as i32),
-                k(i32_of("T", t)?),
-                k(h as i32),
-                k(d as i32),
-                k(out16),
-                k(cos),
-                k(sin),
-            ],
+        kern::merge_heads3(
+            out,
+            i0,
+            i1,
+            i2,
+            b as i32,
+            i32_of("T", t)?,
+            h as i32,
+            d as i32,
+            out16,
+            cos,
+            sin,
         )
+        .on(self, self.cfg_rows(b * t))
     }
 
     /// out [B,T,C] = inp [B,H,T,d] (stored; CPU twin: `merge_heads`); out16:
@@ -1544,19 +1374,16 @@ pub trait Ops: Device {
         twin16("merge_heads", out, out16);
         assert_eq!(out.len, b * t * h * d, "merge_heads: shape");
         assert_eq!(inp.len, out.len, "merge_heads: shape");
-        self.launch(
-            "merge_heads",
-            self.cfg_rows(b * t),
-            &[
-                k(out),
-                k(inp),
-                k(b as i32),
-                k(i32_of("T", t)?),
-                k(h as i32),
-                k(d as i32),
-                k(out16),
-            ],
+        kern::merge_heads(
+            out,
+            inp,
+            b as i32,
+            i32_of("T", t)?,
+            h as i32,
+            d as i32,
+            out16,
         )
+        .on(self, self.cfg_rows(b * t))
     }
 
     /// F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows].
@@ -1570,17 +1397,8 @@ pub trait Ops: Device {
         let rows = inp.len / d.max(1);
         assert_eq!(out.len, inp.len, "l2normalize_forward: shape");
         assert_eq!(norm.len, rows, "l2normalize_forward: norm shape");
-        self.launch(
-            "l2normalize_forward",
-            self.cfg_warps(rows)?,
-            &[
-                k(out),
-                k(norm),
-                k(inp),
-                k(i32_of("rows", rows)?),
-                k(d as i32),
-            ],
-        )
+        kern::l2normalize_forward(out, norm, inp, i32_of("rows", rows)?, d as i32)
+            .on(self, self.cfg_warps(rows)?)
     }
 
     fn l2normalize_backward(
@@ -1594,18 +1412,8 @@ pub trait Ops: Device {
         let rows = dout.len / d.max(1);
         assert_eq!(dinp.len, dout.len, "l2normalize_backward: shape");
         assert_eq!(norm.len, rows, "l2normalize_backward: norm shape");
-        self.launch(
-            "l2normalize_backward",
-            self.cfg_warps(rows)?,
-            &[
-                k(dinp),
-                k(dout),
-                k(out),
-                k(norm),
-                k(i32_of("rows", rows)?),
-                k(d as i32),
-            ],
-        )
+        kern::l2normalize_backward(dinp, dout, out, norm, i32_of("rows", rows)?, d as i32)
+            .on(self, self.cfg_warps(rows)?)
     }
 
     /// raw, wl: [B,H,K,T]; slot_keys: [H,K,d]; k: [B,H,T,d]; bias_h: null or [H]; valid: null or [B,T].
@@ -1649,33 +1457,28 @@ pub trait Ops: Device {
         };
         let blocks = u32::try_from(b * h * t.div_ceil(tile))
             .map_err(|_| AsaError::Device("write_logits_forward: too many blocks".into()))?;
-        self.grid_launch(
-            "write_logits_forward",
-            blocks,
-            256,
-            (tile * (d + 1) * 4) as u32,
-            &[
-                k(raw),
-                k(wl),
-                k(slot_keys),
-                k(kk),
-                k(wtemp),
-                k(bias_h),
-                k(valid),
-                k(b as i32),
-                k(h as i32),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-                k(d as i32),
-                k(tile as i32),
-                k(kparam),
-                k(keep),
-                k(slopes),
-                k(araw),
-                k(init),
-                k(min),
-            ],
+        kern::write_logits_forward(
+            raw,
+            wl,
+            slot_keys,
+            kk,
+            wtemp,
+            bias_h,
+            valid,
+            b as i32,
+            h as i32,
+            i32_of("T", t)?,
+            nk as i32,
+            d as i32,
+            tile as i32,
+            kparam,
+            keep,
+            slopes,
+            araw,
+            init,
+            min,
         )
+        .grid(self, blocks, 256, (tile * (d + 1) * 4) as u32)
     }
 
     /// Backward of `write_logits_forward`: dslot_keys [H,K,d] +=, dk [B,H,T,d] +=, and, when
@@ -1706,16 +1509,9 @@ pub trait Ops: Device {
             pbias.is_null() || pbias.len == b * h * nk,
             "write_logits_backward: pbias shape"
         );
-        let dims = [
-            k(b as i32),
-            k(h as i32),
-            k(i32_of("T", t)?),
-            k(nk as i32),
-            k(d as i32),
-        ];
-        let mut a = vec![k(dk), k(dwl), k(slot_keys), k(wtemp), k(valid)];
-        a.extend_from_slice(&dims);
-        self.launch("write_logits_backward", self.cfg_elems(dk.len), &a)?;
+        let (bi, hi, ti, ki, di) = (b as i32, h as i32, i32_of("T", t)?, nk as i32, d as i32);
+        kern::write_logits_backward(dk, dwl, slot_keys, wtemp, valid, bi, hi, ti, ki, di)
+            .on(self, self.cfg_elems(dk.len))?;
         let pkeys = self.scratch64(b * h * nk * d, false)?;
         let (dparam, keep) = finish.param.unwrap_or((Dv::null(), Dv::null()));
         if !dparam.is_null() {
@@ -1739,32 +1535,30 @@ pub trait Ops: Device {
             );
             assert_eq!(slopes.len, h, "write_logits_backward: slopes shape");
         }
-        let mut a = vec![k(pkeys), k(pbias), k(dwl), k(kk), k(wtemp), k(valid)];
-        a.extend_from_slice(&dims);
         // the last block's finish (`wl_keys_finish`): dkeys += the batches' partials, then
         // the slot keys parameter's and the ALiBi strength's gradients
-        a.extend_from_slice(&[
-            k(self.tickets()?),
-            k(dslot_keys),
-            k(dparam),
-            k(keep),
-            k(dalibi),
-            k(slopes),
-            k(factor),
-            k(at),
-        ]);
+        let tickets = self.tickets()?;
+        let keys_kernel = |bf16: bool| {
+            let f = if bf16 {
+                kern::write_logits_backward_keys_bf16
+            } else {
+                kern::write_logits_backward_keys
+            };
+            f(
+                pkeys, pbias, dwl, kk, wtemp, valid, bi, hi, ti, ki, di, tickets, dslot_keys,
+                dparam, keep, dalibi, slopes, factor, at,
+            )
+        };
         let (kp, dp) = (nk.div_ceil(16) * 16, d.div_ceil(16) * 16);
         // tensor cores: a block per (b, h) walks T in chunks of 64 (each warp's output tiles,
         // at most four, in registers); WK_CHUNK, WK_TILES of the kernel
         let smem = 4 * (kp * 65 + 64 * (dp + 1));
         if tensor_cores(self) && kp * dp <= 4 * 8 * 128 && smem <= self.max_smem() {
-            let name = "write_logits_backward_keys_bf16";
-            self.walk_launch(name, (b * h) as u32, 256, smem as u32, &a, t.div_ceil(64))?;
+            keys_kernel(true).walk(self, (b * h) as u32, 256, smem as u32, t.div_ceil(64))?;
         } else {
             // a thread per (b, h, slot, dim) walks T, four positions at a time
             let c = self.cfg_elems(pkeys.len);
-            let name = "write_logits_backward_keys";
-            self.walk_launch(name, c.grid_dim.0, c.block_dim.0, 0, &a, t.div_ceil(4))?;
+            keys_kernel(false).walk(self, c.grid_dim.0, c.block_dim.0, 0, t.div_ceil(4))?;
         }
         Ok(())
     }
@@ -1793,22 +1587,19 @@ pub trait Ops: Device {
         assert_eq!(wl.len, den.len, "slot_scan_forward: wl shape");
         assert_eq!(v.len, nbh * t * d, "slot_scan_forward: v shape");
         let chunk = chunk.max(1).min(t.max(1));
-        self.launch(
-            "slot_scan_forward",
-            self.cfg_warps_small(nbh * nk)?,
-            &[
-                k(state),
-                k(den),
-                k(rmax),
-                k(wl),
-                k(v),
-                k(i32_of("chunk", chunk)?),
-                k(i32_of("B*H", nbh)?),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-                k(d as i32),
-            ],
+        kern::slot_scan_forward(
+            state,
+            den,
+            rmax,
+            wl,
+            v,
+            i32_of("chunk", chunk)?,
+            i32_of("B*H", nbh)?,
+            i32_of("T", t)?,
+            nk as i32,
+            d as i32,
         )
+        .on(self, self.cfg_warps_small(nbh * nk)?)
     }
 
     /// Backward of the write scan: dwl [B,H,K,T] +=, dv [B,H,T,d] +=. `dstate` [B,H,T,K,d] is
@@ -1841,40 +1632,20 @@ pub trait Ops: Device {
         let cm = self.temp::<f32>(nbh * nk * t)?;
         let cidx = self.temp::<i32>(nbh * nk * t)?;
         use super::AsDv;
-        let dims = [
-            k(i32_of("chunk", chunk)?),
-            k(i32_of("B*H", nbh)?),
-            k(i32_of("T", t)?),
-            k(nk as i32),
-            k(d as i32),
-        ];
-        let mut a = vec![
-            k(dwl),
-            k(dstate),
-            k(cm.dv()),
-            k(cidx.dv()),
-            k(state),
-            k(den),
-            k(rmax),
-            k(wl),
-            k(v),
-        ];
-        a.extend_from_slice(&dims);
-        self.launch("slot_scan_backward", self.cfg_warps_small(nbh * nk)?, &a)?;
-        self.launch(
-            "slot_scan_backward_dv",
-            self.cfg_elems(dv.len),
-            &[
-                k(dv),
-                k(dstate),
-                k(wl),
-                k(rmax),
-                k(nbh as i32),
-                k(t as i32),
-                k(nk as i32),
-                k(d as i32),
-            ],
+        let (ci, ni, ti) = (
+            i32_of("chunk", chunk)?,
+            i32_of("B*H", nbh)?,
+            i32_of("T", t)?,
+        );
+        let (cm, cidx) = (cm.dv(), cidx.dv());
+        kern::slot_scan_backward(
+            dwl, dstate, cm, cidx, state, den, rmax, wl, v, ci, ni, ti, nk as i32, d as i32,
         )
+        .on(self, self.cfg_warps_small(nbh * nk)?)?;
+        kern::slot_scan_backward_dv(
+            dv, dstate, wl, rmax, nbh as i32, t as i32, nk as i32, d as i32,
+        )
+        .on(self, self.cfg_elems(dv.len))
     }
 
     /// lkey, lcont (null: no content read), logits: [B,H,T,K]; q: [B,H,T,d]; slot_keys: [H,K,d];
@@ -1905,28 +1676,13 @@ pub trait Ops: Device {
             nbh * t * nk * d,
             "read_logits_forward: state shape"
         );
-        let [m0, m1, m2] = DevSlotMask::args(mask);
-        self.launch(
-            "read_logits_forward",
-            self.cfg_warps(nbh * t * nk)?,
-            &[
-                k(lkey),
-                k(lcont),
-                k(logits),
-                k(q),
-                k(slot_keys),
-                k(state),
-                k(gamma),
-                m0,
-                m1,
-                m2,
-                k(i32_of("B*H", nbh)?),
-                k(h as i32),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-                k(d as i32),
-            ],
+        let (ni, ti) = (i32_of("B*H", nbh)?, i32_of("T", t)?);
+        let mask = DevSlotMask::arg(mask);
+        kern::read_logits_forward(
+            lkey, lcont, logits, q, slot_keys, state, gamma, mask, ni, h as i32, ti, nk as i32,
+            d as i32,
         )
+        .on(self, self.cfg_warps(nbh * t * nk)?)
     }
 
     /// Backward of `read_logits_forward`: dq [B,H,T,d] +=, dslot_keys [H,K,d] +=, dstate (null
@@ -1972,57 +1728,24 @@ pub trait Ops: Device {
         } else {
             Dv::null()
         };
-        let [m0, m1, m2] = DevSlotMask::args(mask);
-        self.launch(
-            "read_logits_backward",
-            self.cfg_warps(nbh * t)?,
-            &[
-                k(dq),
-                k(if content { dstate } else { Dv::null() }),
-                k(pgd),
-                k(dlogits),
-                k(lcont),
-                k(q),
-                k(slot_keys),
-                k(state),
-                k(gamma),
-                m0,
-                m1,
-                m2,
-                k(i32_of("B*H", nbh)?),
-                k(h as i32),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-                k(d as i32),
-            ],
-        )?;
+        let (ni, ti) = (i32_of("B*H", nbh)?, i32_of("T", t)?);
+        let mask = DevSlotMask::arg(mask);
+        let dstate = if content { dstate } else { Dv::null() };
+        kern::read_logits_backward(
+            dq, dstate, pgd, dlogits, lcont, q, slot_keys, state, gamma, mask, ni, h as i32, ti,
+            nk as i32, d as i32,
+        )
+        .on(self, self.cfg_warps(nbh * t)?)?;
         if !pgd.is_null() {
             self.sum_f64(dgamma, pgd, false)?;
         } else if !dgamma.is_null() {
             self.memset_zero(dgamma.sub(0, 1))?;
         }
         let pkeys = self.scratch64(nbh * nk * d, false)?;
-        self.launch(
-            "read_logits_backward_keys",
-            self.cfg_elems(pkeys.len),
-            &[
-                k(pkeys),
-                k(dlogits),
-                k(q),
-                m0,
-                m1,
-                m2,
-                k(nbh as i32),
-                k(t as i32),
-                k(nk as i32),
-                k(d as i32),
-            ],
-        )?;
-        self.launch(
-            "sum_batch_add",
-            self.cfg_elems(h * nk * d),
-            &[k(dslot_keys), k(pkeys), k(b as i32), k((h * nk * d) as i64)],
-        )
+        kern::read_logits_backward_keys(pkeys, dlogits, q, mask, ni, ti, nk as i32, d as i32)
+            .on(self, self.cfg_elems(pkeys.len))?;
+        kern::sum_batch_add(dslot_keys, pkeys, b as i32, (h * nk * d) as i64)
+            .on(self, self.cfg_elems(h * nk * d))
     }
 
     /// rw = routing(logits), then the hard read mask (keep: null or [K] i32) with renormalisation.
@@ -2046,23 +1769,20 @@ pub trait Ops: Device {
         let (kp, lpo) = keep
             .map(|(kp, l)| (kp, l as i32))
             .unwrap_or((Dv::null(), 0));
-        self.launch(
-            "read_weights_forward",
-            self.cfg_elems(rows),
-            &[
-                k(rw),
-                k(logits),
-                k(ext),
-                k(code),
-                k(kk),
-                k(rtemp),
-                k(kp),
-                k(lpo),
-                k(i32_of("rows", rows)?),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-            ],
+        kern::read_weights_forward(
+            rw,
+            logits,
+            ext,
+            code,
+            kk,
+            rtemp,
+            kp,
+            lpo,
+            i32_of("rows", rows)?,
+            i32_of("T", t)?,
+            nk as i32,
         )
+        .on(self, self.cfg_elems(rows))
     }
 
     /// Backward of `read_weights_forward` to the logits (softmax and topk; other routings carry
@@ -2090,24 +1810,21 @@ pub trait Ops: Device {
         let (kp, lpo) = keep
             .map(|(kp, l)| (kp, l as i32))
             .unwrap_or((Dv::null(), 0));
-        self.launch(
-            "read_weights_backward",
-            self.cfg_elems(rows),
-            &[
-                k(dlogits),
-                k(drw),
-                k(rw),
-                k(logits),
-                k(code),
-                k(kk),
-                k(rtemp),
-                k(kp),
-                k(lpo),
-                k(i32_of("rows", rows)?),
-                k(i32_of("T", t)?),
-                k(nk as i32),
-            ],
+        kern::read_weights_backward(
+            dlogits,
+            drw,
+            rw,
+            logits,
+            code,
+            kk,
+            rtemp,
+            kp,
+            lpo,
+            i32_of("rows", rows)?,
+            i32_of("T", t)?,
+            nk as i32,
         )
+        .on(self, self.cfg_elems(rows))
     }
 
     /// out [R,d] = sum_k w [R,K] * state [R,K,d].
@@ -2126,18 +1843,8 @@ pub trait Ops: Device {
             rows * dm.k * dm.d,
             "slot_mix_forward: state shape"
         );
-        self.launch(
-            "slot_mix_forward",
-            self.cfg_elems(out.len),
-            &[
-                k(out),
-                k(w),
-                k(state),
-                k(rows as i64),
-                k(dm.k as i32),
-                k(dm.d as i32),
-            ],
-        )
+        kern::slot_mix_forward(out, w, state, rows as i64, dm.k as i32, dm.d as i32)
+            .on(self, self.cfg_elems(out.len))
     }
 
     /// dw += dout . state; dstate += w * dout.
@@ -2158,31 +1865,25 @@ pub trait Ops: Device {
             "slot_mix_backward: dstate shape"
         );
         assert_eq!(dout.len, rows * dm.d, "slot_mix_backward: dout shape");
-        self.launch(
-            "slot_mix_backward",
-            self.cfg_warps(rows * dm.k)?,
-            &[
-                k(dw),
-                k(dstate),
-                k(dout),
-                k(w),
-                k(state),
-                k(rows as i64),
-                k(dm.k as i32),
-                k(dm.d as i32),
-            ],
+        kern::slot_mix_backward(
+            dw,
+            dstate,
+            dout,
+            w,
+            state,
+            rows as i64,
+            dm.k as i32,
+            dm.d as i32,
         )
+        .on(self, self.cfg_warps(rows * dm.k)?)
     }
 
     /// dst [n] = src [n] rounded to bf16 (nearest even; the bits as u16): the bf16 GEMMs'
     /// inputs.
     fn convert_f32_bf16(&self, dst: Dv<u16>, src: Dv<f32>) -> Result<()> {
         assert!(dst.len >= src.len, "convert_f32_bf16: dst too short");
-        self.launch(
-            "convert_f32_bf16",
-            self.cfg_elems(src.len.div_ceil(4)),
-            &[k(dst), k(src), k(src.len as i64)],
-        )
+        kern::convert_f32_bf16(dst, src, src.len as i64)
+            .on(self, self.cfg_elems(src.len.div_ceil(4)))
     }
 
     /// f64 elements of the carries that [`Ops::linear_attn_forward`] can keep for its backward
@@ -2260,7 +1961,8 @@ pub trait Ops: Device {
     }
 
     fn tanh_forward(&self, out: Dv<f32>, inp: Dv<f32>) -> Result<()> {
-        self.elementwise_forward("tanh_forward", out, inp)
+        assert_eq!(out.len, inp.len, "tanh_forward: shape");
+        kern::tanh_forward(out, inp, inp.len as i64).on(self, self.cfg_elems(inp.len))
     }
 
     /// dinp += dout * (1 - out^2); dinp16: null, or the bf16 twin of the updated dinp.
@@ -2276,22 +1978,15 @@ pub trait Ops: Device {
             "tanh_backward: shape"
         );
         twin16("tanh_backward", dinp, dinp16);
-        self.launch(
-            "tanh_backward",
-            self.cfg_elems(out.len),
-            &[k(dinp), k(out), k(dout), k(out.len as i64), k(dinp16)],
-        )
+        kern::tanh_backward(dinp, out, dout, out.len as i64, dinp16)
+            .on(self, self.cfg_elems(out.len))
     }
 
     /// softmax over rows of k. out, inp: [R,k].
     fn softmax_slots_forward(&self, out: Dv<f32>, inp: Dv<f32>, nk: usize) -> Result<()> {
         assert_eq!(out.len, inp.len, "softmax_slots_forward: shape");
         let rows = inp.len / nk.max(1);
-        self.launch(
-            "softmax_slots_forward",
-            self.cfg_elems(rows),
-            &[k(out), k(inp), k(rows as i64), k(nk as i32)],
-        )
+        kern::softmax_slots_forward(out, inp, rows as i64, nk as i32).on(self, self.cfg_elems(rows))
     }
 
     fn softmax_slots_backward(
@@ -2303,11 +1998,8 @@ pub trait Ops: Device {
     ) -> Result<()> {
         assert_eq!(dinp.len, out.len, "softmax_slots_backward: shape");
         let rows = out.len / nk.max(1);
-        self.launch(
-            "softmax_slots_backward",
-            self.cfg_elems(rows),
-            &[k(dinp), k(out), k(dout), k(rows as i64), k(nk as i32)],
-        )
+        kern::softmax_slots_backward(dinp, out, dout, rows as i64, nk as i32)
+            .on(self, self.cfg_elems(rows))
     }
 
     /// Slot mask on the slotspace weights (in place); pre receives the weights before masking.
@@ -2323,20 +2015,17 @@ pub trait Ops: Device {
         let rows = dm.bh() * dm.t;
         assert_eq!(w.len, rows * dm.k, "slot_mask_weights_forward: shape");
         assert_eq!(pre.len, w.len, "slot_mask_weights_forward: shape");
-        self.launch(
-            "slot_mask_weights_forward",
-            self.cfg_elems(rows),
-            &[
-                k(w),
-                k(pre),
-                k(keep),
-                k(last_pos_only as i32),
-                k(renorm as i32),
-                k(rows as i64),
-                k(i32_of("T", dm.t)?),
-                k(dm.k as i32),
-            ],
+        kern::slot_mask_weights_forward(
+            w,
+            pre,
+            keep,
+            last_pos_only as i32,
+            renorm as i32,
+            rows as i64,
+            i32_of("T", dm.t)?,
+            dm.k as i32,
         )
+        .on(self, self.cfg_elems(rows))
     }
 
     fn slot_mask_weights_backward(
@@ -2352,22 +2041,19 @@ pub trait Ops: Device {
     ) -> Result<()> {
         let rows = dm.bh() * dm.t;
         assert_eq!(dpre.len, rows * dm.k, "slot_mask_weights_backward: shape");
-        self.launch(
-            "slot_mask_weights_backward",
-            self.cfg_elems(rows),
-            &[
-                k(dpre),
-                k(dw),
-                k(out),
-                k(pre),
-                k(keep),
-                k(last_pos_only as i32),
-                k(renorm as i32),
-                k(rows as i64),
-                k(i32_of("T", dm.t)?),
-                k(dm.k as i32),
-            ],
+        kern::slot_mask_weights_backward(
+            dpre,
+            dw,
+            out,
+            pre,
+            keep,
+            last_pos_only as i32,
+            renorm as i32,
+            rows as i64,
+            i32_of("T", dm.t)?,
+            dm.k as i32,
         )
+        .on(self, self.cfg_elems(rows))
     }
 }
 
@@ -2413,22 +2099,19 @@ fn crossentropy_launch<D: Ops + ?Sized>(
         shared_mem_bytes: 0,
     };
     let (scale, out16) = grad.unwrap_or((0.0, Dv::null()));
-    dev.launch(
-        "crossentropy_forward",
-        cfg,
-        &[
-            k(probs),
-            k(row_loss),
-            k(logits),
-            k(targets),
-            k(valid),
-            k(n as i32),
-            k(i32_of("V", v)?),
-            k(grad.is_some() as i32),
-            k(scale),
-            k(out16),
-        ],
+    kern::crossentropy_forward(
+        probs,
+        row_loss,
+        logits,
+        targets,
+        valid,
+        n as i32,
+        i32_of("V", v)?,
+        grad.is_some() as i32,
+        scale,
+        out16,
     )
+    .on(dev, cfg)
 }
 
 /// `nb` blocks of 256 threads, one f64 partial each: the launch of the reductions whose

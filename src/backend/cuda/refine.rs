@@ -21,7 +21,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{i32_of, k, Device, Dv, KArg};
+use super::{i32_of, kern, Device, Dv};
 use crate::error::Result;
 
 /// The slotspace's RoPE tables, cos and sin [T,M] (`None`: no RoPE).
@@ -67,13 +67,14 @@ impl QkvShape {
         }
     }
 
-    fn ints(&self) -> Result<[KArg; 4]> {
-        Ok([
-            k(i32_of("H", self.h)?),
-            k(i32_of("N", self.n)?),
-            k(i32_of("T", self.t)?),
-            k(i32_of("M", self.m)?),
-        ])
+    /// The kernels' trailing sizes (H, N, T, M).
+    fn ints(&self) -> Result<(i32, i32, i32, i32)> {
+        Ok((
+            i32_of("H", self.h)?,
+            i32_of("N", self.n)?,
+            i32_of("T", self.t)?,
+            i32_of("M", self.m)?,
+        ))
     }
 }
 
@@ -100,9 +101,9 @@ pub fn pair_cfg(most: u32, n: usize, t: usize, d: usize) -> LaunchConfig {
     }
 }
 
-fn rope_args(rope: RopeTables) -> [KArg; 2] {
-    let (cos, sin) = rope.unwrap_or((Dv::null(), Dv::null()));
-    [k(cos), k(sin)]
+/// The (cos, sin) kernel arguments (null without RoPE).
+fn rope_args(rope: RopeTables) -> (Dv<f32>, Dv<f32>) {
+    rope.unwrap_or((Dv::null(), Dv::null()))
 }
 
 /// qkv [N,T,3M] -> qs, ks, qf, kf, vs [N,T,M] (all stored).
@@ -119,12 +120,14 @@ pub fn qkv_forward<L: Device + ?Sized>(
     for (x, what) in [(qs, "qs"), (ks, "ks"), (qf, "qf"), (kf, "kf"), (vs, "vs")] {
         assert_eq!(x.len, len, "refine qkv forward: {what} shape");
     }
-    let mut a = vec![k(qs), k(ks), k(qf), k(kf), k(vs), k(qkv)];
-    a.extend_from_slice(&rope_args(rope));
-    a.extend_from_slice(&[k(s.valid), k(s.online as i32)]);
-    a.extend_from_slice(&s.ints()?);
+    let (cos, sin) = rope_args(rope);
+    let (h, n, t, m) = s.ints()?;
     let cfg = pair_cfg(dev.max_grid(), s.n, s.t, s.m);
-    dev.launch("refine_qkv_forward", cfg, &a)
+    let online = s.online as i32;
+    kern::refine_qkv_forward(
+        qs, ks, qf, kf, vs, qkv, cos, sin, s.valid, online, h, n, t, m,
+    )
+    .on(dev, cfg)
 }
 
 /// dqf, dkf, dvs [N,T,M] and the forward's qs, ks -> d3 [N,T,3M] (stored); d3_16: null, or the
@@ -153,10 +156,11 @@ pub fn qkv_backward<L: Device + ?Sized>(
     ] {
         assert_eq!(x.len, len, "refine qkv backward: {what} shape");
     }
-    let mut a = vec![k(d3), k(d3_16), k(dqf), k(dkf), k(dvs), k(qs), k(ks)];
-    a.extend_from_slice(&rope_args(rope));
-    a.push(k(s.valid));
-    a.extend_from_slice(&s.ints()?);
+    let (cos, sin) = rope_args(rope);
+    let (h, n, t, m) = s.ints()?;
     let cfg = pair_cfg(dev.max_grid(), s.n, s.t, s.m);
-    dev.launch("refine_qkv_backward", cfg, &a)
+    kern::refine_qkv_backward(
+        d3, d3_16, dqf, dkf, dvs, qs, ks, cos, sin, s.valid, h, n, t, m,
+    )
+    .on(dev, cfg)
 }
