@@ -221,7 +221,7 @@ pub fn options_for(config: &str) -> Result<BenchOptions> {
         Ok(p) => Ok(BenchOptions::from_preset(p)),
         Err(e) if !Path::new(config).exists() => Err(e),
         Err(_) => {
-            let (model, rc) = crate::trainer::read_run_config(Path::new(config))?;
+            let (model, rc) = crate::train::read_run_config(Path::new(config))?;
             let micro = if rc.micro_batch_size == 0 {
                 rc.batch_size
             } else {
@@ -476,27 +476,14 @@ fn bench_engine(
     inp: &[u32],
     tgt: &[i64],
 ) -> Result<(Option<String>, Vec<f64>, Option<GraphStats>)> {
-    let (_, mut params) = Lm::new(cfg)?;
-    let mut adam = AdamW::new(BENCH_ADAM, &params);
-    let mut engine = Engine::new(cfg, &params, &adam, o.place, o.precision)?;
-    let batch = StepBatch {
-        inputs: inp,
-        targets: tgt,
-        rows: o.batch,
-        seq_len: o.seq_len,
-        micro_rows: o.batch,
-    };
+    let (_, params) = Lm::new(cfg)?;
+    let adam = AdamW::new(BENCH_ADAM, &params);
+    let mut engine = Engine::new(cfg, params, adam, o.place, o.precision)?;
+    let batch = StepBatch::whole(inp, tgt, o.batch, o.seq_len);
     let mut secs = Vec::with_capacity(o.iters);
     for i in 0..o.warmup + o.iters {
         let t0 = Instant::now();
-        let (loss, norm) = engine.step(
-            &mut params,
-            &mut adam,
-            batch,
-            BENCH_ADAM.lr,
-            &BENCH_ADAM,
-            BENCH_CLIP,
-        )?;
+        let (loss, norm) = engine.step(batch, BENCH_ADAM.lr, Some(BENCH_CLIP))?;
         let dt = t0.elapsed().as_secs_f64();
         check_step(loss, norm)?;
         progress(o, i, dt, loss);

@@ -1,18 +1,19 @@
-//! One engine for a training step, on the CPU model (`model::lm`) or the CUDA backend
-//! (`backend::cuda::GpuLm`): `train`, `train-mini` and `bench` run their steps, validation
-//! losses and state through it.
+//! One engine for a training step, on the CPU model (`model::lm`) or a GPU backend
+//! (`backend::cuda::GpuLm`): `train`, `train-mini`, `bench`, `parity` and `smoke` run their
+//! steps, validation losses and state through it.
 //!
-//! On the CPU the host's parameters and AdamW state are the model's; on the GPU they live on
-//! the device, and [`Engine::sync_to_host`] copies them back (before a checkpoint).
+//! The engine owns the parameters and the AdamW state. On the CPU they are the model's; on a
+//! GPU they live on the device, and [`Engine::params`] and [`Engine::state`] read them back
+//! when the device has stepped since the last read, so a caller never sees stale weights.
 
 use crate::backend::cuda::graph::GraphStats;
-use crate::backend::cuda::{GpuLm, Precision};
-use crate::config::{AdamWConfig, ModelConfig, Place};
+use crate::backend::cuda::{Backend, CudaBackend, GpuLm, Precision};
+use crate::config::{ModelConfig, Place};
 use crate::error::Result;
 use crate::model::asa::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_grad_norm, global_norm, AdamW};
 
 /// One step's batch: `rows` sequences of `seq_len` inputs and next-token targets, run as
 /// micro-batches of `micro_rows` (gradient accumulation when fewer than `rows`).
@@ -25,110 +26,161 @@ pub struct StepBatch<'a> {
     pub micro_rows: usize,
 }
 
-/// Where the training step runs: the CPU reference path, or the CUDA backend (weights and
-/// optimizer state on the device).
-pub enum Engine {
+impl<'a> StepBatch<'a> {
+    /// `rows` sequences of `seq_len` in one micro-batch.
+    pub fn whole(inputs: &'a [u32], targets: &'a [i64], rows: usize, seq_len: usize) -> Self {
+        StepBatch {
+            inputs,
+            targets,
+            rows,
+            seq_len,
+            micro_rows: rows,
+        }
+    }
+}
+
+/// Where the step runs.
+enum Model<B: Backend> {
+    /// the CPU reference path, with its activations and gradients
     Cpu {
         lm: Box<Lm>,
         cache: Box<LmCache>,
         grads: ParamStore,
     },
-    Cuda(Box<GpuLm>),
+    /// a GPU backend (the weights and AdamW state on the device); whether the host's copies of
+    /// the parameters and of the AdamW state are current
+    Gpu {
+        lm: Box<GpuLm<B>>,
+        params_current: bool,
+        adam_current: bool,
+    },
+}
+
+/// The training engine: the model at its place, its parameters and AdamW state.
+pub struct Engine<B: Backend = CudaBackend> {
+    model: Model<B>,
+    params: ParamStore,
+    adam: AdamW,
+    /// dropouts on in [`Engine::step`] (off: eval-mode forwards, as the fixtures train)
+    dropout: bool,
 }
 
 impl Engine {
-    /// The model of `cfg` with `params` and the AdamW state of `adam` at `place` (`precision`:
+    /// The model of `cfg` with `params` and the AdamW state `adam` (its settings are the
+    /// steps', its moments and step count the state to resume from) at `place` (`precision`:
     /// the GPU's GEMM precision).
     pub fn new(
         cfg: &ModelConfig,
-        params: &ParamStore,
-        adam: &AdamW,
+        params: ParamStore,
+        adam: AdamW,
         place: Place,
         precision: Precision,
     ) -> Result<Self> {
         if place.is_cuda() {
-            let mut gpu = GpuLm::new(cfg, params, precision)?;
-            if adam.step > 0 {
-                gpu.set_adam_state(&adam.m, &adam.v, adam.step)?;
-            }
-            Ok(Engine::Cuda(Box::new(gpu)))
+            let lm = GpuLm::new(cfg, &params, precision)?;
+            Engine::on_gpu(lm, params, adam)
         } else {
             let (lm, _) = Lm::new(cfg)?;
-            Ok(Engine::Cpu {
+            Ok(Engine::on_cpu(lm, params, adam))
+        }
+    }
+
+    /// The CPU model `lm` (with its intervention, if any) with `params` and the AdamW state
+    /// `adam`.
+    pub fn on_cpu(lm: Lm, params: ParamStore, adam: AdamW) -> Self {
+        Engine {
+            model: Model::Cpu {
                 lm: Box::new(lm),
                 cache: Box::default(),
                 grads: params.zeros_like(),
-            })
+            },
+            params,
+            adam,
+            dropout: true,
         }
     }
 
     /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).
     pub fn peak_flops(&self) -> Option<f64> {
-        match self {
-            Engine::Cpu { .. } => None,
-            Engine::Cuda(g) => peak_bf16_flops(&g.backend().device_name),
-        }
+        peak_bf16_flops(&self.device_name()?)
     }
 
     /// "cpu", or "cuda (bf16 GEMMs)".
     pub fn name(&self) -> String {
-        match self {
-            Engine::Cpu { .. } => "cpu".into(),
-            Engine::Cuda(g) => format!("cuda ({:?} GEMMs)", g.precision).to_lowercase(),
+        match &self.model {
+            Model::Cpu { .. } => "cpu".into(),
+            Model::Gpu { lm, .. } => format!("cuda ({:?} GEMMs)", lm.precision).to_lowercase(),
         }
     }
 
     /// The GPU's name (None on the CPU).
     pub fn device_name(&self) -> Option<String> {
-        match self {
-            Engine::Cpu { .. } => None,
-            Engine::Cuda(g) => Some(g.backend().device_name.clone()),
+        match &self.model {
+            Model::Cpu { .. } => None,
+            Model::Gpu { lm, .. } => Some(lm.backend().device_name.clone()),
         }
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// The GPU model `lm` (made with `params`) with the AdamW state `adam`, on any backend (the
+    /// tests' emulator too).
+    pub fn on_gpu(mut lm: GpuLm<B>, params: ParamStore, adam: AdamW) -> Result<Self> {
+        if adam.step > 0 {
+            lm.set_adam_state(&adam.m, &adam.v, adam.step)?;
+        }
+        Ok(Engine {
+            model: Model::Gpu {
+                lm: Box::new(lm),
+                params_current: true,
+                adam_current: true,
+            },
+            params,
+            adam,
+            dropout: true,
+        })
+    }
+
+    /// Dropouts on (the default) or off (eval-mode forwards) in the steps that follow.
+    pub fn set_dropout(&mut self, on: bool) {
+        self.dropout = on;
     }
 
     /// How the GPU's steps used CUDA graphs (None on the CPU).
     pub fn graph_stats(&self) -> Option<GraphStats> {
-        match self {
-            Engine::Cpu { .. } => None,
-            Engine::Cuda(g) => Some(g.graph_stats()),
+        match &self.model {
+            Model::Cpu { .. } => None,
+            Model::Gpu { lm, .. } => Some(lm.graph_stats()),
         }
     }
 
     /// Seeds the dropout generator and moves it to a saved stream position.
     pub fn set_model_rng(&mut self, seed: u64, pos: u128) {
-        match self {
-            Engine::Cpu { lm, .. } => {
+        match &mut self.model {
+            Model::Cpu { lm, .. } => {
                 lm.reseed(seed);
                 lm.rng_mut().set_word_pos(pos);
             }
-            Engine::Cuda(g) => {
-                g.reseed(seed);
-                g.rng_mut().set_word_pos(pos);
+            Model::Gpu { lm, .. } => {
+                lm.reseed(seed);
+                lm.rng_mut().set_word_pos(pos);
             }
         }
     }
 
     /// The dropout generator's stream position (saved with a checkpoint).
     pub fn model_rng_pos(&mut self) -> u128 {
-        match self {
-            Engine::Cpu { lm, .. } => lm.rng_mut().get_word_pos(),
-            Engine::Cuda(g) => g.rng_mut().get_word_pos(),
+        match &mut self.model {
+            Model::Cpu { lm, .. } => lm.rng_mut().get_word_pos(),
+            Model::Gpu { lm, .. } => lm.rng_mut().get_word_pos(),
         }
     }
 
-    /// One optimizer step (dropouts on) at learning rate `lr` with `adam_cfg`'s other settings
-    /// (the GPU's; the CPU's `adam` carries its own) and the gradient clipped to a global norm
-    /// of `clip`: each micro-batch's mean loss weighs `micro_rows / rows`. A non-finite loss or
-    /// norm skips the update. Returns (loss, gradient norm before clipping).
-    pub fn step(
-        &mut self,
-        params: &mut ParamStore,
-        adam: &mut AdamW,
-        batch: StepBatch,
-        lr: f64,
-        adam_cfg: &AdamWConfig,
-        clip: f64,
-    ) -> Result<(f64, f64)> {
+    /// One AdamW step at learning rate `lr` (the AdamW state's other settings), the gradient
+    /// clipped to a global norm of `clip` (None: not clipped): each micro-batch's mean loss
+    /// weighs `micro_rows / rows`. A non-finite loss or norm skips the update. Returns (loss,
+    /// gradient norm before clipping).
+    pub fn step(&mut self, batch: StepBatch, lr: f64, clip: Option<f64>) -> Result<(f64, f64)> {
         let StepBatch {
             inputs,
             targets,
@@ -136,11 +188,12 @@ impl Engine {
             seq_len: t,
             micro_rows: mb,
         } = batch;
-        match self {
-            Engine::Cpu { lm, cache, grads } => {
+        let training = self.dropout;
+        match &mut self.model {
+            Model::Cpu { lm, cache, grads } => {
                 let accum = rows / mb.max(1);
                 let opts = AsaOptions {
-                    training: true,
+                    training,
                     ..Default::default()
                 };
                 grads.zero();
@@ -148,22 +201,34 @@ impl Engine {
                 // gradient accumulation: each micro-batch's mean loss weighs 1/accum
                 for k in 0..accum {
                     let span = k * mb * t..(k + 1) * mb * t;
-                    lm.forward(params, &inputs[span.clone()], mb, t, &opts, cache)?;
+                    lm.forward(&self.params, &inputs[span.clone()], mb, t, &opts, cache)?;
                     loss += lm.loss(cache, &targets[span], None)? / accum as f64;
-                    lm.backward(params, cache, &opts, grads);
+                    lm.backward(&self.params, cache, &opts, grads);
                 }
                 if accum > 1 {
                     let scale = 1.0 / accum as f32;
                     grads.data.iter_mut().flatten().for_each(|g| *g *= scale);
                 }
-                let norm = clip_grad_norm(grads, clip);
+                let norm = match clip {
+                    Some(c) => clip_grad_norm(grads, c),
+                    None => global_norm(grads),
+                };
                 if loss.is_finite() && norm.is_finite() {
-                    adam.step(params, grads, lr);
+                    self.adam.step(&mut self.params, grads, lr);
                 }
                 Ok((loss, norm))
             }
-            Engine::Cuda(g) => {
-                g.train_step_accum(inputs, targets, rows, t, mb, lr, adam_cfg, Some(clip), true)
+            Model::Gpu {
+                lm,
+                params_current,
+                adam_current,
+            } => {
+                let cfg = self.adam.cfg;
+                let r = lm.train_step_accum(inputs, targets, rows, t, mb, lr, &cfg, clip, training);
+                // whatever the outcome, the device's state may have moved on
+                *params_current = false;
+                *adam_current = false;
+                r
             }
         }
     }
@@ -171,40 +236,70 @@ impl Engine {
     /// Mean loss of an eval-mode forward of `rows` sequences of `seq_len` (validation).
     pub fn eval_loss(
         &mut self,
-        params: &ParamStore,
         inputs: &[u32],
         targets: &[i64],
         rows: usize,
         seq_len: usize,
     ) -> Result<f64> {
-        match self {
-            Engine::Cpu { lm, cache, .. } => {
-                lm.forward(params, inputs, rows, seq_len, &AsaOptions::default(), cache)?;
+        match &mut self.model {
+            Model::Cpu { lm, cache, .. } => {
+                let opts = AsaOptions::default();
+                lm.forward(&self.params, inputs, rows, seq_len, &opts, cache)?;
                 lm.loss(cache, targets, None)
             }
-            Engine::Cuda(g) => g.eval_loss(inputs, targets, rows, seq_len),
+            Model::Gpu { lm, .. } => lm.eval_loss(inputs, targets, rows, seq_len),
         }
     }
 
-    /// The parameters as they are now: the host's on the CPU, downloaded on the GPU.
-    pub fn params_view(&mut self, host: &ParamStore) -> Result<ParamStore> {
-        match self {
-            Engine::Cpu { .. } => Ok(host.clone()),
-            Engine::Cuda(g) => g.download_params(),
+    /// Logits [rows, seq_len, V] of an eval-mode forward.
+    pub fn logits(&mut self, inputs: &[u32], rows: usize, seq_len: usize) -> Result<Vec<f32>> {
+        let opts = AsaOptions::default();
+        match &mut self.model {
+            Model::Cpu { lm, cache, .. } => {
+                lm.forward(&self.params, inputs, rows, seq_len, &opts, cache)?;
+                Ok(cache.logits.clone())
+            }
+            Model::Gpu { lm, .. } => lm.forward_logits_opts(inputs, rows, seq_len, &opts),
         }
     }
 
-    /// Copies device weights and optimizer state to the host (before a checkpoint).
-    pub fn sync_to_host(&mut self, params: &mut ParamStore, adam: &mut AdamW) -> Result<()> {
-        if let Engine::Cuda(g) = self {
-            *params = g.download_params()?;
-            if let Some((m, v, step)) = g.adam_state()? {
-                adam.m = m;
-                adam.v = v;
-                adam.step = step;
+    /// The parameters as they are now (read back from the GPU when it has stepped since).
+    pub fn params(&mut self) -> Result<&ParamStore> {
+        if let Model::Gpu {
+            lm, params_current, ..
+        } = &mut self.model
+        {
+            if !*params_current {
+                self.params = lm.download_params()?;
+                *params_current = true;
             }
         }
-        Ok(())
+        Ok(&self.params)
+    }
+
+    /// The parameters and the AdamW state as they are now (a checkpoint's).
+    pub fn state(&mut self) -> Result<(&ParamStore, &AdamW)> {
+        self.params()?;
+        if let Model::Gpu {
+            lm, adam_current, ..
+        } = &mut self.model
+        {
+            if !*adam_current {
+                if let Some((m, v, step)) = lm.adam_state()? {
+                    self.adam.m = m;
+                    self.adam.v = v;
+                    self.adam.step = step;
+                }
+                *adam_current = true;
+            }
+        }
+        Ok((&self.params, &self.adam))
+    }
+
+    /// The parameters and the AdamW state, the engine given up.
+    pub fn into_state(mut self) -> Result<(ParamStore, AdamW)> {
+        self.state()?;
+        Ok((self.params, self.adam))
     }
 }
 

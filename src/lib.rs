@@ -37,7 +37,6 @@ pub mod preflight;
 pub mod probe;
 pub mod smoke;
 pub mod train;
-pub mod trainer;
 pub mod vocab;
 
 pub use error::{AsaError, Result};

@@ -564,7 +564,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stop_at,
         } => {
             let place = resolve_device(device, true)?;
-            let r = asa::trainer::train(&asa::trainer::TrainArgs {
+            let r = asa::train::train(&asa::train::TrainArgs {
                 config,
                 seed,
                 resume,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use asa::checkpoint;
 use asa::config::ModelConfig;
-use asa::trainer::read_run_config;
+use asa::train::read_run_config;
 
 fn asa() -> Command {
     Command::new(env!("CARGO_BIN_EXE_asa"))

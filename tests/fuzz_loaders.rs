@@ -747,7 +747,7 @@ fn fuzz_run_configs() {
     for (ext, text) in &bases {
         let p = dir.path().join(format!("base.{ext}"));
         std::fs::write(&p, text).unwrap();
-        asa::trainer::read_run_config(&p).unwrap();
+        asa::train::read_run_config(&p).unwrap();
     }
     let mut t = Tally::new("run configs");
     let mut rng = ChaCha8Rng::seed_from_u64(0xc0f);
@@ -757,7 +757,7 @@ fn fuzz_run_configs() {
         let p = dir.path().join(format!("case.{ext}"));
         std::fs::write(&p, &b).unwrap();
         t.case(&format!("{ext} case {i}: {what}"), b.len(), || {
-            asa::trainer::read_run_config(&p).map(|_| ())
+            asa::train::read_run_config(&p).map(|_| ())
         });
     }
     // deep nesting must not overflow the stack
@@ -778,7 +778,7 @@ fn fuzz_run_configs() {
         let p = dir.path().join(format!("deep.{ext}"));
         std::fs::write(&p, &text).unwrap();
         t.case(&format!("deeply nested {ext}"), text.len(), || {
-            asa::trainer::read_run_config(&p).map(|_| ())
+            asa::train::read_run_config(&p).map(|_| ())
         });
     }
     t.finish(2900);

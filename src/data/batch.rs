@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
+use crate::data::shards::ShardSet;
 use crate::error::{AsaError, Result};
 
 /// A token stream split into train and validation parts (the last `val_frac` of the stream).
@@ -118,6 +120,128 @@ pub fn read_text_files(paths: &[PathBuf]) -> Result<String> {
         parts.push(text.to_string());
     }
     Ok(parts.join("\n\n"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// training batches
+
+/// A source of training windows and fixed validation windows.
+pub trait Batches {
+    /// `b` random windows: inputs [B,T] and next-token targets [B,T]
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>);
+    /// fixed validation windows at `stride`, at most `max` of them, in batches of up to `b` rows
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)>;
+    /// (train tokens, validation tokens)
+    fn sizes(&self) -> (usize, usize);
+}
+
+impl Batches for TokenData {
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
+        TokenData::sample_train(self, rng, b, t)
+    }
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)> {
+        TokenData::val_batches(self, b, t, stride, max)
+    }
+    fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+}
+
+/// Prepared shards as training windows: a random shard (weighted by its length), a random
+/// offset; validation windows at a fixed stride over the validation shard.
+pub struct ShardBatches {
+    set: ShardSet,
+    /// cumulative window counts of the train shards
+    cum: Vec<u64>,
+    t: usize,
+}
+
+impl ShardBatches {
+    pub fn new(set: ShardSet, t: usize) -> Result<Self> {
+        let mut cum = Vec::new();
+        let mut acc = 0u64;
+        for s in &set.train {
+            acc += s.tokens.len().saturating_sub(t) as u64;
+            cum.push(acc);
+        }
+        if acc == 0 {
+            return Err(AsaError::Input(format!(
+                "the training shards hold no window of {} tokens (max_seq_len + 1)",
+                t + 1
+            )));
+        }
+        if set.val.tokens.len() <= t {
+            return Err(AsaError::Input(format!(
+                "the validation shard ({} tokens) is shorter than one window of {} tokens",
+                set.val.tokens.len(),
+                t + 1
+            )));
+        }
+        Ok(ShardBatches { set, cum, t })
+    }
+}
+
+impl Batches for ShardBatches {
+    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
+        use rand::Rng;
+        debug_assert_eq!(t, self.t);
+        let total = *self.cum.last().expect("at least one shard");
+        let (mut inp, mut tgt) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for _ in 0..b {
+            let w = rng.gen_range(0..total);
+            let si = self.cum.partition_point(|&c| c <= w);
+            let start = (w - if si == 0 { 0 } else { self.cum[si - 1] }) as usize;
+            let toks = self.set.train[si].tokens.window(start, t + 1);
+            inp.extend_from_slice(&toks[..t]);
+            tgt.extend(toks[1..].iter().map(|&x| x as i64));
+        }
+        (inp, tgt)
+    }
+
+    fn val_batches(
+        &self,
+        b: usize,
+        t: usize,
+        stride: usize,
+        max: usize,
+    ) -> Vec<(Vec<u32>, Vec<i64>, usize)> {
+        let v = &self.set.val.tokens;
+        let starts: Vec<usize> = (0..v.len().saturating_sub(t))
+            .step_by(stride.max(1))
+            .take(max)
+            .collect();
+        starts
+            .chunks(b.max(1))
+            .map(|ch| {
+                let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+                for &s in ch {
+                    let w = v.window(s, t + 1);
+                    inp.extend_from_slice(&w[..t]);
+                    tgt.extend(w[1..].iter().map(|&x| x as i64));
+                }
+                (inp, tgt, ch.len())
+            })
+            .collect()
+    }
+
+    fn sizes(&self) -> (usize, usize) {
+        (
+            self.set.train.iter().map(|s| s.tokens.len()).sum(),
+            self.set.val.tokens.len(),
+        )
+    }
 }
 
 #[cfg(test)]

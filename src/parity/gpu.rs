@@ -24,7 +24,9 @@ use crate::backend::cuda::model::{GpuLayerRunner, GpuLm, Precision};
 use crate::backend::cuda::{Backend, CudaBackend};
 use crate::checkpoint;
 use crate::config::ModelConfig;
+use crate::engine::Engine;
 use crate::error::{AsaError, Result};
+use crate::optim::AdamW;
 use crate::vocab::options::Intervention;
 use crate::vocab::params::{AsaIds, Init, ParamStore};
 
@@ -180,7 +182,7 @@ fn run_lm<B: Backend>(
         lm.set_intervention(it);
     }
     if io.has("tokens") && io.has("losses") {
-        return run_train(conf, io, &cfg, &mut lm);
+        return run_train(conf, io, &cfg, lm, store);
     }
     let mut checks = Vec::new();
     let (ids, b, t) = io.ids("input_ids")?;
@@ -231,28 +233,17 @@ fn run_lm<B: Backend>(
     Ok(checks)
 }
 
+/// `lm_train3`-style cases through the training engine on `lm`'s backend.
 fn run_train<B: Backend>(
     conf: &Value,
     io: &Io,
     cfg: &ModelConfig,
-    lm: &mut GpuLm<B>,
+    lm: GpuLm<B>,
+    store: ParamStore,
 ) -> Result<Vec<Check>> {
     let tc = train_case(conf, io)?;
-    let (mut losses, mut norms) = (Vec::new(), Vec::new());
-    for _ in 0..tc.steps {
-        // eval-mode forward, as the CPU fixture runner trains
-        let (loss, norm) = lm.train_step_mode(
-            &tc.inputs,
-            &tc.targets,
-            tc.b,
-            tc.t,
-            tc.acfg.lr,
-            &tc.acfg,
-            tc.clip,
-            false,
-        )?;
-        losses.push(loss as f32);
-        norms.push(norm as f32);
-    }
-    train_checks(io, &losses, &norms, &lm.download_params()?, cfg.tie_weights)
+    let adam = AdamW::new(tc.acfg, &store);
+    let mut engine = Engine::on_gpu(lm, store, adam)?;
+    let (losses, norms) = super::train_steps(&mut engine, &tc)?;
+    train_checks(io, &losses, &norms, engine.params()?, cfg.tie_weights)
 }

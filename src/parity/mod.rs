@@ -13,15 +13,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::backend::cuda::Backend;
 use crate::checkpoint::{self, AnyTensor};
 use crate::config::{ModelConfig, Variant};
+use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
 use crate::model::asa::{
     AsaCache, AsaLayer, AsaOptions, Intervention, RoutingMode, RoutingNoise, ScanForm, SlotMask,
 };
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::{AsaIds, Init, ParamStore};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// Error of a tensor: max|x - ref| / max(floor, max|ref|), or absolute when `floor` is None.
 #[derive(Debug, Clone, Copy)]
@@ -521,11 +523,11 @@ fn load_lm(dir: &Path, conf: &Value) -> Result<(Lm, ParamStore)> {
 }
 
 fn run_lm_case(dir: &Path, conf: &Value, io: &Io) -> Result<Vec<Check>> {
-    let (mut lm, mut store) = load_lm(dir, conf)?;
+    let (mut lm, store) = load_lm(dir, conf)?;
     let mut checks = Vec::new();
     let mut cache = LmCache::default();
     if io.has("tokens") && io.has("losses") {
-        return run_train_case(conf, io, &mut lm, &mut store);
+        return run_train_case(conf, io, lm, store);
     }
     let (ids, b, t) = io.ids("input_ids")?;
     let mask = io.mask("attention_mask")?;
@@ -721,31 +723,30 @@ pub(crate) fn train_checks(
     Ok(checks)
 }
 
-/// `lm_train3`-style cases on the CPU (eval-mode forward, as the reference's fixture run).
-fn run_train_case(
-    conf: &Value,
-    io: &Io,
-    lm: &mut Lm,
-    store: &mut ParamStore,
-) -> Result<Vec<Check>> {
+/// `lm_train3`-style cases on the CPU (eval-mode forward, as the reference's fixture run),
+/// through the training engine.
+fn run_train_case(conf: &Value, io: &Io, lm: Lm, store: ParamStore) -> Result<Vec<Check>> {
     let tc = train_case(conf, io)?;
-    let (b, t) = (tc.b, tc.t);
-    let opts = AsaOptions::default();
-    let mut adam = AdamW::new(tc.acfg, store);
-    let mut cache = LmCache::default();
+    let tied = lm.cfg.tie_weights;
+    let adam = AdamW::new(tc.acfg, &store);
+    let mut engine = Engine::on_cpu(lm, store, adam);
+    let (losses, norms) = train_steps(&mut engine, &tc)?;
+    train_checks(io, &losses, &norms, engine.params()?, tied)
+}
+
+/// The steps of a train case on `engine` (dropouts off): the losses and the gradient norms
+/// before clipping.
+pub(crate) fn train_steps<B: Backend>(
+    engine: &mut Engine<B>,
+    tc: &TrainCase,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    engine.set_dropout(false);
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..tc.steps {
-        lm.forward(store, &tc.inputs, b, t, &opts, &mut cache)?;
-        losses.push(lm.loss(&mut cache, &tc.targets, None)? as f32);
-        let mut grads = store.zeros_like();
-        lm.backward(store, &mut cache, &opts, &mut grads);
-        let norm = match tc.clip {
-            Some(c) => clip_grad_norm(&mut grads, c),
-            None => crate::optim::global_norm(&grads),
-        };
+        let batch = StepBatch::whole(&tc.inputs, &tc.targets, tc.b, tc.t);
+        let (loss, norm) = engine.step(batch, tc.acfg.lr, tc.clip)?;
+        losses.push(loss as f32);
         norms.push(norm as f32);
-        let lr = adam.cfg.lr;
-        adam.step(store, &grads, lr);
     }
-    train_checks(io, &losses, &norms, store, lm.cfg.tie_weights)
+    Ok((losses, norms))
 }

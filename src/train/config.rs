@@ -1,70 +1,129 @@
-//! `asa train --config run.toml`: the reference notebooks' training recipe on prepared token
-//! shards (`asa prepare`), with exact resume, `best` and `last` checkpoints and JSON-lines
-//! metrics. The loop itself is the one `train-mini` uses (`train::run_loop`).
-//!
-//! The config is one flat TOML table with the reference `ASMTrainConfig` field names (model and
-//! training fields side by side, as the reference's config is), plus our own keys: `data` (the
-//! prepared folder), `outdir`, `name` (default: `tag`), `min_lr`, `val_windows`,
-//! `skip_nonfinite`, `precision`. Every key is optional except `data`.
+//! What a training run is asked to do: [`TrainSettings`] (saved as `train.json` in the run
+//! directory, compared on resume) and the `asa train --config run.toml` file it comes from
+//! ([`RunConfig`], [`read_run_config`]): one flat TOML table with the reference `ASMTrainConfig`
+//! field names (model and training fields side by side, as the reference's config is), plus our
+//! own keys: `data` (the prepared folder), `outdir`, `name` (default: `tag`), `min_lr`,
+//! `val_windows`, `skip_nonfinite`, `precision`. Every key is optional except `data`.
 
 use std::path::{Path, PathBuf};
 
-use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::Precision;
 use crate::config::{
     check_kinds, check_known_keys, Kind, ModelConfig, Place, MODEL_FIELDS,
     REFERENCE_IGNORED_FIELDS, REFERENCE_TRAIN_FIELDS,
 };
-use crate::data::shards::{open_prepared, ShardSet};
 use crate::error::{AsaError, Result};
-use crate::model::lm::Lm;
-use crate::optim::AdamW;
-use crate::train::{
-    adam_config, check_run_name, check_stop_at, extend_total, load_run, open_run_dir, run_mode,
-    Batches, RunDir, RunMode, TrainReport, TrainSettings, TrainState,
-};
+
+/// Settings of one training run (saved as `train.json` in the run directory).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainSettings {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub eval_interval: usize,
+    pub eval_windows: usize,
+    pub val_frac: f64,
+    pub seed: u64,
+    pub tokenizer: String,
+    pub data: Vec<PathBuf>,
+    /// share of generated fact sentences in the embedded default text (ignored with `data`)
+    #[serde(default = "default_fact_frac")]
+    pub fact_frac: f64,
+    /// rows per forward/backward pass (0: the whole batch); `batch_size` must be a multiple
+    #[serde(default)]
+    pub micro_batch_size: usize,
+    /// validation windows start every `val_stride` tokens (0: T/2)
+    #[serde(default)]
+    pub val_stride: usize,
+    /// skip (and count) a step whose loss or gradient is not finite instead of stopping
+    #[serde(default)]
+    pub skip_nonfinite: bool,
+}
+
+impl TrainSettings {
+    /// (micro-batch rows, micro-batches per optimizer step)
+    pub fn micro(&self) -> (usize, usize) {
+        let m = if self.micro_batch_size == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch_size
+        };
+        (m, self.batch_size / m.max(1))
+    }
+    pub(crate) fn stride(&self) -> usize {
+        if self.val_stride == 0 {
+            (self.seq_len / 2).max(1)
+        } else {
+            self.val_stride
+        }
+    }
+}
+
+pub(crate) fn default_fact_frac() -> f64 {
+    0.6
+}
 
 fn d_name() -> String {
     "asa_run".into()
 }
+
 fn d_outdir() -> PathBuf {
     PathBuf::from("runs")
 }
+
 fn d_batch() -> usize {
     64
 }
+
 fn d_one() -> usize {
     1
 }
+
 fn d_lr() -> f64 {
     3e-4
 }
+
 fn d_wd() -> f64 {
     0.01
 }
+
 fn d_betas() -> [f64; 2] {
     [0.9, 0.95]
 }
+
 fn d_clip() -> f64 {
     1.0
 }
+
 fn d_warmup() -> usize {
     1000
 }
+
 fn d_total() -> usize {
     75_000
 }
+
 fn d_eval() -> usize {
     1000
 }
+
 fn d_stride() -> f64 {
     0.5
 }
+
 fn d_val_windows() -> usize {
     256
 }
+
 fn d_precision() -> String {
     "bf16".into()
 }
@@ -340,108 +399,8 @@ pub fn check_run_config(run: &RunConfig, batch_given: bool) -> Result<()> {
     Ok(())
 }
 
-/// Prepared shards as training windows: a random shard (weighted by its length), a random
-/// offset; validation windows at a fixed stride over the validation shard.
-pub struct ShardBatches {
-    set: ShardSet,
-    /// cumulative window counts of the train shards
-    cum: Vec<u64>,
-    t: usize,
-}
-
-impl ShardBatches {
-    pub fn new(set: ShardSet, t: usize) -> Result<Self> {
-        let mut cum = Vec::new();
-        let mut acc = 0u64;
-        for s in &set.train {
-            acc += s.tokens.len().saturating_sub(t) as u64;
-            cum.push(acc);
-        }
-        if acc == 0 {
-            return Err(AsaError::Input(format!(
-                "the training shards hold no window of {} tokens (max_seq_len + 1)",
-                t + 1
-            )));
-        }
-        if set.val.tokens.len() <= t {
-            return Err(AsaError::Input(format!(
-                "the validation shard ({} tokens) is shorter than one window of {} tokens",
-                set.val.tokens.len(),
-                t + 1
-            )));
-        }
-        Ok(ShardBatches { set, cum, t })
-    }
-}
-
-impl Batches for ShardBatches {
-    fn sample_train(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
-        use rand::Rng;
-        debug_assert_eq!(t, self.t);
-        let total = *self.cum.last().expect("at least one shard");
-        let (mut inp, mut tgt) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for _ in 0..b {
-            let w = rng.gen_range(0..total);
-            let si = self.cum.partition_point(|&c| c <= w);
-            let start = (w - if si == 0 { 0 } else { self.cum[si - 1] }) as usize;
-            let toks = self.set.train[si].tokens.window(start, t + 1);
-            inp.extend_from_slice(&toks[..t]);
-            tgt.extend(toks[1..].iter().map(|&x| x as i64));
-        }
-        (inp, tgt)
-    }
-
-    fn val_batches(
-        &self,
-        b: usize,
-        t: usize,
-        stride: usize,
-        max: usize,
-    ) -> Vec<(Vec<u32>, Vec<i64>, usize)> {
-        let v = &self.set.val.tokens;
-        let starts: Vec<usize> = (0..v.len().saturating_sub(t))
-            .step_by(stride.max(1))
-            .take(max)
-            .collect();
-        starts
-            .chunks(b.max(1))
-            .map(|ch| {
-                let (mut inp, mut tgt) = (Vec::new(), Vec::new());
-                for &s in ch {
-                    let w = v.window(s, t + 1);
-                    inp.extend_from_slice(&w[..t]);
-                    tgt.extend(w[1..].iter().map(|&x| x as i64));
-                }
-                (inp, tgt, ch.len())
-            })
-            .collect()
-    }
-
-    fn sizes(&self) -> (usize, usize) {
-        (
-            self.set.train.iter().map(|s| s.tokens.len()).sum(),
-            self.set.val.tokens.len(),
-        )
-    }
-}
-
-/// Options of `asa train` beside the config file.
-#[derive(Debug, Clone, Default)]
-pub struct TrainArgs {
-    pub config: PathBuf,
-    pub seed: Option<u64>,
-    pub resume: bool,
-    /// delete the run already in the folder and start a new one
-    pub force: bool,
-    /// with `resume`: the run's new total step count (extends a finished run)
-    pub total_steps: Option<usize>,
-    pub place: Place,
-    pub stop_at: Option<usize>,
-    pub quiet: bool,
-}
-
 /// The training settings a config file describes (`tokenizer` is filled from the data).
-fn settings_from(rc: &RunConfig, model: &ModelConfig) -> TrainSettings {
+pub(crate) fn settings_from(rc: &RunConfig, model: &ModelConfig) -> TrainSettings {
     let micro = if rc.micro_batch_size == 0 {
         rc.batch_size
     } else {
@@ -470,195 +429,4 @@ fn settings_from(rc: &RunConfig, model: &ModelConfig) -> TrainSettings {
         val_stride: ((rc.stride_frac_val * t as f64).round() as usize).max(1),
         skip_nonfinite: rc.skip_nonfinite,
     }
-}
-
-/// The config-file name of a `TrainSettings` field, for messages.
-fn config_key(settings_key: &str) -> &str {
-    match settings_key {
-        "steps" => "total_steps",
-        "lr" => "learning_rate",
-        "beta1" => "betas[0]",
-        "beta2" => "betas[1]",
-        "eval_windows" => "val_windows",
-        "val_stride" => "stride_frac_val (validation stride in tokens)",
-        "batch_size" => "rows per step (batch_size x grad_accum_steps)",
-        "micro_batch_size" => "micro_batch_size (rows per pass)",
-        k => k,
-    }
-}
-
-/// The fields (top-level keys of their JSON form) whose values differ, as "key: old -> new".
-fn json_changes<T: serde::Serialize>(
-    old: &T,
-    new: &T,
-    skip: &[&str],
-    name: &dyn Fn(&str) -> String,
-) -> Vec<String> {
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-        (serde_json::to_value(old), serde_json::to_value(new))
-    else {
-        return vec!["(the run's settings could not be compared)".into()];
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let null = serde_json::Value::Null;
-    keys.into_iter()
-        .filter(|k| !skip.contains(&k.as_str()))
-        .filter_map(|k| {
-            let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
-            (x != y).then(|| format!("{}: {x} -> {y}", name(k)))
-        })
-        .collect()
-}
-
-/// Two data paths name the same folder (as written, or once resolved).
-fn same_path(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-}
-
-/// On `--resume`: what the config file changes against the run, each field named. The seed
-/// (`--seed` or the config's), the model and every training setting must match, except
-/// `skip_nonfinite` (may be switched on to get past a non-finite step) and `total_steps`, which
-/// only `--total-steps` changes (it is reported here when the config alone changes it).
-fn resume_changes(
-    run_cfg: &ModelConfig,
-    run_s: &TrainSettings,
-    model: &ModelConfig,
-    new_s: &TrainSettings,
-    total_given: bool,
-) -> Vec<String> {
-    let mut out = json_changes(run_cfg, model, &[], &|k| match k {
-        "seed" => "seed (the config's, or --seed)".into(),
-        k => k.to_string(),
-    });
-    // seed and seq_len are compared as the model's seed and max_seq_len; the rest below
-    let skip = [
-        "tokenizer",
-        "skip_nonfinite",
-        "seed",
-        "seq_len",
-        "data",
-        "steps",
-        "val_frac",
-    ];
-    if !total_given && run_s.steps != new_s.steps {
-        out.push(format!(
-            "total_steps: {} -> {} (to extend the run, pass --total-steps {} and leave total_steps as it was)",
-            run_s.steps, new_s.steps, new_s.steps
-        ));
-    }
-    if !matches!((run_s.data.first(), new_s.data.first()), (Some(a), Some(b)) if same_path(a, b)) {
-        out.push(format!("data: {:?} -> {:?}", run_s.data, new_s.data));
-    }
-    out.extend(json_changes(run_s, new_s, &skip, &|k| {
-        config_key(k).to_string()
-    }));
-    out
-}
-
-/// `asa train`: trains on prepared shards; `--resume` continues `<outdir>/<name>` exactly.
-pub fn train(a: &TrainArgs) -> Result<TrainReport> {
-    let (mut model, rc) = read_run_config(&a.config)?;
-    if let Some(s) = a.seed {
-        model.seed = s;
-    }
-    if model.mlp_bias.is_none() {
-        model.mlp_bias = Some(true);
-    }
-    let (name, what) = match &rc.name {
-        Some(n) => (n.clone(), "name"),
-        None => (rc.tag.clone(), "tag (the run name when `name` is not set)"),
-    };
-    check_run_name(&name, what)?;
-    let run = RunDir {
-        dir: rc.outdir.join(&name),
-    };
-    let precision: Precision = rc.precision.parse()?;
-    if a.total_steps.is_some() && !a.resume {
-        return Err(AsaError::Config(
-            "--total-steps extends a run on --resume; for a new run set total_steps in the config"
-                .into(),
-        ));
-    }
-    let mode = run_mode(a.resume, a.force);
-    if mode != RunMode::Resume {
-        check_stop_at(a.stop_at, 0, rc.total_steps)?;
-    }
-    let _lock = open_run_dir(&run, mode, "train")?;
-    let resume = mode == RunMode::Resume;
-    let new_settings = settings_from(&rc, &model);
-    let (cfg, params, adam, mut settings, state) = if resume {
-        let (cfg, params, adam, mut settings, state) = load_run(&run)?;
-        let changed = resume_changes(
-            &cfg,
-            &settings,
-            &model,
-            &new_settings,
-            a.total_steps.is_some(),
-        );
-        if !changed.is_empty() {
-            return Err(AsaError::Config(format!(
-                "--resume: {} differs from the run in {}: {}; restore these values to continue the run, or start a new run (another name, or --force)",
-                a.config.display(),
-                run.dir.display(),
-                changed.join("; ")
-            )));
-        }
-        settings.skip_nonfinite = new_settings.skip_nonfinite;
-        if let Some(n) = a.total_steps {
-            settings.steps = extend_total(n, &state, "--total-steps")?;
-        }
-        (cfg, params, adam, settings, state)
-    } else {
-        rc.preflight(&model, a.place)?;
-        let (_, params) = Lm::new(&model)?;
-        let adam = AdamW::new(adam_config(&new_settings), &params);
-        (model, params, adam, new_settings, TrainState::start())
-    };
-    // the data is checked before anything trains: shards, headers, vocabulary
-    let data_dir = settings
-        .data
-        .first()
-        .cloned()
-        .unwrap_or_else(|| rc.data.clone());
-    let set = open_prepared(&data_dir, cfg.vocab_size)?;
-    let tokenizer = set
-        .meta
-        .get("tokenizer")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    // recorded in train.json so that `probe` and other readers decode with the data's tokenizer
-    // (runs saved before this have it empty and get it on their next save)
-    if settings.tokenizer.is_empty() {
-        settings.tokenizer = tokenizer.clone();
-    }
-    let data = ShardBatches::new(set, settings.seq_len)?;
-    crate::train::run_loop(crate::train::LoopArgs {
-        label: "train",
-        extend_flag: "--total-steps",
-        run,
-        cfg,
-        params,
-        adam,
-        settings,
-        state,
-        resume,
-        data: &data,
-        place: a.place,
-        precision,
-        stop_at: a.stop_at,
-        quiet: a.quiet,
-        keep_best: true,
-        data_name: format!(
-            "{} shards, {}",
-            data_dir.display(),
-            if tokenizer.is_empty() {
-                "?"
-            } else {
-                &tokenizer
-            }
-        ),
-    })
 }
