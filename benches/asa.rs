@@ -23,7 +23,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use asa::backend::cpu::asa::{ReadMask, SlotDims};
+use asa::backend::cpu::slot_ops::{ReadMask, SlotDims};
 use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
 use asa::backend::cuda::linear::{tiled_smem, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask, Learned};
@@ -31,7 +31,7 @@ use asa::backend::cuda::{
     self, model::GpuLayerRunner, AsDv, CudaBackend, Device, Dv, GpuLm, Ops, Precision,
 };
 use asa::config::ModelConfig;
-use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
+use asa::model::layer::{AsaCache, AsaLayer, AsaOptions};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};

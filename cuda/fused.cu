@@ -1,6 +1,6 @@
 // Fused slot write scan + read (forward and backward) without the [B,H,T,K,d] state history.
 //
-// The math is the CPU twins' (src/backend/cpu/asa.rs): `slot_scan_forward` (the reference's
+// The math is the CPU twins' (src/backend/cpu/slot_ops.rs): `slot_scan_forward` (the reference's
 // chunked running-max softmax, exact `write_chunk_size` semantics), `read_logits_forward`,
 // `read_weights_forward` (softmax routing + read slot mask), `slot_mix_forward`, and their
 // backwards (`slot_scan_backward` with the gradient through the running max). Host side:
@@ -92,7 +92,7 @@ __device__ __forceinline__ double fu_wsum(double a) {
     return a;
 }
 
-// Is slot s masked at time ti? keep: nullable [K] (0 = masked). (asa_masked of asa.cu)
+// Is slot s masked at time ti? keep: nullable [K] (0 = masked). (asa_masked of slot_ops.cu)
 __device__ __forceinline__ bool fu_masked(const int* keep, int last_pos_only, int ti, int t, int s) {
     if (!keep) return false;
     if (last_pos_only && ti + 1 != t) return false;
@@ -321,7 +321,7 @@ __device__ __forceinline__ void fu_walk_step(FuWalk& W, int t, int t0, int c, fl
 // forward, level 0: the running max. rmax [B,H,K,T] = prefix max of wl over time (the reference's
 // R_t for every chunk size). One warp per (b,h,s), 32 positions per step.
 
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void slot_scan_read_forward_rmax(float* rmax, const float* wl, int nbh, int t, int nk) {
     int warp = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
@@ -351,7 +351,7 @@ extern "C" __global__ void slot_scan_read_forward_rmax(float* rmax, const float*
 // nsub > 0: comp = the tile's sum of e_u v_u, prod = 1.
 // sum_n: [B*H, ntiles, K, d]; sum_d, prod: [B*H, ntiles, K] (f64). Grid: B*H*ntiles blocks.
 
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_forward_sums(double* sum_n, double* sum_d, double* prod, const float* __restrict__ wl,
                                 const float* __restrict__ rmax, const float* __restrict__ v, int nbh, int h,
@@ -428,7 +428,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // position); cp, cpd: the in-chunk sums from c0 to the tile start (0 when tiles hold whole
 // chunks). cn, cp: [B*H, ntiles, K, d]; cd, cpd: [B*H, ntiles, K] (f64).
 
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void slot_scan_read_forward_carry(double* cn, double* cd, double* cp, double* cpd,
                                                         const double* __restrict__ sum_n,
                                                         const double* __restrict__ sum_d,
@@ -513,7 +513,7 @@ extern "C" __global__ void slot_scan_read_forward_carry(double* cn, double* cd, 
 // [B*H, nchunks, K, d] (f32) for the backward. lkey, lcont, logits [B,H,T,K]: nullable outputs.
 // Dynamic shared memory: 16*NW*d + 16*K bytes.
 
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_forward(float* out1, float* rw, float* lkey, float* lcont, float* logits, float* den,
                            float* cn_chunk, const float* __restrict__ wl, const float* __restrict__ rmax,
@@ -913,7 +913,7 @@ __device__ __forceinline__ void ft_mix_out(const FtTile& f, float* out, int t, i
 // slot_scan_read_forward_sums on tensor cores (tiles inside one chunk): the same outputs, sum_n =
 // alpha^T V (a [K][d] product over the tile), sum_d = the column sums of alpha (f64), prod = E
 // at the tile's last position when the tile is its chunk (nsub == 0), else 1.
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_forward_sums_bf16(double* sum_n, double* sum_d, double* prod, const float* __restrict__ wl,
                                      const float* __restrict__ rmax, const float* __restrict__ v, int nbh, int h,
@@ -941,7 +941,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 }
 
 // slot_scan_read_forward on tensor cores: the same arguments and outputs.
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_forward_bf16(float* out1, float* rw, float* lkey, float* lcont, float* logits, float* den,
                                 float* cn_chunk, const float* __restrict__ wl, const float* __restrict__ rmax,
@@ -1017,7 +1017,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 // states dotted with dout1 and q (ft_dot_states twice), the key logits, then per position (a warp,
 // as the walk) drw, the softmax backward with the read mask, dl; then dq += dl_key keys / sqrt(d)
 // + sum_s gc state (ft_mix_out with rho = gc / den), dkeys_part = dl_key^T q / sqrt(d).
-// twin: cpu::asa::read_logits_backward
+// twin: cpu::slot_ops::read_logits_backward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_backward_read_bf16(float* dq, double* gc_out, double* gsum_out, double* dkeys_part,
                                       double* dgamma_part, const float* __restrict__ drw_in,
@@ -1157,7 +1157,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 // forward's ([B,H,K,T]); with merged (nullable) also `mix_merge`'s output. z (nullable): the
 // refine's slot_out output [B,H,T,K]; then the weights are its tanh (`tanh_forward`'s f64
 // tanh), stored into wts for the backward (each element is one block's, read once).
-// twin: cpu::asa::slot_mix_forward
+// twin: cpu::slot_ops::slot_mix_forward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_mix_bf16(float* out, float* wts, const float* __restrict__ z, const float* __restrict__ wl,
                             const float* __restrict__ rmax, const float* __restrict__ v,
@@ -1199,7 +1199,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 // slot_scan_read_dot on tensor cores: out [B,H,T,K] += xv . state, with den the forward's.
 // dz (nullable): also `tanh_backward` of the refine's signed weights sw [B,H,T,K] on the
 // updated out: dz += out * (1 - sw^2), dz16 (nullable) its bf16 twin.
-// twin: cpu::asa::slot_mix_backward
+// twin: cpu::slot_ops::slot_mix_backward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_dot_bf16(float* out, const float* __restrict__ xv, const float* __restrict__ wl,
                             const float* __restrict__ rmax, const float* __restrict__ v,
@@ -1233,7 +1233,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 // sum_s w[b,h,t,s] * state[b,h,t,s,:]. The slotspace refine's delta. Dynamic shared memory:
 // 16*NW*d bytes.
 
-// twin: cpu::asa::slot_mix_forward
+// twin: cpu::slot_ops::slot_mix_forward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_mix(float* out, const float* __restrict__ wts, const float* __restrict__ wl,
                        const float* __restrict__ rmax, const float* __restrict__ v, const double* __restrict__ cn,
@@ -1286,7 +1286,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // state dot (the weight gradient of slot_mix_backward without the history): out [B,H,T,K] +=
 // (f32) sum_j xv[b,h,t,j] * state[b,h,t,s,j]. The refine backward's d(slotspace weights).
 
-// twin: cpu::asa::slot_mix_backward
+// twin: cpu::slot_ops::slot_mix_backward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_dot(float* out, const float* __restrict__ xv, const float* __restrict__ wl,
                        const float* __restrict__ rmax, const float* __restrict__ v, const double* __restrict__ cn,
@@ -1333,7 +1333,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // drw_in (the refine path's gradient into rw), sw, dsw (= ddelta.state): nullable [B,H,T,K].
 // Dynamic shared memory: 16*NW*d + 16*K bytes.
 
-// twin: cpu::asa::read_logits_backward
+// twin: cpu::slot_ops::read_logits_backward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_backward_read(float* dq, double* gc_out, double* gsum_out, double* dkeys_part,
                                  double* dgamma_part, const float* __restrict__ drw_in,
@@ -1577,7 +1577,7 @@ __device__ __forceinline__ void fu_gn(double* gn, double& gd, double rwv, double
 // bs2_d = sum_t sc_t gd_t (the chunk's carry gradients).
 // bs_n, bs2_n: [B*H, ntiles, K, d]; bs_d, bs2_d, bs_prod: [B*H, ntiles, K] (f64).
 
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_backward_sums(double* bs_n, double* bs_d, double* bs2_n, double* bs2_d, double* bs_prod,
                                  const float* __restrict__ rw, const float* __restrict__ sw,
@@ -1651,7 +1651,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // gradients of that chunk's carry-out (num, den) from the next chunk (dnum_c, dden_c of the CPU
 // twin); otherwise the suffix sums of gn, gd from the tile end to the chunk end (dnum_c included).
 
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void slot_scan_read_backward_carry(double* bc_n, double* bc_d, const double* __restrict__ bs_n,
                                                          const double* __restrict__ bs_d,
                                                          const double* __restrict__ bs2_n,
@@ -1759,7 +1759,7 @@ extern "C" __global__ void slot_scan_read_backward_carry(double* bc_n, double* b
 // xo, yo: [B,H,K,T] (f64), finished by slot_scan_read_backward_route. num_prev: cn_chunk from
 // the forward; den_prev: den at c0-1. Dynamic shared memory: 16*NW*d bytes.
 
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void __launch_bounds__(512)
     slot_scan_read_backward(float* dv, double* xo, double* yo, const double* __restrict__ bc_n,
                             const double* __restrict__ bc_d, const float* __restrict__ cn_chunk,
@@ -1886,7 +1886,7 @@ extern "C" __global__ void __launch_bounds__(512)
 //   nsub == 0 (the tile is its chunk): bs_n = sum_t sc_t gn_t, bs_d = sum_t sc_t gd_t, bs2 = 0,
 //              bs_prod = sc at the chunk's last position.
 // C, P accumulate the two [K][d] sums over the terms j.
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_backward_sums_bf16(double* bs_n, double* bs_d, double* bs2_n, double* bs2_d, double* bs_prod,
                                       const float* __restrict__ rw, const float* __restrict__ sw,
@@ -1946,7 +1946,7 @@ extern "C" __global__ void __launch_bounds__(FT_THREADS)
 //            num_prev . gn = sum_j W_j (x_j num_prev^T);  0 while the carried max is -inf
 // Staged: V, C = num_prev (cn_chunk), P = R0, cd = B0, cpd = den_prev; LC accumulates v . a,
 // R the num_prev . gn sums.
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void __launch_bounds__(FT_THREADS)
     slot_scan_read_backward_bf16(float* dv, double* xo, double* yo, const double* __restrict__ bc_n,
                                  const double* __restrict__ bc_d, const float* __restrict__ cn_chunk,
@@ -2082,7 +2082,7 @@ __device__ __forceinline__ double fu_affine_scan(double al, double be, double& c
 // Both recurrences are affine scans over positions in reverse time; cm: scratch [B,H,K,T] (the
 // chunk-local cummax). One warp per (b,h,s).
 
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void slot_scan_read_backward_route(float* dwl, float* cm, const double* __restrict__ xo,
                                                          const double* __restrict__ yo,
                                                          const float* __restrict__ wl,
@@ -2156,7 +2156,7 @@ extern "C" __global__ void slot_scan_read_backward_route(float* dwl, float* cm, 
 // fixed order: strided per thread, then `block_sum_d`) into dgamma[0] (=) and, with
 // dgamma_grad (nullable), adds (f32)(sum * factor) to dgamma_grad[0] (the raw parameter's
 // gradient; factor = asa_step_factor(gamma_factor, gamma_at)).
-// twin: cpu::asa::read_logits_backward
+// twin: cpu::slot_ops::read_logits_backward
 extern "C" __global__ void slot_scan_read_backward_keys(float* dkeys, const double* __restrict__ part, int b, int h,
                                                         int ntiles, int nk, int d, double* dgamma,
                                                         float* dgamma_grad, double gamma_factor,

@@ -4,7 +4,7 @@
 // `orth_gate`.
 //
 // CPU twin: `AsaLayer::intervene_forward` / `AsaLayer::intervene_backward` and `PosGeom::{new,
-// apply, vjp}` in src/model/asa.rs, mirrored step by step in f64. The kernels are named
+// apply, vjp}` in src/model/layer.rs, mirrored step by step in f64. The kernels are named
 // `slot_mix_{forward,backward}_intv_*` because the intervention acts on the outputs of the two
 // slot mixes (out1 = sum_k rw * state, delta = sum_k sw * state) and the twin table of
 // tests/cuda_compile.rs only knows the ops of backend::cpu.
@@ -117,7 +117,7 @@ __device__ __forceinline__ void intv_gate_mask(double score_raw, const double* t
 }
 
 // score_raw [R] of every position (orth_gate's threshold input). One warp per row.
-// twin: model::asa::AsaLayer::intervene_forward
+// twin: model::layer::AsaLayer::intervene_forward
 extern "C" __global__ void slot_mix_forward_intv_score(double* score, const float* out1, const float* delta,
                                                        const float* z, double gate, i64 rows, int nk, int d,
                                                        int sk) {
@@ -153,7 +153,7 @@ __device__ double intv_quantile(const double* v, i64 n, double q, int clip, doub
 // block-synchronised) and writes thr[c] = (tau, smax, has_smax):
 // smax = quantile(scores, clip_q) when has_clip, tau = tau_abs (tau_pctl == 0) or
 // quantile(min(scores, smax), tau_q). `intervene_forward`'s threshold step.
-// twin: model::asa::AsaLayer::intervene_forward
+// twin: model::layer::AsaLayer::intervene_forward
 extern "C" __global__ void slot_mix_forward_intv_thresholds(double* thr, double* sort, const double* score,
                                                             i64 bh, int t, int chunk, i64 npad, int has_clip,
                                                             double clip_q, int tau_pctl, double tau_abs,
@@ -206,7 +206,7 @@ extern "C" __global__ void slot_mix_forward_intv_thresholds(double* thr, double*
 // out_h [R,d] = out1 + delta_mod (f32 add of the f64 result, `PosGeom::apply`); stats [R,8] for
 // the logs. score: the raw scores of slot_mix_forward_intv_score (read for mode 4 only); thr:
 // per chunk (mode 4 only). One warp per row. out_h must not alias out1.
-// twin: model::asa::AsaLayer::intervene_forward
+// twin: model::layer::AsaLayer::intervene_forward
 extern "C" __global__ void slot_mix_forward_intv_apply(float* out_h, double* stats, const float* out1,
                                                        const float* delta, const double* score,
                                                        const double* thr, const float* head_mask, double gate,
@@ -266,7 +266,7 @@ extern "C" __global__ void slot_mix_forward_intv_apply(float* out_h, double* sta
 // p_norm, r_norm, |gate*delta|. y = 1 + head: over that head's positions: alpha, |alpha|,
 // alpha > 0, r_norm/dn, dn/on, p_norm/dn, 0 (the geometry logs). The host divides and averages
 // over chunks as `intervene_forward` does.
-// twin: model::asa::AsaLayer::intervene_forward
+// twin: model::layer::AsaLayer::intervene_forward
 extern "C" __global__ void slot_mix_forward_intv_logs(double* logs, const double* stats, int b, int h, int t,
                                                       int chunk) {
     __shared__ double sh[32];
@@ -314,7 +314,7 @@ extern "C" __global__ void slot_mix_forward_intv_logs(double* logs, const double
 // gate * d(gate*delta), dz [R,K] += d z (slot_peaked), dgate_part [R] = sum_j d(gate*delta)_j *
 // delta_j (written; `sum_f64` finishes d gate). gy is d out_h; dout1 may alias gy (each warp
 // reads its row of gy before writing it).
-// twin: model::asa::AsaLayer::intervene_backward
+// twin: model::layer::AsaLayer::intervene_backward
 extern "C" __global__ void slot_mix_backward_intv(float* dout1, float* ddelta, float* dz, double* dgate_part,
                                                   const float* gy_in, const float* out1, const float* delta,
                                                   const float* z, const double* score, const double* thr,

@@ -1,6 +1,6 @@
 // The slotspace refine's causal linear attention, forward and backward: the kernels of
 // `src/backend/cuda/linear.rs` (launch sequences), twins of `linear_attn_forward` /
-// `linear_attn_backward` in `src/backend/cpu/asa.rs`. Two algorithms: chunked walks (a warp per
+// `linear_attn_backward` in `src/backend/cpu/slot_ops.rs`. Two algorithms: chunked walks (a warp per
 // state row or column) and tiles (a block per chunk, every term a small matrix product), the
 // tiles in two arithmetic modes: f64 on CUDA cores (exact, the f32 path) and bf16 operands with
 // f32 accumulation on tensor cores (`_bf16`, the bf16 path).
@@ -52,7 +52,7 @@ __device__ __forceinline__ bool la_walk(LaWalk& w, int n, int t, int m, int chun
 
 // cs[n,ch,a,c] = sum_{s in chunk ch} kf[s,a] v[s,c]; cz[n,ch,a] = sum kf[s,a]. One thread per
 // (n, ch, a, c), c fastest (coalesced v rows).
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void linear_attn_forward_sums(double* cs, double* cz, const float* __restrict__ kf,
                                                     const float* __restrict__ v, int n, int t, int m,
                                                     int chunk) {
@@ -106,7 +106,7 @@ __device__ __forceinline__ void la_carry(double* x, int n, int nch, int width, b
 }
 
 // cs, cz: chunk sums -> the state before each chunk.
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void linear_attn_forward_carry(double* cs, double* cz, int n, int nch, int m) {
     la_carry(cs, n, nch, m * m, false);
     la_carry(cz, n, nch, m, false);
@@ -114,7 +114,7 @@ extern "C" __global__ void linear_attn_forward_carry(double* cs, double* cz, int
 
 // out: [N,T,M]; den: [N,T]; qf, kf, v: [N,T,M]; cs, cz: the carries (null: one chunk). One warp
 // per (n, chunk, column c). The loads of step t+1 are issued while step t computes.
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void linear_attn_forward(float* out, float* den, const float* __restrict__ qf,
                                                const float* __restrict__ kf, const float* __restrict__ v,
                                                const double* __restrict__ cs, const double* __restrict__ cz,
@@ -192,7 +192,7 @@ __device__ __forceinline__ double la_gden(const float* __restrict__ dout, const 
 }
 
 // gden: [N,T] (see above). One warp per (n, t).
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* __restrict__ dout,
                                                      const float* __restrict__ out, const float* __restrict__ den,
                                                      int n, int t, int m) {
@@ -207,7 +207,7 @@ extern "C" __global__ void linear_attn_backward_gden(double* gden, const float* 
 // row a of S_t and Z_t[a] from the forward carries; zlive[t,a] = (Z_t[a] >= eps) for the dk
 // sweep. zlive: [N,T,M] u8. One warp per (n, chunk, row a), lanes over c; loads run one step
 // ahead.
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, unsigned char* __restrict__ zlive,
                                                 const float* __restrict__ dout, const float* __restrict__ den,
                                                 const double* __restrict__ gden, const float* __restrict__ kf,
@@ -276,7 +276,7 @@ extern "C" __global__ void linear_attn_backward(float* __restrict__ dqf, unsigne
 
 // ds[n,ch,a,c] = sum_{s in chunk ch} qf[s,a] gnum_s[c]; dz[n,ch,a] = sum over the chunk's s with
 // zlive[s,a] of gden_s qf[s,a]. One thread per (n, ch, a, c), c fastest.
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward_sums(double* ds, double* dz, const float* __restrict__ dout,
                                                      const float* __restrict__ den, const double* __restrict__ gden,
                                                      const unsigned char* __restrict__ zlive,
@@ -304,7 +304,7 @@ extern "C" __global__ void linear_attn_backward_sums(double* ds, double* dz, con
 }
 
 // ds, dz: chunk sums -> the sums over every later chunk.
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward_carry(double* ds, double* dz, int n, int nch, int m) {
     la_carry(ds, n, nch, m * m, true);
     la_carry(dz, n, nch, m, true);
@@ -313,7 +313,7 @@ extern "C" __global__ void linear_attn_backward_carry(double* ds, double* dz, in
 // Backward to kf: dkf_t[a] += dZ_t[a] + sum_c dS_t[a,c] v_t[c], dS_t = sum_{s>=t} qf_s gnum_s^T,
 // dZ_t[a] = sum_{s>=t, zlive[s,a]} gden_s qf_s[a], from the backward carries. One warp per
 // (n, chunk, row a), lanes over c; reverse time, loads one step ahead.
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward_dk(float* __restrict__ dkf, const unsigned char* __restrict__ zlive,
                                                    const float* __restrict__ dout, const float* __restrict__ den,
                                                    const double* __restrict__ gden, const float* __restrict__ qf,
@@ -382,7 +382,7 @@ extern "C" __global__ void linear_attn_backward_dk(float* __restrict__ dkf, cons
 
 // Backward to v: dv_t[c] += sum_a dS_t[a,c] kf_t[a], column c of dS from the backward carries.
 // One warp per (n, chunk, column c), lanes over a; reverse time, loads one step ahead.
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void linear_attn_backward_dv(float* __restrict__ dv, const float* __restrict__ dout,
                                                    const float* __restrict__ den, const float* __restrict__ qf,
                                                    const float* __restrict__ kf, const double* __restrict__ ds,
@@ -673,13 +673,13 @@ __device__ __forceinline__ void lt_forward_sums(double* cs, double* cz, const fl
         cz[b.nc * m + a] = z;
     }
 }
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled_sums(double* cs, double* cz, const float* __restrict__ kf, const float* __restrict__ v,
                                int n, int t, int m, int chunk) {
     lt_forward_sums<false>(cs, cz, kf, v, n, t, m, chunk);
 }
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled_sums_bf16(double* cs, double* cz, const float* __restrict__ kf, const float* __restrict__ v,
                                int n, int t, int m, int chunk) {
@@ -742,14 +742,14 @@ __device__ __forceinline__ void lt_forward(float* out, float* den, const float* 
             }
         });
 }
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
                           int n, int t, int m, int chunk, unsigned short* out16) {
     lt_forward<false>(out, den, qf, kf, v, cs, cz, n, t, m, chunk, out16);
 }
-// twin: cpu::asa::linear_attn_forward
+// twin: cpu::slot_ops::linear_attn_forward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_forward_tiled_bf16(float* out, float* den, const float* __restrict__ qf, const float* __restrict__ kf,
                           const float* __restrict__ v, const double* __restrict__ cs, const double* __restrict__ cz,
@@ -822,7 +822,7 @@ __device__ __forceinline__ void lt_backward_dq(float* __restrict__ dqf, unsigned
             }
         });
 }
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
                               const float* __restrict__ dout, const float* __restrict__ den,
@@ -832,7 +832,7 @@ linear_attn_backward_tiled_dq(float* __restrict__ dqf, unsigned char* __restrict
                               int chunk) {
     lt_backward_dq<false>(dqf, zlive, ds, dz, dout, den, gden, nullptr, nullptr, qf, kf, v, cs, cz, n, t, m, chunk);
 }
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dq_bf16(float* __restrict__ dqf, unsigned char* __restrict__ zlive, double* ds, double* dz,
                               const float* __restrict__ dout, const float* __restrict__ den,
@@ -915,7 +915,7 @@ __device__ __forceinline__ void lt_backward_dkdv(float* __restrict__ dkf, float*
             }
         });
 }
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dkdv(float* __restrict__ dkf, float* __restrict__ dv,
                                 const unsigned char* __restrict__ zlive, const double* __restrict__ ds,
@@ -925,7 +925,7 @@ linear_attn_backward_tiled_dkdv(float* __restrict__ dkf, float* __restrict__ dv,
                                 const float* __restrict__ v, int n, int t, int m, int chunk) {
     lt_backward_dkdv<false>(dkf, dv, zlive, ds, dz, dout, den, gden, qf, kf, v, n, t, m, chunk);
 }
-// twin: cpu::asa::linear_attn_backward
+// twin: cpu::slot_ops::linear_attn_backward
 extern "C" __global__ void __launch_bounds__(LT_THREADS)
 linear_attn_backward_tiled_dkdv_bf16(float* __restrict__ dkf, float* __restrict__ dv,
                                 const unsigned char* __restrict__ zlive, const double* __restrict__ ds,

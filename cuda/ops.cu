@@ -397,7 +397,7 @@ __device__ void gate_finish(double a, float* dgrad, double* part, unsigned* tick
 // elements, then the blocks in order by the last block (`asa_last_block`). factor: d gate /
 // d(the gate's raw parameter). part: [gridDim.x] f64; ticket: one counter. Launch with a fixed
 // grid (the host uses min(ceil(n/256), 1024) blocks of 256 threads).
-// twin: model::asa::AsaLayer::backward
+// twin: model::layer::AsaLayer::backward
 extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* part, unsigned* ticket, const float* dy,
                                          const float* delta, double gate, double factor, i64 n) {
     __shared__ double sh[32];
@@ -414,7 +414,7 @@ extern "C" __global__ void gate_backward(float* ddelta, float* dgrad, double* pa
 // a block per row (b, t) of merged (grid-stride), threads along it; ddelta [B,H,T,d] =
 // gate * out_h, dgrad[0] += factor * sum(out_h * delta) (as gate_backward; part: [gridDim.x]).
 // gate, factor: by value, or (gate_at non-null) from the step's scalar block (`asa_step_value`).
-// twin: model::asa::AsaLayer::backward
+// twin: model::layer::AsaLayer::backward
 extern "C" __global__ void gate_backward_split(float* ddelta, float* dgrad, double* part, unsigned* ticket,
                                                float* out_h, const float* merged, const float* delta,
                                                double gate_value, double factor_value, int b, int t, int h, int d,

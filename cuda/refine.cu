@@ -30,7 +30,7 @@ __device__ __forceinline__ void rf_rope_t(float& ga, float& gb, const float* c, 
 // qs, ks, qf, kf, vs [N,T,M] (stored) from qkv: qs, ks = RoPE(q), RoPE(k); qf, kf = phi of them;
 // vs = v. Padded positions: qs, ks = 0 before phi when `mask_before_phi` (the online variant),
 // else qf, kf = 0 after it; vs = 0 in both.
-// twin: cpu::asa::phi_forward
+// twin: cpu::slot_ops::phi_forward
 extern "C" __global__ void refine_qkv_forward(float* qs, float* ks, float* qf, float* kf, float* vs,
                                               const float* qkv, const float* cos_t, const float* sin_t,
                                               const unsigned char* valid, int mask_before_phi, int h, int n,
@@ -63,7 +63,7 @@ extern "C" __global__ void refine_qkv_forward(float* qs, float* ks, float* qf, f
 // d3 [N,T,3M] (stored; d3_16 nullable, its bf16 twin) = the gradient of refine_qkv_forward's
 // qkv from dqf, dkf, dvs: phi' at qs, ks, then RoPE transposed; 0 at padded positions (both
 // variants: the masks zero the gradient either before or after phi').
-// twin: cpu::asa::phi_backward
+// twin: cpu::slot_ops::phi_backward
 extern "C" __global__ void refine_qkv_backward(float* d3, unsigned short* d3_16, const float* dqf, const float* dkf,
                                                const float* dvs, const float* qs, const float* ks,
                                                const float* cos_t, const float* sin_t,

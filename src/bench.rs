@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::graph::GraphStats;
-use crate::backend::cuda::Precision;
+use crate::config::Precision;
 use crate::config::{ModelConfig, Place, Variant};
 use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};

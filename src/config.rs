@@ -667,6 +667,30 @@ pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Arithmetic precision of the GPU path (`backend::cuda::model`'s module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 everywhere (f64 accumulation where the CPU twin uses it)
+    #[default]
+    F32,
+    /// GEMM inputs rounded to bf16, f32 accumulation; the scan, read and linear attention on
+    /// tensor cores (bf16 operands, f32 sums); everything else f32
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = AsaError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            o => Err(AsaError::Input(format!(
+                "unknown precision '{o}' (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
 /// Where a run's steps execute (the resolved `--device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Place {

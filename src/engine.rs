@@ -10,7 +10,7 @@ use crate::backend::cuda::graph::GraphStats;
 use crate::backend::cuda::{Backend, CudaBackend, GpuLm, Precision};
 use crate::config::{ModelConfig, Place};
 use crate::error::Result;
-use crate::model::asa::AsaOptions;
+use crate::model::layer::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
 use crate::optim::{clip_grad_norm, global_norm, AdamW};

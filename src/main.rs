@@ -115,7 +115,7 @@ enum Cmd {
         fact_frac: Option<f64>,
         /// GEMM precision on the GPU: bf16 (bf16 inputs, f32 accumulation) or f32.
         #[arg(long, default_value = "bf16")]
-        precision: asa::backend::cuda::Precision,
+        precision: asa::config::Precision,
     },
     /// Tokenize text files into binary token shards (+ a validation shard) for `asa train`.
     Prepare {
@@ -188,7 +188,7 @@ enum Cmd {
         device: Device,
         /// GEMM precision on the GPU (default: the preset's; bf16 for practice-run).
         #[arg(long)]
-        precision: Option<asa::backend::cuda::Precision>,
+        precision: Option<asa::config::Precision>,
         /// Untimed training steps before the timed ones (0: none; default 2; with --seq-lens
         /// 2 up to T 4096, then 1).
         #[arg(long)]
@@ -223,7 +223,7 @@ enum Cmd {
         batch: Option<usize>,
         /// GEMM precision (default: the preset's; bf16 for practice-run).
         #[arg(long)]
-        precision: Option<asa::backend::cuda::Precision>,
+        precision: Option<asa::config::Precision>,
         /// Architecture of the register, shared-memory and occupancy columns: sm_90 (H100,
         /// H200) or sm_80 (A100).
         #[arg(long, default_value = "sm_90")]
@@ -272,7 +272,7 @@ enum Cmd {
         /// the scan on tensor cores; checks held to bf16 tolerances instead: 5e-2 for outputs
         /// and losses, 1.5e-1 for gradients, 2.5e-1 for weights after training steps).
         #[arg(long, default_value = "f32")]
-        precision: asa::backend::cuda::Precision,
+        precision: asa::config::Precision,
         /// Also print every compared tensor.
         #[arg(long)]
         verbose: bool,

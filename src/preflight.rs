@@ -7,7 +7,7 @@
 //!   sum on the GPU; on the GPU path the host keeps the parameters, a template copy and the
 //!   AdamW moments as well, and the device a bf16 copy of the parameters (P/2 floats);
 //! - activations: the per-token, per-layer buffers of `BlockCache` + `AsaCache` (model/lm.rs,
-//!   model/asa.rs; on the GPU those of backend/cuda/model.rs, which keep the serial scan's
+//!   model/layer.rs; on the GPU those of backend/cuda/model.rs, which keep the serial scan's
 //!   state), times B*T*L, plus one layer's worth of backward temporaries;
 //! - the [B*T, V] logits and softmax buffers (on the GPU, the fused classifier's capped block).
 //!
@@ -46,7 +46,7 @@ fn cache_dims(cfg: &ModelConfig) -> (u64, u64, u64, u64, u64) {
     )
 }
 
-/// The CPU caches (model/lm.rs, model/asa.rs) of a training step. Without dropout no mask or
+/// The CPU caches (model/lm.rs, model/layer.rs) of a training step. Without dropout no mask or
 /// dropped copy is kept; the chunk form keeps one `[K, d]` carry per write chunk instead of the
 /// `[K, d]` state of every position (the intervene variant still runs the serial scan).
 fn cpu_floats_per_token_layer(cfg: &ModelConfig) -> Option<u64> {

@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
-use crate::model::asa::{AsaOptions, Info, RoutingMode};
+use crate::model::layer::{AsaOptions, Info, RoutingMode};
 use crate::model::lm::{Lm, LmCache, LmHooks};
 use crate::model::params::ParamStore;
 

@@ -170,9 +170,12 @@ fn kernel_resources_sm90() {
 fn kernels_have_cpu_twins() {
     let files: &[(&str, &str)] = &[
         ("cpu::ops", include_str!("../src/backend/cpu/ops.rs")),
-        ("cpu::asa", include_str!("../src/backend/cpu/asa.rs")),
+        (
+            "cpu::slot_ops",
+            include_str!("../src/backend/cpu/slot_ops.rs"),
+        ),
         ("cpu::scan", include_str!("../src/backend/cpu/scan.rs")),
-        ("model::asa", include_str!("../src/model/asa.rs")),
+        ("model::layer", include_str!("../src/model/layer.rs")),
         ("model::lm", include_str!("../src/model/lm.rs")),
         ("optim", include_str!("../src/optim.rs")),
     ];

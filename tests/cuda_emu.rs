@@ -26,8 +26,8 @@ mod train_cases;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use asa::backend::cpu::asa as ca;
 use asa::backend::cpu::ops as co;
+use asa::backend::cpu::slot_ops as ca;
 use asa::backend::cuda::linear::{self, LinearAlgo, LinearPlan, LinearWs};
 use check::close;
 use dev::TestDev;
@@ -58,7 +58,13 @@ const TOL: f64 = 1e-6;
 fn kernel_names_are_found_in_every_source() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda");
     let mut total = 0;
-    for f in ["ops.cu", "asa.cu", "fused.cu", "intervene.cu", "linear.cu"] {
+    for f in [
+        "ops.cu",
+        "slot_ops.cu",
+        "fused.cu",
+        "intervene.cu",
+        "linear.cu",
+    ] {
         let src = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
         let names = asa::backend::cuda::kernel_names(&src);
         assert_eq!(

@@ -14,7 +14,7 @@ use rand::Rng;
 
 use asa::backend::cuda::{self, AsDv, CudaBackend, Device, Dv, GpuLm, Precision};
 use asa::config::Variant;
-use asa::model::asa::{AsaOptions, SlotMask};
+use asa::model::layer::{AsaOptions, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::AdamWConfig;
@@ -218,7 +218,7 @@ fn cuda_intervene_lm_matches_cpu() {
     let Some(_be) = backend("cuda_intervene_lm_matches_cpu") else {
         return;
     };
-    use asa::model::asa::{Intervention, IntvMode, ScoreKind};
+    use asa::model::layer::{Intervention, IntvMode, ScoreKind};
     let mut r = rng(22);
     let (b, t) = (2, 17);
     let cfg = small_cfg(Variant::Intervene);

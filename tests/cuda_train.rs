@@ -6,7 +6,7 @@
 mod train_cases;
 
 use asa::backend::cuda::{cuda_available, CudaBackend, GpuLm, Precision};
-use asa::model::asa::AsaOptions;
+use asa::model::layer::AsaOptions;
 use asa::model::lm::{Lm, LmCache};
 use asa::optim::{clip_grad_norm, AdamW};
 use train_cases::{adam_cfg, batches, cfg};

@@ -2,7 +2,7 @@
 //! the feature toggles and variants. Loss = sum(out * r) for a fixed random r.
 
 use asa::config::{ModelConfig, Variant};
-use asa::model::asa::{
+use asa::model::layer::{
     AsaCache, AsaLayer, AsaOptions, Intervention, IntvMode, RoutingMode, ScoreKind, SlotMask,
     TauKind,
 };

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use asa::config::{ModelConfig, Variant};
-use asa::model::asa::{AsaCache, AsaLayer, AsaOptions};
+use asa::model::layer::{AsaCache, AsaLayer, AsaOptions};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 
@@ -48,7 +48,7 @@ fn checkpoint_keys_match_golden() {
     );
 }
 
-fn layer_out(cfg: &ModelConfig, b: usize, t: usize) -> (Vec<f32>, asa::model::asa::Info) {
+fn layer_out(cfg: &ModelConfig, b: usize, t: usize) -> (Vec<f32>, asa::model::layer::Info) {
     let mut store = ParamStore::new();
     let ids = AsaIds::register(&mut store, "", cfg, &mut Init::new(1));
     let mut layer = AsaLayer::new(cfg, ids);

@@ -5,7 +5,7 @@
 //! does not move chunk boundaries, which the reference's chunked scan depends on.
 
 use asa::config::{ModelConfig, Variant};
-use asa::model::asa::AsaOptions;
+use asa::model::layer::AsaOptions;
 use asa::model::lm::{Lm, LmCache};
 
 fn cfg(chunk: usize) -> ModelConfig {

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::cpu::ops;
 use crate::config::ModelConfig;
 use crate::error::{AsaError, Result};
-use crate::model::asa::{
+use crate::model::layer::{
     AsaCache, AsaLayer, AsaOptions, Info, Intervention, RoutingMode, ScanForm,
 };
 use crate::model::params::{BlockIds, LmIds, ParamStore};

@@ -18,7 +18,7 @@ use crate::checkpoint::{self, AnyTensor};
 use crate::config::{ModelConfig, Variant};
 use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
-use crate::model::asa::{
+use crate::model::layer::{
     AsaCache, AsaLayer, AsaOptions, Intervention, RoutingMode, RoutingNoise, ScanForm, SlotMask,
 };
 use crate::model::lm::{Lm, LmCache};

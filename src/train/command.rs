@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::cuda::Precision;
+use crate::config::Precision;
 use crate::config::{ModelConfig, Place};
 use crate::data::batch::ShardBatches;
 use crate::data::shards::open_prepared;

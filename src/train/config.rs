@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cuda::Precision;
+use crate::config::Precision;
 use crate::config::{
     check_kinds, check_known_keys, Kind, ModelConfig, Place, MODEL_FIELDS,
     REFERENCE_IGNORED_FIELDS, REFERENCE_TRAIN_FIELDS,

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::cuda::Precision;
+use crate::config::Precision;
 use crate::config::{ModelConfig, Place};
 use crate::data::batch::TokenData;
 use crate::data::corpus;

@@ -10,12 +10,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::backend::cuda::Precision;
+use crate::config::Precision;
 use crate::config::{ModelConfig, Place};
 use crate::data::batch::Batches;
 use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
-use crate::model::asa::AsaOptions;
+use crate::model::layer::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
 use crate::optim::AdamW;

@@ -318,3 +318,12 @@ pub fn check_options(cfg: &ModelConfig, opts: &AsaOptions, b: usize, t: usize) -
     }
     Ok(())
 }
+
+/// How a slot mask changes the content logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMask {
+    /// masked slots get -inf key and content logits
+    Read,
+    /// masked slots get content logit 0
+    ContentOnly,
+}

@@ -7,7 +7,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
+use asa::backend::cpu::slot_ops::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cuda::ops::{DevSlotMask, Learned};
 use asa::backend::cuda::{Device, Dv};
 

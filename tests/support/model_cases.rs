@@ -10,7 +10,7 @@ use rand::Rng;
 use asa::backend::cuda::model::GpuLayerRunner;
 use asa::backend::cuda::{Backend, GpuLm, Precision};
 use asa::config::{ModelConfig, Variant};
-use asa::model::asa::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
+use asa::model::layer::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
 use asa::model::lm::{Lm, LmCache};
 use asa::model::params::{AsaIds, Init, ParamStore};
 use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -71,8 +71,8 @@ pub fn cpu_train(
 /// The intervention settings the intervene tests sweep: every mode, every score kind, tau abs
 /// and percentile, soft and hard masks, with and without score clipping, head masks, geometry
 /// logs.
-pub fn intervention_sweep(h: usize) -> Vec<asa::model::asa::Intervention> {
-    use asa::model::asa::{Intervention, IntvMode, ScoreKind, TauKind};
+pub fn intervention_sweep(h: usize) -> Vec<asa::model::layer::Intervention> {
+    use asa::model::layer::{Intervention, IntvMode, ScoreKind, TauKind};
     let hm: Vec<f32> = (0..h).map(|i| [1.0, 0.0, 0.5, 1.0][i % 4]).collect();
     let mut v = Vec::new();
     for mode in [
@@ -486,8 +486,8 @@ pub fn intervene_layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
         for masked in [false, true] {
             // (masked runs: a third of the settings; not the hard slot_peaked percentile
             // threshold, whose nearest score lies only 3e-6 (relative) from tau on that data)
-            let hard_peaked = it.score_kind == asa::model::asa::ScoreKind::SlotPeaked
-                && it.mode == asa::model::asa::IntvMode::OrthGate
+            let hard_peaked = it.score_kind == asa::model::layer::ScoreKind::SlotPeaked
+                && it.mode == asa::model::layer::IntvMode::OrthGate
                 && !it.soft_mask;
             if masked && (ii % 3 != 0 || hard_peaked) {
                 continue;
@@ -537,7 +537,7 @@ pub fn intervene_layer_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
                     assert!(ginfo.contains_key(key), "GPU info lacks {key} ({tag})");
                 }
             }
-            assert!(ginfo.contains_key("alpha") == (it.mode != asa::model::asa::IntvMode::Off));
+            assert!(ginfo.contains_key("alpha") == (it.mode != asa::model::layer::IntvMode::Off));
             for (key, (shape, data)) in &ginfo {
                 let (cshape, cdata) = info
                     .get(key)

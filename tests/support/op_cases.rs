@@ -4,8 +4,8 @@
 
 #![allow(dead_code, clippy::too_many_arguments, clippy::needless_range_loop)]
 
-use asa::backend::cpu::asa::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cpu::ops as co;
+use asa::backend::cpu::slot_ops::{self as ca, ReadMask, Routing, SlotDims, SlotKeep};
 use asa::backend::cuda::linear::{self, LinearAlgo};
 use asa::backend::cuda::ops::{AlibiFinish, DevRouting, DevSlotMask, KeysFinish, WritePrologue};
 use asa::backend::cuda::{AsDv, Dv, Ops, Precision};

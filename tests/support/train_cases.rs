@@ -5,7 +5,7 @@
 
 use asa::backend::cuda::{Backend, GpuLm, Precision};
 use asa::config::ModelConfig;
-use asa::model::asa::AsaOptions;
+use asa::model::layer::AsaOptions;
 use asa::model::lm::{Lm, LmCache};
 use asa::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};

@@ -43,10 +43,10 @@ pub(crate) fn simd_task<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-pub mod asa;
 pub mod ops;
 pub mod scan;
 pub mod simd;
+pub mod slot_ops;
 
 /// Keeps freed activation buffers in the process heap instead of handing them back to the OS.
 ///

@@ -34,16 +34,16 @@
 //! thread count: every output element is computed by one task in a fixed order.
 //!
 //! Precision: the running max and the denominators in f64 (as the serial scan), the tile
-//! products in f32 (`dot32`/`axpy`, fixed lane order). The serial ops in `asa.rs`
+//! products in f32 (`dot32`/`axpy`, fixed lane order). The serial ops in `slot_ops.rs`
 //! (`slot_scan_forward`, `read_logits_forward`, `slot_mix_forward` and their backwards) are the
 //! oracle of the tests below; the layer uses them where the state history itself is wanted
 //! (info tensors, slot masks, routing modes other than softmax, the intervene variant).
 
 use rayon::prelude::*;
 
-use super::asa::{SlotDims, DEN_EPS};
 use super::simd::{axpy, dot32};
 use super::simd_task;
+use crate::vocab::dims::{SlotDims, DEN_EPS};
 
 /// Positions per tile inside a write chunk (tiles never straddle a chunk boundary).
 pub const TILE: usize = 32;
@@ -1058,11 +1058,11 @@ fn backward_chunk(
 
 #[cfg(test)]
 mod tests {
-    //! The chunk form against the serial scan of `asa.rs` (which the fixtures hold to the
+    //! The chunk form against the serial scan of `slot_ops.rs` (which the fixtures hold to the
     //! reference): forward products and every gradient, over chunk sizes that put 1, several
     //! or partial tiles in a chunk, one chunk longer than T, exact ties and left padding.
     use super::*;
-    use crate::backend::cpu::asa as serial;
+    use crate::backend::cpu::slot_ops as serial;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

@@ -32,9 +32,9 @@
 
 use super::ops::{DevSlotMask, Learned};
 use super::{i32_of, kern, AsDv, Backend, Device, Dv, Temp};
-use crate::backend::cpu::asa::SlotDims;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
+use crate::vocab::dims::SlotDims;
 
 /// Env var: `0` (or `false`, `off`) makes the GPU layer use the op-by-op path.
 pub const FUSED_ENV: &str = "ASA_CUDA_FUSED";
@@ -989,7 +989,7 @@ pub fn backward<L: Device + ?Sized>(
 /// The plan for a layer forward, or `None` when the op-by-op path must run: the intervene
 /// variant, a routing other than softmax, or a shape the fused kernels do not support.
 /// The tile comes from `ASA_CUDA_FUSED_TILE` or [`FusedPlan::auto_tile`]. Under
-/// `Precision::Bf16` ([`super::ops::tensor_cores`]) the tiles run on tensor cores where the plan
+/// `Precision::Bf16` ([`super::tensor_cores`]) the tiles run on tensor cores where the plan
 /// allows it (tiles then never hold more than one write chunk: chunks shorter than the tile are
 /// the tiles).
 pub fn layer_plan<D: Device + ?Sized>(
@@ -1006,7 +1006,7 @@ pub fn layer_plan<D: Device + ?Sized>(
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&v| (1..=1024).contains(&v))
         .unwrap_or_else(|| FusedPlan::auto_tile(dm.b * dm.h, dm.t, dev.sm_count()));
-    let bf16 = super::ops::tensor_cores(dev);
+    let bf16 = super::tensor_cores(dev);
     let chunk = cfg.write_chunk_size.max(1);
     if bf16 && chunk < tile && chunk < dm.t {
         tile = chunk;

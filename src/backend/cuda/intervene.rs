@@ -1,7 +1,7 @@
 //! The intervene variant on the GPU (`cuda/intervene.cu`): the per-position intervention of the
 //! refine delta, its per-write-chunk thresholds, its logs and its backward. Mirrors
 //! `AsaLayer::intervene_forward` / `intervene_backward` (`PosGeom::{new, apply, vjp}`,
-//! `quantile`) of `model::asa`.
+//! `quantile`) of `model::layer`.
 //!
 //! Forward, per layer call (all on the device, no host round trip):
 //! 1. out1 (the base read, held in `out_h` on entry) is saved;
@@ -20,8 +20,8 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{i32_of, kern, AsDv, Backend, Dv, Temp};
-use crate::backend::cpu::asa::SlotDims;
 use crate::error::{AsaError, Result};
+use crate::vocab::dims::SlotDims;
 use crate::vocab::options::{Info, Intervention, IntvMode, ScoreKind, TauKind};
 
 /// Per-row statistics of the apply kernel (`INTV_NSTAT` of the kernels).

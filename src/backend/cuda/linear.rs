@@ -1,6 +1,6 @@
 //! Launch sequences of the slotspace refine's causal linear attention (kernels `linear_attn_*`
 //! in cuda/linear.cu; CPU twins `linear_attn_forward` / `linear_attn_backward` in
-//! `backend::cpu::asa`).
+//! `backend::cpu::slot_ops`).
 //!
 //! Two algorithms ([`LinearAlgo`]), both cutting time into chunks that start from carries (the
 //! state before the chunk in the forward, the gradient sums after it in the backward), built by
@@ -163,7 +163,7 @@ impl LinearPlan {
     }
 
     /// The plan for `dev` with `algo`, or [`LinearAlgo::choose`]'s default when None; tensor
-    /// cores when the device computes in `Precision::Bf16` ([`super::ops::tensor_cores`]).
+    /// cores when the device computes in `Precision::Bf16` ([`super::tensor_cores`]).
     pub fn for_device<L: Device + ?Sized>(
         dev: &L,
         n: usize,
@@ -171,7 +171,7 @@ impl LinearPlan {
         m: usize,
         algo: Option<LinearAlgo>,
     ) -> Result<LinearPlan> {
-        let tc = super::ops::tensor_cores(dev);
+        let tc = super::tensor_cores(dev);
         let algo = match algo {
             Some(a) => a,
             None => LinearAlgo::choose(t, m, dev.max_smem(), tc)?,

@@ -50,8 +50,9 @@ pub mod ops;
 pub mod refine;
 pub mod roofline;
 
+pub use crate::config::Precision;
 pub use doctor::{doctor, DoctorReport};
-pub use model::{GpuLm, Precision};
+pub use model::GpuLm;
 pub use ops::Ops;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -1012,6 +1013,24 @@ pub fn device_free_memory() -> Option<u64> {
 /// The free device memory of a run at `place` (None on the CPU, or where no GPU answers).
 pub fn free_memory_at(place: crate::config::Place) -> Option<u64> {
     place.is_cuda().then(device_free_memory).flatten()
+}
+
+/// Environment switch of the tensor-core tile kernels (the fused slot scan, the linear
+/// attention's tiles, the write keys' gradient): `0`, `false` or `off` keeps their f64 kernels
+/// under `Precision::Bf16` too (for A/B timings on a device).
+pub const TENSOR_CORES_ENV: &str = "ASA_CUDA_TENSOR_CORES";
+
+/// Whether `be` runs the tensor-core tile kernels: under `Precision::Bf16`, unless
+/// [`TENSOR_CORES_ENV`] turns them off.
+pub fn tensor_cores<D: Device + ?Sized>(be: &D) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| {
+        matches!(
+            std::env::var(TENSOR_CORES_ENV).map(|v| v.trim().to_ascii_lowercase()),
+            Ok(v) if v == "0" || v == "false" || v == "off"
+        )
+    });
+    be.precision() == Precision::Bf16 && !off
 }
 
 /// A size as a kernel `int`, or a clear error when it does not fit.

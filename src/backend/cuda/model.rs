@@ -1,6 +1,6 @@
 //! The GPU ASA layer and language model: `AsaLayer::forward/backward` and
 //! `Lm::forward/loss/backward` + `AdamW::step` + `clip_grad_norm`, composed from the CUDA
-//! launchers in the same order as the CPU reference composes its ops (see `model::asa` and
+//! launchers in the same order as the CPU reference composes its ops (see `model::layer` and
 //! `model::lm`; the comments name the CPU steps).
 //!
 //! Parameters, gradients and the AdamW moments are flat f32 device buffers with one range per
@@ -10,7 +10,7 @@
 //! Precision: `F32` runs everything in f32 (f64 where the CPU twin accumulates in f64);
 //! `Bf16` rounds the GEMM inputs to bf16 (f32 accumulation and outputs) and runs the slot
 //! scan, the read, the linear attention and the slot keys' write gradient as tile products on
-//! tensor cores (bf16 operands, f32 sums; `ops::tensor_cores`); the other ops, the scan's
+//! tensor cores (bf16 operands, f32 sums; `tensor_cores`); the other ops, the scan's
 //! statistics, the master weights and the optimizer state stay f32 (or f64).
 //!
 //! Supported on the GPU: the baseline and online variants, every routing mode except routing
@@ -24,36 +24,13 @@ use rand_chacha::ChaCha8Rng;
 
 use super::ops::{DevRouting, DevSlotMask, Learned, SortedIds};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
-use crate::backend::cpu::asa::{self as cpu_asa, ReadMask, SlotDims};
+use crate::backend::cpu::slot_ops::{self as cpu_asa, ReadMask, SlotDims};
 use crate::config::AdamWConfig;
+pub use crate::config::Precision;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 use crate::vocab::options::{AsaOptions, Info, Intervention, RoutingMode, SlotMaskWhere};
 use crate::vocab::params::{sigmoid, softplus, AsaIds, LmIds, ParamId, ParamStore};
-
-/// Arithmetic precision of the GPU path (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 everywhere (f64 accumulation where the CPU twin uses it)
-    #[default]
-    F32,
-    /// GEMM inputs rounded to bf16, f32 accumulation; the scan, read and linear attention on
-    /// tensor cores (bf16 operands, f32 sums); everything else f32
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = AsaError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "fp32" | "float32" => Ok(Precision::F32),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            o => Err(AsaError::Input(format!(
-                "unknown precision '{o}' (expected f32 or bf16)"
-            ))),
-        }
-    }
-}
 
 // ------------------------------------------------------------------------------------------------
 // buffers

@@ -1,5 +1,5 @@
 //! Launchers: one method of the [`Ops`] trait per kernel, named after (and taking the arguments
-//! of) the CPU twin in `backend::cpu::ops` / `backend::cpu::asa`, with device ranges (`Dv`) in
+//! of) the CPU twin in `backend::cpu::ops` / `backend::cpu::slot_ops`, with device ranges (`Dv`) in
 //! place of slices. `Ops` is implemented for every [`Device`]: the CUDA backend, and the SIMT
 //! emulator of the tests (the same launch code runs on both). Shapes are checked like the CPU twins check them (`assert!`: a mismatch is a
 //! programming error); kernel failures are `AsaError::Device`.
@@ -21,9 +21,10 @@ use cudarc::driver::LaunchConfig;
 
 pub use super::kern::{step_arg, Learned};
 use super::linear::{LinearAlgo, LinearPlan};
-use super::{i32_of, kern, CudaBackend, Device, Dv, Precision};
-use crate::backend::cpu::asa::{ReadMask, SlotDims};
+use super::{i32_of, kern, tensor_cores, CudaBackend, Device, Dv, Precision};
 use crate::error::{AsaError, Result};
+use crate::vocab::dims::SlotDims;
+use crate::vocab::options::ReadMask;
 
 /// Rows per chunk of the deterministic two-stage column sums.
 const COLSUM_ROWS: usize = 256;
@@ -2241,24 +2242,6 @@ fn bf16_in_cublas() -> bool {
         }
         _ => false,
     })
-}
-
-/// Environment switch of the tensor-core tile kernels (the fused slot scan, the linear
-/// attention's tiles, the write keys' gradient): `0`, `false` or `off` keeps their f64 kernels
-/// under `Precision::Bf16` too (for A/B timings on a device).
-pub const TENSOR_CORES_ENV: &str = "ASA_CUDA_TENSOR_CORES";
-
-/// Whether `be` runs the tensor-core tile kernels: under `Precision::Bf16`, unless
-/// [`TENSOR_CORES_ENV`] turns them off.
-pub fn tensor_cores<D: Device + ?Sized>(be: &D) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| {
-        matches!(
-            std::env::var(TENSOR_CORES_ENV).map(|v| v.trim().to_ascii_lowercase()),
-            Ok(v) if v == "0" || v == "false" || v == "off"
-        )
-    });
-    be.precision() == Precision::Bf16 && !off
 }
 
 /// Whether `be`'s GEMMs take bf16 operands converted by us (`Precision::Bf16`, unless cuBLAS

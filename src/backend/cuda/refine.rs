@@ -1,6 +1,6 @@
 //! The slotspace refine's element-wise stages around its linear attention, one launch each way
 //! (kernels in cuda/refine.cu; CPU twins: the chains of `rope_forward`, `mask_rows_forward` and
-//! `phi_forward` (and their backwards) in `backend::cpu::asa`, as `AsaLayer::slotspace_forward`
+//! `phi_forward` (and their backwards) in `backend::cpu::slot_ops`, as `AsaLayer::slotspace_forward`
 //! runs them).
 //!
 //! Forward (`refine_qkv_forward`): the fused slot_q/k/v GEMM's output qkv [N,T,3M] (rows of

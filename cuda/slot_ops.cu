@@ -1,5 +1,5 @@
 // ASA ops, one kernel per op and direction, each the twin of the function of the same name in
-// `src/backend/cpu/asa.rs` (a few ops have a second-phase kernel, `<op>_<part>`, where a
+// `src/backend/cpu/slot_ops.rs` (a few ops have a second-phase kernel, `<op>_<part>`, where a
 // deterministic reduction needs one).
 //
 // Layouts (row-major): per-head activations [B,H,T,d]; write logits and scan statistics
@@ -14,7 +14,7 @@
 // Both walk (position, pair) with `rope_walk` (cuda/common.cuh).
 
 // out, inp: [N,T,D]. One thread per pair.
-// twin: cpu::asa::rope_forward
+// twin: cpu::slot_ops::rope_forward
 extern "C" __global__ void rope_forward(float* out, const float* inp, const float* cos_t,
                                         const float* sin_t, int n, int t, int d) {
     rope_walk(n, t, d, [&](i64 o, i64 tab, int p, i64, int) {
@@ -27,7 +27,7 @@ extern "C" __global__ void rope_forward(float* out, const float* inp, const floa
 }
 
 // dinp += J^T dout. dinp, dout: [N,T,D]. The traversal of rope_forward.
-// twin: cpu::asa::rope_backward
+// twin: cpu::slot_ops::rope_backward
 extern "C" __global__ void rope_backward(float* dinp, const float* dout, const float* cos_t,
                                          const float* sin_t, int n, int t, int d) {
     rope_walk(n, t, d, [&](i64 o, i64 tab, int p, i64, int) {
@@ -43,7 +43,7 @@ extern "C" __global__ void rope_backward(float* dinp, const float* dout, const f
 // head layout
 
 // out: [B,H,T,d] <- inp: [B,T,H*d]
-// twin: cpu::asa::split_heads
+// twin: cpu::slot_ops::split_heads
 extern "C" __global__ void split_heads(float* out, const float* inp, int b, int t, int h, int d) {
     const int hd = h * d;
     // a block per row (b, t) of inp, threads along it: both sides move in runs of d floats
@@ -59,7 +59,7 @@ extern "C" __global__ void split_heads(float* out, const float* inp, int b, int 
 
 // out: [B,T,H*d] = inp: [B,H,T,d] (a store: merge_heads_acc of the CPU into zeros, no memset
 // before). A block per row (b, t) of out. out16: nullable, the bf16 twin of out.
-// twin: cpu::asa::merge_heads
+// twin: cpu::slot_ops::merge_heads
 extern "C" __global__ void merge_heads(float* out, const float* inp, int b, int t, int h, int d,
                                        unsigned short* out16) {
     const int hd = h * d;
@@ -110,7 +110,7 @@ __device__ __forceinline__ void heads3_pairs_walk(int b, int t, int h, int d, F 
 // The three projections of a fused QKV GEMM: inp [B,T,3*H*d] (rows of k | v | q) -> o0, o1, o2
 // [B,H,T,d] (split_heads of each third). cos, sin (nullable, [T,d], d even): the first third
 // leaves with RoPE (the expressions of rope_forward), for the keys.
-// twin: cpu::asa::split_heads
+// twin: cpu::slot_ops::split_heads
 extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const float* inp, int b, int t, int h,
                                         int d, const float* cos_t, const float* sin_t) {
     if (cos_t) {
@@ -139,7 +139,7 @@ extern "C" __global__ void split_heads3(float* o0, float* o1, float* o2, const f
 // [B,H,T,d] side by side (merge_heads of each into a zero third); out16: nullable, the bf16
 // twin of out. cos, sin (nullable): i0 is the gradient of split_heads3's roped third, taken
 // back through RoPE (the expressions of rope_backward, into zeros).
-// twin: cpu::asa::merge_heads_acc
+// twin: cpu::slot_ops::merge_heads_acc
 extern "C" __global__ void merge_heads3(float* out, const float* i0, const float* i1, const float* i2, int b, int t,
                                         int h, int d, unsigned short* out16, const float* cos_t,
                                         const float* sin_t) {
@@ -174,7 +174,7 @@ extern "C" __global__ void merge_heads3(float* out, const float* i0, const float
 // ------------------------------------------------------------------------------------------------
 // F.normalize(x, dim=-1, eps=1e-8). out, inp: [rows,d]; norm: [rows]. One warp per row.
 
-// twin: cpu::asa::l2normalize_forward
+// twin: cpu::slot_ops::l2normalize_forward
 extern "C" __global__ void l2normalize_forward(float* out, float* norm, const float* inp, int rows, int d) {
     int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
@@ -189,7 +189,7 @@ extern "C" __global__ void l2normalize_forward(float* out, float* norm, const fl
 }
 
 // dinp += (g - y (y.g)) / |x| when |x| > 1e-8, else g / 1e-8.
-// twin: cpu::asa::l2normalize_backward
+// twin: cpu::slot_ops::l2normalize_backward
 extern "C" __global__ void l2normalize_backward(float* dinp, const float* dout, const float* out,
                                                 const float* norm, int rows, int d) {
     int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
@@ -231,7 +231,7 @@ __device__ __forceinline__ float alibi_strength(const float* raw, double init, d
 // memory (row stride d + 1, so a warp's threads, one position each, read different banks),
 // then one thread per (slot, position) output, positions fastest (the slot key is a broadcast
 // read, the stores coalesce). Dynamic shared memory: tile * (d + 1) floats.
-// twin: cpu::asa::write_logits_forward
+// twin: cpu::slot_ops::write_logits_forward
 extern "C" __global__ void write_logits_forward(float* raw, float* wl, float* keys, const float* __restrict__ k,
                                                 float wtemp, const float* __restrict__ bias_h,
                                                 const unsigned char* __restrict__ valid, int b, int h, int t,
@@ -287,7 +287,7 @@ extern "C" __global__ void write_logits_forward(float* raw, float* wl, float* ke
 
 // dk [B,H,T,d] += sum_s dwl/wtemp/sqrt(d) * key[s,:] over unmasked positions (terms added in f32
 // in slot order, as the CPU twin). One thread per (b,h,t,j).
-// twin: cpu::asa::write_logits_backward
+// twin: cpu::slot_ops::write_logits_backward
 extern "C" __global__ void write_logits_backward(float* dk, const float* dwl, const float* keys,
                                                  float wtemp, const unsigned char* valid,
                                                  int b, int h, int t, int nk, int d) {
@@ -346,7 +346,7 @@ __device__ __forceinline__ void wl_keys_finish(unsigned* ticket, float* dkeys, c
 // pkeys[b,h,s,j] = sum_t dwl/wtemp/sqrt(d) * k[t,j]; pbias[b,h,s] = sum_t dwl * t (both f64,
 // unmasked positions, time order). One thread per (b,h,s,j); pbias nullable. Finished in the
 // last block by `wl_keys_finish` (dkeys, dparam, dalibi; ticket: one counter).
-// twin: cpu::asa::write_logits_backward
+// twin: cpu::slot_ops::write_logits_backward
 extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbias, const float* dwl,
                                                       const float* k, float wtemp, const unsigned char* valid,
                                                       int b, int h, int t, int nk, int d, unsigned* ticket,
@@ -400,7 +400,7 @@ extern "C" __global__ void write_logits_backward_keys(double* pkeys, double* pbi
 #define WK_CHUNK 64
 #define WK_TILES 4
 
-// twin: cpu::asa::write_logits_backward
+// twin: cpu::slot_ops::write_logits_backward
 extern "C" __global__ void __launch_bounds__(256)
     write_logits_backward_keys_bf16(double* pkeys, double* pbias, const float* dwl, const float* k, float wtemp,
                                     const unsigned char* valid, int b, int h, int t, int nk, int d,
@@ -463,7 +463,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // dst [H*X] += sum over b of (f32) part[b, H*X], b in order (the CPU's per-(b,h) partials).
-// twin: cpu::asa::write_logits_backward
+// twin: cpu::slot_ops::write_logits_backward
 extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, i64 hx) {
     ASA_GRID_LOOP(i, hx) {
         float acc = dst[i];
@@ -474,10 +474,10 @@ extern "C" __global__ void sum_batch_add(float* dst, const double* part, int b, 
 
 // ------------------------------------------------------------------------------------------------
 // the write scan (the reference's chunked running-max softmax; see slot_scan_forward in
-// src/backend/cpu/asa.rs for the math). One warp per (b,h,s), lanes over d, f64 accumulators.
+// src/backend/cpu/slot_ops.rs for the math). One warp per (b,h,s), lanes over d, f64 accumulators.
 
 // state: [B,H,T,K,d]; den, rmax: [B,H,K,T]; wl: [B,H,K,T]; v: [B,H,T,d].
-// twin: cpu::asa::slot_scan_forward
+// twin: cpu::slot_ops::slot_scan_forward
 extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rmax, const float* wl,
                                              const float* v, int chunk, int nbh, int t, int nk, int d) {
     int warp = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
@@ -556,7 +556,7 @@ extern "C" __global__ void slot_scan_forward(float* state, float* den, float* rm
 // splits exact ties in half). dstate [B,H,T,K,d] is CONSUMED: on return it holds, per (t,s),
 // the gradient with respect to the scan's numerator at t (a_t of the CPU twin), which
 // `slot_scan_backward_dv` turns into dv. cm, cidx: scratch [B,H,K,T]. One warp per (b,h,s).
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* cm_buf, int* cidx_buf,
                                               const float* state, const float* den, const float* rmax,
                                               const float* wl, const float* v, int chunk, int nbh, int t,
@@ -752,7 +752,7 @@ extern "C" __global__ void slot_scan_backward(float* dwl, float* dstate, float* 
 
 // Backward of the write scan, second phase: dv [B,H,T,d] += sum_s e(s,t) * a(s,t) in slot order,
 // e = exp(wl - rmax) (0 where rmax is -inf); a from `slot_scan_backward`. One thread per (b,h,t,j).
-// twin: cpu::asa::slot_scan_backward
+// twin: cpu::slot_ops::slot_scan_backward
 extern "C" __global__ void slot_scan_backward_dv(float* dv, const float* a, const float* wl,
                                                  const float* rmax, int nbh, int t, int nk, int d) {
     ASA_GRID_LOOP(i, (i64)nbh * t * d) {
@@ -786,7 +786,7 @@ __device__ __forceinline__ bool asa_masked(const int* keep, int last_pos_only, i
 // gamma*lcont (lkey alone without content), with the slot mask: mask_mode 0 (read) -> both
 // -inf, 1 (content only) -> lcont 0. lkey, lcont, logits: [B,H,T,K]; q: [B,H,T,d];
 // keys: [H,K,d]; state: [B,H,T,K,d]. One warp per (b,h,t,s).
-// twin: cpu::asa::read_logits_forward
+// twin: cpu::slot_ops::read_logits_forward
 extern "C" __global__ void read_logits_forward(float* lkey, float* lcont, float* logits, const float* q,
                                                const float* keys, const float* state, float gamma,
                                                const int* keep, int last_pos_only, int mask_mode,
@@ -831,7 +831,7 @@ extern "C" __global__ void read_logits_forward(float* lkey, float* lcont, float*
 // d(gamma) = sum dlogits * lcont. dq: [B,H,T,d]; dstate: nullable [B,H,T,K,d] (content read);
 // pgamma: nullable [B*H*T] f64. One warp per (b,h,t), lanes over d; terms added in f32 in slot
 // order as the CPU twin. The slot-key gradient is `read_logits_backward_keys`.
-// twin: cpu::asa::read_logits_backward
+// twin: cpu::slot_ops::read_logits_backward
 extern "C" __global__ void read_logits_backward(float* dq, float* dstate, double* pgamma, const float* dlogits,
                                                 const float* lcont, const float* q, const float* keys,
                                                 const float* state, float gamma, const int* keep,
@@ -895,7 +895,7 @@ extern "C" __global__ void read_logits_backward(float* dq, float* dstate, double
 // Per-(b,h) partial slot-key gradient of the read logits: pkeys[b,h,s,j] = sum_t dlogits *
 // q[t,j] / sqrt(d) where the key logit is live (f64, time order). One thread per (b,h,s,j).
 // Finished by `sum_batch_add`.
-// twin: cpu::asa::read_logits_backward
+// twin: cpu::slot_ops::read_logits_backward
 extern "C" __global__ void read_logits_backward_keys(double* pkeys, const float* dlogits, const float* q,
                                                      const int* keep, int last_pos_only, int mask_mode,
                                                      int nbh, int t, int nk, int d) {
@@ -949,7 +949,7 @@ __device__ void asa_softmax_row(float* out, const float* x, float temp, int nk, 
 
 // rw = routing(logits), then the hard read mask with renormalisation. rw, logits: [B,H,T,K].
 // routing: 0 softmax, 1 top1, 2 topk (topk = k), 3 external, 4 override (ext: [B,H,T,K]).
-// twin: cpu::asa::read_weights_forward
+// twin: cpu::slot_ops::read_weights_forward
 extern "C" __global__ void read_weights_forward(float* rw, const float* logits, const float* ext, int routing,
                                                 int topk, float rtemp, const int* keep, int last_pos_only,
                                                 int rows, int t, int nk) {
@@ -992,7 +992,7 @@ extern "C" __global__ void read_weights_forward(float* rw, const float* logits, 
 
 // Backward of read_weights_forward to the logits (softmax and topk only; the caller skips the
 // other routings). dlogits, drw, rw, logits: [B,H,T,K]. Needs K <= ASA_MAXK.
-// twin: cpu::asa::read_weights_backward
+// twin: cpu::slot_ops::read_weights_backward
 extern "C" __global__ void read_weights_backward(float* dlogits, const float* drw, const float* rw,
                                                  const float* logits, int routing, int topk, float rtemp,
                                                  const int* keep, int last_pos_only, int rows, int t, int nk) {
@@ -1033,7 +1033,7 @@ extern "C" __global__ void read_weights_backward(float* dlogits, const float* dr
 // slot mix: out_t = sum_k w_tk state_tk
 
 // out: [R,d]; w: [R,K]; state: [R,K,d] (R = B*H*T). One thread per (row, j), f64 sum.
-// twin: cpu::asa::slot_mix_forward
+// twin: cpu::slot_ops::slot_mix_forward
 extern "C" __global__ void slot_mix_forward(float* out, const float* w, const float* state, i64 rows,
                                             int nk, int d) {
     ASA_GRID_LOOP(i, rows * d) {
@@ -1047,7 +1047,7 @@ extern "C" __global__ void slot_mix_forward(float* out, const float* w, const fl
 }
 
 // dw [R,K] += dout . state (f64 warp sum); dstate [R,K,d] += w * dout (f32). One warp per (row, s).
-// twin: cpu::asa::slot_mix_backward
+// twin: cpu::slot_ops::slot_mix_backward
 extern "C" __global__ void slot_mix_backward(float* dw, float* dstate, const float* dout, const float* w,
                                              const float* state, i64 rows, int nk, int d) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -1071,14 +1071,14 @@ extern "C" __global__ void slot_mix_backward(float* dw, float* dstate, const flo
 // slotspace refine: elementwise maps (RoPE, masks and phi of its q, k, v: cuda/refine.cu)
 
 // out = tanh(x) (f64)
-// twin: cpu::asa::tanh_forward
+// twin: cpu::slot_ops::tanh_forward
 extern "C" __global__ void tanh_forward(float* out, const float* inp, i64 n) {
     ASA_GRID_LOOP(i, n) { out[i] = (float)tanh((double)inp[i]); }
 }
 
 // dinp += dout * (1 - y^2)
 // dinp16: nullable, the bf16 twin of the updated dinp.
-// twin: cpu::asa::tanh_backward
+// twin: cpu::slot_ops::tanh_backward
 extern "C" __global__ void tanh_backward(float* dinp, const float* out, const float* dout, i64 n,
                                          unsigned short* dinp16) {
     ASA_GRID_LOOP(i, n) {
@@ -1091,13 +1091,13 @@ extern "C" __global__ void tanh_backward(float* dinp, const float* out, const fl
 
 
 // softmax over rows of K (f64). out, inp: [R,K]. One thread per row.
-// twin: cpu::asa::softmax_slots_forward
+// twin: cpu::slot_ops::softmax_slots_forward
 extern "C" __global__ void softmax_slots_forward(float* out, const float* inp, i64 rows, int nk) {
     ASA_GRID_LOOP(row, rows) { asa_softmax_row(out + row * nk, inp + row * nk, 1.0f, nk, 0); }
 }
 
 // dinp += y * (dy - sum(dy*y)) per row (f64 dot).
-// twin: cpu::asa::softmax_slots_backward
+// twin: cpu::slot_ops::softmax_slots_backward
 extern "C" __global__ void softmax_slots_backward(float* dinp, const float* out, const float* dout, i64 rows,
                                                   int nk) {
     ASA_GRID_LOOP(row, rows) {
@@ -1112,7 +1112,7 @@ extern "C" __global__ void softmax_slots_backward(float* dinp, const float* out,
 
 // Slot mask on the slotspace weights, in place: w *= keep (renormalised by max(sum, 1e-8)
 // when `renorm`); pre receives the weights before masking. w, pre: [R,K]; keep: [K].
-// twin: cpu::asa::slot_mask_weights_forward
+// twin: cpu::slot_ops::slot_mask_weights_forward
 extern "C" __global__ void slot_mask_weights_forward(float* w, float* pre, const int* keep, int last_pos_only,
                                                      int renorm, i64 rows, int t, int nk) {
     ASA_GRID_LOOP(row, rows) {
@@ -1132,7 +1132,7 @@ extern "C" __global__ void slot_mask_weights_forward(float* w, float* pre, const
 }
 
 // dpre [R,K] += backward of slot_mask_weights_forward; out: the masked weights.
-// twin: cpu::asa::slot_mask_weights_backward
+// twin: cpu::slot_ops::slot_mask_weights_backward
 extern "C" __global__ void slot_mask_weights_backward(float* dpre, const float* dw, const float* out,
                                                       const float* pre, const int* keep, int last_pos_only,
                                                       int renorm, i64 rows, int t, int nk) {

@@ -1,5 +1,5 @@
 //! The Addressed State Attention layer: forward and backward, composed from the CPU ops in
-//! `backend::cpu::asa` and `backend::cpu::ops`.
+//! `backend::cpu::slot_ops` and `backend::cpu::ops`.
 //!
 //! Data flow of the forward (shapes per batch of B sequences of T tokens, C = H*d):
 //! ```text
@@ -29,9 +29,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::backend::cpu::asa::{self as k, ReadMask, RopeTable, Routing, SlotDims};
 use crate::backend::cpu::ops;
 use crate::backend::cpu::scan::{self, ContentGrad, Scan, StateGrad};
+use crate::backend::cpu::slot_ops::{self as k, ReadMask, RopeTable, Routing, SlotDims};
 use crate::config::{ModelConfig, Variant};
 use crate::error::Result;
 use crate::vocab::params::{sigmoid, softplus, AsaIds, ParamStore};

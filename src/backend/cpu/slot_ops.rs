@@ -9,12 +9,12 @@
 
 use rayon::prelude::*;
 
+pub use crate::vocab::dims::{SlotDims, DEN_EPS};
+pub use crate::vocab::options::ReadMask;
+
 use super::scan;
 use super::simd;
 use super::simd_task;
-
-/// Denominator floor of the reference (`clamp_min(1e-8)`).
-pub const DEN_EPS: f32 = 1e-8;
 
 /// `f32` view of `f64`'s `-inf` test used everywhere a running max may still be empty.
 #[inline]
@@ -235,22 +235,6 @@ pub fn l2normalize_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], norm: &
 // ------------------------------------------------------------------------------------------------
 // Write logits
 // ------------------------------------------------------------------------------------------------
-
-/// Dimensions shared by the slot ops.
-#[derive(Debug, Clone, Copy)]
-pub struct SlotDims {
-    pub b: usize,
-    pub h: usize,
-    pub t: usize,
-    pub k: usize,
-    pub d: usize,
-}
-
-impl SlotDims {
-    pub fn bh(&self) -> usize {
-        self.b * self.h
-    }
-}
 
 simd_kernel! {
 /// raw = slot_keys . k / sqrt(d); wl = raw / wtemp + bias_h * t, then -inf where the token is
@@ -643,15 +627,6 @@ pub fn slot_scan_backward(
 // ------------------------------------------------------------------------------------------------
 
 pub use crate::vocab::options::SlotKeep;
-
-/// How a slot mask changes the content logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadMask {
-    /// masked slots get -inf key and content logits
-    Read,
-    /// masked slots get content logit 0
-    ContentOnly,
-}
 
 simd_kernel! {
 /// lkey = q.slot_keys/sqrt(d); lcont = q.state_t/sqrt(d); logits = lkey + gamma*lcont, with
