@@ -28,7 +28,7 @@ use asa::backend::cuda::fused::{self, FusedPlan, FusedWs, FwdIo};
 use asa::backend::cuda::linear::{tiled_smem, LinearAlgo};
 use asa::backend::cuda::ops::{DevRouting, DevSlotMask, Learned};
 use asa::backend::cuda::{
-    self, model::GpuLayerRunner, AsDv, CudaBackend, Device, Dv, GpuLm, Ops, Precision,
+    self, layer::GpuLayerRunner, AsDv, CudaBackend, Device, Dv, GpuLm, Ops, Precision,
 };
 use asa::config::ModelConfig;
 use asa::model::layer::{AsaCache, AsaLayer, AsaOptions};
@@ -177,7 +177,7 @@ fn bench_train_step(cr: &mut Criterion) {
                 g.throughput(Throughput::Elements((b * t) as u64));
                 g.bench_with_input(BenchmarkId::new(name, t), &t, |bn, &t| {
                     bn.iter(|| {
-                        gl.train_step(&ids, &tg, b, t, acfg.lr, &acfg, Some(1.0))
+                        gl.train_step(&ids, &tg, b, t, b, acfg.lr, &acfg, Some(1.0), true)
                             .unwrap()
                     })
                 });

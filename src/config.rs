@@ -5,7 +5,6 @@
 //! two fields the reference keeps elsewhere: `mlp_bias` and `variant`.
 
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 use crate::error::{AsaError, Result};
 use crate::host::{host_available, human};
@@ -246,16 +245,6 @@ impl ModelConfig {
         if let Some(var) = v.get("variant").and_then(|x| x.as_str()) {
             cfg.variant = var.parse()?;
         }
-        Ok(cfg)
-    }
-
-    pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| AsaError::Config(format!("cannot read config {}: {e}", path.display())))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| AsaError::Config(format!("{} is not valid JSON: {e}", path.display())))?;
-        let cfg = Self::from_json_value(&v)?;
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -667,7 +656,7 @@ pub fn check_params_fit(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Arithmetic precision of the GPU path (`backend::cuda::model`'s module doc).
+/// Arithmetic precision of the GPU path (`backend::cuda::layer`'s module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// f32 everywhere (f64 accumulation where the CPU twin uses it)

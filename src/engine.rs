@@ -224,7 +224,7 @@ impl<B: Backend> Engine<B> {
                 adam_current,
             } => {
                 let cfg = self.adam.cfg;
-                let r = lm.train_step_accum(inputs, targets, rows, t, mb, lr, &cfg, clip, training);
+                let r = lm.train_step(inputs, targets, rows, t, mb, lr, &cfg, clip, training);
                 // whatever the outcome, the device's state may have moved on
                 *params_current = false;
                 *adam_current = false;
@@ -294,12 +294,6 @@ impl<B: Backend> Engine<B> {
             }
         }
         Ok((&self.params, &self.adam))
-    }
-
-    /// The parameters and the AdamW state, the engine given up.
-    pub fn into_state(mut self) -> Result<(ParamStore, AdamW)> {
-        self.state()?;
-        Ok((self.params, self.adam))
     }
 }
 

@@ -271,9 +271,11 @@ pub fn run(o: &BenchOptions, arch: &str, peaks: &GpuPeaks) -> Result<KernelCostR
             &tgt,
             o.batch,
             o.seq_len,
+            o.batch,
             BENCH_ADAM.lr * (1.0 + 0.01 * k as f64),
             &BENCH_ADAM,
             Some(BENCH_CLIP),
+            true,
         )?;
         Ok(gpu.backend().take())
     };
@@ -582,8 +584,18 @@ mod tests {
             GpuLm::with_backend(CountingDevice::new(H100_SMS), cfg, &params, o.precision).unwrap();
         let (inp, tgt) = bench::random_batch(cfg.vocab_size, o.batch, o.seq_len, 1);
         let mut step = || {
-            gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
-                .unwrap();
+            gpu.train_step(
+                &inp,
+                &tgt,
+                o.batch,
+                o.seq_len,
+                o.batch,
+                1e-3,
+                &BENCH_ADAM,
+                Some(1.0),
+                true,
+            )
+            .unwrap();
             gpu.backend().take()
         };
         let first = step();
@@ -662,8 +674,18 @@ mod tests {
             let (inp, tgt) = bench::random_batch(cfg.vocab_size, o.batch, o.seq_len, k);
             let inp: Vec<u32> = inp.iter().map(|&x| x % (5 + k as u32)).collect();
             let lr = 1e-3 * (1.0 + k as f64);
-            gpu.train_step(&inp, &tgt, o.batch, o.seq_len, lr, &BENCH_ADAM, Some(1.0))
-                .unwrap();
+            gpu.train_step(
+                &inp,
+                &tgt,
+                o.batch,
+                o.seq_len,
+                o.batch,
+                lr,
+                &BENCH_ADAM,
+                Some(1.0),
+                true,
+            )
+            .unwrap();
             gpu.backend().take()
         };
         let _first = step(1);
@@ -706,8 +728,18 @@ mod tests {
             let mut gpu = GpuLm::with_backend(dev, cfg, &params, o.precision).unwrap();
             gpu.backend().take();
             for _ in 0..steps {
-                gpu.train_step(&inp, &tgt, o.batch, o.seq_len, 1e-3, &BENCH_ADAM, Some(1.0))
-                    .unwrap();
+                gpu.train_step(
+                    &inp,
+                    &tgt,
+                    o.batch,
+                    o.seq_len,
+                    o.batch,
+                    1e-3,
+                    &BENCH_ADAM,
+                    Some(1.0),
+                    true,
+                )
+                .unwrap();
             }
             gpu.backend().take()
         };

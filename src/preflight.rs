@@ -7,7 +7,7 @@
 //!   sum on the GPU; on the GPU path the host keeps the parameters, a template copy and the
 //!   AdamW moments as well, and the device a bf16 copy of the parameters (P/2 floats);
 //! - activations: the per-token, per-layer buffers of `BlockCache` + `AsaCache` (model/lm.rs,
-//!   model/layer.rs; on the GPU those of backend/cuda/model.rs, which keep the serial scan's
+//!   model/layer.rs; on the GPU those of backend/cuda/layer.rs and lm.rs, which keep the serial scan's
 //!   state), times B*T*L, plus one layer's worth of backward temporaries;
 //! - the [B*T, V] logits and softmax buffers (on the GPU, the fused classifier's capped block).
 //!
@@ -25,7 +25,7 @@ const F32: u64 = 4;
 const GPU_LOGITS_BUDGET: u64 = 1 << 25;
 
 /// Floats of activations kept per token and per layer for the backward: the GPU caches
-/// (backend/cuda/model.rs) with `cuda`, else the CPU's `BlockCache` + `AsaCache`.
+/// (backend/cuda/layer.rs, lm.rs) with `cuda`, else the CPU's `BlockCache` + `AsaCache`.
 pub fn floats_per_token_layer(cfg: &ModelConfig, place: Place) -> Option<u64> {
     if place.is_cuda() {
         gpu_floats_per_token_layer(cfg)

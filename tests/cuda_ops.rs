@@ -267,7 +267,7 @@ fn cuda_intervene_lm_matches_cpu() {
         let acfg = AdamWConfig::default();
         for _ in 0..2 {
             let (l, n) = gl
-                .train_step(&inputs, &targets, b, t, 1e-3, &acfg, Some(1.0))
+                .train_step(&inputs, &targets, b, t, b, 1e-3, &acfg, Some(1.0), true)
                 .unwrap();
             assert!(
                 l.is_finite() && n.is_finite(),
@@ -285,7 +285,7 @@ fn cuda_intervene_rejects_slot_masks() {
     let cfg = small_cfg(Variant::Intervene);
     let mut store = ParamStore::new();
     let ids = AsaIds::register(&mut store, "", &cfg, &mut Init::new(3));
-    let mut run = cuda::model::GpuLayerRunner::new(&cfg, ids, &store, Precision::F32).unwrap();
+    let mut run = cuda::layer::GpuLayerRunner::new(&cfg, ids, &store, Precision::F32).unwrap();
     let opts = AsaOptions {
         slot_mask: Some(SlotMask::new(&[1.0, 0.0, 1.0, 1.0, 1.0, 1.0], "read", "all").unwrap()),
         ..Default::default()

@@ -39,7 +39,7 @@ fn curves(precision: Precision) -> Option<(Vec<f64>, Vec<f64>)> {
         clip_grad_norm(&mut grads, 1.0);
         adam.step(&mut params, &grads, adam_cfg.lr);
         let (l, _) = gpu
-            .train_step(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0))
+            .train_step(inp, tgt, b, t, b, adam_cfg.lr, &adam_cfg, Some(1.0), true)
             .unwrap();
         gpu_losses.push(l);
     }

@@ -96,10 +96,6 @@ impl LmCache {
     pub fn block_input(&self, l: usize) -> &[f32] {
         &self.blocks[l].x
     }
-    /// The final residual stream before `ln_f`: [B,T,C]
-    pub fn final_residual(&self) -> &[f32] {
-        &self.xf
-    }
 }
 
 /// The language model: config, parameter ids, one `AsaLayer` per block.

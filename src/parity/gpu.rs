@@ -20,10 +20,12 @@ use super::{
     case_report, case_weights, check, forward_options, layer_config, open_case, train_case,
     train_checks, CaseReport, Check, Io, TOL_GRAD, TOL_LOSS, TOL_OUT,
 };
-use crate::backend::cuda::model::{GpuLayerRunner, GpuLm, Precision};
+use crate::backend::cuda::layer::GpuLayerRunner;
+use crate::backend::cuda::GpuLm;
 use crate::backend::cuda::{Backend, CudaBackend};
 use crate::checkpoint;
 use crate::config::ModelConfig;
+use crate::config::Precision;
 use crate::engine::Engine;
 use crate::error::{AsaError, Result};
 use crate::optim::AdamW;

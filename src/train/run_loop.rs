@@ -15,8 +15,6 @@ use crate::config::{ModelConfig, Place};
 use crate::data::batch::Batches;
 use crate::engine::{Engine, StepBatch};
 use crate::error::{AsaError, Result};
-use crate::model::layer::AsaOptions;
-use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
 use crate::optim::AdamW;
 
@@ -50,21 +48,6 @@ pub fn mean_val_loss(
         return Err(AsaError::Input("no validation windows".into()));
     }
     Ok(sum / rows as f64)
-}
-
-/// Mean validation loss over fixed windows (the CPU model).
-pub fn evaluate(
-    lm: &mut Lm,
-    params: &ParamStore,
-    data: &dyn Batches,
-    s: &TrainSettings,
-) -> Result<f64> {
-    let opts = AsaOptions::default();
-    let mut cache = LmCache::default();
-    mean_val_loss(data, s, |inp, tgt, r| {
-        lm.forward(params, inp, r, s.seq_len, &opts, &mut cache)?;
-        lm.loss(&mut cache, tgt, None)
-    })
 }
 
 /// Everything a training loop needs; `run_loop` drives train-mini and train alike.
@@ -123,75 +106,136 @@ pub fn gate_summaries(p: &ParamStore, cfg: &ModelConfig) -> Vec<(&'static str, f
     out
 }
 
-pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
-    let label = lp.label;
-    let quiet = lp.quiet;
-    let run = lp.run;
-    let cfg = lp.cfg;
-    let settings = lp.settings;
-    let mut state = lp.state;
-    let resume = lp.resume;
-    let data = lp.data;
-    check_stop_at(lp.stop_at, state.step, settings.steps)?;
-    if resume && state.step >= settings.steps {
+/// The progress bar and the run's messages (printed above the bar; nothing when quiet).
+struct Progress {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool, steps: usize, at: usize) -> Self {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(at as u64);
+        Progress { bar, quiet }
+    }
+
+    fn say(&self, msg: String) {
+        if self.quiet {
+        } else if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
+    }
+
+    fn tick(&self, step: usize, msg: String) {
+        self.bar.set_position(step as u64);
+        self.bar.set_message(msg);
+    }
+}
+
+/// Refuses a resume that has nothing left to do, and fills in the first validation loss of
+/// runs saved before the state kept it.
+fn check_resume(lp: &LoopArgs, state: &mut TrainState) -> Result<()> {
+    check_stop_at(lp.stop_at, state.step, lp.settings.steps)?;
+    if !lp.resume {
+        return Ok(());
+    }
+    if state.step >= lp.settings.steps {
         return Err(AsaError::Config(format!(
             "{} is already at step {} of {}; pass {} with a larger total to extend it",
-            run.dir.display(),
+            lp.run.dir.display(),
             state.step,
-            settings.steps,
+            lp.settings.steps,
             lp.extend_flag
         )));
     }
-    if resume && state.first_val_loss.is_none() {
-        // runs saved before TrainState kept it: the first val_loss of the metrics
-        state.first_val_loss = first_val_in_metrics(&run.metrics());
+    if state.first_val_loss.is_none() {
+        state.first_val_loss = first_val_in_metrics(&lp.run.metrics());
     }
-    let mut engine = Engine::new(&cfg, lp.params, lp.adam, lp.place, lp.precision)?;
-    engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
-    let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
+    Ok(())
+}
 
+/// The metrics file, appended to: cut back to `step` on a resume, started afresh otherwise.
+fn open_metrics(run: &RunDir, resume: bool, step: usize) -> Result<std::fs::File> {
     if resume {
-        truncate_metrics(&run.metrics(), state.step)?;
+        truncate_metrics(&run.metrics(), step)?;
     } else if run.metrics().exists() {
         std::fs::remove_file(run.metrics()).map_err(|e| AsaError::io(run.metrics(), e))?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(run.metrics())
-        .map_err(|e| AsaError::io(run.metrics(), e))?;
-    let say = |bar: &ProgressBar, msg: String| {
-        if quiet {
-        } else if bar.is_hidden() {
-            eprintln!("{msg}");
-        } else {
-            bar.println(msg);
-        }
-    };
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(settings.steps as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(state.step as u64);
-    say(
-        &bar,
-        format!(
-            "{label}: {} params, {} train / {} val tokens ({}), T={} B={}, device {}",
-            engine.params()?.num_elements(),
-            data.sizes().0,
-            data.sizes().1,
-            lp.data_name,
-            settings.seq_len,
-            settings.batch_size,
-            engine.name()
-        ),
-    );
+        .map_err(|e| AsaError::io(run.metrics(), e))
+}
+
+/// The mean validation loss on the engine, recorded in `rec` with its perplexity and the
+/// gate summaries of the current parameters.
+fn validate(
+    engine: &mut Engine,
+    data: &dyn Batches,
+    settings: &TrainSettings,
+    cfg: &ModelConfig,
+    rec: &mut serde_json::Value,
+) -> Result<f64> {
+    let val = mean_val_loss(data, settings, |i, tg, r| {
+        engine.eval_loss(i, tg, r, settings.seq_len)
+    })?;
+    rec["val_loss"] = serde_json::json!(val);
+    rec["val_ppl"] = serde_json::json!(val.exp());
+    for (k, v) in gate_summaries(engine.params()?, cfg) {
+        rec[k] = serde_json::json!(v);
+    }
+    Ok(val)
+}
+
+/// Trains from `lp.state` to the end (or `stop_at`): a step on the engine, its metrics line,
+/// validation every `eval_interval` steps (and at the first and last), and a checkpoint of the
+/// whole state (weights, AdamW, generators' positions) at each validation; `best/` when the
+/// validation loss improves.
+pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
+    let mut state = lp.state.clone();
+    check_resume(&lp, &mut state)?;
+    let LoopArgs {
+        label,
+        run,
+        cfg,
+        params,
+        adam,
+        settings,
+        resume,
+        data,
+        place,
+        precision,
+        stop_at,
+        quiet,
+        keep_best,
+        data_name,
+        ..
+    } = lp;
+    let mut engine = Engine::new(&cfg, params, adam, place, precision)?;
+    engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
+    let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    data_rng.set_word_pos(parse_pos(&state.data_rng_pos)?);
+    let mut metrics = open_metrics(&run, resume, state.step)?;
+    let progress = Progress::new(quiet, settings.steps, state.step);
+    let (train_tokens, val_tokens) = data.sizes();
+    progress.say(format!(
+        "{label}: {} params, {train_tokens} train / {val_tokens} val tokens ({data_name}), T={} B={}, device {}",
+        engine.params()?.num_elements(),
+        settings.seq_len,
+        settings.batch_size,
+        engine.name()
+    ));
 
     let peak = engine.peak_flops();
     let flops_per_token = crate::engine::train_flops_per_token(&cfg);
@@ -199,7 +243,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
     let (mut last_loss, mut last_val) = (f64::NAN, f64::NAN);
     let tokens_per_step = (settings.batch_size * settings.seq_len) as u64;
     let start_step = state.step;
-    let end = lp.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
+    let end = stop_at.map_or(settings.steps, |s| s.min(settings.steps));
     while state.step < end {
         let step = state.step;
         let lr = lr_at(
@@ -226,28 +270,25 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
                 )));
             }
             state.skipped_steps += 1;
-            say(
-                &bar,
-                format!(
-                    "step {}: non-finite loss or gradient, step skipped ({} so far)",
-                    step + 1,
-                    state.skipped_steps
-                ),
-            );
+            progress.say(format!(
+                "step {}: non-finite loss or gradient, step skipped ({} so far)",
+                step + 1,
+                state.skipped_steps
+            ));
         }
         state.step += 1;
         state.tokens_seen += tokens_per_step;
         last_loss = loss;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let tps = ((state.step - start_step) as u64 * tokens_per_step) as f64 / secs;
-        bar.set_position(state.step as u64);
         let mfu = peak.map(|p| tps * flops_per_token / p);
         let mfu_text = mfu
             .map(|m| format!(" MFU {:.1}%", 100.0 * m))
             .unwrap_or_default();
-        bar.set_message(format!(
-            "loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s{mfu_text}"
-        ));
+        progress.tick(
+            state.step,
+            format!("loss {loss:.3} lr {lr:.2e} {tps:.0} tok/s{mfu_text}"),
+        );
         let mut rec = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tps});
         if let Some(m) = mfu {
             rec["mfu"] = serde_json::json!(m);
@@ -257,31 +298,21 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             || state.step == settings.steps
             || step == 0
         {
-            let val = mean_val_loss(data, &settings, |i, tg, r| {
-                engine.eval_loss(i, tg, r, settings.seq_len)
-            })?;
+            let val = validate(&mut engine, data, &settings, &cfg, &mut rec)?;
             state.first_val_loss.get_or_insert(val);
             last_val = val;
             improved = state.best_val.is_none_or(|b| val < b);
             state.best_val = Some(state.best_val.map_or(val, |b: f64| b.min(val)));
-            rec["val_loss"] = serde_json::json!(val);
-            rec["val_ppl"] = serde_json::json!(val.exp());
-            for (k, v) in gate_summaries(engine.params()?, &cfg) {
-                rec[k] = serde_json::json!(v);
-            }
-            say(
-                &bar,
-                format!(
-                    "step {:>5}  train {loss:.4}  val {val:.4}  ({tps:.0} tok/s)",
-                    state.step
-                ),
-            );
+            progress.say(format!(
+                "step {:>5}  train {loss:.4}  val {val:.4}  ({tps:.0} tok/s)",
+                state.step
+            ));
         }
         writeln!(metrics, "{rec}").map_err(|e| AsaError::io(run.metrics(), e))?;
         let save = state.step.is_multiple_of(settings.eval_interval)
             || state.step == settings.steps
             || state.step == end;
-        let save_best_now = improved && lp.keep_best;
+        let save_best_now = improved && keep_best;
         if save || save_best_now {
             // the generators' positions after this step: the main checkpoint and best/ both
             // hold the whole state of the same step, so either resumes exactly
@@ -296,7 +327,7 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
             }
         }
     }
-    bar.finish_and_clear();
+    progress.bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if last_val.is_nan() {
         last_val = mean_val_loss(data, &settings, |i, tg, r| {

@@ -7,7 +7,7 @@
 
 use rand::Rng;
 
-use asa::backend::cuda::model::GpuLayerRunner;
+use asa::backend::cuda::layer::GpuLayerRunner;
 use asa::backend::cuda::{Backend, GpuLm, Precision};
 use asa::config::{ModelConfig, Variant};
 use asa::model::layer::{AsaCache, AsaLayer, AsaOptions, RoutingMode, SlotMask};
@@ -274,7 +274,7 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
         let mut gl = GpuLm::with_backend(mk(), &cfg, &store0, Precision::F32).unwrap();
         for s in 0..3 {
             let (l, nrm) = gl
-                .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(0.5), false)
+                .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(0.5), false)
                 .unwrap();
             assert!(
                 (l - losses[s]).abs() < 1e-5,
@@ -301,7 +301,7 @@ pub fn lm_train_step_matches_cpu<B: Backend>(mk: &dyn Fn() -> B, bf16: bool) {
             );
             for s in 0..3 {
                 let (l, _) = g16
-                    .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(0.5), false)
+                    .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(0.5), false)
                     .unwrap();
                 assert!(
                     (l - losses[s]).abs() < 5e-2 * losses[s].abs(),
@@ -574,7 +574,7 @@ pub fn resume_and_eval_match<B: Backend>(mk: &dyn Fn() -> B) {
     let e0 = a.eval_loss(&inputs, &targets, b, t).unwrap();
     assert!((l0 - e0).abs() < 1e-6, "eval_loss {e0} vs {l0}");
     for _ in 0..2 {
-        a.train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        a.train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), false)
             .unwrap();
     }
     let (m, v, step) = a.adam_state().unwrap().unwrap();
@@ -583,10 +583,10 @@ pub fn resume_and_eval_match<B: Backend>(mk: &dyn Fn() -> B) {
         GpuLm::with_backend(mk(), &cfg, &a.download_params().unwrap(), Precision::F32).unwrap();
     r.set_adam_state(&m, &v, step).unwrap();
     let la = a
-        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), false)
         .unwrap();
     let lr_ = r
-        .train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+        .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), false)
         .unwrap();
     assert_eq!(la, lr_, "resumed step differs");
     assert_eq!(
@@ -619,7 +619,7 @@ pub fn training_with_dropout_runs_and_learns<B: Backend>(mk: &dyn Fn() -> B) {
     let mut last = 0.0;
     for s in 0..60 {
         let (l, n) = gl
-            .train_step(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0))
+            .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), true)
             .unwrap();
         assert!(
             l.is_finite() && n.is_finite(),
@@ -658,7 +658,7 @@ pub fn bf16_curve_follows_f32<B: Backend>(mk: &dyn Fn() -> B, steps: usize, tol:
         let mut g = GpuLm::with_backend(mk(), &cfg, &store0, p).unwrap();
         (0..steps)
             .map(|_| {
-                g.train_step_mode(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0), false)
+                g.train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), false)
                     .unwrap()
                     .0
             })
@@ -706,7 +706,7 @@ pub fn bf16_twins_change_nothing<B: Backend>(mk: &dyn Fn() -> B) {
             let steps: Vec<(u64, u64)> = (0..2)
                 .map(|_| {
                     let (l, n) = g
-                        .train_step(&inputs, &targets, b, t, acfg.lr, &acfg, Some(1.0))
+                        .train_step(&inputs, &targets, b, t, b, acfg.lr, &acfg, Some(1.0), true)
                         .unwrap();
                     (l.to_bits(), n.to_bits())
                 })

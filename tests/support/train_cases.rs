@@ -93,10 +93,10 @@ pub fn accumulation_matches_whole_batch_and_cpu<B: Backend>(mk: &dyn Fn() -> B) 
         adam.step(&mut params, &grads, adam_cfg.lr);
 
         let (lw, nw) = whole
-            .train_step_mode(inp, tgt, b, t, adam_cfg.lr, &adam_cfg, Some(1.0), false)
+            .train_step(inp, tgt, b, t, b, adam_cfg.lr, &adam_cfg, Some(1.0), false)
             .unwrap();
         let (la, na) = accum
-            .train_step_accum(
+            .train_step(
                 inp,
                 tgt,
                 b,
@@ -142,7 +142,7 @@ pub fn accumulation_matches_whole_batch_and_cpu<B: Backend>(mk: &dyn Fn() -> B) 
     assert!(d_cpu < 1e-4, "GPU accumulation leaves the CPU's: {d_cpu}");
     // a batch that does not split is an error, not a panic
     assert!(accum
-        .train_step_accum(&data[0].0, &data[0].1, b, t, 3, 1e-3, &adam_cfg, None, false)
+        .train_step(&data[0].0, &data[0].1, b, t, 3, 1e-3, &adam_cfg, None, false)
         .is_err());
 }
 
@@ -161,11 +161,12 @@ pub fn non_finite_step_changes_nothing<B: Backend>(mk: &dyn Fn() -> B) {
     bad.data[i][0] = f32::NAN;
     let mut gpu = GpuLm::with_backend(mk(), &c, &bad, Precision::F32).unwrap();
     let (loss, _) = gpu
-        .train_step_mode(
+        .train_step(
             &data[0].0,
             &data[0].1,
             b,
             t,
+            b,
             adam.lr,
             &adam,
             Some(1.0),
@@ -183,11 +184,12 @@ pub fn non_finite_step_changes_nothing<B: Backend>(mk: &dyn Fn() -> B) {
     }
     // the same after a finite step: one AdamW step from the start
     let mut good = GpuLm::with_backend(mk(), &c, &params0, Precision::F32).unwrap();
-    good.train_step_mode(
+    good.train_step(
         &data[1].0,
         &data[1].1,
         b,
         t,
+        b,
         adam.lr,
         &adam,
         Some(1.0),
@@ -227,7 +229,8 @@ pub fn graph_replay_matches_eager<B: Backend>(mk: &dyn Fn() -> B) {
         p.data.iter().flatten().map(|x| x.to_bits()).collect()
     };
     let step = |lm: &mut GpuLm<B>, inp: &[u32], tgt: &[i64], t: usize, lr: f64| {
-        lm.train_step(inp, tgt, b, t, lr, &adam, Some(1.0)).unwrap()
+        lm.train_step(inp, tgt, b, t, b, lr, &adam, Some(1.0), true)
+            .unwrap()
     };
     for (i, (inp, tgt)) in data.iter().enumerate() {
         let mut tgt = tgt.clone();

@@ -2,7 +2,7 @@
 //! routing with the read slot mask and the read output in one pass over time, forward and
 //! backward, without the `[B,H,T,K,d]` state history in global memory.
 //!
-//! It replaces, in the GPU layer (`model.rs`), the op-by-op chain
+//! It replaces, in the GPU layer (`layer.rs`), the op-by-op chain
 //! `slot_scan_forward -> read_logits_forward -> read_weights_forward -> slot_mix_forward` (and
 //! the refine's `slot_mix_forward` over the states) and the matching backward chain, with the
 //! CPU twins' semantics: the reference's chunked running-max softmax with its exact

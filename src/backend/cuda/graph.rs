@@ -265,13 +265,6 @@ impl GraphState {
     pub fn enabled(&self) -> bool {
         self.enabled
     }
-
-    /// Forgets the held graph (the device drops it at the next capture): after anything that
-    /// moves the step's buffers.
-    pub fn invalidate(&mut self) {
-        self.held = false;
-        self.warm = false;
-    }
 }
 
 /// Runs a step's `body` on `s` the graph way (module docs): eagerly, captured and launched,

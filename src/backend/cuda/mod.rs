@@ -44,15 +44,16 @@ pub mod fused;
 pub mod graph;
 pub mod intervene;
 pub mod kern;
+pub mod layer;
 pub mod linear;
-pub mod model;
+pub mod lm;
 pub mod ops;
 pub mod refine;
 pub mod roofline;
 
 pub use crate::config::Precision;
 pub use doctor::{doctor, DoctorReport};
-pub use model::GpuLm;
+pub use lm::GpuLm;
 pub use ops::Ops;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
