@@ -1,8 +1,10 @@
 //! The model vocabulary, below both backends and the model: what a call of the model asks for
 //! ([`options`]: routing, slot masks, interventions) and the parameters by their PyTorch names
-//! with their layout and initialisation ([`params`]), and the dimensions and constants the CPU
-//! ops and the GPU kernels share ([`dims`]). It imports only the config and the errors.
+//! with their layout and initialisation ([`params`]), and what the CPU ops and the GPU kernels
+//! share: dimensions and constants ([`dims`]), the ALiBi slopes and RoPE tables
+//! ([`positions`]). It imports only the config and the errors.
 
 pub mod dims;
 pub mod options;
 pub mod params;
+pub mod positions;

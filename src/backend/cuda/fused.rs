@@ -192,6 +192,20 @@ impl FusedPlan {
         )
     }
 
+    /// Launches a per-tile kernel of the plan: on tensor cores ([`FusedPlan::launch_tc`]) when
+    /// the plan runs there, else a block per tile walking its positions, with `smem` bytes.
+    fn launch_tiles<L: Device + ?Sized, const N: usize>(
+        &self,
+        dev: &L,
+        l: kern::Launch<N>,
+        smem: u32,
+    ) -> Result<()> {
+        if self.tensor_cores {
+            return self.launch_tc(dev, l);
+        }
+        l.walk(dev, self.tiles_grid(), self.block(), smem, self.tile)
+    }
+
     /// The automatic tile length for `nbh` (batch, head) rows of `t` positions on `sm` SMs:
     /// at least two blocks per SM where the sequence allows it, between MIN_TILE and MAX_TILE.
     pub fn auto_tile(nbh: usize, t: usize, sm: usize) -> usize {
@@ -493,68 +507,49 @@ pub fn forward<L: Device + ?Sized>(dev: &L, p: &FusedPlan, ws: &FusedWs, io: &Fw
         nk as i32,
     )
     .walk(dev, p.warps_grid(), 128, 0, p.t.div_ceil(32))?;
-    if p.tensor_cores {
-        p.launch_tc(
-            dev,
-            kern::slot_scan_read_forward_sums_bf16(
-                ws.sum_n, ws.sum_d, ws.prod, io.wl, ws.rmax, io.v, dims,
-            ),
-        )?;
+    let f = if p.tensor_cores {
+        kern::slot_scan_read_forward_sums_bf16
     } else {
-        kern::slot_scan_read_forward_sums(ws.sum_n, ws.sum_d, ws.prod, io.wl, ws.rmax, io.v, dims)
-            .walk(dev, p.tiles_grid(), p.block(), 0, p.tile)?;
-    }
+        kern::slot_scan_read_forward_sums
+    };
+    p.launch_tiles(
+        dev,
+        f(ws.sum_n, ws.sum_d, ws.prod, io.wl, ws.rmax, io.v, dims),
+        0,
+    )?;
     kern::slot_scan_read_forward_carry(carry(ws), ws.sum_n, ws.sum_d, ws.prod, ws.rmax, dims)
         .walk(dev, p.warps_grid(), 128, 0, p.ntiles)?;
     let (mask, content) = (DevSlotMask::arg(io.mask), io.content as i32);
-    if p.tensor_cores {
-        return p.launch_tc(
-            dev,
-            kern::slot_scan_read_forward_bf16(
-                io.out1,
-                io.rw,
-                io.lkey,
-                io.lcont,
-                io.logits,
-                ws.den,
-                ws.cn_chunk,
-                io.wl,
-                ws.rmax,
-                io.v,
-                io.q,
-                io.keys,
-                carry(ws),
-                io.gamma,
-                io.rtemp,
-                mask,
-                content,
-                dims,
-                io.rw16,
-            ),
-        );
-    }
-    kern::slot_scan_read_forward(
-        io.out1,
-        io.rw,
-        io.lkey,
-        io.lcont,
-        io.logits,
-        ws.den,
-        ws.cn_chunk,
-        io.wl,
-        ws.rmax,
-        io.v,
-        io.q,
-        io.keys,
-        carry(ws),
-        io.gamma,
-        io.rtemp,
-        mask,
-        content,
-        dims,
-        io.rw16,
+    let f = if p.tensor_cores {
+        kern::slot_scan_read_forward_bf16
+    } else {
+        kern::slot_scan_read_forward
+    };
+    p.launch_tiles(
+        dev,
+        f(
+            io.out1,
+            io.rw,
+            io.lkey,
+            io.lcont,
+            io.logits,
+            ws.den,
+            ws.cn_chunk,
+            io.wl,
+            ws.rmax,
+            io.v,
+            io.q,
+            io.keys,
+            carry(ws),
+            io.gamma,
+            io.rtemp,
+            mask,
+            content,
+            dims,
+            io.rw16,
+        ),
+        p.smem_read() as u32,
     )
-    .walk(dev, p.tiles_grid(), p.block(), p.smem_read() as u32, p.tile)
 }
 
 /// What [`mix`] also writes when it makes the refine's delta: the layer's heads output
@@ -893,53 +888,33 @@ pub fn backward<L: Device + ?Sized>(
         (p.b.div_ceil(groups) * p.ntiles).max((nbh * p.ntiles).div_ceil(kb)),
     )?;
     // scan backward, level 1: tile sums (reverse)
-    if p.tensor_cores {
-        p.launch_tc(
-            dev,
-            kern::slot_scan_read_backward_sums_bf16(
-                ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, io.rw, io.sw, ws.gc, ws.gsum,
-                io.dout1, io.ddelta, io.q, ws.den, ws.rmax, dims,
-            ),
-        )?;
+    let f = if p.tensor_cores {
+        kern::slot_scan_read_backward_sums_bf16
     } else {
-        kern::slot_scan_read_backward_sums(
+        kern::slot_scan_read_backward_sums
+    };
+    p.launch_tiles(
+        dev,
+        f(
             ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, io.rw, io.sw, ws.gc, ws.gsum,
             io.dout1, io.ddelta, io.q, ws.den, ws.rmax, dims,
-        )
-        .walk(dev, tg, blk, 0, p.tile)?;
-    }
+        ),
+        0,
+    )?;
     // level 2: carries at tile ends
     kern::slot_scan_read_backward_carry(
         ws.bc_n, ws.bc_d, ws.sum_n, ws.sum_d, ws.sum2_n, ws.sum2_d, ws.prod, ws.rmax, dims,
     )
     .walk(dev, p.warps_grid(), 128, 0, p.ntiles)?;
     // level 3: reverse walk -> dv, xo, yo
-    if p.tensor_cores {
-        p.launch_tc(
-            dev,
-            kern::slot_scan_read_backward_bf16(
-                io.dv,
-                ws.xo,
-                ws.yo,
-                ws.bc_n,
-                ws.bc_d,
-                ws.cn_chunk,
-                io.rw,
-                io.sw,
-                ws.gc,
-                ws.gsum,
-                io.dout1,
-                io.ddelta,
-                io.q,
-                io.v,
-                io.wl,
-                ws.den,
-                ws.rmax,
-                dims,
-            ),
-        )?;
+    let f = if p.tensor_cores {
+        kern::slot_scan_read_backward_bf16
     } else {
-        kern::slot_scan_read_backward(
+        kern::slot_scan_read_backward
+    };
+    p.launch_tiles(
+        dev,
+        f(
             io.dv,
             ws.xo,
             ws.yo,
@@ -958,9 +933,9 @@ pub fn backward<L: Device + ?Sized>(
             ws.den,
             ws.rmax,
             dims,
-        )
-        .walk(dev, tg, blk, p.smem_mix() as u32, p.tile)?;
-    }
+        ),
+        p.smem_mix() as u32,
+    )?;
     // running max
     kern::slot_scan_read_backward_route(
         io.dwl,

@@ -29,7 +29,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::ops::{DevRouting, DevSlotMask, Learned};
 use super::{AsDv, Backend, CudaBackend, Dv, Temp};
-use crate::backend::cpu::slot_ops as cpu_asa;
 pub use crate::config::Precision;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -348,7 +347,7 @@ impl DevRope {
         base: f64,
     ) -> Result<()> {
         if slot.as_ref().map(|r| r.t) != Some(t) {
-            let tab = cpu_asa::rope_table(t, dim, base);
+            let tab = crate::vocab::positions::rope_table(t, dim, base);
             *slot = Some(DevRope {
                 t,
                 cos: be.temp_from(&tab.cos)?,
@@ -441,7 +440,7 @@ pub struct GpuAsaLayer {
 impl GpuAsaLayer {
     pub(super) fn new<B: Backend>(be: &B, cfg: &ModelConfig, ids: AsaIds) -> Result<Self> {
         let slopes = if cfg.use_alibi_write {
-            cpu_asa::alibi_slopes(cfg.num_heads)
+            crate::vocab::positions::alibi_slopes(cfg.num_heads)
         } else {
             vec![0.0; cfg.num_heads]
         };
