@@ -9,7 +9,7 @@
 use crate::backend::cuda::graph::GraphStats;
 use crate::backend::cuda::{Backend, CudaBackend, GpuLm, Precision};
 use crate::config::{ModelConfig, Place};
-use crate::error::Result;
+use crate::error::{AsaError, Result};
 use crate::model::layer::AsaOptions;
 use crate::model::lm::{Lm, LmCache};
 use crate::model::params::ParamStore;
@@ -56,11 +56,12 @@ enum Model<B: Backend> {
     },
 }
 
-/// The training engine: the model at its place, its parameters and AdamW state.
+/// The training engine: the model at its place, its parameters and AdamW state (none in an
+/// evaluation engine, [`Engine::for_eval`]).
 pub struct Engine<B: Backend = CudaBackend> {
     model: Model<B>,
     params: ParamStore,
-    adam: AdamW,
+    adam: Option<AdamW>,
     /// dropouts on in [`Engine::step`] (off: eval-mode forwards, as the fixtures train)
     dropout: bool,
 }
@@ -95,9 +96,38 @@ impl Engine {
                 grads: params.zeros_like(),
             },
             params,
-            adam,
+            adam: Some(adam),
             dropout: true,
         }
+    }
+
+    /// An engine that only evaluates (no gradients, no optimizer state; [`Engine::step`]
+    /// refuses): the CPU model `lm` with `params`, or the same model on the GPU at `place`.
+    pub fn for_eval(
+        lm: Lm,
+        params: ParamStore,
+        place: Place,
+        precision: Precision,
+    ) -> Result<Self> {
+        let model = if place.is_cuda() {
+            Model::Gpu {
+                lm: Box::new(GpuLm::new(&lm.cfg, &params, precision)?),
+                params_current: true,
+                adam_current: true,
+            }
+        } else {
+            Model::Cpu {
+                lm: Box::new(lm),
+                cache: Box::default(),
+                grads: ParamStore::default(),
+            }
+        };
+        Ok(Engine {
+            model,
+            params,
+            adam: None,
+            dropout: false,
+        })
     }
 
     /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).
@@ -136,7 +166,7 @@ impl<B: Backend> Engine<B> {
                 adam_current: true,
             },
             params,
-            adam,
+            adam: Some(adam),
             dropout: true,
         })
     }
@@ -189,6 +219,11 @@ impl<B: Backend> Engine<B> {
             micro_rows: mb,
         } = batch;
         let training = self.dropout;
+        let Some(adam) = self.adam.as_mut() else {
+            return Err(AsaError::Other(
+                "an evaluation engine has no optimizer state and cannot step".into(),
+            ));
+        };
         match &mut self.model {
             Model::Cpu { lm, cache, grads } => {
                 let accum = rows / mb.max(1);
@@ -214,7 +249,7 @@ impl<B: Backend> Engine<B> {
                     None => global_norm(grads),
                 };
                 if loss.is_finite() && norm.is_finite() {
-                    self.adam.step(&mut self.params, grads, lr);
+                    adam.step(&mut self.params, grads, lr);
                 }
                 Ok((loss, norm))
             }
@@ -223,7 +258,7 @@ impl<B: Backend> Engine<B> {
                 params_current,
                 adam_current,
             } => {
-                let cfg = self.adam.cfg;
+                let cfg = adam.cfg;
                 let r = lm.train_step(inputs, targets, rows, t, mb, lr, &cfg, clip, training);
                 // whatever the outcome, the device's state may have moved on
                 *params_current = false;
@@ -280,20 +315,25 @@ impl<B: Backend> Engine<B> {
     /// The parameters and the AdamW state as they are now (a checkpoint's).
     pub fn state(&mut self) -> Result<(&ParamStore, &AdamW)> {
         self.params()?;
+        let Some(adam) = self.adam.as_mut() else {
+            return Err(AsaError::Other(
+                "an evaluation engine has no optimizer state".into(),
+            ));
+        };
         if let Model::Gpu {
             lm, adam_current, ..
         } = &mut self.model
         {
             if !*adam_current {
                 if let Some((m, v, step)) = lm.adam_state()? {
-                    self.adam.m = m;
-                    self.adam.v = v;
-                    self.adam.step = step;
+                    adam.m = m;
+                    adam.v = v;
+                    adam.step = step;
                 }
                 *adam_current = true;
             }
         }
-        Ok((&self.params, &self.adam))
+        Ok((&self.params, adam))
     }
 }
 

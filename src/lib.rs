@@ -28,6 +28,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod host;
 pub mod kernel_cost;
 pub mod model;

@@ -235,6 +235,43 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Test perplexity of a checkpoint by the reference's sliding windows (stride = T x --stride-frac).
+    Eval {
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
+        /// reference .pt checkpoint. Default: the latest run under runs/.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// Tokenizer of --text (gpt2, byte, or a tokenizer.json path); default: the run's own, else gpt2.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// A prepared data folder (`asa prepare`): its validation split (val.bin) is scored.
+        #[arg(long, conflicts_with = "text")]
+        data: Option<PathBuf>,
+        /// Text files to score, tokenized with the model's tokenizer and joined with blank lines.
+        #[arg(long, num_args = 1..)]
+        text: Vec<PathBuf>,
+        /// Tokens each window predicts (T, >= 1).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Window stride as a share of T, in (0, 1] (the reference's stride_frac_val; 1: no overlap).
+        #[arg(long, default_value_t = 0.5)]
+        stride_frac: f64,
+        /// Windows per forward (>= 1).
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Score at most this many windows, the first ones (>= 1; default: all).
+        #[arg(long)]
+        max_windows: Option<usize>,
+        /// GEMM precision on the GPU: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: asa::config::Precision,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
@@ -465,6 +502,73 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .unwrap_or_default()
             );
             println!("saved {}", r.run_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Eval {
+            device,
+            ckpt,
+            tokenizer,
+            data,
+            text,
+            seq_len,
+            stride_frac,
+            batch,
+            max_windows,
+            precision,
+            json,
+        } => {
+            let o = asa::eval::EvalOptions {
+                seq_len,
+                stride_frac,
+                batch,
+                max_windows,
+                quiet: false,
+            };
+            // flags first: a typo should not wait for a checkpoint to load
+            asa::eval::check_options(&o)?;
+            if data.is_none() && text.is_empty() {
+                return Err(AsaError::Input(
+                    "eval needs the tokens to score: --data PREPARED_FOLDER or --text FILE..."
+                        .into(),
+                ));
+            }
+            check_json_dir(json.as_deref())?;
+            let place = resolve_device(device, true)?;
+            let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let (lm, params, tok, name) = loaded;
+            let vocab = lm.cfg.vocab_size;
+            let (stream, data_name) = match &data {
+                Some(dir) => {
+                    let set = asa::data::shards::open_prepared(dir, vocab)?;
+                    (
+                        set.val.tokens.to_vec(),
+                        format!("{} (val.bin)", dir.display()),
+                    )
+                }
+                None => {
+                    let joined = asa::data::batch::read_text_files(&text)?;
+                    let names: Vec<String> = text.iter().map(|p| p.display().to_string()).collect();
+                    (tok.encode(&joined)?, names.join(", "))
+                }
+            };
+            let mut engine = asa::engine::Engine::for_eval(lm, params, place, precision)?;
+            let r = asa::eval::run(&mut engine, &stream, vocab, &o, (name, data_name))?;
+            println!(
+                "loss {:.4}  perplexity {:.3}  ({} windows of {} tokens, stride {}; {} tokens scored of {}; {}, {:.1}s)",
+                r.loss,
+                r.perplexity,
+                r.windows,
+                r.seq_len,
+                r.stride,
+                r.tokens_scored,
+                r.stream_tokens,
+                r.device,
+                r.seconds
+            );
+            if let Some(j) = &json {
+                asa::eval::write_json(&r, j)?;
+                println!("wrote {}", j.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Probe {

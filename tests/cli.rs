@@ -323,3 +323,71 @@ fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn eval_scores_text_on_a_train_mini_run_and_refuses_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "e", 2, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = tmp.path().join("test.txt");
+    std::fs::write(&text, "The capital of France is Paris. ".repeat(40)).unwrap();
+    let json = tmp.path().join("eval.json");
+    let eval = |extra: &[&str]| {
+        asa()
+            .args(["eval", "--device", "cpu", "--seq-len", "16", "--ckpt"])
+            .arg(tmp.path().join("e"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = asa()
+        .args(["eval", "--device", "cpu", "--seq-len", "16", "--ckpt"])
+        .arg(tmp.path().join("e"))
+        .arg("--text")
+        .arg(&text)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity"));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (loss, ppl) = (
+        r["loss"].as_f64().unwrap(),
+        r["perplexity"].as_f64().unwrap(),
+    );
+    assert!(loss.is_finite() && loss > 0.0, "{r}");
+    assert!((ppl - loss.exp()).abs() <= 1e-9 * ppl, "{r}");
+    // windows of 17 tokens every 8 over the stream
+    let n = r["stream_tokens"].as_u64().unwrap();
+    assert_eq!(r["stride"].as_u64(), Some(8));
+    assert_eq!(r["windows"].as_u64(), Some((n - 17) / 8 + 1));
+    assert_eq!(
+        r["tokens_scored"].as_u64(),
+        Some(16 * r["windows"].as_u64().unwrap())
+    );
+    // no data, a bad stride, a text too short for one window: one line each, exit 1 or 2
+    for (extra, code) in [
+        (vec![], 1),
+        (vec!["--stride-frac", "0", "--text", "x"], 1),
+        (vec!["--data", "d", "--text", "x"], 2),
+    ] {
+        let out = eval(&extra);
+        assert_eq!(out.status.code(), Some(code), "{extra:?}");
+    }
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "Paris.").unwrap();
+    let out = eval(&["--text", short.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fewer than one window"), "{err}");
+}
