@@ -190,6 +190,47 @@ pub fn run(
     })
 }
 
+/// The tokens a training run held out, as it held them out: a `train` run's prepared folder's
+/// `val.bin`, or the last `val_frac` of a `train-mini` run's text (the embedded default data,
+/// or its `--data` files) tokenized with `tok`. With a description for the report.
+pub fn run_validation_stream(
+    run_dir: &Path,
+    tok: &crate::data::tokenizer::Tokenizer,
+    vocab: usize,
+) -> Result<(Vec<u32>, String)> {
+    use crate::train::{read_json, RunDir, TrainSettings};
+    let run = RunDir {
+        dir: run_dir.to_path_buf(),
+    };
+    let s: TrainSettings = read_json(&run.settings())?;
+    if let [dir] = s.data.as_slice() {
+        if dir.join("meta.json").is_file() {
+            let set = crate::data::shards::open_prepared(dir, vocab)?;
+            return Ok((
+                set.val.tokens.to_vec(),
+                format!("{} (val.bin)", dir.display()),
+            ));
+        }
+    }
+    let (text, what) = if s.data.is_empty() {
+        (
+            crate::data::corpus::default_training_text(s.seed, s.fact_frac),
+            "the embedded default data".to_string(),
+        )
+    } else {
+        let names: Vec<String> = s.data.iter().map(|p| p.display().to_string()).collect();
+        (crate::data::read_text_files(&s.data)?, names.join(", "))
+    };
+    let data = crate::data::batch::TokenData::new(tok.encode(&text)?, s.val_frac, s.seq_len)?;
+    Ok((
+        data.val,
+        format!(
+            "{what}: the held-out last {} of the run's tokens",
+            s.val_frac
+        ),
+    ))
+}
+
 /// Writes the report as JSON (temporary file, then renamed).
 pub fn write_json(report: &EvalReport, path: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(report).map_err(|e| AsaError::Other(e.to_string()))?;

@@ -248,6 +248,7 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<String>,
         /// A prepared data folder (`asa prepare`): its validation split (val.bin) is scored.
+        /// Without --data and --text: the data the run (--ckpt, a run folder) held out.
         #[arg(long, conflicts_with = "text")]
         data: Option<PathBuf>,
         /// Text files to score, tokenized with the model's tokenizer and joined with blank lines.
@@ -526,18 +527,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // flags first: a typo should not wait for a checkpoint to load
             asa::eval::check_options(&o)?;
-            if data.is_none() && text.is_empty() {
-                return Err(AsaError::Input(
-                    "eval needs the tokens to score: --data PREPARED_FOLDER or --text FILE..."
-                        .into(),
-                ));
-            }
             check_json_dir(json.as_deref())?;
             let place = resolve_device(device, true)?;
-            let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let ckpt = match ckpt {
+                Some(p) => p,
+                None => {
+                    let p = asa::train::latest_run(std::path::Path::new("runs"))?;
+                    eprintln!(
+                        "using {} (the most recently saved run under runs/; --ckpt picks another)",
+                        p.display()
+                    );
+                    p
+                }
+            };
+            if data.is_none() && text.is_empty() && !ckpt.is_dir() {
+                return Err(AsaError::Input(format!(
+                    "{} is a checkpoint file: give the tokens to score with --text FILE... or --data PREPARED_FOLDER (only a run folder knows the data it held out)",
+                    ckpt.display()
+                )));
+            }
+            let loaded = asa::train::load_for_analysis(Some(&ckpt), tokenizer.as_deref())?;
             let (lm, params, tok, name) = loaded;
             let vocab = lm.cfg.vocab_size;
             let (stream, data_name) = match &data {
+                None if text.is_empty() => asa::eval::run_validation_stream(&ckpt, &tok, vocab)?,
                 Some(dir) => {
                     let set = asa::data::shards::open_prepared(dir, vocab)?;
                     (

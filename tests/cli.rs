@@ -375,15 +375,34 @@ fn eval_scores_text_on_a_train_mini_run_and_refuses_bad_input() {
         r["tokens_scored"].as_u64(),
         Some(16 * r["windows"].as_u64().unwrap())
     );
-    // no data, a bad stride, a text too short for one window: one line each, exit 1 or 2
+    // without --text or --data: the data the run held out (the last val_frac of its text)
+    let held = tmp.path().join("held.json");
+    let out = eval(&["--json", held.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&held).unwrap()).unwrap();
+    assert!(r["data"].as_str().unwrap().contains("held-out"), "{r}");
+    assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
+    // a bad stride, --data with --text, a checkpoint file without data: one line each
+    let file = tmp.path().join("e").join("model.safetensors");
     for (extra, code) in [
-        (vec![], 1),
         (vec!["--stride-frac", "0", "--text", "x"], 1),
         (vec!["--data", "d", "--text", "x"], 2),
     ] {
         let out = eval(&extra);
         assert_eq!(out.status.code(), Some(code), "{extra:?}");
     }
+    let out = asa()
+        .args(["eval", "--device", "cpu", "--ckpt"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--text"));
     let short = tmp.path().join("short.txt");
     std::fs::write(&short, "Paris.").unwrap();
     let out = eval(&["--text", short.to_str().unwrap()]);

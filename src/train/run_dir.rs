@@ -85,7 +85,7 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> 
     checkpoint::write_bytes_atomic(path, text.as_bytes())
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| AsaError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| {
         AsaError::Checkpoint(format!("{} is not a valid run file: {e}", path.display()))
