@@ -251,6 +251,30 @@ impl ModelConfig {
     /// Checks every constraint the model relies on; each violation is one clear message naming
     /// the field. Ends with the size guard: a parameter count that overflows, or whose f32 bytes
     /// exceed the memory this machine has available, is refused before anything is allocated.
+    /// Checks a batch of `b` sequences of `t` token ids against the model: the count, every id
+    /// below `vocab_size`, and `t` within `max_seq_len` where positions are learned.
+    pub fn check_ids(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
+        if ids.len() != b * t || b == 0 || t == 0 {
+            return Err(AsaError::Input(format!(
+                "expected {b}x{t} token ids, got {}",
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(AsaError::Input(format!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.vocab_size
+            )));
+        }
+        if self.use_abs_pos && t > self.max_seq_len {
+            return Err(AsaError::Input(format!(
+                "sequence length {t} exceeds max_seq_len {} (learned absolute positions)",
+                self.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(AsaError::Config(m));
         for (name, v) in [

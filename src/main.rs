@@ -529,17 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             asa::eval::check_options(&o)?;
             check_json_dir(json.as_deref())?;
             let place = resolve_device(device, true)?;
-            let ckpt = match ckpt {
-                Some(p) => p,
-                None => {
-                    let p = asa::train::latest_run(std::path::Path::new("runs"))?;
-                    eprintln!(
-                        "using {} (the most recently saved run under runs/; --ckpt picks another)",
-                        p.display()
-                    );
-                    p
-                }
-            };
+            let ckpt = asa::train::resolve_checkpoint(ckpt.as_deref())?;
             if data.is_none() && text.is_empty() && !ckpt.is_dir() {
                 return Err(AsaError::Input(format!(
                     "{} is a checkpoint file: give the tokens to score with --text FILE... or --data PREPARED_FOLDER (only a run folder knows the data it held out)",

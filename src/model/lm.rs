@@ -182,28 +182,6 @@ impl Lm {
         &mut self.rng
     }
 
-    fn check_ids(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
-        if ids.len() != b * t || b == 0 || t == 0 {
-            return Err(AsaError::Input(format!(
-                "expected {b}x{t} token ids, got {}",
-                ids.len()
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(AsaError::Input(format!(
-                "token id {bad} is out of range for vocab_size {}",
-                self.cfg.vocab_size
-            )));
-        }
-        if self.cfg.use_abs_pos && t > self.cfg.max_seq_len {
-            return Err(AsaError::Input(format!(
-                "sequence length {t} exceeds max_seq_len {} (learned absolute positions)",
-                self.cfg.max_seq_len
-            )));
-        }
-        Ok(())
-    }
-
     /// Forward to logits [B,T,V]. With `opts.return_info`, returns each layer's info, plus
     /// `attn_out` [B,T,C] of every layer.
     pub fn forward(
@@ -229,7 +207,7 @@ impl Lm {
         hooks: &LmHooks,
         cache: &mut LmCache,
     ) -> Result<Option<Vec<Info>>> {
-        self.check_ids(ids, b, t)?;
+        self.cfg.check_ids(ids, b, t)?;
         hooks.check(self.cfg.num_layers, b * t * self.cfg.embed_dim)?;
         let cfg = self.cfg.clone();
         let (c, v, hid) = (cfg.embed_dim, cfg.vocab_size, cfg.hidden_dim());

@@ -339,6 +339,21 @@ pub fn latest_run(runs_dir: &Path) -> Result<PathBuf> {
     })
 }
 
+/// `--ckpt`, or by default the most recently saved run under `runs/` (said on stderr).
+pub fn resolve_checkpoint(ckpt: Option<&Path>) -> Result<PathBuf> {
+    match ckpt {
+        Some(p) => Ok(p.to_path_buf()),
+        None => {
+            let p = latest_run(Path::new("runs"))?;
+            eprintln!(
+                "using {} (the most recently saved run under runs/; --ckpt picks another)",
+                p.display()
+            );
+            Ok(p)
+        }
+    }
+}
+
 /// Loads a model for analysis from a run directory, a `.safetensors` file or a reference `.pt`
 /// file (default: the latest run under `runs/`), with its tokenizer (the run's own, else the
 /// one named, else GPT-2). Returns the model, its parameters, the tokenizer and a display name.
@@ -346,17 +361,7 @@ pub fn load_for_analysis(
     ckpt: Option<&Path>,
     tokenizer: Option<&str>,
 ) -> Result<(Lm, ParamStore, Tokenizer, String)> {
-    let path = match ckpt {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let p = latest_run(Path::new("runs"))?;
-            eprintln!(
-                "using {} (the most recently saved run under runs/; --ckpt picks another)",
-                p.display()
-            );
-            p
-        }
-    };
+    let path = resolve_checkpoint(ckpt)?;
     let (file, run_tok) = if path.is_dir() {
         let run = RunDir { dir: path.clone() };
         let tok = match read_json::<TrainSettings>(&run.settings()) {

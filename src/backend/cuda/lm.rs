@@ -4,7 +4,7 @@
 //! and the step as one body that a CUDA graph captures and replays (`super::graph`).
 //!
 //! Side by side with `model/lm.rs`, in the same order: `new`, `set_intervention`, `reseed`,
-//! `rng_mut`, `check_ids`, then the forward (`Lm::forward` is `upload_batch` +
+//! `rng_mut` (both check their ids with `ModelConfig::check_ids`), then the forward (`Lm::forward` is `upload_batch` +
 //! `forward_body`), the loss (`Lm::loss`: `head_loss`), the backward (`Lm::backward`:
 //! `backward_body`), and after them what the CPU leaves to `optim` and `engine`: the AdamW
 //! update (`begin_update`, `update_body`, `finish_update`) and the steps that compose them.
@@ -315,28 +315,6 @@ impl<B: Backend> GpuLm<B> {
         &mut self.rng
     }
 
-    fn check_ids(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
-        if ids.len() != b * t || b == 0 || t == 0 {
-            return Err(AsaError::Input(format!(
-                "expected {b}x{t} token ids, got {}",
-                ids.len()
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(AsaError::Input(format!(
-                "token id {bad} is out of range for vocab_size {}",
-                self.cfg.vocab_size
-            )));
-        }
-        if self.cfg.use_abs_pos && t > self.cfg.max_seq_len {
-            return Err(AsaError::Input(format!(
-                "sequence length {t} exceeds max_seq_len {} (learned absolute positions)",
-                self.cfg.max_seq_len
-            )));
-        }
-        Ok(())
-    }
-
     /// Sends a forward's batch up in one queued copy: the ids, the `targets` when given, the
     /// step's scalar block (the learned scalars, and AdamW's for a training step) and its
     /// random draws (a `training` forward's; [`StepDraws`]).
@@ -348,7 +326,7 @@ impl<B: Backend> GpuLm<B> {
         t: usize,
         training: bool,
     ) -> Result<()> {
-        self.check_ids(ids, b, t)?;
+        self.cfg.check_ids(ids, b, t)?;
         let draws = StepDraws::draw(&mut self.rng, &self.cfg, self.layers.len(), training);
         let p = &self.params;
         let mut scalars: Vec<f64> = self.layers.iter().flat_map(|l| l.step_scalars(p)).collect();
