@@ -23,12 +23,14 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bench_decode;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod host;
 pub mod kernel_cost;
 pub mod model;

@@ -163,7 +163,7 @@ pub struct AsaLayer {
     pub ids: AsaIds,
     pub intervention: Intervention,
     pub scan_form: ScanForm,
-    slopes: Vec<f32>,
+    pub(crate) slopes: Vec<f32>,
     rope: Option<RopeTable>,
     rope_ss: Option<RopeTable>,
 }
@@ -196,14 +196,14 @@ impl AsaLayer {
         }
     }
 
-    fn alibi_strength(&self, p: &ParamStore) -> f32 {
+    pub(crate) fn alibi_strength(&self, p: &ParamStore) -> f32 {
         match self.ids.alibi_strength {
             Some(i) => (softplus(p.data[i][0] as f64) + self.cfg.min_strength) as f32,
             None => self.cfg.alibi_strength_init as f32,
         }
     }
 
-    fn content_gamma(&self, p: &ParamStore) -> f32 {
+    pub(crate) fn content_gamma(&self, p: &ParamStore) -> f32 {
         match self.ids.content_read_gamma {
             Some(i) => {
                 let g = softplus(p.data[i][0] as f64);

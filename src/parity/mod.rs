@@ -579,6 +579,23 @@ fn lm_case_checks(
         &io.f64("logits")?,
         TOL_OUT,
     );
+    // the same logits by recurrent decoding, token by token, wherever the forward is a plain one
+    // (no mask, softmax routing, no slot mask or noise; the intervene variant cannot decode)
+    let plain = mask.is_none()
+        && matches!(opts.routing, RoutingMode::Softmax)
+        && opts.slot_mask.is_none()
+        && opts.noise.is_none()
+        && lm.cfg.variant != Variant::Intervene;
+    if form == ScanForm::Chunked && plain {
+        let dec = crate::model::decode::decode_logits(lm, store, &ids, b, t)?;
+        check(
+            checks,
+            "logits [recurrent decode]",
+            &dec,
+            &io.f64("logits")?,
+            TOL_OUT,
+        );
+    }
     if let Some(infos) = infos {
         for key in io.keys_with_prefix("layer") {
             let (li, k) = key["layer".len()..]

@@ -36,22 +36,33 @@ pub struct RopeTable {
 }
 
 pub fn rope_table(t: usize, dim: usize, base: f64) -> RopeTable {
-    let half = dim / 2;
-    // inv_freq = 1 / (base ** (arange(0, dim, 2).float() / dim)), all in f32
-    let inv: Vec<f32> = (0..half)
+    let inv = rope_inv_freq(dim, base);
+    let mut cos = vec![0.0; t * dim];
+    let mut sin = vec![0.0; t * dim];
+    for ti in 0..t {
+        let row = ti * dim..(ti + 1) * dim;
+        rope_row(&mut cos[row.clone()], &mut sin[row], ti, &inv);
+    }
+    RopeTable { t, dim, cos, sin }
+}
+
+/// `inv_freq = 1 / (base ** (arange(0, dim, 2).float() / dim))`, all in f32 as PyTorch does: [dim/2]
+pub fn rope_inv_freq(dim: usize, base: f64) -> Vec<f32> {
+    (0..dim / 2)
         .map(|i| {
             let e = (2 * i) as f32 / dim as f32;
             1.0f32 / (base as f32).powf(e)
         })
-        .collect();
-    let mut cos = vec![0.0; t * dim];
-    let mut sin = vec![0.0; t * dim];
-    for ti in 0..t {
-        for j in 0..dim {
-            let ang = ti as f64 * inv[j % half] as f64;
-            cos[ti * dim + j] = ang.cos() as f32;
-            sin[ti * dim + j] = ang.sin() as f32;
-        }
+        .collect()
+}
+
+/// One position's row of the cos/sin tables (`rope_table` is these rows stacked; recurrent
+/// decoding computes the row of its current position alone). cos, sin: [dim]; inv: [dim/2]
+pub fn rope_row(cos: &mut [f32], sin: &mut [f32], pos: usize, inv: &[f32]) {
+    let half = inv.len();
+    for (j, (c, s)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
+        let ang = pos as f64 * inv[j % half] as f64;
+        *c = ang.cos() as f32;
+        *s = ang.sin() as f32;
     }
-    RopeTable { t, dim, cos, sin }
 }

@@ -62,14 +62,19 @@ pub fn rope_forward(out: &mut [f32], inp: &[f32], tab: &RopeTable, n: usize) {
                     &tab.cos[ti * d..(ti + 1) * d],
                     &tab.sin[ti * d..(ti + 1) * d],
                 );
-                let (xo, oo) = (&x[ti * d..(ti + 1) * d], &mut o[ti * d..(ti + 1) * d]);
-                for i in 0..d / 2 {
-                    let (a, b) = (xo[2 * i], xo[2 * i + 1]);
-                    oo[2 * i] = a * c[2 * i] - b * s[2 * i];
-                    oo[2 * i + 1] = b * c[2 * i + 1] + a * s[2 * i + 1];
-                }
+                rope_row_forward(&mut o[ti * d..(ti + 1) * d], &x[ti * d..(ti + 1) * d], c, s);
             }
         });
+}
+
+/// `rope_forward` of one row at one position: out, x, cos, sin: [D] (the row of the table)
+#[inline]
+pub fn rope_row_forward(out: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
+    for i in 0..x.len() / 2 {
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        out[2 * i] = a * c[2 * i] - b * s[2 * i];
+        out[2 * i + 1] = b * c[2 * i + 1] + a * s[2 * i + 1];
+    }
 }
 
 /// dinp += J^T dout for the linear map of `rope_forward`. dinp, dout: [N,T,D]
@@ -905,7 +910,7 @@ fn topk_select(lg: &[f32], kk: usize) -> Vec<bool> {
 }
 
 /// softmax(x / temp) over one row, restricted to `sel` when given; all -inf gives zeros.
-fn softmax_row(out: &mut [f32], x: &[f32], temp: f32, sel: Option<&[bool]>) {
+pub fn softmax_row(out: &mut [f32], x: &[f32], temp: f32, sel: Option<&[bool]>) {
     let live = |s: usize| sel.map(|m| m[s]).unwrap_or(true);
     let mut mx = f64::NEG_INFINITY;
     for s in 0..x.len() {
