@@ -390,6 +390,8 @@ pub enum Kind {
     OptStr,
     /// true, false or null
     OptBool,
+    /// `["a", "b"]` (parameter-name globs)
+    StrList,
     /// baseline | online | intervene
     Variant,
 }
@@ -588,6 +590,7 @@ pub fn check_kinds(
                 matches!(v, V::Array(a) if a.len() == 2 && a.iter().all(|x| x.is_number()))
             }
             Kind::Variant => v.as_str().is_some_and(|s| s.parse::<Variant>().is_ok()),
+            Kind::StrList => matches!(v, V::Array(a) if a.iter().all(|x| x.is_string())),
         };
         if !ok {
             let want = match kind {
@@ -599,6 +602,7 @@ pub fn check_kinds(
                 Kind::OptBool => "true or false",
                 Kind::FloatPair => "two numbers, [a, b]",
                 Kind::Variant => "\"baseline\", \"online\" or \"intervene\"",
+                Kind::StrList => "a list of strings, [\"a\", \"b\"]",
             };
             return Err(AsaError::Config(format!(
                 "`{key}` must be {want}, got {}",

@@ -159,6 +159,9 @@ impl<B: Backend> Engine<B> {
         if adam.step > 0 {
             lm.set_adam_state(&adam.m, &adam.v, adam.step)?;
         }
+        if adam.frozen.iter().any(|&f| f) {
+            lm.set_frozen(&adam.frozen)?;
+        }
         Ok(Engine {
             model: Model::Gpu {
                 lm: Box::new(lm),
@@ -244,6 +247,7 @@ impl<B: Backend> Engine<B> {
                     let scale = 1.0 / accum as f32;
                     grads.data.iter_mut().flatten().for_each(|g| *g *= scale);
                 }
+                adam.drop_frozen_grads(grads);
                 let norm = match clip {
                     Some(c) => clip_grad_norm(grads, c),
                     None => global_norm(grads),

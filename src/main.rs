@@ -116,6 +116,18 @@ enum Cmd {
         /// GEMM precision on the GPU: bf16 (bf16 inputs, f32 accumulation) or f32.
         #[arg(long, default_value = "bf16")]
         precision: asa::config::Precision,
+        /// Start a new run from this checkpoint's weights and model (a run folder, best/, a
+        /// .safetensors file or a reference .pt); model flags given with it must agree.
+        #[arg(long, conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
+        /// Keep the parameters whose PyTorch names match these globs fixed, e.g. 'blocks.*.mlp.*'
+        /// (no update, no weight decay, no optimizer state; listed at the start).
+        #[arg(long, num_args = 1..)]
+        freeze: Vec<String>,
+        /// Train only the parameters whose names match these globs, e.g. '*.slot_*' '*_slotspace_gate_raw'
+        /// (every other parameter is kept fixed; the run config's `trainable` list does the same).
+        #[arg(long, num_args = 1..)]
+        trainable: Vec<String>,
     },
     /// Tokenize text files into binary token shards (+ a validation shard) for `asa train`.
     Prepare {
@@ -164,6 +176,18 @@ enum Cmd {
         /// Stop after this step, saving a checkpoint.
         #[arg(long)]
         stop_at: Option<usize>,
+        /// Start a new run from this checkpoint's weights and model config (a run folder, best/,
+        /// a .safetensors file or a reference .pt); model keys the config sets must agree.
+        #[arg(long, conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
+        /// Keep the parameters whose PyTorch names match these globs fixed, e.g. 'blocks.*.mlp.*'
+        /// (added to the config's `freeze`; see also `trainable`); listed at the start.
+        #[arg(long, num_args = 1..)]
+        freeze: Vec<String>,
+        /// Train only the parameters whose names match these globs, e.g. '*.slot_*' '*_slotspace_gate_raw'
+        /// (every other parameter is kept fixed; the run config's `trainable` list does the same).
+        #[arg(long, num_args = 1..)]
+        trainable: Vec<String>,
     },
     /// Tokens/s of one training step for a config, optionally against the reference (PyTorch).
     Bench {
@@ -273,6 +297,70 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Sample from a checkpoint by recurrent decoding (each token advances a fixed-size state), streaming the text.
+    Generate {
+        /// Where to run: recurrent decoding runs on the CPU (auto and cpu do; cuda is refused for now).
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
+        /// reference .pt checkpoint. Default: the latest run under runs/.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// Tokenizer (gpt2, byte, or a tokenizer.json path); default: the run's own, else gpt2.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most (stops early at the tokenizer's end-of-text token).
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Softmax temperature, >= 0; 0 is greedy (the first most likely token).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Keep only the K most likely tokens (0: off).
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        /// Nucleus sampling: keep the most likely tokens up to this cumulative probability, in (0, 1] (1: off).
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        /// Divide positive (multiply negative) logits of already generated tokens by this, > 0 (1: off).
+        #[arg(long, default_value_t = 1.05)]
+        repetition_penalty: f64,
+        /// Never repeat an n-gram of this size from the prompt or the output (0 or 1: off).
+        #[arg(long, default_value_t = 3)]
+        no_repeat_ngram: usize,
+        /// Seed of the sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep generating past the end-of-text token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Also write the prompt's token ids, the generated ids, the text and the timings here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Per-token decoding latency and state memory against position, recurrent vs a full forward per token.
+    BenchDecode {
+        /// Where to run: the CPU (auto and cpu do; cuda is refused for now).
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// A checkpoint (run folder, .safetensors or .pt); default: a fresh model of --config.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// Model of the benchmark without --ckpt: a bench preset (mini, practice-run, ...) or a run config file.
+        #[arg(long, default_value = "mini")]
+        config: String,
+        /// Decode this many tokens (the last position measured).
+        #[arg(long, default_value_t = 16384)]
+        max_len: usize,
+        /// Time the full forward per token at these positions too (comma-separated; empty: skip).
+        #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
+        full_at: Vec<usize>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
@@ -365,6 +453,16 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
     }
 }
 
+/// Recurrent decoding runs on the CPU: `--device cuda` is refused with the reason.
+fn resolve_decode_device(d: Device) -> Result<Place> {
+    match d {
+        Device::Cuda => Err(AsaError::Device(
+            "--device cuda: recurrent decoding runs on the CPU for now (one token's step is a few small matrix-vector products); use --device cpu".into(),
+        )),
+        _ => Ok(Place::Cpu),
+    }
+}
+
 /// Writes a bench report as JSON (temp file + rename).
 /// A `--json` path whose folder does not exist is an error before the work, not after it.
 fn check_json_dir(json: Option<&std::path::Path>) -> Result<()> {
@@ -442,6 +540,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             fact_frac,
             stop_at,
             precision,
+            init_from,
+            freeze,
+            trainable,
         } => {
             let place = resolve_device(device, true)?;
             // on --resume only the flags typed are compared with the run's own values
@@ -489,6 +590,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 place,
                 precision,
                 quiet: false,
+                init_from,
+                freeze,
+                trainable: (!trainable.is_empty()).then_some(trainable),
             };
             let r = asa::train::train_mini(&args)?;
             println!(
@@ -570,6 +674,132 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             if let Some(j) = &json {
                 asa::eval::write_json(&r, j)?;
+                println!("wrote {}", j.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Generate {
+            device,
+            ckpt,
+            tokenizer,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            no_repeat_ngram,
+            seed,
+            ignore_eos,
+            json,
+        } => {
+            let mut o = asa::generate::SampleOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                no_repeat_ngram,
+                seed,
+                eos: None,
+            };
+            // flags first: a typo should not wait for a checkpoint to load
+            o.check()?;
+            check_json_dir(json.as_deref())?;
+            resolve_decode_device(device)?;
+            let (lm, params, tok, name) =
+                asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let ids = tok.encode(&prompt)?;
+            if ids.is_empty() {
+                return Err(AsaError::Input(
+                    "--prompt is empty: give some text to continue".into(),
+                ));
+            }
+            if !ignore_eos {
+                o.eos = tok.single_token("<|endoftext|>");
+            }
+            use asa::generate::NextLogits;
+            let mut model = asa::generate::CpuRecurrent::new(lm, params)?;
+            let state_kib = model.state_bytes() as f64 / 1024.0;
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            print!("{prompt}");
+            out.flush().ok();
+            let mut stream = asa::generate::TextStream::new();
+            let decode = |x: &[u32]| tok.decode(x);
+            let g = asa::generate::generate(&mut model, &ids, &o, |id| {
+                let piece = stream.push(id, decode)?;
+                print!("{piece}");
+                out.flush().ok();
+                Ok(())
+            })?;
+            let rest = stream.finish(decode)?;
+            println!("{rest}");
+            let n = g.generated_ids.len();
+            let per = if n > 0 {
+                g.token_seconds.iter().sum::<f64>() / n as f64
+            } else {
+                0.0
+            };
+            eprintln!(
+                "{name}: {} prompt tokens ({:.1} ms), {n} generated ({:.2} ms/token), state {state_kib:.1} KiB, {}",
+                ids.len(),
+                g.prompt_seconds * 1e3,
+                per * 1e3,
+                model.name()
+            );
+            if let Some(j) = &json {
+                let text = tok.decode(&g.generated_ids)?;
+                let report = serde_json::json!({
+                    "checkpoint": name,
+                    "prompt": prompt,
+                    "prompt_ids": g.prompt_ids,
+                    "generated_ids": g.generated_ids,
+                    "text": text,
+                    "options": o,
+                    "prompt_seconds": g.prompt_seconds,
+                    "token_seconds": g.token_seconds,
+                    "state_bytes": model.state_bytes(),
+                    "device": model.name(),
+                });
+                let body = serde_json::to_string_pretty(&report)
+                    .map_err(|e| AsaError::Other(e.to_string()))?;
+                asa::checkpoint::write_bytes_atomic(j, body.as_bytes())?;
+                eprintln!("wrote {}", j.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchDecode {
+            device,
+            ckpt,
+            config,
+            max_len,
+            full_at,
+            json,
+        } => {
+            if max_len == 0 {
+                return Err(AsaError::Input("--max-len must be >= 1, got 0".into()));
+            }
+            check_json_dir(json.as_deref())?;
+            resolve_decode_device(device)?;
+            let (lm, params, name) = match &ckpt {
+                Some(_) => {
+                    let (lm, params, _, name) =
+                        asa::train::load_for_analysis(ckpt.as_deref(), None)?;
+                    (lm, params, name)
+                }
+                None => {
+                    let o = asa::bench::options_for(&config)?;
+                    let (lm, params) = asa::model::lm::Lm::new(&o.model)?;
+                    (lm, params, format!("a fresh {config} model"))
+                }
+            };
+            let r = asa::bench_decode::run(lm, params, &name, max_len, &full_at, false)?;
+            print!("{}", asa::bench_decode::table(&r));
+            if let Some(j) = &json {
+                let body =
+                    serde_json::to_string_pretty(&r).map_err(|e| AsaError::Other(e.to_string()))?;
+                asa::checkpoint::write_bytes_atomic(j, body.as_bytes())?;
                 println!("wrote {}", j.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -669,6 +899,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             total_steps,
             stop_at,
+            init_from,
+            freeze,
+            trainable,
         } => {
             let place = resolve_device(device, true)?;
             let r = asa::train::train(&asa::train::TrainArgs {
@@ -680,6 +913,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 place,
                 stop_at,
                 quiet: false,
+                init_from,
+                freeze,
+                trainable: (!trainable.is_empty()).then_some(trainable),
             })?;
             println!(
                 "trained to step {} in {:.1}s ({:.0} tok/s): train loss {:.4}, val loss {:.4} (ppl {:.2})",

@@ -25,6 +25,9 @@ pub struct AdamW {
     pub step: u64,
     pub m: ParamStore,
     pub v: ParamStore,
+    /// `frozen[i]`: parameter `i` is kept fixed (fine-tuning's `--freeze`): no update, no weight
+    /// decay, its moments stay zero. Empty: every parameter trains.
+    pub frozen: Vec<bool>,
 }
 
 impl AdamW {
@@ -34,11 +37,27 @@ impl AdamW {
             step: 0,
             m: params.zeros_like(),
             v: params.zeros_like(),
+            frozen: Vec::new(),
+        }
+    }
+
+    /// Whether parameter `k` is frozen.
+    pub fn is_frozen(&self, k: usize) -> bool {
+        self.frozen.get(k).copied().unwrap_or(false)
+    }
+
+    /// Zeroes the gradients of the frozen parameters (before the global norm: a frozen
+    /// parameter has no gradient, as with `requires_grad = False`).
+    pub fn drop_frozen_grads(&self, grads: &mut ParamStore) {
+        for (k, g) in grads.data.iter_mut().enumerate() {
+            if self.is_frozen(k) {
+                g.iter_mut().for_each(|x| *x = 0.0);
+            }
         }
     }
 
     /// One AdamW update with learning rate `lr` (a schedule passes its current rate). Weight
-    /// decay applies to every parameter. Per element, in f32, as PyTorch's `_single_tensor_adamw`:
+    /// decay applies to every parameter that is not frozen; frozen ones are skipped whole. Per element, in f32, as PyTorch's `_single_tensor_adamw`:
     /// ```text
     /// p *= 1 - lr*wd
     /// m  = lerp(m, g, 1-b1)                 // m + (1-b1)*(g-m), fused multiply-add
@@ -78,6 +97,9 @@ impl AdamW {
         let eps = cfg.eps as f32;
 
         for k in 0..params.len() {
+            if self.is_frozen(k) {
+                continue;
+            }
             let p = &mut params.data[k];
             let g = &grads.data[k];
             let m = &mut self.m.data[k];

@@ -587,6 +587,13 @@ fn emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance() {
 }
 
 #[test]
+fn emulated_frozen_training_matches_cpu() {
+    if let Some(e) = emu("emulated_frozen_training_matches_cpu") {
+        model_cases::frozen_training_matches_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
 fn emulated_resume_and_eval_match() {
     if let Some(e) = emu("emulated_resume_and_eval_match") {
         model_cases::resume_and_eval_match(&|| EmuDev::new(e));

@@ -27,6 +27,12 @@ pub struct TrainArgs {
     pub place: Place,
     pub stop_at: Option<usize>,
     pub quiet: bool,
+    /// start a new run from this checkpoint's weights and model (`--init-from`)
+    pub init_from: Option<PathBuf>,
+    /// parameter-name globs kept fixed (`--freeze`, added to the config's `freeze`)
+    pub freeze: Vec<String>,
+    /// parameter-name globs that train (`--trainable`, in place of the config's `trainable`)
+    pub trainable: Option<Vec<String>>,
 }
 
 /// The config-file name of a `TrainSettings` field, for messages.
@@ -92,6 +98,7 @@ fn resume_changes(
     // seed and seq_len are compared as the model's seed and max_seq_len; the rest below
     let skip = [
         "tokenizer",
+        "init_from",
         "skip_nonfinite",
         "seed",
         "seq_len",
@@ -138,15 +145,67 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
                 .into(),
         ));
     }
+    if a.init_from.is_some() && a.resume {
+        return Err(AsaError::Config(
+            "--init-from starts a new run; --resume continues one (it keeps the weights it started from)".into(),
+        ));
+    }
     let mode = run_mode(a.resume, a.force);
     if mode != RunMode::Resume {
         check_stop_at(a.stop_at, 0, rc.total_steps)?;
     }
+    // the model keys the user set: the config's own, and the seed when --seed gives it
+    let mut given = rc.model_keys.clone();
+    if a.seed.is_some() && !given.iter().any(|k| k == "seed") {
+        given.push("seed".into());
+    }
+    let what = a.config.display().to_string();
+    // an --init-from checkpoint is loaded (and checked against the config) before the run
+    // folder is touched
+    let init = match &a.init_from {
+        Some(p) => {
+            let init = finetune::load_init(p)?;
+            model = finetune::finetune_model(&init.cfg, &model, &given, &what, &|k| k.into(), p)?;
+            Some(init)
+        }
+        None => None,
+    };
+    let mut freeze = rc.freeze.clone();
+    freeze.extend(a.freeze.iter().cloned());
     let _lock = open_run_dir(&run, mode, "train")?;
     let resume = mode == RunMode::Resume;
-    let new_settings = settings_from(&rc, &model);
+    let mut new_settings = settings_from(&rc, &model);
+    new_settings.freeze = freeze;
+    if a.trainable.is_some() {
+        new_settings.trainable = a.trainable.clone();
+    }
+    new_settings.init_from = init.as_ref().map(|i| i.path.display().to_string());
     let (cfg, params, adam, mut settings, state) = if resume {
         let (cfg, params, adam, mut settings, state) = load_run(&run)?;
+        if let Some(from) = &settings.init_from {
+            // a fine-tune's model is its checkpoint's: the config may leave it out
+            model = finetune::finetune_model(
+                &cfg,
+                &model,
+                &given,
+                &what,
+                &|k| k.into(),
+                Path::new(from),
+            )?;
+            new_settings = settings_from(&rc, &model);
+            new_settings.freeze = rc.freeze.clone();
+            new_settings.freeze.extend(a.freeze.iter().cloned());
+            if a.trainable.is_some() {
+                new_settings.trainable = a.trainable.clone();
+            }
+        }
+        // the run's own freeze / trainable lists go on unless the user names others
+        if a.freeze.is_empty() && rc.freeze.is_empty() {
+            new_settings.freeze = settings.freeze.clone();
+        }
+        if a.trainable.is_none() && rc.trainable.is_none() {
+            new_settings.trainable = settings.trainable.clone();
+        }
         let changed = resume_changes(
             &cfg,
             &settings,
@@ -169,7 +228,10 @@ pub fn train(a: &TrainArgs) -> Result<TrainReport> {
         (cfg, params, adam, settings, state)
     } else {
         rc.preflight(&model, a.place)?;
-        let (_, params) = Lm::new(&model)?;
+        let params = match init {
+            Some(i) => i.params,
+            None => Lm::new(&model)?.1,
+        };
         let adam = AdamW::new(adam_config(&new_settings), &params);
         (model, params, adam, new_settings, TrainState::start())
     };

@@ -47,6 +47,15 @@ pub struct TrainSettings {
     /// skip (and count) a step whose loss or gradient is not finite instead of stopping
     #[serde(default)]
     pub skip_nonfinite: bool,
+    /// parameter-name globs kept fixed (`--freeze`, `freeze` in a run config)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+    /// parameter-name globs that train, the others fixed (`trainable` in a run config)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable: Option<Vec<String>>,
+    /// the checkpoint the run's weights started from (`--init-from`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl TrainSettings {
@@ -176,6 +185,16 @@ pub struct RunConfig {
     pub skip_nonfinite: bool,
     #[serde(default = "d_precision")]
     pub precision: String,
+    /// parameter-name globs that train; every other parameter is kept fixed (fine-tuning)
+    #[serde(default)]
+    pub trainable: Option<Vec<String>>,
+    /// parameter-name globs kept fixed (added to `--freeze`)
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// the model keys the file itself sets (the rest are defaults): with `--init-from` these
+    /// must agree with the checkpoint's config
+    #[serde(skip)]
+    pub model_keys: Vec<String>,
 }
 
 /// Our own keys of a run config (beside the model's and the reference's training fields).
@@ -187,6 +206,8 @@ pub const RUN_FIELDS: &[(&str, Kind)] = &[
     ("val_windows", Kind::UInt),
     ("skip_nonfinite", Kind::Bool),
     ("precision", Kind::Str),
+    ("trainable", Kind::StrList),
+    ("freeze", Kind::StrList),
 ];
 
 impl RunConfig {
@@ -297,8 +318,13 @@ pub fn read_run_config(path: &Path) -> Result<(ModelConfig, RunConfig)> {
     check_kinds(map, REFERENCE_TRAIN_FIELDS).map_err(at)?;
     let model = ModelConfig::from_json_value_known(&value, &own).map_err(at)?;
     model.validate().map_err(at)?;
-    let run: RunConfig = serde_json::from_value(value.clone())
+    let mut run: RunConfig = serde_json::from_value(value.clone())
         .map_err(|e| AsaError::Config(format!("{}: {e}", path.display())))?;
+    run.model_keys = MODEL_FIELDS
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| map.contains_key(k))
+        .collect();
     check_run_config(&run, is_toml && map.contains_key("batch_size")).map_err(at)?;
     let ignored: Vec<&str> = REFERENCE_IGNORED_FIELDS
         .iter()
@@ -428,5 +454,8 @@ pub(crate) fn settings_from(rc: &RunConfig, model: &ModelConfig) -> TrainSetting
         micro_batch_size: micro,
         val_stride: ((rc.stride_frac_val * t as f64).round() as usize).max(1),
         skip_nonfinite: rc.skip_nonfinite,
+        freeze: rc.freeze.clone(),
+        trainable: rc.trainable.clone(),
+        init_from: None,
     }
 }

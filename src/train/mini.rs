@@ -46,6 +46,12 @@ pub struct TrainMiniArgs {
     /// GEMM precision of the GPU path
     pub precision: Precision,
     pub quiet: bool,
+    /// start from this checkpoint's weights and model (`--init-from`)
+    pub init_from: Option<PathBuf>,
+    /// parameter-name globs kept fixed (`--freeze`)
+    pub freeze: Vec<String>,
+    /// parameter-name globs that train, all others fixed (`--trainable`)
+    pub trainable: Option<Vec<String>>,
 }
 
 impl Default for TrainMiniArgs {
@@ -74,6 +80,9 @@ impl Default for TrainMiniArgs {
             place: Place::Cpu,
             precision: Precision::Bf16,
             quiet: false,
+            init_from: None,
+            freeze: Vec::new(),
+            trainable: None,
         }
     }
 }
@@ -129,10 +138,20 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
     let run = RunDir {
         dir: a.outdir.join(&a.name),
     };
+    if a.init_from.is_some() && a.resume {
+        return Err(AsaError::Config(
+            "--init-from starts a new run; --resume continues one (it keeps the weights it started from)".into(),
+        ));
+    }
     let mode = run_mode(a.resume, a.force);
     if mode != RunMode::Resume {
         check_stop_at(a.stop_at, 0, a.steps)?;
     }
+    // an --init-from checkpoint is loaded and checked before the run folder is touched
+    let init = match &a.init_from {
+        Some(p) => Some(mini_init(a, p)?),
+        None => None,
+    };
     let _lock = open_run_dir(&run, mode, "train-mini")?;
     let resume = mode == RunMode::Resume;
     let (cfg, params, adam, settings, state) = if resume {
@@ -151,7 +170,10 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         (cfg, params, adam, settings, state)
     } else {
         let tok = tokenizer_by_name(&a.tokenizer)?;
-        let cfg = mini_config(a, tok.vocab_size());
+        let (cfg, init_params) = match init {
+            Some((cfg, p)) => (cfg, Some(p)),
+            None => (mini_config(a, tok.vocab_size()), None),
+        };
         crate::preflight::check_run(
             &cfg,
             a.batch_size,
@@ -160,8 +182,14 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
             a.place,
             crate::backend::cuda::free_memory_at(a.place),
         )?;
-        let (_, params) = Lm::new(&cfg)?;
-        let settings = mini_settings(a, tok.name());
+        let params = match init_params {
+            Some(p) => p,
+            None => Lm::new(&cfg)?.1,
+        };
+        let mut settings = mini_settings(a, tok.name());
+        settings.freeze = a.freeze.clone();
+        settings.trainable = a.trainable.clone();
+        settings.init_from = a.init_from.as_ref().map(|p| p.display().to_string());
         let adam = AdamW::new(adam_config(&settings), &params);
         (cfg, params, adam, settings, TrainState::start())
     };
@@ -198,6 +226,32 @@ pub fn train_mini(a: &TrainMiniArgs) -> Result<TrainReport> {
         keep_best: false,
         data_name: tok.name().to_string(),
     })
+}
+
+/// The model and weights of `train-mini --init-from`: the checkpoint's, with the seed when
+/// `--seed` is typed; a model flag typed (`--embed-dim`, ...) must agree with the checkpoint.
+fn mini_init(
+    a: &TrainMiniArgs,
+    path: &Path,
+) -> Result<(ModelConfig, crate::model::params::ParamStore)> {
+    let init = finetune::load_init(path)?;
+    let typed = |f: &str| a.explicit.as_ref().is_some_and(|l| l.contains(&f));
+    let mut given: Vec<String> = Vec::new();
+    for (flag, key) in [
+        ("embed-dim", "embed_dim"),
+        ("num-layers", "num_layers"),
+        ("num-heads", "num_heads"),
+        ("num-slots", "num_slots"),
+        ("seed", "seed"),
+    ] {
+        if typed(flag) {
+            given.push(key.into());
+        }
+    }
+    let asked = mini_config(a, init.cfg.vocab_size);
+    let flag = |k: &str| format!("--{}", k.replace('_', "-"));
+    let cfg = finetune::finetune_model(&init.cfg, &asked, &given, "the flags", &flag, path)?;
+    Ok((cfg, init.params))
 }
 
 /// The training settings of a new train-mini run.
@@ -250,6 +304,9 @@ fn mini_settings(a: &TrainMiniArgs, tokenizer: &str) -> TrainSettings {
         micro_batch_size: 0,
         val_stride: 0,
         skip_nonfinite: false,
+        freeze: Vec::new(),
+        trainable: None,
+        init_from: None,
     }
 }
 

@@ -354,6 +354,36 @@ pub fn resolve_checkpoint(ckpt: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// The model config and weights of a checkpoint file (`.safetensors` with its config in the
+/// metadata or beside it, or a reference `.pt`), checked against each other.
+pub fn load_weights(file: &Path) -> Result<(ModelConfig, ParamStore)> {
+    let loaded = checkpoint::read_checkpoint(file)?;
+    let cfg = loaded.config.ok_or_else(|| {
+        AsaError::Checkpoint(format!(
+            "{}: no model config found (looked in the file and for config.json beside it)",
+            file.display()
+        ))
+    })?;
+    cfg.validate()?;
+    checkpoint::ensure_config_fits(&cfg, &loaded.tensors, &file.display().to_string())?;
+    let (_, mut params) = Lm::new(&cfg)?;
+    checkpoint::load_into(&mut params, &loaded.tensors, &file.display().to_string())?;
+    Ok((cfg, params))
+}
+
+/// The weights file of a checkpoint path: a run folder's (or `best/`'s) `model.safetensors`,
+/// else the path itself.
+pub fn weights_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        RunDir {
+            dir: path.to_path_buf(),
+        }
+        .model()
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// Loads a model for analysis from a run directory, a `.safetensors` file or a reference `.pt`
 /// file (default: the latest run under `runs/`), with its tokenizer (the run's own, else the
 /// one named, else GPT-2). Returns the model, its parameters, the tokenizer and a display name.
@@ -379,17 +409,8 @@ pub fn load_for_analysis(
     } else {
         (path.clone(), None)
     };
-    let loaded = checkpoint::read_checkpoint(&file)?;
-    let cfg = loaded.config.ok_or_else(|| {
-        AsaError::Checkpoint(format!(
-            "{}: no model config found (looked in the file and for config.json beside it)",
-            file.display()
-        ))
-    })?;
-    cfg.validate()?;
-    checkpoint::ensure_config_fits(&cfg, &loaded.tensors, &file.display().to_string())?;
-    let (mut lm, mut params) = Lm::new(&cfg)?;
-    checkpoint::load_into(&mut params, &loaded.tensors, &file.display().to_string())?;
+    let (cfg, params) = load_weights(&file)?;
+    let (mut lm, _) = Lm::new(&cfg)?;
     lm.reseed(cfg.seed);
     let tok_name = tokenizer
         .map(str::to_string)

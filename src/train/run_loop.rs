@@ -222,6 +222,20 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         data_name,
         ..
     } = lp;
+    let mut adam = adam;
+    let frozen = if settings.freeze.is_empty() && settings.trainable.is_none() {
+        Vec::new()
+    } else {
+        let f = super::finetune::frozen_names(
+            &params.names,
+            &settings.freeze,
+            settings.trainable.as_deref(),
+        )?;
+        adam.frozen = super::finetune::frozen_mask(&params, &f);
+        f
+    };
+    let frozen_note =
+        (!frozen.is_empty()).then(|| super::finetune::describe_frozen(&params, &frozen));
     let mut engine = Engine::new(&cfg, params, adam, place, precision)?;
     engine.set_model_rng(settings.seed ^ 0xd0_0d, parse_pos(&state.model_rng_pos)?);
     let mut data_rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -237,6 +251,12 @@ pub fn run_loop(lp: LoopArgs) -> Result<TrainReport> {
         engine.name()
     ));
 
+    if let Some(from) = &settings.init_from {
+        progress.say(format!("{label}: weights from {from}"));
+    }
+    if let Some(note) = frozen_note {
+        progress.say(format!("{label}: {note}"));
+    }
     let peak = engine.peak_flops();
     let flops_per_token = crate::engine::train_flops_per_token(&cfg);
     let started = Instant::now();

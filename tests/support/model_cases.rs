@@ -727,3 +727,85 @@ pub fn bf16_twins_change_nothing<B: Backend>(mk: &dyn Fn() -> B) {
         }
     }
 }
+
+/// Fine-tuning with frozen parameters: three steps on the GPU engine equal three on the CPU
+/// engine; the frozen parameters do not move by a bit on either (no update, no weight decay),
+/// the others do, and the global norm counts only the trained parameters' gradients.
+pub fn frozen_training_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
+    use asa::engine::{Engine, StepBatch};
+    let mut r = rng(8);
+    let (b, t) = (2, 13);
+    let cfg = small_cfg(Variant::Baseline);
+    let (_lm, store0) = Lm::new(&cfg).unwrap();
+    let inputs: Vec<u32> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as u32))
+        .collect();
+    let targets: Vec<i64> = (0..b * t)
+        .map(|_| r.gen_range(0..cfg.vocab_size as i64))
+        .collect();
+    let mut acfg = crate::train_cases::adam_cfg();
+    acfg.weight_decay = 0.1;
+    // train the slotspace refine and the final norm only (the notebooks' slotspace fine-tune)
+    let frozen: Vec<bool> = store0
+        .names
+        .iter()
+        .map(|n| {
+            !(n.contains(".slot_") || n.ends_with("_slotspace_gate_raw") || n.starts_with("ln_f"))
+        })
+        .collect();
+    assert!(frozen.iter().any(|&f| f) && frozen.iter().any(|&f| !f));
+    let mk_adam = || {
+        let mut a = AdamW::new(acfg, &store0);
+        a.frozen = frozen.clone();
+        a
+    };
+    let mut cpu = Engine::on_cpu(Lm::new(&cfg).unwrap().0, store0.clone(), mk_adam());
+    let gl = GpuLm::with_backend(mk(), &cfg, &store0, Precision::F32).unwrap();
+    let mut gpu = Engine::on_gpu(gl, store0.clone(), mk_adam()).unwrap();
+    cpu.set_dropout(false);
+    gpu.set_dropout(false);
+    let batch = StepBatch::whole(&inputs, &targets, b, t);
+    // the norm of the trained parameters' gradients alone
+    let (mut lm, _) = Lm::new(&cfg).unwrap();
+    let mut cache = LmCache::default();
+    lm.forward(&store0, &inputs, b, t, &AsaOptions::default(), &mut cache)
+        .unwrap();
+    lm.loss(&mut cache, &targets, None).unwrap();
+    let mut grads = store0.zeros_like();
+    lm.backward(&store0, &mut cache, &AsaOptions::default(), &mut grads);
+    let want_norm: f64 = grads
+        .data
+        .iter()
+        .zip(&frozen)
+        .filter(|(_, &f)| !f)
+        .flat_map(|(g, _)| g.iter())
+        .map(|&x| x as f64 * x as f64)
+        .sum::<f64>()
+        .sqrt();
+    for s in 0..3 {
+        let (lc, nc) = cpu.step(batch, acfg.lr, Some(0.5)).unwrap();
+        let (lg, ng) = gpu.step(batch, acfg.lr, Some(0.5)).unwrap();
+        assert!((lc - lg).abs() < 1e-5, "step {s} loss {lg} vs {lc}");
+        assert!(
+            (nc - ng).abs() < 1e-4 * nc.max(1.0),
+            "step {s} norm {ng} vs {nc}"
+        );
+        if s == 0 {
+            assert!(
+                (nc - want_norm).abs() < 1e-6 * want_norm.max(1.0),
+                "{nc} vs {want_norm}"
+            );
+        }
+    }
+    let pc = cpu.params().unwrap().clone();
+    let pg = gpu.params().unwrap().clone();
+    close_params("frozen fine-tune", &pg, &pc, 1e-3);
+    for (i, name) in store0.names.iter().enumerate() {
+        if frozen[i] {
+            assert_eq!(pc.data[i], store0.data[i], "cpu moved frozen {name}");
+            assert_eq!(pg.data[i], store0.data[i], "gpu moved frozen {name}");
+        } else {
+            assert_ne!(pc.data[i], store0.data[i], "cpu left {name} untrained");
+        }
+    }
+}

@@ -210,6 +210,10 @@ pub struct GpuLm<B: Backend = CudaBackend> {
     readback: Option<Temp<f32>>,
     /// CUDA graph capture of the training step ([`super::graph`])
     graph: super::graph::GraphState,
+    /// fine-tuning with frozen parameters ([`GpuLm::set_frozen`]): the flat ranges that train
+    /// (AdamW runs on each) and the frozen parameters' ranges (their gradients are zeroed
+    /// before the global norm); None: everything trains in one AdamW launch
+    frozen: Option<FrozenRanges>,
     layers: Vec<GpuAsaLayer>,
     cache: GpuLmCache,
     rng: ChaCha8Rng,
@@ -218,6 +222,9 @@ pub struct GpuLm<B: Backend = CudaBackend> {
     /// holds at most this many floats
     pub logits_budget: usize,
 }
+
+/// (trained ranges, frozen ranges) of the flat parameter buffer, as (offset, length)
+type FrozenRanges = (Vec<(usize, usize)>, Vec<(usize, usize)>);
 
 /// One optimizer update's numbers ([`GpuLm::begin_update`] to [`GpuLm::finish_update`]): the
 /// step it makes (1-based), its learning rate, and the loss sums it reads back.
@@ -278,12 +285,50 @@ impl<B: Backend> GpuLm<B> {
             adam_pending: None,
             readback: None,
             graph: super::graph::GraphState::default(),
+            frozen: None,
             layers,
             cache: GpuLmCache::default(),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed_d20b),
             precision,
             logits_budget: 1 << 25,
         })
+    }
+
+    /// Keeps the parameters with `frozen[i]` fixed in the training steps (as `AdamW::frozen` on
+    /// the CPU): their gradients are zeroed before the global norm, and AdamW (with its weight
+    /// decay) runs only over the ranges of the others, merged where they lie back to back.
+    /// Set before the first step (a captured step graph keeps the launches it was made with).
+    pub fn set_frozen(&mut self, frozen: &[bool]) -> Result<()> {
+        let lay = &self.params.layout;
+        if frozen.len() != lay.offs.len() {
+            return Err(AsaError::Input(format!(
+                "set_frozen: {} flags for {} parameters",
+                frozen.len(),
+                lay.offs.len()
+            )));
+        }
+        let mut train: Vec<(usize, usize)> = Vec::new();
+        let mut fixed = Vec::new();
+        // parameters in layout order (ascending offsets)
+        let mut order: Vec<usize> = (0..frozen.len()).collect();
+        order.sort_by_key(|&i| lay.offs[i]);
+        let mut prev_trained = false;
+        for i in order {
+            let (a, n) = (lay.offs[i], lay.lens[i]);
+            if frozen[i] {
+                fixed.push((a, n));
+                prev_trained = false;
+            } else {
+                match train.last_mut() {
+                    // extend over the alignment gap (zero gradients, zero weights) since the last
+                    Some(r) if prev_trained => r.1 = a + n - r.0,
+                    _ => train.push((a, n)),
+                }
+                prev_trained = true;
+            }
+        }
+        self.frozen = frozen.iter().any(|&f| f).then_some((train, fixed));
+        Ok(())
     }
 
     /// The backend (device name, stream).
@@ -960,6 +1005,11 @@ impl<B: Backend> GpuLm<B> {
         // SAFETY: the first 2 nf words of `back` (256-byte aligned) as nf f64s.
         let head: Dv<f64> = unsafe { Dv::from_raw(back.ptr, nf) };
         let norm = head.sub(0, 1);
+        if let Some((_, fixed)) = &self.frozen {
+            for &(a, n) in fixed {
+                be.fill(g.sub(a, n), 0.0)?;
+            }
+        }
         be.global_norm(norm, g)?;
         for (i, sum) in sums.iter().enumerate() {
             be.copy(f64_words(head.sub(1 + i, 1)), f64_words(sum.dv().sub(0, 1)))?;
@@ -976,18 +1026,28 @@ impl<B: Backend> GpuLm<B> {
             }
             _ => Dv::null(),
         };
-        be.adamw_update(
-            self.params.data.dv().sub(0, total),
-            m.dv().sub(0, total),
-            v.dv().sub(0, total),
-            g,
-            adam,
-            up.lr,
-            up.step,
-            head,
-            self.params.bf16.as_ref().map_or(Dv::null(), |c| c.dv()),
-            at,
-        )?;
+        let whole = [(0, total)];
+        let ranges: &[(usize, usize)] = match &self.frozen {
+            Some((train, _)) => train,
+            None => &whole,
+        };
+        for &(a, n) in ranges {
+            be.adamw_update(
+                self.params.data.dv().sub(a, n),
+                m.dv().sub(a, n),
+                v.dv().sub(a, n),
+                g.sub(a, n),
+                adam,
+                up.lr,
+                up.step,
+                head,
+                self.params
+                    .bf16
+                    .as_ref()
+                    .map_or(Dv::null(), |c| c.dv().sub(a, n)),
+                at,
+            )?;
+        }
         self.params.gather_scalars(be, back.sub(2 * nf, nsc))
     }
 
