@@ -21,6 +21,7 @@
 #       instead of the tensor-core ones (ASA_CUDA_TENSOR_CORES=0) (A/Bs),
 #       and with ASA_CUDA_PROFILE=1 for the per-kernel breakdown
 #   5c. asa kernel-cost --config practice-run (the static counts beside the profile)
+#   5d. asa bench-decode: recurrent decoding's per-token latency to 16k tokens, GPU and CPU
 #   6. benches: .gpu/asa-bench --bench (CPU vs CUDA, tokens/s)
 # Everything goes to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out). Exit status: 0 when
 # every step passed, 1 otherwise. Total budget: under 9 minutes on one H100.
@@ -199,6 +200,15 @@ if [ "$QUICK" != 1 ]; then
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-cublas-bf16.json"
 [ -x "$BUNDLE/asa" ] && run bench-practice-run-f64-tiles 150 env ASA_CUDA_TENSOR_CORES=0 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 3 --json "$OUT/bench-practice-run-f64-tiles.json"
+# recurrent decoding (issue 13): per-token latency and state against position, recurrent vs a
+# full forward per token, on the GPU and on this machine's CPU, for the train-mini model of step
+# 5 (the CPU in the same run, so the two are comparable), and the practice-run model on the GPU
+[ -x "$BUNDLE/asa" ] && run bench-decode-cuda-mini 120 \
+    "$BUNDLE/asa" bench-decode --device cuda --ckpt "$OUT/run/mini" --max-len 16384 --full-at 128,1024,4096,16384 --json "$OUT/bench-decode-cuda-mini.json"
+[ -x "$BUNDLE/asa" ] && run bench-decode-cpu-mini 120 \
+    "$BUNDLE/asa" bench-decode --device cpu --ckpt "$OUT/run/mini" --max-len 16384 --full-at 128,1024 --json "$OUT/bench-decode-cpu-mini.json"
+[ -x "$BUNDLE/asa" ] && run bench-decode-cuda-practice-run 120 \
+    "$BUNDLE/asa" bench-decode --device cuda --config practice-run --max-len 4096 --full-at 1024,4096 --json "$OUT/bench-decode-cuda-practice-run.json"
 # per-kernel time of the same step (every launch synchronised: slower, for the breakdown only)
 [ -x "$BUNDLE/asa" ] && run profile-practice-run 120 env ASA_CUDA_PROFILE=1 \
     "$BUNDLE/asa" bench --config practice-run --device cuda --warmup 1 --iters 1

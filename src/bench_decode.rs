@@ -11,8 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::bench::median;
+use crate::config::{Place, Precision};
+use crate::engine::Engine;
 use crate::error::{AsaError, Result};
-use crate::generate::{CpuFullForward, CpuRecurrent, NextLogits};
+use crate::generate::{CpuFullForward, CpuRecurrent, GpuRecurrent, NextLogits};
 use crate::model::lm::Lm;
 use crate::model::params::ParamStore;
 
@@ -62,12 +64,14 @@ pub fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Decodes `max_len` random tokens recurrently, timing every step, then times the full forward
-/// at the `full_at` positions (those up to `max_len`).
+/// Decodes `max_len` random tokens recurrently at `place`, timing every step, then times the
+/// full forward at the `full_at` positions (those up to `max_len`) at the same place: on the
+/// CPU the forward to logits, on the GPU the forward and its loss (no logits download).
 pub fn run(
     lm: Lm,
     params: ParamStore,
     model_name: &str,
+    place: Place,
     max_len: usize,
     full_at: &[usize],
     quiet: bool,
@@ -86,7 +90,12 @@ pub fn run(
     let ids: Vec<u32> = (0..max_len).map(|_| rng.gen_range(0..v)).collect();
     let marks = positions(max_len);
     let mut rows = Vec::new();
-    let mut rec = CpuRecurrent::new(lm.clone(), params.clone())?;
+    let mut rec: Box<dyn NextLogits> = if place.is_cuda() {
+        Box::new(GpuRecurrent::new(&lm, &params)?)
+    } else {
+        Box::new(CpuRecurrent::new(lm.clone(), params.clone())?)
+    };
+    let device = rec.name();
     let mut times = Vec::with_capacity(max_len);
     let mut next_mark = 0;
     for (i, &id) in ids.iter().enumerate() {
@@ -115,18 +124,45 @@ pub fn run(
         }
     }
     drop(rec);
+    let mut gpu_engine = if place.is_cuda() {
+        Some(Engine::for_eval(
+            lm.clone(),
+            params.clone(),
+            place,
+            Precision::F32,
+        )?)
+    } else {
+        None
+    };
+    // next-token targets of the GPU's loss (wrapping at the end)
+    let targets: Vec<i64> = (0..max_len)
+        .map(|i| ids[(i + 1) % max_len] as i64)
+        .collect();
     for &p in full_at.iter().filter(|&&p| p >= 1 && p <= max_len) {
         // feeding the p-th token re-runs the forward over all p tokens; 1 to 3 repeats
         let reps = if p >= 4096 { 1 } else { 3 };
         let mut ts = Vec::new();
         let mut rss = None;
-        for _ in 0..reps {
-            let mut full = CpuFullForward::new(lm.clone(), params.clone());
-            full.prime(&ids[..p - 1]);
-            let t0 = Instant::now();
-            full.feed(ids[p - 1])?;
-            ts.push(t0.elapsed().as_secs_f64());
-            rss = rss_bytes();
+        match gpu_engine.as_mut() {
+            Some(e) => {
+                // one untimed call at this length first (buffers, graph, kernels)
+                e.eval_loss(&ids[..p], &targets[..p], 1, p)?;
+                for _ in 0..reps {
+                    let t0 = Instant::now();
+                    e.eval_loss(&ids[..p], &targets[..p], 1, p)?;
+                    ts.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            None => {
+                for _ in 0..reps {
+                    let mut full = CpuFullForward::new(lm.clone(), params.clone());
+                    full.prime(&ids[..p - 1]);
+                    let t0 = Instant::now();
+                    full.feed(ids[p - 1])?;
+                    ts.push(t0.elapsed().as_secs_f64());
+                    rss = rss_bytes();
+                }
+            }
         }
         let s = median(&ts);
         if !quiet {
@@ -154,7 +190,7 @@ pub fn run(
     rows.sort_by_key(|r| r.position);
     Ok(DecodeReport {
         model: model_name.to_string(),
-        device: "cpu".into(),
+        device,
         threads: rayon::current_num_threads(),
         max_len,
         rows,

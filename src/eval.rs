@@ -231,6 +231,33 @@ pub fn run_validation_stream(
     ))
 }
 
+/// The reference notebooks' token stream of a text (`build_or_load_token_stream` in
+/// `building_blocks/ASAResearch.ipynb`, one dataset row per line as Hugging Face's WikiText rows
+/// are): each line stripped, lines with no tokens skipped, each tokenized alone and followed by
+/// the end-of-text token.
+pub fn line_stream(text: &str, tok: &crate::data::tokenizer::Tokenizer) -> Result<Vec<u32>> {
+    let eos = tok.single_token("<|endoftext|>").ok_or_else(|| {
+        AsaError::Input(format!(
+            "--per-line needs an end-of-text token (<|endoftext|>), which tokenizer '{}' does not have",
+            tok.name()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let ids = tok.encode(line)?;
+        if ids.is_empty() {
+            continue;
+        }
+        out.extend_from_slice(&ids);
+        out.push(eos);
+    }
+    Ok(out)
+}
+
 /// Writes the report as JSON (temporary file, then renamed).
 pub fn write_json(report: &EvalReport, path: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(report).map_err(|e| AsaError::Other(e.to_string()))?;
@@ -246,6 +273,19 @@ mod tests {
     use crate::config::{ModelConfig, Place, Precision};
     use crate::model::lm::{Lm, LmCache};
     use crate::vocab::options::AsaOptions;
+
+    #[test]
+    fn the_line_stream_is_the_notebooks() {
+        let tok = crate::data::tokenizer::Tokenizer::gpt2().unwrap();
+        let eos = tok.single_token("<|endoftext|>").unwrap();
+        let s = line_stream(" = Title = \n\n  Some text .\n \n", &tok).unwrap();
+        let mut want = tok.encode("= Title =").unwrap();
+        want.push(eos);
+        want.extend(tok.encode("Some text .").unwrap());
+        want.push(eos);
+        assert_eq!(s, want);
+        assert!(line_stream("x", &crate::data::tokenizer::Tokenizer::byte()).is_err());
+    }
 
     #[test]
     fn windows_follow_the_reference_rule() {

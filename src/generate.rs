@@ -82,6 +82,46 @@ impl NextLogits for CpuRecurrent {
     }
 }
 
+/// Recurrent decoding on a GPU (`backend::cuda::decode::GpuDecoder`, its twin).
+pub struct GpuRecurrent<B: crate::backend::cuda::Backend = crate::backend::cuda::CudaBackend> {
+    dec: crate::backend::cuda::decode::GpuDecoder<B>,
+    name: String,
+}
+
+impl GpuRecurrent {
+    /// The decoder of `lm`'s config with `params` on device 0.
+    pub fn new(lm: &Lm, params: &ParamStore) -> Result<Self> {
+        let dec = crate::backend::cuda::decode::GpuDecoder::new(&lm.cfg, params)?;
+        let name = format!("cuda (recurrent, {})", dec.backend().device_name);
+        Ok(GpuRecurrent { dec, name })
+    }
+}
+
+impl<B: crate::backend::cuda::Backend> GpuRecurrent<B> {
+    /// On any backend (the tests' emulator too).
+    pub fn with_decoder(dec: crate::backend::cuda::decode::GpuDecoder<B>, name: &str) -> Self {
+        GpuRecurrent {
+            dec,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl<B: crate::backend::cuda::Backend> NextLogits for GpuRecurrent<B> {
+    fn feed(&mut self, token: u32) -> Result<&[f32]> {
+        self.dec.step(token)
+    }
+    fn position(&self) -> usize {
+        self.dec.position()
+    }
+    fn state_bytes(&self) -> usize {
+        self.dec.state_len() * 8
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
 /// The baseline: the full forward over the whole sequence so far, for every token (what a model
 /// without a recurrent form would do without a cache). Its cost grows with the position.
 pub struct CpuFullForward {

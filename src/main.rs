@@ -278,6 +278,10 @@ enum Cmd {
         /// Text files to score, tokenized with the model's tokenizer and joined with blank lines.
         #[arg(long, num_args = 1..)]
         text: Vec<PathBuf>,
+        /// With --text: build the stream as the reference notebooks build WikiText's (each
+        /// non-empty line stripped and tokenized alone, then the end-of-text token).
+        #[arg(long, requires = "text")]
+        per_line: bool,
         /// Tokens each window predicts (T, >= 1).
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
@@ -299,7 +303,7 @@ enum Cmd {
     },
     /// Sample from a checkpoint by recurrent decoding (each token advances a fixed-size state), streaming the text.
     Generate {
-        /// Where to run: recurrent decoding runs on the CPU (auto and cpu do; cuda is refused for now).
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
@@ -342,7 +346,7 @@ enum Cmd {
     },
     /// Per-token decoding latency and state memory against position, recurrent vs a full forward per token.
     BenchDecode {
-        /// Where to run: the CPU (auto and cpu do; cuda is refused for now).
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// A checkpoint (run folder, .safetensors or .pt); default: a fresh model of --config.
@@ -450,16 +454,6 @@ fn resolve_device(d: Device, cuda_capable: bool) -> Result<Place> {
             eprintln!("device: cpu (no usable CUDA device found)");
             Ok(Place::Cpu)
         }
-    }
-}
-
-/// Recurrent decoding runs on the CPU: `--device cuda` is refused with the reason.
-fn resolve_decode_device(d: Device) -> Result<Place> {
-    match d {
-        Device::Cuda => Err(AsaError::Device(
-            "--device cuda: recurrent decoding runs on the CPU for now (one token's step is a few small matrix-vector products); use --device cpu".into(),
-        )),
-        _ => Ok(Place::Cpu),
     }
 }
 
@@ -615,6 +609,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tokenizer,
             data,
             text,
+            per_line,
             seq_len,
             stride_frac,
             batch,
@@ -655,7 +650,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => {
                     let joined = asa::data::batch::read_text_files(&text)?;
                     let names: Vec<String> = text.iter().map(|p| p.display().to_string()).collect();
-                    (tok.encode(&joined)?, names.join(", "))
+                    if per_line {
+                        let stream = asa::eval::line_stream(&joined, &tok)?;
+                        (stream, format!("{} (line by line)", names.join(", ")))
+                    } else {
+                        (tok.encode(&joined)?, names.join(", "))
+                    }
                 }
             };
             let mut engine = asa::engine::Engine::for_eval(lm, params, place, precision)?;
@@ -706,7 +706,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // flags first: a typo should not wait for a checkpoint to load
             o.check()?;
             check_json_dir(json.as_deref())?;
-            resolve_decode_device(device)?;
+            let place = resolve_device(device, true)?;
             let (lm, params, tok, name) =
                 asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
             let ids = tok.encode(&prompt)?;
@@ -719,7 +719,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 o.eos = tok.single_token("<|endoftext|>");
             }
             use asa::generate::NextLogits;
-            let mut model = asa::generate::CpuRecurrent::new(lm, params)?;
+            let mut model: Box<dyn NextLogits> = if place.is_cuda() {
+                Box::new(asa::generate::GpuRecurrent::new(&lm, &params)?)
+            } else {
+                Box::new(asa::generate::CpuRecurrent::new(lm, params)?)
+            };
             let state_kib = model.state_bytes() as f64 / 1024.0;
             use std::io::Write;
             let mut out = std::io::stdout();
@@ -727,7 +731,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out.flush().ok();
             let mut stream = asa::generate::TextStream::new();
             let decode = |x: &[u32]| tok.decode(x);
-            let g = asa::generate::generate(&mut model, &ids, &o, |id| {
+            let g = asa::generate::generate(model.as_mut(), &ids, &o, |id| {
                 let piece = stream.push(id, decode)?;
                 print!("{piece}");
                 out.flush().ok();
@@ -781,7 +785,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(AsaError::Input("--max-len must be >= 1, got 0".into()));
             }
             check_json_dir(json.as_deref())?;
-            resolve_decode_device(device)?;
+            let place = resolve_device(device, true)?;
             let (lm, params, name) = match &ckpt {
                 Some(_) => {
                     let (lm, params, _, name) =
@@ -794,7 +798,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     (lm, params, format!("a fresh {config} model"))
                 }
             };
-            let r = asa::bench_decode::run(lm, params, &name, max_len, &full_at, false)?;
+            let r = asa::bench_decode::run(lm, params, &name, place, max_len, &full_at, false)?;
             print!("{}", asa::bench_decode::table(&r));
             if let Some(j) = &json {
                 let body =

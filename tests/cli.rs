@@ -410,3 +410,290 @@ fn eval_scores_text_on_a_train_mini_run_and_refuses_bad_input() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fewer than one window"), "{err}");
 }
+
+#[test]
+fn generate_streams_text_writes_json_and_refuses_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "g", 2, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = tmp.path().join("g");
+    let json = tmp.path().join("gen.json");
+    let gen = |extra: &[&str]| {
+        asa()
+            .args(["generate", "--device", "cpu", "--ckpt"])
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // greedy, no repetition controls, past the run's write chunk (16) so that a fold happens
+    let out = gen(&[
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+        "--no-repeat-ngram",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.starts_with("The capital of France is"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let generated: Vec<u32> = r["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(generated.len(), 24);
+    assert_eq!(
+        stdout.trim_end(),
+        format!("The capital of France is{}", r["text"].as_str().unwrap()).trim_end()
+    );
+    // the same tokens by greedy decoding with repeated full forwards of the saved model
+    let (lm, params, _, _) = asa::train::load_for_analysis(Some(&run), None).unwrap();
+    let mut full = asa::generate::CpuFullForward::new(lm, params);
+    let g = asa::generate::generate(
+        &mut full,
+        &prompt,
+        &asa::generate::SampleOptions::greedy(24),
+        |_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(g.generated_ids, generated);
+    // seeded sampling repeats itself
+    let sample = |seed: &str| {
+        let out = gen(&[
+            "--prompt",
+            "Paris is",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "8",
+        ]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(sample("3"), sample("3"));
+    // bad flags and --device cuda: one line, exit 1, before any loading
+    for extra in [
+        vec!["--prompt", "x", "--top-p", "0"],
+        vec!["--prompt", "x", "--temperature=-1"],
+        vec!["--prompt", ""],
+    ] {
+        let out = gen(&extra);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = asa()
+        .args(["generate", "--prompt", "x", "--device", "cuda", "--ckpt"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device cuda"));
+    let out = asa()
+        .args(["generate", "--prompt", "x", "--ckpt"])
+        .arg(tmp.path().join("missing"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn bench_decode_reports_flat_recurrent_cost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "b", 2, &[]);
+    assert!(out.status.success());
+    let json = tmp.path().join("bd.json");
+    let out = asa()
+        .args([
+            "bench-decode",
+            "--device",
+            "cpu",
+            "--max-len",
+            "64",
+            "--full-at",
+            "8,64",
+            "--ckpt",
+        ])
+        .arg(tmp.path().join("b"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    // positions 0, 1, 3, 7, 15, 31, 63; the full forward at 8 and 64 tokens (positions 7, 63)
+    let pos: Vec<u64> = rows
+        .iter()
+        .map(|x| x["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pos, vec![0, 1, 3, 7, 15, 31, 63]);
+    let state: Vec<u64> = rows
+        .iter()
+        .map(|x| x["state_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(state.iter().all(|&s| s == state[0] && s > 0), "{state:?}");
+    assert!(rows[3]["full_forward_s"].as_f64().is_some());
+    assert!(rows[6]["full_forward_s"].as_f64().is_some());
+    assert!(rows[0]["full_forward_s"].is_null());
+}
+
+#[test]
+fn fine_tuning_starts_from_a_checkpoint_and_keeps_frozen_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "base", 2, &[]);
+    assert!(out.status.success());
+    let base = tmp.path().join("base");
+    // train only the slotspace refine, from the base run
+    let out = asa()
+        .args([
+            "train-mini",
+            "--device",
+            "cpu",
+            "--name",
+            "ft",
+            "--steps",
+            "3",
+        ])
+        .args([
+            "--eval-interval",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+        ])
+        .arg("--outdir")
+        .arg(tmp.path())
+        .arg("--init-from")
+        .arg(&base)
+        .args([
+            "--trainable",
+            "*.slot_{in,q,k,v,out}.weight",
+            "*_slotspace_gate_raw",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("frozen:") && err.contains("weights from"),
+        "{err}"
+    );
+    let read = |p: &Path| asa::checkpoint::read_safetensors(p).unwrap();
+    let a = read(&base.join("model.safetensors"));
+    let b = read(&tmp.path().join("ft").join("model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0;
+    for (k, ta) in &a {
+        let same = ta.to_f32() == b[k].to_f32();
+        let trains =
+            k.contains(".slot_") && !k.contains("slot_keys") || k.ends_with("_slotspace_gate_raw");
+        if trains {
+            moved += usize::from(!same);
+        } else {
+            assert!(same, "{k} moved but was frozen");
+        }
+    }
+    assert!(moved > 0, "nothing trained");
+    // the fine-tune resumes with its freeze list and checkpoint model
+    let out = asa()
+        .args([
+            "train-mini",
+            "--device",
+            "cpu",
+            "--name",
+            "ft",
+            "--steps",
+            "4",
+            "--resume",
+        ])
+        .arg("--outdir")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("frozen:"), "{err}");
+    // a model flag that contradicts the checkpoint, a pattern matching nothing, a missing
+    // checkpoint: one clear line each
+    for (extra, needle) in [
+        (
+            vec!["--embed-dim", "64"],
+            "--embed-dim: 64 (the checkpoint has 32)",
+        ),
+        (
+            vec!["--freeze", "blocks.7.*"],
+            "'blocks.7.*' matches no parameter",
+        ),
+    ] {
+        let out = asa()
+            .args([
+                "train-mini",
+                "--device",
+                "cpu",
+                "--name",
+                "bad",
+                "--steps",
+                "1",
+            ])
+            .arg("--outdir")
+            .arg(tmp.path())
+            .arg("--init-from")
+            .arg(&base)
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err}");
+        assert!(!tmp.path().join("bad").join("model.safetensors").exists());
+    }
+    let out = asa()
+        .args([
+            "train-mini",
+            "--device",
+            "cpu",
+            "--name",
+            "bad2",
+            "--init-from",
+        ])
+        .arg(tmp.path().join("nope"))
+        .arg("--outdir")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}

@@ -177,6 +177,7 @@ fn kernels_have_cpu_twins() {
         ("cpu::scan", include_str!("../src/backend/cpu/scan.rs")),
         ("model::layer", include_str!("../src/model/layer.rs")),
         ("model::lm", include_str!("../src/model/lm.rs")),
+        ("model::decode", include_str!("../src/model/decode.rs")),
         ("optim", include_str!("../src/optim.rs")),
     ];
     let mut bad = Vec::new();

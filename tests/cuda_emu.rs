@@ -587,6 +587,13 @@ fn emulated_bf16_path_passes_every_public_fixture_at_bf16_tolerance() {
 }
 
 #[test]
+fn emulated_gpu_decoding_matches_cpu() {
+    if let Some(e) = emu("emulated_gpu_decoding_matches_cpu") {
+        model_cases::gpu_decoding_matches_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
 fn emulated_frozen_training_matches_cpu() {
     if let Some(e) = emu("emulated_frozen_training_matches_cpu") {
         model_cases::frozen_training_matches_cpu(&|| EmuDev::new(e));

@@ -195,6 +195,14 @@ fn cuda_doctor_reports_ok() {
 }
 
 #[test]
+fn cuda_gpu_decoding_matches_cpu() {
+    if backend("cuda_gpu_decoding_matches_cpu").is_none() {
+        return;
+    }
+    model_cases::gpu_decoding_matches_cpu(&|| CudaBackend::new(0).unwrap());
+}
+
+#[test]
 fn cuda_frozen_training_matches_cpu() {
     if backend("cuda_frozen_training_matches_cpu").is_none() {
         return;

@@ -132,7 +132,29 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
         "train-mini" => {
             let out = c.value("--outdir").unwrap_or("runs".into());
             let name = c.value("--name").unwrap_or("mini".into());
-            in_dir(&format!("{out}/{name}"), &MINI_FILES)
+            let files = in_dir(&format!("{out}/{name}"), &MINI_FILES);
+            if let (true, Some(n)) = (c.has("--init-from"), c.value("--steps")) {
+                return Ok(Plan::StandIn {
+                    text: c.text.replace(&format!("--steps {n}"), "--steps 4"),
+                    why: "the fine-tune recipe cut to 4 steps; every other flag as written",
+                    files,
+                });
+            }
+            files
+        }
+        // stdout (and the --json file when given)
+        "generate" | "eval" => c.value("--json").into_iter().collect(),
+        "bench-decode" => {
+            let text = match c.value("--max-len") {
+                Some(n) => c.text.replace(&format!("--max-len {n}"), "--max-len 256"),
+                None => format!("{} --max-len 256", c.text.split(" #").next().unwrap_or("")),
+            };
+            return Ok(Plan::StandIn {
+                text: format!("{text} --full-at 64,256"),
+                why: "to 256 tokens with the full forward at 64 and 256 (the real 16k-token \
+                      curve takes half a minute and gigabytes of logits); the same checkpoint",
+                files: c.value("--json").into_iter().collect(),
+            });
         }
         "probe" => {
             let out = c.value("--outdir").unwrap_or("runs/probes".into());
@@ -359,7 +381,11 @@ impl Workspace {
                 Some(p) => copy_mini(Path::new(&dir.join(&p)).parent().unwrap())?,
                 None => copy_mini(&dir.join("runs/mini"))?,
             },
-            "train-mini" if c.has("--resume") => copy_mini(&dir.join("runs/mini"))?,
+            "train-mini" if c.has("--resume") || c.has("--init-from") => {
+                copy_mini(&dir.join("runs/mini"))?
+            }
+            // commands that read a finished run (`--ckpt runs/mini`)
+            "generate" | "eval" | "bench-decode" => copy_mini(&dir.join("runs/mini"))?,
             "train" => {
                 let cfg = std::fs::read_to_string(root().join("configs/cpu-small.toml")).unwrap();
                 let mut short = cfg.clone();

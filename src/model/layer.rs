@@ -197,21 +197,17 @@ impl AsaLayer {
     }
 
     pub(crate) fn alibi_strength(&self, p: &ParamStore) -> f32 {
-        match self.ids.alibi_strength {
-            Some(i) => (softplus(p.data[i][0] as f64) + self.cfg.min_strength) as f32,
-            None => self.cfg.alibi_strength_init as f32,
-        }
+        crate::vocab::params::alibi_strength(
+            self.ids.alibi_strength.map(|i| p.data[i][0]),
+            &self.cfg,
+        )
     }
 
     pub(crate) fn content_gamma(&self, p: &ParamStore) -> f32 {
-        match self.ids.content_read_gamma {
-            Some(i) => {
-                let g = softplus(p.data[i][0] as f64);
-                let mx = self.cfg.content_read_max_gamma;
-                (if mx > 0.0 { g.min(mx) } else { g }) as f32
-            }
-            None => 0.0,
-        }
+        crate::vocab::params::content_gamma(
+            self.ids.content_read_gamma.map(|i| p.data[i][0]),
+            &self.cfg,
+        )
     }
 
     fn ensure_tables(&mut self, t: usize) {

@@ -22,6 +22,28 @@ pub fn softplus(x: f64) -> f64 {
     }
 }
 
+/// The ALiBi write strength of a layer: `softplus(raw) + min_strength` when learned (`raw`, the
+/// `_alibi_strength_param` value), else the fixed `alibi_strength_init`.
+pub fn alibi_strength(raw: Option<f32>, cfg: &ModelConfig) -> f32 {
+    match raw {
+        Some(r) => (softplus(r as f64) + cfg.min_strength) as f32,
+        None => cfg.alibi_strength_init as f32,
+    }
+}
+
+/// The content-read gamma: `softplus(raw)` clamped at `content_read_max_gamma` (when > 0); 0
+/// without a content read (`raw` None).
+pub fn content_gamma(raw: Option<f32>, cfg: &ModelConfig) -> f32 {
+    match raw {
+        Some(r) => {
+            let g = softplus(r as f64);
+            let mx = cfg.content_read_max_gamma;
+            (if mx > 0.0 { g.min(mx) } else { g }) as f32
+        }
+        None => 0.0,
+    }
+}
+
 /// Number of elements of a shape (1 for a scalar `[]`).
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()

@@ -809,3 +809,67 @@ pub fn frozen_training_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
         }
     }
 }
+
+/// Recurrent decoding on the GPU backend equals the CPU decoder at every position (and so the
+/// full forward): write chunks of 1, one the text crosses and one longer than it, refine and
+/// content read on and off, baseline and online, the other features in two more models.
+pub fn gpu_decoding_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
+    use asa::backend::cuda::decode::GpuDecoder;
+    use asa::model::decode::Decoder;
+    let t = 13;
+    let mut cases = Vec::new();
+    for (variant, chunk, refine, content) in [
+        (Variant::Baseline, 1, true, true),
+        (Variant::Baseline, 4, true, false),
+        (Variant::Online, 4, false, true),
+        (Variant::Baseline, 64, true, true),
+    ] {
+        let mut c = small_cfg(variant);
+        c.write_chunk_size = chunk;
+        c.use_slotspace_refine = refine;
+        c.use_content_read = content;
+        cases.push(c);
+    }
+    let mut c = small_cfg(Variant::Baseline);
+    c.normalize_k = true;
+    c.slotspace_signed_weights = false;
+    c.use_rope_slotspace = false;
+    c.write_temperature = 0.7;
+    c.read_temperature = 1.4;
+    cases.push(c);
+    let mut c = small_cfg(Variant::Online);
+    c.use_rope_keys = false;
+    c.use_alibi_write = false;
+    c.use_abs_pos = true;
+    c.tie_weights = false;
+    c.write_chunk_size = 3;
+    cases.push(c);
+    for (ci, cfg) in cases.iter().enumerate() {
+        let (lm, mut p) = Lm::new(cfg).unwrap();
+        let mut r = rng(30 + ci as u64);
+        for w in p.data.iter_mut() {
+            for x in w.iter_mut() {
+                *x += r.gen_range(-0.25f32..0.25);
+            }
+        }
+        let ids: Vec<u32> = (0..t)
+            .map(|_| r.gen_range(0..cfg.vocab_size as u32))
+            .collect();
+        let mut cpu = Decoder::new(&lm).unwrap();
+        let mut gpu = GpuDecoder::with_backend(mk(), cfg, &p).unwrap();
+        assert_eq!(gpu.state_len(), cpu.state_len());
+        let mut want = vec![0.0; cfg.vocab_size];
+        for (i, &id) in ids.iter().enumerate() {
+            cpu.step(&lm, &p, id, &mut want).unwrap();
+            let got = gpu.step(id).unwrap().to_vec();
+            close(&format!("case {ci} position {i}"), &got, &want, TOL);
+        }
+        // reset starts over
+        gpu.reset().unwrap();
+        let first = gpu.step(ids[0]).unwrap().to_vec();
+        let mut cpu = Decoder::new(&lm).unwrap();
+        cpu.step(&lm, &p, ids[0], &mut want).unwrap();
+        close(&format!("case {ci} after reset"), &first, &want, TOL);
+        assert!(gpu.step(cfg.vocab_size as u32).is_err());
+    }
+}

@@ -550,14 +550,10 @@ impl GpuAsaLayer {
     }
 
     pub(super) fn content_gamma(&self, p: &GpuParams) -> f32 {
-        match self.ids.content_read_gamma {
-            Some(i) => {
-                let g = softplus(p.scalar(i) as f64);
-                let mx = self.cfg.content_read_max_gamma;
-                (if mx > 0.0 { g.min(mx) } else { g }) as f32
-            }
-            None => 0.0,
-        }
+        crate::vocab::params::content_gamma(
+            self.ids.content_read_gamma.map(|i| p.scalar(i)),
+            &self.cfg,
+        )
     }
 
     /// Forward: x [B,T,C] -> out [B,T,C] (`AsaLayer::forward`).

@@ -39,6 +39,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernel
 use crate::error::{AsaError, Result};
 
 pub mod cost;
+pub mod decode;
 pub mod doctor;
 pub mod fused;
 pub mod graph;
