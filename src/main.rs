@@ -39,6 +39,25 @@ struct Common {
     seed: u64,
 }
 
+/// Fine-tuning flags of `train-mini` and `train`.
+#[derive(clap::Args, Debug)]
+struct FinetuneFlags {
+    /// Start a new run from this checkpoint's weights and model config (a run folder, best/, a
+    /// .safetensors file or a reference .pt); model keys or flags given with it must agree.
+    #[arg(long, conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
+    /// Keep the parameters whose PyTorch names match these globs fixed, e.g. 'blocks.*.mlp.*'
+    /// (no update, no weight decay, no optimizer state; listed at the start; added to a run
+    /// config's `freeze`).
+    #[arg(long, num_args = 1..)]
+    freeze: Vec<String>,
+    /// Train only the parameters whose names match these globs, e.g. '*.slot_*'
+    /// '*_slotspace_gate_raw' (every other parameter is kept fixed; replaces a run config's
+    /// `trainable`).
+    #[arg(long, num_args = 1..)]
+    trainable: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Tiny model, one forward and one optimizer step across the feature toggles; checks shapes
@@ -116,18 +135,8 @@ enum Cmd {
         /// GEMM precision on the GPU: bf16 (bf16 inputs, f32 accumulation) or f32.
         #[arg(long, default_value = "bf16")]
         precision: asa::config::Precision,
-        /// Start a new run from this checkpoint's weights and model (a run folder, best/, a
-        /// .safetensors file or a reference .pt); model flags given with it must agree.
-        #[arg(long, conflicts_with = "resume")]
-        init_from: Option<PathBuf>,
-        /// Keep the parameters whose PyTorch names match these globs fixed, e.g. 'blocks.*.mlp.*'
-        /// (no update, no weight decay, no optimizer state; listed at the start).
-        #[arg(long, num_args = 1..)]
-        freeze: Vec<String>,
-        /// Train only the parameters whose names match these globs, e.g. '*.slot_*' '*_slotspace_gate_raw'
-        /// (every other parameter is kept fixed; the run config's `trainable` list does the same).
-        #[arg(long, num_args = 1..)]
-        trainable: Vec<String>,
+        #[command(flatten)]
+        ft: FinetuneFlags,
     },
     /// Tokenize text files into binary token shards (+ a validation shard) for `asa train`.
     Prepare {
@@ -176,18 +185,8 @@ enum Cmd {
         /// Stop after this step, saving a checkpoint.
         #[arg(long)]
         stop_at: Option<usize>,
-        /// Start a new run from this checkpoint's weights and model config (a run folder, best/,
-        /// a .safetensors file or a reference .pt); model keys the config sets must agree.
-        #[arg(long, conflicts_with = "resume")]
-        init_from: Option<PathBuf>,
-        /// Keep the parameters whose PyTorch names match these globs fixed, e.g. 'blocks.*.mlp.*'
-        /// (added to the config's `freeze`; see also `trainable`); listed at the start.
-        #[arg(long, num_args = 1..)]
-        freeze: Vec<String>,
-        /// Train only the parameters whose names match these globs, e.g. '*.slot_*' '*_slotspace_gate_raw'
-        /// (every other parameter is kept fixed; the run config's `trainable` list does the same).
-        #[arg(long, num_args = 1..)]
-        trainable: Vec<String>,
+        #[command(flatten)]
+        ft: FinetuneFlags,
     },
     /// Tokens/s of one training step for a config, optionally against the reference (PyTorch).
     Bench {
@@ -534,9 +533,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             fact_frac,
             stop_at,
             precision,
-            init_from,
-            freeze,
-            trainable,
+            ft:
+                FinetuneFlags {
+                    init_from,
+                    freeze,
+                    trainable,
+                },
         } => {
             let place = resolve_device(device, true)?;
             // on --resume only the flags typed are compared with the run's own values
@@ -903,9 +905,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             total_steps,
             stop_at,
-            init_from,
-            freeze,
-            trainable,
+            ft:
+                FinetuneFlags {
+                    init_from,
+                    freeze,
+                    trainable,
+                },
         } => {
             let place = resolve_device(device, true)?;
             let r = asa::train::train(&asa::train::TrainArgs {

@@ -142,15 +142,31 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
             }
             files
         }
+        "eval" if c.has("--per-line") => {
+            // the WikiText-103 recipe: the train-mini model stands in for the converted
+            // reference checkpoint and a few lines of the corpus for the WikiText files
+            let text = match c.value("--seq-len") {
+                Some(n) => c.text.replace(&format!("--seq-len {n}"), "--seq-len 64"),
+                None => c.text.clone(),
+            };
+            return Ok(Plan::StandIn {
+                text,
+                why: "the train-mini run's weights stand in for the converted WikiText-103 \
+                      checkpoint and corpus lines for wiki.*.raw; --seq-len 64",
+                files: c.value("--json").into_iter().collect(),
+            });
+        }
         // stdout (and the --json file when given)
         "generate" | "eval" => c.value("--json").into_iter().collect(),
         "bench-decode" => {
-            let text = match c.value("--max-len") {
-                Some(n) => c.text.replace(&format!("--max-len {n}"), "--max-len 256"),
-                None => format!("{} --max-len 256", c.text.split(" #").next().unwrap_or("")),
-            };
+            let mut text = c.text.split(" #").next().unwrap_or("").to_string();
+            for flag in ["--max-len", "--full-at"] {
+                if let Some(v) = c.value(flag) {
+                    text = text.replace(&format!("{flag} {v}"), "");
+                }
+            }
             return Ok(Plan::StandIn {
-                text: format!("{text} --full-at 64,256"),
+                text: format!("{text} --max-len 256 --full-at 64,256"),
                 why: "to 256 tokens with the full forward at 64 and 256 (the real 16k-token \
                       curve takes half a minute and gigabytes of logits); the same checkpoint",
                 files: c.value("--json").into_iter().collect(),
@@ -383,6 +399,24 @@ impl Workspace {
             },
             "train-mini" if c.has("--resume") || c.has("--init-from") => {
                 copy_mini(&dir.join("runs/mini"))?
+            }
+            "eval" if c.has("--per-line") => {
+                // stand-ins for a converted reference checkpoint and the WikiText files
+                let ckpt = c.value("--ckpt").ok_or("eval --per-line without --ckpt")?;
+                let tmp = dir.join("mini.tmp");
+                copy_mini(&tmp)?;
+                std::fs::copy(tmp.join("model.safetensors"), dir.join(&ckpt)).unwrap();
+                std::fs::copy(
+                    tmp.join("config.json"),
+                    dir.join(&ckpt).with_file_name("config.json"),
+                )
+                .unwrap();
+                let text = c.value("--text").ok_or("eval --per-line without --text")?;
+                let corpus =
+                    std::fs::read_to_string(root().join("assets/corpus/sonnets.txt")).unwrap();
+                let f = dir.join(&text);
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(f, corpus).unwrap();
             }
             // commands that read a finished run (`--ckpt runs/mini`)
             "generate" | "eval" | "bench-decode" => copy_mini(&dir.join("runs/mini"))?,

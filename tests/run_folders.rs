@@ -506,3 +506,50 @@ fn a_file_as_outdir_and_resume_of_nothing_are_clear_and_create_nothing() {
     assert!(err.contains("no run to resume"), "{err}");
     assert!(!runs.join("nothere").exists());
 }
+
+/// `train --init-from` with `trainable` in the run config: the model comes from the checkpoint,
+/// frozen weights do not move, the fine-tune resumes (its config leaving the model out is no
+/// change), and a config key that contradicts the checkpoint is refused naming it.
+#[test]
+fn train_init_from_fine_tunes_resumes_and_refuses_contradictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare(tmp.path());
+    let base = write_config(tmp.path(), &data, "base", "total_steps = 3\nwarmup_steps = 1");
+    ok(&train(&base, &[]));
+    let from = tmp.path().join("runs").join("base");
+    let ft = write_config(
+        tmp.path(),
+        &data,
+        "ft",
+        "total_steps = 6\nwarmup_steps = 1\ntrainable = [\"*.slot_{in,q,k,v,out}.weight\", \"*_slotspace_gate_raw\"]",
+    );
+    let o = train(
+        &ft,
+        &["--init-from", from.to_str().unwrap(), "--stop-at", "3"],
+    );
+    ok(&o);
+    assert!(stderr(&o).contains("frozen:"), "{}", stderr(&o));
+    let o = train(&ft, &["--resume"]);
+    ok(&o);
+    assert!(stderr(&o).contains("frozen:"), "{}", stderr(&o));
+    let read = |p: &Path| asa::checkpoint::read_safetensors(&p.join("model.safetensors")).unwrap();
+    let (a, b) = (read(&from), read(&tmp.path().join("runs").join("ft")));
+    for (k, t) in &a {
+        let trains = (k.contains(".slot_") && !k.contains("slot_keys"))
+            || k.ends_with("_slotspace_gate_raw");
+        if !trains {
+            assert_eq!(t.to_f32(), b[k].to_f32(), "{k} moved but was frozen");
+        }
+    }
+    assert!(a
+        .iter()
+        .any(|(k, t)| k.contains(".slot_in.") && t.to_f32() != b[k].to_f32()));
+    // --init-from with --resume, and a config that contradicts the checkpoint
+    let o = train(&ft, &["--resume", "--init-from", from.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--init-from"), "{}", stderr(&o));
+    let bad = write_config(tmp.path(), &data, "bad", "embed_dim = 64");
+    let e = fails(&train(&bad, &["--init-from", from.to_str().unwrap()]));
+    assert!(e.contains("embed_dim: 64 (the checkpoint has 32)"), "{e}");
+    assert!(!tmp.path().join("runs").join("bad").exists());
+}

@@ -31,7 +31,7 @@ use crate::model::layer::AsaLayer;
 use crate::model::lm::Lm;
 use crate::model::params::ParamStore;
 use crate::vocab::dims::DEN_EPS;
-use crate::vocab::positions::{rope_inv_freq, rope_row};
+use crate::vocab::positions::{rope_inv_freqs, rope_row};
 
 /// The carried state of one layer (all heads). Shapes in the comments.
 #[derive(Debug, Clone)]
@@ -169,21 +169,14 @@ impl Decoder {
             cos_ss: z(m),
             sin_ss: z(m),
         };
+        let (inv, inv_ss) = rope_inv_freqs(&cfg);
         Ok(Decoder {
             pos: 0,
             layers: (0..cfg.num_layers)
                 .map(|_| LayerState::new(h, nk, d, m))
                 .collect(),
-            inv: if cfg.use_rope_keys {
-                rope_inv_freq(d, cfg.rope_base)
-            } else {
-                Vec::new()
-            },
-            inv_ss: if m > 0 && cfg.use_rope_slotspace {
-                rope_inv_freq(m, cfg.rope_base_slotspace)
-            } else {
-                Vec::new()
-            },
+            inv,
+            inv_ss,
             ws,
             cfg,
         })

@@ -66,3 +66,19 @@ pub fn rope_row(cos: &mut [f32], sin: &mut [f32], pos: usize, inv: &[f32]) {
         *s = ang.sin() as f32;
     }
 }
+
+/// The RoPE inverse frequencies of a model's write keys [d/2] and of its slotspace q/k [M/2],
+/// each empty where that RoPE is off (the decoders compute one position's rows from them).
+pub fn rope_inv_freqs(cfg: &crate::config::ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let keys = if cfg.use_rope_keys {
+        rope_inv_freq(cfg.head_dim(), cfg.rope_base)
+    } else {
+        Vec::new()
+    };
+    let ss = if cfg.use_slotspace_refine && cfg.use_rope_slotspace {
+        rope_inv_freq(cfg.slotspace_dim, cfg.rope_base_slotspace)
+    } else {
+        Vec::new()
+    };
+    (keys, ss)
+}

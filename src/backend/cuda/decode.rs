@@ -16,7 +16,7 @@ use super::{kern, AsDv, Backend, CudaBackend, Dv, Temp};
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
 use crate::vocab::params::{alibi_strength, content_gamma, softplus, LmIds, ParamStore};
-use crate::vocab::positions::{alibi_slopes, rope_inv_freq, rope_row};
+use crate::vocab::positions::{alibi_slopes, rope_inv_freqs, rope_row};
 
 /// Threads per block of `asa_decode_step`.
 const DECODE_BLOCK: u32 = 128;
@@ -155,17 +155,10 @@ impl<B: Backend> GpuDecoder<B> {
             logits: be.temp(cfg.vocab_size)?,
             rope: be.temp(2 * d + 2 * m.max(1))?,
         };
+        let (inv, inv_ss) = rope_inv_freqs(cfg);
         Ok(GpuDecoder {
-            inv: if cfg.use_rope_keys {
-                rope_inv_freq(d, cfg.rope_base)
-            } else {
-                Vec::new()
-            },
-            inv_ss: if m > 0 && cfg.use_rope_slotspace {
-                rope_inv_freq(m, cfg.rope_base_slotspace)
-            } else {
-                Vec::new()
-            },
+            inv,
+            inv_ss,
             rope_host: vec![0.0; 2 * d + 2 * m.max(1)],
             logits: vec![0.0; cfg.vocab_size],
             be,
