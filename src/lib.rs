@@ -32,6 +32,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod host;
+pub mod infos;
 pub mod kernel_cost;
 pub mod model;
 pub mod optim;

@@ -364,6 +364,34 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The per-layer analysis tensors of a checkpoint on given text (read/write logits and weights, slot state norms, refine deltas, gates) as one safetensors file.
+    Infos {
+        /// Where to run: the info tensors are made on the CPU (auto and cpu do; cuda is refused).
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
+        /// reference .pt checkpoint. Default: the latest run under runs/.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// Tokenizer (gpt2, byte, or a tokenizer.json path); default: the run's own, else gpt2.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// Prompts, each run alone (batch 1): its tensors are stored as prompt{P}.layer{L}.{key}.
+        #[arg(long, num_args = 1..)]
+        prompt: Vec<String>,
+        /// Text files whose non-empty lines are the prompts (instead of --prompt).
+        #[arg(long, num_args = 1.., conflicts_with = "prompt")]
+        text: Vec<PathBuf>,
+        /// Layers to keep, e.g. 0,3 (0-based; default: all).
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// Also store each prompt's logits [1,T,V].
+        #[arg(long)]
+        logits: bool,
+        /// The safetensors file to write (tensor names and shapes in docs/METHOD.md section 7).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
@@ -808,6 +836,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 asa::checkpoint::write_bytes_atomic(j, body.as_bytes())?;
                 println!("wrote {}", j.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Infos {
+            device,
+            ckpt,
+            tokenizer,
+            prompt,
+            text,
+            layers,
+            logits,
+            out,
+        } => {
+            resolve_device(device, false)?;
+            if prompt.is_empty() && text.is_empty() {
+                return Err(AsaError::Input(
+                    "give the text to run: --prompt TEXT... or --text FILE...".into(),
+                ));
+            }
+            check_json_dir(Some(&out)).map_err(|_| {
+                AsaError::Input(format!(
+                    "--out: the folder of {} does not exist",
+                    out.display()
+                ))
+            })?;
+            let prompts: Vec<String> = if text.is_empty() {
+                prompt
+            } else {
+                let joined = asa::data::batch::read_text_files(&text)?;
+                joined
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect()
+            };
+            let (mut lm, params, tok, name) =
+                asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let r = asa::infos::run(&mut lm, &params, &tok, &prompts, layers.as_deref(), logits)?;
+            asa::infos::write(&r, &out)?;
+            println!(
+                "{name}: {} tensors for {} prompt(s) written to {}",
+                r.tensors.len(),
+                prompts.len(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Probe {

@@ -697,3 +697,64 @@ fn fine_tuning_starts_from_a_checkpoint_and_keeps_frozen_weights() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
+
+#[test]
+fn infos_writes_every_layers_tensors_with_their_descriptions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "i", 2, &[]);
+    assert!(out.status.success());
+    let file = tmp.path().join("infos.safetensors");
+    let run = |extra: &[&str]| {
+        asa()
+            .args(["infos", "--device", "cpu", "--ckpt"])
+            .arg(tmp.path().join("i"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "--prompt",
+        "The capital of France is",
+        "Paris",
+        "--layers",
+        "0",
+        "--logits",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (t, meta) = asa::checkpoint::read_safetensors_with_metadata(&file).unwrap();
+    let ids = t["prompt0.input_ids"].to_f32().unwrap();
+    let n = ids.len();
+    // the tiny run: 2 heads, 4 slots, one layer
+    let rw = &t["prompt0.layer0.read_weights"];
+    assert_eq!(rw.shape, vec![1, 2, n, 4]);
+    for row in rw.to_f32().unwrap().chunks(4) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "{row:?}");
+    }
+    assert_eq!(t["prompt0.layer0.write_logits"].shape, vec![1, 2, 4, n]);
+    assert_eq!(t["prompt0.layer0.slot_state_norm"].shape, vec![1, 2, 4, n]);
+    assert_eq!(t["prompt0.layer0.slotspace_delta"].shape[3], 16);
+    assert!(t.contains_key("prompt1.layer0.read_weights"));
+    assert_eq!(t["prompt1.logits"].shape[2], 50257);
+    let keys: serde_json::Value = serde_json::from_str(&meta["keys"]).unwrap();
+    assert!(keys["read_weights"].as_str().unwrap().contains("[B,H,T,K]"));
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
+    assert_eq!(prompts, vec!["The capital of France is", "Paris"]);
+    // a layer that does not exist, no text, cuda: one line, exit 1
+    for extra in [
+        vec![
+            "--prompt",
+            "x",
+            "--layers",
+            "3",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        vec!["--out", file.to_str().unwrap()],
+    ] {
+        let o = run(&extra);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+    }
+}

@@ -158,6 +158,7 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
         }
         // stdout (and the --json file when given)
         "generate" | "eval" => c.value("--json").into_iter().collect(),
+        "infos" => c.value("--out").into_iter().collect(),
         "bench-decode" => {
             let mut text = c.text.split(" #").next().unwrap_or("").to_string();
             for flag in ["--max-len", "--full-at"] {
@@ -419,7 +420,7 @@ impl Workspace {
                 std::fs::write(f, corpus).unwrap();
             }
             // commands that read a finished run (`--ckpt runs/mini`)
-            "generate" | "eval" | "bench-decode" => copy_mini(&dir.join("runs/mini"))?,
+            "generate" | "eval" | "bench-decode" | "infos" => copy_mini(&dir.join("runs/mini"))?,
             "train" => {
                 let cfg = std::fs::read_to_string(root().join("configs/cpu-small.toml")).unwrap();
                 let mut short = cfg.clone();

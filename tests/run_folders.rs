@@ -514,7 +514,12 @@ fn a_file_as_outdir_and_resume_of_nothing_are_clear_and_create_nothing() {
 fn train_init_from_fine_tunes_resumes_and_refuses_contradictions() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare(tmp.path());
-    let base = write_config(tmp.path(), &data, "base", "total_steps = 3\nwarmup_steps = 1");
+    let base = write_config(
+        tmp.path(),
+        &data,
+        "base",
+        "total_steps = 3\nwarmup_steps = 1",
+    );
     ok(&train(&base, &[]));
     let from = tmp.path().join("runs").join("base");
     let ft = write_config(

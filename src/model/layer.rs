@@ -908,6 +908,15 @@ impl AsaLayer {
                 );
                 put("slot_w", vec![b, h, t, nk], cache.ss.z.clone());
             }
+        } else if self.ids.slotspace.is_some() && !cache.ss.delta.is_empty() {
+            // the refine's contribution to the heads' output, and its slot weights
+            let g = cache.gate;
+            put(
+                "slotspace_delta",
+                vec![b, h, t, d],
+                cache.ss.delta.iter().map(|x| x * g).collect(),
+            );
+            put("slotspace_weights", vec![b, h, t, nk], cache.ss.sw.clone());
         }
         if let Some(iv) = intv {
             info.extend(iv);
