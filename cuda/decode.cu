@@ -60,15 +60,14 @@ extern "C" __global__ void asa_decode_step(float* out_h, double* num_c, double* 
         st[j] = normalize_k ? (float)((double)x / fmax(sh_norm, 1e-8)) : x;
     }
     __syncthreads();
-    for (int p = tid; p < d / 2; p += nt) {
-        const float a = st[2 * p], b = st[2 * p + 1];
-        if (cos_d) {
+    if (cos_d) {
+        for (int p = tid; p < d / 2; p += nt) {
+            const float a = st[2 * p], b = st[2 * p + 1];
             kr[2 * p] = a * cos_d[2 * p] - b * sin_d[2 * p];
             kr[2 * p + 1] = b * cos_d[2 * p + 1] + a * sin_d[2 * p + 1];
-        } else {
-            kr[2 * p] = a;
-            kr[2 * p + 1] = b;
         }
+    } else {
+        for (int j = tid; j < d; j += nt) kr[j] = st[j];  // (any d, odd too)
     }
     __syncthreads();
 
@@ -159,20 +158,21 @@ extern "C" __global__ void asa_decode_step(float* out_h, double* num_c, double* 
             vs[a] = (float)av;
         }
         __syncthreads();
-        for (int p = tid; p < m / 2; p += nt) {
-            for (int which = 0; which < 2; ++which) {
-                const float* src = tmp + which * m;
-                float* dst = which == 0 ? qs : ks;
-                float a = src[2 * p], b = src[2 * p + 1];
-                if (cos_m) {
-                    const float x = a, y = b;
-                    a = x * cos_m[2 * p] - y * sin_m[2 * p];
-                    b = y * cos_m[2 * p + 1] + x * sin_m[2 * p + 1];
-                }
-                // phi(x) = elu(x) + 1
-                dst[2 * p] = a > 0.0f ? a + 1.0f : expf(a);
-                dst[2 * p + 1] = b > 0.0f ? b + 1.0f : expf(b);
+        if (cos_m) {
+            for (int p = tid; p < 2 * (m / 2); p += nt) {  // pair p % (m/2) of q (p < m/2) or k (m even)
+                float* src = tmp + (p < m / 2 ? 0 : m);
+                const int r = p % (m / 2);
+                const float x = src[2 * r], y = src[2 * r + 1];
+                src[2 * r] = x * cos_m[2 * r] - y * sin_m[2 * r];
+                src[2 * r + 1] = y * cos_m[2 * r + 1] + x * sin_m[2 * r + 1];
             }
+            __syncthreads();
+        }
+        // phi(x) = elu(x) + 1
+        for (int a = tid; a < m; a += nt) {
+            const float x = tmp[a], y = tmp[m + a];
+            qs[a] = x > 0.0f ? x + 1.0f : expf(x);
+            ks[a] = y > 0.0f ? y + 1.0f : expf(y);
         }
         __syncthreads();
         double* sig = sigma + (i64)hi * m * m;

@@ -126,6 +126,15 @@ fn the_other_features_decode_too() {
             mlp_bias: Some(true),
             ..cfg(Variant::Online, 3, true, false)
         },
+        // odd head_dim and slotspace_dim (no RoPE)
+        ModelConfig {
+            embed_dim: 15,
+            num_heads: 3,
+            slotspace_dim: 5,
+            use_rope_keys: false,
+            use_rope_slotspace: false,
+            ..cfg(Variant::Baseline, 4, true, true)
+        },
     ]
     .into_iter()
     .enumerate()

@@ -844,6 +844,14 @@ pub fn gpu_decoding_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
     c.tie_weights = false;
     c.write_chunk_size = 3;
     cases.push(c);
+    // odd head_dim and slotspace_dim (no RoPE anywhere)
+    let mut c = small_cfg(Variant::Baseline);
+    c.use_rope_keys = false;
+    c.use_rope_slotspace = false;
+    c.embed_dim = 45;
+    c.num_heads = 3;
+    c.slotspace_dim = 5;
+    cases.push(c);
     for (ci, cfg) in cases.iter().enumerate() {
         let (lm, mut p) = Lm::new(cfg).unwrap();
         let mut r = rng(30 + ci as u64);
