@@ -248,6 +248,24 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Checks one step of recurrent decoding: `token` below `vocab_size`, and the position `pos`
+    /// within `max_seq_len` where positions are learned (RoPE and ALiBi have no bound).
+    pub fn check_decode_step(&self, token: u32, pos: usize) -> Result<()> {
+        if token as usize >= self.vocab_size {
+            return Err(AsaError::Input(format!(
+                "token id {token} is not below the model's vocab_size {}",
+                self.vocab_size
+            )));
+        }
+        if self.use_abs_pos && pos >= self.max_seq_len {
+            return Err(AsaError::Input(format!(
+                "position {pos} is past max_seq_len {} (the model learned absolute positions)",
+                self.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks every constraint the model relies on; each violation is one clear message naming
     /// the field. Ends with the size guard: a parameter count that overflows, or whose f32 bytes
     /// exceed the memory this machine has available, is refused before anything is allocated.

@@ -213,17 +213,7 @@ impl Decoder {
                 "decoder used with another model than it was made for".into(),
             ));
         }
-        if token as usize >= v {
-            return Err(AsaError::Input(format!(
-                "token id {token} is not below the model's vocab_size {v}"
-            )));
-        }
-        if cfg.use_abs_pos && self.pos >= cfg.max_seq_len {
-            return Err(AsaError::Input(format!(
-                "position {} is past max_seq_len {} (the model learned absolute positions)",
-                self.pos, cfg.max_seq_len
-            )));
-        }
+        cfg.check_decode_step(token, self.pos)?;
         if logits.len() != v {
             return Err(AsaError::Input(format!(
                 "logits buffer holds {}, expected vocab_size {v}",

@@ -217,17 +217,7 @@ impl<B: Backend> GpuDecoder<B> {
         } else {
             0
         };
-        if token as usize >= v {
-            return Err(AsaError::Input(format!(
-                "token id {token} is not below the model's vocab_size {v}"
-            )));
-        }
-        if cfg.use_abs_pos && self.pos >= cfg.max_seq_len {
-            return Err(AsaError::Input(format!(
-                "position {} is past max_seq_len {} (the model learned absolute positions)",
-                self.pos, cfg.max_seq_len
-            )));
-        }
+        cfg.check_decode_step(token, self.pos)?;
         let pos = self.pos;
         let (be, p, ids, ws) = (&self.be, &self.params, &self.ids, &self.ws);
         // this position's RoPE rows, up with the token
