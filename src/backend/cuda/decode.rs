@@ -69,6 +69,8 @@ pub struct GpuDecoder<B: Backend = CudaBackend> {
     inv_ss: Vec<f32>,
     rope_host: Vec<f32>,
     logits: Vec<f32>,
+    /// dynamic shared memory of an `asa_decode_step` block (cuda/decode.cu's layout)
+    smem: u32,
 }
 
 impl GpuDecoder<CudaBackend> {
@@ -101,6 +103,13 @@ impl<B: Backend> GpuDecoder<B> {
         } else {
             0
         };
+        // cuda/decode.cu's layout: 4 K doubles, then (d + K d + 4 K + 7 M) floats
+        let smem = 4 * nk * 8 + (d + nk * d + 4 * nk + 7 * m) * 4;
+        if smem > 48 * 1024 {
+            return Err(AsaError::Device(format!(
+                "decoding needs {smem} bytes of shared memory per head (num_slots {nk}, head_dim {d}, slotspace_dim {m}); at most 48 KiB"
+            )));
+        }
         let gp = GpuParams::upload(&be, params)?;
         let slopes = alibi_slopes(h);
         let scalar = |id: Option<usize>| id.map(|i| params.data[i][0]);
@@ -160,6 +169,7 @@ impl<B: Backend> GpuDecoder<B> {
             inv,
             inv_ss,
             rope_host: vec![0.0; 2 * d + 2 * m.max(1)],
+            smem: smem as u32,
             logits: vec![0.0; cfg.vocab_size],
             be,
             cfg: cfg.clone(),
@@ -274,12 +284,6 @@ impl<B: Backend> GpuDecoder<B> {
             let wp = |f: &dyn Fn(&crate::vocab::params::SlotspaceIds) -> usize| {
                 ss.map_or(Dv::null(), |s| p.p(f(s)))
             };
-            let smem = 4 * nk * 8 + (d + nk * d + 4 * nk + 7 * m) * 4;
-            if smem > 48 * 1024 {
-                return Err(AsaError::Device(format!(
-                    "decoding needs {smem} bytes of shared memory per head (num_slots {nk}, head_dim {d}, slotspace_dim {m}); at most 48 KiB"
-                )));
-            }
             kern::asa_decode_step(
                 ws.out_h.dv(),
                 st.num_c.dv(),
@@ -317,7 +321,7 @@ impl<B: Backend> GpuDecoder<B> {
                 d as i32,
                 m as i32,
             )
-            .grid(be, h as u32, DECODE_BLOCK, smem as u32)?;
+            .grid(be, h as u32, DECODE_BLOCK, self.smem)?;
             be.matmul_forward(
                 ws.attn.dv(),
                 ws.out_h.dv(),
