@@ -351,8 +351,8 @@ enum Cmd {
         /// A checkpoint (run folder, .safetensors or .pt); default: a fresh model of --config.
         #[arg(long)]
         ckpt: Option<PathBuf>,
-        /// Model of the benchmark without --ckpt: a bench preset (mini, practice-run, ...) or a run config file.
-        #[arg(long, default_value = "mini")]
+        /// Model of the benchmark without --ckpt: a bench preset (cpu-small, practice-run, cpu-asa) or a run config file.
+        #[arg(long, default_value = "cpu-small")]
         config: String,
         /// Decode this many tokens (the last position measured).
         #[arg(long, default_value_t = 16384)]

@@ -567,6 +567,24 @@ fn bench_decode_reports_flat_recurrent_cost() {
     assert!(rows[3]["full_forward_s"].as_f64().is_some());
     assert!(rows[6]["full_forward_s"].as_f64().is_some());
     assert!(rows[0]["full_forward_s"].is_null());
+    // without --ckpt: a fresh model of the default preset
+    let out = asa()
+        .args([
+            "bench-decode",
+            "--device",
+            "cpu",
+            "--max-len",
+            "4",
+            "--full-at",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
