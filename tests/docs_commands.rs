@@ -182,6 +182,10 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
                     "paris_margin.png",
                     "pca_explained_variance.png",
                     "sweep_layer_00.png",
+                    "trajectory_basin.png",
+                    "simplex_sphere.png",
+                    "depth_sweep.png",
+                    "policy_inertia.png",
                 ],
             )
         }

@@ -46,10 +46,22 @@
 //!   reference froze layer `l` while injecting after layer `l`, so its freeze had no effect on the
 //!   perturbed computation.
 
-use std::path::Path;
-use std::sync::OnceLock;
-
 use serde::{Deserialize, Serialize};
+
+mod geometry;
+mod plots;
+mod timescales;
+
+pub use plots::write_outputs;
+
+pub use geometry::{
+    DepthRow, DepthSweep, SimplexSphere, SphereCluster, SphereEndpoint, TrajectoryBasin,
+    BASIN_PROMPTS,
+};
+pub use timescales::{
+    half_life, tail_half_life_and_ess, timepoints, InertiaLayer, TimescaleConfig, Timescales,
+    WriteLayer,
+};
 
 use crate::config::{ModelConfig, Variant};
 use crate::error::{AsaError, Result};
@@ -136,8 +148,12 @@ pub const RESEARCH_RIVAL: &str = " the";
 /// The rival of the canonical set.
 pub const CANONICAL_RIVAL: &str = " London";
 
+/// The canonical experiments a probe runs by default.
+pub const ALL_EXPERIMENTS: [u8; 6] = [1, 2, 3, 4, 5, 6];
+
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProbeConfig {
     /// reseeds the model's generator before the probe (the probe itself draws no randomness)
     pub seed: u64,
@@ -147,8 +163,102 @@ pub struct ProbeConfig {
     pub num_pcs: usize,
     /// step sizes, in standard deviations of the swept component (needs two distinct values)
     pub eps_grid: Vec<f64>,
-    /// layers to probe (`None`: all)
+    /// layers of the routing/residual sweeps, experiments 4 and 5 (`None`: all)
     pub layers: Option<Vec<usize>>,
+    /// the canonical experiments to run (1-6; the margins are always measured)
+    pub experiments: Vec<u8>,
+    /// experiment 1: layer of the trajectory PCA (`None`: min(10, num_layers - 1), the
+    /// reference's automatic choice)
+    pub basin_layer: Option<usize>,
+    /// experiment 1: layers whose routing is forced (`None`: the PCA layer)
+    pub basin_intervene: Option<Vec<usize>>,
+    /// experiment 1: grid points per axis of the energy basin (>= 2)
+    pub basin_grid: usize,
+    /// experiment 1: padding of the grid around the trajectories, as a share of their extent
+    pub basin_pad: f64,
+    /// experiment 2: layer of the simplex sphere (`None`: min(10, num_layers - 1))
+    pub sphere_layer: Option<usize>,
+    /// experiment 6 settings
+    pub timescales: TimescaleConfig,
+}
+
+impl ProbeConfig {
+    /// Whether experiment `e` is selected.
+    pub fn runs(&self, e: u8) -> bool {
+        self.experiments.contains(&e)
+    }
+
+    /// Checks the settings against a model of `num_layers` layers and `num_slots` slots.
+    pub fn check(&self, num_layers: usize) -> Result<()> {
+        if self.window == 0 || self.num_pcs == 0 {
+            return Err(AsaError::Input(
+                "probe window and num_pcs must be at least 1".into(),
+            ));
+        }
+        if let Some(&e) = self.experiments.iter().find(|e| !(1..=6).contains(*e)) {
+            return Err(AsaError::Input(format!(
+                "unknown experiment {e}: the canonical experiments are 1 to 6"
+            )));
+        }
+        if self.experiments.is_empty() {
+            return Err(AsaError::Input(
+                "no experiment selected (choose among 1 to 6)".into(),
+            ));
+        }
+        if self.basin_grid < 2 {
+            return Err(AsaError::Input(format!(
+                "the basin grid needs at least 2 points per axis, got {}",
+                self.basin_grid
+            )));
+        }
+        if !(self.basin_pad.is_finite() && self.basin_pad >= 0.0) {
+            return Err(AsaError::Input(format!(
+                "the basin padding must be finite and >= 0, got {}",
+                self.basin_pad
+            )));
+        }
+        let layer_ok = |what: &str, l: usize| {
+            if l < num_layers {
+                Ok(())
+            } else {
+                Err(AsaError::Input(format!(
+                    "{what}: layer {l} does not exist (the model has {num_layers} layers: 0 to {})",
+                    num_layers - 1
+                )))
+            }
+        };
+        for &l in self.layers.iter().flatten() {
+            layer_ok("probe layers", l)?;
+        }
+        if let Some(l) = self.basin_layer {
+            layer_ok("basin layer", l)?;
+        }
+        for &l in self.basin_intervene.iter().flatten() {
+            layer_ok("basin intervene layers", l)?;
+        }
+        if let Some(l) = self.sphere_layer {
+            layer_ok("sphere layer", l)?;
+        }
+        let ts = &self.timescales;
+        if ts.batch == 0 || ts.seq_len < 2 || ts.max_lag == 0 || ts.write_timepoints == 0 {
+            return Err(AsaError::Input(
+                "timescales need batch >= 1, seq_len >= 2, max_lag >= 1 and write_timepoints >= 1"
+                    .into(),
+            ));
+        }
+        if !(ts.write_threshold > 0.0 && ts.write_threshold <= 1.0) {
+            return Err(AsaError::Input(format!(
+                "the write threshold must be in (0, 1], got {}",
+                ts.write_threshold
+            )));
+        }
+        Ok(())
+    }
+
+    /// The reference's automatic analysis layer: min(10, num_layers - 1).
+    pub fn auto_layer(num_layers: usize) -> usize {
+        10.min(num_layers.saturating_sub(1))
+    }
 }
 
 impl Default for ProbeConfig {
@@ -159,6 +269,13 @@ impl Default for ProbeConfig {
             num_pcs: 3,
             eps_grid: vec![-2.0, -1.0, 0.0, 1.0, 2.0],
             layers: None,
+            experiments: ALL_EXPERIMENTS.to_vec(),
+            basin_layer: None,
+            basin_intervene: None,
+            basin_grid: 24,
+            basin_pad: 0.35,
+            sphere_layer: None,
+            timescales: TimescaleConfig::default(),
         }
     }
 }
@@ -274,8 +391,23 @@ pub struct ProbeSummary {
     pub paris_margin_canonical_mean: f64,
     /// the release-check margin: equal to `paris_margin_research_mean`
     pub paris_margin_mean: f64,
+    /// experiments 4 and 5, per swept layer
     pub layers: Vec<LayerProbe>,
+    /// experiment 1
+    pub trajectory_basin: Option<TrajectoryBasin>,
+    /// experiment 2
+    pub simplex_sphere: Option<SimplexSphere>,
+    /// experiment 3
+    pub depth_sweep: Option<DepthSweep>,
+    /// experiment 6
+    pub timescales: Option<Timescales>,
     pub notes: Vec<String>,
+}
+
+/// Text for the timescale experiment (6): its name (for the summary) and contents.
+pub struct ProbeText<'a> {
+    pub name: String,
+    pub text: &'a str,
 }
 
 /// A right-padded batch of prompts.
@@ -353,6 +485,7 @@ fn forward_margins(
     lm: &mut Lm,
     params: &ParamStore,
     batch: &Batch,
+    controls: &AsaOptions,
     hooks: &LmHooks,
     return_info: bool,
     target: u32,
@@ -362,7 +495,7 @@ fn forward_margins(
     let opts = AsaOptions {
         attention_mask: Some(batch.mask.clone()),
         return_info,
-        ..Default::default()
+        ..controls.clone()
     };
     let infos = lm.forward_hooked(params, &batch.ids, batch.b, batch.t, &opts, hooks, cache)?;
     let v = lm.cfg.vocab_size;
@@ -472,6 +605,8 @@ fn sym_eigen(a: &mut [f64], n: usize) -> (Vec<f64>, Vec<f64>) {
 
 /// Principal components of N points of dimension D.
 struct Pca {
+    /// the points' mean [D]
+    mean: Vec<f64>,
     /// unit directions [D] of the kept components, largest variance first
     comps: Vec<Vec<f64>>,
     summary: PcaSummary,
@@ -563,6 +698,7 @@ fn pca(x: &[f64], n: usize, d: usize, k: usize) -> Result<Pca> {
         std.push((lam / (n - 1) as f64).sqrt());
     }
     Ok(Pca {
+        mean: mu,
         comps,
         summary: PcaSummary {
             dim: d,
@@ -611,19 +747,30 @@ fn make_sweep(pc: usize, pc_std: f64, eps: &[f64], margins: Vec<f64>) -> Sweep {
     }
 }
 
-/// Runs the probe: margins of both prompt sets, then the routing/residual sweeps of every probed
-/// layer on the research set (see the module doc). The model runs in eval mode (no dropout).
+/// Runs the probe: margins of both prompt sets, then the selected canonical experiments (see
+/// the module doc): 1-3 and 6 observe (and force) the routing geometry and timescales, 4 and 5
+/// sweep every probed layer on the research set. The model runs in eval mode (no dropout) with
+/// the forward controls of `controls` (routing mode, noise, slot mask; its attention mask and
+/// info flag are set per forward). Experiment 6 reads `text`.
 pub fn run_probe(
     lm: &mut Lm,
     params: &ParamStore,
     tok: &dyn ProbeTokenizer,
     cfg: &ProbeConfig,
+    controls: &AsaOptions,
+    text: Option<ProbeText>,
 ) -> Result<ProbeSummary> {
     let mcfg = lm.cfg.clone();
     let nl = mcfg.num_layers;
-    if cfg.window == 0 || cfg.num_pcs == 0 {
+    cfg.check(nl)?;
+    if controls.training {
         return Err(AsaError::Input(
-            "probe window and num_pcs must be at least 1".into(),
+            "the probe runs in eval mode (no dropout)".into(),
+        ));
+    }
+    if cfg.runs(6) && text.is_none() {
+        return Err(AsaError::Input(
+            "experiment 6 (timescales) needs a text to read".into(),
         ));
     }
     if cfg.eps_grid.iter().any(|e| !e.is_finite()) {
@@ -660,6 +807,7 @@ pub fn run_probe(
         lm,
         params,
         &cb,
+        controls,
         &LmHooks::default(),
         false,
         target.id,
@@ -669,11 +817,14 @@ pub fn run_probe(
 
     // ---- research set: baseline with infos
     let rb = make_batch(tok, &RESEARCH_PROMPTS)?;
-    let with_info = mcfg.variant != Variant::Online;
+    let online = mcfg.variant == Variant::Online;
+    let sweeps = cfg.runs(4) || cfg.runs(5);
+    let with_info = !online && (sweeps || cfg.runs(2) || cfg.runs(3));
     let (rtr, infos) = forward_margins(
         lm,
         params,
         &rb,
+        controls,
         &LmHooks::default(),
         with_info,
         target.id,
@@ -715,14 +866,82 @@ pub fn run_probe(
         mean_margin: mean_margin(&ctr),
     };
 
+    let (h, k) = (mcfg.num_heads, mcfg.num_slots);
+    let margins: Vec<f64> = rtr.iter().map(|(a, b)| a - b).collect();
+    let mut simplex_sphere = None;
+    let mut depth_sweep = None;
+    let mut trajectory_basin = None;
+    let mut timescales = None;
+    if online {
+        notes.push(
+            "online variant: it returns no read logits and takes no routing overrides, so only the margins are measured"
+                .into(),
+        );
+    }
+    if let (Some(infos), false) = (&infos, online) {
+        if cfg.runs(2) {
+            let l = cfg.sphere_layer.unwrap_or(ProbeConfig::auto_layer(nl));
+            match geometry::simplex_sphere(infos, &rb, &RESEARCH_PROMPTS, &margins, l, h, k) {
+                Ok(r) => simplex_sphere = Some(r),
+                Err(AsaError::Input(m)) => notes.push(format!("experiment 2 skipped: {m}")),
+                Err(e) => return Err(e),
+            }
+        }
+        if cfg.runs(3) {
+            depth_sweep = Some(geometry::depth_sweep(
+                infos, &rb, &margins, cfg.window, h, k,
+            )?);
+        }
+    }
+    if cfg.runs(1) && !online {
+        let bb = make_batch(tok, &BASIN_PROMPTS)?;
+        let pca_layer = cfg.basin_layer.unwrap_or(ProbeConfig::auto_layer(nl));
+        let inp = geometry::BasinInputs {
+            batch: &bb,
+            base_opts: &AsaOptions {
+                attention_mask: Some(bb.mask.clone()),
+                return_info: false,
+                ..controls.clone()
+            },
+            pca_layer,
+            intervene: cfg
+                .basin_intervene
+                .clone()
+                .unwrap_or_else(|| vec![pca_layer]),
+            grid: cfg.basin_grid,
+            pad: cfg.basin_pad,
+            target: target.id,
+        };
+        // its own cache: the sweeps below read the research batch's block inputs from `cache`
+        let mut bcache = LmCache::default();
+        match geometry::trajectory_basin(lm, params, &inp, &BASIN_PROMPTS, &mut bcache) {
+            Ok(r) => trajectory_basin = Some(r),
+            Err(AsaError::Input(m)) => notes.push(format!("experiment 1 skipped: {m}")),
+            Err(e) => return Err(e),
+        }
+    }
+    if let (true, false, Some(text)) = (cfg.runs(6), online, &text) {
+        let ts = &cfg.timescales;
+        let t = ts.seq_len.min(mcfg.max_seq_len);
+        let ids = timescales::windows_from_text(text.text, &|s| tok.encode(s), ts.batch, t)?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(AsaError::Input(format!(
+                "the timescale text gives token id {bad}, outside the model's vocab_size {v}"
+            )));
+        }
+        let source = format!("{}: {} windows of {t} tokens", text.name, ts.batch);
+        timescales = Some(timescales::timescales(
+            lm, params, &ids, ts.batch, t, ts, controls, source,
+        )?);
+    }
+
     let mut layer_results = Vec::new();
-    if let Some(infos) = infos {
+    if let (Some(infos), true) = (infos.as_ref(), sweeps) {
         let (b, t, c) = (rb.b, rb.t, mcfg.embed_dim);
-        let (h, k) = (mcfg.num_heads, mcfg.num_slots);
         let rtemp = mcfg.read_temperature.max(1e-6);
         // baseline read weights of every layer: [B,H,T,K]
         let rw_base: Vec<Vec<f32>> = (0..nl)
-            .map(|m| info_tensor(&infos, m, "read_weights").map(<[f32]>::to_vec))
+            .map(|m| info_tensor(infos, m, "read_weights").map(<[f32]>::to_vec))
             .collect::<Result<_>>()?;
         // residual stream entering each probed block: [B,T,C]
         let x_in: Vec<Vec<f32>> = layers
@@ -738,7 +957,7 @@ pub fn run_probe(
         let eps = &cfg.eps_grid;
         for (li, &l) in layers.iter().enumerate() {
             // read logits [B,H,T,K]; routing points: head-mean rows [N,K], centred over K
-            let rl = info_tensor(&infos, l, "read_logits")?;
+            let rl = info_tensor(infos, l, "read_logits")?;
             let mut rpts = vec![0.0f64; np * k];
             for (pi, &(bi, ti)) in points.iter().enumerate() {
                 for hi in 0..h {
@@ -767,7 +986,8 @@ pub fn run_probe(
             // routing sweeps (the eps = 0 forward is the same for every component: run it once)
             let mut routing = Vec::new();
             let mut zero_r = None;
-            for (j, dir) in rpca.comps.iter().enumerate() {
+            let routing_comps = if cfg.runs(4) { &rpca.comps[..] } else { &[] };
+            for (j, dir) in routing_comps.iter().enumerate() {
                 let sd = rpca.summary.std[j];
                 let mut ms = Vec::with_capacity(eps.len());
                 for &e in eps {
@@ -793,7 +1013,7 @@ pub fn run_probe(
                     let mut hooks = LmHooks::new(nl);
                     hooks.layer_routing[l] = Some(RoutingMode::Override(w));
                     let (tr, _) = forward_margins(
-                        lm, params, &rb, &hooks, false, target.id, rival_r.id, &mut cache,
+                        lm, params, &rb, controls, &hooks, false, target.id, rival_r.id, &mut cache,
                     )?;
                     ms.push(mean_margin(&tr));
                     if e == 0.0 {
@@ -827,22 +1047,30 @@ pub fn run_probe(
                     let mut hooks = LmHooks::new(nl);
                     hooks.residual_add[l] = Some(delta);
                     let (tr, _) = forward_margins(
-                        lm, params, &rb, &hooks, false, target.id, rival_r.id, &mut cache,
+                        lm, params, &rb, controls, &hooks, false, target.id, rival_r.id, &mut cache,
                     )?;
                     ms.push(mean_margin(&tr));
-                    for m in l..nl {
-                        hooks.layer_routing[m] = Some(RoutingMode::Override(rw_base[m].clone()));
+                    if cfg.runs(5) {
+                        for m in l..nl {
+                            hooks.layer_routing[m] =
+                                Some(RoutingMode::Override(rw_base[m].clone()));
+                        }
+                        let (tr, _) = forward_margins(
+                            lm, params, &rb, controls, &hooks, false, target.id, rival_r.id,
+                            &mut cache,
+                        )?;
+                        fs.push(mean_margin(&tr));
+                    } else {
+                        fs.push(f64::NAN);
                     }
-                    let (tr, _) = forward_margins(
-                        lm, params, &rb, &hooks, false, target.id, rival_r.id, &mut cache,
-                    )?;
-                    fs.push(mean_margin(&tr));
                     if e == 0.0 {
                         zero_h = Some((ms[ms.len() - 1], fs[fs.len() - 1]));
                     }
                 }
                 residual.push(make_sweep(j, sd, eps, ms));
-                frozen.push(make_sweep(j, sd, eps, fs));
+                if cfg.runs(5) {
+                    frozen.push(make_sweep(j, sd, eps, fs));
+                }
             }
             let (rn, hn, fnn) = (norm(&routing), norm(&residual), norm(&frozen));
             layer_results.push(LayerProbe {
@@ -853,19 +1081,16 @@ pub fn run_probe(
                 routing_slope_norm: rn,
                 residual_slope_norm: hn,
                 frozen_slope_norm: fnn,
-                routing_residual_ratio: ratio(rn, hn),
-                routing_residual_ratio_native: ratio(native_norm(&routing), native_norm(&residual)),
-                frozen_residual_ratio: ratio(fnn, hn),
+                routing_residual_ratio: (!routing.is_empty()).then(|| ratio(rn, hn)).flatten(),
+                routing_residual_ratio_native: (!routing.is_empty())
+                    .then(|| ratio(native_norm(&routing), native_norm(&residual)))
+                    .flatten(),
+                frozen_residual_ratio: (!frozen.is_empty()).then(|| ratio(fnn, hn)).flatten(),
                 routing,
                 residual,
                 residual_frozen: frozen,
             });
         }
-    } else {
-        notes.push(
-            "online variant: no read logits or routing overrides, routing/residual sweeps skipped"
-                .into(),
-        );
     }
 
     Ok(ProbeSummary {
@@ -882,277 +1107,12 @@ pub fn run_probe(
         research,
         canonical,
         layers: layer_results,
+        trajectory_basin,
+        simplex_sphere,
+        depth_sweep,
+        timescales,
         notes,
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Output: summary.json and PNG plots
-
-/// The embedded plot font (no system font or fontconfig needed).
-static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
-
-fn ensure_font() -> Result<()> {
-    static REG: OnceLock<bool> = OnceLock::new();
-    let ok = *REG.get_or_init(|| {
-        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
-            .is_ok()
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(AsaError::Other(
-            "the embedded plot font failed to load".into(),
-        ))
-    }
-}
-
-const C_ROUTING: plotters::style::RGBColor = plotters::style::RGBColor(31, 119, 180);
-const C_RESIDUAL: plotters::style::RGBColor = plotters::style::RGBColor(255, 127, 14);
-const C_FROZEN: plotters::style::RGBColor = plotters::style::RGBColor(44, 160, 44);
-const PC_COLORS: [plotters::style::RGBColor; 6] = [
-    plotters::style::RGBColor(31, 119, 180),
-    plotters::style::RGBColor(255, 127, 14),
-    plotters::style::RGBColor(44, 160, 44),
-    plotters::style::RGBColor(214, 39, 40),
-    plotters::style::RGBColor(148, 103, 189),
-    plotters::style::RGBColor(140, 86, 75),
-];
-
-fn plot_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> AsaError + '_ {
-    move |e| AsaError::Other(format!("plotting {}: {e}", path.display()))
-}
-
-/// y range covering `vals` (finite ones) and 0, with a margin.
-fn y_range(vals: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (mut lo, mut hi) = (0.0f64, 0.0f64);
-    for x in vals.filter(|x| x.is_finite()) {
-        lo = lo.min(x);
-        hi = hi.max(x);
-    }
-    let pad = ((hi - lo) * 0.1).max(1e-6);
-    (lo - pad)..(hi + pad)
-}
-
-fn x_range(vals: &[f64]) -> std::ops::Range<f64> {
-    let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    if !(lo.is_finite() && hi.is_finite()) || hi <= lo {
-        return -1.0..1.0;
-    }
-    let pad = (hi - lo) * 0.05;
-    (lo - pad)..(hi + pad)
-}
-
-fn plot_margins(s: &ProbeSummary, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let err = plot_err(path);
-    let root = BitMapBackend::new(path, (1100, 800)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((2, 1));
-    for (area, set) in panels.iter().zip([&s.research, &s.canonical]) {
-        let n = set.prompts.len();
-        let yr = y_range(set.prompts.iter().map(|p| p.margin));
-        let mut ch = ChartBuilder::on(area)
-            .caption(
-                format!(
-                    "Paris margin, {} set: logit({:?}) - logit({:?}), mean {:.4}",
-                    set.name, s.target.text, set.rival.text, set.mean_margin
-                ),
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), yr)
-            .map_err(&err)?;
-        ch.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n.max(1))
-            .x_label_formatter(&|x| format!("{:.0}", x))
-            .x_desc("prompt index (texts in summary.json)")
-            .y_desc("margin")
-            .draw()
-            .map_err(&err)?;
-        ch.draw_series(set.prompts.iter().enumerate().map(|(i, p)| {
-            let col = if p.margin >= 0.0 {
-                C_ROUTING
-            } else {
-                C_RESIDUAL
-            };
-            Rectangle::new(
-                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, p.margin)],
-                col.filled(),
-            )
-        }))
-        .map_err(&err)?;
-        ch.draw_series(LineSeries::new(
-            [(-0.5, set.mean_margin), (n as f64 - 0.5, set.mean_margin)],
-            BLACK.stroke_width(1),
-        ))
-        .map_err(&err)?;
-    }
-    root.present().map_err(&err)?;
-    Ok(())
-}
-
-fn plot_sweeps(s: &ProbeSummary, lp: &LayerProbe, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let err = plot_err(path);
-    let eps = &s.probe_config.eps_grid;
-    let npc = lp.routing.len().max(lp.residual.len()).max(1);
-    let root = BitMapBackend::new(path, (420 * npc as u32, 440)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((1, npc));
-    let base = lp.baseline_margin;
-    for (j, area) in panels.iter().enumerate() {
-        let kinds: [(&str, Option<&Sweep>, RGBColor); 3] = [
-            ("routing", lp.routing.get(j), C_ROUTING),
-            ("residual", lp.residual.get(j), C_RESIDUAL),
-            (
-                "residual, routing frozen",
-                lp.residual_frozen.get(j),
-                C_FROZEN,
-            ),
-        ];
-        let yr = y_range(
-            kinds
-                .iter()
-                .filter_map(|k| k.1)
-                .flat_map(|sw| sw.margins.iter().map(move |m| m - base)),
-        );
-        let mut ch = ChartBuilder::on(area)
-            .caption(
-                format!("layer {} PC{}", lp.layer, j + 1),
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x_range(eps), yr)
-            .map_err(&err)?;
-        ch.configure_mesh()
-            .x_desc("eps (PC std units)")
-            .y_desc("margin change")
-            .draw()
-            .map_err(&err)?;
-        for (name, sw, col) in kinds {
-            let Some(sw) = sw else { continue };
-            let pts: Vec<(f64, f64)> = eps
-                .iter()
-                .zip(&sw.margins)
-                .map(|(&e, &m)| (e, m - base))
-                .collect();
-            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
-                .map_err(&err)?
-                .label(format!("{name} (slope {:+.2e})", sw.slope))
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], col.stroke_width(2)));
-            ch.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))
-                .map_err(&err)?;
-        }
-        ch.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(&err)?;
-    }
-    root.present().map_err(&err)?;
-    Ok(())
-}
-
-fn plot_pca(s: &ProbeSummary, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let err = plot_err(path);
-    let root = BitMapBackend::new(path, (1100, 460)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((1, 2));
-    let xs: Vec<f64> = s.layers.iter().map(|l| l.layer as f64).collect();
-    let xr = {
-        let lo = xs.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        (lo - 0.5)..(hi + 0.5)
-    };
-    let npc = s.probe_config.num_pcs;
-    for (pi, area) in panels.iter().enumerate() {
-        let name = if pi == 0 {
-            "routing (head-mean read logits)"
-        } else {
-            "residual (block input)"
-        };
-        let get = |l: &LayerProbe| -> Vec<f64> {
-            if pi == 0 {
-                l.routing_pca.explained_variance_ratio.clone()
-            } else {
-                l.residual_pca.explained_variance_ratio.clone()
-            }
-        };
-        let mut ch = ChartBuilder::on(area)
-            .caption(format!("explained variance: {name}"), ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(xr.clone(), 0.0f64..1.0)
-            .map_err(&err)?;
-        ch.configure_mesh()
-            .x_labels(xs.len().clamp(1, 24))
-            .x_label_formatter(&|x| format!("{:.0}", x))
-            .x_desc("layer")
-            .y_desc("fraction of variance")
-            .draw()
-            .map_err(&err)?;
-        for j in 0..npc {
-            let col = PC_COLORS[j % PC_COLORS.len()];
-            let pts: Vec<(f64, f64)> = s
-                .layers
-                .iter()
-                .filter_map(|l| get(l).get(j).map(|&v| (l.layer as f64, v)))
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
-                .map_err(&err)?
-                .label(format!("PC{}", j + 1))
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], col.stroke_width(2)));
-            ch.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))
-                .map_err(&err)?;
-        }
-        ch.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(&err)?;
-    }
-    root.present().map_err(&err)?;
-    Ok(())
-}
-
-/// Writes `summary.json`, `paris_margin.png`, and, when layers were probed,
-/// `pca_explained_variance.png` and one `sweep_layer_LL.png` per layer, into `outdir`
-/// (created if missing). Text in the plots uses an embedded font.
-pub fn write_outputs(summary: &ProbeSummary, outdir: &Path) -> Result<()> {
-    crate::error::ensure_dir(outdir)?;
-    let json = serde_json::to_string_pretty(summary)
-        .map_err(|e| AsaError::Other(format!("serialising the probe summary: {e}")))?;
-    let sp = outdir.join("summary.json");
-    std::fs::write(&sp, json + "\n").map_err(|e| AsaError::io(&sp, e))?;
-    ensure_font()?;
-    plot_margins(summary, &outdir.join("paris_margin.png"))?;
-    if !summary.layers.is_empty() {
-        plot_pca(summary, &outdir.join("pca_explained_variance.png"))?;
-        for lp in &summary.layers {
-            plot_sweeps(
-                summary,
-                lp,
-                &outdir.join(format!("sweep_layer_{:02}.png", lp.layer)),
-            )?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1175,8 +1135,14 @@ mod tests {
                 map.insert(w.to_string(), i as u32 + 1);
             }
             let mut next = 4;
-            for p in RESEARCH_PROMPTS.iter().chain(&CANONICAL_PROMPTS) {
-                for w in p.text.split_whitespace() {
+            let words = RESEARCH_PROMPTS
+                .iter()
+                .chain(&CANONICAL_PROMPTS)
+                .chain(&BASIN_PROMPTS)
+                .flat_map(|p| p.text.split_whitespace())
+                .chain(TOY_TEXT.split_whitespace());
+            {
+                for w in words {
                     if !map.contains_key(w) {
                         map.insert(w.to_string(), next % vocab);
                         next += 1;
@@ -1242,12 +1208,43 @@ mod tests {
         (lm, store)
     }
 
+    /// The timescale text of the tests: words the toy tokenizer knows.
+    const TOY_TEXT: &str = "the river flows through the old city and the tower stands\n\
+        a major city on the river is known for the tower\n\
+        the seat of government is in the largest city\n\
+        during the revolution the city of the river was liberated\n";
+
     fn small_cfg() -> ProbeConfig {
         ProbeConfig {
             num_pcs: 2,
             eps_grid: vec![-1.0, 0.0, 1.0],
+            basin_grid: 3,
+            timescales: TimescaleConfig {
+                batch: 3,
+                seq_len: 16,
+                max_lag: 4,
+                write_timepoints: 4,
+                write_min_t: 2,
+                ..Default::default()
+            },
             ..Default::default()
         }
+    }
+
+    fn toy_text() -> Option<ProbeText<'static>> {
+        Some(ProbeText {
+            name: "toy".into(),
+            text: TOY_TEXT,
+        })
+    }
+
+    fn probe(
+        lm: &mut Lm,
+        store: &ParamStore,
+        tok: &dyn ProbeTokenizer,
+        cfg: &ProbeConfig,
+    ) -> Result<ProbeSummary> {
+        run_probe(lm, store, tok, cfg, &AsaOptions::default(), toy_text())
     }
 
     #[test]
@@ -1290,7 +1287,7 @@ mod tests {
         let (mut lm, store) = tiny_model();
         let tok = ToyTok::new(64);
         let cfg = small_cfg();
-        let s = run_probe(&mut lm, &store, &tok, &cfg).unwrap();
+        let s = probe(&mut lm, &store, &tok, &cfg).unwrap();
         assert_eq!(s.research.prompts.len(), RESEARCH_PROMPTS.len());
         assert_eq!(s.canonical.prompts.len(), CANONICAL_PROMPTS.len());
         assert_eq!(s.paris_margin_mean, s.paris_margin_research_mean);
@@ -1318,7 +1315,7 @@ mod tests {
         let p0 = &s.research.prompts[0];
         assert_eq!(p0.margin, p0.target_logit - p0.rival_logit);
         // same inputs, same numbers
-        let s2 = run_probe(&mut lm, &store, &tok, &cfg).unwrap();
+        let s2 = probe(&mut lm, &store, &tok, &cfg).unwrap();
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
             serde_json::to_string(&s2).unwrap()
@@ -1361,7 +1358,7 @@ mod tests {
         assert!(worst <= 1e-5, "override changed logits by {worst}");
 
         // in the probe, the eps = 0 point of every routing sweep is the baseline margin
-        let s = run_probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
+        let s = probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
         for lp in &s.layers {
             for sw in lp
                 .routing
@@ -1384,7 +1381,7 @@ mod tests {
     fn frozen_routing_sweeps_differ_from_free_ones() {
         let (mut lm, store) = tiny_model();
         let tok = ToyTok::new(64);
-        let s = run_probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
+        let s = probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
         for lp in &s.layers {
             for (a, b) in lp.residual.iter().zip(&lp.residual_frozen) {
                 // eps = -1 and +1 (index 1 is eps = 0, where both are the baseline)
@@ -1398,7 +1395,7 @@ mod tests {
     fn write_outputs_makes_json_and_pngs() {
         let (mut lm, store) = tiny_model();
         let tok = ToyTok::new(64);
-        let mut s = run_probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
+        let mut s = probe(&mut lm, &store, &tok, &small_cfg()).unwrap();
         s.model_name = "tiny".into();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("probe");
@@ -1435,7 +1432,7 @@ mod tests {
             }
         }
         let (mut lm, store) = tiny_model();
-        let e = run_probe(&mut lm, &store, &NoParis(ToyTok::new(64)), &small_cfg()).unwrap_err();
+        let e = probe(&mut lm, &store, &NoParis(ToyTok::new(64)), &small_cfg()).unwrap_err();
         assert!(e.to_string().contains("\" Paris\""), "{e}");
     }
 
@@ -1485,8 +1482,226 @@ mod tests {
         };
         let (mut lm, store2) = Lm::new(&cfg).unwrap();
         assert_eq!(store2.num_elements(), store.num_elements());
-        let s = run_probe(&mut lm, &store2, &ToyTok::new(64), &small_cfg()).unwrap();
+        let s = probe(&mut lm, &store2, &ToyTok::new(64), &small_cfg()).unwrap();
         assert!(s.layers.is_empty() && !s.notes.is_empty());
         assert!(s.paris_margin_mean.is_finite());
+    }
+
+    /// A tiny model with other dimensions (same weight recipe as `tiny_model`).
+    fn model_with(f: impl FnOnce(&mut ModelConfig)) -> (Lm, ParamStore) {
+        let (lm0, _) = tiny_model();
+        let mut cfg = lm0.cfg.clone();
+        f(&mut cfg);
+        let (lm, mut store) = Lm::new(&cfg).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for d in store.data.iter_mut() {
+            if d.len() > 1 {
+                d.iter_mut()
+                    .for_each(|x| *x = (rng.gen::<f32>() * 2.0 - 1.0) * 0.5);
+            }
+        }
+        (lm, store)
+    }
+
+    fn only(e: u8) -> ProbeConfig {
+        ProbeConfig {
+            experiments: vec![e],
+            ..small_cfg()
+        }
+    }
+
+    #[test]
+    fn all_experiments_are_finite_and_shaped() {
+        let (mut lm, store) = tiny_model();
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &small_cfg()).unwrap();
+        let tb = s.trajectory_basin.as_ref().expect("experiment 1");
+        assert_eq!(tb.energy.len(), 3);
+        assert!(tb
+            .energy
+            .iter()
+            .all(|r| r.len() == 3 && r.iter().all(|e| e.is_finite() && *e > 0.0)));
+        assert_eq!(tb.trajectories.len(), BASIN_PROMPTS.len());
+        assert!(tb.baseline_energy.is_finite() && tb.endpoint_energy.is_finite());
+        assert!((0.0..=1.0).contains(&tb.endpoint_depth));
+        let sp = s.simplex_sphere.as_ref().expect("experiment 2");
+        assert_eq!(sp.endpoints.len(), RESEARCH_PROMPTS.len());
+        for (e, p) in sp.endpoints.iter().zip(&s.research.prompts) {
+            let n: f64 = e.sphere.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((n - 1.0).abs() < 1e-9, "endpoint off the sphere: {n}");
+            // the sphere's endpoint scores are the research margins
+            assert_eq!(e.margin, p.margin);
+        }
+        let members: usize = sp.clusters.iter().map(|c| c.members.len()).sum();
+        assert_eq!(members, RESEARCH_PROMPTS.len());
+        let ds = s.depth_sweep.as_ref().expect("experiment 3");
+        assert_eq!(ds.rows.len(), 2);
+        for r in &ds.rows {
+            assert!(r.entropy_late >= 0.0 && r.entropy_late <= ds.max_entropy + 1e-9);
+            assert!(r.read_entropy_late >= 0.0 && r.read_entropy_late <= ds.max_entropy + 1e-9);
+            assert!(r.evr.iter().all(|v| (0.0..=1.0 + 1e-12).contains(v)));
+            assert!(r.attractor_sharpness.is_none_or(|c| c.abs() <= 1.0 + 1e-12));
+        }
+        let ts = s.timescales.as_ref().expect("experiment 6");
+        assert_eq!((ts.inertia.len(), ts.write.len()), (2, 2));
+        assert_eq!(ts.lags, 4);
+        for (il, wl) in ts.inertia.iter().zip(&ts.write) {
+            assert_eq!(il.curve.len(), 4);
+            assert!(il
+                .curve
+                .iter()
+                .chain(&il.residual_curve)
+                .all(|c| c.is_finite() && c.abs() <= 1.0 + 1e-9));
+            assert!(il.half_life_090 >= 1.0 && il.half_life_090 <= 5.0);
+            assert_eq!(wl.head_slot_half_life.len(), 2);
+            assert_eq!(wl.head_slot_ess[0].len(), 4);
+            assert!(wl.mean_ess >= 1.0 && wl.mean_half_life >= 1.0);
+        }
+        let dir = std::env::temp_dir().join(format!("asa_probe_all_{}", std::process::id()));
+        write_outputs(&s, &dir).unwrap();
+        for f in [
+            "trajectory_basin.png",
+            "simplex_sphere.png",
+            "depth_sweep.png",
+            "policy_inertia.png",
+            "timescales_vs_layer.png",
+            "half_life_heatmap.png",
+            "ess_heatmap.png",
+        ] {
+            assert!(std::fs::metadata(dir.join(f)).unwrap().len() > 1000, "{f}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn experiments_select_what_runs() {
+        let (mut lm, store) = tiny_model();
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &only(3)).unwrap();
+        assert!(s.depth_sweep.is_some());
+        assert!(s.trajectory_basin.is_none() && s.simplex_sphere.is_none());
+        assert!(s.timescales.is_none() && s.layers.is_empty());
+        // 4 without 5: routing and residual sweeps, no frozen ones
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &only(4)).unwrap();
+        assert!(s
+            .layers
+            .iter()
+            .all(|l| !l.routing.is_empty() && l.residual_frozen.is_empty()));
+        assert!(s.layers.iter().all(|l| l.frozen_residual_ratio.is_none()));
+        // 5 without 4: residual and frozen sweeps
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &only(5)).unwrap();
+        assert!(s
+            .layers
+            .iter()
+            .all(|l| l.routing.is_empty() && !l.residual_frozen.is_empty()));
+        let bad = ProbeConfig {
+            experiments: vec![7],
+            ..small_cfg()
+        };
+        let e = probe(&mut lm, &store, &ToyTok::new(64), &bad).unwrap_err();
+        assert!(e.to_string().contains("unknown experiment 7"), "{e}");
+        let e = run_probe(
+            &mut lm,
+            &store,
+            &ToyTok::new(64),
+            &only(6),
+            &AsaOptions::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("needs a text"), "{e}");
+    }
+
+    #[test]
+    fn basin_endpoint_forcing_is_the_baseline_when_the_plane_holds_the_routing() {
+        // one head and three slots: the head-mean read logits are the head's own, and the
+        // centred rows lie in a plane, so the PCA plane reconstructs them exactly and forcing
+        // each prompt's own endpoint reproduces its free routing
+        let (mut lm, store) = model_with(|c| {
+            c.num_heads = 1;
+            c.num_slots = 3;
+        });
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &only(1)).unwrap();
+        let tb = s.trajectory_basin.unwrap();
+        assert!(
+            (tb.endpoint_energy - tb.baseline_energy).abs() < 1e-4,
+            "{} vs {}",
+            tb.endpoint_energy,
+            tb.baseline_energy
+        );
+        // and the basin is not flat: forced routing matters
+        let flat: Vec<f64> = tb.energy.iter().flatten().copied().collect();
+        let spread = flat.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+            - flat.iter().cloned().fold(f64::INFINITY, f64::min);
+        assert!(spread > 1e-4, "flat basin: {spread}");
+    }
+
+    #[test]
+    fn sharper_read_queries_lower_the_depth_sweep_entropy() {
+        let (mut lm, store) = tiny_model();
+        let s0 = probe(&mut lm, &store, &ToyTok::new(64), &only(3)).unwrap();
+        let mut sharp = store.clone();
+        let id = sharp.id("blocks.1.attn.Wq_read.weight").unwrap();
+        sharp.data[id].iter_mut().for_each(|x| *x *= 8.0);
+        let s1 = probe(&mut lm, &sharp, &ToyTok::new(64), &only(3)).unwrap();
+        let (e0, e1) = (&s0.depth_sweep.unwrap().rows, &s1.depth_sweep.unwrap().rows);
+        // layer 0 is upstream of the change: the same routing (its sharpness, correlated with
+        // the final margins, moves)
+        assert_eq!(e0[0].entropy_late, e1[0].entropy_late);
+        assert_eq!(e0[0].evr, e1[0].evr);
+        assert!(
+            e1[1].entropy_late < e0[1].entropy_late,
+            "{:?} vs {:?}",
+            e1[1],
+            e0[1]
+        );
+        assert!(e1[1].read_entropy_late < e0[1].read_entropy_late);
+    }
+
+    #[test]
+    fn uniform_routing_has_full_inertia() {
+        // no content read and zero read queries: every read is uniform over the slots, so the
+        // read weights never change and the inertia curve is 1 at every lag
+        let (mut lm, mut store) = model_with(|c| c.use_content_read = false);
+        for l in 0..2 {
+            let id = store
+                .id(&format!("blocks.{l}.attn.Wq_read.weight"))
+                .unwrap();
+            store.data[id].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let s = probe(&mut lm, &store, &ToyTok::new(64), &only(6)).unwrap();
+        let ts = s.timescales.unwrap();
+        for il in &ts.inertia {
+            assert!(
+                il.curve.iter().all(|&c| (c - 1.0).abs() < 1e-9),
+                "{:?}",
+                il.curve
+            );
+            assert_eq!(il.half_life_090, (ts.lags + 1) as f64);
+            assert!(il.sem.iter().all(|&v| v < 1e-9));
+        }
+    }
+
+    #[test]
+    fn half_life_and_ess_of_known_distributions() {
+        // equal logits over n tokens: ESS n, half the mass in ceil(n / 2) tokens
+        let (hl, ess) = tail_half_life_and_ess(&[0.0; 10], 0.5);
+        assert_eq!(hl, 5);
+        assert!((ess - 10.0).abs() < 1e-9);
+        // one dominant most recent token
+        let (hl, ess) = tail_half_life_and_ess(&[0.0, 0.0, 0.0, 50.0], 0.5);
+        assert_eq!(hl, 1);
+        assert!((ess - 1.0).abs() < 1e-9);
+        // the oldest token dominant: the tail needs every token
+        let (hl, _) = tail_half_life_and_ess(&[50.0, 0.0, 0.0, 0.0], 0.5);
+        assert_eq!(hl, 4);
+        // masked entries carry no mass
+        let (hl, ess) = tail_half_life_and_ess(&[0.0, 0.0, f64::NEG_INFINITY], 0.5);
+        assert_eq!(hl, 2);
+        assert!((ess - 2.0).abs() < 1e-9);
+        // inertia half-life: interpolated crossing, 1 when it starts below, len + 1 when never
+        assert!((half_life(&[1.0, 0.95, 0.85], 0.9) - 2.5).abs() < 1e-12);
+        assert_eq!(half_life(&[0.5, 0.4], 0.9), 1.0);
+        assert_eq!(half_life(&[0.99, 0.98], 0.9), 3.0);
+        assert_eq!(timepoints(32, 255, 4), vec![32, 106, 181, 255]);
+        assert_eq!(timepoints(5, 6, 4), vec![5, 6]);
     }
 }
