@@ -64,6 +64,9 @@ pub struct Engine<B: Backend = CudaBackend> {
     adam: Option<AdamW>,
     /// dropouts on in [`Engine::step`] (off: eval-mode forwards, as the fixtures train)
     dropout: bool,
+    /// options of the eval-mode forwards ([`Engine::eval_loss`], [`Engine::logits`]): the
+    /// forward controls of `asa eval` (default: the model's own routing)
+    controls: AsaOptions,
 }
 
 impl Engine {
@@ -98,6 +101,7 @@ impl Engine {
             params,
             adam: Some(adam),
             dropout: true,
+            controls: AsaOptions::default(),
         }
     }
 
@@ -127,7 +131,29 @@ impl Engine {
             params,
             adam: None,
             dropout: false,
+            controls: AsaOptions::default(),
         })
+    }
+
+    /// Runs the eval-mode forwards with `opts` (routing mode, noise, slot mask; checked against
+    /// the model; the GPU refuses what it does not run, e.g. routing noise).
+    pub fn set_controls(&mut self, opts: AsaOptions) -> Result<()> {
+        let cfg = match &self.model {
+            Model::Cpu { lm, .. } => lm.cfg.clone(),
+            Model::Gpu { lm, .. } => lm.cfg.clone(),
+        };
+        crate::vocab::options::check_options(&cfg, &opts, 1, 1)?;
+        if self.model_is_gpu() && opts.noise.is_some() {
+            return Err(AsaError::Input(
+                "routing noise runs on the CPU only: add --device cpu".into(),
+            ));
+        }
+        self.controls = opts;
+        Ok(())
+    }
+
+    fn model_is_gpu(&self) -> bool {
+        matches!(self.model, Model::Gpu { .. })
     }
 
     /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).
@@ -171,6 +197,7 @@ impl<B: Backend> Engine<B> {
             params,
             adam: Some(adam),
             dropout: true,
+            controls: AsaOptions::default(),
         })
     }
 
@@ -282,17 +309,18 @@ impl<B: Backend> Engine<B> {
     ) -> Result<f64> {
         match &mut self.model {
             Model::Cpu { lm, cache, .. } => {
-                let opts = AsaOptions::default();
-                lm.forward(&self.params, inputs, rows, seq_len, &opts, cache)?;
+                lm.forward(&self.params, inputs, rows, seq_len, &self.controls, cache)?;
                 lm.loss(cache, targets, None)
             }
-            Model::Gpu { lm, .. } => lm.eval_loss(inputs, targets, rows, seq_len),
+            Model::Gpu { lm, .. } => {
+                lm.eval_loss_opts(inputs, targets, rows, seq_len, &self.controls)
+            }
         }
     }
 
     /// Logits [rows, seq_len, V] of an eval-mode forward.
     pub fn logits(&mut self, inputs: &[u32], rows: usize, seq_len: usize) -> Result<Vec<f32>> {
-        let opts = AsaOptions::default();
+        let opts = self.controls.clone();
         match &mut self.model {
             Model::Cpu { lm, cache, .. } => {
                 lm.forward(&self.params, inputs, rows, seq_len, &opts, cache)?;

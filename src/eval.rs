@@ -64,6 +64,9 @@ pub struct EvalReport {
     pub stride: usize,
     pub device: String,
     pub seconds: f64,
+    /// the forward controls the windows ran with (absent: the model as trained)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_controls: Option<crate::controls::ForwardControls>,
 }
 
 /// The reference's stride for windows of `t` tokens.
@@ -187,6 +190,7 @@ pub fn run(
         stride,
         device: engine.name(),
         seconds: started.elapsed().as_secs_f64(),
+        forward_controls: None,
     })
 }
 

@@ -130,6 +130,8 @@ pub struct CpuFullForward {
     ids: Vec<u32>,
     cache: LmCache,
     logits: Vec<f32>,
+    /// the options of every forward (forward controls; no attention mask)
+    opts: AsaOptions,
 }
 
 impl CpuFullForward {
@@ -141,7 +143,15 @@ impl CpuFullForward {
             ids: Vec::new(),
             cache: LmCache::default(),
             logits: vec![0.0; v],
+            opts: AsaOptions::default(),
         }
+    }
+
+    /// Runs every forward with `opts` (routing mode, noise, slot mask: the forward controls,
+    /// which the recurrent decoder does not take).
+    pub fn with_options(mut self, opts: AsaOptions) -> Self {
+        self.opts = opts;
+        self
     }
 }
 
@@ -159,14 +169,9 @@ impl NextLogits for CpuFullForward {
         self.ids.push(token);
         let t = self.ids.len();
         let v = self.lm.cfg.vocab_size;
-        let r = self.lm.forward(
-            &self.params,
-            &self.ids,
-            1,
-            t,
-            &AsaOptions::default(),
-            &mut self.cache,
-        );
+        let r = self
+            .lm
+            .forward(&self.params, &self.ids, 1, t, &self.opts, &mut self.cache);
         if let Err(e) = r {
             self.ids.pop();
             return Err(e);

@@ -122,6 +122,7 @@ pub fn run(
     prompts: &[String],
     layers: Option<&[usize]>,
     logits: bool,
+    controls: &AsaOptions,
 ) -> Result<InfosReport> {
     let nl = lm.cfg.num_layers;
     if let Some(bad) = layers.and_then(|l| l.iter().find(|&&x| x >= nl)) {
@@ -137,7 +138,8 @@ pub fn run(
     }
     let opts = AsaOptions {
         return_info: true,
-        ..Default::default()
+        attention_mask: None,
+        ..controls.clone()
     };
     let mut tensors = Vec::new();
     let mut token_text = Vec::new();

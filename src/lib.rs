@@ -26,6 +26,7 @@ pub mod bench;
 pub mod bench_decode;
 pub mod checkpoint;
 pub mod config;
+pub mod controls;
 pub mod data;
 pub mod engine;
 pub mod error;

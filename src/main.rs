@@ -58,6 +58,106 @@ struct FinetuneFlags {
     trainable: Vec<String>,
 }
 
+/// Forward controls of `probe`, `infos`, `generate` and `eval` (the reference's forward keyword
+/// arguments and the intervene variant's settings).
+#[derive(clap::Args, Debug, Clone, Default)]
+struct ForwardFlags {
+    /// How each token reads the slots: softmax (the model's own), top1, or topk (see --routing-topk).
+    #[arg(long)]
+    routing_mode: Option<String>,
+    /// Slots kept by --routing-mode topk (1 to num_slots) [default: 2].
+    #[arg(long)]
+    routing_topk: Option<usize>,
+    /// Noise added to the read logits before routing: gumbel or gaussian (with --routing-noise-scale; CPU only).
+    #[arg(long)]
+    routing_noise: Option<String>,
+    /// Scale of the routing noise (> 0).
+    #[arg(long)]
+    routing_noise_scale: Option<f64>,
+    /// Seed of the routing noise [default: the model config's seed].
+    #[arg(long)]
+    noise_seed: Option<u64>,
+    /// Slots to mask, e.g. 0,3 (0-based; at least one slot must stay).
+    #[arg(long, value_delimiter = ',')]
+    slot_mask: Option<Vec<usize>>,
+    /// Where the slot mask acts: read (the read weights), content_read_only or slotspace_only [default: read].
+    #[arg(long)]
+    slot_mask_where: Option<String>,
+    /// When the slot mask acts: all (every position) or last_pos_only [default: all].
+    #[arg(long)]
+    slot_mask_scope: Option<String>,
+    /// Run the checkpoint as this variant: baseline or intervene (they share their parameters).
+    #[arg(long)]
+    variant: Option<String>,
+    /// The intervene variant's settings as JSON (the reference's attributes, e.g.
+    /// '{"_intv_mode": "orth_gate", "_intv_beta": 0.5}') or a path to a JSON file holding them.
+    #[arg(long)]
+    intervention: Option<String>,
+}
+
+impl ForwardFlags {
+    /// The controls, checked on their own (before any checkpoint loads).
+    fn controls(&self) -> Result<asa::controls::ForwardControls> {
+        let intervention = match &self.intervention {
+            None => None,
+            Some(s) => {
+                let text = if std::path::Path::new(s).is_file() {
+                    std::fs::read_to_string(s)
+                        .map_err(|e| AsaError::io(std::path::Path::new(s), e))?
+                } else {
+                    s.clone()
+                };
+                Some(serde_json::from_str(&text).map_err(|e| {
+                    AsaError::Input(format!(
+                        "--intervention: neither a JSON object nor a readable JSON file ({e})"
+                    ))
+                })?)
+            }
+        };
+        let c = asa::controls::ForwardControls {
+            routing_mode: self.routing_mode.clone(),
+            routing_topk: self.routing_topk,
+            noise: self.routing_noise.clone(),
+            noise_scale: self.routing_noise_scale,
+            noise_seed: self.noise_seed,
+            slot_mask: self.slot_mask.clone(),
+            slot_mask_where: self.slot_mask_where.clone(),
+            slot_mask_scope: self.slot_mask_scope.clone(),
+            variant: self
+                .variant
+                .as_deref()
+                .map(|v| {
+                    v.parse().map_err(|e| {
+                        AsaError::Input(format!("--variant: {}", asa::controls::plain(&e)))
+                    })
+                })
+                .transpose()?,
+            intervention,
+        };
+        c.check()?;
+        Ok(c)
+    }
+}
+
+/// A probe setting's error in the words of its flag.
+fn probe_flag_message(m: &str) -> String {
+    m.replace("probe window and num_pcs", "--window and --num-pcs")
+        .replace("the basin grid", "--basin-grid")
+        .replace("probe layers:", "--layers:")
+        .replace("basin layer:", "--basin-layer:")
+        .replace("basin intervene layers:", "--basin-intervene:")
+        .replace("sphere layer:", "--sphere-layer:")
+        .replace("unknown experiment", "--experiments: unknown experiment")
+        .replace(
+            "no experiment selected",
+            "--experiments: no experiment selected",
+        )
+        .replace(
+            "timescales need batch >= 1, seq_len >= 2, max_lag >= 1 and write_timepoints >= 1",
+            "--timescale-batch must be >= 1, --timescale-len >= 2 and --max-lag >= 1",
+        )
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Tiny model, one forward and one optimizer step across the feature toggles; checks shapes
@@ -299,6 +399,8 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        forward: ForwardFlags,
     },
     /// Sample from a checkpoint by recurrent decoding (each token advances a fixed-size state), streaming the text.
     Generate {
@@ -342,6 +444,10 @@ enum Cmd {
         /// Also write the prompt's token ids, the generated ids, the text and the timings here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Forward controls make each token a full forward over the sequence so far on the CPU
+        /// (the recurrent decoder runs the model as trained).
+        #[command(flatten)]
+        forward: ForwardFlags,
     },
     /// Per-token decoding latency and state memory against position, recurrent vs a full forward per token.
     BenchDecode {
@@ -388,6 +494,8 @@ enum Cmd {
         /// Also store each prompt's logits [1,T,V].
         #[arg(long)]
         logits: bool,
+        #[command(flatten)]
+        forward: ForwardFlags,
         /// The safetensors file to write (tensor names and shapes in docs/METHOD.md section 7).
         #[arg(long)]
         out: PathBuf,
@@ -416,6 +524,38 @@ enum Cmd {
         /// Principal components swept per layer and space (>= 1).
         #[arg(long, default_value_t = 3)]
         num_pcs: usize,
+        /// Canonical experiments to run, e.g. 1,4: 1 trajectory bundle + energy basin, 2 Paris
+        /// basin on a simplex sphere, 3 attractor emergence across depth, 4 routing vs residual
+        /// sweeps, 5 residual sweeps with routing frozen, 6 policy inertia and write timescales
+        /// [default: all six].
+        #[arg(long, value_delimiter = ',')]
+        experiments: Option<Vec<u8>>,
+        /// Experiment 1: layer of the trajectory PCA [default: min(10, num_layers - 1)].
+        #[arg(long)]
+        basin_layer: Option<usize>,
+        /// Experiment 1: layers whose routing is forced, e.g. 3,7 [default: the PCA layer].
+        #[arg(long, value_delimiter = ',')]
+        basin_intervene: Option<Vec<usize>>,
+        /// Experiment 1: grid points per axis of the energy basin (>= 2; one forward per point).
+        #[arg(long, default_value_t = 24)]
+        basin_grid: usize,
+        /// Experiment 2: layer of the simplex sphere [default: min(10, num_layers - 1)].
+        #[arg(long)]
+        sphere_layer: Option<usize>,
+        /// Experiment 6: text files to read windows from [default: the embedded English corpus].
+        #[arg(long, num_args = 1..)]
+        timescale_text: Vec<PathBuf>,
+        /// Experiment 6: windows of text (>= 1).
+        #[arg(long, default_value_t = 8)]
+        timescale_batch: usize,
+        /// Experiment 6: tokens per window (>= 2; capped at the model's max_seq_len).
+        #[arg(long, default_value_t = 256)]
+        timescale_len: usize,
+        /// Experiment 6: largest lag of the policy-inertia curves (>= 1).
+        #[arg(long, default_value_t = 64)]
+        max_lag: usize,
+        #[command(flatten)]
+        forward: ForwardFlags,
     },
     /// Run reference fixture folders and report the worst error of each case against its tolerance.
     Parity {
@@ -646,7 +786,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_windows,
             precision,
             json,
+            forward,
         } => {
+            let controls = forward.controls()?;
             let o = asa::eval::EvalOptions {
                 seq_len,
                 stride_frac,
@@ -688,8 +830,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             };
+            let (lm, opts) = controls.apply(lm, &params)?;
             let mut engine = asa::engine::Engine::for_eval(lm, params, place, precision)?;
-            let r = asa::eval::run(&mut engine, &stream, vocab, &o, (name, data_name))?;
+            engine.set_controls(opts)?;
+            let mut r = asa::eval::run(&mut engine, &stream, vocab, &o, (name, data_name))?;
+            if !controls.is_default() {
+                r.forward_controls = Some(controls.clone());
+            }
             println!(
                 "loss {:.4}  perplexity {:.3}  ({} windows of {} tokens, stride {}; {} tokens scored of {}; {}, {:.1}s)",
                 r.loss,
@@ -722,7 +869,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             ignore_eos,
             json,
+            forward,
         } => {
+            let controls = forward.controls()?;
             let mut o = asa::generate::SampleOptions {
                 max_new_tokens,
                 temperature,
@@ -736,7 +885,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // flags first: a typo should not wait for a checkpoint to load
             o.check()?;
             check_json_dir(json.as_deref())?;
-            let place = resolve_device(device, true)?;
+            if !controls.is_default() && device == Device::Cuda {
+                return Err(AsaError::Input(
+                    "forward controls decode by a full forward per token on the CPU: leave out --device cuda (or the controls)".into(),
+                ));
+            }
+            let place = if controls.is_default() {
+                resolve_device(device, true)?
+            } else {
+                resolve_device(Device::Cpu, true)?
+            };
             let (lm, params, tok, name) =
                 asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
             let ids = tok.encode(&prompt)?;
@@ -749,7 +907,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 o.eos = tok.single_token("<|endoftext|>");
             }
             use asa::generate::NextLogits;
-            let mut model: Box<dyn NextLogits> = if place.is_cuda() {
+            let mut model: Box<dyn NextLogits> = if !controls.is_default() {
+                let (lm, opts) = controls.apply(lm, &params)?;
+                let v = lm.cfg.vocab_size;
+                if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+                    return Err(AsaError::Input(format!(
+                        "the prompt gives token id {bad}, outside the model's vocab_size {v}"
+                    )));
+                }
+                Box::new(asa::generate::CpuFullForward::new(lm, params).with_options(opts))
+            } else if place.is_cuda() {
                 Box::new(asa::generate::GpuRecurrent::new(&lm, &params)?)
             } else {
                 Box::new(asa::generate::CpuRecurrent::new(lm, params)?)
@@ -847,7 +1014,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             layers,
             logits,
             out,
+            forward,
         } => {
+            let controls = forward.controls()?;
             resolve_device(device, false)?;
             if prompt.is_empty() && text.is_empty() {
                 return Err(AsaError::Input(
@@ -871,9 +1040,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(String::from)
                     .collect()
             };
-            let (mut lm, params, tok, name) =
+            let (lm, params, tok, name) =
                 asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
-            let r = asa::infos::run(&mut lm, &params, &tok, &prompts, layers.as_deref(), logits)?;
+            let (mut lm, opts) = controls.apply(lm, &params)?;
+            let mut r = asa::infos::run(
+                &mut lm,
+                &params,
+                &tok,
+                &prompts,
+                layers.as_deref(),
+                logits,
+                &opts,
+            )?;
+            if !controls.is_default() {
+                r.metadata.insert(
+                    "forward_controls".into(),
+                    serde_json::to_string(&controls).unwrap_or_default(),
+                );
+            }
             asa::infos::write(&r, &out)?;
             println!(
                 "{name}: {} tensors for {} prompt(s) written to {}",
@@ -891,44 +1075,93 @@ fn run(cli: Cli) -> Result<ExitCode> {
             layers,
             window,
             num_pcs,
+            experiments,
+            basin_layer,
+            basin_intervene,
+            basin_grid,
+            sphere_layer,
+            timescale_text,
+            timescale_batch,
+            timescale_len,
+            max_lag,
+            forward,
         } => {
             // flags first: a typo should not wait for a checkpoint to load
-            if window == 0 {
-                return Err(AsaError::Input("--window must be >= 1, got 0".into()));
-            }
-            if num_pcs == 0 {
-                return Err(AsaError::Input("--num-pcs must be >= 1, got 0".into()));
-            }
             if layers.as_ref().is_some_and(|l| l.is_empty()) {
                 return Err(AsaError::Input(
                     "--layers needs at least one layer index (leave it out for all)".into(),
                 ));
             }
-            check_outdir("--outdir", &outdir)?;
-            resolve_device(device, false)?;
-            let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
-            let (mut lm, params, tok, name) = loaded;
-            let nl = lm.cfg.num_layers;
-            if let Some(bad) = layers.iter().flatten().find(|&&l| l >= nl) {
-                return Err(AsaError::Input(format!(
-                    "--layers: layer {bad} does not exist (the model has {nl} layers: 0 to {})",
-                    nl - 1
-                )));
+            if basin_intervene.as_ref().is_some_and(|l| l.is_empty()) {
+                return Err(AsaError::Input(
+                    "--basin-intervene needs at least one layer index (leave it out for the PCA layer)".into(),
+                ));
             }
-            // the probe runs in eval mode and draws no random numbers: it takes no --seed
             let cfg = asa::probe::ProbeConfig {
                 window,
                 num_pcs,
                 layers,
+                experiments: experiments.unwrap_or_else(|| asa::probe::ALL_EXPERIMENTS.to_vec()),
+                basin_layer,
+                basin_intervene,
+                basin_grid,
+                sphere_layer,
+                timescales: asa::probe::TimescaleConfig {
+                    batch: timescale_batch,
+                    seq_len: timescale_len,
+                    max_lag,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
-            let mut summary = asa::probe::run_probe(&mut lm, &params, &tok, &cfg)?;
+            // layer indices are checked once the model is known
+            cfg.check(usize::MAX)
+                .map_err(|e| AsaError::Input(probe_flag_message(&asa::controls::plain(&e))))?;
+            let controls = forward.controls()?;
+            check_outdir("--outdir", &outdir)?;
+            resolve_device(device, false)?;
+            let text = if timescale_text.is_empty() {
+                None
+            } else {
+                Some(asa::data::batch::read_text_files(&timescale_text)?)
+            };
+            let loaded = asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let (lm, params, tok, name) = loaded;
+            let nl = lm.cfg.num_layers;
+            cfg.check(nl)
+                .map_err(|e| AsaError::Input(probe_flag_message(&asa::controls::plain(&e))))?;
+            let (mut lm, opts) = controls.apply(lm, &params)?;
+            let probe_text = cfg.runs(6).then(|| asa::probe::ProbeText {
+                name: if timescale_text.is_empty() {
+                    "the embedded English corpus".into()
+                } else {
+                    timescale_text
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                text: text
+                    .as_deref()
+                    .unwrap_or_else(|| asa::data::corpus::english_text()),
+            });
+            let mut summary =
+                asa::probe::run_probe(&mut lm, &params, &tok, &cfg, &opts, probe_text)?;
             summary.model_name = name;
+            if !controls.is_default() {
+                summary.notes.push(format!(
+                    "forward controls: {}",
+                    serde_json::to_string(&controls).unwrap_or_default()
+                ));
+            }
             asa::probe::write_outputs(&summary, &outdir)?;
             println!(
                 "Paris margin: research set (vs \" the\") {:+.3}, canonical set (vs \" London\") {:+.3}",
                 summary.paris_margin_research_mean, summary.paris_margin_canonical_mean
             );
+            for n in &summary.notes {
+                println!("note: {n}");
+            }
             println!("wrote {}", outdir.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -2149,6 +2149,38 @@ fn catalogue(ctx: &Ctx, cuda: bool) -> Vec<Case> {
             ("--layers 0,99", vec!["--layers", "0,99"], "layer"),
             ("--layers -1", vec!["--layers", "-1"], "layers"),
             (
+                "--experiments 9",
+                vec!["--experiments", "9"],
+                "--experiments: unknown experiment 9",
+            ),
+            (
+                "--basin-layer 5 (one layer)",
+                vec!["--basin-layer", "5"],
+                "--basin-layer: layer 5",
+            ),
+            (
+                "--basin-intervene 0,7",
+                vec!["--basin-intervene", "0,7"],
+                "--basin-intervene: layer 7",
+            ),
+            (
+                "--sphere-layer 3",
+                vec!["--sphere-layer", "3"],
+                "--sphere-layer: layer 3",
+            ),
+            ("--basin-grid 1", vec!["--basin-grid", "1"], "--basin-grid"),
+            ("--max-lag 0", vec!["--max-lag", "0"], "--max-lag"),
+            (
+                "--timescale-len 1",
+                vec!["--timescale-len", "1"],
+                "--timescale-len",
+            ),
+            (
+                "--timescale-text missing",
+                vec!["--timescale-text", "/nonexistent/t.txt"],
+                "/nonexistent/t.txt",
+            ),
+            (
                 "--tokenizer nonsense",
                 vec!["--tokenizer", "nonsense"],
                 "nonsense",

@@ -310,6 +310,13 @@ fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
         "paris_margin.png",
         "pca_explained_variance.png",
         "sweep_layer_00.png",
+        "trajectory_basin.png",
+        "simplex_sphere.png",
+        "depth_sweep.png",
+        "policy_inertia.png",
+        "timescales_vs_layer.png",
+        "half_life_heatmap.png",
+        "ess_heatmap.png",
     ] {
         let len = std::fs::metadata(probes.join(f))
             .map(|m| m.len())
@@ -775,4 +782,222 @@ fn infos_writes_every_layers_tensors_with_their_descriptions() {
         let o = run(&extra);
         assert_eq!(o.status.code(), Some(1), "{extra:?}");
     }
+}
+
+#[test]
+fn forward_controls_reach_infos_eval_generate_and_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "fc", 2, &[]);
+    assert!(out.status.success());
+    let ckpt = tmp.path().join("fc");
+    let file = tmp.path().join("infos.safetensors");
+    let run = |args: &[&str]| asa().args(args).arg("--ckpt").arg(&ckpt).output().unwrap();
+    let infos = |extra: &[&str]| {
+        let mut a = vec![
+            "infos",
+            "--device",
+            "cpu",
+            "--prompt",
+            "The capital of France is",
+            "--out",
+            file.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        asa::checkpoint::read_safetensors_with_metadata(&file).unwrap()
+    };
+    // top-2 routing: at most two slots read per row, still a distribution
+    let (t, meta) = infos(&["--routing-mode", "topk", "--routing-topk", "2"]);
+    for row in t["prompt0.layer0.read_weights"].to_f32().unwrap().chunks(4) {
+        assert!(row.iter().filter(|&&w| w > 0.0).count() <= 2, "{row:?}");
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    assert!(meta["forward_controls"].contains("topk"));
+    // a masked slot is never read
+    let (t, _) = infos(&["--slot-mask", "1,3"]);
+    for row in t["prompt0.layer0.read_weights"].to_f32().unwrap().chunks(4) {
+        assert_eq!((row[1], row[3]), (0.0, 0.0), "{row:?}");
+    }
+    // noise changes the reads, and the noise seed makes them repeatable
+    let noisy = |seed: &str| {
+        let (t, _) = infos(&[
+            "--routing-noise",
+            "gumbel",
+            "--routing-noise-scale",
+            "1.0",
+            "--noise-seed",
+            seed,
+        ]);
+        t["prompt0.layer0.read_weights"].to_f32().unwrap()
+    };
+    let (plain, _) = infos(&[]);
+    let plain = plain["prompt0.layer0.read_weights"].to_f32().unwrap();
+    let (a, b, c) = (noisy("1"), noisy("1"), noisy("2"));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_ne!(a, plain);
+
+    // eval: a slot mask changes the loss and is recorded in the report
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, "The capital of France is Paris. ".repeat(40)).unwrap();
+    let eval = |extra: &[&str], json: &Path| {
+        let mut a = vec![
+            "eval",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--max-windows",
+            "4",
+            "--text",
+            text.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        v
+    };
+    let e0 = eval(&[], &tmp.path().join("e0.json"));
+    let e1 = eval(&["--slot-mask", "0,1,2"], &tmp.path().join("e1.json"));
+    assert_ne!(e0["loss"], e1["loss"]);
+    assert!(e0.get("forward_controls").is_none());
+    assert_eq!(
+        e1["forward_controls"]["slot_mask"],
+        serde_json::json!([0, 1, 2])
+    );
+
+    // generate: with controls it decodes by full forwards on the CPU, repeatably
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--device",
+            "cpu",
+            "--prompt",
+            "The capital",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let g1 = gen(&["--routing-mode", "top1"]);
+    assert!(
+        g1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&g1.stderr)
+    );
+    assert!(String::from_utf8_lossy(&g1.stderr).contains("full forward"));
+    assert_eq!(gen(&["--routing-mode", "top1"]).stdout, g1.stdout);
+
+    // probe: the controls are noted in the summary
+    let probes = tmp.path().join("probes");
+    let o = run(&[
+        "probe",
+        "--device",
+        "cpu",
+        "--experiments",
+        "3",
+        "--slot-mask",
+        "0",
+        "--outdir",
+        probes.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = std::fs::read_to_string(probes.join("summary.json")).unwrap();
+    assert!(s.contains("forward controls"));
+
+    // bad combinations: one line, exit 1, naming the flag
+    for (args, needle) in [
+        (
+            vec!["--routing-topk", "2"],
+            "--routing-topk applies to --routing-mode topk",
+        ),
+        (
+            vec!["--routing-mode", "topk", "--routing-topk", "9"],
+            "more than the model's 4 slots",
+        ),
+        (vec!["--routing-mode", "external"], "library option"),
+        (vec!["--routing-mode", "sharp"], "unknown mode 'sharp'"),
+        (
+            vec!["--routing-noise", "gumbel"],
+            "needs --routing-noise-scale",
+        ),
+        (vec!["--routing-noise-scale", "1"], "needs --routing-noise"),
+        (
+            vec!["--routing-noise", "uniform", "--routing-noise-scale", "1"],
+            "unknown kind",
+        ),
+        (
+            vec!["--routing-noise", "gumbel", "--routing-noise-scale", "0"],
+            "> 0",
+        ),
+        (vec!["--noise-seed", "3"], "needs --routing-noise"),
+        (vec!["--slot-mask", "9"], "slot 9 does not exist"),
+        (
+            vec!["--slot-mask", "0,1,2,3"],
+            "at least one slot must stay",
+        ),
+        (vec!["--slot-mask-where", "read"], "need --slot-mask"),
+        (
+            vec!["--slot-mask", "0", "--slot-mask-scope", "first"],
+            "unknown slot_mask_scope",
+        ),
+        (
+            vec!["--intervention", "{\"_intv_mode\": \"orth_gate\"}"],
+            "add --variant intervene",
+        ),
+        (
+            vec![
+                "--variant",
+                "intervene",
+                "--intervention",
+                "{\"_intv_mode\": \"sideways\"}",
+            ],
+            "--intervention",
+        ),
+        (vec!["--intervention", "not json"], "neither a JSON object"),
+        (vec!["--variant", "online"], "online variant"),
+        (vec!["--variant", "sideways"], "--variant: unknown variant"),
+    ] {
+        for cmd in ["infos", "eval", "probe"] {
+            let mut a = vec![cmd, "--device", "cpu"];
+            match cmd {
+                "infos" => a.extend(["--prompt", "x", "--out", file.to_str().unwrap()]),
+                "eval" => a.extend(["--text", text.to_str().unwrap(), "--seq-len", "16"]),
+                _ => a.extend(["--experiments", "3", "--outdir", probes.to_str().unwrap()]),
+            }
+            a.extend_from_slice(&args);
+            let o = run(&a);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{cmd} {args:?}: {err}");
+            assert!(err.contains(needle), "{cmd} {args:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{cmd} {args:?}: {err}");
+        }
+    }
+    let o = run(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--prompt",
+        "The capital",
+        "--routing-mode",
+        "top1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("full forward per token on the CPU"));
+    // the intervene variant runs a baseline checkpoint with an intervention
+    let (t, _) = infos(&[
+        "--variant",
+        "intervene",
+        "--intervention",
+        "{\"_intv_mode\": \"delta_par\", \"_intv_beta\": 0.5}",
+    ]);
+    assert!(t.contains_key("prompt0.layer0.read_weights"));
 }

@@ -1094,9 +1094,21 @@ impl<B: Backend> GpuLm<B> {
         b: usize,
         t: usize,
     ) -> Result<f64> {
+        self.eval_loss_opts(inputs, targets, b, t, &AsaOptions::default())
+    }
+
+    /// `eval_loss` with forward options (routing mode, slot mask; no attention mask).
+    pub fn eval_loss_opts(
+        &mut self,
+        inputs: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<f64> {
         let n = b * t;
         let count = self.count_targets(targets, None, n)?;
-        let o = DevOpts::new(&self.be, &self.cfg, &AsaOptions::default(), b, t)?;
+        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.upload_batch(inputs, Some(targets), b, t, false)?;
         self.forward_body(b, t, &o)?;
         let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
