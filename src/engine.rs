@@ -114,8 +114,12 @@ impl Engine {
         precision: Precision,
     ) -> Result<Self> {
         let model = if place.is_cuda() {
+            let mut lm = lm;
+            let mut gl = GpuLm::new(&lm.cfg, &params, precision)?;
+            // the CPU model's generator (its seed: routing noise draws the same values)
+            gl.set_rng(lm.rng_mut().clone());
             Model::Gpu {
-                lm: Box::new(GpuLm::new(&lm.cfg, &params, precision)?),
+                lm: Box::new(gl),
                 params_current: true,
                 adam_current: true,
             }
@@ -136,24 +140,15 @@ impl Engine {
     }
 
     /// Runs the eval-mode forwards with `opts` (routing mode, noise, slot mask; checked against
-    /// the model; the GPU refuses what it does not run, e.g. routing noise).
+    /// the model; routing noise is drawn from the model's generator on either device).
     pub fn set_controls(&mut self, opts: AsaOptions) -> Result<()> {
         let cfg = match &self.model {
             Model::Cpu { lm, .. } => lm.cfg.clone(),
             Model::Gpu { lm, .. } => lm.cfg.clone(),
         };
         crate::vocab::options::check_options(&cfg, &opts, 1, 1)?;
-        if self.model_is_gpu() && opts.noise.is_some() {
-            return Err(AsaError::Input(
-                "routing noise runs on the CPU only: add --device cpu".into(),
-            ));
-        }
         self.controls = opts;
         Ok(())
-    }
-
-    fn model_is_gpu(&self) -> bool {
-        matches!(self.model, Model::Gpu { .. })
     }
 
     /// Peak dense bf16 FLOP/s of the GPU, for MFU (None on the CPU or an unknown GPU).

@@ -68,7 +68,7 @@ struct ForwardFlags {
     /// Slots kept by --routing-mode topk (1 to num_slots) [default: 2].
     #[arg(long)]
     routing_topk: Option<usize>,
-    /// Noise added to the read logits before routing: gumbel or gaussian (with --routing-noise-scale; CPU only).
+    /// Noise added to the read logits before routing: gumbel or gaussian (with --routing-noise-scale).
     #[arg(long)]
     routing_noise: Option<String>,
     /// Scale of the routing noise (> 0).

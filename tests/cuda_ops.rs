@@ -211,6 +211,14 @@ fn cuda_frozen_training_matches_cpu() {
 }
 
 #[test]
+fn cuda_noisy_forward_matches_cpu() {
+    if backend("cuda_noisy_forward_matches_cpu").is_none() {
+        return;
+    }
+    model_cases::noisy_forward_matches_cpu(&|| CudaBackend::new(0).unwrap());
+}
+
+#[test]
 fn cuda_resume_and_eval_match() {
     if backend("cuda_resume_and_eval_match").is_none() {
         return;

@@ -27,7 +27,6 @@ use std::collections::BTreeMap;
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::backend::cpu::ops;
 use crate::backend::cpu::scan::{self, ContentGrad, Scan, StateGrad};
@@ -434,16 +433,9 @@ impl AsaLayer {
         }
         cache.noisy.clear();
         cache.noisy.extend_from_slice(&cache.logits);
-        match opts.noise {
-            Some(RoutingNoise::Gumbel(sc)) => cache.noisy.iter_mut().for_each(|x| {
-                let u = rng.gen::<f64>().max(1e-8);
-                *x += sc * (-(-u.ln()).max(1e-8).ln()) as f32;
-            }),
-            Some(RoutingNoise::Gaussian(sc)) => cache.noisy.iter_mut().for_each(|x| {
-                let z: f64 = StandardNormal.sample(rng);
-                *x += sc * z as f32;
-            }),
-            None => {}
+        if let Some(nz) = opts.noise {
+            let add = nz.draw(rng, cache.noisy.len());
+            cache.noisy.iter_mut().zip(add).for_each(|(x, a)| *x += a);
         }
         let rtemp = cfg.read_temperature.max(1e-6) as f32;
         let routing = self.routing(opts);

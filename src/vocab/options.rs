@@ -71,6 +71,30 @@ pub enum RoutingNoise {
     Gaussian(f32),
 }
 
+impl RoutingNoise {
+    /// The `n` values a layer adds to its read logits [B,H,T,K], in memory order, drawn from
+    /// `rng` (the CPU layer and the CUDA backend both add these: the GPU's noise is the CPU
+    /// twin's, draw for draw). Gumbel: `scale * -ln(max(-ln max(u, 1e-8), 1e-8))`, u uniform
+    /// in [0, 1); Gaussian: `scale * z`, z standard normal.
+    pub fn draw(self, rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+        use rand_distr::{Distribution, StandardNormal};
+        match self {
+            RoutingNoise::Gumbel(sc) => (0..n)
+                .map(|_| {
+                    let u = rng.gen::<f64>().max(1e-8);
+                    sc * (-(-u.ln()).max(1e-8).ln()) as f32
+                })
+                .collect(),
+            RoutingNoise::Gaussian(sc) => (0..n)
+                .map(|_| {
+                    let z: f64 = StandardNormal.sample(rng);
+                    sc * z as f32
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Routing mode of the read (`routing_mode` plus its tensors).
 #[derive(Debug, Clone, Default)]
 pub enum RoutingMode {

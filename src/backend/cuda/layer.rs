@@ -18,11 +18,13 @@
 //! tensor cores (bf16 operands, f32 sums; `tensor_cores`); the other ops, the scan's
 //! statistics, the master weights and the optimizer state stay f32 (or f64).
 //!
-//! Supported on the GPU: the baseline and online variants, every routing mode except routing
-//! noise, slot masks, attention masks, dropout / slot dropout / slotspace dropout (counter-based
-//! RNG: reproducible per seed, not the CPU's stream), the intervene variant (`super::intervene`).
-//! Not supported (a clear `AsaError`): routing noise, info tensors (beyond the intervene
-//! variant's, `GpuLayerRunner::intervention_info`).
+//! Supported on the GPU: the baseline and online variants, every routing mode, routing noise in
+//! eval-mode forwards (drawn on the host by the CPU twin's `RoutingNoise::draw` from the model's
+//! generator, so a GPU forward adds the same noise as the CPU's with the same seed), slot masks,
+//! attention masks, dropout / slot dropout / slotspace dropout (counter-based RNG: reproducible
+//! per seed, not the CPU's stream), the intervene variant (`super::intervene`).
+//! Not supported (a clear `AsaError`): routing noise in training forwards, info tensors (beyond
+//! the intervene variant's, `GpuLayerRunner::intervention_info`).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -249,6 +251,10 @@ pub(super) struct DevOpts {
     pub(super) ext: Option<Temp<f32>>,
     pub(super) slot_mask: Option<(Temp<i32>, bool, SlotMaskWhere)>,
     pub(super) training: bool,
+    /// routing noise of the call, and its values per layer [B,H,T,K] once drawn
+    /// ([`DevOpts::draw_noise`])
+    pub(super) noise: Option<crate::vocab::options::RoutingNoise>,
+    pub(super) noise_values: Vec<Temp<f32>>,
 }
 
 impl DevOpts {
@@ -259,9 +265,9 @@ impl DevOpts {
         b: usize,
         t: usize,
     ) -> Result<Self> {
-        if opts.noise.is_some() {
+        if opts.noise.is_some() && opts.training {
             return Err(AsaError::Input(
-                "routing noise is not supported on the CUDA backend (use the CPU)".into(),
+                "routing noise on the GPU is for eval-mode forwards (analysis); train with it on the CPU".into(),
             ));
         }
         crate::vocab::options::check_options(cfg, opts, b, t)?;
@@ -286,7 +292,39 @@ impl DevOpts {
             ext,
             slot_mask,
             training: opts.training,
+            noise: opts.noise,
+            noise_values: Vec::new(),
         })
+    }
+
+    /// Draws the routing noise of `layers` layers ([B,H,T,K] = `n` values each, layer by layer
+    /// from `rng`, as the CPU model draws it in an eval-mode forward) and uploads it; nothing
+    /// without noise.
+    pub(super) fn draw_noise<B: Backend>(
+        &mut self,
+        be: &B,
+        rng: &mut ChaCha8Rng,
+        layers: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.noise_values.clear();
+        if let Some(nz) = self.noise {
+            for _ in 0..layers {
+                self.noise_values.push(be.temp_from(&nz.draw(rng, n))?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s routing noise [B,H,T,K] (null without noise).
+    pub(super) fn noise_of(&self, l: usize) -> Dv<f32> {
+        match self.noise_values.get(l) {
+            Some(v) => v.dv(),
+            None => {
+                assert!(self.noise.is_none(), "routing noise not drawn");
+                Dv::null()
+            }
+        }
     }
 
     pub(super) fn valid(&self) -> Dv<u8> {
@@ -384,6 +422,9 @@ pub struct GpuAsaCache {
     pub(super) lkey: DBuf, // [B,H,T,K]
     pub(super) lcont: DBuf,
     pub(super) logits: DBuf,
+    /// [B,H,T,K] logits + routing noise (the routing's input when the call has noise)
+    pub(super) noisy: DBuf,
+    noisy_on: bool,
     pub(super) rw: DBuf,
     pub(super) out_h: DBuf, // [B,H,T,d] out1 (+ gate * delta unless the fused mix merged that)
     pub(super) merged: DBuf,
@@ -663,7 +704,8 @@ impl GpuAsaLayer {
         be.write_logits_forward(raw, wl, keys, k_r, wtemp, no_bias, valid, dm, prologue)?;
 
         // write scan + read: fused (no [B,H,T,K,d] state history) where supported
-        let fplan = if self.fused {
+        c_.noisy_on = !draws.noise.is_null();
+        let fplan = if self.fused && !c_.noisy_on {
             let softmax = matches!(o.routing, RoutingMode::Softmax);
             super::fused::layer_plan(be, &cfg, softmax, dm)
         } else {
@@ -723,11 +765,20 @@ impl GpuAsaLayer {
                 o.read_mask(),
                 dm,
             )?;
+            // routing noise: the routing reads logits + noise (the info keeps the logits)
+            let routed = if c_.noisy_on {
+                let noisy = c_.noisy.ensure(be, bhtk)?;
+                be.copy(noisy, logits)?;
+                be.axpy(noisy, draws.noise, 1.0)?;
+                noisy
+            } else {
+                logits
+            };
             let rtemp = cfg.read_temperature.max(1e-6) as f32;
             let rw = c_.rw.ensure(be, bhtk)?;
             be.read_weights_forward(
                 rw,
-                logits,
+                routed,
                 o.routing(),
                 rtemp,
                 o.keep_where(SlotMaskWhere::Read),
@@ -1185,11 +1236,16 @@ impl GpuAsaLayer {
         } else {
             be.slot_mix_backward(drw, dstate, dout1, c_.rw.dv(), c_.state.dv(), dm)?;
             let (_s11, dlogits) = tmp(be, c_.rw.n)?;
+            let routed = if c_.noisy_on {
+                c_.noisy.dv()
+            } else {
+                c_.logits.dv()
+            };
             be.read_weights_backward(
                 dlogits,
                 drw,
                 c_.rw.dv(),
-                c_.logits.dv(),
+                routed,
                 o.routing(),
                 rtemp,
                 o.keep_where(SlotMaskWhere::Read),
@@ -1382,6 +1438,8 @@ pub(super) struct LayerDraws {
     pub(super) seeds: Dv<u64>,
     /// the slot keep mask [H,K]
     pub(super) keep: Dv<f32>,
+    /// the routing noise [B,H,T,K] added to the read logits (null: none)
+    pub(super) noise: Dv<f32>,
 }
 
 /// One ASA layer with its own parameters on the device (the layer fixtures' setting: keys
@@ -1453,7 +1511,7 @@ impl<B: Backend> GpuLayerRunner<B> {
                 x.len()
             )));
         }
-        let o = DevOpts::new(&self.be, &self.layer.cfg, opts, b, t)?;
+        let mut o = DevOpts::new(&self.be, &self.layer.cfg, opts, b, t)?;
         self.be.clear_bf16_twins(); // the last forward's activations are written again
         let xd = self.be.temp_from(x)?;
         let (_s, out) = tmp(&self.be, b * t * c)?;
@@ -1461,9 +1519,12 @@ impl<B: Backend> GpuLayerRunner<B> {
         let all = StepDraws::draw(&mut self.rng, &self.layer.cfg, 1, opts.training);
         let seeds = self.be.temp_from(&all.seeds[1..3])?;
         let keep = self.be.temp_from(&all.keep)?;
+        let dm = self.layer.dims(b, t);
+        o.draw_noise(&self.be, &mut self.rng, 1, b * dm.h * t * dm.k)?;
         let draws = LayerDraws {
             seeds: seeds.dv(),
             keep: keep.dv(),
+            noise: o.noise_of(0),
         };
         self.draws = Some((seeds, keep));
         self.layer.forward(

@@ -356,8 +356,20 @@ impl<B: Backend> GpuLm<B> {
     }
 
     /// The dropout / slot-dropout generator (its stream position is saved with checkpoints).
+    /// Replaces the generator (e.g. by the CPU model's, so that routing noise draws the same).
+    pub fn set_rng(&mut self, rng: ChaCha8Rng) {
+        self.rng = rng;
+    }
+
     pub fn rng_mut(&mut self) -> &mut ChaCha8Rng {
         &mut self.rng
+    }
+
+    /// Draws an eval forward's routing noise for every layer (after the batch's own draws, of
+    /// which an eval forward has none: the CPU model's order).
+    fn draw_noise(&mut self, o: &mut DevOpts, b: usize, t: usize) -> Result<()> {
+        let n = b * self.cfg.num_heads * t * self.cfg.num_slots;
+        o.draw_noise(&self.be, &mut self.rng, self.layers.len(), n)
     }
 
     /// Sends a forward's batch up in one queued copy: the ids, the `targets` when given, the
@@ -456,6 +468,7 @@ impl<B: Backend> GpuLm<B> {
             let draws = LayerDraws {
                 seeds: seeds.sub(1 + SEEDS_PER_LAYER * l, 2),
                 keep: keep.sub(l * hk, hk),
+                noise: o.noise_of(l),
             };
             self.layers[l].forward(be, p, ln1, b, t, o, &mut bc.attn, draws, attn_out)?;
             // x1 = x + attn, ln2 = LN2(x1)
@@ -546,8 +559,9 @@ impl<B: Backend> GpuLm<B> {
         t: usize,
         opts: &AsaOptions,
     ) -> Result<Vec<f32>> {
-        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
+        let mut o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.upload_batch(ids, None, b, t, opts.training)?;
+        self.draw_noise(&mut o, b, t)?;
         self.forward_body(b, t, &o)?;
         let (c, v, n) = (self.cfg.embed_dim, self.cfg.vocab_size, b * t);
         let (_s, logits) = tmp_uninit(&self.be, n * v)?; // the GEMM stores it whole
@@ -823,8 +837,9 @@ impl<B: Backend> GpuLm<B> {
     ) -> Result<(Temp<f64>, usize)> {
         let n = b * t;
         let count = self.count_targets(targets, opts.attention_mask.as_deref(), n)?;
-        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
+        let mut o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.upload_batch(ids, Some(targets), b, t, opts.training)?;
+        self.draw_noise(&mut o, b, t)?;
         let sum = self.loss_backward_body(count, &o)?;
         Ok((sum, count))
     }
@@ -1108,8 +1123,9 @@ impl<B: Backend> GpuLm<B> {
     ) -> Result<f64> {
         let n = b * t;
         let count = self.count_targets(targets, None, n)?;
-        let o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
+        let mut o = DevOpts::new(&self.be, &self.cfg, opts, b, t)?;
         self.upload_batch(inputs, Some(targets), b, t, false)?;
+        self.draw_noise(&mut o, b, t)?;
         self.forward_body(b, t, &o)?;
         let targets_d = self.cache.batch.as_ref().expect("uploaded above").targets;
         let sum = self.head_loss(targets_d, o.valid(), count, None)?;
