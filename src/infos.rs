@@ -1,6 +1,7 @@
 //! `asa infos`: the per-layer analysis tensors of a checkpoint on given text, written to one
 //! safetensors file for analysis elsewhere (Python, Julia, ...). Each prompt runs alone (batch 1,
-//! eval mode, no padding) through the CPU model with `return_info`, the reference's
+//! eval mode, no padding) through the CPU model, or its GPU twin (`GpuLm::forward_infos`, the
+//! same assembly of the same tensors), with `return_info`, the reference's
 //! `return_info=True`; its tensors are stored as `prompt{P}.layer{L}.{key}` (f32, the shapes of
 //! the info dict with B = 1), beside `prompt{P}.input_ids` (the token ids as f32, exact below
 //! 2^24) and, with `--logits`, `prompt{P}.logits` [1,T,V]. The file's metadata holds the prompts,
@@ -114,9 +115,12 @@ pub struct InfosReport {
     pub metadata: HashMap<String, String>,
 }
 
-/// Runs every prompt through `lm` and gathers the info tensors of `layers` (all when None).
+/// Runs every prompt through `lm` (or `gpu`, the same model on the GPU) and gathers the info
+/// tensors of `layers` (all when None).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     lm: &mut Lm,
+    mut gpu: Option<&mut crate::backend::cuda::GpuLm>,
     params: &ParamStore,
     tok: &Tokenizer,
     prompts: &[String],
@@ -150,9 +154,22 @@ pub fn run(
             return Err(AsaError::Input(format!("prompt {pi} has no tokens")));
         }
         let t = ids.len();
-        let infos = lm
-            .forward(params, &ids, 1, t, &opts, &mut cache)?
-            .unwrap_or_default();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= lm.cfg.vocab_size) {
+            return Err(AsaError::Input(format!(
+                "prompt {pi} gives token id {bad}, outside the model's vocab_size {}",
+                lm.cfg.vocab_size
+            )));
+        }
+        let infos = match gpu.as_deref_mut() {
+            Some(g) => {
+                let (l, infos) = g.forward_infos(&ids, 1, t, &opts)?;
+                cache.logits = l;
+                infos
+            }
+            None => lm
+                .forward(params, &ids, 1, t, &opts, &mut cache)?
+                .unwrap_or_default(),
+        };
         tensors.push((
             format!("prompt{pi}.input_ids"),
             vec![1, t],

@@ -472,7 +472,8 @@ enum Cmd {
     },
     /// The per-layer analysis tensors of a checkpoint on given text (read/write logits and weights, slot state norms, refine deltas, gates) as one safetensors file.
     Infos {
-        /// Where to run: the info tensors are made on the CPU (auto and cpu do; cuda is refused).
+        /// Where to run: auto picks CUDA when a GPU and driver are present, else the CPU (the GPU
+        /// assembles the same tensors as the CPU, from its own forward).
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// A run directory, a .safetensors file (config.json beside it or in its metadata) or a
@@ -1017,7 +1018,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             forward,
         } => {
             let controls = forward.controls()?;
-            resolve_device(device, false)?;
+            let place = resolve_device(device, true)?;
             if prompt.is_empty() && text.is_empty() {
                 return Err(AsaError::Input(
                     "give the text to run: --prompt TEXT... or --text FILE...".into(),
@@ -1043,8 +1044,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (lm, params, tok, name) =
                 asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
             let (mut lm, opts) = controls.apply(lm, &params)?;
+            let mut gpu = if place.is_cuda() {
+                let mut g =
+                    asa::backend::cuda::GpuLm::new(&lm.cfg, &params, asa::config::Precision::F32)?;
+                g.set_rng(lm.rng_mut().clone());
+                if let Some(l) = lm.layers.first() {
+                    g.set_intervention(&l.intervention);
+                }
+                Some(g)
+            } else {
+                None
+            };
             let mut r = asa::infos::run(
                 &mut lm,
+                gpu.as_mut(),
                 &params,
                 &tok,
                 &prompts,

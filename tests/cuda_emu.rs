@@ -532,6 +532,13 @@ fn emulated_fused_lm_matches_unfused_and_cpu() {
 }
 
 #[test]
+fn emulated_gpu_infos_match_cpu() {
+    if let Some(e) = emu("emulated_gpu_infos_match_cpu") {
+        model_cases::gpu_infos_match_cpu(&|| EmuDev::new(e));
+    }
+}
+
+#[test]
 fn emulated_noisy_forward_matches_cpu() {
     if let Some(e) = emu("emulated_noisy_forward_matches_cpu") {
         model_cases::noisy_forward_matches_cpu(&|| EmuDev::new(e));

@@ -211,6 +211,14 @@ fn cuda_frozen_training_matches_cpu() {
 }
 
 #[test]
+fn cuda_gpu_infos_match_cpu() {
+    if backend("cuda_gpu_infos_match_cpu").is_none() {
+        return;
+    }
+    model_cases::gpu_infos_match_cpu(&|| CudaBackend::new(0).unwrap());
+}
+
+#[test]
 fn cuda_noisy_forward_matches_cpu() {
     if backend("cuda_noisy_forward_matches_cpu").is_none() {
         return;

@@ -773,6 +773,7 @@ impl AsaLayer {
         self.intervention.head_mask.as_ref().map(|m| m[hi] as f64)
     }
 
+    /// The info dict of this call (`crate::vocab::info::assemble`, shared with the GPU layer).
     #[allow(clippy::too_many_arguments)]
     fn info(
         &self,
@@ -785,136 +786,44 @@ impl AsaLayer {
         intv: Option<Info>,
     ) -> Info {
         let cfg = &self.cfg;
-        let (b, h, t, nk, d) = (dm.b, dm.h, dm.t, dm.k, dm.d);
-        let mut info = Info::new();
-        let mut put = |k: &str, shape: Vec<usize>, data: Vec<f32>| {
-            info.insert(k.to_string(), (shape, data));
-        };
-        let gamma = self.content_gamma(p);
-        if cfg.variant == Variant::Online {
-            // the online layer's light statistics
-            put("alibi_strength_mean", vec![], vec![strength]);
-            put("content_read_gamma_mean", vec![], vec![gamma]);
-            let rows = b * h * t;
-            let mut ent = 0.0f64;
-            let mut top1 = 0.0f64;
-            let chunk = cfg.write_chunk_size.max(1);
-            let mut nchunks = 0usize;
-            let mut c0 = 0;
-            while c0 < t {
-                let c1 = (c0 + chunk).min(t);
-                let mut e = 0.0f64;
-                let mut hist = vec![0usize; nk];
-                for bh in 0..b * h {
-                    for ti in c0..c1 {
-                        let w = &cache.rw[(bh * t + ti) * nk..][..nk];
-                        e -= w
-                            .iter()
-                            .map(|&x| {
-                                let q = (x as f64).max(1e-8);
-                                q * q.ln()
-                            })
-                            .sum::<f64>();
-                        let mut best = 0;
-                        for s in 1..nk {
-                            if w[s] > w[best] {
-                                best = s;
-                            }
-                        }
-                        hist[best] += 1;
-                    }
-                }
-                let cnt = (b * h * (c1 - c0)) as f64;
-                ent += e / cnt;
-                top1 += *hist.iter().max().unwrap_or(&0) as f64 / cnt.max(1.0);
-                nchunks += 1;
-                c0 = c1;
-            }
-            let _ = rows;
-            put("entropy_mean", vec![], vec![(ent / nchunks as f64) as f32]);
-            put(
-                "top1freq_mean",
-                vec![],
-                vec![(top1 / nchunks as f64) as f32],
-            );
-            if self.ids.slotspace.is_some() {
-                put("slotspace_gate_mean", vec![], vec![cache.gate]);
-                put(
-                    "slotspace_delta_norm",
-                    vec![],
-                    vec![delta_norm_mean(&cache.ss.delta, d, 1.0)],
-                );
-            }
-            return info;
-        }
-        put("write_logits_raw", vec![b, h, nk, t], cache.raw.clone());
-        put("write_logits", vec![b, h, nk, t], cache.wl.clone());
-        put("read_weights", vec![b, h, t, nk], cache.rw.clone());
-        let mut norms = vec![0.0; b * h * nk * t];
-        k::slot_state_norm(&mut norms, &cache.state, dm);
-        put("slot_state_norm", vec![b, h, nk, t], norms);
-        put("content_read_gamma", vec![], vec![gamma]);
-        if let Some(bias) = bias_h {
-            let mut ab = vec![0.0; h * t];
-            for hi in 0..h {
-                for ti in 0..t {
-                    ab[hi * t + ti] = bias[hi] * ti as f32;
-                }
-            }
-            put("alibi_bias_applied", vec![1, h, 1, t], ab);
-        }
-        if self.ids.alibi_strength.is_some() {
-            put("alibi_strength", vec![], vec![strength]);
-        }
-        if self.ids.slotspace.is_some() {
-            put("slotspace_gate", vec![], vec![cache.gate]);
-            // baseline logs |delta| without the gate, intervene with it
-            let g = if cfg.variant == Variant::Intervene {
-                cache.gate
-            } else {
-                1.0
-            };
-            put(
-                "slotspace_delta_norm",
-                vec![],
-                vec![delta_norm_mean(&cache.ss.delta, d, g)],
-            );
-        }
-        put("read_logits", vec![b, h, t, nk], cache.logits.clone());
-        put("read_logits_key", vec![b, h, t, nk], cache.lkey.clone());
-        if cfg.use_content_read {
-            put(
-                "read_logits_content",
-                vec![b, h, t, nk],
-                cache.lcont.clone(),
-            );
-        }
-        if cfg.variant == Variant::Intervene {
-            put("out1", vec![b, h, t, d], cache.out1.clone());
-            if self.ids.slotspace.is_some() {
-                let g = cache.gate;
-                put(
-                    "delta",
-                    vec![b, h, t, d],
-                    cache.ss.delta.iter().map(|x| x * g).collect(),
-                );
-                put("slot_w", vec![b, h, t, nk], cache.ss.z.clone());
-            }
-        } else if self.ids.slotspace.is_some() && !cache.ss.delta.is_empty() {
-            // the refine's contribution to the heads' output, and its slot weights
-            let g = cache.gate;
-            put(
-                "slotspace_delta",
-                vec![b, h, t, d],
-                cache.ss.delta.iter().map(|x| x * g).collect(),
-            );
-            put("slotspace_weights", vec![b, h, t, nk], cache.ss.sw.clone());
-        }
-        if let Some(iv) = intv {
-            info.extend(iv);
-        }
         let _ = opts;
-        info
+        let online = cfg.variant == Variant::Online;
+        let state_norm = if online {
+            Vec::new()
+        } else {
+            let mut norms = vec![0.0; dm.b * dm.h * dm.k * dm.t];
+            k::slot_state_norm(&mut norms, &cache.state, dm);
+            norms
+        };
+        crate::vocab::info::assemble(crate::vocab::info::InfoParts {
+            dm,
+            variant: cfg.variant,
+            use_content_read: cfg.use_content_read,
+            write_chunk: cfg.write_chunk_size,
+            raw: &cache.raw,
+            wl: &cache.wl,
+            logits: &cache.logits,
+            lkey: &cache.lkey,
+            lcont: &cache.lcont,
+            rw: &cache.rw,
+            state_norm,
+            gamma: self.content_gamma(p),
+            strength,
+            learned_strength: self.ids.alibi_strength.is_some(),
+            bias_h,
+            refine: self
+                .ids
+                .slotspace
+                .as_ref()
+                .map(|_| crate::vocab::info::RefineParts {
+                    gate: cache.gate,
+                    delta: &cache.ss.delta,
+                    sw: &cache.ss.sw,
+                    z: &cache.ss.z,
+                }),
+            out1: &cache.out1,
+            intv,
+        })
     }
 
     /// Backward pass. dout: [B,T,C] -> dx: [B,T,C] (+=), and the parameter gradients.
@@ -1361,20 +1270,6 @@ impl AsaLayer {
             }
         }
     }
-}
-
-fn delta_norm_mean(delta: &[f32], d: usize, scale: f32) -> f32 {
-    let rows = delta.len() / d.max(1);
-    let sum: f64 = delta
-        .chunks(d)
-        .map(|r| {
-            r.iter()
-                .map(|&x| (x * scale) as f64 * (x * scale) as f64)
-                .sum::<f64>()
-                .sqrt()
-        })
-        .sum();
-    (sum / rows.max(1) as f64) as f32
 }
 
 /// torch.quantile with linear interpolation.

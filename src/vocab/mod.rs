@@ -5,6 +5,7 @@
 //! ([`positions`]). It imports only the config and the errors.
 
 pub mod dims;
+pub mod info;
 pub mod options;
 pub mod params;
 pub mod positions;

@@ -965,3 +965,78 @@ pub fn noisy_forward_matches_cpu<B: Backend>(mk: &dyn Fn() -> B) {
         .unwrap_err();
     assert!(e.to_string().contains("eval-mode"), "{e}");
 }
+
+/// The info tensors on the GPU (`GpuLm::forward_infos`): every layer's dict has the CPU model's
+/// keys and shapes, and its values within f32 tolerance, for the baseline (with routing noise
+/// and top-k routing too), intervene and online variants.
+pub fn gpu_infos_match_cpu<B: Backend>(mk: &dyn Fn() -> B) {
+    use asa::model::layer::RoutingNoise;
+    let (b, t) = (2, 13);
+    let mut cases: Vec<(
+        String,
+        ModelConfig,
+        AsaOptions,
+        Option<asa::model::layer::Intervention>,
+    )> = Vec::new();
+    let base = small_cfg(Variant::Baseline);
+    cases.push(("baseline".into(), base.clone(), AsaOptions::default(), None));
+    cases.push((
+        "baseline, noise + top-2".into(),
+        base.clone(),
+        AsaOptions {
+            noise: Some(RoutingNoise::Gaussian(0.8)),
+            routing: RoutingMode::TopK(2),
+            ..Default::default()
+        },
+        None,
+    ));
+    let intv = intervention_sweep(base.num_heads)[3].clone();
+    cases.push((
+        "intervene".into(),
+        small_cfg(Variant::Intervene),
+        AsaOptions::default(),
+        Some(intv),
+    ));
+    cases.push((
+        "online".into(),
+        small_cfg(Variant::Online),
+        AsaOptions::default(),
+        None,
+    ));
+    for (tag, cfg, opts, intv) in cases {
+        let (mut lm, store) = Lm::new(&cfg).unwrap();
+        let v = cfg.vocab_size;
+        let inputs: Vec<u32> = (0..b * t).map(|i| ((i * 11 + 2) % v) as u32).collect();
+        if let Some(it) = &intv {
+            lm.set_intervention(it);
+        }
+        let opts = AsaOptions {
+            return_info: true,
+            ..opts
+        };
+        lm.reseed(9);
+        let mut cache = LmCache::default();
+        let cpu = lm
+            .forward(&store, &inputs, b, t, &opts, &mut cache)
+            .unwrap()
+            .unwrap();
+        let mut gl = GpuLm::with_backend(mk(), &cfg, &store, Precision::F32).unwrap();
+        if let Some(it) = &intv {
+            gl.set_intervention(it);
+        }
+        gl.reseed(9);
+        let (logits, gpu) = gl.forward_infos(&inputs, b, t, &opts).unwrap();
+        close(&format!("{tag}: logits"), &logits, &cache.logits, TOL);
+        assert_eq!(gpu.len(), cpu.len(), "{tag}: layers");
+        for (l, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let gk: Vec<&String> = g.keys().collect();
+            let ck: Vec<&String> = c.keys().collect();
+            assert_eq!(gk, ck, "{tag}: layer {l} keys");
+            for (key, (shape, want)) in c {
+                let (gshape, got) = &g[key];
+                assert_eq!(gshape, shape, "{tag}: layer {l} {key} shape");
+                close(&format!("{tag}: layer {l} {key}"), got, want, TOL);
+            }
+        }
+    }
+}

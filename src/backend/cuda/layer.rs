@@ -23,8 +23,10 @@
 //! generator, so a GPU forward adds the same noise as the CPU's with the same seed), slot masks,
 //! attention masks, dropout / slot dropout / slotspace dropout (counter-based RNG: reproducible
 //! per seed, not the CPU's stream), the intervene variant (`super::intervene`).
-//! Not supported (a clear `AsaError`): routing noise in training forwards, info tensors (beyond
-//! the intervene variant's, `GpuLayerRunner::intervention_info`).
+//! Info tensors (`return_info`): `GpuAsaLayer::info` downloads the call's buffers and assembles
+//! them with the CPU layer's own `vocab::info::assemble` (such a forward runs unfused, as the CPU
+//! runs its serial scan for them). Not supported (a clear `AsaError`): routing noise in training
+//! forwards.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -255,6 +257,8 @@ pub(super) struct DevOpts {
     /// ([`DevOpts::draw_noise`])
     pub(super) noise: Option<crate::vocab::options::RoutingNoise>,
     pub(super) noise_values: Vec<Temp<f32>>,
+    /// the info tensors are wanted: the layers run unfused (the state history is kept)
+    pub(super) return_info: bool,
 }
 
 impl DevOpts {
@@ -294,6 +298,7 @@ impl DevOpts {
             training: opts.training,
             noise: opts.noise,
             noise_values: Vec::new(),
+            return_info: opts.return_info,
         })
     }
 
@@ -705,7 +710,7 @@ impl GpuAsaLayer {
 
         // write scan + read: fused (no [B,H,T,K,d] state history) where supported
         c_.noisy_on = !draws.noise.is_null();
-        let fplan = if self.fused && !c_.noisy_on {
+        let fplan = if self.fused && !c_.noisy_on && !o.return_info {
             let softmax = matches!(o.routing, RoutingMode::Softmax);
             super::fused::layer_plan(be, &cfg, softmax, dm)
         } else {
@@ -839,6 +844,97 @@ impl GpuAsaLayer {
             be.matmul_forward(out, merged, p.p(self.ids.out_proj), Dv::null(), n, c, c)?;
         }
         Ok(())
+    }
+
+    /// The info dict of the last forward (`AsaLayer::info`'s twin): the call's buffers
+    /// downloaded and assembled by `vocab::info::assemble`, the CPU layer's own code. Needs a
+    /// forward with `return_info` (unfused: the state history kept).
+    pub(super) fn info<B: Backend>(&self, be: &B, p: &GpuParams, c_: &GpuAsaCache) -> Result<Info> {
+        let cfg = &self.cfg;
+        let dm = self.dims(c_.b, c_.t);
+        let online = cfg.variant == Variant::Online;
+        let dl = |buf: &DBuf| -> Result<Vec<f32>> {
+            if buf.n == 0 {
+                Ok(Vec::new())
+            } else {
+                be.download(buf.dv())
+            }
+        };
+        let state_norm = if online {
+            Vec::new()
+        } else {
+            if c_.state.n != dm.b * dm.h * dm.t * dm.k * dm.d {
+                return Err(AsaError::Other(
+                    "the layer's info needs a forward with return_info (the state history)".into(),
+                ));
+            }
+            let state = be.download(c_.state.dv())?;
+            let mut norms = vec![0.0; dm.b * dm.h * dm.k * dm.t];
+            // the CPU twin's norm, on the downloaded history
+            crate::backend::cpu::slot_ops::slot_state_norm(&mut norms, &state, dm);
+            norms
+        };
+        let raw_strength = self.ids.alibi_strength.map(|i| p.scalar(i));
+        let strength = crate::vocab::params::alibi_strength(raw_strength, cfg);
+        let bias_h: Option<Vec<f32>> = cfg.use_alibi_write.then(|| {
+            let mut bias = vec![0.0; dm.h];
+            crate::backend::cpu::slot_ops::alibi_bias(
+                &mut bias,
+                &crate::vocab::positions::alibi_slopes(dm.h),
+                raw_strength,
+                cfg.alibi_strength_init,
+                cfg.min_strength,
+            );
+            bias
+        });
+        let (mut intv, mut out1) = (None, Vec::new());
+        if cfg.variant == Variant::Intervene {
+            let mut iv = c_.intv.info(be)?;
+            if let Some((_, o1)) = iv.remove("out1") {
+                out1 = o1;
+            }
+            intv = Some(iv);
+        }
+        let (raw, wl, logits) = (dl(&c_.raw)?, dl(&c_.wl)?, dl(&c_.logits)?);
+        let (lkey, rw) = (dl(&c_.lkey)?, dl(&c_.rw)?);
+        let lcont = if cfg.use_content_read {
+            dl(&c_.lcont)?
+        } else {
+            Vec::new()
+        };
+        let refine = match self.ids.slotspace {
+            Some(_) => Some((dl(&c_.delta)?, dl(&c_.sw)?, dl(&c_.z)?)),
+            None => None,
+        };
+        Ok(crate::vocab::info::assemble(
+            crate::vocab::info::InfoParts {
+                dm,
+                variant: cfg.variant,
+                use_content_read: cfg.use_content_read,
+                write_chunk: cfg.write_chunk_size,
+                raw: &raw,
+                wl: &wl,
+                logits: &logits,
+                lkey: &lkey,
+                lcont: &lcont,
+                rw: &rw,
+                state_norm,
+                gamma: c_.gamma,
+                strength,
+                learned_strength: self.ids.alibi_strength.is_some(),
+                bias_h: bias_h.as_deref(),
+                refine: refine
+                    .as_ref()
+                    .map(|(delta, sw, z)| crate::vocab::info::RefineParts {
+                        gate: c_.gate,
+                        delta,
+                        sw,
+                        z,
+                    }),
+                out1: &out1,
+                intv,
+            },
+        ))
     }
 
     pub(super) fn slotspace_forward<B: Backend>(

@@ -18,7 +18,7 @@ use crate::config::AdamWConfig;
 use crate::config::ModelConfig;
 use crate::config::Precision;
 use crate::error::{AsaError, Result};
-use crate::vocab::options::{AsaOptions, Intervention};
+use crate::vocab::options::{AsaOptions, Info, Intervention};
 use crate::vocab::params::{LmIds, ParamId, ParamStore};
 
 use super::layer::*;
@@ -549,6 +549,36 @@ impl<B: Backend> GpuLm<B> {
             ..Default::default()
         };
         self.forward_logits_opts(ids, b, t, &opts)
+    }
+
+    /// Logits [B,T,V] and every layer's info tensors (`Lm::forward` with `return_info`; the
+    /// options' own `return_info` is implied): the GPU twin of the CPU's analysis forward.
+    pub fn forward_infos(
+        &mut self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        opts: &AsaOptions,
+    ) -> Result<(Vec<f32>, Vec<Info>)> {
+        let opts = AsaOptions {
+            return_info: true,
+            ..opts.clone()
+        };
+        let logits = self.forward_logits_opts(ids, b, t, &opts)?;
+        let c = self.cfg.embed_dim;
+        let infos = self
+            .layers
+            .iter()
+            .zip(&self.cache.blocks)
+            .map(|(layer, bc)| {
+                let mut info = layer.info(&self.be, &self.params, &bc.attn)?;
+                // the LM adds the layer's output, as `Lm::forward` does
+                let out = self.be.download(bc.attn_out.dv())?;
+                info.insert("attn_out".into(), (vec![b, t, c], out));
+                Ok(info)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits, infos))
     }
 
     /// Logits [B,T,V] with explicit forward options (routing modes, slot masks, ...).
