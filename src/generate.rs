@@ -36,6 +36,8 @@ pub trait NextLogits {
     fn state_bytes(&self) -> usize;
     /// Where it runs, for reports.
     fn name(&self) -> String;
+    /// Back to position 0 (a new sequence).
+    fn reset(&mut self) -> Result<()>;
 }
 
 /// Recurrent decoding on the CPU (`model::decode::Decoder`).
@@ -80,6 +82,10 @@ impl NextLogits for CpuRecurrent {
     fn name(&self) -> String {
         "cpu (recurrent)".into()
     }
+    fn reset(&mut self) -> Result<()> {
+        self.dec.reset();
+        Ok(())
+    }
 }
 
 /// Recurrent decoding on a GPU (`backend::cuda::decode::GpuDecoder`, its twin).
@@ -119,6 +125,9 @@ impl<B: crate::backend::cuda::Backend> NextLogits for GpuRecurrent<B> {
     }
     fn name(&self) -> String {
         self.name.clone()
+    }
+    fn reset(&mut self) -> Result<()> {
+        self.dec.reset()
     }
 }
 
@@ -189,6 +198,10 @@ impl NextLogits for CpuFullForward {
     }
     fn name(&self) -> String {
         "cpu (full forward per token)".into()
+    }
+    fn reset(&mut self) -> Result<()> {
+        self.ids.clear();
+        Ok(())
     }
 }
 

@@ -40,6 +40,7 @@ pub mod optim;
 pub mod parity;
 pub mod preflight;
 pub mod probe;
+pub mod recall;
 pub mod smoke;
 pub mod train;
 pub mod vocab;

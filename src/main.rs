@@ -501,6 +501,31 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fact recall of a checkpoint on prompt/completion pairs (the synthetic fine-tune notebooks' analysis): completion rank, probability, greedy exact match, per task; against --base to compare a fine-tune.
+    Recall {
+        /// Where to run the decoding: auto picks CUDA when a GPU and driver are present.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// The checkpoint to score (a run directory, .safetensors or .pt). Default: the latest run under runs/.
+        #[arg(long)]
+        ckpt: Option<PathBuf>,
+        /// A second checkpoint to score the same way, e.g. the one a fine-tune started from (same tokenizer).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Tokenizer (gpt2, byte, or a tokenizer.json path); default: the run's own, else gpt2.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// JSON Lines of {"prompt", "completion", "tag"} [default: the embedded fact corpus's
+        /// pairs in the notebooks' templates: capitals, continents, landmarks].
+        #[arg(long)]
+        pairs: Option<PathBuf>,
+        /// Greedy tokens generated per prompt for the exact match (>= 1).
+        #[arg(long, default_value_t = 8)]
+        max_new_tokens: usize,
+        /// Folder for recall.json and recall.png (created if missing).
+        #[arg(long, default_value = "runs/recall")]
+        outdir: PathBuf,
+    },
     /// Factual-recall probe: Paris margins and routing-vs-residual sweeps; writes summary.json and PNG plots.
     Probe {
         /// Where to run: the probe runs on the CPU (auto and cpu do; cuda is refused).
@@ -1174,6 +1199,106 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             for n in &summary.notes {
                 println!("note: {n}");
+            }
+            println!("wrote {}", outdir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Recall {
+            device,
+            ckpt,
+            base,
+            tokenizer,
+            pairs,
+            max_new_tokens,
+            outdir,
+        } => {
+            if max_new_tokens == 0 {
+                return Err(AsaError::Input(
+                    "--max-new-tokens must be >= 1, got 0".into(),
+                ));
+            }
+            check_outdir("--outdir", &outdir)?;
+            let place = resolve_device(device, true)?;
+            let (all, source) = match &pairs {
+                Some(p) => (asa::recall::read_pairs(p)?, p.display().to_string()),
+                None => (
+                    asa::data::corpus::fact_pairs(),
+                    "the embedded fact corpus (asa::data::corpus::fact_pairs)".to_string(),
+                ),
+            };
+            let (lm, params, tok, name) =
+                asa::train::load_for_analysis(ckpt.as_deref(), tokenizer.as_deref())?;
+            let (kept, dropped) = asa::recall::single_token_pairs(&all, &tok)?;
+            if kept.is_empty() {
+                return Err(AsaError::Input(format!(
+                    "none of the {} pairs has a completion of one token under tokenizer '{}'",
+                    all.len(),
+                    tok.name()
+                )));
+            }
+            let score = |lm: asa::model::lm::Lm,
+                         params: asa::model::params::ParamStore,
+                         name: &str|
+             -> Result<asa::recall::Side> {
+                if let Some(&(_, bad)) = kept
+                    .iter()
+                    .find(|(_, id)| *id as usize >= lm.cfg.vocab_size)
+                {
+                    return Err(AsaError::Input(format!(
+                        "{name}: token id {bad} is outside its vocab_size {}",
+                        lm.cfg.vocab_size
+                    )));
+                }
+                use asa::generate::NextLogits;
+                let mut model: Box<dyn NextLogits> = if place.is_cuda() {
+                    Box::new(asa::generate::GpuRecurrent::new(&lm, &params)?)
+                } else {
+                    Box::new(asa::generate::CpuRecurrent::new(lm, params)?)
+                };
+                asa::recall::evaluate(model.as_mut(), name, &tok, &kept, max_new_tokens)
+            };
+            let model = score(lm, params, &name)?;
+            let base = match &base {
+                Some(b) => {
+                    let (blm, bparams, btok, bname) =
+                        asa::train::load_for_analysis(Some(b), Some(tok.name()))?;
+                    if btok.vocab_size() != tok.vocab_size() {
+                        return Err(AsaError::Input(format!(
+                            "--base {} has another vocabulary ({} tokens) than --ckpt ({})",
+                            b.display(),
+                            btok.vocab_size(),
+                            tok.vocab_size()
+                        )));
+                    }
+                    Some(score(blm, bparams, &bname)?)
+                }
+                None => None,
+            };
+            let change = base.as_ref().map(|b| asa::recall::change(&model, b));
+            let report = asa::recall::RecallReport {
+                pairs_source: source,
+                tokenizer: tok.name().to_string(),
+                max_new_tokens,
+                dropped,
+                model,
+                base,
+                change,
+            };
+            asa::recall::write_outputs(&report, &outdir)?;
+            let line = |s: &asa::recall::Side| {
+                format!(
+                    "{}: exact match {:.3}, top-1 {:.3}, median rank {}, mean p {:.4} ({} pairs)",
+                    s.checkpoint,
+                    s.overall.exact_match,
+                    s.overall.top1_accuracy,
+                    s.overall.median_rank,
+                    s.overall.mean_p_target,
+                    s.overall.n
+                )
+            };
+            println!("{}", line(&report.model));
+            if let Some(b) = &report.base {
+                println!("base {}", line(b));
             }
             println!("wrote {}", outdir.display());
             Ok(ExitCode::SUCCESS)

@@ -1001,3 +1001,92 @@ fn forward_controls_reach_infos_eval_generate_and_probe() {
     ]);
     assert!(t.contains_key("prompt0.layer0.read_weights"));
 }
+
+#[test]
+fn recall_scores_pairs_and_compares_with_a_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_train(tmp.path(), "rc", 2, &[]);
+    assert!(out.status.success());
+    let ckpt = tmp.path().join("rc");
+    let outdir = tmp.path().join("recall");
+    let run = |extra: &[&str]| {
+        asa()
+            .args(["recall", "--device", "cpu", "--ckpt"])
+            .arg(&ckpt)
+            .arg("--outdir")
+            .arg(&outdir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // the same checkpoint as its own base: every change is zero
+    let o = run(&["--base", ckpt.to_str().unwrap(), "--max-new-tokens", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("exact match"));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(outdir.join("recall.json")).unwrap())
+            .unwrap();
+    let pairs = r["model"]["pairs"].as_array().unwrap();
+    assert!(pairs.len() > 300, "{}", pairs.len());
+    for p in pairs {
+        let rank = p["rank"].as_u64().unwrap();
+        let pt = p["p_target"].as_f64().unwrap();
+        assert!((1..=50257).contains(&rank) && pt > 0.0 && pt <= 1.0, "{p}");
+        // rank 1 exactly when the top-1 token is the completion
+        assert_eq!(rank == 1, p["top1_id"] == p["target_id"], "{p}");
+    }
+    for (task, c) in r["change"].as_object().unwrap() {
+        for k in [
+            "exact_match",
+            "top1_accuracy",
+            "median_rank",
+            "mean_p_target",
+        ] {
+            assert_eq!(c[k].as_f64().unwrap(), 0.0, "{task} {k}");
+        }
+    }
+    assert!(r["model"]["by_task"]["capital"]["n"].as_u64().unwrap() > 100);
+    assert!(std::fs::metadata(outdir.join("recall.png")).unwrap().len() > 1000);
+    // a pairs file of one's own
+    let pf = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &pf,
+        "{\"prompt\": \"The capital of France is\", \"completion\": \" Paris\", \"tag\": \"capital\"}\n\
+         {\"prompt\": \"The capital of Italy is\", \"completion\": \" Rome\"}\n\
+         {\"prompt\": \"A long one is\", \"completion\": \" antidisestablishmentarianism\"}\n",
+    )
+    .unwrap();
+    let o = run(&["--pairs", pf.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(outdir.join("recall.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["model"]["pairs"].as_array().unwrap().len(), 2);
+    assert_eq!(r["dropped"].as_array().unwrap().len(), 1);
+    assert!(r["base"].is_null());
+    // bad inputs: one line, exit 1
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"x\"}\n").unwrap();
+    let multi = tmp.path().join("multi.jsonl");
+    std::fs::write(
+        &multi,
+        "{\"prompt\": \"x\", \"completion\": \" antidisestablishmentarianism\"}\n",
+    )
+    .unwrap();
+    for (extra, needle) in [
+        (vec!["--max-new-tokens", "0"], "--max-new-tokens"),
+        (
+            vec!["--pairs", "/nonexistent/p.jsonl"],
+            "/nonexistent/p.jsonl",
+        ),
+        (vec!["--pairs", bad.to_str().unwrap()], "line 1"),
+        (vec!["--pairs", multi.to_str().unwrap()], "one token"),
+        (vec!["--base", "/nonexistent/run"], "/nonexistent/run"),
+    ] {
+        let o = run(&extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
+    }
+}

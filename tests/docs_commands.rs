@@ -159,6 +159,10 @@ fn plan(c: &DocCmd) -> Result<Plan, String> {
         // stdout (and the --json file when given)
         "generate" | "eval" => c.value("--json").into_iter().collect(),
         "infos" => c.value("--out").into_iter().collect(),
+        "recall" => {
+            let out = c.value("--outdir").unwrap_or("runs/recall".into());
+            in_dir(&out, &["recall.json", "recall.png"])
+        }
         "bench-decode" => {
             let mut text = c.text.split(" #").next().unwrap_or("").to_string();
             for flag in ["--max-len", "--full-at"] {
@@ -422,6 +426,17 @@ impl Workspace {
                 let f = dir.join(&text);
                 std::fs::create_dir_all(f.parent().unwrap()).unwrap();
                 std::fs::write(f, corpus).unwrap();
+            }
+            // the checkpoint and its base: the train-mini run copied to each path named
+            "recall" => {
+                for flag in ["--ckpt", "--base"] {
+                    if let Some(p) = c.value(flag) {
+                        copy_mini(&dir.join(p))?;
+                    }
+                }
+                if c.value("--ckpt").is_none() {
+                    copy_mini(&dir.join("runs/mini"))?;
+                }
             }
             // commands that read a finished run (`--ckpt runs/mini`)
             "generate" | "eval" | "bench-decode" | "infos" => copy_mini(&dir.join("runs/mini"))?,

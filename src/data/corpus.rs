@@ -341,6 +341,77 @@ fn fact_pool() -> Vec<String> {
     out
 }
 
+/// A prompt and the completion that states a fact, with its task tag ("capital:France").
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FactPair {
+    pub prompt: String,
+    pub completion: String,
+    pub tag: String,
+}
+
+/// The synthetic fine-tune notebooks' prompt/completion pairs over this corpus's facts: per
+/// country its capital (first word) in the notebooks' three templates ("The capital of {c} is", "{c}'s
+/// capital city is", "{c} has its capital in"), its continent ("{c} is in", "{c} is located
+/// in"; the first word of the region, as the notebooks' " North" / " South"), and the landmark
+/// facts of the form "X is in Y." / "X flows through Y." (completion: Y's first word). Each
+/// completion starts with a space. Filtering to single-token completions is the caller's.
+pub fn fact_pairs() -> Vec<FactPair> {
+    let pair = |prompt: String, completion: &str, tag: String| FactPair {
+        prompt,
+        completion: format!(" {completion}"),
+        tag,
+    };
+    let mut out = Vec::new();
+    for c in CAPITALS {
+        let up = upper_first(c.country);
+        let tag = format!("capital:{up}");
+        // the capital's first word, as the notebooks' " Buenos", " Kuala"
+        let cap = c.capital.split(' ').next().unwrap_or(c.capital);
+        out.push(pair(
+            format!("The capital of {} is", c.country),
+            cap,
+            tag.clone(),
+        ));
+        out.push(pair(
+            format!("{} capital city is", possessive(&up)),
+            cap,
+            tag.clone(),
+        ));
+        out.push(pair(format!("{up} has its capital in"), cap, tag));
+    }
+    for c in CAPITALS {
+        let up = upper_first(c.country);
+        let region = c.region.split(' ').next().unwrap_or(c.region);
+        out.push(pair(
+            format!("{up} is in"),
+            region,
+            format!("continent:{up}"),
+        ));
+        out.push(pair(
+            format!("{up} is located in"),
+            region,
+            format!("continent:{up}"),
+        ));
+    }
+    for f in LANDMARK_FACTS {
+        let f = f.trim_end_matches('.');
+        for sep in [" is located in ", " is in ", " flows through "] {
+            if let Some((x, y)) = f.split_once(sep) {
+                let first = y.split([' ', ',', ';']).next().unwrap_or("");
+                if !x.contains([',', ';']) && !first.is_empty() {
+                    out.push(pair(
+                        format!("{x}{}", sep.trim_end()),
+                        first,
+                        "landmark".into(),
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// How many times each landmark/history fact appears per pass of the fact stream.
 const LANDMARK_REPEATS: usize = 4;
 

@@ -52,6 +52,7 @@ mod geometry;
 mod plots;
 mod timescales;
 
+pub(crate) use plots::ensure_font as ensure_plot_font;
 pub use plots::write_outputs;
 
 pub use geometry::{

@@ -11,7 +11,7 @@ use crate::error::{AsaError, Result};
 /// The embedded plot font (no system font or fontconfig needed).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
 
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static REG: OnceLock<bool> = OnceLock::new();
     let ok = *REG.get_or_init(|| {
         plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
