@@ -306,6 +306,38 @@ fn probe_runs_on_a_train_mini_run_and_writes_its_files() {
         serde_json::from_str(&std::fs::read_to_string(probes.join("summary.json")).unwrap())
             .unwrap();
     assert!(summary["paris_margin_mean"].as_f64().unwrap().is_finite());
+    // the other experiments on the trained run: present, shaped, finite
+    let fin = |v: &serde_json::Value| v.as_f64().is_some_and(f64::is_finite);
+    let tb = &summary["trajectory_basin"];
+    let grid = tb["energy"].as_array().unwrap();
+    assert_eq!(grid.len(), 24);
+    assert!(grid.iter().flat_map(|r| r.as_array().unwrap()).all(fin));
+    assert!(fin(&tb["endpoint_energy"]) && fin(&tb["baseline_energy"]));
+    let sp = &summary["simplex_sphere"];
+    assert_eq!(sp["endpoints"].as_array().unwrap().len(), 17);
+    for e in sp["endpoints"].as_array().unwrap() {
+        let n: f64 = e["sphere"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum();
+        assert!((n - 1.0).abs() < 1e-9);
+    }
+    // the tiny run has one layer
+    let ds = summary["depth_sweep"]["rows"].as_array().unwrap();
+    assert_eq!(ds.len(), 1);
+    assert!(fin(&ds[0]["entropy_late"]) && fin(&ds[0]["read_entropy_late"]));
+    let ts = &summary["timescales"];
+    assert_eq!(ts["inertia"].as_array().unwrap().len(), 1);
+    let curve = ts["inertia"][0]["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), ts["lags"].as_u64().unwrap() as usize);
+    assert!(curve.iter().all(fin));
+    assert_eq!(
+        ts["write"][0]["head_slot_ess"].as_array().unwrap().len(),
+        2,
+        "[H][K] with H = 2"
+    );
     for f in [
         "paris_margin.png",
         "pca_explained_variance.png",

@@ -515,97 +515,59 @@ fn plot_sphere(sp: &SimplexSphere, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Experiment 3: entropy, PC1 share and attractor sharpness against depth.
-fn plot_depth(ds: &DepthSweep, path: &Path) -> Result<()> {
+/// One panel of a per-layer figure: its title, y label and range, and its series (label,
+/// one value per layer, colour; non-finite values are skipped).
+struct LayerPanel {
+    title: String,
+    ydesc: &'static str,
+    yr: std::ops::Range<f64>,
+    series: Vec<(&'static str, Vec<f64>, plotters::style::RGBColor)>,
+}
+
+/// Panels side by side, each a line with points per series against the layer index.
+fn plot_layer_panels(
+    panels: &[LayerPanel],
+    layers: usize,
+    legend: plotters::chart::SeriesLabelPosition,
+    path: &Path,
+) -> Result<()> {
     use plotters::prelude::*;
     let err = plot_err(path);
-    let root = BitMapBackend::new(path, (1500, 460)).into_drawing_area();
+    let root = BitMapBackend::new(path, (500 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((1, 3));
-    let layers: Vec<f64> = ds.rows.iter().map(|r| r.layer as f64).collect();
-    let xr = (-0.5)..(layers.len() as f64 - 0.5);
-    type Series<'a> = (&'a str, Vec<f64>, RGBColor);
-    let sets: [(String, &str, Vec<Series>); 3] = [
-        (
-            format!(
-                "late-window routing entropy (uniform: {:.2})",
-                ds.max_entropy
-            ),
-            "entropy (nats)",
-            vec![
-                (
-                    "softmax(head-mean logits)",
-                    ds.rows.iter().map(|r| r.entropy_late).collect(),
-                    C_ROUTING,
-                ),
-                (
-                    "heads' read weights",
-                    ds.rows.iter().map(|r| r.read_entropy_late).collect(),
-                    C_RESIDUAL,
-                ),
-            ],
-        ),
-        (
-            "late-window PCA: explained variance of PC1".to_string(),
-            "EVR(PC1)",
-            vec![(
-                "PC1",
-                ds.rows
-                    .iter()
-                    .map(|r| r.evr.first().copied().unwrap_or(f64::NAN))
-                    .collect(),
-                C_ROUTING,
-            )],
-        ),
-        (
-            "attractor sharpness corr(-dist, margin)".to_string(),
-            "correlation",
-            vec![(
-                "sharpness",
-                ds.rows
-                    .iter()
-                    .map(|r| r.attractor_sharpness.unwrap_or(f64::NAN))
-                    .collect(),
-                C_FROZEN,
-            )],
-        ),
-    ];
-    for (area, (title, ydesc, series)) in panels.iter().zip(sets) {
-        let yr = match ydesc {
-            "correlation" => -1.05..1.05,
-            "EVR(PC1)" => 0.0..1.05,
-            _ => 0.0..(ds.max_entropy * 1.05).max(1e-3),
-        };
+    let areas = root.split_evenly((1, panels.len()));
+    for (area, panel) in areas.iter().zip(panels) {
         let mut ch = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 15))
+            .caption(&panel.title, ("sans-serif", 15))
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(55)
-            .build_cartesian_2d(xr.clone(), yr)
+            .build_cartesian_2d(-0.5f64..(layers as f64 - 0.5), panel.yr.clone())
             .map_err(&err)?;
         ch.configure_mesh()
-            .x_labels(layers.len().clamp(1, 24))
+            .x_labels(layers.clamp(1, 24))
             .x_label_formatter(&|x| format!("{:.0}", x))
             .x_desc("layer")
-            .y_desc(ydesc)
+            .y_desc(panel.ydesc)
             .draw()
             .map_err(&err)?;
-        for (name, ys, col) in series {
-            let pts: Vec<(f64, f64)> = layers
+        for (name, ys, col) in &panel.series {
+            let col = *col;
+            let pts: Vec<(f64, f64)> = ys
                 .iter()
-                .zip(&ys)
+                .enumerate()
                 .filter(|(_, y)| y.is_finite())
-                .map(|(&x, &y)| (x, y))
+                .map(|(x, &y)| (x as f64, y))
                 .collect();
             ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
                 .map_err(&err)?
-                .label(name)
+                .label(*name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], col.stroke_width(2)));
             ch.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))
                 .map_err(&err)?;
         }
         ch.configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
+            .position(legend.clone())
             .label_font(("sans-serif", 12))
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
@@ -614,6 +576,56 @@ fn plot_depth(ds: &DepthSweep, path: &Path) -> Result<()> {
     }
     root.present().map_err(&err)?;
     Ok(())
+}
+
+/// Experiment 3: entropy, PC1 share and attractor sharpness against depth (rows are layers
+/// 0..L in order).
+fn plot_depth(ds: &DepthSweep, path: &Path) -> Result<()> {
+    let col = |f: &dyn Fn(&super::DepthRow) -> f64| ds.rows.iter().map(f).collect::<Vec<f64>>();
+    let panels = [
+        LayerPanel {
+            title: format!(
+                "late-window routing entropy (uniform: {:.2})",
+                ds.max_entropy
+            ),
+            ydesc: "entropy (nats)",
+            yr: 0.0..(ds.max_entropy * 1.05).max(1e-3),
+            series: vec![
+                (
+                    "softmax(head-mean logits)",
+                    col(&|r| r.entropy_late),
+                    C_ROUTING,
+                ),
+                (
+                    "heads' read weights",
+                    col(&|r| r.read_entropy_late),
+                    C_RESIDUAL,
+                ),
+            ],
+        },
+        LayerPanel {
+            title: "late-window PCA: explained variance of PC1".into(),
+            ydesc: "EVR(PC1)",
+            yr: 0.0..1.05,
+            series: vec![(
+                "PC1",
+                col(&|r| r.evr.first().copied().unwrap_or(f64::NAN)),
+                C_ROUTING,
+            )],
+        },
+        LayerPanel {
+            title: "attractor sharpness corr(-dist, margin)".into(),
+            ydesc: "correlation",
+            yr: -1.05..1.05,
+            series: vec![(
+                "sharpness",
+                col(&|r| r.attractor_sharpness.unwrap_or(f64::NAN)),
+                C_FROZEN,
+            )],
+        },
+    ];
+    use plotters::chart::SeriesLabelPosition;
+    plot_layer_panels(&panels, ds.rows.len(), SeriesLabelPosition::LowerLeft, path)
 }
 
 /// Layers shown in the inertia plot: the reference's picks (0, 1, 2, last), deduplicated.
@@ -725,111 +737,62 @@ fn plot_inertia(ts: &Timescales, path: &Path) -> Result<()> {
 
 /// Experiment 6: routing half-life, write tail half-life and write ESS against depth.
 fn plot_timescales_vs_layer(ts: &Timescales, path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let err = plot_err(path);
-    let root = BitMapBackend::new(path, (1500, 460)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let panels = root.split_evenly((1, 3));
-    let n = ts.inertia.len();
-    type Series = (&'static str, Vec<f64>, RGBColor);
-    let sets: [(&str, &str, Vec<Series>); 3] = [
-        (
-            "routing inertia half-life (threshold 0.9 / 0.8)",
-            "lag (tokens)",
-            vec![
-                (
-                    "read weights 0.9",
-                    ts.inertia.iter().map(|l| l.half_life_090).collect(),
-                    C_ROUTING,
-                ),
+    let inert =
+        |f: &dyn Fn(&super::InertiaLayer) -> f64| ts.inertia.iter().map(f).collect::<Vec<f64>>();
+    let write =
+        |f: &dyn Fn(&super::WriteLayer) -> f64| ts.write.iter().map(f).collect::<Vec<f64>>();
+    let top = |series: &[(&str, Vec<f64>, plotters::style::RGBColor)]| {
+        let (_, hi) = finite_span(series.iter().flat_map(|s| s.1.iter().copied()));
+        0.0..hi * 1.1
+    };
+    let mut panels = [
+        LayerPanel {
+            title: "routing inertia half-life (threshold 0.9 / 0.8)".into(),
+            ydesc: "lag (tokens)",
+            yr: 0.0..1.0,
+            series: vec![
+                ("read weights 0.9", inert(&|l| l.half_life_090), C_ROUTING),
                 (
                     "read weights 0.8",
-                    ts.inertia.iter().map(|l| l.half_life_080).collect(),
+                    inert(&|l| l.half_life_080),
                     PC_COLORS[4],
                 ),
                 (
                     "residual 0.9",
-                    ts.inertia
-                        .iter()
-                        .map(|l| l.residual_half_life_090)
-                        .collect(),
+                    inert(&|l| l.residual_half_life_090),
                     C_RESIDUAL,
                 ),
             ],
-        ),
-        (
-            "slot-write tail half-life",
-            "tokens",
-            vec![
-                (
-                    "mean",
-                    ts.write.iter().map(|l| l.mean_half_life).collect(),
-                    C_ROUTING,
-                ),
-                (
-                    "median",
-                    ts.write.iter().map(|l| l.median_half_life).collect(),
-                    C_RESIDUAL,
-                ),
+        },
+        LayerPanel {
+            title: "slot-write tail half-life".into(),
+            ydesc: "tokens",
+            yr: 0.0..1.0,
+            series: vec![
+                ("mean", write(&|l| l.mean_half_life), C_ROUTING),
+                ("median", write(&|l| l.median_half_life), C_RESIDUAL),
             ],
-        ),
-        (
-            "slot-write ESS = 1 / sum p^2",
-            "tokens",
-            vec![
-                (
-                    "mean",
-                    ts.write.iter().map(|l| l.mean_ess).collect(),
-                    C_ROUTING,
-                ),
-                (
-                    "median",
-                    ts.write.iter().map(|l| l.median_ess).collect(),
-                    C_RESIDUAL,
-                ),
+        },
+        LayerPanel {
+            title: "slot-write ESS = 1 / sum p^2".into(),
+            ydesc: "tokens",
+            yr: 0.0..1.0,
+            series: vec![
+                ("mean", write(&|l| l.mean_ess), C_ROUTING),
+                ("median", write(&|l| l.median_ess), C_RESIDUAL),
             ],
-        ),
+        },
     ];
-    for (area, (title, ydesc, series)) in panels.iter().zip(sets) {
-        let (_, hi) = finite_span(series.iter().flat_map(|s| s.1.iter().copied()));
-        let mut ch = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 15))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0..hi * 1.1)
-            .map_err(&err)?;
-        ch.configure_mesh()
-            .x_labels(n.clamp(1, 24))
-            .x_label_formatter(&|x| format!("{:.0}", x))
-            .x_desc("layer")
-            .y_desc(ydesc)
-            .draw()
-            .map_err(&err)?;
-        for (name, ys, col) in series {
-            let pts: Vec<(f64, f64)> = ys
-                .iter()
-                .enumerate()
-                .filter(|(_, y)| y.is_finite())
-                .map(|(x, &y)| (x as f64, y))
-                .collect();
-            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
-                .map_err(&err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], col.stroke_width(2)));
-            ch.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))
-                .map_err(&err)?;
-        }
-        ch.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(&err)?;
+    for p in panels.iter_mut() {
+        p.yr = top(&p.series);
     }
-    root.present().map_err(&err)?;
-    Ok(())
+    use plotters::chart::SeriesLabelPosition;
+    plot_layer_panels(
+        &panels,
+        ts.inertia.len(),
+        SeriesLabelPosition::LowerRight,
+        path,
+    )
 }
 
 /// A layers x heads heat map of `m[layer][head]`.
