@@ -245,15 +245,19 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 
 /// Mean `-log P(target)` at each prompt's last real position (log-softmax over the vocabulary).
 fn energy_of(cache: &LmCache, batch: &Batch, v: usize, target: u32) -> f64 {
-    let e: Vec<f64> = (0..batch.b)
+    mean(&energies(cache, batch, v, target))
+}
+
+/// `-log P(target)` at each prompt's last real position.
+fn energies(cache: &LmCache, batch: &Batch, v: usize, target: u32) -> Vec<f64> {
+    (0..batch.b)
         .map(|bi| {
             let row = &cache.logits[(bi * batch.t + batch.last[bi]) * v..][..v];
             let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
             lse - row[target as usize] as f64
         })
-        .collect();
-    mean(&e)
+        .collect()
 }
 
 /// Baseline read weights of `layer` with `forced[b]` [K] put on every head at each prompt's last
@@ -352,22 +356,37 @@ pub(super) fn trajectory_basin(
         .iter()
         .map(|&l| info_tensor(&infos, l, "read_weights").map(<[f32]>::to_vec))
         .collect::<Result<_>>()?;
-    let mut forward_forced = |forced: &[Vec<f64>], cache: &mut LmCache| -> Result<f64> {
+    // one forward per group of forcings: the batch tiled once per group, each copy with its
+    // own forced distributions [b][K]; the mean energy of each group
+    let mut forward_forced = |groups: &[Vec<Vec<f64>>], cache: &mut LmCache| -> Result<Vec<f64>> {
+        let g = groups.len();
+        let tb = batch.tile(g);
+        let forced: Vec<Vec<f64>> = groups.iter().flatten().cloned().collect();
         let mut hooks = LmHooks::new(nl);
         for (i, &l) in inp.intervene.iter().enumerate() {
+            let base = base_w[i].repeat(g);
             hooks.layer_routing[l] = Some(RoutingMode::Override(forced_at_last(
-                &base_w[i], batch, h, k, forced,
+                &base, &tb, h, k, &forced,
             )));
         }
-        lm.forward_hooked(params, &batch.ids, b, t, inp.base_opts, &hooks, cache)?;
-        Ok(energy_of(cache, batch, v, inp.target))
+        let opts = AsaOptions {
+            attention_mask: Some(tb.mask.clone()),
+            ..inp.base_opts.clone()
+        };
+        lm.forward_hooked(params, &tb.ids, tb.b, t, &opts, &hooks, cache)?;
+        let e = energies(cache, &tb, v, inp.target);
+        Ok(e.chunks(b).map(mean).collect())
     };
+    // up to 8 grid points per forward (the logits of 8 copies of the batch stay small)
     let mut energy = Vec::with_capacity(grid_y.len());
     for &gy in &grid_y {
         let mut row = Vec::with_capacity(grid_x.len());
-        for &gx in &grid_x {
-            let r = softmax(&unproject(gx, gy));
-            row.push(forward_forced(&vec![r; b], cache)?);
+        for xs in grid_x.chunks(8) {
+            let groups: Vec<Vec<Vec<f64>>> = xs
+                .iter()
+                .map(|&gx| vec![softmax(&unproject(gx, gy)); b])
+                .collect();
+            row.extend(forward_forced(&groups, cache)?);
         }
         energy.push(row);
     }
@@ -378,7 +397,7 @@ pub(super) fn trajectory_basin(
             softmax(&unproject(e[0], e[1]))
         })
         .collect();
-    let endpoint_energy = forward_forced(&own, cache)?;
+    let endpoint_energy = forward_forced(&[own], cache)?[0];
     let flat: Vec<f64> = energy.iter().flatten().copied().collect();
     let (mut gmin, mut at) = (f64::INFINITY, [0.0, 0.0]);
     for (iy, row) in energy.iter().enumerate() {

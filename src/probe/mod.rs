@@ -421,6 +421,20 @@ struct Batch {
     last: Vec<usize>,
 }
 
+impl Batch {
+    /// The batch repeated `g` times along B (copy j holds rows j*b..(j+1)*b).
+    fn tile(&self, g: usize) -> Batch {
+        Batch {
+            b: self.b * g,
+            t: self.t,
+            ids: self.ids.repeat(g),
+            mask: self.mask.repeat(g),
+            tokens: (0..g).flat_map(|_| self.tokens.iter().cloned()).collect(),
+            last: self.last.repeat(g),
+        }
+    }
+}
+
 fn make_batch(tok: &dyn ProbeTokenizer, prompts: &[ProbePrompt]) -> Result<Batch> {
     let mut tokens = Vec::with_capacity(prompts.len());
     for p in prompts {
