@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::data::corpus::FactPair;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{AsaError, Result};
-use crate::generate::NextLogits;
+use crate::generate::{argmax, NextLogits};
 
 /// Ranks at which `accuracy_at` is reported.
 pub const RANKS: [usize; 7] = [1, 2, 5, 10, 50, 100, 1000];
@@ -151,16 +151,6 @@ pub fn read_pairs(path: &Path) -> Result<Vec<FactPair>> {
     Ok(out)
 }
 
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Probability (softmax in f64) and rank of `id` in `logits`.
 fn p_and_rank(logits: &[f32], id: usize) -> (f64, usize) {
     let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -173,13 +163,8 @@ fn p_and_rank(logits: &[f32], id: usize) -> (f64, usize) {
 fn stats(rs: &[&PairResult]) -> Stats {
     let n = rs.len();
     let nf = n.max(1) as f64;
-    let mut ranks: Vec<usize> = rs.iter().map(|r| r.rank).collect();
-    ranks.sort_unstable();
-    let median_rank = match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => ranks[n / 2] as f64,
-        _ => 0.5 * (ranks[n / 2 - 1] + ranks[n / 2]) as f64,
-    };
+    let ranks: Vec<f64> = rs.iter().map(|r| r.rank as f64).collect();
+    let median_rank = crate::bench::median(&ranks);
     Stats {
         n,
         exact_match: rs.iter().filter(|r| r.exact_match).count() as f64 / nf,

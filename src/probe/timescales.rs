@@ -199,18 +199,10 @@ fn chance<'a>(seqs: impl Iterator<Item = &'a Vec<Vec<f64>>> + Clone) -> Option<f
     Some(mean(&acc))
 }
 
+/// Median of the finite values (NaN when there are none).
 fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        0.5 * (s[n / 2 - 1] + s[n / 2])
-    }
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    crate::bench::median(&finite)
 }
 
 /// `n` positions spread evenly over `[lo, hi]`, rounded and deduplicated.
